@@ -1,0 +1,437 @@
+#pragma once
+// Argument checks shared by the CPU, CUDA and Meta kernels of every operator, so a bad call gets
+// the same message on every backend. Messages name the operator and the argument and say what was
+// expected and what was given, like torch's own.
+//
+// Size-dependent checks are templates over `Int`: int64_t for real kernels (t.sizes()) and
+// c10::SymInt for Meta kernels under dynamic shapes (t.sym_sizes()). A symbolic comparison is
+// turned into a bool by guarding on it (`truth`), which is what torch's own meta functions do.
+#include <ATen/core/Tensor.h>
+#include <c10/core/SymBool.h>
+#include <c10/core/SymInt.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <optional>
+#include <vector>
+
+#include "shapes.h"
+
+namespace pyengine {
+
+inline bool truth(bool b) { return b; }
+inline bool truth(const c10::SymBool& b) { return b.guard_bool(__FILE__, __LINE__); }
+inline int64_t concrete(int64_t v) { return v; }
+inline int64_t concrete(const c10::SymInt& v) { return v.guard_int(__FILE__, __LINE__); }
+
+template <typename Int>
+inline c10::ArrayRef<Int> sizes_of(const at::Tensor& t);
+template <>
+inline c10::ArrayRef<int64_t> sizes_of<int64_t>(const at::Tensor& t) { return t.sizes(); }
+template <>
+inline c10::ArrayRef<c10::SymInt> sizes_of<c10::SymInt>(const at::Tensor& t) {
+  return t.sym_sizes();
+}
+
+// ---- Generic checks -----------------------------------------------------------------------
+
+inline void check_defined(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK(t.defined(), "pyengine.", op, ": expected ", arg, " to be a tensor, but got None");
+}
+
+// float32 / float64 only, for now.
+inline void check_floating(const at::Tensor& t, const char* op, const char* arg) {
+  check_defined(t, op, arg);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "pyengine.",
+                   op, ": expected ", arg, " to be a float32 or float64 tensor, but got ", arg,
+                   " of dtype ", t.scalar_type());
+}
+
+// `t` must share dtype and device with `ref` (the op's first tensor argument).
+inline void check_like(const at::Tensor& t, const char* arg, const at::Tensor& ref,
+                       const char* ref_arg, const char* op) {
+  check_defined(t, op, arg);
+  TORCH_CHECK(t.device() == ref.device(), "pyengine.", op, ": expected ", arg,
+              " to be on the same device as ", ref_arg, " (", ref.device(), "), but got ", arg,
+              " on ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "pyengine.", op, ": expected ", arg,
+                   " to have the same dtype as ", ref_arg, " (", ref.scalar_type(),
+                   "), but got ", arg, " of dtype ", t.scalar_type());
+}
+
+template <typename Int>
+inline void check_same_shape(const at::Tensor& t, const char* arg, const at::Tensor& ref,
+                             const char* ref_arg, const char* op) {
+  auto a = sizes_of<Int>(t);
+  auto b = sizes_of<Int>(ref);
+  bool same = a.size() == b.size();
+  for (size_t i = 0; same && i < a.size(); ++i) same = truth(a[i] == b[i]);
+  TORCH_CHECK_VALUE(same, "pyengine.", op, ": expected ", arg, " to have the same shape as ",
+                    ref_arg, " ", b, ", but got ", arg, " of shape ", a);
+}
+
+// Wraps a possibly negative dim into [0, ndim), with torch's IndexError wording.
+inline int64_t wrap_dim(int64_t dim, int64_t ndim, const char* op) {
+  int64_t n = ndim == 0 ? 1 : ndim;  // a 0-d tensor accepts dim 0 and -1, as in torch
+  TORCH_CHECK_INDEX(dim >= -n && dim < n, "pyengine.", op,
+                    ": dim out of range (expected to be in range of [", -n, ", ", n - 1,
+                    "], but got ", dim, ")");
+  return dim < 0 ? dim + n : dim;
+}
+
+inline int64_t reduction_from(int64_t reduction, const char* op) {
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "pyengine.", op,
+                    ": expected reduction to be 0 ('none'), 1 ('mean') or 2 ('sum'), but got ",
+                    reduction);
+  return reduction;
+}
+
+// A pair of window parameters, e.g. stride, given as exactly two values.
+inline void check_pair(at::IntArrayRef v, const char* op, const char* arg, int64_t min_value) {
+  TORCH_CHECK_VALUE(v.size() == 2, "pyengine.", op, ": expected ", arg,
+                    " to have 2 values (height, width), but got ", v);
+  TORCH_CHECK_VALUE(v[0] >= min_value && v[1] >= min_value, "pyengine.", op, ": expected ", arg,
+                    min_value == 0 ? " to be non-negative" : " to be positive", ", but got ",
+                    arg, "=", v);
+}
+
+// ---- Convolution --------------------------------------------------------------------------
+
+template <typename Int>
+struct Conv2dShape {
+  bool batched;                 // input was (N, C, H, W) rather than (C, H, W)
+  Int batch, in_channels, in_h, in_w;
+  Int out_channels, out_h, out_w;
+  int64_t kernel_h, kernel_w;   // concrete: kernels are compiled around them
+  int64_t groups;
+  // Output shape in the input's own rank.
+  std::vector<Int> output_sizes() const {
+    if (batched) return {batch, out_channels, out_h, out_w};
+    return {out_channels, out_h, out_w};
+  }
+};
+
+template <typename Int>
+Conv2dShape<Int> check_conv2d(const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d";
+  check_floating(input, op, "input");
+  check_like(weight, "weight", input, "input", op);
+  check_pair(stride, op, "stride", 1);
+  check_pair(padding, op, "padding", 0);
+  check_pair(dilation, op, "dilation", 1);
+  TORCH_CHECK_VALUE(groups >= 1, "pyengine.conv2d: expected groups to be positive, but got groups=",
+                    groups);
+  auto in = sizes_of<Int>(input);
+  auto w = sizes_of<Int>(weight);
+  TORCH_CHECK_VALUE(in.size() == 3 || in.size() == 4,
+                    "pyengine.conv2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), but "
+                    "got input of shape ", in);
+  TORCH_CHECK_VALUE(w.size() == 4,
+                    "pyengine.conv2d: expected weight to be 4-D (out_channels, in_channels / "
+                    "groups, kH, kW), but got weight of shape ", w);
+  Conv2dShape<Int> s;
+  s.batched = in.size() == 4;
+  const size_t o = s.batched ? 1 : 0;
+  s.batch = s.batched ? in[0] : Int(1);
+  s.in_channels = in[o];
+  s.in_h = in[o + 1];
+  s.in_w = in[o + 2];
+  s.out_channels = w[0];
+  s.kernel_h = concrete(w[2]);
+  s.kernel_w = concrete(w[3]);
+  s.groups = groups;
+  TORCH_CHECK_VALUE(truth(s.out_channels % groups == 0), "pyengine.conv2d: expected weight's ",
+                    "out_channels (", s.out_channels, ") to be divisible by groups=", groups);
+  TORCH_CHECK_VALUE(truth(s.in_channels == w[1] * groups), "pyengine.conv2d: expected input of "
+                    "shape ", in, " to have ", w[1] * groups, " channels (weight of shape ", w,
+                    " with groups=", groups, "), but got ", s.in_channels, " channels");
+  TORCH_CHECK_VALUE(s.kernel_h >= 1 && s.kernel_w >= 1,
+                    "pyengine.conv2d: expected a kernel of at least 1x1, but got weight of shape ",
+                    w);
+  Int padded_h = s.in_h + 2 * padding[0];
+  Int padded_w = s.in_w + 2 * padding[1];
+  const int64_t eff_h = effective_kernel(s.kernel_h, dilation[0]);
+  const int64_t eff_w = effective_kernel(s.kernel_w, dilation[1]);
+  TORCH_CHECK_VALUE(truth(padded_h >= eff_h) && truth(padded_w >= eff_w),
+                    "pyengine.conv2d: expected the (dilated) kernel to fit in the padded input, but "
+                    "got kernel ", eff_h, "x", eff_w, " and padded input ", padded_h, "x",
+                    padded_w);
+  if (bias.has_value() && bias->defined()) {
+    check_like(*bias, "bias", input, "input", op);
+    auto b = sizes_of<Int>(*bias);
+    TORCH_CHECK_VALUE(b.size() == 1 && truth(b[0] == s.out_channels),
+                      "pyengine.conv2d: expected bias of shape [", s.out_channels,
+                      "] (weight's out_channels), but got bias of shape ", b);
+  }
+  s.out_h = conv_out_size<Int>(s.in_h, s.kernel_h, stride[0], padding[0], dilation[0]);
+  s.out_w = conv_out_size<Int>(s.in_w, s.kernel_w, stride[1], padding[1], dilation[1]);
+  return s;
+}
+
+// ---- Max pooling --------------------------------------------------------------------------
+
+template <typename Int>
+struct Pool2dShape {
+  bool batched;
+  Int batch, channels, in_h, in_w, out_h, out_w;
+  std::vector<Int> output_sizes() const {
+    if (batched) return {batch, channels, out_h, out_w};
+    return {channels, out_h, out_w};
+  }
+};
+
+template <typename Int>
+Pool2dShape<Int> check_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                  at::IntArrayRef dilation, bool ceil_mode) {
+  const char* op = "max_pool2d";
+  check_floating(input, op, "input");
+  check_pair(kernel_size, op, "kernel_size", 1);
+  check_pair(stride, op, "stride", 1);
+  check_pair(padding, op, "padding", 0);
+  check_pair(dilation, op, "dilation", 1);
+  for (int i = 0; i < 2; ++i) {
+    const int64_t eff = effective_kernel(kernel_size[i], dilation[i]);
+    TORCH_CHECK_VALUE(padding[i] <= eff / 2, "pyengine.max_pool2d: expected padding to be at "
+                      "most half of the effective kernel size, but got padding=", padding,
+                      ", kernel_size=", kernel_size, " and dilation=", dilation);
+  }
+  auto in = sizes_of<Int>(input);
+  TORCH_CHECK_VALUE(in.size() == 3 || in.size() == 4,
+                    "pyengine.max_pool2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), "
+                    "but got input of shape ", in);
+  Pool2dShape<Int> s;
+  s.batched = in.size() == 4;
+  const size_t o = s.batched ? 1 : 0;
+  s.batch = s.batched ? in[0] : Int(1);
+  s.channels = in[o];
+  s.in_h = in[o + 1];
+  s.in_w = in[o + 2];
+  TORCH_CHECK_VALUE(truth(s.in_h > 0) && truth(s.in_w > 0) && truth(s.channels > 0),
+                    "pyengine.max_pool2d: expected input with non-zero channels, height and width, "
+                    "but got input of shape ", in);
+  TORCH_CHECK_VALUE(
+      truth(s.in_h + 2 * padding[0] >= effective_kernel(kernel_size[0], dilation[0])) &&
+          truth(s.in_w + 2 * padding[1] >= effective_kernel(kernel_size[1], dilation[1])),
+      "pyengine.max_pool2d: expected the (dilated) kernel ",
+      effective_kernel(kernel_size[0], dilation[0]), "x",
+      effective_kernel(kernel_size[1], dilation[1]), " to fit in the padded input ",
+      s.in_h + 2 * padding[0], "x", s.in_w + 2 * padding[1]);
+  s.out_h = pool_out_size<Int>(s.in_h, kernel_size[0], stride[0], padding[0], dilation[0],
+                               ceil_mode);
+  s.out_w = pool_out_size<Int>(s.in_w, kernel_size[1], stride[1], padding[1], dilation[1],
+                               ceil_mode);
+  TORCH_CHECK_VALUE(truth(s.out_h > 0) && truth(s.out_w > 0),
+                    "pyengine.max_pool2d: expected a non-empty output, but input of shape ", in,
+                    " gives output ", s.out_h, "x", s.out_w);
+  return s;
+}
+
+// ---- Linear -------------------------------------------------------------------------------
+
+template <typename Int>
+struct LinearShape {
+  Int rows;          // product of the input's leading dims
+  Int in_features, out_features;
+  std::vector<Int> output_sizes;  // input's leading dims + out_features
+};
+
+template <typename Int>
+LinearShape<Int> check_linear(const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias) {
+  const char* op = "linear";
+  check_floating(input, op, "input");
+  check_like(weight, "weight", input, "input", op);
+  auto in = sizes_of<Int>(input);
+  auto w = sizes_of<Int>(weight);
+  TORCH_CHECK_VALUE(in.size() >= 1, "pyengine.linear: expected input to have at least 1 dim "
+                    "(*, in_features), but got a 0-d input");
+  TORCH_CHECK_VALUE(w.size() == 2, "pyengine.linear: expected weight to be 2-D (out_features, "
+                    "in_features), but got weight of shape ", w);
+  LinearShape<Int> s;
+  s.in_features = in[in.size() - 1];
+  s.out_features = w[0];
+  TORCH_CHECK_VALUE(truth(s.in_features == w[1]), "pyengine.linear: expected input's last dim "
+                    "to equal weight's in_features (", w[1], "), but got input of shape ", in,
+                    " and weight of shape ", w);
+  if (bias.has_value() && bias->defined()) {
+    check_like(*bias, "bias", input, "input", op);
+    auto b = sizes_of<Int>(*bias);
+    TORCH_CHECK_VALUE(b.size() == 1 && truth(b[0] == s.out_features),
+                      "pyengine.linear: expected bias of shape [", s.out_features,
+                      "] (weight's out_features), but got bias of shape ", b);
+  }
+  s.rows = Int(1);
+  for (size_t i = 0; i + 1 < in.size(); ++i) {
+    s.rows = s.rows * in[i];
+    s.output_sizes.push_back(in[i]);
+  }
+  s.output_sizes.push_back(s.out_features);
+  return s;
+}
+
+// ---- Losses -------------------------------------------------------------------------------
+
+// mse_loss and binary_cross_entropy: target (and weight) must match input's shape exactly;
+// broadcasting is done, with torch's warning, by the Python layer.
+template <typename Int>
+void check_pointwise_loss(const at::Tensor& input, const at::Tensor& target,
+                          const std::optional<at::Tensor>& weight, int64_t reduction,
+                          const char* op) {
+  check_floating(input, op, "input");
+  check_like(target, "target", input, "input", op);
+  check_same_shape<Int>(target, "target", input, "input", op);
+  if (weight.has_value() && weight->defined()) {
+    check_like(*weight, "weight", input, "input", op);
+    check_same_shape<Int>(*weight, "weight", input, "input", op);
+  }
+  reduction_from(reduction, op);
+}
+
+// The loss's shape: a scalar unless reduction is 'none'.
+template <typename Int>
+std::vector<Int> loss_output_sizes(const at::Tensor& input, int64_t reduction) {
+  if (reduction != 0) return {};
+  auto in = sizes_of<Int>(input);
+  return std::vector<Int>(in.begin(), in.end());
+}
+
+template <typename Int>
+struct CrossEntropyShape {
+  bool batched;      // input (N, C) rather than (C)
+  Int batch, classes;
+};
+
+template <typename Int>
+CrossEntropyShape<Int> check_cross_entropy(const at::Tensor& input, const at::Tensor& target,
+                                           const std::optional<at::Tensor>& weight,
+                                           int64_t reduction) {
+  const char* op = "cross_entropy";
+  check_floating(input, op, "input");
+  check_defined(target, op, "target");
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "pyengine.cross_entropy: expected target "
+                   "to hold class indices as int64, but got target of dtype ",
+                   target.scalar_type());
+  TORCH_CHECK(target.device() == input.device(), "pyengine.cross_entropy: expected target to be "
+              "on the same device as input (", input.device(), "), but got target on ",
+              target.device());
+  reduction_from(reduction, op);
+  auto in = sizes_of<Int>(input);
+  auto t = sizes_of<Int>(target);
+  TORCH_CHECK_VALUE(in.size() == 1 || in.size() == 2, "pyengine.cross_entropy: expected input "
+                    "to be 1-D (C) or 2-D (N, C), but got input of shape ", in);
+  CrossEntropyShape<Int> s;
+  s.batched = in.size() == 2;
+  s.batch = s.batched ? in[0] : Int(1);
+  s.classes = in[in.size() - 1];
+  if (s.batched) {
+    TORCH_CHECK_VALUE(t.size() == 1 && truth(t[0] == s.batch), "pyengine.cross_entropy: "
+                      "expected target of shape [", s.batch, "] for input of shape ", in,
+                      ", but got target of shape ", t);
+  } else {
+    TORCH_CHECK_VALUE(t.size() == 0, "pyengine.cross_entropy: expected a 0-d target for input "
+                      "of shape ", in, ", but got target of shape ", t);
+  }
+  if (weight.has_value() && weight->defined()) {
+    check_like(*weight, "weight", input, "input", op);
+    auto w = sizes_of<Int>(*weight);
+    TORCH_CHECK_VALUE(w.size() == 1 && truth(w[0] == s.classes), "pyengine.cross_entropy: "
+                      "expected weight of shape [", s.classes, "] (one per class), but got "
+                      "weight of shape ", w);
+  }
+  return s;
+}
+
+// ---- Activations --------------------------------------------------------------------------
+
+// The backward of an elementwise op: grad_output and the saved tensor must agree.
+template <typename Int>
+void check_elementwise_backward(const at::Tensor& grad_output, const at::Tensor& saved,
+                                const char* saved_arg, const char* op) {
+  check_floating(grad_output, op, "grad_output");
+  check_like(saved, saved_arg, grad_output, "grad_output", op);
+  check_same_shape<Int>(saved, saved_arg, grad_output, "grad_output", op);
+}
+
+
+// ---- Backward ops -------------------------------------------------------------------------
+// Each backward op re-checks its forward arguments (it is a public operator too) and that
+// grad_output has the forward output's shape.
+
+template <typename Int>
+void check_grad_output(const at::Tensor& grad_output, const std::vector<Int>& expected,
+                       const at::Tensor& input, const char* op) {
+  check_like(grad_output, "grad_output", input, "input", op);
+  auto g = sizes_of<Int>(grad_output);
+  bool same = g.size() == expected.size();
+  for (size_t i = 0; same && i < g.size(); ++i) same = truth(g[i] == expected[i]);
+  TORCH_CHECK_VALUE(same, "pyengine.", op, ": expected grad_output of shape ",
+                    c10::ArrayRef<Int>(expected), " (the forward output's), but got grad_output "
+                    "of shape ", g);
+}
+
+template <typename Int>
+Conv2dShape<Int> check_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                       const at::Tensor& weight, at::IntArrayRef stride,
+                                       at::IntArrayRef padding, at::IntArrayRef dilation,
+                                       int64_t groups) {
+  auto s = check_conv2d<Int>(input, weight, std::nullopt, stride, padding, dilation, groups);
+  check_grad_output<Int>(grad_output, s.output_sizes(), input, "conv2d_backward");
+  return s;
+}
+
+template <typename Int>
+Pool2dShape<Int> check_max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                           const at::Tensor& indices, at::IntArrayRef kernel_size,
+                                           at::IntArrayRef stride, at::IntArrayRef padding,
+                                           at::IntArrayRef dilation, bool ceil_mode) {
+  auto s = check_max_pool2d<Int>(input, kernel_size, stride, padding, dilation, ceil_mode);
+  check_grad_output<Int>(grad_output, s.output_sizes(), input, "max_pool2d_backward");
+  check_defined(indices, "max_pool2d_backward", "indices");
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "pyengine.max_pool2d_backward: expected "
+                   "indices of dtype int64, but got ", indices.scalar_type());
+  TORCH_CHECK(indices.device() == input.device(), "pyengine.max_pool2d_backward: expected "
+              "indices on ", input.device(), ", but got indices on ", indices.device());
+  auto idx = sizes_of<Int>(indices);
+  auto g = sizes_of<Int>(grad_output);
+  bool same = idx.size() == g.size();
+  for (size_t i = 0; same && i < g.size(); ++i) same = truth(idx[i] == g[i]);
+  TORCH_CHECK_VALUE(same, "pyengine.max_pool2d_backward: expected indices of shape ", g,
+                    " (grad_output's), but got indices of shape ", idx);
+  return s;
+}
+
+template <typename Int>
+LinearShape<Int> check_linear_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                       const at::Tensor& weight) {
+  auto s = check_linear<Int>(input, weight, std::nullopt);
+  check_grad_output<Int>(grad_output, s.output_sizes, input, "linear_backward");
+  return s;
+}
+
+// grad_output of a loss: a scalar, or input's shape for reduction='none'.
+template <typename Int>
+void check_pointwise_loss_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                   const at::Tensor& target,
+                                   const std::optional<at::Tensor>& weight, int64_t reduction,
+                                   const char* op) {
+  check_pointwise_loss<Int>(input, target, weight, reduction, op);
+  check_grad_output<Int>(grad_output, loss_output_sizes<Int>(input, reduction), input, op);
+}
+
+template <typename Int>
+CrossEntropyShape<Int> check_cross_entropy_backward(const at::Tensor& grad_output,
+                                                    const at::Tensor& input,
+                                                    const at::Tensor& target,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    int64_t reduction) {
+  auto s = check_cross_entropy<Int>(input, target, weight, reduction);
+  std::vector<Int> expected;
+  if (reduction == 0 && s.batched) expected.push_back(s.batch);
+  check_grad_output<Int>(grad_output, expected, input, "cross_entropy_backward");
+  return s;
+}
+
+}  // namespace pyengine

@@ -1,0 +1,195 @@
+// Shape-only (Meta) kernels for every pyengine operator: they run the same argument checks as the
+// real kernels (csrc/common/checks.h) and allocate outputs of the right shape, dtype and (always
+// contiguous) layout. FakeTensor, torch.compile and torch.export use them; sizes are c10::SymInt
+// so dynamic shapes trace without specialising on the batch size.
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+
+namespace pyengine {
+namespace {
+
+using at::IntArrayRef;
+using at::Tensor;
+using c10::SymInt;
+using OptTensor = std::optional<Tensor>;
+
+Tensor empty_meta(c10::SymIntArrayRef sizes, const Tensor& like) {
+  return at::empty_symint(sizes, like.options());
+}
+Tensor empty_meta(const std::vector<SymInt>& sizes, const Tensor& like) {
+  return at::empty_symint(c10::SymIntArrayRef(sizes), like.options());
+}
+
+Tensor conv2d_meta(const Tensor& input, const Tensor& weight, const OptTensor& bias,
+                   IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
+  auto s = check_conv2d<SymInt>(input, weight, bias, stride, padding, dilation, groups);
+  return empty_meta(s.output_sizes(), input);
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv2d_backward_meta(const Tensor& grad_output,
+                                                        const Tensor& input, const Tensor& weight,
+                                                        IntArrayRef stride, IntArrayRef padding,
+                                                        IntArrayRef dilation, int64_t groups,
+                                                        std::array<bool, 3> mask) {
+  auto s = check_conv2d_backward<SymInt>(grad_output, input, weight, stride, padding, dilation,
+                                         groups);
+  return {mask[0] ? empty_meta(input.sym_sizes(), input) : Tensor(),
+          mask[1] ? empty_meta(weight.sym_sizes(), weight) : Tensor(),
+          mask[2] ? empty_meta(std::vector<SymInt>{s.out_channels}, weight) : Tensor()};
+}
+
+Tensor max_pool2d_meta(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
+                       IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
+  auto s = check_max_pool2d<SymInt>(input, kernel_size, stride, padding, dilation, ceil_mode);
+  return empty_meta(s.output_sizes(), input);
+}
+
+std::tuple<Tensor, Tensor> max_pool2d_with_indices_meta(const Tensor& input,
+                                                        IntArrayRef kernel_size,
+                                                        IntArrayRef stride, IntArrayRef padding,
+                                                        IntArrayRef dilation, bool ceil_mode) {
+  auto s = check_max_pool2d<SymInt>(input, kernel_size, stride, padding, dilation, ceil_mode);
+  auto sizes = s.output_sizes();
+  return {empty_meta(sizes, input),
+          at::empty_symint(c10::SymIntArrayRef(sizes), input.options().dtype(at::kLong))};
+}
+
+Tensor max_pool2d_backward_meta(const Tensor& grad_output, const Tensor& input,
+                                const Tensor& indices, IntArrayRef kernel_size, IntArrayRef stride,
+                                IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
+  check_max_pool2d_backward<SymInt>(grad_output, input, indices, kernel_size, stride, padding,
+                                    dilation, ceil_mode);
+  return empty_meta(input.sym_sizes(), input);
+}
+
+Tensor linear_meta(const Tensor& input, const Tensor& weight, const OptTensor& bias) {
+  auto s = check_linear<SymInt>(input, weight, bias);
+  return empty_meta(s.output_sizes, input);
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_backward_meta(const Tensor& grad_output,
+                                                        const Tensor& input, const Tensor& weight,
+                                                        std::array<bool, 3> mask) {
+  auto s = check_linear_backward<SymInt>(grad_output, input, weight);
+  return {mask[0] ? empty_meta(input.sym_sizes(), input) : Tensor(),
+          mask[1] ? empty_meta(weight.sym_sizes(), weight) : Tensor(),
+          mask[2] ? empty_meta(std::vector<SymInt>{s.out_features}, weight) : Tensor()};
+}
+
+// ---- Activations: the output has the input's shape ------------------------------------------
+
+Tensor unary_meta(const Tensor& input, const char* op) {
+  check_floating(input, op, "input");
+  return empty_meta(input.sym_sizes(), input);
+}
+Tensor relu_meta(const Tensor& input) { return unary_meta(input, "relu"); }
+Tensor sigmoid_meta(const Tensor& input) { return unary_meta(input, "sigmoid"); }
+Tensor tanh_meta(const Tensor& input) { return unary_meta(input, "tanh"); }
+Tensor leaky_relu_meta(const Tensor& input, double) { return unary_meta(input, "leaky_relu"); }
+Tensor softmax_meta(const Tensor& input, int64_t dim) {
+  wrap_dim(dim, input.dim(), "softmax");
+  return unary_meta(input, "softmax");
+}
+Tensor log_softmax_meta(const Tensor& input, int64_t dim) {
+  wrap_dim(dim, input.dim(), "log_softmax");
+  return unary_meta(input, "log_softmax");
+}
+
+Tensor unary_backward_meta(const Tensor& grad_output, const Tensor& saved, const char* saved_arg,
+                           const char* op) {
+  check_elementwise_backward<SymInt>(grad_output, saved, saved_arg, op);
+  return empty_meta(grad_output.sym_sizes(), grad_output);
+}
+Tensor relu_backward_meta(const Tensor& g, const Tensor& result) {
+  return unary_backward_meta(g, result, "result", "relu_backward");
+}
+Tensor sigmoid_backward_meta(const Tensor& g, const Tensor& result) {
+  return unary_backward_meta(g, result, "result", "sigmoid_backward");
+}
+Tensor tanh_backward_meta(const Tensor& g, const Tensor& result) {
+  return unary_backward_meta(g, result, "result", "tanh_backward");
+}
+Tensor leaky_relu_backward_meta(const Tensor& g, const Tensor& input, double) {
+  return unary_backward_meta(g, input, "input", "leaky_relu_backward");
+}
+Tensor softmax_backward_meta(const Tensor& g, const Tensor& result, int64_t dim) {
+  wrap_dim(dim, result.dim(), "softmax_backward");
+  return unary_backward_meta(g, result, "result", "softmax_backward");
+}
+Tensor log_softmax_backward_meta(const Tensor& g, const Tensor& result, int64_t dim) {
+  wrap_dim(dim, result.dim(), "log_softmax_backward");
+  return unary_backward_meta(g, result, "result", "log_softmax_backward");
+}
+
+// ---- Losses -------------------------------------------------------------------------------
+
+Tensor mse_loss_meta(const Tensor& input, const Tensor& target, const OptTensor& weight,
+                     int64_t reduction) {
+  check_pointwise_loss<SymInt>(input, target, weight, reduction, "mse_loss");
+  return empty_meta(loss_output_sizes<SymInt>(input, reduction), input);
+}
+Tensor mse_loss_backward_meta(const Tensor& grad_output, const Tensor& input,
+                              const Tensor& target, const OptTensor& weight, int64_t reduction) {
+  check_pointwise_loss_backward<SymInt>(grad_output, input, target, weight, reduction,
+                                        "mse_loss_backward");
+  return empty_meta(input.sym_sizes(), input);
+}
+Tensor binary_cross_entropy_meta(const Tensor& input, const Tensor& target,
+                                 const OptTensor& weight, int64_t reduction) {
+  check_pointwise_loss<SymInt>(input, target, weight, reduction, "binary_cross_entropy");
+  return empty_meta(loss_output_sizes<SymInt>(input, reduction), input);
+}
+Tensor binary_cross_entropy_backward_meta(const Tensor& grad_output, const Tensor& input,
+                                          const Tensor& target, const OptTensor& weight,
+                                          int64_t reduction) {
+  check_pointwise_loss_backward<SymInt>(grad_output, input, target, weight, reduction,
+                                        "binary_cross_entropy_backward");
+  return empty_meta(input.sym_sizes(), input);
+}
+Tensor cross_entropy_meta(const Tensor& input, const Tensor& target, const OptTensor& weight,
+                          int64_t reduction, int64_t /*ignore_index*/) {
+  auto s = check_cross_entropy<SymInt>(input, target, weight, reduction);
+  std::vector<SymInt> sizes;
+  if (reduction == 0 && s.batched) sizes.push_back(s.batch);
+  return empty_meta(sizes, input);
+}
+Tensor cross_entropy_backward_meta(const Tensor& grad_output, const Tensor& input,
+                                   const Tensor& target, const OptTensor& weight,
+                                   int64_t reduction, int64_t /*ignore_index*/) {
+  check_cross_entropy_backward<SymInt>(grad_output, input, target, weight, reduction);
+  return empty_meta(input.sym_sizes(), input);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyengine, Meta, m) {
+  m.impl("conv2d", conv2d_meta);
+  m.impl("conv2d_backward", conv2d_backward_meta);
+  m.impl("max_pool2d", max_pool2d_meta);
+  m.impl("max_pool2d_with_indices", max_pool2d_with_indices_meta);
+  m.impl("max_pool2d_backward", max_pool2d_backward_meta);
+  m.impl("linear", linear_meta);
+  m.impl("linear_backward", linear_backward_meta);
+  m.impl("relu", relu_meta);
+  m.impl("relu_backward", relu_backward_meta);
+  m.impl("leaky_relu", leaky_relu_meta);
+  m.impl("leaky_relu_backward", leaky_relu_backward_meta);
+  m.impl("sigmoid", sigmoid_meta);
+  m.impl("sigmoid_backward", sigmoid_backward_meta);
+  m.impl("tanh", tanh_meta);
+  m.impl("tanh_backward", tanh_backward_meta);
+  m.impl("softmax", softmax_meta);
+  m.impl("softmax_backward", softmax_backward_meta);
+  m.impl("log_softmax", log_softmax_meta);
+  m.impl("log_softmax_backward", log_softmax_backward_meta);
+  m.impl("mse_loss", mse_loss_meta);
+  m.impl("mse_loss_backward", mse_loss_backward_meta);
+  m.impl("binary_cross_entropy", binary_cross_entropy_meta);
+  m.impl("binary_cross_entropy_backward", binary_cross_entropy_backward_meta);
+  m.impl("cross_entropy", cross_entropy_meta);
+  m.impl("cross_entropy_backward", cross_entropy_backward_meta);
+}
+
+}  // namespace pyengine

@@ -1,0 +1,84 @@
+// THE list of pyengine's operators. Read this file first to know the engine.
+//
+// Every operator is declared here, once, with its schema. Each forward operator has a backward
+// operator of its own, so torch.compile / torch.export can trace the backward pass and users can
+// call it directly. The implementations are registered elsewhere, one file per concern:
+//
+//   csrc/autograd.cpp      Autograd key: wires each forward op to its backward op (C++ autograd,
+//                          because host cost per call decides small-batch speed; see DESIGN.md).
+//   csrc/meta.cpp          Meta key: shape-only kernels, so FakeTensor / torch.compile / export work,
+//                          symbolic (dynamic) shapes included.
+//   csrc/cpu/<family>.cpp  CPU key: the hand-written CPU kernels.
+//   csrc/cuda/<family>.*   CUDA key: the hand-written CUDA kernels (CUDA builds only).
+//   csrc/python.cpp        pybind11 entry points that call the dispatcher directly (eager fast path).
+//
+// Argument checks and output-size math are shared by all backends: csrc/common/.
+//
+// Conventions for every operator:
+//   * float32 and float64 only; other dtypes raise a clear error.
+//   * Any input strides are accepted; outputs are always freshly allocated and contiguous.
+//   * `reduction` follows ATen's enum: 0 = 'none', 1 = 'mean', 2 = 'sum'.
+//   * Backward ops taking `output_mask` return undefined tensors (None in Python) for the
+//     gradients they were not asked for.
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyengine, m) {
+  // ---- Convolution --------------------------------------------------------------------------
+  // input (N, C_in, H, W) or unbatched (C_in, H, W); weight (C_out, C_in / groups, kH, kW).
+  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) "
+        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  // ---- Max pooling --------------------------------------------------------------------------
+  // indices: flat position of each maximum within its H*W input plane, as torch's.
+  m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, bool ceil_mode) -> Tensor");
+  m.def("max_pool2d_with_indices(Tensor input, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, bool ceil_mode) -> (Tensor output, Tensor indices)");
+  // The window geometry lets GPU kernels gather (deterministic) instead of scattering.
+  m.def("max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
+        "-> Tensor");
+
+  // ---- Linear -------------------------------------------------------------------------------
+  // input (*, in_features); weight (out_features, in_features); y = x W^T + b.
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_backward(Tensor grad_output, Tensor input, Tensor weight, bool[3] output_mask) "
+        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  // ---- Activations --------------------------------------------------------------------------
+  // Backward ops take whichever of input / result the derivative is cheapest from.
+  m.def("relu(Tensor input) -> Tensor");
+  m.def("relu_backward(Tensor grad_output, Tensor result) -> Tensor");
+  m.def("leaky_relu(Tensor input, float negative_slope) -> Tensor");
+  m.def("leaky_relu_backward(Tensor grad_output, Tensor input, float negative_slope) -> Tensor");
+  m.def("sigmoid(Tensor input) -> Tensor");
+  m.def("sigmoid_backward(Tensor grad_output, Tensor result) -> Tensor");
+  m.def("tanh(Tensor input) -> Tensor");
+  m.def("tanh_backward(Tensor grad_output, Tensor result) -> Tensor");
+  m.def("softmax(Tensor input, int dim) -> Tensor");
+  m.def("softmax_backward(Tensor grad_output, Tensor result, int dim) -> Tensor");
+  m.def("log_softmax(Tensor input, int dim) -> Tensor");
+  m.def("log_softmax_backward(Tensor grad_output, Tensor result, int dim) -> Tensor");
+
+  // ---- Losses -------------------------------------------------------------------------------
+  // mse_loss: weight (same shape as input) scales each squared error; 'mean' then divides by
+  // weight.sum(), as torch.nn.functional.mse_loss does. Its backward returns d/d(input);
+  // d/d(target) is the same op with input and target swapped.
+  m.def("mse_loss(Tensor input, Tensor target, Tensor? weight, int reduction) -> Tensor");
+  m.def("mse_loss_backward(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
+        "int reduction) -> Tensor");
+  // binary_cross_entropy: input holds probabilities in [0, 1]; log terms are clamped at -100.
+  m.def("binary_cross_entropy(Tensor input, Tensor target, Tensor? weight, int reduction) "
+        "-> Tensor");
+  m.def("binary_cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, "
+        "Tensor? weight, int reduction) -> Tensor");
+  // cross_entropy: logits (N, C) or (C); class-index target (N) or () of int64; weight (C).
+  m.def("cross_entropy(Tensor input, Tensor target, Tensor? weight, int reduction, "
+        "int ignore_index) -> Tensor");
+  m.def("cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, "
+        "Tensor? weight, int reduction, int ignore_index) -> Tensor");
+}

@@ -1,0 +1,17 @@
+"""pyengine: hand-written CPU and CUDA kernels for PyTorch's classic layers.
+
+    import pyengine.functional as PF     # same signatures as torch.nn.functional
+    import pyengine.nn as pnn            # drop-in twins of torch.nn modules
+    model = pyengine.convert(model)      # swap a model's torch.nn layers for pyengine's
+
+The operators themselves are torch.ops.pyengine.* (schemas in csrc/ops.cpp).
+"""
+from ._loader import load_extension as _load_extension
+
+_C = _load_extension()
+
+from . import functional, nn  # noqa: E402
+from .convert import convert  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["functional", "nn", "convert"]

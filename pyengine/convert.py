@@ -1,0 +1,1 @@
+def convert(model, inplace=False): raise NotImplementedError

@@ -1,0 +1,73 @@
+"""Shared test helpers: devices, random inputs, comparisons against torch, opcheck."""
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLOAT_DTYPES = [torch.float32, torch.float64]
+
+# Tolerances for comparing pyengine with torch: summation order differs, so float32 results
+# agree to a few ulps per accumulated term, not bitwise.
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+devices = pytest.mark.parametrize("device", DEVICES)
+dtypes = pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+
+
+def noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values as `t` in a non-contiguous tensor (every other element of a wider one)."""
+    wide = torch.empty(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype, device=t.device)
+    out = wide[..., ::2]
+    out.copy_(t)
+    assert not out.is_contiguous() or t.numel() <= 1
+    return out
+
+
+def assert_close(actual, expected, dtype=None, **kw):
+    dtype = dtype or (expected.dtype if isinstance(expected, torch.Tensor) else torch.float32)
+    tol = dict(TOL.get(dtype, TOL[torch.float32]))
+    tol.update(kw)
+    torch.testing.assert_close(actual, expected, equal_nan=True, **tol)
+
+
+def compare_with_torch(ours, theirs, inputs, dtype=None, **tol):
+    """Runs ours(*inputs) and theirs(*inputs) on separate leaf copies; compares the outputs and,
+    for every floating input that requires grad, the gradients of a random weighted sum."""
+    def leaves():
+        out = []
+        for x in inputs:
+            if isinstance(x, torch.Tensor):
+                y = x.detach().clone()
+                y.requires_grad_(x.requires_grad)
+                out.append(y)
+            else:
+                out.append(x)
+        return out
+
+    a_in, b_in = leaves(), leaves()
+    a, b = ours(*a_in), theirs(*b_in)
+    assert_close(a, b, dtype, **tol)
+    if not any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
+        return a
+    g = torch.randn_like(b)
+    a.backward(g)
+    b.backward(g)
+    for x, y in zip(a_in, b_in):
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            assert_close(x.grad, y.grad, dtype, **tol)
+    return a
+
+
+def opcheck(op, args, kwargs=None):
+    """torch.library.opcheck's four tests (schema, autograd registration, fake tensor, AOT
+    dispatch with dynamic shapes), asserting every one passed."""
+    result = torch.library.opcheck(op, args, kwargs or {})
+    failed = {k: v for k, v in result.items() if v != "SUCCESS"}
+    assert not failed, failed
+
+
+def raises(exc_type, *fragments):
+    """pytest.raises that also checks that each fragment appears in the message."""
+    import re
+
+    pattern = "".join(f"(?=[\\s\\S]*{re.escape(f)})" for f in fragments)
+    return pytest.raises(exc_type, match=pattern)
