@@ -151,7 +151,8 @@ PE_INLINE void copy_run(T* __restrict dst, const T* __restrict src, int64_t n) {
     std::memcpy(d + b - 8, s + b - 8, 8);
   } else if (b > 0) {
     std::memcpy(d, s, sizeof(T));
-    if (b > static_cast<int64_t>(sizeof(T))) std::memcpy(d + b - sizeof(T), s + b - sizeof(T), sizeof(T));
+    if (b > static_cast<int64_t>(sizeof(T)))
+      std::memcpy(d + b - sizeof(T), s + b - sizeof(T), sizeof(T));
   }
 }
 
@@ -161,8 +162,9 @@ PE_INLINE void zero_run(T* dst, int64_t n) {
 }
 
 // ---- Row-block kernels: `rows` rows of n elements, d += ds and s += ss per row -------------
-// copy: d = s; add: d += s. The AVX-512 versions do each row's tail with one masked load / store
+// copy: d = s; add: d += s. The AVX-512 copy does each row's tail with one masked load / store
 // (the LeNet rows are 10 and 28 floats); the portable ones are compiled for AVX2 / baseline.
+// (AVX-512 col2im does not add row by row: col2im_rows_avx512.)
 template <typename T>
 PE_INLINE void copy_block_impl(T* d, int64_t ds, const T* s, int64_t ss, int64_t rows,
                                int64_t n) {
@@ -209,31 +211,6 @@ PE_TARGET_AVX512 void copy_block_avx512(double* d, int64_t ds, const double* s, 
     if (m) _mm512_mask_storeu_pd(d + full, m, _mm512_maskz_loadu_pd(m, s + full));
   }
 }
-PE_TARGET_AVX512 void add_block_avx512(float* d, int64_t ds, const float* s, int64_t ss,
-                                       int64_t rows, int64_t n) {
-  const int64_t full = n / 16 * 16;
-  const __mmask16 m = static_cast<__mmask16>((1u << (n - full)) - 1u);
-  for (int64_t r = 0; r < rows; ++r, d += ds, s += ss) {
-    for (int64_t t = 0; t < full; t += 16)
-      _mm512_storeu_ps(d + t, _mm512_add_ps(_mm512_loadu_ps(d + t), _mm512_loadu_ps(s + t)));
-    if (m)
-      _mm512_mask_storeu_ps(d + full, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, d + full),
-                                                       _mm512_maskz_loadu_ps(m, s + full)));
-  }
-}
-PE_TARGET_AVX512 void add_block_avx512(double* d, int64_t ds, const double* s, int64_t ss,
-                                       int64_t rows, int64_t n) {
-  const int64_t full = n / 8 * 8;
-  const __mmask8 m = static_cast<__mmask8>((1u << (n - full)) - 1u);
-  for (int64_t r = 0; r < rows; ++r, d += ds, s += ss) {
-    for (int64_t t = 0; t < full; t += 8)
-      _mm512_storeu_pd(d + t, _mm512_add_pd(_mm512_loadu_pd(d + t), _mm512_loadu_pd(s + t)));
-    if (m)
-      _mm512_mask_storeu_pd(d + full, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, d + full),
-                                                       _mm512_maskz_loadu_pd(m, s + full)));
-  }
-}
-
 // Picked once, with the GEMM's choice (so PYENGINE_CPU_ISA steers both).
 template <typename T>
 struct BlockOps {
@@ -244,7 +221,7 @@ template <typename T>
 const BlockOps<T>& block_ops() {
   static const BlockOps<T> ops = [] {
     if (std::strcmp(cpu::gemm_isa(), "avx512") == 0)
-      return BlockOps<T>{copy_block_avx512, add_block_avx512};
+      return BlockOps<T>{copy_block_avx512, add_block_portable};  // AVX-512 col2im: see below
     return BlockOps<T>{copy_block_portable, add_block_portable};
   }();
   return ops;
@@ -384,7 +361,10 @@ PE_TARGET_AVX512 void col2im_rows_avx512(const Geom& geom, const T* colq, int64_
             const int64_t shift = kj * g.dw - g.pw;
             const int64_t a = std::max<int64_t>(0, shift - c0);
             const int64_t b = std::min<int64_t>(nv, g.OW + shift - c0);
-            src = ck + kj * ld + (c0 - shift);
+            // The base may lie before the row (lanes below a are masked off): form it as an
+            // address, not by pointer arithmetic outside the buffer.
+            src = reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(ck + kj * ld) +
+                                             (c0 - shift) * static_cast<intptr_t>(sizeof(T)));
             if (b <= a) return 0u;
             return (b == 32 ? ~0u : (1u << b) - 1u) & ~((1u << a) - 1u);
           };
@@ -393,7 +373,8 @@ PE_TARGET_AVX512 void col2im_rows_avx512(const Geom& geom, const T* colq, int64_
             for (int64_t kj = 0; kj < g.kw; ++kj) {
               const T* src;
               const uint32_t m = tap_mask(kj, src);
-              if (m) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), src));
+              if (m)
+                acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), src));
             }
             _mm512_mask_storeu_ps(xrow + c0, static_cast<__mmask16>(chunk), acc);
           } else {
@@ -401,7 +382,8 @@ PE_TARGET_AVX512 void col2im_rows_avx512(const Geom& geom, const T* colq, int64_
             for (int64_t kj = 0; kj < g.kw; ++kj) {
               const T* src;
               const uint32_t m = tap_mask(kj, src);
-              if (m) acc = _mm512_add_pd(acc, _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), src));
+              if (m)
+                acc = _mm512_add_pd(acc, _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), src));
             }
             _mm512_mask_storeu_pd(xrow + c0, static_cast<__mmask8>(chunk), acc);
           }
@@ -774,7 +756,8 @@ bool gathers_ok(int64_t stride) {
 // Transposes move each element once (~10 us for LeNet conv2's 0.1 M on one core): below 512 K
 // elements one thread does it, as waking the pool costs about as much.
 int64_t transpose_grain(int64_t F, int64_t n) {
-  return F * n < (int64_t(1) << 19) ? F : std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(1, n));
+  if (F * n < (int64_t(1) << 19)) return F;
+  return std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(1, n));
 }
 
 template <typename T>
@@ -941,8 +924,8 @@ void conv2d_backward_inner(const Geom& g, const T* dy, const T* x, const T* w, T
       }
     }
     if (dx) {
-      at::parallel_for(0, hw, grain_for(double(g.Co * g.K * nbc) * g.P / std::max<int64_t>(1, hw)),
-                       [&](int64_t q0, int64_t q1) {
+      const double pixel_work = double(g.Co * g.K * nbc) * g.P / std::max<int64_t>(1, hw);
+      at::parallel_for(0, hw, grain_for(pixel_work), [&](int64_t q0, int64_t q1) {
         const size_t most = static_cast<size_t>(g.Cog * khw);
         std::vector<const T*> arows(most), brows(most);
         for (int64_t q = q0; q < q1; ++q) {
@@ -1003,7 +986,8 @@ void conv2d_forward(const Geom& g, const T* x, const T* w, const T* bias, T* y) 
           for (int64_t n = 0; n < nimg; ++n) {
             T* yn = yg + n * out_img;
             if (bg)
-              for (int64_t co = 0; co < g.Cog; ++co) std::fill(yn + co * g.P, yn + (co + 1) * g.P, bg[co]);
+              for (int64_t co = 0; co < g.Cog; ++co)
+                std::fill(yn + co * g.P, yn + (co + 1) * g.P, bg[co]);
             cpu::gemm<T>(g.Cog, g.P, g.K, wg, g.K, 1, xg + n * in_img, g.P, 1, yn, g.P, 1,
                          bg != nullptr);
           }

@@ -795,7 +795,8 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
   const Plan plan = make_plan(isa, p);  // one plan for the whole product: same arithmetic
   // The outer-product kernels read A with unit stride along i and B with unit stride along j
   // (in either orientation). Copy an operand that lacks it once, here, rather than in every task.
-  thread_local std::vector<T> a_copy, b_copy;
+  // (Per call: a thread_local copy would keep the largest operand ever seen alive.)
+  std::vector<T> a_copy, b_copy;
   if (plan.kind != Kind::Dot && rsa != 1) {
     a_copy.resize(static_cast<size_t>(M * K));
     transpose_copy(M, K, A, rsa, csa, a_copy.data(), /*rs=*/1, /*cs=*/M);

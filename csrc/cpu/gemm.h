@@ -8,21 +8,23 @@
 // only when its layout does not suit the micro-kernel it picked.
 //
 // Design (gemm.cpp has the details and the napkin math):
-//   * Two register-tiled micro-kernels, written with GCC vector extensions so the compiler emits
-//     AVX-512, AVX2+FMA or SSE2 code from one source; the ISA is picked once at load time
-//     (__builtin_cpu_supports), never -march=native:
-//       - "outer product": a tile of MR x NR of C in registers; per k one (or two) vector loads of
-//         B's row and MR broadcasts of A's column. Needs unit stride along j in B and along i in A
-//         (else that operand is packed into panels).
-//       - "dot": a tile of RA x RB dot products, vectorised along k; for A and B^T both contiguous
-//         along k (dW = dY^T X in conv2d, y = x W^T in linear), no packing at all.
+//   * Register-tiled micro-kernels written once with GCC vector extensions and compiled three
+//     times, for AVX-512, AVX2+FMA and baseline x86-64, in target-attributed functions; the ISA is
+//     picked once at load time (__builtin_cpu_supports), never -march=native:
+//       - "outer product": an MR x NR tile of C in registers (AVX-512 fp32: 24x16, 12x32 or
+//         6x64); per k, NR/W vector loads of B's row and MR broadcasts of A's column. Needs unit
+//         stride along j in B and along i in A, else that operand is packed first.
+//       - "dot": RA x RB dot products vectorised along k, for A and B^T both contiguous along k
+//         (dW = dY^T X in conv2d, y = x W^T in linear): no packing at all.
 //     A plan (which kernel, which orientation: C or C^T = B^T A^T, which tile width) is chosen from
-//     the shapes and strides alone by a small cost model.
-//   * Cache blocking over k (KC), rows (MC) and columns (NC); scalar-free tails: M tails use
-//     kernels compiled for every row count, N tails a zero-padded panel, K tails (dot) a zero-padded
-//     vector.
+//     the shapes and strides alone by a small cost model calibrated on this machine.
+//   * Cache blocking over k (KC), rows (MC) and columns (NC). No scalar tails: partial row tiles
+//     run as a few kernels from a ladder of compiled row counts, partial column panels as
+//     narrower kernels or a zero-padded panel, the k tail of a dot product as a zero-padded vector.
+//   * gemm_indirect / gemm_dot_segments: the same kernels with operands found through pointer
+//     tables, for conv2d's implicit im2col (batch-innermost layout).
 //
-// Determinism: the arithmetic for each C element depends only on (M, N, K, strides' layout class)
+// Determinism: the arithmetic for each C element depends only on the shapes, the strides' layout
 // and the ISA, never on the number of threads or on how gemm_parallel splits the work: every C
 // element is computed by one task, summing over k in a fixed order.
 #include <cstdint>
