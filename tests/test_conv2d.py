@@ -114,7 +114,9 @@ def compare(x, w, b, kw, dtype, **tol):
 @pytest.mark.parametrize("i", range(len(CONFIGS)))
 def test_random_configs(i, dtype, device):
     x, w, b, kw = make(CONFIGS[i], dtype, device)
-    compare(x, w, b, kw, dtype)
+    # float32: over 40 seeds pyengine and torch differed by up to 4e-6 beyond rtol here (5e-5 for
+    # the batched configs, whose grad_weight sums up to 64 * 144 products).
+    compare(x, w, b, kw, dtype, **(dict(atol=3e-5) if dtype == torch.float32 else {}))
 
 
 @devices

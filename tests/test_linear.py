@@ -28,6 +28,10 @@ def random_config(rng):
 
 CONFIGS = [random_config(random.Random(2000 + i)) for i in range(40)]
 
+# float32 sums of up to 450 products: over 40 seeds of these configs pyengine and torch differed by
+# up to 1.4e-5 beyond rtol (summation order), more than helpers.TOL's atol of 1e-5.
+F32_TOL = {torch.float32: dict(atol=1e-4)}
+
 
 def make(cfg, dtype, device, requires_grad=True):
     x = torch.randn(*cfg["lead"], cfg["inf"], dtype=dtype, device=device)
@@ -70,7 +74,7 @@ def compare(x, w, b, dtype, **tol):
 @pytest.mark.parametrize("i", range(len(CONFIGS)))
 def test_random_configs(i, dtype, device):
     x, w, b = make(CONFIGS[i], dtype, device)
-    y = compare(x, w, b, dtype)
+    y = compare(x, w, b, dtype, **F32_TOL.get(dtype, {}))
     assert y.shape == (*CONFIGS[i]["lead"], CONFIGS[i]["outf"]) and y.is_contiguous()
 
 
