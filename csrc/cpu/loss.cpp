@@ -14,8 +14,15 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <optional>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -116,8 +123,9 @@ double mean_denominator(const scalar_t* pw, int64_t n, MeanOver mean_over) {
 // Napkin math (forward): reads input and target (and weight), 4 or 8 bytes each per element,
 // writes 4/8 per element for 'none' only. mse_loss is ~3 flops per element: memory-bound, a 1M
 // float32 loss moves 8 MB, a ~0.4 ms floor at ~20 GB/s on the 2-core machine (the double lanes
-// keep up with that). binary_cross_entropy pays two scalar logs per element (~10-20 ns each
-// without a vector math library): compute-bound, several times the memory floor.
+// keep up with that). binary_cross_entropy pays two scalar logs per element: compute-bound;
+// measured on one core of the 2-core machine, a 1M float32 'sum' takes ~11 ms (~11 ns per
+// element; torch 2.13 ~20 ms), mse_loss ~0.2 ms (inputs in cache; torch ~3 ms).
 template <typename Math>
 Tensor pointwise_loss(const Tensor& input, const Tensor& target, const OptTensor& weight,
                       int64_t reduction, MeanOver mean_over, const char* op) {
@@ -162,7 +170,8 @@ Tensor pointwise_loss(const Tensor& input, const Tensor& target, const OptTensor
 
 // Napkin math (backward): reads grad_output (one scalar, or an input-sized array for 'none'),
 // input, target (and weight), writes grad_input: 12-20 bytes per float32 element, memory-bound
-// for mse (~0.6 ms per 1M floats), a division per element for binary_cross_entropy.
+// for mse (~0.6 ms per 1M floats), a division per element for binary_cross_entropy; measured
+// (one core, 1M float32, 'sum'): mse 0.4 ms, bce 0.3 ms.
 template <typename Math>
 Tensor pointwise_loss_backward(const Tensor& grad_output, const Tensor& input,
                                const Tensor& target, const OptTensor& weight, int64_t reduction,
@@ -293,13 +302,151 @@ void check_targets(const int64_t* pt, int64_t n, int64_t classes, int64_t ignore
   }
 }
 
-// log-softmax of row xr at class t, accumulated in double.
+// ---- Row kernels: max, then sum_j exp(x_j - max) (optionally stored), summed in double ------
+//
+// float32 rows are where cross_entropy spends its time: glibc's scalar expf costs ~3 ns, so a
+// 4096 x 1000 batch took ~14 ms on one core against torch's ~2 ms (AVX2 exp). exp4_nonpos is a
+// 4-wide SSE2 exp (SSE2 is x86-64's baseline: no -march flag needed) for the arguments that
+// occur here, x - max <= 0: range reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-7 Taylor
+// polynomial of e^r and 2^n from the exponent bits; at most 1.3 ulp from exp on [-87, 0]
+// (checked over every float there). Below -87 it returns 0 where exp would give a denormal
+// under 1.7e-38 (beside the row's max term of 1, nothing); NaN propagates. exp_nonpos is the
+// same arithmetic for one float (the scalar fallback, and row tails): bitwise the same results.
+// float64 rows use std::exp: that is the accuracy path.
+
+inline float exp_nonpos(float x) {
+  const float xc = x >= -87.0f ? x : -87.0f;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const float n = (xc * 1.44269504088896341f + magic) - magic;
+  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  if (x != x) return x;
+  return x >= -87.0f ? p * scale : 0.0f;
+}
+
+#if defined(__SSE2__)
+inline __m128 exp4_nonpos(__m128 x) {
+  const __m128 lo = _mm_set1_ps(-87.0f);
+  const __m128 magic = _mm_set1_ps(12582912.0f);
+  const __m128 in_range = _mm_cmpge_ps(x, lo);  // false for NaN and below -87
+  const __m128 is_nan = _mm_cmpunord_ps(x, x);
+  const __m128 xc = _mm_max_ps(x, lo);  // lo for NaN too (maxps returns its 2nd operand)
+  const __m128 n = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(xc, _mm_set1_ps(1.44269504088896341f)),
+                                         magic), magic);
+  const __m128 r = _mm_sub_ps(_mm_sub_ps(xc, _mm_mul_ps(n, _mm_set1_ps(0.693145751953125f))),
+                              _mm_mul_ps(n, _mm_set1_ps(1.428606765330187045e-06f)));
+  __m128 p = _mm_set1_ps(1.0f / 5040);
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.0f / 720));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.0f / 120));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.0f / 24));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.0f / 6));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(0.5f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.0f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.0f));
+  const __m128i bits =
+      _mm_slli_epi32(_mm_add_epi32(_mm_cvttps_epi32(n), _mm_set1_epi32(127)), 23);
+  const __m128 res = _mm_and_ps(_mm_mul_ps(p, _mm_castsi128_ps(bits)), in_range);
+  return _mm_or_ps(res, _mm_and_ps(x, is_nan));
+}
+#endif
+
+// max_j x_j, NaN skipped (a NaN makes the row NaN through its exp anyway); -inf for an empty row.
+template <typename T>
+inline T row_max(const T* x, int64_t classes) {
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < classes; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// sum_j exp(x_j - m) in double; the terms are also written to out[j] when out is not null.
+inline double row_exp_sum(const double* x, double m, int64_t classes, double* out) {
+  double s = 0;
+  for (int64_t j = 0; j < classes; ++j) {
+    const double e = std::exp(x[j] - m);
+    if (out) out[j] = e;
+    s += e;
+  }
+  return s;
+}
+
+inline float row_max(const float* x, int64_t classes) {
+  int64_t j = 0;
+  float m = -std::numeric_limits<float>::infinity();
+#if defined(__SSE2__)
+  // two independent accumulators hide maxps' latency; NaN is skipped (maxps's 2nd operand)
+  __m128 m0 = _mm_set1_ps(m), m1 = m0;
+  for (; j + 8 <= classes; j += 8) {
+    m0 = _mm_max_ps(_mm_loadu_ps(x + j), m0);
+    m1 = _mm_max_ps(_mm_loadu_ps(x + j + 4), m1);
+  }
+  if (j + 4 <= classes) {
+    m0 = _mm_max_ps(_mm_loadu_ps(x + j), m0);
+    j += 4;
+  }
+  alignas(16) float lanes[8];
+  _mm_store_ps(lanes, m0);
+  _mm_store_ps(lanes + 4, m1);
+  for (float v : lanes) m = v > m ? v : m;
+#endif
+  for (; j < classes; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+inline double row_exp_sum(const float* x, float m, int64_t classes, float* out) {
+  int64_t j = 0;
+  double s = 0;
+#if defined(__SSE2__)
+  // eight double lanes in a fixed layout (the order of the additions depends on C only); two
+  // exps per iteration keep both dependency chains busy
+  __m128d acc[4] = {_mm_setzero_pd(), _mm_setzero_pd(), _mm_setzero_pd(), _mm_setzero_pd()};
+  const __m128 mv = _mm_set1_ps(m);
+  for (; j + 8 <= classes; j += 8) {
+    const __m128 e0 = exp4_nonpos(_mm_sub_ps(_mm_loadu_ps(x + j), mv));
+    const __m128 e1 = exp4_nonpos(_mm_sub_ps(_mm_loadu_ps(x + j + 4), mv));
+    if (out) {
+      _mm_storeu_ps(out + j, e0);
+      _mm_storeu_ps(out + j + 4, e1);
+    }
+    acc[0] = _mm_add_pd(acc[0], _mm_cvtps_pd(e0));
+    acc[1] = _mm_add_pd(acc[1], _mm_cvtps_pd(_mm_movehl_ps(e0, e0)));
+    acc[2] = _mm_add_pd(acc[2], _mm_cvtps_pd(e1));
+    acc[3] = _mm_add_pd(acc[3], _mm_cvtps_pd(_mm_movehl_ps(e1, e1)));
+  }
+  if (j + 4 <= classes) {
+    const __m128 e0 = exp4_nonpos(_mm_sub_ps(_mm_loadu_ps(x + j), mv));
+    if (out) _mm_storeu_ps(out + j, e0);
+    acc[0] = _mm_add_pd(acc[0], _mm_cvtps_pd(e0));
+    acc[1] = _mm_add_pd(acc[1], _mm_cvtps_pd(_mm_movehl_ps(e0, e0)));
+    j += 4;
+  }
+  alignas(16) double lanes[8];
+  for (int k = 0; k < 4; ++k) _mm_store_pd(lanes + 2 * k, acc[k]);
+  s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+      ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+#endif
+  for (; j < classes; ++j) {
+    const float e = exp_nonpos(x[j] - m);
+    if (out) out[j] = e;
+    s += static_cast<double>(e);
+  }
+  return s;
+}
+
+// log-softmax of row xr at class t.
 template <typename scalar_t>
 inline double row_log_prob(const scalar_t* xr, int64_t classes, int64_t t) {
-  scalar_t m = xr[0];
-  for (int64_t j = 1; j < classes; ++j) m = xr[j] > m ? xr[j] : m;
-  double s = 0;
-  for (int64_t j = 0; j < classes; ++j) s += static_cast<double>(std::exp(xr[j] - m));
+  const scalar_t m = row_max(xr, classes);
+  const double s = row_exp_sum(xr, m, classes, static_cast<scalar_t*>(nullptr));
   return static_cast<double>(xr[t]) - static_cast<double>(m) - std::log(s);
 }
 
@@ -310,7 +457,9 @@ int64_t rows_per(int64_t elements, int64_t classes) {
 
 // Napkin math (forward): reads the N x C logits once (a row stays in L1 between its max, exp-sum
 // and gather passes) plus N targets; C exps and one log per row. Compute-bound on the exps: for
-// N = 4096, C = 1000 float32 (16 MB) ~4M exps, a few ms on 2 cores against a ~0.8 ms memory floor.
+// N = 4096, C = 1000 float32 (16 MB, a ~0.8 ms floor at ~20 GB/s) ~4M exps. Measured on one
+// core: 5.6 ms (torch 2.13: 2.0 ms with AVX2 exps; 8-wide AVX2 via run-time dispatch is the
+// next step); the tutorial case N = 8192, C = 10 takes 0.26 ms (torch 0.86 ms), N = 64 4 us.
 Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTensor& weight,
                          int64_t reduction, int64_t ignore_index) {
   const auto s = check_cross_entropy<int64_t>(input, target, weight, reduction);
@@ -364,7 +513,8 @@ Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTen
 
 // Napkin math (backward): reads the logits, writes grad_input (8 B per float32 logit) plus N
 // targets; C exps per row, written once into grad_input and rescaled in place while the row is in
-// L1. Compute-bound on the exps, like the forward.
+// L1. Compute-bound on the exps, like the forward: measured on one core, 5.8 ms for the
+// 4096 x 1000 float32 batch, 0.24 ms for 8192 x 10.
 Tensor cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor& input,
                                   const Tensor& target, const OptTensor& weight,
                                   int64_t reduction, int64_t ignore_index) {
@@ -411,13 +561,7 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor& input
         double a = static_cast<double>(reduction == 0 ? pg[i] : pg[0]);
         if (reduction == 1) a /= total;
         if (pw) a *= static_cast<double>(pw[c]);
-        scalar_t m = xr[0];
-        for (int64_t j = 1; j < classes; ++j) m = xr[j] > m ? xr[j] : m;
-        double sum = 0;
-        for (int64_t j = 0; j < classes; ++j) {
-          gr[j] = std::exp(xr[j] - m);
-          sum += static_cast<double>(gr[j]);
-        }
+        const double sum = row_exp_sum(xr, row_max(xr, classes), classes, gr);
         const scalar_t as = static_cast<scalar_t>(a);
         const scalar_t scale = static_cast<scalar_t>(a / sum);
         for (int64_t j = 0; j < classes; ++j) gr[j] *= scale;
