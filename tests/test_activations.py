@@ -83,9 +83,6 @@ def special_values(dtype, device):
 def test_special_values(device, dtype, name, slope):
     ours, theirs, *_ = activation(name, slope)
     x = special_values(dtype, device)
-    if name == "relu":  # relu's gradient at NaN differs from torch: see the xfail test below
-        helpers.assert_close(ours(x), theirs(x))  # the forward pass is fine: relu(NaN) is NaN
-        x = x[1:]
     # (compare_with_torch checks NaN positions too: leaky_relu(-inf) with slope 0 is NaN there)
     out = helpers.compare_with_torch(ours, theirs, [x.requires_grad_()], dtype)
     assert torch.isnan(out[torch.isnan(x.detach())]).all()  # NaN propagates
@@ -105,9 +102,8 @@ def test_sigmoid_large_magnitudes_do_not_overflow(device, dtype):
 
 
 @devices
-@pytest.mark.xfail(strict=True, reason="common/elementwise.h relu_bwd gives 0 where the result is "
-                   "NaN; torch's threshold_backward (result <= 0 ? 0 : grad) passes grad through")
 def test_relu_gradient_at_nan_matches_torch(device):
+    # torch's threshold_backward (result <= 0 ? 0 : grad) passes the gradient through at NaN.
     x = torch.tensor([float("nan"), 1.0, -1.0], device=device, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     P.relu(x).sum().backward()

@@ -1,5 +1,6 @@
 """`import pyengine` without a usable build says what is wrong and how to fix it."""
 import importlib
+import re
 import types
 
 import pytest
@@ -30,7 +31,7 @@ def test_built_against_other_torch(monkeypatch):
     fake = types.SimpleNamespace(built_with_torch=(2, 3), built_with_cuda=False)
     monkeypatch.setattr(importlib, "import_module", lambda name: fake)
     with pytest.raises(ImportError, match=rf"built against torch 2\.3 but torch "
-                                          rf"{torch.__version__}[\s\S]*Rebuild"):
+                                          rf"{re.escape(torch.__version__)}[\s\S]*Rebuild"):
         _loader.load_extension()
 
 

@@ -126,20 +126,15 @@ def test_binary_cross_entropy_at_zero_and_one(device, dtype, reduction, weighted
     y = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.3, 0.7, 1.0], dtype=dtype, device=device)
     args = [p.requires_grad_(), y] + ([torch.rand(7, dtype=dtype, device=device)] if weighted
                                       else [])
-    # torch bounds the gradient's denominator by 1e-12 rounded to float32 (also for float64);
-    # ours (common/elementwise.h) uses the exact 1e-12: 4e-9 apart, see the xfail test below.
-    tol = dict(rtol=1e-8) if dtype == torch.float64 else {}
-    out = helpers.compare_with_torch(ours, theirs, args, dtype, **tol)
+    out = helpers.compare_with_torch(ours, theirs, args, dtype)
     assert torch.isfinite(out).all()
     if reduction == "none" and not weighted:
         assert out[1].item() == pytest.approx(100.0) and out[2].item() == pytest.approx(100.0)
 
 
 @devices
-@pytest.mark.xfail(strict=True, reason="common/elementwise.h bce_grad bounds the denominator by "
-                   "T(1e-12); torch by the float32 1e-12f, so float64 gradients at p = 0 or 1 "
-                   "differ by 4e-9 relative")
 def test_binary_cross_entropy_grad_clamp_matches_torch_in_float64(device):
+    # torch bounds the gradient's denominator by 1e-12 rounded to float32, also for float64.
     p = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device)
     y = torch.tensor([1.0, 0.0], dtype=torch.float64, device=device)
     g = torch.ones(2, dtype=torch.float64, device=device)
