@@ -130,7 +130,12 @@ def relu(input: Tensor, inplace: bool = False) -> Tensor:
 
 
 def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
-    result = (_ops.leaky_relu if _is_compiling() else _C.leaky_relu)(input, float(negative_slope))
+    op = _ops.leaky_relu if _is_compiling() else _C.leaky_relu
+    if inplace and input.requires_grad and torch.is_grad_enabled():
+        # The backward pass reads the op's input, which the in-place write below overwrites:
+        # let autograd save a copy instead.
+        return _inplace(input, op(input.clone(), float(negative_slope)))
+    result = op(input, float(negative_slope))
     return _inplace(input, result) if inplace else result
 
 
