@@ -1,0 +1,478 @@
+// CPU kernels of max_pool2d (inference, no indices), max_pool2d_with_indices and
+// max_pool2d_backward.
+//
+// Semantics (torch's CPU kernel, bit for bit): each window is scanned row by row, left to right,
+// over its in-bounds taps only (padding cells never win); a tap replaces the running maximum when
+// `val > max || isnan(val)`, starting from max = -inf with the index of the window's first
+// in-bounds tap. So ties keep the FIRST maximum and a NaN wins (the last NaN of the window).
+// Indices are flat positions inside each H*W input plane.
+//
+// Layout: the input is made contiguous NCHW first (channels_last or strided inputs pay one copy);
+// outputs are fresh contiguous NCHW tensors. Work is split over (plane, output row) for the
+// forward and over planes for the backward, so every output element is computed by exactly one
+// thread in a fixed order: results do not depend on the thread count.
+//
+// Napkin math, LeNet pool1 (fp32, batch 64: 64x6x28x28 -> 64x6x14x14, kernel 2, stride 2):
+//   forward (values only):  reads 1.20 MB, writes 0.30 MB                          = 1.5 MB
+//   forward with indices:   + 0.60 MB of int64 indices                             = 2.1 MB
+//   backward:               reads 0.30 MB grad_output + 0.60 MB indices, writes
+//                           1.20 MB grad_input (zeroed and scattered while in L1)  = 2.1 MB
+//   75k windows x 3 compares is no work at all: the op is memory/latency-bound. All of it fits in
+//   L2+L3 (1 MB L2 per core, 32 MB L3), where ~50 GB/s per core gives a floor of ~20 us per pass
+//   on 2 cores (~100 us from DRAM at ~20 GB/s). Host overhead per op call is ~2-4 us.
+//
+// Hot loops: the interior of each output row (windows with every column in bounds) runs an
+// AVX-512 kernel for stride_w 1 or 2 (the common cases: kernel 2 / stride 2, kernel 3 / stride
+// 1 or 2), chosen at run time; everything else, and machines without AVX-512, use the scalar loop.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PE_POOL_X86 1
+#endif
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+
+namespace pyengine {
+namespace {
+
+using at::IntArrayRef;
+using at::Tensor;
+
+// Window geometry of one call, in int64.
+struct PoolGeom {
+  int64_t planes, H, W, OH, OW;
+  int64_t kH, kW, sH, sW, pH, pW, dH, dW;
+  int64_t effH, effW;
+  // Output columns [ow_lo, ow_hi) have every tap of their window inside the row.
+  int64_t ow_lo, ow_hi;
+};
+
+PoolGeom make_geom(const Pool2dShape<int64_t>& s, IntArrayRef kernel_size, IntArrayRef stride,
+                   IntArrayRef padding, IntArrayRef dilation) {
+  PoolGeom g;
+  g.planes = s.batch * s.channels;
+  g.H = s.in_h;
+  g.W = s.in_w;
+  g.OH = s.out_h;
+  g.OW = s.out_w;
+  g.kH = kernel_size[0];
+  g.kW = kernel_size[1];
+  g.sH = stride[0];
+  g.sW = stride[1];
+  g.pH = padding[0];
+  g.pW = padding[1];
+  g.dH = dilation[0];
+  g.dW = dilation[1];
+  g.effH = effective_kernel(g.kH, g.dH);
+  g.effW = effective_kernel(g.kW, g.dW);
+  // iw0 = ow * sW - pW >= 0  and  iw0 + effW <= W.
+  g.ow_lo = std::min(g.OW, (g.pW + g.sW - 1) / g.sW);
+  const int64_t last = g.W - g.effW + g.pW;  // largest ow * sW with the window inside
+  g.ow_hi = last < 0 ? 0 : std::min(g.OW, last / g.sW + 1);
+  g.ow_hi = std::max(g.ow_hi, g.ow_lo);
+  return g;
+}
+
+// First in-bounds tap at or after `start` on a grid of step `dil` (torch's `while (i < 0) i += d`).
+inline int64_t first_tap(int64_t start, int64_t dil) {
+  return start >= 0 ? start : start + ((-start + dil - 1) / dil) * dil;
+}
+
+// ---- Scalar forward: any geometry -----------------------------------------------------------
+
+// Output columns [ow_begin, ow_end) of output row `oh` of one plane.
+template <typename T, bool kIdx>
+void pool_row_scalar(const T* plane, T* out, int64_t* idx, const PoolGeom& g, int64_t oh,
+                     int64_t ow_begin, int64_t ow_end) {
+  const int64_t hs = oh * g.sH - g.pH;
+  const int64_t ih1 = std::min(hs + g.effH, g.H);
+  const int64_t ih0 = first_tap(hs, g.dH);
+  for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
+    const int64_t ws = ow * g.sW - g.pW;
+    const int64_t iw1 = std::min(ws + g.effW, g.W);
+    const int64_t iw0 = first_tap(ws, g.dW);
+    T m = -std::numeric_limits<T>::infinity();
+    int64_t mi = ih0 * g.W + iw0;  // torch's index, even for a window with no in-bounds tap
+    for (int64_t ih = ih0; ih < ih1; ih += g.dH) {
+      const T* row = plane + ih * g.W;
+      for (int64_t iw = iw0; iw < iw1; iw += g.dW) {
+        const T v = row[iw];
+        if (v > m || std::isnan(v)) {
+          m = v;
+          if (kIdx) mi = ih * g.W + iw;
+        }
+      }
+    }
+    out[ow] = m;
+    if (kIdx) idx[ow] = mi;
+  }
+}
+
+// Output rows [r_begin, r_end) of the flattened (plane, output row) range, scalar.
+template <typename T, bool kIdx>
+void pool_rows_scalar(const T* in, T* out, int64_t* idx, const PoolGeom& g, int64_t r_begin,
+                      int64_t r_end) {
+  int64_t p = r_begin / g.OH, oh = r_begin % g.OH;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    pool_row_scalar<T, kIdx>(in + p * g.H * g.W, out + r * g.OW, kIdx ? idx + r * g.OW : nullptr,
+                             g, oh, 0, g.OW);
+    if (++oh == g.OH) oh = 0, ++p;
+  }
+}
+
+// ---- AVX-512 forward: interior columns, stride_w 1 or 2 -------------------------------------
+//
+// 16 (fp32) or 8 (fp64) output columns per vector. For each in-bounds row of the window the lanes
+// load their taps in order (stride 2: two loads, then the even or odd lanes via one permute; with
+// dilation 1 one load pair serves two taps) and fold them with torch's rule; the row's winner is
+// then folded into the window's. This tree gives torch's answer because the fold picks the
+// maximum of a total order (NaNs above numbers, later NaN above earlier, larger number above
+// smaller, earlier above later among equal numbers) as long as every fold sees the earlier taps
+// on its left. Masked loads and stores cover a row's tail without touching memory outside it.
+// Indices are int32 lanes for fp32 (planes < 2^31 elements, checked by the caller), widened when
+// stored; int64 lanes for fp64.
+
+#ifdef PE_POOL_X86
+
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm*_undefined_* helpers
+// (GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#define PE_AVX512_INLINE __attribute__((target("avx512f"), always_inline)) inline
+
+bool have_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+struct F32x16 {
+  using T = float;
+  using V = __m512;
+  using M = __mmask16;
+  static constexpr int64_t L = 16;
+  static PE_AVX512_INLINE M lanes(int64_t n) {
+    return n >= 16 ? M(0xFFFF) : M((1u << (n < 0 ? 0 : n)) - 1u);
+  }
+  static PE_AVX512_INLINE V load(M k, const T* p) { return _mm512_maskz_loadu_ps(k, p); }
+  static PE_AVX512_INLINE V even(V lo, V hi) {
+    const __m512i sel = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    return _mm512_permutex2var_ps(lo, sel, hi);
+  }
+  static PE_AVX512_INLINE V odd(V lo, V hi) {
+    const __m512i sel = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    return _mm512_permutex2var_ps(lo, sel, hi);
+  }
+  // Lanes where `v` (later taps) beats `m` (earlier taps) by torch's rule.
+  static PE_AVX512_INLINE M wins(V v, V m) {
+    return _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  static PE_AVX512_INLINE V blend(M k, V a, V b) { return _mm512_mask_mov_ps(a, k, b); }
+  static PE_AVX512_INLINE __m512i iblend(M k, __m512i a, __m512i b) {
+    return _mm512_mask_mov_epi32(a, k, b);
+  }
+  // Lane i's flat index: base + i * step.
+  static PE_AVX512_INLINE __m512i lane_steps(int64_t step) {
+    return _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(static_cast<int32_t>(step)));
+  }
+  static PE_AVX512_INLINE __m512i index(__m512i steps, int64_t base) {
+    return _mm512_add_epi32(steps, _mm512_set1_epi32(static_cast<int32_t>(base)));
+  }
+  static PE_AVX512_INLINE void store(T* p, M k, V v) { _mm512_mask_storeu_ps(p, k, v); }
+  static PE_AVX512_INLINE void store_index(int64_t* p, M k, __m512i i) {
+    _mm512_mask_storeu_epi64(p, static_cast<__mmask8>(k & 0xFF),
+                             _mm512_cvtepi32_epi64(_mm512_castsi512_si256(i)));
+    _mm512_mask_storeu_epi64(p + 8, static_cast<__mmask8>(k >> 8),
+                             _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(i, 1)));
+  }
+};
+
+struct F64x8 {
+  using T = double;
+  using V = __m512d;
+  using M = __mmask8;
+  static constexpr int64_t L = 8;
+  static PE_AVX512_INLINE M lanes(int64_t n) {
+    return n >= 8 ? M(0xFF) : M((1u << (n < 0 ? 0 : n)) - 1u);
+  }
+  static PE_AVX512_INLINE V load(M k, const T* p) { return _mm512_maskz_loadu_pd(k, p); }
+  static PE_AVX512_INLINE V even(V lo, V hi) {
+    return _mm512_permutex2var_pd(lo, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), hi);
+  }
+  static PE_AVX512_INLINE V odd(V lo, V hi) {
+    return _mm512_permutex2var_pd(lo, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), hi);
+  }
+  static PE_AVX512_INLINE M wins(V v, V m) {
+    return _mm512_cmp_pd_mask(v, m, _CMP_GT_OQ) | _mm512_cmp_pd_mask(v, v, _CMP_UNORD_Q);
+  }
+  static PE_AVX512_INLINE V blend(M k, V a, V b) { return _mm512_mask_mov_pd(a, k, b); }
+  static PE_AVX512_INLINE __m512i iblend(M k, __m512i a, __m512i b) {
+    return _mm512_mask_mov_epi64(a, k, b);
+  }
+  static PE_AVX512_INLINE __m512i lane_steps(int64_t step) {
+    return _mm512_setr_epi64(0, step, 2 * step, 3 * step, 4 * step, 5 * step, 6 * step,
+                             7 * step);
+  }
+  static PE_AVX512_INLINE __m512i index(__m512i steps, int64_t base) {
+    return _mm512_add_epi64(steps, _mm512_set1_epi64(base));
+  }
+  static PE_AVX512_INLINE void store(T* p, M k, V v) { _mm512_mask_storeu_pd(p, k, v); }
+  static PE_AVX512_INLINE void store_index(int64_t* p, M k, __m512i i) {
+    _mm512_mask_storeu_epi64(p, k, i);
+  }
+};
+
+// A running maximum: values and (kIdx) their flat indices.
+template <class A>
+struct Best {
+  typename A::V v;
+  __m512i i;
+};
+
+// acc <- fold(acc, later): `later` holds taps that come after all of acc's.
+template <class A, bool kIdx>
+PE_AVX512_INLINE void fold(Best<A>& acc, const Best<A>& later) {
+  const typename A::M k = A::wins(later.v, acc.v);
+  acc.v = A::blend(k, acc.v, later.v);
+  if (kIdx) acc.i = A::iblend(k, acc.i, later.i);
+}
+
+template <class A, bool kIdx>
+PE_AVX512_INLINE Best<A> tap(typename A::V v, __m512i steps, int64_t base) {
+  Best<A> b;
+  b.v = v;
+  if (kIdx) b.i = A::index(steps, base);
+  return b;
+}
+
+// Window-column modes of the vector kernel.
+enum ColMode { kStride1 = 0, kStride2Pairs = 1, kStride2 = 2 };
+
+// Output rows [r_begin, r_end) of the flattened (plane, output row) range.
+template <class A, bool kIdx, int kMode>
+__attribute__((target("avx512f"))) void pool_rows_avx512(const typename A::T* in,
+                                                         typename A::T* out, int64_t* idx,
+                                                         const PoolGeom& g, int64_t r_begin,
+                                                         int64_t r_end) {
+  using T = typename A::T;
+  using M = typename A::M;
+  constexpr int64_t L = A::L;
+  const __m512i steps = A::lane_steps(g.sW);
+  // Masks of a full chunk [0] and of the row's last chunk [1]: stored lanes, and the input
+  // columns a load pair needs for a tap pair (2n columns) or a lone tap (2n - 1 columns).
+  const int64_t span = g.ow_hi - g.ow_lo;
+  const int64_t nchunks = (span + L - 1) / L;
+  M out_mask[2], pair_lo[2], pair_hi[2], one_lo[2], one_hi[2];
+  for (int c = 0; c < 2; ++c) {
+    const int64_t n = c == 0 ? L : span - (nchunks - 1) * L;
+    out_mask[c] = A::lanes(n);
+    pair_lo[c] = A::lanes(2 * n);
+    pair_hi[c] = A::lanes(2 * n - L);
+    one_lo[c] = A::lanes(2 * n - 1);
+    one_hi[c] = A::lanes(2 * n - 1 - L);
+  }
+  const int64_t W = g.W;
+  // Software prefetch: the input rows that output row r + kAhead adds to its predecessor's (the
+  // hardware prefetchers lose track of the row-interleaved pattern on tensors beyond L2).
+  constexpr int64_t kAhead = 3;
+  const uintptr_t in_end = reinterpret_cast<uintptr_t>(in + g.planes * g.H * W);
+  const int64_t fetch_bytes = std::min(g.sH, g.effH) * W * int64_t(sizeof(T));
+  int64_t p = r_begin / g.OH, oh = r_begin % g.OH;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const T* plane = in + p * g.H * W;
+    {
+      const int64_t oh_f = oh + kAhead;  // may run into the next plane: planes are contiguous
+      const int64_t last_row = (oh_f < g.OH ? p * g.H : (p + 1) * g.H - g.OH * g.sH) +
+                               oh_f * g.sH - g.pH + g.effH;  // one past the window's last row
+      const uintptr_t hi = reinterpret_cast<uintptr_t>(in) + uintptr_t(last_row * W) * sizeof(T);
+      for (int64_t b = 0; b < fetch_bytes; b += 64) {
+        const uintptr_t a = hi - fetch_bytes + b;
+        if (a < in_end) _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
+      }
+    }
+    T* orow = out + r * g.OW;
+    int64_t* irow = kIdx ? idx + r * g.OW : nullptr;
+    const int64_t hs = oh * g.sH - g.pH;
+    const int64_t ih1 = std::min(hs + g.effH, g.H);
+    const int64_t ih0 = first_tap(hs, g.dH);
+    if (ih0 >= ih1) {  // every window row in padding (dilation can do that): no taps at all
+      pool_row_scalar<T, kIdx>(plane, orow, irow, g, oh, 0, g.OW);
+    } else {
+      if (g.ow_lo > 0) pool_row_scalar<T, kIdx>(plane, orow, irow, g, oh, 0, g.ow_lo);
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
+        const int last = ch == nchunks - 1 ? 1 : 0;
+        const int64_t ow0 = g.ow_lo + ch * L;
+        const int64_t c0 = ow0 * g.sW - g.pW;  // input column of lane 0's first tap
+        Best<A> acc;
+        for (int64_t ih = ih0; ih < ih1; ih += g.dH) {
+          const T* row = plane + ih * W;
+          const int64_t base = ih * W + c0;
+          Best<A> rb;
+          if (kMode == kStride1) {
+            rb = tap<A, kIdx>(A::load(out_mask[last], row + c0), steps, base);
+            for (int64_t kw = 1; kw < g.kW; ++kw) {
+              const int64_t c = kw * g.dW;
+              fold<A, kIdx>(rb, tap<A, kIdx>(A::load(out_mask[last], row + c0 + c), steps,
+                                             base + c));
+            }
+          } else if (kMode == kStride2Pairs) {
+            for (int64_t kw = 0; kw < g.kW; kw += 2) {
+              const bool pair = kw + 1 < g.kW;
+              const T* src = row + c0 + kw;
+              const typename A::V lo = A::load(pair ? pair_lo[last] : one_lo[last], src);
+              const typename A::V hi = A::load(pair ? pair_hi[last] : one_hi[last], src + L);
+              Best<A> t = tap<A, kIdx>(A::even(lo, hi), steps, base + kw);
+              if (kw == 0) rb = t; else fold<A, kIdx>(rb, t);
+              if (pair) fold<A, kIdx>(rb, tap<A, kIdx>(A::odd(lo, hi), steps, base + kw + 1));
+            }
+          } else {
+            for (int64_t kw = 0; kw < g.kW; ++kw) {
+              const int64_t c = kw * g.dW;
+              const typename A::V lo = A::load(one_lo[last], row + c0 + c);
+              const typename A::V hi = A::load(one_hi[last], row + c0 + c + L);
+              Best<A> t = tap<A, kIdx>(A::even(lo, hi), steps, base + c);
+              if (kw == 0) rb = t; else fold<A, kIdx>(rb, t);
+            }
+          }
+          if (ih == ih0) acc = rb; else fold<A, kIdx>(acc, rb);
+        }
+        A::store(orow + ow0, out_mask[last], acc.v);
+        if (kIdx) A::store_index(irow + ow0, out_mask[last], acc.i);
+      }
+      if (g.ow_hi < g.OW) pool_row_scalar<T, kIdx>(plane, orow, irow, g, oh, g.ow_hi, g.OW);
+    }
+    if (++oh == g.OH) oh = 0, ++p;
+  }
+}
+
+#undef PE_AVX512_INLINE
+#pragma GCC diagnostic pop
+
+#endif  // PE_POOL_X86
+
+// The kernel for this geometry and dtype: the vector one where it applies, else the scalar one.
+template <typename T, bool kIdx>
+using RowsFn = void (*)(const T*, T*, int64_t*, const PoolGeom&, int64_t, int64_t);
+
+template <typename T, bool kIdx>
+RowsFn<T, kIdx> pick_kernel(const PoolGeom& g) {
+#ifdef PE_POOL_X86
+  using A = std::conditional_t<std::is_same_v<T, float>, F32x16, F64x8>;
+  const bool fits = g.ow_hi - g.ow_lo >= 2 &&
+                    // fp32 keeps indices in int32 lanes
+                    (sizeof(T) == 8 || g.H * g.W < (int64_t(1) << 31));
+  if (have_avx512() && fits) {
+    if (g.sW == 1) return pool_rows_avx512<A, kIdx, kStride1>;
+    if (g.sW == 2 && g.dW == 1) return pool_rows_avx512<A, kIdx, kStride2Pairs>;
+    if (g.sW == 2) return pool_rows_avx512<A, kIdx, kStride2>;
+  }
+#endif
+  return pool_rows_scalar<T, kIdx>;
+}
+
+// Rows of work per parallel task: enough window taps to be worth a thread.
+int64_t row_grain(const PoolGeom& g) {
+  const int64_t per_row = std::max<int64_t>(1, g.OW * g.kH * g.kW);
+  return std::max<int64_t>(1, 32768 / per_row);
+}
+
+template <bool kIdx>
+void max_pool2d_forward_impl(const Tensor& input_, const PoolGeom& g, Tensor& output,
+                             Tensor* indices, const char* op) {
+  const Tensor input = input_.contiguous();
+  dispatch_floating(input.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T* in = input.const_data_ptr<T>();
+    T* out = output.mutable_data_ptr<T>();
+    int64_t* idx = kIdx ? indices->mutable_data_ptr<int64_t>() : nullptr;
+    const RowsFn<T, kIdx> rows = pick_kernel<T, kIdx>(g);
+    at::parallel_for(0, g.planes * g.OH, row_grain(g), [&](int64_t begin, int64_t end) {
+      rows(in, out, idx, g, begin, end);
+    });
+  });
+}
+
+Tensor max_pool2d_cpu(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
+                      IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
+  auto s = check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeom g = make_geom(s, kernel_size, stride, padding, dilation);
+  Tensor output = at::empty(s.output_sizes(), input.options());
+  max_pool2d_forward_impl<false>(input, g, output, nullptr, "max_pool2d");
+  return output;
+}
+
+std::tuple<Tensor, Tensor> max_pool2d_with_indices_cpu(const Tensor& input,
+                                                       IntArrayRef kernel_size,
+                                                       IntArrayRef stride, IntArrayRef padding,
+                                                       IntArrayRef dilation, bool ceil_mode) {
+  auto s = check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeom g = make_geom(s, kernel_size, stride, padding, dilation);
+  const auto sizes = s.output_sizes();
+  Tensor output = at::empty(sizes, input.options());
+  Tensor indices = at::empty(sizes, input.options().dtype(at::kLong));
+  max_pool2d_forward_impl<true>(input, g, output, &indices, "max_pool2d_with_indices");
+  return {output, indices};
+}
+
+// ---- Backward -------------------------------------------------------------------------------
+//
+// grad_input = 0, then grad_input[indices[o]] += grad_output[o] for every output o of a plane in
+// order (overlapping windows add up deterministically). Each plane is zeroed right before its
+// scatter, while it sits in L1. An index outside [0, H*W) names no input element (torch emits such
+// an index for a window whose taps all fall in padding, which dilation can cause): it adds
+// nothing, where torch's CPU kernel would write outside the plane.
+
+Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                               const Tensor& indices, IntArrayRef kernel_size, IntArrayRef stride,
+                               IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
+  auto s = check_max_pool2d_backward<int64_t>(grad_output, input, indices, kernel_size, stride,
+                                              padding, dilation, ceil_mode);
+  const PoolGeom g = make_geom(s, kernel_size, stride, padding, dilation);
+  const Tensor go = grad_output.contiguous();
+  const Tensor ix = indices.contiguous();
+  Tensor grad_input = at::empty(input.sizes(), input.options());
+  dispatch_floating(go.scalar_type(), "max_pool2d_backward", [&](auto tag) {
+    using T = decltype(tag);
+    const T* pg = go.const_data_ptr<T>();
+    const int64_t* pi = ix.const_data_ptr<int64_t>();
+    T* gi = grad_input.mutable_data_ptr<T>();
+    const int64_t plane_in = g.H * g.W, plane_out = g.OH * g.OW;
+    const int64_t grain = std::max<int64_t>(1, 32768 / (plane_in + plane_out));
+    at::parallel_for(0, g.planes, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        T* dst = gi + p * plane_in;
+        const T* src = pg + p * plane_out;
+        const int64_t* at_ = pi + p * plane_out;
+        std::memset(dst, 0, sizeof(T) * plane_in);
+        for (int64_t o = 0; o < plane_out; ++o) {
+          const int64_t i = at_[o];
+          if (static_cast<uint64_t>(i) < static_cast<uint64_t>(plane_in)) dst[i] += src[o];
+        }
+      }
+    });
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
+  m.impl("max_pool2d", max_pool2d_cpu);
+  m.impl("max_pool2d_with_indices", max_pool2d_with_indices_cpu);
+  m.impl("max_pool2d_backward", max_pool2d_backward_cpu);
+}
+
+}  // namespace pyengine
