@@ -358,6 +358,59 @@ __attribute__((target("avx512f"))) void pool_rows_avx512(const typename A::T* in
   }
 }
 
+// The tutorial case, 2x2 windows with stride 2 and no padding or dilation, whole windows only
+// (2*OH <= H and 2*OW <= W): everything but the loads and folds is hoisted out of the row loop.
+template <class A, bool kIdx>
+__attribute__((target("avx512f"))) void pool2x2_rows_avx512(const typename A::T* in,
+                                                            typename A::T* out, int64_t* idx,
+                                                            const PoolGeom& g, int64_t r_begin,
+                                                            int64_t r_end) {
+  using T = typename A::T;
+  using M = typename A::M;
+  constexpr int64_t L = A::L;
+  const __m512i steps = A::lane_steps(2);
+  const int64_t W = g.W, OW = g.OW, plane = g.H * g.W;
+  const int64_t nchunks = (OW + L - 1) / L;
+  const int64_t n_last = OW - (nchunks - 1) * L;
+  const M out_last = A::lanes(n_last), lo_last = A::lanes(2 * n_last),
+          hi_last = A::lanes(2 * n_last - L);
+  const M all = A::lanes(L);
+  const bool prefetch = g.planes * plane * int64_t(sizeof(T)) > (int64_t(2) << 20);
+  const uintptr_t in_end = reinterpret_cast<uintptr_t>(in + g.planes * plane);
+  int64_t p = r_begin / g.OH, oh = r_begin % g.OH;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const T* r0 = in + p * plane + 2 * oh * W;
+    const T* r1 = r0 + W;
+    if (prefetch) {  // the row pair three output rows ahead (maybe in the next plane)
+      const int64_t ahead = 3;
+      const T* next = oh + ahead < g.OH ? r0 + 2 * ahead * W
+                                        : in + (p + 1) * plane + 2 * (oh + ahead - g.OH) * W;
+      for (int64_t b = 0; b < 2 * W * int64_t(sizeof(T)); b += 64) {
+        const uintptr_t a = reinterpret_cast<uintptr_t>(next) + b;
+        if (a < in_end) _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
+      }
+    }
+    const int64_t base = 2 * oh * W;  // flat index of the row pair's first element
+    T* orow = out + r * OW;
+    int64_t* irow = kIdx ? idx + r * OW : nullptr;
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const bool last = ch == nchunks - 1;
+      const M om = last ? out_last : all, lm = last ? lo_last : all, hm = last ? hi_last : all;
+      const int64_t c = 2 * ch * L;
+      const typename A::V a_lo = A::load(lm, r0 + c), a_hi = A::load(hm, r0 + c + L);
+      const typename A::V b_lo = A::load(lm, r1 + c), b_hi = A::load(hm, r1 + c + L);
+      Best<A> top = tap<A, kIdx>(A::even(a_lo, a_hi), steps, base + c);
+      fold<A, kIdx>(top, tap<A, kIdx>(A::odd(a_lo, a_hi), steps, base + c + 1));
+      Best<A> bottom = tap<A, kIdx>(A::even(b_lo, b_hi), steps, base + W + c);
+      fold<A, kIdx>(bottom, tap<A, kIdx>(A::odd(b_lo, b_hi), steps, base + W + c + 1));
+      fold<A, kIdx>(top, bottom);
+      A::store(orow + ch * L, om, top.v);
+      if (kIdx) A::store_index(irow + ch * L, om, top.i);
+    }
+    if (++oh == g.OH) oh = 0, ++p;
+  }
+}
+
 #undef PE_AVX512_INLINE
 #pragma GCC diagnostic pop
 
@@ -375,6 +428,9 @@ RowsFn<T, kIdx> pick_kernel(const PoolGeom& g) {
                     // fp32 keeps indices in int32 lanes
                     (sizeof(T) == 8 || g.H * g.W < (int64_t(1) << 31));
   if (have_avx512() && fits) {
+    if (g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2 && g.dH == 1 && g.dW == 1 &&
+        g.pH == 0 && g.pW == 0 && 2 * g.OH <= g.H && 2 * g.OW <= g.W)
+      return pool2x2_rows_avx512<A, kIdx>;
     if (g.sW == 1) return pool_rows_avx512<A, kIdx, kStride1>;
     if (g.sW == 2 && g.dW == 1) return pool_rows_avx512<A, kIdx, kStride2Pairs>;
     if (g.sW == 2) return pool_rows_avx512<A, kIdx, kStride2>;
