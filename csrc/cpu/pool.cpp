@@ -108,10 +108,9 @@ void pool_row_scalar(const T* plane, T* out, int64_t* idx, const PoolGeom& g, in
       const T* row = plane + ih * g.W;
       for (int64_t iw = iw0; iw < iw1; iw += g.dW) {
         const T v = row[iw];
-        if (v > m || std::isnan(v)) {
-          m = v;
-          if (kIdx) mi = ih * g.W + iw;
-        }
+        const bool take = (v > m) | (v != v);  // branch-free: random data mispredicts
+        m = take ? v : m;
+        if (kIdx) mi = take ? ih * g.W + iw : mi;
       }
     }
     out[ow] = m;
