@@ -197,6 +197,34 @@ struct F32x16 {
     _mm512_mask_storeu_epi64(p + 8, static_cast<__mmask8>(k >> 8),
                              _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(i, 1)));
   }
+  // Backward: 0 + v where k, else 0 (bit for bit what scattering into zeros gives, -0 included).
+  static PE_AVX512_INLINE V add_to_zero(M k, V v) {
+    return _mm512_maskz_add_ps(k, _mm512_setzero_ps(), v);
+  }
+  // The 2L values e0 o0 e1 o1 ... as two vectors.
+  static PE_AVX512_INLINE V interleave_lo(V e, V o) {
+    return _mm512_permutex2var_ps(
+        e, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23), o);
+  }
+  static PE_AVX512_INLINE V interleave_hi(V e, V o) {
+    return _mm512_permutex2var_ps(
+        e, _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31), o);
+  }
+  // Lanes (of k) whose index ip[lane] equals first + 2 * lane + delta, for the four deltas.
+  static PE_AVX512_INLINE void match4(const int64_t* ip, M k, int64_t first, const int64_t* delta,
+                                      M* out) {
+    const __m512i twice = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m512i e_lo = _mm512_add_epi64(twice, _mm512_set1_epi64(first));
+    const __m512i e_hi = _mm512_add_epi64(e_lo, _mm512_set1_epi64(16));
+    const __mmask8 k_lo = static_cast<__mmask8>(k & 0xFF), k_hi = static_cast<__mmask8>(k >> 8);
+    const __m512i d_lo = _mm512_sub_epi64(_mm512_maskz_loadu_epi64(k_lo, ip), e_lo);
+    const __m512i d_hi = _mm512_sub_epi64(_mm512_maskz_loadu_epi64(k_hi, ip + 8), e_hi);
+    for (int t = 0; t < 4; ++t) {
+      const __m512i dt = _mm512_set1_epi64(delta[t]);
+      out[t] = static_cast<M>(_mm512_mask_cmpeq_epi64_mask(k_lo, d_lo, dt) |
+                              (M(_mm512_mask_cmpeq_epi64_mask(k_hi, d_hi, dt)) << 8));
+    }
+  }
 };
 
 struct F64x8 {
@@ -231,6 +259,23 @@ struct F64x8 {
   static PE_AVX512_INLINE void store(T* p, M k, V v) { _mm512_mask_storeu_pd(p, k, v); }
   static PE_AVX512_INLINE void store_index(int64_t* p, M k, __m512i i) {
     _mm512_mask_storeu_epi64(p, k, i);
+  }
+  static PE_AVX512_INLINE V add_to_zero(M k, V v) {
+    return _mm512_maskz_add_pd(k, _mm512_setzero_pd(), v);
+  }
+  static PE_AVX512_INLINE V interleave_lo(V e, V o) {
+    return _mm512_permutex2var_pd(e, _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), o);
+  }
+  static PE_AVX512_INLINE V interleave_hi(V e, V o) {
+    return _mm512_permutex2var_pd(e, _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15), o);
+  }
+  static PE_AVX512_INLINE void match4(const int64_t* ip, M k, int64_t first, const int64_t* delta,
+                                      M* out) {
+    const __m512i e = _mm512_add_epi64(_mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14),
+                                       _mm512_set1_epi64(first));
+    const __m512i d = _mm512_sub_epi64(_mm512_maskz_loadu_epi64(k, ip), e);
+    for (int t = 0; t < 4; ++t)
+      out[t] = _mm512_mask_cmpeq_epi64_mask(k, d, _mm512_set1_epi64(delta[t]));
   }
 };
 
@@ -410,6 +455,52 @@ __attribute__((target("avx512f"))) void pool2x2_rows_avx512(const typename A::T*
   }
 }
 
+// Backward of the 2x2 / stride-2 case as a gather: each window's gradient goes to whichever of its
+// four taps its index names, every grad_input element is written once (no zero pass, no
+// read-modify-write). Valid only if every index is one of its own window's taps; returns false
+// at the first that is not (a hand-made indices tensor), and the caller scatters that plane.
+// Windows are disjoint, so each element receives at most one gradient: the result is bit for bit
+// the scatter's.
+template <class A>
+__attribute__((target("avx512f"))) bool unpool2x2_plane_avx512(const typename A::T* go,
+                                                               const int64_t* idx,
+                                                               typename A::T* gi,
+                                                               const PoolGeom& g) {
+  using T = typename A::T;
+  using M = typename A::M;
+  constexpr int64_t L = A::L;
+  const int64_t W = g.W, OW = g.OW;
+  const int64_t delta[4] = {0, 1, W, W + 1};
+  const int64_t nchunks = (OW + L - 1) / L;
+  const int64_t n_last = OW - (nchunks - 1) * L;
+  const M all = A::lanes(L), out_last = A::lanes(n_last), lo_last = A::lanes(2 * n_last),
+          hi_last = A::lanes(2 * n_last - L);
+  for (int64_t oh = 0; oh < g.OH; ++oh) {
+    T* top = gi + 2 * oh * W;
+    T* bottom = top + W;
+    const T* grow = go + oh * OW;
+    const int64_t* irow = idx + oh * OW;
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const bool last = ch == nchunks - 1;
+      const M om = last ? out_last : all, lm = last ? lo_last : all, hm = last ? hi_last : all;
+      const int64_t ow0 = ch * L;
+      M hit[4];  // top-left, top-right, bottom-left, bottom-right
+      A::match4(irow + ow0, om, 2 * oh * W + 2 * ow0, delta, hit);
+      if (static_cast<M>(hit[0] | hit[1] | hit[2] | hit[3]) != om) return false;
+      const typename A::V gv = A::load(om, grow + ow0);
+      const typename A::V tl = A::add_to_zero(hit[0], gv), tr = A::add_to_zero(hit[1], gv);
+      const typename A::V bl = A::add_to_zero(hit[2], gv), br = A::add_to_zero(hit[3], gv);
+      A::store(top + 2 * ow0, lm, A::interleave_lo(tl, tr));
+      A::store(top + 2 * ow0 + L, hm, A::interleave_hi(tl, tr));
+      A::store(bottom + 2 * ow0, lm, A::interleave_lo(bl, br));
+      A::store(bottom + 2 * ow0 + L, hm, A::interleave_hi(bl, br));
+    }
+    for (int64_t c = 2 * OW; c < W; ++c) top[c] = bottom[c] = T(0);  // no window covers these
+  }
+  std::memset(gi + 2 * g.OH * W, 0, sizeof(T) * (g.H - 2 * g.OH) * W);
+  return true;
+}
+
 #undef PE_AVX512_INLINE
 #pragma GCC diagnostic pop
 
@@ -488,7 +579,34 @@ std::tuple<Tensor, Tensor> max_pool2d_with_indices_cpu(const Tensor& input,
 // order (overlapping windows add up deterministically). Each plane is zeroed right before its
 // scatter, while it sits in L1. An index outside [0, H*W) names no input element (torch emits such
 // an index for a window whose taps all fall in padding, which dilation can cause): it adds
-// nothing, where torch's CPU kernel would write outside the plane.
+// nothing, where torch's CPU kernel would write outside the plane. For 2x2 / stride-2 windows an
+// AVX-512 gather (above) computes the same bits in one write pass when the indices allow it.
+
+// grad_input of one plane by scattering (any indices).
+template <typename T>
+void unpool_plane_scatter(const T* go, const int64_t* idx, T* gi, int64_t plane_in,
+                          int64_t plane_out) {
+  std::memset(gi, 0, sizeof(T) * plane_in);
+  for (int64_t o = 0; o < plane_out; ++o) {
+    const int64_t i = idx[o];
+    if (static_cast<uint64_t>(i) < static_cast<uint64_t>(plane_in)) gi[i] += go[o];
+  }
+}
+
+template <typename T>
+using PlaneGatherFn = bool (*)(const T*, const int64_t*, T*, const PoolGeom&);
+
+template <typename T>
+PlaneGatherFn<T> pick_gather(const PoolGeom& g) {
+#ifdef PE_POOL_X86
+  using A = std::conditional_t<std::is_same_v<T, float>, F32x16, F64x8>;
+  if (have_avx512() && g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2 && g.dH == 1 &&
+      g.dW == 1 && g.pH == 0 && g.pW == 0 && 2 * g.OH <= g.H && 2 * g.OW <= g.W)
+    return unpool2x2_plane_avx512<A>;
+#endif
+  (void)g;
+  return nullptr;
+}
 
 Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
                                const Tensor& indices, IntArrayRef kernel_size, IntArrayRef stride,
@@ -506,16 +624,14 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
     T* gi = grad_input.mutable_data_ptr<T>();
     const int64_t plane_in = g.H * g.W, plane_out = g.OH * g.OW;
     const int64_t grain = std::max<int64_t>(1, 32768 / (plane_in + plane_out));
+    const PlaneGatherFn<T> gather = pick_gather<T>(g);
     at::parallel_for(0, g.planes, grain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         T* dst = gi + p * plane_in;
         const T* src = pg + p * plane_out;
         const int64_t* at_ = pi + p * plane_out;
-        std::memset(dst, 0, sizeof(T) * plane_in);
-        for (int64_t o = 0; o < plane_out; ++o) {
-          const int64_t i = at_[o];
-          if (static_cast<uint64_t>(i) < static_cast<uint64_t>(plane_in)) dst[i] += src[o];
-        }
+        if (!gather || !gather(src, at_, dst, g))
+          unpool_plane_scatter(src, at_, dst, plane_in, plane_out);
       }
     });
   });
