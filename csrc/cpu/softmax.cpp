@@ -154,6 +154,10 @@ PE_ALWAYS_INLINE T tree_max(T* acc) {
   return acc[0];
 }
 
+// Tails (the last D % L elements of a row) are reduced into a scalar kept in a register and added
+// after the partial sums: updating the partial sums lane by lane (or staging the tail in a
+// buffer) stores scalars that the next vector load must wait for.
+
 // max(x[0:n]), NaNs skipped (a NaN row turns NaN through the sum anyway).
 template <typename T>
 PE_ALWAYS_INLINE T row_max(const T* x, int64_t n) {
@@ -163,8 +167,9 @@ PE_ALWAYS_INLINE T row_max(const T* x, int64_t n) {
   int64_t i = 0;
   for (; i + L <= n; i += L)
     for (int64_t l = 0; l < L; ++l) acc[l] = x[i + l] > acc[l] ? x[i + l] : acc[l];
-  for (int64_t l = 0; i + l < n; ++l) acc[l] = x[i + l] > acc[l] ? x[i + l] : acc[l];
-  return tree_max(acc);
+  T m = tree_max(acc);
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
 }
 
 // ---- Forward, dim last: `rows` contiguous rows of length D --------------------------------------
@@ -175,6 +180,7 @@ PE_ALWAYS_INLINE void forward_rows(const T* x, T* y, int64_t rows, int64_t D) {
   for (int64_t r = 0; r < rows; ++r, x += D, y += D) {
     const T m = row_max(x, D);
     T acc[L] = {};
+    T tail = 0;
     int64_t i = 0;
     if (!kLog) {  // y = exp(x - m), then scaled by 1 / sum
       for (; i + L <= D; i += L)
@@ -183,18 +189,18 @@ PE_ALWAYS_INLINE void forward_rows(const T* x, T* y, int64_t rows, int64_t D) {
           y[i + l] = e;
           acc[l] += e;
         }
-      for (int64_t l = 0; i + l < D; ++l) {
-        const T e = fast_exp(x[i + l] - m);
-        y[i + l] = e;
-        acc[l] += e;
+      for (; i < D; ++i) {
+        const T e = fast_exp(x[i] - m);
+        y[i] = e;
+        tail += e;
       }
-      const T inv = T(1) / tree_sum(acc);
+      const T inv = T(1) / (tree_sum(acc) + tail);
       for (int64_t j = 0; j < D; ++j) y[j] *= inv;
     } else {  // y = (x - m) - log(sum)
       for (; i + L <= D; i += L)
         for (int64_t l = 0; l < L; ++l) acc[l] += fast_exp(x[i + l] - m);
-      for (int64_t l = 0; i + l < D; ++l) acc[l] += fast_exp(x[i + l] - m);
-      const T lse = std::log(tree_sum(acc));
+      for (; i < D; ++i) tail += fast_exp(x[i] - m);
+      const T lse = std::log(tree_sum(acc) + tail);
       for (int64_t j = 0; j < D; ++j) y[j] = (x[j] - m) - lse;
     }
   }
@@ -247,18 +253,19 @@ PE_ALWAYS_INLINE void backward_rows(const T* g, const T* y, T* gx, int64_t rows,
   constexpr int64_t L = kLanes<T>;
   for (int64_t r = 0; r < rows; ++r, g += D, y += D, gx += D) {
     T acc[L] = {};
+    T tail = 0;
     int64_t i = 0;
     if (!kLog) {  // gx = y * (g - sum(g * y))
       for (; i + L <= D; i += L)
         for (int64_t l = 0; l < L; ++l) acc[l] += g[i + l] * y[i + l];
-      for (int64_t l = 0; i + l < D; ++l) acc[l] += g[i + l] * y[i + l];
-      const T dot = tree_sum(acc);
+      for (; i < D; ++i) tail += g[i] * y[i];
+      const T dot = tree_sum(acc) + tail;
       for (int64_t j = 0; j < D; ++j) gx[j] = y[j] * (g[j] - dot);
     } else {  // gx = g - exp(y) * sum(g)
       for (; i + L <= D; i += L)
         for (int64_t l = 0; l < L; ++l) acc[l] += g[i + l];
-      for (int64_t l = 0; i + l < D; ++l) acc[l] += g[i + l];
-      const T sum = tree_sum(acc);
+      for (; i < D; ++i) tail += g[i];
+      const T sum = tree_sum(acc) + tail;
       for (int64_t j = 0; j < D; ++j) gx[j] = g[j] - fast_exp(y[j]) * sum;
     }
   }
