@@ -211,19 +211,20 @@ struct F32x16 {
         e, _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31), o);
   }
   // Lanes (of k) whose index ip[lane] equals first + 2 * lane + delta, for the four deltas.
+  // The offsets are narrowed to int32 (saturating, so a far-off index cannot alias a tap).
   static PE_AVX512_INLINE void match4(const int64_t* ip, M k, int64_t first, const int64_t* delta,
                                       M* out) {
-    const __m512i twice = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
-    const __m512i e_lo = _mm512_add_epi64(twice, _mm512_set1_epi64(first));
+    const __m512i e_lo = _mm512_add_epi64(_mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14),
+                                          _mm512_set1_epi64(first));
     const __m512i e_hi = _mm512_add_epi64(e_lo, _mm512_set1_epi64(16));
-    const __mmask8 k_lo = static_cast<__mmask8>(k & 0xFF), k_hi = static_cast<__mmask8>(k >> 8);
-    const __m512i d_lo = _mm512_sub_epi64(_mm512_maskz_loadu_epi64(k_lo, ip), e_lo);
-    const __m512i d_hi = _mm512_sub_epi64(_mm512_maskz_loadu_epi64(k_hi, ip + 8), e_hi);
-    for (int t = 0; t < 4; ++t) {
-      const __m512i dt = _mm512_set1_epi64(delta[t]);
-      out[t] = static_cast<M>(_mm512_mask_cmpeq_epi64_mask(k_lo, d_lo, dt) |
-                              (M(_mm512_mask_cmpeq_epi64_mask(k_hi, d_hi, dt)) << 8));
-    }
+    const __m512i d_lo = _mm512_sub_epi64(
+        _mm512_maskz_loadu_epi64(static_cast<__mmask8>(k & 0xFF), ip), e_lo);
+    const __m512i d_hi = _mm512_sub_epi64(
+        _mm512_maskz_loadu_epi64(static_cast<__mmask8>(k >> 8), ip + 8), e_hi);
+    const __m512i d = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi64_epi32(d_lo)),
+                                         _mm512_cvtsepi64_epi32(d_hi), 1);
+    for (int t = 0; t < 4; ++t)
+      out[t] = _mm512_mask_cmpeq_epi32_mask(k, d, _mm512_set1_epi32(static_cast<int32_t>(delta[t])));
   }
 };
 
@@ -600,8 +601,11 @@ template <typename T>
 PlaneGatherFn<T> pick_gather(const PoolGeom& g) {
 #ifdef PE_POOL_X86
   using A = std::conditional_t<std::is_same_v<T, float>, F32x16, F64x8>;
+  // Rows of fewer than half a vector (LeNet's 5-wide pool2) scatter faster than they gather;
+  // offsets must fit int32 lanes.
   if (have_avx512() && g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2 && g.dH == 1 &&
-      g.dW == 1 && g.pH == 0 && g.pW == 0 && 2 * g.OH <= g.H && 2 * g.OW <= g.W)
+      g.dW == 1 && g.pH == 0 && g.pW == 0 && 2 * g.OH <= g.H && 2 * g.OW <= g.W &&
+      2 * g.OW >= A::L && g.W < (int64_t(1) << 30))
     return unpool2x2_plane_avx512<A>;
 #endif
   (void)g;
