@@ -1,0 +1,661 @@
+// pyengine's CPU GEMM (interface and contract: gemm.h).
+//
+// How it is built
+// ---------------
+// The kernels below are templates over an ISA description (vector width, tile sizes) written with
+// GCC vector extensions and forced inline. Each (ISA, dtype) pair gets three out-of-line kernel
+// functions compiled with __attribute__((target(...))) (struct Kern below) into which the
+// micro-kernel variants are inlined, so one source yields AVX-512, AVX2+FMA and SSE2 machine code;
+// drivers and packing are plain code that call them once per tile. The ISA is picked once, at
+// load time, with __builtin_cpu_supports (no -march=native). GCC contracts
+// `acc += a * b` into FMA where the target has it (C++ defaults to -ffp-contract=fast).
+//
+// Micro-kernels
+//   op_tile<MR, NV>  C[MR x NV*W] += A[MR x kc] B[kc x NV*W]: per k, NV vector loads of B's row,
+//                    MR broadcasts of A's column, MR*NV FMAs. AVX-512 fp32: 24x16 or 12x32 tiles,
+//                    24 of the 32 zmm registers hold C.
+//   dot_tile<RA, RB> C[RA x RB] += A[RA x K] B^T[RB x K], vectorised along k (A rows and B^T rows
+//                    contiguous): RA+RB vector loads per RA*RB FMAs, one horizontal sum per
+//                    element at the end. Used where both operands run along k (dW = dY^T X).
+//
+// Napkin math (this machine: 2 Zen-class cores with AVX-512; 2 x 512-bit FMA/cycle = 64 fp32
+// FLOP/cycle/core, ~200+ GFLOP/s per core at ~3.5 GHz; L1 48 KB, L2 1 MB per core):
+//   LeNet linear 400->120 at batch 256: 2*256*400*120 = 24.6 MFLOP per GEMM (forward, dX, dW each),
+//   operands 0.4 + 0.2 + 0.1 MB: compute-bound, floor ~0.06 ms per GEMM on 2 cores at peak.
+//   The micro-kernels reach a good fraction of that when K >= ~64; for the tiny LeNet convolution
+//   GEMMs (K = 6..150) tile loads/stores and im2col cost as much as the FMAs (see conv2d.cpp).
+//
+// Cache blocking: KC = 256 (a B panel of KC x 32 floats is 32 KB, in L1), MC = 240 rows of A
+// (240 x 256 x 4 B = 240 KB, in L2), NC = 32 panels.
+#include "cpu/gemm.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+// Vectors are passed only between always-inline functions: the ABI note is irrelevant.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#define PE_INLINE inline __attribute__((always_inline))
+
+namespace pyengine {
+namespace cpu {
+namespace {
+
+// ---- ISA descriptions ---------------------------------------------------------------------
+// kMR1 / kMR2: rows of the outer-product tile with 1 / 2 vectors of columns; kRA x kRB: the dot
+// tile. Chosen so that accumulators + operands fit the register file (32 zmm; 16 ymm / xmm).
+struct IsaAvx512 {
+  static constexpr int kBytes = 64;
+  static constexpr int kMR1 = 24, kMR2 = 12, kRA = 6, kRB = 4;
+};
+struct IsaAvx2 {
+  static constexpr int kBytes = 32;
+  static constexpr int kMR1 = 12, kMR2 = 6, kRA = 3, kRB = 3;
+};
+struct IsaSse {
+  static constexpr int kBytes = 16;
+  static constexpr int kMR1 = 12, kMR2 = 6, kRA = 3, kRB = 3;
+};
+
+template <typename T, int W>
+struct Vec {
+  typedef T type __attribute__((vector_size(sizeof(T) * W)));
+  typedef T utype __attribute__((vector_size(sizeof(T) * W), aligned(sizeof(T)), may_alias));
+};
+
+template <typename T, int W>
+PE_INLINE typename Vec<T, W>::type loadu(const T* p) {
+  return *reinterpret_cast<const typename Vec<T, W>::utype*>(p);
+}
+template <typename T, int W>
+PE_INLINE void storeu(T* p, const typename Vec<T, W>::type& v) {
+  *reinterpret_cast<typename Vec<T, W>::utype*>(p) = v;
+}
+
+// Horizontal sum by halving (fixed order: deterministic).
+template <typename T, int W>
+PE_INLINE T hsum(const typename Vec<T, W>::type& v) {
+  if constexpr (W == 2) {
+    return v[0] + v[1];
+  } else {
+    typename Vec<T, W / 2>::type lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+    return hsum<T, W / 2>(lo + hi);
+  }
+}
+
+constexpr int64_t kKC = 256;
+constexpr int64_t kMCRows = 240;  // multiple of every kMR
+constexpr int64_t kNCPanels = 32;
+
+// ---- Outer-product micro-kernel -----------------------------------------------------------
+// A element (i, k) at a[k * lda + i]; B element (k, j) at b[k * ldb + j], NV*W columns readable.
+// Writes (or adds to) the first nr columns of the MR x NR tile of C.
+template <class Isa, typename T, int MR, int NV>
+PE_INLINE void op_tile(int64_t kc, const T* __restrict a, int64_t lda, const T* __restrict b,
+                       int64_t ldb, T* __restrict c, int64_t rsc, int64_t csc, int64_t nr,
+                       bool accum) {
+  constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
+  constexpr int NR = W * NV;
+  using vec = typename Vec<T, W>::type;
+  vec acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
+  for (int64_t k = 0; k < kc; ++k) {
+    vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = loadu<T, W>(b + v * W);
+    for (int i = 0; i < MR; ++i) {
+      const T ai = a[i];
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+    }
+    a += lda;
+    b += ldb;
+  }
+  if (csc == 1 && nr == NR) {
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) {
+        T* p = c + i * rsc + v * W;
+        vec r = acc[i][v];
+        if (accum) r = loadu<T, W>(p) + r;
+        storeu<T, W>(p, r);
+      }
+  } else {
+    alignas(64) T tile[MR][NR];
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) storeu<T, W>(&tile[i][v * W], acc[i][v]);
+    for (int i = 0; i < MR; ++i)
+      for (int64_t j = 0; j < nr; ++j) {
+        T* p = c + i * rsc + j * csc;
+        *p = accum ? *p + tile[i][j] : tile[i][j];
+      }
+  }
+}
+
+// Row-count ladder: a tile of mr rows runs as a few kernels of ladder sizes (greedy, largest
+// first: 23 = 16 + 6 + 1), so only 9 row counts are compiled instead of 24. Each C element is
+// still computed by one kernel, summing over k in order: the split does not change the result.
+constexpr int next_ladder(int r) {
+  return r > 16 ? 16 : r > 12 ? 12 : r > 8 ? 8 : r > 6 ? 6 : r > 4 ? 4 : r - 1;
+}
+
+template <class Isa, typename T, int NV, int R>
+PE_INLINE void op_rows(int mr, int64_t kc, const T* a, int64_t lda, const T* b, int64_t ldb,
+                       T* c, int64_t rsc, int64_t csc, int64_t nr, bool accum) {
+  if constexpr (R >= 1) {
+    if (mr >= R) {
+      op_tile<Isa, T, R, NV>(kc, a, lda, b, ldb, c, rsc, csc, nr, accum);
+      a += R;
+      c += R * rsc;
+      mr -= R;
+    }
+    if (mr > 0) op_rows<Isa, T, NV, next_ladder(R)>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);
+  }
+}
+
+template <typename T>
+std::vector<T>& scratch_a() {
+  thread_local std::vector<T> buf;
+  return buf;
+}
+template <typename T>
+std::vector<T>& scratch_b() {
+  thread_local std::vector<T> buf;
+  return buf;
+}
+
+template <typename T>
+struct Problem {
+  int64_t M, N, K;
+  const T* A;
+  int64_t rsa, csa;
+  const T* B;
+  int64_t rsb, csb;
+  T* C;
+  int64_t rsc, csc;
+  bool accumulate;
+};
+
+// BLIS-style loops: jc (NC columns) -> pc (KC of k) -> ic (MC rows) -> panels -> tiles.
+// A is read in place when it has unit stride along i (else packed into MR-row panels), B in place
+// when it has unit stride along j (else packed into NR-column panels; the last, partial panel is
+// always packed, zero-padded, so the kernel never reads past B).
+template <class Isa, typename T>
+struct Kern;  // the ISA-compiled kernels, defined below
+
+template <class Isa, typename T, int NV>
+void op_driver(const Problem<T>& p) {
+  constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
+  constexpr int NR = W * NV;
+  constexpr int MR = NV == 1 ? Isa::kMR1 : Isa::kMR2;
+  constexpr int64_t NC = NR * kNCPanels;
+  const bool a_direct = p.rsa == 1;
+  const bool b_direct = p.csb == 1;
+  std::vector<T>& abuf = scratch_a<T>();
+  std::vector<T>& bbuf = scratch_b<T>();
+  for (int64_t jc = 0; jc < p.N; jc += NC) {
+    const int64_t nc = std::min(NC, p.N - jc);
+    const int64_t npanels = (nc + NR - 1) / NR;
+    for (int64_t pc = 0; pc < p.K; pc += kKC) {
+      const int64_t kc = std::min(kKC, p.K - pc);
+      const bool accum = p.accumulate || pc > 0;
+      // Pack B: every panel (strided B) or just the partial last one (unit-stride B).
+      const int64_t first_packed = b_direct ? nc / NR : 0;
+      if (first_packed < npanels) {
+        const size_t need = static_cast<size_t>((npanels - first_packed) * kc * NR);
+        if (bbuf.size() < need) bbuf.resize(need);
+        for (int64_t jp = first_packed; jp < npanels; ++jp) {
+          T* dst = bbuf.data() + (jp - first_packed) * kc * NR;
+          const int64_t j0 = jc + jp * NR;
+          const int64_t nr = std::min<int64_t>(NR, p.N - j0);
+          const T* src = p.B + pc * p.rsb + j0 * p.csb;
+          if (b_direct) {
+            for (int64_t k = 0; k < kc; ++k) {
+              for (int64_t j = 0; j < nr; ++j) dst[k * NR + j] = src[k * p.rsb + j];
+              for (int64_t j = nr; j < NR; ++j) dst[k * NR + j] = T(0);
+            }
+          } else {
+            for (int64_t j = 0; j < nr; ++j)
+              for (int64_t k = 0; k < kc; ++k) dst[k * NR + j] = src[k * p.rsb + j * p.csb];
+            for (int64_t k = 0; k < kc; ++k)
+              for (int64_t j = nr; j < NR; ++j) dst[k * NR + j] = T(0);
+          }
+        }
+      }
+      for (int64_t ic = 0; ic < p.M; ic += kMCRows) {
+        const int64_t mc = std::min(kMCRows, p.M - ic);
+        if (!a_direct) {
+          const int64_t mpanels = (mc + MR - 1) / MR;
+          const size_t need = static_cast<size_t>(mpanels * kc * MR);
+          if (abuf.size() < need) abuf.resize(need);
+          for (int64_t ip = 0; ip < mpanels; ++ip) {
+            T* dst = abuf.data() + ip * kc * MR;
+            const int64_t i0 = ic + ip * MR;
+            const int64_t mr = std::min<int64_t>(MR, p.M - i0);
+            const T* src = p.A + i0 * p.rsa + pc * p.csa;
+            for (int64_t i = 0; i < mr; ++i)
+              for (int64_t k = 0; k < kc; ++k) dst[k * MR + i] = src[i * p.rsa + k * p.csa];
+          }
+        }
+        for (int64_t jp = 0; jp < npanels; ++jp) {
+          const int64_t j0 = jp * NR;
+          const int64_t nr = std::min<int64_t>(NR, nc - j0);
+          const T* bp;
+          int64_t ldb;
+          if (jp < first_packed) {
+            bp = p.B + pc * p.rsb + (jc + j0);
+            ldb = p.rsb;
+          } else {
+            bp = bbuf.data() + (jp - first_packed) * kc * NR;
+            ldb = NR;
+          }
+          for (int64_t ir = 0; ir < mc; ir += MR) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
+            const T* ap;
+            int64_t lda;
+            if (a_direct) {
+              ap = p.A + (ic + ir) + pc * p.csa;
+              lda = p.csa;
+            } else {
+              ap = abuf.data() + (ir / MR) * kc * MR;
+              lda = MR;
+            }
+            T* cp = p.C + (ic + ir) * p.rsc + (jc + j0) * p.csc;
+            if (NV == 1 || nr <= W)
+              Kern<Isa, T>::op1(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum);
+            else
+              Kern<Isa, T>::op2(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- Dot micro-kernel ---------------------------------------------------------------------
+// A row i at a + i * lda, B^T row j (column j of B) at b + j * ldb, both contiguous along k.
+// Edge tiles (ra < RA or rb < RB) repeat their last row / column and store only the valid part.
+template <class Isa, typename T, int RA, int RB>
+PE_INLINE void dot_tile(int ra, int rb, int64_t K, const T* a, int64_t lda, const T* b,
+                        int64_t ldb, T* __restrict c, int64_t rsc, int64_t csc, bool accum) {
+  constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
+  using vec = typename Vec<T, W>::type;
+  const T* ar[RA];
+  const T* br[RB];
+  for (int i = 0; i < RA; ++i) ar[i] = a + std::min(i, ra - 1) * lda;
+  for (int j = 0; j < RB; ++j) br[j] = b + std::min(j, rb - 1) * ldb;
+  vec acc[RA][RB];
+  for (int i = 0; i < RA; ++i)
+    for (int j = 0; j < RB; ++j) acc[i][j] = vec{};
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    vec bv[RB];
+    for (int j = 0; j < RB; ++j) bv[j] = loadu<T, W>(br[j] + k);
+    for (int i = 0; i < RA; ++i) {
+      const vec av = loadu<T, W>(ar[i] + k);
+      for (int j = 0; j < RB; ++j) acc[i][j] += av * bv[j];
+    }
+  }
+  if (k < K) {  // zero-padded tail vector
+    const int64_t rem = K - k;
+    alignas(64) T ta[RA][W];
+    alignas(64) T tb[RB][W];
+    for (int i = 0; i < RA; ++i)
+      for (int l = 0; l < W; ++l) ta[i][l] = l < rem ? ar[i][k + l] : T(0);
+    for (int j = 0; j < RB; ++j)
+      for (int l = 0; l < W; ++l) tb[j][l] = l < rem ? br[j][k + l] : T(0);
+    for (int i = 0; i < RA; ++i) {
+      const vec av = loadu<T, W>(ta[i]);
+      for (int j = 0; j < RB; ++j) acc[i][j] += av * loadu<T, W>(tb[j]);
+    }
+  }
+  for (int i = 0; i < RA; ++i)
+    for (int j = 0; j < RB; ++j) {
+      if (i >= ra || j >= rb) continue;
+      const T s = hsum<T, W>(acc[i][j]);
+      T* cp = c + i * rsc + j * csc;
+      *cp = accum ? *cp + s : s;
+    }
+}
+
+// Needs p.csa == 1 and p.rsb == 1. Columns are blocked so that the B^T rows of a block stay in L2.
+template <class Isa, typename T>
+void dot_driver(const Problem<T>& p) {
+  constexpr int RA = Isa::kRA, RB = Isa::kRB;
+  const int64_t bytes_per_col = std::max<int64_t>(1, p.K) * static_cast<int64_t>(sizeof(T));
+  const int64_t nb = std::max<int64_t>(RB, (int64_t(512) * 1024 / bytes_per_col) / RB * RB);
+  for (int64_t jb = 0; jb < p.N; jb += nb) {
+    const int64_t jend = std::min(p.N, jb + nb);
+    for (int64_t i0 = 0; i0 < p.M; i0 += RA) {
+      const int ra = static_cast<int>(std::min<int64_t>(RA, p.M - i0));
+      for (int64_t j0 = jb; j0 < jend; j0 += RB) {
+        const int rb = static_cast<int>(std::min<int64_t>(RB, jend - j0));
+        Kern<Isa, T>::dot(ra, rb, p.K, p.A + i0 * p.rsa, p.rsa, p.B + j0 * p.csb, p.csb,
+                          p.C + i0 * p.rsc + j0 * p.csc, p.rsc, p.csc, p.accumulate);
+      }
+    }
+  }
+}
+
+// ---- Plans --------------------------------------------------------------------------------
+
+enum class Kind : int { OpN = 0, OpT = 1, Dot = 2 };
+struct Plan {
+  Kind kind;
+  int nv;
+};
+
+struct IsaInfo {
+  const char* name;
+  int bytes, mr1, mr2, ra, rb;
+};
+
+template <class Isa>
+constexpr IsaInfo info_of(const char* name) {
+  return {name, Isa::kBytes, Isa::kMR1, Isa::kMR2, Isa::kRA, Isa::kRB};
+}
+
+// Rough cycle counts; only their order matters. Measured on this machine's cores: 2 FMAs per
+// cycle, ~1 broadcast load per cycle, 2 vector loads per cycle, 4 cycles of FMA latency. So the
+// 12 x 2-vector tile (12 broadcasts + 2 loads per 24 FMAs) runs near peak, while the 24 x 1-vector
+// tile is broadcast-bound at about half of it; packing (a transposing copy) costs ~1 per element.
+double op_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K, bool pack_a,
+               bool pack_b, bool c_strided, int nv) {
+  const int mr_max = nv == 1 ? isa.mr1 : isa.mr2;
+  const int64_t nr_max = int64_t(w) * nv;
+  auto tile = [&](int64_t mr, int64_t vecs) {
+    const double step = std::max({4.0, 0.5 * double(mr * vecs), double(mr) + 0.5 * double(vecs)});
+    double t = double(K) * step + 2.0 * double(mr * vecs) + 10.0;
+    if (c_strided) t += double(mr * vecs * w);
+    return t;
+  };
+  auto panel = [&](int64_t vecs) {
+    return double(M / mr_max) * tile(mr_max, vecs) + (M % mr_max ? tile(M % mr_max, vecs) : 0.0);
+  };
+  const int64_t full = N / nr_max, tail = N % nr_max;
+  double cost = double(full) * panel(nv);
+  if (tail) cost += panel(nv == 2 && tail <= w ? 1 : nv);
+  const double n_blocks = std::ceil(double(N) / double(nr_max * kNCPanels));
+  if (pack_a) cost += double(M) * double(K) * n_blocks;
+  if (pack_b) cost += double(K) * double(N);
+  else if (tail) cost += 0.5 * double(K) * double(nr_max);
+  return cost;
+}
+
+double dot_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K) {
+  const double kv = std::ceil(double(K) / w);
+  auto tile = [&](int64_t ra, int64_t rb) {
+    double t = kv * std::max({4.0, 0.5 * double(ra * rb), 0.5 * double(ra + rb)});
+    t += double(ra * rb) * (std::log2(double(w)) + 1.0) + 10.0;  // horizontal sums
+    if (K % w) t += double((ra + rb) * w);
+    return t;
+  };
+  const int64_t fm = M / isa.ra, tm = M % isa.ra, fn = N / isa.rb, tn = N % isa.rb;
+  double cost = double(fm * fn) * tile(isa.ra, isa.rb);
+  if (tm) cost += double(fn) * tile(tm, isa.rb);
+  if (tn) cost += double(fm) * tile(isa.ra, tn);
+  if (tm && tn) cost += tile(tm, tn);
+  return cost;
+}
+
+template <typename T>
+Plan make_plan(const IsaInfo& isa, const Problem<T>& p) {
+  const int w = isa.bytes / static_cast<int>(sizeof(T));
+  Plan best{Kind::OpN, 2};
+  double best_cost = -1;
+  auto consider = [&](Plan plan, double cost) {
+    if (best_cost < 0 || cost < best_cost) {
+      best = plan;
+      best_cost = cost;
+    }
+  };
+  for (int nv = 2; nv >= 1; --nv) {
+    // C = A B: the kernel broadcasts A (wants rsa == 1), loads B rows (wants csb == 1).
+    consider({Kind::OpN, nv},
+             op_cost(isa, w, p.M, p.N, p.K, p.rsa != 1, p.csb != 1, p.csc != 1, nv));
+    // C^T = B^T A^T.
+    consider({Kind::OpT, nv},
+             op_cost(isa, w, p.N, p.M, p.K, p.csb != 1, p.rsa != 1, p.rsc != 1, nv));
+  }
+  if (p.csa == 1 && p.rsb == 1) consider({Kind::Dot, 1}, dot_cost(isa, w, p.M, p.N, p.K));
+  return best;
+}
+
+template <class Isa, typename T>
+void run_plan(const Problem<T>& p, Plan plan) {
+  switch (plan.kind) {
+    case Kind::OpN:
+      if (plan.nv == 1)
+        op_driver<Isa, T, 1>(p);
+      else
+        op_driver<Isa, T, 2>(p);
+      break;
+    case Kind::OpT: {
+      const Problem<T> t{p.N, p.M, p.K, p.B, p.csb, p.rsb, p.A, p.csa, p.rsa,
+                         p.C, p.csc, p.rsc, p.accumulate};
+      if (plan.nv == 1)
+        op_driver<Isa, T, 1>(t);
+      else
+        op_driver<Isa, T, 2>(t);
+      break;
+    }
+    case Kind::Dot:
+      dot_driver<Isa, T>(p);
+      break;
+  }
+}
+
+// ---- Per-ISA kernels ----------------------------------------------------------------------
+// The only code compiled for a specific ISA: three functions per (ISA, dtype), into which the
+// micro-kernels are inlined. Drivers and packing are plain code that calls them once per tile.
+#define PE_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
+#define PE_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define PE_TARGET_NONE
+
+#define PE_KERNELS(ISA, TARGET, T)                                                            \
+  template <>                                                                                 \
+  struct Kern<ISA, T> {                                                                       \
+    TARGET __attribute__((noinline)) static void op1(int mr, int64_t kc, const T* a,          \
+                                                     int64_t lda, const T* b, int64_t ldb,    \
+                                                     T* c, int64_t rsc, int64_t csc,          \
+                                                     int64_t nr, bool accum) {                \
+      op_rows<ISA, T, 1, ISA::kMR1>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);          \
+    }                                                                                         \
+    TARGET __attribute__((noinline)) static void op2(int mr, int64_t kc, const T* a,          \
+                                                     int64_t lda, const T* b, int64_t ldb,    \
+                                                     T* c, int64_t rsc, int64_t csc,          \
+                                                     int64_t nr, bool accum) {                \
+      op_rows<ISA, T, 2, ISA::kMR2>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);          \
+    }                                                                                         \
+    TARGET __attribute__((noinline)) static void dot(int ra, int rb, int64_t K, const T* a,   \
+                                                     int64_t lda, const T* b, int64_t ldb,    \
+                                                     T* c, int64_t rsc, int64_t csc,          \
+                                                     bool accum) {                            \
+      dot_tile<ISA, T, ISA::kRA, ISA::kRB>(ra, rb, K, a, lda, b, ldb, c, rsc, csc, accum);    \
+    }                                                                                         \
+  };
+
+PE_KERNELS(IsaAvx512, PE_TARGET_AVX512, float)
+PE_KERNELS(IsaAvx512, PE_TARGET_AVX512, double)
+PE_KERNELS(IsaAvx2, PE_TARGET_AVX2, float)
+PE_KERNELS(IsaAvx2, PE_TARGET_AVX2, double)
+PE_KERNELS(IsaSse, PE_TARGET_NONE, float)
+PE_KERNELS(IsaSse, PE_TARGET_NONE, double)
+#undef PE_KERNELS
+
+void run_avx512_f(const Problem<float>& p, Plan plan) { run_plan<IsaAvx512, float>(p, plan); }
+void run_avx512_d(const Problem<double>& p, Plan plan) { run_plan<IsaAvx512, double>(p, plan); }
+void run_avx2_f(const Problem<float>& p, Plan plan) { run_plan<IsaAvx2, float>(p, plan); }
+void run_avx2_d(const Problem<double>& p, Plan plan) { run_plan<IsaAvx2, double>(p, plan); }
+void run_sse_f(const Problem<float>& p, Plan plan) { run_plan<IsaSse, float>(p, plan); }
+void run_sse_d(const Problem<double>& p, Plan plan) { run_plan<IsaSse, double>(p, plan); }
+
+struct Backend {
+  IsaInfo info;
+  void (*run_f)(const Problem<float>&, Plan);
+  void (*run_d)(const Problem<double>&, Plan);
+};
+
+Backend pick_backend() {
+  const Backend avx512{info_of<IsaAvx512>("avx512"), run_avx512_f, run_avx512_d};
+  const Backend avx2{info_of<IsaAvx2>("avx2"), run_avx2_f, run_avx2_d};
+  const Backend sse{info_of<IsaSse>("default"), run_sse_f, run_sse_d};
+  __builtin_cpu_init();
+  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* forced = std::getenv("PYENGINE_CPU_ISA");
+  const std::string want = forced ? forced : "";
+  if (want == "default") return sse;
+  if (want == "avx2") return has2 ? avx2 : sse;
+  if (has512) return avx512;
+  if (has2) return avx2;
+  return sse;
+}
+
+const Backend& backend() {
+  static const Backend b = pick_backend();
+  return b;
+}
+
+template <typename T>
+void run(const Problem<T>& p, Plan plan) {
+  if constexpr (std::is_same_v<T, float>)
+    backend().run_f(p, plan);
+  else
+    backend().run_d(p, plan);
+}
+
+template <typename T>
+bool trivial(const Problem<T>& p) {
+  if (p.M <= 0 || p.N <= 0) return true;
+  if (p.K <= 0) {
+    if (!p.accumulate)
+      for (int64_t i = 0; i < p.M; ++i)
+        for (int64_t j = 0; j < p.N; ++j) p.C[i * p.rsc + j * p.csc] = T(0);
+    return true;
+  }
+  return false;
+}
+
+// dst[r * drs + c * dcs] = src[r * srs + c * scs] for an R x C matrix, in 32 x 32 blocks so that
+// both the reads and the writes stay within a few cache lines at a time.
+template <typename T>
+void transpose_copy(int64_t R, int64_t C, const T* src, int64_t srs, int64_t scs, T* dst,
+                    int64_t drs, int64_t dcs) {
+  constexpr int64_t kB = 32;
+  at::parallel_for(0, (R + kB - 1) / kB, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C)),
+                   [&](int64_t b0, int64_t b1) {
+    for (int64_t r0 = b0 * kB; r0 < std::min(R, b1 * kB); r0 += kB)
+      for (int64_t c0 = 0; c0 < C; c0 += kB) {
+        const int64_t r1 = std::min(R, r0 + kB), c1 = std::min(C, c0 + kB);
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = c0; c < c1; ++c) dst[r * drs + c * dcs] = src[r * srs + c * scs];
+      }
+  });
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa, const T* B,
+          int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc, bool accumulate) {
+  const Problem<T> p{M, N, K, A, rsa, csa, B, rsb, csb, C, rsc, csc, accumulate};
+  if (trivial(p)) return;
+  run(p, make_plan(backend().info, p));
+}
+
+template <typename T>
+void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa,
+                   const T* B, int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc,
+                   bool accumulate) {
+  const Problem<T> p{M, N, K, A, rsa, csa, B, rsb, csb, C, rsc, csc, accumulate};
+  if (trivial(p)) return;
+  const IsaInfo& isa = backend().info;
+  const Plan plan = make_plan(isa, p);  // one plan for the whole product: same arithmetic
+  // The outer-product kernels read A with unit stride along i and B with unit stride along j
+  // (in either orientation). Copy an operand that lacks it once, here, rather than in every task.
+  thread_local std::vector<T> a_copy, b_copy;
+  if (plan.kind != Kind::Dot && rsa != 1) {
+    a_copy.resize(static_cast<size_t>(M * K));
+    transpose_copy(M, K, A, rsa, csa, a_copy.data(), /*rs=*/1, /*cs=*/M);
+    A = a_copy.data();
+    rsa = 1;
+    csa = M;
+  }
+  if (plan.kind != Kind::Dot && csb != 1) {
+    b_copy.resize(static_cast<size_t>(K * N));
+    transpose_copy(K, N, B, rsb, csb, b_copy.data(), /*rs=*/N, /*cs=*/1);
+    B = b_copy.data();
+    rsb = N;
+    csb = 1;
+  }
+  // Tile units of C (rows, columns) of the chosen kernel.
+  const int64_t w = isa.bytes / static_cast<int64_t>(sizeof(T));
+  int64_t ru, cu;
+  if (plan.kind == Kind::Dot) {
+    ru = isa.ra;
+    cu = isa.rb;
+  } else {
+    const int64_t mr = plan.nv == 1 ? isa.mr1 : isa.mr2, nr = w * plan.nv;
+    ru = plan.kind == Kind::OpN ? mr : nr;
+    cu = plan.kind == Kind::OpN ? nr : mr;
+  }
+  // Split into at most 32 tasks of at least ~32K multiply-adds, from the shapes alone.
+  const int64_t mt = (M + ru - 1) / ru, nt = (N + cu - 1) / cu;
+  const double macs = double(M) * double(N) * double(K);
+  const int64_t want = std::clamp<int64_t>(static_cast<int64_t>(macs / 32768.0), 1, 32);
+  int64_t pm = 1, pn = 1;
+  while (pm * pn < want) {
+    const bool can_m = pm < mt, can_n = pn < nt;
+    if (!can_m && !can_n) break;
+    if (can_m && (!can_n || mt * pn >= nt * pm))
+      pm = std::min(mt, pm * 2);
+    else
+      pn = std::min(nt, pn * 2);
+  }
+  const int64_t bm = (mt + pm - 1) / pm * ru, bn = (nt + pn - 1) / pn * cu;
+  const int64_t tm = (M + bm - 1) / bm, tn = (N + bn - 1) / bn;
+  auto task = [&](int64_t t) {
+    const int64_t i0 = (t / tn) * bm, j0 = (t % tn) * bn;
+    const Problem<T> s{std::min(bm, M - i0), std::min(bn, N - j0), K,
+                       A + i0 * rsa, rsa, csa, B + j0 * csb, rsb, csb,
+                       C + i0 * rsc + j0 * csc, rsc, csc, accumulate};
+    run(s, plan);
+  };
+  if (tm * tn == 1) {
+    task(0);
+    return;
+  }
+  at::parallel_for(0, tm * tn, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) task(t);
+  });
+}
+
+template <typename T>
+int64_t simd_width() {
+  return backend().info.bytes / static_cast<int64_t>(sizeof(T));
+}
+
+const char* gemm_isa() { return backend().info.name; }
+
+#define PE_INSTANTIATE(T)                                                                     \
+  template void gemm<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*,      \
+                        int64_t, int64_t, T*, int64_t, int64_t, bool);                        \
+  template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t,       \
+                                 const T*, int64_t, int64_t, T*, int64_t, int64_t, bool);     \
+  template int64_t simd_width<T>();
+PE_INSTANTIATE(float)
+PE_INSTANTIATE(double)
+#undef PE_INSTANTIATE
+
+}  // namespace cpu
+}  // namespace pyengine

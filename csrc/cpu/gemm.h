@@ -1,0 +1,56 @@
+#pragma once
+// pyengine's one CPU matrix multiply, shared by conv2d (im2col + GEMM) and linear.
+//
+//   C[i, j] (+)= sum_k A[i, k] * B[k, j]      0 <= i < M, 0 <= j < N, 0 <= k < K
+//
+// Every operand is a strided view: element (r, c) of X lives at X[r * rs + c * cs], so transposed
+// operands (backward: dX = dY W, dW = dY^T X) cost nothing to describe; the GEMM packs an operand
+// only when its layout does not suit the micro-kernel it picked.
+//
+// Design (gemm.cpp has the details and the napkin math):
+//   * Two register-tiled micro-kernels, written with GCC vector extensions so the compiler emits
+//     AVX-512, AVX2+FMA or SSE2 code from one source; the ISA is picked once at load time
+//     (__builtin_cpu_supports), never -march=native:
+//       - "outer product": a tile of MR x NR of C in registers; per k one (or two) vector loads of
+//         B's row and MR broadcasts of A's column. Needs unit stride along j in B and along i in A
+//         (else that operand is packed into panels).
+//       - "dot": a tile of RA x RB dot products, vectorised along k; for A and B^T both contiguous
+//         along k (dW = dY^T X in conv2d, y = x W^T in linear), no packing at all.
+//     A plan (which kernel, which orientation: C or C^T = B^T A^T, which tile width) is chosen from
+//     the shapes and strides alone by a small cost model.
+//   * Cache blocking over k (KC), rows (MC) and columns (NC); scalar-free tails: M tails use
+//     kernels compiled for every row count, N tails a zero-padded panel, K tails (dot) a zero-padded
+//     vector.
+//
+// Determinism: the arithmetic for each C element depends only on (M, N, K, strides' layout class)
+// and the ISA, never on the number of threads or on how gemm_parallel splits the work: every C
+// element is computed by one task, summing over k in a fixed order.
+#include <cstdint>
+
+namespace pyengine {
+namespace cpu {
+
+// Single-threaded: callers that already run inside at::parallel_for use this one.
+// accumulate=false overwrites C (K == 0 then writes zeros); accumulate=true adds to C.
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa, const T* B,
+          int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc, bool accumulate);
+
+// The same product, split into tiles of C run with at::parallel_for. The split depends on the
+// shapes only; the result is bitwise identical to gemm() for any torch.set_num_threads.
+template <typename T>
+void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa,
+                   const T* B, int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc,
+                   bool accumulate);
+
+// Elements per SIMD vector of the ISA in use (16 floats with AVX-512): lets callers pad their
+// scratch rows so that dot-kernel reductions need no tail.
+template <typename T>
+int64_t simd_width();
+
+// "avx512", "avx2" or "default": the instruction set the kernels were dispatched to. The
+// PYENGINE_CPU_ISA environment variable (read once) can force a lower one, for tests.
+const char* gemm_isa();
+
+}  // namespace cpu
+}  // namespace pyengine

@@ -1,0 +1,435 @@
+"""pyengine.conv2d / conv2d_backward against torch.nn.functional.conv2d."""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import helpers
+from helpers import devices, dtypes
+
+OPS = torch.ops.pyengine
+
+
+def _pair(v):
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+def ours(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    return OPS.conv2d(x, w, b, _pair(stride), _pair(padding), _pair(dilation), groups)
+
+
+def theirs(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    return F.conv2d(x, w, b, stride, padding, dilation, groups)
+
+
+def backward(g, x, w, stride=1, padding=0, dilation=1, groups=1, mask=(True, True, True)):
+    return OPS.conv2d_backward(g, x, w, _pair(stride), _pair(padding), _pair(dilation), groups,
+                               list(mask))
+
+
+def random_config(rng):
+    """One convolution drawn at random: every geometry knob, odd sizes included."""
+    groups = rng.choice([1, 1, 1, 2, 3])
+    cin = groups * rng.randint(1, 3)
+    cout = groups * rng.randint(1, 4)
+    k = (rng.randint(1, 5), rng.randint(1, 5))
+    stride = (rng.randint(1, 3), rng.randint(1, 3))
+    dilation = (rng.randint(1, 2), rng.randint(1, 2))
+    padding = (rng.randint(0, 2), rng.randint(0, 2))
+    size = []
+    for i in range(2):  # the (dilated) kernel must fit in the padded input
+        eff = dilation[i] * (k[i] - 1) + 1
+        size.append(rng.randint(max(1, eff - 2 * padding[i]), 17))
+    return dict(batch=rng.choice([None, 1, 2, 3, 5]), cin=cin, cout=cout, size=tuple(size), k=k,
+                stride=stride, padding=padding, dilation=dilation, groups=groups,
+                bias=rng.random() < 0.7)
+
+
+CONFIGS = [random_config(random.Random(1000 + i)) for i in range(40)]
+
+
+def make(cfg, dtype, device, requires_grad=True):
+    lead = () if cfg["batch"] is None else (cfg["batch"],)
+    x = torch.randn(*lead, cfg["cin"], *cfg["size"], dtype=dtype, device=device)
+    w = torch.randn(cfg["cout"], cfg["cin"] // cfg["groups"], *cfg["k"], dtype=dtype,
+                    device=device)
+    b = torch.randn(cfg["cout"], dtype=dtype, device=device) if cfg["bias"] else None
+    for t in (x, w, b):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"],
+              groups=cfg["groups"])
+    return x, w, b, kw
+
+
+# The shared C++ autograd (csrc/autograd.cpp) raises "Index out of range" in backward when bias
+# is None (it asks needs_input_grad(2) of an input that is not a tensor): test_autograd_no_bias
+# records it. Until it is fixed, bias-less cases check the backward op itself, called directly.
+AUTOGRAD_NO_BIAS_BUG = "shared csrc/autograd.cpp: backward with bias=None raises Index out of range"
+
+
+def compare(x, w, b, kw, dtype, **tol):
+    """Forward and gradients against torch: through autograd when there is a bias, else the
+    forward op and then the backward op directly (see AUTOGRAD_NO_BIAS_BUG)."""
+    if b is not None:
+        return helpers.compare_with_torch(lambda x, w, b: ours(x, w, b, **kw),
+                                          lambda x, w, b: theirs(x, w, b, **kw), [x, w, b],
+                                          dtype, **tol)
+    xr, wr = (t.detach().clone().requires_grad_() for t in (x, w))
+    y, yr = ours(x.detach(), w.detach(), None, **kw), theirs(xr, wr, None, **kw)
+    helpers.assert_close(y, yr, dtype, **tol)
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    gi, gw, gb = backward(g, x.detach(), w.detach(), mask=(True, True, False), **kw)
+    assert gb is None
+    helpers.assert_close(gi, xr.grad, dtype, **tol)
+    helpers.assert_close(gw, wr.grad, dtype, **tol)
+    return y
+
+
+# ---- Against torch, forward and gradients --------------------------------------------------
+
+
+@devices
+@dtypes
+@pytest.mark.parametrize("i", range(len(CONFIGS)))
+def test_random_configs(i, dtype, device):
+    x, w, b, kw = make(CONFIGS[i], dtype, device)
+    compare(x, w, b, kw, dtype)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=AUTOGRAD_NO_BIAS_BUG)
+def test_autograd_no_bias():
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    helpers.compare_with_torch(lambda x, w: ours(x, w), lambda x, w: theirs(x, w), [x, w])
+
+
+@devices
+@dtypes
+@pytest.mark.parametrize("shape", [
+    # (N, C_in, C_out, H, W, k, stride, padding, dilation, groups)
+    (64, 1, 6, 32, 32, 5, 1, 0, 1, 1),      # LeNet conv1
+    (64, 6, 16, 14, 14, 5, 1, 0, 1, 1),     # LeNet conv2
+    (2, 3, 5, 7, 13, 3, 1, 1, 1, 1),        # odd, prime sizes
+    (1, 4, 4, 9, 11, 3, 2, 1, 2, 4),        # depthwise, strided, dilated
+    (3, 6, 8, 10, 10, 1, 1, 0, 1, 2),       # 1x1 (pointwise path), grouped
+    (2, 5, 3, 6, 5, 1, 2, 0, 1, 1),         # 1x1 strided
+    (2, 2, 3, 4, 4, 4, 1, 0, 1, 1),         # kernel as large as the input: one output pixel
+    (2, 3, 2, 2, 3, 3, 1, 1, 1, 1),         # input smaller than the kernel, padded
+    (1, 2, 3, 40, 48, 3, 1, 1, 1, 1),       # columns span several strips
+])
+def test_shapes(shape, dtype, device):
+    n, cin, cout, h, w_, k, s, p, d, g = shape
+    x = torch.randn(n, cin, h, w_, dtype=dtype, device=device, requires_grad=True)
+    w = torch.randn(cout, cin // g, k, k, dtype=dtype, device=device, requires_grad=True)
+    b = torch.randn(cout, dtype=dtype, device=device, requires_grad=True)
+    kw = dict(stride=s, padding=p, dilation=d, groups=g)
+    y = ours(x, w, b, **kw)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    # Reference: torch in float64. In float32, grad_weight sums N * H_out * W_out terms (50176 for
+    # LeNet conv1) and torch's own float32 result is off by ~4e-6 of the largest entry there
+    # (pyengine's by ~2e-7), so float32 is held to 1e-5 of each result's largest entry.
+    ref = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    yr = theirs(*ref, **kw)
+    yr.backward(gy.double())
+    for got, want in zip((y, x.grad, w.grad, b.grad), (yr, *(t.grad for t in ref))):
+        tol = dict(rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item())) \
+            if dtype == torch.float32 else {}
+        helpers.assert_close(got.double(), want.detach(), dtype, **tol)
+
+
+@devices
+def test_unbatched(device):
+    x = torch.randn(3, 9, 7, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
+    y = helpers.compare_with_torch(lambda x, w, b: ours(x, w, b, padding=1),
+                                   lambda x, w, b: theirs(x, w, b, padding=1), [x, w, b])
+    assert y.shape == (4, 9, 8)
+    gi, gw, gb = backward(torch.ones(4, 9, 8, dtype=torch.float64, device=device), x.detach(),
+                          w.detach(), padding=1)
+    assert gi.shape == x.shape and gw.shape == w.shape and gb.shape == (4,)
+
+
+@devices
+@dtypes
+def test_empty_batch(dtype, device):
+    x = torch.randn(0, 3, 8, 8, dtype=dtype, device=device)
+    w = torch.randn(5, 3, 3, 3, dtype=dtype, device=device)
+    b = torch.randn(5, dtype=dtype, device=device)
+    y = ours(x, w, b, padding=1)
+    assert y.shape == (0, 5, 8, 8) and y.is_contiguous()
+    gi, gw, gb = backward(torch.empty(0, 5, 8, 8, dtype=dtype, device=device), x, w, padding=1)
+    assert gi.shape == (0, 3, 8, 8)
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros(5, dtype=dtype,
+                                                                                device=device))
+    # and through autograd
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+    ours(x, w, b, padding=1).sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@devices
+def test_zero_out_channels_and_batch_one(device):
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, device=device)
+    w = torch.randn(0, 2, 3, 3, dtype=torch.float64, device=device)
+    assert ours(x, w).shape == (1, 0, 3, 3)
+    gi, gw, gb = backward(torch.empty(1, 0, 3, 3, dtype=torch.float64, device=device), x, w)
+    assert torch.equal(gi, torch.zeros_like(x)) and gw.shape == w.shape and gb.shape == (0,)
+
+
+# ---- Layouts ---------------------------------------------------------------------------------
+
+
+@devices
+@dtypes
+def test_noncontiguous_inputs_and_transposed_weight(dtype, device):
+    x = helpers.noncontiguous(torch.randn(2, 4, 9, 10, dtype=dtype, device=device))
+    # (C_in, C_out, kH, kW) storage viewed as (C_out, C_in, kW, kH): every dim permuted
+    w = torch.randn(4, 6, 3, 2, dtype=dtype, device=device).permute(1, 0, 3, 2)
+    b = helpers.noncontiguous(torch.randn(6, dtype=dtype, device=device))
+    assert not x.is_contiguous() and not w.is_contiguous() and not b.is_contiguous()
+    for t in (x, w, b):
+        t.requires_grad_()
+    y = helpers.compare_with_torch(lambda x, w, b: ours(x, w, b, stride=(1, 2), padding=1),
+                                   lambda x, w, b: theirs(x, w, b, stride=(1, 2), padding=1),
+                                   [x, w, b], dtype)
+    assert y.is_contiguous()
+    # grad_output non-contiguous too, straight into the backward op
+    g = helpers.noncontiguous(torch.randn(y.shape, dtype=dtype, device=device))
+    got = backward(g, x.detach(), w.detach(), stride=(1, 2), padding=1)
+    want = backward(g.contiguous(), x.detach().contiguous(), w.detach().contiguous(),
+                    stride=(1, 2), padding=1)
+    for a, e in zip(got, want):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@devices
+@dtypes
+def test_channels_last(dtype, device):
+    x = torch.randn(3, 5, 8, 9, dtype=dtype, device=device).to(memory_format=torch.channels_last)
+    w = torch.randn(4, 5, 3, 3, dtype=dtype, device=device).to(memory_format=torch.channels_last)
+    b = torch.randn(4, dtype=dtype, device=device)
+    for t in (x, w, b):
+        t.requires_grad_()
+    y = helpers.compare_with_torch(lambda x, w, b: ours(x, w, b, padding=(2, 1)),
+                                   lambda x, w, b: theirs(x, w, b, padding=(2, 1)), [x, w, b],
+                                   dtype)
+    assert y.is_contiguous()
+
+
+@devices
+@dtypes
+def test_nan_and_inf_propagate(dtype, device):
+    x = torch.randn(2, 3, 8, 8, dtype=dtype, device=device)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 0, 5, 5] = float("inf")
+    x[1, 2, 0, 7] = float("-inf")
+    w = torch.randn(4, 3, 3, 3, dtype=dtype, device=device)
+    b = torch.randn(4, dtype=dtype, device=device)
+    y = ours(x, w, b, padding=1)
+    helpers.assert_close(y, theirs(x, w, b, padding=1))  # equal_nan
+    assert y.isnan().any() and y.isinf().any()
+    g = torch.randn_like(y)
+    gi, gw, gb = backward(g, x, w, padding=1)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    theirs(xr, wr, br, padding=1).backward(g)
+    helpers.assert_close(gi, xr.grad)
+    helpers.assert_close(gw, wr.grad)
+    helpers.assert_close(gb, br.grad)
+
+
+# ---- The backward op directly --------------------------------------------------------------
+
+
+@devices
+@pytest.mark.parametrize("mask", [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+def test_output_mask(mask, device):
+    mask = tuple(bool(m) for m in mask)
+    x = torch.randn(3, 4, 9, 8, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.zeros(6, dtype=torch.float64, device=device, requires_grad=True)
+    kw = dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)
+    y = theirs(x, w, b, **kw)
+    g = torch.randn_like(y)
+    want = torch.autograd.grad(y, (x, w, b), g)
+    got = backward(g, x.detach(), w.detach(), mask=mask, **kw)
+    for m, a, e in zip(mask, got, want):
+        if m:
+            assert a is not None and a.is_contiguous()
+            helpers.assert_close(a, e)
+        else:
+            assert a is None
+
+
+@devices
+def test_autograd_asks_only_for_needed_grads(device):
+    # input without grad (LeNet's first layer), bias frozen: only the weight's grad comes back
+    x = torch.randn(2, 1, 12, 12, dtype=torch.float64, device=device)
+    w = torch.randn(3, 1, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=device)
+    y = ours(x, w, b)
+    y.sum().backward()
+    wr = w.detach().clone().requires_grad_()
+    theirs(x, wr, b).sum().backward()
+    helpers.assert_close(w.grad, wr.grad)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gradcheck(seed):
+    cfg = random_config(random.Random(seed))
+    cfg["batch"] = min(cfg["batch"] or 1, 2)
+    cfg["bias"] = True  # AUTOGRAD_NO_BIAS_BUG
+    x, w, b, kw = make(cfg, torch.float64, "cpu")
+    assert torch.autograd.gradcheck(lambda x, w, b: ours(x, w, b, **kw), (x, w, b))
+
+
+@devices
+def test_gradcheck_device(device):
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(4, 1, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: ours(x, w, b, stride=(2, 1), padding=1, dilation=(1, 2), groups=2),
+        (x, w, b))
+
+
+@devices
+def test_opcheck(device):
+    x = torch.randn(2, 4, 7, 9, device=device, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
+    helpers.opcheck(OPS.conv2d.default, (x, w, b, [2, 1], [1, 1], [1, 2], 2))
+    helpers.opcheck(OPS.conv2d.default, (x[0].detach(), w.detach(), None, [1, 1], [0, 0], [1, 1],
+                                         2))
+    g = torch.randn(2, 6, 4, 7, device=device)
+    helpers.opcheck(OPS.conv2d_backward.default,
+                    (g, x.detach(), w.detach(), [2, 1], [1, 1], [1, 2], 2, [True, False, True]))
+
+
+# ---- Determinism ---------------------------------------------------------------------------
+
+
+@devices
+def test_backward_is_deterministic(device):
+    x = torch.randn(64, 6, 14, 14, device=device)
+    w = torch.randn(16, 6, 5, 5, device=device)
+    g = torch.randn(64, 16, 10, 10, device=device)
+    first = backward(g, x, w)
+    for _ in range(2):
+        again = backward(g, x, w)
+        for a, e in zip(again, first):
+            assert torch.equal(a, e)
+
+
+def test_backward_independent_of_thread_count():
+    x = torch.randn(37, 3, 17, 15)
+    w = torch.randn(8, 3, 3, 3)
+    g = torch.randn(37, 8, 15, 13)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append((backward(g, x, w), ours(x, w)))
+    finally:
+        torch.set_num_threads(before)
+    (grads0, y0) = results[0]
+    for grads, y in results[1:]:
+        assert torch.equal(y, y0)
+        for a, e in zip(grads, grads0):
+            assert torch.equal(a, e)
+
+
+# ---- Every compiled instruction set ----------------------------------------------------------
+
+_ISA_SCRIPT = r"""
+import random, torch, torch.nn.functional as F, pyengine
+import test_conv2d as t
+for i in range(12):
+    for dtype in (torch.float32, torch.float64):
+        x, w, b, kw = t.make(t.random_config(random.Random(500 + i)), dtype, "cpu")
+        t.compare(x, w, b, kw, dtype)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_lower_instruction_sets(isa):
+    """The GEMM and the conv loops are compiled for AVX-512, AVX2 and baseline x86-64; this
+    machine picks the best, so force the others (PYENGINE_CPU_ISA, read at load) in a fresh
+    process."""
+    env = dict(os.environ, PYENGINE_CPU_ISA=isa)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([here, os.path.dirname(here),
+                                         env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, cwd=here,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+# ---- Bad input -----------------------------------------------------------------------------
+
+
+@devices
+def test_bad_input(device):
+    x = torch.randn(2, 4, 8, 8, device=device)
+    w = torch.randn(6, 4, 3, 3, device=device)
+    b = torch.randn(6, device=device)
+    with helpers.raises(ValueError, "expected input to be 3-D (C, H, W) or 4-D", "[8, 8]"):
+        ours(x[0, 0], w)
+    with helpers.raises(ValueError, "expected input to be 3-D (C, H, W) or 4-D"):
+        ours(x[None], w)
+    with helpers.raises(ValueError, "expected weight to be 4-D", "[6, 4, 3]"):
+        ours(x, w[..., 0])
+    with helpers.raises(ValueError, "to have 4 channels", "but got 3 channels"):
+        ours(x[:, :3], w)
+    with helpers.raises(ValueError, "to have 8 channels", "groups=2", "but got 4 channels"):
+        ours(x, w, groups=2)  # weight's C_in/groups = 4 means 8 input channels
+    with helpers.raises(ValueError, "out_channels (6) to be divisible by groups=4"):
+        ours(x, torch.randn(6, 1, 3, 3, device=device), groups=4)
+    with helpers.raises(ValueError, "expected groups to be positive"):
+        ours(x, w, groups=0)
+    with helpers.raises(ValueError, "(dilated) kernel to fit in the padded input", "9x9", "8x8"):
+        ours(x, torch.randn(6, 4, 9, 9, device=device))
+    with helpers.raises(ValueError, "(dilated) kernel to fit", "9x9"):
+        ours(x, w, dilation=4)
+    with helpers.raises(ValueError, "expected stride to be positive", "stride=[0, 1]"):
+        ours(x, w, stride=(0, 1))
+    with helpers.raises(ValueError, "expected stride to be positive", "stride=[1, -2]"):
+        ours(x, w, stride=(1, -2))
+    with helpers.raises(ValueError, "expected padding to be non-negative"):
+        ours(x, w, padding=-1)
+    with helpers.raises(ValueError, "expected dilation to be positive"):
+        ours(x, w, dilation=0)
+    with helpers.raises(ValueError, "expected stride to have 2 values"):
+        OPS.conv2d(x, w, b, [1, 1, 1], [0, 0], [1, 1], 1)
+    with helpers.raises(TypeError, "expected weight to have the same dtype as input", "Double"):
+        ours(x, w.double())
+    with helpers.raises(TypeError, "expected bias to have the same dtype as input"):
+        ours(x, w, b.double())
+    with helpers.raises(TypeError, "expected input to be a float32 or float64 tensor", "Int"):
+        ours(x.int(), w.int())
+    with helpers.raises(TypeError, "float32 or float64", "Half"):
+        ours(x.half(), w.half())
+    with helpers.raises(ValueError, "expected bias of shape [6]", "but got bias of shape [5]"):
+        ours(x, w, b[:5])
+    with helpers.raises(ValueError, "expected bias of shape [6]", "[1, 6]"):
+        ours(x, w, b[None])
+    # the backward op re-checks everything, and grad_output's shape
+    g = torch.randn(2, 6, 6, 6, device=device)
+    with helpers.raises(ValueError, "expected grad_output of shape [2, 6, 6, 6]", "[2, 6, 6, 5]"):
+        backward(g[..., :5], x, w)
+    with helpers.raises(TypeError, "expected grad_output to have the same dtype as input"):
+        backward(g.double(), x, w)
+    with helpers.raises(ValueError, "to have 4 channels"):
+        backward(g, x[:, :3], w)
