@@ -244,8 +244,8 @@ cudaError_t conv2d_forward(const T* input, const T* weight, const T* bias, T* ou
                           g.out_h,    g.out_w,       g.kernel_h, g.kernel_w, g.stride_h,
                           g.stride_w, g.pad_h,       g.pad_w,    g.dil_h,    g.dil_w};
   const ForwardStore<T> store{output, bias, g.out_channels, cout_g(g), g.out_h * g.out_w};
-  return gemm::launch<T>(cout_g(g), g.batch * g.out_h * g.out_w, K, g.groups, a, b, store, false,
-                         static_cast<T*>(nullptr), stream);
+  return gemm::launch<T, false>(cout_g(g), g.batch * g.out_h * g.out_w, K, g.groups, a, b, store,
+                                static_cast<T*>(nullptr), stream);
 }
 
 template <typename T>
@@ -257,8 +257,8 @@ cudaError_t conv2d_grad_input(const T* grad_output, const T* weight, T* grad_inp
                            g.out_h,     g.out_w,        g.kernel_h, g.kernel_w, g.stride_h,
                            g.stride_w,  g.pad_h,        g.pad_w,    g.dil_h,    g.dil_w};
   const GradInputStore<T> store{grad_input, g.in_channels, cin_g(g), g.in_h * g.in_w};
-  return gemm::launch<T>(cin_g(g), g.batch * g.in_h * g.in_w, cout_g(g) * khw, g.groups, a, b,
-                         store, false, static_cast<T*>(nullptr), stream);
+  return gemm::launch<T, false>(cin_g(g), g.batch * g.in_h * g.in_w, cout_g(g) * khw, g.groups, a,
+                                b, store, static_cast<T*>(nullptr), stream);
 }
 
 int64_t conv2d_grad_weight_workspace(const ConvGeometry& g) {
@@ -276,8 +276,8 @@ cudaError_t conv2d_grad_weight(const T* grad_output, const T* input, T* grad_wei
                              g.out_h,    g.out_w,       g.kernel_h, g.kernel_w, g.stride_h,
                              g.stride_w, g.pad_h,       g.pad_w,    g.dil_h,    g.dil_w};
   const GradWeightStore<T> store{grad_weight, cout_g(g), n};
-  return gemm::launch<T>(cout_g(g), n, g.batch * ohw, g.groups, a, b, store, true, workspace,
-                         stream);
+  return gemm::launch<T, true>(cout_g(g), n, g.batch * ohw, g.groups, a, b, store, workspace,
+                               stream);
 }
 
 #define PE_INSTANTIATE(T)                                                                       \

@@ -250,7 +250,7 @@ inline int64_t workspace_elements(int64_t M, int64_t N, int64_t K, int64_t Z, bo
   return p.splits > 1 ? Z * p.splits * M * N : 0;
 }
 
-template <typename T, int BM, int BN, class OpA, class OpB, class Epi>
+template <typename T, int BM, int BN, bool kSplit, class OpA, class OpB, class Epi>
 cudaError_t launch_shape(const Plan& plan, int64_t M, int64_t N, int64_t K, int64_t Z,
                          const OpA& a, const OpB& b, const Epi& epi, T* workspace,
                          cudaStream_t stream) {
@@ -267,29 +267,31 @@ cudaError_t launch_shape(const Plan& plan, int64_t M, int64_t N, int64_t K, int6
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  if (plan.splits > 1) {
-    split_reduce_kernel<T, Epi>
-        <<<grid_for(Z * M * N), kThreads, 0, stream>>>(workspace, M, N, Z, plan.splits, epi);
+  if constexpr (kSplit) {
+    if (plan.splits > 1) {
+      split_reduce_kernel<T, Epi>
+          <<<grid_for(Z * M * N), kThreads, 0, stream>>>(workspace, M, N, Z, plan.splits, epi);
+    }
   }
   return cudaGetLastError();
 }
 
-// C = A B for every group z < Z, stored through `epi`. `workspace` holds
-// workspace_elements(M, N, K, Z, allow_split) elements (may be null when that is 0).
-template <typename T, class OpA, class OpB, class Epi>
+// C = A B for every group z < Z, stored through `epi`. With kSplit, K may be cut (split-K) and
+// `workspace` holds workspace_elements(M, N, K, Z, true) elements (null when that is 0).
+template <typename T, bool kSplit, class OpA, class OpB, class Epi>
 cudaError_t launch(int64_t M, int64_t N, int64_t K, int64_t Z, const OpA& a, const OpB& b,
-                   const Epi& epi, bool allow_split, T* workspace, cudaStream_t stream) {
+                   const Epi& epi, T* workspace, cudaStream_t stream) {
   if (M <= 0 || N <= 0 || Z <= 0) return cudaSuccess;
-  const Plan plan = make_plan(M, N, K, Z, allow_split);
+  const Plan plan = make_plan(M, N, K, Z, kSplit);
   switch (plan.shape) {
     case Shape::WideN:
-      return launch_shape<T, 16, 128>(plan, M, N, K, Z, a, b, epi, workspace, stream);
+      return launch_shape<T, 16, 128, kSplit>(plan, M, N, K, Z, a, b, epi, workspace, stream);
     case Shape::TallM:
-      return launch_shape<T, 128, 16>(plan, M, N, K, Z, a, b, epi, workspace, stream);
+      return launch_shape<T, 128, 16, kSplit>(plan, M, N, K, Z, a, b, epi, workspace, stream);
     case Shape::Square:
       break;
   }
-  return launch_shape<T, 64, 64>(plan, M, N, K, Z, a, b, epi, workspace, stream);
+  return launch_shape<T, 64, 64, kSplit>(plan, M, N, K, Z, a, b, epi, workspace, stream);
 }
 
 }  // namespace gemm

@@ -155,8 +155,8 @@ cudaError_t linear_forward(const T* x, const T* w, const T* bias, T* y, int64_t 
                            int64_t out, cudaStream_t stream) {
   const gemm::Dense<T, true> a{x, 0, in, 1};
   const gemm::Dense<T, true> b{w, 0, in, 1};  // B(k, j) = W[j, k]: line j, along k
-  return gemm::launch<T>(rows, out, in, 1, a, b, RowMajorStore<T>{y, bias, out}, false,
-                         static_cast<T*>(nullptr), stream);
+  return gemm::launch<T, false>(rows, out, in, 1, a, b, RowMajorStore<T>{y, bias, out},
+                                static_cast<T*>(nullptr), stream);
 }
 
 template <typename T>
@@ -164,8 +164,8 @@ cudaError_t linear_grad_input(const T* grad, const T* w, T* grad_input, int64_t 
                               int64_t out, cudaStream_t stream) {
   const gemm::Dense<T, true> a{grad, 0, out, 1};
   const gemm::Dense<T, false> b{w, 0, 1, in};  // B(k, j) = W[k, j]: line j, k stride in
-  return gemm::launch<T>(rows, in, out, 1, a, b, RowMajorStore<T>{grad_input, nullptr, in}, false,
-                         static_cast<T*>(nullptr), stream);
+  return gemm::launch<T, false>(rows, in, out, 1, a, b, RowMajorStore<T>{grad_input, nullptr, in},
+                                static_cast<T*>(nullptr), stream);
 }
 
 int64_t linear_grad_weight_workspace(int64_t rows, int64_t in, int64_t out) {
@@ -177,8 +177,8 @@ cudaError_t linear_grad_weight(const T* grad, const T* x, T* grad_weight, int64_
                                int64_t in, int64_t out, T* workspace, cudaStream_t stream) {
   const gemm::Dense<T, false> a{grad, 0, 1, out};  // A(i, k) = dy[k, i]: line i, k stride out
   const gemm::Dense<T, false> b{x, 0, 1, in};      // B(k, j) = x[k, j]: line j, k stride in
-  return gemm::launch<T>(out, in, rows, 1, a, b, RowMajorStore<T>{grad_weight, nullptr, in}, true,
-                         workspace, stream);
+  return gemm::launch<T, true>(out, in, rows, 1, a, b, RowMajorStore<T>{grad_weight, nullptr, in},
+                               workspace, stream);
 }
 
 #define PE_INSTANTIATE(T)                                                                     \
