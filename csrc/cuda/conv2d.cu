@@ -18,13 +18,13 @@
 // Napkin math, LeNet at batch 8192, fp32 (H100: ~52 TFLOP/s FMA peak, ~3 TB/s):
 //   conv1 (1 -> 6, 5x5, 32x32 -> 28x28) forward: 2 * 8192 * 6 * 784 * 25 = 1.9 GFLOP,
 //     reads 34 MB (x, mostly from L2 after the first tap), writes 154 MB (y): ~60 us of memory;
-//     the 16 x 128 tile spends 6 of its 16 rows on real channels, so the FLOP side is ~2.7x
-//     padded: still ~0.1 ms at ~20 TFLOP/s effective.
+//     the 16 x 128 tile spends 6 of its 16 rows on real channels and K = 25 takes two k steps
+//     of 16, so the kernel issues ~3.4x the useful FMAs: ~6.6 GFLOP, ~0.3 ms at ~20 TFLOP/s.
 //   conv2 (6 -> 16, 5x5, 14x14 -> 10x10) forward: 2 * 8192 * 16 * 100 * 150 = 3.9 GFLOP over
 //     39 MB in + 52 MB out: compute-leaning; ~0.2-0.4 ms with this kernel.
 //   grad_weight of conv2: the same 3.9 GFLOP reduced over K = 819200: split-K gives 264 blocks.
-//   The whole LeNet training step is ~19 GFLOP (DESIGN.md): ~1-2 ms with these kernels against
-//   a ~0.36 ms peak floor.
+//   The whole LeNet training step is ~19 GFLOP (DESIGN.md), a ~0.36 ms floor at peak; with the
+//   padding above and ~10-20 TFLOP/s per tile, expect a few ms (an estimate: not measured).
 #include "common/shapes.h"
 #include "cuda/device.cuh"
 #include "cuda/gemm.cuh"
