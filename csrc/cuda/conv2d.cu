@@ -34,6 +34,20 @@ namespace pyengine {
 namespace cuda {
 namespace {
 
+// Filter tap k of a GEMM's K = (channel, kh, kw) axis, in 32 bits (the glue checks that a
+// filter has fewer than 2^31 taps).
+struct Tap {
+  int c, kh, kw;
+};
+__device__ __forceinline__ Tap split_tap(int64_t k, int64_t kH, int64_t kW) {
+  const int kk = static_cast<int>(k);
+  const int khw = static_cast<int>(kH * kW);
+  const int c = kk / khw;
+  const int r = kk - c * khw;
+  const int kh = r / static_cast<int>(kW);
+  return {c, kh, r - kh * static_cast<int>(kW)};
+}
+
 // ---- forward -----------------------------------------------------------------------------------
 
 // B(k = (ci, kh, kw), j = (n, oh, ow)) = x[n, z * Cin_g + ci, ih, iw], 0 in the padding.
@@ -60,13 +74,8 @@ struct ForwardInput {
     return {x + (n * in_channels + z * cin_g) * H * W, oh * sh - ph, ow * sw - pw};
   }
   __device__ KPos kpos(int64_t k) const {
-    const int kk = static_cast<int>(k);  // K = Cin_g * kH * kW < 2^31 (checked by the glue)
-    const int khw = static_cast<int>(kH * kW);
-    const int ci = kk / khw;
-    const int r = kk - ci * khw;
-    const int kh = r / static_cast<int>(kW);
-    const int kw = r - kh * static_cast<int>(kW);
-    return {static_cast<int64_t>(ci) * H * W, kh * dh, kw * dw};
+    const Tap t = split_tap(k, kH, kW);
+    return {t.c * H * W, t.kh * dh, t.kw * dw};
   }
   __device__ T load(const Line& l, const KPos& p) const {
     const int64_t ih = l.ih0 + p.dh;
@@ -134,13 +143,8 @@ struct GradInputGrad {
     return {dy + (n * out_channels + z * cout_g) * OH * OW, ih + ph, iw + pw};
   }
   __device__ KPos kpos(int64_t k) const {
-    const int kk = static_cast<int>(k);
-    const int khw = static_cast<int>(kH * kW);
-    const int co = kk / khw;
-    const int r = kk - co * khw;
-    const int kh = r / static_cast<int>(kW);
-    const int kw = r - kh * static_cast<int>(kW);
-    return {static_cast<int64_t>(co) * OH * OW, kh * dh, kw * dw};
+    const Tap t = split_tap(k, kH, kW);
+    return {t.c * OH * OW, t.kh * dh, t.kw * dw};
   }
   __device__ T load(const Line& l, const KPos& p) const {
     const int64_t th = l.ihp - p.dh;
