@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test train bench clean
+.PHONY: install test train bench bench-all gpu-check clean
 
 install:
 	$(PIP) install -q --upgrade pip setuptools wheel packaging
@@ -21,6 +21,14 @@ train: install
 # CPU benchmark: a LeNet training step, pyengine against torch.nn.
 bench: install
 	$(PYTHON) -m benchmarks.lenet_step
+
+# The whole benchmark suite (per op and per network; CSV, markdown table, plots).
+bench-all: install
+	$(PYTHON) -m benchmarks
+
+# On a GPU machine (torch with CUDA, nvcc): build with CUDA, whole suite, compute-sanitizer.
+gpu-check:
+	bash tools/gpu_check.sh
 
 clean:
 	rm -rf build pyengine/_C*.so *.egg-info
