@@ -99,9 +99,13 @@ struct MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
     ctx->saved_data["dilation"] = dilation.vec();
     ctx->saved_data["ceil_mode"] = ceil_mode;
     ctx->mark_non_differentiable({indices});
+    // Otherwise autograd zero-fills a gradient for `indices` (int64, as large as the output)
+    // on every backward pass, only for it to be ignored.
+    ctx->set_materialize_grads(false);
     return {output, indices};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(6);  // the output was not used
     auto saved = ctx->get_saved_variables();
     Tensor grad_input = max_pool2d_backward_op().call(
         grads[0], saved[0], saved[1], saved_ints(ctx, "kernel_size"), saved_ints(ctx, "stride"),
