@@ -52,6 +52,21 @@ def random_config(rng):
 CONFIGS = [random_config(random.Random(1000 + i)) for i in range(40)]
 
 
+def random_batched_config(rng):
+    """Stride 1, a batch of 16 or more, small images: the batch-innermost (CHWN) path."""
+    cfg = random_config(rng)
+    cfg.update(batch=rng.choice([16, 17, 33, 64]), stride=(1, 1))
+    cfg["size"] = tuple(min(s, 12) for s in cfg["size"])
+    for i in range(2):  # keep the (dilated) kernel inside the padded input
+        eff = cfg["dilation"][i] * (cfg["k"][i] - 1) + 1
+        if cfg["size"][i] + 2 * cfg["padding"][i] < eff:
+            cfg["size"] = tuple(eff if j == i else v for j, v in enumerate(cfg["size"]))
+    return cfg
+
+
+BATCHED_CONFIGS = [random_batched_config(random.Random(3000 + i)) for i in range(16)]
+
+
 def make(cfg, dtype, device, requires_grad=True):
     lead = () if cfg["batch"] is None else (cfg["batch"],)
     x = torch.randn(*lead, cfg["cin"], *cfg["size"], dtype=dtype, device=device)
@@ -85,6 +100,14 @@ def test_random_configs(i, dtype, device):
     compare(x, w, b, kw, dtype)
 
 
+@devices
+@dtypes
+@pytest.mark.parametrize("i", range(len(BATCHED_CONFIGS)))
+def test_random_batched_configs(i, dtype, device):
+    x, w, b, kw = make(BATCHED_CONFIGS[i], dtype, device)
+    compare(x, w, b, kw, dtype, **(dict(atol=1e-4) if dtype == torch.float32 else {}))
+
+
 def test_autograd_no_bias():
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -104,6 +127,8 @@ def test_autograd_no_bias():
     (2, 2, 3, 4, 4, 4, 1, 0, 1, 1),         # kernel as large as the input: one output pixel
     (2, 3, 2, 2, 3, 3, 1, 1, 1, 1),         # input smaller than the kernel, padded
     (1, 2, 3, 40, 48, 3, 1, 1, 1, 1),       # columns span several strips
+    (300, 2, 3, 5, 6, 3, 1, 1, 1, 1),       # batch-innermost path over several batch chunks
+    (20, 4, 6, 9, 7, 3, 1, 2, 2, 2),        # ... with padding wider than the kernel's reach
 ])
 def test_shapes(shape, dtype, device):
     n, cin, cout, h, w_, k, s, p, d, g = shape
@@ -341,6 +366,8 @@ for i in range(12):
     for dtype in (torch.float32, torch.float64):
         x, w, b, kw = t.make(t.random_config(random.Random(500 + i)), dtype, "cpu")
         t.compare(x, w, b, kw, dtype)
+        x, w, b, kw = t.make(t.random_batched_config(random.Random(600 + i)), dtype, "cpu")
+        t.compare(x, w, b, kw, dtype, atol=1e-4)
 print("ok")
 """
 

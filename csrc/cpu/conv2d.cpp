@@ -1,39 +1,47 @@
-// CPU kernels of conv2d and conv2d_backward: im2col into a small scratch, then pyengine's GEMM
-// (cpu/gemm.h).
+// CPU kernels of conv2d and conv2d_backward on pyengine's GEMM (cpu/gemm.h). Two paths, chosen
+// from the shapes alone:
 //
-// Per group g, with K = (C_in / groups) * kH * kW taps and the output pixels of a run of images as
-// the columns j (image-major, so several small images make one wide GEMM):
-//   forward      Y[co, j]  = sum_k W[co, k] Xcol[k, j]          gemm(C_out/g, cols, K)
-//   grad_weight  dW[co, k] = sum_j dY[co, j] Xcol[k, j]         gemm(C_out/g, K, cols): the dot
-//                                                               kernel, both operands along j
-//   grad_input   dXcol[k, j] = sum_co W[co, k] dY[co, j]        gemm(K, cols, C_out/g), then
-//                                                               col2im adds dXcol back into dX
-//   grad_bias    db[co] = sum_j dY[co, j]
+// 1. im2col (any geometry). Per group g, with K = (C_in / groups) * kH * kW taps and the output
+//    pixels of a run of images as the columns j (image-major, so several small images make one
+//    wide GEMM):
+//      forward      Y[co, j]  = sum_k W[co, k] Xcol[k, j]          gemm(C_out/g, cols, K)
+//      grad_weight  dW[co, k] = sum_j dY[co, j] Xcol[k, j]         gemm(C_out/g, K, cols): the dot
+//                                                                  kernel, both operands along j
+//      grad_input   dXcol[k, j] = sum_co W[co, k] dY[co, j]        gemm(K, cols, C_out/g), then
+//                                                                  col2im adds dXcol into dX
+//      grad_bias    db[co] = sum_j dY[co, j]
+//    The batch is cut into chunks of `images_per_chunk` images (from the shapes only); a chunk's
+//    columns go in strips of at most `strip` columns, so the im2col scratch (K x strip) stays in
+//    L2 whatever the image size. at::parallel_for runs chunks (forward, and grad_input alone) or
+//    "slots" of consecutive chunks (when grad_weight / grad_bias are wanted): a slot sums its
+//    chunks' contributions in chunk order into its own partial, and the partials are added in
+//    slot order at the end. col2im of a chunk touches only the chunk's own images, so grad_input
+//    needs no reduction.
 //
-// Work split. The batch is cut into chunks of `images_per_chunk` images (from the shapes only);
-// each chunk's columns are processed in strips of at most `strip` columns, so the im2col scratch
-// (K x strip) stays in L2 whatever the image size. at::parallel_for runs chunks (forward, and
-// grad_input alone) or "slots" of consecutive chunks (when grad_weight / grad_bias are wanted):
-// a slot sums its chunks' contributions in chunk order into its own partial, and the partials are
-// added in slot order at the end. The slots depend on the shapes only, so gradients are bitwise
-// identical across runs and thread counts. col2im of a chunk touches only the chunk's own images,
-// so grad_input needs no reduction at all.
+// 2. Batch innermost (stride 1, W_out <= 16, batch >= 16: LeNet's conv2): see "Batch-innermost
+//    path" below. No im2col at all; every pass is a GEMM over contiguous batch vectors.
+//
+// Both are deterministic: each output element is summed in a fixed order that depends on the
+// shapes only, so results are bitwise identical across runs and thread counts.
 //
 // Napkin math, LeNet at batch 64, fp32 (per pass; the machine: 2 cores, ~200 GFLOP/s per core at
 // 2 x 512-bit FMA per cycle, L2 1 MB per core):
-//   conv1 1->6, 5x5, 32x32 -> 28x28: K = 25, 784 columns per image. Forward 2*64*6*25*784 = 15.1
-//     MFLOP, grad_weight the same. The GEMM floor is ~0.04 ms per pass on 2 cores, but with only
-//     6 output channels each im2col element (25*784 per image, 5 MB over the batch, written and
-//     read once, in L2) feeds just 6 FMAs: im2col and the output copy cost as much as the FMAs.
-//   conv2 6->16, 5x5, 14x14 -> 10x10: K = 150, 100 columns per image. Forward 30.7 MFLOP, and
-//     grad_weight, grad_input the same: ~0.08 ms per pass at the floor; im2col is 15000 elements
-//     per image (3.8 MB over the batch) against 16 FMAs each.
-//   So the floor is set by im2col's memory traffic as much as by the FMAs; both stay in L2 thanks
-//   to the strips.
+//   conv1 1->6, 5x5, 32x32 -> 28x28 (im2col path): K = 25, 784 columns per image. Forward
+//     2*64*6*25*784 = 15.1 MFLOP, grad_weight the same: a GEMM floor of ~0.04 ms per pass on 2
+//     cores. But with 6 output channels each im2col element (25*784 per image, 5 MB over the
+//     batch, written and read once in L2) feeds only 6 FMAs, so im2col, at a few cycles per
+//     28-float row, costs about as much as the FMAs.
+//   conv2 6->16, 5x5, 14x14 -> 10x10 (batch-innermost path): K = 150. Forward 30.7 MFLOP, and
+//     grad_weight, grad_input the same: ~0.07 ms per pass at the floor on 2 cores. im2col would
+//     copy 15000 elements per image in 10-float rows (0.96 M rows over the batch) for 16 FMAs
+//     each, as slow as the GEMM; the batch-innermost layout instead moves each of x, y, dY, dX
+//     once (0.35 M elements in all) and runs the GEMMs at near peak.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
@@ -151,6 +159,96 @@ PE_INLINE void zero_run(T* dst, int64_t n) {
   for (int64_t t = 0; t < n; ++t) dst[t] = T(0);
 }
 
+// ---- Row-block kernels: `rows` rows of n elements, d += ds and s += ss per row -------------
+// copy: d = s; add: d += s. The AVX-512 versions do each row's tail with one masked load / store
+// (the LeNet rows are 10 and 28 floats); the portable ones are compiled for AVX2 / baseline.
+template <typename T>
+PE_INLINE void copy_block_impl(T* d, int64_t ds, const T* s, int64_t ss, int64_t rows,
+                               int64_t n) {
+  for (int64_t r = 0; r < rows; ++r, d += ds, s += ss) copy_run(d, s, n);
+}
+template <typename T>
+PE_INLINE void add_block_impl(T* d, int64_t ds, const T* s, int64_t ss, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r, d += ds, s += ss)
+    for (int64_t t = 0; t < n; ++t) d[t] += s[t];
+}
+__attribute__((target_clones("avx2", "default"))) void copy_block_portable(
+    float* d, int64_t ds, const float* s, int64_t ss, int64_t rows, int64_t n) {
+  copy_block_impl(d, ds, s, ss, rows, n);
+}
+__attribute__((target_clones("avx2", "default"))) void copy_block_portable(
+    double* d, int64_t ds, const double* s, int64_t ss, int64_t rows, int64_t n) {
+  copy_block_impl(d, ds, s, ss, rows, n);
+}
+__attribute__((target_clones("avx2", "default"))) void add_block_portable(
+    float* d, int64_t ds, const float* s, int64_t ss, int64_t rows, int64_t n) {
+  add_block_impl(d, ds, s, ss, rows, n);
+}
+__attribute__((target_clones("avx2", "default"))) void add_block_portable(
+    double* d, int64_t ds, const double* s, int64_t ss, int64_t rows, int64_t n) {
+  add_block_impl(d, ds, s, ss, rows, n);
+}
+
+#define PE_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq")))
+PE_TARGET_AVX512 void copy_block_avx512(float* d, int64_t ds, const float* s, int64_t ss,
+                                        int64_t rows, int64_t n) {
+  const int64_t full = n / 16 * 16;
+  const __mmask16 m = static_cast<__mmask16>((1u << (n - full)) - 1u);
+  for (int64_t r = 0; r < rows; ++r, d += ds, s += ss) {
+    for (int64_t t = 0; t < full; t += 16) _mm512_storeu_ps(d + t, _mm512_loadu_ps(s + t));
+    if (m) _mm512_mask_storeu_ps(d + full, m, _mm512_maskz_loadu_ps(m, s + full));
+  }
+}
+PE_TARGET_AVX512 void copy_block_avx512(double* d, int64_t ds, const double* s, int64_t ss,
+                                        int64_t rows, int64_t n) {
+  const int64_t full = n / 8 * 8;
+  const __mmask8 m = static_cast<__mmask8>((1u << (n - full)) - 1u);
+  for (int64_t r = 0; r < rows; ++r, d += ds, s += ss) {
+    for (int64_t t = 0; t < full; t += 8) _mm512_storeu_pd(d + t, _mm512_loadu_pd(s + t));
+    if (m) _mm512_mask_storeu_pd(d + full, m, _mm512_maskz_loadu_pd(m, s + full));
+  }
+}
+PE_TARGET_AVX512 void add_block_avx512(float* d, int64_t ds, const float* s, int64_t ss,
+                                       int64_t rows, int64_t n) {
+  const int64_t full = n / 16 * 16;
+  const __mmask16 m = static_cast<__mmask16>((1u << (n - full)) - 1u);
+  for (int64_t r = 0; r < rows; ++r, d += ds, s += ss) {
+    for (int64_t t = 0; t < full; t += 16)
+      _mm512_storeu_ps(d + t, _mm512_add_ps(_mm512_loadu_ps(d + t), _mm512_loadu_ps(s + t)));
+    if (m)
+      _mm512_mask_storeu_ps(d + full, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, d + full),
+                                                       _mm512_maskz_loadu_ps(m, s + full)));
+  }
+}
+PE_TARGET_AVX512 void add_block_avx512(double* d, int64_t ds, const double* s, int64_t ss,
+                                       int64_t rows, int64_t n) {
+  const int64_t full = n / 8 * 8;
+  const __mmask8 m = static_cast<__mmask8>((1u << (n - full)) - 1u);
+  for (int64_t r = 0; r < rows; ++r, d += ds, s += ss) {
+    for (int64_t t = 0; t < full; t += 8)
+      _mm512_storeu_pd(d + t, _mm512_add_pd(_mm512_loadu_pd(d + t), _mm512_loadu_pd(s + t)));
+    if (m)
+      _mm512_mask_storeu_pd(d + full, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, d + full),
+                                                       _mm512_maskz_loadu_pd(m, s + full)));
+  }
+}
+
+// Picked once, with the GEMM's choice (so PYENGINE_CPU_ISA steers both).
+template <typename T>
+struct BlockOps {
+  void (*copy)(T*, int64_t, const T*, int64_t, int64_t, int64_t);
+  void (*add)(T*, int64_t, const T*, int64_t, int64_t, int64_t);
+};
+template <typename T>
+const BlockOps<T>& block_ops() {
+  static const BlockOps<T> ops = [] {
+    if (std::strcmp(cpu::gemm_isa(), "avx512") == 0)
+      return BlockOps<T>{copy_block_avx512, add_block_avx512};
+    return BlockOps<T>{copy_block_portable, add_block_portable};
+  }();
+  return ops;
+}
+
 // One output-row segment (image n, output row oh, columns ow .. ow + seg) of tap (ci, ki, kj):
 // the matching input row, strided by sw, zero where it falls in the padding.
 template <typename T, bool kAdd>
@@ -191,6 +289,7 @@ PE_INLINE void im2col_impl(const Geom& geom, T* x, int64_t img_stride, int64_t q
   const Geom g = geom;
   const int64_t H = g.H, W = g.W, OW = g.OW, OH = g.OH, P = g.P, sh = g.sh, sw = g.sw;
   const int64_t khw = g.kh * g.kw, qend = q0 + len;
+  const BlockOps<T>& ops = block_ops<T>();
   for (int64_t k = 0; k < g.K; ++k) {
     const int64_t ci = k / khw, ki = (k % khw) / g.kw, kj = k % g.kw;
     const int64_t ihoff = ki * g.dh - g.ph, iwoff = kj * g.dw - g.pw;
@@ -227,21 +326,20 @@ PE_INLINE void im2col_impl(const Geom& geom, T* x, int64_t img_stride, int64_t q
       const int64_t src_step = sh * W;
       if (kAdd) {
         if (sw == 1) {
-          for (int64_t r = r_lo; r < r_hi; ++r, d += OW, src += src_step)
-            for (int64_t t = lo; t < hi; ++t) src[t] += d[t];
+          ops.add(src + lo, src_step, d + lo, OW, r_hi - r_lo, w);
         } else {
           for (int64_t r = r_lo; r < r_hi; ++r, d += OW, src += src_step)
             for (int64_t t = lo; t < hi; ++t) src[t * sw] += d[t];
         }
       } else if (sw == 1) {
         if (lo == 0 && hi == OW) {
-          for (int64_t r = r_lo; r < r_hi; ++r, d += OW, src += src_step) copy_run(d, src, OW);
+          ops.copy(d, OW, src, src_step, r_hi - r_lo, OW);
         } else {
-          for (int64_t r = r_lo; r < r_hi; ++r, d += OW, src += src_step) {
-            zero_run(d, lo);
-            copy_run(d + lo, src + lo, w);
-            zero_run(d + hi, OW - hi);
+          for (int64_t r = r_lo; r < r_hi; ++r) {
+            zero_run(d + (r - r_lo) * OW, lo);
+            zero_run(d + (r - r_lo) * OW + hi, OW - hi);
           }
+          ops.copy(d + lo, OW, src + lo, src_step, r_hi - r_lo, w);
         }
       } else {
         for (int64_t r = r_lo; r < r_hi; ++r, d += OW, src += src_step) {
@@ -256,6 +354,66 @@ PE_INLINE void im2col_impl(const Geom& geom, T* x, int64_t img_stride, int64_t q
     if (!kAdd) zero_run(col + k * ld + len, ld - len);  // zero padding for the dot kernel
   }
 }
+
+// col2im of whole output rows oh0 .. oh0 + rows of one image (stride_w 1, AVX-512): for each
+// input row an output row touches, the chunk of the dX row is loaded once, the kW taps' shifted
+// col rows are added in a register (masked loads place each tap at its offset), and it is stored
+// once. (Adding tap by tap instead re-reads rows that masked stores just wrote, which stalls:
+// masked stores do not forward.) `colq` is col at the first row's column, taps `ld` apart.
+template <typename T>
+PE_TARGET_AVX512 void col2im_rows_avx512(const Geom& geom, const T* colq, int64_t ld, T* dximg,
+                                         int64_t oh0, int64_t rows) {
+  constexpr int V = 64 / sizeof(T);
+  const Geom g = geom;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t oh = oh0 + r;
+    const T* colrow = colq + r * g.OW;
+    for (int64_t ci = 0; ci < g.Cig; ++ci)
+      for (int64_t ki = 0; ki < g.kh; ++ki) {
+        const int64_t ih = oh * g.sh - g.ph + ki * g.dh;
+        if (ih < 0 || ih >= g.H) continue;
+        T* xrow = dximg + (ci * g.H + ih) * g.W;
+        const T* ck = colrow + (ci * g.kh + ki) * g.kw * ld;
+        for (int64_t c0 = 0; c0 < g.W; c0 += V) {
+          const int64_t nv = std::min<int64_t>(V, g.W - c0);
+          const uint32_t chunk = nv == 32 ? ~0u : (1u << nv) - 1u;
+          // lane i of tap kj holds col element c0 + i - shift (input column = output + shift);
+          // only lanes [a, b) are read.
+          auto tap_mask = [&](int64_t kj, const T*& src) -> uint32_t {
+            const int64_t shift = kj * g.dw - g.pw;
+            const int64_t a = std::max<int64_t>(0, shift - c0);
+            const int64_t b = std::min<int64_t>(nv, g.OW + shift - c0);
+            src = ck + kj * ld + (c0 - shift);
+            if (b <= a) return 0u;
+            return (b == 32 ? ~0u : (1u << b) - 1u) & ~((1u << a) - 1u);
+          };
+          if constexpr (sizeof(T) == 4) {
+            __m512 acc = _mm512_maskz_loadu_ps(static_cast<__mmask16>(chunk), xrow + c0);
+            for (int64_t kj = 0; kj < g.kw; ++kj) {
+              const T* src;
+              const uint32_t m = tap_mask(kj, src);
+              if (m) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), src));
+            }
+            _mm512_mask_storeu_ps(xrow + c0, static_cast<__mmask16>(chunk), acc);
+          } else {
+            __m512d acc = _mm512_maskz_loadu_pd(static_cast<__mmask8>(chunk), xrow + c0);
+            for (int64_t kj = 0; kj < g.kw; ++kj) {
+              const T* src;
+              const uint32_t m = tap_mask(kj, src);
+              if (m) acc = _mm512_add_pd(acc, _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), src));
+            }
+            _mm512_mask_storeu_pd(xrow + c0, static_cast<__mmask8>(chunk), acc);
+          }
+        }
+      }
+  }
+}
+
+// dX += col2im(col) over a strip. Deterministic: a fixed order per element (it differs between the
+// AVX-512 path, which sums an element's taps row by row, and the portable one, tap by tap).
+template <typename T>
+void col2im_strip(const Geom& g, const T* col, int64_t ld, T* dx, int64_t img_stride, int64_t q0,
+                  int64_t len);
 
 // Between a [rows x ld] scratch of a strip and an NCHW tensor: `t` points at the run's first image,
 // channel 0 of the group, images `img_stride` apart, channels P apart.
@@ -336,8 +494,8 @@ PE_INLINE void sum_parts_impl(const T* parts, int64_t nparts, int64_t n, int64_t
                         T* col, int64_t ld) {                                                   \
     im2col_impl<T, false>(g, const_cast<T*>(x), img_stride, q0, len, col, ld);                  \
   }                                                                                             \
-  PE_CLONES void col2im(const Geom& g, const T* col, int64_t ld, T* dx, int64_t img_stride,     \
-                        int64_t q0, int64_t len) {                                              \
+  PE_CLONES void col2im_portable(const Geom& g, const T* col, int64_t ld, T* dx,                \
+                                 int64_t img_stride, int64_t q0, int64_t len) {                 \
     im2col_impl<T, true>(g, dx, img_stride, q0, len, const_cast<T*>(col), ld);                  \
   }                                                                                             \
   PE_CLONES void gather(const Geom& g, const T* t, int64_t img_stride, int64_t rows,            \
@@ -359,6 +517,35 @@ PE_FOR_BOTH_DTYPES(PE_DEFINE_CLONES)
 #undef PE_DEFINE_CLONES
 
 template <typename T>
+void col2im_strip(const Geom& g, const T* col, int64_t ld, T* dx, int64_t img_stride, int64_t q0,
+                  int64_t len) {
+  static const bool avx512 = std::strcmp(cpu::gemm_isa(), "avx512") == 0;
+  if (!avx512 || g.sw != 1) {
+    col2im_portable(g, col, ld, dx, img_stride, q0, len);
+    return;
+  }
+  const int64_t khw = g.kh * g.kw, qend = q0 + len;
+  int64_t q = q0;
+  while (q < qend) {
+    const int64_t n = q / g.P, p = q % g.P, oh = p / g.OW, ow = p % g.OW;
+    T* img = dx + n * img_stride;
+    const int64_t rows = ow == 0 ? std::min(g.OH - oh, (qend - q) / g.OW) : 0;
+    if (rows == 0) {  // a partial row at either end of the strip: tap by tap
+      const int64_t seg = std::min(g.OW - ow, qend - q);
+      for (int64_t k = 0; k < g.K; ++k) {
+        const int64_t ci = k / khw, ki = (k % khw) / g.kw, kj = k % g.kw;
+        segment<T, true>(g, const_cast<T*>(col) + k * ld + (q - q0), img + ci * g.H * g.W, oh,
+                         ow, seg, ki * g.dh - g.ph, kj * g.dw - g.pw);
+      }
+      q += seg;
+      continue;
+    }
+    col2im_rows_avx512<T>(g, col + (q - q0), ld, img, oh, rows);
+    q += rows * g.OW;
+  }
+}
+
+template <typename T>
 std::vector<T>& scratch(int slot) {
   thread_local std::vector<T> bufs[3];
   return bufs[slot];
@@ -372,6 +559,350 @@ T* scratch_ptr(int slot, int64_t n) {
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// at::parallel_for grain: enough items that a task does ~64K multiply-adds (or element moves);
+// a parallel region costs a few microseconds, more than the work of a tiny layer.
+int64_t grain_for(double work_per_item) {
+  return std::max<int64_t>(1, static_cast<int64_t>(65536.0 / std::max(1.0, work_per_item)));
+}
+
+// ---- Batch-innermost path (stride 1, small images, a batch of at least 16) ------------------
+// The im2col path copies K x H_out x W_out elements per image for K FMAs each; with LeNet conv2's
+// 10-wide output rows that copy, a few cycles per 10 floats, cost as much as the GEMM. With the
+// batch innermost ("CHWN": x^T[c, h, w][n]) every tap of every output pixel is a contiguous
+// vector over the batch, so no im2col is needed at all:
+//   forward      Y^T[co, p][:]  = sum_k W[co, k] X^T[tap k of p][:]       gemm_indirect per pixel
+//   grad_input   dX^T[ci, q][:] = sum_(co,ki,kj) W[co, ci, ki, kj] dY^T[co, q - (ki, kj)][:]
+//                (a gather over the taps that reach input pixel q: no col2im, no races)
+//   grad_weight  dW[co, k] = sum_p dY^T[co, p][:] . X^T[tap k of p][:]   gemm_dot_segments
+// Taps in the padding are left out of the lists (forward, grad_input) or point at zeros. The
+// price is transposing x, y, dY and dX (each element moved once) and padding the batch to whole
+// vectors. Napkin math, LeNet conv2 at batch 64: 15.4 M multiply-adds per pass, 16 / 6 / 6x4 rows
+// per tile run at near peak (~0.14 ms per pass on one core), transposes ~0.35 M elements.
+
+bool use_batch_inner(const Geom& g) {
+  return g.sh == 1 && g.sw == 1 && g.N >= 16 && g.OW <= 16;
+}
+
+constexpr int64_t kInnerBatch = 256;  // images per batch chunk
+
+// dst[f * ld + n] = src[n * F + f] for f in [f0, f1), n < nb; zero for nb <= n < nbc.
+template <typename T>
+PE_INLINE void to_inner_impl(const T* src, int64_t nb, int64_t F, int64_t f0, int64_t f1, T* dst,
+                             int64_t ld, int64_t nbc) {
+  constexpr int64_t B = 16;
+  for (int64_t fb = f0; fb < f1; fb += B) {
+    const int64_t fe = std::min(f1, fb + B);
+    for (int64_t nbk = 0; nbk < nb; nbk += B) {
+      const int64_t ne = std::min(nb, nbk + B);
+      for (int64_t f = fb; f < fe; ++f)
+        for (int64_t n = nbk; n < ne; ++n) dst[f * ld + n] = src[n * F + f];
+    }
+    for (int64_t f = fb; f < fe; ++f)
+      for (int64_t n = nb; n < nbc; ++n) dst[f * ld + n] = T(0);
+  }
+}
+// dst[n * F + f] = src[f * ld + n] (+ bias[f / P] when bias is not null), n < nb, f in [f0, f1).
+template <typename T>
+PE_INLINE void from_inner_impl(const T* src, int64_t ld, int64_t nb, int64_t F, int64_t f0,
+                               int64_t f1, T* dst, const T* bias, int64_t P) {
+  constexpr int64_t B = 16;
+  for (int64_t fb = f0; fb < f1; fb += B) {
+    const int64_t fe = std::min(f1, fb + B), nf = fe - fb;
+    T add[B];
+    for (int64_t f = 0; f < nf; ++f) add[f] = bias ? bias[(fb + f) / P] : T(0);
+    for (int64_t nbk = 0; nbk < nb; nbk += B) {
+      const int64_t ne = std::min(nb, nbk + B);
+      for (int64_t n = nbk; n < ne; ++n) {
+        T* d = dst + n * F + fb;
+        const T* sp = src + fb * ld + n;
+        if (bias) {
+          for (int64_t f = 0; f < nf; ++f) d[f] = sp[f * ld] + add[f];
+        } else {
+          for (int64_t f = 0; f < nf; ++f) d[f] = sp[f * ld];
+        }
+      }
+    }
+  }
+}
+#define PE_DEFINE_TRANSPOSES(T)                                                                  \
+  PE_CLONES void to_inner(const T* src, int64_t nb, int64_t F, int64_t f0, int64_t f1, T* dst,   \
+                          int64_t ld, int64_t nbc) {                                             \
+    to_inner_impl(src, nb, F, f0, f1, dst, ld, nbc);                                             \
+  }                                                                                              \
+  PE_CLONES void from_inner(const T* src, int64_t ld, int64_t nb, int64_t F, int64_t f0,         \
+                            int64_t f1, T* dst, const T* bias, int64_t P) {                      \
+    from_inner_impl(src, ld, nb, F, f0, f1, dst, bias, P);                                       \
+  }
+PE_FOR_BOTH_DTYPES(PE_DEFINE_TRANSPOSES)
+#undef PE_DEFINE_TRANSPOSES
+
+// AVX-512 versions: one 16-lane (8 for double) gather per output vector; the rows a block of
+// gathers touches stay in L1 across consecutive f. Offsets are int32: callers check the range.
+template <typename T>
+PE_TARGET_AVX512 void to_inner_avx512(const T* src, int64_t nb, int64_t F, int64_t f0,
+                                      int64_t f1, T* dst, int64_t ld, int64_t nbc) {
+  constexpr int V = 64 / sizeof(T);
+  for (int64_t f = f0; f < f1; ++f) {
+    T* d = dst + f * ld;
+    for (int64_t n0 = 0; n0 < nb; n0 += V) {
+      const int64_t cnt = std::min<int64_t>(V, nb - n0);
+      const uint32_t m = cnt == 32 ? ~0u : (1u << cnt) - 1u;
+      const T* sp = src + n0 * F + f;
+      if constexpr (sizeof(T) == 4) {
+        const __m512i idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(static_cast<int>(F)));
+        const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), static_cast<__mmask16>(m),
+                                                  idx, sp, 4);
+        _mm512_mask_storeu_ps(d + n0, static_cast<__mmask16>(m), v);
+      } else {
+        const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                               _mm256_set1_epi32(static_cast<int>(F)));
+        const __m512d v = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), static_cast<__mmask8>(m),
+                                                   idx, sp, 8);
+        _mm512_mask_storeu_pd(d + n0, static_cast<__mmask8>(m), v);
+      }
+    }
+    for (int64_t n = nb; n < nbc; ++n) d[n] = T(0);
+  }
+}
+// dst[n * F + f] = src[f * ld + n] + add[f] (add may be null), n < nb, f in [f0, f1).
+template <typename T>
+PE_TARGET_AVX512 void from_inner_avx512(const T* src, int64_t ld, int64_t nb, int64_t F,
+                                        int64_t f0, int64_t f1, T* dst, const T* add) {
+  constexpr int V = 64 / sizeof(T);
+  for (int64_t n = 0; n < nb; ++n) {
+    T* d = dst + n * F;
+    for (int64_t fb = f0; fb < f1; fb += V) {
+      const int64_t cnt = std::min<int64_t>(V, f1 - fb);
+      const uint32_t m = cnt == 32 ? ~0u : (1u << cnt) - 1u;
+      const T* sp = src + fb * ld + n;
+      if constexpr (sizeof(T) == 4) {
+        const __m512i idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(static_cast<int>(ld)));
+        __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), static_cast<__mmask16>(m), idx,
+                                            sp, 4);
+        if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), add + fb));
+        _mm512_mask_storeu_ps(d + fb, static_cast<__mmask16>(m), v);
+      } else {
+        const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                               _mm256_set1_epi32(static_cast<int>(ld)));
+        __m512d v = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), static_cast<__mmask8>(m), idx,
+                                             sp, 8);
+        if (add) v = _mm512_add_pd(v, _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), add + fb));
+        _mm512_mask_storeu_pd(d + fb, static_cast<__mmask8>(m), v);
+      }
+    }
+  }
+}
+
+bool gathers_ok(int64_t stride) {
+  static const bool avx512 = std::strcmp(cpu::gemm_isa(), "avx512") == 0;
+  return avx512 && stride * 16 < (int64_t(1) << 31);
+}
+
+template <typename T>
+void to_inner_parallel(const T* src, int64_t nb, int64_t F, T* dst, int64_t ld, int64_t nbc) {
+  const bool fast = gathers_ok(F);
+  at::parallel_for(0, F, grain_for(double(nbc)), [&](int64_t f0, int64_t f1) {
+                     if (fast)
+                       to_inner_avx512(src, nb, F, f0, f1, dst, ld, nbc);
+                     else
+                       to_inner(src, nb, F, f0, f1, dst, ld, nbc);
+                   });
+}
+// `bias` (per channel, P features each) may be null.
+template <typename T>
+void from_inner_parallel(const T* src, int64_t ld, int64_t nb, int64_t F, T* dst, const T* bias,
+                         int64_t P) {
+  if (!gathers_ok(ld)) {
+    at::parallel_for(0, F, grain_for(double(nb)), [&](int64_t f0, int64_t f1) {
+                       from_inner(src, ld, nb, F, f0, f1, dst, bias, P);
+                     });
+    return;
+  }
+  std::vector<T> add(bias ? static_cast<size_t>(F) : 0);
+  for (int64_t f = 0; bias && f < F; ++f) add[f] = bias[f / P];
+  const T* pa = bias ? add.data() : nullptr;
+  // Split by feature blocks of whole vectors, so every task writes whole rows' slices.
+  const int64_t V = 64 / static_cast<int64_t>(sizeof(T)), blocks = (F + V - 1) / V;
+  at::parallel_for(0, blocks, grain_for(double(nb * V)), [&](int64_t b0, int64_t b1) {
+                     from_inner_avx512(src, ld, nb, F, b0 * V, std::min(F, b1 * V), dst, pa);
+                   });
+}
+
+// Tap k = (ci, ki, kj) of output pixel (oh, ow) reads input pixel (oh + dh[k], ow + dw[k]) of
+// channel ci: off[k] = ci * H * W + dh[k] * W + dw[k] from (channel 0, oh, ow).
+struct Taps {
+  std::vector<int64_t> dh, dw, off;
+  int64_t oh_lo, oh_hi, ow_lo, ow_hi;  // output pixels whose taps are all inside the image
+  bool interior(int64_t oh, int64_t ow) const {
+    return oh >= oh_lo && oh < oh_hi && ow >= ow_lo && ow < ow_hi;
+  }
+};
+Taps make_taps(const Geom& g) {
+  Taps t;
+  const int64_t khw = g.kh * g.kw;
+  for (int64_t k = 0; k < g.K; ++k) {
+    const int64_t ci = k / khw, ki = (k % khw) / g.kw, kj = k % g.kw;
+    t.dh.push_back(ki * g.dh - g.ph);
+    t.dw.push_back(kj * g.dw - g.pw);
+    t.off.push_back(ci * g.H * g.W + t.dh.back() * g.W + t.dw.back());
+  }
+  const int64_t eh = (g.kh - 1) * g.dh, ew = (g.kw - 1) * g.dw;
+  t.oh_lo = g.ph;
+  t.oh_hi = g.H - eh + g.ph;  // oh - ph >= 0 and oh - ph + eh <= H - 1
+  t.ow_lo = g.pw;
+  t.ow_hi = g.W - ew + g.pw;
+  return t;
+}
+
+template <typename T>
+void conv2d_forward_inner(const Geom& g, const T* x, const T* w, const T* bias, T* y) {
+  const int64_t vw = cpu::simd_width<T>();
+  const int64_t f_in = g.C * g.H * g.W, f_out = g.Co * g.P, hw = g.H * g.W;
+  const int64_t chunk = std::min(g.N, kInnerBatch), ld = round_up(chunk, vw);
+  std::vector<T> xt(static_cast<size_t>(f_in * ld)), yt(static_cast<size_t>(f_out * ld));
+  // W^T per group: wt[grp][k][co], so a tap's weights are a contiguous column of M = C_out/g.
+  std::vector<T> wt(static_cast<size_t>(g.Co * g.K));
+  for (int64_t grp = 0; grp < g.G; ++grp)
+    for (int64_t co = 0; co < g.Cog; ++co)
+      for (int64_t k = 0; k < g.K; ++k)
+        wt[(grp * g.K + k) * g.Cog + co] = w[(grp * g.Cog + co) * g.K + k];
+  const Taps taps = make_taps(g);
+  std::vector<const T*> wrows(static_cast<size_t>(g.G * g.K));  // every tap's weights
+  for (int64_t k = 0; k < g.G * g.K; ++k) wrows[k] = wt.data() + k * g.Cog;
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    const int64_t nb = std::min(chunk, g.N - n0), nbc = round_up(nb, vw);
+    to_inner_parallel(x + n0 * f_in, nb, f_in, xt.data(), ld, nbc);
+    at::parallel_for(0, g.P, grain_for(double(g.Co * g.K * nbc)), [&](int64_t p0, int64_t p1) {
+      std::vector<const T*> arows(static_cast<size_t>(g.K)), brows(static_cast<size_t>(g.K));
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t oh = p / g.OW, ow = p % g.OW;
+        const bool inside = taps.interior(oh, ow);
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          const T* xg = xt.data() + (grp * g.Cig * hw + oh * g.W + ow) * ld;
+          const T* const* ar = wrows.data() + grp * g.K;
+          int64_t count = 0;
+          if (inside) {  // every tap inside the image: no checks, weights table as is
+            for (int64_t k = 0; k < g.K; ++k) brows[k] = xg + taps.off[k] * ld;
+            count = g.K;
+          } else {
+            for (int64_t k = 0; k < g.K; ++k) {
+              const int64_t ih = oh + taps.dh[k], iw = ow + taps.dw[k];
+              if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) continue;  // padding: no term
+              arows[count] = ar[k];
+              brows[count] = xg + taps.off[k] * ld;
+              ++count;
+            }
+            ar = arows.data();
+          }
+          cpu::gemm_indirect<T>(g.Cog, nbc, count, ar, brows.data(),
+                                yt.data() + (grp * g.Cog * g.P + p) * ld, g.P * ld, 1, false);
+        }
+      }
+    });
+    from_inner_parallel(yt.data(), ld, nb, f_out, y + n0 * f_out, bias, g.P);
+  }
+}
+
+template <typename T>
+void conv2d_backward_inner(const Geom& g, const T* dy, const T* x, const T* w, T* dx, T* dw,
+                           T* db) {
+  const int64_t vw = cpu::simd_width<T>();
+  const int64_t f_in = g.C * g.H * g.W, f_out = g.Co * g.P, hw = g.H * g.W;
+  const int64_t chunk = std::min(g.N, kInnerBatch), ld = round_up(chunk, vw);
+  const int64_t khw = g.kh * g.kw;
+  std::vector<T> dyt(static_cast<size_t>(f_out * ld));
+  std::vector<T> xt(dw ? static_cast<size_t>(f_in * ld) : 0);
+  std::vector<T> dxt(dx ? static_cast<size_t>(f_in * ld) : 0);
+  std::vector<T> zeros(dw ? static_cast<size_t>(ld) : 0, T(0));
+  std::vector<const T*> taps(dw ? static_cast<size_t>(g.P * g.K) : 0);
+  const Taps tap = make_taps(g);
+  // For grad_input: weights as [co][ki][kj][ci], so a tap's weights over C_in/g are contiguous.
+  std::vector<T> wt(dx ? static_cast<size_t>(g.Co * g.K) : 0);
+  if (dx)
+    for (int64_t co = 0; co < g.Co; ++co)
+      for (int64_t ci = 0; ci < g.Cig; ++ci)
+        for (int64_t r = 0; r < khw; ++r)
+          wt[(co * khw + r) * g.Cig + ci] = w[(co * g.Cig + ci) * khw + r];
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    const int64_t nb = std::min(chunk, g.N - n0), nbc = round_up(nb, vw);
+    to_inner_parallel(dy + n0 * f_out, nb, f_out, dyt.data(), ld, nbc);
+    if (dw) {
+      to_inner_parallel(x + n0 * f_in, nb, f_in, xt.data(), ld, nbc);
+      for (int64_t grp = 0; grp < g.G; ++grp) {
+        for (int64_t p = 0; p < g.P; ++p) {
+          const int64_t oh = p / g.OW, ow = p % g.OW;
+          const T* xg = xt.data() + (grp * g.Cig * hw + oh * g.W + ow) * ld;
+          const T** row = taps.data() + p * g.K;
+          if (tap.interior(oh, ow)) {
+            for (int64_t k = 0; k < g.K; ++k) row[k] = xg + tap.off[k] * ld;
+          } else {
+            for (int64_t k = 0; k < g.K; ++k) {
+              const int64_t ih = oh + tap.dh[k], iw = ow + tap.dw[k];
+              row[k] = (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) ? zeros.data()
+                                                                     : xg + tap.off[k] * ld;
+            }
+          }
+        }
+        // dW[co, k] (+)= sum over pixels p and the batch of dY^T[co, p][:] X^T[tap k of p][:]
+        cpu::gemm_dot_segments<T>(g.Cog, g.K, g.P, nbc, dyt.data() + grp * g.Cog * g.P * ld,
+                                  g.P * ld, ld, taps.data(), dw + grp * g.Cog * g.K, g.K, 1,
+                                  /*accumulate=*/n0 > 0);
+      }
+    }
+    if (dx) {
+      at::parallel_for(0, hw, grain_for(double(g.Co * g.K * nbc) * g.P / std::max<int64_t>(1, hw)),
+                       [&](int64_t q0, int64_t q1) {
+        const size_t most = static_cast<size_t>(g.Cog * khw);
+        std::vector<const T*> arows(most), brows(most);
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t ih = q / g.W, iw = q % g.W;
+          // Taps (ki, kj) that reach input pixel (ih, iw): oh = ih + ph - ki*dh in [0, OH),
+          // ow = iw + pw - kj*dw in [0, OW): a range of ki and a range of kj.
+          auto range = [](int64_t i, int64_t pad, int64_t d, int64_t out, int64_t k,
+                          int64_t& lo, int64_t& hi) {
+            const int64_t top = i + pad;  // k*d <= top and k*d > top - out
+            lo = top - out + 1 <= 0 ? 0 : (top - out + 1 + d - 1) / d;
+            hi = top < 0 ? 0 : std::min(k, top / d + 1);
+          };
+          int64_t ki_lo, ki_hi, kj_lo, kj_hi;
+          range(ih, g.ph, g.dh, g.OH, g.kh, ki_lo, ki_hi);
+          range(iw, g.pw, g.dw, g.OW, g.kw, kj_lo, kj_hi);
+          for (int64_t grp = 0; grp < g.G; ++grp) {
+            int64_t count = 0;
+            for (int64_t co = grp * g.Cog; co < (grp + 1) * g.Cog; ++co)
+              for (int64_t ki = ki_lo; ki < ki_hi; ++ki) {
+                const int64_t oh = ih + g.ph - ki * g.dh;
+                const T* a = wt.data() + (co * khw + ki * g.kw + kj_lo) * g.Cig;
+                const T* b = dyt.data() + (co * g.P + oh * g.OW + iw + g.pw - kj_lo * g.dw) * ld;
+                for (int64_t kj = kj_lo; kj < kj_hi; ++kj, a += g.Cig, b -= g.dw * ld) {
+                  arows[count] = a;
+                  brows[count] = b;
+                  ++count;
+                }
+              }
+            cpu::gemm_indirect<T>(g.Cig, nbc, count, arows.data(), brows.data(),
+                                  dxt.data() + (grp * g.Cig * hw + q) * ld, hw * ld, 1, false);
+          }
+        }
+      });
+      from_inner_parallel(dxt.data(), ld, nb, f_in, dx + n0 * f_in, static_cast<const T*>(nullptr),
+                          1);
+    }
+  }
+  if (db) {  // db[co] = sum over images in order of the image's row sum
+    at::parallel_for(0, g.Co, grain_for(double(g.N * g.P)), [&](int64_t c0, int64_t c1) {
+      for (int64_t co = c0; co < c1; ++co) {
+        db[co] = T(0);
+        for (int64_t n = 0; n < g.N; ++n) row_sums(dy + (n * g.Co + co) * g.P, g.P, 1, g.P, db + co);
+      }
+    });
+  }
+}
+
 // ---- Forward ------------------------------------------------------------------------------
 
 template <typename T>
@@ -380,7 +911,8 @@ void conv2d_forward(const Geom& g, const T* x, const T* w, const T* bias, T* y) 
   const int64_t in_img = g.C * g.H * g.W, out_img = g.Co * g.P;
   const bool pointwise = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 &&
                          g.pw == 0;
-  at::parallel_for(0, sp.chunks, 1, [&](int64_t c0, int64_t c1) {
+  const double chunk_work = double(sp.images_per_chunk) * g.Co * g.K * g.P;
+  at::parallel_for(0, sp.chunks, grain_for(chunk_work), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = c * sp.images_per_chunk;
       const int64_t nimg = std::min(sp.images_per_chunk, g.N - n0);
@@ -426,6 +958,12 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
   if (out.numel() == 0) return out;
   dispatch_floating(x.scalar_type(), "conv2d", [&](auto tag) {
     using T = decltype(tag);
+    if (use_batch_inner(g)) {
+      conv2d_forward_inner<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                              has_bias ? b.const_data_ptr<T>() : nullptr,
+                              out.mutable_data_ptr<T>());
+      return;
+    }
     conv2d_forward<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
                       has_bias ? b.const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>());
   });
@@ -454,7 +992,9 @@ void conv2d_backward_impl(const Geom& g, const T* dy, const T* x, const T* w, T*
   std::vector<T> parts(reduce ? static_cast<size_t>(slots * part) : 0, T(0));
   const int64_t vw = cpu::simd_width<T>();
 
-  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+  const double slot_work = double(chunks_per_slot) * sp.images_per_chunk * g.Co * g.K * g.P *
+                           ((dx ? 1 : 0) + (dw ? 1 : 0) + (db ? 0.1 : 0));
+  at::parallel_for(0, slots, grain_for(slot_work), [&](int64_t s0, int64_t s1) {
     for (int64_t slot = s0; slot < s1; ++slot) {
       T* dw_part = reduce ? parts.data() + slot * part : nullptr;
       T* db_part = reduce ? dw_part + g.Co * g.K : nullptr;
@@ -486,7 +1026,7 @@ void conv2d_backward_impl(const Geom& g, const T* dy, const T* x, const T* w, T*
               T* dcol = scratch_ptr<T>(2, g.K * len);
               // dXcol[k, j] = sum_co W[co, k] dY[co, j]
               cpu::gemm<T>(g.K, len, g.Cog, wg, 1, g.K, dyc, ld, 1, dcol, len, 1, false);
-              col2im(g, dcol, len, dxg, in_img, q0, len);
+              col2im_strip(g, dcol, len, dxg, in_img, q0, len);
             }
           }
         }
@@ -531,6 +1071,11 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
       return;
     }
     if (!dx && !dw && !db) return;
+    if (use_batch_inner(g)) {
+      conv2d_backward_inner<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
+                               w.const_data_ptr<T>(), dx, dw, db);
+      return;
+    }
     conv2d_backward_impl<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
                             w.const_data_ptr<T>(), dx, dw, db);
   });

@@ -12,11 +12,14 @@
 //
 // Micro-kernels
 //   op_tile<MR, NV>  C[MR x NV*W] += A[MR x kc] B[kc x NV*W]: per k, NV vector loads of B's row,
-//                    MR broadcasts of A's column, MR*NV FMAs. AVX-512 fp32: 24x16 or 12x32 tiles,
-//                    24 of the 32 zmm registers hold C.
+//                    MR broadcasts of A's column, MR*NV FMAs. AVX-512 fp32: 24x16, 12x32 or 6x64
+//                    tiles, 24 of the 32 zmm registers hold C.
+//   op_tile_ind      the same with A's column and B's row found through per-k pointer tables
+//                    (conv2d's implicit im2col in its batch-innermost layout).
 //   dot_tile<RA, RB> C[RA x RB] += A[RA x K] B^T[RB x K], vectorised along k (A rows and B^T rows
 //                    contiguous): RA+RB vector loads per RA*RB FMAs, one horizontal sum per
 //                    element at the end. Used where both operands run along k (dW = dY^T X).
+//   dot_seg_tile     the same summed over segments whose B rows come from a pointer table.
 //
 // Napkin math (this machine: 2 Zen-class cores with AVX-512; 2 x 512-bit FMA/cycle = 64 fp32
 // FLOP/cycle/core, ~200+ GFLOP/s per core at ~3.5 GHz; L1 48 KB, L2 1 MB per core):
@@ -50,20 +53,26 @@ namespace cpu {
 namespace {
 
 // ---- ISA descriptions ---------------------------------------------------------------------
-// kMR1 / kMR2: rows of the outer-product tile with 1 / 2 vectors of columns; kRA x kRB: the dot
-// tile. Chosen so that accumulators + operands fit the register file (32 zmm; 16 ymm / xmm).
+// kMR1 / kMR2 / kMR4: rows of the outer-product tile with 1 / 2 / 4 vectors of columns; kRA x kRB:
+// the dot tile. Chosen so that accumulators + operands fit the register file (32 zmm; 16 ymm /
+// xmm): e.g. AVX-512 6 x 4 vectors = 24 accumulators + 4 B vectors + 1 broadcast.
 struct IsaAvx512 {
   static constexpr int kBytes = 64;
-  static constexpr int kMR1 = 24, kMR2 = 12, kRA = 6, kRB = 4;
+  static constexpr int kMR1 = 24, kMR2 = 12, kMR4 = 6, kRA = 6, kRB = 4;
 };
 struct IsaAvx2 {
   static constexpr int kBytes = 32;
-  static constexpr int kMR1 = 12, kMR2 = 6, kRA = 3, kRB = 3;
+  static constexpr int kMR1 = 12, kMR2 = 6, kMR4 = 2, kRA = 3, kRB = 3;
 };
 struct IsaSse {
   static constexpr int kBytes = 16;
-  static constexpr int kMR1 = 12, kMR2 = 6, kRA = 3, kRB = 3;
+  static constexpr int kMR1 = 12, kMR2 = 6, kMR4 = 2, kRA = 3, kRB = 3;
 };
+
+template <class Isa>
+constexpr int mr_of(int nv) {
+  return nv == 1 ? Isa::kMR1 : nv == 2 ? Isa::kMR2 : Isa::kMR4;
+}
 
 template <typename T, int W>
 struct Vec {
@@ -97,29 +106,14 @@ constexpr int64_t kKC = 256;
 constexpr int64_t kMCRows = 240;  // multiple of every kMR
 constexpr int64_t kNCPanels = 32;
 
-// ---- Outer-product micro-kernel -----------------------------------------------------------
-// A element (i, k) at a[k * lda + i]; B element (k, j) at b[k * ldb + j], NV*W columns readable.
-// Writes (or adds to) the first nr columns of the MR x NR tile of C.
+// C tile (+)= acc: full vectors when C rows are contiguous and the tile is whole, else through a
+// stack tile (partial panels, transposed C).
 template <class Isa, typename T, int MR, int NV>
-PE_INLINE void op_tile(int64_t kc, const T* __restrict a, int64_t lda, const T* __restrict b,
-                       int64_t ldb, T* __restrict c, int64_t rsc, int64_t csc, int64_t nr,
-                       bool accum) {
+PE_INLINE void store_tile(typename Vec<T, Isa::kBytes / sizeof(T)>::type (&acc)[MR][NV], T* c,
+                          int64_t rsc, int64_t csc, int64_t nr, bool accum) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   constexpr int NR = W * NV;
   using vec = typename Vec<T, W>::type;
-  vec acc[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
-  for (int64_t k = 0; k < kc; ++k) {
-    vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = loadu<T, W>(b + v * W);
-    for (int i = 0; i < MR; ++i) {
-      const T ai = a[i];
-      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
-    }
-    a += lda;
-    b += ldb;
-  }
   if (csc == 1 && nr == NR) {
     for (int i = 0; i < MR; ++i)
       for (int v = 0; v < NV; ++v) {
@@ -140,6 +134,55 @@ PE_INLINE void op_tile(int64_t kc, const T* __restrict a, int64_t lda, const T* 
   }
 }
 
+// ---- Outer-product micro-kernel -----------------------------------------------------------
+// A element (i, k) at a[k * lda + i]; B element (k, j) at b[k * ldb + j], NV*W columns readable.
+// Writes (or adds to) the first nr columns of the MR x NR tile of C.
+template <class Isa, typename T, int MR, int NV>
+PE_INLINE void op_tile(int64_t kc, const T* __restrict a, int64_t lda, const T* __restrict b,
+                       int64_t ldb, T* __restrict c, int64_t rsc, int64_t csc, int64_t nr,
+                       bool accum) {
+  constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
+  using vec = typename Vec<T, W>::type;
+  vec acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
+  for (int64_t k = 0; k < kc; ++k) {
+    vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = loadu<T, W>(b + v * W);
+    for (int i = 0; i < MR; ++i) {
+      const T ai = a[i];
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
+    }
+    a += lda;
+    b += ldb;
+  }
+  store_tile<Isa, T, MR, NV>(acc, c, rsc, csc, nr, accum);
+}
+
+// The same tile with A and B given per k by pointer tables: A element (i, k) at a[k][ai + i],
+// B element (k, j) at b[k][bj + j] (conv2d's implicit im2col in the batch-innermost layout).
+template <class Isa, typename T, int MR, int NV>
+PE_INLINE void op_tile_ind(int64_t kc, const T* const* __restrict a, int64_t ai,
+                           const T* const* __restrict b, int64_t bj, T* __restrict c,
+                           int64_t rsc, int64_t csc, int64_t nr, bool accum) {
+  constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
+  using vec = typename Vec<T, W>::type;
+  vec acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* ak = a[k] + ai;
+    const T* bk = b[k] + bj;
+    vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = loadu<T, W>(bk + v * W);
+    for (int i = 0; i < MR; ++i) {
+      const T ai_k = ak[i];
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai_k * bv[v];
+    }
+  }
+  store_tile<Isa, T, MR, NV>(acc, c, rsc, csc, nr, accum);
+}
+
 // Row-count ladder: a tile of mr rows runs as a few kernels of ladder sizes (greedy, largest
 // first: 23 = 16 + 6 + 1), so only 9 row counts are compiled instead of 24. Each C element is
 // still computed by one kernel, summing over k in order: the split does not change the result.
@@ -158,6 +201,21 @@ PE_INLINE void op_rows(int mr, int64_t kc, const T* a, int64_t lda, const T* b, 
       mr -= R;
     }
     if (mr > 0) op_rows<Isa, T, NV, next_ladder(R)>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);
+  }
+}
+
+template <class Isa, typename T, int NV, int R>
+PE_INLINE void op_rows_ind(int mr, int64_t kc, const T* const* a, int64_t ai, const T* const* b,
+                           int64_t bj, T* c, int64_t rsc, int64_t csc, int64_t nr, bool accum) {
+  if constexpr (R >= 1) {
+    if (mr >= R) {
+      op_tile_ind<Isa, T, R, NV>(kc, a, ai, b, bj, c, rsc, csc, nr, accum);
+      ai += R;
+      c += R * rsc;
+      mr -= R;
+    }
+    if (mr > 0)
+      op_rows_ind<Isa, T, NV, next_ladder(R)>(mr, kc, a, ai, b, bj, c, rsc, csc, nr, accum);
   }
 }
 
@@ -195,7 +253,7 @@ template <class Isa, typename T, int NV>
 void op_driver(const Problem<T>& p) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   constexpr int NR = W * NV;
-  constexpr int MR = NV == 1 ? Isa::kMR1 : Isa::kMR2;
+  constexpr int MR = mr_of<Isa>(NV);
   constexpr int64_t NC = NR * kNCPanels;
   const bool a_direct = p.rsa == 1;
   const bool b_direct = p.csb == 1;
@@ -269,10 +327,13 @@ void op_driver(const Problem<T>& p) {
               lda = MR;
             }
             T* cp = p.C + (ic + ir) * p.rsc + (jc + j0) * p.csc;
+            // The narrowest kernel that covers the panel (a partial last one may be narrower).
             if (NV == 1 || nr <= W)
               Kern<Isa, T>::op1(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum);
-            else
+            else if (NV == 2 || nr <= 2 * W)
               Kern<Isa, T>::op2(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum);
+            else
+              Kern<Isa, T>::op4(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum);
           }
         }
       }
@@ -326,6 +387,57 @@ PE_INLINE void dot_tile(int ra, int rb, int64_t K, const T* a, int64_t lda, cons
     }
 }
 
+// Dot products over segments: C[i, j] (+)= sum_s sum_t A[i * rsa + s * sa + t] * b[s * ldbt + j][t]
+// for t < len (conv2d's grad_weight in the batch-innermost layout: a segment per output pixel, t
+// over the batch). Edge tiles repeat their last row / column, as dot_tile.
+template <class Isa, typename T, int RA, int RB>
+PE_INLINE void dot_seg_tile(int ra, int rb, int64_t nseg, int64_t len, const T* a, int64_t rsa,
+                            int64_t sa, const T* const* b, int64_t ldbt, T* __restrict c,
+                            int64_t rsc, int64_t csc, bool accum) {
+  constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
+  using vec = typename Vec<T, W>::type;
+  vec acc[RA][RB];
+  for (int i = 0; i < RA; ++i)
+    for (int j = 0; j < RB; ++j) acc[i][j] = vec{};
+  int64_t arow[RA];
+  int jcol[RB];
+  for (int i = 0; i < RA; ++i) arow[i] = std::min(i, ra - 1) * rsa;
+  for (int j = 0; j < RB; ++j) jcol[j] = std::min(j, rb - 1);
+  const int64_t full = len / W * W;
+  for (int64_t s = 0; s < nseg; ++s) {
+    const T* as = a + s * sa;
+    const T* const* bs = b + s * ldbt;
+    const T* br[RB];
+    for (int j = 0; j < RB; ++j) br[j] = bs[jcol[j]];
+    for (int64_t t = 0; t < full; t += W) {
+      vec bv[RB];
+      for (int j = 0; j < RB; ++j) bv[j] = loadu<T, W>(br[j] + t);
+      for (int i = 0; i < RA; ++i) {
+        const vec av = loadu<T, W>(as + arow[i] + t);
+        for (int j = 0; j < RB; ++j) acc[i][j] += av * bv[j];
+      }
+    }
+    if (full < len) {  // zero-padded tail vector
+      alignas(64) T ta[RA][W];
+      alignas(64) T tb[RB][W];
+      for (int i = 0; i < RA; ++i)
+        for (int l = 0; l < W; ++l) ta[i][l] = full + l < len ? as[arow[i] + full + l] : T(0);
+      for (int j = 0; j < RB; ++j)
+        for (int l = 0; l < W; ++l) tb[j][l] = full + l < len ? br[j][full + l] : T(0);
+      for (int i = 0; i < RA; ++i) {
+        const vec av = loadu<T, W>(ta[i]);
+        for (int j = 0; j < RB; ++j) acc[i][j] += av * loadu<T, W>(tb[j]);
+      }
+    }
+  }
+  for (int i = 0; i < ra; ++i)
+    for (int j = 0; j < rb; ++j) {
+      const T sum = hsum<T, W>(acc[i][j]);
+      T* cp = c + i * rsc + j * csc;
+      *cp = accum ? *cp + sum : sum;
+    }
+}
+
 // Needs p.csa == 1 and p.rsb == 1. Columns are blocked so that the B^T rows of a block stay in L2.
 template <class Isa, typename T>
 void dot_driver(const Problem<T>& p) {
@@ -345,6 +457,70 @@ void dot_driver(const Problem<T>& p) {
   }
 }
 
+// Outer-product tiles over pointer-table operands. Panels are whole vectors (NR, 2W or W wide,
+// greedily), so B rows are never read past N rounded down to W; the last < W columns go through
+// a zero-padded copy.
+template <class Isa, typename T, int NV>
+void ind_driver(int64_t M, int64_t N, int64_t K, const T* const* a, const T* const* b, T* C,
+                int64_t rsc, int64_t csc, bool accumulate) {
+  constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
+  constexpr int MR = mr_of<Isa>(NV);
+  thread_local std::vector<T> tail;
+  thread_local std::vector<const T*> tail_rows;
+  for (int64_t pc = 0; pc < K; pc += kKC) {
+    const int64_t kc = std::min(kKC, K - pc);
+    const bool accum = accumulate || pc > 0;
+    for (int64_t j = 0; j < N;) {
+      const int64_t rem = N - j;
+      const int nv = rem >= NV * W ? NV : rem >= 2 * W && NV >= 2 ? 2 : rem >= W ? 1 : 0;
+      const T* const* bp = b + pc;
+      int64_t bj = j, nr = int64_t(nv) * W;
+      if (nv == 0) {  // fewer than W columns left
+        tail.assign(static_cast<size_t>(kc * W), T(0));
+        tail_rows.resize(static_cast<size_t>(kc));
+        for (int64_t k = 0; k < kc; ++k) {
+          for (int64_t t = 0; t < rem; ++t) tail[k * W + t] = b[pc + k][j + t];
+          tail_rows[k] = tail.data() + k * W;
+        }
+        bp = tail_rows.data();
+        bj = 0;
+        nr = rem;
+      }
+      for (int64_t i0 = 0; i0 < M; i0 += MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, M - i0));
+        T* cp = C + i0 * rsc + j * csc;
+        if (nv == 4)
+          Kern<Isa, T>::template ind<4>(mr, kc, a + pc, i0, bp, bj, cp, rsc, csc, nr, accum);
+        else if (nv == 2)
+          Kern<Isa, T>::template ind<2>(mr, kc, a + pc, i0, bp, bj, cp, rsc, csc, nr, accum);
+        else
+          Kern<Isa, T>::template ind<1>(mr, kc, a + pc, i0, bp, bj, cp, rsc, csc, nr, accum);
+      }
+      j += nv == 0 ? rem : nr;
+    }
+  }
+}
+
+template <class Isa, typename T>
+void dotseg_driver(int64_t M, int64_t N, int64_t nseg, int64_t len, const T* A, int64_t rsa,
+                   int64_t sa, const T* const* b, T* C, int64_t rsc, int64_t csc,
+                   bool accumulate) {
+  constexpr int RA = Isa::kRA, RB = Isa::kRB;
+  const int64_t tm = (M + RA - 1) / RA, tn = (N + RB - 1) / RB;
+  // Tiles are independent (each sums all segments in order): split them by shape only.
+  const double work = double(nseg) * double(len) * RA * RB;
+  const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(65536.0 / std::max(1.0, work)));
+  at::parallel_for(0, tm * tn, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = (t / tn) * RA, j0 = (t % tn) * RB;
+      Kern<Isa, T>::dotseg(static_cast<int>(std::min<int64_t>(RA, M - i0)),
+                           static_cast<int>(std::min<int64_t>(RB, N - j0)), nseg, len,
+                           A + i0 * rsa, rsa, sa, b + j0, N, C + i0 * rsc + j0 * csc, rsc, csc,
+                           accumulate);
+    }
+  });
+}
+
 // ---- Plans --------------------------------------------------------------------------------
 
 enum class Kind : int { OpN = 0, OpT = 1, Dot = 2 };
@@ -355,12 +531,13 @@ struct Plan {
 
 struct IsaInfo {
   const char* name;
-  int bytes, mr1, mr2, ra, rb;
+  int bytes, mr1, mr2, mr4, ra, rb;
+  int mr(int nv) const { return nv == 1 ? mr1 : nv == 2 ? mr2 : mr4; }
 };
 
 template <class Isa>
 constexpr IsaInfo info_of(const char* name) {
-  return {name, Isa::kBytes, Isa::kMR1, Isa::kMR2, Isa::kRA, Isa::kRB};
+  return {name, Isa::kBytes, Isa::kMR1, Isa::kMR2, Isa::kMR4, Isa::kRA, Isa::kRB};
 }
 
 // Rough cycle counts; only their order matters. Measured on this machine's cores: 2 FMAs per
@@ -369,7 +546,7 @@ constexpr IsaInfo info_of(const char* name) {
 // tile is broadcast-bound at about half of it; packing (a transposing copy) costs ~1 per element.
 double op_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K, bool pack_a,
                bool pack_b, bool c_strided, int nv) {
-  const int mr_max = nv == 1 ? isa.mr1 : isa.mr2;
+  const int mr_max = isa.mr(nv);
   const int64_t nr_max = int64_t(w) * nv;
   auto tile = [&](int64_t mr, int64_t vecs) {
     const double step = std::max({4.0, 0.5 * double(mr * vecs), double(mr) + 0.5 * double(vecs)});
@@ -382,7 +559,7 @@ double op_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K, bool 
   };
   const int64_t full = N / nr_max, tail = N % nr_max;
   double cost = double(full) * panel(nv);
-  if (tail) cost += panel(nv == 2 && tail <= w ? 1 : nv);
+  if (tail) cost += panel(tail <= w ? 1 : tail <= 2 * w ? std::min(2, nv) : nv);
   const double n_blocks = std::ceil(double(N) / double(nr_max * kNCPanels));
   if (pack_a) cost += double(M) * double(K) * n_blocks;
   if (pack_b) cost += double(K) * double(N);
@@ -417,7 +594,7 @@ Plan make_plan(const IsaInfo& isa, const Problem<T>& p) {
       best_cost = cost;
     }
   };
-  for (int nv = 2; nv >= 1; --nv) {
+  for (int nv : {4, 2, 1}) {
     // C = A B: the kernel broadcasts A (wants rsa == 1), loads B rows (wants csb == 1).
     consider({Kind::OpN, nv},
              op_cost(isa, w, p.M, p.N, p.K, p.rsa != 1, p.csb != 1, p.csc != 1, nv));
@@ -433,18 +610,17 @@ template <class Isa, typename T>
 void run_plan(const Problem<T>& p, Plan plan) {
   switch (plan.kind) {
     case Kind::OpN:
-      if (plan.nv == 1)
-        op_driver<Isa, T, 1>(p);
-      else
-        op_driver<Isa, T, 2>(p);
-      break;
     case Kind::OpT: {
-      const Problem<T> t{p.N, p.M, p.K, p.B, p.csb, p.rsb, p.A, p.csa, p.rsa,
-                         p.C, p.csc, p.rsc, p.accumulate};
+      const Problem<T> t = plan.kind == Kind::OpN
+                               ? p
+                               : Problem<T>{p.N, p.M, p.K, p.B, p.csb, p.rsb, p.A, p.csa,
+                                            p.rsa, p.C, p.csc, p.rsc, p.accumulate};
       if (plan.nv == 1)
         op_driver<Isa, T, 1>(t);
-      else
+      else if (plan.nv == 2)
         op_driver<Isa, T, 2>(t);
+      else
+        op_driver<Isa, T, 4>(t);
       break;
     }
     case Kind::Dot:
@@ -475,6 +651,27 @@ void run_plan(const Problem<T>& p, Plan plan) {
                                                      int64_t nr, bool accum) {                \
       op_rows<ISA, T, 2, ISA::kMR2>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);          \
     }                                                                                         \
+    TARGET __attribute__((noinline)) static void op4(int mr, int64_t kc, const T* a,          \
+                                                     int64_t lda, const T* b, int64_t ldb,    \
+                                                     T* c, int64_t rsc, int64_t csc,          \
+                                                     int64_t nr, bool accum) {                \
+      op_rows<ISA, T, 4, ISA::kMR4>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);          \
+    }                                                                                         \
+    template <int NV>                                                                         \
+    TARGET __attribute__((noinline)) static void ind(int mr, int64_t kc, const T* const* a,   \
+                                                     int64_t ai, const T* const* b,           \
+                                                     int64_t bj, T* c, int64_t rsc,           \
+                                                     int64_t csc, int64_t nr, bool accum) {   \
+      op_rows_ind<ISA, T, NV, mr_of<ISA>(NV)>(mr, kc, a, ai, b, bj, c, rsc, csc, nr, accum);  \
+    }                                                                                         \
+    TARGET __attribute__((noinline)) static void dotseg(int ra, int rb, int64_t nseg,         \
+                                                        int64_t len, const T* a, int64_t rsa, \
+                                                        int64_t sa, const T* const* b,        \
+                                                        int64_t ldbt, T* c, int64_t rsc,      \
+                                                        int64_t csc, bool accum) {            \
+      dot_seg_tile<ISA, T, ISA::kRA, ISA::kRB>(ra, rb, nseg, len, a, rsa, sa, b, ldbt, c, rsc, \
+                                               csc, accum);                                   \
+    }                                                                                         \
     TARGET __attribute__((noinline)) static void dot(int ra, int rb, int64_t K, const T* a,   \
                                                      int64_t lda, const T* b, int64_t ldb,    \
                                                      T* c, int64_t rsc, int64_t csc,          \
@@ -499,15 +696,16 @@ void run_sse_f(const Problem<float>& p, Plan plan) { run_plan<IsaSse, float>(p, 
 void run_sse_d(const Problem<double>& p, Plan plan) { run_plan<IsaSse, double>(p, plan); }
 
 struct Backend {
+  int id;  // 0 avx512, 1 avx2, 2 default
   IsaInfo info;
   void (*run_f)(const Problem<float>&, Plan);
   void (*run_d)(const Problem<double>&, Plan);
 };
 
 Backend pick_backend() {
-  const Backend avx512{info_of<IsaAvx512>("avx512"), run_avx512_f, run_avx512_d};
-  const Backend avx2{info_of<IsaAvx2>("avx2"), run_avx2_f, run_avx2_d};
-  const Backend sse{info_of<IsaSse>("default"), run_sse_f, run_sse_d};
+  const Backend avx512{0, info_of<IsaAvx512>("avx512"), run_avx512_f, run_avx512_d};
+  const Backend avx2{1, info_of<IsaAvx2>("avx2"), run_avx2_f, run_avx2_d};
+  const Backend sse{2, info_of<IsaSse>("default"), run_sse_f, run_sse_d};
   __builtin_cpu_init();
   const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
@@ -524,6 +722,20 @@ Backend pick_backend() {
 const Backend& backend() {
   static const Backend b = pick_backend();
   return b;
+}
+
+template <typename F>
+void with_isa(F&& f) {
+  switch (backend().id) {
+    case 0:
+      f(IsaAvx512{});
+      break;
+    case 1:
+      f(IsaAvx2{});
+      break;
+    default:
+      f(IsaSse{});
+  }
 }
 
 template <typename T>
@@ -552,7 +764,7 @@ template <typename T>
 void transpose_copy(int64_t R, int64_t C, const T* src, int64_t srs, int64_t scs, T* dst,
                     int64_t drs, int64_t dcs) {
   constexpr int64_t kB = 32;
-  at::parallel_for(0, (R + kB - 1) / kB, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C)),
+  at::parallel_for(0, (R + kB - 1) / kB, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, C * kB)),
                    [&](int64_t b0, int64_t b1) {
     for (int64_t r0 = b0 * kB; r0 < std::min(R, b1 * kB); r0 += kB)
       for (int64_t c0 = 0; c0 < C; c0 += kB) {
@@ -605,7 +817,7 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
     ru = isa.ra;
     cu = isa.rb;
   } else {
-    const int64_t mr = plan.nv == 1 ? isa.mr1 : isa.mr2, nr = w * plan.nv;
+    const int64_t mr = isa.mr(plan.nv), nr = w * plan.nv;
     ru = plan.kind == Kind::OpN ? mr : nr;
     cu = plan.kind == Kind::OpN ? nr : mr;
   }
@@ -641,6 +853,55 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
 }
 
 template <typename T>
+void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* const* b, T* C,
+                   int64_t rsc, int64_t csc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) C[i * rsc + j * csc] = T(0);
+    return;
+  }
+  // Tile width from the cost model (no packing here), from the shapes only.
+  const IsaInfo& isa = backend().info;
+  const int w = isa.bytes / static_cast<int>(sizeof(T));
+  int nv = 1;
+  double best = -1;
+  for (int v : {4, 2, 1}) {
+    const double c = op_cost(isa, w, M, N, K, false, false, csc != 1, v);
+    if (best < 0 || c < best) {
+      best = c;
+      nv = v;
+    }
+  }
+  with_isa([&](auto tag) {
+    using Isa = decltype(tag);
+    if (nv == 4)
+      ind_driver<Isa, T, 4>(M, N, K, a, b, C, rsc, csc, accumulate);
+    else if (nv == 2)
+      ind_driver<Isa, T, 2>(M, N, K, a, b, C, rsc, csc, accumulate);
+    else
+      ind_driver<Isa, T, 1>(M, N, K, a, b, C, rsc, csc, accumulate);
+  });
+}
+
+template <typename T>
+void gemm_dot_segments(int64_t M, int64_t N, int64_t nseg, int64_t len, const T* A, int64_t rsa,
+                       int64_t sa, const T* const* b, T* C, int64_t rsc, int64_t csc,
+                       bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (nseg <= 0 || len <= 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) C[i * rsc + j * csc] = T(0);
+    return;
+  }
+  with_isa([&](auto tag) {
+    dotseg_driver<decltype(tag), T>(M, N, nseg, len, A, rsa, sa, b, C, rsc, csc, accumulate);
+  });
+}
+
+template <typename T>
 int64_t simd_width() {
   return backend().info.bytes / static_cast<int64_t>(sizeof(T));
 }
@@ -652,6 +913,10 @@ const char* gemm_isa() { return backend().info.name; }
                         int64_t, int64_t, T*, int64_t, int64_t, bool);                        \
   template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t,       \
                                  const T*, int64_t, int64_t, T*, int64_t, int64_t, bool);     \
+  template void gemm_indirect<T>(int64_t, int64_t, int64_t, const T* const*, const T* const*,  \
+                                 T*, int64_t, int64_t, bool);                                \
+  template void gemm_dot_segments<T>(int64_t, int64_t, int64_t, int64_t, const T*, int64_t,     \
+                                     int64_t, const T* const*, T*, int64_t, int64_t, bool);   \
   template int64_t simd_width<T>();
 PE_INSTANTIATE(float)
 PE_INSTANTIATE(double)

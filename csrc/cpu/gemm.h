@@ -1,5 +1,5 @@
 #pragma once
-// pyengine's one CPU matrix multiply, shared by conv2d (im2col + GEMM) and linear.
+// pyengine's one CPU matrix multiply, shared by conv2d and linear.
 //
 //   C[i, j] (+)= sum_k A[i, k] * B[k, j]      0 <= i < M, 0 <= j < N, 0 <= k < K
 //
@@ -42,6 +42,22 @@ template <typename T>
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa,
                    const T* B, int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc,
                    bool accumulate);
+
+// Outer product over pointer tables (single-threaded): C[i, j] (+)= sum_k a[k][i] * b[k][j], where
+// a[k] holds M and b[k] N contiguous elements. conv2d's implicit im2col: with the batch innermost,
+// the rows of a convolution tap are contiguous vectors anywhere in the input, so the table lists
+// them (and can leave out taps that fall in the padding) instead of copying them.
+template <typename T>
+void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* const* b, T* C,
+                   int64_t rsc, int64_t csc, bool accumulate);
+
+// Dot products over segments, split over tiles of C with at::parallel_for (by shape only):
+// C[i, j] (+)= sum over s < nseg, t < len of A[i * rsa + s * sa + t] * b[s * N + j][t].
+// conv2d's grad_weight with the batch innermost: a segment per output pixel, t over the batch.
+template <typename T>
+void gemm_dot_segments(int64_t M, int64_t N, int64_t nseg, int64_t len, const T* A, int64_t rsa,
+                       int64_t sa, const T* const* b, T* C, int64_t rsc, int64_t csc,
+                       bool accumulate);
 
 // Elements per SIMD vector of the ISA in use (16 floats with AVX-512): lets callers pad their
 // scratch rows so that dot-kernel reductions need no tail.
