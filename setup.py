@@ -12,6 +12,7 @@ Build in place (the test command does this): pip install --no-build-isolation -e
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -54,6 +55,12 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No -march=native: the wheel must run on any x86-64; hot loops pick their ISA at run time.
     cxx = opt + ["-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+    # at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp it quietly
+    # runs on one thread. The extension then shares torch's own OpenMP runtime.
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(HERE, "csrc")]
     if want_cuda():
@@ -65,9 +72,10 @@ def extension():
             include_dirs=include_dirs,
             define_macros=[("PYENGINE_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
     return CppExtension("pyengine._C", srcs, include_dirs=include_dirs,
-                        extra_compile_args={"cxx": cxx})
+                        extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(

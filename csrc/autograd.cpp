@@ -39,6 +39,14 @@ std::vector<int64_t> saved_ints(AutogradContext* ctx, const char* key) {
   return ctx->saved_data[key].toIntVector();
 }
 
+// Which of (input, weight, bias) need gradients. needs_input_grad counts only the tensors that
+// were passed, so an absent bias has no index of its own.
+std::array<bool, 3> grad_mask(AutogradContext* ctx) {
+  const bool has_bias = ctx->saved_data["has_bias"].toBool();
+  return {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+          has_bias && ctx->needs_input_grad(2)};
+}
+
 // ---- Convolution --------------------------------------------------------------------------
 
 struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
@@ -51,12 +59,12 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["dilation"] = dilation.vec();
     ctx->saved_data["groups"] = groups;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return conv2d_op().call(input, weight, bias, stride, padding, dilation, groups);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                ctx->needs_input_grad(2)};
+    const std::array<bool, 3> mask = grad_mask(ctx);
     auto [grad_input, grad_weight, grad_bias] = conv2d_backward_op().call(
         grads[0], saved[0], saved[1], saved_ints(ctx, "stride"), saved_ints(ctx, "padding"),
         saved_ints(ctx, "dilation"), ctx->saved_data["groups"].toInt(), mask);
@@ -91,9 +99,13 @@ struct MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
     ctx->saved_data["dilation"] = dilation.vec();
     ctx->saved_data["ceil_mode"] = ceil_mode;
     ctx->mark_non_differentiable({indices});
+    // Otherwise autograd zero-fills a gradient for `indices` (int64, as large as the output)
+    // on every backward pass, only for it to be ignored.
+    ctx->set_materialize_grads(false);
     return {output, indices};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(6);  // the output was not used
     auto saved = ctx->get_saved_variables();
     Tensor grad_input = max_pool2d_backward_op().call(
         grads[0], saved[0], saved[1], saved_ints(ctx, "kernel_size"), saved_ints(ctx, "stride"),
@@ -135,12 +147,12 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
                         const OptTensor& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({input, weight});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return linear_op().call(input, weight, bias);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                ctx->needs_input_grad(2)};
+    const std::array<bool, 3> mask = grad_mask(ctx);
     auto [grad_input, grad_weight, grad_bias] =
         linear_backward_op().call(grads[0], saved[0], saved[1], mask);
     return {grad_input, grad_weight, grad_bias};

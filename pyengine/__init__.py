@@ -3,6 +3,7 @@
     import pyengine.functional as PF     # same signatures as torch.nn.functional
     import pyengine.nn as pnn            # drop-in twins of torch.nn modules
     model = pyengine.convert(model)      # swap a model's torch.nn layers for pyengine's
+    with pyengine.patch(): ...           # route torch.nn.functional calls to pyengine
 
 The operators themselves are torch.ops.pyengine.* (schemas in csrc/ops.cpp).
 """
@@ -11,7 +12,8 @@ from ._loader import load_extension as _load_extension
 _C = _load_extension()
 
 from . import functional, nn  # noqa: E402
-from .convert import convert  # noqa: E402
+from .convert import convert, disable, enable, is_enabled, patch  # noqa: E402
+from . import models  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "convert"]
+__all__ = ["functional", "nn", "models", "convert", "patch", "enable", "disable", "is_enabled"]

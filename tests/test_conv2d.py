@@ -81,29 +81,12 @@ def make(cfg, dtype, device, requires_grad=True):
     return x, w, b, kw
 
 
-# The shared C++ autograd (csrc/autograd.cpp) raises "Index out of range" in backward when bias
-# is None (it asks needs_input_grad(2) of an input that is not a tensor): test_autograd_no_bias
-# records it. Until it is fixed, bias-less cases check the backward op itself, called directly.
-AUTOGRAD_NO_BIAS_BUG = "shared csrc/autograd.cpp: backward with bias=None raises Index out of range"
-
-
 def compare(x, w, b, kw, dtype, **tol):
-    """Forward and gradients against torch: through autograd when there is a bias, else the
-    forward op and then the backward op directly (see AUTOGRAD_NO_BIAS_BUG)."""
-    if b is not None:
-        return helpers.compare_with_torch(lambda x, w, b: ours(x, w, b, **kw),
-                                          lambda x, w, b: theirs(x, w, b, **kw), [x, w, b],
-                                          dtype, **tol)
-    xr, wr = (t.detach().clone().requires_grad_() for t in (x, w))
-    y, yr = ours(x.detach(), w.detach(), None, **kw), theirs(xr, wr, None, **kw)
-    helpers.assert_close(y, yr, dtype, **tol)
-    g = torch.randn_like(yr)
-    yr.backward(g)
-    gi, gw, gb = backward(g, x.detach(), w.detach(), mask=(True, True, False), **kw)
-    assert gb is None
-    helpers.assert_close(gi, xr.grad, dtype, **tol)
-    helpers.assert_close(gw, wr.grad, dtype, **tol)
-    return y
+    """Forward and gradients (through autograd) against torch."""
+    leaves = [x, w] + ([b] if b is not None else [])
+    return helpers.compare_with_torch(lambda x, w, b=None: ours(x, w, b, **kw),
+                                      lambda x, w, b=None: theirs(x, w, b, **kw), leaves,
+                                      dtype, **tol)
 
 
 # ---- Against torch, forward and gradients --------------------------------------------------
@@ -127,7 +110,6 @@ def test_random_batched_configs(i, dtype, device):
     compare(x, w, b, kw, dtype, **(dict(atol=1e-4) if dtype == torch.float32 else {}))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=AUTOGRAD_NO_BIAS_BUG)
 def test_autograd_no_bias():
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -315,9 +297,9 @@ def test_autograd_asks_only_for_needed_grads(device):
 def test_gradcheck(seed):
     cfg = random_config(random.Random(seed))
     cfg["batch"] = min(cfg["batch"] or 1, 2)
-    cfg["bias"] = True  # AUTOGRAD_NO_BIAS_BUG
     x, w, b, kw = make(cfg, torch.float64, "cpu")
-    assert torch.autograd.gradcheck(lambda x, w, b: ours(x, w, b, **kw), (x, w, b))
+    leaves = (x, w) + ((b,) if b is not None else ())
+    assert torch.autograd.gradcheck(lambda x, w, b=None: ours(x, w, b, **kw), leaves)
 
 
 @devices

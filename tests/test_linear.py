@@ -43,27 +43,10 @@ def make(cfg, dtype, device, requires_grad=True):
     return x, w, b
 
 
-# The shared C++ autograd (csrc/autograd.cpp) raises "Index out of range" in backward when bias
-# is None (it asks needs_input_grad(2) of an input that is not a tensor): test_autograd_no_bias
-# records it. Until it is fixed, bias-less cases check the backward op itself, called directly.
-AUTOGRAD_NO_BIAS_BUG = "shared csrc/autograd.cpp: backward with bias=None raises Index out of range"
-
-
 def compare(x, w, b, dtype, **tol):
-    """Forward and gradients against torch: through autograd when there is a bias, else the
-    forward op and then the backward op directly (see AUTOGRAD_NO_BIAS_BUG)."""
-    if b is not None:
-        return helpers.compare_with_torch(ours, F.linear, [x, w, b], dtype, **tol)
-    xr, wr = (t.detach().clone().requires_grad_() for t in (x, w))
-    y, yr = ours(x.detach(), w.detach()), F.linear(xr, wr)
-    helpers.assert_close(y, yr, dtype, **tol)
-    g = torch.randn_like(yr)
-    yr.backward(g)
-    gi, gw, gb = OPS.linear_backward(g, x.detach(), w.detach(), [True, True, False])
-    assert gb is None
-    helpers.assert_close(gi, xr.grad, dtype, **tol)
-    helpers.assert_close(gw, wr.grad, dtype, **tol)
-    return y
+    """Forward and gradients (through autograd) against torch."""
+    return helpers.compare_with_torch(ours, F.linear, [x, w] + ([b] if b is not None else []),
+                                      dtype, **tol)
 
 
 # ---- Against torch, forward and gradients --------------------------------------------------
@@ -78,7 +61,6 @@ def test_random_configs(i, dtype, device):
     assert y.shape == (*CONFIGS[i]["lead"], CONFIGS[i]["outf"]) and y.is_contiguous()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=AUTOGRAD_NO_BIAS_BUG)
 def test_autograd_no_bias():
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
@@ -222,11 +204,12 @@ def test_output_mask(mask, device):
 
 @devices
 def test_gradcheck(device):
-    for lead in ((3,), (2, 3), ()):  # bias always: AUTOGRAD_NO_BIAS_BUG
+    for lead in ((3,), (2, 3), ()):
         x = torch.randn(*lead, 5, dtype=torch.float64, device=device, requires_grad=True)
         w = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
         b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
         assert torch.autograd.gradcheck(ours, (x, w, b))
+        assert torch.autograd.gradcheck(ours, (x, w))
 
 
 @devices

@@ -13,10 +13,11 @@ template <typename T>
 PE_HOST_DEVICE inline T relu_fwd(T x) {
   return (x > T(0) || x != x) ? x : T(0);
 }
-// d relu / dx from the result: 1 where the result is positive (0 at 0 and at NaN, as torch).
+// d relu / dx from the result, as torch's threshold_backward: 0 where the result is <= 0, the
+// incoming gradient elsewhere (NaN included: NaN <= 0 is false, so the gradient passes).
 template <typename T>
 PE_HOST_DEVICE inline T relu_bwd(T grad, T result) {
-  return result > T(0) ? grad : T(0);
+  return result <= T(0) ? T(0) : grad;
 }
 
 template <typename T>
@@ -62,11 +63,13 @@ template <typename T>
 PE_HOST_DEVICE inline T bce_term(T p, T y) {
   return -(y * clamped_log(p) + (T(1) - y) * clamped_log(T(1) - p));
 }
-// d bce / dp = (p - y) / (p (1 - p)); torch bounds the denominator below by 1e-12.
+// d bce / dp = (p - y) / (p (1 - p)); torch bounds the denominator below by 1e-12 written as a
+// float constant (1e-12f), in float64 too: the same constant keeps float64 results equal.
 template <typename T>
 PE_HOST_DEVICE inline T bce_grad(T p, T y) {
+  const T eps = static_cast<T>(1e-12f);
   T denom = (T(1) - p) * p;
-  if (denom < T(1e-12)) denom = T(1e-12);
+  if (denom < eps) denom = eps;
   return (p - y) / denom;
 }
 

@@ -1,0 +1,403 @@
+"""pyengine's benchmark suite: per-op and per-network timings against torch eager and
+torch.compile (and, on a GPU, both under CUDA graphs), written as one CSV schema plus a markdown
+table and plots.
+
+    python -m benchmarks [--device cpu|cuda] [--quick] [--out benchmarks/results/<machine>]
+
+Every case is timed for every contender in the same process, interleaved, after warm-up:
+median and p10/p90 of many runs (CUDA: device events). TF32 is off for torch, since pyengine's
+kernels compute in plain fp32.
+"""
+import argparse
+import csv
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as TF
+
+import pyengine.functional as PF
+from benchmarks.timing import Timing, time_fn
+from pyengine.models import MLP, BinaryClassifier, LeNet, layers
+
+CSV_FIELDS = ["machine", "device", "torch", "commit", "date", "kind", "case", "batch", "pass",
+              "contender", "median_ms", "p10_ms", "p90_ms", "runs"]
+
+
+@dataclass
+class Case:
+    kind: str              # "op" or "network"
+    name: str              # e.g. "conv2d 1->6 5x5 @32" or "lenet"
+    batch: int
+    pass_: str             # "forward", "backward", "forward+backward", "inference", "train_step"
+    make: Callable[[str, str], Optional[Callable[[], object]]]  # (contender, device) -> fn
+
+
+# ---- contenders ---------------------------------------------------------------------------
+
+def _graphed(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """fn captured in a CUDA graph (after warm-up on a side stream); returns the replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def contenders(device: str, with_compile: bool) -> List[str]:
+    names = ["pyengine", "torch"]
+    if with_compile:
+        names.append("torch.compile")
+    if device.startswith("cuda"):
+        names += ["pyengine+graph", "torch+graph"]
+    return names
+
+
+# ---- per-op cases -------------------------------------------------------------------------
+
+def _op_case(name, batch, pass_, build):
+    """build(functional_module, device) -> (forward fn taking no args, tensors needing grads).
+    The forward/backward/both variants are derived from it."""
+
+    def make(contender, device):
+        base = contender.split("+")[0]
+        if base == "torch.compile":
+            fwd_builder = lambda: build(TF, device)  # noqa: E731
+        else:
+            fwd_builder = lambda: build(PF if base == "pyengine" else TF, device)  # noqa: E731
+        forward, leaves = fwd_builder()
+        if base == "torch.compile":
+            forward = torch.compile(forward, dynamic=False)
+        if pass_ == "forward":
+            fn = lambda: forward()  # noqa: E731
+            with torch.no_grad():
+                fn()
+            run = _no_grad(fn)
+        elif pass_ == "backward":
+            out = forward()
+            grad = torch.randn_like(out)
+            run = lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)  # noqa: E731
+        else:
+            def run():
+                out = forward()
+                return torch.autograd.grad(out, leaves, torch.ones_like(out))
+        if contender.endswith("+graph"):
+            return _graphed(run, device)
+        return run
+
+    return Case("op", name, batch, pass_, make)
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
+def _rand(*shape, device, grad=False):
+    return torch.randn(*shape, device=device, requires_grad=grad)
+
+
+def op_cases(quick: bool) -> List[Case]:
+    cases = []
+    passes = ["forward", "backward", "forward+backward"]
+    conv_shapes = [("conv2d 1->6 5x5 @32", 1, 6, 5, 32), ("conv2d 6->16 5x5 @14", 6, 16, 5, 14),
+                   ("conv2d 3->64 3x3 @32", 3, 64, 3, 32), ("conv2d 64->64 3x3 @32", 64, 64, 3, 32)]
+    for label, cin, cout, k, size in conv_shapes:
+        batch = 64 if cin < 64 else 16
+
+        def build(F, device, cin=cin, cout=cout, k=k, size=size, batch=batch):
+            x = _rand(batch, cin, size, size, device=device, grad=True)
+            w = _rand(cout, cin, k, k, device=device, grad=True)
+            b = _rand(cout, device=device, grad=True)
+            pad = 1 if k == 3 else 0
+            return (lambda: F.conv2d(x, w, b, 1, pad)), [x, w, b]
+
+        cases += [_op_case(label, batch, p, build) for p in passes]
+
+    def pool_build(F, device):
+        x = _rand(64, 6, 28, 28, device=device, grad=True)
+        return (lambda: F.max_pool2d(x, 2)), [x]
+
+    cases += [_op_case("max_pool2d 6x28x28 k2", 64, p, pool_build) for p in passes]
+
+    for label, fin, fout, batch in (("linear 400->120", 400, 120, 256),
+                                    ("linear 784->256", 784, 256, 256)):
+        def build(F, device, fin=fin, fout=fout, batch=batch):
+            x = _rand(batch, fin, device=device, grad=True)
+            w = _rand(fout, fin, device=device, grad=True)
+            b = _rand(fout, device=device, grad=True)
+            return (lambda: F.linear(x, w, b)), [x, w, b]
+
+        cases += [_op_case(label, batch, p, build) for p in passes]
+
+    n = 64 * 6 * 28 * 28
+    for act in ("relu", "leaky_relu", "sigmoid", "tanh"):
+        def build(F, device, act=act):
+            x = _rand(n, device=device, grad=True)
+            fn = getattr(F, act)
+            return (lambda: fn(x)), [x]
+
+        cases += [_op_case(f"{act} {n}", 1, p, build) for p in passes]
+    for act in ("softmax", "log_softmax"):
+        def build(F, device, act=act):
+            x = _rand(256, 1000, device=device, grad=True)
+            fn = getattr(F, act)
+            return (lambda: fn(x, dim=1)), [x]
+
+        cases += [_op_case(f"{act} 256x1000", 256, p, build) for p in passes]
+
+    def mse_build(F, device):
+        x, t = _rand(256, 10, device=device, grad=True), _rand(256, 10, device=device)
+        return (lambda: F.mse_loss(x, t)), [x]
+
+    def bce_build(F, device):
+        p = torch.rand(256, 10, device=device).clamp(0.01, 0.99).requires_grad_()
+        t = torch.rand(256, 10, device=device)
+        return (lambda: F.binary_cross_entropy(p, t)), [p]
+
+    def ce_build(F, device):
+        x = _rand(256, 10, device=device, grad=True)
+        t = torch.randint(0, 10, (256,), device=device)
+        return (lambda: F.cross_entropy(x, t)), [x]
+
+    for label, build in (("mse_loss 256x10", mse_build), ("binary_cross_entropy 256x10", bce_build),
+                         ("cross_entropy 256x10", ce_build)):
+        cases += [_op_case(label, 256, p, build) for p in passes]
+    if quick:
+        cases = [c for c in cases if c.pass_ == "forward+backward"]
+    return cases
+
+
+# ---- per-network cases --------------------------------------------------------------------
+
+NETWORKS = {
+    "lenet": (lambda backend: LeNet(backend=backend), (1, 32, 32), 10),
+    "mlp 784-256-10": (lambda backend: MLP(backend=backend), (1, 28, 28), 10),
+    "classifier 5-8-4-1": (lambda backend: BinaryClassifier(backend=backend), (5,), 1),
+}
+
+
+def _network_case(name, batch, pass_):
+    factory, in_shape, n_out = NETWORKS[name]
+
+    def make(contender, device):
+        base = contender.split("+")[0]
+        backend = "pyengine" if base == "pyengine" else "torch"
+        torch.manual_seed(0)
+        model = factory(backend).to(device)
+        x = torch.randn(batch, *in_shape, device=device)
+        if name.startswith("classifier"):
+            y = torch.rand(batch, n_out, device=device)
+        else:
+            y = torch.randn(batch, n_out, device=device)
+        loss_fn = layers(backend).MSELoss()
+        forward = torch.compile(model) if base == "torch.compile" else model
+        if pass_ == "inference":
+            model.eval()
+            run = _no_grad(lambda: forward(x))
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            graphed = contender.endswith("+graph")
+
+            def run():
+                opt.zero_grad(set_to_none=not graphed)  # a graph replays into fixed buffers
+                loss = loss_fn(forward(x), y)
+                loss.backward()
+                opt.step()
+                return loss
+
+        if contender.endswith("+graph"):
+            return _graphed(run, device)
+        return run
+
+    return Case("network", name, batch, pass_, make)
+
+
+def network_cases(quick: bool, device: str) -> List[Case]:
+    batches = [1, 64, 256] if quick else [1, 16, 64, 256, 1024, 4096]
+    if device.startswith("cuda") and not quick:
+        batches.append(8192)
+    return [_network_case(name, b, p) for name in NETWORKS for b in batches
+            for p in ("inference", "train_step")]
+
+
+# ---- running and reporting ----------------------------------------------------------------
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device).replace(" ", "-")
+    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
+
+
+def run_cases(cases: List[Case], names: List[str], device: str, runs: int,
+              log=print) -> List[dict]:
+    meta = dict(machine=machine_name(device), device=device, torch=torch.__version__,
+                commit=_commit(), date=datetime.date.today().isoformat())
+    rows = []
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for i, case in enumerate(cases, 1):
+        fns: Dict[str, Callable] = {}
+        for contender in names:
+            try:
+                fns[contender] = case.make(contender, device)
+            except Exception as exc:  # e.g. a graph capture torch refuses: reported, not hidden
+                log(f"  {case.name} {case.pass_} batch {case.batch}: {contender} skipped "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        # Interleave the contenders in three rounds; keep each contender's middle round median.
+        per_round: Dict[str, List[Timing]] = {c: [] for c in fns}
+        for _ in range(3):
+            for contender, fn in fns.items():
+                sync()
+                per_round[contender].append(time_fn(fn, device, warmup=5,
+                                                    runs=max(5, runs // 3)))
+        for contender, timings in per_round.items():
+            t = sorted(timings, key=lambda t: t.median_ms)[1]
+            rows.append(dict(meta, kind=case.kind, case=case.name, batch=case.batch,
+                             **{"pass": case.pass_}, contender=contender,
+                             median_ms=round(t.median_ms, 5), p10_ms=round(t.p10_ms, 5),
+                             p90_ms=round(t.p90_ms, 5), runs=3 * t.runs))
+        mine = next((r["median_ms"] for r in rows[-len(per_round):]
+                     if r["contender"] == "pyengine"), None)
+        ref = next((r["median_ms"] for r in rows[-len(per_round):]
+                    if r["contender"] == "torch"), None)
+        ratio = f"{mine / ref:.2f}" if mine and ref else "-"
+        log(f"[{i}/{len(cases)}] {case.kind:7} {case.name:28} {case.pass_:16} batch "
+            f"{case.batch:>5}: pyengine/torch {ratio}")
+    return rows
+
+
+def write_csv(rows: List[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(rows: List[dict]) -> str:
+    """One line per (case, pass, batch): each contender's median and torch-eager / contender."""
+    keyed: Dict[tuple, Dict[str, float]] = {}
+    for r in rows:
+        keyed.setdefault((r["kind"], r["case"], r["pass"], int(r["batch"])), {})[
+            r["contender"]] = float(r["median_ms"])
+    names = [c for c in ("pyengine", "torch", "torch.compile", "pyengine+graph", "torch+graph")
+             if any(c in v for v in keyed.values())]
+    head = "| kind | case | pass | batch | " + " | ".join(f"{c} ms" for c in names) + \
+        " | pyengine / torch |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (kind, case, pass_, batch), times in keyed.items():
+        cells = [f"{times[c]:.4f}" if c in times else "-" for c in names]
+        ratio = (f"**{times['pyengine'] / times['torch']:.2f}**"
+                 if "pyengine" in times and "torch" in times else "-")
+        lines.append(f"| {kind} | {case} | {pass_} | {batch} | " + " | ".join(cells) +
+                     f" | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[dict], out_dir: str) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    nets = [r for r in rows if r["kind"] == "network"]
+    names = sorted({r["case"] for r in nets})
+    if names:
+        fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 8), squeeze=False)
+        for col, name in enumerate(names):
+            for row, pass_ in enumerate(("train_step", "inference")):
+                ax = axes[row][col]
+                for contender in sorted({r["contender"] for r in nets}):
+                    pts = sorted((int(r["batch"]), float(r["median_ms"])) for r in nets
+                                 if r["case"] == name and r["pass"] == pass_
+                                 and r["contender"] == contender)
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=contender)
+                ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="median ms",
+                       title=f"{name}: {pass_}")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "networks.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    ops = [r for r in rows if r["kind"] == "op" and r["pass"] == "forward+backward"]
+    labels = sorted({r["case"] for r in ops})
+    if labels:
+        speedup = []
+        for label in labels:
+            t = {r["contender"]: float(r["median_ms"]) for r in ops if r["case"] == label}
+            speedup.append(t["torch"] / t["pyengine"] if "torch" in t and "pyengine" in t
+                           else 0.0)
+        fig, ax = plt.subplots(figsize=(9, 0.4 * len(labels) + 1.5))
+        ax.barh(labels, speedup, color=["tab:green" if s >= 1 else "tab:red" for s in speedup])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set(xlabel="speedup over torch eager (forward+backward; >1 is faster)",
+               title=f"pyengine per-op speedup ({rows[0]['machine']})")
+        fig.tight_layout()
+        path = os.path.join(out_dir, "ops_speedup.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="fewer cases and batch sizes")
+    p.add_argument("--only", choices=("ops", "networks"), help="run one half of the suite")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the torch.compile contender (its compiles take minutes on CPU)")
+    p.add_argument("--runs", type=int, default=60, help="timed runs per contender and case")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<machine>)")
+    args = p.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = args.device
+    out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", machine_name(device))
+    os.makedirs(out_dir, exist_ok=True)
+    cases = []
+    if args.only in (None, "ops"):
+        cases += op_cases(args.quick)
+    if args.only in (None, "networks"):
+        cases += network_cases(args.quick, device)
+    rows = run_cases(cases, contenders(device, args.compile), device, args.runs)
+    write_csv(rows, os.path.join(out_dir, "results.csv"))
+    table = markdown_table(rows)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(f"# pyengine benchmarks: {rows[0]['machine']}, torch {torch.__version__}, "
+                f"commit {rows[0]['commit']}, {rows[0]['date']}\n\nMedians of many runs, fp32 "
+                "(TF32 off); the last column is pyengine's time over torch eager's (< 1: "
+                "pyengine is faster).\n\n" + table)
+    plots = plot(rows, out_dir)
+    print(table)
+    print(f"wrote {out_dir}/results.csv, results.md, " + ", ".join(os.path.basename(p)
+                                                                 for p in plots))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,657 @@
+// CPU kernels of max_pool2d (inference, no indices), max_pool2d_with_indices and
+// max_pool2d_backward.
+//
+// Semantics (torch's CPU kernel, bit for bit): each window is scanned row by row, left to right,
+// over its in-bounds taps only (padding cells never win); a tap replaces the running maximum when
+// `val > max || isnan(val)`, starting from max = -inf with the index of the window's first
+// in-bounds tap. So ties keep the FIRST maximum and a NaN wins (the last NaN of the window).
+// Indices are flat positions inside each H*W input plane.
+//
+// Layout: the input is made contiguous NCHW first (channels_last or strided inputs pay one copy);
+// outputs are fresh contiguous NCHW tensors. Work is split over (plane, output row) for the
+// forward and over planes for the backward, so every output element is computed by exactly one
+// thread in a fixed order: results do not depend on the thread count.
+//
+// Napkin math, LeNet pool1 (fp32, batch 64: 64x6x28x28 -> 64x6x14x14, kernel 2, stride 2):
+//   forward (values only):  reads 1.20 MB, writes 0.30 MB                          = 1.5 MB
+//   forward with indices:   + 0.60 MB of int64 indices                             = 2.1 MB
+//   backward:               reads 0.30 MB grad_output + 0.60 MB indices, writes
+//                           1.20 MB grad_input                                     = 2.1 MB
+//   75k windows x 3 compares is no work at all: the op is memory-bound. It all fits in L2 + L3
+//   (1 MB L2 per core, 32 MB L3); a 1.2 MB copy runs at ~110 GB/s here (22 us on one core), so
+//   the floor is ~15 us for the forward and ~20 us for either pass with indices, per core.
+//   Measured on one core (C++ harness, no dispatch): forward 30 us, with indices 40 us, backward
+//   30 us; through torch.ops add ~3 us per call. The per-row loop overhead (14-wide rows) is what
+//   separates us from the floor.
+//
+// Hot loops: the interior of each output row (windows with every column in bounds) runs an
+// AVX-512 kernel for stride_w 1 or 2 (kernel 3 / stride 1 or 2 and the like) and a dedicated one
+// for 2x2 / stride 2, chosen at run time; the backward of 2x2 / stride 2 gathers instead of
+// scattering. Everything else, and machines without AVX-512, use the scalar loops.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PE_POOL_X86 1
+#endif
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+
+namespace pyengine {
+namespace {
+
+using at::IntArrayRef;
+using at::Tensor;
+
+// Window geometry of one call, in int64.
+struct PoolGeom {
+  int64_t planes, H, W, OH, OW;
+  int64_t kH, kW, sH, sW, pH, pW, dH, dW;
+  int64_t effH, effW;
+  // Output columns [ow_lo, ow_hi) have every tap of their window inside the row.
+  int64_t ow_lo, ow_hi;
+};
+
+PoolGeom make_geom(const Pool2dShape<int64_t>& s, IntArrayRef kernel_size, IntArrayRef stride,
+                   IntArrayRef padding, IntArrayRef dilation) {
+  PoolGeom g;
+  g.planes = s.batch * s.channels;
+  g.H = s.in_h;
+  g.W = s.in_w;
+  g.OH = s.out_h;
+  g.OW = s.out_w;
+  g.kH = kernel_size[0];
+  g.kW = kernel_size[1];
+  g.sH = stride[0];
+  g.sW = stride[1];
+  g.pH = padding[0];
+  g.pW = padding[1];
+  g.dH = dilation[0];
+  g.dW = dilation[1];
+  g.effH = effective_kernel(g.kH, g.dH);
+  g.effW = effective_kernel(g.kW, g.dW);
+  // iw0 = ow * sW - pW >= 0  and  iw0 + effW <= W.
+  g.ow_lo = std::min(g.OW, (g.pW + g.sW - 1) / g.sW);
+  const int64_t last = g.W - g.effW + g.pW;  // largest ow * sW with the window inside
+  g.ow_hi = last < 0 ? 0 : std::min(g.OW, last / g.sW + 1);
+  g.ow_hi = std::max(g.ow_hi, g.ow_lo);
+  return g;
+}
+
+// First in-bounds tap at or after `start` on a grid of step `dil` (torch's `while (i < 0) i += d`).
+inline int64_t first_tap(int64_t start, int64_t dil) {
+  return start >= 0 ? start : start + ((-start + dil - 1) / dil) * dil;
+}
+
+// ---- Scalar forward: any geometry -----------------------------------------------------------
+
+// Output columns [ow_begin, ow_end) of output row `oh` of one plane.
+template <typename T, bool kIdx>
+void pool_row_scalar(const T* plane, T* out, int64_t* idx, const PoolGeom& g, int64_t oh,
+                     int64_t ow_begin, int64_t ow_end) {
+  const int64_t hs = oh * g.sH - g.pH;
+  const int64_t ih1 = std::min(hs + g.effH, g.H);
+  const int64_t ih0 = first_tap(hs, g.dH);
+  for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
+    const int64_t ws = ow * g.sW - g.pW;
+    const int64_t iw1 = std::min(ws + g.effW, g.W);
+    const int64_t iw0 = first_tap(ws, g.dW);
+    T m = -std::numeric_limits<T>::infinity();
+    int64_t mi = ih0 * g.W + iw0;  // torch's index, even for a window with no in-bounds tap
+    for (int64_t ih = ih0; ih < ih1; ih += g.dH) {
+      const T* row = plane + ih * g.W;
+      for (int64_t iw = iw0; iw < iw1; iw += g.dW) {
+        const T v = row[iw];
+        const bool take = (v > m) | (v != v);  // branch-free: random data mispredicts
+        m = take ? v : m;
+        if (kIdx) mi = take ? ih * g.W + iw : mi;
+      }
+    }
+    out[ow] = m;
+    if (kIdx) idx[ow] = mi;
+  }
+}
+
+// Output rows [r_begin, r_end) of the flattened (plane, output row) range, scalar.
+template <typename T, bool kIdx>
+void pool_rows_scalar(const T* in, T* out, int64_t* idx, const PoolGeom& g, int64_t r_begin,
+                      int64_t r_end) {
+  int64_t p = r_begin / g.OH, oh = r_begin % g.OH;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    pool_row_scalar<T, kIdx>(in + p * g.H * g.W, out + r * g.OW, kIdx ? idx + r * g.OW : nullptr,
+                             g, oh, 0, g.OW);
+    if (++oh == g.OH) oh = 0, ++p;
+  }
+}
+
+// ---- AVX-512 forward: interior columns, stride_w 1 or 2 -------------------------------------
+//
+// 16 (fp32) or 8 (fp64) output columns per vector. For each in-bounds row of the window the lanes
+// load their taps in order (stride 2: two loads, then the even or odd lanes via one permute; with
+// dilation 1 one load pair serves two taps) and fold them with torch's rule; the row's winner is
+// then folded into the window's. This tree gives torch's answer because the fold picks the
+// maximum of a total order (NaNs above numbers, later NaN above earlier, larger number above
+// smaller, earlier above later among equal numbers) as long as every fold sees the earlier taps
+// on its left. Masked loads and stores cover a row's tail without touching memory outside it.
+// Indices are int32 lanes for fp32 (planes < 2^31 elements, checked by the caller), widened when
+// stored; int64 lanes for fp64.
+
+#ifdef PE_POOL_X86
+
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm*_undefined_* helpers
+// (GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#define PE_AVX512_INLINE __attribute__((target("avx512f"), always_inline)) inline
+
+bool have_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+struct F32x16 {
+  using T = float;
+  using V = __m512;
+  using M = __mmask16;
+  static constexpr int64_t L = 16;
+  static PE_AVX512_INLINE M lanes(int64_t n) {
+    return n >= 16 ? M(0xFFFF) : M((1u << (n < 0 ? 0 : n)) - 1u);
+  }
+  static PE_AVX512_INLINE V load(M k, const T* p) { return _mm512_maskz_loadu_ps(k, p); }
+  static PE_AVX512_INLINE V even(V lo, V hi) {
+    const __m512i sel = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    return _mm512_permutex2var_ps(lo, sel, hi);
+  }
+  static PE_AVX512_INLINE V odd(V lo, V hi) {
+    const __m512i sel = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    return _mm512_permutex2var_ps(lo, sel, hi);
+  }
+  // Lanes where `v` (later taps) beats `m` (earlier taps) by torch's rule.
+  static PE_AVX512_INLINE M wins(V v, V m) {
+    return _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  static PE_AVX512_INLINE V blend(M k, V a, V b) { return _mm512_mask_mov_ps(a, k, b); }
+  static PE_AVX512_INLINE __m512i iblend(M k, __m512i a, __m512i b) {
+    return _mm512_mask_mov_epi32(a, k, b);
+  }
+  // Lane i's flat index: base + i * step.
+  static PE_AVX512_INLINE __m512i lane_steps(int64_t step) {
+    return _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(static_cast<int32_t>(step)));
+  }
+  static PE_AVX512_INLINE __m512i index(__m512i steps, int64_t base) {
+    return _mm512_add_epi32(steps, _mm512_set1_epi32(static_cast<int32_t>(base)));
+  }
+  static PE_AVX512_INLINE void store(T* p, M k, V v) { _mm512_mask_storeu_ps(p, k, v); }
+  static PE_AVX512_INLINE void store_index(int64_t* p, M k, __m512i i) {
+    _mm512_mask_storeu_epi64(p, static_cast<__mmask8>(k & 0xFF),
+                             _mm512_cvtepi32_epi64(_mm512_castsi512_si256(i)));
+    _mm512_mask_storeu_epi64(p + 8, static_cast<__mmask8>(k >> 8),
+                             _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(i, 1)));
+  }
+  // Backward: 0 + v where k, else 0 (bit for bit what scattering into zeros gives, -0 included).
+  static PE_AVX512_INLINE V add_to_zero(M k, V v) {
+    return _mm512_maskz_add_ps(k, _mm512_setzero_ps(), v);
+  }
+  // The 2L values e0 o0 e1 o1 ... as two vectors.
+  static PE_AVX512_INLINE V interleave_lo(V e, V o) {
+    return _mm512_permutex2var_ps(
+        e, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23), o);
+  }
+  static PE_AVX512_INLINE V interleave_hi(V e, V o) {
+    return _mm512_permutex2var_ps(
+        e, _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31), o);
+  }
+  // Lanes (of k) whose index ip[lane] equals first + 2 * lane + delta, for the four deltas.
+  // The offsets are narrowed to int32 (saturating, so a far-off index cannot alias a tap).
+  static PE_AVX512_INLINE void match4(const int64_t* ip, M k, int64_t first, const int64_t* delta,
+                                      M* out) {
+    const __m512i e_lo = _mm512_add_epi64(_mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14),
+                                          _mm512_set1_epi64(first));
+    const __m512i e_hi = _mm512_add_epi64(e_lo, _mm512_set1_epi64(16));
+    const __m512i d_lo = _mm512_sub_epi64(
+        _mm512_maskz_loadu_epi64(static_cast<__mmask8>(k & 0xFF), ip), e_lo);
+    const __m512i d_hi = _mm512_sub_epi64(
+        _mm512_maskz_loadu_epi64(static_cast<__mmask8>(k >> 8), ip + 8), e_hi);
+    const __m512i d = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi64_epi32(d_lo)),
+                                         _mm512_cvtsepi64_epi32(d_hi), 1);
+    for (int t = 0; t < 4; ++t)
+      out[t] = _mm512_mask_cmpeq_epi32_mask(k, d, _mm512_set1_epi32(static_cast<int32_t>(delta[t])));
+  }
+};
+
+struct F64x8 {
+  using T = double;
+  using V = __m512d;
+  using M = __mmask8;
+  static constexpr int64_t L = 8;
+  static PE_AVX512_INLINE M lanes(int64_t n) {
+    return n >= 8 ? M(0xFF) : M((1u << (n < 0 ? 0 : n)) - 1u);
+  }
+  static PE_AVX512_INLINE V load(M k, const T* p) { return _mm512_maskz_loadu_pd(k, p); }
+  static PE_AVX512_INLINE V even(V lo, V hi) {
+    return _mm512_permutex2var_pd(lo, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), hi);
+  }
+  static PE_AVX512_INLINE V odd(V lo, V hi) {
+    return _mm512_permutex2var_pd(lo, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), hi);
+  }
+  static PE_AVX512_INLINE M wins(V v, V m) {
+    return _mm512_cmp_pd_mask(v, m, _CMP_GT_OQ) | _mm512_cmp_pd_mask(v, v, _CMP_UNORD_Q);
+  }
+  static PE_AVX512_INLINE V blend(M k, V a, V b) { return _mm512_mask_mov_pd(a, k, b); }
+  static PE_AVX512_INLINE __m512i iblend(M k, __m512i a, __m512i b) {
+    return _mm512_mask_mov_epi64(a, k, b);
+  }
+  static PE_AVX512_INLINE __m512i lane_steps(int64_t step) {
+    return _mm512_setr_epi64(0, step, 2 * step, 3 * step, 4 * step, 5 * step, 6 * step,
+                             7 * step);
+  }
+  static PE_AVX512_INLINE __m512i index(__m512i steps, int64_t base) {
+    return _mm512_add_epi64(steps, _mm512_set1_epi64(base));
+  }
+  static PE_AVX512_INLINE void store(T* p, M k, V v) { _mm512_mask_storeu_pd(p, k, v); }
+  static PE_AVX512_INLINE void store_index(int64_t* p, M k, __m512i i) {
+    _mm512_mask_storeu_epi64(p, k, i);
+  }
+  static PE_AVX512_INLINE V add_to_zero(M k, V v) {
+    return _mm512_maskz_add_pd(k, _mm512_setzero_pd(), v);
+  }
+  static PE_AVX512_INLINE V interleave_lo(V e, V o) {
+    return _mm512_permutex2var_pd(e, _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), o);
+  }
+  static PE_AVX512_INLINE V interleave_hi(V e, V o) {
+    return _mm512_permutex2var_pd(e, _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15), o);
+  }
+  static PE_AVX512_INLINE void match4(const int64_t* ip, M k, int64_t first, const int64_t* delta,
+                                      M* out) {
+    const __m512i e = _mm512_add_epi64(_mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14),
+                                       _mm512_set1_epi64(first));
+    const __m512i d = _mm512_sub_epi64(_mm512_maskz_loadu_epi64(k, ip), e);
+    for (int t = 0; t < 4; ++t)
+      out[t] = _mm512_mask_cmpeq_epi64_mask(k, d, _mm512_set1_epi64(delta[t]));
+  }
+};
+
+// A running maximum: values and (kIdx) their flat indices.
+template <class A>
+struct Best {
+  typename A::V v;
+  __m512i i;
+};
+
+// acc <- fold(acc, later): `later` holds taps that come after all of acc's.
+template <class A, bool kIdx>
+PE_AVX512_INLINE void fold(Best<A>& acc, const Best<A>& later) {
+  const typename A::M k = A::wins(later.v, acc.v);
+  acc.v = A::blend(k, acc.v, later.v);
+  if (kIdx) acc.i = A::iblend(k, acc.i, later.i);
+}
+
+template <class A, bool kIdx>
+PE_AVX512_INLINE Best<A> tap(typename A::V v, __m512i steps, int64_t base) {
+  Best<A> b;
+  b.v = v;
+  if (kIdx) b.i = A::index(steps, base);
+  return b;
+}
+
+// Window-column modes of the vector kernel.
+enum ColMode { kStride1 = 0, kStride2Pairs = 1, kStride2 = 2 };
+
+// Output rows [r_begin, r_end) of the flattened (plane, output row) range.
+template <class A, bool kIdx, int kMode>
+__attribute__((target("avx512f"))) void pool_rows_avx512(const typename A::T* in,
+                                                         typename A::T* out, int64_t* idx,
+                                                         const PoolGeom& g, int64_t r_begin,
+                                                         int64_t r_end) {
+  using T = typename A::T;
+  using M = typename A::M;
+  constexpr int64_t L = A::L;
+  const __m512i steps = A::lane_steps(g.sW);
+  // Masks of a full chunk [0] and of the row's last chunk [1]: stored lanes, and the input
+  // columns a load pair needs for a tap pair (2n columns) or a lone tap (2n - 1 columns).
+  const int64_t span = g.ow_hi - g.ow_lo;
+  const int64_t nchunks = (span + L - 1) / L;
+  M out_mask[2], pair_lo[2], pair_hi[2], one_lo[2], one_hi[2];
+  for (int c = 0; c < 2; ++c) {
+    const int64_t n = c == 0 ? L : span - (nchunks - 1) * L;
+    out_mask[c] = A::lanes(n);
+    pair_lo[c] = A::lanes(2 * n);
+    pair_hi[c] = A::lanes(2 * n - L);
+    one_lo[c] = A::lanes(2 * n - 1);
+    one_hi[c] = A::lanes(2 * n - 1 - L);
+  }
+  const int64_t W = g.W;
+  // Software prefetch: the input rows that output row r + kAhead adds to its predecessor's (the
+  // hardware prefetchers lose track of the row-interleaved pattern on tensors beyond L2).
+  constexpr int64_t kAhead = 3;
+  const uintptr_t in_end = reinterpret_cast<uintptr_t>(in + g.planes * g.H * W);
+  const int64_t fetch_bytes = std::min(g.sH, g.effH) * W * int64_t(sizeof(T));
+  int64_t p = r_begin / g.OH, oh = r_begin % g.OH;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const T* plane = in + p * g.H * W;
+    {
+      const int64_t oh_f = oh + kAhead;  // may run into the next plane: planes are contiguous
+      const int64_t last_row = (oh_f < g.OH ? p * g.H : (p + 1) * g.H - g.OH * g.sH) +
+                               oh_f * g.sH - g.pH + g.effH;  // one past the window's last row
+      const uintptr_t hi = reinterpret_cast<uintptr_t>(in) + uintptr_t(last_row * W) * sizeof(T);
+      for (int64_t b = 0; b < fetch_bytes; b += 64) {
+        const uintptr_t a = hi - fetch_bytes + b;
+        if (a < in_end) _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
+      }
+    }
+    T* orow = out + r * g.OW;
+    int64_t* irow = kIdx ? idx + r * g.OW : nullptr;
+    const int64_t hs = oh * g.sH - g.pH;
+    const int64_t ih1 = std::min(hs + g.effH, g.H);
+    const int64_t ih0 = first_tap(hs, g.dH);
+    if (ih0 >= ih1) {  // every window row in padding (dilation can do that): no taps at all
+      pool_row_scalar<T, kIdx>(plane, orow, irow, g, oh, 0, g.OW);
+    } else {
+      if (g.ow_lo > 0) pool_row_scalar<T, kIdx>(plane, orow, irow, g, oh, 0, g.ow_lo);
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
+        const int last = ch == nchunks - 1 ? 1 : 0;
+        const int64_t ow0 = g.ow_lo + ch * L;
+        const int64_t c0 = ow0 * g.sW - g.pW;  // input column of lane 0's first tap
+        Best<A> acc;
+        for (int64_t ih = ih0; ih < ih1; ih += g.dH) {
+          const T* row = plane + ih * W;
+          const int64_t base = ih * W + c0;
+          Best<A> rb;
+          if (kMode == kStride1) {
+            rb = tap<A, kIdx>(A::load(out_mask[last], row + c0), steps, base);
+            for (int64_t kw = 1; kw < g.kW; ++kw) {
+              const int64_t c = kw * g.dW;
+              fold<A, kIdx>(rb, tap<A, kIdx>(A::load(out_mask[last], row + c0 + c), steps,
+                                             base + c));
+            }
+          } else if (kMode == kStride2Pairs) {
+            for (int64_t kw = 0; kw < g.kW; kw += 2) {
+              const bool pair = kw + 1 < g.kW;
+              const T* src = row + c0 + kw;
+              const typename A::V lo = A::load(pair ? pair_lo[last] : one_lo[last], src);
+              const typename A::V hi = A::load(pair ? pair_hi[last] : one_hi[last], src + L);
+              Best<A> t = tap<A, kIdx>(A::even(lo, hi), steps, base + kw);
+              if (kw == 0) rb = t; else fold<A, kIdx>(rb, t);
+              if (pair) fold<A, kIdx>(rb, tap<A, kIdx>(A::odd(lo, hi), steps, base + kw + 1));
+            }
+          } else {
+            for (int64_t kw = 0; kw < g.kW; ++kw) {
+              const int64_t c = kw * g.dW;
+              const typename A::V lo = A::load(one_lo[last], row + c0 + c);
+              const typename A::V hi = A::load(one_hi[last], row + c0 + c + L);
+              Best<A> t = tap<A, kIdx>(A::even(lo, hi), steps, base + c);
+              if (kw == 0) rb = t; else fold<A, kIdx>(rb, t);
+            }
+          }
+          if (ih == ih0) acc = rb; else fold<A, kIdx>(acc, rb);
+        }
+        A::store(orow + ow0, out_mask[last], acc.v);
+        if (kIdx) A::store_index(irow + ow0, out_mask[last], acc.i);
+      }
+      if (g.ow_hi < g.OW) pool_row_scalar<T, kIdx>(plane, orow, irow, g, oh, g.ow_hi, g.OW);
+    }
+    if (++oh == g.OH) oh = 0, ++p;
+  }
+}
+
+// The tutorial case, 2x2 windows with stride 2 and no padding or dilation, whole windows only
+// (2*OH <= H and 2*OW <= W): everything but the loads and folds is hoisted out of the row loop.
+template <class A, bool kIdx>
+__attribute__((target("avx512f"))) void pool2x2_rows_avx512(const typename A::T* in,
+                                                            typename A::T* out, int64_t* idx,
+                                                            const PoolGeom& g, int64_t r_begin,
+                                                            int64_t r_end) {
+  using T = typename A::T;
+  using M = typename A::M;
+  constexpr int64_t L = A::L;
+  const __m512i steps = A::lane_steps(2);
+  const int64_t W = g.W, OW = g.OW, plane = g.H * g.W;
+  const int64_t nchunks = (OW + L - 1) / L;
+  const int64_t n_last = OW - (nchunks - 1) * L;
+  const M out_last = A::lanes(n_last), lo_last = A::lanes(2 * n_last),
+          hi_last = A::lanes(2 * n_last - L);
+  const M all = A::lanes(L);
+  const bool prefetch = g.planes * plane * int64_t(sizeof(T)) > (int64_t(2) << 20);
+  const uintptr_t in_end = reinterpret_cast<uintptr_t>(in + g.planes * plane);
+  int64_t p = r_begin / g.OH, oh = r_begin % g.OH;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const T* r0 = in + p * plane + 2 * oh * W;
+    const T* r1 = r0 + W;
+    if (prefetch) {  // the row pair three output rows ahead (maybe in the next plane)
+      const int64_t ahead = 3;
+      const T* next = oh + ahead < g.OH ? r0 + 2 * ahead * W
+                                        : in + (p + 1) * plane + 2 * (oh + ahead - g.OH) * W;
+      for (int64_t b = 0; b < 2 * W * int64_t(sizeof(T)); b += 64) {
+        const uintptr_t a = reinterpret_cast<uintptr_t>(next) + b;
+        if (a < in_end) _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
+      }
+    }
+    const int64_t base = 2 * oh * W;  // flat index of the row pair's first element
+    T* orow = out + r * OW;
+    int64_t* irow = kIdx ? idx + r * OW : nullptr;
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const bool last = ch == nchunks - 1;
+      const M om = last ? out_last : all, lm = last ? lo_last : all, hm = last ? hi_last : all;
+      const int64_t c = 2 * ch * L;
+      const typename A::V a_lo = A::load(lm, r0 + c), a_hi = A::load(hm, r0 + c + L);
+      const typename A::V b_lo = A::load(lm, r1 + c), b_hi = A::load(hm, r1 + c + L);
+      Best<A> top = tap<A, kIdx>(A::even(a_lo, a_hi), steps, base + c);
+      fold<A, kIdx>(top, tap<A, kIdx>(A::odd(a_lo, a_hi), steps, base + c + 1));
+      Best<A> bottom = tap<A, kIdx>(A::even(b_lo, b_hi), steps, base + W + c);
+      fold<A, kIdx>(bottom, tap<A, kIdx>(A::odd(b_lo, b_hi), steps, base + W + c + 1));
+      fold<A, kIdx>(top, bottom);
+      A::store(orow + ch * L, om, top.v);
+      if (kIdx) A::store_index(irow + ch * L, om, top.i);
+    }
+    if (++oh == g.OH) oh = 0, ++p;
+  }
+}
+
+// Backward of the 2x2 / stride-2 case as a gather: each window's gradient goes to whichever of its
+// four taps its index names, every grad_input element is written once (no zero pass, no
+// read-modify-write). Valid only if every index is one of its own window's taps; returns false
+// at the first that is not (a hand-made indices tensor), and the caller scatters that plane.
+// Windows are disjoint, so each element receives at most one gradient: the result is bit for bit
+// the scatter's.
+template <class A>
+__attribute__((target("avx512f"))) bool unpool2x2_plane_avx512(const typename A::T* go,
+                                                               const int64_t* idx,
+                                                               typename A::T* gi,
+                                                               const PoolGeom& g) {
+  using T = typename A::T;
+  using M = typename A::M;
+  constexpr int64_t L = A::L;
+  const int64_t W = g.W, OW = g.OW;
+  const int64_t delta[4] = {0, 1, W, W + 1};
+  const int64_t nchunks = (OW + L - 1) / L;
+  const int64_t n_last = OW - (nchunks - 1) * L;
+  const M all = A::lanes(L), out_last = A::lanes(n_last), lo_last = A::lanes(2 * n_last),
+          hi_last = A::lanes(2 * n_last - L);
+  for (int64_t oh = 0; oh < g.OH; ++oh) {
+    T* top = gi + 2 * oh * W;
+    T* bottom = top + W;
+    const T* grow = go + oh * OW;
+    const int64_t* irow = idx + oh * OW;
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const bool last = ch == nchunks - 1;
+      const M om = last ? out_last : all, lm = last ? lo_last : all, hm = last ? hi_last : all;
+      const int64_t ow0 = ch * L;
+      M hit[4];  // top-left, top-right, bottom-left, bottom-right
+      A::match4(irow + ow0, om, 2 * oh * W + 2 * ow0, delta, hit);
+      if (static_cast<M>(hit[0] | hit[1] | hit[2] | hit[3]) != om) return false;
+      const typename A::V gv = A::load(om, grow + ow0);
+      const typename A::V tl = A::add_to_zero(hit[0], gv), tr = A::add_to_zero(hit[1], gv);
+      const typename A::V bl = A::add_to_zero(hit[2], gv), br = A::add_to_zero(hit[3], gv);
+      A::store(top + 2 * ow0, lm, A::interleave_lo(tl, tr));
+      A::store(top + 2 * ow0 + L, hm, A::interleave_hi(tl, tr));
+      A::store(bottom + 2 * ow0, lm, A::interleave_lo(bl, br));
+      A::store(bottom + 2 * ow0 + L, hm, A::interleave_hi(bl, br));
+    }
+    for (int64_t c = 2 * OW; c < W; ++c) top[c] = bottom[c] = T(0);  // no window covers these
+  }
+  std::memset(gi + 2 * g.OH * W, 0, sizeof(T) * (g.H - 2 * g.OH) * W);
+  return true;
+}
+
+#undef PE_AVX512_INLINE
+#pragma GCC diagnostic pop
+
+#endif  // PE_POOL_X86
+
+// The kernel for this geometry and dtype: the vector one where it applies, else the scalar one.
+template <typename T, bool kIdx>
+using RowsFn = void (*)(const T*, T*, int64_t*, const PoolGeom&, int64_t, int64_t);
+
+template <typename T, bool kIdx>
+RowsFn<T, kIdx> pick_kernel(const PoolGeom& g) {
+#ifdef PE_POOL_X86
+  using A = std::conditional_t<std::is_same_v<T, float>, F32x16, F64x8>;
+  const bool fits = g.ow_hi - g.ow_lo >= 2 &&
+                    // fp32 keeps indices in int32 lanes
+                    (sizeof(T) == 8 || g.H * g.W < (int64_t(1) << 31));
+  if (have_avx512() && fits) {
+    if (g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2 && g.dH == 1 && g.dW == 1 &&
+        g.pH == 0 && g.pW == 0 && 2 * g.OH <= g.H && 2 * g.OW <= g.W)
+      return pool2x2_rows_avx512<A, kIdx>;
+    if (g.sW == 1) return pool_rows_avx512<A, kIdx, kStride1>;
+    if (g.sW == 2 && g.dW == 1) return pool_rows_avx512<A, kIdx, kStride2Pairs>;
+    if (g.sW == 2) return pool_rows_avx512<A, kIdx, kStride2>;
+  }
+#endif
+  return pool_rows_scalar<T, kIdx>;
+}
+
+// Rows of work per parallel task: enough window taps to be worth a thread.
+int64_t row_grain(const PoolGeom& g) {
+  const int64_t per_row = std::max<int64_t>(1, g.OW * g.kH * g.kW);
+  return std::max<int64_t>(1, 32768 / per_row);
+}
+
+template <bool kIdx>
+void max_pool2d_forward_impl(const Tensor& input_, const PoolGeom& g, Tensor& output,
+                             Tensor* indices, const char* op) {
+  const Tensor input = input_.contiguous();
+  dispatch_floating(input.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T* in = input.const_data_ptr<T>();
+    T* out = output.mutable_data_ptr<T>();
+    int64_t* idx = kIdx ? indices->mutable_data_ptr<int64_t>() : nullptr;
+    const RowsFn<T, kIdx> rows = pick_kernel<T, kIdx>(g);
+    at::parallel_for(0, g.planes * g.OH, row_grain(g), [&](int64_t begin, int64_t end) {
+      rows(in, out, idx, g, begin, end);
+    });
+  });
+}
+
+Tensor max_pool2d_cpu(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
+                      IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
+  auto s = check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeom g = make_geom(s, kernel_size, stride, padding, dilation);
+  Tensor output = at::empty(s.output_sizes(), input.options());
+  max_pool2d_forward_impl<false>(input, g, output, nullptr, "max_pool2d");
+  return output;
+}
+
+std::tuple<Tensor, Tensor> max_pool2d_with_indices_cpu(const Tensor& input,
+                                                       IntArrayRef kernel_size,
+                                                       IntArrayRef stride, IntArrayRef padding,
+                                                       IntArrayRef dilation, bool ceil_mode) {
+  auto s = check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeom g = make_geom(s, kernel_size, stride, padding, dilation);
+  const auto sizes = s.output_sizes();
+  Tensor output = at::empty(sizes, input.options());
+  Tensor indices = at::empty(sizes, input.options().dtype(at::kLong));
+  max_pool2d_forward_impl<true>(input, g, output, &indices, "max_pool2d_with_indices");
+  return {output, indices};
+}
+
+// ---- Backward -------------------------------------------------------------------------------
+//
+// grad_input = 0, then grad_input[indices[o]] += grad_output[o] for every output o of a plane in
+// order (overlapping windows add up deterministically). Each plane is zeroed right before its
+// scatter, while it sits in L1. An index outside [0, H*W) names no input element (torch emits such
+// an index for a window whose taps all fall in padding, which dilation can cause): it adds
+// nothing, where torch's CPU kernel would write outside the plane. For 2x2 / stride-2 windows an
+// AVX-512 gather (above) computes the same bits in one write pass when the indices allow it.
+
+// grad_input of one plane by scattering (any indices).
+template <typename T>
+void unpool_plane_scatter(const T* go, const int64_t* idx, T* gi, int64_t plane_in,
+                          int64_t plane_out) {
+  std::memset(gi, 0, sizeof(T) * plane_in);
+  for (int64_t o = 0; o < plane_out; ++o) {
+    const int64_t i = idx[o];
+    if (static_cast<uint64_t>(i) < static_cast<uint64_t>(plane_in)) gi[i] += go[o];
+  }
+}
+
+template <typename T>
+using PlaneGatherFn = bool (*)(const T*, const int64_t*, T*, const PoolGeom&);
+
+template <typename T>
+PlaneGatherFn<T> pick_gather(const PoolGeom& g) {
+#ifdef PE_POOL_X86
+  using A = std::conditional_t<std::is_same_v<T, float>, F32x16, F64x8>;
+  // Rows of fewer than half a vector (LeNet's 5-wide pool2) scatter faster than they gather;
+  // offsets must fit int32 lanes.
+  if (have_avx512() && g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2 && g.dH == 1 &&
+      g.dW == 1 && g.pH == 0 && g.pW == 0 && 2 * g.OH <= g.H && 2 * g.OW <= g.W &&
+      2 * g.OW >= A::L && g.W < (int64_t(1) << 30))
+    return unpool2x2_plane_avx512<A>;
+#endif
+  (void)g;
+  return nullptr;
+}
+
+Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                               const Tensor& indices, IntArrayRef kernel_size, IntArrayRef stride,
+                               IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
+  auto s = check_max_pool2d_backward<int64_t>(grad_output, input, indices, kernel_size, stride,
+                                              padding, dilation, ceil_mode);
+  const PoolGeom g = make_geom(s, kernel_size, stride, padding, dilation);
+  const Tensor go = grad_output.contiguous();
+  const Tensor ix = indices.contiguous();
+  Tensor grad_input = at::empty(input.sizes(), input.options());
+  dispatch_floating(go.scalar_type(), "max_pool2d_backward", [&](auto tag) {
+    using T = decltype(tag);
+    const T* pg = go.const_data_ptr<T>();
+    const int64_t* pi = ix.const_data_ptr<int64_t>();
+    T* gi = grad_input.mutable_data_ptr<T>();
+    const int64_t plane_in = g.H * g.W, plane_out = g.OH * g.OW;
+    const int64_t grain = std::max<int64_t>(1, 32768 / (plane_in + plane_out));
+    const PlaneGatherFn<T> gather = pick_gather<T>(g);
+    at::parallel_for(0, g.planes, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        T* dst = gi + p * plane_in;
+        const T* src = pg + p * plane_out;
+        const int64_t* at_ = pi + p * plane_out;
+        if (!gather || !gather(src, at_, dst, g))
+          unpool_plane_scatter(src, at_, dst, plane_in, plane_out);
+      }
+    });
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
+  m.impl("max_pool2d", max_pool2d_cpu);
+  m.impl("max_pool2d_with_indices", max_pool2d_with_indices_cpu);
+  m.impl("max_pool2d_backward", max_pool2d_backward_cpu);
+}
+
+}  // namespace pyengine

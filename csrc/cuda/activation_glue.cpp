@@ -1,0 +1,75 @@
+// CUDA glue of relu, leaky_relu, sigmoid, tanh and their backward passes (kernels:
+// activation.cu). Same checks, in the same order, as csrc/cpu/activation.cpp.
+#include <torch/library.h>
+
+#include "cuda/glue.h"
+
+namespace pyengine {
+namespace cuda {
+namespace {
+
+Tensor unary(const Tensor& input, const char* op, Activation act, double slope = 0.0) {
+  check_floating(input, op, "input");
+  c10::cuda::CUDAGuard guard(input.device());
+  const Tensor x = input.contiguous();
+  Tensor out = at::empty(x.sizes(), x.options());
+  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(activation_forward<T>(act, x.const_data_ptr<T>(), out.mutable_data_ptr<T>(),
+                                         x.numel(), slope, current_stream()));
+  });
+  return out;
+}
+
+Tensor binary(const Tensor& grad_output, const Tensor& saved, const char* saved_arg,
+              const char* op, Activation act, double slope = 0.0) {
+  check_elementwise_backward<int64_t>(grad_output, saved, saved_arg, op);
+  c10::cuda::CUDAGuard guard(grad_output.device());
+  const Tensor g = grad_output.contiguous();
+  const Tensor s = saved.contiguous();
+  Tensor out = at::empty(g.sizes(), g.options());
+  dispatch_floating(g.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(activation_backward<T>(act, g.const_data_ptr<T>(), s.const_data_ptr<T>(),
+                                          out.mutable_data_ptr<T>(), g.numel(), slope,
+                                          current_stream()));
+  });
+  return out;
+}
+
+Tensor relu_cuda(const Tensor& input) { return unary(input, "relu", Activation::Relu); }
+Tensor relu_backward_cuda(const Tensor& grad_output, const Tensor& result) {
+  return binary(grad_output, result, "result", "relu_backward", Activation::Relu);
+}
+Tensor leaky_relu_cuda(const Tensor& input, double negative_slope) {
+  return unary(input, "leaky_relu", Activation::LeakyRelu, negative_slope);
+}
+Tensor leaky_relu_backward_cuda(const Tensor& grad_output, const Tensor& input,
+                                double negative_slope) {
+  return binary(grad_output, input, "input", "leaky_relu_backward", Activation::LeakyRelu,
+                negative_slope);
+}
+Tensor sigmoid_cuda(const Tensor& input) { return unary(input, "sigmoid", Activation::Sigmoid); }
+Tensor sigmoid_backward_cuda(const Tensor& grad_output, const Tensor& result) {
+  return binary(grad_output, result, "result", "sigmoid_backward", Activation::Sigmoid);
+}
+Tensor tanh_cuda(const Tensor& input) { return unary(input, "tanh", Activation::Tanh); }
+Tensor tanh_backward_cuda(const Tensor& grad_output, const Tensor& result) {
+  return binary(grad_output, result, "result", "tanh_backward", Activation::Tanh);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
+  m.impl("relu", relu_cuda);
+  m.impl("relu_backward", relu_backward_cuda);
+  m.impl("leaky_relu", leaky_relu_cuda);
+  m.impl("leaky_relu_backward", leaky_relu_backward_cuda);
+  m.impl("sigmoid", sigmoid_cuda);
+  m.impl("sigmoid_backward", sigmoid_backward_cuda);
+  m.impl("tanh", tanh_cuda);
+  m.impl("tanh_backward", tanh_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace pyengine

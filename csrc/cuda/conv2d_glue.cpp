@@ -1,0 +1,114 @@
+// CUDA glue of conv2d and conv2d_backward (kernels: conv2d.cu, bias gradient: linear.cu's
+// channel_sum). Same checks as the CPU kernels (common/checks.h); an unbatched (C, H, W) input is
+// a batch of one. Empty dims need no special case: a GEMM with K = 0 writes zeros (or the bias).
+#include <torch/library.h>
+
+#include <limits>
+
+#include "cuda/glue.h"
+
+namespace pyengine {
+namespace cuda {
+namespace {
+
+using at::IntArrayRef;
+
+ConvGeometry geometry(const Conv2dShape<int64_t>& s, IntArrayRef stride, IntArrayRef padding,
+                      IntArrayRef dilation) {
+  ConvGeometry g;
+  g.batch = s.batch;
+  g.in_channels = s.in_channels;
+  g.in_h = s.in_h;
+  g.in_w = s.in_w;
+  g.out_channels = s.out_channels;
+  g.out_h = s.out_h;
+  g.out_w = s.out_w;
+  g.kernel_h = s.kernel_h;
+  g.kernel_w = s.kernel_w;
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dil_h = dilation[0];
+  g.dil_w = dilation[1];
+  g.groups = s.groups;
+  // The kernels index one filter's taps (channels x kH x kW) in 32 bits.
+  const int64_t taps = std::max(g.in_channels, g.out_channels) / g.groups * g.kernel_h *
+                       g.kernel_w;
+  TORCH_CHECK(taps <= std::numeric_limits<int32_t>::max(), "pyengine.conv2d: the CUDA kernels "
+              "support at most 2^31 - 1 weights per filter (channels / groups * kH * kW), but got ",
+              taps);
+  return g;
+}
+
+Tensor conv2d_cuda(const Tensor& input, const Tensor& weight, const OptTensor& bias,
+                   IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                   int64_t groups) {
+  const auto s = check_conv2d<int64_t>(input, weight, bias, stride, padding, dilation, groups);
+  const ConvGeometry g = geometry(s, stride, padding, dilation);
+  c10::cuda::CUDAGuard guard(input.device());
+  const Tensor x = input.contiguous();
+  const Tensor w = weight.contiguous();
+  const Tensor b = contiguous_or_undefined(bias);
+  Tensor out = at::empty(s.output_sizes(), x.options());
+  if (out.numel() == 0) return out;
+  dispatch_floating(x.scalar_type(), "conv2d", [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(conv2d_forward<T>(x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                     ptr_or_null<T>(b), out.mutable_data_ptr<T>(), g,
+                                     current_stream()));
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(const Tensor& grad_output,
+                                                        const Tensor& input, const Tensor& weight,
+                                                        IntArrayRef stride, IntArrayRef padding,
+                                                        IntArrayRef dilation, int64_t groups,
+                                                        std::array<bool, 3> mask) {
+  const auto s = check_conv2d_backward<int64_t>(grad_output, input, weight, stride, padding,
+                                                dilation, groups);
+  const ConvGeometry g = geometry(s, stride, padding, dilation);
+  c10::cuda::CUDAGuard guard(input.device());
+  const Tensor go = grad_output.contiguous();
+  const Tensor x = input.contiguous();
+  const Tensor w = weight.contiguous();
+  Tensor grad_input, grad_weight, grad_bias;
+  if (mask[0]) grad_input = at::empty(input.sizes(), x.options());
+  if (mask[1]) grad_weight = at::empty(weight.sizes(), x.options());
+  if (mask[2]) grad_bias = at::empty({g.out_channels}, x.options());
+  const cudaStream_t stream = current_stream();
+  dispatch_floating(x.scalar_type(), "conv2d_backward", [&](auto tag) {
+    using T = decltype(tag);
+    const T* pg = go.const_data_ptr<T>();
+    if (mask[0] && grad_input.numel() > 0) {
+      C10_CUDA_CHECK(conv2d_grad_input<T>(pg, w.const_data_ptr<T>(),
+                                          grad_input.mutable_data_ptr<T>(), g, stream));
+    }
+    if (mask[1] && grad_weight.numel() > 0) {
+      Tensor ws = workspace(conv2d_grad_weight_workspace(g), x.scalar_type(), x);
+      C10_CUDA_CHECK(conv2d_grad_weight<T>(pg, x.const_data_ptr<T>(),
+                                           grad_weight.mutable_data_ptr<T>(), g,
+                                           mutable_ptr_or_null<T>(ws), stream));
+    }
+    if (mask[2] && g.out_channels > 0) {
+      const int64_t spatial = g.out_h * g.out_w;
+      Tensor ws = workspace(channel_sum_workspace(g.batch, g.out_channels, spatial), at::kDouble,
+                            x);
+      C10_CUDA_CHECK(channel_sum<T>(pg, g.batch, g.out_channels, spatial,
+                                    grad_bias.mutable_data_ptr<T>(),
+                                    mutable_ptr_or_null<double>(ws), stream));
+    }
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
+  m.impl("conv2d", conv2d_cuda);
+  m.impl("conv2d_backward", conv2d_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace pyengine

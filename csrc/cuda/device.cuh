@@ -1,0 +1,99 @@
+#pragma once
+// Device-side helpers shared by pyengine's CUDA kernels: launch geometry, grid-stride loops with
+// 64-bit indices, deterministic warp / block reductions and device-side asserts. CUDA headers
+// only (no torch), like every .cu here.
+#include <cuda_runtime.h>
+
+#include <cassert>
+#include <cstdint>
+#include <cstdio>
+
+// __assert_fail backs PE_DEVICE_CHECK below. glibc's <assert.h> declares it only without NDEBUG
+// (and CUDA redeclares it for device code only): declare it as glibc does, as torch's Macros.h.
+#ifdef NDEBUG
+extern "C" {
+#if defined(__CUDA_ARCH__)
+__host__ __device__
+#endif
+    void
+    __assert_fail(const char* assertion, const char* file, unsigned int line,
+                  const char* function) noexcept __attribute__((__noreturn__));
+}
+#endif
+
+namespace pyengine {
+namespace cuda {
+
+// Threads per block of the elementwise, pooling and reduction kernels.
+constexpr int kThreads = 256;
+// Grid-stride kernels cap their grid here: 2^16 blocks of 256 threads is ~125 resident waves on
+// an H100 (132 SMs x 2048 threads), plenty to saturate memory; larger tensors loop.
+constexpr int64_t kMaxBlocks = int64_t(1) << 16;
+
+inline unsigned grid_for(int64_t n, int64_t threads = kThreads) {
+  int64_t blocks = (n + threads - 1) / threads;
+  if (blocks > kMaxBlocks) blocks = kMaxBlocks;
+  if (blocks < 1) blocks = 1;
+  return static_cast<unsigned>(blocks);
+}
+
+// for (i = global thread id; i < n; i += grid size), in int64: tensors may pass 2^31 elements.
+#define PE_GRID_STRIDE_LOOP(i, n)                                                         \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+template <typename T>
+__device__ __forceinline__ T infinity() {
+  return static_cast<T>(__longlong_as_double(0x7ff0000000000000LL));
+}
+
+// Sum over the 32 lanes of a warp; every lane gets the same value (a + b == b + a exactly), and
+// the butterfly's order is fixed: deterministic.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Maximum over the lanes; callers never feed NaN in (their running maxima skip NaN, as the CPU
+// kernels' do), so the comparison is symmetric and every lane agrees.
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const T other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+
+// Sum of v over a block of kThreads threads in a fixed tree; the result is valid in thread 0.
+// `scratch` holds kThreads values; the function ends with a barrier, so it can be reused.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
+  scratch[threadIdx.x] = v;
+  __syncthreads();
+#pragma unroll
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (static_cast<int>(threadIdx.x) < s) scratch[threadIdx.x] += scratch[threadIdx.x + s];
+    __syncthreads();
+  }
+  const T total = scratch[0];
+  __syncthreads();
+  return total;
+}
+
+// Device-side assert that survives NDEBUG, as torch's CUDA_KERNEL_ASSERT: prints the message
+// (printf format + arguments), then fails the kernel. The host sees "device-side assert
+// triggered" at its next CUDA call, as with torch's own kernels.
+#define PE_DEVICE_CHECK(cond, ...)                                                           \
+  do {                                                                                       \
+    if (!(cond)) {                                                                           \
+      printf(__VA_ARGS__);                                                                   \
+      __assert_fail(#cond, __FILE__, static_cast<unsigned int>(__LINE__), __func__);        \
+    }                                                                                        \
+  } while (0)
+
+}  // namespace cuda
+}  // namespace pyengine

@@ -1,0 +1,147 @@
+#pragma once
+// The CUDA launchers of every pyengine operator: plain functions over raw device pointers,
+// sizes and a stream. Torch-free on purpose: the .cu files that define them include only CUDA
+// headers and csrc/common, so `nvcc -c` checks each one on a machine with no GPU and no torch;
+// the torch-facing glue (csrc/cuda/*_glue.cpp) runs the shared argument checks, allocates
+// outputs and workspaces (caching allocator: capturable in CUDA graphs) and calls these.
+//
+// Conventions:
+//   * T is float or double (explicitly instantiated in the .cu files).
+//   * Every pointer is to contiguous memory on the current device; outputs are fully written.
+//   * Nothing synchronises with the host; each launcher returns cudaGetLastError() after its
+//     last launch (cudaSuccess when there was nothing to launch).
+//   * Backward passes and reductions are deterministic: every output element is reduced by one
+//     thread (or one fixed tree) in an order that depends on the shapes only. No float atomics.
+//   * Workspaces are sized by the matching *_workspace() function, in elements of the stated
+//     type; a size of 0 means the pointer may be null.
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace pyengine {
+namespace cuda {
+
+// ---- Activations (activation.cu) ------------------------------------------------------------
+
+enum class Activation : int { Relu = 0, LeakyRelu = 1, Sigmoid = 2, Tanh = 3 };
+
+// y[i] = f(x[i]); `slope` is leaky_relu's negative_slope (ignored by the others).
+template <typename T>
+cudaError_t activation_forward(Activation act, const T* x, T* y, int64_t n, double slope,
+                               cudaStream_t stream);
+// grad_input[i] = f'(saved[i]) * grad[i]; `saved` is the result (relu, sigmoid, tanh) or the
+// input (leaky_relu), as the schemas in csrc/ops.cpp say.
+template <typename T>
+cudaError_t activation_backward(Activation act, const T* grad, const T* saved, T* grad_input,
+                                int64_t n, double slope, cudaStream_t stream);
+
+// ---- softmax / log_softmax (softmax.cu) ------------------------------------------------------
+// The tensor seen as (outer, dim, inner), contiguous; the softmax runs along `dim`.
+
+template <typename T>
+cudaError_t softmax_forward(const T* x, T* y, int64_t outer, int64_t dim, int64_t inner,
+                            bool log, cudaStream_t stream);
+template <typename T>
+cudaError_t softmax_backward(const T* grad, const T* result, T* grad_input, int64_t outer,
+                             int64_t dim, int64_t inner, bool log, cudaStream_t stream);
+
+// ---- max_pool2d (pool.cu) ----------------------------------------------------------------------
+
+struct PoolGeometry {
+  int64_t planes;  // batch * channels
+  int64_t in_h, in_w, out_h, out_w;
+  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+};
+
+// indices may be null (max_pool2d without indices).
+template <typename T>
+cudaError_t max_pool2d_forward(const T* input, T* output, int64_t* indices,
+                               const PoolGeometry& g, cudaStream_t stream);
+// Gathers: each input element sums, in output order, the grad of the windows whose index names it.
+template <typename T>
+cudaError_t max_pool2d_backward(const T* grad_output, const int64_t* indices, T* grad_input,
+                                const PoolGeometry& g, cudaStream_t stream);
+
+// ---- linear (linear.cu) ------------------------------------------------------------------------
+// x (rows, in), w (out, in), y (rows, out).
+
+template <typename T>
+cudaError_t linear_forward(const T* x, const T* w, const T* bias /*nullable*/, T* y, int64_t rows,
+                           int64_t in, int64_t out, cudaStream_t stream);
+template <typename T>
+cudaError_t linear_grad_input(const T* grad, const T* w, T* grad_input, int64_t rows, int64_t in,
+                              int64_t out, cudaStream_t stream);
+// Elements of T needed by linear_grad_weight's deterministic split-K partial sums.
+int64_t linear_grad_weight_workspace(int64_t rows, int64_t in, int64_t out);
+template <typename T>
+cudaError_t linear_grad_weight(const T* grad, const T* x, T* grad_weight, int64_t rows,
+                               int64_t in, int64_t out, T* workspace, cudaStream_t stream);
+
+// out[c] = sum over n < batch, s < spatial of g[(n * channels + c) * spatial + s]: the bias
+// gradient of linear (spatial = 1) and conv2d (spatial = out_h * out_w). Fixed-shape two-pass
+// reduction in double; workspace in doubles.
+int64_t channel_sum_workspace(int64_t batch, int64_t channels, int64_t spatial);
+template <typename T>
+cudaError_t channel_sum(const T* g, int64_t batch, int64_t channels, int64_t spatial, T* out,
+                        double* workspace, cudaStream_t stream);
+
+// ---- conv2d (conv2d.cu) -------------------------------------------------------------------------
+
+struct ConvGeometry {
+  int64_t batch, in_channels, in_h, in_w;
+  int64_t out_channels, out_h, out_w;
+  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t groups;
+};
+
+template <typename T>
+cudaError_t conv2d_forward(const T* input, const T* weight, const T* bias /*nullable*/, T* output,
+                           const ConvGeometry& g, cudaStream_t stream);
+template <typename T>
+cudaError_t conv2d_grad_input(const T* grad_output, const T* weight, T* grad_input,
+                              const ConvGeometry& g, cudaStream_t stream);
+int64_t conv2d_grad_weight_workspace(const ConvGeometry& g);
+template <typename T>
+cudaError_t conv2d_grad_weight(const T* grad_output, const T* input, T* grad_weight,
+                               const ConvGeometry& g, T* workspace, cudaStream_t stream);
+
+// ---- Losses (loss.cu) ---------------------------------------------------------------------------
+// reduction: 0 'none', 1 'mean', 2 'sum'. Sums are two-pass fixed-order trees in double.
+
+enum class PointwiseLoss : int { Mse = 0, BinaryCrossEntropy = 1 };
+
+// Doubles of workspace for pointwise_loss_forward / _backward over n elements.
+int64_t pointwise_loss_workspace(int64_t n, int64_t reduction);
+int64_t pointwise_loss_backward_workspace(int64_t n, int64_t reduction, bool mean_over_weight,
+                                          bool has_weight);
+// 'none': out has n elements; otherwise out is one element. 'mean' divides by n, or by sum(w)
+// when mean_over_weight (mse_loss with a weight, as torch.nn.functional). binary_cross_entropy
+// stops with a device-side assert when an input or target element lies outside [0, 1].
+template <typename T>
+cudaError_t pointwise_loss_forward(PointwiseLoss loss, const T* x, const T* t,
+                                   const T* w /*nullable*/, int64_t n, int64_t reduction,
+                                   bool mean_over_weight, T* out, double* workspace,
+                                   cudaStream_t stream);
+// grad is n elements for 'none', else one (read on the device: no host sync).
+template <typename T>
+cudaError_t pointwise_loss_backward(PointwiseLoss loss, const T* grad, const T* x, const T* t,
+                                    const T* w /*nullable*/, int64_t n, int64_t reduction,
+                                    bool mean_over_weight, T* grad_input, double* workspace,
+                                    cudaStream_t stream);
+
+// Logits (rows, classes), int64 targets (rows), class weights (classes) or null. A target that
+// is neither in [0, classes) nor ignore_index stops the kernel with a device-side assert.
+int64_t cross_entropy_workspace(int64_t rows, int64_t reduction);
+int64_t cross_entropy_backward_workspace(int64_t rows, int64_t reduction);
+template <typename T>
+cudaError_t cross_entropy_forward(const T* x, const int64_t* target, const T* w, int64_t rows,
+                                  int64_t classes, int64_t reduction, int64_t ignore_index,
+                                  T* out, double* workspace, cudaStream_t stream);
+template <typename T>
+cudaError_t cross_entropy_backward(const T* grad, const T* x, const int64_t* target, const T* w,
+                                   int64_t rows, int64_t classes, int64_t reduction,
+                                   int64_t ignore_index, T* grad_input, double* workspace,
+                                   cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace pyengine

@@ -1,0 +1,95 @@
+// CUDA glue of max_pool2d, max_pool2d_with_indices and max_pool2d_backward (kernels: pool.cu).
+// Same checks as csrc/cpu/pool.cpp (common/checks.h); unbatched (C, H, W) inputs are one batch.
+#include <torch/library.h>
+
+#include "cuda/glue.h"
+
+namespace pyengine {
+namespace cuda {
+namespace {
+
+using at::IntArrayRef;
+
+PoolGeometry geometry(const Pool2dShape<int64_t>& s, IntArrayRef kernel_size, IntArrayRef stride,
+                      IntArrayRef padding, IntArrayRef dilation) {
+  PoolGeometry g;
+  g.planes = s.batch * s.channels;
+  g.in_h = s.in_h;
+  g.in_w = s.in_w;
+  g.out_h = s.out_h;
+  g.out_w = s.out_w;
+  g.kernel_h = kernel_size[0];
+  g.kernel_w = kernel_size[1];
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dil_h = dilation[0];
+  g.dil_w = dilation[1];
+  return g;
+}
+
+void forward(const Tensor& input, const PoolGeometry& g, Tensor& output, Tensor* indices,
+             const char* op) {
+  c10::cuda::CUDAGuard guard(input.device());
+  const Tensor x = input.contiguous();
+  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(max_pool2d_forward<T>(
+        x.const_data_ptr<T>(), output.mutable_data_ptr<T>(),
+        indices ? indices->mutable_data_ptr<int64_t>() : nullptr, g, current_stream()));
+  });
+}
+
+Tensor max_pool2d_cuda(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
+                       IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
+  auto s = check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g = geometry(s, kernel_size, stride, padding, dilation);
+  Tensor output = at::empty(s.output_sizes(), input.options());
+  forward(input, g, output, nullptr, "max_pool2d");
+  return output;
+}
+
+std::tuple<Tensor, Tensor> max_pool2d_with_indices_cuda(const Tensor& input,
+                                                        IntArrayRef kernel_size,
+                                                        IntArrayRef stride, IntArrayRef padding,
+                                                        IntArrayRef dilation, bool ceil_mode) {
+  auto s = check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
+  const PoolGeometry g = geometry(s, kernel_size, stride, padding, dilation);
+  const auto sizes = s.output_sizes();
+  Tensor output = at::empty(sizes, input.options());
+  Tensor indices = at::empty(sizes, input.options().dtype(at::kLong));
+  forward(input, g, output, &indices, "max_pool2d_with_indices");
+  return {output, indices};
+}
+
+Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input,
+                                const Tensor& indices, IntArrayRef kernel_size,
+                                IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                                bool ceil_mode) {
+  auto s = check_max_pool2d_backward<int64_t>(grad_output, input, indices, kernel_size, stride,
+                                              padding, dilation, ceil_mode);
+  const PoolGeometry g = geometry(s, kernel_size, stride, padding, dilation);
+  c10::cuda::CUDAGuard guard(input.device());
+  const Tensor go = grad_output.contiguous();
+  const Tensor ix = indices.contiguous();
+  Tensor grad_input = at::empty(input.sizes(), input.options());
+  dispatch_floating(go.scalar_type(), "max_pool2d_backward", [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(max_pool2d_backward<T>(go.const_data_ptr<T>(), ix.const_data_ptr<int64_t>(),
+                                          grad_input.mutable_data_ptr<T>(), g,
+                                          current_stream()));
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
+  m.impl("max_pool2d", max_pool2d_cuda);
+  m.impl("max_pool2d_with_indices", max_pool2d_with_indices_cuda);
+  m.impl("max_pool2d_backward", max_pool2d_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace pyengine

@@ -1,0 +1,196 @@
+"""torch.ops.pyengine.{relu, leaky_relu, sigmoid, tanh} and their backward ops, against torch on
+randomly drawn shapes (seeds: see conftest.py)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import helpers
+from helpers import devices, dtypes
+
+P = torch.ops.pyengine
+SLOPES = [0.01, 0.0, -0.5, 0.2, 1.5]
+
+
+def activation(name, slope=0.01):
+    """(ours, theirs, backward op, saved tensor for the backward op, extra args) of one op."""
+    if name == "relu":
+        return P.relu, torch.relu, P.relu_backward, "result", ()
+    if name == "leaky_relu":
+        return (lambda x: P.leaky_relu(x, slope), lambda x: F.leaky_relu(x, slope),
+                P.leaky_relu_backward, "input", (slope,))
+    if name == "sigmoid":
+        return P.sigmoid, torch.sigmoid, P.sigmoid_backward, "result", ()
+    return P.tanh, torch.tanh, P.tanh_backward, "result", ()
+
+
+# every op, leaky_relu once per slope
+CASES = [("relu", None), ("sigmoid", None), ("tanh", None)] + [("leaky_relu", s) for s in SLOPES]
+cases = pytest.mark.parametrize("name,slope", CASES,
+                                ids=[n if s is None else f"{n}{s}" for n, s in CASES])
+
+
+def random_shape(max_dim=4, max_numel=4000):
+    while True:
+        ndim = int(torch.randint(0, max_dim + 1, ()))
+        shape = tuple(int(torch.randint(1, 17, ())) for _ in range(ndim))
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel <= max_numel:
+            return shape
+
+
+def shapes(count=8):
+    """Random shapes, always with a 0-d, an empty and a single-element one."""
+    return [(), (0,), (3, 0, 2), (1,)] + [random_shape() for _ in range(count - 4)]
+
+
+@devices
+@dtypes
+@cases
+def test_matches_torch(device, dtype, name, slope):
+    ours, theirs, *_ = activation(name, slope)
+    for shape in shapes():
+        x = (torch.randn(shape, dtype=dtype, device=device) * 3).requires_grad_()
+        out = helpers.compare_with_torch(ours, theirs, [x], dtype)
+        assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+
+
+@devices
+@dtypes
+@cases
+def test_noncontiguous(device, dtype, name, slope):
+    ours, theirs, *_ = activation(name, slope)
+    x = torch.randn(6, 7, dtype=dtype, device=device)
+    for strided in (helpers.noncontiguous(x), x.t().contiguous().t(), x[:, 1::3]):
+        assert not strided.is_contiguous()
+        out = ours(strided)
+        assert out.is_contiguous()
+        helpers.assert_close(out, ours(strided.contiguous()), rtol=0, atol=0)
+        helpers.compare_with_torch(ours, theirs, [strided.clone().requires_grad_()], dtype)
+
+
+def special_values(dtype, device):
+    big = 1e300 if dtype == torch.float64 else 1e30
+    vals = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0,
+            100.0, -100.0, 1e4, -1e4, big, -big]
+    return torch.tensor(vals, dtype=dtype, device=device)
+
+
+@devices
+@dtypes
+@cases
+def test_special_values(device, dtype, name, slope):
+    ours, theirs, *_ = activation(name, slope)
+    x = special_values(dtype, device)
+    # (compare_with_torch checks NaN positions too: leaky_relu(-inf) with slope 0 is NaN there)
+    out = helpers.compare_with_torch(ours, theirs, [x.requires_grad_()], dtype)
+    assert torch.isnan(out[torch.isnan(x.detach())]).all()  # NaN propagates
+
+
+@devices
+@dtypes
+def test_sigmoid_large_magnitudes_do_not_overflow(device, dtype):
+    x = torch.tensor([100.0, -100.0, 1e4, -1e4, 88.8, -88.8, 710.0, -710.0], dtype=dtype,
+                     device=device, requires_grad=True)
+    y = P.sigmoid(x)
+    assert torch.isfinite(y).all() and (y >= 0).all() and (y <= 1).all()
+    assert y[0] == 1 and y[2] == 1 and y[3] == 0 and 0 <= y[1] < 1e-40
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(g).all()
+    helpers.assert_close(y, torch.sigmoid(x))
+
+
+@devices
+def test_relu_gradient_at_nan_matches_torch(device):
+    # torch's threshold_backward (result <= 0 ? 0 : grad) passes the gradient through at NaN.
+    x = torch.tensor([float("nan"), 1.0, -1.0], device=device, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    P.relu(x).sum().backward()
+    torch.relu(x2).sum().backward()
+    helpers.assert_close(x.grad, x2.grad)
+
+
+@devices
+@cases
+def test_gradcheck(device, name, slope):
+    ours, *_ = activation(name, slope)
+    for shape in [(), (3, 5)]:
+        x = torch.randn(shape, dtype=torch.float64, device=device)
+        x = (x + 0.1 * x.sign()).requires_grad_()  # away from relu's kink at 0
+        assert torch.autograd.gradcheck(ours, (x,))
+
+
+def backward_sample(name, slope, dtype, device, shape=(4, 5)):
+    """(backward op, its arguments) for a random forward input."""
+    ours, _, bwd, saved, extra = activation(name, slope)
+    x = torch.randn(shape, dtype=dtype, device=device)
+    g = torch.randn(shape, dtype=dtype, device=device)
+    return bwd, [g, x if saved == "input" else ours(x), *extra]
+
+
+@devices
+@cases
+def test_opcheck(device, name, slope):
+    ours, *_ = activation(name, slope)
+    op = {"relu": P.relu, "leaky_relu": P.leaky_relu, "sigmoid": P.sigmoid, "tanh": P.tanh}[name]
+    x = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    helpers.opcheck(op.default, [x] + ([slope] if name == "leaky_relu" else []))
+    bwd, args = backward_sample(name, slope, torch.float64, device)
+    helpers.opcheck(bwd.default, args)
+
+
+def torch_backward(name, g, saved, slope):
+    """torch's own backward kernels, called directly."""
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(g, saved, 0)
+    if name == "leaky_relu":
+        return torch.ops.aten.leaky_relu_backward(g, saved, slope, False)
+    if name == "sigmoid":
+        return torch.ops.aten.sigmoid_backward(g, saved)
+    return torch.ops.aten.tanh_backward(g, saved)
+
+
+@devices
+@dtypes
+@cases
+def test_backward_ops_directly(device, dtype, name, slope):
+    for shape in shapes(5):
+        bwd, (g, saved, *extra) = backward_sample(name, slope, dtype, device, shape)
+        expected = torch_backward(name, g, saved, slope)
+        out = bwd(g, saved, *extra)
+        assert out.shape == g.shape and out.is_contiguous()
+        helpers.assert_close(out, expected)
+        if g.dim() >= 1 and g.numel() > 1:  # strided arguments
+            helpers.assert_close(
+                bwd(helpers.noncontiguous(g), helpers.noncontiguous(saved), *extra), expected)
+
+
+# ---- Bad input ------------------------------------------------------------------------------
+
+@devices
+@cases
+@pytest.mark.parametrize("int_dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_input(device, name, slope, int_dtype):
+    ours, *_ = activation(name, slope)
+    x = torch.ones(3, 4, dtype=int_dtype, device=device)
+    dtype_name = {torch.int64: "Long", torch.int32: "Int", torch.bool: "Bool"}[int_dtype]
+    with helpers.raises(TypeError, f"pyengine.{name}", "input", "float32 or float64",
+                        f"dtype {dtype_name}"):
+        ours(x)
+
+
+@devices
+@cases
+def test_backward_bad_arguments(device, name, slope):
+    bwd, (g, saved, *extra) = backward_sample(name, slope, torch.float32, device)
+    saved_arg = "input" if name == "leaky_relu" else "result"
+    op = f"{name}_backward"
+    with helpers.raises(ValueError, op, saved_arg, "same shape", "[4, 5]", "[5, 4]"):
+        bwd(g, saved.t().contiguous(), *extra)
+    with helpers.raises(ValueError, op, saved_arg, "same shape", "[4, 5]", "[20]"):
+        bwd(g, saved.reshape(20), *extra)
+    with helpers.raises(TypeError, op, saved_arg, "same dtype", "Double"):
+        bwd(g, saved.double(), *extra)
+    with helpers.raises(TypeError, op, "grad_output", "float32 or float64"):
+        bwd(g.long(), saved, *extra)

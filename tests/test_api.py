@@ -1,0 +1,292 @@
+"""pyengine.functional, pyengine.nn and pyengine.convert as drop-in replacements for torch's:
+same signatures, same results, same parameters and state_dict."""
+import copy
+import inspect
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import helpers
+import pyengine
+import pyengine.functional as PF
+import pyengine.nn as pnn
+from helpers import assert_close, compare_with_torch, devices
+
+FUNCTIONS = ["conv2d", "max_pool2d", "linear", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
+             "log_softmax", "mse_loss", "binary_cross_entropy", "cross_entropy"]
+
+
+def _torch_params(name):
+    """Parameter names and defaults of torch.nn.functional.<name> (C builtins: from the doc)."""
+    fn = getattr(TF, name)
+    try:
+        sig = inspect.signature(fn)
+    except ValueError:  # conv2d and linear are C builtins; their doc's first line is the signature
+        line = fn.__doc__.strip().splitlines()[0]
+        sig = inspect.signature(eval(f"lambda {line[line.index('(') + 1:line.rindex(')')]}: 0"))
+    return [(p.name, p.default) for p in sig.parameters.values()]
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_functional_signature_matches_torch(name):
+    ours = [(p.name, p.default) for p in inspect.signature(getattr(PF, name)).parameters.values()]
+    if name == "max_pool2d":  # torch's is a boolean_dispatch wrapper: compare with its target
+        theirs = [(p.name, p.default) for p in
+                  inspect.signature(TF._max_pool2d).parameters.values()]
+        assert ours == theirs
+    else:
+        assert ours == _torch_params(name)
+
+
+# ---- functional: argument handling that lives in Python ------------------------------------
+
+@devices
+@pytest.mark.parametrize("padding", ["same", "valid", 1, (2, 0), [1, 2]])
+@pytest.mark.parametrize("kernel,dilation", [((3, 3), 1), ((4, 2), 1), ((2, 3), (2, 1))])
+def test_conv2d_padding_forms(device, padding, kernel, dilation):
+    x = torch.randn(2, 3, 9, 8, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, *kernel, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, device=device, dtype=torch.float64, requires_grad=True)
+    compare_with_torch(lambda x, w, b: PF.conv2d(x, w, b, 1, padding, dilation),
+                       lambda x, w, b: TF.conv2d(x, w, b, 1, padding, dilation), [x, w, b])
+
+
+def test_conv2d_bad_padding_string_and_same_with_stride():
+    x, w = torch.randn(1, 1, 5, 5), torch.randn(1, 1, 3, 3)
+    with helpers.raises(ValueError, "padding", "'full'"):
+        PF.conv2d(x, w, padding="full")
+    with helpers.raises(ValueError, "padding='same'", "strided", "stride=(2, 2)"):
+        PF.conv2d(x, w, stride=2, padding="same")
+    with helpers.raises(ValueError, "stride", "an int or a pair of ints", "(1, 2, 3)"):
+        PF.conv2d(x, w, stride=(1, 2, 3))
+
+
+@devices
+@pytest.mark.parametrize("stride", [None, 1, (1, 2), []])
+def test_max_pool2d_stride_default_and_indices(device, stride):
+    x = torch.randn(2, 3, 7, 6, device=device)
+    out, idx = PF.max_pool2d(x, 2, stride, return_indices=True)
+    ref, ref_idx = TF.max_pool2d(x, 2, stride, return_indices=True)
+    assert_close(out, ref)
+    assert torch.equal(idx, ref_idx)
+    assert_close(PF.max_pool2d(x, 2, stride), ref)
+
+
+@devices
+@pytest.mark.parametrize("name,kwargs", [("relu", {}), ("leaky_relu", {"negative_slope": 0.2})])
+def test_inplace_activation(device, name, kwargs):
+    x = torch.randn(4, 5, device=device)
+    a, b = x.clone(), x.clone()
+    ra = getattr(PF, name)(a, inplace=True, **kwargs)
+    rb = getattr(TF, name)(b, inplace=True, **kwargs)
+    assert ra is a and rb is b
+    assert_close(a, b)
+    # Autograd through an in-place activation of a non-leaf tensor.
+    leaf = torch.randn(4, 5, device=device, requires_grad=True)
+    ref_leaf = leaf.detach().clone().requires_grad_()
+    (getattr(PF, name)(leaf * 2, inplace=True, **kwargs) ** 2).sum().backward()
+    (getattr(TF, name)(ref_leaf * 2, inplace=True, **kwargs) ** 2).sum().backward()
+    assert_close(leaf.grad, ref_leaf.grad)
+    # A leaf that requires grad cannot be modified in place, as in torch.
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        getattr(PF, name)(torch.randn(3, requires_grad=True), inplace=True, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_softmax_implicit_dim_and_dtype(name):
+    x = torch.randn(3, 4, 5)
+    with pytest.warns(UserWarning, match="Implicit dimension choice"):
+        ours = getattr(PF, name)(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = getattr(TF, name)(x)
+    assert_close(ours, ref)
+    y = getattr(PF, name)(x.float(), dim=-1, dtype=torch.float64)
+    assert y.dtype == torch.float64
+    assert_close(y, getattr(TF, name)(x.float(), dim=-1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_mse_loss_broadcast_weight_and_legacy_args(reduction):
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(1, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="different to the input size"):
+        ours = PF.mse_loss(x, t, reduction=reduction)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_close(ours, TF.mse_loss(x, t, reduction=reduction))
+    w = torch.rand(4, 3, dtype=torch.float64)
+    t = torch.randn(4, 3, dtype=torch.float64)
+    compare_with_torch(lambda x: PF.mse_loss(x, t, reduction=reduction, weight=w),
+                       lambda x: TF.mse_loss(x, t, reduction=reduction, weight=w), [x])
+    with helpers.raises(ValueError, "weight", "[4, 3]", "[3]"):
+        PF.mse_loss(x, t, weight=torch.ones(3, dtype=torch.float64))
+    with pytest.warns(UserWarning):  # torch warns that size_average is deprecated
+        assert_close(PF.mse_loss(x, t, size_average=False), TF.mse_loss(x, t, reduction="sum"))
+    with pytest.raises(ValueError, match="not a valid value for reduction"):
+        PF.mse_loss(x, t, reduction="avg")
+
+
+def test_binary_cross_entropy_weight_broadcast_and_shape_error():
+    p = torch.rand(5, 3, dtype=torch.float64).clamp(0.05, 0.95).requires_grad_()
+    y = torch.rand(5, 3, dtype=torch.float64)
+    w = torch.rand(3, dtype=torch.float64)
+    compare_with_torch(lambda p: PF.binary_cross_entropy(p, y, w),
+                       lambda p: TF.binary_cross_entropy(p, y, w), [p])
+    with pytest.raises(ValueError, match="different to the input size"):
+        PF.binary_cross_entropy(p, y[:, :2])
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_cross_entropy_spatial_targets(reduction):
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 5, (2, 3, 4))
+    t[0, 0, 0] = -100
+    w = torch.rand(5, dtype=torch.float64)
+    compare_with_torch(lambda x: PF.cross_entropy(x, t, w, reduction=reduction),
+                       lambda x: TF.cross_entropy(x, t, w, reduction=reduction), [x])
+    with helpers.raises(ValueError, "target", "[2, 3, 4]", "[2, 4, 3]"):
+        PF.cross_entropy(x, t.transpose(1, 2))
+
+
+def test_cross_entropy_unsupported_modes_say_so():
+    x, t = torch.randn(3, 4), torch.randint(0, 4, (3,))
+    with helpers.raises(NotImplementedError, "label_smoothing", "0.1"):
+        PF.cross_entropy(x, t, label_smoothing=0.1)
+    with helpers.raises(NotImplementedError, "class-probability targets", "float32"):
+        PF.cross_entropy(x, torch.softmax(x, 1))
+
+
+# ---- modules -----------------------------------------------------------------------------
+
+MODULE_CASES = [
+    ("Conv2d", (3, 8, 3), dict(stride=2, padding=1), (2, 3, 9, 9)),
+    ("Conv2d", (4, 6, (3, 2)), dict(groups=2, bias=False, dilation=(1, 2)), (1, 4, 8, 8)),
+    ("Conv2d", (2, 4, 3), dict(padding="same", padding_mode="reflect"), (2, 2, 6, 7)),
+    ("MaxPool2d", (3,), dict(stride=2, padding=1, ceil_mode=True), (2, 3, 9, 8)),
+    ("Linear", (7, 5), {}, (4, 3, 7)),
+    ("Linear", (7, 5), dict(bias=False), (7,)),
+    ("ReLU", (), {}, (3, 4)),
+    ("LeakyReLU", (0.3,), {}, (3, 4)),
+    ("Sigmoid", (), {}, (3, 4)),
+    ("Tanh", (), {}, (3, 4)),
+    ("Softmax", (1,), {}, (3, 4)),
+    ("LogSoftmax", (-1,), {}, (3, 4)),
+]
+
+
+@devices
+@pytest.mark.parametrize("name,args,kwargs,shape", MODULE_CASES)
+def test_module_matches_torch_twin(device, name, args, kwargs, shape):
+    torch.manual_seed(0)
+    ours = getattr(pnn, name)(*args, **kwargs).to(device)
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, name)(*args, **kwargs).to(device)
+    assert isinstance(ours, getattr(torch.nn, name))
+    assert repr(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)  # same initialisation from the same seed
+    # state_dict loads both ways, strictly.
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    a, b = ours(x), theirs(x2)
+    assert_close(a, b)
+    g = torch.randn_like(b)
+    a.backward(g)
+    b.backward(g)
+    assert_close(x.grad, x2.grad)
+    for p1, p2 in zip(ours.parameters(), theirs.parameters()):
+        assert_close(p1.grad, p2.grad)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("MSELoss", dict(reduction="sum")),
+    ("BCELoss", dict(weight=torch.rand(4))),
+    ("CrossEntropyLoss", dict(weight=torch.rand(4), ignore_index=1)),
+    ("CrossEntropyLoss", dict(reduction="none")),
+])
+def test_loss_modules_match_torch(name, kwargs):
+    ours, theirs = getattr(pnn, name)(**kwargs), getattr(torch.nn, name)(**kwargs)
+    assert repr(ours) == repr(theirs)
+    x = torch.randn(6, 4, requires_grad=True)
+    if name == "CrossEntropyLoss":
+        t = torch.randint(0, 4, (6,))
+    elif name == "BCELoss":
+        x = torch.rand(6, 4).clamp(0.05, 0.95).requires_grad_()
+        t = torch.rand(6, 4)
+    else:
+        t = torch.randn(6, 4)
+    compare_with_torch(lambda x: ours(x, t), lambda x: theirs(x, t), [x])
+
+
+# ---- convert -----------------------------------------------------------------------------
+
+class _MyLinear(torch.nn.Linear):
+    """A user's subclass: convert() must leave it alone."""
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.BatchNorm2d(4))
+        self.head = torch.nn.ModuleList([torch.nn.Linear(4 * 3 * 3, 8), torch.nn.Tanh()])
+        self.custom = _MyLinear(8, 2)
+        self.act = torch.nn.LeakyReLU(0.1)
+
+    def forward(self, x):
+        x = torch.flatten(self.features(x), 1)
+        for m in self.head:
+            x = m(x)
+        return self.act(self.custom(x))
+
+
+def test_convert_swaps_exact_torch_layers_and_keeps_everything_else():
+    model = _Net().train(False)
+    converted = pyengine.convert(model)
+    assert converted is not model
+    assert type(model.features[0]) is torch.nn.Conv2d  # the original is untouched
+    assert type(converted.features[0]) is pnn.Conv2d
+    assert type(converted.features[1]) is pnn.ReLU
+    assert type(converted.features[2]) is pnn.MaxPool2d
+    assert type(converted.features[3]) is torch.nn.BatchNorm2d
+    assert type(converted.head[0]) is pnn.Linear and type(converted.head[1]) is pnn.Tanh
+    assert type(converted.custom) is _MyLinear
+    assert type(converted.act) is pnn.LeakyReLU and converted.act.negative_slope == 0.1
+    assert not converted.training
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), converted.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    x = torch.randn(3, 1, 8, 8)
+    assert_close(converted(x), model(x))
+
+
+def test_convert_inplace_and_root_module():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    same = pyengine.convert(model, inplace=True)
+    assert same is model and type(model[0]) is pnn.Linear
+    lin = torch.nn.Linear(2, 2)
+    assert type(pyengine.convert(lin)) is pnn.Linear
+    with helpers.raises(TypeError, "torch.nn.Module", "int"):
+        pyengine.convert(3)
+
+
+def test_converted_model_trains_like_torch():
+    torch.manual_seed(1)
+    model = _Net()
+    converted = pyengine.convert(model)
+    opt_a = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt_b = torch.optim.SGD(converted.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        x, y = torch.randn(5, 1, 8, 8), torch.randn(5, 2)
+        for m, opt in ((model, opt_a), (converted, opt_b)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+    for p1, p2 in zip(model.parameters(), converted.parameters()):
+        assert_close(p1, p2, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,578 @@
+"""torch.ops.pyengine.{mse_loss, binary_cross_entropy, cross_entropy} and their backward ops,
+against torch.nn.functional on randomly drawn shapes (seeds: see conftest.py)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import helpers
+from helpers import devices, dtypes
+
+P = torch.ops.pyengine
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+reductions = pytest.mark.parametrize("reduction", list(REDUCTIONS))
+weighted = pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
+
+
+def random_shape(max_dim=4, max_numel=3000):
+    """A random shape of 0..max_dim dims; sizes from 0 (rarely) to ~20."""
+    while True:
+        ndim = int(torch.randint(0, max_dim + 1, ()))
+        shape = tuple(int(torch.randint(1, 21, ())) for _ in range(ndim))
+        if ndim and torch.rand(()) < 0.1:  # an empty tensor now and then
+            i = int(torch.randint(0, ndim, ()))
+            shape = shape[:i] + (0,) + shape[i + 1:]
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel <= max_numel:
+            return shape
+
+
+def shapes(count=8):
+    """`count` random shapes, always including a 0-d one, a batch of 1 and an empty one."""
+    return [(), (1, 5), (0, 3)] + [random_shape() for _ in range(count - 3)]
+
+
+def quietly(fn):
+    """torch warns about some legal calls (mean of an empty tensor); the comparison is the test."""
+    def run(*args):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*args)
+    return run
+
+
+# ---- mse_loss -------------------------------------------------------------------------------
+
+def mse_pair(reduction):
+    r = REDUCTIONS[reduction]
+    ours = quietly(lambda x, t, w=None: P.mse_loss(x, t, w, r))
+    theirs = quietly(lambda x, t, w=None: F.mse_loss(x, t, reduction=reduction, weight=w))
+    return ours, theirs
+
+
+@devices
+@dtypes
+@reductions
+@weighted
+def test_mse_loss_matches_torch(device, dtype, reduction, weighted):
+    ours, theirs = mse_pair(reduction)
+    for shape in shapes():
+        x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+        t = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)  # target grad too
+        args = [x, t] + ([torch.rand(shape, dtype=dtype, device=device)] if weighted else [])
+        helpers.compare_with_torch(ours, theirs, args, dtype)
+
+
+@devices
+@dtypes
+@reductions
+def test_mse_loss_backward_op_directly(device, dtype, reduction):
+    r = REDUCTIONS[reduction]
+    x = torch.randn(4, 6, dtype=dtype, device=device)
+    t = torch.randn(4, 6, dtype=dtype, device=device)
+    w = torch.rand(4, 6, dtype=dtype, device=device)
+    g = torch.randn((4, 6) if r == 0 else (), dtype=dtype, device=device)
+    for weight in (None, w):
+        xr = x.clone().requires_grad_()
+        F.mse_loss(xr, t, reduction=reduction, weight=weight).backward(g)
+        helpers.assert_close(P.mse_loss_backward(g, x, t, weight, r), xr.grad)
+        # d/d(target) is the same op with input and target swapped.
+        tr = t.clone().requires_grad_()
+        F.mse_loss(x, tr, reduction=reduction, weight=weight).backward(g)
+        helpers.assert_close(P.mse_loss_backward(g, t, x, weight, r), tr.grad)
+
+
+# ---- binary_cross_entropy -------------------------------------------------------------------
+
+def bce_pair(reduction):
+    r = REDUCTIONS[reduction]
+    ours = quietly(lambda p, y, w=None: P.binary_cross_entropy(p, y, w, r))
+    theirs = quietly(lambda p, y, w=None: F.binary_cross_entropy(p, y, w, reduction=reduction))
+    return ours, theirs
+
+
+def probabilities(shape, dtype, device):
+    """Away from 0 and 1, so float32 gradients (1 / (p (1 - p))) compare with a relative bound."""
+    return (torch.rand(shape, dtype=dtype, device=device) * 0.98 + 0.01).requires_grad_()
+
+
+@devices
+@dtypes
+@reductions
+@weighted
+def test_binary_cross_entropy_matches_torch(device, dtype, reduction, weighted):
+    ours, theirs = bce_pair(reduction)
+    for i, shape in enumerate(shapes()):
+        p = probabilities(shape, dtype, device)
+        # hard labels for half the shapes, soft ones for the others
+        y = torch.rand(shape, dtype=dtype, device=device)
+        if i % 2:
+            y = y.round()
+        args = [p, y] + ([torch.rand(shape, dtype=dtype, device=device) * 2] if weighted else [])
+        helpers.compare_with_torch(ours, theirs, args, dtype)
+
+
+@devices
+@dtypes
+@reductions
+@weighted
+def test_binary_cross_entropy_at_zero_and_one(device, dtype, reduction, weighted):
+    # log(0) is clamped at -100 and the gradient's denominator bounded by 1e-12, as torch.
+    ours, theirs = bce_pair(reduction)
+    p = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.5], dtype=dtype, device=device)
+    y = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.3, 0.7, 1.0], dtype=dtype, device=device)
+    args = [p.requires_grad_(), y] + ([torch.rand(7, dtype=dtype, device=device)] if weighted
+                                      else [])
+    out = helpers.compare_with_torch(ours, theirs, args, dtype)
+    assert torch.isfinite(out).all()
+    if reduction == "none" and not weighted:
+        assert out[1].item() == pytest.approx(100.0) and out[2].item() == pytest.approx(100.0)
+
+
+@devices
+def test_binary_cross_entropy_grad_clamp_matches_torch_in_float64(device):
+    # torch bounds the gradient's denominator by 1e-12 rounded to float32, also for float64.
+    p = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device)
+    y = torch.tensor([1.0, 0.0], dtype=torch.float64, device=device)
+    g = torch.ones(2, dtype=torch.float64, device=device)
+    ours = P.binary_cross_entropy_backward(g, p, y, None, 0)
+    theirs = torch.ops.aten.binary_cross_entropy_backward(g, p, y, None, 0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+
+
+# ---- cross_entropy --------------------------------------------------------------------------
+
+def ce_pair(reduction, ignore_index=-100):
+    r = REDUCTIONS[reduction]
+    ours = quietly(lambda x, t, w=None: P.cross_entropy(x, t, w, r, ignore_index))
+    theirs = quietly(lambda x, t, w=None: F.cross_entropy(
+        x, t, w, reduction=reduction, ignore_index=ignore_index))
+    return ours, theirs
+
+
+def ce_sample(n, c, dtype, device, ignore_index=-100, ignore_fraction=0.2, batched=True):
+    x = (torch.randn(n, c, dtype=dtype, device=device) * 3).requires_grad_()
+    t = torch.randint(0, c, (n,), device=device)
+    t[torch.rand(n, device=device) < ignore_fraction] = ignore_index
+    if not batched:
+        x = x.detach()[0].requires_grad_()
+        t = t[0]
+    return x, t
+
+
+@devices
+@dtypes
+@reductions
+@weighted
+@pytest.mark.parametrize("ignore_index", [-100, 1], ids=["ignore-100", "ignore1"])
+def test_cross_entropy_matches_torch(device, dtype, reduction, weighted, ignore_index):
+    ours, theirs = ce_pair(reduction, ignore_index)
+    sizes = [(1, 3), (0, 4), (5, 2)] + [
+        (int(torch.randint(1, 65, ())), int(torch.randint(2, 40, ()))) for _ in range(5)]
+    for n, c in sizes:
+        x, t = ce_sample(n, c, dtype, device, ignore_index)
+        args = [x, t] + ([torch.rand(c, dtype=dtype, device=device) + 0.1] if weighted else [])
+        helpers.compare_with_torch(ours, theirs, args, dtype)
+
+
+@devices
+@dtypes
+@reductions
+@weighted
+def test_cross_entropy_unbatched(device, dtype, reduction, weighted):
+    ours, theirs = ce_pair(reduction)
+    for c in (1, 2, 7, 30):
+        x, t = ce_sample(1, c, dtype, device, ignore_fraction=0.0, batched=False)
+        assert x.shape == (c,) and t.shape == ()
+        args = [x, t] + ([torch.rand(c, dtype=dtype, device=device) + 0.1] if weighted else [])
+        out = helpers.compare_with_torch(ours, theirs, args, dtype)
+        assert out.shape == ()
+    # an ignored unbatched target contributes 0 ('none', 'sum') or NaN ('mean': 0 / 0)
+    x = torch.randn(5, dtype=dtype, device=device, requires_grad=True)
+    helpers.compare_with_torch(ours, theirs, [x, torch.tensor(-100, device=device)], dtype)
+
+
+@devices
+@dtypes
+@reductions
+@weighted
+def test_cross_entropy_all_ignored(device, dtype, reduction, weighted):
+    # 'mean' is 0 / 0 = NaN as torch; the gradient is all zeros.
+    ours, theirs = ce_pair(reduction)
+    x = torch.randn(4, 5, dtype=dtype, device=device, requires_grad=True)
+    t = torch.full((4,), -100, device=device)
+    args = [x, t] + ([torch.rand(5, dtype=dtype, device=device)] if weighted else [])
+    helpers.compare_with_torch(ours, theirs, args, dtype)
+    out = ours(*args)
+    assert torch.isnan(out).all() if reduction == "mean" else (out == 0).all()
+
+
+@devices
+@dtypes
+def test_cross_entropy_large_logits_stable(device, dtype):
+    # log-softmax subtracts the row max: logits of +-1e4 stay finite, as torch.
+    x = torch.tensor([[1e4, 0.0, -1e4], [-1e4, -1e4 + 1, -1e4 + 2]], dtype=dtype, device=device)
+    t = torch.tensor([1, 0], device=device)
+    out = helpers.compare_with_torch(*ce_pair("none"), [x.requires_grad_(), t], dtype)
+    assert torch.isfinite(out).all()
+
+
+@devices
+@dtypes
+@pytest.mark.parametrize("position", [0, 5, 8, 12], ids=lambda p: f"col{p}")
+@pytest.mark.parametrize("special", ["nan", "inf", "-inf"])
+def test_cross_entropy_special_logit_in_wide_rows(device, dtype, position, special):
+    # Rows of 13 classes: float32 rows go through 8- and 4-wide SIMD blocks and a scalar tail;
+    # a special value in each of them must give what torch gives, for the target and another class.
+    x = torch.randn(2, 13, dtype=dtype, device=device)
+    x[:, position] = float(special)
+    t = torch.tensor([position, (position + 3) % 13], device=device)
+    for reduction in ("none", "sum"):
+        helpers.compare_with_torch(*ce_pair(reduction), [x.clone().requires_grad_(), t], dtype)
+
+
+@devices
+@pytest.mark.parametrize("scale", [1.0, 10.0, 40.0])
+def test_cross_entropy_float32_accuracy(device, scale):
+    # float32 exps are ours (a 4-wide polynomial): check them against float64 torch on logits
+    # whose differences span the whole float32 exp range, down to where it underflows.
+    x = torch.randn(300, 37, device=device) * scale
+    t = torch.randint(0, 37, (300,), device=device)
+    out = P.cross_entropy(x, t, None, 0, -100)
+    ref = F.cross_entropy(x.double(), t, reduction="none")
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=3e-7)
+    g = torch.randn(300, device=device)
+    grad = P.cross_entropy_backward(g, x, t, None, 0, -100)
+    xr = x.double().requires_grad_()
+    F.cross_entropy(xr, t, reduction="none").backward(g.double())
+    torch.testing.assert_close(grad.double(), xr.grad, rtol=1e-6, atol=3e-7)
+
+
+@devices
+@dtypes
+@pytest.mark.parametrize("loss", ["mse", "bce", "ce"])
+def test_float32_sums_accumulate_in_double(device, dtype, loss):
+    # 300k terms: a float32 running sum would drift by ~1e-4 relative; ours stays within an ulp of
+    # the float64 sum of the same per-element terms.
+    n = 300_000
+    if loss == "mse":
+        x, t = torch.randn(n, dtype=dtype, device=device), torch.randn(n, dtype=dtype, device=device)
+        out = P.mse_loss(x, t, None, 2)
+        terms = (x - t) ** 2
+    elif loss == "bce":
+        x, t = torch.rand(n, dtype=dtype, device=device), torch.rand(n, dtype=dtype, device=device)
+        out = P.binary_cross_entropy(x, t, None, 2)
+        terms = P.binary_cross_entropy(x, t, None, 0)
+    else:
+        x = torch.randn(n // 10, 10, dtype=dtype, device=device)
+        t = torch.randint(0, 10, (n // 10,), device=device)
+        out = P.cross_entropy(x, t, None, 2, -100)
+        terms = P.cross_entropy(x.double(), t, None, 0, -100)
+    expected = terms.double().sum().to(dtype)
+    torch.testing.assert_close(out, expected, rtol=3e-7 if dtype == torch.float32 else 1e-12,
+                               atol=0)
+
+
+# ---- All three: gradcheck, opcheck, layouts, special values, determinism --------------------
+
+def loss_cases(device, dtype=torch.float64):
+    """(name, op, backward op, forward args builder) for every loss."""
+    def mse(r, w):
+        x = torch.randn(3, 4, dtype=dtype, device=device, requires_grad=True)
+        t = torch.randn(3, 4, dtype=dtype, device=device, requires_grad=True)
+        return [x, t, torch.rand(3, 4, dtype=dtype, device=device) if w else None, r]
+
+    def bce(r, w):
+        p = (torch.rand(3, 4, dtype=dtype, device=device) * 0.9 + 0.05).requires_grad_()
+        y = torch.rand(3, 4, dtype=dtype, device=device)
+        return [p, y, torch.rand(3, 4, dtype=dtype, device=device) if w else None, r]
+
+    def ce(r, w):
+        x, t = ce_sample(5, 4, dtype, device)
+        t[0] = 2  # at least one row counts
+        return [x, t, torch.rand(4, dtype=dtype, device=device) + 0.1 if w else None, r, -100]
+
+    return [("mse_loss", P.mse_loss, P.mse_loss_backward, mse),
+            ("binary_cross_entropy", P.binary_cross_entropy, P.binary_cross_entropy_backward, bce),
+            ("cross_entropy", P.cross_entropy, P.cross_entropy_backward, ce)]
+
+
+LOSS_NAMES = ["mse_loss", "binary_cross_entropy", "cross_entropy"]
+
+
+def case(device, name, dtype=torch.float64):
+    return next(c for c in loss_cases(device, dtype) if c[0] == name)
+
+
+@devices
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@reductions
+@weighted
+def test_gradcheck(device, name, reduction, weighted):
+    _, op, _, build = case(device, name)
+    for _ in range(2):
+        args = build(REDUCTIONS[reduction], weighted)
+        n_grad = sum(1 for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
+
+        def f(*diff, args=args):
+            full = list(diff) + args[n_grad:]
+            return op(*full)
+
+        assert torch.autograd.gradcheck(f, args[:n_grad])
+
+
+def backward_args(fwd_args, op):
+    """The backward op's arguments for a forward call: grad_output of the loss's shape first."""
+    out = op(*fwd_args)
+    g = torch.randn_like(out)
+    return [g] + [a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args]
+
+
+@devices
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@reductions
+@weighted
+def test_opcheck(device, name, reduction, weighted):
+    # schema, autograd registration, fake tensor and AOT dispatch (dynamic shapes) tests for the
+    # forward op and the backward op on one sample each.
+    _, op, bwd, build = case(device, name)
+    helpers.opcheck(op.default, build(REDUCTIONS[reduction], weighted))
+    helpers.opcheck(bwd.default, backward_args(build(REDUCTIONS[reduction], weighted), op))
+
+
+@devices
+@reductions
+def test_opcheck_cross_entropy_unbatched_and_empty(device, reduction):
+    r = REDUCTIONS[reduction]
+    # An empty batch's 'mean' is NaN, and opcheck compares outputs without equal_nan: skip that.
+    for n, batched in [(1, False)] + ([(0, True)] if reduction != "mean" else []):
+        x, t = ce_sample(max(n, 1), 4, torch.float64, device, ignore_fraction=0.0,
+                         batched=batched)
+        if n == 0:
+            x, t = x.detach()[:0].requires_grad_(), t[:0]
+        helpers.opcheck(P.cross_entropy.default, [x, t, None, r, -100])
+        helpers.opcheck(P.cross_entropy_backward.default, backward_args([x, t, None, r, -100],
+                                                                        P.cross_entropy))
+
+
+@devices
+@dtypes
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@reductions
+def test_noncontiguous_inputs(device, dtype, name, reduction):
+    _, op, bwd, build = case(device, name, dtype)
+    args = build(REDUCTIONS[reduction], True)
+    dense = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    strided = [helpers.noncontiguous(a) if isinstance(a, torch.Tensor) and a.dim() >= 1 else a
+               for a in dense]
+    if name == "cross_entropy":  # also transposed logits
+        strided[0] = dense[0].t().contiguous().t()
+        assert not strided[0].is_contiguous()
+    out = op(*dense)
+    out_strided = op(*strided)
+    assert out_strided.is_contiguous()
+    helpers.assert_close(out_strided, out, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    g_strided = helpers.noncontiguous(g) if g.dim() >= 1 else g
+    gi = bwd(g, *dense)
+    gi_strided = bwd(g_strided, *strided)
+    assert gi_strided.is_contiguous()
+    helpers.assert_close(gi_strided, gi, rtol=0, atol=0)
+
+
+@devices
+@dtypes
+@reductions
+def test_special_values_propagate(device, dtype, reduction):
+    nan, inf = float("nan"), float("inf")
+    # mse: NaN and inf in input and target
+    x = torch.tensor([nan, inf, -inf, 1.0, inf, 2.0], dtype=dtype, device=device)
+    t = torch.tensor([0.0, 0.0, 1.0, nan, inf, 1.0], dtype=dtype, device=device)
+    helpers.compare_with_torch(*mse_pair(reduction), [x.requires_grad_(), t], dtype)
+    # cross_entropy rows: +inf logit, -inf target logit, all -inf, NaN, and a plain row
+    x = torch.tensor([[inf, 0.0, 1.0], [-inf, 0.0, 1.0], [-inf, -inf, -inf], [nan, 0.0, 1.0],
+                      [0.5, -0.5, 2.0]], dtype=dtype, device=device)
+    t = torch.tensor([1, 0, 1, 1, 2], device=device)
+    helpers.compare_with_torch(*ce_pair(reduction), [x.requires_grad_(), t], dtype)
+    # each special row alone, so 'mean' and 'sum' do not just give NaN for all
+    for i in range(4):
+        helpers.compare_with_torch(*ce_pair(reduction),
+                                   [x.detach()[i:i + 1].requires_grad_(), t[i:i + 1]], dtype)
+
+
+@devices
+@dtypes
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_deterministic_across_runs_and_threads(device, dtype, name):
+    # Big enough for many reduction chunks and several parallel tasks; terms spread over many
+    # magnitudes, so any change in the order of the additions shows in the last bits.
+    spread = lambda shape: torch.randn(shape, dtype=dtype, device=device) * torch.exp(  # noqa
+        3 * torch.randn(shape, dtype=dtype, device=device))
+    if name == "cross_entropy":
+        n, c = 20_000, 30
+        x = spread((n, c))
+        t = torch.randint(0, c, (n,), device=device)
+        w = torch.rand(c, dtype=dtype, device=device)
+        fwd = lambda r: P.cross_entropy(x, t, w, r, -100)  # noqa: E731
+        bwd = lambda g, r: P.cross_entropy_backward(g, x, t, w, r, -100)  # noqa: E731
+    else:
+        n = 400_000
+        if name == "mse_loss":
+            x, t, op, op_bwd = spread(n), spread(n), P.mse_loss, P.mse_loss_backward
+        else:
+            x = torch.rand(n, dtype=dtype, device=device) ** 8  # many near 0: terms up to 100
+            t = torch.rand(n, dtype=dtype, device=device)
+            op, op_bwd = P.binary_cross_entropy, P.binary_cross_entropy_backward
+        w = torch.rand(n, dtype=dtype, device=device)
+        fwd = lambda r: op(x, t, w, r)  # noqa: E731
+        bwd = lambda g, r: op_bwd(g, x, t, w, r)  # noqa: E731
+    g = torch.tensor(0.7, dtype=dtype, device=device)
+
+    def run():
+        return [fwd(1), fwd(2), bwd(g, 1), bwd(g, 2)]
+
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n_threads in (2, 2, 1, 3):
+            torch.set_num_threads(n_threads)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+# ---- Bad input ------------------------------------------------------------------------------
+
+@devices
+def test_wrong_target_shape(device):
+    x = torch.randn(3, 4, device=device)
+    for op, name in [(P.mse_loss, "mse_loss"), (P.binary_cross_entropy, "binary_cross_entropy")]:
+        with helpers.raises(ValueError, f"pyengine.{name}", "target", "[3, 4]", "[4, 3]"):
+            op(x.sigmoid(), torch.rand(4, 3, device=device), None, 1)
+    with helpers.raises(ValueError, "cross_entropy", "target of shape [3]", "[3, 1]"):
+        P.cross_entropy(x, torch.zeros(3, 1, dtype=torch.long, device=device), None, 1, -100)
+    with helpers.raises(ValueError, "cross_entropy", "0-d target", "[1]"):
+        P.cross_entropy(x[0], torch.zeros(1, dtype=torch.long, device=device), None, 1, -100)
+    with helpers.raises(ValueError, "cross_entropy", "input", "[2, 3, 4]"):
+        P.cross_entropy(torch.randn(2, 3, 4, device=device),
+                        torch.zeros(2, dtype=torch.long, device=device), None, 1, -100)
+
+
+@devices
+@pytest.mark.parametrize("bad", [4, 7, -1, -99])
+def test_cross_entropy_target_out_of_range(device, bad):
+    x = torch.randn(3, 4, device=device)
+    t = torch.tensor([0, bad, 1], device=device)
+    for call in (lambda: P.cross_entropy(x, t, None, 1, -100),
+                 lambda: P.cross_entropy_backward(torch.tensor(1.0, device=device), x, t, None, 1,
+                                                  -100)):
+        with helpers.raises(IndexError, "target", str(bad), "[0, 4)"):
+            call()
+    # the same value is fine as ignore_index
+    assert P.cross_entropy(x, t, None, 2, bad).isfinite()
+
+
+@devices
+def test_cross_entropy_float_target(device):
+    x = torch.randn(3, 4, device=device)
+    with helpers.raises(TypeError, "cross_entropy", "target", "int64", "Float"):
+        P.cross_entropy(x, torch.rand(3, device=device), None, 1, -100)
+
+
+@devices
+@pytest.mark.parametrize("int_dtype", [torch.int64, torch.int32])
+def test_integer_inputs(device, int_dtype):
+    x = torch.randint(0, 2, (3, 4), dtype=int_dtype, device=device)
+    for op, name in [(P.mse_loss, "mse_loss"), (P.binary_cross_entropy, "binary_cross_entropy")]:
+        with helpers.raises(TypeError, f"pyengine.{name}", "input", "float32 or float64"):
+            op(x, x, None, 1)
+    with helpers.raises(TypeError, "pyengine.cross_entropy", "input", "float32 or float64"):
+        P.cross_entropy(x, torch.zeros(3, dtype=torch.long, device=device), None, 1, -100)
+
+
+@devices
+def test_mixed_dtypes(device):
+    x = torch.rand(3, 4, device=device)
+    for op, name in [(P.mse_loss, "mse_loss"), (P.binary_cross_entropy, "binary_cross_entropy")]:
+        with helpers.raises(TypeError, name, "target", "same dtype", "Double"):
+            op(x, x.double(), None, 1)
+        with helpers.raises(TypeError, name, "weight", "same dtype", "Double"):
+            op(x, x, x.double(), 1)
+    t = torch.zeros(3, dtype=torch.long, device=device)
+    with helpers.raises(TypeError, "cross_entropy", "weight", "same dtype", "Double"):
+        P.cross_entropy(x, t, torch.ones(4, dtype=torch.float64, device=device), 1, -100)
+    with helpers.raises(TypeError, "mse_loss_backward", "grad_output", "same dtype"):
+        P.mse_loss_backward(torch.tensor(1.0, dtype=torch.float64, device=device), x, x, None, 1)
+
+
+@devices
+@pytest.mark.parametrize("reduction", [-1, 3])
+def test_bad_reduction(device, reduction):
+    x = torch.rand(3, 4, device=device)
+    t = torch.zeros(3, dtype=torch.long, device=device)
+    calls = [("mse_loss", lambda: P.mse_loss(x, x, None, reduction)),
+             ("binary_cross_entropy", lambda: P.binary_cross_entropy(x, x, None, reduction)),
+             ("cross_entropy", lambda: P.cross_entropy(x, t, None, reduction, -100))]
+    for name, call in calls:
+        with helpers.raises(ValueError, name, "reduction", f"but got {reduction}"):
+            call()
+
+
+@devices
+@dtypes
+@pytest.mark.parametrize("value", [1.5, -0.1, float("nan"), float("inf")])
+def test_binary_cross_entropy_outside_unit_interval(device, dtype, value):
+    p = torch.rand(2, 5, dtype=dtype, device=device)
+    y = torch.rand(2, 5, dtype=dtype, device=device)
+    bad = p.clone()
+    bad[1, 3] = value
+    for r in (0, 1, 2):
+        with helpers.raises(RuntimeError, "binary_cross_entropy", "input",
+                            "should be between 0 and 1", "index 8"):
+            P.binary_cross_entropy(bad, y, None, r)
+        with pytest.raises(RuntimeError, match="input should be between 0 and 1"):
+            F.binary_cross_entropy(bad, y, reduction=["none", "mean", "sum"][r])
+    # torch 2.13 checks the target on CPU too
+    bad_y = y.clone()
+    bad_y[0, 0] = value
+    with helpers.raises(RuntimeError, "binary_cross_entropy", "target", "between 0 and 1"):
+        P.binary_cross_entropy(p, bad_y, None, 1)
+
+
+@devices
+def test_wrong_weight_shape(device):
+    x = torch.rand(3, 4, device=device)
+    for op, name in [(P.mse_loss, "mse_loss"), (P.binary_cross_entropy, "binary_cross_entropy")]:
+        with helpers.raises(ValueError, name, "weight", "same shape", "[4]"):
+            op(x, x, torch.ones(4, device=device), 1)
+    t = torch.zeros(3, dtype=torch.long, device=device)
+    with helpers.raises(ValueError, "cross_entropy", "weight of shape [4]", "[3]"):
+        P.cross_entropy(x, t, torch.ones(3, device=device), 1, -100)
+
+
+@devices
+def test_backward_wrong_grad_output_shape(device):
+    x = torch.rand(3, 4, device=device)
+    t = torch.zeros(3, dtype=torch.long, device=device)
+    with helpers.raises(ValueError, "mse_loss_backward", "grad_output of shape [3, 4]"):
+        P.mse_loss_backward(torch.tensor(1.0, device=device), x, x, None, 0)
+    with helpers.raises(ValueError, "binary_cross_entropy_backward", "grad_output", "[3, 4]"):
+        P.binary_cross_entropy_backward(torch.ones(3, 4, device=device), x, x, None, 1)
+    with helpers.raises(ValueError, "cross_entropy_backward", "grad_output of shape [3]"):
+        P.cross_entropy_backward(torch.ones(4, device=device), x, t, None, 0, -100)
+
+
+@devices
+def test_weight_gradient_refused(device):
+    x = torch.rand(3, 4, device=device, requires_grad=True)
+    w = torch.rand(3, 4, device=device, requires_grad=True)
+    with helpers.raises(RuntimeError, "mse_loss", "weight", "not supported"):
+        P.mse_loss(x, x.detach(), w, 1)
+    with helpers.raises(RuntimeError, "binary_cross_entropy", "target", "not supported"):
+        P.binary_cross_entropy(x, x, None, 1)

@@ -1,0 +1,378 @@
+"""max_pool2d, max_pool2d_with_indices and max_pool2d_backward against torch.
+
+The reference is torch's CPU kernel (values, the index of the element it picks, gradients), so the
+semantics are pinned even where devices differ: ties keep the first maximum, a NaN wins, padding
+never wins. Configurations are drawn at random from the seed that conftest prints on failure.
+"""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import helpers
+
+ops = torch.ops.pyengine
+
+
+def eff(k, d):
+    return d * (k - 1) + 1
+
+
+def out_size(n, k, s, p, d, ceil):
+    span = n + 2 * p - eff(k, d)
+    out = (span + (s - 1 if ceil else 0)) // s + 1
+    if ceil and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def every_window_has_input(cfg, h, w):
+    """False when dilation puts every tap of some window in the padding. torch's CPU backward then
+    writes outside the plane, so such geometries get a test of their own."""
+    for i, n in enumerate((h, w)):
+        k, s, p, d = (cfg[a][i] for a in ("kernel_size", "stride", "padding", "dilation"))
+        for o in range(out_size(n, k, s, p, d, cfg["ceil_mode"])):
+            if not any(0 <= o * s - p + j * d < n for j in range(k)):
+                return False
+    return True
+
+
+def draw_config(rng, max_pad_to_eff=False):
+    """Random window geometry; padding <= k // 2 (torch's limit) unless max_pad_to_eff, which
+    draws padding in (k // 2, eff // 2], the part of our range torch refuses."""
+    while True:
+        k = [rng.randint(1, 5), rng.randint(1, 5)]
+        s = [rng.randint(1, 4), rng.randint(1, 4)]
+        d = [rng.randint(1, 3), rng.randint(1, 3)]
+        if max_pad_to_eff:
+            lo = [k[i] // 2 + 1 for i in range(2)]
+            hi = [eff(k[i], d[i]) // 2 for i in range(2)]
+            if lo[0] > hi[0] and lo[1] > hi[1]:
+                continue
+            p = [rng.randint(min(lo[i], hi[i]), hi[i]) for i in range(2)]
+        else:
+            p = [rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2)]
+        ceil = rng.random() < 0.5
+        # an input the (dilated) kernel fits in once padded
+        h = rng.randint(max(1, eff(k[0], d[0]) - 2 * p[0]), 24)
+        w = rng.randint(max(1, eff(k[1], d[1]) - 2 * p[1]), 40)
+        cfg = dict(kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=ceil)
+        if every_window_has_input(cfg, h, w):
+            return cfg, (h, w)
+
+
+def draw_input(rng, shape, dtype, device):
+    x = torch.randn(shape, dtype=dtype)
+    kind = rng.random()
+    if kind < 0.25:  # many ties
+        x = torch.randint(-2, 3, shape).to(dtype)
+    elif kind < 0.4:  # NaN and infinities
+        u = torch.rand(shape)
+        x[u < 0.05] = float("nan")
+        x[(u >= 0.05) & (u < 0.1)] = float("inf")
+        x[(u >= 0.1) & (u < 0.2)] = float("-inf")
+    return x.to(device)
+
+
+def args(cfg):
+    return (cfg["kernel_size"], cfg["stride"], cfg["padding"], cfg["dilation"], cfg["ceil_mode"])
+
+
+def torch_pool(x, cfg):
+    return F.max_pool2d(x.cpu(), **cfg, return_indices=True)
+
+
+def check_forward(x, cfg):
+    out, idx = ops.max_pool2d_with_indices(x, *args(cfg))
+    ref, ref_idx = torch_pool(x, cfg)
+    assert out.is_contiguous() and idx.is_contiguous()
+    assert out.dtype == x.dtype and idx.dtype == torch.int64 and out.device == x.device
+    assert torch.equal(idx.cpu(), ref_idx), cfg
+    helpers.assert_close(out.cpu(), ref, rtol=0, atol=0)
+    plain = ops.max_pool2d(x, *args(cfg))
+    assert plain.is_contiguous()
+    helpers.assert_close(plain.cpu(), ref, rtol=0, atol=0)
+    return out, idx
+
+
+def torch_grad(x, cfg, g):
+    xr = x.detach().cpu().clone().requires_grad_()
+    F.max_pool2d(xr, **cfg).backward(g.cpu())
+    return xr.grad
+
+
+@helpers.devices
+@helpers.dtypes
+def test_random_configs_match_torch(device, dtype):
+    rng = random.Random(torch.initial_seed())
+    for _ in range(60):
+        cfg, (h, w) = draw_config(rng)
+        batched = rng.random() < 0.8
+        shape = ((rng.randint(1, 3),) if batched else ()) + (rng.randint(1, 3), h, w)
+        x = draw_input(rng, shape, dtype, device)
+        out, idx = check_forward(x, cfg)
+        # gradients: the backward op directly, and through autograd
+        g = torch.randn(out.shape, dtype=dtype, device=device)
+        ref = torch_grad(x, cfg, g)
+        gi = ops.max_pool2d_backward(g, x, idx, *args(cfg))
+        assert gi.is_contiguous() and gi.shape == x.shape
+        helpers.assert_close(gi.cpu(), ref)
+        xg = x.detach().clone().requires_grad_()
+        ops.max_pool2d(xg, *args(cfg)).backward(g)
+        helpers.assert_close(xg.grad.cpu(), ref)
+
+
+@helpers.devices
+@helpers.dtypes
+def test_padding_up_to_half_the_dilated_kernel(device, dtype):
+    """Padding in (k // 2, eff // 2], which torch refuses, against torch on an input padded with
+    -inf by hand (finite inputs: a padding cell can then never be picked)."""
+    rng = random.Random(torch.initial_seed())
+    for _ in range(25):
+        cfg, (h, w) = draw_config(rng, max_pad_to_eff=True)
+        pH, pW = cfg["padding"]
+        x = torch.randn(2, 3, h, w, dtype=dtype, device=device)
+        out, idx = ops.max_pool2d_with_indices(x, *args(cfg))
+        xp = F.pad(x.cpu(), (pW, pW, pH, pH), value=float("-inf")).requires_grad_()
+        ref_cfg = dict(cfg, padding=[0, 0])
+        ref, ref_idx = F.max_pool2d(xp, **ref_cfg, return_indices=True)
+        # with explicit padding a ceil_mode window may start in the right padding: torch keeps
+        # it there, we (and torch's own padding) drop it
+        oh, ow = out.shape[-2:]
+        ref, ref_idx = ref[..., :oh, :ow], ref_idx[..., :oh, :ow]
+        assert ref.shape == out.shape
+        helpers.assert_close(out.cpu(), ref.detach(), rtol=0, atol=0)
+        real = ref.detach() > float("-inf")  # windows with at least one input element
+        r, c = ref_idx // (w + 2 * pW) - pH, ref_idx % (w + 2 * pW) - pW
+        assert torch.equal(idx.cpu()[real], (r * w + c)[real]), cfg
+        g = torch.randn(out.shape, dtype=dtype)
+        ref.backward(g)
+        gi = ops.max_pool2d_backward(g.to(device), x, idx, *args(cfg))
+        helpers.assert_close(gi.cpu(), xp.grad[..., pH:pH + h, pW:pW + w])
+
+
+@pytest.mark.parametrize(
+    "cfg, shape",
+    [
+        (dict(kernel_size=[2, 2], stride=[2, 2], padding=[0, 0], dilation=[1, 1], ceil_mode=False),
+         (2, 2, 6, 8)),
+        (dict(kernel_size=[3, 3], stride=[2, 1], padding=[1, 1], dilation=[1, 1], ceil_mode=True),
+         (1, 2, 7, 6)),
+        (dict(kernel_size=[2, 3], stride=[1, 2], padding=[1, 0], dilation=[2, 2], ceil_mode=False),
+         (2, 5, 9)),
+    ],
+)
+@helpers.devices
+def test_gradcheck(device, cfg, shape):
+    n = 1
+    for s in shape:
+        n *= s
+    # distinct values: the gradient of a max is only defined away from ties
+    x = (torch.randperm(n, dtype=torch.float64) / n).reshape(shape).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ops.max_pool2d(t, *args(cfg)), (x,))
+    assert torch.autograd.gradcheck(lambda t: ops.max_pool2d_with_indices(t, *args(cfg))[0], (x,))
+
+
+@helpers.devices
+def test_opcheck(device):
+    cfg = dict(kernel_size=[3, 2], stride=[2, 1], padding=[1, 1], dilation=[1, 2], ceil_mode=True)
+    x = torch.randn(2, 3, 9, 10, device=device, requires_grad=True)
+    helpers.opcheck(ops.max_pool2d_with_indices.default, (x, *args(cfg)))
+    helpers.opcheck(ops.max_pool2d.default, (x, *args(cfg)))
+    out, idx = ops.max_pool2d_with_indices(x.detach(), *args(cfg))
+    g = torch.randn_like(out)
+    helpers.opcheck(ops.max_pool2d_backward.default, (g, x.detach(), idx, *args(cfg)))
+
+
+K2 = dict(kernel_size=[2, 2], stride=[2, 2], padding=[0, 0], dilation=[1, 1], ceil_mode=False)
+K3 = dict(kernel_size=[3, 3], stride=[2, 2], padding=[1, 1], dilation=[1, 1], ceil_mode=True)
+K3S1 = dict(kernel_size=[3, 3], stride=[1, 1], padding=[1, 1], dilation=[1, 1], ceil_mode=False)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 2, 2), (1, 6, 28, 28), (3, 16, 10, 10), (2, 3, 13, 17), (1, 2, 31, 29), (2, 1, 1, 37),
+     (3, 7, 11), (2, 70, 150), (1, 1, 97, 3)],
+    ids=str,
+)
+@pytest.mark.parametrize("cfg", [K2, K3, K3S1], ids=["k2s2", "k3s2p1ceil", "k3s1p1"])
+@helpers.devices
+@helpers.dtypes
+def test_shapes(device, dtype, shape, cfg):
+    """Batch 1, unbatched, odd and prime sizes, rows wider than a vector and a prefetch span."""
+    if shape[-2] + 2 * cfg["padding"][0] < cfg["kernel_size"][0]:
+        pytest.skip("the kernel does not fit this height")
+    x = torch.randn(shape, dtype=dtype, device=device)
+    out, idx = check_forward(x, cfg)
+    g = torch.randn(out.shape, dtype=dtype, device=device)
+    helpers.assert_close(ops.max_pool2d_backward(g, x, idx, *args(cfg)).cpu(),
+                         torch_grad(x, cfg, g))
+
+
+@helpers.devices
+@helpers.dtypes
+def test_empty_batch(device, dtype):
+    x = torch.randn(0, 3, 8, 8, dtype=dtype, device=device, requires_grad=True)
+    out, idx = ops.max_pool2d_with_indices(x, *args(K3))
+    assert out.shape == (0, 3, 5, 5) and idx.shape == (0, 3, 5, 5)
+    assert ops.max_pool2d(x, *args(K3)).shape == (0, 3, 5, 5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    gi = ops.max_pool2d_backward(torch.empty_like(out), x.detach(), idx, *args(K3))
+    assert gi.shape == x.shape
+
+
+@helpers.devices
+@helpers.dtypes
+def test_strided_inputs(device, dtype):
+    """Non-contiguous and channels_last inputs, non-contiguous grad_output and indices."""
+    x = torch.randn(2, 5, 12, 14, dtype=dtype, device=device)
+    for xs in (helpers.noncontiguous(x), x.to(memory_format=torch.channels_last),
+               x.transpose(2, 3).contiguous().transpose(2, 3)):
+        for cfg in (K2, K3, K3S1):
+            out, idx = check_forward(xs, cfg)
+            g = torch.randn(out.shape, dtype=dtype, device=device)
+            ref = torch_grad(xs, cfg, g)
+            gi = ops.max_pool2d_backward(helpers.noncontiguous(g), xs, helpers.noncontiguous(idx),
+                                         *args(cfg))
+            assert gi.is_contiguous()
+            helpers.assert_close(gi.cpu(), ref)
+            gi = ops.max_pool2d_backward(g.to(memory_format=torch.channels_last), xs,
+                                         idx.to(memory_format=torch.channels_last), *args(cfg))
+            helpers.assert_close(gi.cpu(), ref)
+
+
+@helpers.devices
+@helpers.dtypes
+def test_nan_inf_and_ties(device, dtype):
+    nan, inf = float("nan"), float("inf")
+    rows = [
+        [nan, 1.0, nan, 2.0],     # the last NaN of the window
+        [1.0, 2.0, nan, 3.0],
+        [-inf, -inf, -inf, -inf],  # nothing beats -inf: the first element
+        [5.0, 5.0, 5.0, 5.0],     # ties: the first
+        [1.0, inf, inf, 0.0],
+        [inf, nan, -inf, inf],
+    ]
+    x = torch.tensor(rows, dtype=dtype, device=device).reshape(1, len(rows), 1, 4)
+    for cfg in (dict(kernel_size=[1, 4], stride=[1, 4], padding=[0, 0], dilation=[1, 1],
+                     ceil_mode=False),
+                dict(kernel_size=[1, 3], stride=[1, 1], padding=[0, 1], dilation=[1, 1],
+                     ceil_mode=False),
+                dict(kernel_size=[1, 2], stride=[1, 1], padding=[0, 1], dilation=[1, 2],
+                     ceil_mode=True)):
+        check_forward(x, cfg)
+    # vector-wide rows with NaN, inf and ties everywhere
+    for cfg in (K2, K3, K3S1):
+        x = torch.randint(-1, 2, (2, 3, 9, 70)).to(dtype)
+        x[x == 1] = float("nan")
+        x[x == -1] = -inf
+        check_forward(x.to(device), cfg)
+
+
+@helpers.devices
+@helpers.dtypes
+def test_window_with_no_input_element(device, dtype):
+    """Dilation can put every tap of a window in the padding: -inf and torch's index (which points
+    outside the window, here outside the plane); the backward adds nothing for it."""
+    cfg = dict(kernel_size=[1, 2], stride=[1, 1], padding=[0, 1], dilation=[1, 3], ceil_mode=False)
+    x = torch.tensor([[[[1.0, 2.0]]]], dtype=dtype, device=device)
+    out, idx = check_forward(x, cfg)
+    assert out.item() == float("-inf") and idx.item() == 2
+    gi = ops.max_pool2d_backward(torch.ones_like(out), x, idx, *args(cfg))
+    assert torch.equal(gi.cpu(), torch.zeros(1, 1, 1, 2, dtype=dtype))
+
+
+@helpers.devices
+def test_backward_ignores_indices_outside_the_plane(device):
+    x = torch.randn(1, 2, 4, 4, device=device)
+    idx = torch.tensor([-1, 16, 5, 5], device=device).reshape(1, 1, 2, 2).expand(1, 2, 2, 2)
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0], device=device).reshape(1, 1, 2, 2).expand(1, 2, 2, 2)
+    gi = ops.max_pool2d_backward(g, x, idx, *args(K2))
+    expected = torch.zeros(1, 2, 16)
+    expected[..., 5] = 7.0  # repeated indices add up
+    assert torch.equal(gi.cpu(), expected.reshape(1, 2, 4, 4))
+
+
+@helpers.devices
+@helpers.dtypes
+def test_deterministic(device, dtype):
+    """Bitwise equal across runs and thread counts, overlapping windows included."""
+    x = torch.randint(-3, 4, (4, 8, 33, 47)).to(dtype).to(device)  # ties: many shared winners
+    cfg = dict(kernel_size=[3, 4], stride=[1, 2], padding=[1, 2], dilation=[1, 1], ceil_mode=True)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (threads, 1, threads):
+            torch.set_num_threads(n)
+            out, idx = ops.max_pool2d_with_indices(x, *args(cfg))
+            g = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(0))
+            gi = ops.max_pool2d_backward(g.to(device), x, idx, *args(cfg))
+            runs.append((out, idx, gi, ops.max_pool2d(x, *args(cfg))))
+    finally:
+        torch.set_num_threads(threads)
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert torch.equal(a, b)
+
+
+def call(x, k=(2, 2), s=(2, 2), p=(0, 0), d=(1, 1), ceil=False):
+    return ops.max_pool2d_with_indices(x, list(k), list(s), list(p), list(d), ceil)
+
+
+@helpers.devices
+def test_bad_input(device):
+    x = torch.randn(1, 2, 5, 5, device=device)
+    with helpers.raises(ValueError, "max_pool2d", "expected input to be 3-D (C, H, W) or 4-D",
+                        "input of shape [5, 5]"):
+        call(x[0, 0])
+    with helpers.raises(ValueError, "3-D (C, H, W) or 4-D", "[1, 1, 2, 5, 5]"):
+        call(x[None])
+    with helpers.raises(ValueError, "expected the (dilated) kernel 7x2 to fit in the padded input 5x5"):
+        call(x, k=(7, 2))
+    with helpers.raises(ValueError, "kernel 5x9 to fit in the padded input 5x7"):
+        call(x, k=(3, 3), p=(0, 1), d=(2, 4))
+    with helpers.raises(ValueError, "expected stride to be positive", "stride=[0, 2]"):
+        call(x, s=(0, 2))
+    with helpers.raises(ValueError, "expected stride to be positive", "stride=[2, -1]"):
+        call(x, s=(2, -1))
+    with helpers.raises(ValueError, "expected kernel_size to be positive", "kernel_size=[0, 2]"):
+        call(x, k=(0, 2))
+    with helpers.raises(ValueError, "expected dilation to be positive"):
+        call(x, d=(1, 0))
+    with helpers.raises(ValueError, "expected padding to be non-negative", "padding=[-1, 0]"):
+        call(x, p=(-1, 0))
+    with helpers.raises(ValueError, "expected padding to be at most half of the effective kernel "
+                        "size", "padding=[2, 0]", "kernel_size=[2, 2]"):
+        call(x, p=(2, 0))
+    with helpers.raises(ValueError, "expected kernel_size to have 2 values", "[2, 2, 2]"):
+        call(x, k=(2, 2, 2))
+    with helpers.raises(TypeError, "expected input to be a float32 or float64 tensor",
+                        "dtype Long"):
+        call(x.long())
+    with helpers.raises(TypeError, "float32 or float64", "dtype Int"):
+        ops.max_pool2d(x.int(), [2, 2], [2, 2], [0, 0], [1, 1], False)
+    with helpers.raises(ValueError, "non-zero channels, height and width", "[1, 2, 0, 5]"):
+        call(torch.randn(1, 2, 0, 5, device=device), k=(1, 1), s=(1, 1))
+    with helpers.raises(ValueError, "non-zero channels", "[1, 0, 5, 5]"):
+        call(torch.randn(1, 0, 5, 5, device=device))
+
+
+@helpers.devices
+def test_backward_bad_input(device):
+    x = torch.randn(1, 2, 5, 5, device=device)
+    out, idx = call(x)
+    g = torch.randn_like(out)
+    a = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    with helpers.raises(ValueError, "max_pool2d_backward", "expected grad_output of shape "
+                        "[1, 2, 2, 2] (the forward output's)", "[1, 2, 3, 2]"):
+        ops.max_pool2d_backward(torch.randn(1, 2, 3, 2, device=device), x, idx, *a)
+    with helpers.raises(TypeError, "expected indices of dtype int64", "Int"):
+        ops.max_pool2d_backward(g, x, idx.int(), *a)
+    with helpers.raises(ValueError, "expected indices of shape [1, 2, 2, 2]", "[1, 2, 2, 1]"):
+        ops.max_pool2d_backward(g, x, idx[..., :1], *a)
+    with helpers.raises(TypeError, "expected grad_output to have the same dtype as input"):
+        ops.max_pool2d_backward(g.double(), x, idx, *a)
+    with helpers.raises(ValueError, "expected stride to be positive"):
+        ops.max_pool2d_backward(g, x, idx, [2, 2], [0, 2], [0, 0], [1, 1], False)
