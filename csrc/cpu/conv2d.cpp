@@ -753,10 +753,10 @@ bool gathers_ok(int64_t stride) {
   return avx512 && stride * 16 < (int64_t(1) << 31);
 }
 
-// Transposes move each element once (~10 us for LeNet conv2's 0.1 M on one core): below 512 K
-// elements one thread does it, as waking the pool costs about as much.
+// Transposes move each element once (~10 us for LeNet conv2's 0.1 M at batch 64 on one core):
+// below 128 K elements one thread does it, as waking the pool costs about as much.
 int64_t transpose_grain(int64_t F, int64_t n) {
-  if (F * n < (int64_t(1) << 19)) return F;
+  if (F * n < (int64_t(1) << 17)) return F;
   return std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(1, n));
 }
 
