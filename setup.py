@@ -54,7 +54,9 @@ def extension():
     debug = os.environ.get("PYENGINE_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No -march=native: the wheel must run on any x86-64; hot loops pick their ISA at run time.
-    cxx = opt + ["-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+    # C++20 (std::bit_cast in the CPU math): torch >= 2.13 builds extensions with it anyway,
+    # older torch would default to C++17.
+    cxx = opt + ["-std=c++20", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
     # at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp it quietly
     # runs on one thread. The extension then shares torch's own OpenMP runtime.
     link = []
