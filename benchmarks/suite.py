@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch._functorch.config
 import torch.nn.functional as TF
 
 import pyengine.functional as PF
@@ -266,10 +267,16 @@ def run_cases(cases: List[Case], names: List[str], device: str, runs: int,
         # Interleave the contenders in three rounds; keep each contender's middle round median.
         per_round: Dict[str, List[Timing]] = {c: [] for c in fns}
         for _ in range(3):
-            for contender, fn in fns.items():
+            for contender, fn in list(fns.items()):
                 sync()
-                per_round[contender].append(time_fn(fn, device, warmup=5,
-                                                    runs=max(5, runs // 3)))
+                try:
+                    per_round[contender].append(time_fn(fn, device, warmup=5,
+                                                        runs=max(5, runs // 3)))
+                except Exception as exc:  # reported and dropped, never silently
+                    log(f"  {case.name} {case.pass_} batch {case.batch}: {contender} failed "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+                    del fns[contender]
+                    per_round.pop(contender)
         for contender, timings in per_round.items():
             t = sorted(timings, key=lambda t: t.median_ms)[1]
             rows.append(dict(meta, kind=case.kind, case=case.name, batch=case.batch,
@@ -376,6 +383,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    # The "backward" cases time a backward pass repeated over one retained graph, which compiled
+    # graphs refuse while they donate their buffers to the backward pass.
+    torch._functorch.config.donated_buffer = False
     device = args.device
     out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", machine_name(device))
     os.makedirs(out_dir, exist_ok=True)
