@@ -71,3 +71,18 @@ def raises(exc_type, *fragments):
 
     pattern = "".join(f"(?=[\\s\\S]*{re.escape(f)})" for f in fragments)
     return pytest.raises(exc_type, match=pattern)
+
+
+def run_with_cpu_isa(isa: str, script: str) -> None:
+    """Runs `script` in a fresh Python with PYENGINE_CPU_ISA=isa, which pyengine reads at load to
+    force a lower instruction set than this machine would pick; asserts it printed "ok"."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYENGINE_CPU_ISA=isa)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([here, os.path.dirname(here), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=here, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

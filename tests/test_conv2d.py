@@ -1,8 +1,5 @@
 """pyengine.conv2d / conv2d_backward against torch.nn.functional.conv2d."""
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -379,13 +376,7 @@ def test_lower_instruction_sets(isa):
     """The GEMM and the conv loops are compiled for AVX-512, AVX2 and baseline x86-64; this
     machine picks the best, so force the others (PYENGINE_CPU_ISA, read at load) in a fresh
     process."""
-    env = dict(os.environ, PYENGINE_CPU_ISA=isa)
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([here, os.path.dirname(here),
-                                         env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, cwd=here,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    helpers.run_with_cpu_isa(isa, _ISA_SCRIPT)
 
 
 # ---- Bad input -----------------------------------------------------------------------------
