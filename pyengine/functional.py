@@ -176,7 +176,8 @@ def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None,
              reduction: str = "mean", weight: Optional[Tensor] = None) -> Tensor:
     """Mean squared error like F.mse_loss: broadcasts target to input (with torch's warning);
     weight, if given, has input's shape and 'mean' then divides by weight.sum()."""
-    if target.size() != input.size():
+    broadcast = target.size() != input.size()
+    if broadcast:
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size "
             f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
@@ -186,9 +187,11 @@ def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None,
         raise ValueError(
             "pyengine.functional.mse_loss: expected weight to have the input's shape "
             f"{list(input.shape)}, but got weight of shape {list(weight.shape)}")
-    input, target = torch.broadcast_tensors(input, target)
-    if weight is not None:
-        weight = weight.expand(input.shape)
+    if broadcast:
+        # Broadcast views only when the shapes differ: the common case pays no host time.
+        input, target = torch.broadcast_tensors(input, target)
+        if weight is not None:
+            weight = weight.expand(input.shape)
     op = _ops.mse_loss if _is_compiling() else _C.mse_loss
     return op(input, target, weight, reduction_enum)
 
