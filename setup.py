@@ -115,7 +115,7 @@ def want_cuda() -> bool:
         return True
     notice("building CPU-only: no GPU is visible and TORCH_CUDA_ARCH_LIST is not set; for the "
            "CUDA kernels too, rebuild with PYENGINE_CUDA=1 (every architecture this torch and "
-           "nvcc support) or TORCH_CUDA_ARCH_LIST='9.0' (yours)")
+           "nvcc support) or TORCH_CUDA_ARCH_LIST='8.0;9.0' (the GPUs you target)")
     return False
 
 
@@ -168,11 +168,11 @@ class BuildWithKeptObjects(BuildExtension.with_options(use_ninja=True)):
         self.build_temp = os.path.join(HERE, "build", f"temp-{tag}")
 
 
-if os.path.exists(NOTICE_FILE):
-    os.remove(NOTICE_FILE)
-
-setup(
-    packages=find_packages(include=["pyengine", "pyengine.*"]),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildWithKeptObjects},
-)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import it
+    if os.path.exists(NOTICE_FILE):
+        os.remove(NOTICE_FILE)
+    setup(
+        packages=find_packages(include=["pyengine", "pyengine.*"]),
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildWithKeptObjects},
+    )
