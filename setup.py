@@ -1,65 +1,142 @@
-"""Builds pyengine._C, the compiled operators, with torch.utils.cpp_extension.
+"""Builds pyengine._C, the compiled operators, with torch.utils.cpp_extension, against the torch
+that is installed (so: pip install --no-build-isolation -e . ; `make test` does it for you).
 
-CUDA sources are compiled when the installed torch was built with CUDA and nvcc is found;
-otherwise the build is CPU-only. Environment overrides:
+Which kernels are compiled:
+  * CPU only, when torch has no CUDA or no CUDA toolkit (nvcc) is found;
+  * CPU and CUDA, when torch has CUDA, nvcc is found, and there is an architecture to compile
+    for: a visible GPU's, or the ones TORCH_CUDA_ARCH_LIST names;
+  * with a CUDA torch and nvcc but no visible GPU and no TORCH_CUDA_ARCH_LIST: CPU only, with a
+    one-line notice; PYENGINE_CUDA=1 then compiles for every architecture that both this torch and
+    this nvcc support (so the build runs on those GPUs later).
 
+Environment overrides:
   PYENGINE_CUDA=1 / PYENGINE_CUDA=0   force the CUDA build on or off
+  TORCH_CUDA_ARCH_LIST="8.0;9.0"      GPU architectures to compile for (honoured by torch)
   MAX_JOBS=N                          parallel compile jobs (honoured by torch's ninja build)
-  TORCH_CUDA_ARCH_LIST="9.0"          GPU architectures to compile for (honoured by torch)
-  PYENGINE_DEBUG=1                    -O0 -g, for debuggers and sanitizers
+  PYENGINE_DEBUG=1                    -O0 -g (debug info kept), for debuggers and sanitizers
 
-Build in place (the test command does this): pip install --no-build-isolation -e .
+Objects are kept in build/ between builds, so rebuilding an unchanged tree only relinks.
 """
-import glob
 import os
+import re
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Where the build writes its one-line notices, so that `make`'s install step (tools/install.py),
+# which runs pip quietly, can show them too.
+NOTICE_FILE = os.path.join(HERE, "build", "notice.txt")
+BUILD_BY_HAND = "pip install --no-build-isolation -e ."
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-except ImportError as exc:  # pragma: no cover - only without torch
+except ImportError:
+    # pip's isolated build environment has no torch (pyproject.toml does not ask for one: it would
+    # fetch a second torch, maybe another version, and the extension would not load with yours).
     raise SystemExit(
-        "pyengine needs PyTorch (>= 2.4) installed before it is built: pip install torch, then "
-        "pip install --no-build-isolation -e ."
-    ) from exc
+        "pyengine compiles against the torch you will run it with, so it must be built with that "
+        "torch installed and visible to the build:\n"
+        "    pip install torch            (any version >= 2.4; skip if you have one)\n"
+        "    pip install --no-build-isolation .      (or -e . for an editable install)\n"
+        "(a plain `pip install .` builds in an isolated environment without your torch.)")
 
-from packaging.version import Version
+from packaging.version import Version  # noqa: E402  (setuptools needs it too)
 
 MIN_TORCH = Version("2.4")
 if Version(Version(torch.__version__).base_version) < MIN_TORCH:
     raise SystemExit(f"pyengine needs torch >= {MIN_TORCH}, found {torch.__version__}")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+
+def notice(message: str) -> None:
+    print(f"pyengine: {message}", file=sys.stderr)
+    os.makedirs(os.path.dirname(NOTICE_FILE), exist_ok=True)
+    with open(NOTICE_FILE, "a") as f:
+        f.write(message + "\n")
+
+
+def _arch_key(arch: str):
+    major, minor = arch.split(".")
+    return int(major), int(minor)
+
+
+def default_cuda_arches() -> str:
+    """TORCH_CUDA_ARCH_LIST for a build on a machine with no GPU: every architecture that this
+    torch was built for (its kernels run there) and this nvcc can compile for, plus PTX of the
+    newest so that later GPUs can JIT it."""
+    try:
+        torch_flags = torch._C._cuda_getArchFlags()  # "sm_75 sm_80 ...": no device needed
+    except AttributeError:
+        torch_flags = " ".join(torch.cuda.get_arch_list())
+    torch_arches = {f"{m[:-1]}.{m[-1]}" for m in re.findall(r"sm_(\d+)", torch_flags)}
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+    try:
+        listed = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True,
+                                timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        listed = ""
+    nvcc_arches = {f"{m[:-1]}.{m[-1]}" for m in re.findall(r"sm_(\d+)", listed)}
+    # An older nvcc has no --list-gpu-code: then trust torch's list.
+    arches = sorted(torch_arches & nvcc_arches if nvcc_arches else torch_arches, key=_arch_key)
+    if not arches:
+        raise SystemExit(
+            f"PYENGINE_CUDA=1 with no GPU visible: this torch ({torch_flags or 'no list'}) and "
+            f"this nvcc ({' '.join(sorted(nvcc_arches)) or 'no list'}) share no GPU architecture; "
+            "set TORCH_CUDA_ARCH_LIST, e.g. TORCH_CUDA_ARCH_LIST='9.0'")
+    return ";".join(arches[:-1] + [arches[-1] + "+PTX"])
 
 
 def want_cuda() -> bool:
-    forced = os.environ.get("PYENGINE_CUDA")
-    if forced is not None and forced.strip() != "":
-        on = forced.strip().lower() not in ("0", "false", "no", "off")
-        if on and CUDA_HOME is None:
+    """Decides CPU-only or CUDA (see the module docstring); may set TORCH_CUDA_ARCH_LIST."""
+    forced = os.environ.get("PYENGINE_CUDA", "").strip().lower()
+    has_toolkit = torch.version.cuda is not None and CUDA_HOME is not None
+    if forced in ("0", "false", "no", "off"):
+        return False
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if forced:
+        if CUDA_HOME is None:
             raise SystemExit("PYENGINE_CUDA=1 but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
-        if on and torch.version.cuda is None:
-            raise SystemExit("PYENGINE_CUDA=1 but this torch was built without CUDA")
-        return on
-    return torch.version.cuda is not None and CUDA_HOME is not None
+        if torch.version.cuda is None:
+            raise SystemExit(f"PYENGINE_CUDA=1 but torch {torch.__version__} was built without "
+                             "CUDA; install a CUDA build of torch")
+        if not arch_list and torch.cuda.device_count() == 0:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arches()
+            notice("no GPU visible: compiling the CUDA kernels for TORCH_CUDA_ARCH_LIST="
+                   f"{os.environ['TORCH_CUDA_ARCH_LIST']}")
+        return True
+    if not has_toolkit:
+        if torch.version.cuda is not None:
+            notice(f"building CPU-only: torch {torch.__version__} has CUDA but no CUDA toolkit "
+                   "(nvcc) was found; install it or set CUDA_HOME for the CUDA kernels")
+        return False
+    if arch_list or torch.cuda.device_count() > 0:
+        return True
+    notice("building CPU-only: no GPU is visible and TORCH_CUDA_ARCH_LIST is not set; for the "
+           "CUDA kernels too, rebuild with PYENGINE_CUDA=1 (every architecture this torch and "
+           "nvcc support) or TORCH_CUDA_ARCH_LIST='8.0;9.0' (the GPUs you target)")
+    return False
 
 
 def sources(pattern: str) -> list:
+    import glob
+
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
 def extension():
     debug = os.environ.get("PYENGINE_DEBUG", "0") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
-    # No -march=native: the wheel must run on any x86-64; hot loops pick their ISA at run time.
+    # Release builds carry no debug info (Python's own CFLAGS say -g; the later -g0 wins): a
+    # third of the compile time and ~90% of the library's size.
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    # No -march=native: the library must run on any x86-64; hot loops pick their ISA at run time.
     # C++20 (std::bit_cast in the CPU math): torch >= 2.13 builds extensions with it anyway,
     # older torch would default to C++17.
     cxx = opt + ["-std=c++20", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
     # at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp it quietly
     # runs on one thread. The extension then shares torch's own OpenMP runtime.
-    link = []
+    link = [] if debug else ["-Wl,--strip-debug"]
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
         link.append("-fopenmp")
@@ -80,8 +157,22 @@ def extension():
                         extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
-setup(
-    packages=find_packages(include=["pyengine", "pyengine.*"]),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+class BuildWithKeptObjects(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension, with the objects kept in build/ (pip's editable builds would
+    otherwise use a fresh temporary folder each time and recompile everything); ninja then
+    recompiles only what changed. One folder per Python and torch version."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
+        self.build_temp = os.path.join(HERE, "build", f"temp-{tag}")
+
+
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import it
+    if os.path.exists(NOTICE_FILE):
+        os.remove(NOTICE_FILE)
+    setup(
+        packages=find_packages(include=["pyengine", "pyengine.*"]),
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildWithKeptObjects},
+    )
