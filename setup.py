@@ -7,6 +7,7 @@ otherwise the build is CPU-only. Environment overrides:
   MAX_JOBS=N                          parallel compile jobs (honoured by torch's ninja build)
   TORCH_CUDA_ARCH_LIST="9.0"          GPU architectures to compile for (honoured by torch)
   PYENGINE_DEBUG=1                    -O0 -g, for debuggers and sanitizers
+  PYENGINE_SANITIZE=address,undefined  C++ built with these sanitizers (tools/asan.sh runs them)
 
 Build in place (the test command does this): pip install --no-build-isolation -e .
 """
@@ -63,6 +64,12 @@ def extension():
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
         link.append("-fopenmp")
+    sanitize = os.environ.get("PYENGINE_SANITIZE", "").strip()
+    if sanitize:  # -O1 overrides -O3; a UBSan finding aborts instead of printing and going on;
+        # -fno-wrapv undoes Python's -fwrapv, under which signed overflow is not UB (nor reported)
+        cxx += ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}",
+                "-fno-sanitize-recover=all", "-fno-wrapv"]
+        link.append(f"-fsanitize={sanitize}")
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(HERE, "csrc")]
     if want_cuda():

@@ -174,7 +174,8 @@ def windows_with_input(cfg, h, w):
 
 def pool_geometry(params):
     """max_pool2d's window geometry as F.max_pool2d's keywords, from fuzz_configs params."""
-    return dict(kernel_size=list(params["kernel"]), stride=list(params["stride"] or params["kernel"]),
+    return dict(kernel_size=list(params["kernel"]),
+                stride=list(params["stride"] or params["kernel"]),
                 padding=list(params["padding"]), dilation=list(params["dilation"]),
                 ceil_mode=params["ceil_mode"])
 
@@ -286,9 +287,7 @@ def direct_backward(case, args, kwargs, out, g):
         x = d[0]
         idx = out[1] if isinstance(out, tuple) else PF.max_pool2d(
             x, **dict(kwargs, return_indices=True))[1]
-        geometry = (list(p["kernel"]), list(p["stride"] or p["kernel"]), list(p["padding"]),
-                    list(p["dilation"]), p["ceil_mode"])
-        return [P.max_pool2d_backward(g, x, idx, *geometry)]
+        return [P.max_pool2d_backward(g, x, idx, *pool_geometry(p).values())]
     if op == "linear":
         x, w, b = d
         return masked(P.linear_backward(g, x, w, [True, True, b is not None]), b)
