@@ -4,7 +4,7 @@
 # command on an unchanged tree starts its real work within a second or two.
 PYTHON ?= python3
 
-.PHONY: install test train bench bench-all gpu-check clean
+.PHONY: install test train bench bench-all gpu-check clean fuzz asan
 
 install:
 	$(PYTHON) tools/install.py --extras test,train
@@ -31,3 +31,18 @@ gpu-check:
 
 clean:
 	rm -rf build pyengine/_C*.so *.egg-info
+
+# Differential fuzzing against torch, the long run: every operator for FUZZ_SECONDS (and at most
+# FUZZ_CASES cases, if set) with fresh seeds; a summary line per operator, and for each failure
+# its shrunk case and a replay command. (The suite runs a short, fixed-seed lane of it.)
+FUZZ_SECONDS ?= 20
+fuzz: install
+	PYENGINE_RANDOM_SEED=1 PYENGINE_FUZZ_SECONDS=$(FUZZ_SECONDS) \
+	$(if $(FUZZ_CASES),PYENGINE_FUZZ_CASES=$(FUZZ_CASES)) \
+	$(PYTHON) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py
+
+# The test suite against a build with AddressSanitizer and UndefinedBehaviorSanitizer, made in
+# build/asan/ (the in-place build is left alone); slow: see tools/asan.sh.
+asan: install
+	PYTHON=$(PYTHON) bash tools/asan.sh
+

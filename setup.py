@@ -13,7 +13,8 @@ Environment overrides:
   PYENGINE_CUDA=1 / PYENGINE_CUDA=0   force the CUDA build on or off
   TORCH_CUDA_ARCH_LIST="8.0;9.0"      GPU architectures to compile for (honoured by torch)
   MAX_JOBS=N                          parallel compile jobs (honoured by torch's ninja build)
-  PYENGINE_DEBUG=1                    -O0 -g (debug info kept), for debuggers and sanitizers
+  PYENGINE_DEBUG=1                    -O0 -g (debug info kept), for debuggers
+  PYENGINE_SANITIZE=address,undefined  C++ built with these sanitizers (tools/asan.sh runs them)
 
 Objects are kept in build/ between builds, so rebuilding an unchanged tree only relinks.
 """
@@ -127,6 +128,7 @@ def sources(pattern: str) -> list:
 
 def extension():
     debug = os.environ.get("PYENGINE_DEBUG", "0") == "1"
+    sanitize = os.environ.get("PYENGINE_SANITIZE", "").strip()
     # Release builds carry no debug info (Python's own CFLAGS say -g; the later -g0 wins): a
     # third of the compile time and ~90% of the library's size.
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
@@ -136,10 +138,15 @@ def extension():
     cxx = opt + ["-std=c++20", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
     # at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp it quietly
     # runs on one thread. The extension then shares torch's own OpenMP runtime.
-    link = [] if debug else ["-Wl,--strip-debug"]
+    link = [] if debug or sanitize else ["-Wl,--strip-debug"]
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
         link.append("-fopenmp")
+    if sanitize:  # -O1 overrides -O3; a UBSan finding aborts instead of printing and going on;
+        # -fno-wrapv undoes Python's -fwrapv, under which signed overflow is not UB (nor reported)
+        cxx += ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}",
+                "-fno-sanitize-recover=all", "-fno-wrapv"]
+        link.append(f"-fsanitize={sanitize}")
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(HERE, "csrc")]
     if want_cuda():

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATE_FILE = os.path.join(ROOT, "build", "install-state.json")
 NOTICE_FILE = os.path.join(ROOT, "build", "notice.txt")  # written by setup.py
 # Inputs of the compiled library besides the sources: a change in any of them needs a rebuild.
-BUILD_ENV = ("PYENGINE_CUDA", "PYENGINE_DEBUG", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CXX", "CC")
+BUILD_ENV = ("PYENGINE_CUDA", "PYENGINE_DEBUG", "PYENGINE_SANITIZE", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CXX", "CC")
 
 
 def say(message: str) -> None:

@@ -1,0 +1,564 @@
+"""Random configurations of every pyengine operator, as data.
+
+The differential fuzz lane (tests/test_fuzz.py) draws its cases here; any test that wants sample
+inputs of an op can draw them the same way. A case comes in three steps:
+
+    params = draw(op, rng)            # sizes, options and, per tensor, layout / values / special
+                                      # values: plain ints, bools, strings, tuples and dicts, so
+                                      # a case prints as a literal and shrinks generically
+    case = build(op, params, seed)    # the call F.<op>(*args, **kwargs), tensors as TensorSpecs;
+                                      # raises Illegal when params describe no legal call
+    args, kwargs = materialize(case)  # real tensors, values from a generator seeded with `seed`
+
+The call is the same for pyengine.functional.<op> and torch.nn.functional.<op> (same names, same
+signatures), and every case drawn is legal for torch too. Tensors a case wants gradients of have
+`grad=True`.
+"""
+import dataclasses
+import math
+import random
+from typing import Dict, Optional, Tuple
+
+import torch
+
+import helpers
+
+SPECIALS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+LAYOUTS = ("contiguous", "strided", "transposed", "channels_last", "expanded", "offset")
+REDUCTIONS = ("none", "mean", "sum")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class Illegal(Exception):
+    """The params describe no legal call (for pyengine or for torch)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One tensor argument.
+
+    values: "normal" (standard normal), "ties" (integers in [-2, 2]: exact ties and zeros),
+      "probability" (uniform in [0, 1] with some exact 0s and 1s), "binary" (0 or 1),
+      "positive" (uniform in [0.1, 2)), "weights" (integers in [0, 2]: zero weights too),
+      "classes" (int64 in [0, classes), a share of them `ignore_index`).
+    scale: the values are multiplied by 2**scale (a power of two: rounding errors scale exactly).
+    layout: "contiguous"; "strided" (every other element of a wider tensor); "transposed" (the
+      last two dims swapped in memory); "channels_last" (4-D); "expanded" (a stride-0 dim: the
+      first dim of size > 1 repeats one slice); "offset" (contiguous, one element past the start
+      of its storage, so misaligned for vector loads).
+    specials: which of "nan", "inf", "-inf" replace ~10% of the values at random positions (at
+      least one value in a non-empty tensor).
+    """
+    shape: Tuple[int, ...]
+    values: str = "normal"
+    scale: int = 0
+    layout: str = "contiguous"
+    specials: Tuple[str, ...] = ()
+    grad: bool = False
+    classes: int = 0
+    ignore_index: Optional[int] = None
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    params: dict
+    seed: int
+    dtype: torch.dtype
+    args: tuple          # TensorSpec, None or plain values, positional
+    kwargs: dict         # plain values or TensorSpecs, by keyword
+    # For ops that are positively homogeneous in all their float inputs (conv2d, linear, relu,
+    # ...): the output is exactly 2**out_scale times that of the same call on unscaled values,
+    # rounding errors included. None for the others.
+    out_scale: Optional[int] = None
+    # The call must raise, in torch and in pyengine (e.g. binary_cross_entropy of a NaN input).
+    expect_error: bool = False
+
+    def tensors(self):
+        """(name, TensorSpec) of every tensor argument, positional ones named arg0, arg1, ..."""
+        named = [(f"arg{i}", a) for i, a in enumerate(self.args)] + list(self.kwargs.items())
+        return [(n, s) for n, s in named if isinstance(s, TensorSpec)]
+
+
+# ---- drawing helpers -------------------------------------------------------------------------
+
+def numel(shape) -> int:
+    return math.prod(shape)
+
+
+def draw_dtype(rng):
+    return rng.choice(list(DTYPES))
+
+
+def draw_size(rng, lo=1, hi=6, empty=0.0, long=0.0, long_hi=300):
+    """A dim size: usually small; 0 with probability `empty`; now and then long (vector bodies
+    and tails) with probability `long`."""
+    r = rng.random()
+    if r < empty:
+        return 0
+    if r < empty + long:
+        return rng.randint(hi + 1, long_hi)
+    return rng.randint(lo, hi)
+
+
+def draw_shape(rng, min_dims=0, max_dims=4, max_numel=3000, empty=0.04, long=0.08):
+    while True:
+        shape = tuple(draw_size(rng, empty=empty, long=long)
+                      for _ in range(rng.randint(min_dims, max_dims)))
+        if numel(shape) <= max_numel:
+            return shape
+
+
+def draw_tensor(rng, ndim, specials=tuple(SPECIALS), values=("normal", "ties"),
+                layouts=LAYOUTS, special_chance=0.25):
+    """Per-tensor options: layout, value kind and injected special values."""
+    legal = [lay for lay in layouts if layout_fits(lay, ndim)]
+    layout = "contiguous" if rng.random() < 0.45 else rng.choice(legal)
+    kind = values[0] if rng.random() < 0.8 else rng.choice(values)
+    chosen = ()
+    if specials and rng.random() < special_chance:
+        chosen = tuple(s for s in specials if rng.random() < 0.6) or (rng.choice(specials),)
+    return dict(layout=layout, values=kind, specials=chosen)
+
+
+def draw_scale(rng, lo, hi):
+    """A power-of-two exponent for the values' magnitude: mostly 0, else anywhere in [lo, hi]."""
+    return 0 if rng.random() < 0.6 else rng.randint(lo, hi)
+
+
+def layout_fits(layout, ndim):
+    if layout == "channels_last":
+        return ndim == 4
+    if layout == "transposed":
+        return ndim >= 2
+    if layout in ("strided", "expanded"):
+        return ndim >= 1
+    return True
+
+
+def spec(shape, opts, **kw) -> TensorSpec:
+    """A TensorSpec from a shape and a draw_tensor() dict; Illegal if the layout does not fit."""
+    s = TensorSpec(tuple(shape), values=opts["values"], layout=opts["layout"],
+                   specials=tuple(opts["specials"]), **kw)
+    if not layout_fits(s.layout, len(s.shape)):
+        raise Illegal(f"layout {s.layout} on a {len(s.shape)}-D tensor")
+    return s
+
+
+def eff(k, d):
+    """The extent of a dilated kernel."""
+    return d * (k - 1) + 1
+
+
+def pair_or_int(pair, as_int):
+    """A pair of equal ints passed as one int (the functional API's shorthand), when asked."""
+    return pair[0] if as_int and pair[0] == pair[1] else tuple(pair)
+
+
+# ---- one generator per op ----------------------------------------------------------------------
+# Each draw_<op>(rng) returns params; each build_<op>(params) the call. A draw may produce params
+# that build() refuses (Illegal); draw() below then draws again.
+
+def draw_conv2d(rng):
+    k = (rng.randint(1, 4), rng.randint(1, 4))
+    if rng.random() < 0.2:
+        padding, stride = rng.choice(["same", "valid"]), (1, 1)
+    else:
+        padding, stride = (rng.randint(0, 3), rng.randint(0, 3)), (rng.randint(1, 3),
+                                                                     rng.randint(1, 3))
+    if padding == "valid" and rng.random() < 0.5:
+        stride = (rng.randint(1, 3), rng.randint(1, 3))
+    batch, size = rng.choice([None, 0, 1, 1, 2, 3, 5]), 11
+    if rng.random() < 0.15:
+        # a batch of 16 or more, stride 1 and small images: the batch-innermost path
+        batch, size = rng.randint(16, 40), 8
+        if padding != "same" and rng.random() < 0.7:
+            stride = (1, 1)
+    return dict(dtype=draw_dtype(rng), batch=batch, groups=rng.choice([1, 1, 1, 2, 3]),
+                in_per_group=draw_size(rng, 1, 3, long=0.1, long_hi=12),
+                out_per_group=draw_size(rng, 1, 3, long=0.1, long_hi=12),
+                height=rng.randint(1, size), width=rng.randint(1, size), kernel=k, stride=stride,
+                padding=padding, dilation=(rng.randint(1, 3), rng.randint(1, 3)),
+                bias=rng.random() < 0.7, scale=draw_scale(rng, -40, 40),
+                scalar_args=rng.random() < 0.3,
+                input=draw_tensor(rng, 3 if batch is None else 4),
+                weight=draw_tensor(rng, 4, special_chance=0.1),
+                bias_tensor=draw_tensor(rng, 1, special_chance=0.1))
+
+
+# helpers.TOL's float32 tolerances hold for sums of up to about this many terms: in float32
+# conv2d cases with a larger batch x output plane (grad_weight's sum), torch's and pyengine's
+# rounding errors, ~1e-5 each where terms cancel, differed by up to 2x the tolerance (seed
+# 1010164866, 2340 terms), while up to 1024 terms no case of 1450 used more than 0.21 of it.
+# Longer sums are drawn in float64.
+FLOAT32_MAX_SUM = 1024
+
+
+def conv_out_pixels(p):
+    """conv2d's output height x width."""
+    if p["padding"] == "same":
+        return p["height"] * p["width"]
+    pads = (0, 0) if p["padding"] == "valid" else p["padding"]
+    out = 1
+    for n, k, s, pad, d in zip((p["height"], p["width"]), p["kernel"], p["stride"], pads,
+                               p["dilation"]):
+        out *= max(0, (n + 2 * pad - eff(k, d)) // s + 1)
+    return out
+
+
+def build_conv2d(p):
+    g = p["groups"]
+    cin, cout = g * p["in_per_group"], g * p["out_per_group"]
+    lead = () if p["batch"] is None else (p["batch"],)
+    padding = p["padding"]
+    for i, n in enumerate((p["height"], p["width"])):
+        pad = 0 if padding in ("same", "valid") else padding[i]
+        if padding != "same" and n + 2 * pad < eff(p["kernel"][i], p["dilation"][i]):
+            raise Illegal("the dilated kernel does not fit in the padded input")
+    if padding == "same" and tuple(p["stride"]) != (1, 1):
+        raise Illegal("padding='same' needs stride 1")
+    if p["dtype"] == "float32" and (p["batch"] or 1) * conv_out_pixels(p) > FLOAT32_MAX_SUM:
+        raise Illegal("a float32 grad_weight summed over more terms than helpers.TOL allows for")
+    s = p["scale"]
+    x = spec(lead + (cin, p["height"], p["width"]), p["input"], scale=s, grad=True)
+    w = spec((cout, p["in_per_group"]) + tuple(p["kernel"]), p["weight"], scale=s, grad=True)
+    # the bias scaled like x * w, so the call stays homogeneous (of degree 2)
+    b = spec((cout,), p["bias_tensor"], scale=2 * s, grad=True) if p["bias"] else None
+    as_int = p["scalar_args"]
+    if padding not in ("same", "valid"):
+        padding = pair_or_int(padding, as_int)
+    kwargs = dict(stride=pair_or_int(p["stride"], as_int), padding=padding,
+                  dilation=pair_or_int(p["dilation"], as_int), groups=g)
+    return (x, w, b), kwargs, 2 * s
+
+
+def draw_max_pool2d(rng):
+    k = (rng.randint(1, 5), rng.randint(1, 5))
+    d = (rng.randint(1, 3), rng.randint(1, 3))
+    if rng.random() < 0.2:
+        # pyengine allows padding up to half the dilated kernel, torch only half the kernel: the
+        # extra range is compared with torch on an input padded by hand (test_fuzz.py).
+        pad = tuple(rng.randint(0, eff(k[i], d[i]) // 2) for i in range(2))
+    else:
+        pad = (rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2))
+    stride = None if rng.random() < 0.15 else (rng.randint(1, 4), rng.randint(1, 4))
+    batch = rng.choice([None, 0, 1, 2, 3])
+    x = draw_tensor(rng, 3 if batch is None else 4, values=("normal", "ties"))
+    return dict(dtype=draw_dtype(rng), batch=batch, channels=rng.randint(1, 4),
+                height=draw_size(rng, 1, 14, long=0.1, long_hi=40),
+                width=draw_size(rng, 1, 14, long=0.1, long_hi=80), kernel=k, stride=stride,
+                padding=pad, dilation=d, ceil_mode=rng.random() < 0.5,
+                return_indices=rng.random() < 0.5, scalar_args=rng.random() < 0.3,
+                scale=draw_scale(rng, -60, 60), input=x)
+
+
+def torch_pads(kernel, padding):
+    """Whether torch's own max_pool2d accepts this padding (at most half the kernel)."""
+    return all(p <= k // 2 for k, p in zip(kernel, padding))
+
+
+def build_max_pool2d(p):
+    k, d, pad = p["kernel"], p["dilation"], p["padding"]
+    for i, n in enumerate((p["height"], p["width"])):
+        if pad[i] > eff(k[i], d[i]) // 2:
+            raise Illegal("padding beyond half the dilated kernel")
+        if n + 2 * pad[i] < eff(k[i], d[i]):
+            raise Illegal("the dilated kernel does not fit in the padded input")
+    if not torch_pads(k, pad) and "-inf" in p["input"]["specials"]:
+        # the hand-padded reference pads with -inf: it could not tell a -inf input from padding
+        raise Illegal("-inf inputs with padding beyond half the kernel")
+    lead = () if p["batch"] is None else (p["batch"],)
+    x = spec(lead + (p["channels"], p["height"], p["width"]), p["input"], scale=p["scale"],
+             grad=True)
+    as_int = p["scalar_args"]
+    kwargs = dict(kernel_size=pair_or_int(k, as_int), padding=pair_or_int(pad, as_int),
+                  dilation=pair_or_int(d, as_int), ceil_mode=p["ceil_mode"],
+                  return_indices=p["return_indices"])
+    if p["stride"] is not None:
+        kwargs["stride"] = pair_or_int(p["stride"], as_int)
+    return (x,), kwargs, p["scale"]
+
+
+def draw_linear(rng):
+    return dict(dtype=draw_dtype(rng),
+                lead=tuple(draw_size(rng, 1, 5, empty=0.05) for _ in range(rng.randint(0, 3))),
+                in_features=draw_size(rng, 1, 20, empty=0.03, long=0.1, long_hi=200),
+                out_features=draw_size(rng, 1, 20, empty=0.03, long=0.1, long_hi=100),
+                bias=rng.random() < 0.7, scale=draw_scale(rng, -40, 40),
+                input=draw_tensor(rng, 2), weight=draw_tensor(rng, 2, special_chance=0.1),
+                bias_tensor=draw_tensor(rng, 1, special_chance=0.1))
+
+
+def build_linear(p):
+    s = p["scale"]
+    x = spec(tuple(p["lead"]) + (p["in_features"],), p["input"], scale=s, grad=True)
+    w = spec((p["out_features"], p["in_features"]), p["weight"], scale=s, grad=True)
+    b = spec((p["out_features"],), p["bias_tensor"], scale=2 * s, grad=True) if p["bias"] \
+        else None
+    return (x, w, b), {}, 2 * s
+
+
+SLOPES = (0.01, 0.0, -0.5, 0.2, 1.0, 1.5, -2.0)
+
+
+def draw_activation(rng, scale=(-30, 12)):
+    shape = draw_shape(rng)
+    return dict(dtype=draw_dtype(rng), shape=shape, scale=draw_scale(rng, *scale),
+                input=draw_tensor(rng, len(shape)))
+
+
+def draw_relu(rng):
+    return dict(draw_activation(rng, (-60, 60)), inplace=rng.random() < 0.2)
+
+
+def draw_leaky_relu(rng):
+    slope = rng.choice(SLOPES) if rng.random() < 0.7 else round(rng.uniform(-2, 2), 3)
+    # torch refuses the in-place form with a negative slope when a gradient is wanted
+    return dict(draw_activation(rng, (-60, 60)), negative_slope=slope,
+                inplace=slope >= 0 and rng.random() < 0.2)
+
+
+def build_activation(p, homogeneous):
+    x = spec(p["shape"], p["input"], scale=p["scale"], grad=True)
+    kwargs = {k: p[k] for k in ("negative_slope", "inplace") if k in p}
+    if p.get("inplace") and p.get("negative_slope", 0) < 0:
+        raise Illegal("torch's in-place leaky_relu has no gradient for a negative slope")
+    return (x,), kwargs, p["scale"] if homogeneous else None
+
+
+def draw_softmax(rng):
+    shape = draw_shape(rng, long=0.12)
+    nd = max(len(shape), 1)
+    as_float64 = rng.random() < 0.1  # the dtype= argument (float32 input computed in float64)
+    return dict(dtype="float32" if as_float64 else draw_dtype(rng), shape=shape,
+                dim=rng.randint(-nd, nd - 1), as_float64=as_float64,
+                scale=draw_scale(rng, -20, 12), input=draw_tensor(rng, len(shape)))
+
+
+def build_softmax(p):
+    nd = max(len(p["shape"]), 1)
+    if not -nd <= p["dim"] < nd:
+        raise Illegal("dim out of range")
+    x = spec(p["shape"], p["input"], scale=p["scale"], grad=True)
+    kwargs = dict(dim=p["dim"])
+    if p["as_float64"]:
+        kwargs["dtype"] = torch.float64
+    return (x,), kwargs, None
+
+
+def draw_loss_shape(rng):
+    return draw_shape(rng, max_dims=4, max_numel=2000, empty=0.05, long=0.05)
+
+
+def draw_mse_loss(rng):
+    shape = draw_loss_shape(rng)
+    # target broadcast to input: some dims of size 1, or fewer leading dims
+    broadcast = None
+    if shape and rng.random() < 0.2:
+        broadcast = (rng.randint(0, len(shape)),
+                     tuple(rng.random() < 0.5 for _ in shape))
+    return dict(dtype=draw_dtype(rng), shape=shape, broadcast=broadcast,
+                weighted=rng.random() < 0.3, reduction=rng.choice(REDUCTIONS),
+                scale=draw_scale(rng, -40, 40), input=draw_tensor(rng, len(shape)),
+                target=draw_tensor(rng, len(shape)),
+                weight=draw_tensor(rng, len(shape), values=("positive", "weights"),
+                                   special_chance=0.1))
+
+
+def build_mse_loss(p):
+    shape, s = tuple(p["shape"]), p["scale"]
+    target_shape = shape
+    if p["broadcast"] is not None:
+        dropped, ones = p["broadcast"]
+        dropped = min(dropped, len(shape))
+        target_shape = tuple(1 if one else n for n, one in zip(shape, ones))[dropped:]
+    x = spec(shape, p["input"], scale=s, grad=True)
+    t = spec(target_shape, p["target"], scale=s, grad=True)
+    kwargs = dict(reduction=p["reduction"])
+    if p["weighted"]:
+        # unscaled: 'mean' divides by the weights' sum, so the loss stays of degree 2
+        kwargs["weight"] = spec(shape, p["weight"])
+    return (x, t), kwargs, 2 * s
+
+
+def draw_binary_cross_entropy(rng):
+    shape = draw_loss_shape(rng)
+    # NaN / inf probabilities or targets are refused by torch and pyengine alike: now and then a
+    # case where both must raise
+    return dict(dtype=draw_dtype(rng), shape=shape, weight=rng.choice([None, "full", "last"]),
+                reduction=rng.choice(REDUCTIONS),
+                input=draw_tensor(rng, len(shape), values=("probability",), special_chance=0.03),
+                target=draw_tensor(rng, len(shape), values=("probability", "binary"),
+                                   special_chance=0.03),
+                weight_tensor=draw_tensor(rng, 1, values=("positive", "weights"),
+                                          special_chance=0.1))
+
+
+def build_binary_cross_entropy(p):
+    shape = tuple(p["shape"])
+    x = spec(shape, p["input"], grad=True)
+    t = spec(shape, p["target"])
+    kwargs = dict(reduction=p["reduction"])
+    if p["weight"] == "full":
+        kwargs["weight"] = spec(shape, p["weight_tensor"])
+    elif p["weight"] == "last":  # broadcast along the leading dims
+        kwargs["weight"] = spec(shape[-1:], p["weight_tensor"])
+    return (x, t), kwargs, None
+
+
+def draw_cross_entropy(rng):
+    form = rng.choice(["(N, C)", "(N, C)", "(C)", "(N, C, d...)"])
+    spatial = tuple(draw_size(rng, 1, 4, empty=0.05) for _ in range(rng.randint(1, 2)))
+    input_dims = {"(N, C)": 2, "(C)": 1, "(N, C, d...)": 2 + len(spatial)}[form]
+    classes = draw_size(rng, 1, 12, long=0.1, long_hi=200)
+    ignore_index = -100 if rng.random() < 0.7 else rng.randint(0, classes - 1)
+    return dict(dtype=draw_dtype(rng), form=form, batch=draw_size(rng, 1, 8, empty=0.08),
+                classes=classes,
+                spatial=spatial,
+                weighted=rng.random() < 0.35, ignore_index=ignore_index,
+                reduction=rng.choice(REDUCTIONS), scale=draw_scale(rng, -20, 10),
+                input=draw_tensor(rng, input_dims),
+                target=draw_tensor(rng, input_dims - 1, specials=(), values=("classes",)),
+                weight=draw_tensor(rng, 1, values=("positive", "weights"), special_chance=0.05))
+
+
+def build_cross_entropy(p):
+    n, c = p["batch"], p["classes"]
+    if c < 1:
+        raise Illegal("no classes")
+    if not (p["ignore_index"] < 0 or p["ignore_index"] < c):
+        raise Illegal("ignore_index is a class index that does not exist")
+    shape = {"(N, C)": (n, c), "(C)": (c,), "(N, C, d...)": (n, c) + tuple(p["spatial"])}
+    shape = shape[p["form"]]
+    target_shape = (shape[0],) + shape[2:] if len(shape) > 1 else ()
+    x = spec(shape, p["input"], scale=p["scale"], grad=True)
+    t = spec(target_shape, p["target"], classes=c, ignore_index=p["ignore_index"])
+    kwargs = dict(reduction=p["reduction"], ignore_index=p["ignore_index"])
+    if p["weighted"]:
+        kwargs["weight"] = spec((c,), p["weight"])
+    return (x, t), kwargs, None
+
+
+OPS = {
+    "conv2d": (draw_conv2d, build_conv2d),
+    "max_pool2d": (draw_max_pool2d, build_max_pool2d),
+    "linear": (draw_linear, build_linear),
+    "relu": (draw_relu, lambda p: build_activation(p, homogeneous=True)),
+    "leaky_relu": (draw_leaky_relu, lambda p: build_activation(p, homogeneous=True)),
+    "sigmoid": (draw_activation, lambda p: build_activation(p, homogeneous=False)),
+    "tanh": (draw_activation, lambda p: build_activation(p, homogeneous=False)),
+    "softmax": (draw_softmax, build_softmax),
+    "log_softmax": (draw_softmax, build_softmax),
+    "mse_loss": (draw_mse_loss, build_mse_loss),
+    "binary_cross_entropy": (draw_binary_cross_entropy, build_binary_cross_entropy),
+    "cross_entropy": (draw_cross_entropy, build_cross_entropy),
+}
+
+
+def draw(op: str, rng: random.Random) -> dict:
+    """Random params of a legal call of `op`."""
+    draw_params = OPS[op][0]
+    for _ in range(1000):
+        params = draw_params(rng)
+        # a share of the cases also calls the op's backward operator directly
+        params["direct_backward"] = rng.random() < 0.3
+        try:
+            build(op, params, 0)
+            return params
+        except Illegal:
+            continue
+    raise RuntimeError(f"fuzz_configs: no legal {op} call in 1000 draws")  # a generator bug
+
+
+def build(op: str, params: dict, seed: int) -> Case:
+    args, kwargs, out_scale = OPS[op][1](params)
+    dtype = DTYPES[params["dtype"]]
+    # binary_cross_entropy: NaN / inf probabilities or targets (outside [0, 1]) are refused by
+    # torch and pyengine alike: cases where both must raise
+    expect_error = op == "binary_cross_entropy" and any(
+        a.specials and numel(a.shape) > 0 for a in args)
+    return Case(op, params, seed, dtype, args, kwargs, out_scale, expect_error)
+
+
+# ---- tensors -----------------------------------------------------------------------------------
+
+def values(s: TensorSpec, shape, dtype, gen: torch.Generator) -> torch.Tensor:
+    if s.values == "classes":
+        t = torch.randint(0, s.classes, shape, generator=gen)
+        if s.ignore_index is not None:
+            t[torch.rand(shape, generator=gen) < 0.2] = s.ignore_index
+        return t
+    if s.values == "normal":
+        t = torch.randn(shape, generator=gen, dtype=dtype)
+    elif s.values == "ties":
+        t = torch.randint(-2, 3, shape, generator=gen).to(dtype)
+    elif s.values == "probability":
+        t = torch.rand(shape, generator=gen, dtype=dtype)
+        u = torch.rand(shape, generator=gen)
+        t[u < 0.05] = 0.0
+        t[u > 0.95] = 1.0
+    elif s.values == "binary":
+        t = torch.randint(0, 2, shape, generator=gen).to(dtype)
+    elif s.values == "positive":
+        t = torch.rand(shape, generator=gen, dtype=dtype) * 1.9 + 0.1
+    elif s.values == "weights":
+        t = torch.randint(0, 3, shape, generator=gen).to(dtype)
+    else:
+        raise ValueError(f"unknown value kind {s.values!r}")
+    t = t * 2.0 ** s.scale
+    if s.specials and t.numel():
+        u = torch.rand(shape, generator=gen)
+        u.view(-1)[torch.randint(0, u.numel(), (), generator=gen)] = 0.0  # at least one
+        kinds = torch.randint(0, len(s.specials), shape, generator=gen)
+        for i, name in enumerate(s.specials):
+            t[(u < 0.1) & (kinds == i)] = SPECIALS[name]
+    return t
+
+
+def tensor(s: TensorSpec, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """The tensor `s` describes, in its layout (a leaf that requires grad if s.grad)."""
+    shape = tuple(s.shape)
+    if s.layout == "expanded":
+        dim = next((i for i, n in enumerate(shape) if n > 1), None)
+        base = shape if dim is None else shape[:dim] + (1,) + shape[dim + 1:]
+        t = values(s, base, dtype, gen).expand(shape)
+    else:
+        t = values(s, shape, dtype, gen)
+        if s.layout == "strided":
+            t = helpers.noncontiguous(t)
+        elif s.layout == "transposed":
+            t = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        elif s.layout == "channels_last":
+            t = t.contiguous(memory_format=torch.channels_last)
+        elif s.layout == "offset":
+            storage = torch.empty(numel(shape) + 1, dtype=t.dtype)
+            t = storage[1:].view(shape).copy_(t)
+        elif s.layout != "contiguous":
+            raise ValueError(f"unknown layout {s.layout!r}")
+    return t.requires_grad_(s.grad and t.is_floating_point())
+
+
+def materialize(case: Case, gen: Optional[torch.Generator] = None):
+    """(args, kwargs) of real tensors for the call case describes; values from `gen` (a fresh
+    generator seeded with case.seed by default)."""
+    gen = gen or torch.Generator().manual_seed(case.seed)
+
+    def real(a):
+        return tensor(a, case.dtype, gen) if isinstance(a, TensorSpec) else a
+
+    args = tuple(real(a) for a in case.args)
+    kwargs = {k: real(v) for k, v in case.kwargs.items()}
+    return args, kwargs
+
+
+def describe(case: Case) -> Dict[str, str]:
+    """Short text per tensor: shape, layout, values, specials (for failure reports)."""
+    out = {}
+    for name, s in case.tensors():
+        bits = [f"{list(s.shape)}", s.layout, s.values]
+        if s.scale:
+            bits.append(f"x2**{s.scale}")
+        if s.specials:
+            bits.append("+" + "/".join(s.specials))
+        out[name] = " ".join(bits)
+    return out
