@@ -324,38 +324,39 @@ def call(x, k=(2, 2), s=(2, 2), p=(0, 0), d=(1, 1), ceil=False):
 @helpers.devices
 def test_bad_input(device):
     x = torch.randn(1, 2, 5, 5, device=device)
-    with helpers.raises(ValueError, "max_pool2d", "expected input to be 3-D (C, H, W) or 4-D",
+    with helpers.raises(RuntimeError, "max_pool2d", "expected input to be 3-D (C, H, W) or 4-D",
                         "input of shape [5, 5]"):
         call(x[0, 0])
-    with helpers.raises(ValueError, "3-D (C, H, W) or 4-D", "[1, 1, 2, 5, 5]"):
+    with helpers.raises(RuntimeError, "3-D (C, H, W) or 4-D", "[1, 1, 2, 5, 5]"):
         call(x[None])
-    with helpers.raises(ValueError, "expected the (dilated) kernel 7x2 to fit in the padded input 5x5"):
+    with helpers.raises(RuntimeError,
+                        "expected the (dilated) kernel 7x2 to fit in the padded input 5x5"):
         call(x, k=(7, 2))
-    with helpers.raises(ValueError, "kernel 5x9 to fit in the padded input 5x7"):
+    with helpers.raises(RuntimeError, "kernel 5x9 to fit in the padded input 5x7"):
         call(x, k=(3, 3), p=(0, 1), d=(2, 4))
-    with helpers.raises(ValueError, "expected stride to be positive", "stride=[0, 2]"):
+    with helpers.raises(RuntimeError, "expected stride to be positive", "stride=[0, 2]"):
         call(x, s=(0, 2))
-    with helpers.raises(ValueError, "expected stride to be positive", "stride=[2, -1]"):
+    with helpers.raises(RuntimeError, "expected stride to be positive", "stride=[2, -1]"):
         call(x, s=(2, -1))
-    with helpers.raises(ValueError, "expected kernel_size to be positive", "kernel_size=[0, 2]"):
+    with helpers.raises(RuntimeError, "expected kernel_size to be positive", "kernel_size=[0, 2]"):
         call(x, k=(0, 2))
-    with helpers.raises(ValueError, "expected dilation to be positive"):
+    with helpers.raises(RuntimeError, "expected dilation to be positive"):
         call(x, d=(1, 0))
-    with helpers.raises(ValueError, "expected padding to be non-negative", "padding=[-1, 0]"):
+    with helpers.raises(RuntimeError, "expected padding to be non-negative", "padding=[-1, 0]"):
         call(x, p=(-1, 0))
-    with helpers.raises(ValueError, "expected padding to be at most half of the effective kernel "
+    with helpers.raises(RuntimeError, "expected padding to be at most half of the effective kernel "
                         "size", "padding=[2, 0]", "kernel_size=[2, 2]"):
         call(x, p=(2, 0))
-    with helpers.raises(ValueError, "expected kernel_size to have 2 values", "[2, 2, 2]"):
+    with helpers.raises(RuntimeError, "expected kernel_size to have 2 values", "[2, 2, 2]"):
         call(x, k=(2, 2, 2))
-    with helpers.raises(TypeError, "expected input to be a float32 or float64 tensor",
+    with helpers.raises(NotImplementedError, "expected input to be a float32 or float64 tensor",
                         "dtype Long"):
         call(x.long())
-    with helpers.raises(TypeError, "float32 or float64", "dtype Int"):
+    with helpers.raises(NotImplementedError, "float32 or float64", "dtype Int"):
         ops.max_pool2d(x.int(), [2, 2], [2, 2], [0, 0], [1, 1], False)
-    with helpers.raises(ValueError, "non-zero channels, height and width", "[1, 2, 0, 5]"):
+    with helpers.raises(RuntimeError, "non-zero channels, height and width", "[1, 2, 0, 5]"):
         call(torch.randn(1, 2, 0, 5, device=device), k=(1, 1), s=(1, 1))
-    with helpers.raises(ValueError, "non-zero channels", "[1, 0, 5, 5]"):
+    with helpers.raises(RuntimeError, "non-zero channels", "[1, 0, 5, 5]"):
         call(torch.randn(1, 0, 5, 5, device=device))
 
 
@@ -365,14 +366,14 @@ def test_backward_bad_input(device):
     out, idx = call(x)
     g = torch.randn_like(out)
     a = ([2, 2], [2, 2], [0, 0], [1, 1], False)
-    with helpers.raises(ValueError, "max_pool2d_backward", "expected grad_output of shape "
+    with helpers.raises(RuntimeError, "max_pool2d_backward", "expected grad_output of shape "
                         "[1, 2, 2, 2] (the forward output's)", "[1, 2, 3, 2]"):
         ops.max_pool2d_backward(torch.randn(1, 2, 3, 2, device=device), x, idx, *a)
-    with helpers.raises(TypeError, "expected indices of dtype int64", "Int"):
+    with helpers.raises(RuntimeError, "expected indices of dtype int64", "Int"):
         ops.max_pool2d_backward(g, x, idx.int(), *a)
-    with helpers.raises(ValueError, "expected indices of shape [1, 2, 2, 2]", "[1, 2, 2, 1]"):
+    with helpers.raises(RuntimeError, "expected indices of shape [1, 2, 2, 2]", "[1, 2, 2, 1]"):
         ops.max_pool2d_backward(g, x, idx[..., :1], *a)
-    with helpers.raises(TypeError, "expected grad_output to have the same dtype as input"):
+    with helpers.raises(RuntimeError, "expected grad_output to have the same dtype as input"):
         ops.max_pool2d_backward(g.double(), x, idx, *a)
-    with helpers.raises(ValueError, "expected stride to be positive"):
+    with helpers.raises(RuntimeError, "expected stride to be positive"):
         ops.max_pool2d_backward(g, x, idx, [2, 2], [0, 2], [0, 0], [1, 1], False)
