@@ -39,6 +39,53 @@ inline c10::ArrayRef<c10::SymInt> sizes_of<c10::SymInt>(const at::Tensor& t) {
   return t.sym_sizes();
 }
 
+// ---- Checked size arithmetic --------------------------------------------------------------
+//
+// Sizes computed from user arguments (padding, stride, dilation, kernel and group counts may be
+// anything up to 2^63 - 1) are computed with overflow checks: plain int64 arithmetic would wrap
+// into negative or small sizes, and so into wrong shapes, out-of-bounds writes or messages full of
+// nonsense numbers. Each check's error names the arguments and the values given.
+
+// A size's value when it is known: always for int64_t, for a SymInt unless it is symbolic.
+// Symbolic sizes (Meta kernels under dynamic shapes) are exact integers in torch's shape
+// environment and cannot wrap; the real kernel checks the concrete sizes when it runs.
+inline std::optional<int64_t> known(int64_t v) { return v; }
+inline std::optional<int64_t> known(const c10::SymInt& v) { return v.maybe_as_int(); }
+
+// a + b and a * b, or nullopt when the exact result does not fit in int64.
+inline std::optional<int64_t> add_checked(int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_add_overflow(a, b, &r)) return std::nullopt;
+  return r;
+}
+inline std::optional<int64_t> mul_checked(int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_mul_overflow(a, b, &r)) return std::nullopt;
+  return r;
+}
+
+// Whether the non-zero sizes multiply within int64. Kernels multiply subsets of a shape (a plane,
+// an image), which must fit even when another size is 0 and the tensor holds nothing.
+template <typename Int>
+bool sizes_multiply_within_int64(c10::ArrayRef<Int> sizes) {
+  int64_t product = 1;
+  for (const Int& size : sizes) {
+    const std::optional<int64_t> v = known(size);
+    if (!v || *v == 0) continue;
+    const std::optional<int64_t> p = mul_checked(product, *v);
+    if (!p) return false;
+    product = *p;
+  }
+  return true;
+}
+
+// ceil(a / b) for a >= 0 and b >= 1 (shapes.h's ceil_div), also for a symbolic a.
+inline int64_t ceil_div_size(int64_t a, int64_t b) { return ceil_div(a, b); }
+inline c10::SymInt ceil_div_size(const c10::SymInt& a, int64_t b) {
+  if (const auto v = a.maybe_as_int()) return c10::SymInt(ceil_div(*v, b));
+  return (a + (b - 1)) / b;  // exact: symbolic arithmetic does not wrap
+}
+
 // ---- Generic checks -----------------------------------------------------------------------
 
 inline void check_defined(const at::Tensor& t, const char* op, const char* arg) {
@@ -102,6 +149,55 @@ inline void check_pair(at::IntArrayRef v, const char* op, const char* arg, int64
               arg, "=", v);
 }
 
+// ---- Sliding windows (conv2d, max_pool2d) --------------------------------------------------
+// Per axis: the dilated kernel and the padded input are checked to stay below kMaxExtent
+// (shapes.h), which keeps every window position a kernel computes inside int64.
+
+inline const char* axis_name(int axis) { return axis == 0 ? "height" : "width"; }
+
+// dilation * (kernel - 1) + 1 along `axis` (kernel >= 1, dilation >= 1). The error shows the
+// kernel as the operator's arguments give it: "kernel_size=[3, 3]", "weight of shape [...]".
+template <typename Shown>
+int64_t checked_effective_kernel(int64_t kernel, at::IntArrayRef dilation, int axis,
+                                 const char* op, const char* kernel_arg,
+                                 const Shown& kernel_shown) {
+  std::optional<int64_t> eff = mul_checked(dilation[axis], kernel - 1);
+  if (eff) eff = add_checked(*eff, 1);
+  TORCH_CHECK(eff && *eff < kMaxExtent, "pyengine.", op, ": ", kernel_arg, kernel_shown,
+              " with dilation=", dilation, " overflows: the dilated kernel ", axis_name(axis),
+              ", dilation * (kernel - 1) + 1, must be below 2^62 (", kMaxExtent, ")");
+  return *eff;
+}
+
+// input + 2 * padding along `axis` (padding >= 0).
+template <typename Int>
+Int checked_padded_size(const Int& in, at::IntArrayRef padding, int axis, const char* op) {
+  const std::optional<int64_t> twice = mul_checked(padding[axis], 2);
+  bool ok = twice && *twice < kMaxExtent;
+  if (ok) {
+    if (const std::optional<int64_t> v = known(in)) {
+      const std::optional<int64_t> padded = add_checked(*v, *twice);
+      ok = padded && *padded < kMaxExtent;
+    }
+  }
+  TORCH_CHECK(ok, "pyengine.", op, ": padding=", padding, " with input ", axis_name(axis), " ",
+              in, " overflows: the padded ", axis_name(axis), ", input ", axis_name(axis),
+              " + 2 * padding, must be below 2^62 (", kMaxExtent, ")");
+  return in + *twice;
+}
+
+// The output, whose sizes the window arguments decide, must have sizes that multiply within
+// int64 (sizes_multiply_within_int64).
+template <typename Int>
+void check_window_output(const std::vector<Int>& sizes, c10::ArrayRef<Int> input_sizes,
+                         at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, const char* op) {
+  const c10::ArrayRef<Int> out(sizes);
+  TORCH_CHECK(sizes_multiply_within_int64(out), "pyengine.", op, ": stride=", stride,
+              ", padding=", padding, " and dilation=", dilation, " give input of shape ",
+              input_sizes, " an output of shape ", out, ", whose sizes multiply beyond int64");
+}
+
 // ---- Convolution --------------------------------------------------------------------------
 
 template <typename Int>
@@ -151,20 +247,29 @@ Conv2dShape<Int> check_conv2d(const at::Tensor& input, const at::Tensor& weight,
   s.groups = groups;
   TORCH_CHECK(truth(s.out_channels % groups == 0), "pyengine.conv2d: expected weight's ",
               "out_channels (", s.out_channels, ") to be divisible by groups=", groups);
-  TORCH_CHECK(truth(s.in_channels == w[1] * groups), "pyengine.conv2d: expected input of "
-              "shape ", in, " to have ", w[1] * groups, " channels (weight of shape ", w,
-              " with groups=", groups, "), but got ", s.in_channels, " channels");
+  // weight's in_channels / groups, times groups: the input's channel count.
+  const std::optional<int64_t> w_in = known(w[1]);
+  const bool channels_fit = !w_in || mul_checked(*w_in, groups).has_value();
+  TORCH_CHECK(channels_fit, "pyengine.conv2d: groups=", groups, " with weight of shape ", w,
+              " overflows: the input channels it implies, weight.size(1) * groups, do not fit "
+              "in int64");
+  const Int expected_channels = w[1] * groups;
+  TORCH_CHECK(truth(s.in_channels == expected_channels), "pyengine.conv2d: expected input "
+              "of shape ", in, " to have ", expected_channels, " channels (weight of shape ",
+              w, " with groups=", groups, "), but got ", s.in_channels, " channels");
   TORCH_CHECK(s.kernel_h >= 1 && s.kernel_w >= 1,
               "pyengine.conv2d: expected a kernel of at least 1x1, but got weight of shape ",
               w);
-  Int padded_h = s.in_h + 2 * padding[0];
-  Int padded_w = s.in_w + 2 * padding[1];
-  const int64_t eff_h = effective_kernel(s.kernel_h, dilation[0]);
-  const int64_t eff_w = effective_kernel(s.kernel_w, dilation[1]);
+  const char* kernel_arg = "weight of shape ";
+  const int64_t eff_h = checked_effective_kernel(s.kernel_h, dilation, 0, op, kernel_arg, w);
+  const int64_t eff_w = checked_effective_kernel(s.kernel_w, dilation, 1, op, kernel_arg, w);
+  const Int padded_h = checked_padded_size<Int>(s.in_h, padding, 0, op);
+  const Int padded_w = checked_padded_size<Int>(s.in_w, padding, 1, op);
   TORCH_CHECK(truth(padded_h >= eff_h) && truth(padded_w >= eff_w),
               "pyengine.conv2d: expected the (dilated) kernel to fit in the padded input, but "
               "got kernel ", eff_h, "x", eff_w, " and padded input ", padded_h, "x",
-              padded_w);
+              padded_w, " (weight of shape ", w, " with dilation=", dilation,
+              ", input of shape ", in, " with padding=", padding, ")");
   if (bias.has_value() && bias->defined()) {
     check_like(*bias, "bias", input, "input", op);
     auto b = sizes_of<Int>(*bias);
@@ -172,8 +277,10 @@ Conv2dShape<Int> check_conv2d(const at::Tensor& input, const at::Tensor& weight,
                 "pyengine.conv2d: expected bias of shape [", s.out_channels,
                 "] (weight's out_channels), but got bias of shape ", b);
   }
-  s.out_h = conv_out_size<Int>(s.in_h, s.kernel_h, stride[0], padding[0], dilation[0]);
-  s.out_w = conv_out_size<Int>(s.in_w, s.kernel_w, stride[1], padding[1], dilation[1]);
+  // Every window of a convolution lies inside the padded input: no partial windows.
+  s.out_h = (padded_h - eff_h) / stride[0] + 1;
+  s.out_w = (padded_w - eff_w) / stride[1] + 1;
+  check_window_output<Int>(s.output_sizes(), in, stride, padding, dilation, op);
   return s;
 }
 
@@ -189,6 +296,20 @@ struct Pool2dShape {
   }
 };
 
+// Output length of a pooling window along one axis, as torch computes it: with ceil_mode a last,
+// partial window counts only if it starts inside the input or the left padding. `padded` and
+// `effective` come from the checks above (padded >= effective).
+template <typename Int>
+Int pool_out_size(const Int& in, const Int& padded, int64_t effective, int64_t stride,
+                  int64_t padding, bool ceil_mode) {
+  const Int span = padded - effective;
+  if (!ceil_mode) return span / stride + 1;
+  Int out = ceil_div_size(span, stride) + 1;
+  // No overflow: (out - 1) * stride is the stride itself or below span + stride < 2 * span.
+  if (truth((out - 1) * stride >= in + padding)) out = out - 1;
+  return out;
+}
+
 template <typename Int>
 Pool2dShape<Int> check_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
                                   at::IntArrayRef stride, at::IntArrayRef padding,
@@ -199,9 +320,11 @@ Pool2dShape<Int> check_max_pool2d(const at::Tensor& input, at::IntArrayRef kerne
   check_pair(stride, op, "stride", 1);
   check_pair(padding, op, "padding", 0);
   check_pair(dilation, op, "dilation", 1);
+  int64_t eff[2];
   for (int i = 0; i < 2; ++i) {
-    const int64_t eff = effective_kernel(kernel_size[i], dilation[i]);
-    TORCH_CHECK(padding[i] <= eff / 2, "pyengine.max_pool2d: expected padding to be at "
+    eff[i] = checked_effective_kernel(kernel_size[i], dilation, i, op, "kernel_size=",
+                                      kernel_size);
+    TORCH_CHECK(padding[i] <= eff[i] / 2, "pyengine.max_pool2d: expected padding to be at "
                 "most half of the effective kernel size, but got padding=", padding,
                 ", kernel_size=", kernel_size, " and dilation=", dilation);
   }
@@ -219,20 +342,19 @@ Pool2dShape<Int> check_max_pool2d(const at::Tensor& input, at::IntArrayRef kerne
   TORCH_CHECK(truth(s.in_h > 0) && truth(s.in_w > 0) && truth(s.channels > 0),
               "pyengine.max_pool2d: expected input with non-zero channels, height and width, "
               "but got input of shape ", in);
-  TORCH_CHECK(
-      truth(s.in_h + 2 * padding[0] >= effective_kernel(kernel_size[0], dilation[0])) &&
-          truth(s.in_w + 2 * padding[1] >= effective_kernel(kernel_size[1], dilation[1])),
-      "pyengine.max_pool2d: expected the (dilated) kernel ",
-      effective_kernel(kernel_size[0], dilation[0]), "x",
-      effective_kernel(kernel_size[1], dilation[1]), " to fit in the padded input ",
-      s.in_h + 2 * padding[0], "x", s.in_w + 2 * padding[1]);
-  s.out_h = pool_out_size<Int>(s.in_h, kernel_size[0], stride[0], padding[0], dilation[0],
-                               ceil_mode);
-  s.out_w = pool_out_size<Int>(s.in_w, kernel_size[1], stride[1], padding[1], dilation[1],
-                               ceil_mode);
+  const Int padded_h = checked_padded_size<Int>(s.in_h, padding, 0, op);
+  const Int padded_w = checked_padded_size<Int>(s.in_w, padding, 1, op);
+  TORCH_CHECK(truth(padded_h >= eff[0]) && truth(padded_w >= eff[1]),
+              "pyengine.max_pool2d: expected the (dilated) kernel ", eff[0], "x", eff[1],
+              " to fit in the padded input ", padded_h, "x", padded_w, ", but got "
+              "kernel_size=", kernel_size, " with dilation=", dilation, " and input of shape ",
+              in, " with padding=", padding);
+  s.out_h = pool_out_size<Int>(s.in_h, padded_h, eff[0], stride[0], padding[0], ceil_mode);
+  s.out_w = pool_out_size<Int>(s.in_w, padded_w, eff[1], stride[1], padding[1], ceil_mode);
   TORCH_CHECK(truth(s.out_h > 0) && truth(s.out_w > 0),
               "pyengine.max_pool2d: expected a non-empty output, but input of shape ", in,
               " gives output ", s.out_h, "x", s.out_w);
+  check_window_output<Int>(s.output_sizes(), in, stride, padding, dilation, op);
   return s;
 }
 
@@ -270,12 +392,15 @@ LinearShape<Int> check_linear(const at::Tensor& input, const at::Tensor& weight,
                 "pyengine.linear: expected bias of shape [", s.out_features,
                 "] (weight's out_features), but got bias of shape ", b);
   }
-  s.rows = Int(1);
-  for (size_t i = 0; i + 1 < in.size(); ++i) {
-    s.rows = s.rows * in[i];
-    s.output_sizes.push_back(in[i]);
-  }
+  for (size_t i = 0; i + 1 < in.size(); ++i) s.output_sizes.push_back(in[i]);
   s.output_sizes.push_back(s.out_features);
+  // rows * out_features elements out: the output's sizes (and so rows) must multiply in int64.
+  TORCH_CHECK(sizes_multiply_within_int64(c10::ArrayRef<Int>(s.output_sizes)),
+              "pyengine.linear: input of shape ", in, " and weight of shape ", w,
+              " give an output of shape ", c10::ArrayRef<Int>(s.output_sizes),
+              ", whose sizes multiply beyond int64");
+  s.rows = Int(1);
+  for (size_t i = 0; i + 1 < in.size(); ++i) s.rows = s.rows * in[i];
   return s;
 }
 

@@ -81,7 +81,7 @@ PoolGeom make_geom(const Pool2dShape<int64_t>& s, IntArrayRef kernel_size, IntAr
   g.effH = effective_kernel(g.kH, g.dH);
   g.effW = effective_kernel(g.kW, g.dW);
   // iw0 = ow * sW - pW >= 0  and  iw0 + effW <= W.
-  g.ow_lo = std::min(g.OW, (g.pW + g.sW - 1) / g.sW);
+  g.ow_lo = std::min(g.OW, ceil_div(g.pW, g.sW));
   const int64_t last = g.W - g.effW + g.pW;  // largest ow * sW with the window inside
   g.ow_hi = last < 0 ? 0 : std::min(g.OW, last / g.sW + 1);
   g.ow_hi = std::max(g.ow_hi, g.ow_lo);

@@ -88,8 +88,8 @@ __global__ void max_pool2d_backward_kernel(const T* __restrict__ grad_output,
     // Windows [oh0, oh1] x [ow0, ow1] start at most eff - 1 before this element and at or after.
     const int64_t th = ih + g.pad_h - (eff_h - 1);
     const int64_t tw = iw + g.pad_w - (eff_w - 1);
-    const int64_t oh0 = th <= 0 ? 0 : (th + g.stride_h - 1) / g.stride_h;
-    const int64_t ow0 = tw <= 0 ? 0 : (tw + g.stride_w - 1) / g.stride_w;
+    const int64_t oh0 = th <= 0 ? 0 : ceil_div(th, g.stride_h);
+    const int64_t ow0 = tw <= 0 ? 0 : ceil_div(tw, g.stride_w);
     const int64_t oh1 = min((ih + g.pad_h) / g.stride_h, g.out_h - 1);
     const int64_t ow1 = min((iw + g.pad_w) / g.stride_w, g.out_w - 1);
     const int64_t flat = ih * g.in_w + iw;
