@@ -594,6 +594,14 @@ DEVICE_ASSERT_CASES = {
                              "torch.tensor([0, 1, 5, 2], device='cuda'), None, 1, -100)",
                              "pyengine.cross_entropy: target 5 is out of bounds: expected target "
                              "values in [0, 3) or ignore_index=-100, but got target[2] = 5"),
+    "max_pool2d_backward_index": (
+        "x = torch.randn(1, 2, 4, 4, device='cuda')\n"
+        "out, idx = P.max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False)\n"
+        "idx[0, 1, 1, 0] = 16\n"
+        "P.max_pool2d_backward(torch.ones_like(out), x, idx, [2, 2], [2, 2], [0, 0], [1, 1], "
+        "False)",
+        "pyengine.max_pool2d_backward: the index of output [1, 0] of plane 1 (n * C + c) is 16, "
+        "outside the 4x4 input plane"),
     "cross_entropy_backward_target": (
         "P.cross_entropy_backward(torch.tensor(1.0, device='cuda'), torch.randn(4, 3, "
         "device='cuda'), torch.tensor([0, -1, 1, 2], device='cuda'), None, 1, -100)",

@@ -198,6 +198,11 @@ CASES = {
                                                       POOL_IDX),
         [lambda: P.max_pool2d_backward(POOL_OUT.double(), Y, POOL_IDX, *POOL)],
         ["expected grad_output to have the same dtype as input"]),
+    # torch's backward does not check its indices; max_unpool2d, the same scatter, does
+    "max_pool2d_backward index outside the plane": (
+        lambda: F.max_unpool2d(POOL_OUT, torch.full_like(POOL_IDX, 16), 2, output_size=[4, 4]),
+        [lambda: P.max_pool2d_backward(POOL_OUT, Y, torch.full_like(POOL_IDX, 16), *POOL)],
+        ["indices[0, 0, 0, 0] = 16 lies outside the 4x4 input plane"]),
     # ---- linear ----
     "linear 0-d input": (lambda: F.linear(torch.tensor(1.0), r(3, 2)),
                          [lambda: PF.linear(torch.tensor(1.0), r(3, 2))],
