@@ -601,7 +601,7 @@ struct EmptyWindows {
   bool any = false;
   std::vector<uint8_t> row, col;  // row[oh], col[ow]: no tap of the window in bounds on that axis
 
-  EmptyWindows(const PoolGeom& g) {
+  explicit EmptyWindows(const PoolGeom& g) {
     auto misses = [](int64_t start, int64_t eff, int64_t dil, int64_t in) {
       return first_tap(start, dil) >= std::min(start + eff, in);
     };
