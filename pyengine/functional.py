@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn import _reduction as _torch_reduction
 
 from . import _C
+from ._errors import ValueAndRuntimeError, ValueAndTypeError
 
 _ops = torch.ops.pyengine
 _is_compiling = torch.compiler.is_compiling
@@ -27,16 +28,25 @@ __all__ = [
 _IntPair = Union[int, Tuple[int, int], List[int]]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _pair(value, name: str, fn: str) -> Tuple[int, int]:
-    """An int or a sequence of two ints, as torch.nn.functional accepts them."""
+    """An int or a sequence of two ints, as torch.nn.functional accepts them. Errors have torch's
+    classes: a TypeError for a value that is not ints, a RuntimeError for a sequence of ints of
+    the wrong length (both also ValueErrors, as pyengine raised before)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return (value, value)
-    if isinstance(value, (tuple, list, torch.Size)):
+    if isinstance(value, (tuple, list, torch.Size)) and all(_is_int(v) for v in value):
         if len(value) == 1:
-            value = (value[0], value[0])
-        if len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return (int(value[0]), int(value[0]))
+        if len(value) == 2:
             return (int(value[0]), int(value[1]))
-    raise ValueError(
+        error = ValueAndRuntimeError
+    else:
+        error = ValueAndTypeError
+    raise error(
         f"pyengine.functional.{fn}: expected {name} to be an int or a pair of ints, "
         f"but got {name}={value!r}")
 
@@ -71,15 +81,15 @@ def _string_padding(input, weight, padding, stride, dilation):
     if padding == "valid":
         return input, (0, 0)
     if padding != "same":
-        raise ValueError(
+        raise ValueAndRuntimeError(
             f"pyengine.functional.conv2d: expected padding to be an int, a pair of ints, 'valid' "
             f"or 'same', but got padding={padding!r}")
     if stride != (1, 1):
-        raise ValueError(
+        raise ValueAndRuntimeError(
             "pyengine.functional.conv2d: padding='same' is not supported for strided "
             f"convolutions, but got stride={stride}")
     if weight.dim() != 4:
-        raise ValueError(
+        raise ValueAndRuntimeError(
             "pyengine.functional.conv2d: expected weight to be 4-D (out_channels, in_channels / "
             f"groups, kH, kW), but got weight of shape {list(weight.shape)}")
     totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
@@ -229,7 +239,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if input.dim() > 2:
         # (N, C, d1, ...) is (N * d1 * ..., C) rows with the class dim last.
         if tuple(target.shape) != (input.shape[0], *input.shape[2:]):
-            raise ValueError(
+            raise ValueAndRuntimeError(
                 f"pyengine.functional.cross_entropy: expected target of shape "
                 f"{[input.shape[0], *input.shape[2:]]} for input of shape {list(input.shape)}, "
                 f"but got target of shape {list(target.shape)}")

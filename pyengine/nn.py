@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from ._errors import ValueAndRuntimeError
 
 __all__ = [
     "Conv2d", "MaxPool2d", "Linear", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softmax",
@@ -132,8 +133,8 @@ class RNN(torch.nn.RNN):
             hx = hx.unsqueeze(1)
         expected = (self.num_layers, n, self.hidden_size)
         if tuple(hx.shape) != expected:
-            raise ValueError(f"pyengine.nn.RNN: expected hx of shape {list(expected)}, but got "
-                             f"hx of shape {list(hx.shape)}")
+            raise ValueAndRuntimeError(f"pyengine.nn.RNN: expected hx of shape "
+                                       f"{list(expected)}, but got hx of shape {list(hx.shape)}")
         act = F.tanh if self.nonlinearity == "tanh" else F.relu
         last_hidden = []
         for layer in range(self.num_layers):

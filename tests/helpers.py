@@ -86,3 +86,19 @@ def run_with_cpu_isa(isa: str, script: str) -> None:
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=here, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def set_num_threads(n: int):
+    """Context manager: torch.set_num_threads(n) for the block, the old count restored after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return scope()

@@ -188,7 +188,7 @@ def random_pool_case(dtype):
         x = torch.randn(shape, dtype=dtype)
         try:
             run_cpu(P.max_pool2d, x, k, s, p, d, ceil)
-        except ValueError:
+        except RuntimeError:
             continue
         return x, k, s, p, d, ceil
 
@@ -485,53 +485,55 @@ def _bad_calls():
     conv = lambda x, w, b=None, groups=1: P.conv2d(x, w, b, [1, 1], [0, 0], [1, 1], groups)
     pool = lambda x, k=(2, 2), p=(0, 0): P.max_pool2d(x, list(k), [2, 2], list(p), [1, 1], False)
     return {
-        "conv2d rank": (lambda: conv(r(3, 5), r(4, 3, 1, 1)), ValueError, "3-D (C, H, W)"),
-        "conv2d channels": (lambda: conv(r(1, 3, 5, 5), r(4, 2, 1, 1)), ValueError, "channels"),
-        "conv2d groups": (lambda: conv(r(1, 4, 5, 5), r(3, 2, 1, 1), groups=2), ValueError,
+        "conv2d rank": (lambda: conv(r(3, 5), r(4, 3, 1, 1)), RuntimeError, "3-D (C, H, W)"),
+        "conv2d channels": (lambda: conv(r(1, 3, 5, 5), r(4, 2, 1, 1)), RuntimeError, "channels"),
+        "conv2d groups": (lambda: conv(r(1, 4, 5, 5), r(3, 2, 1, 1), groups=2), RuntimeError,
                           "divisible by groups"),
         "conv2d int input": (lambda: conv(torch.ones(1, 1, 3, 3, dtype=torch.long),
-                                          r(1, 1, 1, 1)), TypeError, "float32 or float64"),
-        "conv2d dtypes": (lambda: conv(r(1, 1, 3, 3), r(1, 1, 1, 1, dtype=d)), TypeError,
+                                          r(1, 1, 1, 1)),
+                             NotImplementedError, "float32 or float64"),
+        "conv2d dtypes": (lambda: conv(r(1, 1, 3, 3), r(1, 1, 1, 1, dtype=d)), RuntimeError,
                           "same dtype"),
-        "conv2d kernel": (lambda: conv(r(1, 1, 3, 3), r(1, 1, 5, 5)), ValueError, "fit"),
-        "conv2d bias": (lambda: conv(r(1, 1, 3, 3), r(2, 1, 1, 1), r(3)), ValueError, "bias"),
+        "conv2d kernel": (lambda: conv(r(1, 1, 3, 3), r(1, 1, 5, 5)), RuntimeError, "fit"),
+        "conv2d bias": (lambda: conv(r(1, 1, 3, 3), r(2, 1, 1, 1), r(3)), RuntimeError, "bias"),
         "conv2d_backward grad": (lambda: P.conv2d_backward(r(1, 2, 3, 4), r(1, 1, 3, 3),
                                                            r(2, 1, 1, 1), [1, 1], [0, 0], [1, 1],
                                                            1, [True, True, True]),
-                                 ValueError, "grad_output"),
-        "max_pool2d rank": (lambda: pool(r(4, 4)), ValueError, "3-D (C, H, W)"),
-        "max_pool2d padding": (lambda: pool(r(1, 1, 4, 4), p=(2, 2)), ValueError, "padding"),
-        "max_pool2d kernel": (lambda: pool(r(1, 1, 1, 1), k=(3, 3)), ValueError, "fit"),
-        "max_pool2d int": (lambda: pool(torch.ones(1, 1, 4, 4, dtype=torch.int32)), TypeError,
+                                 RuntimeError, "grad_output"),
+        "max_pool2d rank": (lambda: pool(r(4, 4)), RuntimeError, "3-D (C, H, W)"),
+        "max_pool2d padding": (lambda: pool(r(1, 1, 4, 4), p=(2, 2)), RuntimeError, "padding"),
+        "max_pool2d kernel": (lambda: pool(r(1, 1, 1, 1), k=(3, 3)), RuntimeError, "fit"),
+        "max_pool2d int": (lambda: pool(torch.ones(1, 1, 4, 4, dtype=torch.int32)),
+                           NotImplementedError,
                            "float32 or float64"),
         "max_pool2d_backward indices": (
             lambda: P.max_pool2d_backward(r(1, 1, 2, 2), r(1, 1, 4, 4),
                                           torch.zeros(1, 1, 2, 2, dtype=torch.int32), [2, 2],
                                           [2, 2], [0, 0], [1, 1], False),
-            TypeError, "int64"),
-        "linear features": (lambda: P.linear(r(2, 3), r(4, 5), None), ValueError, "in_features"),
-        "linear bias": (lambda: P.linear(r(2, 3), r(4, 3), r(5)), ValueError, "bias"),
-        "linear weight rank": (lambda: P.linear(r(2, 3), r(3), None), ValueError, "2-D"),
-        "relu int": (lambda: P.relu(torch.arange(3)), TypeError, "float32 or float64"),
-        "relu_backward shape": (lambda: P.relu_backward(r(3), r(4)), ValueError, "same shape"),
+            RuntimeError, "int64"),
+        "linear features": (lambda: P.linear(r(2, 3), r(4, 5), None), RuntimeError, "in_features"),
+        "linear bias": (lambda: P.linear(r(2, 3), r(4, 3), r(5)), RuntimeError, "bias"),
+        "linear weight rank": (lambda: P.linear(r(2, 3), r(3), None), RuntimeError, "2-D"),
+        "relu int": (lambda: P.relu(torch.arange(3)), NotImplementedError, "float32 or float64"),
+        "relu_backward shape": (lambda: P.relu_backward(r(3), r(4)), RuntimeError, "same shape"),
         "softmax dim": (lambda: P.softmax(r(3), 2), IndexError, "dim out of range"),
-        "log_softmax int": (lambda: P.log_softmax(torch.arange(3), 0), TypeError,
+        "log_softmax int": (lambda: P.log_softmax(torch.arange(3), 0), NotImplementedError,
                             "float32 or float64"),
-        "mse_loss shape": (lambda: P.mse_loss(r(3), r(4), None, 1), ValueError, "same shape"),
-        "mse_loss reduction": (lambda: P.mse_loss(r(3), r(3), None, 3), ValueError, "reduction"),
+        "mse_loss shape": (lambda: P.mse_loss(r(3), r(4), None, 1), RuntimeError, "same shape"),
+        "mse_loss reduction": (lambda: P.mse_loss(r(3), r(3), None, 3), RuntimeError, "reduction"),
         "bce weight": (lambda: P.binary_cross_entropy(r(3).sigmoid(), r(3).sigmoid(), r(2), 1),
-                       ValueError, "weight"),
+                       RuntimeError, "weight"),
         "cross_entropy target dtype": (lambda: P.cross_entropy(r(2, 3), r(2), None, 1, -100),
-                                       TypeError, "int64"),
+                                       RuntimeError, "int64"),
         "cross_entropy target shape": (
             lambda: P.cross_entropy(r(2, 3), torch.zeros(3, dtype=torch.long), None, 1, -100),
             ValueError, "target"),
         "cross_entropy rank": (
             lambda: P.cross_entropy(r(2, 3, 4), torch.zeros(2, dtype=torch.long), None, 1, -100),
-            ValueError, "1-D (C) or 2-D (N, C)"),
+            RuntimeError, "1-D (C) or 2-D (N, C)"),
         "cross_entropy weight": (
             lambda: P.cross_entropy(r(2, 3), torch.zeros(2, dtype=torch.long), r(4), 1, -100),
-            ValueError, "weight"),
+            RuntimeError, "weight"),
     }
 
 
@@ -592,6 +594,14 @@ DEVICE_ASSERT_CASES = {
                              "torch.tensor([0, 1, 5, 2], device='cuda'), None, 1, -100)",
                              "pyengine.cross_entropy: target 5 is out of bounds: expected target "
                              "values in [0, 3) or ignore_index=-100, but got target[2] = 5"),
+    "max_pool2d_backward_index": (
+        "x = torch.randn(1, 2, 4, 4, device='cuda')\n"
+        "out, idx = P.max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False)\n"
+        "idx[0, 1, 1, 0] = 16\n"
+        "P.max_pool2d_backward(torch.ones_like(out), x, idx, [2, 2], [2, 2], [0, 0], [1, 1], "
+        "False)",
+        "pyengine.max_pool2d_backward: the index of output [1, 0] of plane 1 (n * C + c) is 16, "
+        "outside the 4x4 input plane"),
     "cross_entropy_backward_target": (
         "P.cross_entropy_backward(torch.tensor(1.0, device='cuda'), torch.randn(4, 3, "
         "device='cuda'), torch.tensor([0, -1, 1, 2], device='cuda'), None, 1, -100)",

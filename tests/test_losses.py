@@ -453,13 +453,13 @@ def test_deterministic_across_runs_and_threads(device, dtype, name):
 def test_wrong_target_shape(device):
     x = torch.randn(3, 4, device=device)
     for op, name in [(P.mse_loss, "mse_loss"), (P.binary_cross_entropy, "binary_cross_entropy")]:
-        with helpers.raises(ValueError, f"pyengine.{name}", "target", "[3, 4]", "[4, 3]"):
+        with helpers.raises(RuntimeError, f"pyengine.{name}", "target", "[3, 4]", "[4, 3]"):
             op(x.sigmoid(), torch.rand(4, 3, device=device), None, 1)
-    with helpers.raises(ValueError, "cross_entropy", "target of shape [3]", "[3, 1]"):
+    with helpers.raises(RuntimeError, "cross_entropy", "target of shape [3]", "[3, 1]"):
         P.cross_entropy(x, torch.zeros(3, 1, dtype=torch.long, device=device), None, 1, -100)
     with helpers.raises(ValueError, "cross_entropy", "0-d target", "[1]"):
         P.cross_entropy(x[0], torch.zeros(1, dtype=torch.long, device=device), None, 1, -100)
-    with helpers.raises(ValueError, "cross_entropy", "input", "[2, 3, 4]"):
+    with helpers.raises(RuntimeError, "cross_entropy", "input", "[2, 3, 4]"):
         P.cross_entropy(torch.randn(2, 3, 4, device=device),
                         torch.zeros(2, dtype=torch.long, device=device), None, 1, -100)
 
@@ -481,7 +481,7 @@ def test_cross_entropy_target_out_of_range(device, bad):
 @devices
 def test_cross_entropy_float_target(device):
     x = torch.randn(3, 4, device=device)
-    with helpers.raises(TypeError, "cross_entropy", "target", "int64", "Float"):
+    with helpers.raises(RuntimeError, "cross_entropy", "target", "int64", "Float"):
         P.cross_entropy(x, torch.rand(3, device=device), None, 1, -100)
 
 
@@ -490,9 +490,10 @@ def test_cross_entropy_float_target(device):
 def test_integer_inputs(device, int_dtype):
     x = torch.randint(0, 2, (3, 4), dtype=int_dtype, device=device)
     for op, name in [(P.mse_loss, "mse_loss"), (P.binary_cross_entropy, "binary_cross_entropy")]:
-        with helpers.raises(TypeError, f"pyengine.{name}", "input", "float32 or float64"):
+        with helpers.raises(NotImplementedError, f"pyengine.{name}", "input", "float32 or float64"):
             op(x, x, None, 1)
-    with helpers.raises(TypeError, "pyengine.cross_entropy", "input", "float32 or float64"):
+    with helpers.raises(NotImplementedError, "pyengine.cross_entropy", "input",
+                        "float32 or float64"):
         P.cross_entropy(x, torch.zeros(3, dtype=torch.long, device=device), None, 1, -100)
 
 
@@ -500,14 +501,14 @@ def test_integer_inputs(device, int_dtype):
 def test_mixed_dtypes(device):
     x = torch.rand(3, 4, device=device)
     for op, name in [(P.mse_loss, "mse_loss"), (P.binary_cross_entropy, "binary_cross_entropy")]:
-        with helpers.raises(TypeError, name, "target", "same dtype", "Double"):
+        with helpers.raises(RuntimeError, name, "target", "same dtype", "Double"):
             op(x, x.double(), None, 1)
-        with helpers.raises(TypeError, name, "weight", "same dtype", "Double"):
+        with helpers.raises(RuntimeError, name, "weight", "same dtype", "Double"):
             op(x, x, x.double(), 1)
     t = torch.zeros(3, dtype=torch.long, device=device)
-    with helpers.raises(TypeError, "cross_entropy", "weight", "same dtype", "Double"):
+    with helpers.raises(RuntimeError, "cross_entropy", "weight", "same dtype", "Double"):
         P.cross_entropy(x, t, torch.ones(4, dtype=torch.float64, device=device), 1, -100)
-    with helpers.raises(TypeError, "mse_loss_backward", "grad_output", "same dtype"):
+    with helpers.raises(RuntimeError, "mse_loss_backward", "grad_output", "same dtype"):
         P.mse_loss_backward(torch.tensor(1.0, dtype=torch.float64, device=device), x, x, None, 1)
 
 
@@ -520,7 +521,7 @@ def test_bad_reduction(device, reduction):
              ("binary_cross_entropy", lambda: P.binary_cross_entropy(x, x, None, reduction)),
              ("cross_entropy", lambda: P.cross_entropy(x, t, None, reduction, -100))]
     for name, call in calls:
-        with helpers.raises(ValueError, name, "reduction", f"but got {reduction}"):
+        with helpers.raises(RuntimeError, name, "reduction", f"but got {reduction}"):
             call()
 
 
@@ -549,10 +550,10 @@ def test_binary_cross_entropy_outside_unit_interval(device, dtype, value):
 def test_wrong_weight_shape(device):
     x = torch.rand(3, 4, device=device)
     for op, name in [(P.mse_loss, "mse_loss"), (P.binary_cross_entropy, "binary_cross_entropy")]:
-        with helpers.raises(ValueError, name, "weight", "same shape", "[4]"):
+        with helpers.raises(RuntimeError, name, "weight", "same shape", "[4]"):
             op(x, x, torch.ones(4, device=device), 1)
     t = torch.zeros(3, dtype=torch.long, device=device)
-    with helpers.raises(ValueError, "cross_entropy", "weight of shape [4]", "[3]"):
+    with helpers.raises(RuntimeError, "cross_entropy", "weight of shape [4]", "[3]"):
         P.cross_entropy(x, t, torch.ones(3, device=device), 1, -100)
 
 
@@ -560,11 +561,11 @@ def test_wrong_weight_shape(device):
 def test_backward_wrong_grad_output_shape(device):
     x = torch.rand(3, 4, device=device)
     t = torch.zeros(3, dtype=torch.long, device=device)
-    with helpers.raises(ValueError, "mse_loss_backward", "grad_output of shape [3, 4]"):
+    with helpers.raises(RuntimeError, "mse_loss_backward", "grad_output of shape [3, 4]"):
         P.mse_loss_backward(torch.tensor(1.0, device=device), x, x, None, 0)
-    with helpers.raises(ValueError, "binary_cross_entropy_backward", "grad_output", "[3, 4]"):
+    with helpers.raises(RuntimeError, "binary_cross_entropy_backward", "grad_output", "[3, 4]"):
         P.binary_cross_entropy_backward(torch.ones(3, 4, device=device), x, x, None, 1)
-    with helpers.raises(ValueError, "cross_entropy_backward", "grad_output of shape [3]"):
+    with helpers.raises(RuntimeError, "cross_entropy_backward", "grad_output of shape [3]"):
         P.cross_entropy_backward(torch.ones(4, device=device), x, t, None, 0, -100)
 
 

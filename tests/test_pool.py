@@ -38,9 +38,10 @@ def every_window_has_input(cfg, h, w):
     return True
 
 
-def draw_config(rng, max_pad_to_eff=False):
+def draw_config(rng, max_pad_to_eff=False, any_window=False):
     """Random window geometry; padding <= k // 2 (torch's limit) unless max_pad_to_eff, which
-    draws padding in (k // 2, eff // 2], the part of our range torch refuses."""
+    draws padding in (k // 2, eff // 2], the part of our range torch refuses. Every window has an
+    input element unless any_window."""
     while True:
         k = [rng.randint(1, 5), rng.randint(1, 5)]
         s = [rng.randint(1, 4), rng.randint(1, 4)]
@@ -58,7 +59,7 @@ def draw_config(rng, max_pad_to_eff=False):
         h = rng.randint(max(1, eff(k[0], d[0]) - 2 * p[0]), 24)
         w = rng.randint(max(1, eff(k[1], d[1]) - 2 * p[1]), 40)
         cfg = dict(kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=ceil)
-        if every_window_has_input(cfg, h, w):
+        if any_window or every_window_has_input(cfg, h, w):
             return cfg, (h, w)
 
 
@@ -284,15 +285,124 @@ def test_window_with_no_input_element(device, dtype):
     assert torch.equal(gi.cpu(), torch.zeros(1, 1, 1, 2, dtype=dtype))
 
 
+def gather_reference(g, idx, x_shape, cfg):
+    """The gradient by the definition, plane by plane, in float64: each window with an input
+    element adds its gradient where its index points if that element is one of its taps
+    (`taps_only`, CUDA's gather) or anywhere in the plane (the CPU's scatter); windows with no
+    input element add nothing."""
+    h, w = x_shape[-2:]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (cfg[a] for a in ("kernel_size", "stride", "padding",
+                                                              "dilation"))
+    oh_n, ow_n = g.shape[-2:]
+    gp, ip = g.reshape(-1, oh_n, ow_n).double(), idx.reshape(-1, oh_n, ow_n)
+
+    def run(taps_only):
+        out = torch.zeros(gp.shape[0], h * w, dtype=torch.float64)
+        for oh in range(oh_n):
+            rows = [oh * sh - ph + i * dh for i in range(kh)]
+            for ow in range(ow_n):
+                cols = [ow * sw - pw + j * dw for j in range(kw)]
+                taps = {r * w + c for r in rows for c in cols if 0 <= r < h and 0 <= c < w}
+                if not taps:
+                    continue
+                for p in range(gp.shape[0]):
+                    i = int(ip[p, oh, ow])
+                    if (i in taps) if taps_only else 0 <= i < h * w:
+                        out[p, i] += gp[p, oh, ow]
+        return out.reshape(x_shape)
+
+    return run(True), run(False)
+
+
+def backward_reference(g, idx, x, cfg):
+    """What max_pool2d_backward gives on x's device for these indices (see csrc/ops.cpp)."""
+    taps_only, scatter = gather_reference(g.cpu(), idx.cpu(), x.shape, cfg)
+    return (taps_only if x.device.type == "cuda" else scatter).to(g.dtype)
+
+
+WIDE = (2, 3, 6, 32)  # 2x2 / stride 2 windows over rows wide enough for the vector gather
+
+
+@pytest.mark.parametrize("shape", [WIDE, (1, 2, 4, 4), (3, 6, 9)], ids=str)
+@pytest.mark.parametrize("bad", [-1, "plane", 2**62, -(2**63), 2**63 - 1])
+def test_backward_rejects_indices_outside_the_plane(shape, bad):
+    """CPU: an index outside the H*W plane raises, naming where it is (CUDA: a device-side
+    assert, tests/test_cuda.py). Also when the plane would take the vector gather."""
+    x = torch.randn(shape)
+    out, idx = ops.max_pool2d_with_indices(x, *args(K2))
+    h, w = shape[-2:]
+    bad = h * w if bad == "plane" else bad
+    where = (0, 1, 0, 1) if len(shape) == 4 else (1, 0, 1)
+    idx[where] = bad
+    later = tuple(n - 1 for n in idx.shape)  # a second bad index after the first: not reported
+    idx[later] = -5
+    g = torch.randn_like(out)
+    for threads in (1, torch.get_num_threads()):
+        with helpers.set_num_threads(threads):
+            with helpers.raises(RuntimeError, f"pyengine.max_pool2d_backward: indices{list(where)} "
+                                f"= {bad} lies outside the {h}x{w} input plane"):
+                ops.max_pool2d_backward(g, x, idx, *args(K2))
+
+
 @helpers.devices
-def test_backward_ignores_indices_outside_the_plane(device):
-    x = torch.randn(1, 2, 4, 4, device=device)
-    idx = torch.tensor([-1, 16, 5, 5], device=device).reshape(1, 1, 2, 2).expand(1, 2, 2, 2)
-    g = torch.tensor([1.0, 2.0, 3.0, 4.0], device=device).reshape(1, 1, 2, 2).expand(1, 2, 2, 2)
-    gi = ops.max_pool2d_backward(g, x, idx, *args(K2))
-    expected = torch.zeros(1, 2, 16)
-    expected[..., 5] = 7.0  # repeated indices add up
-    assert torch.equal(gi.cpu(), expected.reshape(1, 2, 4, 4))
+@helpers.dtypes
+@pytest.mark.parametrize("cfg, shape", [(K2, WIDE), (K2, (2, 3, 5, 7)), (K3, (2, 3, 9, 11)),
+                                        (K3S1, (3, 8, 40))], ids=["k2wide", "k2", "k3", "k3s1"])
+def test_backward_in_plane_indices_that_are_not_taps(device, dtype, cfg, shape):
+    """Hand-made indices inside the plane, taps of their window or not: the CPU adds each
+    window's gradient wherever its index points, as torch's CPU backward does; CUDA (a gather, as
+    torch's CUDA backward) keeps only the taps."""
+    x = torch.randn(shape, dtype=dtype, device=device)
+    out, idx = ops.max_pool2d_with_indices(x, *args(cfg))
+    h, w = shape[-2:]
+    g = torch.randn(out.shape, dtype=dtype, device=device)
+    rnd = torch.randint(0, h * w, idx.shape, device=device)
+    keep = torch.rand(idx.shape, device=device) < 0.5
+    mixed = torch.where(keep, idx, rnd)  # some planes all taps, most not
+    mixed[0] = idx[0]
+    gi = ops.max_pool2d_backward(g, x, mixed, *args(cfg))
+    helpers.assert_close(gi, backward_reference(g, mixed, x, cfg))
+    if device == "cpu":
+        ref = torch.ops.aten.max_pool2d_with_indices_backward(g, x, *args(cfg), mixed)
+        helpers.assert_close(gi, ref)
+
+
+@helpers.devices
+@helpers.dtypes
+def test_backward_windows_with_no_input_element(device, dtype):
+    """Dilation with padding can leave windows with no input element: -inf, and torch's index
+    from the window's first tap, which may name an element outside the window or outside the
+    plane (torch's CPU backward then writes there). Such windows pass no gradient and raise
+    nothing; the others pass theirs."""
+    rng = random.Random(torch.initial_seed())
+    seen_outside = seen_inside = 0
+    # W = 2, taps 3 apart, padding 1: the window's taps are columns -1 and 2, both outside; its
+    # index ih0 * 2 + 2 names the first element of the next row (in the plane but not the window)
+    cases = [(dict(kernel_size=[1, 2], stride=[1, 1], padding=[0, 1], dilation=[1, 3],
+                   ceil_mode=False), (2, 5, 2))]
+    while len(cases) < 30:
+        cfg, (h, w) = draw_config(rng, max_pad_to_eff=rng.random() < 0.5, any_window=True)
+        if not every_window_has_input(cfg, h, w):
+            cases.append((cfg, (rng.randint(1, 3), h, w)))
+    for cfg, shape in cases:
+        x = torch.randn(shape, dtype=dtype, device=device)
+        out, idx = ops.max_pool2d_with_indices(x, *args(cfg))
+        if all(cfg["padding"][i] * 2 <= cfg["kernel_size"][i] for i in (0, 1)):
+            # inside torch's own limits: the forward (values and indices) is torch's
+            ref, ref_idx = torch_pool(x, cfg)
+            helpers.assert_close(out.cpu(), ref, rtol=0, atol=0)
+            assert torch.equal(idx.cpu(), ref_idx)
+        empty = out == float("-inf")
+        h, w = shape[-2:]
+        seen_outside += int(((idx < 0) | (idx >= h * w))[empty].sum())
+        seen_inside += int(((idx >= 0) & (idx < h * w))[empty].sum())
+        g = torch.randn(out.shape, dtype=dtype, device=device)
+        gi = ops.max_pool2d_backward(g, x, idx, *args(cfg))
+        helpers.assert_close(gi, backward_reference(g, idx, x, cfg))
+        xg = x.detach().clone().requires_grad_()
+        ops.max_pool2d(xg, *args(cfg)).backward(g)
+        helpers.assert_close(xg.grad, gi, rtol=0, atol=0)
+    assert seen_outside > 0 and seen_inside > 0  # both kinds of stray index were exercised
 
 
 @helpers.devices
@@ -324,38 +434,39 @@ def call(x, k=(2, 2), s=(2, 2), p=(0, 0), d=(1, 1), ceil=False):
 @helpers.devices
 def test_bad_input(device):
     x = torch.randn(1, 2, 5, 5, device=device)
-    with helpers.raises(ValueError, "max_pool2d", "expected input to be 3-D (C, H, W) or 4-D",
+    with helpers.raises(RuntimeError, "max_pool2d", "expected input to be 3-D (C, H, W) or 4-D",
                         "input of shape [5, 5]"):
         call(x[0, 0])
-    with helpers.raises(ValueError, "3-D (C, H, W) or 4-D", "[1, 1, 2, 5, 5]"):
+    with helpers.raises(RuntimeError, "3-D (C, H, W) or 4-D", "[1, 1, 2, 5, 5]"):
         call(x[None])
-    with helpers.raises(ValueError, "expected the (dilated) kernel 7x2 to fit in the padded input 5x5"):
+    with helpers.raises(RuntimeError,
+                        "expected the (dilated) kernel 7x2 to fit in the padded input 5x5"):
         call(x, k=(7, 2))
-    with helpers.raises(ValueError, "kernel 5x9 to fit in the padded input 5x7"):
+    with helpers.raises(RuntimeError, "kernel 5x9 to fit in the padded input 5x7"):
         call(x, k=(3, 3), p=(0, 1), d=(2, 4))
-    with helpers.raises(ValueError, "expected stride to be positive", "stride=[0, 2]"):
+    with helpers.raises(RuntimeError, "expected stride to be positive", "stride=[0, 2]"):
         call(x, s=(0, 2))
-    with helpers.raises(ValueError, "expected stride to be positive", "stride=[2, -1]"):
+    with helpers.raises(RuntimeError, "expected stride to be positive", "stride=[2, -1]"):
         call(x, s=(2, -1))
-    with helpers.raises(ValueError, "expected kernel_size to be positive", "kernel_size=[0, 2]"):
+    with helpers.raises(RuntimeError, "expected kernel_size to be positive", "kernel_size=[0, 2]"):
         call(x, k=(0, 2))
-    with helpers.raises(ValueError, "expected dilation to be positive"):
+    with helpers.raises(RuntimeError, "expected dilation to be positive"):
         call(x, d=(1, 0))
-    with helpers.raises(ValueError, "expected padding to be non-negative", "padding=[-1, 0]"):
+    with helpers.raises(RuntimeError, "expected padding to be non-negative", "padding=[-1, 0]"):
         call(x, p=(-1, 0))
-    with helpers.raises(ValueError, "expected padding to be at most half of the effective kernel "
+    with helpers.raises(RuntimeError, "expected padding to be at most half of the effective kernel "
                         "size", "padding=[2, 0]", "kernel_size=[2, 2]"):
         call(x, p=(2, 0))
-    with helpers.raises(ValueError, "expected kernel_size to have 2 values", "[2, 2, 2]"):
+    with helpers.raises(RuntimeError, "expected kernel_size to have 2 values", "[2, 2, 2]"):
         call(x, k=(2, 2, 2))
-    with helpers.raises(TypeError, "expected input to be a float32 or float64 tensor",
+    with helpers.raises(NotImplementedError, "expected input to be a float32 or float64 tensor",
                         "dtype Long"):
         call(x.long())
-    with helpers.raises(TypeError, "float32 or float64", "dtype Int"):
+    with helpers.raises(NotImplementedError, "float32 or float64", "dtype Int"):
         ops.max_pool2d(x.int(), [2, 2], [2, 2], [0, 0], [1, 1], False)
-    with helpers.raises(ValueError, "non-zero channels, height and width", "[1, 2, 0, 5]"):
+    with helpers.raises(RuntimeError, "non-zero channels, height and width", "[1, 2, 0, 5]"):
         call(torch.randn(1, 2, 0, 5, device=device), k=(1, 1), s=(1, 1))
-    with helpers.raises(ValueError, "non-zero channels", "[1, 0, 5, 5]"):
+    with helpers.raises(RuntimeError, "non-zero channels", "[1, 0, 5, 5]"):
         call(torch.randn(1, 0, 5, 5, device=device))
 
 
@@ -365,14 +476,14 @@ def test_backward_bad_input(device):
     out, idx = call(x)
     g = torch.randn_like(out)
     a = ([2, 2], [2, 2], [0, 0], [1, 1], False)
-    with helpers.raises(ValueError, "max_pool2d_backward", "expected grad_output of shape "
+    with helpers.raises(RuntimeError, "max_pool2d_backward", "expected grad_output of shape "
                         "[1, 2, 2, 2] (the forward output's)", "[1, 2, 3, 2]"):
         ops.max_pool2d_backward(torch.randn(1, 2, 3, 2, device=device), x, idx, *a)
-    with helpers.raises(TypeError, "expected indices of dtype int64", "Int"):
+    with helpers.raises(RuntimeError, "expected indices of dtype int64", "Int"):
         ops.max_pool2d_backward(g, x, idx.int(), *a)
-    with helpers.raises(ValueError, "expected indices of shape [1, 2, 2, 2]", "[1, 2, 2, 1]"):
+    with helpers.raises(RuntimeError, "expected indices of shape [1, 2, 2, 2]", "[1, 2, 2, 1]"):
         ops.max_pool2d_backward(g, x, idx[..., :1], *a)
-    with helpers.raises(TypeError, "expected grad_output to have the same dtype as input"):
+    with helpers.raises(RuntimeError, "expected grad_output to have the same dtype as input"):
         ops.max_pool2d_backward(g.double(), x, idx, *a)
-    with helpers.raises(ValueError, "expected stride to be positive"):
+    with helpers.raises(RuntimeError, "expected stride to be positive"):
         ops.max_pool2d_backward(g, x, idx, [2, 2], [0, 2], [0, 0], [1, 1], False)

@@ -6,6 +6,11 @@
 // Size-dependent checks are templates over `Int`: int64_t for real kernels (t.sizes()) and
 // c10::SymInt for Meta kernels under dynamic shapes (t.sym_sizes()). A symbolic comparison is
 // turned into a bool by guarding on it (`truth`), which is what torch's own meta functions do.
+//
+// Exception classes follow torch's for the same mistake, so one `except` clause catches both
+// libraries' errors: RuntimeError (TORCH_CHECK) for bad shapes, arguments, sizes and mismatched
+// dtypes or devices; NotImplementedError, itself a RuntimeError, for dtypes pyengine has no
+// kernel for; IndexError for a dim out of range; ValueError only where torch raises one too.
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymBool.h>
 #include <c10/core/SymInt.h>
@@ -13,6 +18,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "shapes.h"
@@ -33,18 +39,66 @@ inline c10::ArrayRef<c10::SymInt> sizes_of<c10::SymInt>(const at::Tensor& t) {
   return t.sym_sizes();
 }
 
+// ---- Checked size arithmetic --------------------------------------------------------------
+//
+// Sizes computed from user arguments (padding, stride, dilation, kernel and group counts may be
+// anything up to 2^63 - 1) are computed with overflow checks: plain int64 arithmetic would wrap
+// into negative or small sizes, and so into wrong shapes, out-of-bounds writes or messages full of
+// nonsense numbers. Each check's error names the arguments and the values given.
+
+// A size's value when it is known: always for int64_t, for a SymInt unless it is symbolic.
+// Symbolic sizes (Meta kernels under dynamic shapes) are exact integers in torch's shape
+// environment and cannot wrap; the real kernel checks the concrete sizes when it runs.
+inline std::optional<int64_t> known(int64_t v) { return v; }
+inline std::optional<int64_t> known(const c10::SymInt& v) { return v.maybe_as_int(); }
+
+// a + b and a * b, or nullopt when the exact result does not fit in int64.
+inline std::optional<int64_t> add_checked(int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_add_overflow(a, b, &r)) return std::nullopt;
+  return r;
+}
+inline std::optional<int64_t> mul_checked(int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_mul_overflow(a, b, &r)) return std::nullopt;
+  return r;
+}
+
+// Whether the non-zero sizes multiply within int64. Kernels multiply subsets of a shape (a plane,
+// an image), which must fit even when another size is 0 and the tensor holds nothing.
+template <typename Int>
+bool sizes_multiply_within_int64(c10::ArrayRef<Int> sizes) {
+  int64_t product = 1;
+  for (const Int& size : sizes) {
+    const std::optional<int64_t> v = known(size);
+    if (!v || *v == 0) continue;
+    const std::optional<int64_t> p = mul_checked(product, *v);
+    if (!p) return false;
+    product = *p;
+  }
+  return true;
+}
+
+// ceil(a / b) for a >= 0 and b >= 1 (shapes.h's ceil_div), also for a symbolic a.
+inline int64_t ceil_div_size(int64_t a, int64_t b) { return ceil_div(a, b); }
+inline c10::SymInt ceil_div_size(const c10::SymInt& a, int64_t b) {
+  if (const auto v = a.maybe_as_int()) return c10::SymInt(ceil_div(*v, b));
+  return (a + (b - 1)) / b;  // exact: symbolic arithmetic does not wrap
+}
+
 // ---- Generic checks -----------------------------------------------------------------------
 
 inline void check_defined(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.defined(), "pyengine.", op, ": expected ", arg, " to be a tensor, but got None");
 }
 
-// float32 / float64 only, for now.
+// float32 / float64 only, for now: other dtypes are NotImplementedError (a RuntimeError), as in
+// torch for the dtypes a kernel lacks.
 inline void check_floating(const at::Tensor& t, const char* op, const char* arg) {
   check_defined(t, op, arg);
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "pyengine.",
-                   op, ": expected ", arg, " to be a float32 or float64 tensor, but got ", arg,
-                   " of dtype ", t.scalar_type());
+  TORCH_CHECK_NOT_IMPLEMENTED(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+                              "pyengine.", op, ": expected ", arg, " to be a float32 or float64 "
+                              "tensor, but got ", arg, " of dtype ", t.scalar_type());
 }
 
 // `t` must share dtype and device with `ref` (the op's first tensor argument).
@@ -54,9 +108,9 @@ inline void check_like(const at::Tensor& t, const char* arg, const at::Tensor& r
   TORCH_CHECK(t.device() == ref.device(), "pyengine.", op, ": expected ", arg,
               " to be on the same device as ", ref_arg, " (", ref.device(), "), but got ", arg,
               " on ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "pyengine.", op, ": expected ", arg,
-                   " to have the same dtype as ", ref_arg, " (", ref.scalar_type(),
-                   "), but got ", arg, " of dtype ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "pyengine.", op, ": expected ", arg,
+              " to have the same dtype as ", ref_arg, " (", ref.scalar_type(),
+              "), but got ", arg, " of dtype ", t.scalar_type());
 }
 
 template <typename Int>
@@ -66,8 +120,8 @@ inline void check_same_shape(const at::Tensor& t, const char* arg, const at::Ten
   auto b = sizes_of<Int>(ref);
   bool same = a.size() == b.size();
   for (size_t i = 0; same && i < a.size(); ++i) same = truth(a[i] == b[i]);
-  TORCH_CHECK_VALUE(same, "pyengine.", op, ": expected ", arg, " to have the same shape as ",
-                    ref_arg, " ", b, ", but got ", arg, " of shape ", a);
+  TORCH_CHECK(same, "pyengine.", op, ": expected ", arg, " to have the same shape as ",
+              ref_arg, " ", b, ", but got ", arg, " of shape ", a);
 }
 
 // Wraps a possibly negative dim into [0, ndim), with torch's IndexError wording.
@@ -80,19 +134,68 @@ inline int64_t wrap_dim(int64_t dim, int64_t ndim, const char* op) {
 }
 
 inline int64_t reduction_from(int64_t reduction, const char* op) {
-  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "pyengine.", op,
-                    ": expected reduction to be 0 ('none'), 1 ('mean') or 2 ('sum'), but got ",
-                    reduction);
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "pyengine.", op,
+              ": expected reduction to be 0 ('none'), 1 ('mean') or 2 ('sum'), but got ",
+              reduction);
   return reduction;
 }
 
 // A pair of window parameters, e.g. stride, given as exactly two values.
 inline void check_pair(at::IntArrayRef v, const char* op, const char* arg, int64_t min_value) {
-  TORCH_CHECK_VALUE(v.size() == 2, "pyengine.", op, ": expected ", arg,
-                    " to have 2 values (height, width), but got ", v);
-  TORCH_CHECK_VALUE(v[0] >= min_value && v[1] >= min_value, "pyengine.", op, ": expected ", arg,
-                    min_value == 0 ? " to be non-negative" : " to be positive", ", but got ",
-                    arg, "=", v);
+  TORCH_CHECK(v.size() == 2, "pyengine.", op, ": expected ", arg,
+              " to have 2 values (height, width), but got ", v);
+  TORCH_CHECK(v[0] >= min_value && v[1] >= min_value, "pyengine.", op, ": expected ", arg,
+              min_value == 0 ? " to be non-negative" : " to be positive", ", but got ",
+              arg, "=", v);
+}
+
+// ---- Sliding windows (conv2d, max_pool2d) --------------------------------------------------
+// Per axis: the dilated kernel and the padded input are checked to stay below kMaxExtent
+// (shapes.h), which keeps every window position a kernel computes inside int64.
+
+inline const char* axis_name(int axis) { return axis == 0 ? "height" : "width"; }
+
+// dilation * (kernel - 1) + 1 along `axis` (kernel >= 1, dilation >= 1). The error shows the
+// kernel as the operator's arguments give it: "kernel_size=[3, 3]", "weight of shape [...]".
+template <typename Shown>
+int64_t checked_effective_kernel(int64_t kernel, at::IntArrayRef dilation, int axis,
+                                 const char* op, const char* kernel_arg,
+                                 const Shown& kernel_shown) {
+  std::optional<int64_t> eff = mul_checked(dilation[axis], kernel - 1);
+  if (eff) eff = add_checked(*eff, 1);
+  TORCH_CHECK(eff && *eff < kMaxExtent, "pyengine.", op, ": ", kernel_arg, kernel_shown,
+              " with dilation=", dilation, " overflows: the dilated kernel ", axis_name(axis),
+              ", dilation * (kernel - 1) + 1, must be below 2^62 (", kMaxExtent, ")");
+  return *eff;
+}
+
+// input + 2 * padding along `axis` (padding >= 0).
+template <typename Int>
+Int checked_padded_size(const Int& in, at::IntArrayRef padding, int axis, const char* op) {
+  const std::optional<int64_t> twice = mul_checked(padding[axis], 2);
+  bool ok = twice && *twice < kMaxExtent;
+  if (ok) {
+    if (const std::optional<int64_t> v = known(in)) {
+      const std::optional<int64_t> padded = add_checked(*v, *twice);
+      ok = padded && *padded < kMaxExtent;
+    }
+  }
+  TORCH_CHECK(ok, "pyengine.", op, ": padding=", padding, " with input ", axis_name(axis), " ",
+              in, " overflows: the padded ", axis_name(axis), ", input ", axis_name(axis),
+              " + 2 * padding, must be below 2^62 (", kMaxExtent, ")");
+  return in + *twice;
+}
+
+// The output, whose sizes the window arguments decide, must have sizes that multiply within
+// int64 (sizes_multiply_within_int64).
+template <typename Int>
+void check_window_output(const std::vector<Int>& sizes, c10::ArrayRef<Int> input_sizes,
+                         at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, const char* op) {
+  const c10::ArrayRef<Int> out(sizes);
+  TORCH_CHECK(sizes_multiply_within_int64(out), "pyengine.", op, ": stride=", stride,
+              ", padding=", padding, " and dilation=", dilation, " give input of shape ",
+              input_sizes, " an output of shape ", out, ", whose sizes multiply beyond int64");
 }
 
 // ---- Convolution --------------------------------------------------------------------------
@@ -121,16 +224,16 @@ Conv2dShape<Int> check_conv2d(const at::Tensor& input, const at::Tensor& weight,
   check_pair(stride, op, "stride", 1);
   check_pair(padding, op, "padding", 0);
   check_pair(dilation, op, "dilation", 1);
-  TORCH_CHECK_VALUE(groups >= 1, "pyengine.conv2d: expected groups to be positive, but got groups=",
-                    groups);
+  TORCH_CHECK(groups >= 1, "pyengine.conv2d: expected groups to be positive, but got groups=",
+              groups);
   auto in = sizes_of<Int>(input);
   auto w = sizes_of<Int>(weight);
-  TORCH_CHECK_VALUE(in.size() == 3 || in.size() == 4,
-                    "pyengine.conv2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), but "
-                    "got input of shape ", in);
-  TORCH_CHECK_VALUE(w.size() == 4,
-                    "pyengine.conv2d: expected weight to be 4-D (out_channels, in_channels / "
-                    "groups, kH, kW), but got weight of shape ", w);
+  TORCH_CHECK(in.size() == 3 || in.size() == 4,
+              "pyengine.conv2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), but "
+              "got input of shape ", in);
+  TORCH_CHECK(w.size() == 4,
+              "pyengine.conv2d: expected weight to be 4-D (out_channels, in_channels / "
+              "groups, kH, kW), but got weight of shape ", w);
   Conv2dShape<Int> s;
   s.batched = in.size() == 4;
   const size_t o = s.batched ? 1 : 0;
@@ -142,31 +245,42 @@ Conv2dShape<Int> check_conv2d(const at::Tensor& input, const at::Tensor& weight,
   s.kernel_h = concrete(w[2]);
   s.kernel_w = concrete(w[3]);
   s.groups = groups;
-  TORCH_CHECK_VALUE(truth(s.out_channels % groups == 0), "pyengine.conv2d: expected weight's ",
-                    "out_channels (", s.out_channels, ") to be divisible by groups=", groups);
-  TORCH_CHECK_VALUE(truth(s.in_channels == w[1] * groups), "pyengine.conv2d: expected input of "
-                    "shape ", in, " to have ", w[1] * groups, " channels (weight of shape ", w,
-                    " with groups=", groups, "), but got ", s.in_channels, " channels");
-  TORCH_CHECK_VALUE(s.kernel_h >= 1 && s.kernel_w >= 1,
-                    "pyengine.conv2d: expected a kernel of at least 1x1, but got weight of shape ",
-                    w);
-  Int padded_h = s.in_h + 2 * padding[0];
-  Int padded_w = s.in_w + 2 * padding[1];
-  const int64_t eff_h = effective_kernel(s.kernel_h, dilation[0]);
-  const int64_t eff_w = effective_kernel(s.kernel_w, dilation[1]);
-  TORCH_CHECK_VALUE(truth(padded_h >= eff_h) && truth(padded_w >= eff_w),
-                    "pyengine.conv2d: expected the (dilated) kernel to fit in the padded input, but "
-                    "got kernel ", eff_h, "x", eff_w, " and padded input ", padded_h, "x",
-                    padded_w);
+  TORCH_CHECK(truth(s.out_channels % groups == 0), "pyengine.conv2d: expected weight's ",
+              "out_channels (", s.out_channels, ") to be divisible by groups=", groups);
+  // weight's in_channels / groups, times groups: the input's channel count.
+  const std::optional<int64_t> w_in = known(w[1]);
+  const bool channels_fit = !w_in || mul_checked(*w_in, groups).has_value();
+  TORCH_CHECK(channels_fit, "pyengine.conv2d: groups=", groups, " with weight of shape ", w,
+              " overflows: the input channels it implies, weight.size(1) * groups, do not fit "
+              "in int64");
+  const Int expected_channels = w[1] * groups;
+  TORCH_CHECK(truth(s.in_channels == expected_channels), "pyengine.conv2d: expected input "
+              "of shape ", in, " to have ", expected_channels, " channels (weight of shape ",
+              w, " with groups=", groups, "), but got ", s.in_channels, " channels");
+  TORCH_CHECK(s.kernel_h >= 1 && s.kernel_w >= 1,
+              "pyengine.conv2d: expected a kernel of at least 1x1, but got weight of shape ",
+              w);
+  const char* kernel_arg = "weight of shape ";
+  const int64_t eff_h = checked_effective_kernel(s.kernel_h, dilation, 0, op, kernel_arg, w);
+  const int64_t eff_w = checked_effective_kernel(s.kernel_w, dilation, 1, op, kernel_arg, w);
+  const Int padded_h = checked_padded_size<Int>(s.in_h, padding, 0, op);
+  const Int padded_w = checked_padded_size<Int>(s.in_w, padding, 1, op);
+  TORCH_CHECK(truth(padded_h >= eff_h) && truth(padded_w >= eff_w),
+              "pyengine.conv2d: expected the (dilated) kernel to fit in the padded input, but "
+              "got kernel ", eff_h, "x", eff_w, " and padded input ", padded_h, "x",
+              padded_w, " (weight of shape ", w, " with dilation=", dilation,
+              ", input of shape ", in, " with padding=", padding, ")");
   if (bias.has_value() && bias->defined()) {
     check_like(*bias, "bias", input, "input", op);
     auto b = sizes_of<Int>(*bias);
-    TORCH_CHECK_VALUE(b.size() == 1 && truth(b[0] == s.out_channels),
-                      "pyengine.conv2d: expected bias of shape [", s.out_channels,
-                      "] (weight's out_channels), but got bias of shape ", b);
+    TORCH_CHECK(b.size() == 1 && truth(b[0] == s.out_channels),
+                "pyengine.conv2d: expected bias of shape [", s.out_channels,
+                "] (weight's out_channels), but got bias of shape ", b);
   }
-  s.out_h = conv_out_size<Int>(s.in_h, s.kernel_h, stride[0], padding[0], dilation[0]);
-  s.out_w = conv_out_size<Int>(s.in_w, s.kernel_w, stride[1], padding[1], dilation[1]);
+  // Every window of a convolution lies inside the padded input: no partial windows.
+  s.out_h = (padded_h - eff_h) / stride[0] + 1;
+  s.out_w = (padded_w - eff_w) / stride[1] + 1;
+  check_window_output<Int>(s.output_sizes(), in, stride, padding, dilation, op);
   return s;
 }
 
@@ -182,6 +296,20 @@ struct Pool2dShape {
   }
 };
 
+// Output length of a pooling window along one axis, as torch computes it: with ceil_mode a last,
+// partial window counts only if it starts inside the input or the left padding. `padded` and
+// `effective` come from the checks above (padded >= effective).
+template <typename Int>
+Int pool_out_size(const Int& in, const Int& padded, int64_t effective, int64_t stride,
+                  int64_t padding, bool ceil_mode) {
+  const Int span = padded - effective;
+  if (!ceil_mode) return span / stride + 1;
+  Int out = ceil_div_size(span, stride) + 1;
+  // No overflow: (out - 1) * stride is the stride itself or below span + stride < 2 * span.
+  if (truth((out - 1) * stride >= in + padding)) out = out - 1;
+  return out;
+}
+
 template <typename Int>
 Pool2dShape<Int> check_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
                                   at::IntArrayRef stride, at::IntArrayRef padding,
@@ -192,16 +320,18 @@ Pool2dShape<Int> check_max_pool2d(const at::Tensor& input, at::IntArrayRef kerne
   check_pair(stride, op, "stride", 1);
   check_pair(padding, op, "padding", 0);
   check_pair(dilation, op, "dilation", 1);
+  int64_t eff[2];
   for (int i = 0; i < 2; ++i) {
-    const int64_t eff = effective_kernel(kernel_size[i], dilation[i]);
-    TORCH_CHECK_VALUE(padding[i] <= eff / 2, "pyengine.max_pool2d: expected padding to be at "
-                      "most half of the effective kernel size, but got padding=", padding,
-                      ", kernel_size=", kernel_size, " and dilation=", dilation);
+    eff[i] = checked_effective_kernel(kernel_size[i], dilation, i, op, "kernel_size=",
+                                      kernel_size);
+    TORCH_CHECK(padding[i] <= eff[i] / 2, "pyengine.max_pool2d: expected padding to be at "
+                "most half of the effective kernel size, but got padding=", padding,
+                ", kernel_size=", kernel_size, " and dilation=", dilation);
   }
   auto in = sizes_of<Int>(input);
-  TORCH_CHECK_VALUE(in.size() == 3 || in.size() == 4,
-                    "pyengine.max_pool2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), "
-                    "but got input of shape ", in);
+  TORCH_CHECK(in.size() == 3 || in.size() == 4,
+              "pyengine.max_pool2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), "
+              "but got input of shape ", in);
   Pool2dShape<Int> s;
   s.batched = in.size() == 4;
   const size_t o = s.batched ? 1 : 0;
@@ -209,23 +339,22 @@ Pool2dShape<Int> check_max_pool2d(const at::Tensor& input, at::IntArrayRef kerne
   s.channels = in[o];
   s.in_h = in[o + 1];
   s.in_w = in[o + 2];
-  TORCH_CHECK_VALUE(truth(s.in_h > 0) && truth(s.in_w > 0) && truth(s.channels > 0),
-                    "pyengine.max_pool2d: expected input with non-zero channels, height and width, "
-                    "but got input of shape ", in);
-  TORCH_CHECK_VALUE(
-      truth(s.in_h + 2 * padding[0] >= effective_kernel(kernel_size[0], dilation[0])) &&
-          truth(s.in_w + 2 * padding[1] >= effective_kernel(kernel_size[1], dilation[1])),
-      "pyengine.max_pool2d: expected the (dilated) kernel ",
-      effective_kernel(kernel_size[0], dilation[0]), "x",
-      effective_kernel(kernel_size[1], dilation[1]), " to fit in the padded input ",
-      s.in_h + 2 * padding[0], "x", s.in_w + 2 * padding[1]);
-  s.out_h = pool_out_size<Int>(s.in_h, kernel_size[0], stride[0], padding[0], dilation[0],
-                               ceil_mode);
-  s.out_w = pool_out_size<Int>(s.in_w, kernel_size[1], stride[1], padding[1], dilation[1],
-                               ceil_mode);
-  TORCH_CHECK_VALUE(truth(s.out_h > 0) && truth(s.out_w > 0),
-                    "pyengine.max_pool2d: expected a non-empty output, but input of shape ", in,
-                    " gives output ", s.out_h, "x", s.out_w);
+  TORCH_CHECK(truth(s.in_h > 0) && truth(s.in_w > 0) && truth(s.channels > 0),
+              "pyengine.max_pool2d: expected input with non-zero channels, height and width, "
+              "but got input of shape ", in);
+  const Int padded_h = checked_padded_size<Int>(s.in_h, padding, 0, op);
+  const Int padded_w = checked_padded_size<Int>(s.in_w, padding, 1, op);
+  TORCH_CHECK(truth(padded_h >= eff[0]) && truth(padded_w >= eff[1]),
+              "pyengine.max_pool2d: expected the (dilated) kernel ", eff[0], "x", eff[1],
+              " to fit in the padded input ", padded_h, "x", padded_w, ", but got "
+              "kernel_size=", kernel_size, " with dilation=", dilation, " and input of shape ",
+              in, " with padding=", padding);
+  s.out_h = pool_out_size<Int>(s.in_h, padded_h, eff[0], stride[0], padding[0], ceil_mode);
+  s.out_w = pool_out_size<Int>(s.in_w, padded_w, eff[1], stride[1], padding[1], ceil_mode);
+  TORCH_CHECK(truth(s.out_h > 0) && truth(s.out_w > 0),
+              "pyengine.max_pool2d: expected a non-empty output, but input of shape ", in,
+              " gives output ", s.out_h, "x", s.out_w);
+  check_window_output<Int>(s.output_sizes(), in, stride, padding, dilation, op);
   return s;
 }
 
@@ -246,29 +375,32 @@ LinearShape<Int> check_linear(const at::Tensor& input, const at::Tensor& weight,
   check_like(weight, "weight", input, "input", op);
   auto in = sizes_of<Int>(input);
   auto w = sizes_of<Int>(weight);
-  TORCH_CHECK_VALUE(in.size() >= 1, "pyengine.linear: expected input to have at least 1 dim "
-                    "(*, in_features), but got a 0-d input");
-  TORCH_CHECK_VALUE(w.size() == 2, "pyengine.linear: expected weight to be 2-D (out_features, "
-                    "in_features), but got weight of shape ", w);
+  TORCH_CHECK(in.size() >= 1, "pyengine.linear: expected input to have at least 1 dim "
+              "(*, in_features), but got a 0-d input");
+  TORCH_CHECK(w.size() == 2, "pyengine.linear: expected weight to be 2-D (out_features, "
+              "in_features), but got weight of shape ", w);
   LinearShape<Int> s;
   s.in_features = in[in.size() - 1];
   s.out_features = w[0];
-  TORCH_CHECK_VALUE(truth(s.in_features == w[1]), "pyengine.linear: expected input's last dim "
-                    "to equal weight's in_features (", w[1], "), but got input of shape ", in,
-                    " and weight of shape ", w);
+  TORCH_CHECK(truth(s.in_features == w[1]), "pyengine.linear: expected input's last dim "
+              "to equal weight's in_features (", w[1], "), but got input of shape ", in,
+              " and weight of shape ", w);
   if (bias.has_value() && bias->defined()) {
     check_like(*bias, "bias", input, "input", op);
     auto b = sizes_of<Int>(*bias);
-    TORCH_CHECK_VALUE(b.size() == 1 && truth(b[0] == s.out_features),
-                      "pyengine.linear: expected bias of shape [", s.out_features,
-                      "] (weight's out_features), but got bias of shape ", b);
+    TORCH_CHECK(b.size() == 1 && truth(b[0] == s.out_features),
+                "pyengine.linear: expected bias of shape [", s.out_features,
+                "] (weight's out_features), but got bias of shape ", b);
   }
-  s.rows = Int(1);
-  for (size_t i = 0; i + 1 < in.size(); ++i) {
-    s.rows = s.rows * in[i];
-    s.output_sizes.push_back(in[i]);
-  }
+  for (size_t i = 0; i + 1 < in.size(); ++i) s.output_sizes.push_back(in[i]);
   s.output_sizes.push_back(s.out_features);
+  // rows * out_features elements out: the output's sizes (and so rows) must multiply in int64.
+  TORCH_CHECK(sizes_multiply_within_int64(c10::ArrayRef<Int>(s.output_sizes)),
+              "pyengine.linear: input of shape ", in, " and weight of shape ", w,
+              " give an output of shape ", c10::ArrayRef<Int>(s.output_sizes),
+              ", whose sizes multiply beyond int64");
+  s.rows = Int(1);
+  for (size_t i = 0; i + 1 < in.size(); ++i) s.rows = s.rows * in[i];
   return s;
 }
 
@@ -311,35 +443,39 @@ CrossEntropyShape<Int> check_cross_entropy(const at::Tensor& input, const at::Te
   const char* op = "cross_entropy";
   check_floating(input, op, "input");
   check_defined(target, op, "target");
-  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "pyengine.cross_entropy: expected target "
-                   "to hold class indices as int64, but got target of dtype ",
-                   target.scalar_type());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "pyengine.cross_entropy: expected target "
+              "to hold class indices as int64, but got target of dtype ",
+              target.scalar_type());
   TORCH_CHECK(target.device() == input.device(), "pyengine.cross_entropy: expected target to be "
               "on the same device as input (", input.device(), "), but got target on ",
               target.device());
   reduction_from(reduction, op);
   auto in = sizes_of<Int>(input);
   auto t = sizes_of<Int>(target);
-  TORCH_CHECK_VALUE(in.size() == 1 || in.size() == 2, "pyengine.cross_entropy: expected input "
-                    "to be 1-D (C) or 2-D (N, C), but got input of shape ", in);
+  TORCH_CHECK(in.size() == 1 || in.size() == 2, "pyengine.cross_entropy: expected input "
+              "to be 1-D (C) or 2-D (N, C), but got input of shape ", in);
   CrossEntropyShape<Int> s;
   s.batched = in.size() == 2;
   s.batch = s.batched ? in[0] : Int(1);
   s.classes = in[in.size() - 1];
-  if (s.batched) {
-    TORCH_CHECK_VALUE(t.size() == 1 && truth(t[0] == s.batch), "pyengine.cross_entropy: "
-                      "expected target of shape [", s.batch, "] for input of shape ", in,
-                      ", but got target of shape ", t);
-  } else {
-    TORCH_CHECK_VALUE(t.size() == 0, "pyengine.cross_entropy: expected a 0-d target for input "
-                      "of shape ", in, ", but got target of shape ", t);
+  const bool target_ok = s.batched ? t.size() == 1 && truth(t[0] == s.batch) : t.size() == 0;
+  if (!target_ok) {
+    const std::string message =
+        s.batched ? c10::str("pyengine.cross_entropy: expected target of shape [", s.batch,
+                             "] for input of shape ", in, ", but got target of shape ", t)
+                  : c10::str("pyengine.cross_entropy: expected a 0-d target for input of shape ",
+                             in, ", but got target of shape ", t);
+    // torch's classes for the same mistakes: RuntimeError for a target of two or more dims,
+    // ValueError for one whose length does not match.
+    TORCH_CHECK(t.size() <= 1, message);
+    TORCH_CHECK_VALUE(false, message);
   }
   if (weight.has_value() && weight->defined()) {
     check_like(*weight, "weight", input, "input", op);
     auto w = sizes_of<Int>(*weight);
-    TORCH_CHECK_VALUE(w.size() == 1 && truth(w[0] == s.classes), "pyengine.cross_entropy: "
-                      "expected weight of shape [", s.classes, "] (one per class), but got "
-                      "weight of shape ", w);
+    TORCH_CHECK(w.size() == 1 && truth(w[0] == s.classes), "pyengine.cross_entropy: "
+                "expected weight of shape [", s.classes, "] (one per class), but got "
+                "weight of shape ", w);
   }
   return s;
 }
@@ -367,9 +503,9 @@ void check_grad_output(const at::Tensor& grad_output, const std::vector<Int>& ex
   auto g = sizes_of<Int>(grad_output);
   bool same = g.size() == expected.size();
   for (size_t i = 0; same && i < g.size(); ++i) same = truth(g[i] == expected[i]);
-  TORCH_CHECK_VALUE(same, "pyengine.", op, ": expected grad_output of shape ",
-                    c10::ArrayRef<Int>(expected), " (the forward output's), but got grad_output "
-                    "of shape ", g);
+  TORCH_CHECK(same, "pyengine.", op, ": expected grad_output of shape ",
+              c10::ArrayRef<Int>(expected), " (the forward output's), but got grad_output "
+              "of shape ", g);
 }
 
 template <typename Int>
@@ -390,16 +526,16 @@ Pool2dShape<Int> check_max_pool2d_backward(const at::Tensor& grad_output, const 
   auto s = check_max_pool2d<Int>(input, kernel_size, stride, padding, dilation, ceil_mode);
   check_grad_output<Int>(grad_output, s.output_sizes(), input, "max_pool2d_backward");
   check_defined(indices, "max_pool2d_backward", "indices");
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "pyengine.max_pool2d_backward: expected "
-                   "indices of dtype int64, but got ", indices.scalar_type());
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "pyengine.max_pool2d_backward: expected "
+              "indices of dtype int64, but got ", indices.scalar_type());
   TORCH_CHECK(indices.device() == input.device(), "pyengine.max_pool2d_backward: expected "
               "indices on ", input.device(), ", but got indices on ", indices.device());
   auto idx = sizes_of<Int>(indices);
   auto g = sizes_of<Int>(grad_output);
   bool same = idx.size() == g.size();
   for (size_t i = 0; same && i < g.size(); ++i) same = truth(idx[i] == g[i]);
-  TORCH_CHECK_VALUE(same, "pyengine.max_pool2d_backward: expected indices of shape ", g,
-                    " (grad_output's), but got indices of shape ", idx);
+  TORCH_CHECK(same, "pyengine.max_pool2d_backward: expected indices of shape ", g,
+              " (grad_output's), but got indices of shape ", idx);
   return s;
 }
 

@@ -17,8 +17,8 @@ void dispatch_floating(c10::ScalarType dtype, const char* op, F&& f) {
       f(double{});
       break;
     default:
-      TORCH_CHECK_TYPE(false, "pyengine.", op, ": expected a float32 or float64 tensor, but got ",
-                       dtype);
+      TORCH_CHECK_NOT_IMPLEMENTED(false, "pyengine.", op, ": expected a float32 or float64 "
+                                  "tensor, but got ", dtype);
   }
 }
 

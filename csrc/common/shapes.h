@@ -1,36 +1,26 @@
 #pragma once
-// Output-size math shared by the CPU, CUDA and Meta kernels. Torch-free on purpose: CUDA kernels
-// include it, and `Int` may be int64_t (real kernels) or c10::SymInt (Meta kernels under dynamic
-// shapes), so only + - * / and comparisons are used.
+// Window arithmetic shared by the CPU, CUDA and Meta kernels. Torch-free on purpose: CUDA kernels
+// include it. The output-size math itself, with its overflow checks, is in checks.h.
 #include <cstdint>
 
 #include "macros.h"
 
 namespace pyengine {
 
+// Bound on the padded input (input + 2 * padding) and on the dilated kernel along each axis, which
+// the shared checks (checks.h) enforce before any kernel runs. Every window position, start or
+// end, then lies in (-2^62, 2^62), so a kernel may add two of them, or a position and an output
+// index, in plain int64 arithmetic without overflow. (It is also the most negative value a
+// c10::SymInt can hold, -2^62, mirrored.) Strides are not bounded: a stride is only ever
+// multiplied by an output index (the product is a window position) or divided by.
+constexpr int64_t kMaxExtent = int64_t(1) << 62;
+
 // Length covered by a kernel of `kernel` taps spaced `dilation` apart.
 PE_HOST_DEVICE inline int64_t effective_kernel(int64_t kernel, int64_t dilation) {
   return dilation * (kernel - 1) + 1;
 }
 
-// Output length of a convolution along one axis. Callers check first that the effective kernel
-// fits in the padded input (`padded_in >= effective_kernel`), so the division never sees a
-// negative numerator (int64 and SymInt division differ there).
-template <typename Int>
-PE_HOST_DEVICE Int conv_out_size(Int in, int64_t kernel, int64_t stride, int64_t padding,
-                                 int64_t dilation) {
-  return (in + 2 * padding - effective_kernel(kernel, dilation)) / stride + 1;
-}
-
-// Output length of a pooling window along one axis, as torch computes it: with ceil_mode a last,
-// partial window counts only if it starts inside the input or the left padding.
-template <typename Int>
-PE_HOST_DEVICE Int pool_out_size(Int in, int64_t kernel, int64_t stride, int64_t padding,
-                                 int64_t dilation, bool ceil_mode) {
-  Int span = in + 2 * padding - effective_kernel(kernel, dilation);
-  Int out = (ceil_mode ? span + (stride - 1) : span) / stride + 1;
-  if (ceil_mode && (out - 1) * stride >= in + padding) out = out - 1;
-  return out;
-}
+// ceil(a / b) for a >= 0 and b >= 1, without forming a + b - 1 (b may be a stride near 2^63).
+PE_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 }  // namespace pyengine

@@ -127,7 +127,7 @@ Split make_split(const Geom& g, size_t elem) {
 // Valid t in [0, seg): 0 <= iw0 + t * sw < W.
 PE_INLINE void valid_range(int64_t iw0, int64_t sw, int64_t W, int64_t seg, int64_t& lo,
                            int64_t& hi) {
-  lo = iw0 >= 0 ? 0 : (-iw0 + sw - 1) / sw;
+  lo = iw0 >= 0 ? 0 : ceil_div(-iw0, sw);
   hi = iw0 > W - 1 ? 0 : (W - 1 - iw0) / sw + 1;
   lo = std::min(lo, seg);
   hi = std::clamp(hi, lo, seg);
@@ -276,7 +276,7 @@ PE_INLINE void im2col_impl(const Geom& geom, T* x, int64_t img_stride, int64_t q
     const int64_t ci = k / khw, ki = (k % khw) / g.kw, kj = k % g.kw;
     const int64_t ihoff = ki * g.dh - g.ph, iwoff = kj * g.dw - g.pw;
     // Output rows whose input row is inside the image: ih = oh * sh + ihoff in [0, H).
-    const int64_t oh_lo = ihoff >= 0 ? 0 : (-ihoff + sh - 1) / sh;
+    const int64_t oh_lo = ihoff >= 0 ? 0 : ceil_div(-ihoff, sh);
     const int64_t oh_hi = ihoff > H - 1 ? 0 : (H - 1 - ihoff) / sh + 1;
     // Columns of a whole output row that fall inside the image.
     int64_t lo, hi;

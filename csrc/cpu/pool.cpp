@@ -34,10 +34,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -81,7 +83,7 @@ PoolGeom make_geom(const Pool2dShape<int64_t>& s, IntArrayRef kernel_size, IntAr
   g.effH = effective_kernel(g.kH, g.dH);
   g.effW = effective_kernel(g.kW, g.dW);
   // iw0 = ow * sW - pW >= 0  and  iw0 + effW <= W.
-  g.ow_lo = std::min(g.OW, (g.pW + g.sW - 1) / g.sW);
+  g.ow_lo = std::min(g.OW, ceil_div(g.pW, g.sW));
   const int64_t last = g.W - g.effW + g.pW;  // largest ow * sW with the window inside
   g.ow_hi = last < 0 ? 0 : std::min(g.OW, last / g.sW + 1);
   g.ow_hi = std::max(g.ow_hi, g.ow_lo);
@@ -581,21 +583,53 @@ std::tuple<Tensor, Tensor> max_pool2d_with_indices_cpu(const Tensor& input,
 // ---- Backward -------------------------------------------------------------------------------
 //
 // grad_input = 0, then grad_input[indices[o]] += grad_output[o] for every output o of a plane in
-// order (overlapping windows add up deterministically). Each plane is zeroed right before its
-// scatter, while it sits in L1. An index outside [0, H*W) names no input element (torch emits such
-// an index for a window whose taps all fall in padding, which dilation can cause): it adds
-// nothing, where torch's CPU kernel would write outside the plane. For 2x2 / stride-2 windows an
-// AVX-512 gather (above) computes the same bits in one write pass when the indices allow it.
+// order (overlapping windows add up deterministically): torch's CPU scatter, for any index inside
+// the H*W plane, a tap of o's window or not. Each plane is zeroed right before its scatter, while
+// it sits in L1. For 2x2 / stride-2 windows an AVX-512 gather (above) computes the same bits in
+// one write pass when every index is a tap of its own window, and leaves other planes to the
+// scatter.
+//
+// indices is a public argument, so the scatter checks it: an index outside [0, H*W) names no input
+// element and is an error, except for a window with no in-bounds tap at all (dilation with
+// padding can make one). Such a window's output is -inf whatever the input, so it passes no
+// gradient back, whatever its index says; torch emits an index computed from its first tap there,
+// which may lie outside the plane (torch's CPU backward then writes outside it).
 
-// grad_input of one plane by scattering (any indices).
+// Which windows have no in-bounds tap: those of an output row whose taps all miss the input's rows,
+// or of an output column whose taps all miss its columns. Empty for most geometries (`any` false).
+struct EmptyWindows {
+  bool any = false;
+  std::vector<uint8_t> row, col;  // row[oh], col[ow]: no tap of the window in bounds on that axis
+
+  explicit EmptyWindows(const PoolGeom& g) {
+    auto misses = [](int64_t start, int64_t eff, int64_t dil, int64_t in) {
+      return first_tap(start, dil) >= std::min(start + eff, in);
+    };
+    for (int64_t oh = 0; oh < g.OH && !any; ++oh) any = misses(oh * g.sH - g.pH, g.effH, g.dH, g.H);
+    for (int64_t ow = 0; ow < g.OW && !any; ++ow) any = misses(ow * g.sW - g.pW, g.effW, g.dW, g.W);
+    if (!any) return;
+    row.resize(g.OH);
+    col.resize(g.OW);
+    for (int64_t oh = 0; oh < g.OH; ++oh) row[oh] = misses(oh * g.sH - g.pH, g.effH, g.dH, g.H);
+    for (int64_t ow = 0; ow < g.OW; ++ow) col[ow] = misses(ow * g.sW - g.pW, g.effW, g.dW, g.W);
+  }
+  bool empty(int64_t o, int64_t OW) const { return row[o / OW] || col[o % OW]; }
+};
+
+// grad_input of one plane by scattering. Returns -1, or the output position o (within the plane)
+// of the first index outside the plane for a window with in-bounds taps; the plane's gradient is
+// then incomplete and the caller raises.
 template <typename T>
-void unpool_plane_scatter(const T* go, const int64_t* idx, T* gi, int64_t plane_in,
-                          int64_t plane_out) {
+int64_t unpool_plane_scatter(const T* go, const int64_t* idx, T* gi, int64_t plane_in,
+                             int64_t plane_out, const EmptyWindows& skip, int64_t OW) {
   std::memset(gi, 0, sizeof(T) * plane_in);
   for (int64_t o = 0; o < plane_out; ++o) {
+    if (skip.any && skip.empty(o, OW)) continue;
     const int64_t i = idx[o];
-    if (static_cast<uint64_t>(i) < static_cast<uint64_t>(plane_in)) gi[i] += go[o];
+    if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(plane_in)) return o;
+    gi[i] += go[o];
   }
+  return -1;
 }
 
 template <typename T>
@@ -625,24 +659,46 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
   const Tensor go = grad_output.contiguous();
   const Tensor ix = indices.contiguous();
   Tensor grad_input = at::empty(input.sizes(), input.options());
+  const int64_t plane_in = g.H * g.W, plane_out = g.OH * g.OW;
+  const int64_t* pi = ix.const_data_ptr<int64_t>();
+  // The first bad index, as a flat position in indices (planes are scanned in order within a
+  // task and each task stops at its first, so the minimum over tasks is the first overall).
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   dispatch_floating(go.scalar_type(), "max_pool2d_backward", [&](auto tag) {
     using T = decltype(tag);
     const T* pg = go.const_data_ptr<T>();
-    const int64_t* pi = ix.const_data_ptr<int64_t>();
     T* gi = grad_input.mutable_data_ptr<T>();
-    const int64_t plane_in = g.H * g.W, plane_out = g.OH * g.OW;
     const int64_t grain = std::max<int64_t>(1, 32768 / (plane_in + plane_out));
     const PlaneGatherFn<T> gather = pick_gather<T>(g);
+    const EmptyWindows skip(g);
     at::parallel_for(0, g.planes, grain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         T* dst = gi + p * plane_in;
         const T* src = pg + p * plane_out;
         const int64_t* at_ = pi + p * plane_out;
-        if (!gather || !gather(src, at_, dst, g))
-          unpool_plane_scatter(src, at_, dst, plane_in, plane_out);
+        if (gather && gather(src, at_, dst, g)) continue;
+        const int64_t o = unpool_plane_scatter(src, at_, dst, plane_in, plane_out, skip, g.OW);
+        if (o >= 0) {
+          int64_t seen = first_bad.load();
+          const int64_t bad = p * plane_out + o;
+          while (bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
+          }
+          return;
+        }
       }
     });
   });
+  const int64_t bad = first_bad.load();
+  if (bad != std::numeric_limits<int64_t>::max()) {
+    const int64_t p = bad / plane_out, o = bad % plane_out;
+    std::vector<int64_t> where;  // indices' own coordinates: [n,] c, oh, ow
+    if (s.batched) where.push_back(p / s.channels);
+    where.insert(where.end(), {p % s.channels, o / g.OW, o % g.OW});
+    // RuntimeError, as torch's max_unpool2d (the same scatter) raises for such an index.
+    TORCH_CHECK(false, "pyengine.max_pool2d_backward: indices", at::IntArrayRef(where), " = ",
+                pi[bad], " lies outside the ", g.H, "x", g.W, " input plane (expected a flat "
+                "position in [0, ", plane_in, ") for a window with input elements)");
+  }
   return grad_input;
 }
 

@@ -14,9 +14,12 @@
 // output windows that can contain it (oh in [ceil((ih + pad - eff + 1) / stride), (ih + pad) /
 // stride], same for ow), in output order, and adds grad_output where the window's index names
 // this element: the CPU kernel's sum (zero, then += in output order), so results match it
-// bitwise. An index that names an element outside its own window adds nothing here: torch only
-// emits one for a window with no in-bounds tap at all (dilation with padding can make one), whose
-// output is -inf; the CPU kernel drops it when it falls outside the plane.
+// bitwise for indices the forward pass produced. An index that names no tap of its own window
+// adds nothing here (torch's CUDA kernel, also a gather, drops those outside the window), where
+// the CPU kernel adds it to whatever in-plane element it names (torch's CPU scatter). An index
+// outside the plane for a window with an in-bounds tap fails the kernel (a device-side assert;
+// the CPU raises); a window with no in-bounds tap at all (dilation with padding can make one; its
+// output is -inf) passes no gradient, whatever its index.
 //
 // Napkin math (H100, ~3.0 TB/s), LeNet pool1 at batch 8192 fp32 (8192x6x28x28 -> 14x14, k2 s2):
 //   forward with indices: reads 154 MB, writes 39 MB values + 77 MB int64 indices = 270 MB,
@@ -80,6 +83,7 @@ __global__ void max_pool2d_backward_kernel(const T* __restrict__ grad_output,
   const int64_t eff_w = effective_kernel(g.kernel_w, g.dil_w);
   const int64_t total = g.planes * g.in_h * g.in_w;
   const int64_t plane_out = g.out_h * g.out_w;
+  const int64_t plane_in = g.in_h * g.in_w;
   PE_GRID_STRIDE_LOOP(e, total) {
     const int64_t iw = e % g.in_w;
     const int64_t t = e / g.in_w;
@@ -88,8 +92,8 @@ __global__ void max_pool2d_backward_kernel(const T* __restrict__ grad_output,
     // Windows [oh0, oh1] x [ow0, ow1] start at most eff - 1 before this element and at or after.
     const int64_t th = ih + g.pad_h - (eff_h - 1);
     const int64_t tw = iw + g.pad_w - (eff_w - 1);
-    const int64_t oh0 = th <= 0 ? 0 : (th + g.stride_h - 1) / g.stride_h;
-    const int64_t ow0 = tw <= 0 ? 0 : (tw + g.stride_w - 1) / g.stride_w;
+    const int64_t oh0 = th <= 0 ? 0 : ceil_div(th, g.stride_h);
+    const int64_t ow0 = tw <= 0 ? 0 : ceil_div(tw, g.stride_w);
     const int64_t oh1 = min((ih + g.pad_h) / g.stride_h, g.out_h - 1);
     const int64_t ow1 = min((iw + g.pad_w) / g.stride_w, g.out_w - 1);
     const int64_t flat = ih * g.in_w + iw;
@@ -99,7 +103,26 @@ __global__ void max_pool2d_backward_kernel(const T* __restrict__ grad_output,
     for (int64_t oh = oh0; oh <= oh1; ++oh) {
       for (int64_t ow = ow0; ow <= ow1; ++ow) {
         const int64_t o = oh * g.out_w + ow;
-        if (idx[o] == flat) acc += grad[o];
+        const int64_t i = idx[o];
+        if (i == flat) {
+          // Only a tap counts: dilation leaves gaps in the window's span, and the index of a
+          // window with no in-bounds tap may name an element in one of them.
+          const bool tap = (ih + g.pad_h - oh * g.stride_h) % g.dil_h == 0 &&
+                           (iw + g.pad_w - ow * g.stride_w) % g.dil_w == 0;
+          if (tap) acc += grad[o];
+        } else if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(plane_in)) {
+          // An index outside the plane is an error for a window with an in-bounds tap; the
+          // window's first in-bounds tap (one thread per window) reports it. A window with no
+          // in-bounds tap has no such thread: its index is ignored, as on the CPU.
+          const bool first = ih == first_tap(oh * g.stride_h - g.pad_h, g.dil_h) &&
+                             iw == first_tap(ow * g.stride_w - g.pad_w, g.dil_w);
+          PE_DEVICE_CHECK(!first,
+                          "pyengine.max_pool2d_backward: the index of output [%lld, %lld] of "
+                          "plane %lld (n * C + c) is %lld, outside the %lldx%lld input plane\n",
+                          static_cast<long long>(oh), static_cast<long long>(ow),
+                          static_cast<long long>(p), static_cast<long long>(i),
+                          static_cast<long long>(g.in_h), static_cast<long long>(g.in_w));
+        }
       }
     }
     grad_input[e] = acc;
