@@ -513,32 +513,7 @@ def report(op, seed, params, f, shrunk, steps):
 # out is counted (the summary line shows it), not reported: each has a regression test marked
 # xfail(strict=True) below, which fails as soon as the bug is fixed; then delete the entry here.
 
-def pool_has_window_without_input(case):
-    p = case.params
-    return not windows_with_input(pool_geometry(p), p["height"], p["width"]).all()
-
-
-def conv_batch_inner_padding_with_nonfinite_weight(case):
-    """csrc/cpu/conv2d.cpp's batch-innermost path (use_batch_inner: stride 1, a batch of 16 or
-    more, output width <= 16) with padding and a NaN / inf weight."""
-    p = case.params
-    if p["batch"] is None or p["batch"] < 16 or tuple(p["stride"]) != (1, 1):
-        return False
-    if p["padding"] == "valid" or p["padding"] == (0, 0) or not p["weight"]["specials"]:
-        return False
-    k, d = p["kernel"][1], p["dilation"][1]
-    pad = d * (k - 1) if p["padding"] == "same" else 2 * p["padding"][1]
-    return p["width"] + pad - d * (k - 1) <= 16
-
-
-KNOWN_BUGS = [
-    dict(op="max_pool2d", applies=pool_has_window_without_input,
-         stages=("gradient of input", "max_pool2d_backward called directly: gradient of input"),
-         test="test_regression_pool_window_without_input_gets_no_gradient"),
-    dict(op="conv2d", applies=conv_batch_inner_padding_with_nonfinite_weight,
-         stages=("forward output",),
-         test="test_regression_conv_padding_times_infinite_weight_is_nan"),
-]
+KNOWN_BUGS = []  # dict(op=, applies=case -> bool, stages=(...), test=regression test name)
 
 
 def known_bug(case, f):
@@ -594,12 +569,6 @@ def test_fuzz(op):
 
 # ---- regression tests: cases the fuzz lane found -----------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pyengine bug: max_pool2d's backward adds the gradient of a window with no input element "
-    "(every tap in the padding) at that window's index, torch's formula, which can land on an "
-    "element of another window (here input[0, 0, 1, 0]); test_pool.py's "
-    "test_window_with_no_input_element says such a window adds nothing. torch's CPU backward "
-    "does the same (or writes outside the plane); the forward and its indices match torch."))
 def test_regression_pool_window_without_input_gets_no_gradient():
     # width 2, kernel 2 dilated by 3 with padding 1: taps at columns -1 and 2, neither inside;
     # torch's index of row 0's window is 0 * 2 + 2, input[0, 0, 1, 0]
@@ -612,7 +581,6 @@ def test_regression_pool_window_without_input_gets_no_gradient():
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
-@pytest.mark.xfail(strict=True, reason="the same bug, with padding beyond half the kernel")
 def test_regression_pool_window_without_input_gets_no_gradient_wide_padding():
     # fuzz seed 486819077, shrunk: every window of a width-1 input has its 4 taps in the padding
     check(build("max_pool2d", {
@@ -622,11 +590,6 @@ def test_regression_pool_window_without_input_gets_no_gradient_wide_padding():
         "input": {"layout": "contiguous", "values": "normal", "specials": ()}}, seed=486819077))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pyengine bug: conv2d's batch-innermost CPU path (stride 1, batch >= 16, output width <= 16) "
-    "leaves padding taps out of the sum, so a NaN or infinite weight over the padding adds "
-    "nothing instead of 0 * inf = NaN: finite outputs where torch (and pyengine's own im2col "
-    "path, batch < 16) give NaN"))
 def test_regression_conv_padding_times_infinite_weight_is_nan():
     # fuzz seeds 596370933 and 1297712047 shrunk to this: every tap of the border pixels is padding
     w = torch.full((1, 1, 1, 1), float("inf"))

@@ -561,7 +561,8 @@ int64_t grain_for(double work_per_item) {
 //   grad_input   dX^T[ci, q][:] = sum_(co,ki,kj) W[co, ci, ki, kj] dY^T[co, q - (ki, kj)][:]
 //                (a gather over the taps that reach input pixel q: no col2im, no races)
 //   grad_weight  dW[co, k] = sum_p dY^T[co, p][:] . X^T[tap k of p][:]   gemm_dot_segments
-// Taps in the padding are left out of the lists (forward, grad_input) or point at zeros. The
+// Taps in the padding point at a vector of zeros (forward, grad_weight); grad_input gathers
+// only the taps that reach a real input pixel. The
 // price is transposing x, y, dY and dX (each element moved once) and padding the batch to whole
 // vectors. Napkin math, LeNet conv2 at batch 64: 15.4 M multiply-adds per pass, 16 / 6 / 6x4 rows
 // per tile run at near peak (~0.14 ms per pass on one core), transposes ~0.35 M elements.
@@ -840,32 +841,25 @@ void conv2d_forward_inner(const Geom& g, const T* x, const T* w, const T* bias, 
   const Taps taps = make_taps(g);
   std::vector<const T*> wrows(static_cast<size_t>(g.G * g.K));  // every tap's weights
   for (int64_t k = 0; k < g.G * g.K; ++k) wrows[k] = wt.data() + k * g.Cog;
+  // Taps in the padding read zeros rather than being left out: 0 * (an inf or NaN weight) must
+  // give NaN, as in torch and the im2col path. Only border pixels have such taps.
+  const std::vector<T> zeros(static_cast<size_t>(ld), T(0));
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nb = std::min(chunk, g.N - n0), nbc = round_up(nb, vw);
     to_inner_parallel(x + n0 * f_in, nb, f_in, xt.data(), ld, nbc);
     at::parallel_for(0, g.P, grain_for(double(g.Co * g.K * nbc)), [&](int64_t p0, int64_t p1) {
-      std::vector<const T*> arows(static_cast<size_t>(g.K)), brows(static_cast<size_t>(g.K));
+      std::vector<const T*> brows(static_cast<size_t>(g.K));
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t oh = p / g.OW, ow = p % g.OW;
         const bool inside = taps.interior(oh, ow);
         for (int64_t grp = 0; grp < g.G; ++grp) {
           const T* xg = xt.data() + (grp * g.Cig * hw + oh * g.W + ow) * ld;
-          const T* const* ar = wrows.data() + grp * g.K;
-          int64_t count = 0;
-          if (inside) {  // every tap inside the image: no checks, weights table as is
-            for (int64_t k = 0; k < g.K; ++k) brows[k] = xg + taps.off[k] * ld;
-            count = g.K;
-          } else {
-            for (int64_t k = 0; k < g.K; ++k) {
-              const int64_t ih = oh + taps.dh[k], iw = ow + taps.dw[k];
-              if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) continue;  // padding: no term
-              arows[count] = ar[k];
-              brows[count] = xg + taps.off[k] * ld;
-              ++count;
-            }
-            ar = arows.data();
+          for (int64_t k = 0; k < g.K; ++k) {
+            const int64_t ih = oh + taps.dh[k], iw = ow + taps.dw[k];
+            const bool padding = !inside && (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W);
+            brows[k] = padding ? zeros.data() : xg + taps.off[k] * ld;
           }
-          cpu::gemm_indirect<T>(g.Cog, nbc, count, ar, brows.data(),
+          cpu::gemm_indirect<T>(g.Cog, nbc, g.K, wrows.data() + grp * g.K, brows.data(),
                                 yt.data() + (grp * g.Cog * g.P + p) * ld, g.P * ld, 1, false);
         }
       }
