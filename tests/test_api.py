@@ -290,3 +290,27 @@ def test_converted_model_trains_like_torch():
             opt.step()
     for p1, p2 in zip(model.parameters(), converted.parameters()):
         assert_close(p1, p2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("module", [PF, pnn, pyengine])
+def test_public_namespaces_hold_only_the_api(module):
+    """No helper or imported name (torch, warnings, typing, ...) is reachable from the public
+    modules: what is not in __all__ starts with an underscore."""
+    public = {n for n in dir(module) if not n.startswith("_")}
+    extra = public - set(module.__all__)
+    # pyengine's submodules (pyengine.cli, pyengine.data, ...) are attributes once imported
+    extra = {n for n in extra if not (inspect.ismodule(getattr(module, n)) and
+                                      getattr(module, n).__name__.startswith("pyengine."))}
+    assert not extra, sorted(extra)
+    assert all(hasattr(module, n) for n in module.__all__)
+
+
+def test_api_objects_name_their_public_module():
+    import pickle
+
+    assert PF.conv2d.__module__ == "pyengine.functional"
+    assert pnn.Conv2d.__module__ == "pyengine.nn"
+    layer = pnn.Conv2d(1, 2, 3)
+    clone = pickle.loads(pickle.dumps(layer))
+    assert type(clone) is pnn.Conv2d and torch.equal(clone.weight, layer.weight)
+    assert pickle.loads(pickle.dumps(PF.relu)) is PF.relu

@@ -1,0 +1,252 @@
+"""The implementation of pyengine.functional (the public module re-exports __all__ from here, so
+its namespace holds only the API; the helpers and imports live here)."""
+import warnings
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction as _torch_reduction
+
+from . import _C
+from ._errors import ValueAndRuntimeError, ValueAndTypeError
+
+_ops = torch.ops.pyengine
+_is_compiling = torch.compiler.is_compiling
+
+__all__ = [
+    "conv2d", "max_pool2d", "linear", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
+    "log_softmax", "mse_loss", "binary_cross_entropy", "cross_entropy",
+]
+
+_IntPair = Union[int, Tuple[int, int], List[int]]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _pair(value, name: str, fn: str) -> Tuple[int, int]:
+    """An int or a sequence of two ints, as torch.nn.functional accepts them. Errors have torch's
+    classes: a TypeError for a value that is not ints, a RuntimeError for a sequence of ints of
+    the wrong length (both also ValueErrors, as pyengine raised before)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (tuple, list, torch.Size)) and all(_is_int(v) for v in value):
+        if len(value) == 1:
+            return (int(value[0]), int(value[0]))
+        if len(value) == 2:
+            return (int(value[0]), int(value[1]))
+        error = ValueAndRuntimeError
+    else:
+        error = ValueAndTypeError
+    raise error(
+        f"pyengine.functional.{fn}: expected {name} to be an int or a pair of ints, "
+        f"but got {name}={value!r}")
+
+
+def _reduction_enum(reduction: str, size_average, reduce) -> int:
+    """torch's reduction handling, legacy size_average / reduce arguments included."""
+    if size_average is not None or reduce is not None:
+        reduction = _torch_reduction.legacy_get_string(size_average, reduce)
+    return _torch_reduction.get_enum(reduction)
+
+
+# ---- Convolution and pooling --------------------------------------------------------------
+
+def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _IntPair = 1,
+           padding: Union[_IntPair, str] = 0, dilation: _IntPair = 1, groups: int = 1) -> Tensor:
+    """2-D convolution over (N, C, H, W) or unbatched (C, H, W) input, like F.conv2d;
+    padding may be ints or 'valid' / 'same'."""
+    stride = _pair(stride, "stride", "conv2d")
+    dilation = _pair(dilation, "dilation", "conv2d")
+    if isinstance(padding, str):
+        input, padding = _string_padding(input, weight, padding, stride, dilation)
+    else:
+        padding = _pair(padding, "padding", "conv2d")
+    op = _ops.conv2d if _is_compiling() else _C.conv2d
+    return op(input, weight, bias, stride, padding, dilation, groups)
+
+
+def _string_padding(input, weight, padding, stride, dilation):
+    """'valid' is no padding; 'same' pads so the output has the input's size (stride 1 only).
+    When the total padding of an axis is odd, the extra row/column goes on the bottom/right,
+    as in torch, by padding the input itself: the operator takes symmetric padding."""
+    if padding == "valid":
+        return input, (0, 0)
+    if padding != "same":
+        raise ValueAndRuntimeError(
+            f"pyengine.functional.conv2d: expected padding to be an int, a pair of ints, 'valid' "
+            f"or 'same', but got padding={padding!r}")
+    if stride != (1, 1):
+        raise ValueAndRuntimeError(
+            "pyengine.functional.conv2d: padding='same' is not supported for strided "
+            f"convolutions, but got stride={stride}")
+    if weight.dim() != 4:
+        raise ValueAndRuntimeError(
+            "pyengine.functional.conv2d: expected weight to be 4-D (out_channels, in_channels / "
+            f"groups, kH, kW), but got weight of shape {list(weight.shape)}")
+    totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    symmetric = tuple(t // 2 for t in totals)
+    extra_h, extra_w = (t % 2 for t in totals)
+    if extra_h or extra_w:
+        input = torch.nn.functional.pad(input, [0, extra_w, 0, extra_h])
+    return input, symmetric
+
+
+def max_pool2d(input: Tensor, kernel_size: _IntPair, stride: Optional[_IntPair] = None,
+               padding: _IntPair = 0, dilation: _IntPair = 1, ceil_mode: bool = False,
+               return_indices: bool = False):
+    """2-D max pooling like F.max_pool2d; stride defaults to kernel_size. With
+    return_indices=True returns (output, indices), indices flat within each H*W plane."""
+    kernel_size = _pair(kernel_size, "kernel_size", "max_pool2d")
+    stride = kernel_size if stride is None or (isinstance(stride, (list, tuple)) and
+                                               len(stride) == 0) \
+        else _pair(stride, "stride", "max_pool2d")
+    padding = _pair(padding, "padding", "max_pool2d")
+    dilation = _pair(dilation, "dilation", "max_pool2d")
+    compiling = _is_compiling()
+    if return_indices:
+        op = _ops.max_pool2d_with_indices if compiling else _C.max_pool2d_with_indices
+        return op(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
+    op = _ops.max_pool2d if compiling else _C.max_pool2d
+    return op(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
+
+
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """y = x W^T + b over input of shape (*, in_features), like F.linear."""
+    op = _ops.linear if _is_compiling() else _C.linear
+    return op(input, weight, bias)
+
+
+# ---- Activations --------------------------------------------------------------------------
+
+def _inplace(input: Tensor, result: Tensor) -> Tensor:
+    """inplace=True: the result is written back into `input`, which is returned. The kernels
+    always write a fresh tensor; the copy keeps torch's in-place semantics, autograd included
+    (the input's history is rebased onto the op, leaves that require grad are refused)."""
+    return input.copy_(result)
+
+
+def relu(input: Tensor, inplace: bool = False) -> Tensor:
+    result = (_ops.relu if _is_compiling() else _C.relu)(input)
+    return _inplace(input, result) if inplace else result
+
+
+def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
+    op = _ops.leaky_relu if _is_compiling() else _C.leaky_relu
+    if inplace and input.requires_grad and torch.is_grad_enabled():
+        # The backward pass reads the op's input, which the in-place write below overwrites:
+        # let autograd save a copy instead.
+        return _inplace(input, op(input.clone(), float(negative_slope)))
+    result = op(input, float(negative_slope))
+    return _inplace(input, result) if inplace else result
+
+
+def sigmoid(input: Tensor) -> Tensor:
+    return (_ops.sigmoid if _is_compiling() else _C.sigmoid)(input)
+
+
+def tanh(input: Tensor) -> Tensor:
+    return (_ops.tanh if _is_compiling() else _C.tanh)(input)
+
+
+def _softmax_args(name: str, input: Tensor, dim: Optional[int], stacklevel: int, dtype):
+    if dim is None:
+        # torch's legacy implicit dim, with torch's deprecation warning.
+        warnings.warn(f"Implicit dimension choice for {name} has been deprecated. Change the "
+                      "call to include dim=X as an argument.", stacklevel=stacklevel + 1)
+        dim = 0 if input.dim() in (0, 1, 3) else 1
+    if dtype is not None:
+        input = input.to(dtype)
+    return input, dim
+
+
+def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+            dtype: Optional[torch.dtype] = None) -> Tensor:
+    input, dim = _softmax_args("softmax", input, dim, _stacklevel, dtype)
+    return (_ops.softmax if _is_compiling() else _C.softmax)(input, dim)
+
+
+def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+                dtype: Optional[torch.dtype] = None) -> Tensor:
+    input, dim = _softmax_args("log_softmax", input, dim, _stacklevel, dtype)
+    return (_ops.log_softmax if _is_compiling() else _C.log_softmax)(input, dim)
+
+
+# ---- Losses -------------------------------------------------------------------------------
+
+def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None,
+             reduction: str = "mean", weight: Optional[Tensor] = None) -> Tensor:
+    """Mean squared error like F.mse_loss: broadcasts target to input (with torch's warning);
+    weight, if given, has input's shape and 'mean' then divides by weight.sum()."""
+    broadcast = target.size() != input.size()
+    if broadcast:
+        warnings.warn(
+            f"Using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
+            "Please ensure they have the same size.", stacklevel=2)
+    reduction_enum = _reduction_enum(reduction, size_average, reduce)
+    if weight is not None and weight.size() != input.size():
+        raise ValueError(
+            "pyengine.functional.mse_loss: expected weight to have the input's shape "
+            f"{list(input.shape)}, but got weight of shape {list(weight.shape)}")
+    if broadcast:
+        # Broadcast views only when the shapes differ: the common case pays no host time.
+        input, target = torch.broadcast_tensors(input, target)
+        if weight is not None:
+            weight = weight.expand(input.shape)
+    op = _ops.mse_loss if _is_compiling() else _C.mse_loss
+    return op(input, target, weight, reduction_enum)
+
+
+def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                         size_average=None, reduce=None, reduction: str = "mean") -> Tensor:
+    """Binary cross entropy on probabilities like F.binary_cross_entropy; weight broadcasts to
+    target's shape."""
+    reduction_enum = _reduction_enum(reduction, size_average, reduce)
+    if target.size() != input.size():
+        raise ValueError(
+            f"Using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}) is deprecated. Please ensure they have the same size.")
+    if weight is not None:
+        weight = weight.expand(torch.broadcast_shapes(target.size(), weight.size()))
+    op = _ops.binary_cross_entropy if _is_compiling() else _C.binary_cross_entropy
+    return op(input, target, weight, reduction_enum)
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                  size_average=None, ignore_index: int = -100, reduce=None,
+                  reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    """Cross entropy of logits and class-index targets like F.cross_entropy: input (N, C),
+    (C) or (N, C, d1, ...), target (N), () or (N, d1, ...) of int64."""
+    reduction_enum = _reduction_enum(reduction, size_average, reduce)
+    if label_smoothing != 0.0:
+        raise NotImplementedError(
+            "pyengine.functional.cross_entropy: label_smoothing is not supported, but got "
+            f"label_smoothing={label_smoothing}; use torch.nn.functional.cross_entropy for it")
+    if target.is_floating_point():
+        raise NotImplementedError(
+            "pyengine.functional.cross_entropy: class-probability targets are not supported: "
+            f"expected target to hold int64 class indices, but got target of dtype {target.dtype}")
+    spatial_shape = None
+    if input.dim() > 2:
+        # (N, C, d1, ...) is (N * d1 * ..., C) rows with the class dim last.
+        if tuple(target.shape) != (input.shape[0], *input.shape[2:]):
+            raise ValueAndRuntimeError(
+                f"pyengine.functional.cross_entropy: expected target of shape "
+                f"{[input.shape[0], *input.shape[2:]]} for input of shape {list(input.shape)}, "
+                f"but got target of shape {list(target.shape)}")
+        spatial_shape = target.shape
+        input = input.movedim(1, -1).reshape(-1, input.shape[1])
+        target = target.reshape(-1)
+    op = _ops.cross_entropy if _is_compiling() else _C.cross_entropy
+    loss = op(input, target, weight, reduction_enum, int(ignore_index))
+    if spatial_shape is not None and reduction_enum == 0:
+        loss = loss.reshape(spatial_shape)
+    return loss
+
+
+# The functions' public home, for reprs, help() and pickling by reference.
+for _name in __all__:
+    globals()[_name].__module__ = "pyengine.functional"
+del _name

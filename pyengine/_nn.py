@@ -1,0 +1,163 @@
+"""The implementation of pyengine.nn (the public module re-exports __all__ from here, so its
+namespace holds only the API)."""
+import torch
+from torch import Tensor
+
+from . import _functional as F
+from ._errors import ValueAndRuntimeError
+
+__all__ = [
+    "Conv2d", "MaxPool2d", "Linear", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softmax",
+    "LogSoftmax", "MSELoss", "BCELoss", "CrossEntropyLoss", "RNN", "TWINS",
+]
+
+
+class Conv2d(torch.nn.Conv2d):
+    def forward(self, input: Tensor) -> Tensor:
+        if self.padding_mode != "zeros":
+            # reflect / replicate / circular: pad the input (a copy, no arithmetic), then a
+            # convolution without padding, as torch.nn.Conv2d does.
+            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                            mode=self.padding_mode)
+            return F.conv2d(input, self.weight, self.bias, self.stride, 0, self.dilation,
+                            self.groups)
+        return F.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+class MaxPool2d(torch.nn.MaxPool2d):
+    def forward(self, input: Tensor):
+        return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                            ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class Linear(torch.nn.Linear):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.weight, self.bias)
+
+
+class ReLU(torch.nn.ReLU):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.relu(input, inplace=self.inplace)
+
+
+class LeakyReLU(torch.nn.LeakyReLU):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.leaky_relu(input, self.negative_slope, self.inplace)
+
+
+class Sigmoid(torch.nn.Sigmoid):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.sigmoid(input)
+
+
+class Tanh(torch.nn.Tanh):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.tanh(input)
+
+
+class Softmax(torch.nn.Softmax):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.softmax(input, self.dim, _stacklevel=5)
+
+
+class LogSoftmax(torch.nn.LogSoftmax):
+    def forward(self, input: Tensor) -> Tensor:
+        return F.log_softmax(input, self.dim, _stacklevel=5)
+
+
+class MSELoss(torch.nn.MSELoss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(input, target, reduction=self.reduction)
+
+
+class BCELoss(torch.nn.BCELoss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy(input, target, weight=self.weight,
+                                      reduction=self.reduction)
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                               reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+
+# torch.nn class -> its pyengine twin; convert() and the tests read this one table.
+TWINS = {
+    torch.nn.Conv2d: Conv2d,
+    torch.nn.MaxPool2d: MaxPool2d,
+    torch.nn.Linear: Linear,
+    torch.nn.ReLU: ReLU,
+    torch.nn.LeakyReLU: LeakyReLU,
+    torch.nn.Sigmoid: Sigmoid,
+    torch.nn.Tanh: Tanh,
+    torch.nn.Softmax: Softmax,
+    torch.nn.LogSoftmax: LogSoftmax,
+    torch.nn.MSELoss: MSELoss,
+    torch.nn.BCELoss: BCELoss,
+    torch.nn.CrossEntropyLoss: CrossEntropyLoss,
+}
+
+
+class RNN(torch.nn.RNN):
+    """Elman RNN: h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh), act tanh or relu, with
+    torch.nn.RNN's arguments, parameters and outputs. The input projection of all time steps is
+    one pyengine linear; each step is one more linear and the activation.
+    Not supported (raises): bidirectional, dropout between layers, packed sequences."""
+
+    def forward(self, input, hx=None):
+        if isinstance(input, torch.nn.utils.rnn.PackedSequence):
+            raise NotImplementedError("pyengine.nn.RNN: packed sequences are not supported; "
+                                      "pass a padded tensor")
+        if self.bidirectional:
+            raise NotImplementedError("pyengine.nn.RNN: bidirectional=True is not supported")
+        if self.dropout and self.training and self.num_layers > 1:
+            raise NotImplementedError("pyengine.nn.RNN: dropout between layers is not supported "
+                                      f"(dropout={self.dropout}); use dropout=0 or eval mode")
+        batched = input.dim() == 3
+        if input.dim() not in (2, 3):
+            raise ValueError(f"pyengine.nn.RNN: expected input to be 2-D (L, H_in) or 3-D, but "
+                             f"got input of shape {list(input.shape)}")
+        x = input if batched else input.unsqueeze(1 if not self.batch_first else 0)
+        if not self.batch_first:
+            x = x.transpose(0, 1)  # (N, L, H_in): a view; the kernels accept any strides
+        n = x.shape[0]
+        if hx is None:
+            hx = torch.zeros(self.num_layers, n, self.hidden_size, dtype=x.dtype, device=x.device)
+        elif not batched:
+            hx = hx.unsqueeze(1)
+        expected = (self.num_layers, n, self.hidden_size)
+        if tuple(hx.shape) != expected:
+            raise ValueAndRuntimeError(f"pyengine.nn.RNN: expected hx of shape "
+                                       f"{list(expected)}, but got hx of shape {list(hx.shape)}")
+        act = F.tanh if self.nonlinearity == "tanh" else F.relu
+        last_hidden = []
+        for layer in range(self.num_layers):
+            w_ih, w_hh = getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}")
+            b_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
+            b_hh = getattr(self, f"bias_hh_l{layer}") if self.bias else None
+            projected = F.linear(x, w_ih, b_ih)  # (N, L, H) for every step at once
+            h = hx[layer]
+            steps = []
+            for t in range(x.shape[1]):
+                h = act(projected[:, t] + F.linear(h, w_hh, b_hh))
+                steps.append(h)
+            x = torch.stack(steps, dim=1)
+            last_hidden.append(h)
+        h_n = torch.stack(last_hidden, dim=0)
+        out = x if self.batch_first else x.transpose(0, 1)
+        if not batched:
+            out = out.squeeze(0 if self.batch_first else 1)
+            h_n = h_n.squeeze(1)
+        return out, h_n
+
+
+TWINS[torch.nn.RNN] = RNN
+
+
+# The modules' public home, for reprs and pickling by reference.
+for _name in __all__:
+    if isinstance(globals()[_name], type):
+        globals()[_name].__module__ = "pyengine.nn"
+del _name
