@@ -233,6 +233,12 @@ LINEAR_INPUTS = {  # torch's mm backward returns column-major gradients for colu
     "strided weight": (lambda: torch.randn(3, 5), lambda: torch.randn(4, 10)[:, ::2]),
     "1-D": (lambda: torch.randn(5), lambda: torch.randn(4, 5)),
     "one row": (lambda: torch.randn(5, 1).t(), lambda: torch.randn(4, 5)),
+    # a size-1 leading dim with an odd stride: torch folds it to a column-major matrix only when
+    # the weight needs a gradient
+    "size-1 dim, odd stride": (lambda: torch.randn(1, 3, 5).as_strided((1, 3, 5), (999, 1, 3)),
+                               lambda: torch.randn(4, 5)),
+    "4-D, leading dims not chained": (lambda: torch.randn(3, 2, 5, 4).permute(1, 3, 0, 2),
+                                      lambda: torch.randn(4, 5)),
 }
 
 

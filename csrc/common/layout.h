@@ -10,7 +10,7 @@
 //
 //   op                                   output layout
 //   -----------------------------------  --------------------------------------------------------
-//   relu, leaky_relu, sigmoid, tanh,     TensorIterator's (elementwise_strides below): all
+//   relu, leaky_relu, sigmoid, tanh,     TensorIterator's (elementwise_layout below): all
 //   their backward ops, mse_loss 'none'  operands contiguous -> contiguous; all channels_last ->
 //                                        channels_last; all dense with equal strides -> those
 //                                        strides; else the dims ordered by the operands' strides,
@@ -25,7 +25,7 @@
 //   max_pool2d, max_pool2d_with_indices  channels_last when the (4-D) input suggests it.
 //   (output, indices), its backward
 //   linear                               output contiguous; gradients as torch's mm backward lays
-//                                        them out: see linear_grad_input_strides.
+//                                        them out: see linear_grad_input_layout.
 //   binary_cross_entropy ('none') and    at::empty_like(input).
 //   its backward
 //   mse_loss with weight                 the layouts of torch's composite (x - t)^2 * w.
@@ -144,12 +144,9 @@ template <typename Int>
 bool is_non_overlapping_and_dense(c10::ArrayRef<Int> sizes, c10::ArrayRef<Int> strides) {
   const size_t n = sizes.size();
   if (n == 1) return truth(sizes[0] < 2) || truth(strides[0] == 1);
-  std::vector<size_t> order;  // dims of size >= 2 by increasing stride
+  std::vector<size_t> order;  // dims of size >= 2 by increasing stride; the others do not count
   for (size_t d = 0; d < n; ++d) {
-    if (truth(sizes[d] < 2)) {
-      if (truth(sizes[d] == 0)) return true;
-      continue;
-    }
+    if (truth(sizes[d] < 2)) continue;
     size_t k = order.size();
     order.push_back(d);
     for (; k > 0 && truth(strides[order[k - 1]] > strides[d]); --k) order[k] = order[k - 1];
@@ -389,10 +386,10 @@ Layout<Int> linear_grad_input_layout(const at::Tensor& input, const Int& rows,
   if (n == 2) {
     matrix.assign(strides.begin(), strides.end());
   } else {
-    bool fold = weight_needs_grad || truth(rows * in_features == 0);
-    for (size_t i = 0; !fold && i + 2 < n; ++i)
-      fold = truth(strides[i] == strides[i + 1] * sizes[i + 1]);
-    if (!fold) return {};
+    bool chained = true;  // every leading dim steps over the next one (matmul's should_fold)
+    for (size_t i = 0; chained && i + 2 < n; ++i)
+      chained = truth(strides[i] == strides[i + 1] * sizes[i + 1]);
+    if (!(weight_needs_grad || truth(rows * in_features == 0) || chained)) return {};
     const std::vector<Int> shape2{rows, in_features};
     auto view = at::detail::computeStride(sizes, strides, c10::ArrayRef<Int>(shape2));
     if (!view.has_value()) return {};
