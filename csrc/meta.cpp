@@ -1,11 +1,13 @@
 // Shape-only (Meta) kernels for every pyengine operator: they run the same argument checks as the
-// real kernels (csrc/common/checks.h) and allocate outputs of the right shape, dtype and (always
-// contiguous) layout. FakeTensor, torch.compile and torch.export use them; sizes are c10::SymInt
-// so dynamic shapes trace without specialising on the batch size.
+// real kernels (csrc/common/checks.h) and allocate outputs of the right shape, dtype and strides
+// (csrc/common/layout.h, the rules the real kernels follow). FakeTensor, torch.compile and
+// torch.export use them; sizes are c10::SymInt so dynamic shapes trace without specialising on the
+// batch size.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/layout.h"
 
 namespace pyengine {
 namespace {
@@ -25,7 +27,8 @@ Tensor empty_meta(const std::vector<SymInt>& sizes, const Tensor& like) {
 Tensor conv2d_meta(const Tensor& input, const Tensor& weight, const OptTensor& bias,
                    IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
   auto s = check_conv2d<SymInt>(input, weight, bias, stride, padding, dilation, groups);
-  return empty_meta(s.output_sizes(), input);
+  return empty_image<SymInt>(s.output_sizes(), conv2d_channels_last(input, weight),
+                             input.options());
 }
 
 std::tuple<Tensor, Tensor, Tensor> conv2d_backward_meta(const Tensor& grad_output,
@@ -35,15 +38,18 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_meta(const Tensor& grad_outpu
                                                         std::array<bool, 3> mask) {
   auto s = check_conv2d_backward<SymInt>(grad_output, input, weight, stride, padding, dilation,
                                          groups);
-  return {mask[0] ? empty_meta(input.sym_sizes(), input) : Tensor(),
-          mask[1] ? empty_meta(weight.sym_sizes(), weight) : Tensor(),
+  const bool channels_last = conv2d_channels_last(input, weight);
+  return {mask[0] ? empty_image<SymInt>(input.sym_sizes(), channels_last, input.options())
+                  : Tensor(),
+          mask[1] ? empty_image<SymInt>(weight.sym_sizes(), channels_last, weight.options())
+                  : Tensor(),
           mask[2] ? empty_meta(std::vector<SymInt>{s.out_channels}, weight) : Tensor()};
 }
 
 Tensor max_pool2d_meta(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
                        IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
   auto s = check_max_pool2d<SymInt>(input, kernel_size, stride, padding, dilation, ceil_mode);
-  return empty_meta(s.output_sizes(), input);
+  return empty_image<SymInt>(s.output_sizes(), pool2d_channels_last(input), input.options());
 }
 
 std::tuple<Tensor, Tensor> max_pool2d_with_indices_meta(const Tensor& input,
@@ -51,9 +57,10 @@ std::tuple<Tensor, Tensor> max_pool2d_with_indices_meta(const Tensor& input,
                                                         IntArrayRef stride, IntArrayRef padding,
                                                         IntArrayRef dilation, bool ceil_mode) {
   auto s = check_max_pool2d<SymInt>(input, kernel_size, stride, padding, dilation, ceil_mode);
-  auto sizes = s.output_sizes();
-  return {empty_meta(sizes, input),
-          at::empty_symint(c10::SymIntArrayRef(sizes), input.options().dtype(at::kLong))};
+  const auto sizes = s.output_sizes();
+  const bool channels_last = pool2d_channels_last(input);
+  return {empty_image<SymInt>(sizes, channels_last, input.options()),
+          empty_image<SymInt>(sizes, channels_last, input.options().dtype(at::kLong))};
 }
 
 Tensor max_pool2d_backward_meta(const Tensor& grad_output, const Tensor& input,
@@ -61,7 +68,7 @@ Tensor max_pool2d_backward_meta(const Tensor& grad_output, const Tensor& input,
                                 IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
   check_max_pool2d_backward<SymInt>(grad_output, input, indices, kernel_size, stride, padding,
                                     dilation, ceil_mode);
-  return empty_meta(input.sym_sizes(), input);
+  return empty_image<SymInt>(input.sym_sizes(), pool2d_channels_last(input), input.options());
 }
 
 Tensor linear_meta(const Tensor& input, const Tensor& weight, const OptTensor& bias) {
@@ -73,8 +80,15 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_meta(const Tensor& grad_outpu
                                                         const Tensor& input, const Tensor& weight,
                                                         std::array<bool, 3> mask) {
   auto s = check_linear_backward<SymInt>(grad_output, input, weight);
-  return {mask[0] ? empty_meta(input.sym_sizes(), input) : Tensor(),
-          mask[1] ? empty_meta(weight.sym_sizes(), weight) : Tensor(),
+  return {mask[0] ? empty_with_layout<SymInt>(input.sym_sizes(),
+                                              linear_grad_input_layout<SymInt>(
+                                                  input, s.rows, s.in_features, mask[1]),
+                                              input.options())
+                  : Tensor(),
+          mask[1] ? empty_with_layout<SymInt>(weight.sym_sizes(),
+                                              linear_grad_weight_layout<SymInt>(weight),
+                                              weight.options())
+                  : Tensor(),
           mask[2] ? empty_meta(std::vector<SymInt>{s.out_features}, weight) : Tensor()};
 }
 
@@ -82,45 +96,54 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_meta(const Tensor& grad_outpu
 
 Tensor unary_meta(const Tensor& input, const char* op) {
   check_floating(input, op, "input");
-  return empty_meta(input.sym_sizes(), input);
+  return empty_elementwise<SymInt>({&input}, input.options());
 }
 Tensor relu_meta(const Tensor& input) { return unary_meta(input, "relu"); }
 Tensor sigmoid_meta(const Tensor& input) { return unary_meta(input, "sigmoid"); }
 Tensor tanh_meta(const Tensor& input) { return unary_meta(input, "tanh"); }
 Tensor leaky_relu_meta(const Tensor& input, double) { return unary_meta(input, "leaky_relu"); }
+// softmax and log_softmax: contiguous whatever the input's layout, as torch's.
+Tensor softmax_like_meta(const Tensor& input, int64_t dim, const char* op) {
+  wrap_dim(dim, input.dim(), op);
+  check_floating(input, op, "input");
+  return empty_meta(input.sym_sizes(), input);
+}
 Tensor softmax_meta(const Tensor& input, int64_t dim) {
-  wrap_dim(dim, input.dim(), "softmax");
-  return unary_meta(input, "softmax");
+  return softmax_like_meta(input, dim, "softmax");
 }
 Tensor log_softmax_meta(const Tensor& input, int64_t dim) {
-  wrap_dim(dim, input.dim(), "log_softmax");
-  return unary_meta(input, "log_softmax");
+  return softmax_like_meta(input, dim, "log_softmax");
 }
 
-Tensor unary_backward_meta(const Tensor& grad_output, const Tensor& saved, const char* saved_arg,
-                           const char* op) {
+Tensor activation_backward_meta(const Tensor& grad_output, const Tensor& saved,
+                                const char* saved_arg, const char* op, BackwardLead lead) {
   check_elementwise_backward<SymInt>(grad_output, saved, saved_arg, op);
-  return empty_meta(grad_output.sym_sizes(), grad_output);
+  return empty_activation_backward<SymInt>(grad_output, saved, lead);
 }
 Tensor relu_backward_meta(const Tensor& g, const Tensor& result) {
-  return unary_backward_meta(g, result, "result", "relu_backward");
+  return activation_backward_meta(g, result, "result", "relu_backward", kReluBackwardLead);
 }
 Tensor sigmoid_backward_meta(const Tensor& g, const Tensor& result) {
-  return unary_backward_meta(g, result, "result", "sigmoid_backward");
+  return activation_backward_meta(g, result, "result", "sigmoid_backward", kSigmoidBackwardLead);
 }
 Tensor tanh_backward_meta(const Tensor& g, const Tensor& result) {
-  return unary_backward_meta(g, result, "result", "tanh_backward");
+  return activation_backward_meta(g, result, "result", "tanh_backward", kTanhBackwardLead);
 }
 Tensor leaky_relu_backward_meta(const Tensor& g, const Tensor& input, double) {
-  return unary_backward_meta(g, input, "input", "leaky_relu_backward");
+  return activation_backward_meta(g, input, "input", "leaky_relu_backward",
+                                  kLeakyReluBackwardLead);
+}
+Tensor softmax_like_backward_meta(const Tensor& g, const Tensor& result, int64_t dim,
+                                  const char* op) {
+  wrap_dim(dim, result.dim(), op);
+  check_elementwise_backward<SymInt>(g, result, "result", op);
+  return empty_meta(g.sym_sizes(), g);
 }
 Tensor softmax_backward_meta(const Tensor& g, const Tensor& result, int64_t dim) {
-  wrap_dim(dim, result.dim(), "softmax_backward");
-  return unary_backward_meta(g, result, "result", "softmax_backward");
+  return softmax_like_backward_meta(g, result, dim, "softmax_backward");
 }
 Tensor log_softmax_backward_meta(const Tensor& g, const Tensor& result, int64_t dim) {
-  wrap_dim(dim, result.dim(), "log_softmax_backward");
-  return unary_backward_meta(g, result, "result", "log_softmax_backward");
+  return softmax_like_backward_meta(g, result, dim, "log_softmax_backward");
 }
 
 // ---- Losses -------------------------------------------------------------------------------
@@ -128,25 +151,33 @@ Tensor log_softmax_backward_meta(const Tensor& g, const Tensor& result, int64_t 
 Tensor mse_loss_meta(const Tensor& input, const Tensor& target, const OptTensor& weight,
                      int64_t reduction) {
   check_pointwise_loss<SymInt>(input, target, weight, reduction, "mse_loss");
-  return empty_meta(loss_output_sizes<SymInt>(input, reduction), input);
+  if (reduction != 0) return empty_meta(std::vector<SymInt>{}, input);
+  const Tensor* w = weight.has_value() && weight->defined() ? &*weight : nullptr;
+  return empty_with_layout<SymInt>(input.sym_sizes(), mse_loss_layout<SymInt>(input, target, w),
+                                   input.options());
 }
 Tensor mse_loss_backward_meta(const Tensor& grad_output, const Tensor& input,
                               const Tensor& target, const OptTensor& weight, int64_t reduction) {
   check_pointwise_loss_backward<SymInt>(grad_output, input, target, weight, reduction,
                                         "mse_loss_backward");
-  return empty_meta(input.sym_sizes(), input);
+  const Tensor* w = weight.has_value() && weight->defined() ? &*weight : nullptr;
+  return empty_with_layout<SymInt>(
+      input.sym_sizes(),
+      mse_loss_backward_layout<SymInt>(grad_output, input, target, w, reduction),
+      input.options());
 }
 Tensor binary_cross_entropy_meta(const Tensor& input, const Tensor& target,
                                  const OptTensor& weight, int64_t reduction) {
   check_pointwise_loss<SymInt>(input, target, weight, reduction, "binary_cross_entropy");
-  return empty_meta(loss_output_sizes<SymInt>(input, reduction), input);
+  if (reduction != 0) return empty_meta(std::vector<SymInt>{}, input);
+  return empty_binary_cross_entropy(input);
 }
 Tensor binary_cross_entropy_backward_meta(const Tensor& grad_output, const Tensor& input,
                                           const Tensor& target, const OptTensor& weight,
                                           int64_t reduction) {
   check_pointwise_loss_backward<SymInt>(grad_output, input, target, weight, reduction,
                                         "binary_cross_entropy_backward");
-  return empty_meta(input.sym_sizes(), input);
+  return empty_binary_cross_entropy(input);
 }
 Tensor cross_entropy_meta(const Tensor& input, const Tensor& target, const OptTensor& weight,
                           int64_t reduction, int64_t /*ignore_index*/) {

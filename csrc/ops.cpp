@@ -16,7 +16,8 @@
 //
 // Conventions for every operator:
 //   * float32 and float64 only; other dtypes raise a clear error.
-//   * Any input strides are accepted; outputs are always freshly allocated and contiguous.
+//   * Any input strides are accepted; outputs are freshly allocated, with the strides torch's own
+//     operator gives for the same inputs (channels_last stays channels_last): csrc/common/layout.h.
 //   * `reduction` follows ATen's enum: 0 = 'none', 1 = 'mean', 2 = 'sum'.
 //   * Backward ops taking `output_mask` return undefined tensors (None in Python) for the
 //     gradients they were not asked for.

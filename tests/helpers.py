@@ -29,6 +29,15 @@ def assert_close(actual, expected, dtype=None, **kw):
     torch.testing.assert_close(actual, expected, equal_nan=True, **tol)
 
 
+def assert_same_strides(actual, expected, what=""):
+    """`actual` is laid out as torch's `expected` is: same shape, same strides (so the same memory
+    format, channels_last or transposed or contiguous), not merely equal values."""
+    assert tuple(actual.shape) == tuple(expected.shape), (what, actual.shape, expected.shape)
+    assert actual.stride() == expected.stride(), (
+        f"{what}: strides {actual.stride()} for shape {tuple(actual.shape)}, but torch gives "
+        f"{expected.stride()}")
+
+
 def compare_with_torch(ours, theirs, inputs, dtype=None, **tol):
     """Runs ours(*inputs) and theirs(*inputs) on separate leaf copies; compares the outputs and,
     for every floating input that requires grad, the gradients of a random weighted sum."""

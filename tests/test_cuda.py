@@ -1,7 +1,8 @@
 """pyengine's CUDA kernels against its CPU kernels (skipped without a GPU).
 
 * parity: every operator, forward and backward, float32 and float64, on random shapes (empty,
-  unbatched and non-contiguous ones included), CUDA against CPU;
+  unbatched and non-contiguous ones included), CUDA against CPU, output strides included
+  (channels_last and transposed inputs too);
 * determinism: every backward op (and every reduction) gives bitwise equal results twice, at sizes
   that exercise split-K, multi-chunk reductions and overlapping pooling windows;
 * a LeNet training step captured in a CUDA graph replays bitwise equal to eager (capture would
@@ -84,7 +85,8 @@ def assert_same(actual, expected, dtype, exact=False, what=""):
         return
     actual = actual.cpu()
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
-    assert actual.is_contiguous(), what
+    # The same strides as the CPU kernel's (torch's layout rules: csrc/common/layout.h).
+    assert actual.stride() == expected.stride(), (what, actual.stride(), expected.stride())
     if exact or not expected.is_floating_point():
         assert torch.equal(actual.nan_to_num(0.5), expected.nan_to_num(0.5)) and torch.equal(
             actual.isnan(), expected.isnan()), what
@@ -286,6 +288,44 @@ def test_conv2d_parity(dtype):
         for mask in MASKS:
             parity(P.conv2d_backward, g, x, w, s, p, d, groups, mask, dtype=dtype,
                    what=f"backward {what} {mask}")
+
+
+# ---- memory layouts ------------------------------------------------------------------------------
+
+@dtypes
+def test_layout_parity(dtype):
+    """channels_last and transposed arguments: the CUDA ops return the CPU ops' strides (which
+    tests/test_layout.py holds to torch's)."""
+    cl = torch.channels_last
+    x = torch.randn(2, 4, 9, 9, dtype=dtype).to(memory_format=cl)
+    w = torch.randn(6, 4, 3, 3, dtype=dtype)
+    for ww in (w, w.to(memory_format=cl)):
+        y = parity(P.conv2d, x, ww, None, [1, 1], [1, 1], [1, 1], 1, dtype=dtype, what="conv2d")
+        parity(P.conv2d, x[0], ww, None, [1, 1], [1, 1], [1, 1], 1, dtype=dtype,
+               what="conv2d unbatched")
+        g = torch.randn(y.shape, dtype=dtype)
+        parity(P.conv2d_backward, g, x, ww, [1, 1], [1, 1], [1, 1], 1, [True, True, True],
+               dtype=dtype, what="conv2d_backward")
+    pool = ([3, 3], [2, 2], [1, 1], [1, 1], True)
+    out, idx = parity(P.max_pool2d_with_indices, x, *pool, exact=True, dtype=dtype, what="pool")
+    parity(P.max_pool2d_backward, torch.randn(out.shape, dtype=dtype), x, idx, *pool,
+           dtype=dtype, what="pool backward")
+    xt = torch.randn(7, 5, dtype=dtype).t()
+    for name, (fwd, bwd, from_input) in ACTIVATIONS.items():
+        for inp, g in ((x, torch.randn(x.shape, dtype=dtype)),
+                       (xt, torch.randn(xt.shape, dtype=dtype)),
+                       (xt, torch.randn(xt.shape, dtype=dtype).t().contiguous().t())):
+            y = parity(fwd, inp, dtype=dtype, what=name)
+            parity(bwd, g, inp if from_input else y, dtype=dtype, what=name + "_backward")
+    wt = torch.randn(7, 6, dtype=dtype).t()  # a (6, 7) weight, column-major like xt
+    parity(P.linear_backward, torch.randn(5, 6, dtype=dtype), xt, wt, [True, True, True],
+           dtype=dtype, what="linear_backward, column-major operands")
+    t = torch.rand(x.shape, dtype=dtype)
+    p = torch.rand(x.shape, dtype=dtype).to(memory_format=cl)
+    for loss in ("mse_loss", "binary_cross_entropy"):
+        out = parity(getattr(P, loss), p, t, None, 0, dtype=dtype, what=loss)
+        parity(getattr(P, loss + "_backward"), torch.randn(out.shape, dtype=dtype), p, t, None, 0,
+               dtype=dtype, what=loss + "_backward")
 
 
 # ---- losses -------------------------------------------------------------------------------------

@@ -87,12 +87,13 @@ def torch_pool(x, cfg):
 def check_forward(x, cfg):
     out, idx = ops.max_pool2d_with_indices(x, *args(cfg))
     ref, ref_idx = torch_pool(x, cfg)
-    assert out.is_contiguous() and idx.is_contiguous()
+    helpers.assert_same_strides(out, ref)  # channels_last stays channels_last, as in torch
+    helpers.assert_same_strides(idx, ref_idx)
     assert out.dtype == x.dtype and idx.dtype == torch.int64 and out.device == x.device
     assert torch.equal(idx.cpu(), ref_idx), cfg
     helpers.assert_close(out.cpu(), ref, rtol=0, atol=0)
     plain = ops.max_pool2d(x, *args(cfg))
-    assert plain.is_contiguous()
+    helpers.assert_same_strides(plain, ref)
     helpers.assert_close(plain.cpu(), ref, rtol=0, atol=0)
     return out, idx
 
@@ -237,7 +238,9 @@ def test_strided_inputs(device, dtype):
             ref = torch_grad(xs, cfg, g)
             gi = ops.max_pool2d_backward(helpers.noncontiguous(g), xs, helpers.noncontiguous(idx),
                                          *args(cfg))
-            assert gi.is_contiguous()
+            # torch's grad_input follows the input's memory format, whatever grad_output's
+            helpers.assert_same_strides(gi.cpu(), torch.ops.aten.max_pool2d_with_indices_backward(
+                g.cpu(), xs.cpu(), *args(cfg), torch_pool(xs, cfg)[1]))
             helpers.assert_close(gi.cpu(), ref)
             gi = ops.max_pool2d_backward(g.to(memory_format=torch.channels_last), xs,
                                          idx.to(memory_format=torch.channels_last), *args(cfg))

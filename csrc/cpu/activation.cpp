@@ -64,7 +64,8 @@ Tensor relu_cpu(const Tensor& input) {
 }
 Tensor relu_backward_cpu(const Tensor& grad_output, const Tensor& result) {
   check_elementwise_backward<int64_t>(grad_output, result, "result", "relu_backward");
-  return map_binary(grad_output, result, "relu_backward",
+  return map_binary(empty_activation_backward<int64_t>(grad_output, result, kReluBackwardLead),
+                    grad_output, result, "relu_backward",
                     [](auto g, auto y) { return relu_bwd(g, y); });
 }
 
@@ -77,10 +78,12 @@ Tensor leaky_relu_cpu(const Tensor& input, double negative_slope) {
 Tensor leaky_relu_backward_cpu(const Tensor& grad_output, const Tensor& input,
                                double negative_slope) {
   check_elementwise_backward<int64_t>(grad_output, input, "input", "leaky_relu_backward");
-  return map_binary(grad_output, input, "leaky_relu_backward", [negative_slope](auto g, auto x) {
-    using T = decltype(x);
-    return leaky_relu_grad_select(g, x, static_cast<T>(negative_slope));
-  });
+  Tensor out = empty_activation_backward<int64_t>(grad_output, input, kLeakyReluBackwardLead);
+  return map_binary(out, grad_output, input, "leaky_relu_backward",
+                    [negative_slope](auto g, auto x) {
+                      using T = decltype(x);
+                      return leaky_relu_grad_select(g, x, static_cast<T>(negative_slope));
+                    });
 }
 
 Tensor sigmoid_cpu(const Tensor& input) {
@@ -88,7 +91,8 @@ Tensor sigmoid_cpu(const Tensor& input) {
 }
 Tensor sigmoid_backward_cpu(const Tensor& grad_output, const Tensor& result) {
   check_elementwise_backward<int64_t>(grad_output, result, "result", "sigmoid_backward");
-  return map_binary(grad_output, result, "sigmoid_backward",
+  return map_binary(empty_activation_backward<int64_t>(grad_output, result, kSigmoidBackwardLead),
+                    grad_output, result, "sigmoid_backward",
                     [](auto g, auto y) { return sigmoid_bwd(g, y); });
 }
 
@@ -97,7 +101,8 @@ Tensor tanh_cpu(const Tensor& input) {
 }
 Tensor tanh_backward_cpu(const Tensor& grad_output, const Tensor& result) {
   check_elementwise_backward<int64_t>(grad_output, result, "result", "tanh_backward");
-  return map_binary(grad_output, result, "tanh_backward",
+  return map_binary(empty_activation_backward<int64_t>(grad_output, result, kTanhBackwardLead),
+                    grad_output, result, "tanh_backward",
                     [](auto g, auto y) { return tanh_bwd(g, y); });
 }
 

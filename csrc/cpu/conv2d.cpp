@@ -24,6 +24,10 @@
 // Both are deterministic: each output element is summed in a fixed order that depends on the
 // shapes only, so results are bitwise identical across runs and thread counts.
 //
+// Layout: the kernels compute in contiguous NCHW. When torch would compute in channels_last
+// (input or weight channels_last: common/layout.h), the input pays one copy into NCHW and each
+// result one copy into channels_last, so the strides match torch's.
+//
 // Napkin math, LeNet at batch 64, fp32 (per pass; the machine: 2 cores, ~200 GFLOP/s per core at
 // 2 x 512-bit FMA per cycle, L2 1 MB per core):
 //   conv1 1->6, 5x5, 32x32 -> 28x28 (im2col path): K = 25, 784 columns per image. Forward
@@ -54,6 +58,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/layout.h"
 #include "cpu/gemm.h"
 
 namespace pyengine {
@@ -1013,8 +1018,9 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
   const Tensor x = input.contiguous();
   const Tensor w = weight.contiguous();
   const Tensor b = has_bias ? bias->contiguous() : Tensor();
+  const bool channels_last = conv2d_channels_last(input, weight);
   Tensor out = at::empty(s.output_sizes(), x.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return as_image_layout(out, channels_last);
   dispatch_floating(x.scalar_type(), "conv2d", [&](auto tag) {
     using T = decltype(tag);
     if (use_batch_inner(g)) {
@@ -1026,7 +1032,7 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
     conv2d_forward<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
                       has_bias ? b.const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>());
   });
-  return out;
+  return as_image_layout(out, channels_last);
 }
 
 // ---- Backward -----------------------------------------------------------------------------
@@ -1138,6 +1144,9 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     conv2d_backward_impl<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
                             w.const_data_ptr<T>(), dx, dw, db);
   });
+  const bool channels_last = conv2d_channels_last(input, weight);
+  if (mask[0]) grad_input = as_image_layout(grad_input, channels_last);
+  if (mask[1]) grad_weight = as_image_layout(grad_weight, channels_last);
   return {grad_input, grad_weight, grad_bias};
 }
 

@@ -5,6 +5,8 @@
 //   grad_input   dx = dy W        gemm(rows, in, out):  outer-product kernel, dy packed
 //   grad_weight  dW = dy^T x      gemm(out, in, rows):  outer-product kernel, both read in place
 //   grad_bias    db = sum_r dy    column sums, rows in order
+// The output is contiguous; dx and dW are contiguous or column-major, as torch's mm backward lays
+// them out (common/layout.h): the GEMM writes either layout directly through C's strides.
 //
 // Napkin math, LeNet fc1 (400 -> 120) at batch 256, fp32: each GEMM is 2*256*400*120 = 24.6 MFLOP
 // over 0.4 MB (x) + 0.19 MB (W) + 0.12 MB (y): ~35 FLOP/byte, compute-bound. At ~200 GFLOP/s per
@@ -22,9 +24,11 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <utility>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/layout.h"
 #include "cpu/gemm.h"
 
 namespace pyengine {
@@ -86,18 +90,31 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_output
   const Tensor w = weight.contiguous();
   const int64_t rows = s.rows, in = s.in_features, o = s.out_features;
   Tensor grad_input, grad_weight, grad_bias;
-  if (mask[0]) grad_input = at::empty(input.sizes(), x.options());
-  if (mask[1]) grad_weight = at::empty(weight.sizes(), x.options());
+  if (mask[0])
+    grad_input = empty_with_layout<int64_t>(
+        input.sizes(), linear_grad_input_layout<int64_t>(input, rows, in, mask[1]), x.options());
+  if (mask[1])
+    grad_weight = empty_with_layout<int64_t>(
+        weight.sizes(), linear_grad_weight_layout<int64_t>(weight), x.options());
   if (mask[2]) grad_bias = at::empty({o}, x.options());
+  // Row and column strides of a (m, n) gradient, contiguous or else column-major.
+  auto strides = [](const Tensor& t, int64_t m, int64_t n) {
+    return t.is_contiguous() ? std::pair<int64_t, int64_t>(n, 1)
+                             : std::pair<int64_t, int64_t>(1, m);
+  };
   dispatch_floating(x.scalar_type(), "linear_backward", [&](auto tag) {
     using T = decltype(tag);
     const T* pg = g.const_data_ptr<T>();
-    if (mask[0])  // dx[r, i] = sum_o dy[r, o] W[o, i]
+    if (mask[0]) {  // dx[r, i] = sum_o dy[r, o] W[o, i]
+      const auto [rs, cs] = strides(grad_input, rows, in);
       cpu::gemm_parallel<T>(rows, in, o, pg, o, 1, w.const_data_ptr<T>(), in, 1,
-                            grad_input.mutable_data_ptr<T>(), in, 1, false);
-    if (mask[1])  // dW[o, i] = sum_r dy[r, o] x[r, i]
+                            grad_input.mutable_data_ptr<T>(), rs, cs, false);
+    }
+    if (mask[1]) {  // dW[o, i] = sum_r dy[r, o] x[r, i]
+      const auto [rs, cs] = strides(grad_weight, o, in);
       cpu::gemm_parallel<T>(o, in, rows, pg, 1, o, x.const_data_ptr<T>(), in, 1,
-                            grad_weight.mutable_data_ptr<T>(), in, 1, false);
+                            grad_weight.mutable_data_ptr<T>(), rs, cs, false);
+    }
     if (mask[2]) {
       T* pb = grad_bias.mutable_data_ptr<T>();
       // Each column is summed by one task over all rows in order: thread-count independent.

@@ -1,25 +1,29 @@
 #pragma once
-// Elementwise loop helpers for CPU kernels: dtype dispatch, contiguity, and at::parallel_for
+// Elementwise loop helpers for CPU kernels: dtype dispatch, output layout, and at::parallel_for
 // over flat ranges, so each kernel file states only its per-element math.
+//
+// Outputs have the strides torch gives (common/layout.h): a dense input keeps its layout
+// (channels_last, transposed, ...) and the loop runs straight over its storage, in storage order,
+// with no copy; only an operand laid out differently from the output is copied into its order.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/layout.h"
 
 namespace pyengine {
 
 // Elements per parallel task: below this, threading costs more than it saves.
 constexpr int64_t kElementwiseGrain = 32768;
 
-// out[i] = f(in[i]) over a contiguous copy of `input` (a no-op when already contiguous).
-// The result is a fresh contiguous tensor of input's shape.
+// out = f(input) elementwise, out laid out as torch lays out a unary op's output.
 template <typename F>
 at::Tensor map_unary(const at::Tensor& input, const char* op, F f) {
   check_floating(input, op, "input");
-  const at::Tensor x = input.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor out = empty_elementwise<int64_t>({&input}, input.options());
+  const at::Tensor x = in_order_of(input, out);
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* px = x.const_data_ptr<scalar_t>();
@@ -31,12 +35,13 @@ at::Tensor map_unary(const at::Tensor& input, const char* op, F f) {
   return out;
 }
 
-// out[i] = f(a[i], b[i]); callers have checked that a and b share shape, dtype and device.
+// out = f(a, b) elementwise into `out`, a fresh dense tensor of their shape (its layout chosen by
+// the caller); callers have checked that a and b share shape, dtype and device.
 template <typename F>
-at::Tensor map_binary(const at::Tensor& a, const at::Tensor& b, const char* op, F f) {
-  const at::Tensor x = a.contiguous();
-  const at::Tensor y = b.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
+at::Tensor map_binary(at::Tensor out, const at::Tensor& a, const at::Tensor& b, const char* op,
+                      F f) {
+  const at::Tensor x = in_order_of(a, out);
+  const at::Tensor y = in_order_of(b, out);
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* px = x.const_data_ptr<scalar_t>();

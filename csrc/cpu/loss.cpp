@@ -126,22 +126,27 @@ double mean_denominator(const scalar_t* pw, int64_t n, MeanOver mean_over) {
 // keep up with that). binary_cross_entropy pays two scalar logs per element: compute-bound;
 // measured on one core of the 2-core machine, a 1M float32 'sum' takes ~11 ms (~11 ns per
 // element; torch 2.13 ~20 ms), mse_loss ~0.2 ms (inputs in cache; torch ~3 ms).
+//
+// `out` is the 'none' result, allocated in torch's layout by the caller (undefined otherwise): the
+// operands are read in its storage order. The reductions read contiguous operands.
 template <typename Math>
-Tensor pointwise_loss(const Tensor& input, const Tensor& target, const OptTensor& weight,
-                      int64_t reduction, MeanOver mean_over, const char* op) {
-  const Tensor x = input.contiguous();
-  const Tensor t = target.contiguous();
+Tensor pointwise_loss(Tensor out, const Tensor& input, const Tensor& target,
+                      const OptTensor& weight, int64_t reduction, MeanOver mean_over,
+                      const char* op) {
+  auto operand = [&](const Tensor& v) {
+    return out.defined() ? in_order_of(v, out) : v.contiguous();
+  };
+  const Tensor x = operand(input);
+  const Tensor t = operand(target);
   const Tensor* wp = weight_or_null(weight);
-  const Tensor w = wp ? wp->contiguous() : Tensor();
+  const Tensor w = wp ? operand(*wp) : Tensor();
   const int64_t n = x.numel();
-  Tensor out;
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pt = t.const_data_ptr<scalar_t>();
     const scalar_t* pw = wp ? w.const_data_ptr<scalar_t>() : nullptr;
     if (reduction == 0) {
-      out = at::empty(x.sizes(), x.options());
       scalar_t* po = out.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, n, kElementwiseGrain, [&](int64_t b, int64_t e) {
         if (pw) {
@@ -172,17 +177,17 @@ Tensor pointwise_loss(const Tensor& input, const Tensor& target, const OptTensor
 // input, target (and weight), writes grad_input: 12-20 bytes per float32 element, memory-bound
 // for mse (~0.6 ms per 1M floats), a division per element for binary_cross_entropy; measured
 // (one core, 1M float32, 'sum'): mse 0.4 ms, bce 0.3 ms.
+// grad_input comes allocated in torch's layout; the operands are read in its storage order.
 template <typename Math>
-Tensor pointwise_loss_backward(const Tensor& grad_output, const Tensor& input,
+Tensor pointwise_loss_backward(Tensor grad_input, const Tensor& grad_output, const Tensor& input,
                                const Tensor& target, const OptTensor& weight, int64_t reduction,
                                MeanOver mean_over, const char* op) {
-  const Tensor x = input.contiguous();
-  const Tensor t = target.contiguous();
+  const Tensor x = in_order_of(input, grad_input);
+  const Tensor t = in_order_of(target, grad_input);
   const Tensor* wp = weight_or_null(weight);
-  const Tensor w = wp ? wp->contiguous() : Tensor();
-  const Tensor go = grad_output.contiguous();
+  const Tensor w = wp ? in_order_of(*wp, grad_input) : Tensor();
+  const Tensor go = reduction == 0 ? in_order_of(grad_output, grad_input) : grad_output;
   const int64_t n = x.numel();
-  Tensor grad_input = at::empty(x.sizes(), x.options());
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* px = x.const_data_ptr<scalar_t>();
@@ -218,15 +223,25 @@ Tensor pointwise_loss_backward(const Tensor& grad_output, const Tensor& input,
 Tensor mse_loss_cpu(const Tensor& input, const Tensor& target, const OptTensor& weight,
                     int64_t reduction) {
   check_pointwise_loss<int64_t>(input, target, weight, reduction, "mse_loss");
-  return pointwise_loss<MseMath>(input, target, weight, reduction, MeanOver::WeightSum,
+  Tensor out;
+  if (reduction == 0)
+    out = empty_with_layout<int64_t>(
+        input.sizes(), mse_loss_layout<int64_t>(input, target, weight_or_null(weight)),
+        input.options());
+  return pointwise_loss<MseMath>(out, input, target, weight, reduction, MeanOver::WeightSum,
                                  "mse_loss");
 }
 Tensor mse_loss_backward_cpu(const Tensor& grad_output, const Tensor& input, const Tensor& target,
                              const OptTensor& weight, int64_t reduction) {
   check_pointwise_loss_backward<int64_t>(grad_output, input, target, weight, reduction,
                                          "mse_loss_backward");
-  return pointwise_loss_backward<MseMath>(grad_output, input, target, weight, reduction,
-                                          MeanOver::WeightSum, "mse_loss_backward");
+  Tensor grad_input = empty_with_layout<int64_t>(
+      input.sizes(),
+      mse_loss_backward_layout<int64_t>(grad_output, input, target, weight_or_null(weight),
+                                        reduction),
+      input.options());
+  return pointwise_loss_backward<MseMath>(grad_input, grad_output, input, target, weight,
+                                          reduction, MeanOver::WeightSum, "mse_loss_backward");
 }
 
 // binary_cross_entropy's domain, checked as torch does on CPU: input and target in [0, 1] (NaN
@@ -268,7 +283,8 @@ Tensor binary_cross_entropy_cpu(const Tensor& input, const Tensor& target,
                                 const OptTensor& weight, int64_t reduction) {
   check_pointwise_loss<int64_t>(input, target, weight, reduction, "binary_cross_entropy");
   check_bce_domain(input.contiguous(), target.contiguous());
-  return pointwise_loss<BceMath>(input, target, weight, reduction, MeanOver::Numel,
+  return pointwise_loss<BceMath>(reduction == 0 ? empty_binary_cross_entropy(input) : Tensor(),
+                                 input, target, weight, reduction, MeanOver::Numel,
                                  "binary_cross_entropy");
 }
 // Like torch's, the backward pass does not re-check the domain: it is a formula of (p, y).
@@ -277,8 +293,9 @@ Tensor binary_cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor
                                          int64_t reduction) {
   check_pointwise_loss_backward<int64_t>(grad_output, input, target, weight, reduction,
                                          "binary_cross_entropy_backward");
-  return pointwise_loss_backward<BceMath>(grad_output, input, target, weight, reduction,
-                                          MeanOver::Numel, "binary_cross_entropy_backward");
+  return pointwise_loss_backward<BceMath>(empty_binary_cross_entropy(input), grad_output, input,
+                                          target, weight, reduction, MeanOver::Numel,
+                                          "binary_cross_entropy_backward");
 }
 
 // ---- cross_entropy --------------------------------------------------------------------------

@@ -8,7 +8,8 @@
 // Indices are flat positions inside each H*W input plane.
 //
 // Layout: the input is made contiguous NCHW first (channels_last or strided inputs pay one copy);
-// outputs are fresh contiguous NCHW tensors. Work is split over (plane, output row) for the
+// the kernels write contiguous NCHW results, copied into channels_last when the input is
+// channels_last, as torch's are (common/layout.h). Work is split over (plane, output row) for the
 // forward and over planes for the backward, so every output element is computed by exactly one
 // thread in a fixed order: results do not depend on the thread count.
 //
@@ -48,6 +49,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/layout.h"
 
 namespace pyengine {
 namespace {
@@ -564,7 +566,7 @@ Tensor max_pool2d_cpu(const Tensor& input, IntArrayRef kernel_size, IntArrayRef 
   const PoolGeom g = make_geom(s, kernel_size, stride, padding, dilation);
   Tensor output = at::empty(s.output_sizes(), input.options());
   max_pool2d_forward_impl<false>(input, g, output, nullptr, "max_pool2d");
-  return output;
+  return as_image_layout(output, pool2d_channels_last(input));
 }
 
 std::tuple<Tensor, Tensor> max_pool2d_with_indices_cpu(const Tensor& input,
@@ -577,7 +579,8 @@ std::tuple<Tensor, Tensor> max_pool2d_with_indices_cpu(const Tensor& input,
   Tensor output = at::empty(sizes, input.options());
   Tensor indices = at::empty(sizes, input.options().dtype(at::kLong));
   max_pool2d_forward_impl<true>(input, g, output, &indices, "max_pool2d_with_indices");
-  return {output, indices};
+  const bool channels_last = pool2d_channels_last(input);
+  return {as_image_layout(output, channels_last), as_image_layout(indices, channels_last)};
 }
 
 // ---- Backward -------------------------------------------------------------------------------
@@ -699,7 +702,7 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
                 pi[bad], " lies outside the ", g.H, "x", g.W, " input plane (expected a flat "
                 "position in [0, ", plane_in, ") for a window with input elements)");
   }
-  return grad_input;
+  return as_image_layout(grad_input, pool2d_channels_last(input));
 }
 
 }  // namespace

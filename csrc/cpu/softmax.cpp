@@ -16,7 +16,8 @@
 // Reductions keep a fixed number of partial sums (kLanes, fixed in the source), and work is split
 // over whole rows / blocks, so results are bitwise reproducible and independent of the thread
 // count. (The AVX2 / AVX-512 clones let the compiler contract a*b+c into FMAs, so two machines of
-// different ISA may differ in the last bit; one machine never does.)
+// different ISA may differ in the last bit; one machine never does.) Long rows stay accurate: a
+// partial sum takes at most kCarryTerms terms, then is carried into a double ("Long rows" below).
 //
 // exp() is our own (range reduction to r in [-ln2/2, ln2/2], Taylor polynomial of degree 7 for
 // float / 13 for double, scale by 2^n through the exponent bits): branch-free, so the compiler
@@ -59,6 +60,11 @@ template <typename T>
 constexpr int64_t kLanes = 64 / sizeof(T);
 // Inner positions processed together when dim is not the last one.
 constexpr int64_t kBlock = 256;
+// Terms a float partial sum takes, at most, before it is carried into a double (long rows only).
+constexpr int64_t kCarryTerms = 256;
+// Rows longer than this (a lane's kCarryTerms terms in every lane) take the carrying kernels.
+template <typename T>
+constexpr int64_t kLongRow = kCarryTerms * kLanes<T>;
 // Elements per parallel task.
 constexpr int64_t kGrain = 16384;
 
@@ -98,50 +104,60 @@ PE_ALWAYS_INLINE T row_max(const T* x, int64_t n) {
 
 // ---- Forward, dim last: `rows` contiguous rows of length D --------------------------------------
 
+// sum of exp(x[i] - m) over [0, n), kept in y (softmax) or not (kLog).
+template <typename T, bool kLog>
+PE_ALWAYS_INLINE T exp_sum(const T* x, T* y, int64_t n, T m) {
+  constexpr int64_t L = kLanes<T>;
+  T acc[L] = {};
+  T tail = 0;
+  int64_t i = 0;
+  if (!kLog) {
+    for (; i + L <= n; i += L)
+      for (int64_t l = 0; l < L; ++l) {
+        const T e = fast_exp(x[i + l] - m);
+        y[i + l] = e;
+        acc[l] += e;
+      }
+    for (; i < n; ++i) {
+      const T e = fast_exp(x[i] - m);
+      y[i] = e;
+      tail += e;
+    }
+  } else {
+    for (; i + L <= n; i += L)
+      for (int64_t l = 0; l < L; ++l) acc[l] += fast_exp(x[i + l] - m);
+    for (; i < n; ++i) tail += fast_exp(x[i] - m);
+  }
+  return tree_sum(acc) + tail;
+}
+
+// y = exp(x - m) / sum  or  y = (x - m) - log(sum), given the row's sum.
+template <typename T, bool kLog>
+PE_ALWAYS_INLINE void normalize_row(const T* x, T* y, int64_t D, T m, T sum) {
+  if (!kLog) {
+    const T inv = T(1) / sum;
+    for (int64_t j = 0; j < D; ++j) y[j] *= inv;
+  } else {
+    const T lse = std::log(sum);
+    for (int64_t j = 0; j < D; ++j) y[j] = (x[j] - m) - lse;
+  }
+}
+
 template <typename T, bool kLog>
 PE_ALWAYS_INLINE void forward_rows(const T* x, T* y, int64_t rows, int64_t D) {
-  constexpr int64_t L = kLanes<T>;
   for (int64_t r = 0; r < rows; ++r, x += D, y += D) {
     const T m = row_max(x, D);
-    T acc[L] = {};
-    T tail = 0;
-    int64_t i = 0;
-    if (!kLog) {  // y = exp(x - m), then scaled by 1 / sum
-      for (; i + L <= D; i += L)
-        for (int64_t l = 0; l < L; ++l) {
-          const T e = fast_exp(x[i + l] - m);
-          y[i + l] = e;
-          acc[l] += e;
-        }
-      for (; i < D; ++i) {
-        const T e = fast_exp(x[i] - m);
-        y[i] = e;
-        tail += e;
-      }
-      const T inv = T(1) / (tree_sum(acc) + tail);
-      for (int64_t j = 0; j < D; ++j) y[j] *= inv;
-    } else {  // y = (x - m) - log(sum)
-      for (; i + L <= D; i += L)
-        for (int64_t l = 0; l < L; ++l) acc[l] += fast_exp(x[i + l] - m);
-      for (; i < D; ++i) tail += fast_exp(x[i] - m);
-      const T lse = std::log(tree_sum(acc) + tail);
-      for (int64_t j = 0; j < D; ++j) y[j] = (x[j] - m) - lse;
-    }
+    normalize_row<T, kLog>(x, y, D, m, exp_sum<T, kLog>(x, y, D, m));
   }
 }
 
 // ---- Forward, dim not last: positions [0, cnt) of a block, rows `inner` apart ------------------
 
+// s[i] += exp(x - m[i]) over the rows d in [d0, d1), kept in y (softmax) or not (kLog).
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void forward_block(const T* x, T* y, int64_t D, int64_t inner, int64_t cnt) {
-  T m[kBlock], s[kBlock];
-  for (int64_t i = 0; i < cnt; ++i) m[i] = -std::numeric_limits<T>::infinity();
-  for (int64_t d = 0; d < D; ++d) {
-    const T* xr = x + d * inner;
-    for (int64_t i = 0; i < cnt; ++i) m[i] = xr[i] > m[i] ? xr[i] : m[i];
-  }
-  for (int64_t i = 0; i < cnt; ++i) s[i] = 0;
-  for (int64_t d = 0; d < D; ++d) {
+PE_ALWAYS_INLINE void add_exp_rows(const T* x, T* y, int64_t d0, int64_t d1, int64_t inner,
+                                   int64_t cnt, const T* m, T* s) {
+  for (int64_t d = d0; d < d1; ++d) {
     const T* xr = x + d * inner;
     T* yr = y + d * inner;
     if (!kLog) {
@@ -154,6 +170,21 @@ PE_ALWAYS_INLINE void forward_block(const T* x, T* y, int64_t D, int64_t inner, 
       for (int64_t i = 0; i < cnt; ++i) s[i] += fast_exp(xr[i] - m[i]);
     }
   }
+}
+
+template <typename T>
+PE_ALWAYS_INLINE void block_max(const T* x, int64_t D, int64_t inner, int64_t cnt, T* m) {
+  for (int64_t i = 0; i < cnt; ++i) m[i] = -std::numeric_limits<T>::infinity();
+  for (int64_t d = 0; d < D; ++d) {
+    const T* xr = x + d * inner;
+    for (int64_t i = 0; i < cnt; ++i) m[i] = xr[i] > m[i] ? xr[i] : m[i];
+  }
+}
+
+// y = exp(x - m) / s  or  y = (x - m) - log(s), given the block's sums s.
+template <typename T, bool kLog>
+PE_ALWAYS_INLINE void finish_block(const T* x, T* y, int64_t D, int64_t inner, int64_t cnt,
+                                   const T* m, T* s) {
   if (!kLog) {
     for (int64_t i = 0; i < cnt; ++i) s[i] = T(1) / s[i];
     for (int64_t d = 0; d < D; ++d) {
@@ -170,37 +201,57 @@ PE_ALWAYS_INLINE void forward_block(const T* x, T* y, int64_t D, int64_t inner, 
   }
 }
 
+template <typename T, bool kLog>
+PE_ALWAYS_INLINE void forward_block(const T* x, T* y, int64_t D, int64_t inner, int64_t cnt) {
+  T m[kBlock], s[kBlock];
+  block_max(x, D, inner, cnt, m);
+  for (int64_t i = 0; i < cnt; ++i) s[i] = 0;
+  add_exp_rows<T, kLog>(x, y, 0, D, inner, cnt, m, s);
+  finish_block<T, kLog>(x, y, D, inner, cnt, m, s);
+}
+
 // ---- Backward, dim last -------------------------------------------------------------------------
 
+// sum of g * y (softmax) or of g (kLog) over [0, n).
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void backward_rows(const T* g, const T* y, T* gx, int64_t rows, int64_t D) {
+PE_ALWAYS_INLINE T grad_sum(const T* g, const T* y, int64_t n) {
   constexpr int64_t L = kLanes<T>;
-  for (int64_t r = 0; r < rows; ++r, g += D, y += D, gx += D) {
-    T acc[L] = {};
-    T tail = 0;
-    int64_t i = 0;
-    if (!kLog) {  // gx = y * (g - sum(g * y))
-      for (; i + L <= D; i += L)
-        for (int64_t l = 0; l < L; ++l) acc[l] += g[i + l] * y[i + l];
-      for (; i < D; ++i) tail += g[i] * y[i];
-      const T dot = tree_sum(acc) + tail;
-      for (int64_t j = 0; j < D; ++j) gx[j] = y[j] * (g[j] - dot);
-    } else {  // gx = g - exp(y) * sum(g)
-      for (; i + L <= D; i += L)
-        for (int64_t l = 0; l < L; ++l) acc[l] += g[i + l];
-      for (; i < D; ++i) tail += g[i];
-      const T sum = tree_sum(acc) + tail;
-      for (int64_t j = 0; j < D; ++j) gx[j] = g[j] - fast_exp(y[j]) * sum;
-    }
+  T acc[L] = {};
+  T tail = 0;
+  int64_t i = 0;
+  if (!kLog) {
+    for (; i + L <= n; i += L)
+      for (int64_t l = 0; l < L; ++l) acc[l] += g[i + l] * y[i + l];
+    for (; i < n; ++i) tail += g[i] * y[i];
+  } else {
+    for (; i + L <= n; i += L)
+      for (int64_t l = 0; l < L; ++l) acc[l] += g[i + l];
+    for (; i < n; ++i) tail += g[i];
+  }
+  return tree_sum(acc) + tail;
+}
+
+// gx = y * (g - sum(g * y))  or  gx = g - exp(y) * sum(g), given the row's sum.
+template <typename T, bool kLog>
+PE_ALWAYS_INLINE void finish_grad_row(const T* g, const T* y, T* gx, int64_t D, T sum) {
+  if (!kLog) {
+    for (int64_t j = 0; j < D; ++j) gx[j] = y[j] * (g[j] - sum);
+  } else {
+    for (int64_t j = 0; j < D; ++j) gx[j] = g[j] - fast_exp(y[j]) * sum;
   }
 }
 
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void backward_block(const T* g, const T* y, T* gx, int64_t D, int64_t inner,
-                                     int64_t cnt) {
-  T s[kBlock];
-  for (int64_t i = 0; i < cnt; ++i) s[i] = 0;
-  for (int64_t d = 0; d < D; ++d) {
+PE_ALWAYS_INLINE void backward_rows(const T* g, const T* y, T* gx, int64_t rows, int64_t D) {
+  for (int64_t r = 0; r < rows; ++r, g += D, y += D, gx += D)
+    finish_grad_row<T, kLog>(g, y, gx, D, grad_sum<T, kLog>(g, y, D));
+}
+
+// s[i] += g * y (softmax) or g (kLog) over the rows d in [d0, d1).
+template <typename T, bool kLog>
+PE_ALWAYS_INLINE void add_grad_rows(const T* g, const T* y, int64_t d0, int64_t d1,
+                                    int64_t inner, int64_t cnt, T* s) {
+  for (int64_t d = d0; d < d1; ++d) {
     const T* gr = g + d * inner;
     const T* yr = y + d * inner;
     if (!kLog) {
@@ -209,6 +260,12 @@ PE_ALWAYS_INLINE void backward_block(const T* g, const T* y, T* gx, int64_t D, i
       for (int64_t i = 0; i < cnt; ++i) s[i] += gr[i];
     }
   }
+}
+
+// gx from the block's sums s.
+template <typename T, bool kLog>
+PE_ALWAYS_INLINE void finish_grad_block(const T* g, const T* y, T* gx, int64_t D, int64_t inner,
+                                        int64_t cnt, const T* s) {
   for (int64_t d = 0; d < D; ++d) {
     const T* gr = g + d * inner;
     const T* yr = y + d * inner;
@@ -219,6 +276,89 @@ PE_ALWAYS_INLINE void backward_block(const T* g, const T* y, T* gx, int64_t D, i
       for (int64_t i = 0; i < cnt; ++i) gxr[i] = gr[i] - fast_exp(yr[i]) * s[i];
     }
   }
+}
+
+template <typename T, bool kLog>
+PE_ALWAYS_INLINE void backward_block(const T* g, const T* y, T* gx, int64_t D, int64_t inner,
+                                     int64_t cnt) {
+  T s[kBlock];
+  for (int64_t i = 0; i < cnt; ++i) s[i] = 0;
+  add_grad_rows<T, kLog>(g, y, 0, D, inner, cnt, s);
+  finish_grad_block<T, kLog>(g, y, gx, D, inner, cnt, s);
+}
+
+// ---- Long rows: float partial sums carried into double ------------------------------------------
+//
+// A float partial sum that has grown far beyond its terms drops their low bits, then the terms
+// themselves: exp() summed over a float32 row of 2^28 elements in 16 lanes (2^24 terms each) is
+// off by percents (torch's too), and a row whose mass is a long tail of small terms behind a few
+// large ones loses the tail already at 2^24 elements (tests/test_softmax.py). So the kernels below
+// cut rows longer than kLongRow into pieces of kLongRow elements (kCarryTerms per lane), or dims
+// longer than kCarryTerms into runs of kCarryTerms, sum each piece with the float kernels above
+// and add the pieces in double. The error is then that of a 256-term sum, at most 256 * 2^-24 =
+// 1.5e-5 relative (softmax's terms are positive), at any length, for a few adds per 4096 floats.
+// Shorter rows and dims keep the kernels above unchanged, bit for bit and cycle for cycle: these
+// are separate entry points, chosen by the driver.
+
+template <typename T, bool kLog>
+PE_ALWAYS_INLINE void forward_long_rows(const T* x, T* y, int64_t rows, int64_t D) {
+  for (int64_t r = 0; r < rows; ++r, x += D, y += D) {
+    const T m = row_max(x, D);
+    double sum = 0;
+    for (int64_t c = 0; c < D; c += kLongRow<T>)
+      sum += static_cast<double>(
+          exp_sum<T, kLog>(x + c, y + c, std::min(kLongRow<T>, D - c), m));
+    normalize_row<T, kLog>(x, y, D, m, static_cast<T>(sum));
+  }
+}
+
+template <typename T, bool kLog>
+PE_ALWAYS_INLINE void backward_long_rows(const T* g, const T* y, T* gx, int64_t rows,
+                                         int64_t D) {
+  for (int64_t r = 0; r < rows; ++r, g += D, y += D, gx += D) {
+    double sum = 0;
+    for (int64_t c = 0; c < D; c += kLongRow<T>)
+      sum += static_cast<double>(grad_sum<T, kLog>(g + c, y + c, std::min(kLongRow<T>, D - c)));
+    finish_grad_row<T, kLog>(g, y, gx, D, static_cast<T>(sum));
+  }
+}
+
+// carried[i] += s[i], then s[i] = 0.
+template <typename T>
+PE_ALWAYS_INLINE void carry(double* carried, T* s, int64_t cnt) {
+  for (int64_t i = 0; i < cnt; ++i) {
+    carried[i] += static_cast<double>(s[i]);
+    s[i] = 0;
+  }
+}
+
+template <typename T, bool kLog>
+PE_ALWAYS_INLINE void forward_long_block(const T* x, T* y, int64_t D, int64_t inner,
+                                         int64_t cnt) {
+  T m[kBlock], s[kBlock];
+  double carried[kBlock];
+  block_max(x, D, inner, cnt, m);
+  for (int64_t i = 0; i < cnt; ++i) s[i] = 0, carried[i] = 0;
+  for (int64_t d0 = 0; d0 < D; d0 += kCarryTerms) {
+    add_exp_rows<T, kLog>(x, y, d0, std::min(D, d0 + kCarryTerms), inner, cnt, m, s);
+    carry(carried, s, cnt);
+  }
+  for (int64_t i = 0; i < cnt; ++i) s[i] = static_cast<T>(carried[i]);
+  finish_block<T, kLog>(x, y, D, inner, cnt, m, s);
+}
+
+template <typename T, bool kLog>
+PE_ALWAYS_INLINE void backward_long_block(const T* g, const T* y, T* gx, int64_t D,
+                                          int64_t inner, int64_t cnt) {
+  T s[kBlock];
+  double carried[kBlock];
+  for (int64_t i = 0; i < cnt; ++i) s[i] = 0, carried[i] = 0;
+  for (int64_t d0 = 0; d0 < D; d0 += kCarryTerms) {
+    add_grad_rows<T, kLog>(g, y, d0, std::min(D, d0 + kCarryTerms), inner, cnt, s);
+    carry(carried, s, cnt);
+  }
+  for (int64_t i = 0; i < cnt; ++i) s[i] = static_cast<T>(carried[i]);
+  finish_grad_block<T, kLog>(g, y, gx, D, inner, cnt, s);
 }
 
 // ---- ISA-dispatched entry points (target_clones wants plain functions) ------------------------
@@ -238,6 +378,21 @@ PE_ALWAYS_INLINE void backward_block(const T* g, const T* y, T* gx, int64_t D, i
   PE_CLONES void backward_block_##tag(const T* g, const T* y, T* gx, int64_t D,              \
                                       int64_t inner, int64_t cnt) {                          \
     backward_block<T, LOG>(g, y, gx, D, inner, cnt);                                         \
+  }                                                                                          \
+  PE_CLONES void forward_long_rows_##tag(const T* x, T* y, int64_t rows, int64_t D) {        \
+    forward_long_rows<T, LOG>(x, y, rows, D);                                                \
+  }                                                                                          \
+  PE_CLONES void forward_long_block_##tag(const T* x, T* y, int64_t D, int64_t inner,        \
+                                          int64_t cnt) {                                     \
+    forward_long_block<T, LOG>(x, y, D, inner, cnt);                                         \
+  }                                                                                          \
+  PE_CLONES void backward_long_rows_##tag(const T* g, const T* y, T* gx, int64_t rows,       \
+                                          int64_t D) {                                       \
+    backward_long_rows<T, LOG>(g, y, gx, rows, D);                                           \
+  }                                                                                          \
+  PE_CLONES void backward_long_block_##tag(const T* g, const T* y, T* gx, int64_t D,         \
+                                           int64_t inner, int64_t cnt) {                     \
+    backward_long_block<T, LOG>(g, y, gx, D, inner, cnt);                                    \
   }
 
 PE_SOFTMAX_ENTRY(float, false, f32)
@@ -252,16 +407,20 @@ struct Kernels;
   template <>                                                                                \
   struct Kernels<T, LOG> {                                                                   \
     static void fwd_rows(const T* x, T* y, int64_t rows, int64_t D) {                        \
+      if (D > kLongRow<T>) return forward_long_rows_##tag(x, y, rows, D);                    \
       forward_rows_##tag(x, y, rows, D);                                                     \
     }                                                                                        \
     static void fwd_block(const T* x, T* y, int64_t D, int64_t inner, int64_t cnt) {         \
+      if (D > kCarryTerms) return forward_long_block_##tag(x, y, D, inner, cnt);             \
       forward_block_##tag(x, y, D, inner, cnt);                                              \
     }                                                                                        \
     static void bwd_rows(const T* g, const T* y, T* gx, int64_t rows, int64_t D) {           \
+      if (D > kLongRow<T>) return backward_long_rows_##tag(g, y, gx, rows, D);               \
       backward_rows_##tag(g, y, gx, rows, D);                                                \
     }                                                                                        \
     static void bwd_block(const T* g, const T* y, T* gx, int64_t D, int64_t inner,           \
                           int64_t cnt) {                                                     \
+      if (D > kCarryTerms) return backward_long_block_##tag(g, y, gx, D, inner, cnt);        \
       backward_block_##tag(g, y, gx, D, inner, cnt);                                         \
     }                                                                                        \
   };

@@ -1,5 +1,6 @@
 // CUDA glue of relu, leaky_relu, sigmoid, tanh and their backward passes (kernels:
-// activation.cu). Same checks, in the same order, as csrc/cpu/activation.cpp.
+// activation.cu). Same checks, in the same order, and the same output layouts as
+// csrc/cpu/activation.cpp: the kernels run flat over dense storage in the output's order.
 #include <torch/library.h>
 
 #include "cuda/glue.h"
@@ -11,8 +12,8 @@ namespace {
 Tensor unary(const Tensor& input, const char* op, Activation act, double slope = 0.0) {
   check_floating(input, op, "input");
   c10::cuda::CUDAGuard guard(input.device());
-  const Tensor x = input.contiguous();
-  Tensor out = at::empty(x.sizes(), x.options());
+  Tensor out = empty_elementwise<int64_t>({&input}, input.options());
+  const Tensor x = in_order_of(input, out);
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     C10_CUDA_CHECK(activation_forward<T>(act, x.const_data_ptr<T>(), out.mutable_data_ptr<T>(),
@@ -22,12 +23,12 @@ Tensor unary(const Tensor& input, const char* op, Activation act, double slope =
 }
 
 Tensor binary(const Tensor& grad_output, const Tensor& saved, const char* saved_arg,
-              const char* op, Activation act, double slope = 0.0) {
+              const char* op, BackwardLead lead, Activation act, double slope = 0.0) {
   check_elementwise_backward<int64_t>(grad_output, saved, saved_arg, op);
   c10::cuda::CUDAGuard guard(grad_output.device());
-  const Tensor g = grad_output.contiguous();
-  const Tensor s = saved.contiguous();
-  Tensor out = at::empty(g.sizes(), g.options());
+  Tensor out = empty_activation_backward<int64_t>(grad_output, saved, lead);
+  const Tensor g = in_order_of(grad_output, out);
+  const Tensor s = in_order_of(saved, out);
   dispatch_floating(g.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     C10_CUDA_CHECK(activation_backward<T>(act, g.const_data_ptr<T>(), s.const_data_ptr<T>(),
@@ -39,23 +40,26 @@ Tensor binary(const Tensor& grad_output, const Tensor& saved, const char* saved_
 
 Tensor relu_cuda(const Tensor& input) { return unary(input, "relu", Activation::Relu); }
 Tensor relu_backward_cuda(const Tensor& grad_output, const Tensor& result) {
-  return binary(grad_output, result, "result", "relu_backward", Activation::Relu);
+  return binary(grad_output, result, "result", "relu_backward", kReluBackwardLead,
+                Activation::Relu);
 }
 Tensor leaky_relu_cuda(const Tensor& input, double negative_slope) {
   return unary(input, "leaky_relu", Activation::LeakyRelu, negative_slope);
 }
 Tensor leaky_relu_backward_cuda(const Tensor& grad_output, const Tensor& input,
                                 double negative_slope) {
-  return binary(grad_output, input, "input", "leaky_relu_backward", Activation::LeakyRelu,
-                negative_slope);
+  return binary(grad_output, input, "input", "leaky_relu_backward", kLeakyReluBackwardLead,
+                Activation::LeakyRelu, negative_slope);
 }
 Tensor sigmoid_cuda(const Tensor& input) { return unary(input, "sigmoid", Activation::Sigmoid); }
 Tensor sigmoid_backward_cuda(const Tensor& grad_output, const Tensor& result) {
-  return binary(grad_output, result, "result", "sigmoid_backward", Activation::Sigmoid);
+  return binary(grad_output, result, "result", "sigmoid_backward", kSigmoidBackwardLead,
+                Activation::Sigmoid);
 }
 Tensor tanh_cuda(const Tensor& input) { return unary(input, "tanh", Activation::Tanh); }
 Tensor tanh_backward_cuda(const Tensor& grad_output, const Tensor& result) {
-  return binary(grad_output, result, "result", "tanh_backward", Activation::Tanh);
+  return binary(grad_output, result, "result", "tanh_backward", kTanhBackwardLead,
+                Activation::Tanh);
 }
 
 }  // namespace

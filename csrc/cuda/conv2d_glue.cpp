@@ -1,6 +1,8 @@
 // CUDA glue of conv2d and conv2d_backward (kernels: conv2d.cu, bias gradient: linear.cu's
 // channel_sum). Same checks as the CPU kernels (common/checks.h); an unbatched (C, H, W) input is
 // a batch of one. Empty dims need no special case: a GEMM with K = 0 writes zeros (or the bias).
+// The kernels compute in NCHW; results are copied into channels_last when torch would give
+// channels_last (common/layout.h), as on CPU.
 #include <torch/library.h>
 
 #include <limits>
@@ -50,15 +52,16 @@ Tensor conv2d_cuda(const Tensor& input, const Tensor& weight, const OptTensor& b
   const Tensor x = input.contiguous();
   const Tensor w = weight.contiguous();
   const Tensor b = contiguous_or_undefined(bias);
+  const bool channels_last = conv2d_channels_last(input, weight);
   Tensor out = at::empty(s.output_sizes(), x.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return as_image_layout(out, channels_last);
   dispatch_floating(x.scalar_type(), "conv2d", [&](auto tag) {
     using T = decltype(tag);
     C10_CUDA_CHECK(conv2d_forward<T>(x.const_data_ptr<T>(), w.const_data_ptr<T>(),
                                      ptr_or_null<T>(b), out.mutable_data_ptr<T>(), g,
                                      current_stream()));
   });
-  return out;
+  return as_image_layout(out, channels_last);
 }
 
 std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(const Tensor& grad_output,
@@ -100,6 +103,9 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(const Tensor& grad_outpu
                                     mutable_ptr_or_null<double>(ws), stream));
     }
   });
+  const bool channels_last = conv2d_channels_last(input, weight);
+  if (mask[0]) grad_input = as_image_layout(grad_input, channels_last);
+  if (mask[1]) grad_weight = as_image_layout(grad_weight, channels_last);
   return {grad_input, grad_weight, grad_bias};
 }
 

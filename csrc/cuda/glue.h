@@ -13,6 +13,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/layout.h"
 #include "cuda/launchers.h"
 
 namespace pyengine {

@@ -1,6 +1,8 @@
 // CUDA glue of linear and linear_backward (kernels: linear.cu, gemm.cuh). Same checks as the CPU
 // kernels (common/checks.h). Empty dims need no special case: a GEMM with K = 0 writes zeros (or
-// the bias), so grad_weight of an empty batch is zeros, as on CPU.
+// the bias), so grad_weight of an empty batch is zeros, as on CPU. Gradients have torch's layout
+// (common/layout.h): the kernels write contiguous results, so a column-major gradient is computed
+// into a contiguous buffer and copied.
 #include <torch/library.h>
 
 #include "cuda/glue.h"
@@ -36,23 +38,29 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cuda(const Tensor& grad_outpu
   const Tensor w = weight.contiguous();
   const int64_t rows = s.rows, in = s.in_features, out = s.out_features;
   Tensor grad_input, grad_weight, grad_bias;
-  if (mask[0]) grad_input = at::empty(input.sizes(), x.options());
-  if (mask[1]) grad_weight = at::empty(weight.sizes(), x.options());
+  if (mask[0])
+    grad_input = empty_with_layout<int64_t>(
+        input.sizes(), linear_grad_input_layout<int64_t>(input, rows, in, mask[1]), x.options());
+  if (mask[1])
+    grad_weight = empty_with_layout<int64_t>(
+        weight.sizes(), linear_grad_weight_layout<int64_t>(weight), x.options());
   if (mask[2]) grad_bias = at::empty({out}, x.options());
+  auto contiguous_buffer = [](const Tensor& t) {
+    return !t.defined() || t.is_contiguous() ? t : at::empty(t.sizes(), t.options());
+  };
+  Tensor gi = contiguous_buffer(grad_input), gw = contiguous_buffer(grad_weight);
   const cudaStream_t stream = current_stream();
   dispatch_floating(x.scalar_type(), "linear_backward", [&](auto tag) {
     using T = decltype(tag);
     const T* pg = g.const_data_ptr<T>();
-    if (mask[0] && grad_input.numel() > 0) {
-      C10_CUDA_CHECK(linear_grad_input<T>(pg, w.const_data_ptr<T>(),
-                                          grad_input.mutable_data_ptr<T>(), rows, in, out,
-                                          stream));
+    if (mask[0] && gi.numel() > 0) {
+      C10_CUDA_CHECK(linear_grad_input<T>(pg, w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(),
+                                          rows, in, out, stream));
     }
-    if (mask[1] && grad_weight.numel() > 0) {
+    if (mask[1] && gw.numel() > 0) {
       Tensor ws = workspace(linear_grad_weight_workspace(rows, in, out), x.scalar_type(), x);
-      C10_CUDA_CHECK(linear_grad_weight<T>(pg, x.const_data_ptr<T>(),
-                                           grad_weight.mutable_data_ptr<T>(), rows, in, out,
-                                           mutable_ptr_or_null<T>(ws), stream));
+      C10_CUDA_CHECK(linear_grad_weight<T>(pg, x.const_data_ptr<T>(), gw.mutable_data_ptr<T>(),
+                                           rows, in, out, mutable_ptr_or_null<T>(ws), stream));
     }
     if (mask[2] && out > 0) {
       Tensor ws = workspace(channel_sum_workspace(rows, out, 1), at::kDouble, x);
@@ -60,6 +68,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cuda(const Tensor& grad_outpu
                                     mutable_ptr_or_null<double>(ws), stream));
     }
   });
+  if (gi.defined() && !gi.is_same(grad_input)) grad_input.copy_(gi);
+  if (gw.defined() && !gw.is_same(grad_weight)) grad_weight.copy_(gw);
   return {grad_input, grad_weight, grad_bias};
 }
 

@@ -1,7 +1,9 @@
 // CUDA glue of mse_loss, binary_cross_entropy, cross_entropy and their backward passes (kernels:
 // loss.cu). Same data-independent checks as csrc/cpu/loss.cpp (common/checks.h). The
 // data-dependent ones (binary_cross_entropy's [0, 1] domain, cross_entropy's target range) are
-// device-side asserts in the kernels: raising them here would need a host sync.
+// device-side asserts in the kernels: raising them here would need a host sync. Output layouts as
+// on CPU (common/layout.h): 'none' results and gradients are allocated in torch's layout and the
+// elementwise kernels read every operand in that storage order.
 #include <torch/library.h>
 
 #include "cuda/glue.h"
@@ -10,16 +12,22 @@ namespace pyengine {
 namespace cuda {
 namespace {
 
+// `none_output` allocates the 'none' result in torch's layout.
 Tensor pointwise_loss(const Tensor& input, const Tensor& target, const OptTensor& weight,
                       int64_t reduction, PointwiseLoss loss, bool mean_over_weight,
-                      const char* op) {
+                      const char* op, Tensor (*none_output)(const Tensor&, const Tensor&,
+                                                            const OptTensor&)) {
   check_pointwise_loss<int64_t>(input, target, weight, reduction, op);
   c10::cuda::CUDAGuard guard(input.device());
-  const Tensor x = input.contiguous();
-  const Tensor t = target.contiguous();
-  const Tensor w = contiguous_or_undefined(weight);
+  Tensor out =
+      reduction == 0 ? none_output(input, target, weight) : at::empty({}, input.options());
+  auto operand = [&](const Tensor& v) {
+    return reduction == 0 ? in_order_of(v, out) : v.contiguous();
+  };
+  const Tensor x = operand(input);
+  const Tensor t = operand(target);
+  const Tensor w = has(weight) ? operand(*weight) : Tensor();
   const int64_t n = x.numel();
-  Tensor out = at::empty(loss_output_sizes<int64_t>(x, reduction), x.options());
   if (out.numel() == 0) return out;
   Tensor ws = workspace(pointwise_loss_workspace(n, reduction), at::kDouble, x);
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
@@ -32,17 +40,21 @@ Tensor pointwise_loss(const Tensor& input, const Tensor& target, const OptTensor
   return out;
 }
 
+// `empty_grad_input`: grad_input allocated in torch's layout.
 Tensor pointwise_loss_backward(const Tensor& grad_output, const Tensor& input,
                                const Tensor& target, const OptTensor& weight, int64_t reduction,
-                               PointwiseLoss loss, bool mean_over_weight, const char* op) {
+                               PointwiseLoss loss, bool mean_over_weight, const char* op,
+                               Tensor (*empty_grad_input)(const Tensor&, const Tensor&,
+                                                          const Tensor&, const OptTensor&,
+                                                          int64_t)) {
   check_pointwise_loss_backward<int64_t>(grad_output, input, target, weight, reduction, op);
   c10::cuda::CUDAGuard guard(input.device());
-  const Tensor x = input.contiguous();
-  const Tensor t = target.contiguous();
-  const Tensor w = contiguous_or_undefined(weight);
-  const Tensor g = grad_output.contiguous();
+  Tensor grad_input = empty_grad_input(grad_output, input, target, weight, reduction);
+  const Tensor x = in_order_of(input, grad_input);
+  const Tensor t = in_order_of(target, grad_input);
+  const Tensor w = has(weight) ? in_order_of(*weight, grad_input) : Tensor();
+  const Tensor g = reduction == 0 ? in_order_of(grad_output, grad_input) : grad_output;
   const int64_t n = x.numel();
-  Tensor grad_input = at::empty(x.sizes(), x.options());
   if (n == 0) return grad_input;
   Tensor ws = workspace(
       pointwise_loss_backward_workspace(n, reduction, mean_over_weight, w.defined()),
@@ -57,26 +69,50 @@ Tensor pointwise_loss_backward(const Tensor& grad_output, const Tensor& input,
   return grad_input;
 }
 
+// Output layouts of the pointwise losses (common/layout.h).
+Tensor mse_loss_output(const Tensor& input, const Tensor& target, const OptTensor& weight) {
+  return empty_with_layout<int64_t>(
+      input.sizes(), mse_loss_layout<int64_t>(input, target, has(weight) ? &*weight : nullptr),
+      input.options());
+}
+Tensor mse_loss_grad_input(const Tensor& grad_output, const Tensor& input, const Tensor& target,
+                           const OptTensor& weight, int64_t reduction) {
+  return empty_with_layout<int64_t>(
+      input.sizes(),
+      mse_loss_backward_layout<int64_t>(grad_output, input, target,
+                                        has(weight) ? &*weight : nullptr, reduction),
+      input.options());
+}
+Tensor bce_output(const Tensor& input, const Tensor&, const OptTensor&) {
+  return empty_binary_cross_entropy(input);
+}
+Tensor bce_grad_input(const Tensor&, const Tensor& input, const Tensor&, const OptTensor&,
+                      int64_t) {
+  return empty_binary_cross_entropy(input);
+}
+
 Tensor mse_loss_cuda(const Tensor& input, const Tensor& target, const OptTensor& weight,
                      int64_t reduction) {
-  return pointwise_loss(input, target, weight, reduction, PointwiseLoss::Mse, true, "mse_loss");
+  return pointwise_loss(input, target, weight, reduction, PointwiseLoss::Mse, true, "mse_loss",
+                        mse_loss_output);
 }
 Tensor mse_loss_backward_cuda(const Tensor& grad_output, const Tensor& input,
                               const Tensor& target, const OptTensor& weight, int64_t reduction) {
   return pointwise_loss_backward(grad_output, input, target, weight, reduction,
-                                 PointwiseLoss::Mse, true, "mse_loss_backward");
+                                 PointwiseLoss::Mse, true, "mse_loss_backward",
+                                 mse_loss_grad_input);
 }
 Tensor binary_cross_entropy_cuda(const Tensor& input, const Tensor& target,
                                  const OptTensor& weight, int64_t reduction) {
   return pointwise_loss(input, target, weight, reduction, PointwiseLoss::BinaryCrossEntropy,
-                        false, "binary_cross_entropy");
+                        false, "binary_cross_entropy", bce_output);
 }
 Tensor binary_cross_entropy_backward_cuda(const Tensor& grad_output, const Tensor& input,
                                           const Tensor& target, const OptTensor& weight,
                                           int64_t reduction) {
   return pointwise_loss_backward(grad_output, input, target, weight, reduction,
                                  PointwiseLoss::BinaryCrossEntropy, false,
-                                 "binary_cross_entropy_backward");
+                                 "binary_cross_entropy_backward", bce_grad_input);
 }
 
 Tensor cross_entropy_cuda(const Tensor& input, const Tensor& target, const OptTensor& weight,

@@ -1,5 +1,6 @@
 // CUDA glue of max_pool2d, max_pool2d_with_indices and max_pool2d_backward (kernels: pool.cu).
-// Same checks as csrc/cpu/pool.cpp (common/checks.h); unbatched (C, H, W) inputs are one batch.
+// Same checks and output layouts as csrc/cpu/pool.cpp (common/checks.h, common/layout.h);
+// unbatched (C, H, W) inputs are one batch.
 #include <torch/library.h>
 
 #include "cuda/glue.h"
@@ -47,7 +48,7 @@ Tensor max_pool2d_cuda(const Tensor& input, IntArrayRef kernel_size, IntArrayRef
   const PoolGeometry g = geometry(s, kernel_size, stride, padding, dilation);
   Tensor output = at::empty(s.output_sizes(), input.options());
   forward(input, g, output, nullptr, "max_pool2d");
-  return output;
+  return as_image_layout(output, pool2d_channels_last(input));
 }
 
 std::tuple<Tensor, Tensor> max_pool2d_with_indices_cuda(const Tensor& input,
@@ -60,7 +61,8 @@ std::tuple<Tensor, Tensor> max_pool2d_with_indices_cuda(const Tensor& input,
   Tensor output = at::empty(sizes, input.options());
   Tensor indices = at::empty(sizes, input.options().dtype(at::kLong));
   forward(input, g, output, &indices, "max_pool2d_with_indices");
-  return {output, indices};
+  const bool channels_last = pool2d_channels_last(input);
+  return {as_image_layout(output, channels_last), as_image_layout(indices, channels_last)};
 }
 
 Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input,
@@ -80,7 +82,7 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input,
                                           grad_input.mutable_data_ptr<T>(), g,
                                           current_stream()));
   });
-  return grad_input;
+  return as_image_layout(grad_input, pool2d_channels_last(input));
 }
 
 }  // namespace

@@ -15,6 +15,13 @@
 //               threads read adjacent memory, so every pass over d is coalesced.
 // exp is recomputed in the write pass instead of stored and re-read: compute is cheaper than the
 // extra traffic.
+// Sums accumulate in double (Acc), per thread and through the warp reduction, also for float: a
+// float32 row of 2^28 elements gives each of a warp's 32 threads 2^23 terms, and a float partial
+// sum that large drops its small terms (percent errors; csrc/cpu/softmax.cpp carries its float
+// partials into double for the same reason; tests/test_softmax.py checks rows of 2^24 and 2^28
+// elements on every device). One double add per element in memory-bound kernels, on GPUs whose
+// FP64 rate is half the FP32 one (H100 / H200): expected to cost nothing visible, not yet
+// measured (no GPU where this was written).
 //
 // Napkin math (H100): a pass reads x twice (max, sum; the second mostly from L2 for rows that fit)
 // and writes y once: ~12 B per fp32 element worst case, ~8 B typical. 4096 x 1000 fp32 (16 MB
@@ -30,6 +37,7 @@ namespace cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = kThreads / 32;
+using Acc = double;
 
 template <typename T, bool kLog>
 __global__ void softmax_rows_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows,
@@ -45,14 +53,14 @@ __global__ void softmax_rows_kernel(const T* __restrict__ x, T* __restrict__ y, 
     T m = -infinity<T>();
     for (int64_t j = lane; j < D; j += 32) m = xr[j] > m ? xr[j] : m;
     m = warp_max(m);
-    T s = 0;
+    Acc s = 0;
     for (int64_t j = lane; j < D; j += 32) s += exp(xr[j] - m);
     s = warp_sum(s);
     if (!kLog) {
-      const T inv = T(1) / s;
+      const T inv = static_cast<T>(1 / s);
       for (int64_t j = lane; j < D; j += 32) yr[j] = exp(xr[j] - m) * inv;
     } else {
-      const T lse = log(s);
+      const T lse = static_cast<T>(log(s));
       for (int64_t j = lane; j < D; j += 32) yr[j] = (xr[j] - m) - lse;
     }
   }
@@ -71,13 +79,13 @@ __global__ void softmax_cols_kernel(const T* __restrict__ x, T* __restrict__ y, 
       const T v = x[base + d * inner];
       m = v > m ? v : m;
     }
-    T s = 0;
+    Acc s = 0;
     for (int64_t d = 0; d < D; ++d) s += exp(x[base + d * inner] - m);
     if (!kLog) {
-      const T inv = T(1) / s;
+      const T inv = static_cast<T>(1 / s);
       for (int64_t d = 0; d < D; ++d) y[base + d * inner] = exp(x[base + d * inner] - m) * inv;
     } else {
-      const T lse = log(s);
+      const T lse = static_cast<T>(log(s));
       for (int64_t d = 0; d < D; ++d) y[base + d * inner] = (x[base + d * inner] - m) - lse;
     }
   }
@@ -94,9 +102,9 @@ __global__ void softmax_backward_rows_kernel(const T* __restrict__ g, const T* _
     const T* gr = g + r * D;
     const T* yr = y + r * D;
     T* gxr = gx + r * D;
-    T s = 0;
-    for (int64_t j = lane; j < D; j += 32) s += kLog ? gr[j] : gr[j] * yr[j];
-    s = warp_sum(s);
+    Acc acc = 0;
+    for (int64_t j = lane; j < D; j += 32) acc += kLog ? gr[j] : gr[j] * yr[j];
+    const T s = static_cast<T>(warp_sum(acc));
     for (int64_t j = lane; j < D; j += 32)
       gxr[j] = kLog ? gr[j] - exp(yr[j]) * s : yr[j] * (gr[j] - s);
   }
@@ -110,11 +118,12 @@ __global__ void softmax_backward_cols_kernel(const T* __restrict__ g, const T* _
   PE_GRID_STRIDE_LOOP(c, outer * inner) {
     const int64_t o = c / inner;
     const int64_t base = o * D * inner + (c - o * inner);
-    T s = 0;
+    Acc acc = 0;
     for (int64_t d = 0; d < D; ++d) {
       const int64_t k = base + d * inner;
-      s += kLog ? g[k] : g[k] * y[k];
+      acc += kLog ? g[k] : g[k] * y[k];
     }
+    const T s = static_cast<T>(acc);
     for (int64_t d = 0; d < D; ++d) {
       const int64_t k = base + d * inner;
       gx[k] = kLog ? g[k] - exp(y[k]) * s : y[k] * (g[k] - s);
