@@ -38,6 +38,17 @@ def assert_same_strides(actual, expected, what=""):
         f"{expected.stride()}")
 
 
+def assert_dense(t, what=""):
+    """`t` fills its memory exactly once (some ordering of its dims is contiguous): no gaps, no
+    overlap, whatever the dim order."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
+    expected = 1
+    for stride, size in dims:
+        assert stride == expected, f"{what}: strides {t.stride()} for shape {tuple(t.shape)} " \
+            "are not dense"
+        expected *= size
+
+
 def compare_with_torch(ours, theirs, inputs, dtype=None, **tol):
     """Runs ours(*inputs) and theirs(*inputs) on separate leaf copies; compares the outputs and,
     for every floating input that requires grad, the gradients of a random weighted sum."""
