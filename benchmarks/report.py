@@ -221,7 +221,8 @@ def plot(rows: List[dict], out_dir: str) -> List[str]:
 def roofline_plot(ops: List[dict], out_dir: str, plt) -> Optional[str]:
     """Achieved GFLOP/s against arithmetic intensity for each op (forward+backward), pyengine
     filled and torch eager hollow, under the machine's two roofs."""
-    points = [r for r in ops if r["contender"] in ("pyengine", "torch") and r["gflops"] != ""]
+    points = [r for r in ops if r["contender"] in ("pyengine", "torch")
+              and _num(r["gflops"]) and _num(r["flop_per_byte"])]  # log axes: positive only
     if not points:
         return None
     peak_gflops, peak_gbps = float(points[0]["peak_gflops"]), float(points[0]["peak_gbps"])

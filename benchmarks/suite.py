@@ -298,21 +298,21 @@ def run_cases(cases: List[Case], names: List[str], device: str, runs: int, peaks
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
                     del fns[contender]
                     per_round.pop(contender)
-        medians = {}
+        case_rows = {}
         for contender, timings in per_round.items():
             t = sorted(timings, key=lambda t: t.median_ms)[1]
-            medians[contender] = t.median_ms
-            rows.append(dict(
+            case_rows[contender] = dict(
                 meta, kind=case.kind, case=case.name, batch=case.batch, **{"pass": case.pass_},
                 contender=contender, median_ms=round(t.median_ms, 5), p10_ms=round(t.p10_ms, 5),
                 p90_ms=round(t.p90_ms, 5), runs=3 * t.runs,
                 **report.rates(counted.flops if counted else None,
                                counted.bytes if counted else None,
-                               t.median_ms, peaks.gflops, peaks.gbps)))
-        mine, ref = medians.get("pyengine"), medians.get("torch")
-        ratio = f"{mine / ref:.2f}" if mine and ref else "-"
-        share = rows[-len(medians)]["pct_of_bound"] if "pyengine" in medians else ""
-        share = f", pyengine at {share:.1f}% of peak" if share != "" else ""
+                               t.median_ms, peaks.gflops, peaks.gbps))
+        rows += case_rows.values()
+        mine, ref = case_rows.get("pyengine"), case_rows.get("torch")
+        ratio = f"{mine['median_ms'] / ref['median_ms']:.2f}" if mine and ref else "-"
+        share = f", pyengine at {mine['pct_of_bound']:.1f}% of peak" \
+            if mine and mine["pct_of_bound"] != "" else ""
         log(f"[{i}/{len(cases)}] {case.kind:7} {case.name:28} {case.pass_:16} batch "
             f"{case.batch:>5}: pyengine/torch {ratio}{share}")
     return rows
