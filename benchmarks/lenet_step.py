@@ -1,70 +1,51 @@
-"""LeNet training step (forward, MSE loss, backward, SGD), pyengine layers against torch.nn,
-in one process, fp32. Prints a table of medians; optional CSV.
+"""LeNet training step (forward, MSE loss, backward, SGD), pyengine layers against torch.nn: the
+suite's "lenet train_step" cases (benchmarks/suite.py) for a few batch sizes, without
+torch.compile. Prints a short table; --csv writes the suite's CSV schema.
 
     python -m benchmarks.lenet_step [--device cpu] [--batches 1 64 256] [--csv out.csv]
 """
 import argparse
-import csv
-import platform
 import sys
 
 import torch
 
-from benchmarks.timing import time_fn
-from pyengine.models import LeNet, layers
-
-
-def make_step(backend: str, batch: int, device: str):
-    torch.manual_seed(0)
-    model = LeNet(backend=backend).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x = torch.randn(batch, 1, 32, 32, device=device)
-    y = torch.randn(batch, 10, device=device)
-    loss_fn = layers(backend).MSELoss()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
+from benchmarks import peak, report
+from benchmarks.suite import network_case, run_cases
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.lenet_step",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
-    p.add_argument("--runs", type=int, default=50)
-    p.add_argument("--csv", help="also write the results to this CSV file")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per contender and batch")
+    p.add_argument("--csv", help="also write the rows to this CSV file (the suite's schema)")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = False  # pyengine's kernels are plain fp32
-        torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False  # pyengine's kernels are plain fp32
+    torch.backends.cudnn.allow_tf32 = False
 
-    rows = []
+    peaks = peak.measure(args.device)
+    cases = [network_case("lenet", batch, "train_step") for batch in args.batches]
+    rows = run_cases(cases, ["pyengine", "torch"], args.device, args.runs, peaks)
+    by = {(int(r["batch"]), r["contender"]): r for r in rows}
+
+    print(f"\nLeNet training step, {args.device}, fp32, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; % of peak: the share of the machine's measured "
+          "peak for the case's bound (docs/benchmarks.md)")
+    print(f"{'batch':>6} {'MFLOP':>9} {'pyengine ms':>12} {'torch ms':>10} {'ratio':>7} "
+          f"{'pyengine GFLOP/s':>17} {'pyengine %':>11} {'torch %':>8}")
     for batch in args.batches:
-        steps = {b: make_step(b, batch, args.device) for b in ("pyengine", "torch")}
-        # Alternate the contenders so drifts in machine load hit both alike.
-        times = {b: [] for b in steps}
-        for _ in range(3):
-            for b, step in steps.items():
-                times[b].append(time_fn(step, args.device, runs=max(5, args.runs // 3)))
-        med = {b: sorted(t.median_ms for t in ts)[1] for b, ts in times.items()}
-        rows.append((batch, med["pyengine"], med["torch"], med["pyengine"] / med["torch"]))
-
-    print(f"LeNet training step, {args.device}, fp32, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"{'batch':>6} {'pyengine ms':>12} {'torch ms':>10} {'ratio':>7}")
-    for batch, ours, theirs, ratio in rows:
-        print(f"{batch:>6} {ours:>12.3f} {theirs:>10.3f} {ratio:>7.2f}")
+        mine, theirs = by.get((batch, "pyengine")), by.get((batch, "torch"))
+        if not (mine and theirs):
+            continue
+        ratio = mine["median_ms"] / theirs["median_ms"]
+        flops = mine["flops"] / 1e6 if mine["flops"] != "" else float("nan")
+        print(f"{batch:>6} {flops:>9.2f} {mine['median_ms']:>12.3f} {theirs['median_ms']:>10.3f} "
+              f"{ratio:>7.2f} {mine['gflops'] or float('nan'):>17.1f} "
+              f"{mine['pct_of_bound'] or float('nan'):>11.1f} "
+              f"{theirs['pct_of_bound'] or float('nan'):>8.1f}")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["device", "torch", "batch", "pyengine_ms", "torch_ms", "ratio"])
-            for r in rows:
-                w.writerow([args.device, torch.__version__, *r])
+        report.write_csv(rows, args.csv)
     return 0
 
 

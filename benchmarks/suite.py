@@ -1,15 +1,16 @@
 """pyengine's benchmark suite: per-op and per-network timings against torch eager and
-torch.compile (and, on a GPU, both under CUDA graphs), written as one CSV schema plus a markdown
-table and plots.
+torch.compile (and, on a GPU, both under CUDA graphs), with each case's FLOP and byte counts and
+the share of the machine's measured peak each contender reached; written as one CSV schema plus a
+markdown table and plots (benchmarks/report.py). How to read them: docs/benchmarks.md.
 
-    python -m benchmarks [--device cpu|cuda] [--quick] [--out benchmarks/results/<machine>]
+    python -m benchmarks [--device cpu|cuda] [--quick] [--filter TEXT] [--out DIR]
 
-Every case is timed for every contender in the same process, interleaved, after warm-up:
-median and p10/p90 of many runs (CUDA: device events). TF32 is off for torch, since pyengine's
-kernels compute in plain fp32.
+The machine's peaks are measured first (benchmarks/peak.py). Every case is timed for every
+contender in the same process, interleaved, after warm-up: median and p10/p90 of many runs (CUDA:
+device events). Its work is counted once, from the operator calls of one pyengine run
+(benchmarks/work.py). TF32 is off for torch, since pyengine's kernels compute in plain fp32.
 """
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -23,11 +24,9 @@ import torch._functorch.config
 import torch.nn.functional as TF
 
 import pyengine.functional as PF
+from benchmarks import peak, report, work
 from benchmarks.timing import Timing, time_fn
 from pyengine.models import MLP, BinaryClassifier, LeNet, layers
-
-CSV_FIELDS = ["machine", "device", "torch", "commit", "date", "kind", "case", "batch", "pass",
-              "contender", "median_ms", "p10_ms", "p90_ms", "runs"]
 
 
 @dataclass
@@ -190,7 +189,7 @@ NETWORKS = {
 }
 
 
-def _network_case(name, batch, pass_):
+def network_case(name: str, batch: int, pass_: str) -> Case:
     factory, in_shape, n_out = NETWORKS[name]
 
     def make(contender, device):
@@ -230,7 +229,7 @@ def network_cases(quick: bool, device: str) -> List[Case]:
     batches = [1, 64, 256] if quick else [1, 16, 64, 256, 1024, 4096]
     if device.startswith("cuda") and not quick:
         batches.append(8192)
-    return [_network_case(name, b, p) for name in NETWORKS for b in batches
+    return [network_case(name, b, p) for name in NETWORKS for b in batches
             for p in ("inference", "train_step")]
 
 
@@ -250,13 +249,35 @@ def machine_name(device: str) -> str:
     return f"cpu-{os.cpu_count()}core-{platform.machine()}"
 
 
-def run_cases(cases: List[Case], names: List[str], device: str, runs: int,
+def count_work(case: Case, device: str, log=print) -> Optional[work.Work]:
+    """The case's FLOP and byte counts, from one run of its pyengine variant (None, reported,
+    if that run fails: the rows then have empty work columns)."""
+    try:
+        counted = work.count(case.make("pyengine", device))
+    except Exception as exc:
+        log(f"  {case.name} {case.pass_} batch {case.batch}: work not counted "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        return None
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return counted
+
+
+def run_cases(cases: List[Case], names: List[str], device: str, runs: int, peaks: peak.Peaks,
               log=print) -> List[dict]:
     meta = dict(machine=machine_name(device), device=device, torch=torch.__version__,
-                commit=_commit(), date=datetime.date.today().isoformat())
+                commit=_commit(), date=datetime.date.today().isoformat(),
+                threads=torch.get_num_threads(), peak_gflops=report.round_sig(peaks.gflops),
+                peak_gbps=report.round_sig(peaks.gbps))
     rows = []
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    uncounted_seen = set()
     for i, case in enumerate(cases, 1):
+        counted = count_work(case, device, log)
+        if counted is not None and set(counted.uncounted) - uncounted_seen:
+            uncounted_seen |= set(counted.uncounted)
+            log(f"  operators not counted (benchmarks/work.py has no formula for them): "
+                f"{', '.join(sorted(counted.uncounted))}")
         fns: Dict[str, Callable] = {}
         for contender in names:
             try:
@@ -277,97 +298,24 @@ def run_cases(cases: List[Case], names: List[str], device: str, runs: int,
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
                     del fns[contender]
                     per_round.pop(contender)
+        case_rows = {}
         for contender, timings in per_round.items():
             t = sorted(timings, key=lambda t: t.median_ms)[1]
-            rows.append(dict(meta, kind=case.kind, case=case.name, batch=case.batch,
-                             **{"pass": case.pass_}, contender=contender,
-                             median_ms=round(t.median_ms, 5), p10_ms=round(t.p10_ms, 5),
-                             p90_ms=round(t.p90_ms, 5), runs=3 * t.runs))
-        mine = next((r["median_ms"] for r in rows[-len(per_round):]
-                     if r["contender"] == "pyengine"), None)
-        ref = next((r["median_ms"] for r in rows[-len(per_round):]
-                    if r["contender"] == "torch"), None)
-        ratio = f"{mine / ref:.2f}" if mine and ref else "-"
+            case_rows[contender] = dict(
+                meta, kind=case.kind, case=case.name, batch=case.batch, **{"pass": case.pass_},
+                contender=contender, median_ms=round(t.median_ms, 5), p10_ms=round(t.p10_ms, 5),
+                p90_ms=round(t.p90_ms, 5), runs=3 * t.runs,
+                **report.rates(counted.flops if counted else None,
+                               counted.bytes if counted else None,
+                               t.median_ms, peaks.gflops, peaks.gbps))
+        rows += case_rows.values()
+        mine, ref = case_rows.get("pyengine"), case_rows.get("torch")
+        ratio = f"{mine['median_ms'] / ref['median_ms']:.2f}" if mine and ref else "-"
+        share = f", pyengine at {mine['pct_of_bound']:.1f}% of peak" \
+            if mine and mine["pct_of_bound"] != "" else ""
         log(f"[{i}/{len(cases)}] {case.kind:7} {case.name:28} {case.pass_:16} batch "
-            f"{case.batch:>5}: pyengine/torch {ratio}")
+            f"{case.batch:>5}: pyengine/torch {ratio}{share}")
     return rows
-
-
-def write_csv(rows: List[dict], path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def markdown_table(rows: List[dict]) -> str:
-    """One line per (case, pass, batch): each contender's median and torch-eager / contender."""
-    keyed: Dict[tuple, Dict[str, float]] = {}
-    for r in rows:
-        keyed.setdefault((r["kind"], r["case"], r["pass"], int(r["batch"])), {})[
-            r["contender"]] = float(r["median_ms"])
-    names = [c for c in ("pyengine", "torch", "torch.compile", "pyengine+graph", "torch+graph")
-             if any(c in v for v in keyed.values())]
-    head = "| kind | case | pass | batch | " + " | ".join(f"{c} ms" for c in names) + \
-        " | pyengine / torch |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for (kind, case, pass_, batch), times in keyed.items():
-        cells = [f"{times[c]:.4f}" if c in times else "-" for c in names]
-        ratio = (f"**{times['pyengine'] / times['torch']:.2f}**"
-                 if "pyengine" in times and "torch" in times else "-")
-        lines.append(f"| {kind} | {case} | {pass_} | {batch} | " + " | ".join(cells) +
-                     f" | {ratio} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: List[dict], out_dir: str) -> List[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    nets = [r for r in rows if r["kind"] == "network"]
-    names = sorted({r["case"] for r in nets})
-    if names:
-        fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 8), squeeze=False)
-        for col, name in enumerate(names):
-            for row, pass_ in enumerate(("train_step", "inference")):
-                ax = axes[row][col]
-                for contender in sorted({r["contender"] for r in nets}):
-                    pts = sorted((int(r["batch"]), float(r["median_ms"])) for r in nets
-                                 if r["case"] == name and r["pass"] == pass_
-                                 and r["contender"] == contender)
-                    if pts:
-                        ax.plot(*zip(*pts), marker="o", label=contender)
-                ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="median ms",
-                       title=f"{name}: {pass_}")
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, "networks.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    ops = [r for r in rows if r["kind"] == "op" and r["pass"] == "forward+backward"]
-    labels = sorted({r["case"] for r in ops})
-    if labels:
-        speedup = []
-        for label in labels:
-            t = {r["contender"]: float(r["median_ms"]) for r in ops if r["case"] == label}
-            speedup.append(t["torch"] / t["pyengine"] if "torch" in t and "pyengine" in t
-                           else 0.0)
-        fig, ax = plt.subplots(figsize=(9, 0.4 * len(labels) + 1.5))
-        ax.barh(labels, speedup, color=["tab:green" if s >= 1 else "tab:red" for s in speedup])
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set(xlabel="speedup over torch eager (forward+backward; >1 is faster)",
-               title=f"pyengine per-op speedup ({rows[0]['machine']})")
-        fig.tight_layout()
-        path = os.path.join(out_dir, "ops_speedup.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
 
 
 def main(argv=None) -> int:
@@ -376,6 +324,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="fewer cases and batch sizes")
     p.add_argument("--only", choices=("ops", "networks"), help="run one half of the suite")
+    p.add_argument("--filter", metavar="TEXT",
+                   help="only the cases whose name contains TEXT (e.g. conv2d, lenet)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile contender (its compiles take minutes on CPU)")
     p.add_argument("--runs", type=int, default=60, help="timed runs per contender and case")
@@ -387,23 +337,22 @@ def main(argv=None) -> int:
     # graphs refuse while they donate their buffers to the backward pass.
     torch._functorch.config.donated_buffer = False
     device = args.device
-    out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", machine_name(device))
-    os.makedirs(out_dir, exist_ok=True)
     cases = []
     if args.only in (None, "ops"):
         cases += op_cases(args.quick)
     if args.only in (None, "networks"):
         cases += network_cases(args.quick, device)
-    rows = run_cases(cases, contenders(device, args.compile), device, args.runs)
-    write_csv(rows, os.path.join(out_dir, "results.csv"))
-    table = markdown_table(rows)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(f"# pyengine benchmarks: {rows[0]['machine']}, torch {torch.__version__}, "
-                f"commit {rows[0]['commit']}, {rows[0]['date']}\n\nMedians of many runs, fp32 "
-                "(TF32 off); the last column is pyengine's time over torch eager's (< 1: "
-                "pyengine is faster).\n\n" + table)
-    plots = plot(rows, out_dir)
-    print(table)
+    if args.filter:
+        cases = [c for c in cases if args.filter in c.name]
+    if not cases:
+        p.error(f"no case matches --filter {args.filter!r}")
+    out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", machine_name(device))
+    os.makedirs(out_dir, exist_ok=True)
+    peaks = peak.measure(device)
+    rows = run_cases(cases, contenders(device, args.compile), device, args.runs, peaks)
+    plots = report.write_all(rows, out_dir, peaks.flops_method, peaks.bytes_method)
+    print(report.times_table(rows))
+    print(report.rates_table(rows))
     print(f"wrote {out_dir}/results.csv, results.md, " + ", ".join(os.path.basename(p)
                                                                  for p in plots))
     return 0

@@ -1,0 +1,146 @@
+"""The benchmark suite's machinery, without timing anything: the FLOP / byte formulas
+(benchmarks/work.py) against hand counts, the counting of a whole network step, and the CSV
+schema and tables (benchmarks/report.py)."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import report, work  # noqa: E402
+import pyengine.nn as pnn  # noqa: E402
+from pyengine.models import LeNet  # noqa: E402
+
+P = torch.ops.pyengine
+F32 = 4  # bytes per float32 element
+
+
+def counted(fn):
+    with torch.no_grad():
+        return work.count(fn)
+
+
+def test_every_operator_has_a_formula():
+    assert set(work.registered_ops()) == set(work.FORMULAS)
+
+
+def test_conv2d_forward_hand_count():
+    x, w, b = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
+    got = counted(lambda: P.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1))
+    outputs = 2 * 4 * 8 * 8                       # N * C_out * H_out * W_out (padding 1 keeps 8x8)
+    assert got.flops == outputs * (2 * 3 * 3 * 3) + outputs   # a multiply-add per tap, bias add
+    assert got.bytes == F32 * (2 * 3 * 8 * 8 + 4 * 3 * 3 * 3 + 4 + outputs)
+
+
+def test_conv2d_groups_and_backward_hand_count():
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, requires_grad=True)  # groups 2: each output sees 2 channels
+    out = P.conv2d(x, w, None, [1, 1], [0, 0], [1, 1], 2)
+    outputs = 2 * 6 * 4 * 4
+    taps = 2 * 3 * 3
+    g = torch.randn_like(out)
+    got = work.count(lambda: torch.autograd.grad(out, [x, w], g))
+    assert got.flops == 2 * (2 * outputs * taps)      # grad_input and grad_weight, no bias
+    # reads grad_output, weight (for dX) and input (for dW); writes dX and dW
+    assert got.bytes == F32 * (outputs + w.numel() + x.numel() + x.numel() + w.numel())
+
+
+def test_linear_forward_and_partial_backward_hand_count():
+    x, w, b = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3)
+    fwd = counted(lambda: P.linear(x, w, b))
+    assert fwd.flops == 2 * 5 * 3 * 7 + 5 * 3
+    assert fwd.bytes == F32 * (5 * 7 + 3 * 7 + 3 + 5 * 3)
+    g = torch.randn(5, 3)
+    bwd = counted(lambda: P.linear_backward(g, x, w, [True, False, True]))
+    assert bwd.flops == 2 * 5 * 3 * 7 + 5 * 3        # dx = g W, db = column sums of g
+    assert bwd.bytes == F32 * (5 * 3 + 3 * 7 + 5 * 7 + 3)  # reads g, W; writes dx, db
+
+
+def test_pool_and_elementwise_hand_count():
+    x = torch.randn(2, 3, 8, 8)
+    pool = counted(lambda: P.max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False))
+    assert pool.flops == 2 * 3 * 4 * 4 * (2 * 2)
+    assert pool.bytes == F32 * (x.numel() + 2 * 3 * 4 * 4) + 8 * (2 * 3 * 4 * 4)  # int64 indices
+    sig = counted(lambda: P.sigmoid_backward(x, x))
+    assert sig.flops == 3 * x.numel() and sig.bytes == F32 * 3 * x.numel()
+
+
+def test_broadcast_operand_counts_its_distinct_elements():
+    x = torch.randn(4, 5)
+    target = torch.randn(5).expand(4, 5)
+    got = counted(lambda: P.mse_loss(x, target, None, 1))
+    assert got.bytes == F32 * (20 + 5 + 1)
+
+
+@pytest.mark.parametrize("foreach", [False, True])  # True: SGD's path on CUDA
+def test_lenet_step_is_the_sum_of_its_layers(foreach):
+    model = LeNet().eval()
+    x = torch.randn(1, 1, 32, 32)
+    inference = counted(lambda: model(x))
+    # per layer: outputs * (2 * taps + bias add), relu 1 and pool 4 (2x2 compares) per output
+    conv1, conv2 = 6 * 28 * 28, 16 * 10 * 10
+    hand = (conv1 * (2 * 25 + 1) + conv1 + (conv1 // 4) * 4
+            + conv2 * (2 * 150 + 1) + conv2 + (conv2 // 4) * 4
+            + 120 * (2 * 400 + 1) + 120 + 84 * (2 * 120 + 1) + 84 + 10 * (2 * 84 + 1))
+    assert inference.flops == hand
+    assert inference.uncounted.keys() <= {"aten::view"}
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, foreach=foreach)
+    loss_fn = pnn.MSELoss()
+    y = torch.randn(1, 10)
+
+    def step(update=True):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        if update:
+            opt.step()
+
+    params = sum(p.numel() for p in model.parameters())
+    with_update, without = work.count(step), work.count(lambda: step(update=False))
+    # SGD's p += -lr * g: a multiply-add per parameter; reads p and g, writes p
+    assert with_update.flops - without.flops == 2 * params
+    assert with_update.bytes - without.bytes == 3 * F32 * params
+    # forward again, the loss, and a backward pass costlier than the forward
+    assert without.flops > 2 * hand
+
+
+def test_rates_pick_the_bound_and_its_share():
+    # 1 GFLOP over 1 MB in 20 ms on a 100 GFLOP/s, 10 GB/s machine: compute-bound, floor 10 ms
+    r = report.rates(10**9, 10**6, 20.0, 100.0, 10.0)
+    assert r["bound"] == "compute" and r["floor_ms"] == 10.0
+    assert r["gflops"] == 50.0 and r["pct_peak_gflops"] == 50.0 and r["pct_of_bound"] == 50.0
+    # 1 MFLOP over 100 MB in 20 ms: memory-bound, floor 10 ms, 5 GB/s is 50% of the 10 GB/s
+    r = report.rates(10**6, 10**8, 20.0, 100.0, 10.0)
+    assert r["bound"] == "memory" and r["gbps"] == 5.0 and r["pct_of_bound"] == 50.0
+    assert set(report.rates(None, None, 1.0, 1.0, 1.0).values()) == {""}
+
+
+def test_csv_has_one_schema_and_the_tables_read_it(tmp_path):
+    meta = dict(machine="m", device="cpu", torch="t", commit="c", date="d", threads=2,
+                peak_gflops=100.0, peak_gbps=10.0, kind="op", case="relu 8", batch=1)
+    rows = [dict(meta, **{"pass": "forward"}, contender=c, median_ms=ms, p10_ms=ms, p90_ms=ms,
+                 runs=30, **report.rates(8, 64, ms, 100.0, 10.0))
+            for c, ms in (("pyengine", 0.01), ("torch", 0.02))]
+    rows.append(dict(rows[0], kind="network", case="lenet",
+                     **report.rates(None, None, 1.0, 100.0, 10.0)))
+    path = tmp_path / "results.csv"
+    report.write_csv(rows, str(path))
+    back = report.read_csv(str(path))
+    assert list(back[0]) == report.CSV_FIELDS
+    text = report.markdown(back, "an FMA loop", "a copy")
+    assert "**100.0 GFLOP/s** (an FMA loop)" in text and "**10.0 FLOP/byte**" in text
+    assert "| op | relu 8 | forward | 1 | 0.0100 | 0.0200 | **0.50** |" in text
+    assert "| op | relu 8 | forward | 1 | 8e-06 | 6.4e-05 | 0.125 | memory |" in text
+    assert "| network | lenet |" in text
+
+
+def test_read_csv_refuses_another_schema(tmp_path):
+    path = tmp_path / "old.csv"
+    path.write_text("machine,case,median_ms\nm,relu,1.0\n")
+    with pytest.raises(SystemExit, match="not the suite's CSV schema"):
+        report.read_csv(str(path))
