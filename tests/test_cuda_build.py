@@ -174,7 +174,7 @@ def test_cu_compiles_with_plain_nvcc(builds, path):
 def test_kernels_include_no_torch(path):
     """Kernels and launchers stay torch-free, so plain nvcc can check them anywhere."""
     sources = [path] + sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cuh")))
-    allowed = re.compile(r'#include\s+(<[^>]+>|"(common/(macros|shapes|elementwise)\.h|'
+    allowed = re.compile(r'#include\s+(<[^>]+>|"(common/(macros|geometry|elementwise)\.h|'
                          r'cuda/[\w]+\.cuh|cuda/launchers\.h)")')
     for src in sources:
         for line in open(src):

@@ -69,39 +69,7 @@ using at::Tensor;
 #define PE_INLINE inline __attribute__((always_inline))
 #define PE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
-struct Geom {
-  int64_t N, C, H, W;        // input (unbatched input: N = 1)
-  int64_t Co, OH, OW;        // output
-  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
-  int64_t G, Cig, Cog;       // groups, channels per group
-  int64_t K, P;              // taps per group (Cig * kh * kw), output pixels per image
-};
-
-Geom make_geom(const Conv2dShape<int64_t>& s, at::IntArrayRef stride, at::IntArrayRef padding,
-               at::IntArrayRef dilation) {
-  Geom g;
-  g.N = s.batch;
-  g.C = s.in_channels;
-  g.H = s.in_h;
-  g.W = s.in_w;
-  g.Co = s.out_channels;
-  g.OH = s.out_h;
-  g.OW = s.out_w;
-  g.kh = s.kernel_h;
-  g.kw = s.kernel_w;
-  g.sh = stride[0];
-  g.sw = stride[1];
-  g.ph = padding[0];
-  g.pw = padding[1];
-  g.dh = dilation[0];
-  g.dw = dilation[1];
-  g.G = s.groups;
-  g.Cig = g.C / g.G;
-  g.Cog = g.Co / g.G;
-  g.K = g.Cig * g.kh * g.kw;
-  g.P = g.OH * g.OW;
-  return g;
-}
+using Geometry = Conv2dGeometry<int64_t>;
 
 // How the batch is cut (from the shapes only: see the top of the file).
 struct Split {
@@ -110,16 +78,16 @@ struct Split {
   int64_t chunks;
 };
 
-Split make_split(const Geom& g, size_t elem) {
+Split make_split(const Geometry& g, size_t elem) {
   Split s;
   // K x strip scratch of ~256 KB (L2), at least 64 columns.
-  const int64_t bytes_per_col = std::max<int64_t>(1, g.K) * static_cast<int64_t>(elem);
+  const int64_t bytes_per_col = std::max<int64_t>(1, g.taps_per_group()) * static_cast<int64_t>(elem);
   s.strip = std::clamp<int64_t>(int64_t(256) * 1024 / bytes_per_col, 64, 8192);
   // Merge small images up to a strip, but keep >= 16 chunks when the batch allows.
-  const int64_t by_size = std::max<int64_t>(1, s.strip / std::max<int64_t>(1, g.P));
-  const int64_t by_count = std::max<int64_t>(1, g.N / 16);
+  const int64_t by_size = std::max<int64_t>(1, s.strip / std::max<int64_t>(1, g.out_pixels()));
+  const int64_t by_count = std::max<int64_t>(1, g.batch / 16);
   s.images_per_chunk = std::min(by_size, by_count);
-  s.chunks = (g.N + s.images_per_chunk - 1) / s.images_per_chunk;
+  s.chunks = (g.batch + s.images_per_chunk - 1) / s.images_per_chunk;
   return s;
 }
 
@@ -239,25 +207,25 @@ const BlockOps<T>& block_ops() {
 // One output-row segment (image n, output row oh, columns ow .. ow + seg) of tap (ci, ki, kj):
 // the matching input row, strided by sw, zero where it falls in the padding.
 template <typename T, bool kAdd>
-PE_INLINE void segment(const Geom& g, T* col, T* img, int64_t oh, int64_t ow, int64_t seg,
+PE_INLINE void segment(const Geometry& g, T* col, T* img, int64_t oh, int64_t ow, int64_t seg,
                        int64_t ihoff, int64_t iwoff) {
-  const int64_t ih = oh * g.sh + ihoff;
-  if (ih < 0 || ih >= g.H) {
+  const int64_t ih = oh * g.stride_h + ihoff;
+  if (ih < 0 || ih >= g.in_h) {
     if (!kAdd) zero_run(col, seg);
     return;
   }
-  T* row = img + ih * g.W;
-  const int64_t iw0 = ow * g.sw + iwoff;
+  T* row = img + ih * g.in_w;
+  const int64_t iw0 = ow * g.stride_w + iwoff;
   int64_t lo, hi;
-  valid_range(iw0, g.sw, g.W, seg, lo, hi);
+  valid_range(iw0, g.stride_w, g.in_w, seg, lo, hi);
   if (kAdd) {
-    for (int64_t t = lo; t < hi; ++t) row[iw0 + t * g.sw] += col[t];
+    for (int64_t t = lo; t < hi; ++t) row[iw0 + t * g.stride_w] += col[t];
   } else {
     zero_run(col, lo);
-    if (g.sw == 1)
+    if (g.stride_w == 1)
       copy_run(col + lo, row + iw0 + lo, hi - lo);
     else
-      for (int64_t t = lo; t < hi; ++t) col[t] = row[iw0 + t * g.sw];
+      for (int64_t t = lo; t < hi; ++t) col[t] = row[iw0 + t * g.stride_w];
     zero_run(col + hi, seg - hi);
   }
 }
@@ -269,17 +237,17 @@ PE_INLINE void segment(const Geom& g, T* col, T* img, int64_t oh, int64_t ow, in
 // apart. Whole output rows are handled in runs whose clipping is computed once: the inner loop is
 // one short copy per row.
 template <typename T, bool kAdd>
-PE_INLINE void im2col_impl(const Geom& geom, T* x, int64_t img_stride, int64_t q0, int64_t len,
+PE_INLINE void im2col_impl(const Geometry& geom, T* x, int64_t img_stride, int64_t q0, int64_t len,
                            T* col, int64_t ld) {
   // Local copies: the byte-wise copies below could otherwise alias the geometry, which the
   // compiler would then reload on every row.
-  const Geom g = geom;
-  const int64_t H = g.H, W = g.W, OW = g.OW, OH = g.OH, P = g.P, sh = g.sh, sw = g.sw;
-  const int64_t khw = g.kh * g.kw, qend = q0 + len;
+  const Geometry g = geom;
+  const int64_t H = g.in_h, W = g.in_w, OW = g.out_w, OH = g.out_h, P = g.out_pixels(), sh = g.stride_h, sw = g.stride_w;
+  const int64_t khw = g.kernel_pixels(), qend = q0 + len;
   const BlockOps<T>& ops = block_ops<T>();
-  for (int64_t k = 0; k < g.K; ++k) {
-    const int64_t ci = k / khw, ki = (k % khw) / g.kw, kj = k % g.kw;
-    const int64_t ihoff = ki * g.dh - g.ph, iwoff = kj * g.dw - g.pw;
+  for (int64_t k = 0; k < g.taps_per_group(); ++k) {
+    const int64_t ci = k / khw, ki = (k % khw) / g.kernel_w, kj = k % g.kernel_w;
+    const int64_t ihoff = ki * g.dilation_h - g.padding_h, iwoff = kj * g.dilation_w - g.padding_w;
     // Output rows whose input row is inside the image: ih = oh * sh + ihoff in [0, H).
     const int64_t oh_lo = ihoff >= 0 ? 0 : ceil_div(-ihoff, sh);
     const int64_t oh_hi = ihoff > H - 1 ? 0 : (H - 1 - ihoff) / sh + 1;
@@ -348,28 +316,28 @@ PE_INLINE void im2col_impl(const Geom& geom, T* x, int64_t img_stride, int64_t q
 // once. (Adding tap by tap instead re-reads rows that masked stores just wrote, which stalls:
 // masked stores do not forward.) `colq` is col at the first row's column, taps `ld` apart.
 template <typename T>
-PE_TARGET_AVX512 void col2im_rows_avx512(const Geom& geom, const T* colq, int64_t ld, T* dximg,
+PE_TARGET_AVX512 void col2im_rows_avx512(const Geometry& geom, const T* colq, int64_t ld, T* dximg,
                                          int64_t oh0, int64_t rows) {
   constexpr int V = 64 / sizeof(T);
-  const Geom g = geom;
+  const Geometry g = geom;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t oh = oh0 + r;
-    const T* colrow = colq + r * g.OW;
-    for (int64_t ci = 0; ci < g.Cig; ++ci)
-      for (int64_t ki = 0; ki < g.kh; ++ki) {
-        const int64_t ih = oh * g.sh - g.ph + ki * g.dh;
-        if (ih < 0 || ih >= g.H) continue;
-        T* xrow = dximg + (ci * g.H + ih) * g.W;
-        const T* ck = colrow + (ci * g.kh + ki) * g.kw * ld;
-        for (int64_t c0 = 0; c0 < g.W; c0 += V) {
-          const int64_t nv = std::min<int64_t>(V, g.W - c0);
+    const T* colrow = colq + r * g.out_w;
+    for (int64_t ci = 0; ci < g.in_channels_per_group(); ++ci)
+      for (int64_t ki = 0; ki < g.kernel_h; ++ki) {
+        const int64_t ih = oh * g.stride_h - g.padding_h + ki * g.dilation_h;
+        if (ih < 0 || ih >= g.in_h) continue;
+        T* xrow = dximg + (ci * g.in_h + ih) * g.in_w;
+        const T* ck = colrow + (ci * g.kernel_h + ki) * g.kernel_w * ld;
+        for (int64_t c0 = 0; c0 < g.in_w; c0 += V) {
+          const int64_t nv = std::min<int64_t>(V, g.in_w - c0);
           const uint32_t chunk = nv == 32 ? ~0u : (1u << nv) - 1u;
           // lane i of tap kj holds col element c0 + i - shift (input column = output + shift);
           // only lanes [a, b) are read.
           auto tap_mask = [&](int64_t kj, const T*& src) -> uint32_t {
-            const int64_t shift = kj * g.dw - g.pw;
+            const int64_t shift = kj * g.dilation_w - g.padding_w;
             const int64_t a = std::max<int64_t>(0, shift - c0);
-            const int64_t b = std::min<int64_t>(nv, g.OW + shift - c0);
+            const int64_t b = std::min<int64_t>(nv, g.out_w + shift - c0);
             // The base may lie before the row (lanes below a are masked off): form it as an
             // address, not by pointer arithmetic outside the buffer.
             src = reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(ck + kj * ld) +
@@ -379,7 +347,7 @@ PE_TARGET_AVX512 void col2im_rows_avx512(const Geom& geom, const T* colq, int64_
           };
           if constexpr (sizeof(T) == 4) {
             __m512 acc = _mm512_maskz_loadu_ps(static_cast<__mmask16>(chunk), xrow + c0);
-            for (int64_t kj = 0; kj < g.kw; ++kj) {
+            for (int64_t kj = 0; kj < g.kernel_w; ++kj) {
               const T* src;
               const uint32_t m = tap_mask(kj, src);
               if (m)
@@ -388,7 +356,7 @@ PE_TARGET_AVX512 void col2im_rows_avx512(const Geom& geom, const T* colq, int64_
             _mm512_mask_storeu_ps(xrow + c0, static_cast<__mmask16>(chunk), acc);
           } else {
             __m512d acc = _mm512_maskz_loadu_pd(static_cast<__mmask8>(chunk), xrow + c0);
-            for (int64_t kj = 0; kj < g.kw; ++kj) {
+            for (int64_t kj = 0; kj < g.kernel_w; ++kj) {
               const T* src;
               const uint32_t m = tap_mask(kj, src);
               if (m)
@@ -404,22 +372,22 @@ PE_TARGET_AVX512 void col2im_rows_avx512(const Geom& geom, const T* colq, int64_
 // dX += col2im(col) over a strip. Deterministic: a fixed order per element (it differs between the
 // AVX-512 path, which sums an element's taps row by row, and the portable one, tap by tap).
 template <typename T>
-void col2im_strip(const Geom& g, const T* col, int64_t ld, T* dx, int64_t img_stride, int64_t q0,
+void col2im_strip(const Geometry& g, const T* col, int64_t ld, T* dx, int64_t img_stride, int64_t q0,
                   int64_t len);
 
 // Between a [rows x ld] scratch of a strip and an NCHW tensor: `t` points at the run's first image,
 // channel 0 of the group, images `img_stride` apart, channels P apart.
 // to_scratch: buf[r, j] = t[..] for j < len, 0 for len <= j < ld.
 template <typename T>
-PE_INLINE void gather_impl(const Geom& g, const T* t, int64_t img_stride, int64_t rows,
+PE_INLINE void gather_impl(const Geometry& g, const T* t, int64_t img_stride, int64_t rows,
                            int64_t q0, int64_t len, T* buf, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     T* dst = buf + r * ld;
     int64_t q = q0;
     while (q < q0 + len) {
-      const int64_t n = q / g.P, p = q % g.P;
-      const int64_t seg = std::min(g.P - p, q0 + len - q);
-      const T* src = t + n * img_stride + r * g.P + p;
+      const int64_t n = q / g.out_pixels(), p = q % g.out_pixels();
+      const int64_t seg = std::min(g.out_pixels() - p, q0 + len - q);
+      const T* src = t + n * img_stride + r * g.out_pixels() + p;
       for (int64_t i = 0; i < seg; ++i) dst[i] = src[i];
       dst += seg;
       q += seg;
@@ -429,16 +397,16 @@ PE_INLINE void gather_impl(const Geom& g, const T* t, int64_t img_stride, int64_
 }
 // from scratch: t[..] = buf[r, j] (+ bias[r] when bias is not null).
 template <typename T>
-PE_INLINE void scatter_impl(const Geom& g, const T* buf, int64_t ld, const T* bias, T* t,
+PE_INLINE void scatter_impl(const Geometry& g, const T* buf, int64_t ld, const T* bias, T* t,
                             int64_t img_stride, int64_t rows, int64_t q0, int64_t len) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* src = buf + r * ld;
     const T b = bias ? bias[r] : T(0);
     int64_t q = q0;
     while (q < q0 + len) {
-      const int64_t n = q / g.P, p = q % g.P;
-      const int64_t seg = std::min(g.P - p, q0 + len - q);
-      T* dst = t + n * img_stride + r * g.P + p;
+      const int64_t n = q / g.out_pixels(), p = q % g.out_pixels();
+      const int64_t seg = std::min(g.out_pixels() - p, q0 + len - q);
+      T* dst = t + n * img_stride + r * g.out_pixels() + p;
       if (bias) {
         for (int64_t i = 0; i < seg; ++i) dst[i] = src[i] + b;
       } else {
@@ -482,19 +450,19 @@ PE_INLINE void sum_parts_impl(const T* parts, int64_t nparts, int64_t n, int64_t
 // The memory-bound loops above, compiled for AVX-512 / AVX2 / baseline (picked at load time).
 #define PE_FOR_BOTH_DTYPES(X) X(float) X(double)
 #define PE_DEFINE_CLONES(T)                                                                     \
-  PE_CLONES void im2col(const Geom& g, const T* x, int64_t img_stride, int64_t q0, int64_t len, \
+  PE_CLONES void im2col(const Geometry& g, const T* x, int64_t img_stride, int64_t q0, int64_t len, \
                         T* col, int64_t ld) {                                                   \
     im2col_impl<T, false>(g, const_cast<T*>(x), img_stride, q0, len, col, ld);                  \
   }                                                                                             \
-  PE_CLONES void col2im_portable(const Geom& g, const T* col, int64_t ld, T* dx,                \
+  PE_CLONES void col2im_portable(const Geometry& g, const T* col, int64_t ld, T* dx,                \
                                  int64_t img_stride, int64_t q0, int64_t len) {                 \
     im2col_impl<T, true>(g, dx, img_stride, q0, len, const_cast<T*>(col), ld);                  \
   }                                                                                             \
-  PE_CLONES void gather(const Geom& g, const T* t, int64_t img_stride, int64_t rows,            \
+  PE_CLONES void gather(const Geometry& g, const T* t, int64_t img_stride, int64_t rows,            \
                         int64_t q0, int64_t len, T* buf, int64_t ld) {                          \
     gather_impl(g, t, img_stride, rows, q0, len, buf, ld);                                      \
   }                                                                                             \
-  PE_CLONES void scatter(const Geom& g, const T* buf, int64_t ld, const T* bias, T* t,          \
+  PE_CLONES void scatter(const Geometry& g, const T* buf, int64_t ld, const T* bias, T* t,          \
                          int64_t img_stride, int64_t rows, int64_t q0, int64_t len) {           \
     scatter_impl(g, buf, ld, bias, t, img_stride, rows, q0, len);                               \
   }                                                                                             \
@@ -509,31 +477,31 @@ PE_FOR_BOTH_DTYPES(PE_DEFINE_CLONES)
 #undef PE_DEFINE_CLONES
 
 template <typename T>
-void col2im_strip(const Geom& g, const T* col, int64_t ld, T* dx, int64_t img_stride, int64_t q0,
+void col2im_strip(const Geometry& g, const T* col, int64_t ld, T* dx, int64_t img_stride, int64_t q0,
                   int64_t len) {
   static const bool avx512 = std::strcmp(cpu::gemm_isa(), "avx512") == 0;
-  if (!avx512 || g.sw != 1) {
+  if (!avx512 || g.stride_w != 1) {
     col2im_portable(g, col, ld, dx, img_stride, q0, len);
     return;
   }
-  const int64_t khw = g.kh * g.kw, qend = q0 + len;
+  const int64_t khw = g.kernel_pixels(), qend = q0 + len;
   int64_t q = q0;
   while (q < qend) {
-    const int64_t n = q / g.P, p = q % g.P, oh = p / g.OW, ow = p % g.OW;
+    const int64_t n = q / g.out_pixels(), p = q % g.out_pixels(), oh = p / g.out_w, ow = p % g.out_w;
     T* img = dx + n * img_stride;
-    const int64_t rows = ow == 0 ? std::min(g.OH - oh, (qend - q) / g.OW) : 0;
+    const int64_t rows = ow == 0 ? std::min(g.out_h - oh, (qend - q) / g.out_w) : 0;
     if (rows == 0) {  // a partial row at either end of the strip: tap by tap
-      const int64_t seg = std::min(g.OW - ow, qend - q);
-      for (int64_t k = 0; k < g.K; ++k) {
-        const int64_t ci = k / khw, ki = (k % khw) / g.kw, kj = k % g.kw;
-        segment<T, true>(g, const_cast<T*>(col) + k * ld + (q - q0), img + ci * g.H * g.W, oh,
-                         ow, seg, ki * g.dh - g.ph, kj * g.dw - g.pw);
+      const int64_t seg = std::min(g.out_w - ow, qend - q);
+      for (int64_t k = 0; k < g.taps_per_group(); ++k) {
+        const int64_t ci = k / khw, ki = (k % khw) / g.kernel_w, kj = k % g.kernel_w;
+        segment<T, true>(g, const_cast<T*>(col) + k * ld + (q - q0), img + ci * g.in_pixels(), oh,
+                         ow, seg, ki * g.dilation_h - g.padding_h, kj * g.dilation_w - g.padding_w);
       }
       q += seg;
       continue;
     }
     col2im_rows_avx512<T>(g, col + (q - q0), ld, img, oh, rows);
-    q += rows * g.OW;
+    q += rows * g.out_w;
   }
 }
 
@@ -572,8 +540,8 @@ int64_t grain_for(double work_per_item) {
 // vectors. Napkin math, LeNet conv2 at batch 64: 15.4 M multiply-adds per pass, 16 / 6 / 6x4 rows
 // per tile run at near peak (~0.14 ms per pass on one core), transposes ~0.35 M elements.
 
-bool use_batch_inner(const Geom& g) {
-  return g.sh == 1 && g.sw == 1 && g.N >= 16 && g.OW <= 16;
+bool use_batch_inner(const Geometry& g) {
+  return g.stride_h == 1 && g.stride_w == 1 && g.batch >= 16 && g.out_w <= 16;
 }
 
 constexpr int64_t kInnerBatch = 256;  // images per batch chunk
@@ -809,130 +777,127 @@ void from_inner_parallel(const T* src, int64_t ld, int64_t nb, int64_t F, T* dst
 // channel ci: off[k] = ci * H * W + dh[k] * W + dw[k] from (channel 0, oh, ow).
 struct Taps {
   std::vector<int64_t> dh, dw, off;
-  int64_t oh_lo, oh_hi, ow_lo, ow_hi;  // output pixels whose taps are all inside the image
+  IndexRange inner_rows, inner_cols;  // output pixels whose taps are all inside the image
   bool interior(int64_t oh, int64_t ow) const {
-    return oh >= oh_lo && oh < oh_hi && ow >= ow_lo && ow < ow_hi;
+    return inner_rows.contains(oh) && inner_cols.contains(ow);
   }
 };
-Taps make_taps(const Geom& g) {
+Taps make_taps(const Geometry& g) {
   Taps t;
-  const int64_t khw = g.kh * g.kw;
-  for (int64_t k = 0; k < g.K; ++k) {
-    const int64_t ci = k / khw, ki = (k % khw) / g.kw, kj = k % g.kw;
-    t.dh.push_back(ki * g.dh - g.ph);
-    t.dw.push_back(kj * g.dw - g.pw);
-    t.off.push_back(ci * g.H * g.W + t.dh.back() * g.W + t.dw.back());
+  const int64_t khw = g.kernel_pixels();
+  for (int64_t k = 0; k < g.taps_per_group(); ++k) {
+    const int64_t ci = k / khw, ki = (k % khw) / g.kernel_w, kj = k % g.kernel_w;
+    t.dh.push_back(ki * g.dilation_h - g.padding_h);
+    t.dw.push_back(kj * g.dilation_w - g.padding_w);
+    t.off.push_back(ci * g.in_pixels() + t.dh.back() * g.in_w + t.dw.back());
   }
-  const int64_t eh = (g.kh - 1) * g.dh, ew = (g.kw - 1) * g.dw;
-  t.oh_lo = g.ph;
-  t.oh_hi = g.H - eh + g.ph;  // oh - ph >= 0 and oh - ph + eh <= H - 1
-  t.ow_lo = g.pw;
-  t.ow_hi = g.W - ew + g.pw;
+  t.inner_rows = g.inner_rows();
+  t.inner_cols = g.inner_cols();
   return t;
 }
 
 template <typename T>
-void conv2d_forward_inner(const Geom& g, const T* x, const T* w, const T* bias, T* y) {
+void conv2d_forward_inner(const Geometry& g, const T* x, const T* w, const T* bias, T* y) {
   const int64_t vw = cpu::simd_width<T>();
-  const int64_t f_in = g.C * g.H * g.W, f_out = g.Co * g.P, hw = g.H * g.W;
-  const int64_t chunk = std::min(g.N, kInnerBatch), ld = round_up(chunk, vw);
+  const int64_t f_in = g.in_image(), f_out = g.out_image(), hw = g.in_pixels();
+  const int64_t chunk = std::min(g.batch, kInnerBatch), ld = round_up(chunk, vw);
   std::vector<T> xt(static_cast<size_t>(f_in * ld)), yt(static_cast<size_t>(f_out * ld));
   // W^T per group: wt[grp][k][co], so a tap's weights are a contiguous column of M = C_out/g.
-  std::vector<T> wt(static_cast<size_t>(g.Co * g.K));
-  for (int64_t grp = 0; grp < g.G; ++grp)
-    for (int64_t co = 0; co < g.Cog; ++co)
-      for (int64_t k = 0; k < g.K; ++k)
-        wt[(grp * g.K + k) * g.Cog + co] = w[(grp * g.Cog + co) * g.K + k];
+  std::vector<T> wt(static_cast<size_t>(g.out_channels * g.taps_per_group()));
+  for (int64_t grp = 0; grp < g.groups; ++grp)
+    for (int64_t co = 0; co < g.out_channels_per_group(); ++co)
+      for (int64_t k = 0; k < g.taps_per_group(); ++k)
+        wt[(grp * g.taps_per_group() + k) * g.out_channels_per_group() + co] = w[(grp * g.out_channels_per_group() + co) * g.taps_per_group() + k];
   const Taps taps = make_taps(g);
-  std::vector<const T*> wrows(static_cast<size_t>(g.G * g.K));  // every tap's weights
-  for (int64_t k = 0; k < g.G * g.K; ++k) wrows[k] = wt.data() + k * g.Cog;
+  std::vector<const T*> wrows(static_cast<size_t>(g.groups * g.taps_per_group()));  // every tap's weights
+  for (int64_t k = 0; k < g.groups * g.taps_per_group(); ++k) wrows[k] = wt.data() + k * g.out_channels_per_group();
   // Taps in the padding read zeros rather than being left out: 0 * (an inf or NaN weight) must
   // give NaN, as in torch and the im2col path. Only border pixels have such taps.
   const std::vector<T> zeros(static_cast<size_t>(ld), T(0));
-  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
-    const int64_t nb = std::min(chunk, g.N - n0), nbc = round_up(nb, vw);
+  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
+    const int64_t nb = std::min(chunk, g.batch - n0), nbc = round_up(nb, vw);
     to_inner_parallel(x + n0 * f_in, nb, f_in, xt.data(), ld, nbc);
-    at::parallel_for(0, g.P, grain_for(double(g.Co * g.K * nbc)), [&](int64_t p0, int64_t p1) {
-      std::vector<const T*> brows(static_cast<size_t>(g.K));
+    at::parallel_for(0, g.out_pixels(), grain_for(double(g.out_channels * g.taps_per_group() * nbc)), [&](int64_t p0, int64_t p1) {
+      std::vector<const T*> brows(static_cast<size_t>(g.taps_per_group()));
       for (int64_t p = p0; p < p1; ++p) {
-        const int64_t oh = p / g.OW, ow = p % g.OW;
+        const int64_t oh = p / g.out_w, ow = p % g.out_w;
         const bool inside = taps.interior(oh, ow);
-        for (int64_t grp = 0; grp < g.G; ++grp) {
-          const T* xg = xt.data() + (grp * g.Cig * hw + oh * g.W + ow) * ld;
-          for (int64_t k = 0; k < g.K; ++k) {
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          const T* xg = xt.data() + (grp * g.in_channels_per_group() * hw + oh * g.in_w + ow) * ld;
+          for (int64_t k = 0; k < g.taps_per_group(); ++k) {
             const int64_t ih = oh + taps.dh[k], iw = ow + taps.dw[k];
-            const bool padding = !inside && (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W);
+            const bool padding = !inside && (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w);
             brows[k] = padding ? zeros.data() : xg + taps.off[k] * ld;
           }
-          cpu::gemm_indirect<T>(g.Cog, nbc, g.K, wrows.data() + grp * g.K, brows.data(),
-                                yt.data() + (grp * g.Cog * g.P + p) * ld, g.P * ld, 1, false);
+          cpu::gemm_indirect<T>(g.out_channels_per_group(), nbc, g.taps_per_group(), wrows.data() + grp * g.taps_per_group(), brows.data(),
+                                yt.data() + (grp * g.out_channels_per_group() * g.out_pixels() + p) * ld, g.out_pixels() * ld, 1, false);
         }
       }
     });
-    from_inner_parallel(yt.data(), ld, nb, f_out, y + n0 * f_out, bias, g.P);
+    from_inner_parallel(yt.data(), ld, nb, f_out, y + n0 * f_out, bias, g.out_pixels());
   }
 }
 
 template <typename T>
-void conv2d_backward_inner(const Geom& g, const T* dy, const T* x, const T* w, T* dx, T* dw,
+void conv2d_backward_inner(const Geometry& g, const T* dy, const T* x, const T* w, T* dx, T* dw,
                            T* db) {
   const int64_t vw = cpu::simd_width<T>();
-  const int64_t f_in = g.C * g.H * g.W, f_out = g.Co * g.P, hw = g.H * g.W;
-  const int64_t chunk = std::min(g.N, kInnerBatch), ld = round_up(chunk, vw);
-  const int64_t khw = g.kh * g.kw;
+  const int64_t f_in = g.in_image(), f_out = g.out_image(), hw = g.in_pixels();
+  const int64_t chunk = std::min(g.batch, kInnerBatch), ld = round_up(chunk, vw);
+  const int64_t khw = g.kernel_pixels();
   std::vector<T> dyt(static_cast<size_t>(f_out * ld));
   std::vector<T> xt(dw ? static_cast<size_t>(f_in * ld) : 0);
   std::vector<T> dxt(dx ? static_cast<size_t>(f_in * ld) : 0);
   std::vector<T> zeros(dw ? static_cast<size_t>(ld) : 0, T(0));
-  std::vector<const T*> taps(dw ? static_cast<size_t>(g.P * g.K) : 0);
+  std::vector<const T*> taps(dw ? static_cast<size_t>(g.out_pixels() * g.taps_per_group()) : 0);
   const Taps tap = make_taps(g);
   // For grad_input: weights as [co][ki][kj][ci], so a tap's weights over C_in/g are contiguous.
-  std::vector<T> wt(dx ? static_cast<size_t>(g.Co * g.K) : 0);
+  std::vector<T> wt(dx ? static_cast<size_t>(g.out_channels * g.taps_per_group()) : 0);
   if (dx)
-    for (int64_t co = 0; co < g.Co; ++co)
-      for (int64_t ci = 0; ci < g.Cig; ++ci)
+    for (int64_t co = 0; co < g.out_channels; ++co)
+      for (int64_t ci = 0; ci < g.in_channels_per_group(); ++ci)
         for (int64_t r = 0; r < khw; ++r)
-          wt[(co * khw + r) * g.Cig + ci] = w[(co * g.Cig + ci) * khw + r];
-  if (db) std::fill(db, db + g.Co, T(0));
-  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
-    const int64_t nb = std::min(chunk, g.N - n0), nbc = round_up(nb, vw);
+          wt[(co * khw + r) * g.in_channels_per_group() + ci] = w[(co * g.in_channels_per_group() + ci) * khw + r];
+  if (db) std::fill(db, db + g.out_channels, T(0));
+  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
+    const int64_t nb = std::min(chunk, g.batch - n0), nbc = round_up(nb, vw);
     to_inner_parallel(dy + n0 * f_out, nb, f_out, dyt.data(), ld, nbc);
     // db[co] += sum over pixels of dY^T[co, p, :nbc] (the batch padding is zero): vectorised,
     // pixels and batch chunks in order.
     if (db)
-      for (int64_t co = 0; co < g.Co; ++co)
-        for (int64_t p = 0; p < g.P; ++p)
-          row_sums(dyt.data() + (co * g.P + p) * ld, 0, 1, nbc, db + co);
+      for (int64_t co = 0; co < g.out_channels; ++co)
+        for (int64_t p = 0; p < g.out_pixels(); ++p)
+          row_sums(dyt.data() + (co * g.out_pixels() + p) * ld, 0, 1, nbc, db + co);
     if (dw) {
       to_inner_parallel(x + n0 * f_in, nb, f_in, xt.data(), ld, nbc);
-      for (int64_t grp = 0; grp < g.G; ++grp) {
-        for (int64_t p = 0; p < g.P; ++p) {
-          const int64_t oh = p / g.OW, ow = p % g.OW;
-          const T* xg = xt.data() + (grp * g.Cig * hw + oh * g.W + ow) * ld;
-          const T** row = taps.data() + p * g.K;
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        for (int64_t p = 0; p < g.out_pixels(); ++p) {
+          const int64_t oh = p / g.out_w, ow = p % g.out_w;
+          const T* xg = xt.data() + (grp * g.in_channels_per_group() * hw + oh * g.in_w + ow) * ld;
+          const T** row = taps.data() + p * g.taps_per_group();
           if (tap.interior(oh, ow)) {
-            for (int64_t k = 0; k < g.K; ++k) row[k] = xg + tap.off[k] * ld;
+            for (int64_t k = 0; k < g.taps_per_group(); ++k) row[k] = xg + tap.off[k] * ld;
           } else {
-            for (int64_t k = 0; k < g.K; ++k) {
+            for (int64_t k = 0; k < g.taps_per_group(); ++k) {
               const int64_t ih = oh + tap.dh[k], iw = ow + tap.dw[k];
-              row[k] = (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) ? zeros.data()
+              row[k] = (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) ? zeros.data()
                                                                      : xg + tap.off[k] * ld;
             }
           }
         }
         // dW[co, k] (+)= sum over pixels p and the batch of dY^T[co, p][:] X^T[tap k of p][:]
-        cpu::gemm_dot_segments<T>(g.Cog, g.K, g.P, nbc, dyt.data() + grp * g.Cog * g.P * ld,
-                                  g.P * ld, ld, taps.data(), dw + grp * g.Cog * g.K, g.K, 1,
+        cpu::gemm_dot_segments<T>(g.out_channels_per_group(), g.taps_per_group(), g.out_pixels(), nbc, dyt.data() + grp * g.out_channels_per_group() * g.out_pixels() * ld,
+                                  g.out_pixels() * ld, ld, taps.data(), dw + grp * g.out_channels_per_group() * g.taps_per_group(), g.taps_per_group(), 1,
                                   /*accumulate=*/n0 > 0);
       }
     }
     if (dx) {
-      const double pixel_work = double(g.Co * g.K * nbc) * g.P / std::max<int64_t>(1, hw);
+      const double pixel_work = double(g.out_channels * g.taps_per_group() * nbc) * g.out_pixels() / std::max<int64_t>(1, hw);
       at::parallel_for(0, hw, grain_for(pixel_work), [&](int64_t q0, int64_t q1) {
-        const size_t most = static_cast<size_t>(g.Cog * khw);
+        const size_t most = static_cast<size_t>(g.out_channels_per_group() * khw);
         std::vector<const T*> arows(most), brows(most);
         for (int64_t q = q0; q < q1; ++q) {
-          const int64_t ih = q / g.W, iw = q % g.W;
+          const int64_t ih = q / g.in_w, iw = q % g.in_w;
           // Taps (ki, kj) that reach input pixel (ih, iw): oh = ih + ph - ki*dh in [0, OH),
           // ow = iw + pw - kj*dw in [0, OW): a range of ki and a range of kj.
           auto range = [](int64_t i, int64_t pad, int64_t d, int64_t out, int64_t k,
@@ -942,23 +907,23 @@ void conv2d_backward_inner(const Geom& g, const T* dy, const T* x, const T* w, T
             hi = top < 0 ? 0 : std::min(k, top / d + 1);
           };
           int64_t ki_lo, ki_hi, kj_lo, kj_hi;
-          range(ih, g.ph, g.dh, g.OH, g.kh, ki_lo, ki_hi);
-          range(iw, g.pw, g.dw, g.OW, g.kw, kj_lo, kj_hi);
-          for (int64_t grp = 0; grp < g.G; ++grp) {
+          range(ih, g.padding_h, g.dilation_h, g.out_h, g.kernel_h, ki_lo, ki_hi);
+          range(iw, g.padding_w, g.dilation_w, g.out_w, g.kernel_w, kj_lo, kj_hi);
+          for (int64_t grp = 0; grp < g.groups; ++grp) {
             int64_t count = 0;
-            for (int64_t co = grp * g.Cog; co < (grp + 1) * g.Cog; ++co)
+            for (int64_t co = grp * g.out_channels_per_group(); co < (grp + 1) * g.out_channels_per_group(); ++co)
               for (int64_t ki = ki_lo; ki < ki_hi; ++ki) {
-                const int64_t oh = ih + g.ph - ki * g.dh;
-                const T* a = wt.data() + (co * khw + ki * g.kw + kj_lo) * g.Cig;
-                const T* b = dyt.data() + (co * g.P + oh * g.OW + iw + g.pw - kj_lo * g.dw) * ld;
-                for (int64_t kj = kj_lo; kj < kj_hi; ++kj, a += g.Cig, b -= g.dw * ld) {
+                const int64_t oh = ih + g.padding_h - ki * g.dilation_h;
+                const T* a = wt.data() + (co * khw + ki * g.kernel_w + kj_lo) * g.in_channels_per_group();
+                const T* b = dyt.data() + (co * g.out_pixels() + oh * g.out_w + iw + g.padding_w - kj_lo * g.dilation_w) * ld;
+                for (int64_t kj = kj_lo; kj < kj_hi; ++kj, a += g.in_channels_per_group(), b -= g.dilation_w * ld) {
                   arows[count] = a;
                   brows[count] = b;
                   ++count;
                 }
               }
-            cpu::gemm_indirect<T>(g.Cig, nbc, count, arows.data(), brows.data(),
-                                  dxt.data() + (grp * g.Cig * hw + q) * ld, hw * ld, 1, false);
+            cpu::gemm_indirect<T>(g.in_channels_per_group(), nbc, count, arows.data(), brows.data(),
+                                  dxt.data() + (grp * g.in_channels_per_group() * hw + q) * ld, hw * ld, 1, false);
           }
         }
       });
@@ -969,40 +934,40 @@ void conv2d_backward_inner(const Geom& g, const T* dy, const T* x, const T* w, T
 }
 
 template <typename T>
-void conv2d_forward(const Geom& g, const T* x, const T* w, const T* bias, T* y) {
+void conv2d_forward(const Geometry& g, const T* x, const T* w, const T* bias, T* y) {
   const Split sp = make_split(g, sizeof(T));
-  const int64_t in_img = g.C * g.H * g.W, out_img = g.Co * g.P;
-  const bool pointwise = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 &&
-                         g.pw == 0;
-  const double chunk_work = double(sp.images_per_chunk) * g.Co * g.K * g.P;
+  const int64_t in_img = g.in_image(), out_img = g.out_image();
+  const bool pointwise = g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 && g.padding_h == 0 &&
+                         g.padding_w == 0;
+  const double chunk_work = double(sp.images_per_chunk) * g.out_channels * g.taps_per_group() * g.out_pixels();
   at::parallel_for(0, sp.chunks, grain_for(chunk_work), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = c * sp.images_per_chunk;
-      const int64_t nimg = std::min(sp.images_per_chunk, g.N - n0);
-      const int64_t cols = nimg * g.P;
-      for (int64_t grp = 0; grp < g.G; ++grp) {
-        const T* xg = x + n0 * in_img + grp * g.Cig * g.H * g.W;
-        T* yg = y + n0 * out_img + grp * g.Cog * g.P;
-        const T* wg = w + grp * g.Cog * g.K;
-        const T* bg = bias ? bias + grp * g.Cog : nullptr;
+      const int64_t nimg = std::min(sp.images_per_chunk, g.batch - n0);
+      const int64_t cols = nimg * g.out_pixels();
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        const T* xg = x + n0 * in_img + grp * g.in_channels_per_group() * g.in_pixels();
+        T* yg = y + n0 * out_img + grp * g.out_channels_per_group() * g.out_pixels();
+        const T* wg = w + grp * g.out_channels_per_group() * g.taps_per_group();
+        const T* bg = bias ? bias + grp * g.out_channels_per_group() : nullptr;
         if (pointwise) {  // 1x1, stride 1, no padding: the input is its own im2col
           for (int64_t n = 0; n < nimg; ++n) {
             T* yn = yg + n * out_img;
             if (bg)
-              for (int64_t co = 0; co < g.Cog; ++co)
-                std::fill(yn + co * g.P, yn + (co + 1) * g.P, bg[co]);
-            cpu::gemm<T>(g.Cog, g.P, g.K, wg, g.K, 1, xg + n * in_img, g.P, 1, yn, g.P, 1,
+              for (int64_t co = 0; co < g.out_channels_per_group(); ++co)
+                std::fill(yn + co * g.out_pixels(), yn + (co + 1) * g.out_pixels(), bg[co]);
+            cpu::gemm<T>(g.out_channels_per_group(), g.out_pixels(), g.taps_per_group(), wg, g.taps_per_group(), 1, xg + n * in_img, g.out_pixels(), 1, yn, g.out_pixels(), 1,
                          bg != nullptr);
           }
           continue;
         }
         for (int64_t q0 = 0; q0 < cols; q0 += sp.strip) {
           const int64_t len = std::min(sp.strip, cols - q0);
-          T* col = scratch_ptr<T>(0, g.K * len);
-          T* out = scratch_ptr<T>(1, g.Cog * len);
+          T* col = scratch_ptr<T>(0, g.taps_per_group() * len);
+          T* out = scratch_ptr<T>(1, g.out_channels_per_group() * len);
           im2col(g, xg, in_img, q0, len, col, len);
-          cpu::gemm<T>(g.Cog, len, g.K, wg, g.K, 1, col, len, 1, out, len, 1, false);
-          scatter(g, out, len, bg, yg, out_img, g.Cog, q0, len);
+          cpu::gemm<T>(g.out_channels_per_group(), len, g.taps_per_group(), wg, g.taps_per_group(), 1, col, len, 1, out, len, 1, false);
+          scatter(g, out, len, bg, yg, out_img, g.out_channels_per_group(), q0, len);
         }
       }
     }
@@ -1012,14 +977,13 @@ void conv2d_forward(const Geom& g, const T* x, const T* w, const T* bias, T* y) 
 Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                   int64_t groups) {
-  const auto s = check_conv2d<int64_t>(input, weight, bias, stride, padding, dilation, groups);
-  const Geom g = make_geom(s, stride, padding, dilation);
+  const Geometry g = check_conv2d<int64_t>(input, weight, bias, stride, padding, dilation, groups);
   const bool has_bias = bias.has_value() && bias->defined();
   const Tensor x = input.contiguous();
   const Tensor w = weight.contiguous();
   const Tensor b = has_bias ? bias->contiguous() : Tensor();
   const bool channels_last = conv2d_channels_last(input, weight);
-  Tensor out = at::empty(s.output_sizes(), x.options());
+  Tensor out = at::empty(g.output_sizes(), x.options());
   if (out.numel() == 0) return as_image_layout(out, channels_last);
   dispatch_floating(x.scalar_type(), "conv2d", [&](auto tag) {
     using T = decltype(tag);
@@ -1038,15 +1002,15 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
 // ---- Backward -----------------------------------------------------------------------------
 
 template <typename T>
-void conv2d_backward_impl(const Geom& g, const T* dy, const T* x, const T* w, T* dx, T* dw,
+void conv2d_backward_impl(const Geometry& g, const T* dy, const T* x, const T* w, T* dx, T* dw,
                           T* db) {
   const Split sp = make_split(g, sizeof(T));
-  const int64_t in_img = g.C * g.H * g.W, out_img = g.Co * g.P;
+  const int64_t in_img = g.in_image(), out_img = g.out_image();
   const bool reduce = dw || db;
   // Slots: consecutive chunks summed in order into one partial. At most 32, and the partials
   // capped at ~32 MB; with no reduction every chunk is its own task.
   int64_t slots = sp.chunks;
-  const int64_t part = g.Co * g.K + g.Co;
+  const int64_t part = g.out_channels * g.taps_per_group() + g.out_channels;
   if (reduce) {
     const int64_t cap = std::max<int64_t>(
         1, (int64_t(32) << 20) / (std::max<int64_t>(1, part) * static_cast<int64_t>(sizeof(T))));
@@ -1057,40 +1021,40 @@ void conv2d_backward_impl(const Geom& g, const T* dy, const T* x, const T* w, T*
   std::vector<T> parts(reduce ? static_cast<size_t>(slots * part) : 0, T(0));
   const int64_t vw = cpu::simd_width<T>();
 
-  const double slot_work = double(chunks_per_slot) * sp.images_per_chunk * g.Co * g.K * g.P *
+  const double slot_work = double(chunks_per_slot) * sp.images_per_chunk * g.out_channels * g.taps_per_group() * g.out_pixels() *
                            ((dx ? 1 : 0) + (dw ? 1 : 0) + (db ? 0.1 : 0));
   at::parallel_for(0, slots, grain_for(slot_work), [&](int64_t s0, int64_t s1) {
     for (int64_t slot = s0; slot < s1; ++slot) {
       T* dw_part = reduce ? parts.data() + slot * part : nullptr;
-      T* db_part = reduce ? dw_part + g.Co * g.K : nullptr;
+      T* db_part = reduce ? dw_part + g.out_channels * g.taps_per_group() : nullptr;
       const int64_t cend = std::min(sp.chunks, (slot + 1) * chunks_per_slot);
       for (int64_t c = slot * chunks_per_slot; c < cend; ++c) {
         const int64_t n0 = c * sp.images_per_chunk;
-        const int64_t nimg = std::min(sp.images_per_chunk, g.N - n0);
-        const int64_t cols = nimg * g.P;
+        const int64_t nimg = std::min(sp.images_per_chunk, g.batch - n0);
+        const int64_t cols = nimg * g.out_pixels();
         if (dx) std::fill(dx + n0 * in_img, dx + (n0 + nimg) * in_img, T(0));
-        for (int64_t grp = 0; grp < g.G; ++grp) {
-          const T* xg = x + n0 * in_img + grp * g.Cig * g.H * g.W;
-          const T* dyg = dy + n0 * out_img + grp * g.Cog * g.P;
-          T* dxg = dx ? dx + n0 * in_img + grp * g.Cig * g.H * g.W : nullptr;
-          const T* wg = w + grp * g.Cog * g.K;
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          const T* xg = x + n0 * in_img + grp * g.in_channels_per_group() * g.in_pixels();
+          const T* dyg = dy + n0 * out_img + grp * g.out_channels_per_group() * g.out_pixels();
+          T* dxg = dx ? dx + n0 * in_img + grp * g.in_channels_per_group() * g.in_pixels() : nullptr;
+          const T* wg = w + grp * g.out_channels_per_group() * g.taps_per_group();
           for (int64_t q0 = 0; q0 < cols; q0 += sp.strip) {
             const int64_t len = std::min(sp.strip, cols - q0);
             const int64_t ld = round_up(len, vw);  // zero-padded: dot kernel needs no tail
-            T* dyc = scratch_ptr<T>(0, g.Cog * ld);
-            gather(g, dyg, out_img, g.Cog, q0, len, dyc, ld);
-            if (db) row_sums(dyc, ld, g.Cog, len, db_part + grp * g.Cog);
+            T* dyc = scratch_ptr<T>(0, g.out_channels_per_group() * ld);
+            gather(g, dyg, out_img, g.out_channels_per_group(), q0, len, dyc, ld);
+            if (db) row_sums(dyc, ld, g.out_channels_per_group(), len, db_part + grp * g.out_channels_per_group());
             if (dw) {
-              T* col = scratch_ptr<T>(1, g.K * ld);
+              T* col = scratch_ptr<T>(1, g.taps_per_group() * ld);
               im2col(g, xg, in_img, q0, len, col, ld);
               // dW[co, k] += sum_j dY[co, j] Xcol[k, j]
-              cpu::gemm<T>(g.Cog, g.K, ld, dyc, ld, 1, col, 1, ld, dw_part + grp * g.Cog * g.K,
-                           g.K, 1, true);
+              cpu::gemm<T>(g.out_channels_per_group(), g.taps_per_group(), ld, dyc, ld, 1, col, 1, ld, dw_part + grp * g.out_channels_per_group() * g.taps_per_group(),
+                           g.taps_per_group(), 1, true);
             }
             if (dx) {
-              T* dcol = scratch_ptr<T>(2, g.K * len);
+              T* dcol = scratch_ptr<T>(2, g.taps_per_group() * len);
               // dXcol[k, j] = sum_co W[co, k] dY[co, j]
-              cpu::gemm<T>(g.K, len, g.Cog, wg, 1, g.K, dyc, ld, 1, dcol, len, 1, false);
+              cpu::gemm<T>(g.taps_per_group(), len, g.out_channels_per_group(), wg, 1, g.taps_per_group(), dyc, ld, 1, dcol, len, 1, false);
               col2im_strip(g, dcol, len, dxg, in_img, q0, len);
             }
           }
@@ -1101,12 +1065,12 @@ void conv2d_backward_impl(const Geom& g, const T* dy, const T* x, const T* w, T*
 
   // Partials, added in slot order.
   if (dw) {
-    const int64_t n = g.Co * g.K;
+    const int64_t n = g.out_channels * g.taps_per_group();
     at::parallel_for(0, n, 4096, [&](int64_t e0, int64_t e1) {
       sum_parts(parts.data(), slots, part, e0, e1, dw);
     });
   }
-  if (db) sum_parts(parts.data() + g.Co * g.K, slots, part, 0, g.Co, db);
+  if (db) sum_parts(parts.data() + g.out_channels * g.taps_per_group(), slots, part, 0, g.out_channels, db);
 }
 
 std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output,
@@ -1115,24 +1079,23 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
                                                        at::IntArrayRef padding,
                                                        at::IntArrayRef dilation, int64_t groups,
                                                        std::array<bool, 3> mask) {
-  const auto s = check_conv2d_backward<int64_t>(grad_output, input, weight, stride, padding,
+  const Geometry g = check_conv2d_backward<int64_t>(grad_output, input, weight, stride, padding,
                                                 dilation, groups);
-  const Geom g = make_geom(s, stride, padding, dilation);
   const Tensor dy = grad_output.contiguous();
   const Tensor x = input.contiguous();
   const Tensor w = weight.contiguous();
   Tensor grad_input, grad_weight, grad_bias;
   if (mask[0]) grad_input = at::empty(input.sizes(), x.options());
   if (mask[1]) grad_weight = at::empty(weight.sizes(), x.options());
-  if (mask[2]) grad_bias = at::empty({g.Co}, x.options());
+  if (mask[2]) grad_bias = at::empty({g.out_channels}, x.options());
   dispatch_floating(x.scalar_type(), "conv2d_backward", [&](auto tag) {
     using T = decltype(tag);
     T* dx = mask[0] ? grad_input.mutable_data_ptr<T>() : nullptr;
     T* dw = mask[1] ? grad_weight.mutable_data_ptr<T>() : nullptr;
     T* db = mask[2] ? grad_bias.mutable_data_ptr<T>() : nullptr;
-    if (g.N == 0) {  // empty batch: no contribution
+    if (g.batch == 0) {  // empty batch: no contribution
       if (dw) std::fill(dw, dw + grad_weight.numel(), T(0));
-      if (db) std::fill(db, db + g.Co, T(0));
+      if (db) std::fill(db, db + g.out_channels, T(0));
       return;
     }
     if (!dx && !dw && !db) return;
