@@ -9,6 +9,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/version.h>
 
+#include "cpu/isa.h"
 #include "op_handles.h"
 
 namespace py = pybind11;
@@ -56,6 +57,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                             int64_t reduction, int64_t ignore_index) {
     return cross_entropy_op().call(input, target, weight, reduction, ignore_index);
   });
+
+  // {CPU kernel family: instruction set it runs with} (csrc/cpu/isa.h, which PYENGINE_CPU_ISA
+  // steers); raises for a PYENGINE_CPU_ISA value it does not know.
+  m.def("cpu_isa", &cpu::kernel_isas);
 
   // What this binary was built against, checked by pyengine/__init__.py at import.
   m.attr("built_with_torch") = py::make_tuple(TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR);

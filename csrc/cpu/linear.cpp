@@ -30,32 +30,30 @@
 #include "common/dispatch.h"
 #include "common/layout.h"
 #include "cpu/gemm.h"
+#include "cpu/isa.h"
 
 namespace pyengine {
 namespace {
 
 using at::Tensor;
 
-#define PE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-
 // out[j] = sum over r of g[r * ld + j] for j in [j0, j1), r in order (vectorised across j).
 template <typename T>
-inline __attribute__((always_inline)) void column_sums_impl(const T* g, int64_t rows, int64_t ld,
-                                                            int64_t j0, int64_t j1, T* out) {
+PE_INLINE void column_sums_impl(const T* g, int64_t rows, int64_t ld, int64_t j0, int64_t j1,
+                                T* out) {
   for (int64_t j = j0; j < j1; ++j) out[j] = T(0);
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = g + r * ld;
     for (int64_t j = j0; j < j1; ++j) out[j] += row[j];
   }
 }
-PE_CLONES void column_sums(const float* g, int64_t rows, int64_t ld, int64_t j0, int64_t j1,
-                           float* out) {
-  column_sums_impl(g, rows, ld, j0, j1, out);
-}
-PE_CLONES void column_sums(const double* g, int64_t rows, int64_t ld, int64_t j0, int64_t j1,
-                           double* out) {
-  column_sums_impl(g, rows, ld, j0, j1, out);
-}
+#define PE_DEFINE_COLUMN_SUMS(T)                                                            \
+  PE_ISA_FUNCTION(Family::Linear, void, column_sums,                                        \
+                  (const T* g, int64_t rows, int64_t ld, int64_t j0, int64_t j1, T* out),   \
+                  (g, rows, ld, j0, j1, out), column_sums_impl<T>)
+PE_DEFINE_COLUMN_SUMS(float)
+PE_DEFINE_COLUMN_SUMS(double)
+#undef PE_DEFINE_COLUMN_SUMS
 
 Tensor linear_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
   const auto s = check_linear<int64_t>(input, weight, bias);

@@ -27,8 +27,8 @@
 //
 // Hot loops: the interior of each output row (windows with every column in bounds) runs an
 // AVX-512 kernel for stride_w 1 or 2 (kernel 3 / stride 1 or 2 and the like) and a dedicated one
-// for 2x2 / stride 2, chosen at run time; the backward of 2x2 / stride 2 gathers instead of
-// scattering. Everything else, and machines without AVX-512, use the scalar loops.
+// for 2x2 / stride 2, chosen at run time (cpu/isa.h); the backward of 2x2 / stride 2 gathers
+// instead of scattering. Everything else, and the AVX2 and baseline levels, use the scalar loops.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -42,14 +42,12 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
-#define PE_POOL_X86 1
-#endif
 
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/layout.h"
+#include "cpu/isa.h"
 
 namespace pyengine {
 namespace {
@@ -112,18 +110,17 @@ void pool_rows_scalar(const T* in, T* out, int64_t* idx, const Geometry& g, int6
 // Indices are int32 lanes for fp32 (planes < 2^31 elements, checked by the caller), widened when
 // stored; int64 lanes for fp64.
 
-#ifdef PE_POOL_X86
-
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm*_undefined_* helpers
 // (GCC bug 105593, fixed in GCC 13).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#define PE_AVX512_INLINE __attribute__((target("avx512f"), always_inline)) inline
+#define PE_AVX512_INLINE PE_TARGET_AVX512 PE_INLINE
 
-bool have_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
+// Whether this process runs the AVX-512 kernels (cpu/isa.h: max_pool2d has no AVX2 build).
+bool use_avx512() {
+  static const bool yes = cpu::isa_for(cpu::Family::MaxPool2d) == cpu::Isa::Avx512;
+  return yes;
 }
 
 struct F32x16 {
@@ -278,7 +275,7 @@ enum ColMode { kStride1 = 0, kStride2Pairs = 1, kStride2 = 2 };
 
 // Output rows [r_begin, r_end) of the flattened (plane, output row) range.
 template <class A, bool kIdx, int kMode>
-__attribute__((target("avx512f"))) void pool_rows_avx512(const typename A::T* in,
+PE_TARGET_AVX512 void pool_rows_avx512(const typename A::T* in,
                                                          typename A::T* out, int64_t* idx,
                                                          const Geometry& g, int64_t r_begin,
                                                          int64_t r_end) {
@@ -380,7 +377,7 @@ __attribute__((target("avx512f"))) void pool_rows_avx512(const typename A::T* in
 // The tutorial case, 2x2 windows with stride 2 and no padding or dilation, whole windows only
 // (2*OH <= H and 2*OW <= W): everything but the loads and folds is hoisted out of the row loop.
 template <class A, bool kIdx>
-__attribute__((target("avx512f"))) void pool2x2_rows_avx512(const typename A::T* in,
+PE_TARGET_AVX512 void pool2x2_rows_avx512(const typename A::T* in,
                                                             typename A::T* out, int64_t* idx,
                                                             const Geometry& g, int64_t r_begin,
                                                             int64_t r_end) {
@@ -437,7 +434,7 @@ __attribute__((target("avx512f"))) void pool2x2_rows_avx512(const typename A::T*
 // Windows are disjoint, so each element receives at most one gradient: the result is bit for bit
 // the scatter's.
 template <class A>
-__attribute__((target("avx512f"))) bool unpool2x2_plane_avx512(const typename A::T* go,
+PE_TARGET_AVX512 bool unpool2x2_plane_avx512(const typename A::T* go,
                                                                const int64_t* idx,
                                                                typename A::T* gi,
                                                                const Geometry& g) {
@@ -479,28 +476,23 @@ __attribute__((target("avx512f"))) bool unpool2x2_plane_avx512(const typename A:
 #undef PE_AVX512_INLINE
 #pragma GCC diagnostic pop
 
-#endif  // PE_POOL_X86
-
 // The kernel for this geometry and dtype: the vector one where it applies, else the scalar one.
 template <typename T, bool kIdx>
 using RowsFn = void (*)(const T*, T*, int64_t*, const Geometry&, int64_t, int64_t);
 
 template <typename T, bool kIdx>
 RowsFn<T, kIdx> pick_kernel(const Geometry& g) {
-#ifdef PE_POOL_X86
   using A = std::conditional_t<std::is_same_v<T, float>, F32x16, F64x8>;
   const IndexRange cols = g.inner_cols();
   const bool fits = cols.end - cols.begin >= 2 &&
                     // fp32 keeps indices in int32 lanes
                     (sizeof(T) == 8 || g.in_pixels() < (int64_t(1) << 31));
-  if (have_avx512() && fits) {
-    if (g.is_2x2_stride_2())
-      return pool2x2_rows_avx512<A, kIdx>;
+  if (use_avx512() && fits) {
+    if (g.is_2x2_stride_2()) return pool2x2_rows_avx512<A, kIdx>;
     if (g.stride_w == 1) return pool_rows_avx512<A, kIdx, kStride1>;
     if (g.stride_w == 2 && g.dilation_w == 1) return pool_rows_avx512<A, kIdx, kStride2Pairs>;
     if (g.stride_w == 2) return pool_rows_avx512<A, kIdx, kStride2>;
   }
-#endif
   return pool_rows_scalar<T, kIdx>;
 }
 
@@ -615,15 +607,12 @@ using PlaneGatherFn = bool (*)(const T*, const int64_t*, T*, const Geometry&);
 
 template <typename T>
 PlaneGatherFn<T> pick_gather(const Geometry& g) {
-#ifdef PE_POOL_X86
   using A = std::conditional_t<std::is_same_v<T, float>, F32x16, F64x8>;
   // Rows of fewer than half a vector (LeNet's 5-wide pool2) scatter faster than they gather;
   // offsets must fit int32 lanes.
-  if (have_avx512() && g.is_2x2_stride_2() &&
-      2 * g.out_w >= A::L && g.in_w < (int64_t(1) << 30))
+  if (use_avx512() && g.is_2x2_stride_2() && 2 * g.out_w >= A::L &&
+      g.in_w < (int64_t(1) << 30))
     return unpool2x2_plane_avx512<A>;
-#endif
-  (void)g;
   return nullptr;
 }
 

@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <limits>
 
-#define PE_ALWAYS_INLINE __attribute__((always_inline)) inline
+#include "cpu/isa.h"
 
 namespace pyengine {
 
@@ -41,9 +41,9 @@ struct ExpConst<double> {
 };
 
 template <typename T>
-PE_ALWAYS_INLINE T poly_exp(T r);  // e^r for |r| <= ln2 / 2
+PE_INLINE T poly_exp(T r);  // e^r for |r| <= ln2 / 2
 template <>
-PE_ALWAYS_INLINE float poly_exp(float r) {
+PE_INLINE float poly_exp(float r) {
   float p = 1.0f / 5040;
   p = p * r + 1.0f / 720;
   p = p * r + 1.0f / 120;
@@ -54,7 +54,7 @@ PE_ALWAYS_INLINE float poly_exp(float r) {
   return p * r + 1.0f;
 }
 template <>
-PE_ALWAYS_INLINE double poly_exp(double r) {
+PE_INLINE double poly_exp(double r) {
   double p = 1.0 / 6227020800.0;  // 1/13!
   p = p * r + 1.0 / 479001600.0;
   p = p * r + 1.0 / 39916800.0;
@@ -73,7 +73,7 @@ PE_ALWAYS_INLINE double poly_exp(double r) {
 
 // exp(x) for any x: NaN -> NaN, -inf (and x < lo) -> 0, +inf (and x > hi) -> inf.
 template <typename T>
-PE_ALWAYS_INLINE T fast_exp(T x) {
+PE_INLINE T fast_exp(T x) {
   using C = ExpConst<T>;
   using I = typename C::I;
   T xc = x >= C::lo ? x : C::lo;  // also maps NaN to lo: no NaN reaches the integer math
