@@ -10,22 +10,22 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <optional>
 
-#include <emmintrin.h>
-
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cpu/isa.h"
 #include "cpu/loops.h"
 #include "cpu/reductions.h"
+#include "cpu/vec_math.h"
 
 namespace pyengine {
 namespace {
 
 using at::Tensor;
 using cpu::deterministic_sum;
+using cpu::Family;
 using cpu::kSumChunk;
 using cpu::scalar_like;
 using cpu::weight_or_null;
@@ -52,153 +52,96 @@ void check_targets(const int64_t* pt, int64_t n, int64_t classes, int64_t ignore
   }
 }
 
-// ---- Row kernels: max, then sum_j exp(x_j - max) (optionally stored), summed in double ------
+// ---- Row kernels, built for every level (cpu/isa.h) ----------------------------------------
 //
-// float32 rows are where cross_entropy spends its time: glibc's scalar expf costs ~3 ns, so a
-// 4096 x 1000 batch took ~14 ms on one core against torch's ~2 ms (AVX2 exp). exp4_nonpos is a
-// 4-wide SSE2 exp (SSE2 is x86-64's baseline: no -march flag needed) for the arguments that
-// occur here, x - max <= 0: range reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-7 Taylor
-// polynomial of e^r and 2^n from the exponent bits; at most 1.3 ulp from exp on [-87, 0]
-// (checked over every float there). Below -87 it returns 0 where exp would give a denormal
-// under 1.7e-38 (beside the row's max term of 1, nothing); NaN propagates. exp_nonpos is the
-// same arithmetic for one float (the scalar fallback, and row tails): bitwise the same results.
-// float64 rows use std::exp: that is the accuracy path.
+// Per row: m = max_j x_j, then s = sum_j exp(x_j - m) with the shared exp (cpu/vec_math.h,
+// branch-free so the loops vectorize), every term widened to double and summed in kLanes
+// interleaved lanes: a fixed order of additions at every level, so the level changes the result
+// only through FMA contraction inside exp. A row's last partial block is copied into a block
+// padded with -inf (never the max; exp gives 0), so narrow rows (10 classes) run vectorized too.
 
-inline float exp_nonpos(float x) {
-  const float xc = x >= -87.0f ? x : -87.0f;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const float n = (xc * 1.44269504088896341f + magic) - magic;
-  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 5040;
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  if (x != x) return x;
-  return x >= -87.0f ? p * scale : 0.0f;
-}
-
-#if defined(__SSE2__)
-inline __m128 exp4_nonpos(__m128 x) {
-  const __m128 lo = _mm_set1_ps(-87.0f);
-  const __m128 magic = _mm_set1_ps(12582912.0f);
-  const __m128 in_range = _mm_cmpge_ps(x, lo);  // false for NaN and below -87
-  const __m128 is_nan = _mm_cmpunord_ps(x, x);
-  const __m128 xc = _mm_max_ps(x, lo);  // lo for NaN too (maxps returns its 2nd operand)
-  const __m128 n = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(xc, _mm_set1_ps(1.44269504088896341f)),
-                                         magic), magic);
-  const __m128 r = _mm_sub_ps(_mm_sub_ps(xc, _mm_mul_ps(n, _mm_set1_ps(0.693145751953125f))),
-                              _mm_mul_ps(n, _mm_set1_ps(1.428606765330187045e-06f)));
-  __m128 p = _mm_set1_ps(1.0f / 5040);
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.0f / 720));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.0f / 120));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.0f / 24));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.0f / 6));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(0.5f));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.0f));
-  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.0f));
-  const __m128i bits =
-      _mm_slli_epi32(_mm_add_epi32(_mm_cvttps_epi32(n), _mm_set1_epi32(127)), 23);
-  const __m128 res = _mm_and_ps(_mm_mul_ps(p, _mm_castsi128_ps(bits)), in_range);
-  return _mm_or_ps(res, _mm_and_ps(x, is_nan));
-}
-#endif
-
-// max_j x_j, NaN skipped (a NaN makes the row NaN through its exp anyway); -inf for an empty row.
+// Terms per lane block: one 64-byte vector of T.
 template <typename T>
-inline T row_max(const T* x, int64_t classes) {
-  T m = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < classes; ++j) m = x[j] > m ? x[j] : m;
+constexpr int64_t kLanes = 64 / sizeof(T);
+
+// The row's last classes % L values, padded to a whole block with -inf.
+template <typename T>
+PE_INLINE void padded_tail(const T* x, int64_t n, T* block) {
+  for (int64_t l = 0; l < kLanes<T>; ++l)
+    block[l] = l < n ? x[l] : -std::numeric_limits<T>::infinity();
+}
+
+// max_j x_j, NaN skipped (a NaN makes the row NaN through its exp anyway); -inf for no classes.
+template <typename T>
+PE_INLINE T row_max(const T* x, int64_t classes) {
+  constexpr int64_t L = kLanes<T>;
+  T acc[L], tail[L];
+  for (int64_t l = 0; l < L; ++l) acc[l] = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  for (; j + L <= classes; j += L)
+    for (int64_t l = 0; l < L; ++l) acc[l] = x[j + l] > acc[l] ? x[j + l] : acc[l];
+  padded_tail(x + j, classes - j, tail);
+  for (int64_t l = 0; l < L; ++l) acc[l] = tail[l] > acc[l] ? tail[l] : acc[l];
+  T m = acc[0];
+  for (int64_t l = 1; l < L; ++l) m = acc[l] > m ? acc[l] : m;
   return m;
 }
 
-// sum_j exp(x_j - m) in double; the terms are also written to out[j] when out is not null.
-inline double row_exp_sum(const double* x, double m, int64_t classes, double* out) {
-  double s = 0;
-  for (int64_t j = 0; j < classes; ++j) {
-    const double e = std::exp(x[j] - m);
-    if (out) out[j] = e;
-    s += e;
-  }
-  return s;
-}
-
-inline float row_max(const float* x, int64_t classes) {
+// sum_j exp(x_j - m) in double; the terms are also written to out[j] when kStore.
+template <typename T, bool kStore>
+PE_INLINE double row_exp_sum(const T* x, T m, int64_t classes, T* out) {
+  constexpr int64_t L = kLanes<T>;
+  double acc[L] = {};
   int64_t j = 0;
-  float m = -std::numeric_limits<float>::infinity();
-#if defined(__SSE2__)
-  // two independent accumulators hide maxps' latency; NaN is skipped (maxps's 2nd operand)
-  __m128 m0 = _mm_set1_ps(m), m1 = m0;
-  for (; j + 8 <= classes; j += 8) {
-    m0 = _mm_max_ps(_mm_loadu_ps(x + j), m0);
-    m1 = _mm_max_ps(_mm_loadu_ps(x + j + 4), m1);
-  }
-  if (j + 4 <= classes) {
-    m0 = _mm_max_ps(_mm_loadu_ps(x + j), m0);
-    j += 4;
-  }
-  alignas(16) float lanes[8];
-  _mm_store_ps(lanes, m0);
-  _mm_store_ps(lanes + 4, m1);
-  for (float v : lanes) m = v > m ? v : m;
-#endif
-  for (; j < classes; ++j) m = x[j] > m ? x[j] : m;
-  return m;
-}
-
-inline double row_exp_sum(const float* x, float m, int64_t classes, float* out) {
-  int64_t j = 0;
-  double s = 0;
-#if defined(__SSE2__)
-  // eight double lanes in a fixed layout (the order of the additions depends on C only); two
-  // exps per iteration keep both dependency chains busy
-  __m128d acc[4] = {_mm_setzero_pd(), _mm_setzero_pd(), _mm_setzero_pd(), _mm_setzero_pd()};
-  const __m128 mv = _mm_set1_ps(m);
-  for (; j + 8 <= classes; j += 8) {
-    const __m128 e0 = exp4_nonpos(_mm_sub_ps(_mm_loadu_ps(x + j), mv));
-    const __m128 e1 = exp4_nonpos(_mm_sub_ps(_mm_loadu_ps(x + j + 4), mv));
-    if (out) {
-      _mm_storeu_ps(out + j, e0);
-      _mm_storeu_ps(out + j + 4, e1);
+  for (; j + L <= classes; j += L)
+    for (int64_t l = 0; l < L; ++l) {
+      const T e = fast_exp(x[j + l] - m);
+      if (kStore) out[j + l] = e;
+      acc[l] += static_cast<double>(e);
     }
-    acc[0] = _mm_add_pd(acc[0], _mm_cvtps_pd(e0));
-    acc[1] = _mm_add_pd(acc[1], _mm_cvtps_pd(_mm_movehl_ps(e0, e0)));
-    acc[2] = _mm_add_pd(acc[2], _mm_cvtps_pd(e1));
-    acc[3] = _mm_add_pd(acc[3], _mm_cvtps_pd(_mm_movehl_ps(e1, e1)));
+  if (j < classes) {
+    T tail[L], e[L];
+    padded_tail(x + j, classes - j, tail);
+    for (int64_t l = 0; l < L; ++l) {
+      e[l] = fast_exp(tail[l] - m);
+      acc[l] += static_cast<double>(e[l]);
+    }
+    if (kStore)
+      for (int64_t l = 0; j + l < classes; ++l) out[j + l] = e[l];
   }
-  if (j + 4 <= classes) {
-    const __m128 e0 = exp4_nonpos(_mm_sub_ps(_mm_loadu_ps(x + j), mv));
-    if (out) _mm_storeu_ps(out + j, e0);
-    acc[0] = _mm_add_pd(acc[0], _mm_cvtps_pd(e0));
-    acc[1] = _mm_add_pd(acc[1], _mm_cvtps_pd(_mm_movehl_ps(e0, e0)));
-    j += 4;
-  }
-  alignas(16) double lanes[8];
-  for (int k = 0; k < 4; ++k) _mm_store_pd(lanes + 2 * k, acc[k]);
-  s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-      ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-#endif
-  for (; j < classes; ++j) {
-    const float e = exp_nonpos(x[j] - m);
-    if (out) out[j] = e;
-    s += static_cast<double>(e);
-  }
-  return s;
+  for (int64_t w = L / 2; w >= 1; w /= 2)
+    for (int64_t l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
 }
 
-// log-softmax of row xr at class t.
-template <typename scalar_t>
-inline double row_log_prob(const scalar_t* xr, int64_t classes, int64_t t) {
-  const scalar_t m = row_max(xr, classes);
-  const double s = row_exp_sum(xr, m, classes, static_cast<scalar_t*>(nullptr));
-  return static_cast<double>(xr[t]) - static_cast<double>(m) - std::log(s);
+// log softmax(x)[t] of one row, in double.
+template <typename T>
+PE_INLINE double log_prob_impl(const T* x, int64_t classes, int64_t t) {
+  const T m = row_max(x, classes);
+  const double s = row_exp_sum<T, false>(x, m, classes, nullptr);
+  return static_cast<double>(x[t]) - static_cast<double>(m) - std::log(s);
 }
+
+// grad = a * (softmax(x) - onehot(t)) for one row: the softmax numerators are written into grad,
+// then scaled in place while the row is in L1.
+template <typename T>
+PE_INLINE void softmax_grad_impl(const T* x, int64_t classes, int64_t t, double a, T* grad) {
+  const double sum = row_exp_sum<T, true>(x, row_max(x, classes), classes, grad);
+  const T scale = static_cast<T>(a / sum);
+  for (int64_t j = 0; j < classes; ++j) grad[j] *= scale;
+  grad[t] -= static_cast<T>(a);
+}
+
+#define PE_DEFINE_ROW_KERNELS(T)                                                             \
+  PE_ISA_FUNCTION(Family::CrossEntropy, double, log_prob,                                   \
+                  (const T* x, int64_t classes, int64_t t), (x, classes, t),                \
+                  log_prob_impl<T>)                                                          \
+  PE_ISA_FUNCTION(Family::CrossEntropy, void, softmax_grad,                                 \
+                  (const T* x, int64_t classes, int64_t t, double a, T* grad),              \
+                  (x, classes, t, a, grad), softmax_grad_impl<T>)
+PE_DEFINE_ROW_KERNELS(float)
+PE_DEFINE_ROW_KERNELS(double)
+#undef PE_DEFINE_ROW_KERNELS
 
 // Rows per partial sum and per parallel task: about kSumChunk / kElementwiseGrain logits.
 int64_t rows_per(int64_t elements, int64_t classes) {
@@ -233,7 +176,7 @@ Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTen
         return 0;
       }
       weight_i = pw ? static_cast<double>(pw[c]) : 1.0;
-      return -weight_i * row_log_prob(px + i * classes, classes, c);
+      return -weight_i * log_prob(px + i * classes, classes, c);
     };
     if (reduction == 0) {
       // (N) for batched input, 0-d for unbatched: input's leading dims.
@@ -311,11 +254,7 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor& input
         double a = static_cast<double>(reduction == 0 ? pg[i] : pg[0]);
         if (reduction == 1) a /= total;
         if (pw) a *= static_cast<double>(pw[c]);
-        const double sum = row_exp_sum(xr, row_max(xr, classes), classes, gr);
-        const scalar_t as = static_cast<scalar_t>(a);
-        const scalar_t scale = static_cast<scalar_t>(a / sum);
-        for (int64_t j = 0; j < classes; ++j) gr[j] *= scale;
-        gr[c] -= as;
+        softmax_grad(xr, classes, c, a, gr);
       }
     });
   });

@@ -60,7 +60,7 @@ constexpr FamilyLevels kFamilies[] = {
     {Family::Linear, "linear", true, true},
     {Family::MaxPool2d, "max_pool2d", true, false},
     {Family::Softmax, "softmax", true, true},
-    {Family::CrossEntropy, "cross_entropy", false, false},
+    {Family::CrossEntropy, "cross_entropy", true, true},
     {Family::Elementwise, "elementwise", false, false},
 };
 
