@@ -1,7 +1,8 @@
 // pybind11 entry points: the eager fast path from pyengine.functional into the dispatcher.
 // Calling a typed operator handle from here costs about a third less host time than going
-// through torch.ops (measured in DESIGN.md), which matters for small batches. Under
-// torch.compile the functional layer calls torch.ops.pyengine.* instead, which Dynamo can trace.
+// through torch.ops (docs/design.md; the benchmark suite measures it), which matters for small
+// batches. Under torch.compile the functional layer calls torch.ops.pyengine.* instead, which
+// Dynamo can trace.
 //
 // Only forward operators are here: autograd calls the backward operators from C++, and users
 // who want them directly have torch.ops.pyengine.*_backward.

@@ -1,25 +1,13 @@
-// CPU kernels of conv2d and conv2d_backward on pyengine's GEMM (cpu/gemm.h). Two paths, chosen
-// from the shapes alone:
+// CPU kernels of conv2d and conv2d_backward on pyengine's GEMM (cpu/gemm.h): the operators, and
+// the rule that picks one of two algorithms from the shapes alone (use_batch_inner below):
 //
-// 1. im2col (any geometry). Per group g, with K = (C_in / groups) * kH * kW taps and the output
-//    pixels of a run of images as the columns j (image-major, so several small images make one
-//    wide GEMM):
-//      forward      Y[co, j]  = sum_k W[co, k] Xcol[k, j]          gemm(C_out/g, cols, K)
-//      grad_weight  dW[co, k] = sum_j dY[co, j] Xcol[k, j]         gemm(C_out/g, K, cols): the dot
-//                                                                  kernel, both operands along j
-//      grad_input   dXcol[k, j] = sum_co W[co, k] dY[co, j]        gemm(K, cols, C_out/g), then
-//                                                                  col2im adds dXcol into dX
-//      grad_bias    db[co] = sum_j dY[co, j]
-//    The batch is cut into chunks of `images_per_chunk` images (from the shapes only); a chunk's
-//    columns go in strips of at most `strip` columns, so the im2col scratch (K x strip) stays in
-//    L2 whatever the image size. at::parallel_for runs chunks (forward, and grad_input alone) or
-//    "slots" of consecutive chunks (when grad_weight / grad_bias are wanted): a slot sums its
-//    chunks' contributions in chunk order into its own partial, and the partials are added in
-//    slot order at the end. col2im of a chunk touches only the chunk's own images, so grad_input
-//    needs no reduction.
-//
-// 2. Batch innermost (stride 1, W_out <= 16, batch >= 16: LeNet's conv2): see "Batch-innermost
-//    path" below. No im2col at all; every pass is a GEMM over contiguous batch vectors.
+// 1. im2col (conv2d_im2col.cpp), any geometry: per group, the taps of a strip of output columns
+//    are copied into a scratch matrix (K = C_in / groups * kH * kW rows) that stays in L2, and
+//    each pass is a GEMM with it; col2im adds grad_input's columns back.
+// 2. Batch innermost (conv2d_batch_inner.cpp), stride 1 with output rows of at most 16 columns
+//    and a batch of at least 16 (LeNet's conv2): with the batch as the innermost dimension every
+//    tap of every output pixel is a contiguous vector, so the GEMMs read the input in place
+//    through pointer tables and no im2col is needed.
 //
 // Both are deterministic: each output element is summed in a fixed order that depends on the
 // shapes only, so results are bitwise identical across runs and thread counts.
@@ -28,22 +16,20 @@
 // (input or weight channels_last: common/layout.h), the input pays one copy into NCHW and each
 // result one copy into channels_last, so the strides match torch's.
 //
-// Napkin math, LeNet at batch 64, fp32 (per pass; the machine: 2 cores, ~200 GFLOP/s per core at
-// 2 x 512-bit FMA per cycle, L2 1 MB per core):
-//   conv1 1->6, 5x5, 32x32 -> 28x28 (im2col path): K = 25, 784 columns per image. Forward
-//     2*64*6*25*784 = 15.1 MFLOP, grad_weight the same: a GEMM floor of ~0.04 ms per pass on 2
+// Napkin math, LeNet at batch 64, fp32, per pass (forward, grad_input, grad_weight), on the
+// reference machine (csrc/cpu/README.md: ~110 GFLOP/s fp32 per core, 2 cores):
+//   conv1 1->6, 5x5, 32x32 -> 28x28 (im2col): K = 25, 784 columns per image. Forward
+//     2*64*6*25*784 = 15.1 MFLOP, grad_weight the same: a GEMM floor of ~0.07 ms per pass on 2
 //     cores. But with 6 output channels each im2col element (25*784 per image, 5 MB over the
 //     batch, written and read once in L2) feeds only 6 FMAs, so im2col, at a few cycles per
 //     28-float row, costs about as much as the FMAs.
-//   conv2 6->16, 5x5, 14x14 -> 10x10 (batch-innermost path): K = 150. Forward 30.7 MFLOP, and
-//     grad_weight, grad_input the same: ~0.07 ms per pass at the floor on 2 cores. im2col would
-//     copy 15000 elements per image in 10-float rows (0.96 M rows over the batch) for 16 FMAs
-//     each, as slow as the GEMM; the batch-innermost layout instead moves each of x, y, dY, dX
-//     once (0.35 M elements in all) and runs the GEMMs at near peak.
-//   Measured (2026-11-24, 2 threads, forward + backward through autograd, medians): conv1 0.21 ms
-//   without input grad (torch 0.40 ms); conv2 0.38 ms with input grad (torch 0.75 ms). One thread,
-//   conv2, from perf samples: forward and grad_input GEMMs ~0.145 ms each, grad_weight ~0.16 ms,
-//   building the tap tables ~0.05 ms, the four transposes under 0.01 ms together.
+//   conv2 6->16, 5x5, 14x14 -> 10x10 (batch innermost): K = 150. Forward 2*64*16*150*100 =
+//     30.7 MFLOP, grad_weight and grad_input the same: ~0.14 ms per pass at the floor on 2 cores.
+//     im2col would copy 150 * 100 = 15000 elements per image in 10-float rows (1500 rows per
+//     image, 0.096 M rows over the batch) for 16 FMAs each, as slow as the GEMM; the
+//     batch-innermost layout instead moves each of x, y, dY and dX once (0.36 M elements in all)
+//     and runs the GEMMs at near peak.
+// Achieved figures: the benchmark suite (python -m benchmarks).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>

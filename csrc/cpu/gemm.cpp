@@ -21,16 +21,14 @@
 //                    element at the end. Used where both operands run along k (dW = dY^T X).
 //   dot_seg_tile     the same summed over segments whose B rows come from a pointer table.
 //
-// Napkin math (this machine: 2 Zen-class cores with AVX-512; 2 x 512-bit FMA/cycle = 64 fp32
-// FLOP/cycle/core, ~200+ GFLOP/s per core at ~3.5 GHz; L1 48 KB, L2 1 MB per core):
+// Napkin math (reference machine, csrc/cpu/README.md: ~110 GFLOP/s fp32 per core, 2 cores):
 //   LeNet linear 400->120 at batch 256: 2*256*400*120 = 24.6 MFLOP per GEMM (forward, dX, dW each),
-//   operands 0.4 + 0.2 + 0.1 MB: compute-bound, floor ~0.06 ms per GEMM on 2 cores at peak.
-//   Measured (one thread, 2026-11-24): linear's dX GEMM 256x400x120 in 0.12 ms, ~205 GFLOP/s;
-//   the forward through the dot kernel 0.15 ms; conv2's batch-innermost GEMMs ~0.15 ms per pass.
+//   operands 0.4 + 0.2 + 0.1 MB: compute-bound, floor ~0.11 ms per GEMM on 2 cores at peak.
 //   For the small im2col GEMMs of conv1 (K = 25) im2col costs about as much as the FMAs.
+//   Achieved figures: the benchmark suite (python -m benchmarks).
 //
-// Cache blocking: KC = 256 (a B panel of KC x 32 floats is 32 KB, in L1), MC = 240 rows of A
-// (240 x 256 x 4 B = 240 KB, in L2), NC = 32 panels.
+// Cache blocking: KC = 256 (a B panel of KC x 32 floats is 32 KB, the size of L1), MC = 240 rows
+// of A (240 x 256 x 4 B = 240 KB, in L2), NC = 32 panels.
 #include "cpu/gemm.h"
 
 #include "cpu/isa.h"
@@ -539,10 +537,12 @@ constexpr IsaInfo info_of() {
   return {Isa::kBytes, Isa::kMR1, Isa::kMR2, Isa::kMR4, Isa::kRA, Isa::kRB};
 }
 
-// Rough cycle counts; only their order matters. Measured on this machine's cores: 2 FMAs per
-// cycle, ~1 broadcast load per cycle, 2 vector loads per cycle, 4 cycles of FMA latency. So the
-// 12 x 2-vector tile (12 broadcasts + 2 loads per 24 FMAs) runs near peak, while the 24 x 1-vector
-// tile is broadcast-bound at about half of it; packing (a transposing copy) costs ~1 per element.
+// Rough cycle counts; only their order matters. Per cycle: 2 vector FMAs, ~1 broadcast load, 2
+// vector loads; 4 cycles of FMA latency (the reference machine's 256-bit units, csrc/cpu/
+// README.md, which run a 512-bit operation as two: the same ratios rank the plans at every
+// level). So the 12 x 2-vector tile (12 broadcasts + 2 loads per 24 FMAs) runs near peak, while
+// the 24 x 1-vector tile is broadcast-bound at about half of it; packing (a transposing copy)
+// costs ~1 per element.
 double op_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K, bool pack_a,
                bool pack_b, bool c_strided, int nv) {
   const int mr_max = isa.mr(nv);

@@ -17,7 +17,8 @@
 //       - "dot": RA x RB dot products vectorised along k, for A and B^T both contiguous along k
 //         (dW = dY^T X in conv2d, y = x W^T in linear): no packing at all.
 //     A plan (which kernel, which orientation: C or C^T = B^T A^T, which tile width) is chosen from
-//     the shapes and strides alone by a small cost model calibrated on this machine.
+//     the shapes and strides alone by a small cost model (calibrated on the reference machine:
+//     csrc/cpu/README.md).
 //   * Cache blocking over k (KC), rows (MC) and columns (NC). No scalar tails: partial row tiles
 //     run as a few kernels from a ladder of compiled row counts, partial column panels as
 //     narrower kernels or a zero-padded panel, the k tail of a dot product as a zero-padded vector.

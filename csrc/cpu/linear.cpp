@@ -9,11 +9,10 @@
 // them out (common/layout.h): the GEMM writes either layout directly through C's strides.
 //
 // Napkin math, LeNet fc1 (400 -> 120) at batch 256, fp32: each GEMM is 2*256*400*120 = 24.6 MFLOP
-// over 0.4 MB (x) + 0.19 MB (W) + 0.12 MB (y): ~35 FLOP/byte, compute-bound. At ~200 GFLOP/s per
-// core (2 x 512-bit FMA per cycle) the floor is ~0.06 ms per GEMM on 2 cores, ~0.2 ms for forward +
-// backward; the bias and its gradient move 0.12 MB each (a few microseconds).
-// Measured (2026-11-24, this machine): one thread forward 0.15 ms, dx 0.12 ms, dW 0.11 ms; two
-// threads forward + backward through autograd 0.25 ms (torch 0.40 ms).
+// over 0.4 MB (x) + 0.19 MB (W) + 0.12 MB (y): ~35 FLOP/byte, compute-bound. At ~110 GFLOP/s per
+// core (reference machine: csrc/cpu/README.md) the floor is ~0.11 ms per GEMM on 2 cores, ~0.34 ms
+// for forward + backward; the bias and its gradient move 0.12 MB each (a few microseconds).
+// Achieved figures: the benchmark suite (python -m benchmarks).
 //
 // Determinism: every output element is reduced by one task in a fixed order (gemm_parallel splits
 // only over output tiles, from the shapes), and grad_bias sums each column over rows in order:

@@ -60,12 +60,13 @@ double mean_denominator(const scalar_t* pw, int64_t n, MeanOver mean_over) {
                               })[0];
 }
 
-// Napkin math (forward): reads input and target (and weight), 4 or 8 bytes each per element,
-// writes 4/8 per element for 'none' only. mse_loss is ~3 flops per element: memory-bound, a 1M
-// float32 loss moves 8 MB, a ~0.4 ms floor at ~20 GB/s on the 2-core machine (the double lanes
-// keep up with that). binary_cross_entropy pays two scalar logs per element: compute-bound;
-// measured on one core of the 2-core machine, a 1M float32 'sum' takes ~11 ms (~11 ns per
-// element; torch 2.13 ~20 ms), mse_loss ~0.2 ms (inputs in cache; torch ~3 ms).
+// Napkin math (forward; reference machine: csrc/cpu/README.md): reads input and target (and
+// weight), 4 or 8 bytes each per element, writes 4/8 per element for 'none' only. mse_loss is ~3
+// flops per element: memory-bound, a 1M float32 loss moves 8 MB, ~0.23 ms on one core from L3
+// (~35 GB/s), ~0.4 ms from DRAM (~20 GB/s); the double lanes keep up with that.
+// binary_cross_entropy pays two scalar libm logs per element, tens of cycles each:
+// compute-bound, ~10 ns per element on one core. Achieved figures: the benchmark suite
+// (python -m benchmarks).
 //
 // `out` is the 'none' result, allocated in torch's layout by the caller (undefined otherwise): the
 // operands are read in its storage order. The reductions read contiguous operands.
@@ -115,8 +116,8 @@ Tensor pointwise_loss(Tensor out, const Tensor& input, const Tensor& target,
 
 // Napkin math (backward): reads grad_output (one scalar, or an input-sized array for 'none'),
 // input, target (and weight), writes grad_input: 12-20 bytes per float32 element, memory-bound
-// for mse (~0.6 ms per 1M floats), a division per element for binary_cross_entropy; measured
-// (one core, 1M float32, 'sum'): mse 0.4 ms, bce 0.3 ms.
+// (~0.35-0.6 ms per 1M floats on one core from L3) with a division per element for
+// binary_cross_entropy.
 // grad_input comes allocated in torch's layout; the operands are read in its storage order.
 template <typename Math>
 Tensor pointwise_loss_backward(Tensor grad_input, const Tensor& grad_output, const Tensor& input,

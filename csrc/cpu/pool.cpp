@@ -18,12 +18,10 @@
 //   forward with indices:   + 0.60 MB of int64 indices                             = 2.1 MB
 //   backward:               reads 0.30 MB grad_output + 0.60 MB indices, writes
 //                           1.20 MB grad_input                                     = 2.1 MB
-//   75k windows x 3 compares is no work at all: the op is memory-bound. It all fits in L2 + L3
-//   (1 MB L2 per core, 32 MB L3); a 1.2 MB copy runs at ~110 GB/s here (22 us on one core), so
-//   the floor is ~15 us for the forward and ~20 us for either pass with indices, per core.
-//   Measured on one core (C++ harness, no dispatch): forward 30 us, with indices 40 us, backward
-//   30 us; through torch.ops add ~3 us per call. The per-row loop overhead (14-wide rows) is what
-//   separates us from the floor.
+//   75k windows x 3 compares is no work at all: the op is memory-bound. It all fits in L2 + L3;
+//   at ~100 GB/s per core in L2 (reference machine: csrc/cpu/README.md) the floor is ~15 us for
+//   the forward and ~20 us for either pass with indices, on one core. Achieved figures: the
+//   benchmark suite (python -m benchmarks).
 //
 // Hot loops: the interior of each output row (windows with every column in bounds) runs an
 // AVX-512 kernel for stride_w 1 or 2 (kernel 3 / stride 1 or 2 and the like) and a dedicated one

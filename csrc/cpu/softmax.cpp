@@ -19,16 +19,17 @@
 // cpu/isa.h may differ in the last bit; one level never does.) Long rows stay accurate: a
 // partial sum takes at most kCarryTerms terms, then is carried into a double ("Long rows" below).
 //
-// exp() is our own (range reduction to r in [-ln2/2, ln2/2], Taylor polynomial of degree 7 for
-// float / 13 for double, scale by 2^n through the exponent bits): branch-free, so the compiler
-// vectorizes it, about 1-2 ulp. log() is needed once per row and comes from libm.
+// exp() is cpu/vec_math.h's fast_exp, the one exp of every CPU kernel: branch-free, so the
+// compiler vectorizes it. log() is needed once per row and comes from libm.
 //
-// Napkin math. LeNet's classifier (64 x 10 fp32 logits): 2.5 KB in, 2.5 KB out: nothing; the call
-// is its ~3 us of dispatch (measured 3.4 us, torch.softmax 9 us). At scale (256 x 1000 fp32: 1 MB
-// in, 1 MB out) the forward reads x twice (max, then exp + sum; the second read hits L2), writes
-// y and rescales it in cache: ~3 MB of traffic, ~30-60 us on one core. exp is ~25 vector ops per
-// 16 floats: 16k vectors x ~25 ops at ~2 per cycle (Zen 4 splits 512-bit ops) is ~55 us per core.
-// Measured: ~120 us forward (torch ~110 us), ~39 us softmax backward (torch ~38 us), one thread.
+// Napkin math (reference machine: csrc/cpu/README.md). LeNet's classifier (64 x 10 fp32 logits):
+// 2.5 KB in, 2.5 KB out: nothing; the call is its few microseconds of dispatch. At scale
+// (256 x 1000 fp32: 1 MB in, 1 MB out) the forward reads x twice (max, then exp + sum; the second
+// read hits L2), writes y and rescales it in cache: ~3 MB of traffic, ~30 us on one core at
+// ~100 GB/s. exp is ~25 vector ops per 16 floats: 16k vectors x ~25 ops at ~2 per cycle (512-bit
+// ops run as two 256-bit halves) is ~55 us per core, so the forward is bound by the exps. The
+// backward reads g and y and writes gx once (3 MB, ~30 us). Achieved figures: the benchmark
+// suite (python -m benchmarks).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

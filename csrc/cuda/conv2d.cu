@@ -15,7 +15,7 @@
 //                partials added in a fixed order by a second kernel (deterministic)
 //   grad_bias    channel_sum (linear.cu) over (batch, OH * OW)
 //
-// Napkin math, LeNet at batch 8192, fp32 (H100: ~52 TFLOP/s FMA peak, ~3 TB/s):
+// Napkin math, LeNet at batch 8192, fp32 (H100, device.cuh: ~60 TFLOP/s FMA peak, ~3 TB/s):
 //   conv1 (1 -> 6, 5x5, 32x32 -> 28x28) forward: 2 * 8192 * 6 * 784 * 25 = 1.9 GFLOP,
 //     reads 34 MB (x, mostly from L2 after the first tap), writes 154 MB (y): ~60 us of memory;
 //     the 16 x 128 tile spends 6 of its 16 rows on real channels and K = 25 takes two k steps
@@ -23,8 +23,9 @@
 //   conv2 (6 -> 16, 5x5, 14x14 -> 10x10) forward: 2 * 8192 * 16 * 100 * 150 = 3.9 GFLOP over
 //     39 MB in + 52 MB out: compute-leaning; ~0.2-0.4 ms with this kernel.
 //   grad_weight of conv2: the same 3.9 GFLOP reduced over K = 819200: split-K gives 264 blocks.
-//   The whole LeNet training step is ~19 GFLOP (DESIGN.md), a ~0.36 ms floor at peak; with the
-//   padding above and ~10-20 TFLOP/s per tile, expect a few ms (an estimate: not measured).
+//   The whole LeNet training step is ~19 GFLOP (conv1 3.8 without input grad, conv2 11.7, the
+//   three linears ~3), a ~0.32 ms floor at peak; with the padding above and ~10-20 TFLOP/s per
+//   tile, expect a few ms (an estimate; achieved figures: python -m benchmarks).
 #include "common/geometry.h"
 #include "cuda/device.cuh"
 #include "cuda/gemm.cuh"

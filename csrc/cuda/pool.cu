@@ -21,7 +21,8 @@
 // the CPU raises); a window with no in-bounds tap at all (dilation with padding can make one; its
 // output is -inf) passes no gradient, whatever its index.
 //
-// Napkin math (H100, ~3.0 TB/s), LeNet pool1 at batch 8192 fp32 (8192x6x28x28 -> 14x14, k2 s2):
+// Napkin math (H100, device.cuh: ~3 TB/s), LeNet pool1 at batch 8192 fp32 (8192x6x28x28 ->
+// 14x14, k2 s2):
 //   forward with indices: reads 154 MB, writes 39 MB values + 77 MB int64 indices = 270 MB,
 //   ~90 us floor; without indices ~65 us.
 //   backward: reads 39 MB grad + 77 MB indices (each read by the 4 inputs of its window, from
