@@ -106,8 +106,7 @@ def _compile_cu(path, out_dir):
 def _glue_flags(stub_dir):
     import torch.utils.cpp_extension as ext
 
-    flags = ["-std=c++20", "-fsyntax-only", "-DPYENGINE_WITH_CUDA", "-Wall",
-             "-Wno-unused-function", "-Icsrc"]
+    flags = ["-std=c++20", "-fsyntax-only", "-DPYENGINE_WITH_CUDA", "-Wall", "-Icsrc"]
     flags += [f"-I{p}" for p in ext.include_paths()]
     # CPU wheels of torch ship c10/cuda but not this generated header (CUDA wheels do): stand in
     # for it with what it holds there.

@@ -132,10 +132,7 @@ struct Pool2dGeometry {
   PE_HOST_DEVICE Int planes() const { return batch * channels; }
   PE_HOST_DEVICE Int in_pixels() const { return in_h * in_w; }
   PE_HOST_DEVICE Int out_pixels() const { return out_h * out_w; }
-  // Output rows / columns whose whole window lies inside the input (no padding taps).
-  PE_HOST_DEVICE IndexRange inner_rows() const {
-    return inner_windows(in_h, out_h, effective_kernel_h(), stride_h, padding_h);
-  }
+  // Output columns whose whole window lies inside the input (no padding taps).
   PE_HOST_DEVICE IndexRange inner_cols() const {
     return inner_windows(in_w, out_w, effective_kernel_w(), stride_w, padding_w);
   }
