@@ -110,13 +110,16 @@ for dtype in (torch.float32, torch.float64):
                                             (2, 3, 19, 37, 5, 5, 1, 0, 1, 1),
                                             (20, 6, 14, 14, 16, 5, 1, 0, 1, 1),
                                             (17, 4, 9, 11, 6, 3, 1, 1, 1, 2)]:
-        x, wt, b = leaf(n, c, h, w, dtype=dtype), leaf(co, c // g, k, k, dtype=dtype), leaf(co, dtype=dtype)
+        x, wt = leaf(n, c, h, w, dtype=dtype), leaf(co, c // g, k, k, dtype=dtype)
+        b = leaf(co, dtype=dtype)
         check(lambda x, wt, b: P.conv2d(x, wt, b, [s, s], [p, p], [d, d], g),
               lambda x, wt, b: F.conv2d(x, wt, b, s, p, d, g), x, wt, b, dtype=dtype, **tol)
     # max_pool2d: 2x2 stride 2 (wide rows take the gather backward), stride 1, stride 2 with
     # tap pairs and with dilation, padding, ceil_mode; with and without indices.
-    for (shape, k, s, p, d, cm) in [((2, 3, 28, 28), 2, 2, 0, 1, False), ((2, 2, 20, 70), 2, 2, 0, 1, True),
-                                    ((2, 3, 21, 37), 3, 1, 1, 1, False), ((2, 3, 33, 47), 3, 2, 1, 1, True),
+    for (shape, k, s, p, d, cm) in [((2, 3, 28, 28), 2, 2, 0, 1, False),
+                                    ((2, 2, 20, 70), 2, 2, 0, 1, True),
+                                    ((2, 3, 21, 37), 3, 1, 1, 1, False),
+                                    ((2, 3, 33, 47), 3, 2, 1, 1, True),
                                     ((2, 3, 30, 41), 3, 2, 1, 2, False)]:
         x = leaf(*shape, dtype=dtype)
         check(lambda x: P.max_pool2d_with_indices(x, [k, k], [s, s], [p, p], [d, d], cm)[0],
@@ -129,7 +132,8 @@ for dtype in (torch.float32, torch.float64):
         x, wt, b = leaf(r, i, dtype=dtype), leaf(o, i, dtype=dtype), leaf(o, dtype=dtype)
         check(P.linear, F.linear, x, wt, b, dtype=dtype, **tol)
     # softmax / log_softmax: rows with tails, long rows (carried sums), dims not last.
-    for shape, dim in [((5, 1003), 1), ((7, 9), 1), ((3, 300, 7), 1), ((2, 5000), 1), ((4, 6, 5), 0)]:
+    for shape, dim in [((5, 1003), 1), ((7, 9), 1), ((3, 300, 7), 1), ((2, 5000), 1),
+                       ((4, 6, 5), 0)]:
         x = leaf(*shape, dtype=dtype, scale=3.0)
         check(lambda x: P.softmax(x, dim), lambda x: torch.softmax(x, dim), x, dtype=dtype)
         check(lambda x: P.log_softmax(x, dim), lambda x: torch.log_softmax(x, dim), x, dtype=dtype)
@@ -141,7 +145,8 @@ for dtype in (torch.float32, torch.float64):
     check(P.tanh, torch.tanh, x, dtype=dtype)
     # losses, every reduction
     for red, name in enumerate(["none", "mean", "sum"]):
-        x, t, wt = leaf(1003, dtype=dtype), torch.randn(1003, dtype=dtype), torch.rand(1003, dtype=dtype)
+        x, t = leaf(1003, dtype=dtype), torch.randn(1003, dtype=dtype)
+        wt = torch.rand(1003, dtype=dtype)
         check(lambda x: P.mse_loss(x, t, None, red), lambda x: F.mse_loss(x, t, reduction=name),
               x, dtype=dtype)
         pr = torch.rand(1003, dtype=dtype).clamp(0.01, 0.99).requires_grad_()
