@@ -135,7 +135,7 @@ def extension():
     # No -march=native: the library must run on any x86-64; hot loops pick their ISA at run time.
     # C++20 (std::bit_cast in the CPU math): torch >= 2.13 builds extensions with it anyway,
     # older torch would default to C++17.
-    cxx = opt + ["-std=c++20", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+    cxx = opt + ["-std=c++20", "-fvisibility=hidden", "-Wall"]
     # at::parallel_for is an inline OpenMP loop in torch's headers: without -fopenmp it quietly
     # runs on one thread. The extension then shares torch's own OpenMP runtime.
     link = [] if debug or sanitize else ["-Wl,--strip-debug"]

@@ -5,7 +5,7 @@
 // call it directly. The implementations are registered elsewhere, one file per concern:
 //
 //   csrc/autograd.cpp      Autograd key: wires each forward op to its backward op (C++ autograd,
-//                          because host cost per call decides small-batch speed; see DESIGN.md).
+//                          because host cost per call decides small-batch speed; docs/design.md).
 //   csrc/meta.cpp          Meta key: shape-only kernels, so FakeTensor / torch.compile / export work,
 //                          symbolic (dynamic) shapes included.
 //   csrc/cpu/<family>.cpp  CPU key: the hand-written CPU kernels.

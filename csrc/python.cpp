@@ -1,7 +1,8 @@
 // pybind11 entry points: the eager fast path from pyengine.functional into the dispatcher.
 // Calling a typed operator handle from here costs about a third less host time than going
-// through torch.ops (measured in DESIGN.md), which matters for small batches. Under
-// torch.compile the functional layer calls torch.ops.pyengine.* instead, which Dynamo can trace.
+// through torch.ops (docs/design.md; the benchmark suite measures it), which matters for small
+// batches. Under torch.compile the functional layer calls torch.ops.pyengine.* instead, which
+// Dynamo can trace.
 //
 // Only forward operators are here: autograd calls the backward operators from C++, and users
 // who want them directly have torch.ops.pyengine.*_backward.
@@ -9,6 +10,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/version.h>
 
+#include "cpu/isa.h"
 #include "op_handles.h"
 
 namespace py = pybind11;
@@ -56,6 +58,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                             int64_t reduction, int64_t ignore_index) {
     return cross_entropy_op().call(input, target, weight, reduction, ignore_index);
   });
+
+  // {CPU kernel family: instruction set it runs with} (csrc/cpu/isa.h, which PYENGINE_CPU_ISA
+  // steers); raises for a PYENGINE_CPU_ISA value it does not know.
+  m.def("cpu_isa", &cpu::kernel_isas);
 
   // What this binary was built against, checked by pyengine/__init__.py at import.
   m.attr("built_with_torch") = py::make_tuple(TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR);

@@ -243,9 +243,9 @@ class PoolReference(TorchReference):
 
 class CrossEntropyReference(TorchReference):
     """torch, except for the gradient of a row whose target is ignore_index: pyengine's is 0 (the
-    row's loss is the constant 0; csrc/cpu/loss.cpp and csrc/cuda/loss.cu write zeros), torch's
-    is NaN when the row holds a NaN or an infinity (its log_softmax backward multiplies the row's
-    zero gradient by the row's NaN softmax). Finite ignored rows get 0 from torch too."""
+    row's loss is the constant 0; csrc/cpu/cross_entropy.cpp and csrc/cuda/loss.cu write zeros),
+    torch's is NaN when the row holds a NaN or an infinity (its log_softmax backward multiplies the
+    row's zero gradient by the row's NaN softmax). Finite ignored rows get 0 from torch too."""
 
     def grads(self, g):
         grads = super().grads(g)

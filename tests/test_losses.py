@@ -222,14 +222,15 @@ def test_cross_entropy_large_logits_stable(device, dtype):
 
 @devices
 @dtypes
-@pytest.mark.parametrize("position", [0, 5, 8, 12], ids=lambda p: f"col{p}")
+@pytest.mark.parametrize("position", [0, 5, 8, 12, 17, 35], ids=lambda p: f"col{p}")
 @pytest.mark.parametrize("special", ["nan", "inf", "-inf"])
 def test_cross_entropy_special_logit_in_wide_rows(device, dtype, position, special):
-    # Rows of 13 classes: float32 rows go through 8- and 4-wide SIMD blocks and a scalar tail;
-    # a special value in each of them must give what torch gives, for the target and another class.
-    x = torch.randn(2, 13, dtype=dtype, device=device)
+    # Rows of 37 classes: rows go through two 16-lane blocks (8-lane for float64) and a scalar
+    # tail; a special value in each of them must give what torch gives, for the target and another
+    # class.
+    x = torch.randn(2, 37, dtype=dtype, device=device)
     x[:, position] = float(special)
-    t = torch.tensor([position, (position + 3) % 13], device=device)
+    t = torch.tensor([position, (position + 3) % 37], device=device)
     for reduction in ("none", "sum"):
         helpers.compare_with_torch(*ce_pair(reduction), [x.clone().requires_grad_(), t], dtype)
 
@@ -237,8 +238,8 @@ def test_cross_entropy_special_logit_in_wide_rows(device, dtype, position, speci
 @devices
 @pytest.mark.parametrize("scale", [1.0, 10.0, 40.0])
 def test_cross_entropy_float32_accuracy(device, scale):
-    # float32 exps are ours (a 4-wide polynomial): check them against float64 torch on logits
-    # whose differences span the whole float32 exp range, down to where it underflows.
+    # float32 exps are ours (cpu/vec_math.h's polynomial): check them against float64 torch on
+    # logits whose differences span the whole float32 exp range, down to where it underflows.
     x = torch.randn(300, 37, device=device) * scale
     t = torch.randint(0, 37, (300,), device=device)
     out = P.cross_entropy(x, t, None, 0, -100)

@@ -16,7 +16,7 @@ import helpers
 import pyengine.functional as PF
 
 P = torch.ops.pyengine
-MAX_EXTENT = 2**62  # csrc/common/shapes.h: kMaxExtent
+MAX_EXTENT = 2**62  # csrc/common/geometry.h: kMaxExtent
 HUGE = [2**62 - 1, 2**62, 2**62 + 1, 2**63 - 1]
 
 

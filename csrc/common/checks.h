@@ -21,7 +21,7 @@
 #include <string>
 #include <vector>
 
-#include "shapes.h"
+#include "geometry.h"
 
 namespace pyengine {
 
@@ -79,7 +79,7 @@ bool sizes_multiply_within_int64(c10::ArrayRef<Int> sizes) {
   return true;
 }
 
-// ceil(a / b) for a >= 0 and b >= 1 (shapes.h's ceil_div), also for a symbolic a.
+// ceil(a / b) for a >= 0 and b >= 1 (geometry.h's ceil_div), also for a symbolic a.
 inline int64_t ceil_div_size(int64_t a, int64_t b) { return ceil_div(a, b); }
 inline c10::SymInt ceil_div_size(const c10::SymInt& a, int64_t b) {
   if (const auto v = a.maybe_as_int()) return c10::SymInt(ceil_div(*v, b));
@@ -151,7 +151,7 @@ inline void check_pair(at::IntArrayRef v, const char* op, const char* arg, int64
 
 // ---- Sliding windows (conv2d, max_pool2d) --------------------------------------------------
 // Per axis: the dilated kernel and the padded input are checked to stay below kMaxExtent
-// (shapes.h), which keeps every window position a kernel computes inside int64.
+// (geometry.h), which keeps every window position a kernel computes inside int64.
 
 inline const char* axis_name(int axis) { return axis == 0 ? "height" : "width"; }
 
@@ -198,26 +198,26 @@ void check_window_output(const std::vector<Int>& sizes, c10::ArrayRef<Int> input
               input_sizes, " an output of shape ", out, ", whose sizes multiply beyond int64");
 }
 
+// The window arguments, checked by check_pair, into a geometry (geometry.h).
+template <class Geometry>
+void set_window(Geometry& g, at::IntArrayRef stride, at::IntArrayRef padding,
+                at::IntArrayRef dilation) {
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.padding_h = padding[0];
+  g.padding_w = padding[1];
+  g.dilation_h = dilation[0];
+  g.dilation_w = dilation[1];
+}
+
 // ---- Convolution --------------------------------------------------------------------------
 
+// Checks a conv2d call and returns its geometry (geometry.h).
 template <typename Int>
-struct Conv2dShape {
-  bool batched;                 // input was (N, C, H, W) rather than (C, H, W)
-  Int batch, in_channels, in_h, in_w;
-  Int out_channels, out_h, out_w;
-  int64_t kernel_h, kernel_w;   // concrete: kernels are compiled around them
-  int64_t groups;
-  // Output shape in the input's own rank.
-  std::vector<Int> output_sizes() const {
-    if (batched) return {batch, out_channels, out_h, out_w};
-    return {out_channels, out_h, out_w};
-  }
-};
-
-template <typename Int>
-Conv2dShape<Int> check_conv2d(const at::Tensor& input, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+Conv2dGeometry<Int> check_conv2d(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups) {
   const char* op = "conv2d";
   check_floating(input, op, "input");
   check_like(weight, "weight", input, "input", op);
@@ -234,7 +234,8 @@ Conv2dShape<Int> check_conv2d(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(w.size() == 4,
               "pyengine.conv2d: expected weight to be 4-D (out_channels, in_channels / "
               "groups, kH, kW), but got weight of shape ", w);
-  Conv2dShape<Int> s;
+  Conv2dGeometry<Int> s;
+  set_window(s, stride, padding, dilation);
   s.batched = in.size() == 4;
   const size_t o = s.batched ? 1 : 0;
   s.batch = s.batched ? in[0] : Int(1);
@@ -286,16 +287,6 @@ Conv2dShape<Int> check_conv2d(const at::Tensor& input, const at::Tensor& weight,
 
 // ---- Max pooling --------------------------------------------------------------------------
 
-template <typename Int>
-struct Pool2dShape {
-  bool batched;
-  Int batch, channels, in_h, in_w, out_h, out_w;
-  std::vector<Int> output_sizes() const {
-    if (batched) return {batch, channels, out_h, out_w};
-    return {channels, out_h, out_w};
-  }
-};
-
 // Output length of a pooling window along one axis, as torch computes it: with ceil_mode a last,
 // partial window counts only if it starts inside the input or the left padding. `padded` and
 // `effective` come from the checks above (padded >= effective).
@@ -310,10 +301,11 @@ Int pool_out_size(const Int& in, const Int& padded, int64_t effective, int64_t s
   return out;
 }
 
+// Checks a max_pool2d call and returns its geometry (geometry.h).
 template <typename Int>
-Pool2dShape<Int> check_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
-                                  at::IntArrayRef stride, at::IntArrayRef padding,
-                                  at::IntArrayRef dilation, bool ceil_mode) {
+Pool2dGeometry<Int> check_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, bool ceil_mode) {
   const char* op = "max_pool2d";
   check_floating(input, op, "input");
   check_pair(kernel_size, op, "kernel_size", 1);
@@ -332,7 +324,10 @@ Pool2dShape<Int> check_max_pool2d(const at::Tensor& input, at::IntArrayRef kerne
   TORCH_CHECK(in.size() == 3 || in.size() == 4,
               "pyengine.max_pool2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), "
               "but got input of shape ", in);
-  Pool2dShape<Int> s;
+  Pool2dGeometry<Int> s;
+  s.kernel_h = kernel_size[0];
+  s.kernel_w = kernel_size[1];
+  set_window(s, stride, padding, dilation);
   s.batched = in.size() == 4;
   const size_t o = s.batched ? 1 : 0;
   s.batch = s.batched ? in[0] : Int(1);
@@ -509,20 +504,21 @@ void check_grad_output(const at::Tensor& grad_output, const std::vector<Int>& ex
 }
 
 template <typename Int>
-Conv2dShape<Int> check_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                       const at::Tensor& weight, at::IntArrayRef stride,
-                                       at::IntArrayRef padding, at::IntArrayRef dilation,
-                                       int64_t groups) {
+Conv2dGeometry<Int> check_conv2d_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                          const at::Tensor& weight, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, at::IntArrayRef dilation,
+                                          int64_t groups) {
   auto s = check_conv2d<Int>(input, weight, std::nullopt, stride, padding, dilation, groups);
   check_grad_output<Int>(grad_output, s.output_sizes(), input, "conv2d_backward");
   return s;
 }
 
 template <typename Int>
-Pool2dShape<Int> check_max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                           const at::Tensor& indices, at::IntArrayRef kernel_size,
-                                           at::IntArrayRef stride, at::IntArrayRef padding,
-                                           at::IntArrayRef dilation, bool ceil_mode) {
+Pool2dGeometry<Int> check_max_pool2d_backward(const at::Tensor& grad_output,
+                                              const at::Tensor& input, const at::Tensor& indices,
+                                              at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation,
+                                              bool ceil_mode) {
   auto s = check_max_pool2d<Int>(input, kernel_size, stride, padding, dilation, ceil_mode);
   check_grad_output<Int>(grad_output, s.output_sizes(), input, "max_pool2d_backward");
   check_defined(indices, "max_pool2d_backward", "indices");

@@ -6,8 +6,8 @@
 // GCC vector extensions and forced inline. Each (ISA, dtype) pair gets three out-of-line kernel
 // functions compiled with __attribute__((target(...))) (struct Kern below) into which the
 // micro-kernel variants are inlined, so one source yields AVX-512, AVX2+FMA and SSE2 machine code;
-// drivers and packing are plain code that call them once per tile. The ISA is picked once, at
-// load time, with __builtin_cpu_supports (no -march=native). GCC contracts
+// drivers and packing are plain code that call them once per tile. The level is cpu/isa.h's
+// run-time choice (no -march=native). GCC contracts
 // `acc += a * b` into FMA where the target has it (C++ defaults to -ffp-contract=fast).
 //
 // Micro-kernels
@@ -21,33 +21,30 @@
 //                    element at the end. Used where both operands run along k (dW = dY^T X).
 //   dot_seg_tile     the same summed over segments whose B rows come from a pointer table.
 //
-// Napkin math (this machine: 2 Zen-class cores with AVX-512; 2 x 512-bit FMA/cycle = 64 fp32
-// FLOP/cycle/core, ~200+ GFLOP/s per core at ~3.5 GHz; L1 48 KB, L2 1 MB per core):
+// Napkin math (reference machine, csrc/cpu/README.md: ~110 GFLOP/s fp32 per core, 2 cores):
 //   LeNet linear 400->120 at batch 256: 2*256*400*120 = 24.6 MFLOP per GEMM (forward, dX, dW each),
-//   operands 0.4 + 0.2 + 0.1 MB: compute-bound, floor ~0.06 ms per GEMM on 2 cores at peak.
-//   Measured (one thread, 2026-11-24): linear's dX GEMM 256x400x120 in 0.12 ms, ~205 GFLOP/s;
-//   the forward through the dot kernel 0.15 ms; conv2's batch-innermost GEMMs ~0.15 ms per pass.
+//   operands 0.4 + 0.2 + 0.1 MB: compute-bound, floor ~0.11 ms per GEMM on 2 cores at peak.
 //   For the small im2col GEMMs of conv1 (K = 25) im2col costs about as much as the FMAs.
+//   Achieved figures: the benchmark suite (python -m benchmarks).
 //
-// Cache blocking: KC = 256 (a B panel of KC x 32 floats is 32 KB, in L1), MC = 240 rows of A
-// (240 x 256 x 4 B = 240 KB, in L2), NC = 32 panels.
+// Cache blocking: KC = 256 (a B panel of KC x 32 floats is 32 KB, the size of L1), MC = 240 rows
+// of A (240 x 256 x 4 B = 240 KB, in L2), NC = 32 panels.
 #include "cpu/gemm.h"
+
+#include "cpu/isa.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <type_traits>
 #include <vector>
 
 // Vectors are passed only between always-inline functions: the ABI note is irrelevant.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#define PE_INLINE inline __attribute__((always_inline))
 
 namespace pyengine {
 namespace cpu {
@@ -531,20 +528,21 @@ struct Plan {
 };
 
 struct IsaInfo {
-  const char* name;
   int bytes, mr1, mr2, mr4, ra, rb;
   int mr(int nv) const { return nv == 1 ? mr1 : nv == 2 ? mr2 : mr4; }
 };
 
 template <class Isa>
-constexpr IsaInfo info_of(const char* name) {
-  return {name, Isa::kBytes, Isa::kMR1, Isa::kMR2, Isa::kMR4, Isa::kRA, Isa::kRB};
+constexpr IsaInfo info_of() {
+  return {Isa::kBytes, Isa::kMR1, Isa::kMR2, Isa::kMR4, Isa::kRA, Isa::kRB};
 }
 
-// Rough cycle counts; only their order matters. Measured on this machine's cores: 2 FMAs per
-// cycle, ~1 broadcast load per cycle, 2 vector loads per cycle, 4 cycles of FMA latency. So the
-// 12 x 2-vector tile (12 broadcasts + 2 loads per 24 FMAs) runs near peak, while the 24 x 1-vector
-// tile is broadcast-bound at about half of it; packing (a transposing copy) costs ~1 per element.
+// Rough cycle counts; only their order matters. Per cycle: 2 vector FMAs, ~1 broadcast load, 2
+// vector loads; 4 cycles of FMA latency (the reference machine's 256-bit units, csrc/cpu/
+// README.md, which run a 512-bit operation as two: the same ratios rank the plans at every
+// level). So the 12 x 2-vector tile (12 broadcasts + 2 loads per 24 FMAs) runs near peak, while
+// the 24 x 1-vector tile is broadcast-bound at about half of it; packing (a transposing copy)
+// costs ~1 per element.
 double op_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K, bool pack_a,
                bool pack_b, bool c_strided, int nv) {
   const int mr_max = isa.mr(nv);
@@ -633,9 +631,7 @@ void run_plan(const Problem<T>& p, Plan plan) {
 // ---- Per-ISA kernels ----------------------------------------------------------------------
 // The only code compiled for a specific ISA: three functions per (ISA, dtype), into which the
 // micro-kernels are inlined. Drivers and packing are plain code that calls them once per tile.
-#define PE_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
-#define PE_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define PE_TARGET_NONE
+#define PE_TARGET_DEFAULT
 
 #define PE_KERNELS(ISA, TARGET, T)                                                            \
   template <>                                                                                 \
@@ -685,9 +681,10 @@ PE_KERNELS(IsaAvx512, PE_TARGET_AVX512, float)
 PE_KERNELS(IsaAvx512, PE_TARGET_AVX512, double)
 PE_KERNELS(IsaAvx2, PE_TARGET_AVX2, float)
 PE_KERNELS(IsaAvx2, PE_TARGET_AVX2, double)
-PE_KERNELS(IsaSse, PE_TARGET_NONE, float)
-PE_KERNELS(IsaSse, PE_TARGET_NONE, double)
+PE_KERNELS(IsaSse, PE_TARGET_DEFAULT, float)
+PE_KERNELS(IsaSse, PE_TARGET_DEFAULT, double)
 #undef PE_KERNELS
+#undef PE_TARGET_DEFAULT
 
 void run_avx512_f(const Problem<float>& p, Plan plan) { run_plan<IsaAvx512, float>(p, plan); }
 void run_avx512_d(const Problem<double>& p, Plan plan) { run_plan<IsaAvx512, double>(p, plan); }
@@ -697,41 +694,33 @@ void run_sse_f(const Problem<float>& p, Plan plan) { run_plan<IsaSse, float>(p, 
 void run_sse_d(const Problem<double>& p, Plan plan) { run_plan<IsaSse, double>(p, plan); }
 
 struct Backend {
-  int id;  // 0 avx512, 1 avx2, 2 default
+  cpu::Isa isa;
   IsaInfo info;
   void (*run_f)(const Problem<float>&, Plan);
   void (*run_d)(const Problem<double>&, Plan);
 };
 
-Backend pick_backend() {
-  const Backend avx512{0, info_of<IsaAvx512>("avx512"), run_avx512_f, run_avx512_d};
-  const Backend avx2{1, info_of<IsaAvx2>("avx2"), run_avx2_f, run_avx2_d};
-  const Backend sse{2, info_of<IsaSse>("default"), run_sse_f, run_sse_d};
-  __builtin_cpu_init();
-  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* forced = std::getenv("PYENGINE_CPU_ISA");
-  const std::string want = forced ? forced : "";
-  if (want == "default") return sse;
-  if (want == "avx2") return has2 ? avx2 : sse;
-  if (has512) return avx512;
-  if (has2) return avx2;
-  return sse;
-}
-
 const Backend& backend() {
-  static const Backend b = pick_backend();
+  static const Backend b = []() -> Backend {
+    switch (isa_for(Family::Gemm)) {
+      case Isa::Avx512:
+        return {Isa::Avx512, info_of<IsaAvx512>(), run_avx512_f, run_avx512_d};
+      case Isa::Avx2:
+        return {Isa::Avx2, info_of<IsaAvx2>(), run_avx2_f, run_avx2_d};
+      default:
+        return {Isa::Default, info_of<IsaSse>(), run_sse_f, run_sse_d};
+    }
+  }();
   return b;
 }
 
 template <typename F>
 void with_isa(F&& f) {
-  switch (backend().id) {
-    case 0:
+  switch (backend().isa) {
+    case Isa::Avx512:
       f(IsaAvx512{});
       break;
-    case 1:
+    case Isa::Avx2:
       f(IsaAvx2{});
       break;
     default:
@@ -908,7 +897,6 @@ int64_t simd_width() {
   return backend().info.bytes / static_cast<int64_t>(sizeof(T));
 }
 
-const char* gemm_isa() { return backend().info.name; }
 
 #define PE_INSTANTIATE(T)                                                                     \
   template void gemm<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*,      \

@@ -9,15 +9,16 @@
 //
 // Design (gemm.cpp has the details and the napkin math):
 //   * Register-tiled micro-kernels written once with GCC vector extensions and compiled three
-//     times, for AVX-512, AVX2+FMA and baseline x86-64, in target-attributed functions; the ISA is
-//     picked once at load time (__builtin_cpu_supports), never -march=native:
+//     times, for AVX-512, AVX2+FMA and baseline x86-64, in target-attributed functions; the level
+//     is cpu/isa.h's run-time choice (isa_for(Family::Gemm)), never -march=native:
 //       - "outer product": an MR x NR tile of C in registers (AVX-512 fp32: 24x16, 12x32 or
 //         6x64); per k, NR/W vector loads of B's row and MR broadcasts of A's column. Needs unit
 //         stride along j in B and along i in A, else that operand is packed first.
 //       - "dot": RA x RB dot products vectorised along k, for A and B^T both contiguous along k
 //         (dW = dY^T X in conv2d, y = x W^T in linear): no packing at all.
 //     A plan (which kernel, which orientation: C or C^T = B^T A^T, which tile width) is chosen from
-//     the shapes and strides alone by a small cost model calibrated on this machine.
+//     the shapes and strides alone by a small cost model (calibrated on the reference machine:
+//     csrc/cpu/README.md).
 //   * Cache blocking over k (KC), rows (MC) and columns (NC). No scalar tails: partial row tiles
 //     run as a few kernels from a ladder of compiled row counts, partial column panels as
 //     narrower kernels or a zero-padded panel, the k tail of a dot product as a zero-padded vector.
@@ -65,10 +66,6 @@ void gemm_dot_segments(int64_t M, int64_t N, int64_t nseg, int64_t len, const T*
 // scratch rows so that dot-kernel reductions need no tail.
 template <typename T>
 int64_t simd_width();
-
-// "avx512", "avx2" or "default": the instruction set the kernels were dispatched to. The
-// PYENGINE_CPU_ISA environment variable (read once) can force a lower one, for tests.
-const char* gemm_isa();
 
 }  // namespace cpu
 }  // namespace pyengine

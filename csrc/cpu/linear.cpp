@@ -9,11 +9,10 @@
 // them out (common/layout.h): the GEMM writes either layout directly through C's strides.
 //
 // Napkin math, LeNet fc1 (400 -> 120) at batch 256, fp32: each GEMM is 2*256*400*120 = 24.6 MFLOP
-// over 0.4 MB (x) + 0.19 MB (W) + 0.12 MB (y): ~35 FLOP/byte, compute-bound. At ~200 GFLOP/s per
-// core (2 x 512-bit FMA per cycle) the floor is ~0.06 ms per GEMM on 2 cores, ~0.2 ms for forward +
-// backward; the bias and its gradient move 0.12 MB each (a few microseconds).
-// Measured (2026-11-24, this machine): one thread forward 0.15 ms, dx 0.12 ms, dW 0.11 ms; two
-// threads forward + backward through autograd 0.25 ms (torch 0.40 ms).
+// over 0.4 MB (x) + 0.19 MB (W) + 0.12 MB (y): ~35 FLOP/byte, compute-bound. At ~110 GFLOP/s per
+// core (reference machine: csrc/cpu/README.md) the floor is ~0.11 ms per GEMM on 2 cores, ~0.34 ms
+// for forward + backward; the bias and its gradient move 0.12 MB each (a few microseconds).
+// Achieved figures: the benchmark suite (python -m benchmarks).
 //
 // Determinism: every output element is reduced by one task in a fixed order (gemm_parallel splits
 // only over output tiles, from the shapes), and grad_bias sums each column over rows in order:
@@ -30,32 +29,30 @@
 #include "common/dispatch.h"
 #include "common/layout.h"
 #include "cpu/gemm.h"
+#include "cpu/isa.h"
 
 namespace pyengine {
 namespace {
 
 using at::Tensor;
 
-#define PE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-
 // out[j] = sum over r of g[r * ld + j] for j in [j0, j1), r in order (vectorised across j).
 template <typename T>
-inline __attribute__((always_inline)) void column_sums_impl(const T* g, int64_t rows, int64_t ld,
-                                                            int64_t j0, int64_t j1, T* out) {
+PE_INLINE void column_sums_impl(const T* g, int64_t rows, int64_t ld, int64_t j0, int64_t j1,
+                                T* out) {
   for (int64_t j = j0; j < j1; ++j) out[j] = T(0);
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = g + r * ld;
     for (int64_t j = j0; j < j1; ++j) out[j] += row[j];
   }
 }
-PE_CLONES void column_sums(const float* g, int64_t rows, int64_t ld, int64_t j0, int64_t j1,
-                           float* out) {
-  column_sums_impl(g, rows, ld, j0, j1, out);
-}
-PE_CLONES void column_sums(const double* g, int64_t rows, int64_t ld, int64_t j0, int64_t j1,
-                           double* out) {
-  column_sums_impl(g, rows, ld, j0, j1, out);
-}
+#define PE_DEFINE_COLUMN_SUMS(T)                                                            \
+  PE_ISA_FUNCTION(Family::Linear, void, column_sums,                                        \
+                  (const T* g, int64_t rows, int64_t ld, int64_t j0, int64_t j1, T* out),   \
+                  (g, rows, ld, j0, j1, out), column_sums_impl<T>)
+PE_DEFINE_COLUMN_SUMS(float)
+PE_DEFINE_COLUMN_SUMS(double)
+#undef PE_DEFINE_COLUMN_SUMS
 
 Tensor linear_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
   const auto s = check_linear<int64_t>(input, weight, bias);

@@ -18,17 +18,15 @@
 //   forward with indices:   + 0.60 MB of int64 indices                             = 2.1 MB
 //   backward:               reads 0.30 MB grad_output + 0.60 MB indices, writes
 //                           1.20 MB grad_input                                     = 2.1 MB
-//   75k windows x 3 compares is no work at all: the op is memory-bound. It all fits in L2 + L3
-//   (1 MB L2 per core, 32 MB L3); a 1.2 MB copy runs at ~110 GB/s here (22 us on one core), so
-//   the floor is ~15 us for the forward and ~20 us for either pass with indices, per core.
-//   Measured on one core (C++ harness, no dispatch): forward 30 us, with indices 40 us, backward
-//   30 us; through torch.ops add ~3 us per call. The per-row loop overhead (14-wide rows) is what
-//   separates us from the floor.
+//   75k windows x 3 compares is no work at all: the op is memory-bound. It all fits in L2 + L3;
+//   at ~100 GB/s per core in L2 (reference machine: csrc/cpu/README.md) the floor is ~15 us for
+//   the forward and ~20 us for either pass with indices, on one core. Achieved figures: the
+//   benchmark suite (python -m benchmarks).
 //
 // Hot loops: the interior of each output row (windows with every column in bounds) runs an
 // AVX-512 kernel for stride_w 1 or 2 (kernel 3 / stride 1 or 2 and the like) and a dedicated one
-// for 2x2 / stride 2, chosen at run time; the backward of 2x2 / stride 2 gathers instead of
-// scattering. Everything else, and machines without AVX-512, use the scalar loops.
+// for 2x2 / stride 2, chosen at run time (cpu/isa.h); the backward of 2x2 / stride 2 gathers
+// instead of scattering. Everything else, and the AVX2 and baseline levels, use the scalar loops.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -42,14 +40,12 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
-#define PE_POOL_X86 1
-#endif
 
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/layout.h"
+#include "cpu/isa.h"
 
 namespace pyengine {
 namespace {
@@ -57,68 +53,30 @@ namespace {
 using at::IntArrayRef;
 using at::Tensor;
 
-// Window geometry of one call, in int64.
-struct PoolGeom {
-  int64_t planes, H, W, OH, OW;
-  int64_t kH, kW, sH, sW, pH, pW, dH, dW;
-  int64_t effH, effW;
-  // Output columns [ow_lo, ow_hi) have every tap of their window inside the row.
-  int64_t ow_lo, ow_hi;
-};
-
-PoolGeom make_geom(const Pool2dShape<int64_t>& s, IntArrayRef kernel_size, IntArrayRef stride,
-                   IntArrayRef padding, IntArrayRef dilation) {
-  PoolGeom g;
-  g.planes = s.batch * s.channels;
-  g.H = s.in_h;
-  g.W = s.in_w;
-  g.OH = s.out_h;
-  g.OW = s.out_w;
-  g.kH = kernel_size[0];
-  g.kW = kernel_size[1];
-  g.sH = stride[0];
-  g.sW = stride[1];
-  g.pH = padding[0];
-  g.pW = padding[1];
-  g.dH = dilation[0];
-  g.dW = dilation[1];
-  g.effH = effective_kernel(g.kH, g.dH);
-  g.effW = effective_kernel(g.kW, g.dW);
-  // iw0 = ow * sW - pW >= 0  and  iw0 + effW <= W.
-  g.ow_lo = std::min(g.OW, ceil_div(g.pW, g.sW));
-  const int64_t last = g.W - g.effW + g.pW;  // largest ow * sW with the window inside
-  g.ow_hi = last < 0 ? 0 : std::min(g.OW, last / g.sW + 1);
-  g.ow_hi = std::max(g.ow_hi, g.ow_lo);
-  return g;
-}
-
-// First in-bounds tap at or after `start` on a grid of step `dil` (torch's `while (i < 0) i += d`).
-inline int64_t first_tap(int64_t start, int64_t dil) {
-  return start >= 0 ? start : start + ((-start + dil - 1) / dil) * dil;
-}
+using Geometry = Pool2dGeometry<int64_t>;
 
 // ---- Scalar forward: any geometry -----------------------------------------------------------
 
 // Output columns [ow_begin, ow_end) of output row `oh` of one plane.
 template <typename T, bool kIdx>
-void pool_row_scalar(const T* plane, T* out, int64_t* idx, const PoolGeom& g, int64_t oh,
+void pool_row_scalar(const T* plane, T* out, int64_t* idx, const Geometry& g, int64_t oh,
                      int64_t ow_begin, int64_t ow_end) {
-  const int64_t hs = oh * g.sH - g.pH;
-  const int64_t ih1 = std::min(hs + g.effH, g.H);
-  const int64_t ih0 = first_tap(hs, g.dH);
+  const int64_t hs = oh * g.stride_h - g.padding_h;
+  const int64_t ih1 = std::min(hs + g.effective_kernel_h(), g.in_h);
+  const int64_t ih0 = first_tap(hs, g.dilation_h);
   for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
-    const int64_t ws = ow * g.sW - g.pW;
-    const int64_t iw1 = std::min(ws + g.effW, g.W);
-    const int64_t iw0 = first_tap(ws, g.dW);
+    const int64_t ws = ow * g.stride_w - g.padding_w;
+    const int64_t iw1 = std::min(ws + g.effective_kernel_w(), g.in_w);
+    const int64_t iw0 = first_tap(ws, g.dilation_w);
     T m = -std::numeric_limits<T>::infinity();
-    int64_t mi = ih0 * g.W + iw0;  // torch's index, even for a window with no in-bounds tap
-    for (int64_t ih = ih0; ih < ih1; ih += g.dH) {
-      const T* row = plane + ih * g.W;
-      for (int64_t iw = iw0; iw < iw1; iw += g.dW) {
+    int64_t mi = ih0 * g.in_w + iw0;  // torch's index, even for a window with no in-bounds tap
+    for (int64_t ih = ih0; ih < ih1; ih += g.dilation_h) {
+      const T* row = plane + ih * g.in_w;
+      for (int64_t iw = iw0; iw < iw1; iw += g.dilation_w) {
         const T v = row[iw];
         const bool take = (v > m) | (v != v);  // branch-free: random data mispredicts
         m = take ? v : m;
-        if (kIdx) mi = take ? ih * g.W + iw : mi;
+        if (kIdx) mi = take ? ih * g.in_w + iw : mi;
       }
     }
     out[ow] = m;
@@ -128,13 +86,13 @@ void pool_row_scalar(const T* plane, T* out, int64_t* idx, const PoolGeom& g, in
 
 // Output rows [r_begin, r_end) of the flattened (plane, output row) range, scalar.
 template <typename T, bool kIdx>
-void pool_rows_scalar(const T* in, T* out, int64_t* idx, const PoolGeom& g, int64_t r_begin,
+void pool_rows_scalar(const T* in, T* out, int64_t* idx, const Geometry& g, int64_t r_begin,
                       int64_t r_end) {
-  int64_t p = r_begin / g.OH, oh = r_begin % g.OH;
+  int64_t p = r_begin / g.out_h, oh = r_begin % g.out_h;
   for (int64_t r = r_begin; r < r_end; ++r) {
-    pool_row_scalar<T, kIdx>(in + p * g.H * g.W, out + r * g.OW, kIdx ? idx + r * g.OW : nullptr,
-                             g, oh, 0, g.OW);
-    if (++oh == g.OH) oh = 0, ++p;
+    pool_row_scalar<T, kIdx>(in + p * g.in_pixels(), out + r * g.out_w,
+                             kIdx ? idx + r * g.out_w : nullptr, g, oh, 0, g.out_w);
+    if (++oh == g.out_h) oh = 0, ++p;
   }
 }
 
@@ -150,18 +108,17 @@ void pool_rows_scalar(const T* in, T* out, int64_t* idx, const PoolGeom& g, int6
 // Indices are int32 lanes for fp32 (planes < 2^31 elements, checked by the caller), widened when
 // stored; int64 lanes for fp64.
 
-#ifdef PE_POOL_X86
-
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm*_undefined_* helpers
 // (GCC bug 105593, fixed in GCC 13).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#define PE_AVX512_INLINE __attribute__((target("avx512f"), always_inline)) inline
+#define PE_AVX512_INLINE PE_TARGET_AVX512 PE_INLINE
 
-bool have_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
+// Whether this process runs the AVX-512 kernels (cpu/isa.h: max_pool2d has no AVX2 build).
+bool use_avx512() {
+  static const bool yes = cpu::isa_for(cpu::Family::MaxPool2d) == cpu::Isa::Avx512;
+  return yes;
 }
 
 struct F32x16 {
@@ -316,17 +273,18 @@ enum ColMode { kStride1 = 0, kStride2Pairs = 1, kStride2 = 2 };
 
 // Output rows [r_begin, r_end) of the flattened (plane, output row) range.
 template <class A, bool kIdx, int kMode>
-__attribute__((target("avx512f"))) void pool_rows_avx512(const typename A::T* in,
+PE_TARGET_AVX512 void pool_rows_avx512(const typename A::T* in,
                                                          typename A::T* out, int64_t* idx,
-                                                         const PoolGeom& g, int64_t r_begin,
+                                                         const Geometry& g, int64_t r_begin,
                                                          int64_t r_end) {
   using T = typename A::T;
   using M = typename A::M;
   constexpr int64_t L = A::L;
-  const __m512i steps = A::lane_steps(g.sW);
+  const __m512i steps = A::lane_steps(g.stride_w);
   // Masks of a full chunk [0] and of the row's last chunk [1]: stored lanes, and the input
   // columns a load pair needs for a tap pair (2n columns) or a lone tap (2n - 1 columns).
-  const int64_t span = g.ow_hi - g.ow_lo;
+  const IndexRange cols = g.inner_cols();
+  const int64_t span = cols.end - cols.begin;
   const int64_t nchunks = (span + L - 1) / L;
   M out_mask[2], pair_lo[2], pair_hi[2], one_lo[2], one_hi[2];
   for (int c = 0; c < 2; ++c) {
@@ -337,53 +295,56 @@ __attribute__((target("avx512f"))) void pool_rows_avx512(const typename A::T* in
     one_lo[c] = A::lanes(2 * n - 1);
     one_hi[c] = A::lanes(2 * n - 1 - L);
   }
-  const int64_t W = g.W;
+  const int64_t W = g.in_w;
   // Software prefetch: the input rows that output row r + kAhead adds to its predecessor's (the
   // hardware prefetchers lose track of the row-interleaved pattern on tensors beyond L2).
   constexpr int64_t kAhead = 3;
-  const uintptr_t in_end = reinterpret_cast<uintptr_t>(in + g.planes * g.H * W);
-  const int64_t fetch_bytes = std::min(g.sH, g.effH) * W * int64_t(sizeof(T));
-  int64_t p = r_begin / g.OH, oh = r_begin % g.OH;
+  const uintptr_t in_end = reinterpret_cast<uintptr_t>(in + g.planes() * g.in_h * W);
+  const int64_t eff_h = g.effective_kernel_h();
+  const int64_t fetch_bytes = std::min(g.stride_h, eff_h) * W * int64_t(sizeof(T));
+  int64_t p = r_begin / g.out_h, oh = r_begin % g.out_h;
   for (int64_t r = r_begin; r < r_end; ++r) {
-    const T* plane = in + p * g.H * W;
+    const T* plane = in + p * g.in_h * W;
     {
       const int64_t oh_f = oh + kAhead;  // may run into the next plane: planes are contiguous
-      const int64_t last_row = (oh_f < g.OH ? p * g.H : (p + 1) * g.H - g.OH * g.sH) +
-                               oh_f * g.sH - g.pH + g.effH;  // one past the window's last row
+      // One past the window's last row.
+      const int64_t last_row =
+          (oh_f < g.out_h ? p * g.in_h : (p + 1) * g.in_h - g.out_h * g.stride_h) +
+          oh_f * g.stride_h - g.padding_h + eff_h;
       const uintptr_t hi = reinterpret_cast<uintptr_t>(in) + uintptr_t(last_row * W) * sizeof(T);
       for (int64_t b = 0; b < fetch_bytes; b += 64) {
         const uintptr_t a = hi - fetch_bytes + b;
         if (a < in_end) _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
       }
     }
-    T* orow = out + r * g.OW;
-    int64_t* irow = kIdx ? idx + r * g.OW : nullptr;
-    const int64_t hs = oh * g.sH - g.pH;
-    const int64_t ih1 = std::min(hs + g.effH, g.H);
-    const int64_t ih0 = first_tap(hs, g.dH);
+    T* orow = out + r * g.out_w;
+    int64_t* irow = kIdx ? idx + r * g.out_w : nullptr;
+    const int64_t hs = oh * g.stride_h - g.padding_h;
+    const int64_t ih1 = std::min(hs + eff_h, g.in_h);
+    const int64_t ih0 = first_tap(hs, g.dilation_h);
     if (ih0 >= ih1) {  // every window row in padding (dilation can do that): no taps at all
-      pool_row_scalar<T, kIdx>(plane, orow, irow, g, oh, 0, g.OW);
+      pool_row_scalar<T, kIdx>(plane, orow, irow, g, oh, 0, g.out_w);
     } else {
-      if (g.ow_lo > 0) pool_row_scalar<T, kIdx>(plane, orow, irow, g, oh, 0, g.ow_lo);
+      if (cols.begin > 0) pool_row_scalar<T, kIdx>(plane, orow, irow, g, oh, 0, cols.begin);
       for (int64_t ch = 0; ch < nchunks; ++ch) {
         const int last = ch == nchunks - 1 ? 1 : 0;
-        const int64_t ow0 = g.ow_lo + ch * L;
-        const int64_t c0 = ow0 * g.sW - g.pW;  // input column of lane 0's first tap
+        const int64_t ow0 = cols.begin + ch * L;
+        const int64_t c0 = ow0 * g.stride_w - g.padding_w;  // input column of lane 0's first tap
         Best<A> acc;
-        for (int64_t ih = ih0; ih < ih1; ih += g.dH) {
+        for (int64_t ih = ih0; ih < ih1; ih += g.dilation_h) {
           const T* row = plane + ih * W;
           const int64_t base = ih * W + c0;
           Best<A> rb;
           if (kMode == kStride1) {
             rb = tap<A, kIdx>(A::load(out_mask[last], row + c0), steps, base);
-            for (int64_t kw = 1; kw < g.kW; ++kw) {
-              const int64_t c = kw * g.dW;
+            for (int64_t kw = 1; kw < g.kernel_w; ++kw) {
+              const int64_t c = kw * g.dilation_w;
               fold<A, kIdx>(rb, tap<A, kIdx>(A::load(out_mask[last], row + c0 + c), steps,
                                              base + c));
             }
           } else if (kMode == kStride2Pairs) {
-            for (int64_t kw = 0; kw < g.kW; kw += 2) {
-              const bool pair = kw + 1 < g.kW;
+            for (int64_t kw = 0; kw < g.kernel_w; kw += 2) {
+              const bool pair = kw + 1 < g.kernel_w;
               const T* src = row + c0 + kw;
               const typename A::V lo = A::load(pair ? pair_lo[last] : one_lo[last], src);
               const typename A::V hi = A::load(pair ? pair_hi[last] : one_hi[last], src + L);
@@ -392,8 +353,8 @@ __attribute__((target("avx512f"))) void pool_rows_avx512(const typename A::T* in
               if (pair) fold<A, kIdx>(rb, tap<A, kIdx>(A::odd(lo, hi), steps, base + kw + 1));
             }
           } else {
-            for (int64_t kw = 0; kw < g.kW; ++kw) {
-              const int64_t c = kw * g.dW;
+            for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+              const int64_t c = kw * g.dilation_w;
               const typename A::V lo = A::load(one_lo[last], row + c0 + c);
               const typename A::V hi = A::load(one_hi[last], row + c0 + c + L);
               Best<A> t = tap<A, kIdx>(A::even(lo, hi), steps, base + c);
@@ -405,39 +366,39 @@ __attribute__((target("avx512f"))) void pool_rows_avx512(const typename A::T* in
         A::store(orow + ow0, out_mask[last], acc.v);
         if (kIdx) A::store_index(irow + ow0, out_mask[last], acc.i);
       }
-      if (g.ow_hi < g.OW) pool_row_scalar<T, kIdx>(plane, orow, irow, g, oh, g.ow_hi, g.OW);
+      if (cols.end < g.out_w) pool_row_scalar<T, kIdx>(plane, orow, irow, g, oh, cols.end, g.out_w);
     }
-    if (++oh == g.OH) oh = 0, ++p;
+    if (++oh == g.out_h) oh = 0, ++p;
   }
 }
 
 // The tutorial case, 2x2 windows with stride 2 and no padding or dilation, whole windows only
 // (2*OH <= H and 2*OW <= W): everything but the loads and folds is hoisted out of the row loop.
 template <class A, bool kIdx>
-__attribute__((target("avx512f"))) void pool2x2_rows_avx512(const typename A::T* in,
+PE_TARGET_AVX512 void pool2x2_rows_avx512(const typename A::T* in,
                                                             typename A::T* out, int64_t* idx,
-                                                            const PoolGeom& g, int64_t r_begin,
+                                                            const Geometry& g, int64_t r_begin,
                                                             int64_t r_end) {
   using T = typename A::T;
   using M = typename A::M;
   constexpr int64_t L = A::L;
   const __m512i steps = A::lane_steps(2);
-  const int64_t W = g.W, OW = g.OW, plane = g.H * g.W;
+  const int64_t W = g.in_w, OW = g.out_w, plane = g.in_pixels();
   const int64_t nchunks = (OW + L - 1) / L;
   const int64_t n_last = OW - (nchunks - 1) * L;
   const M out_last = A::lanes(n_last), lo_last = A::lanes(2 * n_last),
           hi_last = A::lanes(2 * n_last - L);
   const M all = A::lanes(L);
-  const bool prefetch = g.planes * plane * int64_t(sizeof(T)) > (int64_t(2) << 20);
-  const uintptr_t in_end = reinterpret_cast<uintptr_t>(in + g.planes * plane);
-  int64_t p = r_begin / g.OH, oh = r_begin % g.OH;
+  const bool prefetch = g.planes() * plane * int64_t(sizeof(T)) > (int64_t(2) << 20);
+  const uintptr_t in_end = reinterpret_cast<uintptr_t>(in + g.planes() * plane);
+  int64_t p = r_begin / g.out_h, oh = r_begin % g.out_h;
   for (int64_t r = r_begin; r < r_end; ++r) {
     const T* r0 = in + p * plane + 2 * oh * W;
     const T* r1 = r0 + W;
     if (prefetch) {  // the row pair three output rows ahead (maybe in the next plane)
       const int64_t ahead = 3;
-      const T* next = oh + ahead < g.OH ? r0 + 2 * ahead * W
-                                        : in + (p + 1) * plane + 2 * (oh + ahead - g.OH) * W;
+      const T* next = oh + ahead < g.out_h ? r0 + 2 * ahead * W
+                                        : in + (p + 1) * plane + 2 * (oh + ahead - g.out_h) * W;
       for (int64_t b = 0; b < 2 * W * int64_t(sizeof(T)); b += 64) {
         const uintptr_t a = reinterpret_cast<uintptr_t>(next) + b;
         if (a < in_end) _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
@@ -460,7 +421,7 @@ __attribute__((target("avx512f"))) void pool2x2_rows_avx512(const typename A::T*
       A::store(orow + ch * L, om, top.v);
       if (kIdx) A::store_index(irow + ch * L, om, top.i);
     }
-    if (++oh == g.OH) oh = 0, ++p;
+    if (++oh == g.out_h) oh = 0, ++p;
   }
 }
 
@@ -471,20 +432,20 @@ __attribute__((target("avx512f"))) void pool2x2_rows_avx512(const typename A::T*
 // Windows are disjoint, so each element receives at most one gradient: the result is bit for bit
 // the scatter's.
 template <class A>
-__attribute__((target("avx512f"))) bool unpool2x2_plane_avx512(const typename A::T* go,
+PE_TARGET_AVX512 bool unpool2x2_plane_avx512(const typename A::T* go,
                                                                const int64_t* idx,
                                                                typename A::T* gi,
-                                                               const PoolGeom& g) {
+                                                               const Geometry& g) {
   using T = typename A::T;
   using M = typename A::M;
   constexpr int64_t L = A::L;
-  const int64_t W = g.W, OW = g.OW;
+  const int64_t W = g.in_w, OW = g.out_w;
   const int64_t delta[4] = {0, 1, W, W + 1};
   const int64_t nchunks = (OW + L - 1) / L;
   const int64_t n_last = OW - (nchunks - 1) * L;
   const M all = A::lanes(L), out_last = A::lanes(n_last), lo_last = A::lanes(2 * n_last),
           hi_last = A::lanes(2 * n_last - L);
-  for (int64_t oh = 0; oh < g.OH; ++oh) {
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
     T* top = gi + 2 * oh * W;
     T* bottom = top + W;
     const T* grow = go + oh * OW;
@@ -506,46 +467,41 @@ __attribute__((target("avx512f"))) bool unpool2x2_plane_avx512(const typename A:
     }
     for (int64_t c = 2 * OW; c < W; ++c) top[c] = bottom[c] = T(0);  // no window covers these
   }
-  std::memset(gi + 2 * g.OH * W, 0, sizeof(T) * (g.H - 2 * g.OH) * W);
+  std::memset(gi + 2 * g.out_h * W, 0, sizeof(T) * (g.in_h - 2 * g.out_h) * W);
   return true;
 }
 
 #undef PE_AVX512_INLINE
 #pragma GCC diagnostic pop
 
-#endif  // PE_POOL_X86
-
 // The kernel for this geometry and dtype: the vector one where it applies, else the scalar one.
 template <typename T, bool kIdx>
-using RowsFn = void (*)(const T*, T*, int64_t*, const PoolGeom&, int64_t, int64_t);
+using RowsFn = void (*)(const T*, T*, int64_t*, const Geometry&, int64_t, int64_t);
 
 template <typename T, bool kIdx>
-RowsFn<T, kIdx> pick_kernel(const PoolGeom& g) {
-#ifdef PE_POOL_X86
+RowsFn<T, kIdx> pick_kernel(const Geometry& g) {
   using A = std::conditional_t<std::is_same_v<T, float>, F32x16, F64x8>;
-  const bool fits = g.ow_hi - g.ow_lo >= 2 &&
+  const IndexRange cols = g.inner_cols();
+  const bool fits = cols.end - cols.begin >= 2 &&
                     // fp32 keeps indices in int32 lanes
-                    (sizeof(T) == 8 || g.H * g.W < (int64_t(1) << 31));
-  if (have_avx512() && fits) {
-    if (g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2 && g.dH == 1 && g.dW == 1 &&
-        g.pH == 0 && g.pW == 0 && 2 * g.OH <= g.H && 2 * g.OW <= g.W)
-      return pool2x2_rows_avx512<A, kIdx>;
-    if (g.sW == 1) return pool_rows_avx512<A, kIdx, kStride1>;
-    if (g.sW == 2 && g.dW == 1) return pool_rows_avx512<A, kIdx, kStride2Pairs>;
-    if (g.sW == 2) return pool_rows_avx512<A, kIdx, kStride2>;
+                    (sizeof(T) == 8 || g.in_pixels() < (int64_t(1) << 31));
+  if (use_avx512() && fits) {
+    if (g.is_2x2_stride_2()) return pool2x2_rows_avx512<A, kIdx>;
+    if (g.stride_w == 1) return pool_rows_avx512<A, kIdx, kStride1>;
+    if (g.stride_w == 2 && g.dilation_w == 1) return pool_rows_avx512<A, kIdx, kStride2Pairs>;
+    if (g.stride_w == 2) return pool_rows_avx512<A, kIdx, kStride2>;
   }
-#endif
   return pool_rows_scalar<T, kIdx>;
 }
 
 // Rows of work per parallel task: enough window taps to be worth a thread.
-int64_t row_grain(const PoolGeom& g) {
-  const int64_t per_row = std::max<int64_t>(1, g.OW * g.kH * g.kW);
+int64_t row_grain(const Geometry& g) {
+  const int64_t per_row = std::max<int64_t>(1, g.out_w * g.kernel_h * g.kernel_w);
   return std::max<int64_t>(1, 32768 / per_row);
 }
 
 template <bool kIdx>
-void max_pool2d_forward_impl(const Tensor& input_, const PoolGeom& g, Tensor& output,
+void max_pool2d_forward_impl(const Tensor& input_, const Geometry& g, Tensor& output,
                              Tensor* indices, const char* op) {
   const Tensor input = input_.contiguous();
   dispatch_floating(input.scalar_type(), op, [&](auto tag) {
@@ -554,7 +510,7 @@ void max_pool2d_forward_impl(const Tensor& input_, const PoolGeom& g, Tensor& ou
     T* out = output.mutable_data_ptr<T>();
     int64_t* idx = kIdx ? indices->mutable_data_ptr<int64_t>() : nullptr;
     const RowsFn<T, kIdx> rows = pick_kernel<T, kIdx>(g);
-    at::parallel_for(0, g.planes * g.OH, row_grain(g), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.planes() * g.out_h, row_grain(g), [&](int64_t begin, int64_t end) {
       rows(in, out, idx, g, begin, end);
     });
   });
@@ -562,9 +518,9 @@ void max_pool2d_forward_impl(const Tensor& input_, const PoolGeom& g, Tensor& ou
 
 Tensor max_pool2d_cpu(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
                       IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
-  auto s = check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
-  const PoolGeom g = make_geom(s, kernel_size, stride, padding, dilation);
-  Tensor output = at::empty(s.output_sizes(), input.options());
+  const Geometry g =
+      check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
+  Tensor output = at::empty(g.output_sizes(), input.options());
   max_pool2d_forward_impl<false>(input, g, output, nullptr, "max_pool2d");
   return as_image_layout(output, pool2d_channels_last(input));
 }
@@ -573,9 +529,9 @@ std::tuple<Tensor, Tensor> max_pool2d_with_indices_cpu(const Tensor& input,
                                                        IntArrayRef kernel_size,
                                                        IntArrayRef stride, IntArrayRef padding,
                                                        IntArrayRef dilation, bool ceil_mode) {
-  auto s = check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
-  const PoolGeom g = make_geom(s, kernel_size, stride, padding, dilation);
-  const auto sizes = s.output_sizes();
+  const Geometry g =
+      check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
+  const auto sizes = g.output_sizes();
   Tensor output = at::empty(sizes, input.options());
   Tensor indices = at::empty(sizes, input.options().dtype(at::kLong));
   max_pool2d_forward_impl<true>(input, g, output, &indices, "max_pool2d_with_indices");
@@ -604,17 +560,26 @@ struct EmptyWindows {
   bool any = false;
   std::vector<uint8_t> row, col;  // row[oh], col[ow]: no tap of the window in bounds on that axis
 
-  explicit EmptyWindows(const PoolGeom& g) {
-    auto misses = [](int64_t start, int64_t eff, int64_t dil, int64_t in) {
+  explicit EmptyWindows(const Geometry& g) {
+    // Whether output row oh (or column, with the other axis's values) has no tap in bounds.
+    auto misses = [](int64_t o, int64_t stride, int64_t padding, int64_t eff, int64_t dil,
+                     int64_t in) {
+      const int64_t start = o * stride - padding;
       return first_tap(start, dil) >= std::min(start + eff, in);
     };
-    for (int64_t oh = 0; oh < g.OH && !any; ++oh) any = misses(oh * g.sH - g.pH, g.effH, g.dH, g.H);
-    for (int64_t ow = 0; ow < g.OW && !any; ++ow) any = misses(ow * g.sW - g.pW, g.effW, g.dW, g.W);
+    auto row_misses = [&](int64_t oh) {
+      return misses(oh, g.stride_h, g.padding_h, g.effective_kernel_h(), g.dilation_h, g.in_h);
+    };
+    auto col_misses = [&](int64_t ow) {
+      return misses(ow, g.stride_w, g.padding_w, g.effective_kernel_w(), g.dilation_w, g.in_w);
+    };
+    for (int64_t oh = 0; oh < g.out_h && !any; ++oh) any = row_misses(oh);
+    for (int64_t ow = 0; ow < g.out_w && !any; ++ow) any = col_misses(ow);
     if (!any) return;
-    row.resize(g.OH);
-    col.resize(g.OW);
-    for (int64_t oh = 0; oh < g.OH; ++oh) row[oh] = misses(oh * g.sH - g.pH, g.effH, g.dH, g.H);
-    for (int64_t ow = 0; ow < g.OW; ++ow) col[ow] = misses(ow * g.sW - g.pW, g.effW, g.dW, g.W);
+    row.resize(g.out_h);
+    col.resize(g.out_w);
+    for (int64_t oh = 0; oh < g.out_h; ++oh) row[oh] = row_misses(oh);
+    for (int64_t ow = 0; ow < g.out_w; ++ow) col[ow] = col_misses(ow);
   }
   bool empty(int64_t o, int64_t OW) const { return row[o / OW] || col[o % OW]; }
 };
@@ -636,33 +601,28 @@ int64_t unpool_plane_scatter(const T* go, const int64_t* idx, T* gi, int64_t pla
 }
 
 template <typename T>
-using PlaneGatherFn = bool (*)(const T*, const int64_t*, T*, const PoolGeom&);
+using PlaneGatherFn = bool (*)(const T*, const int64_t*, T*, const Geometry&);
 
 template <typename T>
-PlaneGatherFn<T> pick_gather(const PoolGeom& g) {
-#ifdef PE_POOL_X86
+PlaneGatherFn<T> pick_gather(const Geometry& g) {
   using A = std::conditional_t<std::is_same_v<T, float>, F32x16, F64x8>;
   // Rows of fewer than half a vector (LeNet's 5-wide pool2) scatter faster than they gather;
   // offsets must fit int32 lanes.
-  if (have_avx512() && g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2 && g.dH == 1 &&
-      g.dW == 1 && g.pH == 0 && g.pW == 0 && 2 * g.OH <= g.H && 2 * g.OW <= g.W &&
-      2 * g.OW >= A::L && g.W < (int64_t(1) << 30))
+  if (use_avx512() && g.is_2x2_stride_2() && 2 * g.out_w >= A::L &&
+      g.in_w < (int64_t(1) << 30))
     return unpool2x2_plane_avx512<A>;
-#endif
-  (void)g;
   return nullptr;
 }
 
 Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
                                const Tensor& indices, IntArrayRef kernel_size, IntArrayRef stride,
                                IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
-  auto s = check_max_pool2d_backward<int64_t>(grad_output, input, indices, kernel_size, stride,
-                                              padding, dilation, ceil_mode);
-  const PoolGeom g = make_geom(s, kernel_size, stride, padding, dilation);
+  const Geometry g = check_max_pool2d_backward<int64_t>(grad_output, input, indices, kernel_size,
+                                                        stride, padding, dilation, ceil_mode);
   const Tensor go = grad_output.contiguous();
   const Tensor ix = indices.contiguous();
   Tensor grad_input = at::empty(input.sizes(), input.options());
-  const int64_t plane_in = g.H * g.W, plane_out = g.OH * g.OW;
+  const int64_t plane_in = g.in_pixels(), plane_out = g.out_pixels();
   const int64_t* pi = ix.const_data_ptr<int64_t>();
   // The first bad index, as a flat position in indices (planes are scanned in order within a
   // task and each task stops at its first, so the minimum over tasks is the first overall).
@@ -674,13 +634,13 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
     const int64_t grain = std::max<int64_t>(1, 32768 / (plane_in + plane_out));
     const PlaneGatherFn<T> gather = pick_gather<T>(g);
     const EmptyWindows skip(g);
-    at::parallel_for(0, g.planes, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.planes(), grain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         T* dst = gi + p * plane_in;
         const T* src = pg + p * plane_out;
         const int64_t* at_ = pi + p * plane_out;
         if (gather && gather(src, at_, dst, g)) continue;
-        const int64_t o = unpool_plane_scatter(src, at_, dst, plane_in, plane_out, skip, g.OW);
+        const int64_t o = unpool_plane_scatter(src, at_, dst, plane_in, plane_out, skip, g.out_w);
         if (o >= 0) {
           int64_t seen = first_bad.load();
           const int64_t bad = p * plane_out + o;
@@ -695,11 +655,11 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
   if (bad != std::numeric_limits<int64_t>::max()) {
     const int64_t p = bad / plane_out, o = bad % plane_out;
     std::vector<int64_t> where;  // indices' own coordinates: [n,] c, oh, ow
-    if (s.batched) where.push_back(p / s.channels);
-    where.insert(where.end(), {p % s.channels, o / g.OW, o % g.OW});
+    if (g.batched) where.push_back(p / g.channels);
+    where.insert(where.end(), {p % g.channels, o / g.out_w, o % g.out_w});
     // RuntimeError, as torch's max_unpool2d (the same scatter) raises for such an index.
     TORCH_CHECK(false, "pyengine.max_pool2d_backward: indices", at::IntArrayRef(where), " = ",
-                pi[bad], " lies outside the ", g.H, "x", g.W, " input plane (expected a flat "
+                pi[bad], " lies outside the ", g.in_h, "x", g.in_w, " input plane (expected a flat "
                 "position in [0, ", plane_in, ") for a window with input elements)");
   }
   return as_image_layout(grad_input, pool2d_channels_last(input));

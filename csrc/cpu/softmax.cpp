@@ -15,20 +15,21 @@
 //              `inner`: no strided gathers.
 // Reductions keep a fixed number of partial sums (kLanes, fixed in the source), and work is split
 // over whole rows / blocks, so results are bitwise reproducible and independent of the thread
-// count. (The AVX2 / AVX-512 clones let the compiler contract a*b+c into FMAs, so two machines of
-// different ISA may differ in the last bit; one machine never does.) Long rows stay accurate: a
+// count. (The AVX2 / AVX-512 builds let the compiler contract a*b+c into FMAs, so two levels of
+// cpu/isa.h may differ in the last bit; one level never does.) Long rows stay accurate: a
 // partial sum takes at most kCarryTerms terms, then is carried into a double ("Long rows" below).
 //
-// exp() is our own (range reduction to r in [-ln2/2, ln2/2], Taylor polynomial of degree 7 for
-// float / 13 for double, scale by 2^n through the exponent bits): branch-free, so the compiler
-// vectorizes it, about 1-2 ulp. log() is needed once per row and comes from libm.
+// exp() is cpu/vec_math.h's fast_exp, the one exp of every CPU kernel: branch-free, so the
+// compiler vectorizes it. log() is needed once per row and comes from libm.
 //
-// Napkin math. LeNet's classifier (64 x 10 fp32 logits): 2.5 KB in, 2.5 KB out: nothing; the call
-// is its ~3 us of dispatch (measured 3.4 us, torch.softmax 9 us). At scale (256 x 1000 fp32: 1 MB
-// in, 1 MB out) the forward reads x twice (max, then exp + sum; the second read hits L2), writes
-// y and rescales it in cache: ~3 MB of traffic, ~30-60 us on one core. exp is ~25 vector ops per
-// 16 floats: 16k vectors x ~25 ops at ~2 per cycle (Zen 4 splits 512-bit ops) is ~55 us per core.
-// Measured: ~120 us forward (torch ~110 us), ~39 us softmax backward (torch ~38 us), one thread.
+// Napkin math (reference machine: csrc/cpu/README.md). LeNet's classifier (64 x 10 fp32 logits):
+// 2.5 KB in, 2.5 KB out: nothing; the call is its few microseconds of dispatch. At scale
+// (256 x 1000 fp32: 1 MB in, 1 MB out) the forward reads x twice (max, then exp + sum; the second
+// read hits L2), writes y and rescales it in cache: ~3 MB of traffic, ~30 us on one core at
+// ~100 GB/s. exp is ~25 vector ops per 16 floats: 16k vectors x ~25 ops at ~2 per cycle (512-bit
+// ops run as two 256-bit halves) is ~55 us per core, so the forward is bound by the exps. The
+// backward reads g and y and writes gx once (3 MB, ~30 us). Achieved figures: the benchmark
+// suite (python -m benchmarks).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -42,18 +43,14 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cpu/isa.h"
 #include "cpu/vec_math.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PE_CLONES
-#endif
 
 namespace pyengine {
 namespace {
 
 using at::Tensor;
+using cpu::Family;
 
 // Partial sums per reduction: one 64-byte vector's worth.
 template <typename T>
@@ -72,13 +69,13 @@ constexpr int64_t kGrain = 16384;
 // ---- Reductions with a fixed number of partial sums -------------------------------------------
 
 template <typename T>
-PE_ALWAYS_INLINE T tree_sum(T* acc) {
+PE_INLINE T tree_sum(T* acc) {
   for (int64_t w = kLanes<T> / 2; w >= 1; w /= 2)
     for (int64_t l = 0; l < w; ++l) acc[l] += acc[l + w];
   return acc[0];
 }
 template <typename T>
-PE_ALWAYS_INLINE T tree_max(T* acc) {
+PE_INLINE T tree_max(T* acc) {
   for (int64_t w = kLanes<T> / 2; w >= 1; w /= 2)
     for (int64_t l = 0; l < w; ++l) acc[l] = acc[l + w] > acc[l] ? acc[l + w] : acc[l];
   return acc[0];
@@ -90,7 +87,7 @@ PE_ALWAYS_INLINE T tree_max(T* acc) {
 
 // max(x[0:n]), NaNs skipped (a NaN row turns NaN through the sum anyway).
 template <typename T>
-PE_ALWAYS_INLINE T row_max(const T* x, int64_t n) {
+PE_INLINE T row_max(const T* x, int64_t n) {
   constexpr int64_t L = kLanes<T>;
   T acc[L];
   for (int64_t l = 0; l < L; ++l) acc[l] = -std::numeric_limits<T>::infinity();
@@ -106,7 +103,7 @@ PE_ALWAYS_INLINE T row_max(const T* x, int64_t n) {
 
 // sum of exp(x[i] - m) over [0, n), kept in y (softmax) or not (kLog).
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE T exp_sum(const T* x, T* y, int64_t n, T m) {
+PE_INLINE T exp_sum(const T* x, T* y, int64_t n, T m) {
   constexpr int64_t L = kLanes<T>;
   T acc[L] = {};
   T tail = 0;
@@ -133,7 +130,7 @@ PE_ALWAYS_INLINE T exp_sum(const T* x, T* y, int64_t n, T m) {
 
 // y = exp(x - m) / sum  or  y = (x - m) - log(sum), given the row's sum.
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void normalize_row(const T* x, T* y, int64_t D, T m, T sum) {
+PE_INLINE void normalize_row(const T* x, T* y, int64_t D, T m, T sum) {
   if (!kLog) {
     const T inv = T(1) / sum;
     for (int64_t j = 0; j < D; ++j) y[j] *= inv;
@@ -144,7 +141,7 @@ PE_ALWAYS_INLINE void normalize_row(const T* x, T* y, int64_t D, T m, T sum) {
 }
 
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void forward_rows(const T* x, T* y, int64_t rows, int64_t D) {
+PE_INLINE void forward_rows(const T* x, T* y, int64_t rows, int64_t D) {
   for (int64_t r = 0; r < rows; ++r, x += D, y += D) {
     const T m = row_max(x, D);
     normalize_row<T, kLog>(x, y, D, m, exp_sum<T, kLog>(x, y, D, m));
@@ -155,7 +152,7 @@ PE_ALWAYS_INLINE void forward_rows(const T* x, T* y, int64_t rows, int64_t D) {
 
 // s[i] += exp(x - m[i]) over the rows d in [d0, d1), kept in y (softmax) or not (kLog).
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void add_exp_rows(const T* x, T* y, int64_t d0, int64_t d1, int64_t inner,
+PE_INLINE void add_exp_rows(const T* x, T* y, int64_t d0, int64_t d1, int64_t inner,
                                    int64_t cnt, const T* m, T* s) {
   for (int64_t d = d0; d < d1; ++d) {
     const T* xr = x + d * inner;
@@ -173,7 +170,7 @@ PE_ALWAYS_INLINE void add_exp_rows(const T* x, T* y, int64_t d0, int64_t d1, int
 }
 
 template <typename T>
-PE_ALWAYS_INLINE void block_max(const T* x, int64_t D, int64_t inner, int64_t cnt, T* m) {
+PE_INLINE void block_max(const T* x, int64_t D, int64_t inner, int64_t cnt, T* m) {
   for (int64_t i = 0; i < cnt; ++i) m[i] = -std::numeric_limits<T>::infinity();
   for (int64_t d = 0; d < D; ++d) {
     const T* xr = x + d * inner;
@@ -183,7 +180,7 @@ PE_ALWAYS_INLINE void block_max(const T* x, int64_t D, int64_t inner, int64_t cn
 
 // y = exp(x - m) / s  or  y = (x - m) - log(s), given the block's sums s.
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void finish_block(const T* x, T* y, int64_t D, int64_t inner, int64_t cnt,
+PE_INLINE void finish_block(const T* x, T* y, int64_t D, int64_t inner, int64_t cnt,
                                    const T* m, T* s) {
   if (!kLog) {
     for (int64_t i = 0; i < cnt; ++i) s[i] = T(1) / s[i];
@@ -202,7 +199,7 @@ PE_ALWAYS_INLINE void finish_block(const T* x, T* y, int64_t D, int64_t inner, i
 }
 
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void forward_block(const T* x, T* y, int64_t D, int64_t inner, int64_t cnt) {
+PE_INLINE void forward_block(const T* x, T* y, int64_t D, int64_t inner, int64_t cnt) {
   T m[kBlock], s[kBlock];
   block_max(x, D, inner, cnt, m);
   for (int64_t i = 0; i < cnt; ++i) s[i] = 0;
@@ -214,7 +211,7 @@ PE_ALWAYS_INLINE void forward_block(const T* x, T* y, int64_t D, int64_t inner, 
 
 // sum of g * y (softmax) or of g (kLog) over [0, n).
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE T grad_sum(const T* g, const T* y, int64_t n) {
+PE_INLINE T grad_sum(const T* g, const T* y, int64_t n) {
   constexpr int64_t L = kLanes<T>;
   T acc[L] = {};
   T tail = 0;
@@ -233,7 +230,7 @@ PE_ALWAYS_INLINE T grad_sum(const T* g, const T* y, int64_t n) {
 
 // gx = y * (g - sum(g * y))  or  gx = g - exp(y) * sum(g), given the row's sum.
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void finish_grad_row(const T* g, const T* y, T* gx, int64_t D, T sum) {
+PE_INLINE void finish_grad_row(const T* g, const T* y, T* gx, int64_t D, T sum) {
   if (!kLog) {
     for (int64_t j = 0; j < D; ++j) gx[j] = y[j] * (g[j] - sum);
   } else {
@@ -242,14 +239,14 @@ PE_ALWAYS_INLINE void finish_grad_row(const T* g, const T* y, T* gx, int64_t D, 
 }
 
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void backward_rows(const T* g, const T* y, T* gx, int64_t rows, int64_t D) {
+PE_INLINE void backward_rows(const T* g, const T* y, T* gx, int64_t rows, int64_t D) {
   for (int64_t r = 0; r < rows; ++r, g += D, y += D, gx += D)
     finish_grad_row<T, kLog>(g, y, gx, D, grad_sum<T, kLog>(g, y, D));
 }
 
 // s[i] += g * y (softmax) or g (kLog) over the rows d in [d0, d1).
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void add_grad_rows(const T* g, const T* y, int64_t d0, int64_t d1,
+PE_INLINE void add_grad_rows(const T* g, const T* y, int64_t d0, int64_t d1,
                                     int64_t inner, int64_t cnt, T* s) {
   for (int64_t d = d0; d < d1; ++d) {
     const T* gr = g + d * inner;
@@ -264,7 +261,7 @@ PE_ALWAYS_INLINE void add_grad_rows(const T* g, const T* y, int64_t d0, int64_t 
 
 // gx from the block's sums s.
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void finish_grad_block(const T* g, const T* y, T* gx, int64_t D, int64_t inner,
+PE_INLINE void finish_grad_block(const T* g, const T* y, T* gx, int64_t D, int64_t inner,
                                         int64_t cnt, const T* s) {
   for (int64_t d = 0; d < D; ++d) {
     const T* gr = g + d * inner;
@@ -279,7 +276,7 @@ PE_ALWAYS_INLINE void finish_grad_block(const T* g, const T* y, T* gx, int64_t D
 }
 
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void backward_block(const T* g, const T* y, T* gx, int64_t D, int64_t inner,
+PE_INLINE void backward_block(const T* g, const T* y, T* gx, int64_t D, int64_t inner,
                                      int64_t cnt) {
   T s[kBlock];
   for (int64_t i = 0; i < cnt; ++i) s[i] = 0;
@@ -301,7 +298,7 @@ PE_ALWAYS_INLINE void backward_block(const T* g, const T* y, T* gx, int64_t D, i
 // are separate entry points, chosen by the driver.
 
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void forward_long_rows(const T* x, T* y, int64_t rows, int64_t D) {
+PE_INLINE void forward_long_rows(const T* x, T* y, int64_t rows, int64_t D) {
   for (int64_t r = 0; r < rows; ++r, x += D, y += D) {
     const T m = row_max(x, D);
     double sum = 0;
@@ -313,7 +310,7 @@ PE_ALWAYS_INLINE void forward_long_rows(const T* x, T* y, int64_t rows, int64_t 
 }
 
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void backward_long_rows(const T* g, const T* y, T* gx, int64_t rows,
+PE_INLINE void backward_long_rows(const T* g, const T* y, T* gx, int64_t rows,
                                          int64_t D) {
   for (int64_t r = 0; r < rows; ++r, g += D, y += D, gx += D) {
     double sum = 0;
@@ -325,7 +322,7 @@ PE_ALWAYS_INLINE void backward_long_rows(const T* g, const T* y, T* gx, int64_t 
 
 // carried[i] += s[i], then s[i] = 0.
 template <typename T>
-PE_ALWAYS_INLINE void carry(double* carried, T* s, int64_t cnt) {
+PE_INLINE void carry(double* carried, T* s, int64_t cnt) {
   for (int64_t i = 0; i < cnt; ++i) {
     carried[i] += static_cast<double>(s[i]);
     s[i] = 0;
@@ -333,7 +330,7 @@ PE_ALWAYS_INLINE void carry(double* carried, T* s, int64_t cnt) {
 }
 
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void forward_long_block(const T* x, T* y, int64_t D, int64_t inner,
+PE_INLINE void forward_long_block(const T* x, T* y, int64_t D, int64_t inner,
                                          int64_t cnt) {
   T m[kBlock], s[kBlock];
   double carried[kBlock];
@@ -348,7 +345,7 @@ PE_ALWAYS_INLINE void forward_long_block(const T* x, T* y, int64_t D, int64_t in
 }
 
 template <typename T, bool kLog>
-PE_ALWAYS_INLINE void backward_long_block(const T* g, const T* y, T* gx, int64_t D,
+PE_INLINE void backward_long_block(const T* g, const T* y, T* gx, int64_t D,
                                           int64_t inner, int64_t cnt) {
   T s[kBlock];
   double carried[kBlock];
@@ -361,39 +358,33 @@ PE_ALWAYS_INLINE void backward_long_block(const T* g, const T* y, T* gx, int64_t
   finish_grad_block<T, kLog>(g, y, gx, D, inner, cnt, s);
 }
 
-// ---- ISA-dispatched entry points (target_clones wants plain functions) ------------------------
+// ---- Entry points, built for every level (cpu/isa.h) -----------------------------------------
 
 #define PE_SOFTMAX_ENTRY(T, LOG, tag)                                                          \
-  PE_CLONES void forward_rows_##tag(const T* x, T* y, int64_t rows, int64_t D) {             \
-    forward_rows<T, LOG>(x, y, rows, D);                                                     \
-  }                                                                                          \
-  PE_CLONES void forward_block_##tag(const T* x, T* y, int64_t D, int64_t inner,             \
-                                     int64_t cnt) {                                          \
-    forward_block<T, LOG>(x, y, D, inner, cnt);                                              \
-  }                                                                                          \
-  PE_CLONES void backward_rows_##tag(const T* g, const T* y, T* gx, int64_t rows,            \
-                                     int64_t D) {                                            \
-    backward_rows<T, LOG>(g, y, gx, rows, D);                                                \
-  }                                                                                          \
-  PE_CLONES void backward_block_##tag(const T* g, const T* y, T* gx, int64_t D,              \
-                                      int64_t inner, int64_t cnt) {                          \
-    backward_block<T, LOG>(g, y, gx, D, inner, cnt);                                         \
-  }                                                                                          \
-  PE_CLONES void forward_long_rows_##tag(const T* x, T* y, int64_t rows, int64_t D) {        \
-    forward_long_rows<T, LOG>(x, y, rows, D);                                                \
-  }                                                                                          \
-  PE_CLONES void forward_long_block_##tag(const T* x, T* y, int64_t D, int64_t inner,        \
-                                          int64_t cnt) {                                     \
-    forward_long_block<T, LOG>(x, y, D, inner, cnt);                                         \
-  }                                                                                          \
-  PE_CLONES void backward_long_rows_##tag(const T* g, const T* y, T* gx, int64_t rows,       \
-                                          int64_t D) {                                       \
-    backward_long_rows<T, LOG>(g, y, gx, rows, D);                                           \
-  }                                                                                          \
-  PE_CLONES void backward_long_block_##tag(const T* g, const T* y, T* gx, int64_t D,         \
-                                           int64_t inner, int64_t cnt) {                     \
-    backward_long_block<T, LOG>(g, y, gx, D, inner, cnt);                                    \
-  }
+  PE_ISA_FUNCTION(Family::Softmax, void, forward_rows_##tag,                                 \
+                  (const T* x, T* y, int64_t rows, int64_t D), (x, y, rows, D),              \
+                  forward_rows<T, LOG>)                                                      \
+  PE_ISA_FUNCTION(Family::Softmax, void, forward_block_##tag,                                \
+                  (const T* x, T* y, int64_t D, int64_t inner, int64_t cnt),                 \
+                  (x, y, D, inner, cnt), forward_block<T, LOG>)                              \
+  PE_ISA_FUNCTION(Family::Softmax, void, backward_rows_##tag,                                \
+                  (const T* g, const T* y, T* gx, int64_t rows, int64_t D),                  \
+                  (g, y, gx, rows, D), backward_rows<T, LOG>)                                \
+  PE_ISA_FUNCTION(Family::Softmax, void, backward_block_##tag,                               \
+                  (const T* g, const T* y, T* gx, int64_t D, int64_t inner, int64_t cnt),    \
+                  (g, y, gx, D, inner, cnt), backward_block<T, LOG>)                         \
+  PE_ISA_FUNCTION(Family::Softmax, void, forward_long_rows_##tag,                            \
+                  (const T* x, T* y, int64_t rows, int64_t D), (x, y, rows, D),              \
+                  forward_long_rows<T, LOG>)                                                 \
+  PE_ISA_FUNCTION(Family::Softmax, void, forward_long_block_##tag,                           \
+                  (const T* x, T* y, int64_t D, int64_t inner, int64_t cnt),                 \
+                  (x, y, D, inner, cnt), forward_long_block<T, LOG>)                         \
+  PE_ISA_FUNCTION(Family::Softmax, void, backward_long_rows_##tag,                           \
+                  (const T* g, const T* y, T* gx, int64_t rows, int64_t D),                  \
+                  (g, y, gx, rows, D), backward_long_rows<T, LOG>)                           \
+  PE_ISA_FUNCTION(Family::Softmax, void, backward_long_block_##tag,                          \
+                  (const T* g, const T* y, T* gx, int64_t D, int64_t inner, int64_t cnt),    \
+                  (g, y, gx, D, inner, cnt), backward_long_block<T, LOG>)
 
 PE_SOFTMAX_ENTRY(float, false, f32)
 PE_SOFTMAX_ENTRY(double, false, f64)

@@ -1,15 +1,22 @@
 #pragma once
 // Branch-free elementary functions for CPU kernels: written so that a loop calling them
-// vectorizes (no libm call, no data-dependent branch), for whatever ISA the loop is compiled for.
-// fast_exp: range reduction to r in [-ln2/2, ln2/2], a Taylor polynomial (degree 7 for float, 13
-// for double), scaling by 2^n through the exponent bits; max error 1.3 ulp (float), 2 ulp
-// (double) over a full sweep (measured by the softmax kernels' author).
+// vectorizes (no libm call, no data-dependent branch), for whatever level (cpu/isa.h) the loop is
+// compiled for.
+//
+// fast_exp is the one exp of every CPU kernel (softmax, log_softmax, cross_entropy, sigmoid, tanh):
+// range reduction to r in [-ln2/2, ln2/2], a Taylor polynomial (degree 7 for float, 13 for
+// double), scaling by 2^n through the exponent bits. Its error against exp computed in higher
+// precision (float: every float in [lo, hi] against double; double: 5e7 random arguments in
+// [lo, hi] against long double) is at most 1.22 ulp (float) and 1.19 ulp (double) built for the
+// baseline, 0.94 and 0.89 ulp where FMA contracts the polynomial (the AVX2 and AVX-512 builds).
+// Below lo it returns 0 (exp(lo) is 3.5e-38 for float, 7.0e-308 for double): no denormal is
+// produced, as result or intermediate.
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
-#define PE_ALWAYS_INLINE __attribute__((always_inline)) inline
+#include "cpu/isa.h"
 
 namespace pyengine {
 
@@ -20,7 +27,8 @@ struct ExpConst;
 template <>
 struct ExpConst<float> {
   using I = int32_t;
-  static constexpr float lo = -86.9f;  // below: 0 (exp(-86.9) = 1.8e-38, near the normal range's end)
+  // below: 0 (exp(lo) = 3.5e-38, near the normal range's end; n >= -124 above it)
+  static constexpr float lo = -86.25f;
   static constexpr float hi = 88.75f;  // above: inf (exp overflows from 88.72)
   static constexpr float log2e = 1.44269504088896341f;
   static constexpr float ln2_hi = 0.693359375f;  // ln2 = ln2_hi + ln2_lo, n * ln2_hi exact
@@ -31,7 +39,7 @@ struct ExpConst<float> {
 template <>
 struct ExpConst<double> {
   using I = int64_t;
-  static constexpr double lo = -708.0;  // exp(-708) = 3.3e-308
+  static constexpr double lo = -707.25;  // exp(lo) = 7.0e-308; n >= -1020 above it
   static constexpr double hi = 709.8;   // exp overflows from 709.78
   static constexpr double log2e = 1.4426950408889634074;
   static constexpr double ln2_hi = 6.93147180369123816490e-01;
@@ -41,9 +49,9 @@ struct ExpConst<double> {
 };
 
 template <typename T>
-PE_ALWAYS_INLINE T poly_exp(T r);  // e^r for |r| <= ln2 / 2
+PE_INLINE T poly_exp(T r);  // e^r for |r| <= ln2 / 2
 template <>
-PE_ALWAYS_INLINE float poly_exp(float r) {
+PE_INLINE float poly_exp(float r) {
   float p = 1.0f / 5040;
   p = p * r + 1.0f / 720;
   p = p * r + 1.0f / 120;
@@ -54,7 +62,7 @@ PE_ALWAYS_INLINE float poly_exp(float r) {
   return p * r + 1.0f;
 }
 template <>
-PE_ALWAYS_INLINE double poly_exp(double r) {
+PE_INLINE double poly_exp(double r) {
   double p = 1.0 / 6227020800.0;  // 1/13!
   p = p * r + 1.0 / 479001600.0;
   p = p * r + 1.0 / 39916800.0;
@@ -73,7 +81,7 @@ PE_ALWAYS_INLINE double poly_exp(double r) {
 
 // exp(x) for any x: NaN -> NaN, -inf (and x < lo) -> 0, +inf (and x > hi) -> inf.
 template <typename T>
-PE_ALWAYS_INLINE T fast_exp(T x) {
+PE_INLINE T fast_exp(T x) {
   using C = ExpConst<T>;
   using I = typename C::I;
   T xc = x >= C::lo ? x : C::lo;  // also maps NaN to lo: no NaN reaches the integer math
@@ -82,7 +90,8 @@ PE_ALWAYS_INLINE T fast_exp(T x) {
   const T n = t - C::magic;  // round(xc * log2(e))
   const I ni = std::bit_cast<I>(t) - std::bit_cast<I>(C::magic);
   const T r = (xc - n * C::ln2_hi) - n * C::ln2_lo;
-  // 2^n as 2^(n-1) * 2, so that n = bias + 1 (exp just below overflow) stays representable.
+  // 2^n as 2^(n-1) * 2, so that n = bias + 1 (exp just below overflow) stays representable. lo
+  // keeps n - 1 above the smallest normal exponent: the intermediate is never a denormal.
   const T half_scale = std::bit_cast<T>(static_cast<I>((ni - 1 + C::bias) << C::mant));
   T y = (poly_exp(r) * half_scale) * T(2);
   y = x < C::lo ? T(0) : y;

@@ -5,10 +5,10 @@
 // One grid-stride kernel per arity: int64 indices (tensors past 2^31 elements), each thread a
 // strided walk so that a warp reads 32 consecutive elements (coalesced, 128 B per fp32 access).
 //
-// Napkin math (H100, ~3.0 TB/s copy): forward reads 1 and writes 1 array (8 B per fp32 element),
-// backward reads 2 and writes 1 (12 B). A 64M-float relu moves 512 MB: ~0.17 ms floor; backward
-// ~0.25 ms. A few flops per element (sigmoid/tanh: one exp or tanh) stay far below the
-// ~60 TFLOP/s fp32 peak: memory-bound. Small tensors (LeNet's 64x120) are launch-bound (~3 us).
+// Napkin math (H100, device.cuh: ~3 TB/s): forward reads 1 and writes 1 array (8 B per fp32
+// element), backward reads 2 and writes 1 (12 B). A 64M-float relu moves 512 MB: ~0.17 ms floor;
+// backward ~0.25 ms. A few flops per element (sigmoid/tanh: one exp or tanh) stay far below the
+// fp32 peak: memory-bound. Small tensors (LeNet's 64x120) are launch-bound (~3 us).
 #include "common/elementwise.h"
 #include "cuda/device.cuh"
 #include "cuda/launchers.h"

@@ -15,7 +15,7 @@
 //                partials added in a fixed order by a second kernel (deterministic)
 //   grad_bias    channel_sum (linear.cu) over (batch, OH * OW)
 //
-// Napkin math, LeNet at batch 8192, fp32 (H100: ~52 TFLOP/s FMA peak, ~3 TB/s):
+// Napkin math, LeNet at batch 8192, fp32 (H100, device.cuh: ~60 TFLOP/s FMA peak, ~3 TB/s):
 //   conv1 (1 -> 6, 5x5, 32x32 -> 28x28) forward: 2 * 8192 * 6 * 784 * 25 = 1.9 GFLOP,
 //     reads 34 MB (x, mostly from L2 after the first tap), writes 154 MB (y): ~60 us of memory;
 //     the 16 x 128 tile spends 6 of its 16 rows on real channels and K = 25 takes two k steps
@@ -23,9 +23,10 @@
 //   conv2 (6 -> 16, 5x5, 14x14 -> 10x10) forward: 2 * 8192 * 16 * 100 * 150 = 3.9 GFLOP over
 //     39 MB in + 52 MB out: compute-leaning; ~0.2-0.4 ms with this kernel.
 //   grad_weight of conv2: the same 3.9 GFLOP reduced over K = 819200: split-K gives 264 blocks.
-//   The whole LeNet training step is ~19 GFLOP (DESIGN.md), a ~0.36 ms floor at peak; with the
-//   padding above and ~10-20 TFLOP/s per tile, expect a few ms (an estimate: not measured).
-#include "common/shapes.h"
+//   The whole LeNet training step is ~19 GFLOP (conv1 3.8 without input grad, conv2 11.7, the
+//   three linears ~3), a ~0.32 ms floor at peak; with the padding above and ~10-20 TFLOP/s per
+//   tile, expect a few ms (an estimate; achieved figures: python -m benchmarks).
+#include "common/geometry.h"
 #include "cuda/device.cuh"
 #include "cuda/gemm.cuh"
 #include "cuda/launchers.h"
@@ -33,6 +34,8 @@
 namespace pyengine {
 namespace cuda {
 namespace {
+
+using Geometry = Conv2dGeometry<int64_t>;
 
 // Filter tap k of a GEMM's K = (channel, kh, kw) axis, in 32 bits (the glue checks that a
 // filter has fewer than 2^31 taps).
@@ -63,24 +66,28 @@ struct ForwardInput {
     int64_t dh, dw;  // kh * dil_h, kw * dil_w
   };
   const T* x;
-  int64_t in_channels, cin_g, H, W, OH, OW, kH, kW, sh, sw, ph, pw, dh, dw;
+  Geometry g;
+  int64_t cin_g;  // g.in_channels_per_group(), divided once on the host
 
   __device__ Line line(int64_t z, int64_t j) const {
-    const int64_t ohw = OH * OW;
+    const int64_t ohw = g.out_pixels();
     const int64_t n = j / ohw;
     const int64_t s = j - n * ohw;
-    const int64_t oh = s / OW;
-    const int64_t ow = s - oh * OW;
-    return {x + (n * in_channels + z * cin_g) * H * W, oh * sh - ph, ow * sw - pw};
+    const int64_t oh = s / g.out_w;
+    const int64_t ow = s - oh * g.out_w;
+    return {x + (n * g.in_channels + z * cin_g) * g.in_pixels(), oh * g.stride_h - g.padding_h,
+            ow * g.stride_w - g.padding_w};
   }
   __device__ KPos kpos(int64_t k) const {
-    const Tap t = split_tap(k, kH, kW);
-    return {t.c * H * W, t.kh * dh, t.kw * dw};
+    const Tap t = split_tap(k, g.kernel_h, g.kernel_w);
+    return {t.c * g.in_pixels(), t.kh * g.dilation_h, t.kw * g.dilation_w};
   }
   __device__ T load(const Line& l, const KPos& p) const {
     const int64_t ih = l.ih0 + p.dh;
     const int64_t iw = l.iw0 + p.dw;
-    return (ih >= 0 && ih < H && iw >= 0 && iw < W) ? l.base[p.offset + ih * W + iw] : T(0);
+    return (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w)
+               ? l.base[p.offset + ih * g.in_w + iw]
+               : T(0);
   }
 };
 
@@ -132,28 +139,31 @@ struct GradInputGrad {
     int64_t dh, dw;  // kh * dil_h, kw * dil_w
   };
   const T* dy;
-  int64_t out_channels, cout_g, H, W, OH, OW, kH, kW, sh, sw, ph, pw, dh, dw;
+  Geometry g;
+  int64_t cout_g;  // g.out_channels_per_group(), divided once on the host
 
   __device__ Line line(int64_t z, int64_t j) const {
-    const int64_t hw = H * W;
+    const int64_t hw = g.in_pixels();
     const int64_t n = j / hw;
     const int64_t s = j - n * hw;
-    const int64_t ih = s / W;
-    const int64_t iw = s - ih * W;
-    return {dy + (n * out_channels + z * cout_g) * OH * OW, ih + ph, iw + pw};
+    const int64_t ih = s / g.in_w;
+    const int64_t iw = s - ih * g.in_w;
+    return {dy + (n * g.out_channels + z * cout_g) * g.out_pixels(), ih + g.padding_h,
+            iw + g.padding_w};
   }
   __device__ KPos kpos(int64_t k) const {
-    const Tap t = split_tap(k, kH, kW);
-    return {t.c * OH * OW, t.kh * dh, t.kw * dw};
+    const Tap t = split_tap(k, g.kernel_h, g.kernel_w);
+    return {t.c * g.out_pixels(), t.kh * g.dilation_h, t.kw * g.dilation_w};
   }
   __device__ T load(const Line& l, const KPos& p) const {
     const int64_t th = l.ihp - p.dh;
     const int64_t tw = l.iwp - p.dw;
     if (th < 0 || tw < 0) return T(0);
+    const int64_t sh = g.stride_h, sw = g.stride_w;
     const int64_t oh = sh == 1 ? th : th / sh;
     const int64_t ow = sw == 1 ? tw : tw / sw;
-    if (oh * sh != th || ow * sw != tw || oh >= OH || ow >= OW) return T(0);
-    return l.base[p.offset + oh * OW + ow];
+    if (oh * sh != th || ow * sw != tw || oh >= g.out_h || ow >= g.out_w) return T(0);
+    return l.base[p.offset + oh * g.out_w + ow];
   }
 };
 
@@ -199,28 +209,32 @@ struct GradWeightInput {
     int64_t ihb, iwb;    // oh * stride_h, ow * stride_w
   };
   const T* x;
-  int64_t in_channels, cin_g, H, W, OH, OW, kH, kW, sh, sw, ph, pw, dh, dw;
+  Geometry g;
+  int64_t cin_g;  // g.in_channels_per_group(), divided once on the host
 
   __device__ Line line(int64_t z, int64_t j) const {
-    const int64_t khw = kH * kW;
+    const int64_t khw = g.kernel_pixels();
     const int64_t ci = j / khw;
     const int64_t r = j - ci * khw;
-    const int64_t kh = r / kW;
-    const int64_t kw = r - kh * kW;
-    return {x + (z * cin_g + ci) * H * W, kh * dh - ph, kw * dw - pw};
+    const int64_t kh = r / g.kernel_w;
+    const int64_t kw = r - kh * g.kernel_w;
+    return {x + (z * cin_g + ci) * g.in_pixels(), kh * g.dilation_h - g.padding_h,
+            kw * g.dilation_w - g.padding_w};
   }
   __device__ KPos kpos(int64_t k) const {
-    const int64_t ohw = OH * OW;
+    const int64_t ohw = g.out_pixels();
     const int64_t n = k / ohw;
     const int64_t s = k - n * ohw;
-    const int64_t oh = s / OW;
-    const int64_t ow = s - oh * OW;
-    return {n * in_channels * H * W, oh * sh, ow * sw};
+    const int64_t oh = s / g.out_w;
+    const int64_t ow = s - oh * g.out_w;
+    return {n * g.in_image(), oh * g.stride_h, ow * g.stride_w};
   }
   __device__ T load(const Line& l, const KPos& p) const {
     const int64_t ih = p.ihb + l.hoff;
     const int64_t iw = p.iwb + l.woff;
-    return (ih >= 0 && ih < H && iw >= 0 && iw < W) ? l.base[p.offset + ih * W + iw] : T(0);
+    return (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w)
+               ? l.base[p.offset + ih * g.in_w + iw]
+               : T(0);
   }
 };
 
@@ -234,62 +248,56 @@ struct GradWeightStore {
   }
 };
 
-int64_t cin_g(const ConvGeometry& g) { return g.in_channels / g.groups; }
-int64_t cout_g(const ConvGeometry& g) { return g.out_channels / g.groups; }
-
 }  // namespace
 
 template <typename T>
 cudaError_t conv2d_forward(const T* input, const T* weight, const T* bias, T* output,
-                           const ConvGeometry& g, cudaStream_t stream) {
-  const int64_t K = cin_g(g) * g.kernel_h * g.kernel_w;
-  const gemm::Dense<T, true> a{weight, cout_g(g) * K, K, 1};
-  const ForwardInput<T> b{input,      g.in_channels, cin_g(g),   g.in_h,     g.in_w,
-                          g.out_h,    g.out_w,       g.kernel_h, g.kernel_w, g.stride_h,
-                          g.stride_w, g.pad_h,       g.pad_w,    g.dil_h,    g.dil_w};
-  const ForwardStore<T> store{output, bias, g.out_channels, cout_g(g), g.out_h * g.out_w};
-  return gemm::launch<T, false>(cout_g(g), g.batch * g.out_h * g.out_w, K, g.groups, a, b, store,
+                           const Geometry& g, cudaStream_t stream) {
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t K = g.taps_per_group();
+  const gemm::Dense<T, true> a{weight, cout_g * K, K, 1};
+  const ForwardInput<T> b{input, g, cin_g};
+  const ForwardStore<T> store{output, bias, g.out_channels, cout_g, g.out_pixels()};
+  return gemm::launch<T, false>(cout_g, g.batch * g.out_pixels(), K, g.groups, a, b, store,
                                 static_cast<T*>(nullptr), stream);
 }
 
 template <typename T>
 cudaError_t conv2d_grad_input(const T* grad_output, const T* weight, T* grad_input,
-                              const ConvGeometry& g, cudaStream_t stream) {
-  const int64_t khw = g.kernel_h * g.kernel_w;
-  const GradInputWeight<T> a{weight, cout_g(g), cin_g(g), khw};
-  const GradInputGrad<T> b{grad_output, g.out_channels, cout_g(g), g.in_h,     g.in_w,
-                           g.out_h,     g.out_w,        g.kernel_h, g.kernel_w, g.stride_h,
-                           g.stride_w,  g.pad_h,        g.pad_w,    g.dil_h,    g.dil_w};
-  const GradInputStore<T> store{grad_input, g.in_channels, cin_g(g), g.in_h * g.in_w};
-  return gemm::launch<T, false>(cin_g(g), g.batch * g.in_h * g.in_w, cout_g(g) * khw, g.groups, a,
-                                b, store, static_cast<T*>(nullptr), stream);
+                              const Geometry& g, cudaStream_t stream) {
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t khw = g.kernel_pixels();
+  const GradInputWeight<T> a{weight, cout_g, cin_g, khw};
+  const GradInputGrad<T> b{grad_output, g, cout_g};
+  const GradInputStore<T> store{grad_input, g.in_channels, cin_g, g.in_pixels()};
+  return gemm::launch<T, false>(cin_g, g.batch * g.in_pixels(), cout_g * khw, g.groups, a, b,
+                                store, static_cast<T*>(nullptr), stream);
 }
 
-int64_t conv2d_grad_weight_workspace(const ConvGeometry& g) {
-  return gemm::workspace_elements(cout_g(g), cin_g(g) * g.kernel_h * g.kernel_w,
-                                  g.batch * g.out_h * g.out_w, g.groups, true);
+int64_t conv2d_grad_weight_workspace(const Geometry& g) {
+  return gemm::workspace_elements(g.out_channels_per_group(), g.taps_per_group(),
+                                  g.batch * g.out_pixels(), g.groups, true);
 }
 
 template <typename T>
 cudaError_t conv2d_grad_weight(const T* grad_output, const T* input, T* grad_weight,
-                               const ConvGeometry& g, T* workspace, cudaStream_t stream) {
-  const int64_t ohw = g.out_h * g.out_w;
-  const int64_t n = cin_g(g) * g.kernel_h * g.kernel_w;
-  const GradWeightGrad<T> a{grad_output, g.out_channels, cout_g(g), ohw};
-  const GradWeightInput<T> b{input,      g.in_channels, cin_g(g),   g.in_h,     g.in_w,
-                             g.out_h,    g.out_w,       g.kernel_h, g.kernel_w, g.stride_h,
-                             g.stride_w, g.pad_h,       g.pad_w,    g.dil_h,    g.dil_w};
-  const GradWeightStore<T> store{grad_weight, cout_g(g), n};
-  return gemm::launch<T, true>(cout_g(g), n, g.batch * ohw, g.groups, a, b, store, workspace,
+                               const Geometry& g, T* workspace, cudaStream_t stream) {
+  const int64_t cout_g = g.out_channels_per_group();
+  const int64_t ohw = g.out_pixels();
+  const int64_t n = g.taps_per_group();
+  const GradWeightGrad<T> a{grad_output, g.out_channels, cout_g, ohw};
+  const GradWeightInput<T> b{input, g, g.in_channels_per_group()};
+  const GradWeightStore<T> store{grad_weight, cout_g, n};
+  return gemm::launch<T, true>(cout_g, n, g.batch * ohw, g.groups, a, b, store, workspace,
                                stream);
 }
 
-#define PE_INSTANTIATE(T)                                                                       \
-  template cudaError_t conv2d_forward<T>(const T*, const T*, const T*, T*, const ConvGeometry&, \
-                                         cudaStream_t);                                         \
-  template cudaError_t conv2d_grad_input<T>(const T*, const T*, T*, const ConvGeometry&,        \
-                                            cudaStream_t);                                      \
-  template cudaError_t conv2d_grad_weight<T>(const T*, const T*, T*, const ConvGeometry&, T*,   \
+#define PE_INSTANTIATE(T)                                                                    \
+  template cudaError_t conv2d_forward<T>(const T*, const T*, const T*, T*, const Geometry&,  \
+                                         cudaStream_t);                                      \
+  template cudaError_t conv2d_grad_input<T>(const T*, const T*, T*, const Geometry&,         \
+                                            cudaStream_t);                                   \
+  template cudaError_t conv2d_grad_weight<T>(const T*, const T*, T*, const Geometry&, T*,    \
                                              cudaStream_t);
 PE_INSTANTIATE(float)
 PE_INSTANTIATE(double)

@@ -5,6 +5,7 @@
 // channels_last (common/layout.h), as on CPU.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "cuda/glue.h"
@@ -15,45 +16,26 @@ namespace {
 
 using at::IntArrayRef;
 
-ConvGeometry geometry(const Conv2dShape<int64_t>& s, IntArrayRef stride, IntArrayRef padding,
-                      IntArrayRef dilation) {
-  ConvGeometry g;
-  g.batch = s.batch;
-  g.in_channels = s.in_channels;
-  g.in_h = s.in_h;
-  g.in_w = s.in_w;
-  g.out_channels = s.out_channels;
-  g.out_h = s.out_h;
-  g.out_w = s.out_w;
-  g.kernel_h = s.kernel_h;
-  g.kernel_w = s.kernel_w;
-  g.stride_h = stride[0];
-  g.stride_w = stride[1];
-  g.pad_h = padding[0];
-  g.pad_w = padding[1];
-  g.dil_h = dilation[0];
-  g.dil_w = dilation[1];
-  g.groups = s.groups;
-  // The kernels index one filter's taps (channels x kH x kW) in 32 bits.
-  const int64_t taps = std::max(g.in_channels, g.out_channels) / g.groups * g.kernel_h *
-                       g.kernel_w;
+// The kernels index one filter's taps (channels / groups x kernel_h x kernel_w) in 32 bits.
+void check_taps_fit_int32(const Conv2dGeometry<int64_t>& g) {
+  const int64_t channels = std::max(g.in_channels, g.out_channels) / g.groups;
+  const int64_t taps = channels * g.kernel_pixels();
   TORCH_CHECK(taps <= std::numeric_limits<int32_t>::max(), "pyengine.conv2d: the CUDA kernels "
               "support at most 2^31 - 1 weights per filter (channels / groups * kH * kW), but got ",
               taps);
-  return g;
 }
 
 Tensor conv2d_cuda(const Tensor& input, const Tensor& weight, const OptTensor& bias,
                    IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                    int64_t groups) {
-  const auto s = check_conv2d<int64_t>(input, weight, bias, stride, padding, dilation, groups);
-  const ConvGeometry g = geometry(s, stride, padding, dilation);
+  const auto g = check_conv2d<int64_t>(input, weight, bias, stride, padding, dilation, groups);
+  check_taps_fit_int32(g);
   c10::cuda::CUDAGuard guard(input.device());
   const Tensor x = input.contiguous();
   const Tensor w = weight.contiguous();
   const Tensor b = contiguous_or_undefined(bias);
   const bool channels_last = conv2d_channels_last(input, weight);
-  Tensor out = at::empty(s.output_sizes(), x.options());
+  Tensor out = at::empty(g.output_sizes(), x.options());
   if (out.numel() == 0) return as_image_layout(out, channels_last);
   dispatch_floating(x.scalar_type(), "conv2d", [&](auto tag) {
     using T = decltype(tag);
@@ -69,9 +51,9 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(const Tensor& grad_outpu
                                                         IntArrayRef stride, IntArrayRef padding,
                                                         IntArrayRef dilation, int64_t groups,
                                                         std::array<bool, 3> mask) {
-  const auto s = check_conv2d_backward<int64_t>(grad_output, input, weight, stride, padding,
+  const auto g = check_conv2d_backward<int64_t>(grad_output, input, weight, stride, padding,
                                                 dilation, groups);
-  const ConvGeometry g = geometry(s, stride, padding, dilation);
+  check_taps_fit_int32(g);
   c10::cuda::CUDAGuard guard(input.device());
   const Tensor go = grad_output.contiguous();
   const Tensor x = input.contiguous();
@@ -95,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(const Tensor& grad_outpu
                                            mutable_ptr_or_null<T>(ws), stream));
     }
     if (mask[2] && g.out_channels > 0) {
-      const int64_t spatial = g.out_h * g.out_w;
+      const int64_t spatial = g.out_pixels();
       Tensor ws = workspace(channel_sum_workspace(g.batch, g.out_channels, spatial), at::kDouble,
                             x);
       C10_CUDA_CHECK(channel_sum<T>(pg, g.batch, g.out_channels, spatial,

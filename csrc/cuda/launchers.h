@@ -14,9 +14,13 @@
 //     thread (or one fixed tree) in an order that depends on the shapes only. No float atomics.
 //   * Workspaces are sized by the matching *_workspace() function, in elements of the stated
 //     type; a size of 0 means the pointer may be null.
+//   * conv2d and max_pool2d take the call's geometry (common/geometry.h) as the shared argument
+//     checks (common/checks.h) filled it.
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+
+#include "common/geometry.h"
 
 namespace pyengine {
 namespace cuda {
@@ -47,20 +51,14 @@ cudaError_t softmax_backward(const T* grad, const T* result, T* grad_input, int6
 
 // ---- max_pool2d (pool.cu) ----------------------------------------------------------------------
 
-struct PoolGeometry {
-  int64_t planes;  // batch * channels
-  int64_t in_h, in_w, out_h, out_w;
-  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-};
-
 // indices may be null (max_pool2d without indices).
 template <typename T>
 cudaError_t max_pool2d_forward(const T* input, T* output, int64_t* indices,
-                               const PoolGeometry& g, cudaStream_t stream);
+                               const Pool2dGeometry<int64_t>& g, cudaStream_t stream);
 // Gathers: each input element sums, in output order, the grad of the windows whose index names it.
 template <typename T>
 cudaError_t max_pool2d_backward(const T* grad_output, const int64_t* indices, T* grad_input,
-                                const PoolGeometry& g, cudaStream_t stream);
+                                const Pool2dGeometry<int64_t>& g, cudaStream_t stream);
 
 // ---- linear (linear.cu) ------------------------------------------------------------------------
 // x (rows, in), w (out, in), y (rows, out).
@@ -87,23 +85,16 @@ cudaError_t channel_sum(const T* g, int64_t batch, int64_t channels, int64_t spa
 
 // ---- conv2d (conv2d.cu) -------------------------------------------------------------------------
 
-struct ConvGeometry {
-  int64_t batch, in_channels, in_h, in_w;
-  int64_t out_channels, out_h, out_w;
-  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  int64_t groups;
-};
-
 template <typename T>
 cudaError_t conv2d_forward(const T* input, const T* weight, const T* bias /*nullable*/, T* output,
-                           const ConvGeometry& g, cudaStream_t stream);
+                           const Conv2dGeometry<int64_t>& g, cudaStream_t stream);
 template <typename T>
 cudaError_t conv2d_grad_input(const T* grad_output, const T* weight, T* grad_input,
-                              const ConvGeometry& g, cudaStream_t stream);
-int64_t conv2d_grad_weight_workspace(const ConvGeometry& g);
+                              const Conv2dGeometry<int64_t>& g, cudaStream_t stream);
+int64_t conv2d_grad_weight_workspace(const Conv2dGeometry<int64_t>& g);
 template <typename T>
 cudaError_t conv2d_grad_weight(const T* grad_output, const T* input, T* grad_weight,
-                               const ConvGeometry& g, T* workspace, cudaStream_t stream);
+                               const Conv2dGeometry<int64_t>& g, T* workspace, cudaStream_t stream);
 
 // ---- Losses (loss.cu) ---------------------------------------------------------------------------
 // reduction: 0 'none', 1 'mean', 2 'sum'. Sums are two-pass fixed-order trees in double.

@@ -20,9 +20,9 @@
 // chunk partials the same way and writes the result. No atomics: bitwise reproducible. Values that
 // a later kernel needs (the 'mean' denominator of a backward pass) stay on the device.
 //
-// Napkin math (H100, ~3 TB/s): mse_loss forward over 16M fp32 elements reads 128 MB: ~43 us;
-// 'none' also writes 64 MB. binary_cross_entropy adds two logs per element: still memory-bound on
-// an H100 (~60 TFLOP/s fp32, MUFU lg2 at 16/clk/SM). cross_entropy over 4096 x 1000 fp32 logits:
+// Napkin math (H100, device.cuh: ~3 TB/s): mse_loss forward over 16M fp32 elements reads
+// 128 MB: ~43 us; 'none' also writes 64 MB. binary_cross_entropy adds two logs per element: still
+// memory-bound on an H100 (MUFU lg2 at 16/clk/SM). cross_entropy over 4096 x 1000 fp32 logits:
 // reads 16 MB once per pass (max, sum of exps; the second pass hits L1/L2): ~5-10 us, plus one
 // warp-reduction per row.
 #include <cmath>

@@ -21,13 +21,14 @@
 // the CPU raises); a window with no in-bounds tap at all (dilation with padding can make one; its
 // output is -inf) passes no gradient, whatever its index.
 //
-// Napkin math (H100, ~3.0 TB/s), LeNet pool1 at batch 8192 fp32 (8192x6x28x28 -> 14x14, k2 s2):
+// Napkin math (H100, device.cuh: ~3 TB/s), LeNet pool1 at batch 8192 fp32 (8192x6x28x28 ->
+// 14x14, k2 s2):
 //   forward with indices: reads 154 MB, writes 39 MB values + 77 MB int64 indices = 270 MB,
 //   ~90 us floor; without indices ~65 us.
 //   backward: reads 39 MB grad + 77 MB indices (each read by the 4 inputs of its window, from
 //   cache), writes 154 MB: ~90 us floor.
 // Window compares are a handful of flops per byte: memory-bound.
-#include "common/shapes.h"
+#include "common/geometry.h"
 #include "cuda/device.cuh"
 #include "cuda/launchers.h"
 
@@ -35,34 +36,31 @@ namespace pyengine {
 namespace cuda {
 namespace {
 
-// First in-bounds tap at or after `start` on a grid of step `dil` (torch's `while (i < 0) i += d`).
-__device__ __forceinline__ int64_t first_tap(int64_t start, int64_t dil) {
-  return start >= 0 ? start : start + ((-start + dil - 1) / dil) * dil;
-}
+using Geometry = Pool2dGeometry<int64_t>;
 
 template <typename T, bool kIdx>
 __global__ void max_pool2d_forward_kernel(const T* __restrict__ input, T* __restrict__ output,
-                                          int64_t* __restrict__ indices, const PoolGeometry g) {
-  const int64_t eff_h = effective_kernel(g.kernel_h, g.dil_h);
-  const int64_t eff_w = effective_kernel(g.kernel_w, g.dil_w);
-  const int64_t total = g.planes * g.out_h * g.out_w;
+                                          int64_t* __restrict__ indices, const Geometry g) {
+  const int64_t eff_h = g.effective_kernel_h();
+  const int64_t eff_w = g.effective_kernel_w();
+  const int64_t total = g.planes() * g.out_pixels();
   PE_GRID_STRIDE_LOOP(o, total) {
     const int64_t ow = o % g.out_w;
     const int64_t t = o / g.out_w;
     const int64_t oh = t % g.out_h;
     const int64_t p = t / g.out_h;
-    const T* plane = input + p * g.in_h * g.in_w;
-    const int64_t hs = oh * g.stride_h - g.pad_h;
-    const int64_t ws = ow * g.stride_w - g.pad_w;
+    const T* plane = input + p * g.in_pixels();
+    const int64_t hs = oh * g.stride_h - g.padding_h;
+    const int64_t ws = ow * g.stride_w - g.padding_w;
     const int64_t ih1 = min(hs + eff_h, g.in_h);
     const int64_t iw1 = min(ws + eff_w, g.in_w);
-    const int64_t ih0 = first_tap(hs, g.dil_h);
-    const int64_t iw0 = first_tap(ws, g.dil_w);
+    const int64_t ih0 = first_tap(hs, g.dilation_h);
+    const int64_t iw0 = first_tap(ws, g.dilation_w);
     T m = -infinity<T>();
     int64_t mi = ih0 * g.in_w + iw0;  // torch's index, even for a window with no in-bounds tap
-    for (int64_t ih = ih0; ih < ih1; ih += g.dil_h) {
+    for (int64_t ih = ih0; ih < ih1; ih += g.dilation_h) {
       const T* row = plane + ih * g.in_w;
-      for (int64_t iw = iw0; iw < iw1; iw += g.dil_w) {
+      for (int64_t iw = iw0; iw < iw1; iw += g.dilation_w) {
         const T v = row[iw];
         if (v > m || v != v) {
           m = v;
@@ -78,24 +76,24 @@ __global__ void max_pool2d_forward_kernel(const T* __restrict__ input, T* __rest
 template <typename T>
 __global__ void max_pool2d_backward_kernel(const T* __restrict__ grad_output,
                                            const int64_t* __restrict__ indices,
-                                           T* __restrict__ grad_input, const PoolGeometry g) {
-  const int64_t eff_h = effective_kernel(g.kernel_h, g.dil_h);
-  const int64_t eff_w = effective_kernel(g.kernel_w, g.dil_w);
-  const int64_t total = g.planes * g.in_h * g.in_w;
-  const int64_t plane_out = g.out_h * g.out_w;
-  const int64_t plane_in = g.in_h * g.in_w;
+                                           T* __restrict__ grad_input, const Geometry g) {
+  const int64_t eff_h = g.effective_kernel_h();
+  const int64_t eff_w = g.effective_kernel_w();
+  const int64_t total = g.planes() * g.in_pixels();
+  const int64_t plane_out = g.out_pixels();
+  const int64_t plane_in = g.in_pixels();
   PE_GRID_STRIDE_LOOP(e, total) {
     const int64_t iw = e % g.in_w;
     const int64_t t = e / g.in_w;
     const int64_t ih = t % g.in_h;
     const int64_t p = t / g.in_h;
     // Windows [oh0, oh1] x [ow0, ow1] start at most eff - 1 before this element and at or after.
-    const int64_t th = ih + g.pad_h - (eff_h - 1);
-    const int64_t tw = iw + g.pad_w - (eff_w - 1);
+    const int64_t th = ih + g.padding_h - (eff_h - 1);
+    const int64_t tw = iw + g.padding_w - (eff_w - 1);
     const int64_t oh0 = th <= 0 ? 0 : ceil_div(th, g.stride_h);
     const int64_t ow0 = tw <= 0 ? 0 : ceil_div(tw, g.stride_w);
-    const int64_t oh1 = min((ih + g.pad_h) / g.stride_h, g.out_h - 1);
-    const int64_t ow1 = min((iw + g.pad_w) / g.stride_w, g.out_w - 1);
+    const int64_t oh1 = min((ih + g.padding_h) / g.stride_h, g.out_h - 1);
+    const int64_t ow1 = min((iw + g.padding_w) / g.stride_w, g.out_w - 1);
     const int64_t flat = ih * g.in_w + iw;
     const int64_t* idx = indices + p * plane_out;
     const T* grad = grad_output + p * plane_out;
@@ -107,15 +105,15 @@ __global__ void max_pool2d_backward_kernel(const T* __restrict__ grad_output,
         if (i == flat) {
           // Only a tap counts: dilation leaves gaps in the window's span, and the index of a
           // window with no in-bounds tap may name an element in one of them.
-          const bool tap = (ih + g.pad_h - oh * g.stride_h) % g.dil_h == 0 &&
-                           (iw + g.pad_w - ow * g.stride_w) % g.dil_w == 0;
+          const bool tap = (ih + g.padding_h - oh * g.stride_h) % g.dilation_h == 0 &&
+                           (iw + g.padding_w - ow * g.stride_w) % g.dilation_w == 0;
           if (tap) acc += grad[o];
         } else if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(plane_in)) {
           // An index outside the plane is an error for a window with an in-bounds tap; the
           // window's first in-bounds tap (one thread per window) reports it. A window with no
           // in-bounds tap has no such thread: its index is ignored, as on the CPU.
-          const bool first = ih == first_tap(oh * g.stride_h - g.pad_h, g.dil_h) &&
-                             iw == first_tap(ow * g.stride_w - g.pad_w, g.dil_w);
+          const bool first = ih == first_tap(oh * g.stride_h - g.padding_h, g.dilation_h) &&
+                             iw == first_tap(ow * g.stride_w - g.padding_w, g.dilation_w);
           PE_DEVICE_CHECK(!first,
                           "pyengine.max_pool2d_backward: the index of output [%lld, %lld] of "
                           "plane %lld (n * C + c) is %lld, outside the %lldx%lld input plane\n",
@@ -133,8 +131,8 @@ __global__ void max_pool2d_backward_kernel(const T* __restrict__ grad_output,
 
 template <typename T>
 cudaError_t max_pool2d_forward(const T* input, T* output, int64_t* indices,
-                               const PoolGeometry& g, cudaStream_t stream) {
-  const int64_t total = g.planes * g.out_h * g.out_w;
+                               const Geometry& g, cudaStream_t stream) {
+  const int64_t total = g.planes() * g.out_pixels();
   if (total <= 0) return cudaSuccess;
   if (indices) {
     max_pool2d_forward_kernel<T, true>
@@ -148,18 +146,18 @@ cudaError_t max_pool2d_forward(const T* input, T* output, int64_t* indices,
 
 template <typename T>
 cudaError_t max_pool2d_backward(const T* grad_output, const int64_t* indices, T* grad_input,
-                                const PoolGeometry& g, cudaStream_t stream) {
-  const int64_t total = g.planes * g.in_h * g.in_w;
+                                const Geometry& g, cudaStream_t stream) {
+  const int64_t total = g.planes() * g.in_pixels();
   if (total <= 0) return cudaSuccess;
   max_pool2d_backward_kernel<T>
       <<<grid_for(total), kThreads, 0, stream>>>(grad_output, indices, grad_input, g);
   return cudaGetLastError();
 }
 
-#define PE_INSTANTIATE(T)                                                                     \
-  template cudaError_t max_pool2d_forward<T>(const T*, T*, int64_t*, const PoolGeometry&,    \
-                                             cudaStream_t);                                   \
-  template cudaError_t max_pool2d_backward<T>(const T*, const int64_t*, T*, const PoolGeometry&, \
+#define PE_INSTANTIATE(T)                                                                   \
+  template cudaError_t max_pool2d_forward<T>(const T*, T*, int64_t*, const Geometry&,       \
+                                             cudaStream_t);                                 \
+  template cudaError_t max_pool2d_backward<T>(const T*, const int64_t*, T*, const Geometry&, \
                                               cudaStream_t);
 PE_INSTANTIATE(float)
 PE_INSTANTIATE(double)

@@ -11,26 +11,9 @@ namespace {
 
 using at::IntArrayRef;
 
-PoolGeometry geometry(const Pool2dShape<int64_t>& s, IntArrayRef kernel_size, IntArrayRef stride,
-                      IntArrayRef padding, IntArrayRef dilation) {
-  PoolGeometry g;
-  g.planes = s.batch * s.channels;
-  g.in_h = s.in_h;
-  g.in_w = s.in_w;
-  g.out_h = s.out_h;
-  g.out_w = s.out_w;
-  g.kernel_h = kernel_size[0];
-  g.kernel_w = kernel_size[1];
-  g.stride_h = stride[0];
-  g.stride_w = stride[1];
-  g.pad_h = padding[0];
-  g.pad_w = padding[1];
-  g.dil_h = dilation[0];
-  g.dil_w = dilation[1];
-  return g;
-}
+using Geometry = Pool2dGeometry<int64_t>;
 
-void forward(const Tensor& input, const PoolGeometry& g, Tensor& output, Tensor* indices,
+void forward(const Tensor& input, const Geometry& g, Tensor& output, Tensor* indices,
              const char* op) {
   c10::cuda::CUDAGuard guard(input.device());
   const Tensor x = input.contiguous();
@@ -44,9 +27,9 @@ void forward(const Tensor& input, const PoolGeometry& g, Tensor& output, Tensor*
 
 Tensor max_pool2d_cuda(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
                        IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
-  auto s = check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
-  const PoolGeometry g = geometry(s, kernel_size, stride, padding, dilation);
-  Tensor output = at::empty(s.output_sizes(), input.options());
+  const Geometry g =
+      check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
+  Tensor output = at::empty(g.output_sizes(), input.options());
   forward(input, g, output, nullptr, "max_pool2d");
   return as_image_layout(output, pool2d_channels_last(input));
 }
@@ -55,9 +38,9 @@ std::tuple<Tensor, Tensor> max_pool2d_with_indices_cuda(const Tensor& input,
                                                         IntArrayRef kernel_size,
                                                         IntArrayRef stride, IntArrayRef padding,
                                                         IntArrayRef dilation, bool ceil_mode) {
-  auto s = check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
-  const PoolGeometry g = geometry(s, kernel_size, stride, padding, dilation);
-  const auto sizes = s.output_sizes();
+  const Geometry g =
+      check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
+  const auto sizes = g.output_sizes();
   Tensor output = at::empty(sizes, input.options());
   Tensor indices = at::empty(sizes, input.options().dtype(at::kLong));
   forward(input, g, output, &indices, "max_pool2d_with_indices");
@@ -69,9 +52,8 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input,
                                 const Tensor& indices, IntArrayRef kernel_size,
                                 IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                                 bool ceil_mode) {
-  auto s = check_max_pool2d_backward<int64_t>(grad_output, input, indices, kernel_size, stride,
-                                              padding, dilation, ceil_mode);
-  const PoolGeometry g = geometry(s, kernel_size, stride, padding, dilation);
+  const Geometry g = check_max_pool2d_backward<int64_t>(grad_output, input, indices, kernel_size,
+                                                        stride, padding, dilation, ceil_mode);
   c10::cuda::CUDAGuard guard(input.device());
   const Tensor go = grad_output.contiguous();
   const Tensor ix = indices.contiguous();

@@ -23,9 +23,10 @@
 // FP64 rate is half the FP32 one (H100 / H200): expected to cost nothing visible, not yet
 // measured (no GPU where this was written).
 //
-// Napkin math (H100): a pass reads x twice (max, sum; the second mostly from L2 for rows that fit)
-// and writes y once: ~12 B per fp32 element worst case, ~8 B typical. 4096 x 1000 fp32 (16 MB
-// in, 16 MB out): ~11 us at 3 TB/s; the ~2 exps per element (~8M) are nothing beside that.
+// Napkin math (H100, device.cuh): a pass reads x twice (max, sum; the second mostly from L2 for
+// rows that fit) and writes y once: ~12 B per fp32 element worst case, ~8 B typical.
+// 4096 x 1000 fp32 (16 MB in, 16 MB out): ~11 us at 3 TB/s; the ~2 exps per element (~8M) are
+// nothing beside that.
 // LeNet's 64 x 10 logits are launch-bound (~3 us).
 #include <cmath>
 

@@ -1,0 +1,52 @@
+#pragma once
+// The CPU conv2d kernels' internal interface: the two algorithms (conv2d_im2col.cpp,
+// conv2d_batch_inner.cpp), the rule that picks one per call (conv2d.cpp, with the operators) and
+// the helpers both use.
+//
+// Every pointer is to contiguous memory: x and dx (batch, in_channels, in_h, in_w), w and dw
+// (out_channels, in_channels / groups, kernel_h, kernel_w), y and dy (batch, out_channels, out_h,
+// out_w), bias and db (out_channels). bias, and any of dx / dw / db, may be null (not wanted).
+// The geometry has batch >= 1 and non-empty sizes otherwise (conv2d.cpp handles empty ones).
+#include <algorithm>
+#include <cstdint>
+
+#include "common/geometry.h"
+
+namespace pyengine {
+namespace cpu {
+namespace conv2d {
+
+using Geometry = Conv2dGeometry<int64_t>;
+
+// im2col strips and GEMMs, any geometry (conv2d_im2col.cpp).
+template <typename T>
+void forward_im2col(const Geometry& g, const T* x, const T* w, const T* bias, T* y);
+template <typename T>
+void backward_im2col(const Geometry& g, const T* dy, const T* x, const T* w, T* dx, T* dw, T* db);
+
+// The batch-innermost layout: no im2col, every GEMM over contiguous batch vectors; for stride 1
+// and small images (conv2d_batch_inner.cpp; conv2d.cpp says when).
+template <typename T>
+void forward_batch_inner(const Geometry& g, const T* x, const T* w, const T* bias, T* y);
+template <typename T>
+void backward_batch_inner(const Geometry& g, const T* dy, const T* x, const T* w, T* dx, T* dw,
+                          T* db);
+
+// ---- Shared helpers ---------------------------------------------------------------------------
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// at::parallel_for grain: enough items that a task does ~64K multiply-adds (or element moves);
+// a parallel region costs a few microseconds, more than the work of a tiny layer.
+inline int64_t grain_for(double work_per_item) {
+  return std::max<int64_t>(1, static_cast<int64_t>(65536.0 / std::max(1.0, work_per_item)));
+}
+
+// out[r] += sum of buf[r * ld + j] over j < len, for r < rows: the bias gradient of a block of
+// output channels. 16 interleaved partial sums, then a fixed tree: deterministic (conv2d.cpp).
+void row_sums(const float* buf, int64_t ld, int64_t rows, int64_t len, float* out);
+void row_sums(const double* buf, int64_t ld, int64_t rows, int64_t len, double* out);
+
+}  // namespace conv2d
+}  // namespace cpu
+}  // namespace pyengine

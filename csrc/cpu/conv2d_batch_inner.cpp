@@ -1,0 +1,448 @@
+// The batch-innermost algorithm of the CPU conv2d kernels (interface: cpu/conv2d.h; when it is
+// chosen and the napkin math: cpu/conv2d.cpp).
+//
+// The im2col path copies K x H_out x W_out elements per image for K FMAs each; with LeNet conv2's
+// 10-wide output rows that copy, a few cycles per 10 floats, cost as much as the GEMM. With the
+// batch innermost ("CHWN": x^T[c, h, w][n]) every tap of every output pixel is a contiguous
+// vector over the batch, so no im2col is needed at all:
+//   forward      Y^T[co, p][:]  = sum_k W[co, k] X^T[tap k of p][:]       gemm_indirect per pixel
+//   grad_input   dX^T[ci, q][:] = sum_(co,ki,kj) W[co, ci, ki, kj] dY^T[co, q - (ki, kj)][:]
+//                (a gather over the taps that reach input pixel q: no col2im, no races)
+//   grad_weight  dW[co, k] = sum_p dY^T[co, p][:] . X^T[tap k of p][:]   gemm_dot_segments
+// Taps in the padding point at a vector of zeros (forward, grad_weight); grad_input gathers
+// only the taps that reach a real input pixel. The price is transposing x, y, dY and dX (each
+// element moved once) and padding the batch to whole vectors. Napkin math, LeNet conv2 at batch
+// 64: 15.4 M multiply-adds (30.7 MFLOP) per pass, ~0.28 ms at one core's peak (reference machine:
+// csrc/cpu/README.md), in tiles of 16 / 6 / 6x4 rows that keep the FMA units busy; the transposes
+// move 0.36 M elements, a few percent of that.
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/conv2d.h"
+#include "cpu/gemm.h"
+#include "cpu/isa.h"
+
+namespace pyengine {
+namespace cpu {
+namespace conv2d {
+namespace {
+
+constexpr int64_t kInnerBatch = 256;  // images per batch chunk
+
+// dst[f * ld + n] = src[n * F + f] for f in [f0, f1), n < nb; zero for nb <= n < nbc.
+template <typename T>
+PE_INLINE void to_inner_impl(const T* src, int64_t nb, int64_t F, int64_t f0, int64_t f1, T* dst,
+                             int64_t ld, int64_t nbc) {
+  constexpr int64_t B = 16;
+  for (int64_t fb = f0; fb < f1; fb += B) {
+    const int64_t fe = std::min(f1, fb + B);
+    for (int64_t nbk = 0; nbk < nb; nbk += B) {
+      const int64_t ne = std::min(nb, nbk + B);
+      for (int64_t f = fb; f < fe; ++f)
+        for (int64_t n = nbk; n < ne; ++n) dst[f * ld + n] = src[n * F + f];
+    }
+    for (int64_t f = fb; f < fe; ++f)
+      for (int64_t n = nb; n < nbc; ++n) dst[f * ld + n] = T(0);
+  }
+}
+// dst[n * F + f] = src[f * ld + n] (+ bias[f / P] when bias is not null), n < nb, f in [f0, f1).
+template <typename T>
+PE_INLINE void from_inner_impl(const T* src, int64_t ld, int64_t nb, int64_t F, int64_t f0,
+                               int64_t f1, T* dst, const T* bias, int64_t P) {
+  constexpr int64_t B = 16;
+  for (int64_t fb = f0; fb < f1; fb += B) {
+    const int64_t fe = std::min(f1, fb + B), nf = fe - fb;
+    T add[B];
+    for (int64_t f = 0; f < nf; ++f) add[f] = bias ? bias[(fb + f) / P] : T(0);
+    for (int64_t nbk = 0; nbk < nb; nbk += B) {
+      const int64_t ne = std::min(nb, nbk + B);
+      for (int64_t n = nbk; n < ne; ++n) {
+        T* d = dst + n * F + fb;
+        const T* sp = src + fb * ld + n;
+        if (bias) {
+          for (int64_t f = 0; f < nf; ++f) d[f] = sp[f * ld] + add[f];
+        } else {
+          for (int64_t f = 0; f < nf; ++f) d[f] = sp[f * ld];
+        }
+      }
+    }
+  }
+}
+#define PE_DEFINE_TRANSPOSES(T)                                                              \
+  PE_ISA_FUNCTION(Family::Conv2d, void, to_inner,                                            \
+                  (const T* src, int64_t nb, int64_t F, int64_t f0, int64_t f1, T* dst,      \
+                   int64_t ld, int64_t nbc),                                                 \
+                  (src, nb, F, f0, f1, dst, ld, nbc), to_inner_impl<T>)                      \
+  PE_ISA_FUNCTION(Family::Conv2d, void, from_inner,                                          \
+                  (const T* src, int64_t ld, int64_t nb, int64_t F, int64_t f0, int64_t f1,  \
+                   T* dst, const T* bias, int64_t P),                                        \
+                  (src, ld, nb, F, f0, f1, dst, bias, P), from_inner_impl<T>)
+PE_DEFINE_TRANSPOSES(float)
+PE_DEFINE_TRANSPOSES(double)
+#undef PE_DEFINE_TRANSPOSES
+
+// AVX-512 versions: one 16-lane (8 for double) gather per output vector; the rows a block of
+// gathers touches stay in L1 across consecutive f. Offsets are int32: callers check the range.
+template <typename T>
+PE_TARGET_AVX512 void to_inner_gather_avx512(const T* src, int64_t nb, int64_t F, int64_t f0,
+                                             int64_t f1, T* dst, int64_t ld, int64_t nbc) {
+  constexpr int V = 64 / sizeof(T);
+  for (int64_t f = f0; f < f1; ++f) {
+    T* d = dst + f * ld;
+    for (int64_t n0 = 0; n0 < nb; n0 += V) {
+      const int64_t cnt = std::min<int64_t>(V, nb - n0);
+      const uint32_t m = cnt == 32 ? ~0u : (1u << cnt) - 1u;
+      const T* sp = src + n0 * F + f;
+      if constexpr (sizeof(T) == 4) {
+        const __m512i idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(static_cast<int>(F)));
+        const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), static_cast<__mmask16>(m),
+                                                  idx, sp, 4);
+        _mm512_mask_storeu_ps(d + n0, static_cast<__mmask16>(m), v);
+      } else {
+        const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                               _mm256_set1_epi32(static_cast<int>(F)));
+        const __m512d v = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), static_cast<__mmask8>(m),
+                                                   idx, sp, 8);
+        _mm512_mask_storeu_pd(d + n0, static_cast<__mmask8>(m), v);
+      }
+    }
+    for (int64_t n = nb; n < nbc; ++n) d[n] = T(0);
+  }
+}
+// dst[n * F + f] = src[f * ld + n] + add[f] (add may be null), n < nb, f in [f0, f1).
+template <typename T>
+PE_TARGET_AVX512 void from_inner_gather_avx512(const T* src, int64_t ld, int64_t nb, int64_t F,
+                                               int64_t f0, int64_t f1, T* dst, const T* add) {
+  constexpr int V = 64 / sizeof(T);
+  for (int64_t n = 0; n < nb; ++n) {
+    T* d = dst + n * F;
+    for (int64_t fb = f0; fb < f1; fb += V) {
+      const int64_t cnt = std::min<int64_t>(V, f1 - fb);
+      const uint32_t m = cnt == 32 ? ~0u : (1u << cnt) - 1u;
+      const T* sp = src + fb * ld + n;
+      if constexpr (sizeof(T) == 4) {
+        const __m512i idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(static_cast<int>(ld)));
+        __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), static_cast<__mmask16>(m), idx,
+                                            sp, 4);
+        if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), add + fb));
+        _mm512_mask_storeu_ps(d + fb, static_cast<__mmask16>(m), v);
+      } else {
+        const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                               _mm256_set1_epi32(static_cast<int>(ld)));
+        __m512d v = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), static_cast<__mmask8>(m), idx,
+                                             sp, 8);
+        if (add) v = _mm512_add_pd(v, _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), add + fb));
+        _mm512_mask_storeu_pd(d + fb, static_cast<__mmask8>(m), v);
+      }
+    }
+  }
+}
+
+// 16 x 16 float transpose in registers: d[c * ds + r] = s[r * ss + c] (+ add[r]) for r < nr,
+// c < nc. Three stages: 32-bit interleave, 64-bit interleave, 128-bit lane shuffles (twice).
+// (GCC 12 flags its own _mm512_undefined_ps inside the unpack intrinsics as uninitialized.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+PE_TARGET_AVX512 inline void transpose16(const float* s, int64_t ss, int64_t nr, int64_t nc,
+                                         float* d, int64_t ds, const float* add) {
+  const __mmask16 cm = static_cast<__mmask16>(nc == 16 ? 0xffffu : (1u << nc) - 1u);
+  const __mmask16 rm = static_cast<__mmask16>(nr == 16 ? 0xffffu : (1u << nr) - 1u);
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < nr ? _mm512_maskz_loadu_ps(cm, s + i * ss) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int k = 0; k < 16; k += 4) {
+    const __m512d a = _mm512_castps_pd(t[k]), b = _mm512_castps_pd(t[k + 1]);
+    const __m512d c = _mm512_castps_pd(t[k + 2]), e = _mm512_castps_pd(t[k + 3]);
+    r[k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
+    r[k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
+  }
+  // r[4k + m], 128-bit lane L: rows 4k..4k+3 of column 4L + m.
+  for (int m = 0; m < 4; ++m) {
+    t[m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88);
+    t[4 + m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xdd);
+    t[8 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+    t[12 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xdd);
+  }
+  const __m512 av = add ? _mm512_maskz_loadu_ps(rm, add) : _mm512_setzero_ps();
+  for (int m = 0; m < 4; ++m) {
+    const __m512 col[4] = {_mm512_shuffle_f32x4(t[m], t[8 + m], 0x88),       // column m
+                           _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0x88),  // column 4 + m
+                           _mm512_shuffle_f32x4(t[m], t[8 + m], 0xdd),       // column 8 + m
+                           _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0xdd)};  // column 12 + m
+    for (int L = 0; L < 4; ++L) {
+      const int c = 4 * L + m;
+      if (c < nc) _mm512_mask_storeu_ps(d + c * ds, rm, add ? _mm512_add_ps(col[L], av) : col[L]);
+    }
+  }
+}
+#pragma GCC diagnostic pop
+
+// float: 16 x 16 register transposes over the (f, n) plane.
+PE_TARGET_AVX512 void to_inner_transpose_avx512(const float* src, int64_t nb, int64_t F,
+                                                int64_t f0, int64_t f1, float* dst, int64_t ld,
+                                                int64_t nbc) {
+  for (int64_t fb = f0; fb < f1; fb += 16) {
+    const int64_t nc = std::min<int64_t>(16, f1 - fb);
+    for (int64_t n0 = 0; n0 < nb; n0 += 16)
+      transpose16(src + n0 * F + fb, F, std::min<int64_t>(16, nb - n0), nc, dst + fb * ld + n0,
+                  ld, nullptr);
+    for (int64_t f = fb; f < fb + nc; ++f)
+      for (int64_t n = nb; n < nbc; ++n) dst[f * ld + n] = 0.f;
+  }
+}
+PE_TARGET_AVX512 void from_inner_transpose_avx512(const float* src, int64_t ld, int64_t nb,
+                                                  int64_t F, int64_t f0, int64_t f1, float* dst,
+                                                  const float* add) {
+  for (int64_t fb = f0; fb < f1; fb += 16) {
+    const int64_t nr = std::min<int64_t>(16, f1 - fb);
+    for (int64_t n0 = 0; n0 < nb; n0 += 16)
+      transpose16(src + fb * ld + n0, ld, nr, std::min<int64_t>(16, nb - n0), dst + n0 * F + fb,
+                  F, add ? add + fb : nullptr);
+  }
+}
+
+bool gathers_ok(int64_t stride) {
+  static const bool avx512 = cpu::isa_for(Family::Conv2d) == cpu::Isa::Avx512;
+  return avx512 && stride * 16 < (int64_t(1) << 31);
+}
+
+// Transposes move each element once (LeNet conv2's 0.1 M floats at batch 64: 0.8 MB read and
+// written, ~8 us in L2 on one core): below 128 K elements one thread does it, as waking the pool
+// costs about as much.
+int64_t transpose_grain(int64_t F, int64_t n) {
+  if (F * n < (int64_t(1) << 17)) return F;
+  return std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(1, n));
+}
+
+template <typename T>
+void to_inner_parallel(const T* src, int64_t nb, int64_t F, T* dst, int64_t ld, int64_t nbc) {
+  const bool fast = gathers_ok(F);
+  at::parallel_for(0, F, transpose_grain(F, nbc), [&](int64_t f0, int64_t f1) {
+    if (!fast)
+      to_inner(src, nb, F, f0, f1, dst, ld, nbc);
+    else if constexpr (std::is_same_v<T, float>)
+      to_inner_transpose_avx512(src, nb, F, f0, f1, dst, ld, nbc);
+    else
+      to_inner_gather_avx512(src, nb, F, f0, f1, dst, ld, nbc);
+  });
+}
+// `bias` (per channel, P features each) may be null.
+template <typename T>
+void from_inner_parallel(const T* src, int64_t ld, int64_t nb, int64_t F, T* dst, const T* bias,
+                         int64_t P) {
+  if (!gathers_ok(ld)) {
+    at::parallel_for(0, F, transpose_grain(F, nb), [&](int64_t f0, int64_t f1) {
+                       from_inner(src, ld, nb, F, f0, f1, dst, bias, P);
+                     });
+    return;
+  }
+  std::vector<T> add(bias ? static_cast<size_t>(F) : 0);
+  for (int64_t f = 0; bias && f < F; ++f) add[f] = bias[f / P];
+  const T* pa = bias ? add.data() : nullptr;
+  // Split by feature blocks of whole vectors, so every task writes whole rows' slices.
+  const int64_t V = 64 / static_cast<int64_t>(sizeof(T)), blocks = (F + V - 1) / V;
+  at::parallel_for(0, blocks, (transpose_grain(F, nb) + V - 1) / V, [&](int64_t b0, int64_t b1) {
+    if constexpr (std::is_same_v<T, float>)
+      from_inner_transpose_avx512(src, ld, nb, F, b0 * V, std::min(F, b1 * V), dst, pa);
+    else
+      from_inner_gather_avx512(src, ld, nb, F, b0 * V, std::min(F, b1 * V), dst, pa);
+  });
+}
+
+// Tap k = (ci, ki, kj) of output pixel (oh, ow) reads input pixel (oh + dh[k], ow + dw[k]) of
+// channel ci: off[k] = ci * H * W + dh[k] * W + dw[k] from (channel 0, oh, ow).
+struct Taps {
+  std::vector<int64_t> dh, dw, off;
+  IndexRange inner_rows, inner_cols;  // output pixels whose taps are all inside the image
+  bool interior(int64_t oh, int64_t ow) const {
+    return inner_rows.contains(oh) && inner_cols.contains(ow);
+  }
+};
+Taps make_taps(const Geometry& g) {
+  Taps t;
+  const int64_t khw = g.kernel_pixels(), K = g.taps_per_group();
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t ci = k / khw, ki = (k % khw) / g.kernel_w, kj = k % g.kernel_w;
+    t.dh.push_back(ki * g.dilation_h - g.padding_h);
+    t.dw.push_back(kj * g.dilation_w - g.padding_w);
+    t.off.push_back(ci * g.in_pixels() + t.dh.back() * g.in_w + t.dw.back());
+  }
+  t.inner_rows = g.inner_rows();
+  t.inner_cols = g.inner_cols();
+  return t;
+}
+
+}  // namespace
+
+template <typename T>
+void forward_batch_inner(const Geometry& g, const T* x, const T* w, const T* bias, T* y) {
+  // The GEMM's sizes: K taps per group, P output pixels per image.
+  const int64_t K = g.taps_per_group(), P = g.out_pixels();
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t vw = cpu::simd_width<T>();
+  const int64_t f_in = g.in_image(), f_out = g.out_image(), hw = g.in_pixels();
+  const int64_t chunk = std::min(g.batch, kInnerBatch), ld = round_up(chunk, vw);
+  std::vector<T> xt(static_cast<size_t>(f_in * ld)), yt(static_cast<size_t>(f_out * ld));
+  // W^T per group: wt[grp][k][co], so a tap's weights are a contiguous column of M = C_out/g.
+  std::vector<T> wt(static_cast<size_t>(g.out_channels * K));
+  for (int64_t grp = 0; grp < g.groups; ++grp)
+    for (int64_t co = 0; co < cout_g; ++co)
+      for (int64_t k = 0; k < K; ++k)
+        wt[(grp * K + k) * cout_g + co] = w[(grp * cout_g + co) * K + k];
+  const Taps taps = make_taps(g);
+  std::vector<const T*> wrows(static_cast<size_t>(g.groups * K));  // every tap's weights
+  for (int64_t k = 0; k < g.groups * K; ++k) wrows[k] = wt.data() + k * cout_g;
+  // Taps in the padding read zeros rather than being left out: 0 * (an inf or NaN weight) must
+  // give NaN, as in torch and the im2col path. Only border pixels have such taps.
+  const std::vector<T> zeros(static_cast<size_t>(ld), T(0));
+  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
+    const int64_t nb = std::min(chunk, g.batch - n0), nbc = round_up(nb, vw);
+    to_inner_parallel(x + n0 * f_in, nb, f_in, xt.data(), ld, nbc);
+    const double pixel_work = double(g.out_channels * K * nbc);
+    at::parallel_for(0, P, grain_for(pixel_work), [&](int64_t p0, int64_t p1) {
+      std::vector<const T*> brows(static_cast<size_t>(K));
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t oh = p / g.out_w, ow = p % g.out_w;
+        const bool inside = taps.interior(oh, ow);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          const T* xg = xt.data() + (grp * cin_g * hw + oh * g.in_w + ow) * ld;
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t ih = oh + taps.dh[k], iw = ow + taps.dw[k];
+            const bool padding = !inside && (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w);
+            brows[k] = padding ? zeros.data() : xg + taps.off[k] * ld;
+          }
+          cpu::gemm_indirect<T>(cout_g, nbc, K, wrows.data() + grp * K, brows.data(),
+                                yt.data() + (grp * cout_g * P + p) * ld, P * ld, 1, false);
+        }
+      }
+    });
+    from_inner_parallel(yt.data(), ld, nb, f_out, y + n0 * f_out, bias, P);
+  }
+}
+
+template <typename T>
+void backward_batch_inner(const Geometry& g, const T* dy, const T* x, const T* w, T* dx, T* dw,
+                          T* db) {
+  const int64_t K = g.taps_per_group(), P = g.out_pixels();
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t vw = cpu::simd_width<T>();
+  const int64_t f_in = g.in_image(), f_out = g.out_image(), hw = g.in_pixels();
+  const int64_t chunk = std::min(g.batch, kInnerBatch), ld = round_up(chunk, vw);
+  const int64_t khw = g.kernel_pixels();
+  std::vector<T> dyt(static_cast<size_t>(f_out * ld));
+  std::vector<T> xt(dw ? static_cast<size_t>(f_in * ld) : 0);
+  std::vector<T> dxt(dx ? static_cast<size_t>(f_in * ld) : 0);
+  std::vector<T> zeros(dw ? static_cast<size_t>(ld) : 0, T(0));
+  std::vector<const T*> taps(dw ? static_cast<size_t>(P * K) : 0);
+  const Taps tap = make_taps(g);
+  // For grad_input: weights as [co][ki][kj][ci], so a tap's weights over C_in/g are contiguous.
+  std::vector<T> wt(dx ? static_cast<size_t>(g.out_channels * K) : 0);
+  if (dx)
+    for (int64_t co = 0; co < g.out_channels; ++co)
+      for (int64_t ci = 0; ci < cin_g; ++ci)
+        for (int64_t r = 0; r < khw; ++r)
+          wt[(co * khw + r) * cin_g + ci] = w[(co * cin_g + ci) * khw + r];
+  if (db) std::fill(db, db + g.out_channels, T(0));
+  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
+    const int64_t nb = std::min(chunk, g.batch - n0), nbc = round_up(nb, vw);
+    to_inner_parallel(dy + n0 * f_out, nb, f_out, dyt.data(), ld, nbc);
+    // db[co] += sum over pixels of dY^T[co, p, :nbc] (the batch padding is zero): vectorised,
+    // pixels and batch chunks in order.
+    if (db)
+      for (int64_t co = 0; co < g.out_channels; ++co)
+        for (int64_t p = 0; p < P; ++p)
+          row_sums(dyt.data() + (co * P + p) * ld, 0, 1, nbc, db + co);
+    if (dw) {
+      to_inner_parallel(x + n0 * f_in, nb, f_in, xt.data(), ld, nbc);
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t oh = p / g.out_w, ow = p % g.out_w;
+          const T* xg = xt.data() + (grp * cin_g * hw + oh * g.in_w + ow) * ld;
+          const T** row = taps.data() + p * K;
+          if (tap.interior(oh, ow)) {
+            for (int64_t k = 0; k < K; ++k) row[k] = xg + tap.off[k] * ld;
+          } else {
+            for (int64_t k = 0; k < K; ++k) {
+              const int64_t ih = oh + tap.dh[k], iw = ow + tap.dw[k];
+              const bool padding = ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w;
+              row[k] = padding ? zeros.data() : xg + tap.off[k] * ld;
+            }
+          }
+        }
+        // dW[co, k] (+)= sum over pixels p and the batch of dY^T[co, p][:] X^T[tap k of p][:]
+        cpu::gemm_dot_segments<T>(cout_g, K, P, nbc, dyt.data() + grp * cout_g * P * ld, P * ld,
+                                  ld, taps.data(), dw + grp * cout_g * K, K, 1,
+                                  /*accumulate=*/n0 > 0);
+      }
+    }
+    if (dx) {
+      const double pixel_work = double(g.out_channels * K * nbc) * P / std::max<int64_t>(1, hw);
+      at::parallel_for(0, hw, grain_for(pixel_work), [&](int64_t q0, int64_t q1) {
+        const size_t most = static_cast<size_t>(cout_g * khw);
+        std::vector<const T*> arows(most), brows(most);
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t ih = q / g.in_w, iw = q % g.in_w;
+          // Taps (ki, kj) that reach input pixel (ih, iw): oh = ih + ph - ki*dh in [0, OH),
+          // ow = iw + pw - kj*dw in [0, OW): a range of ki and a range of kj.
+          auto range = [](int64_t i, int64_t pad, int64_t d, int64_t out, int64_t k,
+                          int64_t& lo, int64_t& hi) {
+            const int64_t top = i + pad;  // k*d <= top and k*d > top - out
+            lo = top - out + 1 <= 0 ? 0 : ceil_div(top - out + 1, d);
+            hi = top < 0 ? 0 : std::min(k, top / d + 1);
+          };
+          int64_t ki_lo, ki_hi, kj_lo, kj_hi;
+          range(ih, g.padding_h, g.dilation_h, g.out_h, g.kernel_h, ki_lo, ki_hi);
+          range(iw, g.padding_w, g.dilation_w, g.out_w, g.kernel_w, kj_lo, kj_hi);
+          for (int64_t grp = 0; grp < g.groups; ++grp) {
+            int64_t count = 0;
+            for (int64_t co = grp * cout_g; co < (grp + 1) * cout_g; ++co)
+              for (int64_t ki = ki_lo; ki < ki_hi; ++ki) {
+                const int64_t oh = ih + g.padding_h - ki * g.dilation_h;
+                const int64_t ow = iw + g.padding_w - kj_lo * g.dilation_w;
+                const T* a = wt.data() + (co * khw + ki * g.kernel_w + kj_lo) * cin_g;
+                const T* b = dyt.data() + (co * P + oh * g.out_w + ow) * ld;
+                for (int64_t kj = kj_lo; kj < kj_hi; ++kj, a += cin_g, b -= g.dilation_w * ld) {
+                  arows[count] = a;
+                  brows[count] = b;
+                  ++count;
+                }
+              }
+            cpu::gemm_indirect<T>(cin_g, nbc, count, arows.data(), brows.data(),
+                                  dxt.data() + (grp * cin_g * hw + q) * ld, hw * ld, 1, false);
+          }
+        }
+      });
+      from_inner_parallel(dxt.data(), ld, nb, f_in, dx + n0 * f_in, static_cast<const T*>(nullptr),
+                          1);
+    }
+  }
+}
+
+template void forward_batch_inner<float>(const Geometry&, const float*, const float*,
+                                         const float*, float*);
+template void forward_batch_inner<double>(const Geometry&, const double*, const double*,
+                                          const double*, double*);
+template void backward_batch_inner<float>(const Geometry&, const float*, const float*,
+                                          const float*, float*, float*, float*);
+template void backward_batch_inner<double>(const Geometry&, const double*, const double*,
+                                           const double*, double*, double*, double*);
+
+}  // namespace conv2d
+}  // namespace cpu
+}  // namespace pyengine

@@ -1,0 +1,108 @@
+// The run-time choice of instruction set for every CPU kernel family (interface: cpu/isa.h).
+#include "cpu/isa.h"
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <string>
+
+namespace pyengine {
+namespace cpu {
+namespace {
+
+// What isa() decided: a level, or why PYENGINE_CPU_ISA could not be honoured.
+struct Choice {
+  Isa isa = Isa::Default;
+  std::string error;
+};
+
+Choice choose() {
+  __builtin_cpu_init();
+  const bool has_avx512 =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const Isa best = has_avx512 ? Isa::Avx512 : has_avx2 ? Isa::Avx2 : Isa::Default;
+  Choice c;
+  c.isa = best;
+  const char* env = std::getenv("PYENGINE_CPU_ISA");
+  if (env == nullptr || *env == '\0') return c;
+  const std::string wanted = env;
+  Isa asked;
+  if (wanted == "avx512") {
+    asked = Isa::Avx512;
+  } else if (wanted == "avx2") {
+    asked = Isa::Avx2;
+  } else if (wanted == "default") {
+    asked = Isa::Default;
+  } else {
+    c.error = "pyengine: expected the environment variable PYENGINE_CPU_ISA to be avx512, avx2 "
+              "or default (or unset), but got PYENGINE_CPU_ISA=" + wanted;
+    return c;
+  }
+  // Never above what the CPU has: the higher builds would fault on it.
+  c.isa = static_cast<int>(asked) < static_cast<int>(best) ? asked : best;
+  return c;
+}
+
+struct FamilyLevels {
+  Family family;
+  const char* name;
+  bool has_avx512, has_avx2;  // every family has baseline code
+};
+
+// The levels each family has code for: where its dispatch (PE_ISA_FUNCTION or an explicit
+// isa_for() test) finds a build. One row per Family.
+constexpr FamilyLevels kFamilies[] = {
+    {Family::Gemm, "gemm", true, true},
+    {Family::Conv2d, "conv2d", true, true},
+    {Family::Linear, "linear", true, true},
+    {Family::MaxPool2d, "max_pool2d", true, false},
+    {Family::Softmax, "softmax", true, true},
+    {Family::CrossEntropy, "cross_entropy", true, true},
+    {Family::Elementwise, "elementwise", false, false},
+};
+
+const FamilyLevels& levels_of(Family family) {
+  for (const FamilyLevels& f : kFamilies)
+    if (f.family == family) return f;
+  TORCH_CHECK(false, "pyengine: CPU kernel family ", static_cast<int>(family),
+              " is missing from cpu/isa.cpp's table");
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512:
+      return "avx512";
+    case Isa::Avx2:
+      return "avx2";
+    default:
+      return "default";
+  }
+}
+
+Isa isa() {
+  static const Choice choice = choose();
+  TORCH_CHECK(choice.error.empty(), choice.error);
+  return choice.isa;
+}
+
+Isa isa_for(Family family) {
+  const Isa level = isa();
+  const FamilyLevels& f = levels_of(family);
+  if (level == Isa::Avx512 && f.has_avx512) return Isa::Avx512;
+  if (level != Isa::Default && f.has_avx2) return Isa::Avx2;
+  return Isa::Default;
+}
+
+std::map<std::string, std::string> kernel_isas() {
+  std::map<std::string, std::string> out;
+  for (const FamilyLevels& f : kFamilies) out[f.name] = isa_name(isa_for(f.family));
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace pyengine

@@ -1,0 +1,87 @@
+#pragma once
+// The instruction sets pyengine's CPU kernels are compiled for, and the one run-time choice among
+// them. No -march=native: the library runs on any x86-64, and its hot loops exist in up to three
+// builds, picked per process:
+//   avx512   AVX-512 F, VL, DQ and BW, with AVX2 and FMA (PE_TARGET_AVX512)
+//   avx2     AVX2 with FMA                                 (PE_TARGET_AVX2)
+//   default  the x86-64 baseline, SSE2                      (no target attribute)
+// isa() is the best of these that this CPU has, or a lower one named by the environment variable
+// PYENGINE_CPU_ISA=avx512|avx2|default (read once; never above what the CPU has), so that the
+// tests run every kernel's lower builds on an AVX-512 machine. Each kernel family runs with
+// isa_for(family): isa(), or the best level below it that the family has code for (max_pool2d has
+// AVX-512 and baseline code only; the elementwise loops only baseline code).
+//
+// A kernel gets its per-ISA builds from one always-inline template body (PE_INLINE) and
+// PE_ISA_FUNCTION, which compiles it into a target-attributed function per level plus a
+// dispatcher that calls the one isa_for() picks. (GCC's target_clones would pick by CPU through
+// an ifunc, out of reach of PYENGINE_CPU_ISA.) Code written with intrinsics of one level is marked
+// PE_TARGET_AVX512 (or _AVX2) and called only when isa_for() says that level.
+//
+// Results depend on the level only where FMA contraction or vector tails change the rounding
+// (GEMM, softmax, exp): one level always gives the same bits, whatever the thread count.
+#if !defined(__x86_64__)
+#error "pyengine's CPU kernels are written for x86-64 (AVX-512 / AVX2 / SSE2 builds)"
+#endif
+
+#include <map>
+#include <string>
+
+#define PE_INLINE inline __attribute__((always_inline))
+#define PE_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
+#define PE_TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+namespace pyengine {
+namespace cpu {
+
+enum class Isa : int { Default = 0, Avx2 = 1, Avx512 = 2 };
+
+// "avx512", "avx2" or "default".
+const char* isa_name(Isa isa);
+
+// The instruction set the kernels run with (see the top of the file). Raises a clear error, on
+// every call, when PYENGINE_CPU_ISA holds anything but the three names.
+Isa isa();
+
+// Kernel families, each with its own set of compiled levels (isa.cpp lists them).
+enum class Family : int {
+  Gemm,          // cpu/gemm.cpp: the matrix multiplies of conv2d and linear
+  Conv2d,        // cpu/conv2d*.cpp: im2col, col2im, batch transposes, bias gradients
+  Linear,        // cpu/linear.cpp: the bias gradient's column sums
+  MaxPool2d,     // cpu/pool.cpp: AVX-512 and baseline only
+  Softmax,       // cpu/softmax.cpp: softmax and log_softmax, forward and backward
+  CrossEntropy,  // cpu/cross_entropy.cpp
+  Elementwise,   // cpu/loops.h users (activations, mse_loss, binary_cross_entropy): baseline only
+};
+
+// The level `family` runs with: isa(), or the best level below it that the family has code for.
+Isa isa_for(Family family);
+
+// {family name: level name} for every family, e.g. {"max_pool2d": "avx512", ...}: what
+// pyengine._C.cpu_isa() reports.
+std::map<std::string, std::string> kernel_isas();
+
+}  // namespace cpu
+}  // namespace pyengine
+
+// Defines `ret name params`, which runs `body args` compiled for the level isa_for(family) picks:
+// body is an always-inline function (or template instance), args the parameter names in
+// parentheses. Also defines name_avx512, name_avx2 and name_default, one per level. E.g.
+//   PE_ISA_FUNCTION(Family::Conv2d, void, row_sums, (const float* b, int64_t n, float* out),
+//                   (b, n, out), row_sums_impl<float>)
+// Overloads (one per dtype) are fine: each expansion defines its own four functions.
+#define PE_ISA_FUNCTION(family, ret, name, params, args, ...)                  \
+  PE_TARGET_AVX512 ret name##_avx512 params { return __VA_ARGS__ args; }      \
+  PE_TARGET_AVX2 ret name##_avx2 params { return __VA_ARGS__ args; }          \
+  ret name##_default params { return __VA_ARGS__ args; }                      \
+  ret name params {                                                           \
+    static const ::pyengine::cpu::Isa level =                                 \
+        ::pyengine::cpu::isa_for(::pyengine::cpu::family);                    \
+    switch (level) {                                                          \
+      case ::pyengine::cpu::Isa::Avx512:                                      \
+        return name##_avx512 args;                                            \
+      case ::pyengine::cpu::Isa::Avx2:                                        \
+        return name##_avx2 args;                                              \
+      default:                                                                \
+        return name##_default args;                                           \
+    }                                                                         \
+  }
