@@ -14,8 +14,7 @@ import pyengine.functional as PF
 import pyengine.nn as pnn
 from helpers import assert_close, compare_with_torch, devices
 
-FUNCTIONS = ["conv2d", "max_pool2d", "linear", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
-             "log_softmax", "mse_loss", "binary_cross_entropy", "cross_entropy"]
+FUNCTIONS = PF.__all__
 
 
 def _torch_params(name):
