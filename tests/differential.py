@@ -21,7 +21,6 @@ import pyengine.functional as PF
 from fuzz_configs import materialize
 
 P = torch.ops.pyengine
-REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 
 
 class CheckFailed(AssertionError):
@@ -268,7 +267,7 @@ def direct_backward(case, args, kwargs, out, g):
     if op in ("softmax", "log_softmax"):
         grad = getattr(P, op + "_backward")(g, res, kwargs["dim"])
         return [grad.to(d[0].dtype)]  # dtype=float64: the cast back is the gradient's too
-    r = REDUCTION_ENUM[kwargs["reduction"]]
+    r = helpers.REDUCTION_ENUM[kwargs["reduction"]]
     weight = kwargs.get("weight")
     weight = weight.detach() if weight is not None else None
     if op == "mse_loss":

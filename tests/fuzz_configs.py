@@ -29,7 +29,7 @@ import helpers
 
 SPECIALS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 LAYOUTS = ("contiguous", "strided", "transposed", "channels_last", "expanded", "offset")
-REDUCTIONS = ("none", "mean", "sum")
+REDUCTIONS = tuple(helpers.REDUCTION_ENUM)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 

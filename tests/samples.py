@@ -270,6 +270,18 @@ def all_samples(large=True) -> List[Sample]:
     return [s for op in fuzz_configs.OPS for s in samples(op) if large or not s.large]
 
 
+def in_both_dtypes(sample: Sample) -> List[Case]:
+    """The sample's call in float32 and in float64 (where fuzz_configs allows the other dtype:
+    float32 only for sums helpers.TOL holds)."""
+    out = [sample.case]
+    other = {"float32": "float64", "float64": "float32"}[sample.case.params["dtype"]]
+    try:
+        out.append(build(sample.op, dict(sample.case.params, dtype=other), sample.case.seed))
+    except fuzz_configs.Illegal:
+        pass
+    return out
+
+
 # ---- float64 gradcheck -------------------------------------------------------------------------
 
 def gradcheck_case(case: Case) -> Case:

@@ -1,6 +1,5 @@
 """pyengine.functional, pyengine.nn and pyengine.convert as drop-in replacements for torch's:
 same signatures, same results, same parameters and state_dict."""
-import copy
 import inspect
 import warnings
 

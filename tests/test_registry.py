@@ -42,10 +42,10 @@ def test_the_fast_paths_are_the_forward_operators():
     PYENGINE_FORWARD_OPS), and nothing else callable."""
     entries = {n for n in dir(pyengine._C) if not n.startswith("_")
                and callable(getattr(pyengine._C, n))}
-    assert not set(FORWARD) - entries, (
-        f"forward operators without a pyengine._C fast path: {sorted(set(FORWARD) - entries)}: "
-        "add them to PYENGINE_FORWARD_OPS in csrc/op_handles.h")
-    assert not entries - set(FORWARD), f"fast paths of no operator: {sorted(entries - set(FORWARD))}"
+    missing, extra = sorted(set(FORWARD) - entries), sorted(entries - set(FORWARD))
+    assert not missing, (f"forward operators without a pyengine._C fast path: {missing}: add "
+                         "them to PYENGINE_FORWARD_OPS in csrc/op_handles.h")
+    assert not extra, f"pyengine._C entries of no operator: {extra}"
 
 
 @pytest.mark.parametrize("name", FORWARD)
