@@ -4,7 +4,6 @@ torch.library.opcheck on its forward and backward operators.
 Edge cases and bad input are tested per op (tests/test_conv2d.py, ...); the random lane is
 tests/test_fuzz.py; CUDA against the CPU on the same samples is tests/test_cuda.py.
 """
-import functools
 import math
 
 import pytest
@@ -20,9 +19,10 @@ from differential import CheckFailed, call, check
 from fuzz_configs import materialize
 
 P = torch.ops.pyengine
-# torch.library.opcheck runs per operator on this many of its samples' calls (evenly spread over
-# them), forward and backward operators alike: ~0.03-0.3 s each, 2-core machine.
-OPCHECK_PER_OP = 8
+# torch.library.opcheck runs on every operator, forward and backward alike, on calls from its
+# samples: each distinct kind of call (call_signature), and at least this many (~0.03-0.3 s
+# each on the 2-core machine).
+OPCHECK_MIN = 8
 OPERATORS = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
                    if n.startswith("pyengine::"))
 
@@ -113,11 +113,25 @@ def _has_nan(value):
     return isinstance(value, (list, tuple)) and any(_has_nan(v) for v in value)
 
 
-@functools.lru_cache(maxsize=None)
+def call_signature(c):
+    """What makes two calls of an operator different cases for opcheck: for each tensor argument
+    whether it is given, its rank, whether it is empty and whether it requires grad; the options
+    themselves (bool flags, output_mask, reduction). Sizes, window geometry and dims, which the
+    fake kernels take symbolically or check alike, do not count."""
+    out = []
+    for arg, value in zip(c.op._schema.arguments, c.args):
+        if isinstance(value, torch.Tensor):
+            out.append((value.dim(), value.numel() == 0, value.requires_grad))
+        elif value is None or "bool" in str(arg.type) or arg.name == "reduction":
+            out.append(value if not isinstance(value, list) else tuple(value))
+    return tuple(out)
+
+
 def opcheck_calls(name):
-    """OPCHECK_PER_OP calls of torch.ops.pyengine.<name> from the small samples, evenly spread
-    over them. Not those with NaN in their inputs or outputs (an empty mean, every target
-    ignored): opcheck compares results without equal_nan."""
+    """The calls of torch.ops.pyengine.<name> that opcheck runs on, from the small samples: the
+    first of each distinct call_signature, then more, evenly spread, up to OPCHECK_MIN. Not
+    those with NaN in their inputs or outputs (an empty mean, every target ignored): opcheck
+    compares results without equal_nan."""
     eligible = []
     for sample, c in samples.op_samples(name):
         if sample.large or samples.has_special_values(sample):
@@ -126,19 +140,33 @@ def opcheck_calls(name):
             if _has_nan(c.args) or _has_nan(c.op(*c.args)):
                 continue
         eligible.append((sample, c))
-    assert len(eligible) >= OPCHECK_PER_OP, (
-        f"samples.py gives only {len(eligible)} calls of pyengine::{name} for opcheck (no NaN, "
-        f"inf or LARGE sample); it needs {OPCHECK_PER_OP}")
-    step = len(eligible) / OPCHECK_PER_OP
-    return [eligible[math.floor(i * step)] for i in range(OPCHECK_PER_OP)]
+    first, rest, seen = [], [], set()
+    for sample, c in eligible:
+        (rest if call_signature(c) in seen else first).append((sample, c))
+        seen.add(call_signature(c))
+    wanted = max(0, min(OPCHECK_MIN - len(first), len(rest)))
+    return first + [rest[math.floor(i * len(rest) / wanted)] for i in range(wanted)]
 
 
-@pytest.mark.parametrize("k", range(OPCHECK_PER_OP))
+# Chosen when the module is collected (running every sample's calls once, ~2 s), so that each
+# call is a test of its own.
+OPCHECK_CALLS = {name: opcheck_calls(name) for name in OPERATORS}
+
+
 @pytest.mark.parametrize("name", OPERATORS)
+def test_every_operator_gets_opcheck_calls(name):
+    assert len(OPCHECK_CALLS[name]) >= OPCHECK_MIN, (
+        f"samples.py gives only {len(OPCHECK_CALLS[name])} calls of pyengine::{name} for opcheck "
+        f"(without NaN, inf or LARGE); it needs {OPCHECK_MIN}")
+
+
+@pytest.mark.parametrize("name,k", [(n, k) for n in OPERATORS
+                                    for k in range(len(OPCHECK_CALLS[n]))],
+                         ids=lambda v: str(v))
 def test_opcheck(name, k):
     """torch.library.opcheck's four tests (schema, autograd registration, fake tensor, AOT
     dispatch with dynamic shapes) on the k-th chosen call of the operator."""
-    sample, c = opcheck_calls(name)[k]
+    sample, c = OPCHECK_CALLS[name][k]
     try:
         helpers.opcheck(c.op, c.args)
     except AssertionError as exc:
