@@ -1,7 +1,8 @@
 """Random configurations of every pyengine operator, as data.
 
-The differential fuzz lane (tests/test_fuzz.py) draws its cases here; any test that wants sample
-inputs of an op can draw them the same way. A case comes in three steps:
+The one generator of calls per op in the test tree: the differential fuzz lane (tests/test_fuzz.py)
+draws its cases here, and tests/samples.py its sample lists (which drive the sample tests,
+gradcheck, opcheck and CUDA parity). A case comes in three steps:
 
     params = draw(op, rng)            # sizes, options and, per tensor, layout / values / special
                                       # values: plain ints, bools, strings, tuples and dicts, so
