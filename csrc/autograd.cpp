@@ -13,6 +13,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "op_handles.h"
 
 namespace pyengine {
@@ -41,7 +43,7 @@ std::vector<int64_t> saved_ints(AutogradContext* ctx, const char* key) {
 
 // Which of (input, weight, bias) need gradients. needs_input_grad counts only the tensors that
 // were passed, so an absent bias has no index of its own.
-std::array<bool, 3> grad_mask(AutogradContext* ctx) {
+Mask3 grad_mask(AutogradContext* ctx) {
   const bool has_bias = ctx->saved_data["has_bias"].toBool();
   return {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
           has_bias && ctx->needs_input_grad(2)};
@@ -64,7 +66,7 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const std::array<bool, 3> mask = grad_mask(ctx);
+    const Mask3 mask = grad_mask(ctx);
     auto [grad_input, grad_weight, grad_bias] = conv2d_backward_op().call(
         grads[0], saved[0], saved[1], saved_ints(ctx, "stride"), saved_ints(ctx, "padding"),
         saved_ints(ctx, "dilation"), ctx->saved_data["groups"].toInt(), mask);
@@ -152,7 +154,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const std::array<bool, 3> mask = grad_mask(ctx);
+    const Mask3 mask = grad_mask(ctx);
     auto [grad_input, grad_weight, grad_bias] =
         linear_backward_op().call(grads[0], saved[0], saved[1], mask);
     return {grad_input, grad_weight, grad_bias};
@@ -340,27 +342,20 @@ Tensor cross_entropy_autograd(const Tensor& input, const Tensor& target, const O
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, Autograd, m) {
-  m.impl("conv2d", conv2d_autograd);
-  m.impl("max_pool2d", max_pool2d_autograd);
-  m.impl("max_pool2d_with_indices", max_pool2d_with_indices_autograd);
-  m.impl("linear", linear_autograd);
-  m.impl("relu", relu_autograd);
-  m.impl("leaky_relu", leaky_relu_autograd);
-  m.impl("sigmoid", sigmoid_autograd);
-  m.impl("tanh", tanh_autograd);
-  m.impl("softmax", softmax_autograd);
-  m.impl("log_softmax", log_softmax_autograd);
-  m.impl("mse_loss", mse_loss_autograd);
-  m.impl("binary_cross_entropy", binary_cross_entropy_autograd);
-  m.impl("cross_entropy", cross_entropy_autograd);
+  // Each forward op of op_handles.h: its name##_autograd above, which must take the op's
+  // signature (checked here at compile time, and against the schema by m.impl at load).
+#define PYENGINE_REGISTER_AUTOGRAD(name, signature)                                         \
+  static_assert(std::is_same_v<decltype(name##_autograd), signature>,                      \
+                #name "_autograd must have the signature of pyengine::" #name);            \
+  m.impl(#name, name##_autograd);
+  PYENGINE_FORWARD_OPS(PYENGINE_REGISTER_AUTOGRAD)
+#undef PYENGINE_REGISTER_AUTOGRAD
 
-  for (const char* backward_op :
-       {"conv2d_backward", "max_pool2d_backward", "linear_backward", "relu_backward",
-        "leaky_relu_backward", "sigmoid_backward", "tanh_backward", "softmax_backward",
-        "log_softmax_backward", "mse_loss_backward", "binary_cross_entropy_backward",
-        "cross_entropy_backward"}) {
-    m.impl(backward_op, torch::autograd::autogradNotImplementedFallback());
-  }
+  // Each backward op: not differentiable (see the top of this file).
+#define PYENGINE_REGISTER_NOT_DIFFERENTIABLE(name, signature) \
+  m.impl(#name, torch::autograd::autogradNotImplementedFallback());
+  PYENGINE_BACKWARD_OPS(PYENGINE_REGISTER_NOT_DIFFERENTIABLE)
+#undef PYENGINE_REGISTER_NOT_DIFFERENTIABLE
 }
 
 }  // namespace pyengine

@@ -1,7 +1,19 @@
 #pragma once
-// Typed dispatcher handles for pyengine's operators (schemas: csrc/ops.cpp). Autograd calls
-// through them, and so do the pybind11 entry points, which is what makes an eager call cheap:
-// the dispatcher is entered directly, without torch.ops' Python-side argument parsing.
+// pyengine's operators as C++ sees them: the one list of their C++ signatures, and a typed
+// dispatcher handle for each (the schemas themselves: csrc/ops.cpp). Everything C++ that is done
+// once per operator is generated from these lists:
+//
+//   name##_op()        the typed handle (below); autograd calls through it;
+//   pyengine._C.name   the eager fast path for each forward op (csrc/python.cpp): a pybind11
+//                      entry that enters the dispatcher directly, without torch.ops' Python-side
+//                      argument parsing, which is what makes an eager call cheap;
+//   Autograd kernels   name##_autograd for each forward op, autograd's "not implemented" kernel
+//                      for each backward op (csrc/autograd.cpp).
+//
+// Adding an operator: its schema in csrc/ops.cpp, one line here (a signature that does not
+// match the schema fails at load, in .typed<>()), its name##_autograd function if it is a forward
+// op, its kernels, and its samples in tests/samples.py. tests/test_registry.py fails until every
+// schema has all of them.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -16,54 +28,74 @@ using at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 using Tensor2 = std::tuple<Tensor, Tensor>;
 using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
+using Mask3 = std::array<bool, 3>;
 
-// PE_OP(name, return type, argument types...) defines `name##_op()`, the operator's handle,
-// looked up once.
-#define PE_OP(name, ret, ...)                                                              \
-  inline const c10::TypedOperatorHandle<ret(__VA_ARGS__)>& name##_op() {                 \
-    static const auto handle = c10::Dispatcher::singleton()                              \
-                                   .findSchemaOrThrow("pyengine::" #name, "")            \
-                                   .typed<ret(__VA_ARGS__)>();                            \
-    return handle;                                                                        \
+// X(name, signature): one entry per operator, the signature a C++ function type whose argument
+// names are the schema's. (Return types are the one-word aliases above: a macro argument may hold
+// commas only inside parentheses.)
+#define PYENGINE_FORWARD_OPS(X)                                                               \
+  X(conv2d, Tensor(const Tensor& input, const Tensor& weight, const OptTensor& bias,           \
+                   IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,               \
+                   int64_t groups))                                                             \
+  X(max_pool2d, Tensor(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,       \
+                       IntArrayRef padding, IntArrayRef dilation, bool ceil_mode))              \
+  X(max_pool2d_with_indices,                                                                  \
+    Tensor2(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,                  \
+            IntArrayRef padding, IntArrayRef dilation, bool ceil_mode))                        \
+  X(linear, Tensor(const Tensor& input, const Tensor& weight, const OptTensor& bias))          \
+  X(relu, Tensor(const Tensor& input))                                                        \
+  X(leaky_relu, Tensor(const Tensor& input, double negative_slope))                           \
+  X(sigmoid, Tensor(const Tensor& input))                                                     \
+  X(tanh, Tensor(const Tensor& input))                                                        \
+  X(softmax, Tensor(const Tensor& input, int64_t dim))                                        \
+  X(log_softmax, Tensor(const Tensor& input, int64_t dim))                                    \
+  X(mse_loss, Tensor(const Tensor& input, const Tensor& target, const OptTensor& weight,       \
+                     int64_t reduction))                                                        \
+  X(binary_cross_entropy, Tensor(const Tensor& input, const Tensor& target,                   \
+                                 const OptTensor& weight, int64_t reduction))                  \
+  X(cross_entropy, Tensor(const Tensor& input, const Tensor& target, const OptTensor& weight,  \
+                          int64_t reduction, int64_t ignore_index))
+
+#define PYENGINE_BACKWARD_OPS(X)                                                              \
+  X(conv2d_backward, Tensor3(const Tensor& grad_output, const Tensor& input,                   \
+                             const Tensor& weight, IntArrayRef stride, IntArrayRef padding,     \
+                             IntArrayRef dilation, int64_t groups, Mask3 output_mask))          \
+  X(max_pool2d_backward,                                                                      \
+    Tensor(const Tensor& grad_output, const Tensor& input, const Tensor& indices,              \
+           IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding,                   \
+           IntArrayRef dilation, bool ceil_mode))                                              \
+  X(linear_backward, Tensor3(const Tensor& grad_output, const Tensor& input,                   \
+                             const Tensor& weight, Mask3 output_mask))                          \
+  X(relu_backward, Tensor(const Tensor& grad_output, const Tensor& result))                   \
+  X(leaky_relu_backward,                                                                      \
+    Tensor(const Tensor& grad_output, const Tensor& input, double negative_slope))             \
+  X(sigmoid_backward, Tensor(const Tensor& grad_output, const Tensor& result))                \
+  X(tanh_backward, Tensor(const Tensor& grad_output, const Tensor& result))                   \
+  X(softmax_backward, Tensor(const Tensor& grad_output, const Tensor& result, int64_t dim))   \
+  X(log_softmax_backward,                                                                     \
+    Tensor(const Tensor& grad_output, const Tensor& result, int64_t dim))                      \
+  X(mse_loss_backward, Tensor(const Tensor& grad_output, const Tensor& input,                 \
+                              const Tensor& target, const OptTensor& weight,                   \
+                              int64_t reduction))                                               \
+  X(binary_cross_entropy_backward,                                                            \
+    Tensor(const Tensor& grad_output, const Tensor& input, const Tensor& target,               \
+           const OptTensor& weight, int64_t reduction))                                        \
+  X(cross_entropy_backward,                                                                   \
+    Tensor(const Tensor& grad_output, const Tensor& input, const Tensor& target,               \
+           const OptTensor& weight, int64_t reduction, int64_t ignore_index))
+
+// `name##_op()`: the operator's handle, looked up once.
+#define PYENGINE_DEFINE_HANDLE(name, signature)                                               \
+  inline const c10::TypedOperatorHandle<signature>& name##_op() {                            \
+    static const auto handle = c10::Dispatcher::singleton()                                   \
+                                   .findSchemaOrThrow("pyengine::" #name, "")                 \
+                                   .typed<signature>();                                       \
+    return handle;                                                                            \
   }
 
-PE_OP(conv2d, Tensor, const Tensor&, const Tensor&, const OptTensor&, IntArrayRef, IntArrayRef,
-      IntArrayRef, int64_t)
-PE_OP(conv2d_backward, Tensor3, const Tensor&, const Tensor&, const Tensor&, IntArrayRef,
-      IntArrayRef, IntArrayRef, int64_t, std::array<bool, 3>)
+PYENGINE_FORWARD_OPS(PYENGINE_DEFINE_HANDLE)
+PYENGINE_BACKWARD_OPS(PYENGINE_DEFINE_HANDLE)
 
-PE_OP(max_pool2d, Tensor, const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, IntArrayRef, bool)
-PE_OP(max_pool2d_with_indices, Tensor2, const Tensor&, IntArrayRef,
-      IntArrayRef, IntArrayRef, IntArrayRef, bool)
-PE_OP(max_pool2d_backward, Tensor, const Tensor&, const Tensor&, const Tensor&, IntArrayRef,
-      IntArrayRef, IntArrayRef, IntArrayRef, bool)
-
-PE_OP(linear, Tensor, const Tensor&, const Tensor&, const OptTensor&)
-PE_OP(linear_backward, Tensor3, const Tensor&, const Tensor&, const Tensor&, std::array<bool, 3>)
-
-PE_OP(relu, Tensor, const Tensor&)
-PE_OP(relu_backward, Tensor, const Tensor&, const Tensor&)
-PE_OP(leaky_relu, Tensor, const Tensor&, double)
-PE_OP(leaky_relu_backward, Tensor, const Tensor&, const Tensor&, double)
-PE_OP(sigmoid, Tensor, const Tensor&)
-PE_OP(sigmoid_backward, Tensor, const Tensor&, const Tensor&)
-PE_OP(tanh, Tensor, const Tensor&)
-PE_OP(tanh_backward, Tensor, const Tensor&, const Tensor&)
-PE_OP(softmax, Tensor, const Tensor&, int64_t)
-PE_OP(softmax_backward, Tensor, const Tensor&, const Tensor&, int64_t)
-PE_OP(log_softmax, Tensor, const Tensor&, int64_t)
-PE_OP(log_softmax_backward, Tensor, const Tensor&, const Tensor&, int64_t)
-
-PE_OP(mse_loss, Tensor, const Tensor&, const Tensor&, const OptTensor&, int64_t)
-PE_OP(mse_loss_backward, Tensor, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-      int64_t)
-PE_OP(binary_cross_entropy, Tensor, const Tensor&, const Tensor&, const OptTensor&, int64_t)
-PE_OP(binary_cross_entropy_backward, Tensor, const Tensor&, const Tensor&, const Tensor&,
-      const OptTensor&, int64_t)
-PE_OP(cross_entropy, Tensor, const Tensor&, const Tensor&, const OptTensor&, int64_t, int64_t)
-PE_OP(cross_entropy_backward, Tensor, const Tensor&, const Tensor&, const Tensor&,
-      const OptTensor&, int64_t, int64_t)
-
-#undef PE_OP
+#undef PYENGINE_DEFINE_HANDLE
 
 }  // namespace pyengine

@@ -14,6 +14,10 @@
 //
 // Argument checks and output-size math are shared by all backends: csrc/common/.
 //
+// Adding an operator: its schema here; its C++ signature once in csrc/op_handles.h (which
+// generates its handle, its pyengine._C fast path and its Autograd registration); its kernels; its
+// samples in tests/samples.py. tests/test_registry.py fails while any of them is missing.
+//
 // Conventions for every operator:
 //   * float32 and float64 only; other dtypes raise a clear error.
 //   * Any input strides are accepted; outputs are freshly allocated, with the strides torch's own

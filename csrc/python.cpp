@@ -4,8 +4,9 @@
 // batches. Under torch.compile the functional layer calls torch.ops.pyengine.* instead, which
 // Dynamo can trace.
 //
-// Only forward operators are here: autograd calls the backward operators from C++, and users
-// who want them directly have torch.ops.pyengine.*_backward.
+// Only forward operators are here (PYENGINE_FORWARD_OPS in op_handles.h, one entry each):
+// autograd calls the backward operators from C++, and users who want them directly have
+// torch.ops.pyengine.*_backward.
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/version.h>
@@ -16,48 +17,26 @@
 namespace py = pybind11;
 using namespace pyengine;
 
+// The entry point of one forward operator: its arguments, exactly as its handle takes them,
+// straight into the dispatcher. One template for every op, instantiated per handle.
+template <typename Signature>
+struct FastPath;
+template <typename Ret, typename... Args>
+struct FastPath<Ret(Args...)> {
+  template <const c10::TypedOperatorHandle<Ret(Args...)>& (*handle)()>
+  static Ret call(Args... args) {
+    return handle().call(args...);
+  }
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyengine's compiled operators (registered as torch.ops.pyengine.*)";
 
-  m.def("conv2d", [](const Tensor& input, const Tensor& weight, const OptTensor& bias,
-                     IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-                     int64_t groups) {
-    return conv2d_op().call(input, weight, bias, stride, padding, dilation, groups);
-  });
-  m.def("max_pool2d", [](const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
-                         IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
-    return max_pool2d_op().call(input, kernel_size, stride, padding, dilation, ceil_mode);
-  });
-  m.def("max_pool2d_with_indices", [](const Tensor& input, IntArrayRef kernel_size,
-                                      IntArrayRef stride, IntArrayRef padding,
-                                      IntArrayRef dilation, bool ceil_mode) {
-    return max_pool2d_with_indices_op().call(input, kernel_size, stride, padding, dilation,
-                                             ceil_mode);
-  });
-  m.def("linear", [](const Tensor& input, const Tensor& weight, const OptTensor& bias) {
-    return linear_op().call(input, weight, bias);
-  });
-  m.def("relu", [](const Tensor& input) { return relu_op().call(input); });
-  m.def("leaky_relu", [](const Tensor& input, double negative_slope) {
-    return leaky_relu_op().call(input, negative_slope);
-  });
-  m.def("sigmoid", [](const Tensor& input) { return sigmoid_op().call(input); });
-  m.def("tanh", [](const Tensor& input) { return tanh_op().call(input); });
-  m.def("softmax", [](const Tensor& input, int64_t dim) { return softmax_op().call(input, dim); });
-  m.def("log_softmax",
-        [](const Tensor& input, int64_t dim) { return log_softmax_op().call(input, dim); });
-  m.def("mse_loss", [](const Tensor& input, const Tensor& target, const OptTensor& weight,
-                       int64_t reduction) {
-    return mse_loss_op().call(input, target, weight, reduction);
-  });
-  m.def("binary_cross_entropy", [](const Tensor& input, const Tensor& target,
-                                   const OptTensor& weight, int64_t reduction) {
-    return binary_cross_entropy_op().call(input, target, weight, reduction);
-  });
-  m.def("cross_entropy", [](const Tensor& input, const Tensor& target, const OptTensor& weight,
-                            int64_t reduction, int64_t ignore_index) {
-    return cross_entropy_op().call(input, target, weight, reduction, ignore_index);
-  });
+  // pyengine._C.<op> for every forward op of csrc/op_handles.h.
+#define PYENGINE_DEFINE_FAST_PATH(name, signature) \
+  m.def(#name, &FastPath<signature>::call<&name##_op>);
+  PYENGINE_FORWARD_OPS(PYENGINE_DEFINE_FAST_PATH)
+#undef PYENGINE_DEFINE_FAST_PATH
 
   // {CPU kernel family: instruction set it runs with} (csrc/cpu/isa.h, which PYENGINE_CPU_ISA
   // steers); raises for a PYENGINE_CPU_ISA value it does not know.

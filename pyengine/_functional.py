@@ -13,10 +13,17 @@ from ._errors import ValueAndRuntimeError, ValueAndTypeError
 _ops = torch.ops.pyengine
 _is_compiling = torch.compiler.is_compiling
 
-__all__ = [
-    "conv2d", "max_pool2d", "linear", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
-    "log_softmax", "mse_loss", "binary_cross_entropy", "cross_entropy",
-]
+# The public functions, in the order they are defined: each is listed by the @_public on its
+# definition. pyengine.functional re-exports exactly these, pyengine.patch() routes each
+# torch.nn.functional function of the same name, and the tests check each against torch's.
+__all__ = []
+
+
+def _public(fn):
+    __all__.append(fn.__name__)
+    fn.__module__ = "pyengine.functional"  # its public home, for reprs, help() and pickling
+    return fn
+
 
 _IntPair = Union[int, Tuple[int, int], List[int]]
 
@@ -53,6 +60,7 @@ def _reduction_enum(reduction: str, size_average, reduce) -> int:
 
 # ---- Convolution and pooling --------------------------------------------------------------
 
+@_public
 def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _IntPair = 1,
            padding: Union[_IntPair, str] = 0, dilation: _IntPair = 1, groups: int = 1) -> Tensor:
     """2-D convolution over (N, C, H, W) or unbatched (C, H, W) input, like F.conv2d;
@@ -93,6 +101,7 @@ def _string_padding(input, weight, padding, stride, dilation):
     return input, symmetric
 
 
+@_public
 def max_pool2d(input: Tensor, kernel_size: _IntPair, stride: Optional[_IntPair] = None,
                padding: _IntPair = 0, dilation: _IntPair = 1, ceil_mode: bool = False,
                return_indices: bool = False):
@@ -112,6 +121,7 @@ def max_pool2d(input: Tensor, kernel_size: _IntPair, stride: Optional[_IntPair] 
     return op(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
 
 
+@_public
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """y = x W^T + b over input of shape (*, in_features), like F.linear."""
     op = _ops.linear if _is_compiling() else _C.linear
@@ -127,11 +137,13 @@ def _inplace(input: Tensor, result: Tensor) -> Tensor:
     return input.copy_(result)
 
 
+@_public
 def relu(input: Tensor, inplace: bool = False) -> Tensor:
     result = (_ops.relu if _is_compiling() else _C.relu)(input)
     return _inplace(input, result) if inplace else result
 
 
+@_public
 def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
     op = _ops.leaky_relu if _is_compiling() else _C.leaky_relu
     if inplace and input.requires_grad and torch.is_grad_enabled():
@@ -142,10 +154,12 @@ def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = Fals
     return _inplace(input, result) if inplace else result
 
 
+@_public
 def sigmoid(input: Tensor) -> Tensor:
     return (_ops.sigmoid if _is_compiling() else _C.sigmoid)(input)
 
 
+@_public
 def tanh(input: Tensor) -> Tensor:
     return (_ops.tanh if _is_compiling() else _C.tanh)(input)
 
@@ -161,12 +175,14 @@ def _softmax_args(name: str, input: Tensor, dim: Optional[int], stacklevel: int,
     return input, dim
 
 
+@_public
 def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
             dtype: Optional[torch.dtype] = None) -> Tensor:
     input, dim = _softmax_args("softmax", input, dim, _stacklevel, dtype)
     return (_ops.softmax if _is_compiling() else _C.softmax)(input, dim)
 
 
+@_public
 def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
                 dtype: Optional[torch.dtype] = None) -> Tensor:
     input, dim = _softmax_args("log_softmax", input, dim, _stacklevel, dtype)
@@ -175,6 +191,7 @@ def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
 
 # ---- Losses -------------------------------------------------------------------------------
 
+@_public
 def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None,
              reduction: str = "mean", weight: Optional[Tensor] = None) -> Tensor:
     """Mean squared error like F.mse_loss: broadcasts target to input (with torch's warning);
@@ -199,6 +216,7 @@ def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None,
     return op(input, target, weight, reduction_enum)
 
 
+@_public
 def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                          size_average=None, reduce=None, reduction: str = "mean") -> Tensor:
     """Binary cross entropy on probabilities like F.binary_cross_entropy; weight broadcasts to
@@ -214,6 +232,7 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor]
     return op(input, target, weight, reduction_enum)
 
 
+@_public
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                   size_average=None, ignore_index: int = -100, reduce=None,
                   reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
@@ -244,9 +263,3 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if spatial_shape is not None and reduction_enum == 0:
         loss = loss.reshape(spatial_shape)
     return loss
-
-
-# The functions' public home, for reprs, help() and pickling by reference.
-for _name in __all__:
-    globals()[_name].__module__ = "pyengine.functional"
-del _name

@@ -5,6 +5,7 @@ import warnings
 
 import torch
 
+from .functional import __all__ as _FUNCTIONAL_NAMES
 from .nn import TWINS
 
 # Configurations a twin does not implement (it would raise): such layers stay torch's.
@@ -40,10 +41,8 @@ def convert(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
 
 # ---- patch(): route torch's functional calls to pyengine ------------------------------------
 
-# (namespace, name) pairs that patch() reroutes; pyengine.functional has each name.
-_FUNCTIONAL_NAMES = ("conv2d", "max_pool2d", "linear", "relu", "leaky_relu", "sigmoid", "tanh",
-                     "softmax", "log_softmax", "mse_loss", "binary_cross_entropy",
-                     "cross_entropy")
+# (namespace, name) pairs that patch() reroutes: torch.nn.functional's function of each name in
+# pyengine.functional, and the torch.* functions of three of them, which code calls as well.
 _PATCH_TARGETS = tuple((torch.nn.functional, n) for n in _FUNCTIONAL_NAMES) + \
     ((torch, "sigmoid"), (torch, "tanh"), (torch, "relu"))
 
@@ -83,11 +82,10 @@ def _route(pyengine_fn, torch_fn, name):
 
 
 def enable() -> None:
-    """Routes torch.nn.functional's conv2d, max_pool2d, linear, relu, leaky_relu, sigmoid, tanh,
-    softmax, log_softmax, mse_loss, binary_cross_entropy and cross_entropy, and torch.sigmoid,
-    torch.tanh and torch.relu, to pyengine, so unmodified code (torch.nn layers included, which
-    call these functions) runs on pyengine's kernels. Calls nest: each enable() needs a
-    disable()."""
+    """Routes every torch.nn.functional function that pyengine.functional has (conv2d,
+    max_pool2d, linear, the activations and losses: its __all__), and torch.sigmoid, torch.tanh
+    and torch.relu, to pyengine, so unmodified code (torch.nn layers included, which call these
+    functions) runs on pyengine's kernels. Calls nest: each enable() needs a disable()."""
     global _depth
     from . import functional as PF
 

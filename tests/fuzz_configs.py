@@ -1,7 +1,8 @@
 """Random configurations of every pyengine operator, as data.
 
-The differential fuzz lane (tests/test_fuzz.py) draws its cases here; any test that wants sample
-inputs of an op can draw them the same way. A case comes in three steps:
+The one generator of calls per op in the test tree: the differential fuzz lane (tests/test_fuzz.py)
+draws its cases here, and tests/samples.py its sample lists (which drive the sample tests,
+gradcheck, opcheck and CUDA parity). A case comes in three steps:
 
     params = draw(op, rng)            # sizes, options and, per tensor, layout / values / special
                                       # values: plain ints, bools, strings, tuples and dicts, so
@@ -9,6 +10,10 @@ inputs of an op can draw them the same way. A case comes in three steps:
     case = build(op, params, seed)    # the call F.<op>(*args, **kwargs), tensors as TensorSpecs;
                                       # raises Illegal when params describe no legal call
     args, kwargs = materialize(case)  # real tensors, values from a generator seeded with `seed`
+                                      # (the same values on every device)
+
+draw() also takes params to force (draw(op, rng, {"groups": 2, "input": {"layout": ...}})) and a
+predicate the case must meet: tests/samples.py builds its sample lists that way.
 
 The call is the same for pyengine.functional.<op> and torch.nn.functional.<op> (same names, same
 signatures), and every case drawn is legal for torch too. Tensors a case wants gradients of have
@@ -25,7 +30,7 @@ import helpers
 
 SPECIALS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 LAYOUTS = ("contiguous", "strided", "transposed", "channels_last", "expanded", "offset")
-REDUCTIONS = ("none", "mean", "sum")
+REDUCTIONS = tuple(helpers.REDUCTION_ENUM)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -38,7 +43,8 @@ class TensorSpec:
     """One tensor argument.
 
     values: "normal" (standard normal), "ties" (integers in [-2, 2]: exact ties and zeros),
-      "probability" (uniform in [0, 1] with some exact 0s and 1s), "binary" (0 or 1),
+      "probability" (uniform in [0, 1] with some exact 0s and 1s), "open_probability" (uniform
+      in [0.05, 0.95]: where the loss is smooth), "binary" (0 or 1),
       "positive" (uniform in [0.1, 2)), "weights" (integers in [0, 2]: zero weights too),
       "classes" (int64 in [0, classes), a share of them `ignore_index`).
     scale: the values are multiplied by 2**scale (a power of two: rounding errors scale exactly).
@@ -150,6 +156,30 @@ def eff(k, d):
     return d * (k - 1) + 1
 
 
+def pool_out_size(n, k, s, p, d, ceil):
+    """max_pool2d's output size along one axis (torch's formula: with ceil_mode, a last window
+    that would start in the right padding is dropped)."""
+    span = n + 2 * p - eff(k, d)
+    out = (span + (s - 1 if ceil else 0)) // s + 1
+    if ceil and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def windows_with_input(geometry, h, w):
+    """Which max_pool2d windows hold at least one input element, an (out_h, out_w) bool tensor;
+    geometry: F.max_pool2d's kernel_size, stride, padding, dilation (pairs) and ceil_mode.
+    Dilation can put every tap of a window in the padding: such a window's value is -inf and it
+    passes no gradient (tests/test_pool.py)."""
+    axes = []
+    for i, n in enumerate((h, w)):
+        k, s, p, d = (geometry[a][i] for a in ("kernel_size", "stride", "padding", "dilation"))
+        out = pool_out_size(n, k, s, p, d, geometry["ceil_mode"])
+        axes.append(torch.tensor([any(0 <= o * s - p + j * d < n for j in range(k))
+                                  for o in range(out)], dtype=torch.bool))
+    return axes[0][:, None] & axes[1][None, :]
+
+
 def pair_or_int(pair, as_int):
     """A pair of equal ints passed as one int (the functional API's shorthand), when asked."""
     return pair[0] if as_int and pair[0] == pair[1] else tuple(pair)
@@ -183,7 +213,22 @@ def draw_conv2d(rng):
                 scalar_args=rng.random() < 0.3,
                 input=draw_tensor(rng, 3 if batch is None else 4),
                 weight=draw_tensor(rng, 4, special_chance=0.1),
-                bias_tensor=draw_tensor(rng, 1, special_chance=0.1))
+                bias_tensor=draw_tensor(rng, 1, special_chance=0.1), frozen=draw_frozen(rng))
+
+
+# Which of (input, weight, bias) need no gradient, for the ops whose backward takes an
+# output_mask: a network's first layer (its input is data), frozen weights.
+FROZEN = ((), ("input",), ("weight", "bias"), ("input", "weight"), ("bias",))
+
+
+def draw_frozen(rng):
+    return () if rng.random() < 0.7 else rng.choice(FROZEN[1:])
+
+
+def check_some_grad(p):
+    frozen = set(p.get("frozen", ()))
+    if {"input", "weight"} <= frozen and ("bias" in frozen or not p["bias"]):
+        raise Illegal("no argument needs a gradient")
 
 
 # helpers.TOL's float32 tolerances hold for sums of up to about this many terms: in float32
@@ -219,11 +264,15 @@ def build_conv2d(p):
         raise Illegal("padding='same' needs stride 1")
     if p["dtype"] == "float32" and (p["batch"] or 1) * conv_out_pixels(p) > FLOAT32_MAX_SUM:
         raise Illegal("a float32 grad_weight summed over more terms than helpers.TOL allows for")
-    s = p["scale"]
-    x = spec(lead + (cin, p["height"], p["width"]), p["input"], scale=s, grad=True)
-    w = spec((cout, p["in_per_group"]) + tuple(p["kernel"]), p["weight"], scale=s, grad=True)
+    check_some_grad(p)
+    s, frozen = p["scale"], p.get("frozen", ())
+    x = spec(lead + (cin, p["height"], p["width"]), p["input"], scale=s,
+             grad="input" not in frozen)
+    w = spec((cout, p["in_per_group"]) + tuple(p["kernel"]), p["weight"], scale=s,
+             grad="weight" not in frozen)
     # the bias scaled like x * w, so the call stays homogeneous (of degree 2)
-    b = spec((cout,), p["bias_tensor"], scale=2 * s, grad=True) if p["bias"] else None
+    b = spec((cout,), p["bias_tensor"], scale=2 * s, grad="bias" not in frozen) if p["bias"] \
+        else None
     as_int = p["scalar_args"]
     if padding not in ("same", "valid"):
         padding = pair_or_int(padding, as_int)
@@ -286,15 +335,18 @@ def draw_linear(rng):
                 out_features=draw_size(rng, 1, 20, empty=0.03, long=0.1, long_hi=100),
                 bias=rng.random() < 0.7, scale=draw_scale(rng, -40, 40),
                 input=draw_tensor(rng, 2), weight=draw_tensor(rng, 2, special_chance=0.1),
-                bias_tensor=draw_tensor(rng, 1, special_chance=0.1))
+                bias_tensor=draw_tensor(rng, 1, special_chance=0.1), frozen=draw_frozen(rng))
 
 
 def build_linear(p):
-    s = p["scale"]
-    x = spec(tuple(p["lead"]) + (p["in_features"],), p["input"], scale=s, grad=True)
-    w = spec((p["out_features"], p["in_features"]), p["weight"], scale=s, grad=True)
-    b = spec((p["out_features"],), p["bias_tensor"], scale=2 * s, grad=True) if p["bias"] \
-        else None
+    check_some_grad(p)
+    s, frozen = p["scale"], p.get("frozen", ())
+    x = spec(tuple(p["lead"]) + (p["in_features"],), p["input"], scale=s,
+             grad="input" not in frozen)
+    w = spec((p["out_features"], p["in_features"]), p["weight"], scale=s,
+             grad="weight" not in frozen)
+    b = spec((p["out_features"],), p["bias_tensor"], scale=2 * s, grad="bias" not in frozen) \
+        if p["bias"] else None
     return (x, w, b), {}, 2 * s
 
 
@@ -455,19 +507,36 @@ OPS = {
 }
 
 
-def draw(op: str, rng: random.Random) -> dict:
-    """Random params of a legal call of `op`."""
+def with_params(params: dict, forced: dict) -> dict:
+    """params with the entries of `forced` in place of the drawn ones; a dict entry (a tensor's
+    options) is merged into the drawn dict."""
+    out = dict(params)
+    for key, value in forced.items():
+        if key not in out:
+            raise KeyError(f"fuzz_configs: no param {key!r} to force (params: {sorted(out)})")
+        out[key] = dict(out[key], **value) if isinstance(value, dict) else value
+    return out
+
+
+def draw(op: str, rng: random.Random, forced: Optional[dict] = None, accept=None,
+         tries: int = 1000) -> dict:
+    """Random params of a legal call of `op`, with the params in `forced` set as given, and, if
+    `accept` is given, a call for which accept(build(op, params, 0)) is true."""
     draw_params = OPS[op][0]
-    for _ in range(1000):
+    for _ in range(tries):
         params = draw_params(rng)
         # a share of the cases also calls the op's backward operator directly
         params["direct_backward"] = rng.random() < 0.3
+        if forced:
+            params = with_params(params, forced)
         try:
-            build(op, params, 0)
-            return params
+            case = build(op, params, 0)
         except Illegal:
             continue
-    raise RuntimeError(f"fuzz_configs: no legal {op} call in 1000 draws")  # a generator bug
+        if accept is None or accept(case):
+            return params
+    # a generator bug, or params forced into a call that is never legal
+    raise RuntimeError(f"fuzz_configs: no legal {op} call in {tries} draws (forced: {forced})")
 
 
 def build(op: str, params: dict, seed: int) -> Case:
@@ -497,6 +566,8 @@ def values(s: TensorSpec, shape, dtype, gen: torch.Generator) -> torch.Tensor:
         u = torch.rand(shape, generator=gen)
         t[u < 0.05] = 0.0
         t[u > 0.95] = 1.0
+    elif s.values == "open_probability":
+        t = torch.rand(shape, generator=gen, dtype=dtype) * 0.9 + 0.05
     elif s.values == "binary":
         t = torch.randint(0, 2, shape, generator=gen).to(dtype)
     elif s.values == "positive":
@@ -515,15 +586,17 @@ def values(s: TensorSpec, shape, dtype, gen: torch.Generator) -> torch.Tensor:
     return t
 
 
-def tensor(s: TensorSpec, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """The tensor `s` describes, in its layout (a leaf that requires grad if s.grad)."""
+def tensor(s: TensorSpec, dtype: torch.dtype, gen: torch.Generator,
+           device="cpu") -> torch.Tensor:
+    """The tensor `s` describes, on `device` in its layout (a leaf that requires grad if s.grad).
+    The values are drawn on the CPU, so they are the same on every device."""
     shape = tuple(s.shape)
     if s.layout == "expanded":
         dim = next((i for i, n in enumerate(shape) if n > 1), None)
         base = shape if dim is None else shape[:dim] + (1,) + shape[dim + 1:]
-        t = values(s, base, dtype, gen).expand(shape)
+        t = values(s, base, dtype, gen).to(device).expand(shape)
     else:
-        t = values(s, shape, dtype, gen)
+        t = values(s, shape, dtype, gen).to(device)
         if s.layout == "strided":
             t = helpers.noncontiguous(t)
         elif s.layout == "transposed":
@@ -531,20 +604,20 @@ def tensor(s: TensorSpec, dtype: torch.dtype, gen: torch.Generator) -> torch.Ten
         elif s.layout == "channels_last":
             t = t.contiguous(memory_format=torch.channels_last)
         elif s.layout == "offset":
-            storage = torch.empty(numel(shape) + 1, dtype=t.dtype)
+            storage = torch.empty(numel(shape) + 1, dtype=t.dtype, device=device)
             t = storage[1:].view(shape).copy_(t)
         elif s.layout != "contiguous":
             raise ValueError(f"unknown layout {s.layout!r}")
     return t.requires_grad_(s.grad and t.is_floating_point())
 
 
-def materialize(case: Case, gen: Optional[torch.Generator] = None):
-    """(args, kwargs) of real tensors for the call case describes; values from `gen` (a fresh
-    generator seeded with case.seed by default)."""
+def materialize(case: Case, gen: Optional[torch.Generator] = None, device="cpu"):
+    """(args, kwargs) of real tensors on `device` for the call case describes; values from `gen`
+    (a fresh generator seeded with case.seed by default)."""
     gen = gen or torch.Generator().manual_seed(case.seed)
 
     def real(a):
-        return tensor(a, case.dtype, gen) if isinstance(a, TensorSpec) else a
+        return tensor(a, case.dtype, gen, device) if isinstance(a, TensorSpec) else a
 
     args = tuple(real(a) for a in case.args)
     kwargs = {k: real(v) for k, v in case.kwargs.items()}

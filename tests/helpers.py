@@ -9,6 +9,9 @@ FLOAT_DTYPES = [torch.float32, torch.float64]
 # agree to a few ulps per accumulated term, not bitwise.
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
+# The operators' `reduction` argument (ATen's enum, csrc/ops.cpp) for torch.nn.functional's names.
+REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
+
 devices = pytest.mark.parametrize("device", DEVICES)
 dtypes = pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 

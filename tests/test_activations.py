@@ -1,14 +1,17 @@
-"""torch.ops.pyengine.{relu, leaky_relu, sigmoid, tanh} and their backward ops, against torch on
-randomly drawn shapes (seeds: see conftest.py)."""
+"""torch.ops.pyengine.{relu, leaky_relu, sigmoid, tanh} and their backward ops against torch's:
+layouts, special values, the backward ops against torch's backward kernels, bad input. Random
+shapes against torch, gradcheck and opcheck: tests/test_samples.py and test_fuzz.py."""
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import helpers
+from fuzz_configs import SLOPES, draw_shape
 from helpers import devices, dtypes
 
 P = torch.ops.pyengine
-SLOPES = [0.01, 0.0, -0.5, 0.2, 1.5]
 
 
 def activation(name, slope=0.01):
@@ -29,31 +32,11 @@ cases = pytest.mark.parametrize("name,slope", CASES,
                                 ids=[n if s is None else f"{n}{s}" for n, s in CASES])
 
 
-def random_shape(max_dim=4, max_numel=4000):
-    while True:
-        ndim = int(torch.randint(0, max_dim + 1, ()))
-        shape = tuple(int(torch.randint(1, 17, ())) for _ in range(ndim))
-        numel = 1
-        for s in shape:
-            numel *= s
-        if numel <= max_numel:
-            return shape
-
-
 def shapes(count=8):
-    """Random shapes, always with a 0-d, an empty and a single-element one."""
-    return [(), (0,), (3, 0, 2), (1,)] + [random_shape() for _ in range(count - 4)]
-
-
-@devices
-@dtypes
-@cases
-def test_matches_torch(device, dtype, name, slope):
-    ours, theirs, *_ = activation(name, slope)
-    for shape in shapes():
-        x = (torch.randn(shape, dtype=dtype, device=device) * 3).requires_grad_()
-        out = helpers.compare_with_torch(ours, theirs, [x], dtype)
-        assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+    """A 0-d, an empty and a single-element shape, then random ones (fuzz_configs' shapes, from
+    the test's seed)."""
+    rng = random.Random(torch.initial_seed())
+    return [(), (0,), (3, 0, 2), (1,)] + [draw_shape(rng) for _ in range(count - 4)]
 
 
 @devices
@@ -111,33 +94,12 @@ def test_relu_gradient_at_nan_matches_torch(device):
     helpers.assert_close(x.grad, x2.grad)
 
 
-@devices
-@cases
-def test_gradcheck(device, name, slope):
-    ours, *_ = activation(name, slope)
-    for shape in [(), (3, 5)]:
-        x = torch.randn(shape, dtype=torch.float64, device=device)
-        x = (x + 0.1 * x.sign()).requires_grad_()  # away from relu's kink at 0
-        assert torch.autograd.gradcheck(ours, (x,))
-
-
 def backward_sample(name, slope, dtype, device, shape=(4, 5)):
     """(backward op, its arguments) for a random forward input."""
     ours, _, bwd, saved, extra = activation(name, slope)
     x = torch.randn(shape, dtype=dtype, device=device)
     g = torch.randn(shape, dtype=dtype, device=device)
     return bwd, [g, x if saved == "input" else ours(x), *extra]
-
-
-@devices
-@cases
-def test_opcheck(device, name, slope):
-    ours, *_ = activation(name, slope)
-    op = {"relu": P.relu, "leaky_relu": P.leaky_relu, "sigmoid": P.sigmoid, "tanh": P.tanh}[name]
-    x = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
-    helpers.opcheck(op.default, [x] + ([slope] if name == "leaky_relu" else []))
-    bwd, args = backward_sample(name, slope, torch.float64, device)
-    helpers.opcheck(bwd.default, args)
 
 
 def torch_backward(name, g, saved, slope):

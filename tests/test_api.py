@@ -1,6 +1,5 @@
 """pyengine.functional, pyengine.nn and pyengine.convert as drop-in replacements for torch's:
 same signatures, same results, same parameters and state_dict."""
-import copy
 import inspect
 import warnings
 
@@ -14,8 +13,7 @@ import pyengine.functional as PF
 import pyengine.nn as pnn
 from helpers import assert_close, compare_with_torch, devices
 
-FUNCTIONS = ["conv2d", "max_pool2d", "linear", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
-             "log_softmax", "mse_loss", "binary_cross_entropy", "cross_entropy"]
+FUNCTIONS = PF.__all__
 
 
 def _torch_params(name):

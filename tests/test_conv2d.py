@@ -1,6 +1,6 @@
-"""pyengine.conv2d / conv2d_backward against torch.nn.functional.conv2d."""
-import random
-
+"""pyengine.conv2d / conv2d_backward against torch.nn.functional.conv2d: hand-picked shapes,
+layouts, special values, the backward op's output_mask, determinism, bad input. Random
+configurations against torch, gradcheck and opcheck: tests/test_samples.py and test_fuzz.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,89 +28,7 @@ def backward(g, x, w, stride=1, padding=0, dilation=1, groups=1, mask=(True, Tru
                                list(mask))
 
 
-def random_config(rng):
-    """One convolution drawn at random: every geometry knob, odd sizes included."""
-    groups = rng.choice([1, 1, 1, 2, 3])
-    cin = groups * rng.randint(1, 3)
-    cout = groups * rng.randint(1, 4)
-    k = (rng.randint(1, 5), rng.randint(1, 5))
-    stride = (rng.randint(1, 3), rng.randint(1, 3))
-    dilation = (rng.randint(1, 2), rng.randint(1, 2))
-    padding = (rng.randint(0, 2), rng.randint(0, 2))
-    size = []
-    for i in range(2):  # the (dilated) kernel must fit in the padded input
-        eff = dilation[i] * (k[i] - 1) + 1
-        size.append(rng.randint(max(1, eff - 2 * padding[i]), 17))
-    return dict(batch=rng.choice([None, 1, 2, 3, 5]), cin=cin, cout=cout, size=tuple(size), k=k,
-                stride=stride, padding=padding, dilation=dilation, groups=groups,
-                bias=rng.random() < 0.7)
-
-
-CONFIGS = [random_config(random.Random(1000 + i)) for i in range(40)]
-
-
-def random_batched_config(rng):
-    """Stride 1, a batch of 16 or more, small images: the batch-innermost (CHWN) path."""
-    cfg = random_config(rng)
-    cfg.update(batch=rng.choice([16, 17, 33, 64]), stride=(1, 1))
-    cfg["size"] = tuple(min(s, 12) for s in cfg["size"])
-    for i in range(2):  # keep the (dilated) kernel inside the padded input
-        eff = cfg["dilation"][i] * (cfg["k"][i] - 1) + 1
-        if cfg["size"][i] + 2 * cfg["padding"][i] < eff:
-            cfg["size"] = tuple(eff if j == i else v for j, v in enumerate(cfg["size"]))
-    return cfg
-
-
-BATCHED_CONFIGS = [random_batched_config(random.Random(3000 + i)) for i in range(16)]
-
-
-def make(cfg, dtype, device, requires_grad=True):
-    lead = () if cfg["batch"] is None else (cfg["batch"],)
-    x = torch.randn(*lead, cfg["cin"], *cfg["size"], dtype=dtype, device=device)
-    w = torch.randn(cfg["cout"], cfg["cin"] // cfg["groups"], *cfg["k"], dtype=dtype,
-                    device=device)
-    b = torch.randn(cfg["cout"], dtype=dtype, device=device) if cfg["bias"] else None
-    for t in (x, w, b):
-        if t is not None:
-            t.requires_grad_(requires_grad)
-    kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"],
-              groups=cfg["groups"])
-    return x, w, b, kw
-
-
-def compare(x, w, b, kw, dtype, **tol):
-    """Forward and gradients (through autograd) against torch."""
-    leaves = [x, w] + ([b] if b is not None else [])
-    return helpers.compare_with_torch(lambda x, w, b=None: ours(x, w, b, **kw),
-                                      lambda x, w, b=None: theirs(x, w, b, **kw), leaves,
-                                      dtype, **tol)
-
-
-# ---- Against torch, forward and gradients --------------------------------------------------
-
-
-@devices
-@dtypes
-@pytest.mark.parametrize("i", range(len(CONFIGS)))
-def test_random_configs(i, dtype, device):
-    x, w, b, kw = make(CONFIGS[i], dtype, device)
-    # float32: over 40 seeds pyengine and torch differed by up to 4e-6 beyond rtol here (5e-5 for
-    # the batched configs, whose grad_weight sums up to 64 * 144 products).
-    compare(x, w, b, kw, dtype, **(dict(atol=3e-5) if dtype == torch.float32 else {}))
-
-
-@devices
-@dtypes
-@pytest.mark.parametrize("i", range(len(BATCHED_CONFIGS)))
-def test_random_batched_configs(i, dtype, device):
-    x, w, b, kw = make(BATCHED_CONFIGS[i], dtype, device)
-    compare(x, w, b, kw, dtype, **(dict(atol=1e-4) if dtype == torch.float32 else {}))
-
-
-def test_autograd_no_bias():
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    helpers.compare_with_torch(lambda x, w: ours(x, w), lambda x, w: theirs(x, w), [x, w])
+# ---- Hand-picked shapes against torch ---------------------------------------------------------
 
 
 @devices
@@ -291,38 +209,6 @@ def test_autograd_asks_only_for_needed_grads(device):
     helpers.assert_close(w.grad, wr.grad)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_gradcheck(seed):
-    cfg = random_config(random.Random(seed))
-    cfg["batch"] = min(cfg["batch"] or 1, 2)
-    x, w, b, kw = make(cfg, torch.float64, "cpu")
-    leaves = (x, w) + ((b,) if b is not None else ())
-    assert torch.autograd.gradcheck(lambda x, w, b=None: ours(x, w, b, **kw), leaves)
-
-
-@devices
-def test_gradcheck_device(device):
-    x = torch.randn(2, 2, 5, 6, dtype=torch.float64, device=device, requires_grad=True)
-    w = torch.randn(4, 1, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x, w, b: ours(x, w, b, stride=(2, 1), padding=1, dilation=(1, 2), groups=2),
-        (x, w, b))
-
-
-@devices
-def test_opcheck(device):
-    x = torch.randn(2, 4, 7, 9, device=device, requires_grad=True)
-    w = torch.randn(6, 2, 3, 3, device=device, requires_grad=True)
-    b = torch.randn(6, device=device, requires_grad=True)
-    helpers.opcheck(OPS.conv2d.default, (x, w, b, [2, 1], [1, 1], [1, 2], 2))
-    helpers.opcheck(OPS.conv2d.default, (x[0].detach(), w.detach(), None, [1, 1], [0, 0], [1, 1],
-                                         2))
-    g = torch.randn(2, 6, 4, 7, device=device)
-    helpers.opcheck(OPS.conv2d_backward.default,
-                    (g, x.detach(), w.detach(), [2, 1], [1, 1], [1, 2], 2, [True, False, True]))
-
-
 # ---- Determinism ---------------------------------------------------------------------------
 
 
@@ -360,14 +246,10 @@ def test_backward_independent_of_thread_count():
 # ---- Every compiled instruction set ----------------------------------------------------------
 
 _ISA_SCRIPT = r"""
-import random, torch, torch.nn.functional as F, pyengine
-import test_conv2d as t
-for i in range(12):
-    for dtype in (torch.float32, torch.float64):
-        x, w, b, kw = t.make(t.random_config(random.Random(500 + i)), dtype, "cpu")
-        t.compare(x, w, b, kw, dtype)
-        x, w, b, kw = t.make(t.random_batched_config(random.Random(600 + i)), dtype, "cpu")
-        t.compare(x, w, b, kw, dtype, atol=1e-4)
+import pyengine, differential, samples
+for sample in samples.samples("conv2d"):  # (every option; the batch-innermost path too)
+    for case in samples.in_both_dtypes(sample):
+        differential.check(case)
 print("ok")
 """
 
@@ -376,7 +258,7 @@ print("ok")
 def test_lower_instruction_sets(isa):
     """The GEMM and the conv loops are compiled for AVX-512, AVX2 and baseline x86-64; this
     machine picks the best, so force the others (PYENGINE_CPU_ISA, read at load) in a fresh
-    process."""
+    process, on conv2d's samples (tests/samples.py) in both dtypes."""
     helpers.run_with_cpu_isa(isa, _ISA_SCRIPT)
 
 

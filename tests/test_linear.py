@@ -1,6 +1,6 @@
-"""pyengine.linear / linear_backward against torch.nn.functional.linear."""
-import random
-
+"""pyengine.linear / linear_backward against torch.nn.functional.linear: hand-picked shapes,
+layouts, special values, the backward op's output_mask, determinism, bad input. Random
+configurations against torch, gradcheck and opcheck: tests/test_samples.py and test_fuzz.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,54 +15,7 @@ def ours(x, w, b=None):
     return OPS.linear(x, w, b)
 
 
-def random_config(rng):
-    lead = rng.choice([(), (1,), (rng.randint(1, 300),), (rng.randint(1, 5), rng.randint(1, 40)),
-                       (2, rng.randint(1, 4), rng.randint(1, 9))])
-    return dict(lead=lead, inf=rng.choice([1, 2, 3, rng.randint(4, 70), rng.randint(70, 450)]),
-                outf=rng.choice([1, 5, rng.randint(2, 40), rng.randint(40, 200)]),
-                bias=rng.random() < 0.7)
-
-
-CONFIGS = [random_config(random.Random(2000 + i)) for i in range(40)]
-
-# float32 sums of up to 450 products: over 40 seeds of these configs (PYENGINE_RANDOM_SEED=1 draws
-# fresh ones each run) pyengine and torch differed by up to 1.4e-5 beyond rtol (summation order),
-# more than helpers.TOL's atol of 1e-5.
-F32_TOL = {torch.float32: dict(atol=1e-4)}
-
-
-def make(cfg, dtype, device, requires_grad=True):
-    x = torch.randn(*cfg["lead"], cfg["inf"], dtype=dtype, device=device)
-    w = torch.randn(cfg["outf"], cfg["inf"], dtype=dtype, device=device)
-    b = torch.randn(cfg["outf"], dtype=dtype, device=device) if cfg["bias"] else None
-    for t in (x, w, b):
-        if t is not None:
-            t.requires_grad_(requires_grad)
-    return x, w, b
-
-
-def compare(x, w, b, dtype, **tol):
-    """Forward and gradients (through autograd) against torch."""
-    return helpers.compare_with_torch(ours, F.linear, [x, w] + ([b] if b is not None else []),
-                                      dtype, **tol)
-
-
-# ---- Against torch, forward and gradients --------------------------------------------------
-
-
-@devices
-@dtypes
-@pytest.mark.parametrize("i", range(len(CONFIGS)))
-def test_random_configs(i, dtype, device):
-    x, w, b = make(CONFIGS[i], dtype, device)
-    y = compare(x, w, b, dtype, **F32_TOL.get(dtype, {}))
-    assert y.shape == (*CONFIGS[i]["lead"], CONFIGS[i]["outf"]) and y.is_contiguous()
-
-
-def test_autograd_no_bias():
-    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    helpers.compare_with_torch(ours, F.linear, [x, w])
+# ---- Hand-picked shapes against torch ---------------------------------------------------------
 
 
 @devices
@@ -127,7 +80,7 @@ def test_zero_features(dtype, device):
     x = torch.randn(3, 0, dtype=dtype, device=device, requires_grad=True)
     w = torch.randn(4, 0, dtype=dtype, device=device, requires_grad=True)
     b = torch.randn(4, dtype=dtype, device=device, requires_grad=True)
-    compare(x, w, b, dtype)
+    helpers.compare_with_torch(ours, F.linear, [x, w, b], dtype)
     assert torch.equal(ours(x, w).detach(), torch.zeros(3, 4, dtype=dtype, device=device))
     assert ours(x, torch.randn(0, 0, dtype=dtype, device=device)).shape == (3, 0)
 
@@ -204,27 +157,6 @@ def test_output_mask(mask, device):
             assert a is None
 
 
-@devices
-def test_gradcheck(device):
-    for lead in ((3,), (2, 3), ()):
-        x = torch.randn(*lead, 5, dtype=torch.float64, device=device, requires_grad=True)
-        w = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
-        b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
-        assert torch.autograd.gradcheck(ours, (x, w, b))
-        assert torch.autograd.gradcheck(ours, (x, w))
-
-
-@devices
-def test_opcheck(device):
-    x = torch.randn(2, 3, 10, device=device, requires_grad=True)
-    w = torch.randn(6, 10, device=device, requires_grad=True)
-    b = torch.randn(6, device=device, requires_grad=True)
-    helpers.opcheck(OPS.linear.default, (x, w, b))
-    helpers.opcheck(OPS.linear.default, (x[0, 0].detach(), w.detach(), None))
-    g = torch.randn(2, 3, 6, device=device)
-    helpers.opcheck(OPS.linear_backward.default, (g, x.detach(), w.detach(), [True, True, False]))
-
-
 # ---- Determinism ---------------------------------------------------------------------------
 
 
@@ -260,12 +192,10 @@ def test_independent_of_thread_count():
 # ---- Every compiled instruction set ----------------------------------------------------------
 
 _ISA_SCRIPT = r"""
-import random, torch, torch.nn.functional as F, pyengine
-import helpers, test_linear as t
-for i in range(16):
-    for dtype in (torch.float32, torch.float64):
-        x, w, b = t.make(t.random_config(random.Random(700 + i)), dtype, "cpu")
-        t.compare(x, w, b, dtype, atol=1e-4)
+import pyengine, differential, samples
+for sample in samples.samples("linear"):
+    for case in samples.in_both_dtypes(sample):
+        differential.check(case)
 print("ok")
 """
 
@@ -273,7 +203,8 @@ print("ok")
 @pytest.mark.parametrize("isa", ["avx2", "default"])
 def test_lower_instruction_sets(isa):
     """The GEMM is compiled for AVX-512, AVX2 and baseline x86-64; force the ones this machine
-    would not pick (PYENGINE_CPU_ISA, read at load) in a fresh process."""
+    would not pick (PYENGINE_CPU_ISA, read at load) in a fresh process, on linear's samples
+    (tests/samples.py) in both dtypes."""
     helpers.run_with_cpu_isa(isa, _ISA_SCRIPT)
 
 

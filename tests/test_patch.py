@@ -1,5 +1,7 @@
 """pyengine.patch(): an unmodified tutorial script runs on pyengine's kernels (the profiler sees
 pyengine's operators and not ATen's), and leaving the context restores torch's functions."""
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -104,14 +106,35 @@ def test_patch_exits_cleanly_on_error_and_as_decorator():
 
 
 def test_patch_leaves_what_pyengine_lacks_to_torch():
+    """What pyengine does not implement (other dtypes, out=, a configuration pyengine.functional
+    declines) runs torch's own function: the profiler sees torch's operator and no pyengine one.
+    The same calls on what pyengine implements run pyengine's operator instead."""
+    x, t = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    ints, bf16, out = torch.tensor([-2, 3]), torch.zeros(2, dtype=torch.bfloat16), torch.empty(4, 3)
+    # (patched call, torch's operator it must run, the same call on what pyengine implements,
+    #  pyengine's operator that must run then)
+    cases = {
+        "integer dtype": (lambda: torch.relu(ints), "aten::relu",
+                          lambda: torch.relu(ints.float()), "pyengine::relu"),
+        "bfloat16": (lambda: torch.tanh(bf16), "aten::tanh",
+                     lambda: torch.tanh(bf16.float()), "pyengine::tanh"),
+        "out=": (lambda: torch.tanh(x, out=out), "aten::tanh",
+                 lambda: torch.tanh(x), "pyengine::tanh"),
+        "label_smoothing": (lambda: F.cross_entropy(x, t, label_smoothing=0.1),
+                            "aten::cross_entropy_loss",
+                            lambda: F.cross_entropy(x, t), "pyengine::cross_entropy"),
+    }
+    expected = {name: fallback() for name, (fallback, *_) in cases.items()}  # torch, unpatched
     with pyengine.patch():
-        ints = torch.relu(torch.tensor([-2, 3]))        # integer dtype: torch's relu
-        half = torch.tanh(torch.zeros(2, dtype=torch.bfloat16))
-        x, t = torch.randn(4, 3), torch.randint(0, 3, (4,))
-        smoothed = F.cross_entropy(x, t, label_smoothing=0.1)  # declined by pyengine: torch's
-    assert torch.equal(ints, torch.tensor([0, 3]))
-    assert half.dtype == torch.bfloat16
-    assert_close(smoothed, F.cross_entropy(x, t, label_smoothing=0.1))
+        for name, (fallback, torch_op, supported, pyengine_op) in cases.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (label_smoothing: reported once)
+                result, ops = _profiled(fallback)
+            assert torch_op in ops and not any(o.startswith("pyengine::") for o in ops), (name, ops)
+            assert_close(result, expected[name], rtol=0, atol=0)
+            _, ops = _profiled(supported)
+            assert pyengine_op in ops and torch_op not in ops, (name, ops)
+    assert torch.equal(out, torch.tanh(x))  # out= was written
 
 
 def test_disable_without_enable_raises():

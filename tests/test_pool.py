@@ -2,7 +2,9 @@
 
 The reference is torch's CPU kernel (values, the index of the element it picks, gradients), so the
 semantics are pinned even where devices differ: ties keep the first maximum, a NaN wins, padding
-never wins. Configurations are drawn at random from the seed that conftest prints on failure.
+never wins. Random geometries against torch: tests/test_samples.py and tests/test_fuzz.py (with
+padding up to half the dilated kernel, which torch refuses, against an input padded by hand);
+this file holds the hand-picked shapes, layouts, special values and the index rules.
 """
 import random
 
@@ -10,70 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fuzz_configs
 import helpers
+from differential import pool_geometry
 
 ops = torch.ops.pyengine
-
-
-def eff(k, d):
-    return d * (k - 1) + 1
-
-
-def out_size(n, k, s, p, d, ceil):
-    span = n + 2 * p - eff(k, d)
-    out = (span + (s - 1 if ceil else 0)) // s + 1
-    if ceil and (out - 1) * s >= n + p:
-        out -= 1
-    return out
-
-
-def every_window_has_input(cfg, h, w):
-    """False when dilation puts every tap of some window in the padding. torch's CPU backward then
-    writes outside the plane, so such geometries get a test of their own."""
-    for i, n in enumerate((h, w)):
-        k, s, p, d = (cfg[a][i] for a in ("kernel_size", "stride", "padding", "dilation"))
-        for o in range(out_size(n, k, s, p, d, cfg["ceil_mode"])):
-            if not any(0 <= o * s - p + j * d < n for j in range(k)):
-                return False
-    return True
-
-
-def draw_config(rng, max_pad_to_eff=False, any_window=False):
-    """Random window geometry; padding <= k // 2 (torch's limit) unless max_pad_to_eff, which
-    draws padding in (k // 2, eff // 2], the part of our range torch refuses. Every window has an
-    input element unless any_window."""
-    while True:
-        k = [rng.randint(1, 5), rng.randint(1, 5)]
-        s = [rng.randint(1, 4), rng.randint(1, 4)]
-        d = [rng.randint(1, 3), rng.randint(1, 3)]
-        if max_pad_to_eff:
-            lo = [k[i] // 2 + 1 for i in range(2)]
-            hi = [eff(k[i], d[i]) // 2 for i in range(2)]
-            if lo[0] > hi[0] and lo[1] > hi[1]:
-                continue
-            p = [rng.randint(min(lo[i], hi[i]), hi[i]) for i in range(2)]
-        else:
-            p = [rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2)]
-        ceil = rng.random() < 0.5
-        # an input the (dilated) kernel fits in once padded
-        h = rng.randint(max(1, eff(k[0], d[0]) - 2 * p[0]), 24)
-        w = rng.randint(max(1, eff(k[1], d[1]) - 2 * p[1]), 40)
-        cfg = dict(kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=ceil)
-        if any_window or every_window_has_input(cfg, h, w):
-            return cfg, (h, w)
-
-
-def draw_input(rng, shape, dtype, device):
-    x = torch.randn(shape, dtype=dtype)
-    kind = rng.random()
-    if kind < 0.25:  # many ties
-        x = torch.randint(-2, 3, shape).to(dtype)
-    elif kind < 0.4:  # NaN and infinities
-        u = torch.rand(shape)
-        x[u < 0.05] = float("nan")
-        x[(u >= 0.05) & (u < 0.1)] = float("inf")
-        x[(u >= 0.1) & (u < 0.2)] = float("-inf")
-    return x.to(device)
 
 
 def args(cfg):
@@ -102,89 +45,6 @@ def torch_grad(x, cfg, g):
     xr = x.detach().cpu().clone().requires_grad_()
     F.max_pool2d(xr, **cfg).backward(g.cpu())
     return xr.grad
-
-
-@helpers.devices
-@helpers.dtypes
-def test_random_configs_match_torch(device, dtype):
-    rng = random.Random(torch.initial_seed())
-    for _ in range(60):
-        cfg, (h, w) = draw_config(rng)
-        batched = rng.random() < 0.8
-        shape = ((rng.randint(1, 3),) if batched else ()) + (rng.randint(1, 3), h, w)
-        x = draw_input(rng, shape, dtype, device)
-        out, idx = check_forward(x, cfg)
-        # gradients: the backward op directly, and through autograd
-        g = torch.randn(out.shape, dtype=dtype, device=device)
-        ref = torch_grad(x, cfg, g)
-        gi = ops.max_pool2d_backward(g, x, idx, *args(cfg))
-        assert gi.is_contiguous() and gi.shape == x.shape
-        helpers.assert_close(gi.cpu(), ref)
-        xg = x.detach().clone().requires_grad_()
-        ops.max_pool2d(xg, *args(cfg)).backward(g)
-        helpers.assert_close(xg.grad.cpu(), ref)
-
-
-@helpers.devices
-@helpers.dtypes
-def test_padding_up_to_half_the_dilated_kernel(device, dtype):
-    """Padding in (k // 2, eff // 2], which torch refuses, against torch on an input padded with
-    -inf by hand (finite inputs: a padding cell can then never be picked)."""
-    rng = random.Random(torch.initial_seed())
-    for _ in range(25):
-        cfg, (h, w) = draw_config(rng, max_pad_to_eff=True)
-        pH, pW = cfg["padding"]
-        x = torch.randn(2, 3, h, w, dtype=dtype, device=device)
-        out, idx = ops.max_pool2d_with_indices(x, *args(cfg))
-        xp = F.pad(x.cpu(), (pW, pW, pH, pH), value=float("-inf")).requires_grad_()
-        ref_cfg = dict(cfg, padding=[0, 0])
-        ref, ref_idx = F.max_pool2d(xp, **ref_cfg, return_indices=True)
-        # with explicit padding a ceil_mode window may start in the right padding: torch keeps
-        # it there, we (and torch's own padding) drop it
-        oh, ow = out.shape[-2:]
-        ref, ref_idx = ref[..., :oh, :ow], ref_idx[..., :oh, :ow]
-        assert ref.shape == out.shape
-        helpers.assert_close(out.cpu(), ref.detach(), rtol=0, atol=0)
-        real = ref.detach() > float("-inf")  # windows with at least one input element
-        r, c = ref_idx // (w + 2 * pW) - pH, ref_idx % (w + 2 * pW) - pW
-        assert torch.equal(idx.cpu()[real], (r * w + c)[real]), cfg
-        g = torch.randn(out.shape, dtype=dtype)
-        ref.backward(g)
-        gi = ops.max_pool2d_backward(g.to(device), x, idx, *args(cfg))
-        helpers.assert_close(gi.cpu(), xp.grad[..., pH:pH + h, pW:pW + w])
-
-
-@pytest.mark.parametrize(
-    "cfg, shape",
-    [
-        (dict(kernel_size=[2, 2], stride=[2, 2], padding=[0, 0], dilation=[1, 1], ceil_mode=False),
-         (2, 2, 6, 8)),
-        (dict(kernel_size=[3, 3], stride=[2, 1], padding=[1, 1], dilation=[1, 1], ceil_mode=True),
-         (1, 2, 7, 6)),
-        (dict(kernel_size=[2, 3], stride=[1, 2], padding=[1, 0], dilation=[2, 2], ceil_mode=False),
-         (2, 5, 9)),
-    ],
-)
-@helpers.devices
-def test_gradcheck(device, cfg, shape):
-    n = 1
-    for s in shape:
-        n *= s
-    # distinct values: the gradient of a max is only defined away from ties
-    x = (torch.randperm(n, dtype=torch.float64) / n).reshape(shape).to(device).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: ops.max_pool2d(t, *args(cfg)), (x,))
-    assert torch.autograd.gradcheck(lambda t: ops.max_pool2d_with_indices(t, *args(cfg))[0], (x,))
-
-
-@helpers.devices
-def test_opcheck(device):
-    cfg = dict(kernel_size=[3, 2], stride=[2, 1], padding=[1, 1], dilation=[1, 2], ceil_mode=True)
-    x = torch.randn(2, 3, 9, 10, device=device, requires_grad=True)
-    helpers.opcheck(ops.max_pool2d_with_indices.default, (x, *args(cfg)))
-    helpers.opcheck(ops.max_pool2d.default, (x, *args(cfg)))
-    out, idx = ops.max_pool2d_with_indices(x.detach(), *args(cfg))
-    g = torch.randn_like(out)
-    helpers.opcheck(ops.max_pool2d_backward.default, (g, x.detach(), idx, *args(cfg)))
 
 
 K2 = dict(kernel_size=[2, 2], stride=[2, 2], padding=[0, 0], dilation=[1, 1], ceil_mode=False)
@@ -383,10 +243,16 @@ def test_backward_windows_with_no_input_element(device, dtype):
     # index ih0 * 2 + 2 names the first element of the next row (in the plane but not the window)
     cases = [(dict(kernel_size=[1, 2], stride=[1, 1], padding=[0, 1], dilation=[1, 3],
                    ceil_mode=False), (2, 5, 2))]
-    while len(cases) < 30:
-        cfg, (h, w) = draw_config(rng, max_pad_to_eff=rng.random() < 0.5, any_window=True)
-        if not every_window_has_input(cfg, h, w):
-            cases.append((cfg, (rng.randint(1, 3), h, w)))
+
+    def has_empty_window(case):
+        p = case.params
+        return not fuzz_configs.windows_with_input(pool_geometry(p), p["height"],
+                                                   p["width"]).all()
+
+    while len(cases) < 30:  # fuzz_configs' geometries, padding up to half the dilated kernel too
+        # (about 1 draw in 100 has a window without input)
+        p = fuzz_configs.draw("max_pool2d", rng, accept=has_empty_window, tries=50_000)
+        cases.append((pool_geometry(p), (p["channels"], p["height"], p["width"])))
     for cfg, shape in cases:
         x = torch.randn(shape, dtype=dtype, device=device)
         out, idx = ops.max_pool2d_with_indices(x, *args(cfg))

@@ -1,0 +1,375 @@
+"""One case against torch: the differential check that the fuzz lane (tests/test_fuzz.py) and
+the sample-driven tests (tests/test_samples.py) run on every case they draw.
+
+check(case) calls pyengine.functional.<op> and torch.nn.functional.<op> with the same values,
+compares the outputs, then back-propagates one random grad_output through both and compares every
+gradient; when the case's params ask for it (direct_backward), it also calls the op's backward
+operator (torch.ops.pyengine.*_backward) directly. Torch's side runs on the CPU, on contiguous
+copies of the inputs, so its results depend neither on the layout nor on the device under test.
+A failed check raises CheckFailed naming the stage that failed.
+"""
+import contextlib
+import inspect
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import fuzz_configs
+import helpers
+import pyengine.functional as PF
+from fuzz_configs import materialize
+
+P = torch.ops.pyengine
+
+
+class CheckFailed(AssertionError):
+    """A case failed; `stage` names the check (the shrinker keeps to failures of the same one)."""
+
+    def __init__(self, stage, error):
+        super().__init__(f"{stage}: {type(error).__name__}: {error}")
+        self.stage, self.error = stage, error
+
+    @property
+    def signature(self):
+        """What the shrinker keeps to: the check, and for a comparison whether values or the
+        metadata (shape, dtype) differ."""
+        message = str(self.error)
+        kind = ("values" if "not close" in message or "not equal" in message
+                else "metadata" if "do not match" in message else "")
+        return self.stage, type(self.error).__name__, kind
+
+
+@contextlib.contextmanager
+def stage(name):
+    try:
+        yield
+    except CheckFailed:
+        raise
+    except Exception as exc:
+        raise CheckFailed(name, exc) from exc
+
+
+# ---- tolerances ------------------------------------------------------------------------------
+
+def tolerance(case, dtype, scale_exponent=0):
+    """helpers.TOL, with atol scaled for homogeneous ops: their inputs are scaled by powers of two,
+    which scales results and rounding errors alike exactly (no overflow or underflow within the
+    drawn ranges), so the absolute tolerance measured at unit scale scales with them."""
+    tol = dict(helpers.TOL[dtype])
+    if case.out_scale is not None:
+        tol["atol"] *= 2.0 ** scale_exponent
+    return tol
+
+
+def grad_exponent(case, spec):
+    """The gradient of a homogeneous op's output (scale 2**out_scale) w.r.t. an input of scale
+    2**s, with a unit-scale grad_output, has scale 2**(out_scale - s)."""
+    return (case.out_scale or 0) - spec.scale
+
+
+# ---- references ------------------------------------------------------------------------------
+
+def _pair(v):
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def reference_leaves(args, kwargs):
+    """Contiguous CPU copies of the inputs, fresh leaves for torch's side."""
+    def copy_(a):
+        if isinstance(a, torch.Tensor):
+            return a.detach().cpu().clone(memory_format=torch.contiguous_format).requires_grad_(
+                a.requires_grad)
+        return a
+    return tuple(copy_(a) for a in args), {k: copy_(v) for k, v in kwargs.items()}
+
+
+def call(fn, args, kwargs):
+    args = list(args)
+    if kwargs.get("inplace"):
+        args[0] = args[0].clone()  # in place on a non-leaf: the gradient still reaches the leaf
+    with warnings.catch_warnings():
+        # torch warns about some legal calls (a broadcast mse_loss target, the mean of nothing)
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def reference_settings():
+    """torch's side runs on one thread, without oneDNN and without NNPACK. On the busy 2-core
+    machine a parallel region of torch's costs up to ~50 ms while the other thread waits for a
+    core, and oneDNN builds a kernel for every new convolution geometry (0.05-0.2 s): each would
+    make a case 10-50x slower. Without oneDNN, torch takes NNPACK for a convolution of a batch of
+    16 or more, whose fast algorithms lose accuracy (errors of ~1e-3 relative in float32, seed
+    545181007), so that goes too: what is left is torch's plain CPU convolution."""
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+    nnpack = torch.backends.nnpack.set_flags(False)[0]
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = onednn
+        torch.backends.nnpack.set_flags(nnpack)
+
+
+class TorchReference:
+    """torch.nn.functional.<op>, its gradients through autograd."""
+
+    def __init__(self, case, args, kwargs):
+        self.args, self.kwargs = args, kwargs
+        with reference_settings():
+            self.out = call(getattr(F, case.op), args, kwargs)
+        self.index_mask = None  # which indices to compare (all)
+
+    def primary(self):
+        return self.out[0] if isinstance(self.out, tuple) else self.out
+
+    def grads(self, g):
+        with reference_settings():
+            self.primary().backward(g)
+        return [a.grad if isinstance(a, torch.Tensor) else None for a in self.leaves()]
+
+    def leaves(self):
+        return list(self.args) + list(self.kwargs.values())
+
+
+def pool_geometry(params):
+    """max_pool2d's window geometry as F.max_pool2d's keywords, from fuzz_configs params."""
+    return dict(kernel_size=list(params["kernel"]),
+                stride=list(params["stride"] or params["kernel"]),
+                padding=list(params["padding"]), dilation=list(params["dilation"]),
+                ceil_mode=params["ceil_mode"])
+
+
+class PoolReference(TorchReference):
+    """max_pool2d against torch, with two geometries torch's own call cannot serve:
+
+    * padding beyond half the kernel (pyengine allows up to half the dilated kernel, torch only
+      half the kernel): torch without padding on an input padded by hand with -inf, cropped as
+      tests/test_pool.py does (the drawn inputs hold no -inf then: fuzz_configs.build_max_pool2d);
+    * windows with no input element (dilation puts every tap in the padding): their value is -inf
+      and their index torch's (pointing outside the window); their gradient goes nowhere
+      (test_pool.py's test_window_with_no_input_element). torch's CPU backward instead adds it at
+      that index, outside the plane or on an element of another window, so the reference gradient
+      is torch's forward indices of the other windows applied by hand.
+    """
+
+    def __init__(self, case, args, kwargs):
+        p = case.params
+        self.args, self.kwargs = args, kwargs
+        x = args[0]
+        self.cfg = pool_geometry(p)
+        self.hand_padded = not fuzz_configs.torch_pads(p["kernel"], p["padding"])
+        self.with_input = fuzz_configs.windows_with_input(self.cfg, *x.shape[-2:])
+        self.by_hand = not self.hand_padded and not self.with_input.all()
+        self.index_mask = None
+        with reference_settings(), torch.no_grad() if self.by_hand else contextlib.nullcontext():
+            if self.hand_padded:
+                values, indices = self._hand_padded(x)
+            else:
+                values, indices = F.max_pool2d(x, **self.cfg, return_indices=True)
+        self.values, self.indices = values, indices
+        self.out = (values, indices) if p["return_indices"] else values
+
+    def _hand_padded(self, x):
+        (pH, pW), w = self.cfg["padding"], x.shape[-1]
+        padded = F.pad(x, (pW, pW, pH, pH), value=float("-inf"))
+        values, indices = F.max_pool2d(padded, **dict(self.cfg, padding=[0, 0]),
+                                       return_indices=True)
+        # with explicit padding a ceil_mode window may start in the right padding: torch keeps it
+        # there, its own padding (and pyengine) drop it
+        oH, oW = self.with_input.shape
+        values, indices = values[..., :oH, :oW], indices[..., :oH, :oW]
+        # windows with an input element: their index, back in the unpadded plane (the others' is
+        # torch's formula on the unpadded plane, which the padded call does not give)
+        self.index_mask = self.with_input.expand(indices.shape)
+        r, c = indices // (w + 2 * pW) - pH, indices % (w + 2 * pW) - pW
+        return values, torch.where(self.index_mask, r * w + c, indices)
+
+    def primary(self):
+        return self.values
+
+    def grads(self, g):
+        x = self.args[0]
+        if not self.by_hand:
+            return super().grads(g)
+        plane = x.shape[-2] * x.shape[-1]
+        flat_idx = self.indices.reshape(-1, self.with_input.numel())
+        flat_g = torch.where(self.with_input, g, 0).reshape(flat_idx.shape)
+        grad = torch.zeros(flat_idx.shape[0], plane, dtype=x.dtype)
+        # windows without input add 0 at a clamped (in-plane) index
+        grad.scatter_add_(1, flat_idx.clamp(0, plane - 1), flat_g)
+        return [grad.reshape(x.shape)]
+
+
+class CrossEntropyReference(TorchReference):
+    """torch, except for the gradient of a row whose target is ignore_index: pyengine's is 0 (the
+    row's loss is the constant 0; csrc/cpu/cross_entropy.cpp and csrc/cuda/loss.cu write zeros),
+    torch's is NaN when the row holds a NaN or an infinity (its log_softmax backward multiplies the
+    row's zero gradient by the row's NaN softmax). Finite ignored rows get 0 from torch too."""
+
+    def grads(self, g):
+        grads = super().grads(g)
+        x, target = self.args
+        ignored = target == self.kwargs["ignore_index"]
+        grads[0] = grads[0].masked_fill(ignored.unsqueeze(1) if x.dim() > 1 else ignored, 0.0)
+        return grads
+
+
+REFERENCES = {"max_pool2d": PoolReference, "cross_entropy": CrossEntropyReference}
+
+
+# ---- the backward operators called directly --------------------------------------------------
+
+def output_mask(args):
+    """conv2d / linear's output_mask: which of (input, weight, bias) need a gradient."""
+    return [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
+
+
+def masked(grads, mask):
+    """(grad_input, grad_weight, grad_bias), checked to be there exactly where output_mask asked."""
+    for name, grad, wanted in zip(("grad_input", "grad_weight", "grad_bias"), grads, mask):
+        assert (grad is not None) == wanted, f"{name} is {grad} for output_mask={mask}"
+    return list(grads)
+
+
+def direct_backward(case, args, kwargs, out, g):
+    """Gradients from torch.ops.pyengine.<op>_backward itself, one per input (None: not
+    computed); None when the op's direct call does not apply to this case."""
+    op, p = case.op, case.params
+    d = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    if g.dim() >= 1:
+        g = helpers.noncontiguous(g)
+    res = out.detach() if isinstance(out, torch.Tensor) else None
+    if op == "conv2d":
+        if isinstance(kwargs["padding"], str):
+            return None  # 'same' / 'valid' are the functional layer's; the op takes numbers
+        x, w, _ = d
+        mask = output_mask(args)
+        grads = P.conv2d_backward(g, x, w, _pair(kwargs["stride"]), _pair(kwargs["padding"]),
+                                  _pair(kwargs["dilation"]), kwargs["groups"], mask)
+        return masked(grads, mask)
+    if op == "max_pool2d":
+        x = d[0]
+        idx = out[1] if isinstance(out, tuple) else PF.max_pool2d(
+            x, **dict(kwargs, return_indices=True))[1]
+        return [P.max_pool2d_backward(g, x, idx, *pool_geometry(p).values())]
+    if op == "linear":
+        x, w, _ = d
+        mask = output_mask(args)
+        return masked(P.linear_backward(g, x, w, mask), mask)
+    if op in ("relu", "sigmoid", "tanh"):
+        return [getattr(P, op + "_backward")(g, res)]
+    if op == "leaky_relu":
+        return [P.leaky_relu_backward(g, d[0], float(kwargs["negative_slope"]))]
+    if op in ("softmax", "log_softmax"):
+        grad = getattr(P, op + "_backward")(g, res, kwargs["dim"])
+        return [grad.to(d[0].dtype)]  # dtype=float64: the cast back is the gradient's too
+    r = helpers.REDUCTION_ENUM[kwargs["reduction"]]
+    weight = kwargs.get("weight")
+    weight = weight.detach() if weight is not None else None
+    if op == "mse_loss":
+        x, t = d
+        if x.shape != t.shape:
+            return None  # broadcasting belongs to the functional layer
+        return [P.mse_loss_backward(g, x, t, weight, r), P.mse_loss_backward(g, t, x, weight, r)]
+    if op == "binary_cross_entropy":
+        x, t = d
+        if weight is not None:
+            weight = weight.expand(t.shape)
+        return [P.binary_cross_entropy_backward(g, x, t, weight, r), None]
+    if op == "cross_entropy":
+        x, t = d
+        if x.dim() > 2:
+            return None  # (N, C, d...) is reshaped by the functional layer
+        return [P.cross_entropy_backward(g, x, t, weight, r, kwargs["ignore_index"]), None]
+    raise AssertionError(f"no direct backward call for {op}")
+
+
+# ---- one case ----------------------------------------------------------------------------------
+
+def check(case, device="cpu"):
+    """Runs one case with pyengine on `device` (torch on the CPU); raises CheckFailed naming the
+    failing check."""
+    gen = torch.Generator().manual_seed(case.seed)
+    with stage("inputs"):
+        args, kwargs = materialize(case, gen, device)
+        ref_args, ref_kwargs = reference_leaves(args, kwargs)
+    ours_fn = getattr(PF, case.op)
+
+    if case.expect_error:
+        for side, fn, a, kw in (("torch", getattr(F, case.op), ref_args, ref_kwargs),
+                                ("pyengine", ours_fn, args, kwargs)):
+            with stage(f"{side} raises"):
+                try:
+                    call(fn, a, kw)
+                except Exception:
+                    continue
+                raise AssertionError(f"{side} accepted a call it should refuse")
+        return
+
+    with stage("torch accepts the case (a fuzz_configs bug otherwise)"):
+        ref = REFERENCES.get(case.op, TorchReference)(case, ref_args, ref_kwargs)
+    with stage("pyengine forward"):
+        out = call(ours_fn, args, kwargs)
+    with stage("forward output"):
+        ours_values = out[0] if isinstance(out, tuple) else out
+        exact = dict(rtol=0, atol=0) if case.op == "max_pool2d" else {}  # a max is exact
+        expected = ref.primary().detach()
+        helpers.assert_close(ours_values.detach().cpu(), expected, expected.dtype,
+                             **(exact or tolerance(case, expected.dtype, case.out_scale or 0)))
+    if isinstance(out, tuple):
+        with stage("forward indices"):
+            indices, ref_indices = out[1].cpu(), ref.out[1]
+            assert indices.dtype == torch.int64 and indices.shape == ref_indices.shape
+            mask = ref.index_mask if ref.index_mask is not None else torch.ones_like(
+                indices, dtype=torch.bool)
+            bad = (indices != ref_indices) & mask
+            assert not bad.any(), (f"{int(bad.sum())} indices differ, e.g. ours "
+                                   f"{indices[bad][:5].tolist()} torch "
+                                   f"{ref_indices[bad][:5].tolist()}")
+
+    with stage("grad_output"):
+        g = torch.randn(ours_values.shape, generator=gen, dtype=ours_values.dtype)
+    with stage("torch backward"):
+        ref_grads = ref.grads(g)
+    with stage("pyengine backward"):
+        ours_values.backward(g.to(device))
+    leaves = list(args) + list(kwargs.values())
+    specs = list(case.args) + list(case.kwargs.values())
+    for i, (leaf, spec, ref_grad) in enumerate(zip(leaves, specs, ref_grads)):
+        if not (isinstance(leaf, torch.Tensor) and leaf.requires_grad):
+            continue
+        with stage(f"gradient of {argument_name(case, i)}"):
+            assert leaf.grad is not None, "no gradient"
+            helpers.assert_close(leaf.grad.cpu(), ref_grad, leaf.dtype,
+                                 **tolerance(case, leaf.dtype, grad_exponent(case, spec)))
+
+    if case.params.get("direct_backward"):
+        with stage(f"{case.op}_backward called directly"):
+            direct = direct_backward(case, args, kwargs, out, g.to(device))
+        if direct is not None:
+            for i, (grad, spec, ref_grad) in enumerate(zip(direct, specs, ref_grads)):
+                if grad is None:
+                    continue
+                with stage(f"{case.op}_backward called directly: gradient of "
+                           f"{argument_name(case, i)}"):
+                    helpers.assert_close(grad.cpu(), ref_grad, grad.dtype,
+                                         **tolerance(case, grad.dtype, grad_exponent(case, spec)))
+
+
+def argument_name(case, i):
+    if i < len(case.args):
+        return list(inspect.signature(getattr(PF, case.op)).parameters)[i]
+    return list(case.kwargs)[i - len(case.args)]
+
+
+def failure(case, device="cpu"):
+    """The CheckFailed of a case, or None if it passes."""
+    try:
+        check(case, device)
+    except CheckFailed as exc:
+        return exc
+    return None

@@ -1,0 +1,399 @@
+"""One list of sample inputs per operator, in the spirit of PyTorch's OpInfo sample_inputs.
+
+Each sample is a fuzz_configs.Case (a call of pyengine.functional.<op>, the same call as
+torch.nn.functional.<op>), drawn by fuzz_configs' generator of that op with some params forced,
+so the list covers the op's options: COVER below, one sample per entry. The lists drive
+
+  tests/test_samples.py  every sample against torch (tests/differential.py), forward and
+                         gradients; float64 gradcheck on every sample (gradcheck_case: the same
+                         call on smooth values); torch.library.opcheck on samples of every
+                         operator, forward and backward (op_calls: the operator calls a sample
+                         makes);
+  tests/test_cuda.py     every sample's operator calls on CUDA against the CPU kernels;
+  tests/test_conv2d.py, tests/test_linear.py
+                         every sample under each compiled CPU instruction set.
+
+COVER samples are small (at most MAX_NUMEL elements over their tensors), so that gradcheck and
+opcheck are cheap; LARGE adds hand-picked bigger calls (tiles, long rows, many terms), compared
+with torch and across devices only. The lists are the same on every run and machine: each op's
+draws come from a generator seeded with the op's name. Edge cases and bad input stay with the
+tests of each op (tests/test_<op family>.py).
+
+Adding an operator: a generator in fuzz_configs.OPS and its entries here; tests/test_registry.py
+checks that every schema gets samples.
+"""
+import contextlib
+import functools
+import random
+import zlib
+from typing import List, NamedTuple, Tuple
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fuzz_configs
+from differential import call
+from fuzz_configs import Case, TensorSpec, build, draw, materialize
+
+REDUCTIONS = fuzz_configs.REDUCTIONS
+PLAIN = dict(specials=())           # a tensor without NaN / inf
+NAN_INF = dict(specials=("nan", "inf", "-inf"))
+
+# The options each op's samples cover: one sample per entry, a random legal call with these params
+# forced (fuzz_configs.draw; a tensor's options as a dict, merged into the drawn ones). An empty
+# entry is a plain random draw.
+COVER = {
+    "conv2d": [
+        {}, {}, {},
+        dict(groups=1, bias=False),
+        dict(groups=2, in_per_group=2, out_per_group=1),
+        dict(groups=3, in_per_group=1, out_per_group=2),            # depthwise, multiplier 2
+        dict(padding="same", stride=(1, 1), kernel=(3, 3)),
+        dict(padding="same", stride=(1, 1), kernel=(2, 3), dilation=(2, 1)),  # odd total padding
+        dict(padding="valid", stride=(1, 1)),
+        dict(padding="valid", stride=(2, 3)),
+        dict(padding=(2, 0), stride=(2, 3)),
+        dict(padding=(0, 1), dilation=(2, 3)),
+        dict(kernel=(1, 1), padding=(0, 0)),                         # pointwise
+        dict(batch=None),                                            # unbatched
+        dict(batch=None, groups=2, bias=False),
+        dict(batch=0),                                               # empty batch
+        dict(batch=16, stride=(1, 1)),                               # batch-innermost path
+        dict(batch=17, stride=(1, 1), padding=(2, 2), dilation=(2, 2)),
+        dict(input=dict(layout="channels_last")),
+        dict(input=dict(layout="channels_last"), weight=dict(layout="channels_last")),
+        dict(input=dict(layout="strided"), weight=dict(layout="transposed")),
+        dict(input=dict(layout="offset"), bias_tensor=dict(layout="strided")),
+        dict(input=dict(NAN_INF, layout="contiguous")),
+        dict(weight=dict(specials=("inf",))),
+        dict(scalar_args=True),
+        dict(frozen=("input",)), dict(frozen=("weight", "bias"), bias=True),
+        dict(frozen=("input", "weight"), bias=True),
+        dict(dtype="float32"), dict(dtype="float64"),
+    ],
+    "max_pool2d": [
+        {}, {}, {},
+        dict(return_indices=True), dict(return_indices=False),
+        dict(ceil_mode=True, stride=(2, 2), kernel=(3, 3)),
+        dict(ceil_mode=True, stride=(3, 2), kernel=(2, 2), padding=(1, 1)),
+        dict(dilation=(2, 3)),
+        dict(dilation=(3, 1), padding=(2, 0), kernel=(2, 1)),         # padding beyond k // 2
+        dict(kernel=(1, 2), stride=(1, 1), padding=(0, 1), dilation=(1, 3), width=2),
+        dict(stride=None),                                            # stride = kernel_size
+        dict(batch=None), dict(batch=0), dict(batch=1),
+        dict(input=dict(values="ties")),
+        dict(input=dict(NAN_INF)),
+        dict(input=dict(layout="channels_last")),
+        dict(input=dict(layout="strided")),
+        dict(input=dict(layout="transposed")),
+        dict(scalar_args=True),
+        dict(dtype="float32"), dict(dtype="float64"),
+    ],
+    "linear": [
+        {}, {}, {},
+        dict(bias=False), dict(bias=True),
+        dict(lead=()),                                                # one input vector
+        dict(lead=(1,)), dict(lead=(2, 3)), dict(lead=(2, 1, 3)),
+        dict(lead=(0,)), dict(in_features=0), dict(out_features=0),
+        dict(in_features=37, out_features=9),
+        dict(input=dict(layout="transposed"), weight=dict(layout="transposed")),
+        dict(input=dict(layout="strided"), bias_tensor=dict(layout="strided")),
+        dict(input=dict(layout="expanded")),
+        dict(input=dict(NAN_INF)),
+        dict(frozen=("input",)), dict(frozen=("weight", "bias"), bias=True),
+        dict(frozen=("input", "weight"), bias=True),
+        dict(dtype="float32"), dict(dtype="float64"),
+    ],
+    "softmax": [
+        {}, {}, {},
+        dict(shape=(), dim=0), dict(shape=(), dim=-1), dict(shape=(6,), dim=0),
+        dict(shape=(4, 10), dim=1), dict(shape=(4, 10), dim=0), dict(shape=(3, 7, 5), dim=1),
+        dict(shape=(2, 3, 4, 5), dim=-3), dict(shape=(2, 3, 4, 5), dim=3),
+        dict(shape=(0, 4), dim=1), dict(shape=(3, 0), dim=1), dict(shape=(2, 70), dim=1),
+        dict(shape=(2, 3, 4, 5), input=dict(layout="channels_last")),
+        dict(shape=(5, 6), input=dict(layout="transposed")),
+        dict(input=dict(layout="strided")),
+        dict(shape=(4, 9), input=dict(NAN_INF)),
+        dict(scale=8),                                                # large logits
+        dict(as_float64=True),                                        # dtype=torch.float64
+        dict(dtype="float32", as_float64=False), dict(dtype="float64"),
+    ],
+    "mse_loss": [
+        {}, {},
+        *[dict(reduction=r, weighted=w) for r in REDUCTIONS for w in (False, True)],
+        dict(shape=()), dict(shape=(0,)), dict(shape=(3, 0)), dict(shape=(1, 5)),
+        dict(shape=(4, 3), broadcast=(0, (True, False))),             # target (1, 3)
+        dict(shape=(2, 3, 4), broadcast=(1, (False, False, False))),  # target (3, 4)
+        dict(input=dict(layout="transposed"), target=dict(layout="strided")),
+        dict(input=dict(layout="channels_last")),
+        dict(input=dict(NAN_INF), target=dict(specials=("nan",))),
+        dict(dtype="float32"), dict(dtype="float64"),
+    ],
+    "binary_cross_entropy": [
+        {}, {},
+        *[dict(reduction=r, weight=w) for r in REDUCTIONS for w in (None, "full", "last")],
+        dict(shape=()), dict(shape=(0,)), dict(shape=(1, 5)),
+        dict(target=dict(values="binary")), dict(target=dict(values="probability")),
+        dict(input=dict(layout="transposed"), target=dict(layout="expanded")),
+        dict(input=dict(layout="channels_last")),
+        dict(input=dict(NAN_INF)),                                    # torch and pyengine refuse
+        dict(dtype="float32"), dict(dtype="float64"),
+    ],
+    "cross_entropy": [
+        {}, {},
+        *[dict(reduction=r, weighted=w, form="(N, C)") for r in REDUCTIONS for w in (False, True)],
+        dict(ignore_index=-100), dict(ignore_index=1, classes=4), dict(ignore_index=0),
+        dict(form="(C)"), dict(form="(C)", reduction="sum", weighted=True),
+        dict(form="(N, C, d...)", spatial=(3, 4)), dict(form="(N, C, d...)", spatial=(2,)),
+        dict(form="(N, C)", batch=0, reduction="sum"), dict(form="(N, C)", batch=0),
+        dict(form="(N, C)", classes=1),
+        dict(form="(N, C)", classes=13),
+        dict(input=dict(layout="transposed")),
+        dict(input=dict(NAN_INF), form="(N, C)"),
+        dict(scale=8),
+        dict(dtype="float32"), dict(dtype="float64"),
+    ],
+}
+# The elementwise activations: every shape kind and layout.
+_ACTIVATION = [
+    {}, {}, {},
+    dict(shape=()), dict(shape=(0,)), dict(shape=(3, 0, 2)), dict(shape=(1,)),
+    dict(shape=(7, 33)), dict(shape=(3, 5, 29)),
+    dict(shape=(2, 3, 4, 5), input=dict(layout="channels_last")),
+    dict(shape=(5, 6), input=dict(layout="transposed")),
+    dict(input=dict(layout="strided")), dict(input=dict(layout="expanded")),
+    dict(input=dict(layout="offset")),
+    dict(input=dict(values="ties")),
+    dict(shape=(40,), input=dict(NAN_INF)),
+    dict(dtype="float32"), dict(dtype="float64"),
+]
+COVER["relu"] = _ACTIVATION + [dict(inplace=True), dict(scale=-20)]
+COVER["leaky_relu"] = _ACTIVATION + [
+    dict(negative_slope=s) for s in fuzz_configs.SLOPES] + [dict(inplace=True, negative_slope=0.2)]
+COVER["sigmoid"] = _ACTIVATION + [dict(scale=6)]
+COVER["tanh"] = _ACTIVATION + [dict(scale=6)]
+COVER["log_softmax"] = COVER["softmax"]
+
+# Bigger hand-picked calls: blocked and tiled kernel paths, long rows and many summed terms. Too
+# large for gradcheck and opcheck; compared with torch, and CUDA against the CPU.
+_CONV = dict(groups=1, stride=(1, 1), padding=(0, 0), dilation=(1, 1), dtype="float64")
+LARGE = {
+    "conv2d": [
+        dict(_CONV, batch=8, in_per_group=1, out_per_group=6, height=32, width=32,
+             kernel=(5, 5)),                                          # LeNet conv1
+        dict(_CONV, batch=8, in_per_group=6, out_per_group=16, height=14, width=14,
+             kernel=(5, 5)),                                          # LeNet conv2
+        dict(_CONV, batch=2, in_per_group=20, out_per_group=70, height=9, width=9,
+             kernel=(3, 3), padding=(1, 1)),                          # 64 x 64 output tiles
+        dict(_CONV, batch=16, in_per_group=3, out_per_group=4, height=40, width=40,
+             kernel=(3, 3), stride=(2, 2), padding=(1, 1)),           # split-K in grad_weight
+        dict(_CONV, batch=40, in_per_group=2, out_per_group=3, height=5, width=6,
+             kernel=(3, 3), padding=(1, 1)),                          # batch-innermost chunks
+    ],
+    "max_pool2d": [
+        dict(batch=2, channels=3, height=33, width=47, kernel=(3, 4), stride=(1, 2),
+             padding=(1, 2), dilation=(1, 1), ceil_mode=True),
+        dict(batch=1, channels=4, height=28, width=80, kernel=(2, 2), stride=(2, 2),
+             padding=(0, 0), dilation=(1, 1), input=dict(values="ties")),
+    ],
+    "linear": [
+        dict(lead=(130,), in_features=70, out_features=90),
+        dict(lead=(300,), in_features=40, out_features=10),
+        dict(lead=(9,), in_features=300, out_features=200, dtype="float64"),
+        dict(lead=(2, 3), in_features=17, out_features=33),
+    ],
+    "softmax": [dict(shape=(2, 3000), dim=1), dict(shape=(3, 300, 5), dim=1),
+                dict(shape=(2, 513, 3), dim=1)],
+    "mse_loss": [dict(shape=(10000,), broadcast=None, weighted=True),
+                 dict(shape=(40, 33), broadcast=None)],
+    "binary_cross_entropy": [dict(shape=(10000,), weight="full"), dict(shape=(40, 33))],
+    "cross_entropy": [dict(form="(N, C)", batch=300, classes=3),
+                      dict(form="(N, C)", batch=3, classes=100),
+                      dict(form="(N, C)", batch=500, classes=7, weighted=True)],
+}
+_LARGE_ACTIVATION = [dict(shape=(3, 5, 129)), dict(shape=(2, 300, 7), input=dict(NAN_INF))]
+for _op in ("relu", "leaky_relu", "sigmoid", "tanh"):
+    LARGE[_op] = _LARGE_ACTIVATION
+LARGE["log_softmax"] = LARGE["softmax"]
+
+# COVER samples hold at most this many elements over all their tensors.
+MAX_NUMEL = 600
+
+
+class Sample(NamedTuple):
+    op: str         # the pyengine.functional function
+    index: int      # its place in samples(op)
+    forced: dict    # the COVER / LARGE entry it was drawn for
+    large: bool
+    case: Case
+
+    @property
+    def id(self):
+        return f"{self.op}-{self.index}"
+
+    def __str__(self):
+        tensors = ", ".join(f"{k}: {v}" for k, v in fuzz_configs.describe(self.case).items())
+        return (f"sample {self.id} (forced {self.forced}) seed {self.case.seed} "
+                f"params {self.case.params}; {tensors}")
+
+
+def _numel(case):
+    return sum(fuzz_configs.numel(s.shape) for _, s in case.tensors())
+
+
+def _plain(op):
+    """Forced params that keep NaN and inf out of every tensor of an op's call: the samples hold
+    special values only where an entry asks for them (the fuzz lane draws them at random)."""
+    drawn = fuzz_configs.OPS[op][0](random.Random(0))
+    return {k: PLAIN for k, v in drawn.items() if isinstance(v, dict) and "specials" in v}
+
+
+@functools.lru_cache(maxsize=None)
+def samples(op: str) -> Tuple[Sample, ...]:
+    """The samples of pyengine.functional.<op>: COVER's (small), then LARGE's."""
+    rng = random.Random(zlib.crc32(op.encode()))
+    small = lambda case: _numel(case) <= MAX_NUMEL  # noqa: E731
+    out = []
+    for large, entries in ((False, COVER[op]), (True, LARGE.get(op, []))):
+        for forced in entries:
+            plain = {k: dict(v, **forced.get(k, {})) for k, v in _plain(op).items()}
+            params = draw(op, rng, forced=dict(forced, **plain, direct_backward=True),
+                          accept=None if large else small)
+            case = build(op, params, rng.getrandbits(31))
+            out.append(Sample(op, len(out), forced, large, case))
+    return tuple(out)
+
+
+def all_samples(large=True) -> List[Sample]:
+    """Every op's samples (without the LARGE ones if large=False)."""
+    return [s for op in fuzz_configs.OPS for s in samples(op) if large or not s.large]
+
+
+def in_both_dtypes(sample: Sample) -> List[Case]:
+    """The sample's call in float32 and in float64 (where fuzz_configs allows the other dtype:
+    float32 only for sums helpers.TOL holds)."""
+    out = [sample.case]
+    other = {"float32": "float64", "float64": "float32"}[sample.case.params["dtype"]]
+    try:
+        out.append(build(sample.op, dict(sample.case.params, dtype=other), sample.case.seed))
+    except fuzz_configs.Illegal:
+        pass
+    return out
+
+
+# ---- float64 gradcheck -------------------------------------------------------------------------
+
+def gradcheck_case(case: Case) -> Case:
+    """The same call (shapes, options, layouts) in float64 on values where the op is smooth, as
+    gradcheck's finite differences need: no NaN / inf, no ties or zeros ("normal" values: away
+    from relu's kink and max-pool's ties with probability 1), probabilities inside (0, 1), weights
+    that do not sum to 0, unit scale, no stride-0 (expanded) layout, which gradcheck refuses."""
+    def smooth(opts):
+        values = {"ties": "normal", "probability": "open_probability",
+                  "weights": "positive"}.get(opts["values"], opts["values"])
+        layout = "strided" if opts["layout"] == "expanded" else opts["layout"]
+        return dict(opts, values=values, layout=layout, specials=())
+
+    p = {k: smooth(v) if isinstance(v, dict) and "layout" in v else v
+         for k, v in case.params.items()}
+    p["dtype"] = "float64"
+    if "scale" in p:
+        p["scale"] = 0
+    if case.op == "binary_cross_entropy" and p["target"]["values"] == "open_probability":
+        p["target"] = dict(p["target"], values="probability")  # the target gets no gradient
+    return build(case.op, p, case.seed)
+
+
+# ---- the operator calls a sample makes ----------------------------------------------------------
+
+class OpCall(NamedTuple):
+    op: torch._ops.OpOverload   # torch.ops.pyengine.<name>.default
+    args: tuple
+
+    @property
+    def name(self):
+        return self.op._schema.name.split("::")[1]
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records every pyengine operator the dispatcher runs (below autograd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "pyengine":
+            self.calls.append(OpCall(func, tuple(args)))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _record_functional_ops():
+    """pyengine.functional's operator calls as it makes them (above autograd, so the op it picks:
+    max_pool2d, or max_pool2d_with_indices for return_indices=True): it takes its torch.ops path,
+    the one it takes under torch.compile, here through a recorder."""
+    import pyengine._functional as functional
+
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            packet = getattr(torch.ops.pyengine, name)
+
+            def record(*args):
+                calls.append(OpCall(packet.default, args))
+                return packet(*args)
+            return record
+
+    with mock.patch.object(functional, "_ops", Recorder()), \
+            mock.patch.object(functional, "_is_compiling", lambda: True):
+        yield calls
+
+
+def _leaf(value, requires_grad):
+    if isinstance(value, torch.Tensor):
+        return value.detach().requires_grad_(requires_grad and value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_leaf(v, requires_grad) for v in value)
+    return value
+
+
+def op_calls(case: Case, device="cpu") -> List[OpCall]:
+    """The operator calls one sample makes on `device`: the forward op pyengine.functional calls
+    (its tensors fresh leaves that require grad where the call's do), then the backward ops
+    autograd calls for a random grad_output (tensors detached: backward ops are not
+    differentiable). A call that must raise (Case.expect_error) makes none."""
+    if case.expect_error:
+        return []
+    gen = torch.Generator().manual_seed(case.seed)
+    args, kwargs = materialize(case, gen, device)
+    import pyengine.functional as PF
+
+    with _record_functional_ops() as forward:
+        out = call(getattr(PF, case.op), args, kwargs)
+    assert len(forward) == 1, forward
+    calls = [OpCall(forward[0].op, _leaf(forward[0].args, True))]
+    primary = out[0] if isinstance(out, tuple) else out
+    if primary.requires_grad:
+        g = torch.randn(primary.shape, generator=gen, dtype=primary.dtype).to(device)
+        with _RecordOps() as recorder:
+            primary.backward(g)
+        calls += [OpCall(c.op, _leaf(c.args, False)) for c in recorder.calls]
+    return calls
+
+
+@functools.lru_cache(maxsize=None)
+def _all_op_calls() -> Tuple[Tuple[Sample, OpCall], ...]:
+    return tuple((sample, c) for sample in all_samples() for c in op_calls(sample.case))
+
+
+def op_samples(name: str) -> List[Tuple[Sample, OpCall]]:
+    """Every call of the operator torch.ops.pyengine.<name> that the samples make (on the CPU),
+    with the sample that made it."""
+    return [(sample, c) for sample, c in _all_op_calls() if c.name == name]
+
+
+def has_special_values(sample: Sample) -> bool:
+    return any(s.specials for _, s in sample.case.tensors() if isinstance(s, TensorSpec))
