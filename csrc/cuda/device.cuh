@@ -25,6 +25,19 @@ __host__ __device__
 }
 #endif
 
+// PE_LAUNCH_CAP(name, value): an int64 launch cap, one of the shape-independent limits on grids,
+// chunks and splits in csrc/cuda (grid-stride grids, tile loops, gridDim.z batches, split-K and
+// chunk counts). Only huge tensors reach them on a GPU, so the paths past them would go untested:
+// the CUDA emulation lane (tests/cuda_emu; its <cuda_runtime.h> defines PE_CUDA_EMULATION) makes
+// each one a variable it can shrink, so small tensors take those paths too. In a CUDA build each
+// is a plain constexpr.
+#ifdef PE_CUDA_EMULATION
+#define PE_LAUNCH_CAP(name, value) \
+  inline int64_t name = ::pe_emu::register_cap<int64_t>(&name, #name, value)
+#else
+#define PE_LAUNCH_CAP(name, value) constexpr int64_t name = value
+#endif
+
 namespace pyengine {
 namespace cuda {
 
@@ -32,7 +45,7 @@ namespace cuda {
 constexpr int kThreads = 256;
 // Grid-stride kernels cap their grid here: 2^16 blocks of 256 threads is ~125 resident waves on
 // an H100 (132 SMs x 2048 threads), plenty to saturate memory; larger tensors loop.
-constexpr int64_t kMaxBlocks = int64_t(1) << 16;
+PE_LAUNCH_CAP(kMaxBlocks, int64_t(1) << 16);
 
 inline unsigned grid_for(int64_t n, int64_t threads = kThreads) {
   int64_t blocks = (n + threads - 1) / threads;

@@ -42,11 +42,11 @@ constexpr int kBK = 16;
 constexpr int kGemmThreads = 256;
 // Split-K: aim for this many blocks in flight (two per SM of an H100; a shape-only constant, so
 // results do not depend on the GPU), with at least kMinKPerSplit values of k per chunk.
-constexpr int64_t kTargetBlocks = 264;
-constexpr int64_t kMinKPerSplit = 512;
-constexpr int64_t kMaxSplits = 1024;
-constexpr int64_t kMaxTileBlocks = int64_t(1) << 20;
-constexpr int64_t kMaxGridZ = 65535;
+PE_LAUNCH_CAP(kTargetBlocks, 264);
+PE_LAUNCH_CAP(kMinKPerSplit, 512);
+PE_LAUNCH_CAP(kMaxSplits, 1024);
+PE_LAUNCH_CAP(kMaxTileBlocks, int64_t(1) << 20);
+PE_LAUNCH_CAP(kMaxGridZ, 65535);  // the hardware's gridDim.z limit
 
 template <typename T>
 __device__ __forceinline__ T fma_(T a, T b, T c) {

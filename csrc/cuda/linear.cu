@@ -43,9 +43,9 @@ struct RowMajorStore {
 //   spatial == 1 (linear): a block of 32 channels x 8 row-groups per chunk of rows; a warp reads
 //                       32 consecutive channels of a row: coalesced.
 
-constexpr int64_t kItemsPerChunk = 8192;
-constexpr int64_t kTargetChunkBlocks = 528;
-constexpr int64_t kMaxChunks = 1024;
+PE_LAUNCH_CAP(kItemsPerChunk, 8192);
+PE_LAUNCH_CAP(kTargetChunkBlocks, 528);
+PE_LAUNCH_CAP(kMaxChunks, 1024);
 
 struct ChannelPlan {
   int64_t chunks, per_chunk;

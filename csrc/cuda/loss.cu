@@ -37,7 +37,7 @@ namespace {
 
 // ---- Two-pass deterministic sums of (a, b) pairs ----------------------------------------------
 
-constexpr int64_t kChunk = kThreads * 16;  // items per pass-1 block
+PE_LAUNCH_CAP(kChunk, kThreads * 16);  // items per pass-1 block
 
 int64_t chunks_for(int64_t n) { return (n + kChunk - 1) / kChunk; }
 // Partials of both sums, then the two totals.
