@@ -47,8 +47,8 @@ TORCH_LIBRARY(pyengine, m) {
   // indices: each window's gradient goes to the element its index names. An index outside the
   // H*W plane is an error (a device-side assert on CUDA), except for a window with no input
   // element at all (dilation with padding can make one; its output is -inf), which passes no
-  // gradient. An in-plane index that is not one of its window's taps: the CPU adds the
-  // gradient there (torch's CPU scatter), CUDA ignores it (a gather, like torch's CUDA kernel).
+  // gradient. An in-plane index that is not one of its window's taps gets the gradient all the
+  // same, on every device (torch's CPU scatter; torch's CUDA kernel drops it).
   m.def("max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
         "-> Tensor");

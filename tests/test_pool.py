@@ -148,39 +148,28 @@ def test_window_with_no_input_element(device, dtype):
     assert torch.equal(gi.cpu(), torch.zeros(1, 1, 1, 2, dtype=dtype))
 
 
-def gather_reference(g, idx, x_shape, cfg):
-    """The gradient by the definition, plane by plane, in float64: each window with an input
-    element adds its gradient where its index points if that element is one of its taps
-    (`taps_only`, CUDA's gather) or anywhere in the plane (the CPU's scatter); windows with no
-    input element add nothing."""
-    h, w = x_shape[-2:]
+def backward_reference(g, idx, x, cfg):
+    """The gradient by the definition (csrc/ops.cpp), plane by plane, in float64, on every device:
+    each window with an input element adds its gradient wherever in the plane its index points
+    (torch's CPU scatter), a tap of the window or not; windows with no input element add
+    nothing."""
+    h, w = x.shape[-2:]
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (cfg[a] for a in ("kernel_size", "stride", "padding",
                                                               "dilation"))
     oh_n, ow_n = g.shape[-2:]
-    gp, ip = g.reshape(-1, oh_n, ow_n).double(), idx.reshape(-1, oh_n, ow_n)
-
-    def run(taps_only):
-        out = torch.zeros(gp.shape[0], h * w, dtype=torch.float64)
-        for oh in range(oh_n):
-            rows = [oh * sh - ph + i * dh for i in range(kh)]
-            for ow in range(ow_n):
-                cols = [ow * sw - pw + j * dw for j in range(kw)]
-                taps = {r * w + c for r in rows for c in cols if 0 <= r < h and 0 <= c < w}
-                if not taps:
-                    continue
-                for p in range(gp.shape[0]):
-                    i = int(ip[p, oh, ow])
-                    if (i in taps) if taps_only else 0 <= i < h * w:
-                        out[p, i] += gp[p, oh, ow]
-        return out.reshape(x_shape)
-
-    return run(True), run(False)
-
-
-def backward_reference(g, idx, x, cfg):
-    """What max_pool2d_backward gives on x's device for these indices (see csrc/ops.cpp)."""
-    taps_only, scatter = gather_reference(g.cpu(), idx.cpu(), x.shape, cfg)
-    return (taps_only if x.device.type == "cuda" else scatter).to(g.dtype)
+    gp, ip = g.cpu().reshape(-1, oh_n, ow_n).double(), idx.cpu().reshape(-1, oh_n, ow_n)
+    out = torch.zeros(gp.shape[0], h * w, dtype=torch.float64)
+    for oh in range(oh_n):
+        rows = [oh * sh - ph + i * dh for i in range(kh)]
+        for ow in range(ow_n):
+            cols = [ow * sw - pw + j * dw for j in range(kw)]
+            if not any(0 <= r < h and 0 <= c < w for r in rows for c in cols):
+                continue
+            for p in range(gp.shape[0]):
+                i = int(ip[p, oh, ow])
+                if 0 <= i < h * w:
+                    out[p, i] += gp[p, oh, ow]
+    return out.reshape(x.shape).to(g.dtype)
 
 
 WIDE = (2, 3, 6, 32)  # 2x2 / stride 2 windows over rows wide enough for the vector gather
@@ -212,9 +201,9 @@ def test_backward_rejects_indices_outside_the_plane(shape, bad):
 @pytest.mark.parametrize("cfg, shape", [(K2, WIDE), (K2, (2, 3, 5, 7)), (K3, (2, 3, 9, 11)),
                                         (K3S1, (3, 8, 40))], ids=["k2wide", "k2", "k3", "k3s1"])
 def test_backward_in_plane_indices_that_are_not_taps(device, dtype, cfg, shape):
-    """Hand-made indices inside the plane, taps of their window or not: the CPU adds each
-    window's gradient wherever its index points, as torch's CPU backward does; CUDA (a gather, as
-    torch's CUDA backward) keeps only the taps."""
+    """Hand-made indices inside the plane, taps of their window or not, inside its span or far
+    from it: each window's gradient goes wherever its index points, as torch's CPU backward does,
+    on every device (CUDA gathers, with a second pass for indices outside their window's span)."""
     x = torch.randn(shape, dtype=dtype, device=device)
     out, idx = ops.max_pool2d_with_indices(x, *args(cfg))
     h, w = shape[-2:]

@@ -55,10 +55,14 @@ cudaError_t softmax_backward(const T* grad, const T* result, T* grad_input, int6
 template <typename T>
 cudaError_t max_pool2d_forward(const T* input, T* output, int64_t* indices,
                                const Pool2dGeometry<int64_t>& g, cudaStream_t stream);
-// Gathers: each input element sums, in output order, the grad of the windows whose index names it.
+// The CPU kernel's scatter (any in-plane index; windows without an in-bounds tap pass nothing),
+// computed as a gather: each input element sums, in output order, the grad of the windows whose
+// index names it. workspace: max_pool2d_backward_workspace() ints.
+int64_t max_pool2d_backward_workspace();
 template <typename T>
 cudaError_t max_pool2d_backward(const T* grad_output, const int64_t* indices, T* grad_input,
-                                const Pool2dGeometry<int64_t>& g, cudaStream_t stream);
+                                const Pool2dGeometry<int64_t>& g, int* workspace,
+                                cudaStream_t stream);
 
 // ---- linear (linear.cu) ------------------------------------------------------------------------
 // x (rows, in), w (out, in), y (rows, out).

@@ -10,16 +10,22 @@
 // 2^31 elements). Adjacent threads take adjacent outputs of a row, so their windows' taps are
 // stride_w apart: coalesced enough, and the overlapping taps of neighbouring windows hit L1.
 //
-// Backward: a GATHER, deterministic without atomics. One thread per input element walks the
-// output windows that can contain it (oh in [ceil((ih + pad - eff + 1) / stride), (ih + pad) /
-// stride], same for ow), in output order, and adds grad_output where the window's index names
-// this element: the CPU kernel's sum (zero, then += in output order), so results match it
-// bitwise for indices the forward pass produced. An index that names no tap of its own window
-// adds nothing here (torch's CUDA kernel, also a gather, drops those outside the window), where
-// the CPU kernel adds it to whatever in-plane element it names (torch's CPU scatter). An index
-// outside the plane for a window with an in-bounds tap fails the kernel (a device-side assert;
-// the CPU raises); a window with no in-bounds tap at all (dilation with padding can make one; its
-// output is -inf) passes no gradient, whatever its index.
+// Backward: the CPU kernel's semantics (csrc/cpu/pool.cpp, torch's CPU scatter): grad_input = 0,
+// then grad_input[indices[o]] += grad_output[o] for every output o of a plane in order, for any
+// index inside the H*W plane, a tap of o's window or not; a window with no in-bounds tap
+// (dilation with padding can make one; its output is -inf) passes no gradient, whatever its
+// index; an index outside the plane for any other window is an error (a device-side assert; the
+// CPU raises). Computed as a GATHER, deterministic without atomics, in two kernels:
+//   1. one thread per input element walks the windows whose span holds it (oh in
+//      [ceil((ih + pad - eff + 1) / stride), (ih + pad) / stride], same for ow), in output order,
+//      and adds grad_output where the window's index names it: the scatter's sum, bitwise, for
+//      every index inside its own window's span (all the forward pass produces). The thread of
+//      each window's first in-bounds tap also checks that window's index, once: outside the plane
+//      fails, inside the plane but outside the span (a "stray", only user-supplied indices make
+//      one) raises a flag in global memory;
+//   2. only when the flag is up, one thread per input element scans every output of its plane
+//      in order instead: the same sum for any index, at O(H*W * OH*OW) work. Without strays it
+//      reads one flag and returns, so no host synchronisation is needed to choose.
 //
 // Napkin math (H100, device.cuh: ~3 TB/s), LeNet pool1 at batch 8192 fp32 (8192x6x28x28 ->
 // 14x14, k2 s2):
@@ -73,10 +79,22 @@ __global__ void max_pool2d_forward_kernel(const T* __restrict__ input, T* __rest
   }
 }
 
+// Whether window (oh, ow) has no in-bounds tap: all its taps miss the input on one axis.
+__device__ __forceinline__ bool window_is_empty(int64_t oh, int64_t ow, const Geometry& g,
+                                                int64_t eff_h, int64_t eff_w) {
+  const int64_t hs = oh * g.stride_h - g.padding_h;
+  const int64_t ws = ow * g.stride_w - g.padding_w;
+  return first_tap(hs, g.dilation_h) >= min(hs + eff_h, g.in_h) ||
+         first_tap(ws, g.dilation_w) >= min(ws + eff_w, g.in_w);
+}
+
+__global__ void clear_flag_kernel(int* flag) { *flag = 0; }
+
 template <typename T>
 __global__ void max_pool2d_backward_kernel(const T* __restrict__ grad_output,
                                            const int64_t* __restrict__ indices,
-                                           T* __restrict__ grad_input, const Geometry g) {
+                                           T* __restrict__ grad_input, const Geometry g,
+                                           int* __restrict__ stray) {
   const int64_t eff_h = g.effective_kernel_h();
   const int64_t eff_w = g.effective_kernel_w();
   const int64_t total = g.planes() * g.in_pixels();
@@ -100,28 +118,49 @@ __global__ void max_pool2d_backward_kernel(const T* __restrict__ grad_output,
     T acc = 0;
     for (int64_t oh = oh0; oh <= oh1; ++oh) {
       for (int64_t ow = ow0; ow <= ow1; ++ow) {
+        if (window_is_empty(oh, ow, g, eff_h, eff_w)) continue;
         const int64_t o = oh * g.out_w + ow;
         const int64_t i = idx[o];
-        if (i == flat) {
-          // Only a tap counts: dilation leaves gaps in the window's span, and the index of a
-          // window with no in-bounds tap may name an element in one of them.
-          const bool tap = (ih + g.padding_h - oh * g.stride_h) % g.dilation_h == 0 &&
-                           (iw + g.padding_w - ow * g.stride_w) % g.dilation_w == 0;
-          if (tap) acc += grad[o];
-        } else if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(plane_in)) {
-          // An index outside the plane is an error for a window with an in-bounds tap; the
-          // window's first in-bounds tap (one thread per window) reports it. A window with no
-          // in-bounds tap has no such thread: its index is ignored, as on the CPU.
-          const bool first = ih == first_tap(oh * g.stride_h - g.padding_h, g.dilation_h) &&
-                             iw == first_tap(ow * g.stride_w - g.padding_w, g.dilation_w);
-          PE_DEVICE_CHECK(!first,
-                          "pyengine.max_pool2d_backward: the index of output [%lld, %lld] of "
-                          "plane %lld (n * C + c) is %lld, outside the %lldx%lld input plane\n",
-                          static_cast<long long>(oh), static_cast<long long>(ow),
-                          static_cast<long long>(p), static_cast<long long>(i),
-                          static_cast<long long>(g.in_h), static_cast<long long>(g.in_w));
-        }
+        if (i == flat) acc += grad[o];
+        // The window's index, checked by one thread: its first in-bounds tap's.
+        const int64_t hs = oh * g.stride_h - g.padding_h;
+        const int64_t ws = ow * g.stride_w - g.padding_w;
+        if (ih != first_tap(hs, g.dilation_h) || iw != first_tap(ws, g.dilation_w)) continue;
+        PE_DEVICE_CHECK(static_cast<uint64_t>(i) < static_cast<uint64_t>(plane_in),
+                        "pyengine.max_pool2d_backward: the index of output [%lld, %lld] of "
+                        "plane %lld (n * C + c) is %lld, outside the %lldx%lld input plane\n",
+                        static_cast<long long>(oh), static_cast<long long>(ow),
+                        static_cast<long long>(p), static_cast<long long>(i),
+                        static_cast<long long>(g.in_h), static_cast<long long>(g.in_w));
+        const int64_t rh = i / g.in_w - hs, rw = i % g.in_w - ws;
+        if (rh < 0 || rh >= eff_h || rw < 0 || rw >= eff_w) *stray = 1;  // same value: no race
       }
+    }
+    grad_input[e] = acc;
+  }
+}
+
+// Pass 2, for indices outside their window's span: every output of the plane, in order.
+template <typename T>
+__global__ void max_pool2d_backward_strays_kernel(const T* __restrict__ grad_output,
+                                                  const int64_t* __restrict__ indices,
+                                                  T* __restrict__ grad_input, const Geometry g,
+                                                  const int* __restrict__ stray) {
+  if (*stray == 0) return;
+  const int64_t eff_h = g.effective_kernel_h();
+  const int64_t eff_w = g.effective_kernel_w();
+  const int64_t total = g.planes() * g.in_pixels();
+  const int64_t plane_out = g.out_pixels();
+  const int64_t plane_in = g.in_pixels();
+  PE_GRID_STRIDE_LOOP(e, total) {
+    const int64_t p = e / plane_in;
+    const int64_t flat = e % plane_in;
+    const int64_t* idx = indices + p * plane_out;
+    const T* grad = grad_output + p * plane_out;
+    T acc = 0;
+    for (int64_t o = 0; o < plane_out; ++o) {
+      if (idx[o] == flat && !window_is_empty(o / g.out_w, o % g.out_w, g, eff_h, eff_w))
+        acc += grad[o];
     }
     grad_input[e] = acc;
   }
@@ -144,13 +183,18 @@ cudaError_t max_pool2d_forward(const T* input, T* output, int64_t* indices,
   return cudaGetLastError();
 }
 
+int64_t max_pool2d_backward_workspace() { return 1; }
+
 template <typename T>
 cudaError_t max_pool2d_backward(const T* grad_output, const int64_t* indices, T* grad_input,
-                                const Geometry& g, cudaStream_t stream) {
+                                const Geometry& g, int* workspace, cudaStream_t stream) {
   const int64_t total = g.planes() * g.in_pixels();
   if (total <= 0) return cudaSuccess;
+  clear_flag_kernel<<<1, 1, 0, stream>>>(workspace);
   max_pool2d_backward_kernel<T>
-      <<<grid_for(total), kThreads, 0, stream>>>(grad_output, indices, grad_input, g);
+      <<<grid_for(total), kThreads, 0, stream>>>(grad_output, indices, grad_input, g, workspace);
+  max_pool2d_backward_strays_kernel<T>
+      <<<grid_for(total), kThreads, 0, stream>>>(grad_output, indices, grad_input, g, workspace);
   return cudaGetLastError();
 }
 
@@ -158,7 +202,7 @@ cudaError_t max_pool2d_backward(const T* grad_output, const int64_t* indices, T*
   template cudaError_t max_pool2d_forward<T>(const T*, T*, int64_t*, const Geometry&,       \
                                              cudaStream_t);                                 \
   template cudaError_t max_pool2d_backward<T>(const T*, const int64_t*, T*, const Geometry&, \
-                                              cudaStream_t);
+                                              int*, cudaStream_t);
 PE_INSTANTIATE(float)
 PE_INSTANTIATE(double)
 #undef PE_INSTANTIATE

@@ -58,11 +58,12 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input,
   const Tensor go = grad_output.contiguous();
   const Tensor ix = indices.contiguous();
   Tensor grad_input = at::empty(input.sizes(), input.options());
+  Tensor flag = workspace(max_pool2d_backward_workspace(), at::kInt, input);
   dispatch_floating(go.scalar_type(), "max_pool2d_backward", [&](auto tag) {
     using T = decltype(tag);
     C10_CUDA_CHECK(max_pool2d_backward<T>(go.const_data_ptr<T>(), ix.const_data_ptr<int64_t>(),
                                           grad_input.mutable_data_ptr<T>(), g,
-                                          current_stream()));
+                                          mutable_ptr_or_null<int>(flag), current_stream()));
   });
   return as_image_layout(grad_input, pool2d_channels_last(input));
 }
