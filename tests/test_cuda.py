@@ -25,6 +25,8 @@ import torch
 
 import samples
 from helpers import FLOAT_DTYPES
+from parity import (DEVICE_ASSERT_CASES, GpuTarget, assert_bitwise_equal, check_layouts,
+                    check_sample, parity, reduction_calls)
 
 P = torch.ops.pyengine
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,179 +49,34 @@ pytestmark = [
 dtypes = pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 
 
-# ---- helpers ----------------------------------------------------------------------------------
-
-GPU = "cuda"
+GPU = GpuTarget()
 
 
-def same_layout(value, device=None, dtype=None):
-    """value (a tensor, or a list / tuple of them) on `device`, floating tensors in `dtype`, with
-    value's very strides and storage offset, also for the layouts .to() would make dense
-    (every other element, a stride-0 dim, an offset): the whole storage moves."""
-    if isinstance(value, (list, tuple)):
-        return type(value)(same_layout(v, device, dtype) for v in value)
-    if not isinstance(value, torch.Tensor):
-        return value
-    t = value.detach()
-    storage = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
-    moved = storage.to(device=device or t.device,
-                       dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-    return moved.as_strided(t.shape, t.stride(), t.storage_offset())
-
-
-def to_cuda(value):
-    return same_layout(value, GPU)
-
-
-def to_cpu(value):
-    return same_layout(value, "cpu")
-
-
-def assert_same(actual, expected, dtype, exact=False, what=""):
-    """CUDA result `actual` (moved to CPU) against the CPU kernel's `expected`."""
-    if expected is None or actual is None:
-        assert actual is None and expected is None, what
-        return
-    if isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), what
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_same(a, e, dtype, exact, f"{what}[{i}]")
-        return
-    actual = to_cpu(actual)
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
-    # The same strides as the CPU kernel's (torch's layout rules: csrc/common/layout.h).
-    assert actual.stride() == expected.stride(), (what, actual.stride(), expected.stride())
-    if exact or not expected.is_floating_point():
-        assert torch.equal(actual.nan_to_num(0.5), expected.nan_to_num(0.5)) and torch.equal(
-            actual.isnan(), expected.isnan()), what
-        return
-    # Summation orders differ (CPU SIMD lanes and blocking against GPU tiles and trees), so
-    # results agree to a few ulps of the largest accumulated magnitude, not bitwise.
-    finite = expected[expected.isfinite()]
-    scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
-    tol = dict(rtol=1e-4, atol=2e-5 * scale) if dtype == torch.float32 else \
-        dict(rtol=1e-9, atol=1e-11 * scale)
-    torch.testing.assert_close(actual, expected, equal_nan=True, msg=lambda m: f"{what}: {m}",
-                               **tol)
-
-
-def parity(op, *args, exact=False, dtype=torch.float64, what=""):
-    """Runs op on CPU and on CUDA (arguments moved, layouts kept), compares, returns the CPU
-    result."""
-    expected = op(*args)
-    actual = op(*to_cuda(args))
-    torch.cuda.synchronize()
-    assert_same(to_cpu(actual) if isinstance(actual, (list, tuple)) else actual, expected, dtype,
-                exact, what or str(op))
-    return expected
-
-
-# ---- every operator on its samples --------------------------------------------------------------
-
-# No rounding at all (a comparison, a product by the slope, a max): CUDA must match bitwise.
-EXACT = {"relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "max_pool2d",
-         "max_pool2d_with_indices"}
-
+# ---- every operator on its samples, layouts, determinism (tests/parity.py: the emulation lane
+# runs the same checks) --------------------------------------------------------------------------
 
 @dtypes
 @pytest.mark.parametrize("sample", [s for s in samples.all_samples() if not s.case.expect_error],
                          ids=lambda s: s.id)
 def test_parity(sample, dtype):
-    """Each operator call the sample makes, its floating tensors in `dtype`, on CUDA against the
-    CPU kernel (under no_grad: each op's own kernel, max_pool2d's too)."""
-    calls = samples.op_calls(sample.case)
-    assert calls, sample
-    for c in calls:
-        args = same_layout(c.args, dtype=dtype)
-        with torch.no_grad():
-            parity(c.op, *args, exact=c.name in EXACT, dtype=dtype, what=f"{c.name} of {sample}")
+    check_sample(GPU, sample, dtype)
 
-
-ACTIVATIONS = {  # name: (forward, backward, backward takes the input rather than the result)
-    "relu": (lambda x: P.relu(x), lambda g, s: P.relu_backward(g, s), False),
-    "leaky_relu": (lambda x: P.leaky_relu(x, 0.3), lambda g, s: P.leaky_relu_backward(g, s, 0.3),
-                   True),
-    "sigmoid": (lambda x: P.sigmoid(x), lambda g, s: P.sigmoid_backward(g, s), False),
-    "tanh": (lambda x: P.tanh(x), lambda g, s: P.tanh_backward(g, s), False),
-}
-
-
-# ---- memory layouts ------------------------------------------------------------------------------
 
 @dtypes
 def test_layout_parity(dtype):
-    """channels_last and transposed arguments: the CUDA ops return the CPU ops' strides (which
-    tests/test_layout.py holds to torch's)."""
-    cl = torch.channels_last
-    x = torch.randn(2, 4, 9, 9, dtype=dtype).to(memory_format=cl)
-    w = torch.randn(6, 4, 3, 3, dtype=dtype)
-    for ww in (w, w.to(memory_format=cl)):
-        y = parity(P.conv2d, x, ww, None, [1, 1], [1, 1], [1, 1], 1, dtype=dtype, what="conv2d")
-        parity(P.conv2d, x[0], ww, None, [1, 1], [1, 1], [1, 1], 1, dtype=dtype,
-               what="conv2d unbatched")
-        g = torch.randn(y.shape, dtype=dtype)
-        parity(P.conv2d_backward, g, x, ww, [1, 1], [1, 1], [1, 1], 1, [True, True, True],
-               dtype=dtype, what="conv2d_backward")
-    pool = ([3, 3], [2, 2], [1, 1], [1, 1], True)
-    out, idx = parity(P.max_pool2d_with_indices, x, *pool, exact=True, dtype=dtype, what="pool")
-    parity(P.max_pool2d_backward, torch.randn(out.shape, dtype=dtype), x, idx, *pool,
-           dtype=dtype, what="pool backward")
-    xt = torch.randn(7, 5, dtype=dtype).t()
-    for name, (fwd, bwd, from_input) in ACTIVATIONS.items():
-        for inp, g in ((x, torch.randn(x.shape, dtype=dtype)),
-                       (xt, torch.randn(xt.shape, dtype=dtype)),
-                       (xt, torch.randn(xt.shape, dtype=dtype).t().contiguous().t())):
-            y = parity(fwd, inp, dtype=dtype, what=name)
-            parity(bwd, g, inp if from_input else y, dtype=dtype, what=name + "_backward")
-    wt = torch.randn(7, 6, dtype=dtype).t()  # a (6, 7) weight, column-major like xt
-    parity(P.linear_backward, torch.randn(5, 6, dtype=dtype), xt, wt, [True, True, True],
-           dtype=dtype, what="linear_backward, column-major operands")
-    t = torch.rand(x.shape, dtype=dtype)
-    p = torch.rand(x.shape, dtype=dtype).to(memory_format=cl)
-    for loss in ("mse_loss", "binary_cross_entropy"):
-        out = parity(getattr(P, loss), p, t, None, 0, dtype=dtype, what=loss)
-        parity(getattr(P, loss + "_backward"), torch.randn(out.shape, dtype=dtype), p, t, None, 0,
-               dtype=dtype, what=loss + "_backward")
-
-
-# ---- determinism --------------------------------------------------------------------------------
-
-def _twice(op, *args):
-    first, second = op(*args), op(*args)
-    torch.cuda.synchronize()
-    flat = lambda r: [t for t in (r if isinstance(r, (list, tuple)) else [r]) if t is not None]
-    for a, b in zip(flat(first), flat(second)):
-        assert torch.equal(a, b), f"{op} gave different results on two runs"
+    check_layouts(GPU, dtype)
 
 
 @dtypes
 def test_backward_ops_and_reductions_are_deterministic(dtype):
-    dev = dict(device="cuda", dtype=dtype)
-    x, w = torch.randn(64, 3, 32, 32, **dev), torch.randn(8, 3, 5, 5, **dev)
-    g = torch.randn(64, 8, 28, 28, **dev)
-    _twice(P.conv2d_backward, g, x, w, [1, 1], [0, 0], [1, 1], 1, [True, True, True])
-    x, w = torch.randn(5000, 64, **dev), torch.randn(32, 64, **dev)
-    _twice(P.linear_backward, torch.randn(5000, 32, **dev), x, w, [True, True, True])
-    x = torch.randn(8, 4, 33, 33, **dev)
-    out, idx = P.max_pool2d_with_indices(x, [3, 3], [1, 1], [1, 1], [1, 1], False)
-    _twice(P.max_pool2d_backward, torch.randn_like(out), x, idx, [3, 3], [1, 1], [1, 1], [1, 1],
-           False)
-    for dim in (0, 1):
-        y = P.softmax(torch.randn(300, 1000, **dev), dim)
-        _twice(P.softmax_backward, torch.randn_like(y), y, dim)
-        _twice(P.log_softmax_backward, torch.randn_like(y), y.log(), dim)
-    n = 100_003
-    x, t, w = torch.rand(n, **dev), torch.rand(n, **dev), torch.rand(n, **dev)
-    for reduction in (1, 2):
-        _twice(P.mse_loss, x, t, w, reduction)
-        _twice(P.binary_cross_entropy, x, t, w, reduction)
-        _twice(P.mse_loss_backward, torch.tensor(1.0, **dev), x, t, w, reduction)
-        _twice(P.binary_cross_entropy_backward, torch.tensor(1.0, **dev), x, t, w, reduction)
-    x, t = torch.randn(10_000, 10, **dev), torch.randint(0, 10, (10_000,), device="cuda")
-    cw = torch.rand(10, **dev)
-    for reduction in (1, 2):
-        _twice(P.cross_entropy, x, t, cw, reduction, -100)
-        _twice(P.cross_entropy_backward, torch.tensor(1.0, **dev), x, t, cw, reduction, -100)
+    """Bitwise equal results twice, at sizes that take split-K, multi-chunk reductions and
+    overlapping pooling windows; and the CPU kernels' results."""
+    for name, args in reduction_calls(dtype):
+        op = getattr(P, name)
+        first, second = op(*GPU.to(args)), op(*GPU.to(args))
+        torch.cuda.synchronize()
+        assert_bitwise_equal(first, second, f"{name} gave different results on two runs")
+        parity(GPU, name, *args, dtype=dtype)
 
 
 # ---- CUDA graphs --------------------------------------------------------------------------------
@@ -421,33 +278,6 @@ def test_mixed_devices_raise_clear_errors():
             fn()
 
 
-DEVICE_ASSERT_CASES = {
-    "bce_input": ("p = torch.rand(100, device='cuda'); p[42] = 1.5\n"
-                  "P.binary_cross_entropy(p, torch.rand(100, device='cuda'), None, 1)",
-                  "pyengine.binary_cross_entropy: all elements of input should be between 0 and 1"
-                  ", but got input element 1.5 at flat index 42"),
-    "bce_target": ("t = torch.rand(100, device='cuda'); t[7] = -0.5\n"
-                   "P.binary_cross_entropy(torch.rand(100, device='cuda'), t, None, 0)",
-                   "all elements of target should be between 0 and 1"),
-    "cross_entropy_target": ("P.cross_entropy(torch.randn(4, 3, device='cuda'), "
-                             "torch.tensor([0, 1, 5, 2], device='cuda'), None, 1, -100)",
-                             "pyengine.cross_entropy: target 5 is out of bounds: expected target "
-                             "values in [0, 3) or ignore_index=-100, but got target[2] = 5"),
-    "max_pool2d_backward_index": (
-        "x = torch.randn(1, 2, 4, 4, device='cuda')\n"
-        "out, idx = P.max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False)\n"
-        "idx[0, 1, 1, 0] = 16\n"
-        "P.max_pool2d_backward(torch.ones_like(out), x, idx, [2, 2], [2, 2], [0, 0], [1, 1], "
-        "False)",
-        "pyengine.max_pool2d_backward: the index of output [1, 0] of plane 1 (n * C + c) is 16, "
-        "outside the 4x4 input plane"),
-    "cross_entropy_backward_target": (
-        "P.cross_entropy_backward(torch.tensor(1.0, device='cuda'), torch.randn(4, 3, "
-        "device='cuda'), torch.tensor([0, -1, 1, 2], device='cuda'), None, 1, -100)",
-        "pyengine.cross_entropy_backward: target -1 is out of bounds"),
-}
-
-
 @pytest.mark.parametrize("case", list(DEVICE_ASSERT_CASES))
 def test_device_assert_names_the_bad_argument(case):
     """A device-side assert poisons the CUDA context, so each case runs in a process of its own."""
@@ -456,7 +286,7 @@ def test_device_assert_names_the_bad_argument(case):
         import sys
         sys.path.insert(0, {root!r})
         import torch, pyengine
-        P = torch.ops.pyengine
+        P, dev = torch.ops.pyengine, "cuda"
         {call}
         torch.cuda.synchronize()
         print("NO ERROR")
