@@ -61,7 +61,7 @@ namespace {
 // Deep enough for printf and ASan's larger frames (measured: stack_bytes_peak() in selftest);
 // a guard page below each stack turns an overflow into a fault.
 #ifdef PE_EMU_ASAN
-constexpr size_t kStackBytes = 512 * 1024;
+constexpr size_t kStackBytes = 256 * 1024;
 #else
 constexpr size_t kStackBytes = 128 * 1024;
 #endif
@@ -342,7 +342,13 @@ extern "C" void pe_emu_fiber_main() { fiber_main(); }
 
 void init_fiber(Thread& t, Stack& st) {
 #ifdef PE_EMU_ASAN
-  if (st.dirty) __asan_unpoison_memory_region(st.lo, kStackBytes);
+  // A fiber that did not return left the shadow of its frames poisoned; one that did still
+  // leaves fiber_main's frame (it never returns), where the new frame is written below.
+  if (st.dirty) {
+    __asan_unpoison_memory_region(st.lo, kStackBytes);
+  } else {
+    __asan_unpoison_memory_region(st.lo + kStackBytes - page_size(), page_size());
+  }
 #endif
   st.dirty = true;  // until its fiber returns
 #ifdef PE_EMU_UCONTEXT
@@ -424,8 +430,8 @@ struct BlockPermutation {
 std::string describe_thread_state(const Thread& t) {
   switch (t.state) {
     case State::Exited: return "exited";
-    case State::AtBarrier: return format("waits at __syncthreads (%s:%d)", t.bar_file, t.bar_line);
-    case State::AtWarp: return format("waits at %s(mask=0x%08x)", kind_name(t.kind), t.mask);
+    case State::AtBarrier: return format("at __syncthreads (%s:%d)", t.bar_file, t.bar_line);
+    case State::AtWarp: return format("at %s(mask=0x%08x)", kind_name(t.kind), t.mask);
     case State::Runnable: return "runnable";
   }
   return "?";
@@ -453,15 +459,25 @@ void report_stall() {
           seen[m] = true;
         }
       }
-      std::string missing;
+      // The lanes of the mask that are elsewhere, grouped by what they do.
+      std::map<std::string, std::vector<int>> elsewhere;
       for (int m = 0; m < lanes; ++m) {
         if (!(t.mask >> m & 1u)) continue;
         const Thread& u = s.threads[base + m];
         if (u.state == State::AtWarp && u.kind == t.kind && u.mask == t.mask) continue;
-        missing += format("; lane %d %s", m, describe_thread_state(u).c_str());
+        elsewhere[describe_thread_state(u)].push_back(m);
       }
-      msg += format("%swarp %d: lanes %s wait at %s(mask=0x%08x)%s", msg.empty() ? "" : " | ", w,
-                    ranges(group).c_str(), kind_name(t.kind), t.mask, missing.c_str());
+      std::string missing;
+      for (const auto& kv : elsewhere) {
+        const bool one = kv.second.size() == 1;
+        missing += format("; lane%s %s %s%s", one ? "" : "s", ranges(kv.second).c_str(),
+                          kv.first == "exited" ? "" : (one ? "waits " : "wait "),
+                          kv.first.c_str());
+      }
+      msg += format("%swarp %d: lane%s %s %s at %s(mask=0x%08x)%s", msg.empty() ? "" : " | ", w,
+                    group.size() == 1 ? "" : "s", ranges(group).c_str(),
+                    group.size() == 1 ? "waits" : "wait", kind_name(t.kind), t.mask,
+                    missing.c_str());
       ++described;
     }
   }
@@ -487,6 +503,25 @@ void report_stall() {
               "threads %s exited",
               where().c_str(), ranges(waiting).c_str(), first ? first->bar_file : "?",
               first ? first->bar_line : 0, ranges(gone).c_str()));
+}
+
+// All threads wait at a barrier: fails the grid (and returns true) if not all at this one.
+bool report_divergent_barriers(const char* file, int line) {
+  Scheduler& s = S();
+  std::vector<int> here, there;
+  const Thread* other = nullptr;
+  for (int j = 0; j < s.nthreads; ++j) {
+    const Thread& v = s.threads[j];
+    const bool same = v.bar_line == line && std::strcmp(v.bar_file, file) == 0;
+    (same ? here : there).push_back(j);
+    if (!same && other == nullptr) other = &v;
+  }
+  if (other == nullptr) return false;
+  fail(cudaErrorLaunchFailure, true,
+       format("divergent __syncthreads in %s: threads %s wait at %s:%d, threads %s at %s:%d",
+              where().c_str(), ranges(here).c_str(), file, line, ranges(there).c_str(),
+              other->bar_file, other->bar_line));
+  return true;
 }
 
 void run_block(uint3 bidx) {
@@ -651,22 +686,7 @@ void syncthreads(const char* file, int line) {
   t.bar_line = line;
   if (++s.at_barrier == s.nthreads) {
     // Everyone arrived (nobody exited): one barrier, or diverging ones.
-    for (int i = 0; i < s.nthreads; ++i) {
-      const Thread& u = s.threads[i];
-      if (u.bar_line != line || std::strcmp(u.bar_file, file) != 0) {
-        std::vector<int> here, there;
-        for (int j = 0; j < s.nthreads; ++j) {
-          const Thread& v = s.threads[j];
-          (v.bar_line == line && std::strcmp(v.bar_file, file) == 0 ? here : there).push_back(j);
-        }
-        fail(cudaErrorLaunchFailure, true,
-             format("divergent __syncthreads in %s: threads %s wait at %s:%d, threads %s at "
-                    "%s:%d",
-                    where().c_str(), ranges(here).c_str(), file, line, ranges(there).c_str(),
-                    u.bar_file, u.bar_line));
-        abandon_fiber();
-      }
-    }
+    if (report_divergent_barriers(file, line)) abandon_fiber();
     for (int i = 0; i < s.nthreads; ++i) s.threads[i].state = State::Runnable;
     s.at_barrier = 0;  // the last to arrive yields too: the schedule orders every thread
   }
@@ -679,20 +699,24 @@ uint64_t warp_collective(WarpKind kind, unsigned mask, uint64_t bits, int operan
   const int linear = static_cast<int>(&t - s.threads.data());
   const int lane = linear % 32, base = linear - lane;
   const int lanes = std::min(32, s.nthreads - base);
-  auto misuse = [&](const std::string& what) {
+  // Misuse fails the grid; the message is built in a scope that ends before the fiber does.
+  char what[160] = "";
+  if (!(mask >> lane & 1u)) {
+    std::snprintf(what, sizeof what, "mask 0x%08x does not include the calling lane", mask);
+  } else if (lanes < 32 && (mask >> lanes) != 0) {
+    std::snprintf(what, sizeof what,
+                  "mask 0x%08x names lanes beyond the last thread of the block (this warp has "
+                  "%d lanes)",
+                  mask, lanes);
+  } else if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
+    std::snprintf(what, sizeof what, "width %d is not a power of 2 in [1, 32]", width);
+  }
+  if (what[0] != '\0') {
     fail(cudaErrorLaunchFailure, true,
          format("%s in %s, warp %d, lane %d (thread (%u, %u, %u)): %s", kind_name(kind),
-                where().c_str(), base / 32, lane, t.idx.x, t.idx.y, t.idx.z, what.c_str()));
+                where().c_str(), base / 32, lane, t.idx.x, t.idx.y, t.idx.z, what));
     abandon_fiber();
-  };
-  if (!(mask >> lane & 1u)) misuse(format("mask 0x%08x does not include the calling lane", mask));
-  if (lanes < 32 && (mask >> lanes) != 0)
-    misuse(format("mask 0x%08x names lanes beyond the last thread of the block (this warp has "
-                  "%d lanes)",
-                  mask, lanes));
-  if (width < 1 || width > 32 || (width & (width - 1)) != 0)
-    misuse(format("width %d is not a power of 2 in [1, 32]", width));
-
+  }
   t.state = State::AtWarp;
   t.kind = kind;
   t.mask = mask;
