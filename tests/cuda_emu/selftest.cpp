@@ -131,19 +131,22 @@ int case_shared_overrun_indexed() {
 
 // ---- (c) a lane that skips a shuffle --------------------------------------------------------------
 
-__global__ void skipped_shuffle_kernel(float* out, int skipper, bool other_intrinsic) {
+// The skipper exits (0), calls another shuffle (1) or waits at a barrier (2).
+__global__ void skipped_shuffle_kernel(float* out, int skipper, int elsewhere) {
   float v = static_cast<float>(threadIdx.x);
   if (static_cast<int>(threadIdx.x) != skipper) {
     v = __shfl_xor_sync(0xffffffffu, v, 1);
-  } else if (other_intrinsic) {
+  } else if (elsewhere == 1) {
     v = __shfl_down_sync(0xffffffffu, v, 1);
+  } else if (elsewhere == 2) {
+    __syncthreads();
   }
   out[threadIdx.x] = v;
 }
 
 int case_shuffle_deadlock() {
   std::vector<float> out(64, -1.0f);
-  skipped_shuffle_kernel<<<1, 64>>>(out.data(), 37, false);
+  skipped_shuffle_kernel<<<1, 64>>>(out.data(), 37, 0);
   cudaError_t e = cudaGetLastError();
   const std::string msg = pe_emu::last_error_message();
   std::printf("%s\n", msg.c_str());
@@ -154,7 +157,7 @@ int case_shuffle_deadlock() {
                            "lane 5 exited"})
     CHECK(contains(msg, part), "message lacks '%s'", part);
   pe_emu::reset_device();
-  skipped_shuffle_kernel<<<1, 32>>>(out.data(), 5, true);
+  skipped_shuffle_kernel<<<1, 32>>>(out.data(), 5, 1);
   e = cudaGetLastError();
   const std::string msg2 = pe_emu::last_error_message();
   std::printf("%s\n", msg2.c_str());
@@ -163,6 +166,14 @@ int case_shuffle_deadlock() {
             contains(msg2, "lanes 0-4, 6-31 wait at __shfl_xor_sync(mask=0xffffffff)"),
         "message: %s",
         msg2.c_str());
+  pe_emu::reset_device();
+  skipped_shuffle_kernel<<<1, 32>>>(out.data(), 31, 2);
+  e = cudaGetLastError();
+  const std::string msg3 = pe_emu::last_error_message();
+  CHECK(e == cudaErrorLaunchFailure, "got %s", cudaGetErrorName(e));
+  CHECK(contains(msg3, "lanes 0-30 wait at __shfl_xor_sync(mask=0xffffffff); lane 31 waits at "
+                       "__syncthreads (tests/cuda_emu/selftest.cpp:"),
+        "message: %s", msg3.c_str());
   pe_emu::reset_device();
   CHECK(cudaGetLastError() == cudaSuccess, "reset_device left an error");
   return 0;
@@ -360,6 +371,13 @@ __global__ void intrinsics_kernel(int* out) {
   }
 }
 
+// Lanes are linear ids (x + y * bx + z * bx * by) modulo 32, warps 32 consecutive linear ids.
+__global__ void warp_of_2d_block_kernel(int* out) {
+  const int linear = static_cast<int>(threadIdx.x + threadIdx.y * blockDim.x +
+                                      threadIdx.z * blockDim.x * blockDim.y);
+  out[linear] = __shfl_sync(0xffffffffu, linear, 0);
+}
+
 __global__ void bad_mask_kernel(int* out) {
   out[threadIdx.x] = __shfl_sync(0x0000ffffu, 1, 0);  // lanes 16-31 are not in the mask
 }
@@ -387,6 +405,9 @@ int case_warp_intrinsics() {
     CHECK(o[8] == (l < 16 ? l + 100 : -1), "shfl from outside the mask lane %d: %d", l, o[8]);
     CHECK(o[9] == (l < 16 ? 1 : -1), "partial all lane %d: %d", l, o[9]);
   }
+  warp_of_2d_block_kernel<<<1, dim3(8, 4, 2)>>>(out.data());
+  CHECK(cudaGetLastError() == cudaSuccess, "%s", pe_emu::last_error_message().c_str());
+  for (int i = 0; i < 64; ++i) CHECK(out[i] == i / 32 * 32, "2-D block, thread %d: %d", i, out[i]);
   bad_mask_kernel<<<1, 32>>>(out.data());
   CHECK(cudaGetLastError() == cudaErrorLaunchFailure, "a lane outside its mask was accepted");
   CHECK(contains(pe_emu::last_error_message(), "does not include the calling lane"), "%s",
