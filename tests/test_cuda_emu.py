@@ -42,7 +42,7 @@ needs_gxx = pytest.mark.skipif(GXX is None, reason="g++ not found: the CUDA emul
                                "built on this machine")
 
 
-# ---- rewrite.py ------------------------------------------------------------------------------------
+# ---- rewrite.py ----------------------------------------------------------------------------------
 
 def _code_count(text, token):
     mask = rw._code_mask(text)
@@ -125,7 +125,7 @@ def test_rewrite_refuses(src, fragment):
         rw.rewrite("void f() {\n" + src + "\n}\n")
 
 
-# ---- The build --------------------------------------------------------------------------------------
+# ---- The build -----------------------------------------------------------------------------------
 
 def _inputs():
     files = [os.path.join(EMU, n) for n in ("emu.cpp", "emu.h", "rewrite.py", "selftest.cpp")]

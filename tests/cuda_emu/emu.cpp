@@ -57,7 +57,7 @@ Builtins builtins;
 
 namespace {
 
-// ---- Fiber stacks ----------------------------------------------------------------------------------
+// ---- Fiber stacks -------------------------------------------------------------------------------
 // Deep enough for printf and ASan's larger frames (measured: stack_bytes_peak() in selftest);
 // a guard page below each stack turns an overflow into a fault.
 #ifdef PE_EMU_ASAN
@@ -93,7 +93,7 @@ Stack make_stack() {
   return s;
 }
 
-// ---- Context switch ----------------------------------------------------------------------------------
+// ---- Context switch -----------------------------------------------------------------------------
 #ifndef PE_EMU_UCONTEXT
 // pe_emu_switch(&save_sp, new_sp): pushes the callee-saved state, saves rsp, loads new_sp, pops.
 asm(R"(
@@ -261,7 +261,7 @@ void fail(cudaError_t err, bool sticky, const std::string& msg) {
   std::fflush(stderr);
 }
 
-// ---- Fibers ----------------------------------------------------------------------------------------
+// ---- Fibers -------------------------------------------------------------------------------------
 
 void switch_context(Context* from, Context* to, const void* to_stack_lo, size_t to_stack_size,
                     bool from_done) {
@@ -580,7 +580,7 @@ Thread& current_thread(const char* what) {
   return *s.current;
 }
 
-// ---- Errors and validation -----------------------------------------------------------------------
+// ---- Errors and validation ----------------------------------------------------------------------
 
 bool valid_config(dim3 g, dim3 b, size_t shared, std::string* why) {
   if (b.x == 0 || b.y == 0 || b.z == 0 || g.x == 0 || g.y == 0 || g.z == 0) {
@@ -628,7 +628,7 @@ void store_cap(Cap& c, int64_t v) {
 
 }  // namespace
 
-// ---- Runtime entry points (emu.h, include/cuda_runtime.h) ------------------------------------------
+// ---- Runtime entry points (emu.h, include/cuda_runtime.h) ---------------------------------------
 
 void run_grid(Entry entry, void* ctx, dim3 grid, dim3 block, size_t shared_bytes,
               const LaunchSite& site) {
@@ -891,7 +891,7 @@ std::map<std::string, int64_t> caps() {
 
 }  // namespace pe_emu
 
-// ---- CUDA runtime API ------------------------------------------------------------------------------
+// ---- CUDA runtime API ---------------------------------------------------------------------------
 
 cudaError_t cudaGetLastError() {
   auto& s = pe_emu::detail::S();

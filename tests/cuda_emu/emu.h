@@ -49,7 +49,8 @@ int64_t stack_bytes();
 
 // Tunable constants of the sources ("caps": grid-size caps and the like), so that tests can make
 // a loop over blocks run with small inputs. A source declares
-//   inline int64_t kMaxBlocks = ::pe_emu::register_cap(&kMaxBlocks, "kMaxBlocks", int64_t(1) << 16);
+//   inline int64_t kMaxBlocks =
+//       ::pe_emu::register_cap(&kMaxBlocks, "kMaxBlocks", int64_t(1) << 16);
 // and tests call set_cap("kMaxBlocks", 4). Caps are int or int64_t.
 template <class T>
 T register_cap(T* var, const char* name, T value);

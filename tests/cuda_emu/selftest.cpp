@@ -61,7 +61,7 @@ std::vector<double> random_values(size_t n, uint64_t seed) {
   return v;
 }
 
-// ---- (a) a block tree sum with and without its barrier -------------------------------------------
+// ---- (a) a block tree sum with and without its barrier ------------------------------------------
 
 __global__ void tree_sum_kernel(const float* x, float* out, bool with_barrier) {
   __shared__ float s[256];
@@ -98,7 +98,7 @@ int case_missing_barrier() {
   return 0;
 }
 
-// ---- (b) an out-of-range __shared__ read: ASan (through a pointer), UBSan (indexing the array) ----
+// ---- (b) an out-of-range __shared__ read: ASan (via a pointer), UBSan (indexing the array) ----
 
 __global__ void shared_overrun_kernel(float* out) {
   __shared__ float s[32];
@@ -129,7 +129,7 @@ int case_shared_overrun_indexed() {
   return 1;
 }
 
-// ---- (c) a lane that skips a shuffle --------------------------------------------------------------
+// ---- (c) a lane that skips a shuffle ------------------------------------------------------------
 
 // The skipper exits (0), calls another shuffle (1) or waits at a barrier (2).
 __global__ void skipped_shuffle_kernel(float* out, int skipper, int elsewhere) {
@@ -179,7 +179,7 @@ int case_shuffle_deadlock() {
   return 0;
 }
 
-// ---- (d) a failed device assert --------------------------------------------------------------------
+// ---- (d) a failed device assert -----------------------------------------------------------------
 
 __global__ void checked_kernel(const float* x, int* ran, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -265,7 +265,7 @@ int case_bad_config() {
   return 0;
 }
 
-// ---- (f) divergent __syncthreads ---------------------------------------------------------------------
+// ---- (f) divergent __syncthreads ----------------------------------------------------------------
 
 __global__ void exit_before_barrier_kernel(float* out) {
   if (threadIdx.x >= 128) return;
@@ -305,7 +305,7 @@ int case_divergent_barrier() {
   return 0;
 }
 
-// ---- (g) device.cuh's warp_sum and block_sum are exact under every order ----------------------------
+// ---- (g) device.cuh's warp_sum and block_sum are exact under every order ------------------------
 
 __global__ void reductions_kernel(const double* x, double* warp_out, double* block_out) {
   __shared__ double scratch[kThreads];
@@ -349,7 +349,7 @@ int case_reductions() {
   return 0;
 }
 
-// ---- Warp intrinsics: CUDA's semantics on known patterns ---------------------------------------------
+// ---- Warp intrinsics: CUDA's semantics on known patterns ----------------------------------------
 
 __global__ void intrinsics_kernel(int* out) {
   const int lane = threadIdx.x % 32;
@@ -421,7 +421,7 @@ int case_warp_intrinsics() {
   return 0;
 }
 
-// ---- Shared memory: per block, poisoned, one allocation per site; dynamic shared memory ------------
+// ---- Shared memory: per block, poisoned, one allocation per site; dynamic shared memory ---------
 
 __global__ void shared_kernel(float* first_read, int* same) {
   __shared__ float a[64];
@@ -489,7 +489,7 @@ int case_caps() {
   return 0;
 }
 
-// ---- csrc/cuda launchers, end to end ------------------------------------------------------------------
+// ---- csrc/cuda launchers, end to end ------------------------------------------------------------
 
 int case_launchers() {
   namespace pc = pyengine::cuda;
@@ -550,7 +550,7 @@ int case_launchers() {
   return 0;
 }
 
-// ---- Throughput (not a test) -------------------------------------------------------------------------
+// ---- Throughput (not a test) --------------------------------------------------------------------
 
 __global__ void write_kernel(float* out) {
   out[static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x] = 1.0f;

@@ -39,7 +39,7 @@ extern Builtins builtins;
 // A run-time value in CUDA too (not usable in constant expressions).
 extern const int warpSize;
 
-// ---- Barriers and warp intrinsics -----------------------------------------------------------------
+// ---- Barriers and warp intrinsics ---------------------------------------------------------------
 namespace pe_emu {
 namespace detail {
 
@@ -111,7 +111,7 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
   ::pe_emu::detail::warp_collective(::pe_emu::detail::WarpKind::SyncWarp, mask, 0, 0, 32);
 }
 
-// ---- Reinterpreting casts ------------------------------------------------------------------------
+// ---- Reinterpreting casts -----------------------------------------------------------------------
 inline double __longlong_as_double(long long x) {
   double d;
   std::memcpy(&d, &x, sizeof d);
@@ -133,7 +133,7 @@ inline float __int_as_float(int x) {
   return f;
 }
 
-// ---- Device math -----------------------------------------------------------------------------------
+// ---- Device math --------------------------------------------------------------------------------
 // CUDA declares the float and double overloads in the global namespace (exp(float) is expf);
 // the host's libm computes them (CUDA's own ulp bounds are not emulated).
 using std::acos;
