@@ -9,7 +9,10 @@
 //   grad_input   dx[n, ci, ih, iw] = sum_(co, kh, kw) W[co, ci, kh, kw] dy[n, co, oh, ow]
 //                M = Cin_g, N = batch * H * W, K = Cout_g * khw, over the (kh, kw) whose
 //                oh = (ih + pad - kh * dilation) / stride is whole and in range: a gather, each
-//                dx element summed by one thread in a fixed order (no scatter, no atomics)
+//                dx element summed by one thread in a fixed order (no scatter, no atomics).
+//                The GEMM multiplies the other (co, kh, kw) by zeros, which is exact for finite
+//                weights; an inf or NaN weight would make those NaN where torch (col2im) adds
+//                nothing, so a flag raised by a scan of the weight runs a direct gather instead
 //   grad_weight  dW[co, ci, kh, kw] = sum_(n, oh, ow) dy[n, co, oh, ow] x[n, ci, ih, iw]
 //                M = Cout_g, N = Cin_g * khw, K = batch * OH * OW: split-K over the batch, the
 //                partials added in a fixed order by a second kernel (deterministic)
@@ -167,6 +170,50 @@ struct GradInputGrad {
   }
 };
 
+__global__ void clear_flag_kernel(int* flag) { *flag = 0; }
+
+// *flag = 1 if any of the n weights is inf or NaN (every writer writes 1: no race).
+template <typename T>
+__global__ void nonfinite_kernel(const T* __restrict__ w, int64_t n, int* __restrict__ flag) {
+  PE_GRID_STRIDE_LOOP(i, n) {
+    const T v = w[i];
+    if (v - v != v - v) *flag = 1;  // inf - inf and NaN - NaN are NaN; finite - itself is 0
+  }
+}
+
+// grad_input by its definition, only when *flag is up: each element sums W * dy over the
+// (co, kh, kw) whose tap reads it, in that order. Work: N * Cin * H * W * Cout_g * kH * kW.
+template <typename T>
+__global__ void conv2d_grad_input_direct_kernel(const T* __restrict__ dy, const T* __restrict__ w,
+                                                T* __restrict__ dx, const Geometry g,
+                                                const int* __restrict__ flag) {
+  if (*flag == 0) return;
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t total = g.batch * g.in_channels * g.in_pixels();
+  PE_GRID_STRIDE_LOOP(e, total) {
+    const int64_t iw = e % g.in_w;
+    const int64_t ih = (e / g.in_w) % g.in_h;
+    const int64_t ci = (e / g.in_pixels()) % g.in_channels;
+    const int64_t n = e / (g.in_pixels() * g.in_channels);
+    const int64_t z = ci / cin_g;
+    T acc = 0;
+    for (int64_t co = z * cout_g; co < (z + 1) * cout_g; ++co) {
+      const T* wk = w + (co * cin_g + (ci - z * cin_g)) * g.kernel_pixels();
+      const T* d = dy + (n * g.out_channels + co) * g.out_pixels();
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+        const int64_t th = ih + g.padding_h - kh * g.dilation_h;
+        if (th < 0 || th % g.stride_h != 0 || th / g.stride_h >= g.out_h) continue;
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+          const int64_t tw = iw + g.padding_w - kw * g.dilation_w;
+          if (tw < 0 || tw % g.stride_w != 0 || tw / g.stride_w >= g.out_w) continue;
+          acc += wk[kh * g.kernel_w + kw] * d[(th / g.stride_h) * g.out_w + tw / g.stride_w];
+        }
+      }
+    }
+    dx[e] = acc;
+  }
+}
+
 // dx[n, z * Cin_g + i, s] = acc, j = n * H * W + s.
 template <typename T>
 struct GradInputStore {
@@ -262,16 +309,27 @@ cudaError_t conv2d_forward(const T* input, const T* weight, const T* bias, T* ou
                                 static_cast<T*>(nullptr), stream);
 }
 
+int64_t conv2d_grad_input_workspace() { return 1; }
+
 template <typename T>
 cudaError_t conv2d_grad_input(const T* grad_output, const T* weight, T* grad_input,
-                              const Geometry& g, cudaStream_t stream) {
+                              const Geometry& g, int* workspace, cudaStream_t stream) {
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t khw = g.kernel_pixels();
+  const int64_t weights = g.out_channels * cin_g * khw;
+  clear_flag_kernel<<<1, 1, 0, stream>>>(workspace);
+  nonfinite_kernel<T><<<grid_for(weights), kThreads, 0, stream>>>(weight, weights, workspace);
   const GradInputWeight<T> a{weight, cout_g, cin_g, khw};
   const GradInputGrad<T> b{grad_output, g, cout_g};
   const GradInputStore<T> store{grad_input, g.in_channels, cin_g, g.in_pixels()};
-  return gemm::launch<T, false>(cin_g, g.batch * g.in_pixels(), cout_g * khw, g.groups, a, b,
-                                store, static_cast<T*>(nullptr), stream);
+  const cudaError_t err = gemm::launch<T, false>(cin_g, g.batch * g.in_pixels(), cout_g * khw,
+                                                 g.groups, a, b, store, static_cast<T*>(nullptr),
+                                                 stream);
+  if (err != cudaSuccess) return err;
+  const int64_t total = g.batch * g.in_channels * g.in_pixels();
+  conv2d_grad_input_direct_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(
+      grad_output, weight, grad_input, g, workspace);
+  return cudaGetLastError();
 }
 
 int64_t conv2d_grad_weight_workspace(const Geometry& g) {
@@ -295,7 +353,7 @@ cudaError_t conv2d_grad_weight(const T* grad_output, const T* input, T* grad_wei
 #define PE_INSTANTIATE(T)                                                                    \
   template cudaError_t conv2d_forward<T>(const T*, const T*, const T*, T*, const Geometry&,  \
                                          cudaStream_t);                                      \
-  template cudaError_t conv2d_grad_input<T>(const T*, const T*, T*, const Geometry&,         \
+  template cudaError_t conv2d_grad_input<T>(const T*, const T*, T*, const Geometry&, int*,   \
                                             cudaStream_t);                                   \
   template cudaError_t conv2d_grad_weight<T>(const T*, const T*, T*, const Geometry&, T*,    \
                                              cudaStream_t);

@@ -67,8 +67,10 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(const Tensor& grad_outpu
     using T = decltype(tag);
     const T* pg = go.const_data_ptr<T>();
     if (mask[0] && grad_input.numel() > 0) {
+      Tensor flag = workspace(conv2d_grad_input_workspace(), at::kInt, x);
       C10_CUDA_CHECK(conv2d_grad_input<T>(pg, w.const_data_ptr<T>(),
-                                          grad_input.mutable_data_ptr<T>(), g, stream));
+                                          grad_input.mutable_data_ptr<T>(), g,
+                                          mutable_ptr_or_null<int>(flag), stream));
     }
     if (mask[1] && grad_weight.numel() > 0) {
       Tensor ws = workspace(conv2d_grad_weight_workspace(g), x.scalar_type(), x);

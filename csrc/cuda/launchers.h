@@ -92,9 +92,15 @@ cudaError_t channel_sum(const T* g, int64_t batch, int64_t channels, int64_t spa
 template <typename T>
 cudaError_t conv2d_forward(const T* input, const T* weight, const T* bias /*nullable*/, T* output,
                            const Conv2dGeometry<int64_t>& g, cudaStream_t stream);
+// grad_input sums only the (tap, output) pairs that read each element, as torch's col2im does:
+// the implicit GEMM's zeros for the others would turn an inf weight into NaN, so when the weight
+// holds a non-finite value a direct gather recomputes grad_input. workspace:
+// conv2d_grad_input_workspace() ints.
+int64_t conv2d_grad_input_workspace();
 template <typename T>
 cudaError_t conv2d_grad_input(const T* grad_output, const T* weight, T* grad_input,
-                              const Conv2dGeometry<int64_t>& g, cudaStream_t stream);
+                              const Conv2dGeometry<int64_t>& g, int* workspace,
+                              cudaStream_t stream);
 int64_t conv2d_grad_weight_workspace(const Conv2dGeometry<int64_t>& g);
 template <typename T>
 cudaError_t conv2d_grad_weight(const T* grad_output, const T* input, T* grad_weight,
