@@ -835,6 +835,8 @@ void set_schedule(Order order, uint64_t seed) {
   detail::S().rng = seed;
 }
 
+cudaError_t sticky_error() { return detail::S().sticky; }
+
 void reset_device() {
   std::lock_guard<std::mutex> guard(detail::launch_lock());
   detail::S().sticky = cudaSuccess;

@@ -34,6 +34,9 @@ void reset_device();
 // What the last error was, in words ("" after reset_device): the failed assert, the deadlocked
 // lanes, the refused launch configuration...
 std::string last_error_message();
+// The sticky error a device-side assert, a deadlock or a divergent barrier left (cudaSuccess if
+// none): every launch fails with it until reset_device().
+cudaError_t sticky_error();
 
 struct Stats {
   int64_t launches = 0;           // grids that ran (or started to)

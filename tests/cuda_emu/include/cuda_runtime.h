@@ -12,6 +12,10 @@
 
 #include "../emu.h"
 
+// csrc/cuda/device.cuh: launch caps (PE_LAUNCH_CAP) become variables the tests can shrink
+// (pe_emu::register_cap) instead of constexpr.
+#define PE_CUDA_EMULATION 1
+
 // ---- Qualifiers ---------------------------------------------------------------------------------
 // __shared__ is deliberately left undefined: rewrite.py turns every declaration into a per-block
 // allocation, and one it missed fails to compile instead of becoming a per-thread variable.
