@@ -4,7 +4,7 @@
 # command on an unchanged tree starts its real work within a second or two.
 PYTHON ?= python3
 
-.PHONY: install test train bench bench-all gpu-check clean fuzz asan
+.PHONY: install test train bench bench-all gpu-check clean fuzz asan cuda-emu-asan
 
 install:
 	$(PYTHON) tools/install.py --extras test,train
@@ -46,3 +46,7 @@ fuzz: install
 asan: install
 	PYTHON=$(PYTHON) bash tools/asan.sh
 
+# The CUDA emulation lane (csrc/cuda's kernels run on the CPU: tests/cuda_emu) with the kernels,
+# the glue and the emulator built with AddressSanitizer and UndefinedBehaviorSanitizer.
+cuda-emu-asan: install
+	PYTHON=$(PYTHON) bash tools/asan.sh --cuda-emu

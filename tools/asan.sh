@@ -19,6 +19,12 @@
 # its normal time). The fuzz lane alone under ASan, longer:
 #   PYENGINE_RANDOM_SEED=1 PYENGINE_FUZZ_SECONDS=20 tools/asan.sh -s tests/test_fuzz.py
 #
+#   tools/asan.sh --cuda-emu [pytest arguments]        (make cuda-emu-asan)
+# instead runs the CUDA emulation lane (tests/test_emulated_cuda.py, tests/test_cuda_emu.py) with
+# csrc/cuda's kernels and glue and the emulator built with both sanitizers
+# (PYENGINE_EMU_SANITIZE, tests/cuda_emu/lane.py; objects in build/cuda-emu-<hash>/), in this
+# tree, against the normal build of pyengine's CPU kernels: steps 1 and 2 are skipped.
+#
 # Knobs: MAX_JOBS (default 1), PYTHON, ASAN_OPTIONS / UBSAN_OPTIONS (replace the defaults below).
 # Logs: build/asan/build.log, build/asan/tests.log. Exit status: pytest's (or the step that failed).
 set -euo pipefail
@@ -27,6 +33,16 @@ PY=${PYTHON:-python3}
 OUT=build/asan
 TREE=$OUT/tree
 mkdir -p "$TREE"
+CUDA_EMU=0
+if [ "${1:-}" = "--cuda-emu" ]; then
+  CUDA_EMU=1
+  shift
+  OUT=build/cuda-emu-asan
+  TREE=.
+  mkdir -p "$OUT"
+fi
+
+if [ "$CUDA_EMU" = 0 ]; then
 
 # ---- 1. the copy ---------------------------------------------------------------------------------
 # everything but the copy's own build/ (compiled objects) goes, then comes back from the tree
@@ -45,6 +61,7 @@ if ! (cd "$TREE" && PYENGINE_CUDA=0 PYENGINE_SANITIZE=address,undefined MAX_JOBS
   exit 2
 fi
 echo "[asan] built in $(( $(date +%s) - start )) s"
+fi
 
 # ---- 3. the suite --------------------------------------------------------------------------------
 asan_rt=$(gcc -print-file-name=libasan.so)
@@ -64,16 +81,21 @@ asan_defaults=detect_leaks=0:allocator_may_return_null=1:symbolize=1:log_path=$r
 export ASAN_OPTIONS=${ASAN_OPTIONS:-$asan_defaults}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1:log_path=$reports/ubsan}
 
-loaded=$(cd "$TREE" && "$PY" -c 'import pyengine; print(pyengine._C.__file__)')
-case "$loaded" in
-  "$PWD/$TREE"/*) ;;
-  *) echo "[asan] expected the instrumented build under $TREE, but pyengine loaded $loaded"
-     exit 2 ;;
-esac
-if ! readelf -d "$loaded" | grep -q 'libasan'; then
-  echo "[asan] $loaded is not linked against libasan: not a sanitizer build"; exit 2
+if [ "$CUDA_EMU" = 1 ]; then
+  export PYENGINE_EMU_SANITIZE=address,undefined
+  set -- tests/test_emulated_cuda.py tests/test_cuda_emu.py "$@"
+else
+  loaded=$(cd "$TREE" && "$PY" -c 'import pyengine; print(pyengine._C.__file__)')
+  case "$loaded" in
+    "$PWD/$TREE"/*) ;;
+    *) echo "[asan] expected the instrumented build under $TREE, but pyengine loaded $loaded"
+       exit 2 ;;
+  esac
+  if ! readelf -d "$loaded" | grep -q 'libasan'; then
+    echo "[asan] $loaded is not linked against libasan: not a sanitizer build"; exit 2
+  fi
+  echo "[asan] pyengine._C: $loaded"
 fi
-echo "[asan] pyengine._C: $loaded"
 echo "[asan] pytest in $TREE -> $OUT/tests.log"
 start=$(date +%s)
 set +e
