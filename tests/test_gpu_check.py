@@ -165,8 +165,11 @@ def test_summary_names_what_is_not_clean(tmp_path):
     out = _sample_out(tmp_path, memcheck_errors=3, tests_rc=1, failures=2)
     (out / "steps.tsv").write_text((out / "steps.tsv").read_text().replace(
         "racecheck\t0\t50", "racecheck\t124\t70"))
+    with open(out / "bench.log", "a") as log:  # run_cases' line for a capture that failed
+        log.write("  lenet train_step batch 8192: pyengine+graph skipped (RuntimeError: boom)\n")
     rc, lines = _summary(out)
     assert rc == 1
+    assert lines["bench"].split()[1] == "FAILED" and "1 contender runs dropped" in lines["bench"]
     assert lines["memcheck"].split()[1] == "FAILED" and "3 errors" in lines["memcheck"]
     assert lines["racecheck"].split()[1] == "TIMEOUT" and "TIMED OUT at its 70 s" \
         in lines["racecheck"]

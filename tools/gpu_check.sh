@@ -16,19 +16,19 @@
 #                               then (CAP_BUILD_CHECK 15) pyengine._C is checked to have them;
 #                               beside it, the benchmark's peak kernels (benchmarks/peak.py) into
 #                               build/torch_extensions, so the benchmark step does not compile
-#  then two lanes at once, each within CAP_LANE (240):
+#  then two lanes at once, each within CAP_LANE (240; the second lane's caps add up to it):
 #  2 tests      the whole suite except `slow` tests (tensors past 2^31 elements, long softmax
 #               rows: minutes; `python -m pytest -m slow` runs them), CUDA cases included;
 #               stopped with SIGINT at the limit, so pytest still reports what it ran
-#  3 graph      (CAP_GRAPH 30) the CUDA-graph tests: a LeNet training step captured and replayed
+#  3 graph      (CAP_GRAPH 20) the CUDA-graph tests: a LeNet training step captured and replayed
 #               against eager (tests/test_cuda.py), and the benchmark's captured step, SGD
 #               update included (tests/test_gpu_check.py)
 #  4 sanitizers compute-sanitizer over a trimmed set of CUDA op tests (SANITIZER_SELECTION: the
 #               first two samples of every operator, each operator call they make, forward and
 #               backward ops, float32 and float64; the layout cases), torch's caching allocator
-#               off so each tensor's bounds are its own: memcheck (CAP_MEMCHECK 90; also the
+#               off so each tensor's bounds are its own: memcheck (CAP_MEMCHECK 80; also the
 #               determinism test's larger sizes: multi-block reductions, split-K), racecheck
-#               (CAP_RACECHECK 70), synccheck (CAP_SYNCCHECK 25), initcheck (CAP_INITCHECK 25);
+#               (CAP_RACECHECK 60), synccheck (CAP_SYNCCHECK 40), initcheck (CAP_INITCHECK 40);
 #               the last three only on pyengine's kernels (--kernel-name kns=pyengine)
 #  5 bench      (CAP_BENCH 70) python -m benchmarks --gpu-check: the LeNet training step at batch
 #               256 and 8192, then every op's forward+backward, pyengine / torch eager / both
@@ -80,11 +80,11 @@ CAP_ENV=${CAP_ENV:-15}
 if [ "$MODE" = gpu ]; then CAP_BUILD=${CAP_BUILD:-140}; else CAP_BUILD=${CAP_BUILD:-900}; fi
 CAP_BUILD_CHECK=${CAP_BUILD_CHECK:-15}
 CAP_LANE=${CAP_LANE:-240}
-CAP_GRAPH=${CAP_GRAPH:-30}
-CAP_MEMCHECK=${CAP_MEMCHECK:-90}
-CAP_RACECHECK=${CAP_RACECHECK:-70}
-CAP_SYNCCHECK=${CAP_SYNCCHECK:-25}
-CAP_INITCHECK=${CAP_INITCHECK:-25}
+CAP_GRAPH=${CAP_GRAPH:-20}
+CAP_MEMCHECK=${CAP_MEMCHECK:-80}
+CAP_RACECHECK=${CAP_RACECHECK:-60}
+CAP_SYNCCHECK=${CAP_SYNCCHECK:-40}
+CAP_INITCHECK=${CAP_INITCHECK:-40}
 CAP_BENCH=${CAP_BENCH:-70}
 BUDGET=$(( CAP_ENV + CAP_BUILD + CAP_BUILD_CHECK + CAP_LANE + CAP_BENCH ))
 

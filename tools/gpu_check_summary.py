@@ -214,12 +214,20 @@ def judge(step: Step, out: str, rehearse: bool) -> Tuple[bool, str]:
             return False, late + "no results.csv written"
         ratios = lenet_ratios(path)
         cut = re.findall(r"^time limit of .* (\d+) of (\d+) cases not run", text, re.M)
+        # a contender the suite could not build or run (a capture that failed, say)
+        dropped = re.findall(r"^  .*: (\S+) (?:skipped|failed) \(", text, re.M)
         parts = [f"batch {b}: pyengine/torch {_fmt(r['eager'])}, "
                  f"pyengine+graph/torch+graph {_fmt(r['graph'])}" for b, r in ratios.items()]
         what = "LeNet train step " + ("; ".join(parts) if parts else "not timed")
         if cut:
             what += f"; time limit: {cut[-1][0]} of {cut[-1][1]} cases not run"
-        return step.rc == 0 and bool(ratios), late + what + f" ({os.path.dirname(path)})"
+        if dropped:
+            what += f"; {len(dropped)} contender runs dropped (see the log)"
+        complete = bool(ratios) and all(
+            r["eager"] is not None and (rehearse or r["graph"] is not None)
+            for r in ratios.values())
+        return (step.rc == 0 and complete and not dropped,
+                late + what + f" ({os.path.dirname(path)})")
 
     if name == "build-check":
         last = text.strip().splitlines()[-1] if text.strip() else ""
