@@ -177,6 +177,14 @@ def test_summary_names_what_is_not_clean(tmp_path):
     assert lines["total"].split()[1:3] == ["NOT", "CLEAN"]
 
 
+def test_summary_fails_a_sanitizer_run_whose_tests_were_skipped(tmp_path):
+    out = _sample_out(tmp_path)
+    (out / "synccheck.log").write_text("50 skipped, 584 deselected in 3.0s\n"
+                                       "========= ERROR SUMMARY: 0 errors\n")
+    rc, lines = _summary(out)
+    assert rc == 1 and lines["synccheck"].split()[1] == "FAILED"
+
+
 def test_summary_flags_a_build_for_other_architectures_and_missing_steps(tmp_path):
     out = _sample_out(tmp_path)
     (out / "build.log").write_text("nvcc -gencode=arch=compute_80,code=sm_80 "

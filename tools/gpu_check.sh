@@ -10,13 +10,13 @@
 #                                   same summary; what tests/test_gpu_check.py keeps from rotting
 #
 # Steps (budget in seconds; CAP_* variables override):
-#  0 env        (CAP_ENV 15)    nvidia-smi, nvcc, compute-sanitizer, torch and the GPU -> env.txt
+#  0 env        (CAP_ENV 30)    nvidia-smi, nvcc, compute-sanitizer, torch and the GPU -> env.txt
 #  1 build      (CAP_BUILD 140) pyengine in place with its CUDA kernels for this GPU's architecture
 #                               only (TORCH_CUDA_ARCH_LIST from the device), MAX_JOBS = all cores,
-#                               then (CAP_BUILD_CHECK 15) pyengine._C is checked to have them;
+#                               then (CAP_BUILD_CHECK 10) pyengine._C is checked to have them;
 #                               beside it, the benchmark's peak kernels (benchmarks/peak.py) into
 #                               build/torch_extensions, so the benchmark step does not compile
-#  then two lanes at once, each within CAP_LANE (240; the second lane's caps add up to it):
+#  then two lanes at once, each within CAP_LANE (230; the second lane's caps add up to it):
 #  2 tests      the whole suite except `slow` tests (tensors past 2^31 elements, long softmax
 #               rows: minutes; `python -m pytest -m slow` runs them), CUDA cases included;
 #               stopped with SIGINT at the limit, so pytest still reports what it ran
@@ -26,9 +26,9 @@
 #  4 sanitizers compute-sanitizer over a trimmed set of CUDA op tests (SANITIZER_SELECTION: the
 #               first two samples of every operator, each operator call they make, forward and
 #               backward ops, float32 and float64; the layout cases), torch's caching allocator
-#               off so each tensor's bounds are its own: memcheck (CAP_MEMCHECK 80; also the
+#               off so each tensor's bounds are its own: memcheck (CAP_MEMCHECK 75; also the
 #               determinism test's larger sizes: multi-block reductions, split-K), racecheck
-#               (CAP_RACECHECK 60), synccheck (CAP_SYNCCHECK 40), initcheck (CAP_INITCHECK 40);
+#               (CAP_RACECHECK 55), synccheck (CAP_SYNCCHECK 40), initcheck (CAP_INITCHECK 40);
 #               the last three only on pyengine's kernels (--kernel-name kns=pyengine)
 #  5 bench      (CAP_BENCH 70) python -m benchmarks --gpu-check: the LeNet training step at batch
 #               256 and 8192, then every op's forward+backward, pyengine / torch eager / both
@@ -75,14 +75,14 @@ rm -f "$OUT/steps.tsv"
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1
 
-CAP_ENV=${CAP_ENV:-15}
+CAP_ENV=${CAP_ENV:-30}
 # A rehearsal's build compiles the CPU kernels with MAX_JOBS=1: minutes, not the GPU's budget.
 if [ "$MODE" = gpu ]; then CAP_BUILD=${CAP_BUILD:-140}; else CAP_BUILD=${CAP_BUILD:-900}; fi
-CAP_BUILD_CHECK=${CAP_BUILD_CHECK:-15}
-CAP_LANE=${CAP_LANE:-240}
+CAP_BUILD_CHECK=${CAP_BUILD_CHECK:-10}
+CAP_LANE=${CAP_LANE:-230}
 CAP_GRAPH=${CAP_GRAPH:-20}
-CAP_MEMCHECK=${CAP_MEMCHECK:-80}
-CAP_RACECHECK=${CAP_RACECHECK:-60}
+CAP_MEMCHECK=${CAP_MEMCHECK:-75}
+CAP_RACECHECK=${CAP_RACECHECK:-55}
 CAP_SYNCCHECK=${CAP_SYNCCHECK:-40}
 CAP_INITCHECK=${CAP_INITCHECK:-40}
 CAP_BENCH=${CAP_BENCH:-70}
@@ -122,19 +122,20 @@ if [ "$MODE" = gpu ]; then
 else
   export MAX_JOBS=${MAX_JOBS:-1}  # a rehearsal shares its machine
 fi
+# torch's view first: the build needs the GPU's capability even if a tool below hangs.
 step env "$CAP_ENV" env.txt bash -c '
-  date -u; nproc
-  nvidia-smi || echo "nvidia-smi: not available"
-  command -v nvcc >/dev/null && nvcc --version | tail -2
-  command -v compute-sanitizer >/dev/null && compute-sanitizer --version | head -2 \
-    || echo "compute-sanitizer: not found"
+  date -u; echo "cores $(nproc)"
   "$1" -c "import sys, torch
 print(\"python\", sys.version.split()[0])
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda,
       \"available\", torch.cuda.is_available())
 if torch.cuda.is_available():
     print(\"device\", torch.cuda.get_device_name(0))
-    print(\"capability %d.%d\" % torch.cuda.get_device_capability(0))"' gpu_check_env "$PY"
+    print(\"capability %d.%d\" % torch.cuda.get_device_capability(0))"
+  command -v nvcc >/dev/null && nvcc --version | tail -2
+  command -v compute-sanitizer >/dev/null && compute-sanitizer --version | head -2 \
+    || echo "compute-sanitizer: not found"
+  nvidia-smi || echo "nvidia-smi: not available"' gpu_check_env "$PY"
 
 if [ "$MODE" = gpu ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   # This GPU's architecture only (sm_90 on an H200): no time spent on others.

@@ -202,11 +202,14 @@ def judge(step: Step, out: str, rehearse: bool) -> Tuple[bool, str]:
         errors, warnings, summaries = sanitizer_counts(text)
         if summaries == 0:
             return False, late + "no sanitizer summary in the log (see it)"
+        outcome = pytest_outcome(text)
         what = f"{errors} errors" + (f", {warnings} warnings" if name == "racecheck" else "")
-        what += f"; pytest under it: {pytest_outcome(text) or 'no summary'}"
+        what += f"; pytest under it: {outcome or 'no summary'}"
         if timed_out:
             what = f"TIMED OUT at its {step.cap} s: {what} (up to there)"
-        return step.rc == 0 and errors == 0, what
+        # a skipped test ran no kernel: it checked nothing
+        ran_all = re.search(r"\d+ passed", outcome) and not re.search(r"\d+ skipped", outcome)
+        return step.rc == 0 and errors == 0 and bool(ran_all), what
 
     if name == "bench":
         path = results_csv(out, text)
