@@ -73,6 +73,10 @@ OUT=${OUT:-./gpu_check_out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 rm -f "$OUT/steps.tsv"
 PY=${PYTHON:-$(command -v python3 || command -v python)}
+# The CUDA toolkit's tools where a toolkit is installed but not on PATH (torch finds nvcc anyway).
+for dir in "${CUDA_HOME:-/usr/local/cuda}/bin" "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer"; do
+  [ -d "$dir" ] && PATH=$PATH:$dir
+done
 export PYTHONUNBUFFERED=1
 
 CAP_ENV=${CAP_ENV:-30}
