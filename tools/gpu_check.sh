@@ -10,7 +10,7 @@
 #                                   same summary; what tests/test_gpu_check.py keeps from rotting
 #
 # Steps (budget in seconds; CAP_* variables override):
-#  0 env        (CAP_ENV 30)    nvidia-smi, nvcc, compute-sanitizer, torch and the GPU -> env.txt
+#  0 env        (CAP_ENV 30)    torch and the GPU, nvcc, compute-sanitizer, nvidia-smi -> env.txt
 #  1 build      (CAP_BUILD 140) pyengine in place with its CUDA kernels for this GPU's architecture
 #                               only (TORCH_CUDA_ARCH_LIST from the device), MAX_JOBS = all cores,
 #                               then (CAP_BUILD_CHECK 10) pyengine._C is checked to have them;
@@ -21,8 +21,8 @@
 #               rows: minutes; `python -m pytest -m slow` runs them), CUDA cases included;
 #               stopped with SIGINT at the limit, so pytest still reports what it ran
 #  3 graph      (CAP_GRAPH 20) the CUDA-graph tests: a LeNet training step captured and replayed
-#               against eager (tests/test_cuda.py), and the benchmark's captured step, SGD
-#               update included (tests/test_gpu_check.py)
+#               against eager (tests/test_cuda.py); the benchmark's captured LeNet step, SGD
+#               update included, against eager, and its op cases' captures (tests/test_gpu_check.py)
 #  4 sanitizers compute-sanitizer over a trimmed set of CUDA op tests (SANITIZER_SELECTION: the
 #               first two samples of every operator, each operator call they make, forward and
 #               backward ops, float32 and float64; the layout cases), torch's caching allocator
