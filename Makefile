@@ -25,9 +25,13 @@ bench: install
 bench-all: install
 	$(PYTHON) -m benchmarks
 
-# On a GPU machine (torch with CUDA, nvcc): build with CUDA, whole suite, compute-sanitizer.
+# On a GPU machine (torch with CUDA, nvcc, compute-sanitizer; no network needed), in under 8
+# minutes: build for this GPU, the suite but its slow tests, the CUDA-graph tests, compute-sanitizer
+# (memcheck, racecheck, synccheck, initcheck) on trimmed CUDA op tests, the GPU benchmark's quick
+# set, a summary; logs in $OUT (default gpu_check_out/). No install step: it would reach for the
+# network. `tools/gpu_check.sh --rehearse` runs the same steps in a form that needs no GPU.
 gpu-check:
-	bash tools/gpu_check.sh
+	PYTHON=$(PYTHON) bash tools/gpu_check.sh
 
 clean:
 	rm -rf build pyengine/_C*.so *.egg-info

@@ -188,7 +188,8 @@ def plot(rows: List[dict], out_dir: str) -> List[str]:
                 ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="median ms",
                        title=f"{name}: {pass_}")
                 ax.grid(alpha=0.3)
-                ax.legend(fontsize=8)
+                if ax.lines:  # (a partial run, e.g. --gpu-check's, times no inference)
+                    ax.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(out_dir, "networks.png")
         fig.savefig(path, dpi=110)

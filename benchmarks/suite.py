@@ -3,7 +3,7 @@ torch.compile (and, on a GPU, both under CUDA graphs), with each case's FLOP and
 the share of the machine's measured peak each contender reached; written as one CSV schema plus a
 markdown table and plots (benchmarks/report.py). How to read them: docs/benchmarks.md.
 
-    python -m benchmarks [--device cpu|cuda] [--quick] [--filter TEXT] [--out DIR]
+    python -m benchmarks [--device cpu|cuda] [--quick | --gpu-check] [--filter TEXT] [--out DIR]
 
 The machine's peaks are measured first (benchmarks/peak.py). Every case is timed for every
 contender in the same process, interleaved, after warm-up: median and p10/p90 of many runs (CUDA:
@@ -11,11 +11,14 @@ device events). Its work is counted once, from the operator calls of one pyengin
 (benchmarks/work.py). TF32 is off for torch, since pyengine's kernels compute in plain fp32.
 """
 import argparse
+import contextlib
 import datetime
 import os
 import platform
+import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -40,17 +43,28 @@ class Case:
 
 # ---- contenders ---------------------------------------------------------------------------
 
-def _graphed(fn: Callable[[], object], device: str) -> Callable[[], object]:
-    """fn captured in a CUDA graph (after warm-up on a side stream); returns the replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
+# Eager calls before a capture: the first runs allocate what the step keeps (gradients, the
+# optimizer's buffers, cuDNN / cuBLAS workspaces and plans), which must exist before capture.
+GRAPH_WARMUP = 3
+
+
+def _graphed(fn: Callable[[], object], device: str,
+             stream: Optional["torch.cuda.Stream"] = None) -> Callable[[], object]:
+    """fn captured in a CUDA graph; returns the replay. fn runs GRAPH_WARMUP times first, then
+    once under capture, both on `stream` (a new side stream by default): capture on the default
+    stream is illegal, and autograd runs each backward op on its forward's stream, so a case whose
+    forward ran before capture (the "backward" pass) must have run it on this same stream.
+    Replays run on the current stream, where the timing events are recorded."""
+    with torch.cuda.device(device):
+        stream = stream or torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(GRAPH_WARMUP):
+                fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
             fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+        torch.cuda.current_stream().wait_stream(stream)
     return graph.replay
 
 
@@ -78,24 +92,35 @@ def _op_case(name, batch, pass_, build):
         forward, leaves = fwd_builder()
         if base == "torch.compile":
             forward = torch.compile(forward, dynamic=False)
+        graphed = contender.endswith("+graph")
+        stream = torch.cuda.Stream(device) if graphed else None  # the capture's (see _graphed)
         if pass_ == "forward":
             fn = lambda: forward()  # noqa: E731
             with torch.no_grad():
                 fn()
             run = _no_grad(fn)
         elif pass_ == "backward":
-            out = forward()
-            grad = torch.randn_like(out)
+            # The forward runs once, here; a graph captures the backward ops, which autograd runs
+            # on the forward's stream: so a graphed case runs its forward on the capture stream.
+            with _on(stream):
+                out = forward()
+                grad = torch.randn_like(out)
             run = lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)  # noqa: E731
         else:
             def run():
                 out = forward()
                 return torch.autograd.grad(out, leaves, torch.ones_like(out))
-        if contender.endswith("+graph"):
-            return _graphed(run, device)
-        return run
+        return _graphed(run, device, stream) if graphed else run
 
     return Case("op", name, batch, pass_, make)
+
+
+def _on(stream: Optional["torch.cuda.Stream"]):
+    """A context running on `stream` after the work queued so far (nothing, for None)."""
+    if stream is None:
+        return contextlib.nullcontext()
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    return torch.cuda.stream(stream)
 
 
 def _no_grad(fn):
@@ -189,40 +214,61 @@ NETWORKS = {
 }
 
 
-def network_case(name: str, batch: int, pass_: str) -> Case:
+def network_run(name: str, batch: int, pass_: str, contender: str, device: str):
+    """(model, run): the network `name` built for `contender` (seeded: every contender starts
+    from the same weights) and one step on a fixed batch, eager; a "+graph" contender's step is
+    the one to capture (network_case captures it)."""
     factory, in_shape, n_out = NETWORKS[name]
+    base = contender.split("+")[0]
+    backend = "pyengine" if base == "pyengine" else "torch"
+    torch.manual_seed(0)
+    model = factory(backend).to(device)
+    x = torch.randn(batch, *in_shape, device=device)
+    if name.startswith("classifier"):
+        y = torch.rand(batch, n_out, device=device)
+    else:
+        y = torch.randn(batch, n_out, device=device)
+    loss_fn = layers(backend).MSELoss()
+    forward = torch.compile(model) if base == "torch.compile" else model
+    if pass_ == "inference":
+        model.eval()
+        return model, _no_grad(lambda: forward(x))
+    # Plain SGD (no momentum) is pure tensor arithmetic on the parameters and their gradients:
+    # capturable as it is (the optimizers that keep a step count need capturable=True).
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    graphed = contender.endswith("+graph")
 
+    def run():
+        opt.zero_grad(set_to_none=not graphed)  # a graph replays into fixed gradient buffers
+        loss = loss_fn(forward(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return model, run
+
+
+def network_case(name: str, batch: int, pass_: str) -> Case:
     def make(contender, device):
-        base = contender.split("+")[0]
-        backend = "pyengine" if base == "pyengine" else "torch"
-        torch.manual_seed(0)
-        model = factory(backend).to(device)
-        x = torch.randn(batch, *in_shape, device=device)
-        if name.startswith("classifier"):
-            y = torch.rand(batch, n_out, device=device)
-        else:
-            y = torch.randn(batch, n_out, device=device)
-        loss_fn = layers(backend).MSELoss()
-        forward = torch.compile(model) if base == "torch.compile" else model
-        if pass_ == "inference":
-            model.eval()
-            run = _no_grad(lambda: forward(x))
-        else:
-            opt = torch.optim.SGD(model.parameters(), lr=0.01)
-            graphed = contender.endswith("+graph")
-
-            def run():
-                opt.zero_grad(set_to_none=not graphed)  # a graph replays into fixed buffers
-                loss = loss_fn(forward(x), y)
-                loss.backward()
-                opt.step()
-                return loss
-
+        _, run = network_run(name, batch, pass_, contender, device)
         if contender.endswith("+graph"):
             return _graphed(run, device)
         return run
 
     return Case("network", name, batch, pass_, make)
+
+
+# The LeNet training step of `make gpu-check`: a batch that a step's fixed costs dominate, and
+# one large enough to fill a GPU.
+GPU_CHECK_LENET_BATCHES = (256, 8192)
+
+
+def gpu_check_cases(lenet_batches=GPU_CHECK_LENET_BATCHES) -> List[Case]:
+    """`make gpu-check`'s set (tools/gpu_check.sh): the LeNet training step at lenet_batches
+    first (the headline ratios, timed before any time limit can cut the run short), then the
+    quick per-op cases (forward+backward of every op)."""
+    return ([network_case("lenet", b, "train_step") for b in lenet_batches]
+            + op_cases(quick=True))
 
 
 def network_cases(quick: bool, device: str) -> List[Case]:
@@ -244,8 +290,10 @@ def _commit() -> str:
 
 
 def machine_name(device: str) -> str:
+    """The results folder's name: gpu-<device name> (e.g. gpu-NVIDIA-H200) or
+    cpu-<cores>core-<arch>."""
     if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device).replace(" ", "-")
+        return "gpu-" + re.sub(r"[^A-Za-z0-9._-]+", "-", torch.cuda.get_device_name(device))
     return f"cpu-{os.cpu_count()}core-{platform.machine()}"
 
 
@@ -264,7 +312,10 @@ def count_work(case: Case, device: str, log=print) -> Optional[work.Work]:
 
 
 def run_cases(cases: List[Case], names: List[str], device: str, runs: int, peaks: peak.Peaks,
-              log=print) -> List[dict]:
+              log=print, time_limit_s: Optional[float] = None) -> List[dict]:
+    """Times every case for every contender; past time_limit_s seconds (if given) no further
+    case starts, and the ones left are named in the log."""
+    start = time.perf_counter()
     meta = dict(machine=machine_name(device), device=device, torch=torch.__version__,
                 commit=_commit(), date=datetime.date.today().isoformat(),
                 threads=torch.get_num_threads(), peak_gflops=report.round_sig(peaks.gflops),
@@ -273,6 +324,11 @@ def run_cases(cases: List[Case], names: List[str], device: str, runs: int, peaks
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     uncounted_seen = set()
     for i, case in enumerate(cases, 1):
+        if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+            left = cases[i - 1:]
+            log(f"time limit of {time_limit_s:g} s reached: {len(left)} of {len(cases)} cases not "
+                "run: " + "; ".join(f"{c.name} {c.pass_} batch {c.batch}" for c in left))
+            break
         counted = count_work(case, device, log)
         if counted is not None and set(counted.uncounted) - uncounted_seen:
             uncounted_seen |= set(counted.uncounted)
@@ -323,6 +379,15 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="fewer cases and batch sizes")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="make gpu-check's set: the LeNet training step at --lenet-batches, then "
+                   "the forward+backward op cases; no torch.compile")
+    p.add_argument("--lenet-batches", type=int, nargs="+", metavar="N",
+                   default=list(GPU_CHECK_LENET_BATCHES),
+                   help="--gpu-check's LeNet batch sizes (default: %(default)s)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="start no case after this many seconds (the rest are named in the log; "
+                   "the results so far are written)")
     p.add_argument("--only", choices=("ops", "networks"), help="run one half of the suite")
     p.add_argument("--filter", metavar="TEXT",
                    help="only the cases whose name contains TEXT (e.g. conv2d, lenet)")
@@ -338,9 +403,14 @@ def main(argv=None) -> int:
     torch._functorch.config.donated_buffer = False
     device = args.device
     cases = []
-    if args.only in (None, "ops"):
+    if args.gpu_check:
+        if args.quick or args.only:
+            p.error("--gpu-check picks its own cases: leave out --quick and --only")
+        cases = gpu_check_cases(args.lenet_batches)
+        args.compile = False  # its compiles take minutes: not in a check's time budget
+    if args.only in (None, "ops") and not args.gpu_check:
         cases += op_cases(args.quick)
-    if args.only in (None, "networks"):
+    if args.only in (None, "networks") and not args.gpu_check:
         cases += network_cases(args.quick, device)
     if args.filter:
         cases = [c for c in cases if args.filter in c.name]
@@ -349,7 +419,11 @@ def main(argv=None) -> int:
     out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", machine_name(device))
     os.makedirs(out_dir, exist_ok=True)
     peaks = peak.measure(device)
-    rows = run_cases(cases, contenders(device, args.compile), device, args.runs, peaks)
+    rows = run_cases(cases, contenders(device, args.compile), device, args.runs, peaks,
+                     time_limit_s=args.time_limit)
+    if not rows:
+        print("no case was timed", file=sys.stderr)
+        return 1
     plots = report.write_all(rows, out_dir, peaks.flops_method, peaks.bytes_method)
     print(report.times_table(rows))
     print(report.rates_table(rows))

@@ -1,109 +1,239 @@
 #!/usr/bin/env bash
-# One command for a fresh GPU machine (torch with CUDA, nvcc and pytest installed; no network):
+# `make gpu-check`: one command for a fresh GPU machine (torch with CUDA, nvcc, pytest and
+# compute-sanitizer installed; no network needed), sized for a short lease: at most
+# 480 s in all (each step time-boxed with `timeout`, budget below), usually less.
 #
-#   tools/gpu_check.sh
+#   tools/gpu_check.sh              on the GPU machine
+#   tools/gpu_check.sh --rehearse   on any machine: every step's commands in a form that needs no
+#                                   GPU (CPU-only build, the pytest selections collected and
+#                                   counted, the benchmark's set on the CPU with 3 runs), then the
+#                                   same summary; what tests/test_gpu_check.py keeps from rotting
 #
-# 1. builds pyengine in place with its CUDA kernels (PYENGINE_CUDA=1, MAX_JOBS = all cores);
-# 2. runs the whole test suite (slow tests included: tensors past 2^31 elements);
-# 3. runs compute-sanitizer --tool memcheck over the quick CUDA subset (pytest -k cuda, not slow,
-#    not the build checks nor the device-assert tests, which fail kernels on purpose), with torch's caching allocator
-#    off (PYTORCH_NO_CUDA_MEMORY_CACHING=1) so every out-of-bounds access hits real bounds;
-# 4. prints a short summary last.
+# Steps (budget in seconds; CAP_* variables override):
+#  0 env        (CAP_ENV 30)    torch and the GPU, nvcc, compute-sanitizer, nvidia-smi -> env.txt
+#  1 build      (CAP_BUILD 140) pyengine in place with its CUDA kernels for this GPU's architecture
+#                               only (TORCH_CUDA_ARCH_LIST from the device), MAX_JOBS = all cores,
+#                               then (CAP_BUILD_CHECK 10) pyengine._C is checked to have them;
+#                               beside it, the benchmark's peak kernels (benchmarks/peak.py) into
+#                               build/torch_extensions, so the benchmark step does not compile
+#  then two lanes at once, each within CAP_LANE (230; the second lane's caps add up to it):
+#  2 tests      the whole suite except `slow` tests (tensors past 2^31 elements, long softmax
+#               rows: minutes; `python -m pytest -m slow` runs them), CUDA cases included;
+#               stopped with SIGINT at the limit, so pytest still reports what it ran
+#  3 graph      (CAP_GRAPH 20) the CUDA-graph tests: a LeNet training step captured and replayed
+#               against eager (tests/test_cuda.py); the benchmark's captured LeNet step, SGD
+#               update included, against eager, and its op cases' captures (tests/test_gpu_check.py)
+#  4 sanitizers compute-sanitizer over a trimmed set of CUDA op tests (SANITIZER_SELECTION: the
+#               first two samples of every operator, each operator call they make, forward and
+#               backward ops, float32 and float64; the layout cases), torch's caching allocator
+#               off so each tensor's bounds are its own: memcheck (CAP_MEMCHECK 75; also the
+#               determinism test's larger sizes: multi-block reductions, split-K), racecheck
+#               (CAP_RACECHECK 55), synccheck (CAP_SYNCCHECK 40), initcheck (CAP_INITCHECK 40);
+#               the last three only on pyengine's kernels (--kernel-name kns=pyengine)
+#  5 bench      (CAP_BENCH 70) python -m benchmarks --gpu-check: the LeNet training step at batch
+#               256 and 8192, then every op's forward+backward, pyengine / torch eager / both
+#               in CUDA graphs, TF32 off, CUDA-event timing; results in
+#               benchmarks/results/gpu-<device>/, copied to $OUT/bench-results/
+#  6 summary    one line per step (status, seconds, budget), the test counts, the sanitizers'
+#               error counts, LeNet's step-time ratios -> summary.txt (tools/gpu_check_summary.py)
 #
-# Logs go to ${OUT:-./gpu_check_out}: env.txt, build.log, ptxas.txt, tests.log, junit.xml,
-# sanitizer.log, summary.txt. Exit status 0 only when all three steps are clean.
-# Knobs: MAX_JOBS, TORCH_CUDA_ARCH_LIST (default: this GPU's), SANITIZER_TIMEOUT (s, default 1800),
-# PYTEST_ARGS (extra arguments for the full run).
+# Everything goes to $OUT (default ./gpu_check_out). Exit status 0 only when every step is clean.
+# Other knobs: PYTHON, MAX_JOBS, TORCH_CUDA_ARCH_LIST (default: this GPU's), PYTEST_ARGS (extra
+# arguments for step 2).
 set -u
 cd "$(dirname "$0")/.." || exit 2
+
+MODE=gpu
+case "${1:-}" in
+  "") ;;
+  --rehearse) MODE=rehearse ;;
+  --show-selections) MODE=show ;;  # for tests/test_gpu_check.py
+  *) echo "usage: tools/gpu_check.sh [--rehearse | --show-selections]" >&2; exit 2 ;;
+esac
+
+# The pytest selections (tests/test_gpu_check.py checks that each selects tests, every operator
+# among them). Test ids: test_parity[<op>-<sample index>-dtype<0: float32, 1: float64>].
+SUITE_SELECTION=(-m "not slow")
+GRAPH_SELECTION=(tests/test_cuda.py tests/test_gpu_check.py -k cuda_graph)
+SANITIZER_SELECTION=(tests/test_cuda.py -m "not slow"
+                     -k "(test_parity and (-0- or -1-)) or test_layout_parity")
+MEMCHECK_SELECTION=(tests/test_cuda.py -m "not slow"
+                    -k "(test_parity and (-0- or -1-)) or test_layout_parity or deterministic")
+
+if [ "$MODE" = show ]; then  # a line per selection: its name, then its arguments, tab-separated
+  for name in SUITE GRAPH SANITIZER MEMCHECK; do
+    declare -n selection=${name}_SELECTION
+    (IFS=$'\t'; echo "$name${IFS}${selection[*]}")
+  done
+  exit 0
+fi
+
+
 OUT=${OUT:-./gpu_check_out}
-mkdir -p "$OUT"
-PY=${PYTHON:-python}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
+rm -f "$OUT/steps.tsv"
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+# The CUDA toolkit's tools where a toolkit is installed but not on PATH (torch finds nvcc anyway).
+for dir in "${CUDA_HOME:-/usr/local/cuda}/bin" "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer"; do
+  [ -d "$dir" ] && PATH=$PATH:$dir
+done
+export PYTHONUNBUFFERED=1
 
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  TORCH_CUDA_ARCH_LIST=$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}")' 2>/dev/null || echo "9.0")
-  export TORCH_CUDA_ARCH_LIST
-fi
+CAP_ENV=${CAP_ENV:-30}
+# A rehearsal's build compiles the CPU kernels with MAX_JOBS=1: minutes, not the GPU's budget.
+if [ "$MODE" = gpu ]; then CAP_BUILD=${CAP_BUILD:-140}; else CAP_BUILD=${CAP_BUILD:-900}; fi
+CAP_BUILD_CHECK=${CAP_BUILD_CHECK:-10}
+CAP_LANE=${CAP_LANE:-230}
+CAP_GRAPH=${CAP_GRAPH:-20}
+CAP_MEMCHECK=${CAP_MEMCHECK:-75}
+CAP_RACECHECK=${CAP_RACECHECK:-55}
+CAP_SYNCCHECK=${CAP_SYNCCHECK:-40}
+CAP_INITCHECK=${CAP_INITCHECK:-40}
+CAP_BENCH=${CAP_BENCH:-70}
+BUDGET=$(( CAP_ENV + CAP_BUILD + CAP_BUILD_CHECK + CAP_LANE + CAP_BENCH ))
 
-# ---- environment ------------------------------------------------------------------------------
-{
-  date -u
-  nvidia-smi 2>&1 || echo "nvidia-smi: not available"
-  command -v nvcc >/dev/null && nvcc --version
-  $PY -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available()); print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
-  echo "MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
-} > "$OUT/env.txt" 2>&1
-device=$($PY -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")' 2>/dev/null)
+# step NAME CAP LOG COMMAND...: COMMAND under `timeout` (SIGINT first: pytest then still reports
+# what it ran; SIGKILL 15 s later), output to $OUT/LOG, a row in $OUT/steps.tsv.
+step() {
+  local name=$1 cap=$2 log=$3 start rc
+  shift 3
+  echo "[gpu_check] $name (at most $cap s) -> $OUT/$log"
+  start=$(date +%s)
+  timeout -s INT -k 15 "$cap" "$@" > "$OUT/$log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$cap" "$log" \
+    >> "$OUT/steps.tsv"
+  return $rc
+}
 
-# ---- 1. build -----------------------------------------------------------------------------------
-echo "[gpu_check] building (MAX_JOBS=$MAX_JOBS, arch $TORCH_CUDA_ARCH_LIST) -> $OUT/build.log"
-start=$(date +%s)
-PYENGINE_CUDA=1 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
-build_rc=$?
-build_s=$(( $(date +%s) - start ))
-if [ $build_rc -eq 0 ]; then
-  $PY -c 'import pyengine, sys; sys.exit(0 if pyengine._C.built_with_cuda else 1)' >> "$OUT/build.log" 2>&1 \
-    || { build_rc=3; echo "built, but pyengine._C has no CUDA kernels" >> "$OUT/build.log"; }
-fi
+# skip NAME CAP REASON: a row for a step that did not run.
+skip() {
+  echo "[gpu_check] $1 skipped: $3"
+  printf '%s\tskip\t0\t%s\t%s\n' "$1" "$2" "$3" >> "$OUT/steps.tsv"
+}
 
-# ---- 2. the whole test suite --------------------------------------------------------------------
-tests_summary="not run (build failed)"
-tests_rc=1
-if [ $build_rc -eq 0 ]; then
-  echo "[gpu_check] test suite -> $OUT/tests.log"
-  PYENGINE_PTXAS_REPORT="$OUT/ptxas.txt" $PY -m pytest -q -rfEs -p no:cacheprovider \
-    --junitxml="$OUT/junit.xml" ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
-  tests_rc=$?
-  tests_summary=$($PY - "$OUT/junit.xml" <<'EOF'
-import sys, xml.etree.ElementTree as ET
-try:
-    root = ET.parse(sys.argv[1]).getroot()
-except Exception as exc:
-    print(f"no junit report ({exc})"); sys.exit()
-suites = [root] if root.tag == "testsuite" else list(root)
-n = lambda key: sum(int(s.get(key, 0)) for s in suites)
-total, failed, errors, skipped = n("tests"), n("failures"), n("errors"), n("skipped")
-print(f"{total - failed - errors - skipped} passed, {failed} failed, {errors} errors, "
-      f"{skipped} skipped")
-EOF
-)
-fi
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
 
-# ---- 3. compute-sanitizer memcheck over the quick CUDA subset ----------------------------------
-san_summary="not run"
-san_errors=-1
-if [ $build_rc -ne 0 ]; then
-  san_summary="not run (build failed)"
-elif ! command -v compute-sanitizer >/dev/null; then
-  san_summary="not run (compute-sanitizer not found)"
+echo "[gpu_check] mode $MODE; budget $BUDGET s: env $CAP_ENV + build $CAP_BUILD" \
+     "+ check $CAP_BUILD_CHECK + lanes $CAP_LANE (tests | graph $CAP_GRAPH" \
+     "+ memcheck $CAP_MEMCHECK + racecheck $CAP_RACECHECK + synccheck $CAP_SYNCCHECK" \
+     "+ initcheck $CAP_INITCHECK) + bench $CAP_BENCH; logs in $OUT"
+echo "$BUDGET" > "$OUT/budget.txt"
+
+# ---- 0. environment -------------------------------------------------------------------------
+if [ "$MODE" = gpu ]; then
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 else
-  echo "[gpu_check] compute-sanitizer memcheck -> $OUT/sanitizer.log"
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZER_TIMEOUT:-1800}" \
-    compute-sanitizer --tool memcheck --target-processes all --print-limit 50 \
-    $PY -m pytest -q -p no:cacheprovider -m "not slow" -k "cuda and not cuda_build and not device_assert" \
-    > "$OUT/sanitizer.log" 2>&1
-  san_rc=$?
-  san_errors=$(grep -E "ERROR SUMMARY: [0-9]+ error" "$OUT/sanitizer.log" \
-               | sed -E 's/.*ERROR SUMMARY: ([0-9]+) error.*/\1/' | awk '{s += $1} END {print s + 0}')
-  san_tests=$(grep -E "[0-9]+ (passed|failed)" "$OUT/sanitizer.log" | tail -1)
-  if [ $san_rc -eq 124 ]; then
-    san_summary="$san_errors errors before the ${SANITIZER_TIMEOUT:-1800} s time limit (timed out)"
-    [ "$san_errors" -eq 0 ] && san_errors=-1
-  else
-    san_summary="$san_errors errors (pytest under memcheck: ${san_tests:-no summary}, rc $san_rc)"
-  fi
+  export MAX_JOBS=${MAX_JOBS:-1}  # a rehearsal shares its machine
+fi
+# torch's view first: the build needs the GPU's capability even if a tool below hangs.
+step env "$CAP_ENV" env.txt bash -c '
+  date -u; echo "cores $(nproc)"
+  "$1" -c "import sys, torch
+print(\"python\", sys.version.split()[0])
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda,
+      \"available\", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print(\"device\", torch.cuda.get_device_name(0))
+    print(\"capability %d.%d\" % torch.cuda.get_device_capability(0))"
+  command -v nvcc >/dev/null && nvcc --version | tail -2
+  command -v compute-sanitizer >/dev/null && compute-sanitizer --version | head -2 \
+    || echo "compute-sanitizer: not found"
+  nvidia-smi || echo "nvidia-smi: not available"' gpu_check_env "$PY"
+
+if [ "$MODE" = gpu ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  # This GPU's architecture only (sm_90 on an H200): no time spent on others.
+  TORCH_CUDA_ARCH_LIST=$(sed -n 's/^capability //p' "$OUT/env.txt")
+  [ -n "$TORCH_CUDA_ARCH_LIST" ] && export TORCH_CUDA_ARCH_LIST
+fi
+echo "MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}" >> "$OUT/env.txt"
+echo "${TORCH_CUDA_ARCH_LIST:-}" > "$OUT/arch.txt"
+
+# ---- 1. build -------------------------------------------------------------------------------
+# The peak kernels are cached where the benchmark step looks (torch.utils.cpp_extension.load).
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}
+build_ok=0
+if [ "$MODE" = gpu ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  skip build "$CAP_BUILD" "no CUDA device visible to torch (see env.txt)"
+else
+  if [ "$MODE" = gpu ]; then BUILD_CUDA=1; PEAK_CUDA=True; else BUILD_CUDA=0; PEAK_CUDA=False; fi
+  step peak-build "$CAP_BUILD" peak-build.log \
+    "$PY" -c "from benchmarks import peak; peak._native(cuda=$PEAK_CUDA)" &
+  peak_pid=$!
+  step build "$CAP_BUILD" build.log env PYENGINE_CUDA=$BUILD_CUDA \
+    "$PY" setup.py build_ext --inplace \
+    && step build-check "$CAP_BUILD_CHECK" build-check.log "$PY" -c "
+import pyengine
+print('pyengine._C.built_with_cuda:', pyengine._C.built_with_cuda)
+assert pyengine._C.built_with_cuda == bool($BUILD_CUDA), 'not the build this mode asks for'" \
+    && build_ok=1
+  wait "$peak_pid"
 fi
 
-# ---- 4. summary ---------------------------------------------------------------------------------
-build_summary=$([ $build_rc -eq 0 ] && echo "ok (${build_s} s)" || echo "FAILED (rc $build_rc)")
-{
-  echo "==== pyengine GPU check: $device ===="
-  echo "build:     $build_summary   log: $OUT/build.log"
-  echo "tests:     $tests_summary   log: $OUT/tests.log"
-  echo "sanitizer: $san_summary   log: $OUT/sanitizer.log"
-  [ -f "$OUT/ptxas.txt" ] && echo "ptxas:     registers / spills per kernel in $OUT/ptxas.txt"
-} | tee "$OUT/summary.txt"
+# ---- 2-4. the test suite | CUDA graphs and compute-sanitizer, at once ----------------------------
+if [ $build_ok -ne 1 ]; then
+  for s in tests graph memcheck racecheck synccheck initcheck; do
+    skip "$s" "$CAP_LANE" "the build failed"
+  done
+elif [ "$MODE" = gpu ]; then
+  sanitize() {  # sanitize TOOL CAP KERNEL_FILTER SELECTION...: KERNEL_FILTER "" checks all
+    local tool=$1 cap=$2 filter=$3 flags=()
+    shift 3
+    if ! command -v compute-sanitizer >/dev/null; then
+      skip "$tool" "$cap" "compute-sanitizer not found"
+      return
+    fi
+    [ -n "$filter" ] && flags=(--kernel-name "kns=$filter")
+    step "$tool" "$cap" "$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      compute-sanitizer --tool "$tool" --target-processes all --report-api-errors no \
+      --print-limit 100 --error-exitcode 99 "${flags[@]}" "${PYTEST[@]}" "$@"
+  }
+  (
+    step graph "$CAP_GRAPH" graph.log "${PYTEST[@]}" --junitxml="$OUT/graph.xml" \
+      "${GRAPH_SELECTION[@]}"
+    sanitize memcheck "$CAP_MEMCHECK" "" "${MEMCHECK_SELECTION[@]}"
+    sanitize racecheck "$CAP_RACECHECK" pyengine "${SANITIZER_SELECTION[@]}"
+    sanitize synccheck "$CAP_SYNCCHECK" pyengine "${SANITIZER_SELECTION[@]}"
+    sanitize initcheck "$CAP_INITCHECK" pyengine "${SANITIZER_SELECTION[@]}"
+  ) &
+  lane_pid=$!
+  # shellcheck disable=SC2086  # PYTEST_ARGS: extra arguments, split on purpose
+  step tests "$CAP_LANE" tests.log env PYENGINE_PTXAS_REPORT="$OUT/ptxas.txt" "${PYTEST[@]}" \
+    -rfE --junitxml="$OUT/tests.xml" "${SUITE_SELECTION[@]}" ${PYTEST_ARGS:-}
+  wait "$lane_pid"
+else
+  # Rehearsal: the same selections, collected (test_cuda.py's tests are collected without a GPU,
+  # and skipped only when run), so each must select something.
+  # shellcheck disable=SC2086
+  step tests "$CAP_LANE" tests.log "${PYTEST[@]}" --collect-only "${SUITE_SELECTION[@]}" \
+    ${PYTEST_ARGS:-}
+  step graph "$CAP_GRAPH" graph.log "${PYTEST[@]}" --collect-only "${GRAPH_SELECTION[@]}"
+  step memcheck "$CAP_MEMCHECK" memcheck.log "${PYTEST[@]}" --collect-only \
+    "${MEMCHECK_SELECTION[@]}"
+  for tool in racecheck synccheck initcheck; do
+    cap_var=CAP_${tool^^}
+    step "$tool" "${!cap_var}" "$tool.log" "${PYTEST[@]}" --collect-only \
+      "${SANITIZER_SELECTION[@]}"
+  done
+fi
 
-[ $build_rc -eq 0 ] && [ $tests_rc -eq 0 ] && [ "$san_errors" -eq 0 ] && exit 0
-exit 1
+# ---- 5. benchmark ---------------------------------------------------------------------------
+# The suite starts no case after its --time-limit, leaving time to write what it has.
+BENCH_LIMIT=$(( CAP_BENCH - 25 ))
+if [ $build_ok -ne 1 ]; then
+  skip bench "$CAP_BENCH" "the build failed"
+elif [ "$MODE" = gpu ]; then
+  step bench "$CAP_BENCH" bench.log "$PY" -m benchmarks --device cuda --gpu-check --runs 30 \
+    --time-limit "$BENCH_LIMIT"
+  results=$(sed -n 's/^wrote \(.*\)\/results\.csv.*/\1/p' "$OUT/bench.log" | tail -1)
+  if [ -n "$results" ]; then
+    mkdir -p "$OUT/bench-results" && cp -r "$results" "$OUT/bench-results/"
+  fi
+else
+  step bench "$CAP_BENCH" bench.log "$PY" -m benchmarks --device cpu --gpu-check --runs 3 \
+    --lenet-batches 8 16 --time-limit "$BENCH_LIMIT" --out "$OUT/bench-results/rehearsal-cpu"
+fi
+
+# ---- 6. summary -----------------------------------------------------------------------------
+"$PY" tools/gpu_check_summary.py "$OUT" --mode "$MODE" | tee "$OUT/summary.txt"
+exit "${PIPESTATUS[0]}"
