@@ -18,7 +18,8 @@
 #                               build/torch_extensions, so the benchmark step does not compile
 #  then two lanes at once, each within CAP_LANE (230; the second lane's caps add up to it):
 #  2 tests      the whole suite except `slow` tests (tensors past 2^31 elements, long softmax
-#               rows: minutes; `python -m pytest -m slow` runs them), CUDA cases included;
+#               rows: minutes; `python -m pytest -m slow` runs them) and the CPU-only CUDA
+#               emulation lane (CI runs it), CUDA cases included;
 #               stopped with SIGINT at the limit, so pytest still reports what it ran
 #  3 graph      (CAP_GRAPH 20) the CUDA-graph tests: a LeNet training step captured and replayed
 #               against eager (tests/test_cuda.py); the benchmark's captured LeNet step, SGD
@@ -53,7 +54,9 @@ esac
 
 # The pytest selections (tests/test_gpu_check.py checks that each selects tests, every operator
 # among them). Test ids: test_parity[<op>-<sample index>-dtype<0: float32, 1: float64>].
-SUITE_SELECTION=(-m "not slow")
+# The suite leaves out the CUDA emulation lane (tests/test_emulated_cuda.py, test_cuda_emu.py: the
+# same kernels on the CPU, a minute or two of single-threaded work that every CI run does anyway).
+SUITE_SELECTION=(-m "not slow" --ignore=tests/test_emulated_cuda.py --ignore=tests/test_cuda_emu.py)
 GRAPH_SELECTION=(tests/test_cuda.py tests/test_gpu_check.py -k cuda_graph)
 SANITIZER_SELECTION=(tests/test_cuda.py -m "not slow"
                      -k "(test_parity and (-0- or -1-)) or test_layout_parity")
