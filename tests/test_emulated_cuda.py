@@ -37,6 +37,7 @@ from parity import (DEVICE_ASSERT_CASES, Target, assert_bitwise_equal, check_lay
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
 import lane  # noqa: E402
+import rewrite  # noqa: E402  (tests/cuda_emu/rewrite.py)
 
 _unavailable = lane.available()
 pytestmark = [pytest.mark.skipif(bool(_unavailable), reason=_unavailable)]
@@ -179,6 +180,27 @@ def test_reductions_with_many_chunks_and_splits(emu, dtype):
         target = Emulated(emu, small_caps=small, schedules=SCHEDULES[:2])
         for name, args in reduction_calls(dtype, scale=0.02):
             parity(target, name, *args, dtype=dtype, what=f"{target.name} {name}")
+
+
+def test_every_launch_site_runs(emu):
+    """Every kernel launch written in csrc/cuda runs on the samples and the reductions, with the
+    CUDA build's caps or small ones: no launcher, kernel variant or path is left untried."""
+    written = set()
+    for name in sorted(os.listdir(lane.CUDA_SRC)):
+        if name.endswith((".cu", ".cuh")):
+            with open(os.path.join(lane.CUDA_SRC, name)) as f:
+                written |= {f"{name}:{kernel}" for kernel in rewrite.launch_sites(f.read())}
+    assert len(written) > 20, written
+    emu.reset_stats()
+    for small in (False, True):
+        target = Emulated(emu, small_caps=small, schedules=SCHEDULES[:1])
+        for sample in NON_ERROR_SAMPLES:
+            check_sample(target, sample, torch.float64)
+        for name, args in reduction_calls(torch.float64, scale=0.02):
+            parity(target, name, *args)
+    ran = set(emu.launch_sites())
+    assert ran <= written, sorted(ran - written)
+    assert not written - ran, f"never launched: {sorted(written - ran)}"
 
 
 # ---- random geometries --------------------------------------------------------------------------

@@ -80,12 +80,11 @@ __global__ void max_pool2d_forward_kernel(const T* __restrict__ input, T* __rest
 }
 
 // Whether window (oh, ow) has no in-bounds tap: all its taps miss the input on one axis.
-__device__ __forceinline__ bool window_is_empty(int64_t oh, int64_t ow, const Geometry& g,
-                                                int64_t eff_h, int64_t eff_w) {
+__device__ __forceinline__ bool window_is_empty(int64_t oh, int64_t ow, const Geometry& g) {
   const int64_t hs = oh * g.stride_h - g.padding_h;
   const int64_t ws = ow * g.stride_w - g.padding_w;
-  return first_tap(hs, g.dilation_h) >= min(hs + eff_h, g.in_h) ||
-         first_tap(ws, g.dilation_w) >= min(ws + eff_w, g.in_w);
+  return first_tap(hs, g.dilation_h) >= min(hs + g.effective_kernel_h(), g.in_h) ||
+         first_tap(ws, g.dilation_w) >= min(ws + g.effective_kernel_w(), g.in_w);
 }
 
 __global__ void clear_flag_kernel(int* flag) { *flag = 0; }
@@ -118,7 +117,7 @@ __global__ void max_pool2d_backward_kernel(const T* __restrict__ grad_output,
     T acc = 0;
     for (int64_t oh = oh0; oh <= oh1; ++oh) {
       for (int64_t ow = ow0; ow <= ow1; ++ow) {
-        if (window_is_empty(oh, ow, g, eff_h, eff_w)) continue;
+        if (window_is_empty(oh, ow, g)) continue;
         const int64_t o = oh * g.out_w + ow;
         const int64_t i = idx[o];
         if (i == flat) acc += grad[o];
@@ -147,19 +146,16 @@ __global__ void max_pool2d_backward_strays_kernel(const T* __restrict__ grad_out
                                                   T* __restrict__ grad_input, const Geometry g,
                                                   const int* __restrict__ stray) {
   if (*stray == 0) return;
-  const int64_t eff_h = g.effective_kernel_h();
-  const int64_t eff_w = g.effective_kernel_w();
-  const int64_t total = g.planes() * g.in_pixels();
   const int64_t plane_out = g.out_pixels();
   const int64_t plane_in = g.in_pixels();
-  PE_GRID_STRIDE_LOOP(e, total) {
+  PE_GRID_STRIDE_LOOP(e, g.planes() * plane_in) {
     const int64_t p = e / plane_in;
     const int64_t flat = e % plane_in;
     const int64_t* idx = indices + p * plane_out;
     const T* grad = grad_output + p * plane_out;
     T acc = 0;
     for (int64_t o = 0; o < plane_out; ++o) {
-      if (idx[o] == flat && !window_is_empty(o / g.out_w, o % g.out_w, g, eff_h, eff_w))
+      if (idx[o] == flat && !window_is_empty(o / g.out_w, o % g.out_w, g))
         acc += grad[o];
     }
     grad_input[e] = acc;

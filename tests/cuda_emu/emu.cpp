@@ -186,6 +186,7 @@ struct Scheduler {
   cudaError_t last = cudaSuccess, sticky = cudaSuccess;
   std::string message;
   Stats stats;
+  std::map<std::string, int64_t> sites;  // launch_sites()
 #ifdef PE_EMU_ASAN
   const void* home_stack_lo = nullptr;
   size_t home_stack_size = 0;
@@ -661,6 +662,8 @@ void run_grid(Entry entry, void* ctx, dim3 grid, dim3 block, size_t shared_bytes
   builtins.grid_dim = grid;
   builtins.block_dim = block;
   ++s.stats.launches;
+  const char* file_name = std::strrchr(site.file, '/');
+  ++s.sites[std::string(file_name ? file_name + 1 : site.file) + ":" + site.kernel];
 
   const uint64_t gx = grid.x, gy = grid.y, n = gx * gy * grid.z;
   if (s.order == Order::Shuffled) {
@@ -847,7 +850,11 @@ void reset_device() {
 std::string last_error_message() { return detail::S().message; }
 
 Stats stats() { return detail::S().stats; }
-void reset_stats() { detail::S().stats = Stats(); }
+std::map<std::string, int64_t> launch_sites() { return detail::S().sites; }
+void reset_stats() {
+  detail::S().stats = Stats();
+  detail::S().sites.clear();
+}
 
 int64_t stack_bytes() { return static_cast<int64_t>(detail::kStackBytes); }
 

@@ -45,6 +45,9 @@ struct Stats {
   int64_t shared_bytes_peak = 0;  // largest static + dynamic shared memory of one block
 };
 Stats stats();
+// Grids launched per launch site since reset_stats(), keyed "<file name>:<kernel as written>"
+// (e.g. "pool.cu:max_pool2d_forward_kernel<T, true>"): what the lane's coverage test reads.
+std::map<std::string, int64_t> launch_sites();
 void reset_stats();
 // Deepest use of a fiber stack seen so far, and the size of each (for sizing; slow: scans).
 int64_t stack_bytes_peak();

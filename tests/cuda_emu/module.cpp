@@ -52,5 +52,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                               {"shared_bytes_peak", s.shared_bytes_peak}};
       },
       "{launches, blocks, threads, shared_bytes_peak} since reset_stats().");
+  m.def("launch_sites", &pe_emu::launch_sites,
+        "{'<file>:<kernel>': grids launched} per launch site since reset_stats().");
   m.def("reset_stats", &pe_emu::reset_stats);
 }

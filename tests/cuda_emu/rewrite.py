@@ -198,6 +198,19 @@ def _shared_edit(text, mask, pos):
     return s, e + 1, out + "\n" * text.count("\n", s, e + 1)
 
 
+def launch_sites(text):
+    """The kernel of every launch in text, as written (whitespace collapsed): the names the
+    emulator reports in launch_sites()."""
+    mask = _code_mask(text)
+    names = []
+    for m in re.finditer(r"<<<", text):
+        if mask[m.start()]:
+            k0 = _kernel_start(text, mask, m.start())
+            k1 = _skip_ws_back(text, m.start() - 1) + 1
+            names.append(" ".join(text[k0:k1].split()))
+    return names
+
+
 def edits(text):
     """[(start, end, replacement)] in source order: the spans rewrite() replaces."""
     mask = _code_mask(text)
