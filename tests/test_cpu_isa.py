@@ -35,12 +35,12 @@ def expected_families(forced):
     chosen = forced if forced is not None else best
     if best is not None:  # never above what the CPU has
         chosen = LEVELS[min(LEVELS.index(chosen), LEVELS.index(best))]
-    # gemm, conv2d, linear, softmax and cross_entropy have code for every level; max_pool2d for
-    # AVX-512 and baseline only; the elementwise loops (activations, mse_loss,
-    # binary_cross_entropy) baseline only.
-    every = {f: chosen for f in ("gemm", "conv2d", "linear", "softmax", "cross_entropy")}
-    return dict(every, max_pool2d="avx512" if chosen == "avx512" else "default",
-                elementwise="default")
+    # gemm, conv2d, linear, softmax, cross_entropy and the elementwise loops (activations,
+    # mse_loss, binary_cross_entropy) have code for every level; max_pool2d for AVX-512 and
+    # baseline only.
+    every = {f: chosen for f in ("gemm", "conv2d", "linear", "softmax", "cross_entropy",
+                                 "elementwise")}
+    return dict(every, max_pool2d="avx512" if chosen == "avx512" else "default")
 
 
 def test_levels_each_family_runs_with():

@@ -61,7 +61,7 @@ constexpr FamilyLevels kFamilies[] = {
     {Family::MaxPool2d, "max_pool2d", true, false},
     {Family::Softmax, "softmax", true, true},
     {Family::CrossEntropy, "cross_entropy", true, true},
-    {Family::Elementwise, "elementwise", false, false},
+    {Family::Elementwise, "elementwise", true, true},
 };
 
 const FamilyLevels& levels_of(Family family) {

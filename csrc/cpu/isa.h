@@ -9,7 +9,7 @@
 // PYENGINE_CPU_ISA=avx512|avx2|default (read once; never above what the CPU has), so that the
 // tests run every kernel's lower builds on an AVX-512 machine. Each kernel family runs with
 // isa_for(family): isa(), or the best level below it that the family has code for (max_pool2d has
-// AVX-512 and baseline code only; the elementwise loops only baseline code).
+// AVX-512 and baseline code only).
 //
 // A kernel gets its per-ISA builds from one always-inline template body (PE_INLINE) and
 // PE_ISA_FUNCTION, which compiles it into a target-attributed function per level plus a
@@ -50,7 +50,7 @@ enum class Family : int {
   MaxPool2d,     // cpu/pool.cpp: AVX-512 and baseline only
   Softmax,       // cpu/softmax.cpp: softmax and log_softmax, forward and backward
   CrossEntropy,  // cpu/cross_entropy.cpp
-  Elementwise,   // cpu/loops.h users (activations, mse_loss, binary_cross_entropy): baseline only
+  Elementwise,   // cpu/loops.h users (activations, mse_loss, binary_cross_entropy)
 };
 
 // The level `family` runs with: isa(), or the best level below it that the family has code for.

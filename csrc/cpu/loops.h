@@ -12,24 +12,74 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/layout.h"
+#include "cpu/isa.h"
 
 namespace pyengine {
 
 // Elements per parallel task: below this, threading costs more than it saves.
 constexpr int64_t kElementwiseGrain = 32768;
 
-// out = f(input) elementwise, out laid out as torch lays out a unary op's output.
+// The loops themselves, compiled once per instruction-set level (cpu/isa.h) with the caller's
+// per-element function inlined, over restrict pointers (outputs are fresh tensors: no aliasing)
+// so that the compiler vectorizes them: the per-element math must be branch-free for that
+// (cpu/activation.cpp). Called on each parallel task's range.
+template <typename T, typename F>
+PE_INLINE void unary_loop(const T* __restrict__ x, T* __restrict__ out, int64_t n, const F& f) {
+  for (int64_t i = 0; i < n; ++i) out[i] = f(x[i]);
+}
+template <typename T, typename F>
+PE_INLINE void binary_loop(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out,
+                           int64_t n, const F& f) {
+  for (int64_t i = 0; i < n; ++i) out[i] = f(a[i], b[i]);
+}
+template <typename T, typename F>
+PE_TARGET_AVX512 void unary_loop_avx512(const T* x, T* out, int64_t n, const F& f) {
+  unary_loop(x, out, n, f);
+}
+template <typename T, typename F>
+PE_TARGET_AVX2 void unary_loop_avx2(const T* x, T* out, int64_t n, const F& f) {
+  unary_loop(x, out, n, f);
+}
+template <typename T, typename F>
+void unary_loop_default(const T* x, T* out, int64_t n, const F& f) {
+  unary_loop(x, out, n, f);
+}
+template <typename T, typename F>
+PE_TARGET_AVX512 void binary_loop_avx512(const T* a, const T* b, T* out, int64_t n, const F& f) {
+  binary_loop(a, b, out, n, f);
+}
+template <typename T, typename F>
+PE_TARGET_AVX2 void binary_loop_avx2(const T* a, const T* b, T* out, int64_t n, const F& f) {
+  binary_loop(a, b, out, n, f);
+}
+template <typename T, typename F>
+void binary_loop_default(const T* a, const T* b, T* out, int64_t n, const F& f) {
+  binary_loop(a, b, out, n, f);
+}
+
+// out = f(input) elementwise, out laid out as torch lays out a unary op's output. f must be
+// callable from every level's build: a lambda declared PE_INLINE-free is inlined into each (GCC
+// inlines a function of the baseline target into a wider one).
 template <typename F>
 at::Tensor map_unary(const at::Tensor& input, const char* op, F f) {
   check_floating(input, op, "input");
   at::Tensor out = empty_elementwise<int64_t>({&input}, input.options());
   const at::Tensor x = in_order_of(input, out);
+  const cpu::Isa level = cpu::isa_for(cpu::Family::Elementwise);
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, x.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) po[i] = f(px[i]);
+      const int64_t n = end - begin;
+      switch (level) {
+        case cpu::Isa::Avx512:
+          return unary_loop_avx512(px + begin, po + begin, n, f);
+        case cpu::Isa::Avx2:
+          return unary_loop_avx2(px + begin, po + begin, n, f);
+        default:
+          return unary_loop_default(px + begin, po + begin, n, f);
+      }
     });
   });
   return out;
@@ -42,13 +92,22 @@ at::Tensor map_binary(at::Tensor out, const at::Tensor& a, const at::Tensor& b, 
                       F f) {
   const at::Tensor x = in_order_of(a, out);
   const at::Tensor y = in_order_of(b, out);
+  const cpu::Isa level = cpu::isa_for(cpu::Family::Elementwise);
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* py = y.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, x.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) po[i] = f(px[i], py[i]);
+      const int64_t n = end - begin;
+      switch (level) {
+        case cpu::Isa::Avx512:
+          return binary_loop_avx512(px + begin, py + begin, po + begin, n, f);
+        case cpu::Isa::Avx2:
+          return binary_loop_avx2(px + begin, py + begin, po + begin, n, f);
+        default:
+          return binary_loop_default(px + begin, py + begin, po + begin, n, f);
+      }
     });
   });
   return out;
