@@ -2,8 +2,10 @@
 (benchmarks/work.py) against hand counts, the counting of a whole network step, the CSV
 schema and tables (benchmarks/report.py), and the jax contender's place in the suite (its
 numbers: tests/test_bench_jax.py, which needs JAX; these tests do not)."""
+import importlib.util
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -173,3 +175,24 @@ def test_times_table_adds_pyengine_over_jax_when_jax_ran():
     assert "| network | lenet | train_step | 64 | 1.0000 | 2.0000 | 4.0000 | **0.50** | " \
         "**0.25** |" in table
     assert "jax" not in report.times_table(rows[:2])
+
+
+def test_bench_install_goes_on_when_jax_does_not_install(monkeypatch, capsys):
+    """`make bench` / `make bench-all` install JAX as an optional extra: a failed pip install of
+    it is reported and the benchmarks run without it; the same failure in a required extra stops
+    the install step."""
+    spec = importlib.util.spec_from_file_location("pyengine_install",
+                                                  os.path.join(ROOT, "tools", "install.py"))
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    pip_calls = []
+    monkeypatch.setattr(install.subprocess, "run",
+                        lambda cmd, **kw: pip_calls.append(cmd[4:]) or SimpleNamespace(returncode=1))
+    monkeypatch.setattr(install, "missing", lambda reqs: [r for r in reqs if r.startswith("jax")])
+    monkeypatch.setattr(install, "up_to_date", lambda fingerprint: True)
+    monkeypatch.setattr(install, "built_library", lambda: "pyengine/_C.so")
+    assert install.main(["--extras", "test,train", "--optional-extras", "bench"]) == 0
+    assert pip_calls == [["-q", "jax", "jaxlib"]]
+    assert "an optional extra, so going on without it" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="failed"):
+        install.main(["--extras", "bench"])
