@@ -23,6 +23,7 @@ from typing import Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import torch
 from jax import lax
 
@@ -30,15 +31,18 @@ from pyengine.models import MLP, BinaryClassifier, LeNet
 
 Params = Dict[str, jax.Array]
 PRECISION = lax.Precision.HIGHEST
+# The contender runs on the CPU even where JAX also has a GPU (its default device then): the
+# arrays are committed to it, and jit runs where its arguments are.
+CPU = jax.devices("cpu")[0]
 
 
 def to_jax(t: torch.Tensor, name: str) -> jax.Array:
-    """A float32 copy of t as a JAX array. A copy, never a view: the train step donates (reuses)
-    its parameters' buffers, which must not be torch's."""
+    """A float32 copy of t as a JAX array on the CPU. A copy, never a view: the train step
+    donates (reuses) its parameters' buffers, which must not be torch's."""
     if t.dtype != torch.float32:
         raise ValueError(f"the jax contender runs in fp32: expected {name} to be float32, but "
                          f"got {t.dtype}")
-    return jnp.array(t.detach().cpu().numpy(), copy=True)
+    return jax.device_put(np.array(t.detach().cpu().numpy(), copy=True), CPU)
 
 
 def params_of(model: torch.nn.Module) -> Params:

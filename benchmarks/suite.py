@@ -79,10 +79,11 @@ def jax_contender(device: str, log=print) -> List[str]:
     try:
         import jax
     except Exception as exc:  # not installed, or an install that does not load
-        log(f"JAX is not installed here ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-            ": the suite runs without its jax contender (`make bench-all` installs it)")
+        log(f"JAX does not import here ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:120]}): the suite runs without its jax contender "
+            "(`make bench-all` installs JAX)")
         return []
-    log(f"jax contender: JAX {jax.__version__} on {jax.devices()[0].platform}, jax.jit, fp32 "
+    log(f"jax contender: JAX {jax.__version__}, jax.jit on the CPU, fp32 "
         "(benchmarks/jax_steps.py)")
     return ["jax"]
 

@@ -45,7 +45,7 @@ def network(name):
 def test_inference_matches_torch(name):
     model, x, _ = network(name)
     out = jax_steps.Inference(model, x)()
-    assert out.dtype == np.float32
+    assert out.dtype == np.float32 and out.devices() == {jax_steps.CPU}
     with torch.no_grad():
         assert_close(to_torch(out), model(x), **FP32)
 
@@ -62,7 +62,7 @@ def test_train_steps_match_torch(name):
         loss.backward()
         opt.step()
         jax_loss = step()
-        assert jax_loss.dtype == np.float32
+        assert jax_loss.dtype == np.float32 and jax_loss.devices() == {jax_steps.CPU}
         assert_close(to_torch(jax_loss), loss.detach(), **FP32)
         assert step.params.keys() == start.keys()
         for k, p in model.named_parameters():
