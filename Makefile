@@ -4,7 +4,7 @@
 # command on an unchanged tree starts its real work within a second or two.
 PYTHON ?= python3
 
-.PHONY: install test train bench bench-all gpu-check clean fuzz asan cuda-emu-asan
+.PHONY: install bench-install test train bench bench-all gpu-check clean fuzz asan cuda-emu-asan
 
 install:
 	$(PYTHON) tools/install.py --extras test,train
@@ -17,12 +17,17 @@ test: install
 train: install
 	$(PYTHON) -m pyengine train
 
-# CPU benchmark: a LeNet training step, pyengine against torch.nn.
-bench: install
+# The install step plus JAX, the benchmarks' second peer (pyproject's `bench` extra): tried, and
+# if it does not install the benchmarks run without their jax contender.
+bench-install:
+	$(PYTHON) tools/install.py --extras test,train --optional-extras bench
+
+# CPU benchmark: a LeNet training step, pyengine against torch.nn and jax.jit.
+bench: bench-install
 	$(PYTHON) -m benchmarks.lenet_step
 
 # The whole benchmark suite (per op and per network; CSV, markdown table, plots).
-bench-all: install
+bench-all: bench-install
 	$(PYTHON) -m benchmarks
 
 # On a GPU machine (torch with CUDA, nvcc, compute-sanitizer; no network needed), in under 8

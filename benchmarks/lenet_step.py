@@ -1,6 +1,7 @@
-"""LeNet training step (forward, MSE loss, backward, SGD), pyengine layers against torch.nn: the
-suite's "lenet train_step" cases (benchmarks/suite.py) for a few batch sizes, without
-torch.compile. Prints a short table; --csv writes the suite's CSV schema.
+"""LeNet training step (forward, MSE loss, backward, SGD), pyengine layers against torch.nn and,
+on a CPU with JAX installed, jax.jit: the suite's "lenet train_step" cases (benchmarks/suite.py)
+for a few batch sizes, without torch.compile. Prints a short table; --csv writes the suite's CSV
+schema.
 
     python -m benchmarks.lenet_step [--device cpu] [--batches 1 64 256] [--csv out.csv]
 """
@@ -10,7 +11,7 @@ import sys
 import torch
 
 from benchmarks import peak, report
-from benchmarks.suite import network_case, run_cases
+from benchmarks.suite import jax_contender, network_case, run_cases
 
 
 def main(argv=None):
@@ -26,22 +27,29 @@ def main(argv=None):
 
     peaks = peak.measure(args.device)
     cases = [network_case("lenet", batch, "train_step") for batch in args.batches]
-    rows = run_cases(cases, ["pyengine", "torch"], args.device, args.runs, peaks)
+    names = ["pyengine", "torch"] + jax_contender(args.device)
+    rows = run_cases(cases, names, args.device, args.runs, peaks)
     by = {(int(r["batch"]), r["contender"]): r for r in rows}
 
     print(f"\nLeNet training step, {args.device}, fp32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; % of peak: the share of the machine's measured "
           "peak for the case's bound (docs/benchmarks.md)")
+    with_jax = "jax" in names
     print(f"{'batch':>6} {'MFLOP':>9} {'pyengine ms':>12} {'torch ms':>10} {'ratio':>7} "
-          f"{'pyengine GFLOP/s':>17} {'pyengine %':>11} {'torch %':>8}")
+          + (f"{'jax ms':>9} {'/ jax':>7} " if with_jax else "")
+          + f"{'pyengine GFLOP/s':>17} {'pyengine %':>11} {'torch %':>8}")
     for batch in args.batches:
         mine, theirs = by.get((batch, "pyengine")), by.get((batch, "torch"))
         if not (mine and theirs):
             continue
         ratio = mine["median_ms"] / theirs["median_ms"]
         flops = mine["flops"] / 1e6 if mine["flops"] != "" else float("nan")
+        jax_cells = ""
+        if with_jax:
+            jax_ms = by[(batch, "jax")]["median_ms"] if (batch, "jax") in by else float("nan")
+            jax_cells = f"{jax_ms:>9.3f} {mine['median_ms'] / jax_ms:>7.2f} "
         print(f"{batch:>6} {flops:>9.2f} {mine['median_ms']:>12.3f} {theirs['median_ms']:>10.3f} "
-              f"{ratio:>7.2f} {mine['gflops'] or float('nan'):>17.1f} "
+              f"{ratio:>7.2f} {jax_cells}{mine['gflops'] or float('nan'):>17.1f} "
               f"{mine['pct_of_bound'] or float('nan'):>11.1f} "
               f"{theirs['pct_of_bound'] or float('nan'):>8.1f}")
     if args.csv:

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Dict, Iterable, List, Optional
 
-CONTENDERS = ("pyengine", "torch", "torch.compile", "pyengine+graph", "torch+graph")
+CONTENDERS = ("pyengine", "torch", "torch.compile", "jax", "pyengine+graph", "torch+graph")
 
 CSV_FIELDS = [
     # the run: same on every row, so rows from several machines can share one file
@@ -100,21 +100,26 @@ def _cell(value, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _ratio(by: Dict[str, dict], peer: str) -> str:
+    """pyengine's median over peer's, in bold ("-" unless both ran)."""
+    if "pyengine" not in by or peer not in by:
+        return "-"
+    return f"**{float(by['pyengine']['median_ms']) / float(by[peer]['median_ms']):.2f}**"
+
+
 def times_table(rows: List[dict]) -> str:
-    """One line per (case, pass, batch): each contender's median and pyengine / torch eager."""
+    """One line per (case, pass, batch): each contender's median, pyengine / torch eager, and
+    pyengine / jax when the rows have the jax contender."""
     keyed = _keyed(rows)
     names = _present(keyed)
-    head = "| kind | case | pass | batch | " + " | ".join(f"{c} ms" for c in names) + \
-        " | pyengine / torch |"
+    peers = ["torch"] + (["jax"] if "jax" in names else [])
+    head = "| kind | case | pass | batch | " + " | ".join(f"{c} ms" for c in names) + " | " + \
+        " | ".join(f"pyengine / {p}" for p in peers) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (kind, case, pass_, batch), by in keyed.items():
         cells = [_cell(by[c]["median_ms"], ".4f") if c in by else "-" for c in names]
-        ratio = "-"
-        if "pyengine" in by and "torch" in by:
-            mine, theirs = float(by["pyengine"]["median_ms"]), float(by["torch"]["median_ms"])
-            ratio = f"**{mine / theirs:.2f}**"
-        lines.append(f"| {kind} | {case} | {pass_} | {batch} | " + " | ".join(cells) +
-                     f" | {ratio} |")
+        cells += [_ratio(by, p) for p in peers]
+        lines.append(f"| {kind} | {case} | {pass_} | {batch} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -154,8 +159,9 @@ def markdown(rows: List[dict], flops_method: str = "", bytes_method: str = "") -
         f"**{peak_gbps:.1f} GB/s**{how(bytes_method)}; machine balance "
         f"**{peak_gflops / peak_gbps:.1f} FLOP/byte**. {first['threads']} threads, fp32, TF32 "
         "off. How to read these tables: [docs/benchmarks.md](../../../docs/benchmarks.md).\n\n"
-        "## Times\n\nMedians of many interleaved runs; the last column is pyengine's time over "
-        "torch eager's (< 1: pyengine is faster).\n\n" + times_table(rows) +
+        "## Times\n\nMedians of many interleaved runs; the last columns are pyengine's time "
+        "over torch eager's and, when JAX ran, over jax.jit's (< 1: pyengine is faster).\n\n"
+        + times_table(rows) +
         "\n## Work and achieved rates\n\nFLOP and minimum bytes per call (benchmarks/work.py). "
         "bound: compute when FLOP/byte exceeds the machine balance, else memory; floor: the "
         "fastest this work can run here; % of peak: the share of the bound's peak a contender "

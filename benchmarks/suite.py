@@ -1,5 +1,6 @@
 """pyengine's benchmark suite: per-op and per-network timings against torch eager and
-torch.compile (and, on a GPU, both under CUDA graphs), with each case's FLOP and byte counts and
+torch.compile (and, on a GPU, both under CUDA graphs; on a CPU with JAX installed, the networks
+also under jax.jit: benchmarks/jax_steps.py), with each case's FLOP and byte counts and
 the share of the machine's measured peak each contender reached; written as one CSV schema plus a
 markdown table and plots (benchmarks/report.py). How to read them: docs/benchmarks.md.
 
@@ -38,7 +39,9 @@ class Case:
     name: str              # e.g. "conv2d 1->6 5x5 @32" or "lenet"
     batch: int
     pass_: str             # "forward", "backward", "forward+backward", "inference", "train_step"
-    make: Callable[[str, str], Optional[Callable[[], object]]]  # (contender, device) -> fn
+    # (contender, device) -> the timed call, or None where the contender has no version of the
+    # case (JAX has the networks only)
+    make: Callable[[str, str], Optional[Callable[[], object]]]
 
 
 # ---- contenders ---------------------------------------------------------------------------
@@ -68,10 +71,28 @@ def _graphed(fn: Callable[[], object], device: str,
     return graph.replay
 
 
-def contenders(device: str, with_compile: bool) -> List[str]:
+def jax_contender(device: str, log=print) -> List[str]:
+    """["jax"] where the run can time JAX (a CPU run, JAX importable), else [] with the reason
+    logged: a missing JAX leaves its contender out, it stops nothing."""
+    if device.split(":")[0] != "cpu":
+        return []
+    try:
+        import jax
+    except Exception as exc:  # not installed, or an install that does not load
+        log(f"JAX does not import here ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:120]}): the suite runs without its jax contender "
+            "(`make bench-all` installs JAX)")
+        return []
+    log(f"jax contender: JAX {jax.__version__}, jax.jit on the CPU, fp32 "
+        "(benchmarks/jax_steps.py)")
+    return ["jax"]
+
+
+def contenders(device: str, with_compile: bool, log=print) -> List[str]:
     names = ["pyengine", "torch"]
     if with_compile:
         names.append("torch.compile")
+    names += jax_contender(device, log)
     if device.startswith("cuda"):
         names += ["pyengine+graph", "torch+graph"]
     return names
@@ -85,6 +106,8 @@ def _op_case(name, batch, pass_, build):
 
     def make(contender, device):
         base = contender.split("+")[0]
+        if base == "jax":
+            return None  # JAX's contender is whole networks, not torch's single ops
         if base == "torch.compile":
             fwd_builder = lambda: build(TF, device)  # noqa: E731
         else:
@@ -214,10 +237,15 @@ NETWORKS = {
 }
 
 
+# The networks' optimizer: plain SGD (no momentum) at this learning rate, for every contender.
+SGD_LR = 0.01
+
+
 def network_run(name: str, batch: int, pass_: str, contender: str, device: str):
-    """(model, run): the network `name` built for `contender` (seeded: every contender starts
-    from the same weights) and one step on a fixed batch, eager; a "+graph" contender's step is
-    the one to capture (network_case captures it)."""
+    """(state, run): the network `name` built for `contender` (seeded: every contender starts
+    from the same weights, on the same batch) and one step on that fixed batch. state is the
+    torch model, or for "jax" the benchmarks.jax_steps object holding the JAX parameters. A
+    "+graph" contender's step is the one to capture (network_case captures it)."""
     factory, in_shape, n_out = NETWORKS[name]
     base = contender.split("+")[0]
     backend = "pyengine" if base == "pyengine" else "torch"
@@ -228,6 +256,13 @@ def network_run(name: str, batch: int, pass_: str, contender: str, device: str):
         y = torch.rand(batch, n_out, device=device)
     else:
         y = torch.randn(batch, n_out, device=device)
+    if base == "jax":
+        from benchmarks import jax_steps
+
+        # Its first call compiles: a warm-up call (timing.time_fn), never a timed one.
+        step = (jax_steps.Inference(model, x) if pass_ == "inference"
+                else jax_steps.TrainStep(model, x, y, SGD_LR))
+        return step, step
     loss_fn = layers(backend).MSELoss()
     forward = torch.compile(model) if base == "torch.compile" else model
     if pass_ == "inference":
@@ -235,7 +270,7 @@ def network_run(name: str, batch: int, pass_: str, contender: str, device: str):
         return model, _no_grad(lambda: forward(x))
     # Plain SGD (no momentum) is pure tensor arithmetic on the parameters and their gradients:
     # capturable as it is (the optimizers that keep a step count need capturable=True).
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=SGD_LR)
     graphed = contender.endswith("+graph")
 
     def run():
@@ -337,7 +372,9 @@ def run_cases(cases: List[Case], names: List[str], device: str, runs: int, peaks
         fns: Dict[str, Callable] = {}
         for contender in names:
             try:
-                fns[contender] = case.make(contender, device)
+                fn = case.make(contender, device)
+                if fn is not None:
+                    fns[contender] = fn
             except Exception as exc:  # e.g. a graph capture torch refuses: reported, not hidden
                 log(f"  {case.name} {case.pass_} batch {case.batch}: {contender} skipped "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
@@ -367,10 +404,13 @@ def run_cases(cases: List[Case], names: List[str], device: str, runs: int, peaks
         rows += case_rows.values()
         mine, ref = case_rows.get("pyengine"), case_rows.get("torch")
         ratio = f"{mine['median_ms'] / ref['median_ms']:.2f}" if mine and ref else "-"
+        jax_row = case_rows.get("jax")
+        jax_ratio = f", pyengine/jax {mine['median_ms'] / jax_row['median_ms']:.2f}" \
+            if mine and jax_row else ""
         share = f", pyengine at {mine['pct_of_bound']:.1f}% of peak" \
             if mine and mine["pct_of_bound"] != "" else ""
         log(f"[{i}/{len(cases)}] {case.kind:7} {case.name:28} {case.pass_:16} batch "
-            f"{case.batch:>5}: pyengine/torch {ratio}{share}")
+            f"{case.batch:>5}: pyengine/torch {ratio}{jax_ratio}{share}")
     return rows
 
 

@@ -1,8 +1,11 @@
 """The benchmark suite's machinery, without timing anything: the FLOP / byte formulas
-(benchmarks/work.py) against hand counts, the counting of a whole network step, and the CSV
-schema and tables (benchmarks/report.py)."""
+(benchmarks/work.py) against hand counts, the counting of a whole network step, the CSV
+schema and tables (benchmarks/report.py), and the jax contender's place in the suite (its
+numbers: tests/test_bench_jax.py, which needs JAX; these tests do not)."""
+import importlib.util
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import report, work  # noqa: E402
+from benchmarks import report, suite, work  # noqa: E402
 import pyengine.nn as pnn  # noqa: E402
 from pyengine.models import LeNet  # noqa: E402
 
@@ -144,3 +147,52 @@ def test_read_csv_refuses_another_schema(tmp_path):
     path.write_text("machine,case,median_ms\nm,relu,1.0\n")
     with pytest.raises(SystemExit, match="not the suite's CSV schema"):
         report.read_csv(str(path))
+
+
+def test_jax_contender_is_left_out_with_a_reason_when_jax_does_not_import(monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax", None)  # makes `import jax` raise ImportError
+    logged = []
+    assert suite.contenders("cpu", with_compile=False, log=logged.append) == ["pyengine", "torch"]
+    assert len(logged) == 1 and "JAX does not import here" in logged[0] \
+        and "without its jax contender" in logged[0]
+    logged.clear()
+    assert "jax" not in suite.jax_contender("cuda", log=logged.append) and not logged
+
+
+def test_op_cases_have_no_jax_version():
+    case = suite.op_cases(quick=True)[0]
+    assert case.make("jax", "cpu") is None
+
+
+def test_times_table_adds_pyengine_over_jax_when_jax_ran():
+    row = dict(kind="network", case="lenet", batch=64, contender="pyengine", median_ms=1.0,
+               **{"pass": "train_step"})
+    rows = [row, dict(row, contender="torch", median_ms=2.0), dict(row, contender="jax",
+                                                                   median_ms=4.0)]
+    table = report.times_table(rows)
+    assert table.splitlines()[0] == ("| kind | case | pass | batch | pyengine ms | torch ms | "
+                                     "jax ms | pyengine / torch | pyengine / jax |")
+    assert "| network | lenet | train_step | 64 | 1.0000 | 2.0000 | 4.0000 | **0.50** | " \
+        "**0.25** |" in table
+    assert "jax" not in report.times_table(rows[:2])
+
+
+def test_bench_install_goes_on_when_jax_does_not_install(monkeypatch, capsys):
+    """`make bench` / `make bench-all` install JAX as an optional extra: a failed pip install of
+    it is reported and the benchmarks run without it; the same failure in a required extra stops
+    the install step."""
+    spec = importlib.util.spec_from_file_location("pyengine_install",
+                                                  os.path.join(ROOT, "tools", "install.py"))
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    pip_calls = []
+    monkeypatch.setattr(install.subprocess, "run",
+                        lambda cmd, **kw: pip_calls.append(cmd[4:]) or SimpleNamespace(returncode=1))
+    monkeypatch.setattr(install, "missing", lambda reqs: [r for r in reqs if r.startswith("jax")])
+    monkeypatch.setattr(install, "up_to_date", lambda fingerprint: True)
+    monkeypatch.setattr(install, "built_library", lambda: "pyengine/_C.so")
+    assert install.main(["--extras", "test,train", "--optional-extras", "bench"]) == 0
+    assert pip_calls == [["-q", "jax", "jaxlib"]]
+    assert "an optional extra, so going on without it" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="failed"):
+        install.main(["--extras", "bench"])

@@ -1,11 +1,13 @@
 """The install step of the README's commands (`make test`, `make train`, ...): gets the active
 Python environment ready, and when it already is, says so within a second.
 
-    python tools/install.py [--extras test,train]
+    python tools/install.py [--extras test,train] [--optional-extras bench]
 
 1. torch: any installed torch >= 2.4 is used as it is; without one, pip fetches "torch>=2.4".
 2. The build tools (pyproject.toml's [build-system] requires), pyengine's dependencies and the
-   named extras: only the missing ones are installed.
+   named extras: only the missing ones are installed. The optional extras' missing packages are
+   installed too, but a failure there is reported and the step goes on (the benchmarks' JAX
+   contender, say, is left out, not the benchmarks).
 3. pyengine, built in place (pip install --no-build-isolation --no-deps -e .), only when this
    environment has no editable install of this folder, or the sources, the build settings or
    torch changed since the last build (a fingerprint in build/). setup.py keeps the compiled
@@ -86,11 +88,15 @@ def missing(requirements):
     return out
 
 
-def pip_install(args):
+def pip_install(args, required=True):
     cmd = [sys.executable, "-m", "pip", "install", "-q", *args]
     say(" ".join(["pip install -q", *args]))
     if subprocess.run(cmd).returncode != 0:
-        raise SystemExit(f"tools/install.py: `{' '.join(cmd)}` failed (see pip's message above)")
+        if required:
+            raise SystemExit(f"tools/install.py: `{' '.join(cmd)}` failed (see pip's message "
+                             "above)")
+        say(f"`{' '.join(cmd)}` failed (see pip's message above): an optional extra, so going "
+            "on without it")
 
 
 # ---- the build's fingerprint ----------------------------------------------------------------
@@ -163,10 +169,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--extras", default="test,train",
                         help="pyproject.toml extras to make sure of (default test,train)")
+    parser.add_argument("--optional-extras", default="",
+                        help="pyproject.toml extras to try to install: a failure is reported, "
+                        "not fatal (e.g. bench)")
     args = parser.parse_args(argv)
     extras = [e for e in args.extras.split(",") if e]
+    optional_extras = [e for e in args.optional_extras.split(",") if e]
 
     build_reqs, runtime_reqs = pyproject_requirements(extras)
+    optional_reqs = pyproject_requirements(optional_extras)[1] if optional_extras else []
     torch_req = next(r for r in runtime_reqs if re.match(r"torch\b", r))
     try:
         torch_version = metadata.version("torch")
@@ -182,6 +193,9 @@ def main(argv=None) -> int:
     others = [r for r in missing(build_reqs + runtime_reqs) if not re.match(r"torch\b", r)]
     if others:
         pip_install(others)
+    optional = [r for r in missing(optional_reqs) if r not in runtime_reqs]
+    if optional:
+        pip_install(optional, required=False)
 
     print_ = fingerprint()
     if up_to_date(print_):
