@@ -865,10 +865,15 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
     ru = plan.kind == Kind::OpN ? mr : nr;
     cu = plan.kind == Kind::OpN ? nr : mr;
   }
-  // Split into at most 32 tasks of at least ~32K multiply-adds, from the shapes alone.
+  // One task per thread, of at least ~256K multiply-adds (~16K cycles, well above the cost of a
+  // parallel region). More tasks would not balance better under at::parallel_for's static split
+  // but cost more packing: every task copies its own panels, so a split along M copies B once per
+  // task and a split along N copies A once per task. The split may follow the thread count: each
+  // C element's arithmetic does not depend on the tile it falls in.
   const int64_t mt = (M + ru - 1) / ru, nt = (N + cu - 1) / cu;
   const double macs = double(M) * double(N) * double(K);
-  const int64_t want = std::clamp<int64_t>(static_cast<int64_t>(macs / 32768.0), 1, 32);
+  const int64_t want = std::clamp<int64_t>(static_cast<int64_t>(macs / 262144.0), 1,
+                                           std::max<int64_t>(1, at::get_num_threads()));
   int64_t pm = 1, pn = 1;
   while (pm * pn < want) {
     const bool can_m = pm < mt, can_n = pn < nt;

@@ -40,9 +40,10 @@ template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa, const T* B,
           int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc, bool accumulate);
 
-// The same product, split into tiles of C run with at::parallel_for. The split depends on the
-// shapes only; the result is bitwise identical for any torch.set_num_threads. (Its plan may differ
-// from gemm()'s, which weighs a strided operand's copy differently: see make_plan.)
+// The same product, split into tiles of C run with at::parallel_for (one per thread). The plan
+// (kernel, orientation) depends on the shapes only and each C element's arithmetic not on its
+// tile: the result is bitwise identical for any torch.set_num_threads. (Its plan may differ from
+// gemm()'s, which weighs a strided operand's copy differently: see make_plan.)
 template <typename T>
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa,
                    const T* B, int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc,
