@@ -27,6 +27,8 @@ def ours(x, w, b=None):
     (97, 13, 7),      # primes
     (3, 1000, 3),     # long reduction, tiny output
     (513, 17, 257),   # many tiles, ragged edges
+    (37, 9, 4100),    # the GEMM's blocks: dx sums over > 4096 = NC columns, forward/dW cross KC
+    (70, 600, 33),    # k-blocks of 256 with packed, strided panels and partial tiles
 ])
 def test_shapes(rows, inf, outf, dtype, device):
     x = torch.randn(rows, inf, dtype=dtype, device=device, requires_grad=True)
@@ -36,7 +38,7 @@ def test_shapes(rows, inf, outf, dtype, device):
     gy = torch.randn_like(y)
     y.backward(gy)
     # Reference: torch in float64; float32 results are held to 1e-5 of their largest entry
-    # (sums of up to 1000 terms).
+    # (sums of up to 4100 terms).
     ref = [t.detach().double().requires_grad_() for t in (x, w, b)]
     yr = F.linear(*ref)
     yr.backward(gy.double())

@@ -28,7 +28,9 @@
 //   Achieved figures: the benchmark suite (python -m benchmarks).
 //
 // Cache blocking: KC = 256 (a B panel of KC x 32 floats is 32 KB, the size of L1), MC = 240 rows
-// of A (240 x 256 x 4 B = 240 KB, in L2), NC = 32 panels.
+// of A (240 x 256 x 4 B = 240 KB, in L2), NC = 4096 columns (a 4 MB B block, in L3). Both operands
+// are copied into contiguous panels (op_driver), so a tile's kc rows never sit a large stride
+// apart in the same L1 sets.
 #include "cpu/gemm.h"
 
 #include "cpu/isa.h"
@@ -102,7 +104,9 @@ PE_INLINE T hsum(const typename Vec<T, W>::type& v) {
 
 constexpr int64_t kKC = 256;
 constexpr int64_t kMCRows = 240;  // multiple of every kMR
-constexpr int64_t kNCPanels = 32;
+// Columns per B block (KC x NC floats = 4 MB: in L3, shared). The A block (MC x KC) is repacked
+// once per B block, so a wide NC keeps that to one or two passes.
+constexpr int64_t kNC = 4096;
 
 // C tile (+)= acc: full vectors when C rows are contiguous and the tile is whole, else through a
 // stack tile (partial panels, transposed C).
@@ -113,7 +117,9 @@ PE_INLINE void store_tile(typename Vec<T, Isa::kBytes / sizeof(T)>::type (&acc)[
   constexpr int NR = W * NV;
   using vec = typename Vec<T, W>::type;
   if (csc == 1 && nr == NR) {
+    #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i)
+      #pragma GCC unroll 32
       for (int v = 0; v < NV; ++v) {
         T* p = c + i * rsc + v * W;
         vec r = acc[i][v];
@@ -122,7 +128,9 @@ PE_INLINE void store_tile(typename Vec<T, Isa::kBytes / sizeof(T)>::type (&acc)[
       }
   } else {
     alignas(64) T tile[MR][NR];
+    #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i)
+      #pragma GCC unroll 32
       for (int v = 0; v < NV; ++v) storeu<T, W>(&tile[i][v * W], acc[i][v]);
     for (int i = 0; i < MR; ++i)
       for (int64_t j = 0; j < nr; ++j) {
@@ -135,6 +143,9 @@ PE_INLINE void store_tile(typename Vec<T, Isa::kBytes / sizeof(T)>::type (&acc)[
 // ---- Outer-product micro-kernel -----------------------------------------------------------
 // A element (i, k) at a[k * lda + i]; B element (k, j) at b[k * ldb + j], NV*W columns readable.
 // Writes (or adds to) the first nr columns of the MR x NR tile of C.
+// The loops over the register tile are unrolled by force (#pragma GCC unroll): past GCC's own
+// limit the 24-row tile kept its accumulators on the stack, a load and a store per FMA, and ran
+// at about a third of the speed of the tiles that stayed in registers.
 template <class Isa, typename T, int MR, int NV>
 PE_INLINE void op_tile(int64_t kc, const T* __restrict a, int64_t lda, const T* __restrict b,
                        int64_t ldb, T* __restrict c, int64_t rsc, int64_t csc, int64_t nr,
@@ -142,13 +153,18 @@ PE_INLINE void op_tile(int64_t kc, const T* __restrict a, int64_t lda, const T* 
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   using vec = typename Vec<T, W>::type;
   vec acc[MR][NV];
+  #pragma GCC unroll 32
   for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 32
     for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
   for (int64_t k = 0; k < kc; ++k) {
     vec bv[NV];
+    #pragma GCC unroll 32
     for (int v = 0; v < NV; ++v) bv[v] = loadu<T, W>(b + v * W);
+    #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) {
       const T ai = a[i];
+      #pragma GCC unroll 32
       for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
     }
     a += lda;
@@ -166,15 +182,20 @@ PE_INLINE void op_tile_ind(int64_t kc, const T* const* __restrict a, int64_t ai,
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   using vec = typename Vec<T, W>::type;
   vec acc[MR][NV];
+  #pragma GCC unroll 32
   for (int i = 0; i < MR; ++i)
+    #pragma GCC unroll 32
     for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
   for (int64_t k = 0; k < kc; ++k) {
     const T* ak = a[k] + ai;
     const T* bk = b[k] + bj;
     vec bv[NV];
+    #pragma GCC unroll 32
     for (int v = 0; v < NV; ++v) bv[v] = loadu<T, W>(bk + v * W);
+    #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) {
       const T ai_k = ak[i];
+      #pragma GCC unroll 32
       for (int v = 0; v < NV; ++v) acc[i][v] += ai_k * bv[v];
     }
   }
@@ -241,20 +262,57 @@ struct Problem {
 };
 
 // BLIS-style loops: jc (NC columns) -> pc (KC of k) -> ic (MC rows) -> panels -> tiles.
-// A is read in place when it has unit stride along i (else packed into MR-row panels), B in place
-// when it has unit stride along j (else packed into NR-column panels; the last, partial panel is
-// always packed, zero-padded, so the kernel never reads past B).
+// Both operands are copied into contiguous panels (A: MR rows interleaved per k; B: NR columns
+// per k, zero-padded), whatever their strides, except where a panel would be read only once:
+// A when there is a single column panel (N <= NR) and its rows are unit stride, B when there is a
+// single row tile (M <= MR) and its columns are unit stride. Reading in place with a large row
+// stride is what the copy avoids: kc rows of a panel 4 KB or more apart fall into the same few
+// L1 sets and TLB pages, so the panel is evicted while the tile still reuses it (a 4096-wide W
+// read in place ran at a quarter of the packed speed). The copy costs one pass over the operand
+// per (jc, ic) block and is amortised over the NR (A) or MC (B) multiply-adds of every element.
 template <class Isa, typename T>
 struct Kern;  // the ISA-compiled kernels, defined below
+
+// dst[k * LD + r] = src[r * rs + k * cs] for r < n <= LD, k < kc; rows n..LD of dst are zero when
+// pad. LD (MR or NR) is a compile-time constant so that a whole unit-stride row is a fixed-size,
+// vectorised copy (a libc memcpy call per 6-float row cost more than the multiply-adds it feeds).
+template <int LD, typename T>
+void pack_panel(int64_t kc, int64_t n, const T* __restrict src, int64_t rs, int64_t cs,
+                T* __restrict dst, bool pad) {
+  if (rs == 1 && n == LD) {
+    for (int64_t k = 0; k < kc; ++k)
+      for (int r = 0; r < LD; ++r) dst[k * LD + r] = src[k * cs + r];
+    return;
+  }
+  if (rs == 1) {
+    for (int64_t k = 0; k < kc; ++k) {
+      for (int64_t r = 0; r < n; ++r) dst[k * LD + r] = src[k * cs + r];
+      if (pad)
+        for (int64_t r = n; r < LD; ++r) dst[k * LD + r] = T(0);
+    }
+    return;
+  }
+  // Strided along the panel's rows: read each source row along k, in blocks of k that keep
+  // the written lines of dst in L1.
+  constexpr int64_t kBlock = 64;
+  for (int64_t k0 = 0; k0 < kc; k0 += kBlock) {
+    const int64_t k1 = std::min(kc, k0 + kBlock);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t k = k0; k < k1; ++k) dst[k * LD + r] = src[r * rs + k * cs];
+    if (pad)
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t r = n; r < LD; ++r) dst[k * LD + r] = T(0);
+  }
+}
 
 template <class Isa, typename T, int NV>
 void op_driver(const Problem<T>& p) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   constexpr int NR = W * NV;
   constexpr int MR = mr_of<Isa>(NV);
-  constexpr int64_t NC = NR * kNCPanels;
-  const bool a_direct = p.rsa == 1;
-  const bool b_direct = p.csb == 1;
+  constexpr int64_t NC = kNC / NR * NR;
+  const bool a_direct = p.rsa == 1 && p.N <= NR;
+  const bool b_direct = p.csb == 1 && p.M <= MR;
   std::vector<T>& abuf = scratch_a<T>();
   std::vector<T>& bbuf = scratch_b<T>();
   for (int64_t jc = 0; jc < p.N; jc += NC) {
@@ -263,27 +321,15 @@ void op_driver(const Problem<T>& p) {
     for (int64_t pc = 0; pc < p.K; pc += kKC) {
       const int64_t kc = std::min(kKC, p.K - pc);
       const bool accum = p.accumulate || pc > 0;
-      // Pack B: every panel (strided B) or just the partial last one (unit-stride B).
+      // Pack B: every panel, or (in place) just a partial last one, so no kernel reads past B.
       const int64_t first_packed = b_direct ? nc / NR : 0;
       if (first_packed < npanels) {
         const size_t need = static_cast<size_t>((npanels - first_packed) * kc * NR);
         if (bbuf.size() < need) bbuf.resize(need);
         for (int64_t jp = first_packed; jp < npanels; ++jp) {
-          T* dst = bbuf.data() + (jp - first_packed) * kc * NR;
           const int64_t j0 = jc + jp * NR;
-          const int64_t nr = std::min<int64_t>(NR, p.N - j0);
-          const T* src = p.B + pc * p.rsb + j0 * p.csb;
-          if (b_direct) {
-            for (int64_t k = 0; k < kc; ++k) {
-              for (int64_t j = 0; j < nr; ++j) dst[k * NR + j] = src[k * p.rsb + j];
-              for (int64_t j = nr; j < NR; ++j) dst[k * NR + j] = T(0);
-            }
-          } else {
-            for (int64_t j = 0; j < nr; ++j)
-              for (int64_t k = 0; k < kc; ++k) dst[k * NR + j] = src[k * p.rsb + j * p.csb];
-            for (int64_t k = 0; k < kc; ++k)
-              for (int64_t j = nr; j < NR; ++j) dst[k * NR + j] = T(0);
-          }
+          pack_panel<NR>(kc, std::min<int64_t>(NR, p.N - j0), p.B + pc * p.rsb + j0 * p.csb,
+                         p.csb, p.rsb, bbuf.data() + (jp - first_packed) * kc * NR, /*pad=*/true);
         }
       }
       for (int64_t ic = 0; ic < p.M; ic += kMCRows) {
@@ -293,12 +339,9 @@ void op_driver(const Problem<T>& p) {
           const size_t need = static_cast<size_t>(mpanels * kc * MR);
           if (abuf.size() < need) abuf.resize(need);
           for (int64_t ip = 0; ip < mpanels; ++ip) {
-            T* dst = abuf.data() + ip * kc * MR;
             const int64_t i0 = ic + ip * MR;
-            const int64_t mr = std::min<int64_t>(MR, p.M - i0);
-            const T* src = p.A + i0 * p.rsa + pc * p.csa;
-            for (int64_t i = 0; i < mr; ++i)
-              for (int64_t k = 0; k < kc; ++k) dst[k * MR + i] = src[i * p.rsa + k * p.csa];
+            pack_panel<MR>(kc, std::min<int64_t>(MR, p.M - i0), p.A + i0 * p.rsa + pc * p.csa,
+                           p.rsa, p.csa, abuf.data() + ip * kc * MR, /*pad=*/false);
           }
         }
         for (int64_t jp = 0; jp < npanels; ++jp) {
@@ -537,18 +580,23 @@ constexpr IsaInfo info_of() {
   return {Isa::kBytes, Isa::kMR1, Isa::kMR2, Isa::kMR4, Isa::kRA, Isa::kRB};
 }
 
-// Rough cycle counts; only their order matters. Per cycle: 2 vector FMAs, ~1 broadcast load, 2
-// vector loads; 4 cycles of FMA latency (the reference machine's 256-bit units, csrc/cpu/
-// README.md, which run a 512-bit operation as two: the same ratios rank the plans at every
-// level). So the 12 x 2-vector tile (12 broadcasts + 2 loads per 24 FMAs) runs near peak, while
-// the 24 x 1-vector tile is broadcast-bound at about half of it; packing (a transposing copy)
-// costs ~1 per element.
+// Rough cycle counts; only their order matters. Per cycle: 2 vector FMAs and 2 loads, a
+// broadcast being a load (an FMA's memory operand with AVX-512); 4 cycles of FMA latency (the
+// reference machine's 256-bit units, csrc/cpu/README.md, which run a 512-bit operation as two:
+// the same ratios rank the plans at every level). So the 24 x 1, 12 x 2 and 6 x 4-vector tiles
+// (25, 14 or 10 loads per 24 FMAs) all run near peak, and the edges decide between them.
+// Packing: op_driver copies A and B into panels (a contiguous copy, ~0.25 per element, A once per
+// NC block); an operand with the wrong unit stride costs `transpose` more per element: ~1 where
+// op_driver packs it straight from its strides (gemm), ~3 where gemm_parallel first transposes
+// the whole operand (strided writes; measured against the dot kernel, which needs no copy, on
+// y = x W^T shapes).
 double op_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K, bool pack_a,
-               bool pack_b, bool c_strided, int nv) {
+               bool pack_b, bool c_strided, int nv, double transpose) {
   const int mr_max = isa.mr(nv);
   const int64_t nr_max = int64_t(w) * nv;
   auto tile = [&](int64_t mr, int64_t vecs) {
-    const double step = std::max({4.0, 0.5 * double(mr * vecs), double(mr) + 0.5 * double(vecs)});
+    const double step =
+        std::max({4.0, 0.5 * double(mr * vecs), 0.5 * double(mr) + 0.5 * double(vecs)});
     double t = double(K) * step + 2.0 * double(mr * vecs) + 10.0;
     if (c_strided) t += double(mr * vecs * w);
     return t;
@@ -559,9 +607,13 @@ double op_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K, bool 
   const int64_t full = N / nr_max, tail = N % nr_max;
   double cost = double(full) * panel(nv);
   if (tail) cost += panel(tail <= w ? 1 : tail <= 2 * w ? std::min(2, nv) : nv);
-  const double n_blocks = std::ceil(double(N) / double(nr_max * kNCPanels));
-  if (pack_a) cost += double(M) * double(K) * n_blocks;
-  if (pack_b) cost += double(K) * double(N);
+  const double n_blocks = std::ceil(double(N) / double(kNC));
+  // The exemptions of op_driver: an operand read once is not copied.
+  const bool a_copied = pack_a || N > nr_max, b_copied = pack_b || M > mr_max;
+  if (pack_a) cost += transpose * double(M) * double(K);
+  if (a_copied) cost += 0.25 * double(M) * double(K) * n_blocks;
+  if (pack_b) cost += transpose * double(K) * double(N);
+  if (b_copied) cost += 0.25 * double(K) * double(N);
   else if (tail) cost += 0.5 * double(K) * double(nr_max);
   return cost;
 }
@@ -583,7 +635,7 @@ double dot_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K) {
 }
 
 template <typename T>
-Plan make_plan(const IsaInfo& isa, const Problem<T>& p) {
+Plan make_plan(const IsaInfo& isa, const Problem<T>& p, double transpose) {
   const int w = isa.bytes / static_cast<int>(sizeof(T));
   Plan best{Kind::OpN, 2};
   double best_cost = -1;
@@ -596,10 +648,10 @@ Plan make_plan(const IsaInfo& isa, const Problem<T>& p) {
   for (int nv : {4, 2, 1}) {
     // C = A B: the kernel broadcasts A (wants rsa == 1), loads B rows (wants csb == 1).
     consider({Kind::OpN, nv},
-             op_cost(isa, w, p.M, p.N, p.K, p.rsa != 1, p.csb != 1, p.csc != 1, nv));
+             op_cost(isa, w, p.M, p.N, p.K, p.rsa != 1, p.csb != 1, p.csc != 1, nv, transpose));
     // C^T = B^T A^T.
     consider({Kind::OpT, nv},
-             op_cost(isa, w, p.N, p.M, p.K, p.csb != 1, p.rsa != 1, p.rsc != 1, nv));
+             op_cost(isa, w, p.N, p.M, p.K, p.csb != 1, p.rsa != 1, p.rsc != 1, nv, transpose));
   }
   if (p.csa == 1 && p.rsb == 1) consider({Kind::Dot, 1}, dot_cost(isa, w, p.M, p.N, p.K));
   return best;
@@ -772,7 +824,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa,
           int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc, bool accumulate) {
   const Problem<T> p{M, N, K, A, rsa, csa, B, rsb, csb, C, rsc, csc, accumulate};
   if (trivial(p)) return;
-  run(p, make_plan(backend().info, p));
+  run(p, make_plan(backend().info, p, /*transpose=*/1.0));
 }
 
 template <typename T>
@@ -782,7 +834,8 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
   const Problem<T> p{M, N, K, A, rsa, csa, B, rsb, csb, C, rsc, csc, accumulate};
   if (trivial(p)) return;
   const IsaInfo& isa = backend().info;
-  const Plan plan = make_plan(isa, p);  // one plan for the whole product: same arithmetic
+  // One plan for the whole product: same arithmetic in every task.
+  const Plan plan = make_plan(isa, p, /*transpose=*/3.0);
   // The outer-product kernels read A with unit stride along i and B with unit stride along j
   // (in either orientation). Copy an operand that lacks it once, here, rather than in every task.
   // (Per call: a thread_local copy would keep the largest operand ever seen alive.)
@@ -812,10 +865,15 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
     ru = plan.kind == Kind::OpN ? mr : nr;
     cu = plan.kind == Kind::OpN ? nr : mr;
   }
-  // Split into at most 32 tasks of at least ~32K multiply-adds, from the shapes alone.
+  // One task per thread, of at least ~256K multiply-adds (~16K cycles, well above the cost of a
+  // parallel region). More tasks would not balance better under at::parallel_for's static split
+  // but cost more packing: every task copies its own panels, so a split along M copies B once per
+  // task and a split along N copies A once per task. The split may follow the thread count: each
+  // C element's arithmetic does not depend on the tile it falls in.
   const int64_t mt = (M + ru - 1) / ru, nt = (N + cu - 1) / cu;
   const double macs = double(M) * double(N) * double(K);
-  const int64_t want = std::clamp<int64_t>(static_cast<int64_t>(macs / 32768.0), 1, 32);
+  const int64_t want = std::clamp<int64_t>(static_cast<int64_t>(macs / 262144.0), 1,
+                                           std::max<int64_t>(1, at::get_num_threads()));
   int64_t pm = 1, pn = 1;
   while (pm * pn < want) {
     const bool can_m = pm < mt, can_n = pn < nt;
@@ -859,7 +917,7 @@ void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* 
   int nv = 1;
   double best = -1;
   for (int v : {4, 2, 1}) {
-    const double c = op_cost(isa, w, M, N, K, false, false, csc != 1, v);
+    const double c = op_cost(isa, w, M, N, K, false, false, csc != 1, v, 0.0);
     if (best < 0 || c < best) {
       best = c;
       nv = v;

@@ -4,8 +4,9 @@
 //   C[i, j] (+)= sum_k A[i, k] * B[k, j]      0 <= i < M, 0 <= j < N, 0 <= k < K
 //
 // Every operand is a strided view: element (r, c) of X lives at X[r * rs + c * cs], so transposed
-// operands (backward: dX = dY W, dW = dY^T X) cost nothing to describe; the GEMM packs an operand
-// only when its layout does not suit the micro-kernel it picked.
+// operands (backward: dX = dY W, dW = dY^T X) cost nothing to describe; the outer-product
+// kernels copy both operands into contiguous panels (unless a panel is read only once), the dot
+// kernel reads them in place.
 //
 // Design (gemm.cpp has the details and the napkin math):
 //   * Register-tiled micro-kernels written once with GCC vector extensions and compiled three
@@ -39,8 +40,10 @@ template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa, const T* B,
           int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc, bool accumulate);
 
-// The same product, split into tiles of C run with at::parallel_for. The split depends on the
-// shapes only; the result is bitwise identical to gemm() for any torch.set_num_threads.
+// The same product, split into tiles of C run with at::parallel_for (one per thread). The plan
+// (kernel, orientation) depends on the shapes only and each C element's arithmetic not on its
+// tile: the result is bitwise identical for any torch.set_num_threads. (Its plan may differ from
+// gemm()'s, which weighs a strided operand's copy differently: see make_plan.)
 template <typename T>
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa,
                    const T* B, int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc,
