@@ -88,31 +88,39 @@ PE_DEFINE_TRANSPOSES(double)
 
 // AVX-512 versions: one 16-lane (8 for double) gather per output vector; the rows a block of
 // gathers touches stay in L1 across consecutive f. Offsets are int32: callers check the range.
+
+// d[i] = sp[i * stride] (+ add[i], add may be null) for i < cnt <= one vector.
+template <typename T>
+PE_TARGET_AVX512 inline void gather_store_avx512(const T* sp, int64_t stride, int64_t cnt,
+                                                 const T* add, T* d) {
+  const uint32_t m = (1u << cnt) - 1u;  // cnt <= 16
+  if constexpr (sizeof(T) == 4) {
+    const __mmask16 mask = static_cast<__mmask16>(m);
+    const __m512i idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(static_cast<int>(stride)));
+    __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, sp, 4);
+    if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, add));
+    _mm512_mask_storeu_ps(d, mask, v);
+  } else {
+    const __mmask8 mask = static_cast<__mmask8>(m);
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm256_set1_epi32(static_cast<int>(stride)));
+    __m512d v = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), mask, idx, sp, 8);
+    if (add) v = _mm512_add_pd(v, _mm512_maskz_loadu_pd(mask, add));
+    _mm512_mask_storeu_pd(d, mask, v);
+  }
+}
+
 template <typename T>
 PE_TARGET_AVX512 void to_inner_gather_avx512(const T* src, int64_t nb, int64_t F, int64_t f0,
                                              int64_t f1, T* dst, int64_t ld, int64_t nbc) {
   constexpr int V = 64 / sizeof(T);
   for (int64_t f = f0; f < f1; ++f) {
     T* d = dst + f * ld;
-    for (int64_t n0 = 0; n0 < nb; n0 += V) {
-      const int64_t cnt = std::min<int64_t>(V, nb - n0);
-      const uint32_t m = cnt == 32 ? ~0u : (1u << cnt) - 1u;
-      const T* sp = src + n0 * F + f;
-      if constexpr (sizeof(T) == 4) {
-        const __m512i idx = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(static_cast<int>(F)));
-        const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), static_cast<__mmask16>(m),
-                                                  idx, sp, 4);
-        _mm512_mask_storeu_ps(d + n0, static_cast<__mmask16>(m), v);
-      } else {
-        const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                               _mm256_set1_epi32(static_cast<int>(F)));
-        const __m512d v = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), static_cast<__mmask8>(m),
-                                                   idx, sp, 8);
-        _mm512_mask_storeu_pd(d + n0, static_cast<__mmask8>(m), v);
-      }
-    }
+    for (int64_t n0 = 0; n0 < nb; n0 += V)
+      gather_store_avx512(src + n0 * F + f, F, std::min<int64_t>(V, nb - n0), (const T*)nullptr,
+                          d + n0);
     for (int64_t n = nb; n < nbc; ++n) d[n] = T(0);
   }
 }
@@ -122,28 +130,9 @@ PE_TARGET_AVX512 void from_inner_gather_avx512(const T* src, int64_t ld, int64_t
                                                int64_t f0, int64_t f1, T* dst, const T* add) {
   constexpr int V = 64 / sizeof(T);
   for (int64_t n = 0; n < nb; ++n) {
-    T* d = dst + n * F;
-    for (int64_t fb = f0; fb < f1; fb += V) {
-      const int64_t cnt = std::min<int64_t>(V, f1 - fb);
-      const uint32_t m = cnt == 32 ? ~0u : (1u << cnt) - 1u;
-      const T* sp = src + fb * ld + n;
-      if constexpr (sizeof(T) == 4) {
-        const __m512i idx = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(static_cast<int>(ld)));
-        __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), static_cast<__mmask16>(m), idx,
-                                            sp, 4);
-        if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), add + fb));
-        _mm512_mask_storeu_ps(d + fb, static_cast<__mmask16>(m), v);
-      } else {
-        const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                               _mm256_set1_epi32(static_cast<int>(ld)));
-        __m512d v = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), static_cast<__mmask8>(m), idx,
-                                             sp, 8);
-        if (add) v = _mm512_add_pd(v, _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), add + fb));
-        _mm512_mask_storeu_pd(d + fb, static_cast<__mmask8>(m), v);
-      }
-    }
+    for (int64_t fb = f0; fb < f1; fb += V)
+      gather_store_avx512(src + fb * ld + n, ld, std::min<int64_t>(V, f1 - fb),
+                          add ? add + fb : nullptr, dst + n * F + fb);
   }
 }
 
