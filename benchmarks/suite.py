@@ -223,6 +223,15 @@ def op_cases(quick: bool) -> List[Case]:
     for label, build in (("mse_loss 256x10", mse_build), ("binary_cross_entropy 256x10", bce_build),
                          ("cross_entropy 256x10", ce_build)):
         cases += [_op_case(label, 256, p, build) for p in passes]
+
+    # Host cost: on one element the time is the call's own (Python, dispatch, the autograd graph
+    # for forward+backward): what every operator of a small batch pays.
+    def host_cost_build(F, device):
+        x = _rand(1, device=device, grad=True)
+        return (lambda: F.relu(x)), [x]
+
+    cases += [_op_case("relu 1 (host cost)", 1, p, host_cost_build)
+              for p in ("forward", "forward+backward")]
     if quick:
         cases = [c for c in cases if c.pass_ == "forward+backward"]
     return cases

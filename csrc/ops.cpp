@@ -4,8 +4,9 @@
 // operator of its own, so torch.compile / torch.export can trace the backward pass and users can
 // call it directly. The implementations are registered elsewhere, one file per concern:
 //
-//   csrc/autograd.cpp      Autograd key: wires each forward op to its backward op (C++ autograd,
-//                          because host cost per call decides small-batch speed; docs/design.md).
+//   csrc/autograd.cpp      Autograd key: wires each forward op to its backward op, and makes
+//                          backward ops differentiable in turn (hand-written C++ graph nodes:
+//                          cheap per call, and they compose with torch.func; docs/design.md).
 //   csrc/meta.cpp          Meta key: shape-only kernels, so FakeTensor / torch.compile / export work,
 //                          symbolic (dynamic) shapes included.
 //   csrc/cpu/<family>.cpp  CPU key: the hand-written CPU kernels.

@@ -71,15 +71,12 @@ def _finite_outputs(out):
     return tuple(o.masked_fill(~o.detach().isfinite(), 0) for o in outs if o.is_floating_point())
 
 
-@helpers.devices
-@pytest.mark.parametrize("sample", samples.all_samples(large=False), ids=sample_ids)
-def test_gradcheck(sample, device):
-    """torch.autograd.gradcheck (the analytical Jacobian against finite differences) of every
-    small sample, in float64 on smooth values (samples.gradcheck_case)."""
+def _differentiable(sample, device):
+    """(f, leaves): the sample's call as a function of its differentiable inputs (those that
+    require grad and hold an element), in float64 on smooth values (samples.gradcheck_case)."""
     case = samples.gradcheck_case(sample.case)
     args, kwargs = materialize(case, device=device)
     fn = getattr(PF, case.op)
-    # the tensors to differentiate: those that require grad and hold an element
     where = [(i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     where += list(kwargs.items())
     where = [(k, t) for k, t in where
@@ -101,8 +98,30 @@ def test_gradcheck(sample, device):
         grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
         for leaf, grad in zip(leaves, grads):
             assert grad is None or grad.shape == leaf.shape
-        return
-    assert torch.autograd.gradcheck(f, tuple(t for _, t in where)), sample
+        return None, ()
+    return f, tuple(t for _, t in where)
+
+
+@helpers.devices
+@pytest.mark.parametrize("sample", samples.all_samples(large=False), ids=sample_ids)
+def test_gradcheck(sample, device):
+    """torch.autograd.gradcheck (the analytical Jacobian against finite differences) of every
+    small sample, in float64 on smooth values: reverse mode, and forward mode (the tangents
+    torch.func.jvp / jacfwd use)."""
+    f, leaves = _differentiable(sample, device)
+    if f is not None:
+        assert torch.autograd.gradcheck(f, leaves, check_forward_ad=True), sample
+
+
+@helpers.devices
+@pytest.mark.parametrize("sample", samples.all_samples(large=False), ids=sample_ids)
+def test_gradgradcheck(sample, device):
+    """Second derivatives of every small sample against finite differences of the first:
+    backward of backward (double backward: gradient penalties, Hessian-vector products) and
+    forward over backward (torch.func.hessian); this differentiates every backward operator."""
+    f, leaves = _differentiable(sample, device)
+    if f is not None:
+        assert torch.autograd.gradgradcheck(f, leaves, check_fwd_over_rev=True), sample
 
 
 # ---- torch.library.opcheck ---------------------------------------------------------------------
