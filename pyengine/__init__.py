@@ -11,6 +11,7 @@ from ._loader import load_extension as _load_extension
 
 _C = _load_extension()
 
+from . import _batching  # noqa: E402,F401  (torch.vmap batching rules of every operator)
 from . import functional, nn  # noqa: E402
 from .convert import convert, disable, enable, is_enabled, patch  # noqa: E402
 from . import models  # noqa: E402

@@ -12,6 +12,7 @@ from ._errors import ValueAndRuntimeError, ValueAndTypeError
 
 _ops = torch.ops.pyengine
 _is_compiling = torch.compiler.is_compiling
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 # The public functions, in the order they are defined: each is listed by the @_public on its
 # definition. pyengine.functional re-exports exactly these, pyengine.patch() routes each
@@ -146,9 +147,11 @@ def relu(input: Tensor, inplace: bool = False) -> Tensor:
 @_public
 def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
     op = _ops.leaky_relu if _is_compiling() else _C.leaky_relu
-    if inplace and input.requires_grad and torch.is_grad_enabled():
+    if inplace and torch.is_grad_enabled() and (input.requires_grad or
+                                                _is_functorch_wrapped(input)):
         # The backward pass reads the op's input, which the in-place write below overwrites:
-        # let autograd save a copy instead.
+        # let autograd save a copy instead. (A tensor inside vmap reports requires_grad=False
+        # even where the tensor it wraps requires grad.)
         return _inplace(input, op(input.clone(), float(negative_slope)))
     result = op(input, float(negative_slope))
     return _inplace(input, result) if inplace else result

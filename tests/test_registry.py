@@ -1,7 +1,8 @@
 """Every operator is complete: each schema of csrc/ops.cpp has its Meta, CPU, CUDA (in CUDA
-builds) and Autograd kernels, each forward operator its pyengine._C fast path, each operator its
-samples (tests/samples.py), and each pyengine.functional function its generator. A new schema
-that lacks any of them fails here, naming what is missing."""
+builds) and Autograd kernels and its torch.vmap batching rule (torch >= 2.4), each forward
+operator its pyengine._C fast path, each operator its samples (tests/samples.py), and each
+pyengine.functional function its generator. A new schema that lacks any of them fails here,
+naming what is missing."""
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ import fuzz_configs
 import pyengine
 import pyengine.functional as PF
 import samples
+from pyengine import _batching
 
 SCHEMAS = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
                  if n.startswith("pyengine::"))
@@ -16,7 +18,8 @@ BACKWARD = [n for n in SCHEMAS if n.endswith("_backward")]
 FORWARD = [n for n in SCHEMAS if n not in BACKWARD]
 # Where each dispatch key's kernels are registered.
 KERNEL_HOMES = {"Meta": "csrc/meta.cpp", "CPU": "csrc/cpu/", "CUDA": "csrc/cuda/",
-                "Autograd": "csrc/autograd.cpp, from csrc/op_handles.h's lists"}
+                "Autograd": "csrc/autograd.cpp, from csrc/op_handles.h's lists",
+                "FuncTorchBatched": "pyengine/_batching.py's _RULES: the torch.vmap rule"}
 
 
 def test_the_operators_are_there():
@@ -25,7 +28,8 @@ def test_the_operators_are_there():
 
 @pytest.mark.parametrize("name", SCHEMAS)
 def test_every_operator_has_its_kernels(name):
-    keys = ["Meta", "CPU", "Autograd"] + (["CUDA"] if pyengine._C.built_with_cuda else [])
+    keys = ["Meta", "CPU", "Autograd"] + (["CUDA"] if pyengine._C.built_with_cuda else []) + \
+        (["FuncTorchBatched"] if _batching.REGISTERED else [])
     missing = [k for k in keys
                if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pyengine::{name}", k)]
     assert not missing, (f"pyengine::{name} has no kernel for "
