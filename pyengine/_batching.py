@@ -38,8 +38,9 @@ folded; with no samples at all (batch size 0) that meta call also gives the outp
 torch.library.register_vmap runs a rule with this vmap level's batching excluded: the pyengine
 operators it calls on the unwrapped tensors reach the next level's rule (nested vmap) or the
 kernels, and outside other transforms the operators' autograd records them, so inputs that
-require grad outside vmap get their gradients through it. Gradients inside vmap (torch.func.grad)
-need an autograd that composes with torch.func: a C++ torch::autograd::Function raises there.
+require grad outside vmap get their gradients through it. Gradients inside vmap
+(vmap(torch.func.grad(...)), per-sample gradients) work too: csrc/autograd.cpp's graph nodes
+compose with torch.func, and the backward operators they call have rules here.
 
 torch.library.register_vmap exists from torch 2.4; with an older torch nothing is registered
 (REGISTERED is False) and vmap over pyengine's operators takes torch's per-sample fallback.
