@@ -13,7 +13,6 @@ import torch.fx
 from torch.overrides import TorchFunctionMode
 
 import pyengine
-import pyengine._functional
 import pyengine._nn
 import pyengine.functional as PF
 import pyengine.nn as pnn
