@@ -29,7 +29,21 @@
 
 #include <torch/library.h>
 
-TORCH_LIBRARY(pyengine, m) {
+namespace {
+
+// Every pyengine operator carries torch.Tag.pt2_compliant_tag: each has a Meta kernel and passes
+// torch.library.opcheck (tests/test_samples.py), which is what the tag promises torch.compile
+// (torch._dynamo.config.only_allow_pt2_compliant_ops refuses untagged custom operators). The
+// schemas below are defined through this, so a new operator cannot leave the tag out.
+struct TaggedDefs {
+  torch::Library& library;
+  void def(const char* schema) { library.def(schema, {at::Tag::pt2_compliant_tag}); }
+};
+
+}  // namespace
+
+TORCH_LIBRARY(pyengine, library) {
+  TaggedDefs m{library};
   // ---- Convolution --------------------------------------------------------------------------
   // input (N, C_in, H, W) or unbatched (C_in, H, W); weight (C_out, C_in / groups, kH, kW).
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "

@@ -1,8 +1,9 @@
 // pybind11 entry points: the eager fast path from pyengine.functional into the dispatcher.
 // Calling a typed operator handle from here costs about a third less host time than going
 // through torch.ops (docs/design.md; the benchmark suite measures it), which matters for small
-// batches. Under torch.compile the functional layer calls torch.ops.pyengine.* instead, which
-// Dynamo can trace.
+// batches. It takes plain tensors only: under torch.compile, for tensor subclasses and torch.fx
+// Proxies and under a TorchFunctionMode the functional layer calls torch.ops.pyengine.* instead,
+// which Dynamo and fx trace and which honours __torch_function__ (_operator in _functional.py).
 //
 // Only forward operators are here (PYENGINE_FORWARD_OPS in op_handles.h, one entry each):
 // autograd calls the backward operators from C++, and users who want them directly have

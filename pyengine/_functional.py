@@ -1,5 +1,6 @@
 """The implementation of pyengine.functional (the public module re-exports __all__ from here, so
 its namespace holds only the API; the helpers and imports live here)."""
+import types
 import warnings
 from typing import List, Optional, Tuple, Union
 
@@ -10,9 +11,44 @@ from torch.nn import _reduction as _torch_reduction
 from . import _C
 from ._errors import ValueAndRuntimeError, ValueAndTypeError
 
-_ops = torch.ops.pyengine
 _is_compiling = torch.compiler.is_compiling
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_has_torch_function = torch._C._has_torch_function
+
+
+def _operator(name: str):
+    """pyengine's forward operator `name`, called the way its arguments need. Plain tensors in
+    eager mode take pyengine._C.<name>, the pybind11 entry point straight into the dispatcher
+    (the cheapest call, docs/design.md). Everything else takes torch.ops.pyengine.<name>:
+    under torch.compile / torch.export, which trace torch.ops calls, and whenever
+    __torch_function__ applies, which torch.ops honours and the pybind11 entry point cannot
+    (it only takes plain tensors): a tensor subclass or a torch.fx Proxy among the arguments, or
+    an active TorchFunctionMode. torch._C._has_torch_function (C; it sees modes as well as
+    overriding arguments, exact Tensors and Parameters being plain) keeps that test cheap; it
+    does not look inside tuples, where the operators take only ints. is_compiling() comes first
+    so that Dynamo, which folds it to True, never traces the other test."""
+    fast, full = getattr(_C, name), getattr(torch.ops.pyengine, name)
+
+    def call(*args):
+        if _is_compiling() or _has_torch_function(args):
+            return full(*args)
+        return fast(*args)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+# _op.<name>(*args): every forward operator (each has a pyengine._C entry point), through
+# _operator's choice of path. Built once, so a call costs one attribute lookup.
+_op = types.SimpleNamespace(**{name: _operator(name) for name in dir(_C)
+                               if not name.startswith("_") and hasattr(torch.ops.pyengine, name)})
+
+# torch.fx leaves. torch.fx.symbolic_trace runs the functions below on Proxies, which have no
+# sizes or dtypes, so a Python branch on them would fail the trace. Each such branch (a broadcast,
+# an implicit dim, a layout change) lives in a helper decorated with @torch.fx.wrap: tracing
+# records a call of it, whose results the operator call takes, and it runs on the real tensors
+# when the graph runs. A traced pyengine model is then a graph of torch.ops.pyengine.* calls and
+# these helpers. Everywhere else (eager, Dynamo, tensor subclasses) they are plain functions.
 
 # The public functions, in the order they are defined: each is listed by the @_public on its
 # definition. pyengine.functional re-exports exactly these, pyengine.patch() routes each
@@ -72,14 +108,15 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
         input, padding = _string_padding(input, weight, padding, stride, dilation)
     else:
         padding = _pair(padding, "padding", "conv2d")
-    op = _ops.conv2d if _is_compiling() else _C.conv2d
-    return op(input, weight, bias, stride, padding, dilation, groups)
+    return _op.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
 
+@torch.fx.wrap
 def _string_padding(input, weight, padding, stride, dilation):
     """'valid' is no padding; 'same' pads so the output has the input's size (stride 1 only).
     When the total padding of an axis is odd, the extra row/column goes on the bottom/right,
-    as in torch, by padding the input itself: the operator takes symmetric padding."""
+    as in torch, by padding the input itself: the operator takes symmetric padding.
+    An fx leaf (see "torch.fx leaves" at the top): the padding depends on the weight's size."""
     if padding == "valid":
         return input, (0, 0)
     if padding != "same":
@@ -114,19 +151,14 @@ def max_pool2d(input: Tensor, kernel_size: _IntPair, stride: Optional[_IntPair] 
         else _pair(stride, "stride", "max_pool2d")
     padding = _pair(padding, "padding", "max_pool2d")
     dilation = _pair(dilation, "dilation", "max_pool2d")
-    compiling = _is_compiling()
-    if return_indices:
-        op = _ops.max_pool2d_with_indices if compiling else _C.max_pool2d_with_indices
-        return op(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
-    op = _ops.max_pool2d if compiling else _C.max_pool2d
+    op = _op.max_pool2d_with_indices if return_indices else _op.max_pool2d
     return op(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
 
 
 @_public
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """y = x W^T + b over input of shape (*, in_features), like F.linear."""
-    op = _ops.linear if _is_compiling() else _C.linear
-    return op(input, weight, bias)
+    return _op.linear(input, weight, bias)
 
 
 # ---- Activations --------------------------------------------------------------------------
@@ -140,56 +172,63 @@ def _inplace(input: Tensor, result: Tensor) -> Tensor:
 
 @_public
 def relu(input: Tensor, inplace: bool = False) -> Tensor:
-    result = (_ops.relu if _is_compiling() else _C.relu)(input)
+    result = _op.relu(input)
     return _inplace(input, result) if inplace else result
 
 
 @_public
 def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
-    op = _ops.leaky_relu if _is_compiling() else _C.leaky_relu
-    if inplace and torch.is_grad_enabled() and (input.requires_grad or
-                                                _is_functorch_wrapped(input)):
+    if inplace and torch.is_grad_enabled() and (not isinstance(input, Tensor)
+                                                or input.requires_grad
+                                                or _is_functorch_wrapped(input)):
         # The backward pass reads the op's input, which the in-place write below overwrites:
-        # let autograd save a copy instead. (A tensor inside vmap reports requires_grad=False
-        # even where the tensor it wraps requires grad.)
-        return _inplace(input, op(input.clone(), float(negative_slope)))
-    result = op(input, float(negative_slope))
+        # let autograd save a copy instead. A torch.fx Proxy (not a Tensor) may require grad
+        # when its graph runs, and a tensor inside vmap reports requires_grad=False even where
+        # the tensor it wraps requires grad: both get the copy too.
+        return _inplace(input, _op.leaky_relu(input.clone(), float(negative_slope)))
+    result = _op.leaky_relu(input, float(negative_slope))
     return _inplace(input, result) if inplace else result
 
 
 @_public
 def sigmoid(input: Tensor) -> Tensor:
-    return (_ops.sigmoid if _is_compiling() else _C.sigmoid)(input)
+    return _op.sigmoid(input)
 
 
 @_public
 def tanh(input: Tensor) -> Tensor:
-    return (_ops.tanh if _is_compiling() else _C.tanh)(input)
+    return _op.tanh(input)
 
 
 def _softmax_args(name: str, input: Tensor, dim: Optional[int], stacklevel: int, dtype):
     if dim is None:
-        # torch's legacy implicit dim, with torch's deprecation warning.
-        warnings.warn(f"Implicit dimension choice for {name} has been deprecated. Change the "
-                      "call to include dim=X as an argument.", stacklevel=stacklevel + 1)
-        dim = 0 if input.dim() in (0, 1, 3) else 1
+        dim = _implicit_softmax_dim(name, input, stacklevel + 1)
     if dtype is not None:
         input = input.to(dtype)
     return input, dim
+
+
+@torch.fx.wrap
+def _implicit_softmax_dim(name: str, input: Tensor, stacklevel: int) -> int:
+    """torch's legacy implicit dim, with torch's deprecation warning. An fx leaf (see
+    _FX_LEAVES): the dim depends on the input's number of dims."""
+    warnings.warn(f"Implicit dimension choice for {name} has been deprecated. Change the "
+                  "call to include dim=X as an argument.", stacklevel=stacklevel + 1)
+    return 0 if input.dim() in (0, 1, 3) else 1
 
 
 @_public
 def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
             dtype: Optional[torch.dtype] = None) -> Tensor:
     input, dim = _softmax_args("softmax", input, dim, _stacklevel, dtype)
-    return (_ops.softmax if _is_compiling() else _C.softmax)(input, dim)
+    return _op.softmax(input, dim)
 
 
 @_public
 def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
                 dtype: Optional[torch.dtype] = None) -> Tensor:
     input, dim = _softmax_args("log_softmax", input, dim, _stacklevel, dtype)
-    return (_ops.log_softmax if _is_compiling() else _C.log_softmax)(input, dim)
+    return _op.log_softmax(input, dim)
 
 
 # ---- Losses -------------------------------------------------------------------------------
@@ -199,13 +238,21 @@ def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None,
              reduction: str = "mean", weight: Optional[Tensor] = None) -> Tensor:
     """Mean squared error like F.mse_loss: broadcasts target to input (with torch's warning);
     weight, if given, has input's shape and 'mean' then divides by weight.sum()."""
+    input, target, weight = _mse_loss_operands(input, target, weight)
+    reduction_enum = _reduction_enum(reduction, size_average, reduce)
+    return _op.mse_loss(input, target, weight, reduction_enum)
+
+
+@torch.fx.wrap
+def _mse_loss_operands(input: Tensor, target: Tensor, weight: Optional[Tensor]):
+    """mse_loss's input, target and weight, broadcast to one shape. An fx leaf (see
+    _FX_LEAVES): whether to broadcast depends on the sizes."""
     broadcast = target.size() != input.size()
     if broadcast:
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size "
             f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
-            "Please ensure they have the same size.", stacklevel=2)
-    reduction_enum = _reduction_enum(reduction, size_average, reduce)
+            "Please ensure they have the same size.", stacklevel=3)
     if weight is not None and weight.size() != input.size():
         raise ValueError(
             "pyengine.functional.mse_loss: expected weight to have the input's shape "
@@ -215,8 +262,7 @@ def mse_loss(input: Tensor, target: Tensor, size_average=None, reduce=None,
         input, target = torch.broadcast_tensors(input, target)
         if weight is not None:
             weight = weight.expand(input.shape)
-    op = _ops.mse_loss if _is_compiling() else _C.mse_loss
-    return op(input, target, weight, reduction_enum)
+    return input, target, weight
 
 
 @_public
@@ -225,14 +271,22 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor]
     """Binary cross entropy on probabilities like F.binary_cross_entropy; weight broadcasts to
     target's shape."""
     reduction_enum = _reduction_enum(reduction, size_average, reduce)
+    weight = _binary_cross_entropy_weight(input, target, weight)
+    return _op.binary_cross_entropy(input, target, weight, reduction_enum)
+
+
+@torch.fx.wrap
+def _binary_cross_entropy_weight(input: Tensor, target: Tensor, weight: Optional[Tensor]):
+    """binary_cross_entropy's weight broadcast to target's shape, once input and target are
+    checked to have one shape. An fx leaf (see "torch.fx leaves" at the top): both depend on
+    the sizes."""
     if target.size() != input.size():
         raise ValueError(
             f"Using a target size ({target.size()}) that is different to the input size "
             f"({input.size()}) is deprecated. Please ensure they have the same size.")
-    if weight is not None:
-        weight = weight.expand(torch.broadcast_shapes(target.size(), weight.size()))
-    op = _ops.binary_cross_entropy if _is_compiling() else _C.binary_cross_entropy
-    return op(input, target, weight, reduction_enum)
+    if weight is None:
+        return None
+    return weight.expand(torch.broadcast_shapes(target.size(), weight.size()))
 
 
 @_public
@@ -246,23 +300,33 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         raise NotImplementedError(
             "pyengine.functional.cross_entropy: label_smoothing is not supported, but got "
             f"label_smoothing={label_smoothing}; use torch.nn.functional.cross_entropy for it")
+    input, target, spatial_shape = _cross_entropy_rows(input, target)
+    loss = _op.cross_entropy(input, target, weight, reduction_enum, int(ignore_index))
+    return _reshape_loss(loss, spatial_shape) if reduction_enum == 0 else loss
+
+
+@torch.fx.wrap
+def _cross_entropy_rows(input: Tensor, target: Tensor):
+    """cross_entropy's input and target as the operator takes them, and the shape of a 'none'
+    loss (None: the operator's own): (N, C, d1, ...) is (N * d1 * ..., C) rows with the class
+    dim last. An fx leaf (see "torch.fx leaves" at the top): all of it depends on the dtype
+    and the sizes."""
     if target.is_floating_point():
         raise NotImplementedError(
             "pyengine.functional.cross_entropy: class-probability targets are not supported: "
             f"expected target to hold int64 class indices, but got target of dtype {target.dtype}")
-    spatial_shape = None
-    if input.dim() > 2:
-        # (N, C, d1, ...) is (N * d1 * ..., C) rows with the class dim last.
-        if tuple(target.shape) != (input.shape[0], *input.shape[2:]):
-            raise ValueAndRuntimeError(
-                f"pyengine.functional.cross_entropy: expected target of shape "
-                f"{[input.shape[0], *input.shape[2:]]} for input of shape {list(input.shape)}, "
-                f"but got target of shape {list(target.shape)}")
-        spatial_shape = target.shape
-        input = input.movedim(1, -1).reshape(-1, input.shape[1])
-        target = target.reshape(-1)
-    op = _ops.cross_entropy if _is_compiling() else _C.cross_entropy
-    loss = op(input, target, weight, reduction_enum, int(ignore_index))
-    if spatial_shape is not None and reduction_enum == 0:
-        loss = loss.reshape(spatial_shape)
-    return loss
+    if input.dim() <= 2:
+        return input, target, None
+    if tuple(target.shape) != (input.shape[0], *input.shape[2:]):
+        raise ValueAndRuntimeError(
+            f"pyengine.functional.cross_entropy: expected target of shape "
+            f"{[input.shape[0], *input.shape[2:]]} for input of shape {list(input.shape)}, "
+            f"but got target of shape {list(target.shape)}")
+    return input.movedim(1, -1).reshape(-1, input.shape[1]), target.reshape(-1), target.shape
+
+
+@torch.fx.wrap
+def _reshape_loss(loss: Tensor, shape) -> Tensor:
+    """loss in `shape`, or as it is for None. An fx leaf (see "torch.fx leaves" at the top):
+    `shape` is known only when the graph runs."""
+    return loss if shape is None else loss.reshape(shape)

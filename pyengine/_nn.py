@@ -115,42 +115,54 @@ class RNN(torch.nn.RNN):
         if self.dropout and self.training and self.num_layers > 1:
             raise NotImplementedError("pyengine.nn.RNN: dropout between layers is not supported "
                                       f"(dropout={self.dropout}); use dropout=0 or eval mode")
-        batched = input.dim() == 3
-        if input.dim() not in (2, 3):
-            raise ValueError(f"pyengine.nn.RNN: expected input to be 2-D (L, H_in) or 3-D, but "
-                             f"got input of shape {list(input.shape)}")
-        x = input if batched else input.unsqueeze(1 if not self.batch_first else 0)
-        if not self.batch_first:
-            x = x.transpose(0, 1)  # (N, L, H_in): a view; the kernels accept any strides
-        n = x.shape[0]
-        if hx is None:
-            hx = torch.zeros(self.num_layers, n, self.hidden_size, dtype=x.dtype, device=x.device)
-        elif not batched:
-            hx = hx.unsqueeze(1)
-        expected = (self.num_layers, n, self.hidden_size)
-        if tuple(hx.shape) != expected:
-            raise ValueAndRuntimeError(f"pyengine.nn.RNN: expected hx of shape "
-                                       f"{list(expected)}, but got hx of shape {list(hx.shape)}")
-        act = F.tanh if self.nonlinearity == "tanh" else F.relu
-        last_hidden = []
-        for layer in range(self.num_layers):
-            w_ih, w_hh = getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}")
-            b_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
-            b_hh = getattr(self, f"bias_hh_l{layer}") if self.bias else None
-            projected = F.linear(x, w_ih, b_ih)  # (N, L, H) for every step at once
-            h = hx[layer]
-            steps = []
-            for t in range(x.shape[1]):
-                h = act(projected[:, t] + F.linear(h, w_hh, b_hh))
-                steps.append(h)
-            x = torch.stack(steps, dim=1)
-            last_hidden.append(h)
-        h_n = torch.stack(last_hidden, dim=0)
-        out = x if self.batch_first else x.transpose(0, 1)
-        if not batched:
-            out = out.squeeze(0 if self.batch_first else 1)
-            h_n = h_n.squeeze(1)
-        return out, h_n
+        # By name, so that under torch.fx tracing they are the parameters' Proxies.
+        weights = [getattr(self, name) for name in self._flat_weights_names]
+        return _elman_rnn(input, hx, weights, self.num_layers, self.hidden_size,
+                          self.nonlinearity, self.batch_first)
+
+
+@torch.fx.wrap
+def _elman_rnn(input, hx, weights, num_layers, hidden_size, nonlinearity, batch_first):
+    """RNN.forward's computation; `weights` per layer: w_ih, w_hh and, with bias, b_ih, b_hh.
+    A torch.fx leaf, as torch.nn.RNN is a leaf module: its loop runs once per time step and its
+    layout depends on the input's dims, which symbolic tracing does not know."""
+    batched = input.dim() == 3
+    if input.dim() not in (2, 3):
+        raise ValueError(f"pyengine.nn.RNN: expected input to be 2-D (L, H_in) or 3-D, but "
+                         f"got input of shape {list(input.shape)}")
+    x = input if batched else input.unsqueeze(1 if not batch_first else 0)
+    if not batch_first:
+        x = x.transpose(0, 1)  # (N, L, H_in): a view; the kernels accept any strides
+    n = x.shape[0]
+    if hx is None:
+        hx = torch.zeros(num_layers, n, hidden_size, dtype=x.dtype, device=x.device)
+    elif not batched:
+        hx = hx.unsqueeze(1)
+    expected = (num_layers, n, hidden_size)
+    if tuple(hx.shape) != expected:
+        raise ValueAndRuntimeError(f"pyengine.nn.RNN: expected hx of shape "
+                                   f"{list(expected)}, but got hx of shape {list(hx.shape)}")
+    act = F.tanh if nonlinearity == "tanh" else F.relu
+    per_layer = len(weights) // num_layers
+    last_hidden = []
+    for layer in range(num_layers):
+        layer_weights = weights[layer * per_layer:(layer + 1) * per_layer]
+        w_ih, w_hh = layer_weights[:2]
+        b_ih, b_hh = layer_weights[2:] or (None, None)
+        projected = F.linear(x, w_ih, b_ih)  # (N, L, H) for every step at once
+        h = hx[layer]
+        steps = []
+        for t in range(x.shape[1]):
+            h = act(projected[:, t] + F.linear(h, w_hh, b_hh))
+            steps.append(h)
+        x = torch.stack(steps, dim=1)
+        last_hidden.append(h)
+    h_n = torch.stack(last_hidden, dim=0)
+    out = x if batch_first else x.transpose(0, 1)
+    if not batched:
+        out = out.squeeze(0 if batch_first else 1)
+        h_n = h_n.squeeze(1)
+    return out, h_n
 
 
 TWINS[torch.nn.RNN] = RNN

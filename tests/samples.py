@@ -22,14 +22,13 @@ tests of each op (tests/test_<op family>.py).
 Adding an operator: a generator in fuzz_configs.OPS and its entries here; tests/test_registry.py
 checks that every schema gets samples.
 """
-import contextlib
 import functools
 import random
 import zlib
 from typing import List, NamedTuple, Tuple
-from unittest import mock
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fuzz_configs
@@ -329,27 +328,21 @@ class _RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
-def _record_functional_ops():
+class _RecordFunctionalOps(TorchFunctionMode):
     """pyengine.functional's operator calls as it makes them (above autograd, so the op it picks:
-    max_pool2d, or max_pool2d_with_indices for return_indices=True): it takes its torch.ops path,
-    the one it takes under torch.compile, here through a recorder."""
-    import pyengine._functional as functional
+    max_pool2d, or max_pool2d_with_indices for return_indices=True). Under a TorchFunctionMode
+    it takes its torch.ops path, the one it takes under torch.compile, and torch.ops shows each
+    call to the mode."""
 
-    calls = []
+    def __init__(self):
+        super().__init__()
+        self.calls = []
 
-    class Recorder:
-        def __getattr__(self, name):
-            packet = getattr(torch.ops.pyengine, name)
-
-            def record(*args):
-                calls.append(OpCall(packet.default, args))
-                return packet(*args)
-            return record
-
-    with mock.patch.object(functional, "_ops", Recorder()), \
-            mock.patch.object(functional, "_is_compiling", lambda: True):
-        yield calls
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if isinstance(func, torch._ops.OpOverloadPacket) and \
+                func._qualified_op_name.startswith("pyengine::"):
+            self.calls.append(OpCall(func.default, tuple(args)))
+        return func(*args, **(kwargs or {}))
 
 
 def _leaf(value, requires_grad):
@@ -371,8 +364,9 @@ def op_calls(case: Case, device="cpu") -> List[OpCall]:
     args, kwargs = materialize(case, gen, device)
     import pyengine.functional as PF
 
-    with _record_functional_ops() as forward:
+    with _RecordFunctionalOps() as recorder:
         out = call(getattr(PF, case.op), args, kwargs)
+    forward = recorder.calls
     assert len(forward) == 1, forward
     calls = [OpCall(forward[0].op, _leaf(forward[0].args, True))]
     primary = out[0] if isinstance(out, tuple) else out

@@ -36,6 +36,14 @@ def test_every_operator_has_its_kernels(name):
                          + ", ".join(f"{k} (registered in {KERNEL_HOMES[k]})" for k in missing))
 
 
+def test_every_operator_is_pt2_compliant():
+    """Every operator carries torch.Tag.pt2_compliant_tag (csrc/ops.cpp defines each schema with
+    it), so torch.compile takes it under only_allow_pt2_compliant_ops (tests/test_compile.py)."""
+    untagged = [n for n in SCHEMAS
+                if torch.Tag.pt2_compliant_tag not in getattr(torch.ops.pyengine, n).default.tags]
+    assert not untagged, f"operators without pt2_compliant_tag: {untagged} (csrc/ops.cpp)"
+
+
 @pytest.mark.parametrize("name", BACKWARD)
 def test_every_backward_operator_belongs_to_a_forward_one(name):
     assert name[:-len("_backward")] in FORWARD, f"pyengine::{name}: no forward operator"
