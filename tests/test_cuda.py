@@ -86,9 +86,29 @@ def test_backward_ops_and_reductions_are_deterministic(dtype):
 
 # ---- CUDA graphs --------------------------------------------------------------------------------
 
+def _captured(step, leaves):
+    """step() captured in a CUDA graph after three warm-up runs off the capture stream, as
+    torch's docs do, the gradients of `leaves` cleared before each run (so that the graph writes
+    them); returns (the graph, what step returned while captured). The capture raises if any op
+    synchronises with the host."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for t in leaves:
+                t.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in leaves:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 def test_lenet_training_step_in_a_cuda_graph_replays_like_eager():
     from pyengine.models import LeNet  # the tutorial network (pyengine/models.py)
-    import pyengine.functional as PF
 
     model = LeNet().cuda()
     params = list(model.parameters())
@@ -100,20 +120,7 @@ def test_lenet_training_step_in_a_cuda_graph_replays_like_eager():
         loss.backward()
         return loss
 
-    side = torch.cuda.Stream()  # warm up off the capture stream, as torch's docs do
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            for p in params:
-                p.grad = None
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-
-    for p in params:
-        p.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # raises if any op synchronises with the host
-        static_loss = step()
+    graph, static_loss = _captured(step, params)
     static_grads = [p.grad for p in params]
 
     for _ in range(2):
@@ -175,19 +182,8 @@ def test_each_op_forward_and_backward_in_a_cuda_graph_replays_like_eager(op):
             _outputs(out)[0].backward(static_grad_output)
             return out
 
-        side = torch.cuda.Stream()  # warm up off the capture stream, as torch's docs do
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                for t in leaves:
-                    t.grad = None
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        for t in leaves:
-            t.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = _outputs(step())
+        graph, static_out = _captured(step, leaves)
+        static_out = _outputs(static_out)
         static_grads = [t.grad for t in leaves]
 
         for round in range(2):
