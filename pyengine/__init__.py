@@ -4,6 +4,8 @@
     import pyengine.nn as pnn            # drop-in twins of torch.nn modules
     model = pyengine.convert(model)      # swap a model's torch.nn layers for pyengine's
     with pyengine.patch(): ...           # route torch.nn.functional calls to pyengine
+    pyengine.info()                      # the build, the CPU / GPU code it runs, what each op
+                                         # supports (python -m pyengine info prints it)
 
 The operators themselves are torch.ops.pyengine.* (schemas in csrc/ops.cpp).
 """
@@ -15,6 +17,8 @@ from . import _batching  # noqa: E402,F401  (torch.vmap batching rules of every 
 from . import functional, nn  # noqa: E402
 from .convert import convert, disable, enable, is_enabled, patch  # noqa: E402
 from . import models  # noqa: E402
+from ._info import info  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "models", "convert", "patch", "enable", "disable", "is_enabled"]
+__all__ = ["functional", "nn", "models", "convert", "patch", "enable", "disable", "is_enabled",
+           "info"]

@@ -31,13 +31,19 @@ def load_extension():
             f"pyengine._C was built against torch {built[0]}.{built[1]} but torch "
             f"{torch.__version__} is installed. Rebuild it with:\n    " + REBUILD
         )
-    if torch.cuda.is_available() and not ext.built_with_cuda:
+    problem = cuda_build_problem(ext)
+    if problem:
         import warnings
 
-        warnings.warn(
-            "pyengine was built without CUDA kernels, so its operators will raise on CUDA "
-            "tensors. Rebuild with a CUDA toolkit (nvcc) present, or PYENGINE_CUDA=1:\n    "
-            + REBUILD,
-            stacklevel=3,
-        )
+        warnings.warn(problem, stacklevel=3)
     return ext
+
+
+def cuda_build_problem(ext):
+    """What is wrong with a build that loads but lacks the CUDA kernels this machine could use,
+    and how to fix it; None when nothing is. The import warns with it; pyengine.info() lists it."""
+    if torch.cuda.is_available() and not ext.built_with_cuda:
+        return ("pyengine was built without CUDA kernels, so its operators will raise on CUDA "
+                "tensors. Rebuild with a CUDA toolkit (nvcc) present, or PYENGINE_CUDA=1:\n    "
+                + REBUILD)
+    return None

@@ -5,6 +5,8 @@
   regression  a linear regression learning a known line
   classify    the 5-8-4-1 binary classifier on scikit-learn's make_classification data
   sharpen     a 3x3 sharpening filter applied to an image by pyengine's conv2d
+  info        versions, the build, the CPU and GPU code it runs, what each operator supports,
+              and the command that rebuilds pyengine (pyengine.info())
 
 A mistake in the arguments or the files they name is reported as one line on stderr and exit
 status 2; a run that fails (a diverging loss, a missing optional package) as one line and status 1.
@@ -27,6 +29,7 @@ import torch
 from . import __version__
 from . import _C
 from . import functional as PF
+from ._info import format_info, info
 from ._loader import REBUILD
 from ._optional import MissingDependency, require
 from .data import DataError, load_digits, load_mnist, normalize
@@ -673,6 +676,14 @@ def cmd_sharpen(args) -> int:
     return 0
 
 
+# ---- info -------------------------------------------------------------------------------
+
+def cmd_info(args) -> int:
+    report = info()
+    print(json.dumps(report, indent=2) if args.json else format_info(report))
+    return 0
+
+
 # ---- argument parsing -------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -754,6 +765,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", help="image file (PNG, JPEG, ...; 8-bit, or 16-bit grey)")
     s.add_argument("output", help="where to write the sharpened image (PNG keeps everything)")
     s.set_defaults(func=cmd_sharpen)
+
+    i = sub.add_parser("info", help="versions, the build and what each operator supports",
+                       description="What this installation of pyengine is and can do: pyengine "
+                       "and torch versions; the build (CPU only or with CUDA kernels, the torch "
+                       "it was compiled against, the GPU architectures it holds code for); the "
+                       "instruction set each CPU kernel family runs with; each visible GPU and "
+                       "which code it runs; each operator's dtypes, devices, arguments and "
+                       "limits; problems found, with their fix; the command that rebuilds "
+                       "pyengine. The same as pyengine.info().")
+    i.add_argument("--json", action="store_true", help="print it as JSON")
+    i.set_defaults(func=cmd_info)
     return parser
 
 

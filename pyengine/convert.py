@@ -5,6 +5,7 @@ import warnings
 
 import torch
 
+from ._support import DTYPES as _DTYPES
 from .functional import __all__ as _FUNCTIONAL_NAMES
 from .nn import TWINS
 
@@ -60,7 +61,7 @@ def _route(pyengine_fn, torch_fn, name):
 
     def routed(input, *args, **kwargs):
         usable = (isinstance(input, torch.Tensor)
-                  and input.dtype in (torch.float32, torch.float64)
+                  and input.dtype in _DTYPES
                   and (input.device.type == "cpu" or (input.device.type == "cuda"
                                                       and _C.built_with_cuda))
                   and "out" not in kwargs)

@@ -7,7 +7,8 @@
 * determinism: every backward op (and every reduction) gives bitwise equal results twice, at sizes
   that exercise split-K, multi-chunk reductions and overlapping pooling windows;
 * a LeNet training step captured in a CUDA graph replays bitwise equal to eager (capture would
-  also fail on any host synchronisation inside an op);
+  also fail on any host synchronisation inside an op), and so does every operator's forward and
+  backward pass, each captured on its own (torch.cuda.CUDAGraph) and replayed on new values;
 * tensors past 2^31 elements through relu and max_pool2d (slow; ~9-26 GB of GPU memory);
 * bad calls raise the CPU kernels' errors on CUDA too; data-dependent errors (binary cross
   entropy's domain, cross_entropy's targets) are device-side asserts naming the argument.
@@ -23,7 +24,11 @@ import textwrap
 import pytest
 import torch
 
+import fuzz_configs
+import pyengine.functional as PF
 import samples
+from differential import call
+from fuzz_configs import materialize
 from helpers import FLOAT_DTYPES
 from parity import (DEVICE_ASSERT_CASES, GpuTarget, assert_bitwise_equal, check_layouts,
                     check_sample, parity, reduction_calls)
@@ -81,9 +86,29 @@ def test_backward_ops_and_reductions_are_deterministic(dtype):
 
 # ---- CUDA graphs --------------------------------------------------------------------------------
 
+def _captured(step, leaves):
+    """step() captured in a CUDA graph after three warm-up runs off the capture stream, as
+    torch's docs do, the gradients of `leaves` cleared before each run (so that the graph writes
+    them); returns (the graph, what step returned while captured). The capture raises if any op
+    synchronises with the host."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for t in leaves:
+                t.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in leaves:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 def test_lenet_training_step_in_a_cuda_graph_replays_like_eager():
     from pyengine.models import LeNet  # the tutorial network (pyengine/models.py)
-    import pyengine.functional as PF
 
     model = LeNet().cuda()
     params = list(model.parameters())
@@ -95,20 +120,7 @@ def test_lenet_training_step_in_a_cuda_graph_replays_like_eager():
         loss.backward()
         return loss
 
-    side = torch.cuda.Stream()  # warm up off the capture stream, as torch's docs do
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            for p in params:
-                p.grad = None
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-
-    for p in params:
-        p.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # raises if any op synchronises with the host
-        static_loss = step()
+    graph, static_loss = _captured(step, params)
     static_grads = [p.grad for p in params]
 
     for _ in range(2):
@@ -122,6 +134,77 @@ def test_lenet_training_step_in_a_cuda_graph_replays_like_eager():
         assert torch.equal(static_loss, eager_loss)
         for p, static in zip(params, static_grads):
             assert torch.equal(static, p.grad)
+
+
+def _graphable_sample(op):
+    """op's largest sample whose tensors can be a graph's static inputs, refilled in place before
+    each replay (the large ones take the kernels' workspaces, split-K and multi-block
+    reductions): no error expected, no NaN / inf, no stride-0 (expanded) tensor (copy_ cannot
+    write one), none empty, and something to differentiate."""
+    def usable(sample):
+        specs = [spec for _, spec in sample.case.tensors()]
+        return (not sample.case.expect_error and not samples.has_special_values(sample)
+                and all(s.layout != "expanded" and fuzz_configs.numel(s.shape) > 0 for s in specs)
+                and any(s.grad for s in specs))
+
+    def size(sample):
+        return sum(fuzz_configs.numel(spec.shape) for _, spec in sample.case.tensors())
+
+    return max(filter(usable, samples.samples(op)), key=size)
+
+
+def _tensors(args, kwargs):
+    return [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+
+
+def _outputs(out):
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+@pytest.mark.parametrize("op", PF.__all__)
+def test_each_op_forward_and_backward_in_a_cuda_graph_replays_like_eager(op):
+    """pyengine.functional.<op> and the backward pass autograd runs for it, captured in one
+    torch.cuda.CUDAGraph (capture raises on any host synchronisation, and every allocation
+    must come from torch's caching allocator), then replayed twice on new inputs and a new
+    grad_output: outputs and gradients bitwise equal to the same call run eagerly. In float32
+    and float64 (where the sample allows both)."""
+    fn = getattr(PF, op)
+    for case in samples.in_both_dtypes(_graphable_sample(op)):
+        static_args, static_kwargs = materialize(case, device="cuda")
+        static_inputs = _tensors(static_args, static_kwargs)
+        leaves = [t for t in static_inputs if t.requires_grad]
+        with torch.no_grad():
+            shape = _outputs(call(fn, static_args, static_kwargs))[0].shape
+        static_grad_output = torch.randn(shape, dtype=case.dtype, device="cuda")
+
+        def step():
+            out = call(fn, static_args, static_kwargs)
+            _outputs(out)[0].backward(static_grad_output)
+            return out
+
+        graph, static_out = _captured(step, leaves)
+        static_out = _outputs(static_out)
+        static_grads = [t.grad for t in leaves]
+
+        for round in range(2):
+            gen = torch.Generator().manual_seed(case.seed + 1 + round)
+            args, kwargs = materialize(case, gen, "cuda")  # new values, same layouts
+            grad_output = torch.randn(shape, generator=gen, dtype=case.dtype).cuda()
+            with torch.no_grad():
+                for static, new in zip(static_inputs, _tensors(args, kwargs)):
+                    static.copy_(new)
+                static_grad_output.copy_(grad_output)
+            graph.replay()
+            eager_out = _outputs(call(fn, args, kwargs))
+            eager_out[0].backward(grad_output)
+            torch.cuda.synchronize()
+            what = f"{op} {case.dtype}, replay {round + 1}"
+            for static, eager in zip(static_out, eager_out):
+                assert_bitwise_equal(static, eager, f"{what}: output")
+            eager_grads = [t.grad for t in _tensors(args, kwargs) if t.requires_grad]
+            assert len(eager_grads) == len(static_grads) > 0
+            for static, eager in zip(static_grads, eager_grads):
+                assert_bitwise_equal(static, eager, f"{what}: gradient")
 
 
 # ---- tensors past 2^31 elements -----------------------------------------------------------------

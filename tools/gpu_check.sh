@@ -21,8 +21,9 @@
 #               rows: minutes; `python -m pytest -m slow` runs them) and the CPU-only CUDA
 #               emulation lane (CI runs it), CUDA cases included;
 #               stopped with SIGINT at the limit, so pytest still reports what it ran
-#  3 graph      (CAP_GRAPH 20) the CUDA-graph tests: a LeNet training step captured and replayed
-#               against eager (tests/test_cuda.py); the benchmark's captured LeNet step, SGD
+#  3 graph      (CAP_GRAPH 20) the CUDA-graph tests: a LeNet training step and every operator's
+#               forward and backward pass captured and replayed against eager
+#               (tests/test_cuda.py); the benchmark's captured LeNet step, SGD
 #               update included, against eager, and its op cases' captures (tests/test_gpu_check.py)
 #  4 sanitizers compute-sanitizer over a trimmed set of CUDA op tests (SANITIZER_SELECTION: the
 #               first two samples of every operator, each operator call they make, forward and
