@@ -160,17 +160,25 @@ def _rand(*shape, device, grad=False):
 def op_cases(quick: bool) -> List[Case]:
     cases = []
     passes = ["forward", "backward", "forward+backward"]
-    conv_shapes = [("conv2d 1->6 5x5 @32", 1, 6, 5, 32), ("conv2d 6->16 5x5 @14", 6, 16, 5, 14),
-                   ("conv2d 3->64 3x3 @32", 3, 64, 3, 32), ("conv2d 64->64 3x3 @32", 64, 64, 3, 32)]
-    for label, cin, cout, k, size in conv_shapes:
-        batch = 64 if cin < 64 else 16
-
-        def build(F, device, cin=cin, cout=cout, k=k, size=size, batch=batch):
+    # (label, C_in, C_out, kernel, image size, batch, stride): LeNet's and a small CNN's layers,
+    # then the ones a ResNet-style network converted to pyengine would hit (3x3 at 56 / 28 / 14,
+    # a strided 3x3, a 1x1 expansion). 3x3 kernels pad 1 (same size at stride 1).
+    conv_shapes = [("conv2d 1->6 5x5 @32", 1, 6, 5, 32, 64, 1),
+                   ("conv2d 6->16 5x5 @14", 6, 16, 5, 14, 64, 1),
+                   ("conv2d 3->64 3x3 @32", 3, 64, 3, 32, 64, 1),
+                   ("conv2d 64->64 3x3 @32", 64, 64, 3, 32, 16, 1),
+                   ("conv2d 64->64 3x3 @56", 64, 64, 3, 56, 8, 1),
+                   ("conv2d 128->128 3x3 @28", 128, 128, 3, 28, 8, 1),
+                   ("conv2d 256->256 3x3 @14", 256, 256, 3, 14, 8, 1),
+                   ("conv2d 64->128 3x3 stride 2 @56", 64, 128, 3, 56, 8, 2),
+                   ("conv2d 64->256 1x1 @56", 64, 256, 1, 56, 8, 1)]
+    for label, cin, cout, k, size, batch, stride in conv_shapes:
+        def build(F, device, cin=cin, cout=cout, k=k, size=size, batch=batch, stride=stride):
             x = _rand(batch, cin, size, size, device=device, grad=True)
             w = _rand(cout, cin, k, k, device=device, grad=True)
             b = _rand(cout, device=device, grad=True)
             pad = 1 if k == 3 else 0
-            return (lambda: F.conv2d(x, w, b, 1, pad)), [x, w, b]
+            return (lambda: F.conv2d(x, w, b, stride, pad)), [x, w, b]
 
         cases += [_op_case(label, batch, p, build) for p in passes]
 
@@ -181,7 +189,8 @@ def op_cases(quick: bool) -> List[Case]:
     cases += [_op_case("max_pool2d 6x28x28 k2", 64, p, pool_build) for p in passes]
 
     for label, fin, fout, batch in (("linear 400->120", 400, 120, 256),
-                                    ("linear 784->256", 784, 256, 256)):
+                                    ("linear 784->256", 784, 256, 256),
+                                    ("linear 4096->4096", 4096, 4096, 256)):
         def build(F, device, fin=fin, fout=fout, batch=batch):
             x = _rand(batch, fin, device=device, grad=True)
             w = _rand(fout, fin, device=device, grad=True)
@@ -190,14 +199,16 @@ def op_cases(quick: bool) -> List[Case]:
 
         cases += [_op_case(label, batch, p, build) for p in passes]
 
-    n = 64 * 6 * 28 * 28
-    for act in ("relu", "leaky_relu", "sigmoid", "tanh"):
-        def build(F, device, act=act):
-            x = _rand(n, device=device, grad=True)
-            fn = getattr(F, act)
-            return (lambda: fn(x)), [x]
+    # LeNet's first activation (64 x 6 x 28 x 28, ~300k: cache-resident) and 30M elements
+    # (120 MB per float32 tensor: DRAM-bound, where an elementwise kernel must run at bandwidth).
+    for n in (64 * 6 * 28 * 28, 30_000_000):
+        for act in ("relu", "leaky_relu", "sigmoid", "tanh"):
+            def build(F, device, act=act, n=n):
+                x = _rand(n, device=device, grad=True)
+                fn = getattr(F, act)
+                return (lambda: fn(x)), [x]
 
-        cases += [_op_case(f"{act} {n}", 1, p, build) for p in passes]
+            cases += [_op_case(f"{act} {n}", 1, p, build) for p in passes]
     for act in ("softmax", "log_softmax"):
         def build(F, device, act=act):
             x = _rand(256, 1000, device=device, grad=True)
