@@ -293,50 +293,85 @@ struct BinaryCrossEntropyFunction
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     OptTensor weight = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
-    Tensor grad_input = binary_cross_entropy_backward_op().call(
-        grads[0], saved[0], saved[1], weight, ctx->saved_data["reduction"].toInt());
-    return {grad_input, Tensor(), Tensor(), Tensor()};
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    Tensor grad_input, grad_target;
+    if (ctx->needs_input_grad(0))
+      grad_input = binary_cross_entropy_backward_op().call(grads[0], saved[0], saved[1], weight,
+                                                           reduction);
+    if (ctx->needs_input_grad(1))
+      grad_target = binary_cross_entropy_target_backward_op().call(grads[0], saved[0], saved[1],
+                                                                   weight, reduction);
+    return {grad_input, grad_target, Tensor(), Tensor()};
   }
 };
 
 Tensor binary_cross_entropy_autograd(const Tensor& input, const Tensor& target,
                                      const OptTensor& weight, int64_t reduction) {
-  refuse_grad(target, "binary_cross_entropy", "target");
   refuse_grad(weight, "binary_cross_entropy", "weight");
-  if (!any_needs_grad(input)) {
+  if (!any_needs_grad(input, target)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return binary_cross_entropy_op().call(input, target, weight, reduction);
   }
   return BinaryCrossEntropyFunction::apply(input, target, weight, reduction);
 }
 
+// d loss / d target of class probabilities (input (N, C) or (C)): torch's autograd of its
+// formula -sum(log_softmax(input) * q * w) (/ rows for 'mean'), q = target * (1 - eps) + eps / C:
+// -a_n * w_c * log_softmax(input)_nc * (1 - eps), a = grad_output (/ rows for 'mean'), with
+// pyengine's log_softmax.
+Tensor cross_entropy_target_grad(const Tensor& grad_output, const Tensor& input,
+                                 const OptTensor& weight, int64_t reduction,
+                                 double label_smoothing) {
+  const bool batched = input.dim() == 2;
+  Tensor a = reduction == 0 && batched ? grad_output.unsqueeze(1) : grad_output;
+  if (reduction == 1) a = a.div(batched ? input.size(0) : 1);
+  a = a.neg();
+  if (weight.has_value() && weight->defined()) a = a.mul(*weight);
+  Tensor grad_target = a.mul(log_softmax_op().call(input, input.dim() - 1));
+  return label_smoothing > 0 ? grad_target.mul(1 - label_smoothing) : grad_target;
+}
+
 struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target,
-                        const OptTensor& weight, int64_t reduction, int64_t ignore_index) {
+                        const OptTensor& weight, int64_t reduction, int64_t ignore_index,
+                        double label_smoothing) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({input, target, weight.value_or(Tensor())});
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["ignore_index"] = ignore_index;
-    return cross_entropy_op().call(input, target, weight, reduction, ignore_index);
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    return cross_entropy_op().call(input, target, weight, reduction, ignore_index,
+                                   label_smoothing);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     OptTensor weight = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
-    Tensor grad_input = cross_entropy_backward_op().call(
-        grads[0], saved[0], saved[1], weight, ctx->saved_data["reduction"].toInt(),
-        ctx->saved_data["ignore_index"].toInt());
-    return {grad_input, Tensor(), Tensor(), Tensor(), Tensor()};
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const double label_smoothing = ctx->saved_data["label_smoothing"].toDouble();
+    Tensor grad_input, grad_target;
+    if (ctx->needs_input_grad(0))
+      grad_input = cross_entropy_backward_op().call(grads[0], saved[0], saved[1], weight,
+                                                    reduction,
+                                                    ctx->saved_data["ignore_index"].toInt(),
+                                                    label_smoothing);
+    // Only a target of class probabilities (floating) can need a gradient.
+    if (ctx->needs_input_grad(1))
+      grad_target = cross_entropy_target_grad(grads[0], saved[0], weight, reduction,
+                                              label_smoothing);
+    return {grad_input, grad_target, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 Tensor cross_entropy_autograd(const Tensor& input, const Tensor& target, const OptTensor& weight,
-                              int64_t reduction, int64_t ignore_index) {
+                              int64_t reduction, int64_t ignore_index, double label_smoothing) {
   refuse_grad(weight, "cross_entropy", "weight");
-  if (!any_needs_grad(input)) {
+  if (!any_needs_grad(input, target)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return cross_entropy_op().call(input, target, weight, reduction, ignore_index);
+    return cross_entropy_op().call(input, target, weight, reduction, ignore_index,
+                                   label_smoothing);
   }
-  return CrossEntropyFunction::apply(input, target, weight, reduction, ignore_index);
+  return CrossEntropyFunction::apply(input, target, weight, reduction, ignore_index,
+                                     label_smoothing);
 }
 
 }  // namespace

@@ -236,30 +236,32 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor]
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                   size_average=None, ignore_index: int = -100, reduce=None,
                   reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
-    """Cross entropy of logits and class-index targets like F.cross_entropy: input (N, C),
-    (C) or (N, C, d1, ...), target (N), () or (N, d1, ...) of int64."""
+    """Cross entropy of logits like F.cross_entropy: input (N, C), (C) or (N, C, d1, ...); target
+    int64 class indices (N), () or (N, d1, ...), or class probabilities of input's shape and
+    dtype; label_smoothing in [0, 1]."""
     reduction_enum = _reduction_enum(reduction, size_average, reduce)
-    if label_smoothing != 0.0:
+    probabilities = target.is_floating_point()
+    if probabilities and target.dtype != input.dtype:
+        # torch promotes; pyengine has no kernel for mixed dtypes (patch() runs torch's then)
         raise NotImplementedError(
-            "pyengine.functional.cross_entropy: label_smoothing is not supported, but got "
-            f"label_smoothing={label_smoothing}; use torch.nn.functional.cross_entropy for it")
-    if target.is_floating_point():
-        raise NotImplementedError(
-            "pyengine.functional.cross_entropy: class-probability targets are not supported: "
-            f"expected target to hold int64 class indices, but got target of dtype {target.dtype}")
+            "pyengine.functional.cross_entropy: expected a class-probability target of input's "
+            f"dtype ({input.dtype}), but got target of dtype {target.dtype}")
     spatial_shape = None
     if input.dim() > 2:
-        # (N, C, d1, ...) is (N * d1 * ..., C) rows with the class dim last.
-        if tuple(target.shape) != (input.shape[0], *input.shape[2:]):
+        # (N, C, d1, ...) is (N * d1 * ..., C) rows with the class dim last (the probabilities'
+        # too).
+        spatial_shape = (input.shape[0], *input.shape[2:])
+        if tuple(target.shape) != (tuple(input.shape) if probabilities else spatial_shape):
             raise ValueAndRuntimeError(
                 f"pyengine.functional.cross_entropy: expected target of shape "
-                f"{[input.shape[0], *input.shape[2:]]} for input of shape {list(input.shape)}, "
-                f"but got target of shape {list(target.shape)}")
-        spatial_shape = target.shape
+                f"{list(spatial_shape)} (int64 class indices) or {list(input.shape)} (floating "
+                f"class probabilities) for input of shape {list(input.shape)}, but got target of "
+                f"shape {list(target.shape)} and dtype {target.dtype}")
         input = input.movedim(1, -1).reshape(-1, input.shape[1])
-        target = target.reshape(-1)
+        target = (target.movedim(1, -1).reshape(input.shape) if probabilities
+                  else target.reshape(-1))
     op = _ops.cross_entropy if _is_compiling() else _C.cross_entropy
-    loss = op(input, target, weight, reduction_enum, int(ignore_index))
+    loss = op(input, target, weight, reduction_enum, int(ignore_index), float(label_smoothing))
     if spatial_shape is not None and reduction_enum == 0:
         loss = loss.reshape(spatial_shape)
     return loss
