@@ -140,18 +140,30 @@ def _pointwise_loss_backward(flops_per_element: int):
     return formula
 
 
-def cross_entropy(out, input, target, weight, reduction, ignore_index):
+def _smoothed(input, target, label_smoothing):
+    """Whether cross_entropy takes its smoothed form (label smoothing, or class probabilities),
+    and the flops per logit that form adds to each pass: the coefficient u = w (p (1 - eps) +
+    eps / C) (up to 3 for probabilities), summed, and u * (x - m) summed (forward) or
+    subtracted (backward): 3 more."""
+    probabilities = target.is_floating_point()
+    return probabilities or label_smoothing > 0, 3 + (3 if probabilities else 0)
+
+
+def cross_entropy(out, input, target, weight, reduction, ignore_index, label_smoothing=0.0):
     # per logit: max, subtract, exp, add to the row's sum; per row: log, pick x[t], subtract
     rows = input.shape[0] if input.dim() == 2 else 1
-    return Work(4 * input.numel() + 3 * rows, _total(input, target, weight, out))
+    smoothed, extra = _smoothed(input, target, label_smoothing)
+    flops = (4 + (extra if smoothed else 0)) * input.numel() + 3 * rows
+    return Work(flops, _total(input, target, weight, out))
 
 
 def cross_entropy_backward(grad_input, grad_output, input, target, weight, reduction,
-                           ignore_index):
+                           ignore_index, label_smoothing=0.0):
     # the softmax recomputed (max, subtract, exp, sum, scale) times the upstream gradient: 6 per
     # logit; minus one at the target: 1 per row
     rows = input.shape[0] if input.dim() == 2 else 1
-    return Work(6 * input.numel() + rows,
+    smoothed, extra = _smoothed(input, target, label_smoothing)
+    return Work((6 + (extra if smoothed else 0)) * input.numel() + rows,
                 _total(grad_output, input, target, weight, grad_input))
 
 
@@ -181,6 +193,9 @@ FORMULAS: Dict[str, Callable[..., Work]] = {
     "binary_cross_entropy": _pointwise_loss(9),
     # g * (p - t) / max(p (1 - p), eps): 2 subtractions, product, max, divide, times g
     "binary_cross_entropy_backward": _pointwise_loss_backward(6),
+    # g * -log(p / (1 - p)): subtraction, divide, log, negate, times g (the target is not read,
+    # but counted: the operator takes it)
+    "binary_cross_entropy_target_backward": _pointwise_loss_backward(5),
     "cross_entropy": cross_entropy,
     "cross_entropy_backward": cross_entropy_backward,
 }

@@ -725,15 +725,32 @@ PE_SOFTMAX_LIKE(log_softmax)
 
 // ---- Losses -------------------------------------------------------------------------------
 //
-// Each loss backward op is linear in grad_output: grad_input = g * D(input, ...) with g
-// broadcast for a reduced loss. So d/dg of <ggi, grad_input> is ggi * D summed like the loss,
-// and D itself is the backward op run with g = 1 (`unit_grad`); the tangent of the loss along
-// dx is likewise D * dx summed like the loss.
+// Each loss backward op is linear in grad_output: grad_x = g * D_x(input, target, ...) with g
+// broadcast for a reduced loss. So d/dg of <v, grad_x> is v * D_x summed like the loss, D_x
+// itself being the backward op run with g = 1 (`unit_grad`); and the tangent of the loss along
+// (dx, dt) is D_x dx + D_t dt summed like the loss.
 
 // A grad_output of ones for a loss shaped like `loss`.
 Tensor unit_grad(const Tensor& loss) { return at::ones_like(loss); }
 
-// mse_loss: D = 2 w (x - t) / denominator; d/dx of g D is 2 w g / denominator, d/dt its negative.
+// <v, bw(g)> differentiated in g, for a pointwise loss's backward op bw (linear in g): bw(v)
+// itself for 'none' (g and v elementwise), the sum of bw(1) * v for a reduced loss (g a scalar).
+template <typename Bw>
+Tensor grad_output_term(Bw&& bw, const Tensor& g, const Tensor& v, int64_t reduction) {
+  return reduction == 0 ? bw(v) : (bw(unit_grad(g)) * v).sum();
+}
+
+// The tangent of a pointwise loss along (dx, dt), bw_x / bw_t its backward ops in x / t.
+template <typename BwX, typename BwT>
+Tensor pointwise_loss_tangent(const Tensor& loss, int64_t reduction, BwX&& bw_x,
+                              const Tensor& dx, BwT&& bw_t, const Tensor& dt) {
+  Tensor out;
+  if (dx.defined()) out = grad_output_term(bw_x, loss, dx, reduction);
+  if (dt.defined()) out = add_maybe(out, grad_output_term(bw_t, loss, dt, reduction));
+  return out;
+}
+
+// mse_loss: D_x = 2 w (x - t) / denominator = -D_t; d/dx of g D_x is 2 w g / denominator.
 struct MseLossNode : PyengineNode<MseLossNode> {
   static constexpr const char* kName = "pyengine::mse_loss_backward";
   int64_t reduction = 1;
@@ -764,17 +781,15 @@ Tensor mse_loss_autograd(const Tensor& input, const Tensor& target, const OptTen
     record(node, loss);
   }
   if (any_tangent(input, target)) {
-    const Tensor direction = add_maybe(tangent(input), tangent(target).defined()
-                                                            ? -tangent(target)
-                                                            : Tensor());
-    // D * (dx - dt): the backward op with g = the direction for 'none', g = 1 then a sum else.
     const Tensor x = primal(input), t = primal(target);
-    set_tangent(loss, reduction == 0
-                          ? mse_loss_backward_op().call(direction, x, t, weight, 0)
-                          : (mse_loss_backward_op().call(unit_grad(loss), x, t, weight,
-                                                         reduction) *
-                             direction)
-                                .sum());
+    auto bw_x = [&](const Tensor& g) {
+      return mse_loss_backward_op().call(g, x, t, weight, reduction);
+    };
+    auto bw_t = [&](const Tensor& g) {
+      return mse_loss_backward_op().call(g, t, x, weight, reduction);
+    };
+    set_tangent(loss, pointwise_loss_tangent(loss, reduction, bw_x, tangent(input), bw_t,
+                                             tangent(target)));
   }
   return loss;
 }
@@ -804,11 +819,8 @@ struct MseLossBackwardNode : PyengineNode<MseLossBackwardNode> {
     if (!ggi.defined()) return out;
     const Tensor g = saved(0), x = saved(1), t = saved(2);
     const OptTensor w = saved_opt(3);
-    if (wants(0)) {
-      out[0] = reduction == 0
-                   ? mse_loss_backward_op().call(ggi, x, t, w, 0)
-                   : (mse_loss_backward_op().call(unit_grad(g), x, t, w, reduction) * ggi).sum();
-    }
+    auto bw = [&](const Tensor& v) { return mse_loss_backward_op().call(v, x, t, w, reduction); };
+    if (wants(0)) out[0] = grad_output_term(bw, g, ggi, reduction);
     if (wants(1) || wants(2)) {
       Tensor d_x = mse_input_term(g, x, w, reduction, ggi);
       if (wants(1)) out[1] = d_x;
@@ -845,41 +857,48 @@ Tensor mse_loss_backward_autograd(const Tensor& grad_output, const Tensor& input
   return grad_input;
 }
 
-// binary_cross_entropy: D = w (x - t) / max(x (1 - x), eps) / denominator.
+// binary_cross_entropy: D_x = w (x - t) / clamp_min(x (1 - x), eps) / denominator (eps = 1e-12 as
+// in the kernels, csrc/common/elementwise.h bce_grad), D_t = w (log(1 - x) - log(x)) /
+// denominator (binary_cross_entropy_target_backward).
 struct BinaryCrossEntropyNode : PyengineNode<BinaryCrossEntropyNode> {
   static constexpr const char* kName = "pyengine::binary_cross_entropy_backward";
   int64_t reduction = 1;
-  variable_list backward(const variable_list& grads) {  // inputs: input
-    if (!grads[0].defined()) return variable_list(1);
-    return {binary_cross_entropy_backward_op().call(grads[0], saved(0), saved(1), saved_opt(2),
-                                                    reduction)};
+  variable_list backward(const variable_list& grads) {  // inputs: input, target
+    variable_list out(2);
+    if (!grads[0].defined()) return out;
+    const Tensor x = saved(0), t = saved(1);
+    const OptTensor w = saved_opt(2);
+    if (wants(0)) out[0] = binary_cross_entropy_backward_op().call(grads[0], x, t, w, reduction);
+    if (wants(1))
+      out[1] = binary_cross_entropy_target_backward_op().call(grads[0], x, t, w, reduction);
+    return out;
   }
 };
 
 Tensor binary_cross_entropy_autograd(const Tensor& input, const Tensor& target,
                                      const OptTensor& weight, int64_t reduction) {
-  refuse_grad(target, "binary_cross_entropy", "target");
   refuse_grad(weight, "binary_cross_entropy", "weight");
-  const bool grad = any_needs_grad(input);
+  const bool grad = any_needs_grad(input, target);
   Tensor loss = below_autograd(
       [&] { return binary_cross_entropy_op().call(input, target, weight, reduction); });
   if (grad) {
-    auto node = make_node<BinaryCrossEntropyNode>(input);
+    auto node = make_node<BinaryCrossEntropyNode>(input, target);
     node->reduction = reduction;
     node->save(input);
     node->save(target);
     node->save(weight);
     record(node, loss);
   }
-  const Tensor dx = tangent(input);
-  if (dx.defined()) {
-    const Tensor x = primal(input);
-    set_tangent(loss, reduction == 0
-                          ? binary_cross_entropy_backward_op().call(dx, x, target, weight, 0)
-                          : (binary_cross_entropy_backward_op().call(unit_grad(loss), x, target,
-                                                                     weight, reduction) *
-                             dx)
-                                .sum());
+  if (any_tangent(input, target)) {
+    const Tensor x = primal(input), t = primal(target);
+    auto bw_x = [&](const Tensor& g) {
+      return binary_cross_entropy_backward_op().call(g, x, t, weight, reduction);
+    };
+    auto bw_t = [&](const Tensor& g) {
+      return binary_cross_entropy_target_backward_op().call(g, x, t, weight, reduction);
+    };
+    set_tangent(loss, pointwise_loss_tangent(loss, reduction, bw_x, tangent(input), bw_t,
+                                             tangent(target)));
   }
   return loss;
 }
@@ -892,36 +911,43 @@ Tensor bce_scale(const Tensor& x, const OptTensor& w, int64_t reduction) {
                                                  w, reduction);
 }
 
-// d/dx of <v, g * w (x - t) / clamp_min(x (1 - x), eps) / denominator>, eps = 1e-12 as in the
-// kernels (csrc/common/elementwise.h bce_grad; the clamp's flat side has no slope). Elementwise,
-// so also the tangent along dx = v.
+// The derivatives of <v, g D_x> and <v, g D_t> in x and t, v * g * d(D)/d(x or t). All are
+// elementwise, so each is also the tangent along its variable = v. The clamp's flat side has no
+// slope.
+Tensor bce_denominator(const Tensor& x) { return (x * (1 - x)).clamp_min(1e-12); }
 Tensor bce_input_term(const Tensor& g, const Tensor& x, const Tensor& t, const OptTensor& w,
-                      int64_t reduction, const Tensor& v) {
+                      int64_t reduction, const Tensor& v) {  // d(D_x)/dx
   const Tensor product = x * (1 - x);
-  const Tensor unclamped = product.ge(1e-12);
-  const Tensor denom = product.clamp_min(1e-12);
+  const Tensor denom = bce_denominator(x);
   const Tensor slope =
-      (1 - at::where(unclamped, (x - t) * (1 - 2 * x) / denom, at::zeros_like(x))) / denom;
+      (1 - at::where(product.ge(1e-12), (x - t) * (1 - 2 * x) / denom, at::zeros_like(x))) /
+      denom;
   return v * g * bce_scale(x, w, reduction) * slope;
+}
+Tensor bce_target_term(const Tensor& g, const Tensor& x, const OptTensor& w, int64_t reduction,
+                       const Tensor& v) {  // d(D_x)/dt
+  return -v * g * bce_scale(x, w, reduction) / bce_denominator(x);
+}
+Tensor bce_target_input_term(const Tensor& g, const Tensor& x, const OptTensor& w,
+                             int64_t reduction, const Tensor& v) {  // d(D_t)/dx, unclamped
+  return -v * g * bce_scale(x, w, reduction) / (x * (1 - x));
 }
 
 struct BinaryCrossEntropyBackwardNode : PyengineNode<BinaryCrossEntropyBackwardNode> {
   static constexpr const char* kName = "pyengine::binary_cross_entropy_backward_backward";
   int64_t reduction = 1;
-  variable_list backward(const variable_list& grads) {  // inputs: grad_output, input
-    variable_list out(2);
+  variable_list backward(const variable_list& grads) {  // inputs: grad_output, input, target
+    variable_list out(3);
     const Tensor& ggi = grads[0];
     if (!ggi.defined()) return out;
     const Tensor g = saved(0), x = saved(1), t = saved(2);
     const OptTensor w = saved_opt(3);
-    if (wants(0)) {
-      out[0] = reduction == 0 ? binary_cross_entropy_backward_op().call(ggi, x, t, w, 0)
-                              : (binary_cross_entropy_backward_op().call(unit_grad(g), x, t, w,
-                                                                         reduction) *
-                                 ggi)
-                                    .sum();
-    }
+    auto bw = [&](const Tensor& v) {
+      return binary_cross_entropy_backward_op().call(v, x, t, w, reduction);
+    };
+    if (wants(0)) out[0] = grad_output_term(bw, g, ggi, reduction);
     if (wants(1)) out[1] = bce_input_term(g, x, t, w, reduction, ggi);
+    if (wants(2)) out[2] = bce_target_term(g, x, w, reduction, ggi);
     return out;
   }
 };
@@ -929,14 +955,13 @@ struct BinaryCrossEntropyBackwardNode : PyengineNode<BinaryCrossEntropyBackwardN
 Tensor binary_cross_entropy_backward_autograd(const Tensor& grad_output, const Tensor& input,
                                               const Tensor& target, const OptTensor& weight,
                                               int64_t reduction) {
-  refuse_grad(target, "binary_cross_entropy_backward", "target");
   refuse_grad(weight, "binary_cross_entropy_backward", "weight");
   Tensor grad_input = below_autograd([&] {
     return binary_cross_entropy_backward_op().call(grad_output, input, target, weight,
                                                    reduction);
   });
-  if (any_needs_grad(grad_output, input)) {
-    auto node = make_node<BinaryCrossEntropyBackwardNode>(grad_output, input);
+  if (any_needs_grad(grad_output, input, target)) {
+    auto node = make_node<BinaryCrossEntropyBackwardNode>(grad_output, input, target);
     node->reduction = reduction;
     node->save(grad_output);
     node->save(input);
@@ -944,53 +969,113 @@ Tensor binary_cross_entropy_backward_autograd(const Tensor& grad_output, const T
     node->save(weight);
     record(node, grad_input);
   }
-  if (any_tangent(grad_output, input)) {
-    const Tensor g = primal(grad_output), x = primal(input);
-    const Tensor dg = tangent(grad_output), dx = tangent(input);
+  if (any_tangent(grad_output, input, target)) {
+    const Tensor g = primal(grad_output), x = primal(input), t = primal(target);
+    const Tensor dg = tangent(grad_output), dx = tangent(input), dt = tangent(target);
     Tensor out = dg.defined()
-                     ? binary_cross_entropy_backward_op().call(dg, x, target, weight, reduction)
+                     ? binary_cross_entropy_backward_op().call(dg, x, t, weight, reduction)
                      : Tensor();
-    if (dx.defined()) out = add_maybe(out, bce_input_term(g, x, target, weight, reduction, dx));
+    if (dx.defined()) out = add_maybe(out, bce_input_term(g, x, t, weight, reduction, dx));
+    if (dt.defined()) out = add_maybe(out, bce_target_term(g, x, weight, reduction, dt));
     set_tangent(grad_input, out);
   }
   return grad_input;
 }
 
+// D_t = w (log(1 - x) - log(x)) / denominator: linear in g, its slope in x is
+// -w / (x (1 - x)) / denominator, and it does not depend on t.
+struct BinaryCrossEntropyTargetBackwardNode
+    : PyengineNode<BinaryCrossEntropyTargetBackwardNode> {
+  static constexpr const char* kName = "pyengine::binary_cross_entropy_target_backward_backward";
+  int64_t reduction = 1;
+  variable_list backward(const variable_list& grads) {  // inputs: grad_output, input
+    variable_list out(2);
+    const Tensor& ggt = grads[0];
+    if (!ggt.defined()) return out;
+    const Tensor g = saved(0), x = saved(1), t = saved(2);
+    const OptTensor w = saved_opt(3);
+    auto bw = [&](const Tensor& v) {
+      return binary_cross_entropy_target_backward_op().call(v, x, t, w, reduction);
+    };
+    if (wants(0)) out[0] = grad_output_term(bw, g, ggt, reduction);
+    if (wants(1)) out[1] = bce_target_input_term(g, x, w, reduction, ggt);
+    return out;
+  }
+};
+
+Tensor binary_cross_entropy_target_backward_autograd(const Tensor& grad_output,
+                                                     const Tensor& input, const Tensor& target,
+                                                     const OptTensor& weight,
+                                                     int64_t reduction) {
+  refuse_grad(weight, "binary_cross_entropy_target_backward", "weight");
+  Tensor grad_target = below_autograd([&] {
+    return binary_cross_entropy_target_backward_op().call(grad_output, input, target, weight,
+                                                          reduction);
+  });
+  if (any_needs_grad(grad_output, input)) {
+    auto node = make_node<BinaryCrossEntropyTargetBackwardNode>(grad_output, input);
+    node->reduction = reduction;
+    node->save(grad_output);
+    node->save(input);
+    node->save(target);
+    node->save(weight);
+    record(node, grad_target);
+  }
+  if (any_tangent(grad_output, input)) {
+    const Tensor g = primal(grad_output), x = primal(input);
+    const Tensor dg = tangent(grad_output), dx = tangent(input);
+    Tensor out = dg.defined() ? binary_cross_entropy_target_backward_op().call(
+                                    dg, x, target, weight, reduction)
+                              : Tensor();
+    if (dx.defined()) out = add_maybe(out, bce_target_input_term(g, x, weight, reduction, dx));
+    set_tangent(grad_target, out);
+  }
+  return grad_target;
+}
+
 // cross_entropy: loss_row = -sum_c a_c log softmax(x)_c, so grad_input = g (A p - a) with
-// p = softmax(x) and A = sum_c a_c per row (`row_mass`): for class-index targets
-// a = w[t] onehot(t) (zero for ignored rows), divided by sum(w[t]) over the rows kept for 'mean'.
+// p = softmax(x) and A = sum_c a_c per row (ce_row_mass). With q the smoothed target (a class
+// index's one-hot, or the given probabilities) times (1 - eps), plus eps / C:
+//   class indices:       a = w q for rows not ignored, 'mean' dividing by sum(w[t]) over them;
+//   class probabilities: a = w q, 'mean' dividing by the number of rows.
 struct CrossEntropyArgs {
   int64_t reduction = 1, ignore_index = -100;
+  double label_smoothing = 0;
 };
 
 Tensor ce_row_mass(const Tensor& x, const Tensor& t, const OptTensor& w,
                    const CrossEntropyArgs& a) {
   const bool unbatched = x.dim() == 1;
+  const int64_t classes = x.size(-1);
+  const double eps = a.label_smoothing;
+  if (t.is_floating_point()) {  // probabilities: A = sum_c w_c q_c (/ rows for 'mean')
+    const Tensor q = t * (1 - eps) + eps / classes;
+    Tensor mass = (w.has_value() ? q * *w : q).sum(-1);
+    return a.reduction == 1 && !unbatched ? mass / x.size(0) : mass;
+  }
   const Tensor rows_t = unbatched ? t.reshape({1}) : t;
-  const Tensor kept = rows_t.ne(a.ignore_index);
-  const Tensor safe_t = rows_t.masked_fill(kept.logical_not(), 0);
-  Tensor mass = w.has_value() ? w->index_select(0, safe_t) : at::ones(rows_t.sizes(), x.options());
-  mass = mass.masked_fill(kept.logical_not(), 0);
+  const Tensor ignored = rows_t.eq(a.ignore_index);
+  const Tensor safe_t = rows_t.masked_fill(ignored, 0);
+  const Tensor w_t = (w.has_value() ? w->index_select(0, safe_t)
+                                    : at::ones(rows_t.sizes(), x.options()))
+                         .masked_fill(ignored, 0);
+  const Tensor w_sum = w.has_value() ? w->sum() : at::full({}, double(classes), x.options());
+  Tensor mass = w_t * (1 - eps) + w_sum * (eps / classes);
+  if (a.reduction == 1) mass = mass / w_t.sum();
   // An ignored row has no gradient, even when every row is (a 'mean' over nothing, 0 / 0).
-  if (a.reduction == 1) mass = (mass / mass.sum()).masked_fill(kept.logical_not(), 0);
+  mass = mass.masked_fill(ignored, 0);
   return unbatched ? mass.reshape({}) : mass;
 }
 
-struct CrossEntropyNode : PyengineNode<CrossEntropyNode> {
-  static constexpr const char* kName = "pyengine::cross_entropy_backward";
-  CrossEntropyArgs args;
-  variable_list backward(const variable_list& grads) {  // inputs: input
-    if (!grads[0].defined()) return variable_list(1);
-    return {cross_entropy_backward_op().call(grads[0], saved(0), saved(1), saved_opt(2),
-                                             args.reduction, args.ignore_index)};
-  }
-};
-
-// grad_input with g = 1 (per row for 'none'): A p - a, the loss's slope in x.
-Tensor ce_slope(const Tensor& loss_like, const Tensor& x, const Tensor& t, const OptTensor& w,
-                const CrossEntropyArgs& a) {
-  return cross_entropy_backward_op().call(unit_grad(loss_like), x, t, w, a.reduction,
-                                          a.ignore_index);
+// d loss / d target for probabilities: -g w log softmax(x) (1 - eps) (/ rows for 'mean').
+Tensor cross_entropy_target_grad(const Tensor& grad_output, const Tensor& input,
+                                 const OptTensor& weight, const CrossEntropyArgs& a) {
+  const bool batched = input.dim() == 2;
+  Tensor g = a.reduction == 0 && batched ? grad_output.unsqueeze(1) : grad_output;
+  if (a.reduction == 1 && batched) g = g / input.size(0);
+  Tensor scale = -g * (1 - a.label_smoothing);
+  if (weight.has_value()) scale = scale * *weight;
+  return scale * log_softmax_op().call(input, input.dim() - 1);
 }
 
 // Per-row (for 'none') or total sum of `t` over the class dim.
@@ -998,26 +1083,16 @@ Tensor ce_reduce(const Tensor& t, const CrossEntropyArgs& a) {
   return a.reduction == 0 ? t.sum(-1) : t.sum();
 }
 
-Tensor cross_entropy_autograd(const Tensor& input, const Tensor& target, const OptTensor& weight,
-                              int64_t reduction, int64_t ignore_index) {
-  refuse_grad(weight, "cross_entropy", "weight");
-  const CrossEntropyArgs args{reduction, ignore_index};
-  const bool grad = any_needs_grad(input);
-  Tensor loss = below_autograd([&] {
-    return cross_entropy_op().call(input, target, weight, reduction, ignore_index);
-  });
-  if (grad) {
-    auto node = make_node<CrossEntropyNode>(input);
-    node->args = args;
-    node->save(input);
-    node->save(target);
-    node->save(weight);
-    record(node, loss);
-  }
-  const Tensor dx = tangent(input);
-  if (dx.defined())
-    set_tangent(loss, ce_reduce(ce_slope(loss, primal(input), target, weight, args) * dx, args));
-  return loss;
+// grad_input with g = 1 (per row for 'none'): A p - a, the loss's slope in x.
+Tensor ce_slope(const Tensor& loss_like, const Tensor& x, const Tensor& t, const OptTensor& w,
+                const CrossEntropyArgs& a) {
+  return cross_entropy_backward_op().call(unit_grad(loss_like), x, t, w, a.reduction,
+                                          a.ignore_index, a.label_smoothing);
+}
+
+// g as a factor of each row's (C) entries: (N, 1) for 'none', a scalar otherwise.
+Tensor ce_row_factor(const Tensor& g, const CrossEntropyArgs& a) {
+  return a.reduction == 0 ? g.unsqueeze(-1) : g;
 }
 
 // d/dx of <v, cross_entropy_backward(g, x, ...)>: g A softmax_backward(v, p) per row; softmax's
@@ -1029,47 +1104,120 @@ Tensor ce_input_term(const Tensor& g, const Tensor& x, const Tensor& t, const Op
   return row_scale * softmax_backward_op().call(v, p, -1);
 }
 
-// d/dg: the slope summed against ggi like the loss; d/dx: ce_input_term.
+// For probability targets, grad_input = g (A p - a) is linear in t through a = w (1 - eps) t / M
+// (M: the rows for 'mean', else 1): d/dt of <v, grad_input> is g (1 - eps) / M w (sum(v p) - v),
+// and its tangent along dt is g (sum(da) p - da), da = w (1 - eps) dt / M.
+Tensor ce_target_weights(const Tensor& x, const OptTensor& w, const CrossEntropyArgs& a) {
+  const double rows = a.reduction == 1 && x.dim() == 2 ? double(x.size(0)) : 1.0;
+  const Tensor scale = at::full({}, (1 - a.label_smoothing) / rows, x.options());
+  return w.has_value() ? scale * *w : scale;
+}
+Tensor ce_target_vjp(const Tensor& g, const Tensor& x, const OptTensor& w,
+                     const CrossEntropyArgs& a, const Tensor& v) {
+  const Tensor p = softmax_op().call(x, -1);
+  return ce_row_factor(g, a) * ce_target_weights(x, w, a) * ((v * p).sum(-1, true) - v);
+}
+Tensor ce_target_jvp(const Tensor& g, const Tensor& x, const OptTensor& w,
+                     const CrossEntropyArgs& a, const Tensor& dt) {
+  const Tensor p = softmax_op().call(x, -1);
+  const Tensor da = ce_target_weights(x, w, a) * dt;
+  return ce_row_factor(g, a) * (da.sum(-1, true) * p - da);
+}
+
+struct CrossEntropyNode : PyengineNode<CrossEntropyNode> {
+  static constexpr const char* kName = "pyengine::cross_entropy_backward";
+  CrossEntropyArgs args;
+  variable_list backward(const variable_list& grads) {  // inputs: input, target
+    variable_list out(2);
+    if (!grads[0].defined()) return out;
+    const Tensor x = saved(0), t = saved(1);
+    const OptTensor w = saved_opt(2);
+    if (wants(0)) {
+      out[0] = cross_entropy_backward_op().call(grads[0], x, t, w, args.reduction,
+                                                args.ignore_index, args.label_smoothing);
+    }
+    // Only a target of class probabilities (floating) can need a gradient.
+    if (wants(1)) out[1] = cross_entropy_target_grad(grads[0], x, w, args);
+    return out;
+  }
+};
+
+Tensor cross_entropy_autograd(const Tensor& input, const Tensor& target, const OptTensor& weight,
+                              int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  refuse_grad(weight, "cross_entropy", "weight");
+  const CrossEntropyArgs args{reduction, ignore_index, label_smoothing};
+  const bool grad = any_needs_grad(input, target);
+  Tensor loss = below_autograd([&] {
+    return cross_entropy_op().call(input, target, weight, reduction, ignore_index,
+                                   label_smoothing);
+  });
+  if (grad) {
+    auto node = make_node<CrossEntropyNode>(input, target);
+    node->args = args;
+    node->save(input);
+    node->save(target);
+    node->save(weight);
+    record(node, loss);
+  }
+  if (any_tangent(input, target)) {
+    const Tensor x = primal(input), t = primal(target);
+    const Tensor dx = tangent(input), dt = tangent(target);
+    Tensor out;
+    if (dx.defined()) out = ce_reduce(ce_slope(loss, x, t, weight, args) * dx, args);
+    if (dt.defined()) {
+      out = add_maybe(out, ce_reduce(cross_entropy_target_grad(unit_grad(loss), x, weight,
+                                                               args) * dt, args));
+    }
+    set_tangent(loss, out);
+  }
+  return loss;
+}
+
+// d/dg: the slope summed against ggi like the loss; d/dx: ce_input_term; d/dt (probabilities):
+// ce_target_vjp.
 struct CrossEntropyBackwardNode : PyengineNode<CrossEntropyBackwardNode> {
   static constexpr const char* kName = "pyengine::cross_entropy_backward_backward";
   CrossEntropyArgs args;
-  variable_list backward(const variable_list& grads) {  // inputs: grad_output, input
-    variable_list out(2);
+  variable_list backward(const variable_list& grads) {  // inputs: grad_output, input, target
+    variable_list out(3);
     const Tensor& ggi = grads[0];
     if (!ggi.defined()) return out;
     const Tensor g = saved(0), x = saved(1), t = saved(2);
     const OptTensor w = saved_opt(3);
     if (wants(0)) out[0] = ce_reduce(ce_slope(g, x, t, w, args) * ggi, args);
     if (wants(1)) out[1] = ce_input_term(g, x, t, w, args, ggi);
+    if (wants(2)) out[2] = ce_target_vjp(g, x, w, args, ggi);
     return out;
   }
 };
 
 Tensor cross_entropy_backward_autograd(const Tensor& grad_output, const Tensor& input,
                                        const Tensor& target, const OptTensor& weight,
-                                       int64_t reduction, int64_t ignore_index) {
+                                       int64_t reduction, int64_t ignore_index,
+                                       double label_smoothing) {
   refuse_grad(weight, "cross_entropy_backward", "weight");
+  const CrossEntropyArgs args{reduction, ignore_index, label_smoothing};
   Tensor grad_input = below_autograd([&] {
     return cross_entropy_backward_op().call(grad_output, input, target, weight, reduction,
-                                            ignore_index);
+                                            ignore_index, label_smoothing);
   });
-  if (any_needs_grad(grad_output, input)) {
-    auto node = make_node<CrossEntropyBackwardNode>(grad_output, input);
-    node->args = {reduction, ignore_index};
+  if (any_needs_grad(grad_output, input, target)) {
+    auto node = make_node<CrossEntropyBackwardNode>(grad_output, input, target);
+    node->args = args;
     node->save(grad_output);
     node->save(input);
     node->save(target);
     node->save(weight);
     record(node, grad_input);
   }
-  if (any_tangent(grad_output, input)) {
-    const CrossEntropyArgs args{reduction, ignore_index};
-    const Tensor g = primal(grad_output), x = primal(input);
-    const Tensor dg = tangent(grad_output), dx = tangent(input);
-    Tensor out = dg.defined() ? cross_entropy_backward_op().call(dg, x, target, weight, reduction,
-                                                                 ignore_index)
+  if (any_tangent(grad_output, input, target)) {
+    const Tensor g = primal(grad_output), x = primal(input), t = primal(target);
+    const Tensor dg = tangent(grad_output), dx = tangent(input), dt = tangent(target);
+    Tensor out = dg.defined() ? cross_entropy_backward_op().call(dg, x, t, weight, reduction,
+                                                                 ignore_index, label_smoothing)
                               : Tensor();
-    if (dx.defined()) out = add_maybe(out, ce_input_term(g, x, target, weight, args, dx));
+    if (dx.defined()) out = add_maybe(out, ce_input_term(g, x, t, weight, args, dx));
+    if (dt.defined()) out = add_maybe(out, ce_target_jvp(g, x, weight, args, dt));
     set_tangent(grad_input, out);
   }
   return grad_input;

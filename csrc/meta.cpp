@@ -179,17 +179,27 @@ Tensor binary_cross_entropy_backward_meta(const Tensor& grad_output, const Tenso
                                         "binary_cross_entropy_backward");
   return empty_binary_cross_entropy(input);
 }
+Tensor binary_cross_entropy_target_backward_meta(const Tensor& grad_output, const Tensor& input,
+                                                 const Tensor& target, const OptTensor& weight,
+                                                 int64_t reduction) {
+  check_pointwise_loss_backward<SymInt>(grad_output, input, target, weight, reduction,
+                                        "binary_cross_entropy_target_backward");
+  return empty_binary_cross_entropy_target_grad<SymInt>(input);
+}
 Tensor cross_entropy_meta(const Tensor& input, const Tensor& target, const OptTensor& weight,
-                          int64_t reduction, int64_t /*ignore_index*/) {
-  auto s = check_cross_entropy<SymInt>(input, target, weight, reduction);
+                          int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  auto s = check_cross_entropy<SymInt>(input, target, weight, reduction, ignore_index,
+                                       label_smoothing);
   std::vector<SymInt> sizes;
   if (reduction == 0 && s.batched) sizes.push_back(s.batch);
   return empty_meta(sizes, input);
 }
 Tensor cross_entropy_backward_meta(const Tensor& grad_output, const Tensor& input,
                                    const Tensor& target, const OptTensor& weight,
-                                   int64_t reduction, int64_t /*ignore_index*/) {
-  check_cross_entropy_backward<SymInt>(grad_output, input, target, weight, reduction);
+                                   int64_t reduction, int64_t ignore_index,
+                                   double label_smoothing) {
+  check_cross_entropy_backward<SymInt>(grad_output, input, target, weight, reduction,
+                                       ignore_index, label_smoothing);
   return empty_meta(input.sym_sizes(), input);
 }
 
@@ -219,6 +229,7 @@ TORCH_LIBRARY_IMPL(pyengine, Meta, m) {
   m.impl("mse_loss_backward", mse_loss_backward_meta);
   m.impl("binary_cross_entropy", binary_cross_entropy_meta);
   m.impl("binary_cross_entropy_backward", binary_cross_entropy_backward_meta);
+  m.impl("binary_cross_entropy_target_backward", binary_cross_entropy_target_backward_meta);
   m.impl("cross_entropy", cross_entropy_meta);
   m.impl("cross_entropy_backward", cross_entropy_backward_meta);
 }

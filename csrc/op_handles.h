@@ -54,7 +54,7 @@ using Mask3 = std::array<bool, 3>;
   X(binary_cross_entropy, Tensor(const Tensor& input, const Tensor& target,                   \
                                  const OptTensor& weight, int64_t reduction))                  \
   X(cross_entropy, Tensor(const Tensor& input, const Tensor& target, const OptTensor& weight,  \
-                          int64_t reduction, int64_t ignore_index))
+                          int64_t reduction, int64_t ignore_index, double label_smoothing))
 
 #define PYENGINE_BACKWARD_OPS(X)                                                              \
   X(conv2d_backward, Tensor3(const Tensor& grad_output, const Tensor& input,                   \
@@ -80,9 +80,13 @@ using Mask3 = std::array<bool, 3>;
   X(binary_cross_entropy_backward,                                                            \
     Tensor(const Tensor& grad_output, const Tensor& input, const Tensor& target,               \
            const OptTensor& weight, int64_t reduction))                                        \
+  X(binary_cross_entropy_target_backward,                                                     \
+    Tensor(const Tensor& grad_output, const Tensor& input, const Tensor& target,               \
+           const OptTensor& weight, int64_t reduction))                                        \
   X(cross_entropy_backward,                                                                   \
     Tensor(const Tensor& grad_output, const Tensor& input, const Tensor& target,               \
-           const OptTensor& weight, int64_t reduction, int64_t ignore_index))
+           const OptTensor& weight, int64_t reduction, int64_t ignore_index,                   \
+           double label_smoothing))
 
 // `name##_op()`: the operator's handle, looked up once.
 #define PYENGINE_DEFINE_HANDLE(name, signature)                                               \

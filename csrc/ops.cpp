@@ -101,9 +101,18 @@ TORCH_LIBRARY(pyengine, library) {
         "-> Tensor");
   m.def("binary_cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, "
         "Tensor? weight, int reduction) -> Tensor");
-  // cross_entropy: logits (N, C) or (C); class-index target (N) or () of int64; weight (C).
+  // d/d(target) = grad_output * weight * -logit(input), torch's formula (no clamp: an input of
+  // 0 or 1 gives an infinite gradient), divided by numel for 'mean'.
+  m.def("binary_cross_entropy_target_backward(Tensor grad_output, Tensor input, Tensor target, "
+        "Tensor? weight, int reduction) -> Tensor");
+  // cross_entropy: logits (N, C) or (C); weight (C). The target's dtype decides its kind: int64
+  // class indices (N) or (), or floating class probabilities of input's shape and dtype (the
+  // 'mean' then divides by the number of rows, and ignore_index must be negative). The backward
+  // op returns d/d(input); d/d(target) of probabilities is -grad * weight * log_softmax(input) *
+  // (1 - label_smoothing), computed by autograd. label_smoothing defaults to 0 so that calls
+  // written without it keep working.
   m.def("cross_entropy(Tensor input, Tensor target, Tensor? weight, int reduction, "
-        "int ignore_index) -> Tensor");
+        "int ignore_index, float label_smoothing=0.0) -> Tensor");
   m.def("cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, "
-        "Tensor? weight, int reduction, int ignore_index) -> Tensor");
+        "Tensor? weight, int reduction, int ignore_index, float label_smoothing=0.0) -> Tensor");
 }

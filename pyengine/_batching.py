@@ -265,6 +265,15 @@ def _op_name(op):
     return op._schema.name.split("::")[1]
 
 
+def _loss_of(backward_name):
+    """The loss a backward op differentiates: binary_cross_entropy for
+    binary_cross_entropy_backward and binary_cross_entropy_target_backward."""
+    for suffix in ("_target_backward", "_backward"):
+        if backward_name.endswith(suffix):
+            return backward_name[:-len(suffix)]
+    raise ValueError(f"{backward_name} is not a loss's backward operator")
+
+
 def _pointwise_loss(op, batch, in_dims, args):
     """mse_loss / binary_cross_entropy(input, target, weight, reduction)."""
     *tensors, reduction = args
@@ -279,14 +288,13 @@ def _pointwise_loss(op, batch, in_dims, args):
 
 
 def _pointwise_loss_backward(op, batch, in_dims, args):
-    """mse_loss_backward / binary_cross_entropy_backward(grad_output, input, target, weight,
-    reduction): 'sum' and 'mean' as 'none' with each sample's grad_output on every element."""
+    """mse_loss_backward / binary_cross_entropy_backward / binary_cross_entropy_target_backward
+    (grad_output, input, target, weight, reduction): 'sum' and 'mean' as 'none' with each sample's grad_output on every element."""
     *tensors, reduction = args
     go, x, t, w = [_first(a, d, batch) for a, d in zip(tensors, in_dims)]
     if reduction != _NONE:
         if reduction == _MEAN:
-            go = (go.double() / _mean_denominator(_op_name(op)[:-len("_backward")], x, w)
-                  ).to(x.dtype)
+            go = (go.double() / _mean_denominator(_loss_of(_op_name(op)), x, w)).to(x.dtype)
         go = _unsqueeze_to(go, x.dim()).expand(x.shape)
     return op(go, x, t, w, _NONE), 0
 
@@ -305,47 +313,84 @@ def _class_weights(w, wd, t, ignore_index):
 
 def _cross_entropy_rows(batch, in_dims, args):
     """cross_entropy's (input, target, weight), samples first, as rows: input (B, N, C) or
-    (B, C) -> (B * N, C); target -> (B, N) or (B, 1); weight (B, C) or (C); and the input's
-    shape, samples first."""
+    (B, C) -> (B * N, C); class-index target -> (B, N) or (B, 1), class probabilities ->
+    (B, N, C) or (B, 1, C); weight (B, C) or (C); and the input's shape, samples first."""
     x, t = _first(args[0], in_dims[0], batch), _first(args[1], in_dims[1], batch)
     w = args[2] if in_dims[2] is None else args[2].movedim(in_dims[2], 0)
     rows = (batch, x.shape[1] if x.dim() == 3 else 1)
-    return x.reshape(-1, x.shape[-1]), t.reshape(rows), w, x.shape
+    t = t.reshape(*rows, x.shape[-1]) if t.is_floating_point() else t.reshape(rows)
+    return x.reshape(-1, x.shape[-1]), t, w, x.shape
+
+
+def _flat_target(t):
+    """A target from _cross_entropy_rows as the operator's rows: (B * N) or (B * N, C)."""
+    return t.reshape(-1, t.shape[-1]) if t.is_floating_point() else t.reshape(-1)
+
+
+def _cross_entropy_mean_denominator(w, wd, t, ignore_index):
+    """Per sample (B,), float64: the rows for probabilities, else the kept rows' class weights."""
+    if t.is_floating_point():
+        return torch.full((t.shape[0],), float(t.shape[1]), dtype=torch.float64, device=t.device)
+    return _per_sample_sum(_class_weights(w, wd, t, ignore_index))
+
+
+def _per_sample_loop(op, batch, in_dims, args):
+    """The operator on each sample in turn, stacked. Only for cross_entropy with a per-sample
+    class weight and label smoothing or probability targets: each row's loss then mixes every
+    class's weight, so the weights cannot be folded into a per-row factor as they are otherwise,
+    and the operator takes one weight for all its rows."""
+    outs = [op(*[a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)])
+            for b in range(batch)]
+    return torch.stack(outs), 0
+
+
+def _cross_entropy_options(options):
+    """(reduction, ignore_index, label_smoothing): label_smoothing has a default in the schema,
+    so a call may leave it out."""
+    reduction, ignore_index, *rest = options
+    return reduction, ignore_index, rest[0] if rest else 0.0
 
 
 def _cross_entropy(op, batch, in_dims, args):
-    reduction, ignore_index = args[3:]
+    reduction, ignore_index, label_smoothing = _cross_entropy_options(args[3:])
     wd = in_dims[2]
     x, t, w, shape = _cross_entropy_rows(batch, in_dims, args)
+    rows = t.shape[:2]
     if wd is None:
-        loss = op(x, t.reshape(-1), w, _NONE, ignore_index).view(t.shape)
+        loss = op(x, _flat_target(t), w, _NONE, ignore_index, label_smoothing).view(rows)
+    elif label_smoothing or t.is_floating_point():
+        return _per_sample_loop(op, batch, in_dims, args)
     else:   # per-sample class weights: the unweighted loss of each row times its class weight
-        loss = op(x, t.reshape(-1), None, _NONE, ignore_index).view(t.shape)
+        loss = op(x, _flat_target(t), None, _NONE, ignore_index, label_smoothing).view(rows)
         loss = loss * _class_weights(w, wd, t, ignore_index)
     if reduction == _NONE:
         return loss.view(shape[:-1]), 0
     total = _per_sample_sum(loss)
     if reduction == _MEAN:
-        total = total / _per_sample_sum(_class_weights(w, wd, t, ignore_index))
+        total = total / _cross_entropy_mean_denominator(w, wd, t, ignore_index)
     return total.to(x.dtype), 0
 
 
 def _cross_entropy_backward(op, batch, in_dims, args):
-    reduction, ignore_index = args[4:]
+    reduction, ignore_index, label_smoothing = _cross_entropy_options(args[4:])
     wd = in_dims[3]
     go = _first(args[0], in_dims[0], batch)
     x, t, w, shape = _cross_entropy_rows(batch, in_dims[1:], args[1:])
+    rows = t.shape[:2]
+    if wd is not None and (label_smoothing or t.is_floating_point()):
+        return _per_sample_loop(op, batch, in_dims, args)
     if reduction == _NONE:
-        go = go.reshape(t.shape)
+        go = go.reshape(rows)
     else:
         if reduction == _MEAN:
-            go = (go.double() / _per_sample_sum(_class_weights(w, wd, t, ignore_index))
+            go = (go.double() / _cross_entropy_mean_denominator(w, wd, t, ignore_index)
                   ).to(x.dtype)
-        go = go.view(batch, 1).expand(t.shape)
+        go = go.view(batch, 1).expand(rows)
     if wd is not None:   # per-sample class weights scale each row's grad_output
         go = go * _class_weights(w, wd, t, ignore_index)
         w = None
-    return op(go.reshape(-1), x, t.reshape(-1), w, _NONE, ignore_index).view(shape), 0
+    return op(go.reshape(-1), x, _flat_target(t), w, _NONE, ignore_index,
+              label_smoothing).view(shape), 0
 
 
 _RULES = {
@@ -359,6 +404,7 @@ _RULES = {
        for name in (base, base + "_backward")},
     **{name: rule for base in _MEAN_OVER_WEIGHTS for name, rule in (
         (base, _pointwise_loss), (base + "_backward", _pointwise_loss_backward))},
+    "binary_cross_entropy_target_backward": _pointwise_loss_backward,
     "cross_entropy": _cross_entropy, "cross_entropy_backward": _cross_entropy_backward,
 }
 

@@ -293,15 +293,13 @@ def _binary_cross_entropy_weight(input: Tensor, target: Tensor, weight: Optional
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                   size_average=None, ignore_index: int = -100, reduce=None,
                   reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
-    """Cross entropy of logits and class-index targets like F.cross_entropy: input (N, C),
-    (C) or (N, C, d1, ...), target (N), () or (N, d1, ...) of int64."""
+    """Cross entropy of logits like F.cross_entropy: input (N, C), (C) or (N, C, d1, ...); target
+    int64 class indices (N), () or (N, d1, ...), or class probabilities of input's shape and
+    dtype; label_smoothing in [0, 1]."""
     reduction_enum = _reduction_enum(reduction, size_average, reduce)
-    if label_smoothing != 0.0:
-        raise NotImplementedError(
-            "pyengine.functional.cross_entropy: label_smoothing is not supported, but got "
-            f"label_smoothing={label_smoothing}; use torch.nn.functional.cross_entropy for it")
     input, target, spatial_shape = _cross_entropy_rows(input, target)
-    loss = _op.cross_entropy(input, target, weight, reduction_enum, int(ignore_index))
+    loss = _op.cross_entropy(input, target, weight, reduction_enum, int(ignore_index),
+                             float(label_smoothing))
     return _reshape_loss(loss, spatial_shape) if reduction_enum == 0 else loss
 
 
@@ -309,20 +307,26 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
 def _cross_entropy_rows(input: Tensor, target: Tensor):
     """cross_entropy's input and target as the operator takes them, and the shape of a 'none'
     loss (None: the operator's own): (N, C, d1, ...) is (N * d1 * ..., C) rows with the class
-    dim last. An fx leaf (see "torch.fx leaves" at the top): all of it depends on the dtype
-    and the sizes."""
-    if target.is_floating_point():
+    dim last (a probability target's too). An fx leaf (see "torch.fx leaves" at the top): all of
+    it depends on the dtype and the sizes."""
+    probabilities = target.is_floating_point()
+    if probabilities and target.dtype != input.dtype:
+        # torch promotes; pyengine has no kernel for mixed dtypes (patch() runs torch's then)
         raise NotImplementedError(
-            "pyengine.functional.cross_entropy: class-probability targets are not supported: "
-            f"expected target to hold int64 class indices, but got target of dtype {target.dtype}")
+            "pyengine.functional.cross_entropy: expected a class-probability target of input's "
+            f"dtype ({input.dtype}), but got target of dtype {target.dtype}")
     if input.dim() <= 2:
         return input, target, None
-    if tuple(target.shape) != (input.shape[0], *input.shape[2:]):
+    spatial_shape = (input.shape[0], *input.shape[2:])
+    if tuple(target.shape) != (tuple(input.shape) if probabilities else spatial_shape):
         raise ValueAndRuntimeError(
             f"pyengine.functional.cross_entropy: expected target of shape "
-            f"{[input.shape[0], *input.shape[2:]]} for input of shape {list(input.shape)}, "
-            f"but got target of shape {list(target.shape)}")
-    return input.movedim(1, -1).reshape(-1, input.shape[1]), target.reshape(-1), target.shape
+            f"{list(spatial_shape)} (int64 class indices) or {list(input.shape)} (floating "
+            f"class probabilities) for input of shape {list(input.shape)}, but got target of "
+            f"shape {list(target.shape)} and dtype {target.dtype}")
+    rows = input.movedim(1, -1).reshape(-1, input.shape[1])
+    target = target.movedim(1, -1).reshape(rows.shape) if probabilities else target.reshape(-1)
+    return rows, target, torch.Size(spatial_shape)
 
 
 @torch.fx.wrap

@@ -18,8 +18,8 @@ DTYPES = (torch.float32, torch.float64)
 # NotImplementedError naming the argument (patch() then runs torch's function instead).
 DECLINED = {
     "cross_entropy": {
-        "label_smoothing": "any value but 0.0",
-        "target": "class-probability targets (floating point); class indices (int64) work",
+        "target": "class-probability targets of another dtype than the input's (torch "
+                  "promotes them); int64 class indices and probabilities of the input's dtype work",
     },
 }
 
@@ -27,6 +27,6 @@ DECLINED = {
 # compute: a call with one of them requiring grad raises RuntimeError, up front, saying so.
 NO_GRADIENT = {
     "mse_loss": ("weight",),
-    "binary_cross_entropy": ("target", "weight"),
+    "binary_cross_entropy": ("weight",),
     "cross_entropy": ("weight",),
 }

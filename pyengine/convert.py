@@ -12,7 +12,6 @@ from .nn import TWINS
 # Configurations a twin does not implement (it would raise): such layers stay torch's.
 _UNSUPPORTED = {
     torch.nn.RNN: lambda m: m.bidirectional or (m.dropout > 0 and m.num_layers > 1),
-    torch.nn.CrossEntropyLoss: lambda m: m.label_smoothing != 0,
 }
 
 
@@ -22,7 +21,7 @@ def convert(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
 
     Only exact torch.nn classes are swapped: a user's subclass may override forward, so it is
     left alone, like every other module, and so is a layer in a configuration pyengine does not
-    implement (a bidirectional RNN, cross entropy with label smoothing). The twin takes over the very same module object (its
+    implement (a bidirectional RNN). The twin takes over the very same module object (its
     class is switched to the pyengine subclass, which adds no state), so parameters, buffers,
     hooks, training mode and the state_dict stay exactly as they were. With inplace=False (the
     default) a deep copy is converted and `model` is untouched.

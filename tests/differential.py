@@ -205,14 +205,17 @@ class PoolReference(TorchReference):
 
 
 class CrossEntropyReference(TorchReference):
-    """torch, except for the gradient of a row whose target is ignore_index: pyengine's is 0 (the
-    row's loss is the constant 0; csrc/cpu/cross_entropy.cpp and csrc/cuda/loss.cu write zeros),
-    torch's is NaN when the row holds a NaN or an infinity (its log_softmax backward multiplies the
-    row's zero gradient by the row's NaN softmax). Finite ignored rows get 0 from torch too."""
+    """torch, except for the gradient of a row whose class-index target is ignore_index:
+    pyengine's is 0 (the row's loss is the constant 0; csrc/cpu/cross_entropy.cpp and
+    csrc/cuda/loss.cu write zeros), torch's is NaN when the row holds a NaN or an infinity (its
+    log_softmax backward multiplies the row's zero gradient by the row's NaN softmax). Finite
+    ignored rows get 0 from torch too."""
 
     def grads(self, g):
         grads = super().grads(g)
         x, target = self.args
+        if target.is_floating_point():
+            return grads  # class probabilities: no row is ignored
         ignored = target == self.kwargs["ignore_index"]
         grads[0] = grads[0].masked_fill(ignored.unsqueeze(1) if x.dim() > 1 else ignored, 0.0)
         return grads
@@ -279,12 +282,17 @@ def direct_backward(case, args, kwargs, out, g):
         x, t = d
         if weight is not None:
             weight = weight.expand(t.shape)
-        return [P.binary_cross_entropy_backward(g, x, t, weight, r), None]
+        return [P.binary_cross_entropy_backward(g, x, t, weight, r)
+                if args[0].requires_grad else None,
+                P.binary_cross_entropy_target_backward(g, x, t, weight, r)
+                if args[1].requires_grad else None]
     if op == "cross_entropy":
         x, t = d
         if x.dim() > 2:
             return None  # (N, C, d...) is reshaped by the functional layer
-        return [P.cross_entropy_backward(g, x, t, weight, r, kwargs["ignore_index"]), None]
+        # (d/d(target) of probabilities is autograd's formula, not an operator)
+        return [P.cross_entropy_backward(g, x, t, weight, r, kwargs["ignore_index"],
+                                         kwargs.get("label_smoothing", 0.0)), None]
     raise AssertionError(f"no direct backward call for {op}")
 
 

@@ -439,6 +439,7 @@ def draw_binary_cross_entropy(rng):
     # case where both must raise
     return dict(dtype=draw_dtype(rng), shape=shape, weight=rng.choice([None, "full", "last"]),
                 reduction=rng.choice(REDUCTIONS),
+                grads=rng.choice(["input", "input", "target", "both"]),  # which need a gradient
                 input=draw_tensor(rng, len(shape), values=("probability",), special_chance=0.03),
                 target=draw_tensor(rng, len(shape), values=("probability", "binary"),
                                    special_chance=0.03),
@@ -448,8 +449,8 @@ def draw_binary_cross_entropy(rng):
 
 def build_binary_cross_entropy(p):
     shape = tuple(p["shape"])
-    x = spec(shape, p["input"], grad=True)
-    t = spec(shape, p["target"])
+    x = spec(shape, p["input"], grad=p["grads"] != "target")
+    t = spec(shape, p["target"], grad=p["grads"] != "input")
     kwargs = dict(reduction=p["reduction"])
     if p["weight"] == "full":
         kwargs["weight"] = spec(shape, p["weight_tensor"])
@@ -464,13 +465,20 @@ def draw_cross_entropy(rng):
     input_dims = {"(N, C)": 2, "(C)": 1, "(N, C, d...)": 2 + len(spatial)}[form]
     classes = draw_size(rng, 1, 12, long=0.1, long_hi=200)
     ignore_index = -100 if rng.random() < 0.7 else rng.randint(0, classes - 1)
+    smoothing = 0.0 if rng.random() < 0.6 else rng.choice([1.0, round(rng.random(), 3)])
     return dict(dtype=draw_dtype(rng), form=form, batch=draw_size(rng, 1, 8, empty=0.08),
                 classes=classes,
                 spatial=spatial,
                 weighted=rng.random() < 0.35, ignore_index=ignore_index,
                 reduction=rng.choice(REDUCTIONS), scale=draw_scale(rng, -20, 10),
+                label_smoothing=smoothing,
+                # the target: class indices, or class probabilities (input's shape), which may
+                # need a gradient
+                probabilities=rng.random() < 0.3, target_grad=rng.random() < 0.5,
                 input=draw_tensor(rng, input_dims),
                 target=draw_tensor(rng, input_dims - 1, specials=(), values=("classes",)),
+                probs=draw_tensor(rng, input_dims, specials=(),
+                                  values=("probability", "open_probability")),
                 weight=draw_tensor(rng, 1, values=("positive", "weights"), special_chance=0.05))
 
 
@@ -484,8 +492,15 @@ def build_cross_entropy(p):
     shape = shape[p["form"]]
     target_shape = (shape[0],) + shape[2:] if len(shape) > 1 else ()
     x = spec(shape, p["input"], scale=p["scale"], grad=True)
-    t = spec(target_shape, p["target"], classes=c, ignore_index=p["ignore_index"])
+    if p["probabilities"]:
+        if p["ignore_index"] >= 0:
+            raise Illegal("torch refuses an ignore_index >= 0 with class-probability targets")
+        t = spec(shape, p["probs"], grad=p["target_grad"])
+    else:
+        t = spec(target_shape, p["target"], classes=c, ignore_index=p["ignore_index"])
     kwargs = dict(reduction=p["reduction"], ignore_index=p["ignore_index"])
+    if p["label_smoothing"]:
+        kwargs["label_smoothing"] = p["label_smoothing"]
     if p["weighted"]:
         kwargs["weight"] = spec((c,), p["weight"])
     return (x, t), kwargs, None

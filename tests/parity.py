@@ -203,12 +203,17 @@ def reduction_calls(dtype, scale=1):
         calls += [("mse_loss", (x, t, w, reduction)),
                   ("binary_cross_entropy", (x, t, w, reduction)),
                   ("mse_loss_backward", (one, x, t, w, reduction)),
-                  ("binary_cross_entropy_backward", (one, x, t, w, reduction))]
+                  ("binary_cross_entropy_backward", (one, x, t, w, reduction)),
+                  ("binary_cross_entropy_target_backward", (one, x, t, w, reduction))]
     rows = s(10_000)
     x, t, cw = r(rows, 10), torch.randint(0, 10, (rows,)), torch.rand(10, dtype=dtype)
+    probs = torch.rand(rows, 10, dtype=dtype)
     for reduction in (1, 2):
-        calls += [("cross_entropy", (x, t, cw, reduction, -100)),
-                  ("cross_entropy_backward", (one, x, t, cw, reduction, -100))]
+        # class indices, with label smoothing, class probabilities (smoothed)
+        for target, smoothing in ((t, 0.0), (t, 0.1), (probs, 0.1)):
+            calls += [("cross_entropy", (x, target, cw, reduction, -100, smoothing)),
+                      ("cross_entropy_backward", (one, x, target, cw, reduction, -100,
+                                                  smoothing))]
     return calls
 
 

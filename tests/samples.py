@@ -39,6 +39,12 @@ REDUCTIONS = fuzz_configs.REDUCTIONS
 PLAIN = dict(specials=())           # a tensor without NaN / inf
 NAN_INF = dict(specials=("nan", "inf", "-inf"))
 
+# cross_entropy's three kinds of call (fuzz_configs.draw_cross_entropy).
+_CLASSES = dict(probabilities=False, label_smoothing=0.0)
+_SMOOTHED = dict(probabilities=False, label_smoothing=0.1)
+_PROBABILITIES = dict(probabilities=True, ignore_index=-100, target_grad=True,
+                      label_smoothing=0.0)
+
 # The options each op's samples cover: one sample per entry, a random legal call with these params
 # forced (fuzz_configs.draw; a tensor's options as a dict, merged into the drawn ones). An empty
 # entry is a plain random draw.
@@ -131,26 +137,69 @@ COVER = {
     ],
     "binary_cross_entropy": [
         {}, {},
-        *[dict(reduction=r, weight=w) for r in REDUCTIONS for w in (None, "full", "last")],
-        dict(shape=()), dict(shape=(0,)), dict(shape=(1, 5)),
+        *[dict(reduction=r, weight=w, grads="both") for r in REDUCTIONS
+          for w in (None, "full", "last")],
+        dict(grads="input"), dict(grads="target"),
+        dict(grads="target", reduction="mean", weight="full"),
+        dict(shape=()), dict(shape=(0,), grads="both"), dict(shape=(1, 5)),
         dict(target=dict(values="binary")), dict(target=dict(values="probability")),
-        dict(input=dict(layout="transposed"), target=dict(layout="expanded")),
-        dict(input=dict(layout="channels_last")),
+        dict(input=dict(layout="transposed"), target=dict(layout="expanded"), grads="both"),
+        dict(input=dict(layout="channels_last"), grads="both"),
         dict(input=dict(NAN_INF)),                                    # torch and pyengine refuse
         dict(dtype="float32"), dict(dtype="float64"),
     ],
     "cross_entropy": [
         {}, {},
-        *[dict(reduction=r, weighted=w, form="(N, C)") for r in REDUCTIONS for w in (False, True)],
-        dict(ignore_index=-100), dict(ignore_index=1, classes=4), dict(ignore_index=0),
-        dict(form="(C)"), dict(form="(C)", reduction="sum", weighted=True),
-        dict(form="(N, C, d...)", spatial=(3, 4)), dict(form="(N, C, d...)", spatial=(2,)),
-        dict(form="(N, C)", batch=0, reduction="sum"), dict(form="(N, C)", batch=0),
-        dict(form="(N, C)", classes=1),
-        dict(form="(N, C)", classes=13),
-        dict(input=dict(layout="transposed")),
-        dict(input=dict(NAN_INF), form="(N, C)"),
-        dict(scale=8),
+        *[dict(_CLASSES, reduction=r, weighted=w, form="(N, C)") for r in REDUCTIONS
+          for w in (False, True)],
+        dict(_CLASSES, ignore_index=-100), dict(_CLASSES, ignore_index=1, classes=4),
+        dict(_CLASSES, ignore_index=0),
+        dict(_CLASSES, form="(C)"), dict(_CLASSES, form="(C)", reduction="sum", weighted=True),
+        dict(_CLASSES, form="(N, C, d...)", spatial=(3, 4)),
+        dict(_CLASSES, form="(N, C, d...)", spatial=(2,)),
+        dict(_CLASSES, form="(N, C)", batch=0, reduction="sum"), dict(_CLASSES, form="(N, C)",
+                                                                      batch=0),
+        dict(_CLASSES, form="(N, C)", classes=1),
+        dict(_CLASSES, form="(N, C)", classes=13),
+        dict(_CLASSES, input=dict(layout="transposed")),
+        dict(_CLASSES, input=dict(NAN_INF), form="(N, C)"),
+        dict(_CLASSES, scale=8),
+        # label smoothing with class indices: every reduction, weights, ignored rows, every form
+        *[dict(_SMOOTHED, reduction=r, weighted=w, form="(N, C)", batch=6, classes=5)
+          for r in REDUCTIONS for w in (False, True)],
+        dict(_SMOOTHED, ignore_index=1, batch=7, classes=4, weighted=True, reduction="mean"),
+        dict(_SMOOTHED, ignore_index=0, batch=6, classes=3, reduction="none"),
+        dict(_SMOOTHED, label_smoothing=1.0, form="(N, C)", batch=4, classes=6, weighted=True),
+        dict(_SMOOTHED, form="(C)", classes=9, reduction="mean"),
+        dict(_SMOOTHED, form="(N, C, d...)", batch=2, classes=4, spatial=(3,), weighted=True,
+             reduction="mean"),
+        dict(_SMOOTHED, form="(N, C, d...)", batch=2, classes=3, spatial=(2, 2), reduction="none"),
+        dict(_SMOOTHED, form="(N, C)", batch=0, reduction="mean"),
+        dict(_SMOOTHED, form="(N, C)", batch=3, classes=1),
+        dict(_SMOOTHED, form="(N, C)", batch=3, classes=37),
+        dict(_SMOOTHED, input=dict(NAN_INF), form="(N, C)", batch=4, classes=5, reduction="none"),
+        # class probabilities: every reduction, weights, smoothing, every form, target gradients
+        *[dict(_PROBABILITIES, reduction=r, weighted=w, form="(N, C)", batch=5, classes=4)
+          for r in REDUCTIONS for w in (False, True)],
+        *[dict(_PROBABILITIES, reduction=r, weighted=True, label_smoothing=0.2, form="(N, C)",
+               batch=4, classes=6) for r in REDUCTIONS],
+        dict(_PROBABILITIES, label_smoothing=0.2, form="(N, C)", batch=3, classes=8),
+        dict(_PROBABILITIES, label_smoothing=1.0, form="(N, C)", batch=3, classes=5,
+             weighted=True),
+        dict(_PROBABILITIES, target_grad=False, form="(N, C)", batch=4, classes=5, weighted=True),
+        dict(_PROBABILITIES, form="(C)", classes=6),
+        dict(_PROBABILITIES, form="(C)", classes=9, reduction="mean", label_smoothing=0.5,
+             weighted=True),
+        dict(_PROBABILITIES, form="(N, C, d...)", batch=2, classes=4, spatial=(3, 2)),
+        dict(_PROBABILITIES, form="(N, C, d...)", batch=3, classes=5, spatial=(2,),
+             reduction="none", label_smoothing=0.1, weighted=True),
+        dict(_PROBABILITIES, form="(N, C)", batch=0, classes=5, reduction="mean"),
+        dict(_PROBABILITIES, form="(N, C)", batch=3, classes=1),
+        dict(_PROBABILITIES, form="(N, C)", batch=3, classes=37),
+        dict(_PROBABILITIES, form="(N, C)", batch=5, classes=6, input=dict(layout="transposed"),
+             probs=dict(layout="strided")),
+        dict(_PROBABILITIES, form="(N, C)", batch=4, classes=5, input=dict(NAN_INF),
+             reduction="none"),
         dict(dtype="float32"), dict(dtype="float64"),
     ],
 }
@@ -207,9 +256,13 @@ LARGE = {
     "mse_loss": [dict(shape=(10000,), broadcast=None, weighted=True),
                  dict(shape=(40, 33), broadcast=None)],
     "binary_cross_entropy": [dict(shape=(10000,), weight="full"), dict(shape=(40, 33))],
-    "cross_entropy": [dict(form="(N, C)", batch=300, classes=3),
-                      dict(form="(N, C)", batch=3, classes=100),
-                      dict(form="(N, C)", batch=500, classes=7, weighted=True)],
+    "cross_entropy": [dict(_CLASSES, form="(N, C)", batch=300, classes=3),
+                      dict(_CLASSES, form="(N, C)", batch=3, classes=100),
+                      dict(_CLASSES, form="(N, C)", batch=500, classes=7, weighted=True),
+                      dict(_SMOOTHED, form="(N, C)", batch=200, classes=40, weighted=True),
+                      dict(_PROBABILITIES, form="(N, C)", batch=300, classes=7, weighted=True,
+                           label_smoothing=0.1),
+                      dict(_PROBABILITIES, form="(N, C)", batch=3, classes=100)],
 }
 _LARGE_ACTIVATION = [dict(shape=(3, 5, 129)), dict(shape=(2, 300, 7), input=dict(NAN_INF))]
 for _op in ("relu", "leaky_relu", "sigmoid", "tanh"):
@@ -299,8 +352,11 @@ def gradcheck_case(case: Case) -> Case:
     p["dtype"] = "float64"
     if "scale" in p:
         p["scale"] = 0
-    if case.op == "binary_cross_entropy" and p["target"]["values"] == "open_probability":
-        p["target"] = dict(p["target"], values="probability")  # the target gets no gradient
+    if case.op == "binary_cross_entropy":
+        if p["grads"] != "input":  # perturbed targets stay inside [0, 1]
+            p["target"] = dict(p["target"], values="open_probability")
+        elif p["target"]["values"] == "open_probability":
+            p["target"] = dict(p["target"], values="probability")  # no gradient: keep 0s and 1s
     return build(case.op, p, case.seed)
 
 

@@ -149,12 +149,32 @@ def test_cross_entropy_spatial_targets(reduction):
         PF.cross_entropy(x, t.transpose(1, 2))
 
 
-def test_cross_entropy_unsupported_modes_say_so():
-    x, t = torch.randn(3, 4), torch.randint(0, 4, (3,))
-    with helpers.raises(NotImplementedError, "label_smoothing", "0.1"):
-        PF.cross_entropy(x, t, label_smoothing=0.1)
-    with helpers.raises(NotImplementedError, "class-probability targets", "float32"):
-        PF.cross_entropy(x, torch.softmax(x, 1))
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_cross_entropy_label_smoothing_and_probability_targets(reduction):
+    """torch's every kind of target through the functional layer, (N, C, d1, d2) included:
+    class indices with label smoothing, and class probabilities (with or without it), whose
+    gradient reaches the target too."""
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 5, (2, 3, 4))
+    t[0, 0, 0] = -100
+    p = torch.softmax(torch.randn(2, 5, 3, 4, dtype=torch.float64), 1).requires_grad_()
+    w = torch.rand(5, dtype=torch.float64)
+    for target, smoothing in ((t, 0.2), (p, 0.0), (p, 0.2)):
+        for inputs in ((x, target), (x[:, :, 0, 0], target[:, :, 0, 0] if target is p
+                                     else target[:, 0, 0])):
+            compare_with_torch(
+                lambda x, y: PF.cross_entropy(x, y, w, reduction=reduction,
+                                              label_smoothing=smoothing),
+                lambda x, y: TF.cross_entropy(x, y, w, reduction=reduction,
+                                              label_smoothing=smoothing), list(inputs))
+
+
+def test_cross_entropy_mixed_dtype_probabilities_are_declined():
+    # torch promotes; pyengine has no kernel for it (patch() falls back to torch's)
+    x = torch.randn(3, 4)
+    with helpers.raises(NotImplementedError, "class-probability target", "torch.float32",
+                        "torch.float64"):
+        PF.cross_entropy(x, torch.softmax(x, 1).double())
 
 
 # ---- modules -----------------------------------------------------------------------------
@@ -207,12 +227,18 @@ def test_module_matches_torch_twin(device, name, args, kwargs, shape):
     ("BCELoss", dict(weight=torch.rand(4))),
     ("CrossEntropyLoss", dict(weight=torch.rand(4), ignore_index=1)),
     ("CrossEntropyLoss", dict(reduction="none")),
+    ("CrossEntropyLoss", dict(label_smoothing=0.1, weight=torch.rand(4))),
+    ("CrossEntropyLoss probabilities", dict(label_smoothing=0.1)),
 ])
 def test_loss_modules_match_torch(name, kwargs):
+    probabilities = name.endswith(" probabilities")
+    name = name.split()[0]
     ours, theirs = getattr(pnn, name)(**kwargs), getattr(torch.nn, name)(**kwargs)
     assert repr(ours) == repr(theirs)
     x = torch.randn(6, 4, requires_grad=True)
-    if name == "CrossEntropyLoss":
+    if probabilities:
+        t = torch.softmax(torch.randn(6, 4), 1)
+    elif name == "CrossEntropyLoss":
         t = torch.randint(0, 4, (6,))
     elif name == "BCELoss":
         x = torch.rand(6, 4).clamp(0.05, 0.95).requires_grad_()
@@ -262,6 +288,18 @@ def test_convert_swaps_exact_torch_layers_and_keeps_everything_else():
         assert n1 == n2 and torch.equal(p1, p2)
     x = torch.randn(3, 1, 8, 8)
     assert_close(converted(x), model(x))
+
+
+def test_convert_swaps_every_loss_configuration():
+    """Cross entropy with label smoothing is pyengine's too (it was left to torch before)."""
+    losses = torch.nn.ModuleList([torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+                                  torch.nn.CrossEntropyLoss(), torch.nn.BCELoss()])
+    converted = pyengine.convert(losses)
+    assert [type(m) for m in converted] == [pnn.CrossEntropyLoss, pnn.CrossEntropyLoss,
+                                            pnn.BCELoss]
+    assert converted[0].label_smoothing == 0.1
+    x, t = torch.randn(5, 3), torch.randint(0, 3, (5,))
+    assert_close(converted[0](x, t), losses[0](x, t))
 
 
 def test_convert_inplace_and_root_module():

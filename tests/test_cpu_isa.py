@@ -153,14 +153,20 @@ for dtype in (torch.float32, torch.float64):
         y = torch.rand(1003, dtype=dtype)
         check(lambda p: P.binary_cross_entropy(p, y, wt, red),
               lambda p: F.binary_cross_entropy(p, y, wt, reduction=name), pr, dtype=dtype)
+        check(lambda y: P.binary_cross_entropy(pr.detach(), y, wt, red),
+              lambda y: F.binary_cross_entropy(pr.detach(), y, wt, reduction=name),
+              y.clone().requires_grad_(), dtype=dtype)
         for (rows, classes) in [(37, 1003), (64, 10)]:
             x = leaf(rows, classes, dtype=dtype, scale=3.0)
             tg = torch.randint(0, classes, (rows,))
             tg[::5] = -100
             wc = torch.rand(classes, dtype=dtype)
-            check(lambda x: P.cross_entropy(x, tg, wc, red, -100),
-                  lambda x: F.cross_entropy(x, tg, wc, ignore_index=-100, reduction=name),
-                  x, dtype=dtype)
+            probs = torch.rand(rows, classes, dtype=dtype)
+            # class indices, label smoothing, class probabilities (smoothed)
+            for target, eps in ((tg, 0.0), (tg, 0.2), (probs, 0.2)):
+                check(lambda x: P.cross_entropy(x, target, wc, red, -100, eps),
+                      lambda x: F.cross_entropy(x, target, wc, reduction=name,
+                                                label_smoothing=eps), x, dtype=dtype)
 registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
               if name.startswith("pyengine::")}
 assert registered and ran == registered, sorted(registered - ran)

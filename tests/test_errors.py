@@ -330,6 +330,29 @@ CASES = {
     "cross_entropy int input": (lambda: F.cross_entropy(long(3, 4), long(3)),
                                 [lambda: PF.cross_entropy(long(3, 4), long(3))],
                                 ["float32 or float64"]),
+    "cross_entropy label smoothing above 1": (
+        lambda: F.cross_entropy(r(3, 4), long(3), label_smoothing=1.5),
+        [lambda: PF.cross_entropy(r(3, 4), long(3), label_smoothing=1.5),
+         lambda: PF.cross_entropy(r(3, 4), PROB, label_smoothing=1.5),
+         lambda: P.cross_entropy_backward(torch.tensor(1.0), r(3, 4), long(3), None, 1, -100,
+                                          1.5)],
+        ["label_smoothing must be between 0.0 and 1.0", "1.5"]),
+    "cross_entropy float target of another shape": (
+        lambda: F.cross_entropy(r(3, 4), torch.rand(3)),
+        [lambda: PF.cross_entropy(r(3, 4), torch.rand(3))],
+        ["floating target to hold class probabilities of input's shape [3, 4]", "[3]"]),
+    "cross_entropy int target of input's shape": (
+        lambda: F.cross_entropy(r(3, 4), long(3, 4)),
+        [lambda: PF.cross_entropy(r(3, 4), long(3, 4))],
+        ["target of input's shape [3, 4] holds class probabilities", "Long"]),
+    "cross_entropy int spatial target of input's shape": (
+        lambda: F.cross_entropy(r(3, 4, 5), long(3, 4, 5)),
+        [lambda: PF.cross_entropy(r(3, 4, 5), long(3, 4, 5))],
+        ["[3, 4, 5] (floating class probabilities)", "torch.int64"]),
+    "cross_entropy probabilities with ignore_index": (
+        lambda: F.cross_entropy(r(3, 4), PROB, ignore_index=1),
+        [lambda: PF.cross_entropy(r(3, 4), PROB, ignore_index=1)],
+        ["ignore_index is not supported for class-probability targets", "1"]),
     "cross_entropy reduction": (lambda: F.cross_entropy(r(3, 4), long(3), reduction="avg"),
                                 [lambda: PF.cross_entropy(r(3, 4), long(3), reduction="avg")],
                                 ["not a valid value for reduction"]),
@@ -405,13 +428,21 @@ DECLINED = {
         ["expected weight to have the same shape as input [3, 4]", "[4]"]),
     "linear 1-d weight": (lambda: F.linear(r(4, 2), r(2)), [lambda: PF.linear(r(4, 2), r(2))],
                           RuntimeError, ["expected weight to be 2-D", "[2]"]),
-    "cross_entropy label smoothing": (
-        lambda: F.cross_entropy(r(3, 4), long(3), label_smoothing=0.1),
-        [lambda: PF.cross_entropy(r(3, 4), long(3), label_smoothing=0.1)], NotImplementedError,
-        ["label_smoothing", "0.1"]),
-    "cross_entropy probabilities": (lambda: F.cross_entropy(r(3, 4), torch.rand(3, 4)),
-                                    [lambda: PF.cross_entropy(r(3, 4), torch.rand(3, 4))],
-                                    NotImplementedError, ["class-probability targets"]),
+    # torch ignores a negative (or NaN) label_smoothing; pyengine refuses it as it refuses > 1
+    "cross_entropy negative label smoothing": (
+        lambda: F.cross_entropy(r(3, 4), long(3), label_smoothing=-0.1),
+        [lambda: PF.cross_entropy(r(3, 4), long(3), label_smoothing=-0.1),
+         lambda: P.cross_entropy(r(3, 4), long(3), None, 1, -100, -0.1)], RuntimeError,
+        ["label_smoothing must be between 0.0 and 1.0", "-0.1"]),
+    # torch promotes mixed dtypes; pyengine has no kernel for them
+    "cross_entropy probabilities of another dtype": (
+        lambda: F.cross_entropy(r(3, 4), torch.rand(3, 4, dtype=torch.float64)),
+        [lambda: PF.cross_entropy(r(3, 4), torch.rand(3, 4, dtype=torch.float64))],
+        NotImplementedError, ["class-probability target", "torch.float64"]),
+    "cross_entropy probabilities of another dtype (op)": (
+        lambda: F.cross_entropy(r(3, 4), torch.rand(3, 4, dtype=torch.float64)),
+        [lambda: P.cross_entropy(r(3, 4), torch.rand(3, 4, dtype=torch.float64), None, 1, -100)],
+        RuntimeError, ["expected target to have the same dtype as input", "Double"]),
     # torch reads a 1-element target of an unbatched input as its class; pyengine wants 0-d,
     # with the ValueError torch gives any other 1-d target
     "cross_entropy unbatched, 1-element target": (lambda: F.cross_entropy(r(4), long(1)),

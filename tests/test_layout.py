@@ -271,8 +271,9 @@ def test_linear(device, case, weight_grad):
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_pointwise_losses(device, layouts, reduction):
     """'none' results as torch's: mse_loss iterates (input, target), binary_cross_entropy takes
-    empty_like(input). Gradients: mse_loss's contiguous, binary_cross_entropy's like input; with a
-    weight, mse_loss follows torch's composite (x - t)^2 * w."""
+    empty_like(input). Gradients: mse_loss's contiguous, binary_cross_entropy's like input (its
+    target's: like torch's -logit(input)); with a weight, mse_loss follows torch's composite
+    (x - t)^2 * w."""
     p = LAYOUTS[layouts[0]](torch.rand(2, 3, 4, 5, dtype=torch.float64, device=device))
     t = LAYOUTS[layouts[1]](torch.rand(2, 3, 4, 5, dtype=torch.float64, device=device))
     w = channels_last(torch.rand(2, 3, 4, 5, dtype=torch.float64, device=device))
@@ -282,9 +283,10 @@ def test_pointwise_losses(device, layouts, reduction):
               grad_layout)
         check(lambda p, t: PF.mse_loss(p, t, weight=w, **kw),
               lambda p, t: F.mse_loss(p, t, weight=w, **kw), [p, t], grad_layout)
-        check(lambda p, t: PF.binary_cross_entropy(p, t, **kw),
-              lambda p, t: F.binary_cross_entropy(p, t, **kw), [p, t], grad_layout,
-              differentiable=[True, False])
+        for differentiable in ([True, False], [True, True], [False, True]):
+            check(lambda p, t: PF.binary_cross_entropy(p, t, **kw),
+                  lambda p, t: F.binary_cross_entropy(p, t, **kw), [p, t], grad_layout,
+                  differentiable=differentiable)
 
 
 @devices
@@ -333,6 +335,10 @@ def opcheck_samples(device):
                                        (torch.tensor(1.0, **d), x.detach(), target, target, 1)),
         "binary_cross_entropy": (P.binary_cross_entropy.default,
                                  (torch.sigmoid(x).detach().requires_grad_(), target, None, 0)),
+        "binary_cross_entropy_target_backward": (
+            P.binary_cross_entropy_target_backward.default,
+            (torch.randn(2, 4, 6, 6, **d), torch.sigmoid(x).detach(), target.contiguous(), None,
+             0)),
     }
 
 

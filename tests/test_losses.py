@@ -1,6 +1,7 @@
 """torch.ops.pyengine.{mse_loss, binary_cross_entropy, cross_entropy} and their backward ops
-against torch.nn.functional: the backward ops directly, log clamps, ignored and unbatched
-targets, special values, float32 sums, layouts, determinism, bad input. Random shapes and
+against torch.nn.functional: the backward ops directly, log clamps, binary_cross_entropy's target
+gradient, ignored and unbatched targets, label smoothing, class-probability targets, special
+values, float32 sums, layouts, determinism, bad input. Random shapes and
 options against torch, gradcheck and opcheck: tests/test_samples.py and test_fuzz.py."""
 import warnings
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import helpers
+import pyengine.functional as PF
 from helpers import devices, dtypes
 
 P = torch.ops.pyengine
@@ -35,23 +37,33 @@ def mse_pair(reduction):
     return ours, theirs
 
 
+# name: (torch's loss, pyengine's backward op as (g, input, target, weight, reduction) -> grad,
+# which argument's gradient it gives)
+BACKWARD_OPS = {
+    "mse_loss input": (F.mse_loss, P.mse_loss_backward, 0),
+    # (x - t)^2 is symmetric in x and t: d/d(target) is the same op with the two swapped
+    "mse_loss target": (F.mse_loss, lambda g, x, t, w, r: P.mse_loss_backward(g, t, x, w, r), 1),
+    "binary_cross_entropy input": (F.binary_cross_entropy, P.binary_cross_entropy_backward, 0),
+    "binary_cross_entropy target": (F.binary_cross_entropy,
+                                    P.binary_cross_entropy_target_backward, 1),
+}
+
+
 @devices
 @dtypes
 @reductions
-def test_mse_loss_backward_op_directly(device, dtype, reduction):
+@pytest.mark.parametrize("name", list(BACKWARD_OPS))
+def test_pointwise_backward_ops_directly(device, dtype, reduction, name):
+    loss, backward_op, wrt = BACKWARD_OPS[name]
     r = REDUCTIONS[reduction]
-    x = torch.randn(4, 6, dtype=dtype, device=device)
-    t = torch.randn(4, 6, dtype=dtype, device=device)
+    x = torch.rand(4, 6, dtype=dtype, device=device)
+    t = torch.rand(4, 6, dtype=dtype, device=device)
     w = torch.rand(4, 6, dtype=dtype, device=device)
     g = torch.randn((4, 6) if r == 0 else (), dtype=dtype, device=device)
     for weight in (None, w):
-        xr = x.clone().requires_grad_()
-        F.mse_loss(xr, t, reduction=reduction, weight=weight).backward(g)
-        helpers.assert_close(P.mse_loss_backward(g, x, t, weight, r), xr.grad)
-        # d/d(target) is the same op with input and target swapped.
-        tr = t.clone().requires_grad_()
-        F.mse_loss(x, tr, reduction=reduction, weight=weight).backward(g)
-        helpers.assert_close(P.mse_loss_backward(g, t, x, weight, r), tr.grad)
+        leaves = [x.clone().requires_grad_(wrt == 0), t.clone().requires_grad_(wrt == 1)]
+        loss(*leaves, weight=weight, reduction=reduction).backward(g)
+        helpers.assert_close(backward_op(g, x, t, weight, r), leaves[wrt].grad)
 
 
 # ---- binary_cross_entropy -------------------------------------------------------------------
@@ -68,16 +80,23 @@ def bce_pair(reduction):
 @reductions
 @weighted
 def test_binary_cross_entropy_at_zero_and_one(device, dtype, reduction, weighted):
-    # log(0) is clamped at -100 and the gradient's denominator bounded by 1e-12, as torch.
+    # log(0) is clamped at -100 and the input gradient's denominator bounded by 1e-12, as torch;
+    # the target gradient, g * w * -logit(p), is not clamped, as torch's: +inf at p = 0, -inf at
+    # p = 1, large but finite near them.
     ours, theirs = bce_pair(reduction)
-    p = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.5], dtype=dtype, device=device)
-    y = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.3, 0.7, 1.0], dtype=dtype, device=device)
-    args = [p.requires_grad_(), y] + ([torch.rand(7, dtype=dtype, device=device)] if weighted
-                                      else [])
-    out = helpers.compare_with_torch(ours, theirs, args, dtype)
+    p = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.5, 1e-30, 0.999], dtype=dtype,
+                     device=device)
+    y = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.3, 0.7, 1.0, 0.2, 0.6], dtype=dtype, device=device)
+    w = [torch.rand(9, dtype=dtype, device=device) + 0.1] if weighted else []
+    for grads in ((True, False), (True, True), (False, True)):
+        args = [p.clone().requires_grad_(grads[0]), y.clone().requires_grad_(grads[1])] + w
+        out = helpers.compare_with_torch(ours, theirs, args, dtype)
     assert torch.isfinite(out).all()
     if reduction == "none" and not weighted:
         assert out[1].item() == pytest.approx(100.0) and out[2].item() == pytest.approx(100.0)
+    yr = y.clone().requires_grad_()
+    P.binary_cross_entropy(p, yr, None, 2).backward()
+    assert yr.grad[0] == float("inf") and yr.grad[2] == -float("inf") and yr.grad[6] == 0
 
 
 @devices
@@ -93,11 +112,13 @@ def test_binary_cross_entropy_grad_clamp_matches_torch_in_float64(device):
 
 # ---- cross_entropy --------------------------------------------------------------------------
 
-def ce_pair(reduction, ignore_index=-100):
+def ce_pair(reduction, ignore_index=-100, label_smoothing=0.0):
     r = REDUCTIONS[reduction]
-    ours = quietly(lambda x, t, w=None: P.cross_entropy(x, t, w, r, ignore_index))
+    ours = quietly(lambda x, t, w=None: P.cross_entropy(x, t, w, r, ignore_index,
+                                                        label_smoothing))
     theirs = quietly(lambda x, t, w=None: F.cross_entropy(
-        x, t, w, reduction=reduction, ignore_index=ignore_index))
+        x, t, w, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing))
     return ours, theirs
 
 
@@ -168,6 +189,113 @@ def test_cross_entropy_special_logit_in_wide_rows(device, dtype, position, speci
         helpers.compare_with_torch(*ce_pair(reduction), [x.clone().requires_grad_(), t], dtype)
 
 
+SMOOTHING = pytest.mark.parametrize("smoothing", [0.0, 0.3, 1.0])
+
+
+@devices
+@dtypes
+@reductions
+@SMOOTHING
+def test_cross_entropy_label_smoothing_rows(device, dtype, reduction, smoothing):
+    # Each kind of row alone and all together, with and without weights (a zero weight among
+    # them), as torch: ignored rows count in neither term, an all-ignored 'mean' is NaN, a -inf
+    # logit makes the smoothing term infinite (NaN where its weight is 0: 0 * -inf), an inf or
+    # NaN logit the row NaN.
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0], [3.0, -inf, 0.0, 1.0],
+                      [0.0, 1.0, inf, 2.0], [nan, 0.0, 1.0, 2.0], [2.0, 0.0, -1.0, 1.0]],
+                     dtype=dtype, device=device)
+    t = torch.tensor([2, 0, 3, 1, 2, -100], device=device)
+    w = torch.tensor([0.5, 0.0, 2.0, 1.0], dtype=dtype, device=device)
+    ours, theirs = ce_pair(reduction, label_smoothing=smoothing)
+    for rows in ([0, 1, 5], [0], [2], [3], [4], [5], list(range(6))):
+        for weight in (None, w):
+            helpers.compare_with_torch(ours, theirs,
+                                       [x[rows].clone().requires_grad_(), t[rows], weight], dtype)
+
+
+@devices
+@dtypes
+@reductions
+@SMOOTHING
+def test_cross_entropy_probability_targets(device, dtype, reduction, smoothing):
+    # Probability targets are whatever floats they are (rows need not sum to 1, may be negative
+    # or zero): loss and both gradients as torch, unbatched too; a -inf logit under a zero target
+    # is NaN (0 * -inf), under a positive one an infinite loss.
+    ours, theirs = ce_pair(reduction, label_smoothing=smoothing)
+    inf = float("inf")
+    x = torch.randn(5, 4, dtype=dtype, device=device) * 3
+    x[3, 1] = -inf
+    p = torch.rand(5, 4, dtype=dtype, device=device)
+    p[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    p[1] = torch.tensor([-0.5, 2.0, 0.0, 0.25])
+    p[2] = 0.0
+    w = torch.rand(4, dtype=dtype, device=device) + 0.1
+    for rows in ([0, 1, 2, 4], [3], list(range(5))):
+        for weight in (None, w):
+            for input_grad, target_grad in ((True, False), (True, True), (False, True)):
+                args = [x[rows].clone().requires_grad_(input_grad),
+                        p[rows].clone().requires_grad_(target_grad), weight]
+                helpers.compare_with_torch(ours, theirs, args, dtype)
+    helpers.compare_with_torch(ours, theirs, [x[0].clone().requires_grad_(),
+                                              p[1].clone().requires_grad_(), w], dtype)
+
+
+@devices
+@dtypes
+@reductions
+def test_cross_entropy_probability_targets_without_rows_or_classes(device, dtype, reduction):
+    # (0, C) and (N, 0): 'none' gives N zeros, 'sum' 0, 'mean' NaN (torch's mean over no
+    # element), and empty gradients.
+    ours, theirs = ce_pair(reduction, label_smoothing=0.1)
+    for shape in ((0, 4), (3, 0)):
+        x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+        p = torch.rand(shape, dtype=dtype, device=device, requires_grad=True)
+        out = helpers.compare_with_torch(ours, theirs, [x, p], dtype)
+        if reduction == "mean":
+            assert torch.isnan(out)
+
+
+@devices
+@dtypes
+@reductions
+@pytest.mark.parametrize("kind", ["smoothed", "probabilities"])
+def test_cross_entropy_backward_op_directly(device, dtype, reduction, kind):
+    r = REDUCTIONS[reduction]
+    x = torch.randn(6, 5, dtype=dtype, device=device)
+    if kind == "smoothed":
+        t = torch.tensor([0, 4, -100, 2, 2, 1], device=device)
+    else:
+        t = torch.rand(6, 5, dtype=dtype, device=device)
+    w = torch.rand(5, dtype=dtype, device=device)
+    g = torch.randn(6 if r == 0 else (), dtype=dtype, device=device)
+    for weight in (None, w):
+        xr = x.clone().requires_grad_()
+        F.cross_entropy(xr, t, weight, reduction=reduction, label_smoothing=0.2).backward(g)
+        helpers.assert_close(P.cross_entropy_backward(g, x, t, weight, r, -100, 0.2), xr.grad)
+
+
+@devices
+@pytest.mark.parametrize("scale", [1.0, 10.0, 40.0])
+@pytest.mark.parametrize("kind", ["smoothed", "probabilities"])
+def test_cross_entropy_smoothed_float32_accuracy(device, scale, kind):
+    # The smoothed forms' float32 sums against float64 torch (logits spanning the float32 exp
+    # range, so the smoothing term's sum of u_j (x_j - m) spans many magnitudes too).
+    x = torch.randn(300, 37, device=device) * scale
+    t = (torch.randint(0, 37, (300,), device=device) if kind == "smoothed"
+         else torch.rand(300, 37, device=device))
+    out = P.cross_entropy(x, t, None, 0, -100, 0.1)
+    ref = F.cross_entropy(x.double(), t.double() if kind != "smoothed" else t, reduction="none",
+                          label_smoothing=0.1)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=3e-7 * scale)
+    g = torch.randn(300, device=device)
+    grad = P.cross_entropy_backward(g, x, t, None, 0, -100, 0.1)
+    xr = x.double().requires_grad_()
+    F.cross_entropy(xr, t.double() if kind != "smoothed" else t, reduction="none",
+                    label_smoothing=0.1).backward(g.double())
+    torch.testing.assert_close(grad.double(), xr.grad, rtol=1e-6, atol=3e-7)
+
+
 @devices
 @pytest.mark.parametrize("scale", [1.0, 10.0, 40.0])
 def test_cross_entropy_float32_accuracy(device, scale):
@@ -224,17 +352,31 @@ def loss_cases(device, dtype=torch.float64):
         y = torch.rand(3, 4, dtype=dtype, device=device)
         return [p, y, torch.rand(3, 4, dtype=dtype, device=device) if w else None, r]
 
-    def ce(r, w):
+    def ce(r, w, smoothing=0.0):
         x, t = ce_sample(5, 4, dtype, device)
         t[0] = 2  # at least one row counts
-        return [x, t, torch.rand(4, dtype=dtype, device=device) + 0.1 if w else None, r, -100]
+        return [x, t, torch.rand(4, dtype=dtype, device=device) + 0.1 if w else None, r, -100,
+                smoothing]
+
+    def ce_probabilities(r, w):
+        x, _ = ce_sample(5, 4, dtype, device)
+        p = torch.rand(5, 4, dtype=dtype, device=device)
+        return [x, p, torch.rand(4, dtype=dtype, device=device) + 0.1 if w else None, r, -100,
+                0.1]
 
     return [("mse_loss", P.mse_loss, P.mse_loss_backward, mse),
             ("binary_cross_entropy", P.binary_cross_entropy, P.binary_cross_entropy_backward, bce),
-            ("cross_entropy", P.cross_entropy, P.cross_entropy_backward, ce)]
+            ("binary_cross_entropy target", P.binary_cross_entropy,
+             P.binary_cross_entropy_target_backward, bce),
+            ("cross_entropy", P.cross_entropy, P.cross_entropy_backward, ce),
+            ("cross_entropy smoothed", P.cross_entropy, P.cross_entropy_backward,
+             lambda r, w: ce(r, w, 0.1)),
+            ("cross_entropy probabilities", P.cross_entropy, P.cross_entropy_backward,
+             ce_probabilities)]
 
 
-LOSS_NAMES = ["mse_loss", "binary_cross_entropy", "cross_entropy"]
+LOSS_NAMES = ["mse_loss", "binary_cross_entropy", "binary_cross_entropy target", "cross_entropy",
+              "cross_entropy smoothed", "cross_entropy probabilities"]
 
 
 def case(device, name, dtype=torch.float64):
@@ -251,7 +393,7 @@ def test_noncontiguous_inputs(device, dtype, name, reduction):
     dense = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     strided = [helpers.noncontiguous(a) if isinstance(a, torch.Tensor) and a.dim() >= 1 else a
                for a in dense]
-    if name == "cross_entropy":  # also transposed logits
+    if name.startswith("cross_entropy"):  # also transposed logits
         strided[0] = dense[0].t().contiguous().t()
         assert not strided[0].is_contiguous()
     out = op(*dense)
@@ -294,13 +436,15 @@ def test_deterministic_across_runs_and_threads(device, dtype, name):
     # magnitudes, so any change in the order of the additions shows in the last bits.
     spread = lambda shape: torch.randn(shape, dtype=dtype, device=device) * torch.exp(  # noqa
         3 * torch.randn(shape, dtype=dtype, device=device))
-    if name == "cross_entropy":
+    if name.startswith("cross_entropy"):
         n, c = 20_000, 30
         x = spread((n, c))
-        t = torch.randint(0, c, (n,), device=device)
+        t = (torch.rand(n, c, dtype=dtype, device=device) if name.endswith("probabilities")
+             else torch.randint(0, c, (n,), device=device))
+        eps = 0.0 if name == "cross_entropy" else 0.1
         w = torch.rand(c, dtype=dtype, device=device)
-        fwd = lambda r: P.cross_entropy(x, t, w, r, -100)  # noqa: E731
-        bwd = lambda g, r: P.cross_entropy_backward(g, x, t, w, r, -100)  # noqa: E731
+        fwd = lambda r: P.cross_entropy(x, t, w, r, -100, eps)  # noqa: E731
+        bwd = lambda g, r: P.cross_entropy_backward(g, x, t, w, r, -100, eps)  # noqa: E731
     else:
         n = 400_000
         if name == "mse_loss":
@@ -309,6 +453,8 @@ def test_deterministic_across_runs_and_threads(device, dtype, name):
             x = torch.rand(n, dtype=dtype, device=device) ** 8  # many near 0: terms up to 100
             t = torch.rand(n, dtype=dtype, device=device)
             op, op_bwd = P.binary_cross_entropy, P.binary_cross_entropy_backward
+            if name.endswith("target"):
+                op_bwd = P.binary_cross_entropy_target_backward
         w = torch.rand(n, dtype=dtype, device=device)
         fwd = lambda r: op(x, t, w, r)  # noqa: E731
         bwd = lambda g, r: op_bwd(g, x, t, w, r)  # noqa: E731
@@ -362,10 +508,57 @@ def test_cross_entropy_target_out_of_range(device, bad):
 
 
 @devices
-def test_cross_entropy_float_target(device):
+def test_cross_entropy_bad_targets(device):
     x = torch.randn(3, 4, device=device)
-    with helpers.raises(RuntimeError, "cross_entropy", "target", "int64", "Float"):
+    long = dict(dtype=torch.long, device=device)
+    # a floating target holds class probabilities: input's shape and dtype
+    with helpers.raises(RuntimeError, "cross_entropy", "floating target", "class probabilities",
+                        "[3, 4]", "[3]", "int64"):
         P.cross_entropy(x, torch.rand(3, device=device), None, 1, -100)
+    with helpers.raises(RuntimeError, "cross_entropy", "[3, 4]", "[4, 3]"):
+        P.cross_entropy(x, torch.rand(4, 3, device=device), None, 1, -100)
+    with helpers.raises(RuntimeError, "cross_entropy", "target", "same dtype", "Double"):
+        P.cross_entropy(x, torch.rand(3, 4, dtype=torch.float64, device=device), None, 1, -100)
+    with helpers.raises(NotImplementedError, "cross_entropy", "target", "float64"):
+        PF.cross_entropy(x, torch.rand(3, 4, dtype=torch.float64, device=device))
+    # an integer target of input's shape: probabilities must be floating (torch's reading too)
+    with helpers.raises(RuntimeError, "cross_entropy", "target of input's shape",
+                        "class probabilities", "Long"):
+        P.cross_entropy(x, torch.zeros(3, 4, **long), None, 1, -100)
+    with helpers.raises(RuntimeError, "cross_entropy", "class indices as int64", "Int"):
+        P.cross_entropy(x, torch.zeros(3, dtype=torch.int32, device=device), None, 1, -100)
+    # torch refuses ignore_index >= 0 with probabilities
+    with helpers.raises(RuntimeError, "cross_entropy", "ignore_index", "class-probability", "2"):
+        P.cross_entropy(x, torch.rand(3, 4, device=device), None, 1, 2)
+    # (N, C, d...) through the functional layer: a target of neither shape
+    x3 = torch.randn(2, 4, 5, device=device)
+    for bad in (torch.rand(2, 5, 4, device=device), torch.zeros(2, 4, **long)):
+        with helpers.raises(ValueError, "cross_entropy", "target", "[2, 5]", "[2, 4, 5]",
+                            str(list(bad.shape))):
+            PF.cross_entropy(x3, bad)
+    with helpers.raises(RuntimeError, "cross_entropy", "[2, 4, 5] (floating class probabilities)",
+                        "torch.int64"):
+        PF.cross_entropy(x3, torch.zeros(2, 4, 5, **long))
+    # the backward op checks the same
+    with helpers.raises(RuntimeError, "cross_entropy", "floating target", "[3]"):
+        P.cross_entropy_backward(torch.tensor(1.0, device=device), x, torch.rand(3, device=device),
+                                 None, 1, -100, 0.0)
+
+
+@devices
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), float("inf")])
+def test_cross_entropy_label_smoothing_outside_unit_interval(device, value):
+    # torch refuses values above 1 with this message; it ignores negative ones and NaN, which
+    # pyengine refuses as well (they can only be mistakes).
+    x = torch.randn(3, 4, device=device)
+    for t in (torch.zeros(3, dtype=torch.long, device=device), torch.rand(3, 4, device=device)):
+        for call in (lambda: P.cross_entropy(x, t, None, 1, -100, value),
+                     lambda: P.cross_entropy_backward(torch.tensor(1.0, device=device), x, t,
+                                                      None, 1, -100, value),
+                     lambda: PF.cross_entropy(x, t, label_smoothing=value)):
+            with helpers.raises(RuntimeError, "cross_entropy", "label_smoothing must be between "
+                                "0.0 and 1.0", str(value)):
+                call()
 
 
 @devices
@@ -458,5 +651,7 @@ def test_weight_gradient_refused(device):
     w = torch.rand(3, 4, device=device, requires_grad=True)
     with helpers.raises(RuntimeError, "mse_loss", "weight", "not supported"):
         P.mse_loss(x, x.detach(), w, 1)
-    with helpers.raises(RuntimeError, "binary_cross_entropy", "target", "not supported"):
-        P.binary_cross_entropy(x, x, None, 1)
+    with helpers.raises(RuntimeError, "binary_cross_entropy", "weight", "not supported"):
+        P.binary_cross_entropy(x, x.detach(), w, 1)
+    with helpers.raises(RuntimeError, "cross_entropy", "weight", "not supported"):
+        P.cross_entropy(x, x.detach(), w[0], 1, -100)

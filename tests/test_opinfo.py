@@ -10,11 +10,6 @@ torch.backends.disable_global_flags(), after which setting torch.backends' flags
 tests here do; it adds warning filters and patches TorchScript calls), so the samples run in one
 child process, this file run as a script, which reports each sample's outcome as JSON; the tests
 read the reports.
-
-Samples that need what is being implemented in parallel (PENDING: cross_entropy's
-label_smoothing and class-probability targets, binary_cross_entropy's gradient with respect to
-its target) are xfail(strict=True): once that lands they pass, which fails the run until the
-mark goes.
 """
 import json
 import os
@@ -44,31 +39,6 @@ OPS = {
     "nn.functional.cross_entropy": "cross_entropy",
 }
 DTYPES = ("float32", "float64")
-
-# What another branch is implementing: the samples that need it, by what they need.
-PENDING = {
-    "cross_entropy label_smoothing": "cross_entropy's label_smoothing, being implemented in "
-                                     "parallel",
-    "cross_entropy probability targets": "cross_entropy's class-probability targets, being "
-                                         "implemented in parallel",
-    "binary_cross_entropy target gradient": "binary_cross_entropy's gradient with respect to "
-                                            "target, being implemented in parallel",
-}
-
-
-def pending(function: str, sample) -> Optional[str]:
-    """The PENDING key of a sample that needs pending work, else None."""
-    target = sample.args[0] if sample.args else sample.kwargs.get("target")
-    if function == "cross_entropy":
-        if sample.kwargs.get("label_smoothing", 0.0):
-            return "cross_entropy label_smoothing"
-        if isinstance(target, torch.Tensor) and target.is_floating_point():
-            return "cross_entropy probability targets"
-    if function == "binary_cross_entropy" and isinstance(target, torch.Tensor) and \
-            target.requires_grad:
-        return "binary_cross_entropy target gradient"
-    return None
-
 
 # ---- the child process: runs every sample, reports each ------------------------------------------
 
@@ -170,7 +140,7 @@ def evaluate() -> dict:
                 reports.append({
                     "opinfo": opinfo.name, "variant": opinfo.variant_test_name,
                     "function": function, "dtype": dtype_name, "index": index,
-                    "sample": _describe_sample(sample), "pending": pending(function, sample),
+                    "sample": _describe_sample(sample),
                     "failure": _run_sample(opinfo.op, getattr(PF, function), sample)})
     return {"samples": reports}
 
@@ -209,16 +179,5 @@ def test_opinfo_samples_match_torch(reports, opinfo, dtype):
     mine = [r for r in reports if r["opinfo"] == opinfo and r["dtype"] == dtype]
     if not mine:
         pytest.skip(f"torch {torch.__version__}'s op_db has no OpInfo named {opinfo}")
-    failed = [r for r in mine if r["failure"] and not r["pending"]]
-    assert not failed, f"{len(failed)} of {len(mine)} samples:\n" + _report_lines(failed)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("need", [pytest.param(need, marks=pytest.mark.xfail(
-    strict=True, reason=f"pending: {why}")) for need, why in PENDING.items()])
-def test_opinfo_samples_pending_parallel_work(reports, need, dtype):
-    mine = [r for r in reports if r["pending"] == need and r["dtype"] == dtype]
-    if not mine:
-        pytest.skip(f"torch {torch.__version__}'s op_db has no sample that needs {need}")
     failed = [r for r in mine if r["failure"]]
     assert not failed, f"{len(failed)} of {len(mine)} samples:\n" + _report_lines(failed)

@@ -110,6 +110,7 @@ def test_patch_leaves_what_pyengine_lacks_to_torch():
     declines) runs torch's own function: the profiler sees torch's operator and no pyengine one.
     The same calls on what pyengine implements run pyengine's operator instead."""
     x, t = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    probs = torch.softmax(torch.randn(4, 3), 1)
     ints, bf16, out = torch.tensor([-2, 3]), torch.zeros(2, dtype=torch.bfloat16), torch.empty(4, 3)
     # (patched call, torch's operator it must run, the same call on what pyengine implements,
     #  pyengine's operator that must run then)
@@ -120,15 +121,17 @@ def test_patch_leaves_what_pyengine_lacks_to_torch():
                      lambda: torch.tanh(bf16.float()), "pyengine::tanh"),
         "out=": (lambda: torch.tanh(x, out=out), "aten::tanh",
                  lambda: torch.tanh(x), "pyengine::tanh"),
-        "label_smoothing": (lambda: F.cross_entropy(x, t, label_smoothing=0.1),
-                            "aten::cross_entropy_loss",
-                            lambda: F.cross_entropy(x, t), "pyengine::cross_entropy"),
+        # torch promotes a float64 probability target of a float32 input; pyengine declines
+        "mixed-dtype probabilities": (lambda: F.cross_entropy(x, probs.double()),
+                                      "aten::cross_entropy_loss",
+                                      lambda: F.cross_entropy(x, probs, label_smoothing=0.1),
+                                      "pyengine::cross_entropy"),
     }
     expected = {name: fallback() for name, (fallback, *_) in cases.items()}  # torch, unpatched
     with pyengine.patch():
         for name, (fallback, torch_op, supported, pyengine_op) in cases.items():
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # (label_smoothing: reported once)
+                warnings.simplefilter("ignore")  # (mixed dtypes: reported once)
                 result, ops = _profiled(fallback)
             assert torch_op in ops and not any(o.startswith("pyengine::") for o in ops), (name, ops)
             assert_close(result, expected[name], rtol=0, atol=0)

@@ -135,14 +135,16 @@ def _has_nan(value):
 def call_signature(c):
     """What makes two calls of an operator different cases for opcheck: for each tensor argument
     whether it is given, its rank, whether it is empty and whether it requires grad; the options
-    themselves (bool flags, output_mask, reduction). Sizes, window geometry and dims, which the
-    fake kernels take symbolically or check alike, do not count."""
+    themselves (bool flags, output_mask, reduction, whether label smoothing is on). Sizes, window
+    geometry and dims, which the fake kernels take symbolically or check alike, do not count."""
     out = []
     for arg, value in zip(c.op._schema.arguments, c.args):
         if isinstance(value, torch.Tensor):
             out.append((value.dim(), value.numel() == 0, value.requires_grad))
         elif value is None or "bool" in str(arg.type) or arg.name == "reduction":
             out.append(value if not isinstance(value, list) else tuple(value))
+        elif arg.name == "label_smoothing":
+            out.append(value > 0)  # cross_entropy's smoothed form
     return tuple(out)
 
 

@@ -427,24 +427,28 @@ std::vector<Int> loss_output_sizes(const at::Tensor& input, int64_t reduction) {
 
 template <typename Int>
 struct CrossEntropyShape {
-  bool batched;      // input (N, C) rather than (C)
+  bool batched;        // input (N, C) rather than (C)
+  bool probabilities;  // target holds class probabilities (input's shape), not class indices
   Int batch, classes;
 };
 
+// cross_entropy takes both kinds of target torch's takes, told apart by the target's dtype (one
+// operator, as torch's one function): int64 class indices, (N) for input (N, C) or 0-d for (C),
+// or class probabilities of input's shape and dtype. label_smoothing must lie in [0, 1]: torch
+// refuses values above 1 and silently ignores negative ones and NaN, which pyengine refuses too
+// (they can only be mistakes).
 template <typename Int>
 CrossEntropyShape<Int> check_cross_entropy(const at::Tensor& input, const at::Tensor& target,
                                            const std::optional<at::Tensor>& weight,
-                                           int64_t reduction) {
+                                           int64_t reduction, int64_t ignore_index,
+                                           double label_smoothing) {
   const char* op = "cross_entropy";
   check_floating(input, op, "input");
   check_defined(target, op, "target");
-  TORCH_CHECK(target.scalar_type() == at::kLong, "pyengine.cross_entropy: expected target "
-              "to hold class indices as int64, but got target of dtype ",
-              target.scalar_type());
-  TORCH_CHECK(target.device() == input.device(), "pyengine.cross_entropy: expected target to be "
-              "on the same device as input (", input.device(), "), but got target on ",
-              target.device());
   reduction_from(reduction, op);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "pyengine.cross_entropy: "
+              "label_smoothing must be between 0.0 and 1.0, but got label_smoothing=",
+              label_smoothing);
   auto in = sizes_of<Int>(input);
   auto t = sizes_of<Int>(target);
   TORCH_CHECK(in.size() == 1 || in.size() == 2, "pyengine.cross_entropy: expected input "
@@ -453,17 +457,39 @@ CrossEntropyShape<Int> check_cross_entropy(const at::Tensor& input, const at::Te
   s.batched = in.size() == 2;
   s.batch = s.batched ? in[0] : Int(1);
   s.classes = in[in.size() - 1];
-  const bool target_ok = s.batched ? t.size() == 1 && truth(t[0] == s.batch) : t.size() == 0;
-  if (!target_ok) {
-    const std::string message =
-        s.batched ? c10::str("pyengine.cross_entropy: expected target of shape [", s.batch,
-                             "] for input of shape ", in, ", but got target of shape ", t)
-                  : c10::str("pyengine.cross_entropy: expected a 0-d target for input of shape ",
-                             in, ", but got target of shape ", t);
-    // torch's classes for the same mistakes: RuntimeError for a target of two or more dims,
-    // ValueError for one whose length does not match.
-    TORCH_CHECK(t.size() <= 1, message);
-    TORCH_CHECK_VALUE(false, message);
+  s.probabilities = target.is_floating_point();
+  bool same_shape = t.size() == in.size();
+  for (size_t i = 0; same_shape && i < t.size(); ++i) same_shape = truth(t[i] == in[i]);
+  if (s.probabilities) {
+    TORCH_CHECK(same_shape, "pyengine.cross_entropy: expected a floating target to hold class "
+                "probabilities of input's shape ", in, ", but got target of shape ", t,
+                " (class indices must be int64)");
+    check_like(target, "target", input, "input", op);
+    TORCH_CHECK(ignore_index < 0, "pyengine.cross_entropy: ignore_index is not supported for "
+                "class-probability targets, but got ignore_index=", ignore_index);
+  } else {
+    TORCH_CHECK(!same_shape, "pyengine.cross_entropy: a target of input's "
+                "shape ", in, " holds class probabilities: expected it to be floating (input's "
+                "dtype, ", input.scalar_type(), "), but got target of dtype ",
+                target.scalar_type());
+    TORCH_CHECK(target.scalar_type() == at::kLong, "pyengine.cross_entropy: expected target "
+                "to hold class indices as int64 (or class probabilities of input's shape and "
+                "dtype), but got target of dtype ", target.scalar_type());
+    TORCH_CHECK(target.device() == input.device(), "pyengine.cross_entropy: expected target to "
+                "be on the same device as input (", input.device(), "), but got target on ",
+                target.device());
+    const bool target_ok = s.batched ? t.size() == 1 && truth(t[0] == s.batch) : t.size() == 0;
+    if (!target_ok) {
+      const std::string message =
+          s.batched ? c10::str("pyengine.cross_entropy: expected target of shape [", s.batch,
+                               "] for input of shape ", in, ", but got target of shape ", t)
+                    : c10::str("pyengine.cross_entropy: expected a 0-d target for input of "
+                               "shape ", in, ", but got target of shape ", t);
+      // torch's classes for the same mistakes: RuntimeError for a target of two or more dims,
+      // ValueError for one whose length does not match.
+      TORCH_CHECK(t.size() <= 1, message);
+      TORCH_CHECK_VALUE(false, message);
+    }
   }
   if (weight.has_value() && weight->defined()) {
     check_like(*weight, "weight", input, "input", op);
@@ -558,8 +584,10 @@ CrossEntropyShape<Int> check_cross_entropy_backward(const at::Tensor& grad_outpu
                                                     const at::Tensor& input,
                                                     const at::Tensor& target,
                                                     const std::optional<at::Tensor>& weight,
-                                                    int64_t reduction) {
-  auto s = check_cross_entropy<Int>(input, target, weight, reduction);
+                                                    int64_t reduction, int64_t ignore_index,
+                                                    double label_smoothing) {
+  auto s = check_cross_entropy<Int>(input, target, weight, reduction, ignore_index,
+                                    label_smoothing);
   std::vector<Int> expected;
   if (reduction == 0 && s.batched) expected.push_back(s.batch);
   check_grad_output<Int>(grad_output, expected, input, "cross_entropy_backward");

@@ -72,5 +72,12 @@ PE_HOST_DEVICE inline T bce_grad(T p, T y) {
   if (denom < eps) denom = eps;
   return (p - y) / denom;
 }
+// d bce / dy = log(1 - p) - log(p) = -logit(p), computed as torch computes it: -log(p / (1 - p)),
+// without the forward's clamps (p = 0 gives +inf, p = 1 gives -inf, as in torch).
+template <typename T>
+PE_HOST_DEVICE inline T bce_target_grad(T p) {
+  using std::log;
+  return -log(p / (T(1) - p));
+}
 
 }  // namespace pyengine

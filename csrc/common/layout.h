@@ -28,6 +28,7 @@
 //                                        them out: see linear_grad_input_layout.
 //   binary_cross_entropy ('none') and    at::empty_like(input).
 //   its backward
+//   binary_cross_entropy_target_backward TensorIterator's over input (torch's -logit(input)).
 //   mse_loss with weight                 the layouts of torch's composite (x - t)^2 * w.
 //   softmax, log_softmax, cross_entropy, contiguous, whatever the input's layout.
 //   their backward ops, mse_loss_backward
@@ -326,6 +327,12 @@ Layout<Int> mse_loss_backward_layout(const at::Tensor& grad_output, const at::Te
 // binary_cross_entropy 'none' and its backward: torch allocates at::empty_like(input).
 inline at::Tensor empty_binary_cross_entropy(const at::Tensor& input) {
   return at::empty_like(input);
+}
+// binary_cross_entropy_target_backward: torch computes -logit(input), an elementwise op over
+// input (then scaled in place by grad_output and weight).
+template <typename Int>
+at::Tensor empty_binary_cross_entropy_target_grad(const at::Tensor& input) {
+  return empty_elementwise<Int>({&input}, input.options());
 }
 
 // ---- Convolution and pooling ------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // CPU kernels of the pointwise losses, mse_loss and binary_cross_entropy, and their backward
-// passes (cross_entropy: cross_entropy.cpp). Per-element math shared with CUDA lives in
+// passes, binary_cross_entropy's with respect to the target too (cross_entropy:
+// cross_entropy.cpp). Per-element math shared with CUDA lives in
 // common/elementwise.h; argument checks in common/checks.h (the Meta kernels run the same ones, so
 // every backend says the same thing). Reductions accumulate in double, also for float32, and are
 // deterministic (cpu/reductions.h).
@@ -48,6 +49,11 @@ struct BceMath {
   static T term(T p, T y) { return bce_term(p, y); }
   template <typename T>
   static T dterm(T p, T y) { return bce_grad(p, y); }
+};
+// binary_cross_entropy's derivative with respect to the target (the backward pattern only).
+struct BceTargetMath {
+  template <typename T>
+  static T dterm(T p, T) { return bce_target_grad(p); }
 };
 
 // mean's denominator: numel, or the weights' sum (a deterministic double sum of its own).
@@ -239,6 +245,16 @@ Tensor binary_cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor
                                           "binary_cross_entropy_backward");
 }
 
+Tensor binary_cross_entropy_target_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                                                const Tensor& target, const OptTensor& weight,
+                                                int64_t reduction) {
+  check_pointwise_loss_backward<int64_t>(grad_output, input, target, weight, reduction,
+                                         "binary_cross_entropy_target_backward");
+  return pointwise_loss_backward<BceTargetMath>(
+      empty_binary_cross_entropy_target_grad<int64_t>(input), grad_output, input, target, weight,
+      reduction, MeanOver::Numel, "binary_cross_entropy_target_backward");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
@@ -246,6 +262,7 @@ TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
   m.impl("mse_loss_backward", mse_loss_backward_cpu);
   m.impl("binary_cross_entropy", binary_cross_entropy_cpu);
   m.impl("binary_cross_entropy_backward", binary_cross_entropy_backward_cpu);
+  m.impl("binary_cross_entropy_target_backward", binary_cross_entropy_target_backward_cpu);
 }
 
 }  // namespace pyengine

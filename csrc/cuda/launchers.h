@@ -109,7 +109,9 @@ cudaError_t conv2d_grad_weight(const T* grad_output, const T* input, T* grad_wei
 // ---- Losses (loss.cu) ---------------------------------------------------------------------------
 // reduction: 0 'none', 1 'mean', 2 'sum'. Sums are two-pass fixed-order trees in double.
 
-enum class PointwiseLoss : int { Mse = 0, BinaryCrossEntropy = 1 };
+// BinaryCrossEntropyTarget: binary_cross_entropy's derivative with respect to the target,
+// g * w * -logit(x) (pointwise_loss_backward only; its grad_input is then d/d(target)).
+enum class PointwiseLoss : int { Mse = 0, BinaryCrossEntropy = 1, BinaryCrossEntropyTarget = 2 };
 
 // Doubles of workspace for pointwise_loss_forward / _backward over n elements.
 int64_t pointwise_loss_workspace(int64_t n, int64_t reduction);
@@ -130,18 +132,22 @@ cudaError_t pointwise_loss_backward(PointwiseLoss loss, const T* grad, const T* 
                                     bool mean_over_weight, T* grad_input, double* workspace,
                                     cudaStream_t stream);
 
-// Logits (rows, classes), int64 targets (rows), class weights (classes) or null. A target that
-// is neither in [0, classes) nor ignore_index stops the kernel with a device-side assert.
+// Logits (rows, classes), class weights (classes) or null, and one kind of target: int64 class
+// indices (rows), probs null; or probabilities (rows, classes), target null (probs may be null
+// too when there are no classes). A class index that is neither in [0, classes) nor
+// ignore_index stops the kernel with a device-side assert. label_smoothing in [0, 1].
 int64_t cross_entropy_workspace(int64_t rows, int64_t reduction);
-int64_t cross_entropy_backward_workspace(int64_t rows, int64_t reduction);
+int64_t cross_entropy_backward_workspace(int64_t rows, int64_t reduction, bool probabilities);
 template <typename T>
-cudaError_t cross_entropy_forward(const T* x, const int64_t* target, const T* w, int64_t rows,
-                                  int64_t classes, int64_t reduction, int64_t ignore_index,
-                                  T* out, double* workspace, cudaStream_t stream);
+cudaError_t cross_entropy_forward(const T* x, const int64_t* target, const T* probs, const T* w,
+                                  int64_t rows, int64_t classes, int64_t reduction,
+                                  int64_t ignore_index, double label_smoothing, T* out,
+                                  double* workspace, cudaStream_t stream);
 template <typename T>
-cudaError_t cross_entropy_backward(const T* grad, const T* x, const int64_t* target, const T* w,
-                                   int64_t rows, int64_t classes, int64_t reduction,
-                                   int64_t ignore_index, T* grad_input, double* workspace,
+cudaError_t cross_entropy_backward(const T* grad, const T* x, const int64_t* target,
+                                   const T* probs, const T* w, int64_t rows, int64_t classes,
+                                   int64_t reduction, int64_t ignore_index,
+                                   double label_smoothing, T* grad_input, double* workspace,
                                    cudaStream_t stream);
 
 }  // namespace cuda

@@ -6,10 +6,18 @@
 //     torch.nn.functional) by sum(w). Backward: g_i * w_i * dterm(x_i, t_i), g divided by the
 //     same denominator for 'mean'. binary_cross_entropy clamps its logs at -100 and bounds the
 //     gradient's denominator below by 1e-12 (common/elementwise.h).
-//   cross_entropy: per row, logp = x[t] - m - log(sum_j exp(x_j - m)), m = max_j x_j (NaN
-//     skipped); loss = -w[t] * logp, 0 for t == ignore_index; 'mean' divides by the sum of w[t]
-//     over the rows not ignored (NaN when all are). Backward: a * (softmax_j - [j == t]) with
-//     a = g (/ total for 'mean') * w[t].
+//   binary_cross_entropy_target_backward: g_i * w_i * -logit(x_i), g divided by numel for 'mean'.
+//   cross_entropy (csrc/cpu/cross_entropy.cpp states the formulas): per row,
+//     logp_j = x_j - m - log(sum_k exp(x_k - m)), m = max_k x_k (NaN skipped). Class-index
+//     targets: loss = -w[t] * logp_t, with label smoothing eps > 0
+//     (1 - eps) * (-w[t] logp_t) + eps / C * (-sum_j w_j logp_j); 0 for t == ignore_index; 'mean'
+//     divides by the sum of w[t] over the rows not ignored (NaN when all are). Probability targets:
+//     loss = -sum_j u_j logp_j, u_j = w_j (p_j (1 - eps) + eps / C); 'mean' divides by the rows.
+//     The smoothed sums are -(D - U log s), D = sum_j u_j (x_j - m), U = sum_j u_j. Backward:
+//     e_j (alpha + beta U) / s - beta u_j - [j == t] gamma, e_j = exp(x_j - m): for plain class
+//     targets alpha = gamma = a w[t], beta = 0 (a = g, / total for 'mean'); smoothed ones
+//     alpha = gamma = a (1 - eps) w[t], beta = a eps / C; probabilities alpha = gamma = 0,
+//     beta = a.
 //
 // Data-dependent errors cannot reach the host without a sync: an input or target outside [0, 1]
 // (binary_cross_entropy forward) or a target outside [0, C) that is not ignore_index stops the
@@ -134,6 +142,12 @@ struct BceMath {
   __device__ static T term(T p, T y) { return bce_term(p, y); }
   template <typename T>
   __device__ static T dterm(T p, T y) { return bce_grad(p, y); }
+};
+
+// binary_cross_entropy's derivative with respect to the target (backward kernels only).
+struct BceTargetMath {
+  template <typename T>
+  __device__ static T dterm(T p, T) { return bce_target_grad(p); }
 };
 
 // binary_cross_entropy's domain, as the CPU kernel checks it: [0, 1], NaN outside.
@@ -268,34 +282,84 @@ __device__ __forceinline__ double row_max_sum(const T* xr, int64_t classes, int 
   return warp_sum(s);
 }
 
-// Per row: 'none' writes the loss to out[r]; otherwise (loss, weight) go to row_pairs[2r, 2r+1].
+// A row's coefficients u_j of the smoothed forms: w_j (1 without weight), times the smoothed
+// target p_j * keep + add for probability targets (p non-null), in the input's precision as
+// torch's target * (1 - eps) + eps / C.
+template <typename T>
+struct Coefficients {
+  const T* w;
+  const T* p;  // the row's probabilities, or null
+  T keep, add;
+  __device__ __forceinline__ T operator()(int64_t j) const {
+    const T q = p != nullptr ? p[j] * keep + add : T(1);
+    return w != nullptr ? (p != nullptr ? q * w[j] : w[j]) : q;
+  }
+};
+
+// U = sum_j u_j and, when dot is non-null, D = sum_j u_j (x_j - m), in double, in every lane.
+template <typename T>
+__device__ __forceinline__ double coefficient_sums(const T* xr, T m, int64_t classes, int lane,
+                                                   const Coefficients<T>& u, double* dot) {
+  double d = 0, total = 0;
+  for (int64_t j = lane; j < classes; j += 32) {
+    const T c = u(j);
+    if (dot != nullptr) d += static_cast<double>(c) * static_cast<double>(xr[j] - m);
+    total += static_cast<double>(c);
+  }
+  if (dot != nullptr) *dot = warp_sum(d);
+  return warp_sum(total);
+}
+
+// Per row: 'none' writes the loss to out[r]; otherwise (loss, share) go to row_pairs[2r, 2r+1],
+// the share being the row's part of the 'mean' denominator (w[t], or 0 when ignored; unused for
+// probability targets, whose 'mean' divides by the rows). A null target means probabilities
+// (probs, itself null when there are no classes).
 template <typename T>
 __global__ void cross_entropy_rows_kernel(const T* __restrict__ x,
                                           const int64_t* __restrict__ target,
-                                          const T* __restrict__ w, const int64_t rows,
-                                          const int64_t classes, const int64_t ignore_index,
-                                          T* __restrict__ out, double* __restrict__ row_pairs) {
+                                          const T* __restrict__ probs, const T* __restrict__ w,
+                                          const int64_t rows, const int64_t classes,
+                                          const int64_t ignore_index, const double eps,
+                                          const T keep, const T add, T* __restrict__ out,
+                                          double* __restrict__ row_pairs) {
   using std::log;
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
        r += warps) {
-    const int64_t c = target[r];
-    double loss = 0, weight = 0;
-    if (c != ignore_index) {
-      if (!target_ok(c, classes, ignore_index, r, false, lane == 0)) continue;
-      const T* xr = x + r * classes;
-      T m;
-      const double s = row_max_sum(xr, classes, lane, &m);
-      weight = w != nullptr ? static_cast<double>(w[c]) : 1.0;
-      loss = -weight * (static_cast<double>(xr[c]) - static_cast<double>(m) - log(s));
+    const T* xr = x + r * classes;
+    double loss = 0, share = 0;
+    if (target == nullptr) {
+      if (classes > 0) {  // an empty row's loss is 0 (D - U log s would be 0 * -inf)
+        T m;
+        const double log_sum = log(row_max_sum(xr, classes, lane, &m));
+        const Coefficients<T> u{w, probs + r * classes, keep, add};
+        double dot;
+        const double total = coefficient_sums(xr, m, classes, lane, u, &dot);
+        loss = -(dot - total * log_sum);
+      }
+    } else {
+      const int64_t c = target[r];
+      if (c != ignore_index) {
+        if (!target_ok(c, classes, ignore_index, r, false, lane == 0)) continue;
+        T m;
+        const double log_sum = log(row_max_sum(xr, classes, lane, &m));
+        share = w != nullptr ? static_cast<double>(w[c]) : 1.0;
+        loss = -share * (static_cast<double>(xr[c]) - static_cast<double>(m) - log_sum);
+        if (eps > 0) {
+          double dot;
+          const double total =
+              coefficient_sums(xr, m, classes, lane, Coefficients<T>{w, nullptr, keep, add}, &dot);
+          loss = (1 - eps) * loss + eps / static_cast<double>(classes) * -(dot - total * log_sum);
+        }
+      }
     }
     if (lane == 0) {
       if (out != nullptr) {
         out[r] = static_cast<T>(loss);
       } else {
         row_pairs[2 * r] = loss;
-        row_pairs[2 * r + 1] = weight;
+        row_pairs[2 * r + 1] = share;
       }
     }
   }
@@ -320,13 +384,17 @@ struct TargetWeightTerm {
   }
 };
 
+// total: the 'mean' denominator of class-index targets (on the device); probability targets
+// (target null) divide by rows.
 template <typename T>
 __global__ void cross_entropy_backward_kernel(const T* __restrict__ grad,
                                               const T* __restrict__ x,
                                               const int64_t* __restrict__ target,
+                                              const T* __restrict__ probs,
                                               const T* __restrict__ w, const int64_t rows,
                                               const int64_t classes, const int64_t reduction,
-                                              const int64_t ignore_index,
+                                              const int64_t ignore_index, const double eps,
+                                              const T keep, const T add,
                                               const double* __restrict__ total,
                                               T* __restrict__ grad_input) {
   using std::exp;
@@ -335,23 +403,41 @@ __global__ void cross_entropy_backward_kernel(const T* __restrict__ grad,
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
        r += warps) {
     T* gr = grad_input + r * classes;
-    const int64_t c = target[r];
-    if (c == ignore_index) {
-      for (int64_t j = lane; j < classes; j += 32) gr[j] = T(0);
-      continue;
+    const bool probabilities = target == nullptr;
+    const int64_t c = probabilities ? -1 : target[r];
+    if (!probabilities) {
+      if (c == ignore_index) {
+        for (int64_t j = lane; j < classes; j += 32) gr[j] = T(0);
+        continue;
+      }
+      if (!target_ok(c, classes, ignore_index, r, true, lane == 0)) continue;
     }
-    if (!target_ok(c, classes, ignore_index, r, true, lane == 0)) continue;
-    // a = g (/ total for 'mean') * w[c]: g / total first, as torch (0 / 0 weight gives NaN).
+    // a = g (/ the 'mean' denominator): g / total first, then * w[c], as torch (a zero weight
+    // over a zero total gives NaN).
     double a = static_cast<double>(reduction == 0 ? grad[r] : grad[0]);
-    if (reduction == 1) a /= total[0];
-    if (w != nullptr) a *= static_cast<double>(w[c]);
+    if (reduction == 1) a /= probabilities ? static_cast<double>(rows) : total[0];
+    const bool smoothed = probabilities || eps > 0;
+    double alpha = 0, beta = 0;
+    if (probabilities) {
+      beta = a;
+    } else {
+      alpha = a * (w != nullptr ? static_cast<double>(w[c]) : 1.0);
+      if (smoothed) {
+        alpha *= 1 - eps;
+        beta = a * eps / static_cast<double>(classes);
+      }
+    }
     const T* xr = x + r * classes;
     T m;
     const double s = row_max_sum(xr, classes, lane, &m);
-    const T scale = static_cast<T>(a / s);
-    const T as = static_cast<T>(a);
+    const Coefficients<T> u{w, probabilities ? probs + r * classes : nullptr, keep, add};
+    const double u_total = smoothed ? coefficient_sums(xr, m, classes, lane, u, nullptr) : 0.0;
+    const T scale = static_cast<T>((alpha + beta * u_total) / s);
+    const T b = static_cast<T>(beta);
+    const T as = static_cast<T>(alpha);
     for (int64_t j = lane; j < classes; j += 32) {
       T v = exp(xr[j] - m) * scale;
+      if (smoothed) v -= b * u(j);
       if (j == c) v -= as;
       gr[j] = v;
     }
@@ -373,6 +459,7 @@ template <typename T>
 cudaError_t pointwise_loss_forward(PointwiseLoss loss, const T* x, const T* t, const T* w,
                                    int64_t n, int64_t reduction, bool mean_over_weight, T* out,
                                    double* workspace, cudaStream_t stream) {
+  if (loss == PointwiseLoss::BinaryCrossEntropyTarget) return cudaErrorInvalidValue;  // no forward
   if (loss == PointwiseLoss::Mse)
     return pointwise_forward<T, MseMath>(x, t, w, n, reduction, mean_over_weight, out, workspace,
                                          stream);
@@ -388,51 +475,72 @@ cudaError_t pointwise_loss_backward(PointwiseLoss loss, const T* grad, const T* 
   if (loss == PointwiseLoss::Mse)
     return pointwise_backward<T, MseMath>(grad, x, t, w, n, reduction, mean_over_weight,
                                           grad_input, workspace, stream);
+  if (loss == PointwiseLoss::BinaryCrossEntropyTarget)
+    return pointwise_backward<T, BceTargetMath>(grad, x, t, w, n, reduction, mean_over_weight,
+                                                grad_input, workspace, stream);
   return pointwise_backward<T, BceMath>(grad, x, t, w, n, reduction, mean_over_weight,
                                         grad_input, workspace, stream);
 }
 
-// forward: (loss, weight) per row, then the sum's partials; backward ('mean'): the partials of
-// the weight total, then the total.
+// forward: (loss, share) per row, then the sum's partials; backward ('mean' of class indices):
+// the partials of the weight total, then the total.
 int64_t cross_entropy_workspace(int64_t rows, int64_t reduction) {
   return reduction == 0 ? 0 : 2 * rows + sum_workspace(rows);
 }
-int64_t cross_entropy_backward_workspace(int64_t rows, int64_t reduction) {
-  return reduction == 1 ? sum_workspace(rows) : 0;
+int64_t cross_entropy_backward_workspace(int64_t rows, int64_t reduction, bool probabilities) {
+  return reduction == 1 && !probabilities ? sum_workspace(rows) : 0;
+}
+
+// keep and add of the smoothed target, in T as torch computes it.
+template <typename T>
+void smoothing(double eps, int64_t classes, T* keep, T* add) {
+  *keep = static_cast<T>(1.0 - eps);
+  *add = static_cast<T>(classes > 0 ? eps / static_cast<double>(classes) : 0.0);
 }
 
 template <typename T>
-cudaError_t cross_entropy_forward(const T* x, const int64_t* target, const T* w, int64_t rows,
-                                  int64_t classes, int64_t reduction, int64_t ignore_index,
-                                  T* out, double* workspace, cudaStream_t stream) {
+cudaError_t cross_entropy_forward(const T* x, const int64_t* target, const T* probs, const T* w,
+                                  int64_t rows, int64_t classes, int64_t reduction,
+                                  int64_t ignore_index, double label_smoothing, T* out,
+                                  double* workspace, cudaStream_t stream) {
   double* pairs = reduction == 0 ? nullptr : workspace;
+  T keep, add;
+  smoothing(label_smoothing, classes, &keep, &add);
   if (rows > 0) {
     cross_entropy_rows_kernel<T><<<grid_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
-        x, target, w, rows, classes, ignore_index, reduction == 0 ? out : nullptr, pairs);
+        x, target, probs, w, rows, classes, ignore_index, label_smoothing, keep, add,
+        reduction == 0 ? out : nullptr, pairs);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   if (reduction == 0) return cudaSuccess;
-  const WriteLoss<T> finish{out, reduction, static_cast<double>(rows), true};
+  // 'mean' of probabilities: over the rows (none without classes: torch's mean over no element
+  // is NaN); of class indices: over the shares.
+  const double numel = classes > 0 ? static_cast<double>(rows) : 0.0;
+  const WriteLoss<T> finish{out, reduction, numel, target != nullptr};
   return deterministic_sum(RowPairTerm{pairs}, rows, finish, workspace + 2 * rows, stream);
 }
 
 template <typename T>
-cudaError_t cross_entropy_backward(const T* grad, const T* x, const int64_t* target, const T* w,
-                                   int64_t rows, int64_t classes, int64_t reduction,
-                                   int64_t ignore_index, T* grad_input, double* workspace,
+cudaError_t cross_entropy_backward(const T* grad, const T* x, const int64_t* target,
+                                   const T* probs, const T* w, int64_t rows, int64_t classes,
+                                   int64_t reduction, int64_t ignore_index,
+                                   double label_smoothing, T* grad_input, double* workspace,
                                    cudaStream_t stream) {
   if (rows <= 0 || classes <= 0) return cudaSuccess;
   const double* total = nullptr;
-  if (reduction == 1) {
+  if (reduction == 1 && target != nullptr) {
     double* t = workspace + 2 * chunks_for(rows);
     const cudaError_t err = deterministic_sum(TargetWeightTerm<T>{target, w, classes, ignore_index},
                                               rows, StoreTotal{t}, workspace, stream);
     if (err != cudaSuccess) return err;
     total = t;
   }
+  T keep, add;
+  smoothing(label_smoothing, classes, &keep, &add);
   cross_entropy_backward_kernel<T><<<grid_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
-      grad, x, target, w, rows, classes, reduction, ignore_index, total, grad_input);
+      grad, x, target, probs, w, rows, classes, reduction, ignore_index, label_smoothing, keep,
+      add, total, grad_input);
   return cudaGetLastError();
 }
 
@@ -443,12 +551,12 @@ cudaError_t cross_entropy_backward(const T* grad, const T* x, const int64_t* tar
   template cudaError_t pointwise_loss_backward<T>(PointwiseLoss, const T*, const T*, const T*, \
                                                   const T*, int64_t, int64_t, bool, T*,         \
                                                   double*, cudaStream_t);                       \
-  template cudaError_t cross_entropy_forward<T>(const T*, const int64_t*, const T*, int64_t,   \
-                                                int64_t, int64_t, int64_t, T*, double*,         \
-                                                cudaStream_t);                                  \
+  template cudaError_t cross_entropy_forward<T>(const T*, const int64_t*, const T*, const T*,  \
+                                                int64_t, int64_t, int64_t, int64_t, double, T*, \
+                                                double*, cudaStream_t);                         \
   template cudaError_t cross_entropy_backward<T>(const T*, const T*, const int64_t*, const T*, \
-                                                 int64_t, int64_t, int64_t, int64_t, T*,        \
-                                                 double*, cudaStream_t);
+                                                 const T*, int64_t, int64_t, int64_t, int64_t,  \
+                                                 double, T*, double*, cudaStream_t);
 PE_INSTANTIATE(float)
 PE_INSTANTIATE(double)
 #undef PE_INSTANTIATE

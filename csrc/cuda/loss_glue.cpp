@@ -90,6 +90,10 @@ Tensor bce_grad_input(const Tensor&, const Tensor& input, const Tensor&, const O
                       int64_t) {
   return empty_binary_cross_entropy(input);
 }
+Tensor bce_grad_target(const Tensor&, const Tensor& input, const Tensor&, const OptTensor&,
+                       int64_t) {
+  return empty_binary_cross_entropy_target_grad<int64_t>(input);
+}
 
 Tensor mse_loss_cuda(const Tensor& input, const Tensor& target, const OptTensor& weight,
                      int64_t reduction) {
@@ -114,10 +118,27 @@ Tensor binary_cross_entropy_backward_cuda(const Tensor& grad_output, const Tenso
                                  PointwiseLoss::BinaryCrossEntropy, false,
                                  "binary_cross_entropy_backward", bce_grad_input);
 }
+Tensor binary_cross_entropy_target_backward_cuda(const Tensor& grad_output, const Tensor& input,
+                                                 const Tensor& target, const OptTensor& weight,
+                                                 int64_t reduction) {
+  return pointwise_loss_backward(grad_output, input, target, weight, reduction,
+                                 PointwiseLoss::BinaryCrossEntropyTarget, false,
+                                 "binary_cross_entropy_target_backward", bce_grad_target);
+}
+
+// The target's two kinds (common/checks.h): class indices or probabilities, the other null.
+const int64_t* class_indices(const Tensor& t, bool probabilities) {
+  return probabilities ? nullptr : t.const_data_ptr<int64_t>();
+}
+template <typename T>
+const T* probabilities_or_null(const Tensor& t, bool probabilities) {
+  return probabilities ? t.const_data_ptr<T>() : nullptr;
+}
 
 Tensor cross_entropy_cuda(const Tensor& input, const Tensor& target, const OptTensor& weight,
-                          int64_t reduction, int64_t ignore_index) {
-  const auto s = check_cross_entropy<int64_t>(input, target, weight, reduction);
+                          int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  const auto s = check_cross_entropy<int64_t>(input, target, weight, reduction, ignore_index,
+                                              label_smoothing);
   c10::cuda::CUDAGuard guard(input.device());
   const Tensor x = input.contiguous();
   const Tensor t = target.contiguous();
@@ -130,8 +151,9 @@ Tensor cross_entropy_cuda(const Tensor& input, const Tensor& target, const OptTe
   dispatch_floating(x.scalar_type(), "cross_entropy", [&](auto tag) {
     using T = decltype(tag);
     C10_CUDA_CHECK(cross_entropy_forward<T>(
-        x.const_data_ptr<T>(), t.const_data_ptr<int64_t>(), ptr_or_null<T>(w), s.batch,
-        s.classes, reduction, ignore_index, out.mutable_data_ptr<T>(),
+        x.const_data_ptr<T>(), class_indices(t, s.probabilities),
+        probabilities_or_null<T>(t, s.probabilities), ptr_or_null<T>(w), s.batch, s.classes,
+        reduction, ignore_index, label_smoothing, out.mutable_data_ptr<T>(),
         mutable_ptr_or_null<double>(ws), current_stream()));
   });
   return out;
@@ -139,9 +161,10 @@ Tensor cross_entropy_cuda(const Tensor& input, const Tensor& target, const OptTe
 
 Tensor cross_entropy_backward_cuda(const Tensor& grad_output, const Tensor& input,
                                    const Tensor& target, const OptTensor& weight,
-                                   int64_t reduction, int64_t ignore_index) {
+                                   int64_t reduction, int64_t ignore_index,
+                                   double label_smoothing) {
   const auto s = check_cross_entropy_backward<int64_t>(grad_output, input, target, weight,
-                                                       reduction);
+                                                       reduction, ignore_index, label_smoothing);
   c10::cuda::CUDAGuard guard(input.device());
   const Tensor x = input.contiguous();
   const Tensor t = target.contiguous();
@@ -149,13 +172,15 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_output, const Tensor& inpu
   const Tensor g = grad_output.contiguous();
   Tensor grad_input = at::empty(x.sizes(), x.options());
   if (grad_input.numel() == 0) return grad_input;
-  Tensor ws = workspace(cross_entropy_backward_workspace(s.batch, reduction), at::kDouble, x);
+  Tensor ws = workspace(cross_entropy_backward_workspace(s.batch, reduction, s.probabilities),
+                        at::kDouble, x);
   dispatch_floating(x.scalar_type(), "cross_entropy_backward", [&](auto tag) {
     using T = decltype(tag);
     C10_CUDA_CHECK(cross_entropy_backward<T>(
-        g.const_data_ptr<T>(), x.const_data_ptr<T>(), t.const_data_ptr<int64_t>(),
-        ptr_or_null<T>(w), s.batch, s.classes, reduction, ignore_index,
-        grad_input.mutable_data_ptr<T>(), mutable_ptr_or_null<double>(ws), current_stream()));
+        g.const_data_ptr<T>(), x.const_data_ptr<T>(), class_indices(t, s.probabilities),
+        probabilities_or_null<T>(t, s.probabilities), ptr_or_null<T>(w), s.batch, s.classes,
+        reduction, ignore_index, label_smoothing, grad_input.mutable_data_ptr<T>(),
+        mutable_ptr_or_null<double>(ws), current_stream()));
   });
   return grad_input;
 }
@@ -167,6 +192,7 @@ TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
   m.impl("mse_loss_backward", mse_loss_backward_cuda);
   m.impl("binary_cross_entropy", binary_cross_entropy_cuda);
   m.impl("binary_cross_entropy_backward", binary_cross_entropy_backward_cuda);
+  m.impl("binary_cross_entropy_target_backward", binary_cross_entropy_target_backward_cuda);
   m.impl("cross_entropy", cross_entropy_cuda);
   m.impl("cross_entropy_backward", cross_entropy_backward_cuda);
 }

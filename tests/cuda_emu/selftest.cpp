@@ -538,9 +538,9 @@ int case_launchers() {
   // cross_entropy with a target out of range: the device assert reaches the host
   std::vector<int64_t> target = {0, 3, 99, 1, 2};
   std::vector<double> loss(rows);
-  const cudaError_t e = pc::cross_entropy_forward<double>(x.data(), target.data(), nullptr, rows,
-                                                          cols, 0, -100, loss.data(), nullptr,
-                                                          nullptr);
+  const cudaError_t e = pc::cross_entropy_forward<double>(x.data(), target.data(), nullptr,
+                                                          nullptr, rows, cols, 0, -100, 0.0,
+                                                          loss.data(), nullptr, nullptr);
   CHECK(e == cudaErrorAssert, "cross_entropy with target 99: got %s", cudaGetErrorName(e));
   CHECK(contains(pe_emu::last_error_message(), "loss.cu"), "%s",
         pe_emu::last_error_message().c_str());
