@@ -750,30 +750,32 @@ Tensor pointwise_loss_tangent(const Tensor& loss, int64_t reduction, BwX&& bw_x,
   return out;
 }
 
-// mse_loss: D_x = 2 w (x - t) / denominator = -D_t; d/dx of g D_x is 2 w g / denominator.
-struct MseLossNode : PyengineNode<MseLossNode> {
-  static constexpr const char* kName = "pyengine::mse_loss_backward";
+// mse_loss and binary_cross_entropy (input, target, weight, reduction): differentiable in input
+// and target, each through a backward op of its own. `Loss` names the ops: kName, forward,
+// grad_input, grad_target (all with the forward op's arguments, grad_output first for the two).
+template <typename Loss>
+struct PointwiseLossNode : PyengineNode<PointwiseLossNode<Loss>> {
+  static constexpr const char* kName = Loss::kName;
   int64_t reduction = 1;
   variable_list backward(const variable_list& grads) {  // inputs: input, target
     variable_list out(2);
     if (!grads[0].defined()) return out;
-    const Tensor x = saved(0), t = saved(1);
-    const OptTensor w = saved_opt(2);
-    // (x - t)^2 is symmetric in x and t: d/dt is the same op with the two swapped.
-    if (wants(0)) out[0] = mse_loss_backward_op().call(grads[0], x, t, w, reduction);
-    if (wants(1)) out[1] = mse_loss_backward_op().call(grads[0], t, x, w, reduction);
+    const Tensor x = this->saved(0), t = this->saved(1);
+    const OptTensor w = this->saved_opt(2);
+    if (this->wants(0)) out[0] = Loss::grad_input(grads[0], x, t, w, reduction);
+    if (this->wants(1)) out[1] = Loss::grad_target(grads[0], x, t, w, reduction);
     return out;
   }
 };
 
-Tensor mse_loss_autograd(const Tensor& input, const Tensor& target, const OptTensor& weight,
-                         int64_t reduction) {
-  refuse_grad(weight, "mse_loss", "weight");
+template <typename Loss>
+Tensor pointwise_loss_autograd(const Tensor& input, const Tensor& target, const OptTensor& weight,
+                               int64_t reduction) {
+  refuse_grad(weight, Loss::kOp, "weight");
   const bool grad = any_needs_grad(input, target);
-  Tensor loss =
-      below_autograd([&] { return mse_loss_op().call(input, target, weight, reduction); });
+  Tensor loss = below_autograd([&] { return Loss::forward(input, target, weight, reduction); });
   if (grad) {
-    auto node = make_node<MseLossNode>(input, target);
+    auto node = make_node<PointwiseLossNode<Loss>>(input, target);
     node->reduction = reduction;
     node->save(input);
     node->save(target);
@@ -782,16 +784,35 @@ Tensor mse_loss_autograd(const Tensor& input, const Tensor& target, const OptTen
   }
   if (any_tangent(input, target)) {
     const Tensor x = primal(input), t = primal(target);
-    auto bw_x = [&](const Tensor& g) {
-      return mse_loss_backward_op().call(g, x, t, weight, reduction);
-    };
-    auto bw_t = [&](const Tensor& g) {
-      return mse_loss_backward_op().call(g, t, x, weight, reduction);
-    };
+    auto bw_x = [&](const Tensor& g) { return Loss::grad_input(g, x, t, weight, reduction); };
+    auto bw_t = [&](const Tensor& g) { return Loss::grad_target(g, x, t, weight, reduction); };
     set_tangent(loss, pointwise_loss_tangent(loss, reduction, bw_x, tangent(input), bw_t,
                                              tangent(target)));
   }
   return loss;
+}
+
+// mse_loss: D_x = 2 w (x - t) / denominator = -D_t; d/dx of g D_x is 2 w g / denominator.
+struct MseLoss {
+  static constexpr const char* kName = "pyengine::mse_loss_backward";
+  static constexpr const char* kOp = "mse_loss";
+  static Tensor forward(const Tensor& x, const Tensor& t, const OptTensor& w, int64_t r) {
+    return mse_loss_op().call(x, t, w, r);
+  }
+  static Tensor grad_input(const Tensor& g, const Tensor& x, const Tensor& t, const OptTensor& w,
+                           int64_t r) {
+    return mse_loss_backward_op().call(g, x, t, w, r);
+  }
+  // (x - t)^2 is symmetric in x and t: d/dt is the same op with the two swapped.
+  static Tensor grad_target(const Tensor& g, const Tensor& x, const Tensor& t,
+                            const OptTensor& w, int64_t r) {
+    return mse_loss_backward_op().call(g, t, x, w, r);
+  }
+};
+
+Tensor mse_loss_autograd(const Tensor& input, const Tensor& target, const OptTensor& weight,
+                         int64_t reduction) {
+  return pointwise_loss_autograd<MseLoss>(input, target, weight, reduction);
 }
 
 // The slope of mse_loss_backward's output in x (and, negated, in t): 2 w / denominator, as the
@@ -860,47 +881,25 @@ Tensor mse_loss_backward_autograd(const Tensor& grad_output, const Tensor& input
 // binary_cross_entropy: D_x = w (x - t) / clamp_min(x (1 - x), eps) / denominator (eps = 1e-12 as
 // in the kernels, csrc/common/elementwise.h bce_grad), D_t = w (log(1 - x) - log(x)) /
 // denominator (binary_cross_entropy_target_backward).
-struct BinaryCrossEntropyNode : PyengineNode<BinaryCrossEntropyNode> {
+struct BinaryCrossEntropy {
   static constexpr const char* kName = "pyengine::binary_cross_entropy_backward";
-  int64_t reduction = 1;
-  variable_list backward(const variable_list& grads) {  // inputs: input, target
-    variable_list out(2);
-    if (!grads[0].defined()) return out;
-    const Tensor x = saved(0), t = saved(1);
-    const OptTensor w = saved_opt(2);
-    if (wants(0)) out[0] = binary_cross_entropy_backward_op().call(grads[0], x, t, w, reduction);
-    if (wants(1))
-      out[1] = binary_cross_entropy_target_backward_op().call(grads[0], x, t, w, reduction);
-    return out;
+  static constexpr const char* kOp = "binary_cross_entropy";
+  static Tensor forward(const Tensor& x, const Tensor& t, const OptTensor& w, int64_t r) {
+    return binary_cross_entropy_op().call(x, t, w, r);
+  }
+  static Tensor grad_input(const Tensor& g, const Tensor& x, const Tensor& t, const OptTensor& w,
+                           int64_t r) {
+    return binary_cross_entropy_backward_op().call(g, x, t, w, r);
+  }
+  static Tensor grad_target(const Tensor& g, const Tensor& x, const Tensor& t,
+                            const OptTensor& w, int64_t r) {
+    return binary_cross_entropy_target_backward_op().call(g, x, t, w, r);
   }
 };
 
 Tensor binary_cross_entropy_autograd(const Tensor& input, const Tensor& target,
                                      const OptTensor& weight, int64_t reduction) {
-  refuse_grad(weight, "binary_cross_entropy", "weight");
-  const bool grad = any_needs_grad(input, target);
-  Tensor loss = below_autograd(
-      [&] { return binary_cross_entropy_op().call(input, target, weight, reduction); });
-  if (grad) {
-    auto node = make_node<BinaryCrossEntropyNode>(input, target);
-    node->reduction = reduction;
-    node->save(input);
-    node->save(target);
-    node->save(weight);
-    record(node, loss);
-  }
-  if (any_tangent(input, target)) {
-    const Tensor x = primal(input), t = primal(target);
-    auto bw_x = [&](const Tensor& g) {
-      return binary_cross_entropy_backward_op().call(g, x, t, weight, reduction);
-    };
-    auto bw_t = [&](const Tensor& g) {
-      return binary_cross_entropy_target_backward_op().call(g, x, t, weight, reduction);
-    };
-    set_tangent(loss, pointwise_loss_tangent(loss, reduction, bw_x, tangent(input), bw_t,
-                                             tangent(target)));
-  }
-  return loss;
+  return pointwise_loss_autograd<BinaryCrossEntropy>(input, target, weight, reduction);
 }
 
 // w / denominator of binary_cross_entropy_backward: the op itself at g = 1, x = 1/2, t = 1/4,
