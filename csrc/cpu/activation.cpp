@@ -37,7 +37,7 @@ inline T leaky_relu_grad_select(T grad, T x, T slope) {
 // x < 0 gives e / (1 + e). NaN propagates through e.
 template <typename T>
 inline T sigmoid_branch_free(T x) {
-  const T e = fast_exp(-std::abs(x));
+  const T e = fast_exp_nonpositive(-std::abs(x));
   const T r = T(1) / (T(1) + e);
   return x >= T(0) ? r : e * r;
 }

@@ -113,7 +113,7 @@ PE_INLINE double row_exp_sum(const T* x, T m, int64_t classes, T* out) {
   int64_t j = 0;
   for (; j + L <= classes; j += L)
     for (int64_t l = 0; l < L; ++l) {
-      const T e = fast_exp(x[j + l] - m);
+      const T e = fast_exp_nonpositive(x[j + l] - m);
       if (kStore) out[j + l] = e;
       acc[l] += static_cast<double>(e);
     }
@@ -121,7 +121,7 @@ PE_INLINE double row_exp_sum(const T* x, T m, int64_t classes, T* out) {
     T tail[L], e[L];
     padded_tail(x + j, classes - j, tail);
     for (int64_t l = 0; l < L; ++l) {
-      e[l] = fast_exp(tail[l] - m);
+      e[l] = fast_exp_nonpositive(tail[l] - m);
       acc[l] += static_cast<double>(e[l]);
     }
     if (kStore)

@@ -19,7 +19,7 @@
 // cpu/isa.h may differ in the last bit; one level never does.) Long rows stay accurate: a
 // partial sum takes at most kCarryTerms terms, then is carried into a double ("Long rows" below).
 //
-// exp() is cpu/vec_math.h's fast_exp, the one exp of every CPU kernel: branch-free, so the
+// exp() is cpu/vec_math.h's fast_exp (fast_exp_nonpositive for x - max): branch-free, so the
 // compiler vectorizes it. log() is needed once per row and comes from libm.
 //
 // Napkin math (reference machine: csrc/cpu/README.md). LeNet's classifier (64 x 10 fp32 logits):
@@ -111,19 +111,19 @@ PE_INLINE T exp_sum(const T* x, T* y, int64_t n, T m) {
   if (!kLog) {
     for (; i + L <= n; i += L)
       for (int64_t l = 0; l < L; ++l) {
-        const T e = fast_exp(x[i + l] - m);
+        const T e = fast_exp_nonpositive(x[i + l] - m);
         y[i + l] = e;
         acc[l] += e;
       }
     for (; i < n; ++i) {
-      const T e = fast_exp(x[i] - m);
+      const T e = fast_exp_nonpositive(x[i] - m);
       y[i] = e;
       tail += e;
     }
   } else {
     for (; i + L <= n; i += L)
-      for (int64_t l = 0; l < L; ++l) acc[l] += fast_exp(x[i + l] - m);
-    for (; i < n; ++i) tail += fast_exp(x[i] - m);
+      for (int64_t l = 0; l < L; ++l) acc[l] += fast_exp_nonpositive(x[i + l] - m);
+    for (; i < n; ++i) tail += fast_exp_nonpositive(x[i] - m);
   }
   return tree_sum(acc) + tail;
 }
@@ -159,12 +159,12 @@ PE_INLINE void add_exp_rows(const T* x, T* y, int64_t d0, int64_t d1, int64_t in
     T* yr = y + d * inner;
     if (!kLog) {
       for (int64_t i = 0; i < cnt; ++i) {
-        const T e = fast_exp(xr[i] - m[i]);
+        const T e = fast_exp_nonpositive(xr[i] - m[i]);
         yr[i] = e;
         s[i] += e;
       }
     } else {
-      for (int64_t i = 0; i < cnt; ++i) s[i] += fast_exp(xr[i] - m[i]);
+      for (int64_t i = 0; i < cnt; ++i) s[i] += fast_exp_nonpositive(xr[i] - m[i]);
     }
   }
 }
