@@ -13,10 +13,8 @@ tests/test_registry.py checks that every schema has a rule.
 vmap of pyengine.functional calls whose inputs require grad outside vmap: the gradients through
 the vmapped result equal those through a loop over the samples.
 
-Tests marked needs_functorch_autograd take gradients inside vmap (torch.func.grad: per-sample
-gradients). They need pyengine's autograd to compose with torch.func's transforms, which a C++
-torch::autograd::Function does not ("cannot use C++ torch::autograd::Function with functorch
-transforms"): they are skipped while that error is what torch.func.grad of an operator raises.
+Gradients inside vmap (torch.func.grad: per-sample gradients) are tested too: csrc/autograd.cpp's
+hand-written graph nodes compose with torch.func's transforms.
 """
 import dataclasses
 import functools
@@ -321,26 +319,6 @@ def test_gradients_through_nested_vmap():
 
 # ---- gradients inside vmap: per-sample gradients ---------------------------------------------
 
-def _functorch_autograd_error():
-    """The error torch.func.grad of a pyengine operator raises, if it is the C++
-    torch::autograd::Function one (None if it works)."""
-    try:
-        torch.func.grad(lambda x: PF.sigmoid(x).sum())(torch.ones(2))
-    except RuntimeError as e:
-        if "cannot use C++ torch::autograd::Function with functorch transforms" in str(e):
-            return str(e)
-        raise
-    return None
-
-
-needs_functorch_autograd = pytest.mark.skipif(
-    _functorch_autograd_error() is not None,
-    reason="needs pyengine's autograd to compose with torch.func transforms (csrc/autograd.cpp "
-           "with hand-written autograd Nodes): a C++ torch::autograd::Function raises 'cannot "
-           "use C++ torch::autograd::Function with functorch transforms'")
-
-
-@needs_functorch_autograd
 @pytest.mark.parametrize("op", PF.__all__)
 def test_per_sample_gradients_of_each_function(op):
     """vmap(grad(f)) over the samples' calls, f a weighted sum of the function's output, equals
@@ -372,7 +350,6 @@ def test_per_sample_gradients_of_each_function(op):
                 helpers.assert_close(got[b], want, msg=lambda m: f"{op} on {sample}\n{m}")
 
 
-@needs_functorch_autograd
 def test_per_sample_gradients_of_a_small_conv_net():
     """The functorch recipe: per-sample gradients of a LeNet-like net's loss by vmap(grad(...))
     over the batch, against a loop of torch.autograd.grad."""
