@@ -52,13 +52,40 @@ def stage(name):
 
 # ---- tolerances ------------------------------------------------------------------------------
 
+def reduction_terms(case):
+    """The longest sum of products behind any of the op's results (forward or gradient), or 1:
+    conv2d's taps (forward), taps over output channels (grad_input) and output pixels over the
+    batch (grad_weight); linear's in_features, out_features and batch rows."""
+    p = case.params
+    if case.op == "conv2d":
+        k = p["kernel"]
+        taps = k * k if isinstance(k, int) else k[0] * k[1]
+        # (output pixels: at most about the input's, whatever the stride or padding form)
+        return max(1, p["in_per_group"] * taps, p["out_per_group"] * taps,
+                   (p["batch"] or 1) * p["height"] * p["width"])
+    if case.op == "linear":
+        rows = 1
+        for d in p.get("lead", ()):
+            rows *= d
+        return max(1, p.get("in_features", 1), p.get("out_features", 1), rows)
+    return 1
+
+
 def tolerance(case, dtype, scale_exponent=0):
     """helpers.TOL, with atol scaled for homogeneous ops: their inputs are scaled by powers of two,
     which scales results and rounding errors alike exactly (no overflow or underflow within the
-    drawn ranges), so the absolute tolerance measured at unit scale scales with them."""
+    drawn ranges), so the absolute tolerance measured at unit scale scales with them.
+    In float32, long sums of unit-scale products (conv2d, linear) round by more than TOL's atol
+    in any summation order: atol grows with the square root of the terms past 64. Measured on
+    conv2d 20->70, 3x3, 9x9 (630 terms in grad_input): torch's own float32 grad_input is up to
+    3.2e-5 from the float64 result, pyengine's 3.2e-5 (AVX-512) and 5.0e-5 (baseline x86-64,
+    longer k blocks), so the two differ by up to ~2e-5 where TOL allows 1e-5."""
     tol = dict(helpers.TOL[dtype])
     if case.out_scale is not None:
         tol["atol"] *= 2.0 ** scale_exponent
+    terms = reduction_terms(case)
+    if dtype == torch.float32 and terms > 64:
+        tol["atol"] *= (terms / 64) ** 0.5
     return tol
 
 

@@ -85,6 +85,12 @@ bool use_batch_inner(const Geometry& g) {
   return g.stride_h == 1 && g.stride_w == 1 && g.batch >= 16 && g.out_w <= 16;
 }
 
+// 1x1, stride 1, no padding: the input is its own im2col (conv2d_im2col.cpp's GEMM per image).
+bool pointwise(const Geometry& g) {
+  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 &&
+         g.padding_h == 0 && g.padding_w == 0;
+}
+
 Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                   int64_t groups) {
@@ -103,6 +109,12 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
       cpu::conv2d::forward_batch_inner<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
                                           has_bias ? b.const_data_ptr<T>() : nullptr,
                                           out.mutable_data_ptr<T>());
+      return;
+    }
+    if (!pointwise(g) && cpu::conv2d::implicit_fits(g)) {
+      cpu::conv2d::forward_implicit<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                       has_bias ? b.const_data_ptr<T>() : nullptr,
+                                       out.mutable_data_ptr<T>());
       return;
     }
     cpu::conv2d::forward_im2col<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
@@ -143,6 +155,22 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
                                            w.const_data_ptr<T>(), dx, dw, db);
       return;
     }
+    // grad_input and grad_weight on the fastest algorithm that fits; im2col takes what is left.
+    if (dx && pointwise(g)) {
+      cpu::conv2d::backward_input_pointwise<T>(g, dy.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                               dx);
+      dx = nullptr;
+    } else if (dx && cpu::conv2d::implicit_fits_backward_input(g)) {
+      cpu::conv2d::backward_input_implicit<T>(g, dy.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                              dx);
+      dx = nullptr;
+    }
+    if (dw && !pointwise(g) && cpu::conv2d::implicit_fits(g)) {
+      cpu::conv2d::backward_weight_implicit<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
+                                               dw);
+      dw = nullptr;
+    }
+    if (!dx && !dw && !db) return;
     cpu::conv2d::backward_im2col<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
                                     w.const_data_ptr<T>(), dx, dw, db);
   });

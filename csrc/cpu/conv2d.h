@@ -24,6 +24,10 @@ void forward_im2col(const Geometry& g, const T* x, const T* w, const T* bias, T*
 template <typename T>
 void backward_im2col(const Geometry& g, const T* dy, const T* x, const T* w, T* dx, T* dw, T* db);
 
+// grad_input of a 1x1, stride-1, unpadded convolution: a GEMM per image (conv2d_im2col.cpp).
+template <typename T>
+void backward_input_pointwise(const Geometry& g, const T* dy, const T* w, T* dx);
+
 // The batch-innermost layout: no im2col, every GEMM over contiguous batch vectors; for stride 1
 // and small images (conv2d_batch_inner.cpp; conv2d.cpp says when).
 template <typename T>
@@ -31,6 +35,17 @@ void forward_batch_inner(const Geometry& g, const T* x, const T* w, const T* bia
 template <typename T>
 void backward_batch_inner(const Geometry& g, const T* dy, const T* x, const T* w, T* dx, T* dw,
                           T* db);
+
+// Implicit GEMM over a zero-padded copy of the input, no im2col, for layers with 16 or more
+// output channels per group (conv2d_implicit.cpp); grad_input too where the stride is 1.
+bool implicit_fits(const Geometry& g);
+bool implicit_fits_backward_input(const Geometry& g);
+template <typename T>
+void forward_implicit(const Geometry& g, const T* x, const T* w, const T* bias, T* y);
+template <typename T>
+void backward_input_implicit(const Geometry& g, const T* dy, const T* w, T* dx);
+template <typename T>
+void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw);
 
 // ---- Shared helpers ---------------------------------------------------------------------------
 

@@ -586,6 +586,25 @@ void backward_im2col(const Geometry& g, const T* dy, const T* x, const T* w, T* 
   if (db) sum_parts(parts.data() + dw_size, slots, part, 0, g.out_channels, db);
 }
 
+template <typename T>
+void backward_input_pointwise(const Geometry& g, const T* dy, const T* w, T* dx) {
+  // 1x1, stride 1, no padding: per image and group, dX = W^T dY, one GEMM straight into dX.
+  const int64_t P = g.out_pixels(), cin_g = g.in_channels_per_group();
+  const int64_t cout_g = g.out_channels_per_group();
+  const double work = double(g.in_channels) * cout_g * P;
+  at::parallel_for(0, g.batch, grain_for(work), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t grp = 0; grp < g.groups; ++grp)
+        cpu::gemm<T>(cin_g, P, cout_g, w + grp * cout_g * cin_g, 1, cin_g,
+                     dy + n * g.out_image() + grp * cout_g * P, P, 1,
+                     dx + n * g.in_image() + grp * cin_g * P, P, 1, false);
+  });
+}
+
+template void backward_input_pointwise<float>(const Geometry&, const float*, const float*,
+                                              float*);
+template void backward_input_pointwise<double>(const Geometry&, const double*, const double*,
+                                               double*);
 template void forward_im2col<float>(const Geometry&, const float*, const float*, const float*,
                                     float*);
 template void forward_im2col<double>(const Geometry&, const double*, const double*,

@@ -103,6 +103,7 @@ PE_INLINE T hsum(const typename Vec<T, W>::type& v) {
 }
 
 constexpr int64_t kKC = 256;
+constexpr int64_t kKCIndirectBytes = 16384;  // ind_driver's k block: see there
 constexpr int64_t kMCRows = 240;  // multiple of every kMR
 // Columns per B block (KC x NC floats = 4 MB: in L3, shared). The A block (MC x KC) is repacked
 // once per B block, so a wide NC keeps that to one or two passes.
@@ -508,8 +509,14 @@ void ind_driver(int64_t M, int64_t N, int64_t K, const T* const* a, const T* con
   constexpr int MR = mr_of<Isa>(NV);
   thread_local std::vector<T> tail;
   thread_local std::vector<const T*> tail_rows;
-  for (int64_t pc = 0; pc < K; pc += kKC) {
-    const int64_t kc = std::min(kKC, K - pc);
+  // k block: the B micro-panel (kc rows of NR, read in place) in 16 KB, a third of L1, beside the
+  // A rows the tiles broadcast from (as many lines as k): at kc = 256 a 64 KB panel of the 6 x 64
+  // tiles was evicted between tiles; 16 KB measured a little faster than 24 or 32 KB on conv2d's
+  // implicit GEMMs, within the noise of this machine.
+  const int64_t KCI = std::clamp<int64_t>(kKCIndirectBytes / (W * NV * int64_t(sizeof(T))),
+                                               64, kKC);
+  for (int64_t pc = 0; pc < K; pc += KCI) {
+    const int64_t kc = std::min(KCI, K - pc);
     const bool accum = accumulate || pc > 0;
     for (int64_t j = 0; j < N;) {
       const int64_t rem = N - j;

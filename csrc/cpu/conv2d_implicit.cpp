@@ -1,0 +1,416 @@
+// The implicit-GEMM algorithm of the CPU conv2d kernels (interface: cpu/conv2d.h; when it is
+// chosen: cpu/conv2d.cpp). For wide layers (16 or more output channels per group) it runs the
+// convolution as the transposed product
+//
+//   Y^T[pixel, co] = sum_k Xtap[pixel, k] W^T[k, co]      k = (ci, ki, kj), a tap
+//
+// on gemm_indirect's outer-product tiles (cpu/gemm.h): a tile holds a few output pixels of one
+// row by a panel of output channels; per tap it loads a vector of W^T's row and broadcasts the
+// tap's input value for each pixel. No im2col is formed: for a fixed tap, consecutive output pixels
+// of a row read consecutive input elements of one plane, so the pointer table of gemm_indirect
+// lists one pointer per tap into a zero-padded copy of the input, and every tile reads it in place.
+//
+// The padded copy ("planes"): per image and input channel, the input with its zero padding, split
+// into stride_h x stride_w phase planes so that stride > 1 stays contiguous too (output column ow
+// of tap kj reads padded column ow * sw + kj * dw, which is column ow + (kj * dw) / sw of phase
+// (kj * dw) % sw). A plane's rows are `pw` wide, and the GEMM's rows are the flattened pixels
+// oh * pw + ow of a block of output rows: the pw - out_w columns past a row's end are computed
+// too (their taps wrap into the next plane row) and never stored. That keeps a whole block of
+// output rows one GEMM with long columns of tiles (the tiles reuse each W^T panel in L1), for a
+// waste of (pw - out_w) / pw (2 / 30 at 28x28, 3x3, padding 1).
+//
+// Napkin math (conv2d 128->128, 3x3, 28x28, batch 8; the reference machine: csrc/cpu/README.md):
+// 1.85 GFLOP. The planes copy the input once (0.8 M elements) and the output is transposed into
+// NCHW once (0.8 M elements), against 924 M multiply-adds: each element moved pays for ~500 FMAs,
+// so the kernels' FMA rate decides, not the data movement; im2col instead wrote every tap of every
+// pixel (8.3 M elements) and packed it again for the GEMM.
+//
+// grad_input of a stride-1 convolution is the same operation (backward_input_implicit): a
+// convolution of grad_output, padded by (k - 1) * d - p, with the flipped, transposed weight.
+//
+// Deterministic: each output element is summed over its taps in a fixed order (gemm_indirect's
+// k blocks in order) that depends on the shapes only, not on how the work is split.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/conv2d.h"
+#include "cpu/gemm.h"
+#include "cpu/isa.h"
+
+#include <immintrin.h>
+#include <type_traits>
+
+namespace pyengine {
+namespace cpu {
+namespace conv2d {
+namespace {
+
+// The padded, phase-split copy of the input and where each tap reads it.
+struct Planes {
+  int64_t ph, pw;       // rows and columns of one phase plane
+  int64_t plane;        // elements per plane (ph * pw)
+  int64_t channel;      // elements per input channel (stride_h * stride_w planes)
+  int64_t image;        // elements per image
+};
+
+Planes make_planes(const Geometry& g) {
+  Planes p;
+  const int64_t hp = g.in_h + 2 * g.padding_h, wp = g.in_w + 2 * g.padding_w;
+  p.pw = ceil_div(wp, g.stride_w);
+  // Rows: the padded input's, and enough that the flattened reads past a row's end (the
+  // discarded columns) of the last output row stay inside the plane: the deepest tap reads row
+  // out_h - 1 + ((kh - 1) * dh) / sh at columns up to pw - 1 + ((kw - 1) * dw) / sw < 2 * pw.
+  const int64_t deepest = g.out_h + ((g.kernel_h - 1) * g.dilation_h) / g.stride_h;
+  p.ph = std::max(ceil_div(hp, g.stride_h), deepest) + 1;
+  p.plane = p.ph * p.pw;
+  p.channel = p.plane * g.stride_h * g.stride_w;
+  p.image = p.channel * g.in_channels;
+  return p;
+}
+
+// Offset of tap k = (ci, ki, kj) of a group inside an image's planes (channel ci of the group).
+int64_t tap_offset(const Geometry& g, const Planes& p, int64_t ci, int64_t ki, int64_t kj) {
+  const int64_t rh = ki * g.dilation_h, rw = kj * g.dilation_w;
+  const int64_t phase = (rh % g.stride_h) * g.stride_w + rw % g.stride_w;
+  return ci * p.channel + phase * p.plane + (rh / g.stride_h) * p.pw + rw / g.stride_w;
+}
+
+// planes of image n: every element, padding and the extra rows zero.
+template <typename T>
+void fill_planes(const Geometry& g, const Planes& p, const T* x, T* planes) {
+  const int64_t sh = g.stride_h, sw = g.stride_w;
+  std::fill(planes, planes + p.image, T(0));
+  for (int64_t c = 0; c < g.in_channels; ++c) {
+    const T* src = x + c * g.in_pixels();
+    T* dst = planes + c * p.channel;
+    for (int64_t ih = 0; ih < g.in_h; ++ih) {
+      const int64_t r = ih + g.padding_h;  // padded row
+      const T* srow = src + ih * g.in_w;
+      T* drows = dst + (r % sh) * sw * p.plane + (r / sh) * p.pw;
+      // Phase q holds padded columns j * sw + q, i.e. input columns j * sw + q - padding_w.
+      for (int64_t q = 0; q < sw; ++q) {
+        T* drow = drows + q * p.plane;
+        const int64_t off = q - g.padding_w;  // input column of j = 0
+        const int64_t j0 = off >= 0 ? 0 : ceil_div(-off, sw);
+        const int64_t j1 = g.in_w - 1 - off < 0 ? 0 : (g.in_w - 1 - off) / sw + 1;
+        if (sw == 1) {
+          if (j1 > j0) std::memcpy(drow + j0, srow + j0 + off, (j1 - j0) * sizeof(T));
+        } else {
+          for (int64_t j = j0; j < j1; ++j) drow[j] = srow[j * sw + off];
+        }
+      }
+    }
+  }
+}
+
+// Tap offsets within a group's channels, in the GEMM's k order (ci, ki, kj).
+std::vector<int64_t> tap_offsets(const Geometry& g, const Planes& p) {
+  std::vector<int64_t> tap(static_cast<size_t>(g.taps_per_group()));
+  for (int64_t ci = 0, k = 0; ci < g.in_channels_per_group(); ++ci)
+    for (int64_t ki = 0; ki < g.kernel_h; ++ki)
+      for (int64_t kj = 0; kj < g.kernel_w; ++kj) tap[k++] = tap_offset(g, p, ci, ki, kj);
+  return tap;
+}
+
+// Output rows per block: ~512 flattened pixels, so that a block's Y^T scratch (pixels x cout_g)
+// or dY rows stay in L2 across the GEMM's k blocks.
+int64_t rows_per_block(const Geometry& g, const Planes& p) {
+  return std::clamp<int64_t>(512 / p.pw, 1, g.out_h);
+}
+
+// A whole 16 x 16 float block of transpose() below in registers: three rounds of shuffles
+// (32-bit pairs, 64-bit pairs, 128-bit lanes), 16 loads and 16 stores instead of 256 of each.
+PE_TARGET_AVX512 void transpose16_avx512(const float* src, int64_t rs, float* dst, int64_t ld,
+                                         const float* add) {
+  __m512 r[16], t[16], u[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * rs);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + j], 128-bit lane L: rows 4i .. 4i + 3 of column 4L + j.
+  for (int i = 0; i < 4; ++i) {
+    const __m512d t0 = _mm512_castps_pd(t[4 * i]), t1 = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[4 * i + 2]), t3 = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 lo_ab = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44);
+    const __m512 lo_cd = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512 hi_ab = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
+    const __m512 hi_cd = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
+    __m512 out[4] = {_mm512_shuffle_f32x4(lo_ab, lo_cd, 0x88),
+                     _mm512_shuffle_f32x4(lo_ab, lo_cd, 0xDD),
+                     _mm512_shuffle_f32x4(hi_ab, hi_cd, 0x88),
+                     _mm512_shuffle_f32x4(hi_ab, hi_cd, 0xDD)};
+    for (int l = 0; l < 4; ++l) {
+      const int c = 4 * l + j;
+      if (add) out[l] = _mm512_add_ps(out[l], _mm512_set1_ps(add[c]));
+      _mm512_storeu_ps(dst + c * ld, out[l]);
+    }
+  }
+}
+
+// dst[c * ld + r] = src[r * rs + c] (+ add[c] when add is not null) for r < R, c < C, in 16 x 16
+// blocks so that both sides stay within a few cache lines (a plain strided loop over a 256-wide
+// matrix missed L1 on every element); whole float blocks in registers with AVX-512.
+template <typename T>
+void transpose(int64_t R, int64_t C, const T* src, int64_t rs, T* dst, int64_t ld, const T* add) {
+  constexpr int64_t kB = 16;
+  static const bool avx512 = isa_for(Family::Conv2d) == Isa::Avx512;
+  for (int64_t r0 = 0; r0 < R; r0 += kB)
+    for (int64_t c0 = 0; c0 < C; c0 += kB) {
+      const int64_t r1 = std::min(R, r0 + kB), c1 = std::min(C, c0 + kB);
+      if constexpr (std::is_same_v<T, float>) {
+        if (avx512 && r1 - r0 == kB && c1 - c0 == kB) {
+          transpose16_avx512(src + r0 * rs + c0, rs, dst + c0 * ld + r0, ld,
+                             add ? add + c0 : nullptr);
+          continue;
+        }
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        const T a = add ? add[c] : T(0);
+        T* d = dst + c * ld;
+        for (int64_t r = r0; r < r1; ++r) d[r] = src[r * rs + c] + a;
+      }
+    }
+}
+
+// Rows [r0, r1) of a product's operand, in parallel: at least ~64K elements per task.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t row_elems, const F& f) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, row_elems)), f);
+}
+
+template <typename T>
+std::vector<T>& scratch() {
+  thread_local std::vector<T> buf;
+  return buf;
+}
+
+// The shared body: y = conv(x, w) with w given as W^T per group (wt: groups x K x cout_g, the
+// GEMM's B rows), bias optional.
+template <typename T>
+void run(const Geometry& g, const T* x, const T* wt, const T* bias, T* y) {
+  const Planes p = make_planes(g);
+  const int64_t K = g.taps_per_group(), cin_g = g.in_channels_per_group();
+  const int64_t cout_g = g.out_channels_per_group(), P = g.out_pixels();
+  const std::vector<int64_t> tap = tap_offsets(g, p);
+  std::vector<const T*> b_rows(static_cast<size_t>(g.groups * K));
+  for (int64_t i = 0; i < g.groups * K; ++i) b_rows[i] = wt + i * cout_g;
+  // Tasks: (image, group, block of output rows), images outermost. A thread fills the planes of
+  // the image its tasks are on, in its own one-image buffer, when it reaches it: the planes are
+  // fresh in cache, and no batch-sized buffer is allocated (its page faults cost as much as the
+  // copy). An image whose tasks are split between threads is filled by each of them.
+  const int64_t rpb = rows_per_block(g, p);
+  const int64_t blocks = ceil_div(g.out_h, rpb);
+  const int64_t tasks = g.batch * g.groups * blocks;
+  const double work = double(rpb) * p.pw * K * cout_g;
+  at::parallel_for(0, tasks, grain_for(work), [&](int64_t t0, int64_t t1) {
+    std::vector<const T*> a_rows(static_cast<size_t>(K));
+    std::vector<T> planes(static_cast<size_t>(p.image));
+    int64_t filled = -1;  // the image in `planes`
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t blk = t % blocks, grp = (t / blocks) % g.groups, n = t / (blocks * g.groups);
+      if (n != filled) {
+        fill_planes(g, p, x + n * g.in_image(), planes.data());
+        filled = n;
+      }
+      const int64_t oh0 = blk * rpb, oh1 = std::min(g.out_h, oh0 + rpb);
+      const int64_t m = (oh1 - oh0) * p.pw;  // flattened pixels, the discarded columns included
+      const T* base = planes.data() + grp * cin_g * p.channel + oh0 * p.pw;
+      for (int64_t k = 0; k < K; ++k) a_rows[k] = base + tap[k];
+      std::vector<T>& yt = scratch<T>();
+      if (yt.size() < static_cast<size_t>(m * cout_g)) yt.resize(static_cast<size_t>(m * cout_g));
+      gemm_indirect<T>(m, cout_g, K, a_rows.data(), b_rows.data() + grp * K, yt.data(), cout_g, 1,
+                       /*accumulate=*/false);
+      // Y^T block -> NCHW, plus the bias; the discarded columns are skipped.
+      T* yg = y + n * g.out_image() + grp * cout_g * P;
+      for (int64_t oh = oh0; oh < oh1; ++oh)
+        transpose(g.out_w, cout_g, yt.data() + (oh - oh0) * p.pw * cout_g, cout_g,
+                  yg + oh * g.out_w, P, bias ? bias + grp * cout_g : nullptr);
+    }
+  });
+}
+
+}  // namespace
+
+bool implicit_fits(const Geometry& g) {
+  // Output-channel panels of a whole vector or more: below that the tiles would be mostly
+  // padding (LeNet's 6-channel conv1 stays on im2col). A padding wider than the dilated kernel
+  // (possible, if odd) has no stride-1 transposed form for grad_input; forward runs anyway.
+  return g.out_channels_per_group() >= 16 && g.out_w >= 4;
+}
+
+bool implicit_fits_backward_input(const Geometry& g) {
+  return implicit_fits(Geometry{g.batched, g.batch, g.out_channels, g.out_h, g.out_w,
+                                g.in_channels, g.in_h, g.in_w, g.kernel_h, g.kernel_w, 1, 1,
+                                0, 0, g.dilation_h, g.dilation_w, g.groups}) &&
+         g.stride_h == 1 && g.stride_w == 1 &&
+         g.padding_h <= (g.kernel_h - 1) * g.dilation_h &&
+         g.padding_w <= (g.kernel_w - 1) * g.dilation_w;
+}
+
+template <typename T>
+void forward_implicit(const Geometry& g, const T* x, const T* w, const T* bias, T* y) {
+  const int64_t K = g.taps_per_group(), cout_g = g.out_channels_per_group();
+  // W^T per group: wt[grp][k][co] = w[grp * cout_g + co][k].
+  std::vector<T> wt(static_cast<size_t>(g.groups * K * cout_g));
+  parallel_rows(g.groups, K * cout_g, [&](int64_t g0, int64_t g1) {
+    for (int64_t grp = g0; grp < g1; ++grp)
+      transpose(cout_g, K, w + grp * cout_g * K, K, wt.data() + grp * K * cout_g, cout_g,
+                static_cast<const T*>(nullptr));
+  });
+  run<T>(g, x, wt.data(), bias, y);
+}
+
+template <typename T>
+void backward_input_implicit(const Geometry& g, const T* dy, const T* w, T* dx) {
+  // dX = conv(dY, W'), stride 1, padding (k - 1) * d - p, W'[ci][co][ki][kj] =
+  // W[co][ci][kh - 1 - ki][kw - 1 - kj] per group; its GEMM's B rows are W'^T[(co, ki, kj)][ci].
+  const Geometry t{g.batched, g.batch, g.out_channels, g.out_h, g.out_w,
+                   g.in_channels, g.in_h, g.in_w, g.kernel_h, g.kernel_w, 1, 1,
+                   (g.kernel_h - 1) * g.dilation_h - g.padding_h,
+                   (g.kernel_w - 1) * g.dilation_w - g.padding_w,
+                   g.dilation_h, g.dilation_w, g.groups};
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t kh = g.kernel_h, kw = g.kernel_w, khw = kh * kw;
+  const int64_t K = cout_g * khw;  // the transposed convolution's taps per group
+  // Flipping both kernel axes reverses the flattened position: (kh-1-ki, kw-1-kj) = khw-1-j.
+  std::vector<T> wt(static_cast<size_t>(g.groups * K * cin_g));
+  parallel_rows(g.out_channels, cin_g * khw, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {  // r = grp * cout_g + co
+      const int64_t grp = r / cout_g, co = r % cout_g;
+      const T* src = w + r * cin_g * khw;
+      T* dst = wt.data() + (grp * K + co * khw) * cin_g;
+      for (int64_t j = 0; j < khw; ++j)
+        for (int64_t ci = 0; ci < cin_g; ++ci) dst[(khw - 1 - j) * cin_g + ci] = src[ci * khw + j];
+    }
+  });
+  run<T>(t, dy, wt.data(), nullptr, dx);
+}
+
+template <typename T>
+void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw) {
+  // Per kernel position (ki, kj), dW[:, :, ki, kj] is a GEMM over the output pixels q:
+  //   dW[co, ci, ki, kj] = sum_q dY^T[q, co] X^T[pixel read by q at (ki, kj), ci]
+  // gemm_indirect's outer-product tiles vectorise along ci: the input is copied channels-last
+  // (zero-padded, and split into stride phases like the planes, so that consecutive output
+  // pixels read consecutive pixel rows: 512 B apart, stride-2 rows used half of L1's sets), so
+  // each pixel's channels are one contiguous row, and dY^T's rows are the output pixels'
+  // channels. The pointer tables list only real output pixels: nothing is summed for the
+  // discarded columns of the forward (an Inf or NaN in the input reaches only the weights whose
+  // taps read it, as in torch).
+  const int64_t cin = g.in_channels, cout = g.out_channels, P = g.out_pixels();
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t sh = g.stride_h, sw = g.stride_w, khw = g.kernel_pixels();
+  const int64_t hs = ceil_div(g.in_h + 2 * g.padding_h, sh);
+  const int64_t ws = ceil_div(g.in_w + 2 * g.padding_w, sw);
+  const int64_t phase = hs * ws * cin, image = phase * sh * sw;
+  // Tasks: (group, kernel position, block of output channels), each with its own dW^T block in
+  // `acc`. Image by image: the image's channels-last copies are made (in parallel), then every
+  // task runs on its blocks of ~512 output pixels, reading them from cache; each dW element sums
+  // the images and blocks in the same order whatever the split.
+  const int64_t positions = g.groups * khw;
+  const int64_t want = std::max<int64_t>(1, ceil_div(2 * at::get_num_threads(), positions));
+  // Blocks of at least 48 channels (or all of them): each B row (a pixel's input channels) loaded
+  // is reused by that many rows of the tile column.
+  const int64_t co_blocks = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, cout_g / 48));
+  const int64_t co_block = round_up(ceil_div(cout_g, co_blocks), 8);
+  const int64_t tasks = positions * co_blocks;
+  const int64_t block_rows = std::clamp<int64_t>(512 / g.out_w, 1, g.out_h);
+  std::vector<T> acc(static_cast<size_t>(tasks * co_block * cin_g));
+  std::vector<T> xt(static_cast<size_t>(image), T(0));  // padding: zero once, never written
+  std::vector<T> dyt(static_cast<size_t>(P * cout));
+  for (int64_t n = 0; n < g.batch; ++n) {
+    parallel_rows(g.in_h, g.in_w * cin, [&](int64_t h0, int64_t h1) {
+      std::vector<T> row(static_cast<size_t>(sw > 1 ? g.in_w * cin : 0));
+      for (int64_t ih = h0; ih < h1; ++ih) {
+        const int64_t r = ih + g.padding_h;
+        T* dst = xt.data() + (r % sh) * sw * phase + (r / sh) * ws * cin;
+        const T* src = x + n * g.in_image() + ih * g.in_w;
+        if (sw == 1) {
+          transpose(cin, g.in_w, src, g.in_pixels(), dst + g.padding_w * cin, cin,
+                    static_cast<const T*>(nullptr));
+          continue;
+        }
+        transpose(cin, g.in_w, src, g.in_pixels(), row.data(), cin,
+                  static_cast<const T*>(nullptr));
+        for (int64_t iw = 0; iw < g.in_w; ++iw) {
+          const int64_t col = iw + g.padding_w;
+          std::memcpy(dst + (col % sw) * phase + (col / sw) * cin, row.data() + iw * cin,
+                      static_cast<size_t>(cin) * sizeof(T));
+        }
+      }
+    });
+    parallel_rows(ceil_div(P, 16), 16 * cout, [&](int64_t b0, int64_t b1) {
+      const int64_t q0 = b0 * 16, q1 = std::min(P, b1 * 16);
+      transpose(cout, q1 - q0, dy + n * g.out_image() + q0, P, dyt.data() + q0 * cout, cout,
+                static_cast<const T*>(nullptr));
+    });
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      const int64_t qmax = block_rows * g.out_w;
+      std::vector<const T*> a(static_cast<size_t>(qmax)), b(static_cast<size_t>(qmax));
+      for (int64_t oh0 = 0; oh0 < g.out_h; oh0 += block_rows) {
+        const int64_t oh1 = std::min(g.out_h, oh0 + block_rows);
+        const bool first = n == 0 && oh0 == 0;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t cb = t % co_blocks, pos = (t / co_blocks) % khw;
+          const int64_t grp = t / (co_blocks * khw);
+          const int64_t ki = pos / g.kernel_w, kj = pos % g.kernel_w;
+          const int64_t co0 = grp * cout_g + cb * co_block;
+          const int64_t m = std::min(co_block, cout_g - cb * co_block);
+          // Padded row oh * sh + rh is row oh + rh / sh of phase rh % sh (columns alike).
+          const int64_t rh = ki * g.dilation_h, rw = kj * g.dilation_w;
+          const T* xn = xt.data() + ((rh % sh) * sw + rw % sw) * phase +
+                        ((rh / sh) * ws + rw / sw) * cin + grp * cin_g;
+          int64_t q = 0;
+          for (int64_t oh = oh0; oh < oh1; ++oh) {
+            const T* xrow = xn + oh * ws * cin;
+            const T* dyrow = dyt.data() + oh * g.out_w * cout + co0;
+            for (int64_t ow = 0; ow < g.out_w; ++ow, ++q) {
+              a[q] = dyrow + ow * cout;
+              b[q] = xrow + ow * cin;
+            }
+          }
+          gemm_indirect<T>(m, cin_g, q, a.data(), b.data(), acc.data() + t * co_block * cin_g,
+                           cin_g, 1, /*accumulate=*/!first);
+        }
+      }
+    });
+  }
+  parallel_rows(tasks, co_block * cin_g, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t cb = t % co_blocks, pos = (t / co_blocks) % khw, grp = t / (co_blocks * khw);
+      const int64_t co0 = grp * cout_g + cb * co_block;
+      const int64_t m = std::min(co_block, cout_g - cb * co_block);
+      const T* c = acc.data() + t * co_block * cin_g;
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t ci = 0; ci < cin_g; ++ci)
+          dw[((co0 + i) * cin_g + ci) * khw + pos] = c[i * cin_g + ci];
+    }
+  });
+}
+
+template void forward_implicit<float>(const Geometry&, const float*, const float*, const float*,
+                                      float*);
+template void forward_implicit<double>(const Geometry&, const double*, const double*,
+                                       const double*, double*);
+template void backward_input_implicit<float>(const Geometry&, const float*, const float*,
+                                             float*);
+template void backward_input_implicit<double>(const Geometry&, const double*, const double*,
+                                              double*);
+template void backward_weight_implicit<float>(const Geometry&, const float*, const float*,
+                                              float*);
+template void backward_weight_implicit<double>(const Geometry&, const double*, const double*,
+                                               double*);
+
+}  // namespace conv2d
+}  // namespace cpu
+}  // namespace pyengine
