@@ -1,5 +1,5 @@
-"""LeNet training step (forward, MSE loss, backward, SGD), pyengine layers against torch.nn and,
-on a CPU with JAX installed, jax.jit: the suite's "lenet train_step" cases (benchmarks/suite.py)
+"""LeNet training step (forward, MSE loss, backward, SGD), pyengine layers (eager, and the step
+as a pyengine.capture_step replay) against torch.nn and, on a CPU with JAX installed, jax.jit: the suite's "lenet train_step" cases (benchmarks/suite.py)
 for a few batch sizes, without torch.compile. Prints a short table; --csv writes the suite's CSV
 schema.
 
@@ -27,7 +27,7 @@ def main(argv=None):
 
     peaks = peak.measure(args.device)
     cases = [network_case("lenet", batch, "train_step") for batch in args.batches]
-    names = ["pyengine", "torch"] + jax_contender(args.device)
+    names = ["pyengine", "torch"] + jax_contender(args.device) + ["pyengine+capture"]
     rows = run_cases(cases, names, args.device, args.runs, peaks)
     by = {(int(r["batch"]), r["contender"]): r for r in rows}
 
@@ -37,6 +37,7 @@ def main(argv=None):
     with_jax = "jax" in names
     print(f"{'batch':>6} {'MFLOP':>9} {'pyengine ms':>12} {'torch ms':>10} {'ratio':>7} "
           + (f"{'jax ms':>9} {'/ jax':>7} " if with_jax else "")
+          + f"{'captured ms':>12} {'/ torch':>8} " + (f"{'/ jax':>7} " if with_jax else "")
           + f"{'pyengine GFLOP/s':>17} {'pyengine %':>11} {'torch %':>8}")
     for batch in args.batches:
         mine, theirs = by.get((batch, "pyengine")), by.get((batch, "torch"))
@@ -48,8 +49,14 @@ def main(argv=None):
         if with_jax:
             jax_ms = by[(batch, "jax")]["median_ms"] if (batch, "jax") in by else float("nan")
             jax_cells = f"{jax_ms:>9.3f} {mine['median_ms'] / jax_ms:>7.2f} "
+        cap = by.get((batch, "pyengine+capture"))
+        cap_ms = cap["median_ms"] if cap else float("nan")
+        cap_cells = f"{cap_ms:>12.3f} {cap_ms / theirs['median_ms']:>8.2f} "
+        if with_jax:
+            jax_ms = by[(batch, "jax")]["median_ms"] if (batch, "jax") in by else float("nan")
+            cap_cells += f"{cap_ms / jax_ms:>7.2f} "
         print(f"{batch:>6} {flops:>9.2f} {mine['median_ms']:>12.3f} {theirs['median_ms']:>10.3f} "
-              f"{ratio:>7.2f} {jax_cells}{mine['gflops'] or float('nan'):>17.1f} "
+              f"{ratio:>7.2f} {jax_cells}{cap_cells}{mine['gflops'] or float('nan'):>17.1f} "
               f"{mine['pct_of_bound'] or float('nan'):>11.1f} "
               f"{theirs['pct_of_bound'] or float('nan'):>8.1f}")
     if args.csv:

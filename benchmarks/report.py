@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Dict, Iterable, List, Optional
 
-CONTENDERS = ("pyengine", "torch", "torch.compile", "jax", "pyengine+graph", "torch+graph")
+CONTENDERS = ("pyengine", "torch", "torch.compile", "jax", "pyengine+capture", "pyengine+graph",
+              "torch+graph")
 
 CSV_FIELDS = [
     # the run: same on every row, so rows from several machines can share one file
@@ -100,11 +101,11 @@ def _cell(value, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def _ratio(by: Dict[str, dict], peer: str) -> str:
-    """pyengine's median over peer's, in bold ("-" unless both ran)."""
-    if "pyengine" not in by or peer not in by:
+def _ratio(by: Dict[str, dict], peer: str, mine: str = "pyengine") -> str:
+    """mine's median over peer's, in bold ("-" unless both ran)."""
+    if mine not in by or peer not in by:
         return "-"
-    return f"**{float(by['pyengine']['median_ms']) / float(by[peer]['median_ms']):.2f}**"
+    return f"**{float(by[mine]['median_ms']) / float(by[peer]['median_ms']):.2f}**"
 
 
 def times_table(rows: List[dict]) -> str:
@@ -113,12 +114,16 @@ def times_table(rows: List[dict]) -> str:
     keyed = _keyed(rows)
     names = _present(keyed)
     peers = ["torch"] + (["jax"] if "jax" in names else [])
+    # (mine, peer) ratio columns: pyengine eager, and its captured step where it ran
+    pairs = [("pyengine", p) for p in peers]
+    if "pyengine+capture" in names:
+        pairs += [("pyengine+capture", p) for p in peers]
     head = "| kind | case | pass | batch | " + " | ".join(f"{c} ms" for c in names) + " | " + \
-        " | ".join(f"pyengine / {p}" for p in peers) + " |"
+        " | ".join(f"{m} / {p}" for m, p in pairs) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (kind, case, pass_, batch), by in keyed.items():
         cells = [_cell(by[c]["median_ms"], ".4f") if c in by else "-" for c in names]
-        cells += [_ratio(by, p) for p in peers]
+        cells += [_ratio(by, p, m) for m, p in pairs]
         lines.append(f"| {kind} | {case} | {pass_} | {batch} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

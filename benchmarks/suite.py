@@ -93,6 +93,8 @@ def contenders(device: str, with_compile: bool, log=print) -> List[str]:
     if with_compile:
         names.append("torch.compile")
     names += jax_contender(device, log)
+    # The networks' training steps as pyengine.capture_step replays: one C++ call per step.
+    names.append("pyengine+capture")
     if device.startswith("cuda"):
         names += ["pyengine+graph", "torch+graph"]
     return names
@@ -106,8 +108,8 @@ def _op_case(name, batch, pass_, build):
 
     def make(contender, device):
         base = contender.split("+")[0]
-        if base == "jax":
-            return None  # JAX's contender is whole networks, not torch's single ops
+        if base == "jax" or contender.endswith("+capture"):
+            return None  # whole training steps only, not single ops
         if base == "torch.compile":
             fwd_builder = lambda: build(TF, device)  # noqa: E731
         else:
@@ -286,6 +288,8 @@ def network_run(name: str, batch: int, pass_: str, contender: str, device: str):
     loss_fn = layers(backend).MSELoss()
     forward = torch.compile(model) if base == "torch.compile" else model
     if pass_ == "inference":
+        if contender.endswith("+capture"):
+            return model, None  # capture_step is for training steps
         model.eval()
         return model, _no_grad(lambda: forward(x))
     # Plain SGD (no momentum) is pure tensor arithmetic on the parameters and their gradients:
@@ -300,12 +304,19 @@ def network_run(name: str, batch: int, pass_: str, contender: str, device: str):
         opt.step()
         return loss
 
+    if contender.endswith("+capture"):
+        import pyengine
+
+        step = pyengine.capture_step(lambda xb, yb: run(), x, y)  # (run reads x, y itself)
+        return model, lambda: step(x, y)
     return model, run
 
 
 def network_case(name: str, batch: int, pass_: str) -> Case:
     def make(contender, device):
         _, run = network_run(name, batch, pass_, contender, device)
+        if run is None:
+            return None
         if contender.endswith("+graph"):
             return _graphed(run, device)
         return run
@@ -424,9 +435,13 @@ def run_cases(cases: List[Case], names: List[str], device: str, runs: int, peaks
         rows += case_rows.values()
         mine, ref = case_rows.get("pyengine"), case_rows.get("torch")
         ratio = f"{mine['median_ms'] / ref['median_ms']:.2f}" if mine and ref else "-"
-        jax_row = case_rows.get("jax")
+        jax_row, captured = case_rows.get("jax"), case_rows.get("pyengine+capture")
         jax_ratio = f", pyengine/jax {mine['median_ms'] / jax_row['median_ms']:.2f}" \
             if mine and jax_row else ""
+        if captured and ref:
+            jax_ratio += f", captured/torch {captured['median_ms'] / ref['median_ms']:.2f}"
+        if captured and jax_row:
+            jax_ratio += f", captured/jax {captured['median_ms'] / jax_row['median_ms']:.2f}"
         share = f", pyengine at {mine['pct_of_bound']:.1f}% of peak" \
             if mine and mine["pct_of_bound"] != "" else ""
         log(f"[{i}/{len(cases)}] {case.kind:7} {case.name:28} {case.pass_:16} batch "

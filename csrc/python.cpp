@@ -18,6 +18,10 @@
 namespace py = pybind11;
 using namespace pyengine;
 
+namespace pyengine {
+void bind_capture(py::module& m);  // csrc/capture.cpp: pyengine.capture_step's replay
+}
+
 // The entry point of one forward operator: its arguments, exactly as its handle takes them,
 // straight into the dispatcher. One template for every op, instantiated per handle.
 template <typename Signature>
@@ -42,6 +46,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // {CPU kernel family: instruction set it runs with} (csrc/cpu/isa.h, which PYENGINE_CPU_ISA
   // steers); raises for a PYENGINE_CPU_ISA value it does not know.
   m.def("cpu_isa", &cpu::kernel_isas);
+
+  bind_capture(m);
 
   // What this binary was built against, checked by pyengine/__init__.py at import.
   m.attr("built_with_torch") = py::make_tuple(TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR);

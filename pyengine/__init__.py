@@ -4,6 +4,7 @@
     import pyengine.nn as pnn            # drop-in twins of torch.nn modules
     model = pyengine.convert(model)      # swap a model's torch.nn layers for pyengine's
     with pyengine.patch(): ...           # route torch.nn.functional calls to pyengine
+    step = pyengine.capture_step(fn, x, y)  # a whole training step replayed as one C++ call
     pyengine.info()                      # the build, the CPU / GPU code it runs, what each op
                                          # supports (python -m pyengine info prints it)
 
@@ -18,7 +19,8 @@ from . import functional, nn  # noqa: E402
 from .convert import convert, disable, enable, is_enabled, patch  # noqa: E402
 from . import models  # noqa: E402
 from ._info import info  # noqa: E402
+from ._capture import CaptureError, CapturedStep, capture_step  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["functional", "nn", "models", "convert", "patch", "enable", "disable", "is_enabled",
-           "info"]
+           "info", "capture_step", "CapturedStep", "CaptureError"]

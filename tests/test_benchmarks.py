@@ -152,7 +152,8 @@ def test_read_csv_refuses_another_schema(tmp_path):
 def test_jax_contender_is_left_out_with_a_reason_when_jax_does_not_import(monkeypatch):
     monkeypatch.setitem(sys.modules, "jax", None)  # makes `import jax` raise ImportError
     logged = []
-    assert suite.contenders("cpu", with_compile=False, log=logged.append) == ["pyengine", "torch"]
+    assert suite.contenders("cpu", with_compile=False, log=logged.append) == [
+        "pyengine", "torch", "pyengine+capture"]
     assert len(logged) == 1 and "JAX does not import here" in logged[0] \
         and "without its jax contender" in logged[0]
     logged.clear()
@@ -162,6 +163,37 @@ def test_jax_contender_is_left_out_with_a_reason_when_jax_does_not_import(monkey
 def test_op_cases_have_no_jax_version():
     case = suite.op_cases(quick=True)[0]
     assert case.make("jax", "cpu") is None
+
+
+def test_op_cases_have_no_captured_step():
+    case = suite.op_cases(quick=True)[0]
+    assert case.make("pyengine+capture", "cpu") is None
+
+
+def test_captured_lenet_step_trains_like_the_eager_one():
+    """The suite's "pyengine+capture" contender: the same LeNet, weights and batch as
+    "pyengine", its step replayed; a replay updates the weights exactly as an eager step."""
+    eager_model, eager = suite.network_run("lenet", 2, "train_step", "pyengine", "cpu")
+    captured_model, captured = suite.network_run("lenet", 2, "train_step", "pyengine+capture",
+                                                 "cpu")
+    for _ in range(3):  # capture_step ran three real steps
+        eager()
+    for _ in range(2):
+        assert torch.equal(eager().detach(), captured())
+    for p, q in zip(eager_model.parameters(), captured_model.parameters()):
+        assert torch.equal(p, q)
+    assert suite.network_case("lenet", 2, "inference").make("pyengine+capture", "cpu") is None
+
+
+def test_times_table_adds_the_captured_step_ratios_when_it_ran():
+    row = dict(kind="network", case="lenet", batch=64, contender="pyengine", median_ms=1.0,
+               **{"pass": "train_step"})
+    rows = [row, dict(row, contender="torch", median_ms=2.0),
+            dict(row, contender="pyengine+capture", median_ms=0.5)]
+    lines = report.times_table(rows).splitlines()
+    assert lines[0] == ("| kind | case | pass | batch | pyengine ms | torch ms | "
+                        "pyengine+capture ms | pyengine / torch | pyengine+capture / torch |")
+    assert lines[2].endswith("| **0.50** | **0.25** |")
 
 
 def test_times_table_adds_pyengine_over_jax_when_jax_ran():
