@@ -93,10 +93,12 @@ def contenders(device: str, with_compile: bool, log=print) -> List[str]:
     if with_compile:
         names.append("torch.compile")
     names += jax_contender(device, log)
-    # The networks' training steps as pyengine.capture_step replays: one C++ call per step.
-    names.append("pyengine+capture")
     if device.startswith("cuda"):
         names += ["pyengine+graph", "torch+graph"]
+    else:
+        # The networks' training steps as pyengine.capture_step replays: one C++ call per step
+        # (a CPU step's counterpart of the CUDA graphs above).
+        names.append("pyengine+capture")
     return names
 
 

@@ -12,6 +12,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/version.h>
 
+#include "cpu/allocator.h"
 #include "cpu/isa.h"
 #include "op_handles.h"
 
@@ -48,6 +49,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &cpu::kernel_isas);
 
   bind_capture(m);
+
+  // The CPU output cache (cpu/allocator.h): its state, and giving its blocks back.
+  m.def("cpu_cache_stats", [] {
+    const cpu::CacheStats s = cpu::cache_stats();
+    return py::dict(py::arg("cached_bytes") = s.cached_bytes,
+                    py::arg("limit_bytes") = s.limit_bytes, py::arg("hits") = s.hits,
+                    py::arg("misses") = s.misses);
+  });
+  m.def("cpu_cache_empty", &cpu::empty_cache);
 
   // What this binary was built against, checked by pyengine/__init__.py at import.
   m.attr("built_with_torch") = py::make_tuple(TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR);

@@ -21,6 +21,21 @@ from . import models  # noqa: E402
 from ._info import info  # noqa: E402
 from ._capture import CaptureError, CapturedStep, capture_step  # noqa: E402
 
+_C.cpu_cache_stats()  # reads PYENGINE_CPU_CACHE_MB now: a bad value fails the import, clearly
+
+
+def empty_cache() -> None:
+    """Gives back to the system the CPU memory pyengine keeps for reuse: large blocks its CPU
+    operators' outputs and scratch held, cached for the next ones of the same size (at most
+    PYENGINE_CPU_CACHE_MB megabytes, default 1024; 0 turns the cache off)."""
+    _C.cpu_cache_empty()
+
+
+def cache_stats() -> dict:
+    """The CPU block cache: cached_bytes (held for reuse now), limit_bytes, and how many large
+    requests it served (hits) or passed to the system (misses)."""
+    return dict(_C.cpu_cache_stats())
+
 __version__ = "0.1.0"
 __all__ = ["functional", "nn", "models", "convert", "patch", "enable", "disable", "is_enabled",
-           "info", "capture_step", "CapturedStep", "CaptureError"]
+           "info", "capture_step", "CapturedStep", "CaptureError", "empty_cache", "cache_stats"]

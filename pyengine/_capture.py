@@ -26,6 +26,7 @@ operator, such as the learning rate (capture again after changing it), and the s
 of other shapes raise). Python code between operators does not run in a replay, so a step that
 reads a tensor's value (loss.item(), a data-dependent branch) cannot be captured and raises.
 """
+import weakref
 from typing import Callable, List, Tuple
 
 import torch
@@ -42,10 +43,14 @@ class CaptureError(RuntimeError):
 
 
 class _Recording:
+    """The calls of one step. Tensors are known by their TensorImpl's address, checked against a
+    weak reference: holding the step's tensors would change what it does (autograd's
+    AccumulateGrad copies a gradient that something else still references instead of taking
+    it), and an address reused by a tensor no recorded call made must not pass for the old one."""
+
     def __init__(self, inputs):
         self.slots = 0
-        self.slot_of = {}          # TensorImpl address -> slot (a tensor's latest value)
-        self.keep = []             # every tensor seen: no address is reused while recording
+        self.slot_of = {}          # TensorImpl address -> (slot, weakref to the tensor)
         self.persistent = []       # (slot, tensor) read but not created by the step
         self.calls = []            # (name, overload, args, output slots)
         for t in inputs:
@@ -54,12 +59,17 @@ class _Recording:
     def _new_slot(self, t):
         s = self.slots
         self.slots += 1
-        self.slot_of[t._cdata] = s
-        self.keep.append(t)
+        self.slot_of[t._cdata] = (s, weakref.ref(t))
         return s
 
+    def lookup(self, t):
+        entry = self.slot_of.get(t._cdata)
+        if entry is None or entry[1]() is not t:
+            return None
+        return entry[0]
+
     def slot(self, t):
-        s = self.slot_of.get(t._cdata)
+        s = self.lookup(t)
         if s is None:
             s = self._new_slot(t)
             self.persistent.append((s, t))
@@ -142,8 +152,13 @@ def _record(step, inputs):
     recording = _Recording(inputs)
     with _Recorder(recording):
         result = step(*inputs)
+    for _, t in recording.persistent:
+        if t.device.type != "cpu":
+            raise CaptureError(
+                f"capture_step: the step uses a tensor on {t.device}; it captures CPU steps (on "
+                "a GPU, capture the step in a CUDA graph: torch.cuda.graph)")
     tensors, rebuild = _flatten_results(result)
-    results = [recording.slot_of.get(t._cdata) for t in tensors]
+    results = [recording.lookup(t) for t in tensors]
     if any(s is None for s in results):
         raise CaptureError("capture_step: the step returned a tensor no operator of the step "
                            "produced")
@@ -152,21 +167,23 @@ def _record(step, inputs):
         g = t.grad if t.requires_grad and t.is_leaf else None
         if g is None:
             continue
-        if g._cdata not in recording.slot_of:
+        g_slot = recording.lookup(g)
+        if g_slot is None:
             raise CaptureError(
                 "capture_step: a parameter's .grad after the step was not produced by the step "
                 "(gradients accumulated from before it cannot be replayed)")
-        grads.append((slot, recording.slot_of[g._cdata]))
+        grads.append((slot, g_slot))
     return recording, results, grads, rebuild
 
 
 class CapturedStep:
     """The replay of a captured step: call it with tensors of the captured shapes and dtypes."""
 
-    def __init__(self, program, specs, rebuild):
+    def __init__(self, program, specs, rebuild, operators):
         self._program = program
         self._specs = specs
         self._rebuild = rebuild
+        self.operators = operators  # the replayed calls' operator names, in order
 
     def __call__(self, *inputs):
         if len(inputs) != len(self._specs):
@@ -199,6 +216,10 @@ def capture_step(step: Callable, *example_inputs: torch.Tensor, warmup: int = 1)
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"capture_step: example input {i} must be a tensor, got "
                             f"{type(t).__name__}")
+        if t.device.type != "cpu":
+            raise CaptureError(
+                f"capture_step: example input {i} is on {t.device}; it captures CPU steps (on "
+                "a GPU, capture the step in a CUDA graph: torch.cuda.graph)")
     if warmup < 0:
         raise ValueError(f"capture_step: expected warmup >= 0, got {warmup}")
     for _ in range(warmup):
@@ -220,4 +241,4 @@ def capture_step(step: Callable, *example_inputs: torch.Tensor, warmup: int = 1)
     program.set_grads(grads)
     program.finalize(results)
     specs = [(t.shape, t.dtype, t.device) for t in example_inputs]
-    return CapturedStep(program, specs, rebuild)
+    return CapturedStep(program, specs, rebuild, [c[0] for c in recording.calls])

@@ -104,7 +104,11 @@ def test_replay_needs_no_python_between_calls():
     _, _, step = _trainer(lambda: LeNet(), OPTIMIZERS["sgd"])
     x, y = torch.randn(1, 1, 32, 32), torch.randn(1, 10)
     captured = pyengine.capture_step(step, x, y)
-    assert 30 <= captured.calls <= 120
+    assert 30 <= captured.calls <= 120 and captured.calls == len(captured.operators)
+    # Recording must not change what the step does: autograd takes each gradient as the backward
+    # operator made it (a recorder holding references would make it copy them).
+    assert "aten::copy_" not in captured.operators
+    assert captured.operators.count("pyengine::conv2d_backward") == 2
     with torch.autograd.graph.saved_tensors_hooks(lambda t: pytest.fail("graph recorded"),
                                                   lambda t: t):
         loss = captured(x, y)
@@ -172,3 +176,15 @@ def test_refuses_a_result_that_is_not_a_tensor():
     model = LeNet()
     with helpers.raises(pyengine.CaptureError, "must return a tensor", "dict"):
         pyengine.capture_step(lambda x: {"out": model(x)}, torch.randn(1, 1, 32, 32))
+
+
+def test_refuses_a_step_on_a_gpu_with_where_to_go():
+    """CPU steps only (on a GPU a CUDA graph is the tool); the meta device stands in for one
+    where there is no GPU: the check is on the device type."""
+    model = LeNet().to("meta")
+    with helpers.raises(pyengine.CaptureError, "on meta", "CUDA graph"):
+        pyengine.capture_step(lambda x: model(x), torch.randn(1, 1, 32, 32, device="meta"))
+    cpu_model = LeNet()
+    weight = torch.randn(10, device="meta")
+    with helpers.raises(pyengine.CaptureError, "uses a tensor on meta"):
+        pyengine.capture_step(lambda x: (cpu_model(x).sum(), weight * 2), torch.randn(1, 1, 32, 32))

@@ -57,8 +57,10 @@ def test_the_fast_paths_are_the_forward_operators():
     """pyengine._C has an entry for each forward op (csrc/python.cpp, from op_handles.h's
     PYENGINE_FORWARD_OPS), and nothing else callable but the build's own reports and
     capture_step's replay program."""
-    reports = {"cpu_isa",      # the instruction set each CPU kernel family runs with (cpu/isa.h)
-               "StepProgram"}  # pyengine.capture_step's replay (csrc/capture.cpp)
+    reports = {"cpu_isa",          # the instruction set each CPU kernel family runs with
+               "StepProgram",      # pyengine.capture_step's replay (csrc/capture.cpp)
+               "cpu_cache_stats",  # the CPU block cache (cpu/allocator.h)
+               "cpu_cache_empty"}
     entries = {n for n in dir(pyengine._C) if not n.startswith("_")
                and callable(getattr(pyengine._C, n))} - reports
     missing, extra = sorted(set(FORWARD) - entries), sorted(entries - set(FORWARD))

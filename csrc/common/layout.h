@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "cpu/allocator.h"
 
 namespace pyengine {
 
@@ -57,7 +58,14 @@ inline c10::ArrayRef<c10::SymInt> strides_of<c10::SymInt>(const at::Tensor& t) {
   return t.sym_strides();
 }
 
+// Real (int64_t-sized) outputs on the CPU come from pyengine's output cache (cpu/allocator.h);
+// others from at::empty. (Pinned host memory stays torch's.)
+inline bool from_output_cache(const at::TensorOptions& options) {
+  return options.device().is_cpu() && !options.pinned_memory() &&
+         options.layout() == c10::kStrided;
+}
 inline at::Tensor empty_of(c10::ArrayRef<int64_t> sizes, const at::TensorOptions& options) {
+  if (from_output_cache(options)) return cpu::empty_cached(sizes, options);
   return at::empty(sizes, options);
 }
 inline at::Tensor empty_of(c10::ArrayRef<c10::SymInt> sizes, const at::TensorOptions& options) {
@@ -65,6 +73,7 @@ inline at::Tensor empty_of(c10::ArrayRef<c10::SymInt> sizes, const at::TensorOpt
 }
 inline at::Tensor empty_strided_of(c10::ArrayRef<int64_t> sizes, c10::ArrayRef<int64_t> strides,
                                    const at::TensorOptions& options) {
+  if (from_output_cache(options)) return cpu::empty_strided_cached(sizes, strides, options);
   return at::empty_strided(sizes, strides, options);
 }
 inline at::Tensor empty_strided_of(c10::ArrayRef<c10::SymInt> sizes,

@@ -108,7 +108,7 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
   const Tensor w = weight.contiguous();
   const Tensor b = has_bias ? bias->contiguous() : Tensor();
   const bool channels_last = conv2d_channels_last(input, weight);
-  Tensor out = at::empty(g.output_sizes(), x.options());
+  Tensor out = empty_of(g.output_sizes(), x.options());
   if (out.numel() == 0) return as_image_layout(out, channels_last);
   dispatch_floating(x.scalar_type(), "conv2d", [&](auto tag) {
     using T = decltype(tag);
@@ -143,9 +143,9 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
   const Tensor x = input.contiguous();
   const Tensor w = weight.contiguous();
   Tensor grad_input, grad_weight, grad_bias;
-  if (mask[0]) grad_input = at::empty(input.sizes(), x.options());
-  if (mask[1]) grad_weight = at::empty(weight.sizes(), x.options());
-  if (mask[2]) grad_bias = at::empty({g.out_channels}, x.options());
+  if (mask[0]) grad_input = empty_of(input.sizes(), x.options());
+  if (mask[1]) grad_weight = empty_of(weight.sizes(), x.options());
+  if (mask[2]) grad_bias = empty_of(at::IntArrayRef{g.out_channels}, x.options());
   dispatch_floating(x.scalar_type(), "conv2d_backward", [&](auto tag) {
     using T = decltype(tag);
     T* dx = mask[0] ? grad_input.mutable_data_ptr<T>() : nullptr;

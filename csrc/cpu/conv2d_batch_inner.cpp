@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/allocator.h"
 #include "cpu/conv2d.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
@@ -287,7 +288,7 @@ void forward_batch_inner(const Geometry& g, const T* x, const T* w, const T* bia
   const int64_t vw = cpu::simd_width<T>();
   const int64_t f_in = g.in_image(), f_out = g.out_image(), hw = g.in_pixels();
   const int64_t chunk = std::min(g.batch, kInnerBatch), ld = round_up(chunk, vw);
-  std::vector<T> xt(static_cast<size_t>(f_in * ld)), yt(static_cast<size_t>(f_out * ld));
+  cpu::CachedBuffer<T> xt(static_cast<size_t>(f_in * ld)), yt(static_cast<size_t>(f_out * ld));
   // W^T per group: wt[grp][k][co], so a tap's weights are a contiguous column of M = C_out/g.
   std::vector<T> wt(static_cast<size_t>(g.out_channels * K));
   for (int64_t grp = 0; grp < g.groups; ++grp)
@@ -334,9 +335,9 @@ void backward_batch_inner(const Geometry& g, const T* dy, const T* x, const T* w
   const int64_t f_in = g.in_image(), f_out = g.out_image(), hw = g.in_pixels();
   const int64_t chunk = std::min(g.batch, kInnerBatch), ld = round_up(chunk, vw);
   const int64_t khw = g.kernel_pixels();
-  std::vector<T> dyt(static_cast<size_t>(f_out * ld));
-  std::vector<T> xt(dw ? static_cast<size_t>(f_in * ld) : 0);
-  std::vector<T> dxt(dx ? static_cast<size_t>(f_in * ld) : 0);
+  cpu::CachedBuffer<T> dyt(static_cast<size_t>(f_out * ld));
+  cpu::CachedBuffer<T> xt(dw ? static_cast<size_t>(f_in * ld) : 0);
+  cpu::CachedBuffer<T> dxt(dx ? static_cast<size_t>(f_in * ld) : 0);
   std::vector<T> zeros(dw ? static_cast<size_t>(ld) : 0, T(0));
   std::vector<const T*> taps(dw ? static_cast<size_t>(P * K) : 0);
   const Taps tap = make_taps(g);

@@ -23,6 +23,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/allocator.h"
 #include "cpu/conv2d.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
@@ -532,7 +533,7 @@ void backward_im2col(const Geometry& g, const T* dy, const T* x, const T* w, T* 
   }
   const int64_t chunks_per_slot = (sp.chunks + slots - 1) / slots;
   slots = (sp.chunks + chunks_per_slot - 1) / chunks_per_slot;
-  std::vector<T> parts(reduce ? static_cast<size_t>(slots * part) : 0, T(0));
+  CachedBuffer<T> parts(reduce ? static_cast<size_t>(slots * part) : 0);
   const int64_t vw = cpu::simd_width<T>();
 
   const double slot_work = double(chunks_per_slot) * sp.images_per_chunk * g.out_channels * K *

@@ -36,6 +36,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/allocator.h"
 #include "cpu/conv2d.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
@@ -214,7 +215,7 @@ void run(const Geometry& g, const T* x, const T* wt, const T* bias, T* y) {
   const double work = double(rpb) * p.pw * K * cout_g;
   at::parallel_for(0, tasks, grain_for(work), [&](int64_t t0, int64_t t1) {
     std::vector<const T*> a_rows(static_cast<size_t>(K));
-    std::vector<T> planes(static_cast<size_t>(p.image));
+    CachedBuffer<T> planes(static_cast<size_t>(p.image), /*zero=*/false);  // fill_planes zeroes
     int64_t filled = -1;  // the image in `planes`
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t blk = t % blocks, grp = (t / blocks) % g.groups, n = t / (blocks * g.groups);
@@ -261,7 +262,7 @@ template <typename T>
 void forward_implicit(const Geometry& g, const T* x, const T* w, const T* bias, T* y) {
   const int64_t K = g.taps_per_group(), cout_g = g.out_channels_per_group();
   // W^T per group: wt[grp][k][co] = w[grp * cout_g + co][k].
-  std::vector<T> wt(static_cast<size_t>(g.groups * K * cout_g));
+  CachedBuffer<T> wt(static_cast<size_t>(g.groups * K * cout_g), /*zero=*/false);
   parallel_rows(g.groups, K * cout_g, [&](int64_t g0, int64_t g1) {
     for (int64_t grp = g0; grp < g1; ++grp)
       transpose(cout_g, K, w + grp * cout_g * K, K, wt.data() + grp * K * cout_g, cout_g,
@@ -283,7 +284,7 @@ void backward_input_implicit(const Geometry& g, const T* dy, const T* w, T* dx) 
   const int64_t kh = g.kernel_h, kw = g.kernel_w, khw = kh * kw;
   const int64_t K = cout_g * khw;  // the transposed convolution's taps per group
   // Flipping both kernel axes reverses the flattened position: (kh-1-ki, kw-1-kj) = khw-1-j.
-  std::vector<T> wt(static_cast<size_t>(g.groups * K * cin_g));
+  CachedBuffer<T> wt(static_cast<size_t>(g.groups * K * cin_g), /*zero=*/false);
   parallel_rows(g.out_channels, cin_g * khw, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {  // r = grp * cout_g + co
       const int64_t grp = r / cout_g, co = r % cout_g;
@@ -325,9 +326,9 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw)
   const int64_t co_block = round_up(ceil_div(cout_g, co_blocks), 8);
   const int64_t tasks = positions * co_blocks;
   const int64_t block_rows = std::clamp<int64_t>(512 / g.out_w, 1, g.out_h);
-  std::vector<T> acc(static_cast<size_t>(tasks * co_block * cin_g));
-  std::vector<T> xt(static_cast<size_t>(image), T(0));  // padding: zero once, never written
-  std::vector<T> dyt(static_cast<size_t>(P * cout));
+  CachedBuffer<T> acc(static_cast<size_t>(tasks * co_block * cin_g), /*zero=*/false);
+  CachedBuffer<T> xt(static_cast<size_t>(image));  // padding: zero once, never written
+  CachedBuffer<T> dyt(static_cast<size_t>(P * cout), /*zero=*/false);
   for (int64_t n = 0; n < g.batch; ++n) {
     parallel_rows(g.in_h, g.in_w * cin, [&](int64_t h0, int64_t h1) {
       std::vector<T> row(static_cast<size_t>(sw > 1 ? g.in_w * cin : 0));

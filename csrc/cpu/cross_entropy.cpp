@@ -15,6 +15,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/layout.h"
 #include "cpu/isa.h"
 #include "cpu/loops.h"
 #include "cpu/reductions.h"
@@ -340,7 +341,7 @@ Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTen
     };
     if (reduction == 0) {
       // (N) for batched input, 0-d for unbatched: input's leading dims.
-      out = at::empty(s.batched ? at::IntArrayRef(x.sizes().data(), 1) : at::IntArrayRef{},
+      out = empty_of(s.batched ? at::IntArrayRef(x.sizes().data(), 1) : at::IntArrayRef{},
                       x.options());
       scalar_t* po = out.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, n, rows_per(kElementwiseGrain, classes), [&](int64_t b, int64_t e) {
@@ -382,7 +383,7 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor& input
   const int64_t* pt = s.probabilities ? nullptr : t.const_data_ptr<int64_t>();
   if (!s.probabilities) check_targets(pt, n, classes, ignore_index, "cross_entropy_backward");
   const double eps = label_smoothing;
-  Tensor grad_input = at::empty(x.sizes(), x.options());
+  Tensor grad_input = empty_of(x.sizes(), x.options());
   dispatch_floating(x.scalar_type(), "cross_entropy_backward", [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* px = x.const_data_ptr<scalar_t>();

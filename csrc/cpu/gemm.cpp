@@ -33,6 +33,7 @@
 // apart in the same L1 sets.
 #include "cpu/gemm.h"
 
+#include "cpu/allocator.h"
 #include "cpu/isa.h"
 
 #include <ATen/Parallel.h>
@@ -846,16 +847,17 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
   // The outer-product kernels read A with unit stride along i and B with unit stride along j
   // (in either orientation). Copy an operand that lacks it once, here, rather than in every task.
   // (Per call: a thread_local copy would keep the largest operand ever seen alive.)
-  std::vector<T> a_copy, b_copy;
+  CachedBuffer<T> a_copy(plan.kind != Kind::Dot && rsa != 1 ? static_cast<size_t>(M * K) : 0,
+                        /*zero=*/false);
+  CachedBuffer<T> b_copy(plan.kind != Kind::Dot && csb != 1 ? static_cast<size_t>(K * N) : 0,
+                        /*zero=*/false);
   if (plan.kind != Kind::Dot && rsa != 1) {
-    a_copy.resize(static_cast<size_t>(M * K));
     transpose_copy(M, K, A, rsa, csa, a_copy.data(), /*rs=*/1, /*cs=*/M);
     A = a_copy.data();
     rsa = 1;
     csa = M;
   }
   if (plan.kind != Kind::Dot && csb != 1) {
-    b_copy.resize(static_cast<size_t>(K * N));
     transpose_copy(K, N, B, rsb, csb, b_copy.data(), /*rs=*/N, /*cs=*/1);
     B = b_copy.data();
     rsb = N;

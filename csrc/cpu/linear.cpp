@@ -60,7 +60,7 @@ Tensor linear_cpu(const Tensor& input, const Tensor& weight, const std::optional
   const Tensor x = input.contiguous();
   const Tensor w = weight.contiguous();
   const Tensor b = has_bias ? bias->contiguous() : Tensor();
-  Tensor out = at::empty(s.output_sizes, x.options());
+  Tensor out = empty_of(s.output_sizes, x.options());
   const int64_t rows = s.rows, in = s.in_features, o = s.out_features;
   if (rows == 0 || o == 0) return out;
   dispatch_floating(x.scalar_type(), "linear", [&](auto tag) {
@@ -93,7 +93,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_output
   if (mask[1])
     grad_weight = empty_with_layout<int64_t>(
         weight.sizes(), linear_grad_weight_layout<int64_t>(weight), x.options());
-  if (mask[2]) grad_bias = at::empty({o}, x.options());
+  if (mask[2]) grad_bias = empty_of(at::IntArrayRef{o}, x.options());
   // Row and column strides of a (m, n) gradient, contiguous or else column-major.
   auto strides = [](const Tensor& t, int64_t m, int64_t n) {
     return t.is_contiguous() ? std::pair<int64_t, int64_t>(n, 1)

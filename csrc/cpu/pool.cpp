@@ -520,7 +520,7 @@ Tensor max_pool2d_cpu(const Tensor& input, IntArrayRef kernel_size, IntArrayRef 
                       IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
   const Geometry g =
       check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
-  Tensor output = at::empty(g.output_sizes(), input.options());
+  Tensor output = empty_of(g.output_sizes(), input.options());
   max_pool2d_forward_impl<false>(input, g, output, nullptr, "max_pool2d");
   return as_image_layout(output, pool2d_channels_last(input));
 }
@@ -532,8 +532,8 @@ std::tuple<Tensor, Tensor> max_pool2d_with_indices_cpu(const Tensor& input,
   const Geometry g =
       check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
   const auto sizes = g.output_sizes();
-  Tensor output = at::empty(sizes, input.options());
-  Tensor indices = at::empty(sizes, input.options().dtype(at::kLong));
+  Tensor output = empty_of(sizes, input.options());
+  Tensor indices = empty_of(sizes, input.options().dtype(at::kLong));
   max_pool2d_forward_impl<true>(input, g, output, &indices, "max_pool2d_with_indices");
   const bool channels_last = pool2d_channels_last(input);
   return {as_image_layout(output, channels_last), as_image_layout(indices, channels_last)};
@@ -621,7 +621,7 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
                                                         stride, padding, dilation, ceil_mode);
   const Tensor go = grad_output.contiguous();
   const Tensor ix = indices.contiguous();
-  Tensor grad_input = at::empty(input.sizes(), input.options());
+  Tensor grad_input = empty_of(input.sizes(), input.options());
   const int64_t plane_in = g.in_pixels(), plane_out = g.out_pixels();
   const int64_t* pi = ix.const_data_ptr<int64_t>();
   // The first bad index, as a flat position in indices (planes are scanned in order within a

@@ -43,6 +43,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/layout.h"
 #include "cpu/isa.h"
 #include "cpu/vec_math.h"
 
@@ -455,7 +456,7 @@ Tensor softmax_forward(const Tensor& input, int64_t dim, const char* op) {
   dim = wrap_dim(dim, input.dim(), op);
   check_floating(input, op, "input");
   const Tensor x = input.contiguous();
-  Tensor y = at::empty(x.sizes(), x.options());
+  Tensor y = empty_of(x.sizes(), x.options());
   const Shape3 s = split_at(x, dim);
   if (x.numel() == 0) return y;
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
@@ -485,7 +486,7 @@ Tensor softmax_backward(const Tensor& grad_output, const Tensor& result, int64_t
   check_elementwise_backward<int64_t>(grad_output, result, "result", op);
   const Tensor g = grad_output.contiguous();
   const Tensor y = result.contiguous();
-  Tensor gx = at::empty(g.sizes(), g.options());
+  Tensor gx = empty_of(g.sizes(), g.options());
   const Shape3 s = split_at(g, dim);
   if (g.numel() == 0) return gx;
   dispatch_floating(g.scalar_type(), op, [&](auto tag) {

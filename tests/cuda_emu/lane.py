@@ -75,7 +75,10 @@ def _sources(build_dir: str) -> list:
             _write_if_changed(out, '#include "glue_prelude.h"\n'
                                    f'#include "cuda/{name}"\n')
             units.append(out)
-    return units + [os.path.join(HERE, "emu.cpp"), os.path.join(HERE, "module.cpp")]
+    # The glue allocates its outputs through csrc/common/layout.h, which takes CPU tensors' (the
+    # lane's) from pyengine's CPU block cache: the cache comes along, unmodified.
+    cache = os.path.join(os.path.dirname(CUDA_SRC), "cpu", "allocator.cpp")
+    return units + [cache, os.path.join(HERE, "emu.cpp"), os.path.join(HERE, "module.cpp")]
 
 
 def _flags(sanitize: str):

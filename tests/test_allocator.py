@@ -1,0 +1,68 @@
+"""The CPU block cache (csrc/cpu/allocator.h): a large output's memory is reused by the next
+output of its size instead of being faulted in again; PYENGINE_CPU_CACHE_MB bounds it (0 turns
+it off, a bad value fails the import with the variable named); pyengine.empty_cache() gives the
+blocks back. Results never depend on it."""
+import os
+import subprocess
+import sys
+
+import torch
+
+import pyengine
+
+LARGE = (64, 6, 28, 28)  # 1.2 MB of float32: above the 256 KB the cache starts at
+
+
+def test_a_freed_output_is_reused_by_the_next_of_its_size():
+    x = torch.randn(LARGE)
+    y = pyengine.functional.relu(x)
+    address = y.data_ptr()
+    del y
+    before = pyengine.cache_stats()
+    assert before["cached_bytes"] >= x.numel() * 4
+    z = pyengine.functional.relu(x)
+    after = pyengine.cache_stats()
+    assert z.data_ptr() == address and after["hits"] == before["hits"] + 1
+    assert torch.equal(z, torch.relu(x))
+
+
+def test_outputs_of_every_kind_of_kernel_come_from_it_and_are_right():
+    x = torch.randn(8, 16, 30, 30, requires_grad=True)
+    w = torch.randn(32, 16, 3, 3, requires_grad=True)
+    for _ in range(3):  # later rounds run on reused, dirty blocks
+        y = pyengine.functional.max_pool2d(pyengine.functional.conv2d(x, w, padding=1), 2)
+        g = torch.randn_like(y)
+        gx, gw = torch.autograd.grad(y, (x, w), g)
+        ref = torch.nn.functional.max_pool2d(torch.nn.functional.conv2d(x, w, padding=1), 2)
+        rx, rw = torch.autograd.grad(ref, (x, w), g)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gw, rw, rtol=1e-4, atol=2e-3)
+
+
+def test_empty_cache_gives_the_blocks_back():
+    y = pyengine.functional.relu(torch.randn(LARGE))
+    del y
+    assert pyengine.cache_stats()["cached_bytes"] > 0
+    pyengine.empty_cache()
+    assert pyengine.cache_stats()["cached_bytes"] == 0
+
+
+def _run(env_value, code):
+    env = dict(os.environ, PYENGINE_CPU_CACHE_MB=env_value)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_limit_comes_from_the_environment():
+    code = ("import torch, pyengine\n"
+            "y = pyengine.functional.relu(torch.randn(64, 6, 28, 28)); del y\n"
+            "s = pyengine.cache_stats(); print(s['limit_bytes'], s['cached_bytes'])\n")
+    off = _run("0", code)
+    assert off.returncode == 0, off.stderr[-2000:]
+    assert off.stdout.split() == ["0", "0"]
+    small = _run("3", code)
+    assert small.stdout.split()[0] == str(3 << 20)
+    bad = _run("lots", code)
+    assert bad.returncode != 0 and "PYENGINE_CPU_CACHE_MB" in bad.stderr \
+        and "'lots'" in bad.stderr
