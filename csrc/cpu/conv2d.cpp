@@ -172,7 +172,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
                                               dx);
       dx = nullptr;
     }
-    if (dw && !pointwise(g) && cpu::conv2d::implicit_fits(g)) {
+    if (dw && !pointwise(g) && cpu::conv2d::implicit_fits_backward_weight(g)) {
       cpu::conv2d::backward_weight_implicit<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
                                                dw);
       dw = nullptr;

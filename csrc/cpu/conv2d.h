@@ -40,6 +40,7 @@ void backward_batch_inner(const Geometry& g, const T* dy, const T* x, const T* w
 // output channels per group (conv2d_implicit.cpp); grad_input too where the stride is 1.
 bool implicit_fits(const Geometry& g);
 bool implicit_fits_backward_input(const Geometry& g);
+bool implicit_fits_backward_weight(const Geometry& g);
 template <typename T>
 void forward_implicit(const Geometry& g, const T* x, const T* w, const T* bias, T* y);
 template <typename T>

@@ -258,6 +258,11 @@ bool implicit_fits_backward_input(const Geometry& g) {
          g.padding_w <= (g.kernel_w - 1) * g.dilation_w;
 }
 
+bool implicit_fits_backward_weight(const Geometry& g) {
+  // Its GEMMs' vector dimension is the input channels of a group.
+  return g.out_channels_per_group() >= 16 && g.in_channels_per_group() >= 16;
+}
+
 template <typename T>
 void forward_implicit(const Geometry& g, const T* x, const T* w, const T* bias, T* y) {
   const int64_t K = g.taps_per_group(), cout_g = g.out_channels_per_group();
