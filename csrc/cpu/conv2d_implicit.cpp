@@ -324,10 +324,23 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw)
   // task runs on its blocks of ~512 output pixels, reading them from cache; each dW element sums
   // the images and blocks in the same order whatever the split.
   const int64_t positions = g.groups * khw;
-  const int64_t want = std::max<int64_t>(1, ceil_div(2 * at::get_num_threads(), positions));
   // Blocks of at least 48 channels (or all of them): each B row (a pixel's input channels) loaded
-  // is reused by that many rows of the tile column.
-  const int64_t co_blocks = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, cout_g / 48));
+  // is reused by that many rows of the tile column. As few blocks as keep the threads evenly
+  // busy (95%: 9 kernel positions on 2 threads leave one idle for a ninth of the time, so 3x3
+  // layers with 96+ output channels take two blocks each).
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t max_blocks = std::max<int64_t>(1, cout_g / 48);
+  int64_t co_blocks = 1;
+  double best_share = 0.0;
+  for (int64_t cb = 1; cb <= max_blocks; ++cb) {
+    const int64_t n = positions * cb;
+    const double share = double(n) / double(ceil_div(n, threads) * threads);
+    if (share > best_share + 1e-9) {
+      best_share = share;
+      co_blocks = cb;
+    }
+    if (share >= 0.95) break;
+  }
   const int64_t co_block = round_up(ceil_div(cout_g, co_blocks), 8);
   const int64_t tasks = positions * co_blocks;
   const int64_t block_rows = std::clamp<int64_t>(512 / g.out_w, 1, g.out_h);
