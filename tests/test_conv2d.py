@@ -46,6 +46,11 @@ def backward(g, x, w, stride=1, padding=0, dilation=1, groups=1, mask=(True, Tru
     (1, 2, 3, 40, 48, 3, 1, 1, 1, 1),       # columns span several strips
     (300, 2, 3, 5, 6, 3, 1, 1, 1, 1),       # batch-innermost path over several batch chunks
     (20, 4, 6, 9, 7, 3, 1, 2, 2, 2),        # ... with padding wider than the kernel's reach
+    (2, 4, 6, 20, 19, 3, 1, 2, 1, 2),       # direct forward, padded, grouped, odd width
+    (2, 16, 32, 9, 11, 3, 1, 1, 1, 1),      # implicit GEMM: forward, grad_input, grad_weight
+    (2, 16, 16, 13, 12, 3, 2, 1, 2, 1),     # implicit, stride 2 (phase planes), dilated
+    (2, 32, 32, 8, 8, 3, 1, 1, 1, 2),       # implicit, grouped
+    (1, 16, 20, 6, 30, 5, 1, 0, 1, 1),      # implicit, wide rows, 20 = a vector + a tail
 ])
 def test_shapes(shape, dtype, device):
     n, cin, cout, h, w_, k, s, p, d, g = shape
@@ -66,6 +71,37 @@ def test_shapes(shape, dtype, device):
         tol = dict(rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item())) \
             if dtype == torch.float32 else {}
         helpers.assert_close(got.double(), want.detach(), dtype, **tol)
+
+
+# One shape per algorithm (conv2d.cpp's choice): im2col, batch-innermost, direct, implicit,
+# implicit with stride 2, pointwise.
+ALGORITHM_SHAPES = [(2, 3, 5, 7, 13, 3, 1, 1, 1, 1), (20, 4, 6, 9, 7, 3, 1, 1, 1, 1),
+                    (2, 2, 6, 20, 19, 3, 1, 1, 1, 1), (2, 16, 32, 9, 11, 3, 1, 1, 1, 1),
+                    (2, 16, 16, 13, 12, 3, 2, 1, 1, 1), (2, 16, 24, 7, 7, 1, 1, 0, 1, 1)]
+
+
+@pytest.mark.parametrize("shape", ALGORITHM_SHAPES)
+def test_nonfinite_values_reach_what_torch_reaches(shape):
+    """An Inf and a NaN in the input (and an Inf in the weight) spread through every algorithm
+    to exactly the outputs and gradient entries they spread to in torch: none is summed where
+    torch has no term (the implicit GEMM computes padding columns it then drops)."""
+    n, cin, cout, h, w_, k, s, p, d, g = shape
+    torch.manual_seed(0)
+    x = torch.randn(n, cin, h, w_, dtype=torch.float64)
+    x[0, 0, 0, w_ - 1] = float("inf")
+    x[n - 1, cin - 1, h // 2, 0] = float("nan")
+    w = torch.randn(cout, cin // g, k, k, dtype=torch.float64)
+    w[cout - 1, 0, 0, 0] = float("inf")
+    kw = dict(stride=s, padding=p, dilation=d, groups=g)
+    results = []
+    for fn in (ours, theirs):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xs, ws, None, **kw)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), xs.grad, ws.grad))
+    for got, want in zip(*results):
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        helpers.assert_close(got, want, torch.float64)
 
 
 @devices

@@ -10,6 +10,8 @@
 //    and a batch of at least 16 (LeNet's conv2): with the batch as the innermost dimension every
 //    tap of every output pixel is a contiguous vector, so the GEMMs read the input in place
 //    through pointer tables and no im2col is needed.
+// 4. Direct (conv2d_direct.cpp), forward only, for stride 1 and fewer than 16 output channels
+//    (LeNet's conv1): each output accumulated in registers, no GEMM.
 // 3. Implicit GEMM (conv2d_implicit.cpp) for 16 or more output channels per group (the layers
 //    of real CNNs): the output channels are the GEMM's vector dimension and a zero-padded copy of
 //    the input is read in place; forward, grad_input at stride 1 (a convolution of dY with the
@@ -42,6 +44,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -88,6 +91,13 @@ using cpu::conv2d::Geometry;
 // The batch-innermost path (conv2d_batch_inner.cpp) where its GEMMs beat im2col's: stride 1 (a
 // tap's input vectors are then the output's, shifted), output rows of at most 16 columns (where
 // im2col's row copies cost as much as the GEMM) and a batch of at least 16 (the vectors' length).
+template <typename T>
+bool all_finite(const T* p, int64_t n) {
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(p[i]);
+  return finite;
+}
+
 bool use_batch_inner(const Geometry& g) {
   return g.stride_h == 1 && g.stride_w == 1 && g.batch >= 16 && g.out_w <= 16;
 }
@@ -122,6 +132,12 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
       cpu::conv2d::forward_implicit<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
                                        has_bias ? b.const_data_ptr<T>() : nullptr,
                                        out.mutable_data_ptr<T>());
+      return;
+    }
+    if (cpu::conv2d::direct_fits(g)) {
+      cpu::conv2d::forward_direct<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                     has_bias ? b.const_data_ptr<T>() : nullptr,
+                                     out.mutable_data_ptr<T>());
       return;
     }
     cpu::conv2d::forward_im2col<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
@@ -167,7 +183,10 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
       cpu::conv2d::backward_input_pointwise<T>(g, dy.const_data_ptr<T>(), w.const_data_ptr<T>(),
                                                dx);
       dx = nullptr;
-    } else if (dx && cpu::conv2d::implicit_fits_backward_input(g)) {
+    } else if (dx && cpu::conv2d::implicit_fits_backward_input(g) &&
+               all_finite(w.const_data_ptr<T>(), w.numel())) {
+      // (As a convolution of dY padded with zeros, it would multiply an Inf or NaN weight by
+      // padding, where torch's grad_input has no term: such weights take im2col.)
       cpu::conv2d::backward_input_implicit<T>(g, dy.const_data_ptr<T>(), w.const_data_ptr<T>(),
                                               dx);
       dx = nullptr;

@@ -24,6 +24,12 @@ void forward_im2col(const Geometry& g, const T* x, const T* w, const T* bias, T*
 template <typename T>
 void backward_im2col(const Geometry& g, const T* dy, const T* x, const T* w, T* dx, T* dw, T* db);
 
+// Direct convolution, stride 1, fewer than 16 output channels per group, rows of 16 or more
+// (LeNet's conv1): outputs accumulated in registers from a zero-padded input (conv2d_direct.cpp).
+bool direct_fits(const Geometry& g);
+template <typename T>
+void forward_direct(const Geometry& g, const T* x, const T* w, const T* bias, T* y);
+
 // grad_input of a 1x1, stride-1, unpadded convolution: a GEMM per image (conv2d_im2col.cpp).
 template <typename T>
 void backward_input_pointwise(const Geometry& g, const T* dy, const T* w, T* dx);

@@ -44,6 +44,10 @@
 #include <immintrin.h>
 #include <type_traits>
 
+// GCC 12 reports the unpack intrinsics' own undefined pass-through operand (its headers' __Y) as
+// uninitialized once they are inlined into transpose16_avx512: a false positive.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
 namespace pyengine {
 namespace cpu {
 namespace conv2d {
