@@ -224,7 +224,9 @@ void bind_capture(py::module& m) {
       .def("add_call", &StepProgram::add_call)
       .def("set_grads", &StepProgram::set_grads)
       .def("finalize", &StepProgram::finalize)
-      .def("run", &StepProgram::run)
+      // The replay needs no Python: other Python threads run meanwhile (an operator with a
+      // Python kernel takes the GIL back itself).
+      .def("run", &StepProgram::run, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("calls", &StepProgram::calls);
 }
 

@@ -260,22 +260,25 @@ def test_backward_is_deterministic(device):
             assert torch.equal(a, e)
 
 
-def test_backward_independent_of_thread_count():
-    x = torch.randn(37, 3, 17, 15)
-    w = torch.randn(8, 3, 3, 3)
-    g = torch.randn(37, 8, 15, 13)
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append((backward(g, x, w), ours(x, w)))
-    finally:
-        torch.set_num_threads(before)
-    (grads0, y0) = results[0]
-    for grads, y in results[1:]:
-        assert torch.equal(y, y0)
-        for a, e in zip(grads, grads0):
+@pytest.mark.parametrize("shape", [(37, 3, 8, 17, 15, 3, 1, 0, 1, 1),
+                                   (4, 16, 96, 20, 20, 3, 1, 1, 1, 1)] + ALGORITHM_SHAPES)
+def test_results_independent_of_thread_count(shape):
+    """Bitwise the same results on 1, 2 and 3 threads, on every algorithm."""
+    n, cin, cout, h, w_, k, s, p, d, g = shape
+    x = torch.randn(n, cin, h, w_)
+    w = torch.randn(cout, cin // g, k, k)
+    kw = dict(stride=s, padding=p, dilation=d, groups=g)
+    y = ours(x, w, **kw)
+    gy = torch.randn_like(y)
+    results = []
+    for threads in (1, 2, 3):
+        with helpers.set_num_threads(threads):
+            out = ours(x, w, **kw)
+            grads = torch.ops.pyengine.conv2d_backward(
+                gy, x, w, [s, s], [p, p], [d, d], g, [True, True, True])
+            results.append((out, *grads))
+    for other in results[1:]:
+        for a, e in zip(other, results[0]):
             assert torch.equal(a, e)
 
 

@@ -329,22 +329,13 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw)
   // the images and blocks in the same order whatever the split.
   const int64_t positions = g.groups * khw;
   // Blocks of at least 48 channels (or all of them): each B row (a pixel's input channels) loaded
-  // is reused by that many rows of the tile column. As few blocks as keep the threads evenly
-  // busy (95%: 9 kernel positions on 2 threads leave one idle for a ninth of the time, so 3x3
-  // layers with 96+ output channels take two blocks each).
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t max_blocks = std::max<int64_t>(1, cout_g / 48);
-  int64_t co_blocks = 1;
-  double best_share = 0.0;
-  for (int64_t cb = 1; cb <= max_blocks; ++cb) {
-    const int64_t n = positions * cb;
-    const double share = double(n) / double(ceil_div(n, threads) * threads);
-    if (share > best_share + 1e-9) {
-      best_share = share;
-      co_blocks = cb;
-    }
-    if (share >= 0.95) break;
-  }
+  // is reused by that many rows of the tile column. At least 16 tasks where the channels allow,
+  // so that 2, 4 or 8 threads stay evenly busy (9 kernel positions on 2 threads left one idle a
+  // ninth of the time). From the shapes only, never the thread count: a block's height picks
+  // gemm_indirect's tile and so its k blocks, and each dW element must be summed the same way
+  // whatever the threads.
+  const int64_t co_blocks =
+      std::clamp<int64_t>(ceil_div(16, positions), 1, std::max<int64_t>(1, cout_g / 48));
   const int64_t co_block = round_up(ceil_div(cout_g, co_blocks), 8);
   const int64_t tasks = positions * co_blocks;
   const int64_t block_rows = std::clamp<int64_t>(512 / g.out_w, 1, g.out_h);
