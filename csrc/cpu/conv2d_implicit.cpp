@@ -4,9 +4,9 @@
 //
 //   Y^T[pixel, co] = sum_k Xtap[pixel, k] W^T[k, co]      k = (ci, ki, kj), a tap
 //
-// on gemm_indirect's outer-product tiles (cpu/gemm.h): a tile holds a few output pixels of one
-// row by a panel of output channels; per tap it loads a vector of W^T's row and broadcasts the
-// tap's input value for each pixel. No im2col is formed: for a fixed tap, consecutive output pixels
+// on gemm_indirect's outer-product tiles (cpu/gemm.h): a tile holds a few consecutive output
+// pixels by a panel of output channels; per tap it loads a vector of W^T's row and broadcasts
+// the tap's input value for each pixel. No im2col is formed: for a fixed tap, consecutive output pixels
 // of a row read consecutive input elements of one plane, so the pointer table of gemm_indirect
 // lists one pointer per tap into a zero-padded copy of the input, and every tile reads it in place.
 //
@@ -27,6 +27,8 @@
 //
 // grad_input of a stride-1 convolution is the same operation (backward_input_implicit): a
 // convolution of grad_output, padded by (k - 1) * d - p, with the flipped, transposed weight.
+// grad_weight (backward_weight_implicit) is a GEMM per kernel position over channels-last copies
+// of the input and dY, summed over the real output pixels only.
 //
 // Deterministic: each output element is summed over its taps in a fixed order (gemm_indirect's
 // k blocks in order) that depends on the shapes only, not on how the work is split.
