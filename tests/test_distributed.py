@@ -25,6 +25,10 @@ def _worker(rank, world, init_file, x, y, state, out_dir):
         shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
         pnn.MSELoss()(ddp(x[shard]), y[shard]).backward()
         torch.save([p.grad for p in model.parameters()], os.path.join(out_dir, f"{rank}.pt"))
+        # Both ranks done before either tears gloo down: a rank that destroys its process group
+        # while the other still talks to it can abort in gloo's threads ("terminate called
+        # without an active exception", seen once in a full-suite run).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
