@@ -42,13 +42,9 @@
 #include "cpu/conv2d.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
+#include "cpu/transpose.h"
 
-#include <immintrin.h>
 #include <type_traits>
-
-// GCC 12 reports the unpack intrinsics' own undefined pass-through operand (its headers' __Y) as
-// uninitialized once they are inlined into transpose16_avx512: a false positive.
-#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace pyengine {
 namespace cpu {
@@ -128,45 +124,9 @@ int64_t rows_per_block(const Geometry& g, const Planes& p) {
   return std::clamp<int64_t>(512 / p.pw, 1, g.out_h);
 }
 
-// A whole 16 x 16 float block of transpose() below in registers: three rounds of shuffles
-// (32-bit pairs, 64-bit pairs, 128-bit lanes), 16 loads and 16 stores instead of 256 of each.
-PE_TARGET_AVX512 void transpose16_avx512(const float* src, int64_t rs, float* dst, int64_t ld,
-                                         const float* add) {
-  __m512 r[16], t[16], u[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * rs);
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  // u[4i + j], 128-bit lane L: rows 4i .. 4i + 3 of column 4L + j.
-  for (int i = 0; i < 4; ++i) {
-    const __m512d t0 = _mm512_castps_pd(t[4 * i]), t1 = _mm512_castps_pd(t[4 * i + 1]);
-    const __m512d t2 = _mm512_castps_pd(t[4 * i + 2]), t3 = _mm512_castps_pd(t[4 * i + 3]);
-    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
-    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
-    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
-    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512 lo_ab = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44);
-    const __m512 lo_cd = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
-    const __m512 hi_ab = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
-    const __m512 hi_cd = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
-    __m512 out[4] = {_mm512_shuffle_f32x4(lo_ab, lo_cd, 0x88),
-                     _mm512_shuffle_f32x4(lo_ab, lo_cd, 0xDD),
-                     _mm512_shuffle_f32x4(hi_ab, hi_cd, 0x88),
-                     _mm512_shuffle_f32x4(hi_ab, hi_cd, 0xDD)};
-    for (int l = 0; l < 4; ++l) {
-      const int c = 4 * l + j;
-      if (add) out[l] = _mm512_add_ps(out[l], _mm512_set1_ps(add[c]));
-      _mm512_storeu_ps(dst + c * ld, out[l]);
-    }
-  }
-}
-
 // dst[c * ld + r] = src[r * rs + c] (+ add[c] when add is not null) for r < R, c < C, in 16 x 16
 // blocks so that both sides stay within a few cache lines (a plain strided loop over a 256-wide
-// matrix missed L1 on every element); whole float blocks in registers with AVX-512.
+// matrix missed L1 on every element); float blocks in registers with AVX-512 (transpose.h).
 template <typename T>
 void transpose(int64_t R, int64_t C, const T* src, int64_t rs, T* dst, int64_t ld, const T* add) {
   constexpr int64_t kB = 16;
@@ -175,9 +135,9 @@ void transpose(int64_t R, int64_t C, const T* src, int64_t rs, T* dst, int64_t l
     for (int64_t c0 = 0; c0 < C; c0 += kB) {
       const int64_t r1 = std::min(R, r0 + kB), c1 = std::min(C, c0 + kB);
       if constexpr (std::is_same_v<T, float>) {
-        if (avx512 && r1 - r0 == kB && c1 - c0 == kB) {
-          transpose16_avx512(src + r0 * rs + c0, rs, dst + c0 * ld + r0, ld,
-                             add ? add + c0 : nullptr);
+        if (avx512) {
+          transpose16(src + r0 * rs + c0, rs, r1 - r0, c1 - c0, dst + c0 * ld + r0, ld,
+                      nullptr, add ? add + c0 : nullptr);
           continue;
         }
       }
