@@ -66,6 +66,8 @@ COVER = {
         dict(batch=0),                                               # empty batch
         dict(batch=16, stride=(1, 1)),                               # batch-innermost path
         dict(batch=17, stride=(1, 1), padding=(2, 2), dilation=(2, 2)),
+        dict(stride=(1, 1), dilation=(1, 1), padding=(1, 1), kernel=(3, 3), width=19,
+             out_per_group=5),                                # direct path: a vector + a tail
         dict(input=dict(layout="channels_last")),
         dict(input=dict(layout="channels_last"), weight=dict(layout="channels_last")),
         dict(input=dict(layout="strided"), weight=dict(layout="transposed")),

@@ -197,6 +197,12 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
                                                dw);
       dw = nullptr;
     }
+    if (dw && cpu::conv2d::direct_fits_backward_weight(g)) {
+      cpu::conv2d::backward_weight_direct<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
+                                             dw, db);
+      dw = nullptr;
+      db = nullptr;
+    }
     if (!dx && !dw && !db) return;
     cpu::conv2d::backward_im2col<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
                                     w.const_data_ptr<T>(), dx, dw, db);

@@ -29,6 +29,11 @@ void backward_im2col(const Geometry& g, const T* dy, const T* x, const T* w, T* 
 bool direct_fits(const Geometry& g);
 template <typename T>
 void forward_direct(const Geometry& g, const T* x, const T* w, const T* bias, T* y);
+// grad_weight (and grad_bias, db may be null) of the same layers, accumulated in registers from
+// the zero-padded input and dY (conv2d_direct.cpp).
+bool direct_fits_backward_weight(const Geometry& g);
+template <typename T>
+void backward_weight_direct(const Geometry& g, const T* dy, const T* x, T* dw, T* db);
 
 // grad_input of a 1x1, stride-1, unpadded convolution: a GEMM per image (conv2d_im2col.cpp).
 template <typename T>

@@ -99,6 +99,98 @@ PE_INLINE void channels_impl(const Geometry& g, const T* planes, const T* wb, co
   }
 }
 
+// ---- grad_weight ---------------------------------------------------------------------------
+// dW[co, ci, ki, kj] = sum over images and output pixels of dY[co, oh, ow] X[ci, oh + ki, ow + kj]
+// (the zero-padded input). A block of 6 channels x up to 4 kernel columns keeps 24 vector
+// accumulators (lane l sums the pixels of column ow0 + l) beside the 6 dY vectors of a row chunk
+// and one X vector: per row chunk 6 + KJ loads for 6 * KJ FMAs. dY rows are read from a copy
+// padded to whole vectors with zeros; X's lanes past the row's end are set to zero (an Inf there
+// times dY's zero would be a NaN torch has no term for).
+constexpr int kKj = 4;  // kernel columns per grad_weight block
+
+template <typename T, int KJ>
+PE_INLINE void weight_block(const T* dyb, int64_t dy_plane, int64_t dy_ld, const T* xb,
+                            int64_t wpp, int64_t OH, int64_t OW, T* accp) {
+  typedef T vec __attribute__((vector_size(64)));
+  typedef T uvec __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
+  typedef decltype(vec{} < vec{}) ivec;
+  constexpr int64_t V = 64 / sizeof(T);
+  vec acc[kCo][KJ];
+#pragma GCC unroll 8
+  for (int c = 0; c < kCo; ++c)
+#pragma GCC unroll 8
+    for (int j = 0; j < KJ; ++j) acc[c][j] = *reinterpret_cast<const uvec*>(accp + (c * kKj + j) * V);
+  const int64_t full = OW / V * V;
+  ivec in_row;  // the tail chunk's lanes inside the row
+  for (int64_t l = 0; l < V; ++l) in_row[l] = l < OW - full ? -1 : 0;
+  for (int64_t oh = 0; oh < OH; ++oh) {
+    const T* dr = dyb + oh * dy_ld;
+    const T* xr = xb + oh * wpp;
+    for (int64_t ow0 = 0; ow0 < OW; ow0 += V) {
+      const bool tail = ow0 == full;
+      vec d[kCo];
+#pragma GCC unroll 8
+      for (int c = 0; c < kCo; ++c) d[c] = *reinterpret_cast<const uvec*>(dr + c * dy_plane + ow0);
+#pragma GCC unroll 8
+      for (int j = 0; j < KJ; ++j) {
+        vec xv = *reinterpret_cast<const uvec*>(xr + ow0 + j);
+        if (tail) xv = in_row ? xv : vec{};
+#pragma GCC unroll 8
+        for (int c = 0; c < kCo; ++c) acc[c][j] += d[c] * xv;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < kCo; ++c)
+#pragma GCC unroll 8
+    for (int j = 0; j < KJ; ++j) *reinterpret_cast<uvec*>(accp + (c * kKj + j) * V) = acc[c][j];
+}
+
+// One image and group: every block of channels, input channel, kernel row and block of kernel
+// columns adds to its vector accumulators (accp: [blk][ci][ki][kjb][kCo][kKj][V]); the bias
+// sums go to dbp ([blk * kCo][V]) when not null. dyp: [blocks * kCo][OH][dy_ld], zero-padded.
+template <typename T>
+PE_INLINE void weight_image_impl(const Geometry& g, const T* planes, const T* dyp, int64_t dy_ld,
+                                 T* accp, T* dbp) {
+  typedef T vec __attribute__((vector_size(64)));
+  typedef T uvec __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
+  constexpr int64_t V = 64 / sizeof(T);
+  const Padded pd = make_padded(g);
+  const int64_t OH = g.out_h, OW = g.out_w, cin_g = g.in_channels_per_group();
+  const int64_t blocks = ceil_div(g.out_channels_per_group(), int64_t(kCo));
+  const int64_t kjb = ceil_div(g.kernel_w, int64_t(kKj)), dy_plane = OH * dy_ld;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const T* dyb = dyp + blk * kCo * dy_plane;
+    for (int64_t ci = 0; ci < cin_g; ++ci)
+      for (int64_t ki = 0; ki < g.kernel_h; ++ki)
+        for (int64_t b = 0; b < kjb; ++b) {
+          const T* xb = planes + ci * pd.plane + ki * pd.wpp + b * kKj;
+          T* ap = accp + (((blk * cin_g + ci) * g.kernel_h + ki) * kjb + b) * kCo * kKj * V;
+          switch (std::min<int64_t>(kKj, g.kernel_w - b * kKj)) {
+            case 4: weight_block<T, 4>(dyb, dy_plane, dy_ld, xb, pd.wpp, OH, OW, ap); break;
+            case 3: weight_block<T, 3>(dyb, dy_plane, dy_ld, xb, pd.wpp, OH, OW, ap); break;
+            case 2: weight_block<T, 2>(dyb, dy_plane, dy_ld, xb, pd.wpp, OH, OW, ap); break;
+            default: weight_block<T, 1>(dyb, dy_plane, dy_ld, xb, pd.wpp, OH, OW, ap); break;
+          }
+        }
+    if (!dbp) continue;
+    for (int c = 0; c < kCo; ++c) {  // the padding lanes and channels of dyp are zero
+      vec s = *reinterpret_cast<const uvec*>(dbp + (blk * kCo + c) * V);
+      for (int64_t i = 0; i < dy_plane; i += V) s += *reinterpret_cast<const uvec*>(dyb + c * dy_plane + i);
+      *reinterpret_cast<uvec*>(dbp + (blk * kCo + c) * V) = s;
+    }
+  }
+}
+
+#define PE_DEFINE_DIRECT_WEIGHT(T)                                                            \
+  PE_ISA_FUNCTION(Family::Conv2d, void, weight_image,                                         \
+                  (const Geometry& g, const T* planes, const T* dyp, int64_t dy_ld, T* accp,  \
+                   T* dbp),                                                                   \
+                  (g, planes, dyp, dy_ld, accp, dbp), weight_image_impl<T>)
+PE_DEFINE_DIRECT_WEIGHT(float)
+PE_DEFINE_DIRECT_WEIGHT(double)
+#undef PE_DEFINE_DIRECT_WEIGHT
+
 #define PE_DEFINE_DIRECT(T)                                                                    \
   PE_ISA_FUNCTION(Family::Conv2d, void, direct_channels,                                       \
                   (const Geometry& g, const T* planes, const T* wb, const T* b6, T* y,         \
@@ -155,10 +247,89 @@ void forward_direct(const Geometry& g, const T* x, const T* w, const T* bias, T*
   });
 }
 
+bool direct_fits_backward_weight(const Geometry& g) {
+  // The forward's conditions; the vector accumulators of a chunk of images stay within 64 K
+  // elements per group.
+  return direct_fits(g) &&
+         g.in_channels_per_group() * g.kernel_h * ceil_div(g.kernel_w, int64_t(kKj)) *
+                 ceil_div(g.out_channels_per_group(), int64_t(kCo)) * kCo * kKj * 16 <=
+             (int64_t(1) << 16);
+}
+
+template <typename T>
+void backward_weight_direct(const Geometry& g, const T* dy, const T* x, T* dw, T* db) {
+  constexpr int64_t V = 64 / sizeof(T);
+  const Padded pd = make_padded(g);
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t K = g.taps_per_group(), P = g.out_pixels(), OH = g.out_h, OW = g.out_w;
+  const int64_t blocks = ceil_div(cout_g, int64_t(kCo)), kjb = ceil_div(g.kernel_w, int64_t(kKj));
+  const int64_t dy_ld = round_up(OW, V);
+  // Per chunk of images and group: the weight accumulators, then the bias ones.
+  const int64_t wacc = blocks * cin_g * g.kernel_h * kjb * kCo * kKj * V;
+  const int64_t per_group = wacc + blocks * kCo * V, per_chunk = g.groups * per_group;
+  // Images are split into chunks by the shapes only (at most 32, and at most 4 M accumulator
+  // elements in all); each chunk's vectors are summed in chunk order at the end, so the result
+  // does not depend on the thread count.
+  const int64_t most = std::max<int64_t>(1, (int64_t(1) << 22) / per_chunk);
+  const int64_t per = ceil_div(g.batch, std::min({g.batch, int64_t(32), most}));
+  const int64_t chunks = ceil_div(g.batch, per);
+  CachedBuffer<T> partial(static_cast<size_t>(chunks * per_chunk));
+  const double work = double(per) * g.out_channels * K * P;
+  at::parallel_for(0, chunks, work >= 65536.0 ? 1 : chunks, [&](int64_t c0, int64_t c1) {
+    CachedBuffer<T> planes(static_cast<size_t>(cin_g * pd.plane));  // zero: the padding
+    CachedBuffer<T> dyp(static_cast<size_t>(blocks * kCo * OH * dy_ld));  // zero: the padding
+    for (int64_t chunk = c0; chunk < c1; ++chunk)
+      for (int64_t n = chunk * per; n < std::min(g.batch, (chunk + 1) * per); ++n)
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          const T* xg = x + n * g.in_image() + grp * cin_g * g.in_pixels();
+          for (int64_t ci = 0; ci < cin_g; ++ci)
+            for (int64_t ih = 0; ih < g.in_h; ++ih)
+              std::memcpy(planes.data() + ci * pd.plane + (ih + g.padding_h) * pd.wpp +
+                              g.padding_w,
+                          xg + ci * g.in_pixels() + ih * g.in_w, sizeof(T) * g.in_w);
+          const T* dyg = dy + n * g.out_image() + grp * cout_g * P;
+          for (int64_t co = 0; co < cout_g; ++co)
+            for (int64_t oh = 0; oh < OH; ++oh)
+              std::memcpy(dyp.data() + (co * OH + oh) * dy_ld, dyg + co * P + oh * OW,
+                          sizeof(T) * OW);
+          T* acc = partial.data() + chunk * per_chunk + grp * per_group;
+          weight_image(g, planes.data(), dyp.data(), dy_ld, acc, db ? acc + wacc : nullptr);
+        }
+  });
+  // Sum the chunks' vectors in order, then each vector's lanes in a fixed tree.
+  auto reduce = [&](int64_t offset) {
+    T lane[V];
+    for (int64_t l = 0; l < V; ++l) lane[l] = T(0);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk)
+      for (int64_t l = 0; l < V; ++l) lane[l] += partial[chunk * per_chunk + offset + l];
+    for (int64_t w = V / 2; w >= 1; w /= 2)
+      for (int64_t l = 0; l < w; ++l) lane[l] += lane[l + w];
+    return lane[0];
+  };
+  const int64_t khw = g.kernel_pixels();
+  for (int64_t grp = 0; grp < g.groups; ++grp)
+    for (int64_t co = 0; co < cout_g; ++co) {
+      const int64_t blk = co / kCo, c = co % kCo, oc = grp * cout_g + co;
+      for (int64_t ci = 0; ci < cin_g; ++ci)
+        for (int64_t ki = 0; ki < g.kernel_h; ++ki)
+          for (int64_t kj = 0; kj < g.kernel_w; ++kj) {
+            const int64_t slot =
+                ((((blk * cin_g + ci) * g.kernel_h + ki) * kjb + kj / kKj) * kCo + c) * kKj +
+                kj % kKj;
+            dw[oc * K + ci * khw + ki * g.kernel_w + kj] = reduce(grp * per_group + slot * V);
+          }
+      if (db) db[oc] = reduce(grp * per_group + wacc + (blk * kCo + c) * V);
+    }
+}
+
 template void forward_direct<float>(const Geometry&, const float*, const float*, const float*,
                                     float*);
 template void forward_direct<double>(const Geometry&, const double*, const double*,
                                      const double*, double*);
+template void backward_weight_direct<float>(const Geometry&, const float*, const float*, float*,
+                                            float*);
+template void backward_weight_direct<double>(const Geometry&, const double*, const double*,
+                                             double*, double*);
 
 }  // namespace conv2d
 }  // namespace cpu
