@@ -252,6 +252,7 @@ LARGE = {
         dict(lead=(300,), in_features=40, out_features=10),
         dict(lead=(9,), in_features=300, out_features=200, dtype="float64"),
         dict(lead=(2, 3), in_features=17, out_features=33),
+        dict(lead=(1100,), in_features=5, out_features=8),          # narrow path, row chunks
     ],
     "softmax": [dict(shape=(2, 3000), dim=1), dict(shape=(3, 300, 5), dim=1),
                 dict(shape=(2, 513, 3), dim=1)],

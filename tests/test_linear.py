@@ -29,6 +29,9 @@ def ours(x, w, b=None):
     (513, 17, 257),   # many tiles, ragged edges
     (37, 9, 4100),    # the GEMM's blocks: dx sums over > 4096 = NC columns, forward/dW cross KC
     (70, 600, 33),    # k-blocks of 256 with packed, strided panels and partial tiles
+    (4096, 5, 8),     # narrow layers (the 5-8-4-1 classifier): vector per row, 8 row chunks
+    (1100, 8, 1),     # ... one output, a partial last chunk
+    (3, 16, 8),       # ... as wide as the narrow path goes (float)
 ])
 def test_shapes(rows, inf, outf, dtype, device):
     x = torch.randn(rows, inf, dtype=dtype, device=device, requires_grad=True)
@@ -173,11 +176,12 @@ def test_backward_is_deterministic(device):
             assert torch.equal(a, e)
 
 
-def test_independent_of_thread_count():
-    x = torch.randn(300, 130)
-    w = torch.randn(70, 130)
-    b = torch.randn(70)
-    g = torch.randn(300, 70)
+@pytest.mark.parametrize("rows,inf,outf", [(300, 130, 70), (1100, 5, 8)])  # GEMM; narrow path
+def test_independent_of_thread_count(rows, inf, outf):
+    x = torch.randn(rows, inf)
+    w = torch.randn(outf, inf)
+    b = torch.randn(outf)
+    g = torch.randn(rows, outf)
     before = torch.get_num_threads()
     try:
         results = []

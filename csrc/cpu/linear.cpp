@@ -22,8 +22,13 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -54,6 +59,101 @@ PE_DEFINE_COLUMN_SUMS(float)
 PE_DEFINE_COLUMN_SUMS(double)
 #undef PE_DEFINE_COLUMN_SUMS
 
+// ---- Narrow layers: a few inputs and outputs (the 5-8-4-1 classifier) --------------------------
+// With in_features and out_features below a vector, the GEMM's tiles are mostly padding and its
+// packing and tile set-up cost more than the multiply-adds (4096 x 8 -> 4: 131 K multiply-adds,
+// 46 us through gemm_parallel where torch took 32). Here a row is one vector over the outputs
+// (forward, grad_input) or over the inputs (grad_weight): per row `in` (or `out`) broadcast
+// FMAs and one masked store. AVX-512 only; other levels take the GEMM.
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  using V = __m512;
+  using M = __mmask16;
+  static constexpr int kW = 16;
+  PE_TARGET_AVX512 static V zero() { return _mm512_setzero_ps(); }
+  PE_TARGET_AVX512 static V set1(float a) { return _mm512_set1_ps(a); }
+  PE_TARGET_AVX512 static V load(M m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  PE_TARGET_AVX512 static void store(M m, float* p, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  PE_TARGET_AVX512 static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  PE_TARGET_AVX512 static V add(V a, V b) { return _mm512_add_ps(a, b); }
+};
+template <>
+struct Lanes<double> {
+  using V = __m512d;
+  using M = __mmask8;
+  static constexpr int kW = 8;
+  PE_TARGET_AVX512 static V zero() { return _mm512_setzero_pd(); }
+  PE_TARGET_AVX512 static V set1(double a) { return _mm512_set1_pd(a); }
+  PE_TARGET_AVX512 static V load(M m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
+  PE_TARGET_AVX512 static void store(M m, double* p, V v) { _mm512_mask_storeu_pd(p, m, v); }
+  PE_TARGET_AVX512 static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  PE_TARGET_AVX512 static V add(V a, V b) { return _mm512_add_pd(a, b); }
+};
+
+constexpr int64_t kNarrowOut = 8;        // outputs: accumulators of grad_weight stay in registers
+constexpr int64_t kNarrowChunk = 512;    // rows per grad_weight / grad_bias partial sum
+
+template <typename T>
+bool narrow(int64_t in, int64_t o) {
+  static const bool avx512 = cpu::isa_for(cpu::Family::Linear) == cpu::Isa::Avx512;
+  return avx512 && in <= Lanes<T>::kW && o <= kNarrowOut;
+}
+template <typename T>
+typename Lanes<T>::M lane_mask(int64_t n) {
+  return static_cast<typename Lanes<T>::M>((uint32_t(1) << n) - 1u);
+}
+
+// y[r, :] = sum_k x[r, k] W[:, k] (+ b), k in order, for r in [r0, r1).
+template <typename T>
+PE_TARGET_AVX512 void narrow_forward(const T* x, const T* w, const T* b, T* y, int64_t in,
+                                     int64_t o, int64_t r0, int64_t r1) {
+  using L = Lanes<T>;
+  alignas(64) T cols[Lanes<T>::kW][Lanes<T>::kW] = {};  // cols[k][j] = W[j, k]
+  for (int64_t j = 0; j < o; ++j)
+    for (int64_t k = 0; k < in; ++k) cols[k][j] = w[j * in + k];
+  const auto om = lane_mask<T>(o);
+  const typename L::V bias = b ? L::load(om, b) : L::zero();
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * in;
+    typename L::V acc = L::zero();
+    for (int64_t k = 0; k < in; ++k) acc = L::fma(L::set1(xr[k]), L::load(om, cols[k]), acc);
+    L::store(om, y + r * o, L::add(acc, bias));
+  }
+}
+
+// Rows [r0, r1): dx[r, :] = sum_j dy[r, j] W[j, :] (when dx is not null; contiguous), and into
+// part ([kNarrowOut + 1][kW]): part[j] += dy[r, j] x[r, :] and part[kNarrowOut] += dy[r, :].
+template <typename T>
+PE_TARGET_AVX512 void narrow_backward(const T* dy, const T* x, const T* w, T* dx, T* part,
+                                      int64_t in, int64_t o, int64_t r0, int64_t r1) {
+  using L = Lanes<T>;
+  constexpr int W = Lanes<T>::kW;
+  const auto im = lane_mask<T>(in), om = lane_mask<T>(o);
+  typename L::V rows[kNarrowOut], acc[kNarrowOut];
+  for (int64_t j = 0; j < kNarrowOut; ++j) {
+    rows[j] = j < o ? L::load(im, w + j * in) : L::zero();
+    acc[j] = L::load(static_cast<typename L::M>(~0u), part + j * W);
+  }
+  typename L::V bacc = L::load(static_cast<typename L::M>(~0u), part + kNarrowOut * W);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* g = dy + r * o;
+    const typename L::V xr = L::load(im, x + r * in);
+    typename L::V d = L::zero();
+    for (int64_t j = 0; j < o; ++j) {
+      const typename L::V gj = L::set1(g[j]);
+      d = L::fma(gj, rows[j], d);
+      acc[j] = L::fma(gj, xr, acc[j]);
+    }
+    bacc = L::add(bacc, L::load(om, g));
+    if (dx) L::store(im, dx + r * in, d);
+  }
+  for (int64_t j = 0; j < kNarrowOut; ++j)
+    L::store(static_cast<typename L::M>(~0u), part + j * W, acc[j]);
+  L::store(static_cast<typename L::M>(~0u), part + kNarrowOut * W, bacc);
+}
+
 Tensor linear_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
   const auto s = check_linear<int64_t>(input, weight, bias);
   const bool has_bias = bias.has_value() && bias->defined();
@@ -66,6 +166,14 @@ Tensor linear_cpu(const Tensor& input, const Tensor& weight, const std::optional
   dispatch_floating(x.scalar_type(), "linear", [&](auto tag) {
     using T = decltype(tag);
     T* y = out.mutable_data_ptr<T>();
+    if (narrow<T>(in, o)) {
+      const T* px = x.const_data_ptr<T>();
+      const T* pw = w.const_data_ptr<T>();
+      const T* pb = has_bias ? b.const_data_ptr<T>() : nullptr;
+      at::parallel_for(0, rows, std::max<int64_t>(256, 65536 / std::max<int64_t>(1, in * o)),
+                       [&](int64_t r0, int64_t r1) { narrow_forward(px, pw, pb, y, in, o, r0, r1); });
+      return;
+    }
     if (has_bias) {
       const T* pb = b.const_data_ptr<T>();
       at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / o), [&](int64_t r0, int64_t r1) {
@@ -102,6 +210,37 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_output
   dispatch_floating(x.scalar_type(), "linear_backward", [&](auto tag) {
     using T = decltype(tag);
     const T* pg = g.const_data_ptr<T>();
+    if (narrow<T>(in, o) && rows > 0 && (mask[1] || mask[2]) &&
+        (!mask[0] || grad_input.is_contiguous())) {
+      // Partial sums per chunk of kNarrowChunk rows (fixed by the shapes), added in chunk order:
+      // the result does not depend on the thread count.
+      constexpr int64_t W = Lanes<T>::kW, per = (kNarrowOut + 1) * W;
+      const int64_t chunks = (rows + kNarrowChunk - 1) / kNarrowChunk;
+      std::vector<T> part(static_cast<size_t>(chunks * per), T(0));
+      const T* px = x.const_data_ptr<T>();
+      const T* pw = w.const_data_ptr<T>();
+      T* pdx = mask[0] ? grad_input.mutable_data_ptr<T>() : nullptr;
+      at::parallel_for(0, chunks, std::max<int64_t>(1, 64 / std::max<int64_t>(1, in * o)),
+                       [&](int64_t c0, int64_t c1) {
+                         for (int64_t c = c0; c < c1; ++c)
+                           narrow_backward(pg, px, pw, pdx, part.data() + c * per, in, o,
+                                           c * kNarrowChunk,
+                                           std::min(rows, (c + 1) * kNarrowChunk));
+                       });
+      for (int64_t c = 1; c < chunks; ++c)
+        for (int64_t i = 0; i < per; ++i) part[i] += part[c * per + i];
+      if (mask[1]) {
+        const auto [rs, cs] = strides(grad_weight, o, in);
+        T* pdw = grad_weight.mutable_data_ptr<T>();
+        for (int64_t j = 0; j < o; ++j)
+          for (int64_t i = 0; i < in; ++i) pdw[j * rs + i * cs] = part[j * W + i];
+      }
+      if (mask[2]) {
+        T* pb = grad_bias.mutable_data_ptr<T>();
+        for (int64_t j = 0; j < o; ++j) pb[j] = part[kNarrowOut * W + j];
+      }
+      return;
+    }
     if (mask[0]) {  // dx[r, i] = sum_o dy[r, o] W[o, i]
       const auto [rs, cs] = strides(grad_input, rows, in);
       cpu::gemm_parallel<T>(rows, in, o, pg, o, 1, w.const_data_ptr<T>(), in, 1,
