@@ -16,8 +16,9 @@
 //    flipped weight) and grad_weight (channels-last GEMMs, one per kernel position). On the
 //    suite's 3x3 convolutions it reaches 53-80% of the fp32 peak where im2col reached 31-45%
 //    (benchmarks/results).
-// 4. Direct (conv2d_direct.cpp), forward only, for stride 1 and fewer than 16 output channels
-//    (LeNet's conv1): each output accumulated in registers, no GEMM.
+// 4. Direct (conv2d_direct.cpp), forward and grad_weight (with grad_bias), for stride 1 and
+//    fewer than 16 output channels (LeNet's conv1): each output, or each weight's sum over the
+//    pixels, accumulated in registers, no GEMM.
 //
 // All are deterministic: each output element is summed in a fixed order that depends on the
 // shapes only, so results are bitwise identical across runs and thread counts.

@@ -1,6 +1,6 @@
-// The direct algorithm of the CPU conv2d forward (interface: cpu/conv2d.h; when it is chosen:
-// cpu/conv2d.cpp): for layers with few output channels and a stride of 1, such as LeNet's conv1
-// (1 -> 6, 5x5, 32x32 -> 28x28), where any GEMM formulation is mostly data movement.
+// The direct algorithm of the CPU conv2d forward and grad_weight (interface: cpu/conv2d.h; when it
+// is chosen: cpu/conv2d.cpp): for layers with few output channels and a stride of 1, such as
+// LeNet's conv1 (1 -> 6, 5x5, 32x32 -> 28x28), where any GEMM formulation is mostly data movement.
 //
 // Each output value is computed where it is stored: a block of 4 output rows x 16 columns (a
 // vector) x 6 output channels (24 accumulators in registers) sums, tap by tap, the 4 input rows'
@@ -100,6 +100,10 @@ PE_INLINE void channels_impl(const Geometry& g, const T* planes, const T* wb, co
 }
 
 // ---- grad_weight ---------------------------------------------------------------------------
+// Napkin math (LeNet conv1 at batch 256): the same 30 M multiply-adds as the forward; per image
+// 5 kernel rows x 28 output rows x 2 row chunks x (24 + 6) FMAs = 8400 vector FMAs, ~0.15 ms on
+// 2 cores at two per cycle. Measured: 284 us in a loop (im2col + GEMM: 382 us), the kernel ~70%
+// of it (perf); the rest is copying dY's rows and X's planes into the padded scratch.
 // dW[co, ci, ki, kj] = sum over images and output pixels of dY[co, oh, ow] X[ci, oh + ki, ow + kj]
 // (the zero-padded input). A block of 6 channels x up to 4 kernel columns keeps 24 vector
 // accumulators (lane l sums the pixels of column ow0 + l) beside the 6 dY vectors of a row chunk

@@ -5,6 +5,7 @@
 //   grad_input   dx = dy W        gemm(rows, in, out):  outer-product kernel, dy packed
 //   grad_weight  dW = dy^T x      gemm(out, in, rows):  outer-product kernel, both read in place
 //   grad_bias    db = sum_r dy    column sums, rows in order
+// Narrow layers (in_features <= a vector, out_features <= 8, AVX-512) skip the GEMM: see below.
 // The output is contiguous; dx and dW are contiguous or column-major, as torch's mm backward lays
 // them out (common/layout.h): the GEMM writes either layout directly through C's strides.
 //
