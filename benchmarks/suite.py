@@ -28,6 +28,8 @@ import torch._functorch.config
 import torch.nn.functional as TF
 
 import pyengine.functional as PF
+import pyengine.fused
+from pyengine._fused import TORCH_EQUIVALENTS
 from benchmarks import peak, report, work
 from benchmarks.timing import Timing, time_fn
 from pyengine.models import MLP, BinaryClassifier, LeNet, layers
@@ -161,6 +163,12 @@ def _rand(*shape, device, grad=False):
     return torch.randn(*shape, device=device, requires_grad=grad)
 
 
+def _fused(F, name):
+    """The fused op `name` for the functional module a case's build() gets: pyengine.fused's
+    function for pyengine.functional, the torch calls it replaces for torch.nn.functional."""
+    return getattr(pyengine.fused, name) if F is PF else TORCH_EQUIVALENTS[name]
+
+
 def op_cases(quick: bool) -> List[Case]:
     cases = []
     passes = ["forward", "backward", "forward+backward"]
@@ -191,6 +199,18 @@ def op_cases(quick: bool) -> List[Case]:
         return (lambda: F.max_pool2d(x, 2)), [x]
 
     cases += [_op_case("max_pool2d 6x28x28 k2", 64, p, pool_build) for p in passes]
+
+    # LeNet's conv -> relu -> pool blocks as one fused operator, against torch's three calls
+    for label, cin, cout, size in (("conv2d_relu_max_pool2d 1->6 5x5 @32", 1, 6, 32),
+                                   ("conv2d_relu_max_pool2d 6->16 5x5 @14", 6, 16, 14)):
+        def build(F, device, cin=cin, cout=cout, size=size):
+            x = _rand(64, cin, size, size, device=device, grad=True)
+            w = _rand(cout, cin, 5, 5, device=device, grad=True)
+            b = _rand(cout, device=device, grad=True)
+            fn = _fused(F, "conv2d_relu_max_pool2d")
+            return (lambda: fn(x, w, b, pool_kernel_size=2)), [x, w, b]
+
+        cases += [_op_case(label, 64, p, build) for p in passes]
 
     for label, fin, fout, batch in (("linear 400->120", 400, 120, 256),
                                     ("linear 784->256", 784, 256, 256),

@@ -94,6 +94,47 @@ def max_pool2d_backward(grad_input, grad_output, input, indices, kernel_size, st
     return Work(grad_output.numel(), _total(grad_output, indices, grad_input))
 
 
+def _conv_outputs(input, weight, stride, padding, dilation) -> int:
+    """N * C_out * H_out * W_out of a convolution a fused operator computes but never writes."""
+    n = weight.shape[0] * (input.shape[0] if input.dim() == 4 else 1)
+    for size, k, s, p, d in zip(input.shape[-2:], weight.shape[2:], stride, padding, dilation):
+        n *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+    return n
+
+
+def conv2d_relu_max_pool2d(outs, input, weight, bias, stride, padding, dilation, groups,
+                           pool_kernel_size, pool_stride, pool_padding, pool_dilation,
+                           pool_ceil_mode):
+    # conv2d's GEMM and bias add on the convolution's output (2 * taps + 1 per element), one
+    # compare per pool window tap (N * C * H_out * W_out * kH * kW, as max_pool2d) and relu's
+    # compare on each pooled maximum. Bytes: input, weight, bias in; output and int64 indices
+    # out (the convolution's output stays inside the operator)
+    out, indices = outs
+    conv = _conv_outputs(input, weight, stride, padding, dilation)
+    taps = weight[0].numel()
+    flops = (2 * conv * taps + (conv if bias is not None else 0)
+             + out.numel() * pool_kernel_size[0] * pool_kernel_size[1] + out.numel())
+    return Work(flops, _total(input, weight, bias, out, indices))
+
+
+def conv2d_relu_max_pool2d_backward(outs, grad_output, result, indices, input, weight, stride,
+                                    padding, dilation, groups, pool_kernel_size, pool_stride,
+                                    pool_padding, pool_dilation, pool_ceil_mode, mask):
+    # per pooled output, relu's step (result > 0) and an add of its gradient into the
+    # convolution's gradient image at its index (2); then conv2d_backward's dense GEMMs over
+    # that image and its sum for grad_bias. Reads grad_output, result, indices and what the
+    # wanted gradients need; writes them (the gradient image stays inside the operator)
+    if not any(mask):
+        return Work()
+    conv = _conv_outputs(input, weight, stride, padding, dilation)
+    taps = weight[0].numel()
+    gemms = int(mask[0]) + int(mask[1])
+    flops = 2 * grad_output.numel() + 2 * conv * taps * gemms + (conv if mask[2] else 0)
+    reads = _total(grad_output, result, indices, weight if mask[0] else None,
+                   input if mask[1] else None)
+    return Work(flops, reads + _total(*outs))
+
+
 def linear(out, input, weight, bias):
     # y = x W^T: rows * out_features dot products of in_features taps, plus the bias add
     in_features = weight.shape[1]
@@ -173,6 +214,8 @@ FORMULAS: Dict[str, Callable[..., Work]] = {
     "max_pool2d": max_pool2d,
     "max_pool2d_with_indices": max_pool2d_with_indices,
     "max_pool2d_backward": max_pool2d_backward,
+    "conv2d_relu_max_pool2d": conv2d_relu_max_pool2d,
+    "conv2d_relu_max_pool2d_backward": conv2d_relu_max_pool2d_backward,
     "linear": linear,
     "linear_backward": linear_backward,
     "relu": _unary(1),                         # max(x, 0)

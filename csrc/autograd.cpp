@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/checks.h"
 #include "op_handles.h"
 
 namespace pyengine {
@@ -431,6 +432,181 @@ Tensor max_pool2d_backward_autograd(const Tensor& grad_output, const Tensor& inp
                                                       stride, padding, dilation, ceil_mode));
   }
   return result;
+}
+
+// ---- Fused: conv2d -> relu -> max_pool2d ------------------------------------------------------
+// out = relu(p), (p, indices) = max_pool2d(y), y = conv2d(x, w, b). Its derivatives are the
+// chain of the three operators', written with them: the backward operator's gradient image of y
+// (conv_grad_image) is max_pool2d_backward of relu_backward, which are differentiable in turn.
+
+struct ConvPoolParams {
+  ConvParams conv;
+  PoolParams pool;
+  void set(IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+           IntArrayRef pool_kernel_size, IntArrayRef pool_stride, IntArrayRef pool_padding,
+           IntArrayRef pool_dilation, bool pool_ceil_mode) {
+    conv.set(stride, padding, dilation, groups);
+    pool.set(pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_ceil_mode);
+  }
+  Tensor3 backward(const Tensor& g, const Tensor& result, const Tensor& indices, const Tensor& x,
+                   const Tensor& w, Mask3 mask) const {
+    return conv2d_relu_max_pool2d_backward_op().call(
+        g, result, indices, x, w, conv.stride, conv.padding, conv.dilation, conv.groups,
+        pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, mask);
+  }
+  // An uninitialised tensor of y's shape (max_pool2d_backward reads only its shape).
+  Tensor image_like_y(const Tensor& x, const Tensor& w) const {
+    const auto s = check_conv2d<c10::SymInt>(x, w, std::nullopt, conv.stride, conv.padding,
+                                             conv.dilation, conv.groups);
+    const std::vector<c10::SymInt> sizes = s.output_sizes();
+    return x.new_empty_symint(c10::SymIntArrayRef(sizes));
+  }
+  // dL/dy from dL/dout = g: relu's step read from the result, then each window's gradient to
+  // its maximum.
+  Tensor conv_grad_image(const Tensor& g, const Tensor& result, const Tensor& indices,
+                         const Tensor& x, const Tensor& w) const {
+    return max_pool2d_backward_op().call(relu_backward_op().call(g, result), image_like_y(x, w),
+                                         indices, pool.kernel_size, pool.stride, pool.padding,
+                                         pool.dilation, pool.ceil_mode);
+  }
+  // The tangent of out from y's tangent dy: read at the maxima, then relu's step.
+  Tensor out_tangent(const Tensor& dy, const Tensor& result, const Tensor& indices) const {
+    return relu_backward_op().call(gather_plane(dy, indices), result);
+  }
+  // y's tangent (or the vector conv2d's derivative maps (dx, dw, db) to).
+  Tensor y_tangent(const Tensor& x, const Tensor& dx, const Tensor& w, const Tensor& dw,
+                   const Tensor& db) const {
+    return bilinear_tangent(
+        [&](const Tensor& a, const Tensor& b, const OptTensor& c) { return conv2d_with(conv, a, b, c); },
+        x, dx, w, dw, db,
+        [&](const Tensor& b, const Tensor&) { return conv_bias_like(b, image_like_y(x, w)); },
+        Tensor());
+  }
+};
+
+struct Conv2dReluMaxPool2dNode : PyengineNode<Conv2dReluMaxPool2dNode> {
+  static constexpr const char* kName = "pyengine::conv2d_relu_max_pool2d_backward";
+  ConvPoolParams params;
+  bool has_bias = false;
+  variable_list backward(const variable_list& grads) {  // inputs: input, weight, bias
+    variable_list out(3);
+    if (!grads[0].defined()) return out;
+    const Mask3 mask{wants(0), wants(1), has_bias && wants(2)};
+    auto [gi, gw, gb] = params.backward(grads[0], saved(2), saved(3), saved(0), saved(1), mask);
+    return {gi, gw, gb};
+  }
+};
+
+Tensor2 conv2d_relu_max_pool2d_autograd(const Tensor& input, const Tensor& weight,
+                                        const OptTensor& bias, IntArrayRef stride,
+                                        IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+                                        IntArrayRef pool_kernel_size, IntArrayRef pool_stride,
+                                        IntArrayRef pool_padding, IntArrayRef pool_dilation,
+                                        bool pool_ceil_mode) {
+  const bool grad = any_needs_grad(input, weight, bias);
+  const bool fw = any_tangent(input, weight, bias);
+  auto [output, indices] = below_autograd([&] {
+    return conv2d_relu_max_pool2d_op().call(input, weight, bias, stride, padding, dilation,
+                                            groups, pool_kernel_size, pool_stride, pool_padding,
+                                            pool_dilation, pool_ceil_mode);
+  });
+  if (!grad && !fw) return {output, indices};
+  ConvPoolParams p;
+  p.set(stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding,
+        pool_dilation, pool_ceil_mode);
+  if (fw) {  // before the output is saved: a saved tensor keeps the tangent it has then
+    const Tensor dy = p.y_tangent(primal(input), tangent(input), primal(weight), tangent(weight),
+                                  tangent(bias));
+    set_tangent(output, p.out_tangent(dy, primal(output), indices));
+  }
+  if (grad) {
+    auto node = make_node<Conv2dReluMaxPool2dNode>(input, weight, bias);
+    node->params = p;
+    node->has_bias = bias.has_value() && bias->defined();
+    node->save(input);
+    node->save(weight);
+    record(node, output);
+    node->save(output, /*is_output=*/true);
+    node->save(indices);
+  }
+  return {output, indices};
+}
+
+// The backward is (grad_input, grad_weight, grad_bias) = conv2d_backward(gy, x, w) with
+// gy = conv_grad_image(g, result): linear in g, and of zero derivative in result (relu's step).
+// So, as conv2d_backward's (Conv2dBackwardNode), with gy for grad_output:
+//   d/d(grad_output) = out_tangent(conv2d(ggi, weight, ggb) + conv2d(input, ggw)),
+//   d/d(input)       = conv2d_backward(gy, input, ggw).grad_input,
+//   d/d(weight)      = conv2d_backward(gy, ggi, weight).grad_weight.
+struct Conv2dReluMaxPool2dBackwardNode : PyengineNode<Conv2dReluMaxPool2dBackwardNode> {
+  static constexpr const char* kName = "pyengine::conv2d_relu_max_pool2d_backward_backward";
+  ConvPoolParams params;
+  variable_list backward(const variable_list& grads) {
+    // inputs: grad_output, result, input, weight
+    const Tensor &ggi = grads[0], &ggw = grads[1], &ggb = grads[2];
+    const Tensor g = saved(0), result = saved(1), indices = saved(2), x = saved(3), w = saved(4);
+    variable_list out(4);
+    if (wants(0) && (ggi.defined() || ggw.defined() || ggb.defined()))
+      out[0] = params.out_tangent(params.y_tangent(x, ggi, w, ggw, ggb), result, indices);
+    const bool d_input = wants(2) && ggw.defined(), d_weight = wants(3) && ggi.defined();
+    if (d_input || d_weight) {
+      const Tensor gy = params.conv_grad_image(g, result, indices, x, w);
+      const ConvParams& c = params.conv;
+      if (d_input) {
+        out[2] = std::get<0>(conv2d_backward_op().call(gy, x, ggw, c.stride, c.padding,
+                                                       c.dilation, c.groups,
+                                                       {true, false, false}));
+      }
+      if (d_weight) {
+        out[3] = std::get<1>(conv2d_backward_op().call(gy, ggi, w, c.stride, c.padding,
+                                                       c.dilation, c.groups,
+                                                       {false, true, false}));
+      }
+    }
+    return out;
+  }
+};
+
+Tensor3 conv2d_relu_max_pool2d_backward_autograd(
+    const Tensor& grad_output, const Tensor& result, const Tensor& indices, const Tensor& input,
+    const Tensor& weight, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+    int64_t groups, IntArrayRef pool_kernel_size, IntArrayRef pool_stride,
+    IntArrayRef pool_padding, IntArrayRef pool_dilation, bool pool_ceil_mode, Mask3 output_mask) {
+  auto grads = below_autograd([&] {
+    return conv2d_relu_max_pool2d_backward_op().call(
+        grad_output, result, indices, input, weight, stride, padding, dilation, groups,
+        pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_ceil_mode, output_mask);
+  });
+  const bool grad = any_needs_grad(grad_output, result, input, weight);
+  const bool fw = any_tangent(grad_output, input, weight);  // result's: zero derivative
+  if (!grad && !fw) return grads;
+  ConvPoolParams p;
+  p.set(stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding,
+        pool_dilation, pool_ceil_mode);
+  if (grad) {
+    auto node = make_node<Conv2dReluMaxPool2dBackwardNode>(grad_output, result, input, weight);
+    node->params = p;
+    node->save(grad_output);
+    node->save(result);
+    node->save(indices);
+    node->save(input);
+    node->save(weight);
+    record(node, std::get<0>(grads), std::get<1>(grads), std::get<2>(grads));
+  }
+  if (fw) {
+    const Tensor r = primal(result), x = primal(input), w = primal(weight);
+    const Tensor dg = tangent(grad_output), dx = tangent(input), dw = tangent(weight);
+    const Tensor gy = dx.defined() || dw.defined()
+                          ? p.conv_grad_image(primal(grad_output), r, indices, x, w)
+                          : Tensor();
+    const Tensor dgy = dg.defined() ? p.conv_grad_image(dg, r, indices, x, w) : Tensor();
+    const ConvParams& c = p.conv;
+    auto bw = [&](const Tensor& g, const Tensor& a, const Tensor& b, Mask3 mask) {
+      return conv2d_backward_op().call(g, a, b, c.stride, c.padding, c.dilation, c.groups, mask);
+    };
+    set_tangents(grads, bilinear_backward_tangent(bw, gy, dgy, x, dx, w, dw, output_mask));
+  }
+  return grads;
 }
 
 // ---- Linear -------------------------------------------------------------------------------

@@ -71,6 +71,41 @@ Tensor max_pool2d_backward_meta(const Tensor& grad_output, const Tensor& input,
   return empty_image<SymInt>(input.sym_sizes(), pool2d_channels_last(input), input.options());
 }
 
+// Outputs in the layout common/layout.h's conv2d_pool2d_channels_last gives.
+std::tuple<Tensor, Tensor> conv2d_relu_max_pool2d_meta(
+    const Tensor& input, const Tensor& weight, const OptTensor& bias, IntArrayRef stride,
+    IntArrayRef padding, IntArrayRef dilation, int64_t groups, IntArrayRef pool_kernel_size,
+    IntArrayRef pool_stride, IntArrayRef pool_padding, IntArrayRef pool_dilation,
+    bool pool_ceil_mode) {
+  auto s = check_conv2d_relu_max_pool2d<SymInt>(input, weight, bias, stride, padding, dilation,
+                                                groups, pool_kernel_size, pool_stride,
+                                                pool_padding, pool_dilation, pool_ceil_mode);
+  const std::vector<SymInt> conv_out = s.conv.output_sizes();
+  const bool channels_last =
+      conv2d_pool2d_channels_last<SymInt>(input, weight, c10::ArrayRef<SymInt>(conv_out));
+  const auto sizes = s.pool.output_sizes();
+  return {empty_image<SymInt>(sizes, channels_last, input.options()),
+          empty_image<SymInt>(sizes, channels_last, input.options().dtype(at::kLong))};
+}
+
+// As conv2d_backward's.
+std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_meta(
+    const Tensor& grad_output, const Tensor& result, const Tensor& indices, const Tensor& input,
+    const Tensor& weight, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+    int64_t groups, IntArrayRef pool_kernel_size, IntArrayRef pool_stride,
+    IntArrayRef pool_padding, IntArrayRef pool_dilation, bool pool_ceil_mode,
+    std::array<bool, 3> mask) {
+  auto s = check_conv2d_relu_max_pool2d_backward<SymInt>(
+      grad_output, result, indices, input, weight, stride, padding, dilation, groups,
+      pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_ceil_mode);
+  const bool channels_last = conv2d_channels_last(input, weight);
+  return {mask[0] ? empty_image<SymInt>(input.sym_sizes(), channels_last, input.options())
+                  : Tensor(),
+          mask[1] ? empty_image<SymInt>(weight.sym_sizes(), channels_last, weight.options())
+                  : Tensor(),
+          mask[2] ? empty_meta(std::vector<SymInt>{s.conv.out_channels}, weight) : Tensor()};
+}
+
 Tensor linear_meta(const Tensor& input, const Tensor& weight, const OptTensor& bias) {
   auto s = check_linear<SymInt>(input, weight, bias);
   return empty_meta(s.output_sizes, input);
@@ -211,6 +246,8 @@ TORCH_LIBRARY_IMPL(pyengine, Meta, m) {
   m.impl("max_pool2d", max_pool2d_meta);
   m.impl("max_pool2d_with_indices", max_pool2d_with_indices_meta);
   m.impl("max_pool2d_backward", max_pool2d_backward_meta);
+  m.impl("conv2d_relu_max_pool2d", conv2d_relu_max_pool2d_meta);
+  m.impl("conv2d_relu_max_pool2d_backward", conv2d_relu_max_pool2d_backward_meta);
   m.impl("linear", linear_meta);
   m.impl("linear_backward", linear_backward_meta);
   m.impl("relu", relu_meta);

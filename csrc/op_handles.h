@@ -42,6 +42,11 @@ using Mask3 = std::array<bool, 3>;
   X(max_pool2d_with_indices,                                                                  \
     Tensor2(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,                  \
             IntArrayRef padding, IntArrayRef dilation, bool ceil_mode))                        \
+  X(conv2d_relu_max_pool2d,                                                                   \
+    Tensor2(const Tensor& input, const Tensor& weight, const OptTensor& bias,                  \
+            IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,      \
+            IntArrayRef pool_kernel_size, IntArrayRef pool_stride, IntArrayRef pool_padding,    \
+            IntArrayRef pool_dilation, bool pool_ceil_mode))                                    \
   X(linear, Tensor(const Tensor& input, const Tensor& weight, const OptTensor& bias))          \
   X(relu, Tensor(const Tensor& input))                                                        \
   X(leaky_relu, Tensor(const Tensor& input, double negative_slope))                           \
@@ -64,6 +69,12 @@ using Mask3 = std::array<bool, 3>;
     Tensor(const Tensor& grad_output, const Tensor& input, const Tensor& indices,              \
            IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding,                   \
            IntArrayRef dilation, bool ceil_mode))                                              \
+  X(conv2d_relu_max_pool2d_backward,                                                          \
+    Tensor3(const Tensor& grad_output, const Tensor& result, const Tensor& indices,            \
+            const Tensor& input, const Tensor& weight, IntArrayRef stride,                     \
+            IntArrayRef padding, IntArrayRef dilation, int64_t groups,                         \
+            IntArrayRef pool_kernel_size, IntArrayRef pool_stride, IntArrayRef pool_padding,    \
+            IntArrayRef pool_dilation, bool pool_ceil_mode, Mask3 output_mask))                 \
   X(linear_backward, Tensor3(const Tensor& grad_output, const Tensor& input,                   \
                              const Tensor& weight, Mask3 output_mask))                          \
   X(relu_backward, Tensor(const Tensor& grad_output, const Tensor& result))                   \

@@ -68,6 +68,24 @@ TORCH_LIBRARY(pyengine, library) {
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
         "-> Tensor");
 
+  // ---- Fused: conv2d -> relu -> max_pool2d ----------------------------------------------------
+  // max_pool2d(relu(conv2d(input, weight, bias, stride, padding, dilation, groups)), pool_*) in
+  // one operator (LeNet's and VGG's block): the convolution's output is pooled, then the pooled
+  // maxima go through relu (relu is monotonic, so the values are the same as relu first), and
+  // neither the relu'd image nor its gradient is ever written. indices: the flat position, in
+  // the convolution's H*W output plane, of each window's maximum (as max_pool2d_with_indices'
+  // of the convolution's output). The backward takes the forward's output (`result`) and
+  // indices, not the convolution's output: a window whose result is not > 0 passes no gradient.
+  m.def("conv2d_relu_max_pool2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, int[2] pool_kernel_size, "
+        "int[2] pool_stride, int[2] pool_padding, int[2] pool_dilation, bool pool_ceil_mode) "
+        "-> (Tensor output, Tensor indices)");
+  m.def("conv2d_relu_max_pool2d_backward(Tensor grad_output, Tensor result, Tensor indices, "
+        "Tensor input, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups, int[2] pool_kernel_size, int[2] pool_stride, int[2] pool_padding, "
+        "int[2] pool_dilation, bool pool_ceil_mode, bool[3] output_mask) "
+        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
   // ---- Linear -------------------------------------------------------------------------------
   // input (*, in_features); weight (out_features, in_features); y = x W^T + b.
   m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");

@@ -2,6 +2,7 @@
 
     import pyengine.functional as PF     # same signatures as torch.nn.functional
     import pyengine.nn as pnn            # drop-in twins of torch.nn modules
+    import pyengine.fused                # several layers in one operator (conv -> relu -> pool)
     model = pyengine.convert(model)      # swap a model's torch.nn layers for pyengine's
     with pyengine.patch(): ...           # route torch.nn.functional calls to pyengine
     step = pyengine.capture_step(fn, x, y)  # a whole training step replayed as one C++ call
@@ -15,7 +16,7 @@ from ._loader import load_extension as _load_extension
 _C = _load_extension()
 
 from . import _batching  # noqa: E402,F401  (torch.vmap batching rules of every operator)
-from . import functional, nn  # noqa: E402
+from . import functional, fused, nn  # noqa: E402
 from .convert import convert, disable, enable, is_enabled, patch  # noqa: E402
 from . import models  # noqa: E402
 from ._info import info  # noqa: E402
@@ -37,5 +38,5 @@ def cache_stats() -> dict:
     return dict(_C.cpu_cache_stats())
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "models", "convert", "patch", "enable", "disable", "is_enabled",
+__all__ = ["functional", "fused", "nn", "models", "convert", "patch", "enable", "disable", "is_enabled",
            "info", "capture_step", "CapturedStep", "CaptureError", "empty_cache", "cache_stats"]

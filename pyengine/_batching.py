@@ -11,7 +11,9 @@ There are few kinds of rule, each written once and shared by the operators of it
                  stride-0 expand).
   along a dim    softmax, log_softmax and their backward ops: the vmapped dim goes first and
                  `dim` shifts past it.
-  batch fold     max_pool2d, conv2d, conv2d_backward with a shared weight and no weight gradient:
+  batch fold     max_pool2d, conv2d, conv2d_backward (and conv2d_relu_max_pool2d and its backward,
+                 folded as conv2d's: pooling keeps each channel plane whole) with a shared weight
+                 and no weight gradient:
                  the vmapped dim joins the batch dim (B x N -> B*N); an unbatched sample (C, H, W)
                  makes the samples the batch.
   group fold     conv2d / linear with per-sample weights or bias, and their backward ops whenever
@@ -132,15 +134,28 @@ def _max_pool2d(op, batch, in_dims, args):
 
 # ---- conv2d and linear: batch fold, group fold -----------------------------------------------
 
+def _each(out, f):
+    """f applied to an operator's output, or to each of its outputs."""
+    return tuple(f(o) for o in out) if isinstance(out, tuple) else f(out)
+
+
+def _dims(out, dim):
+    return tuple(dim for _ in out) if isinstance(out, tuple) else dim
+
+
 def _conv2d(op, batch, in_dims, args):
-    x, w, b, stride, padding, dilation, groups = args
+    """conv2d, and conv2d_relu_max_pool2d (its extra pooling arguments pass through: pooling is
+    per channel plane, so every fold below keeps its output's planes and the indices in them)."""
+    (x, w, b, stride, padding, dilation, groups), pool = args[:7], args[7:]
     xd, wd, bd = in_dims[:3]
     channel = x.dim() - 3 - (xd is not None)   # a sample's channel dim: 1, or 0 for (C, H, W)
     if wd is None and bd is None:   # one filter bank: batch fold
         x = _first(x, xd, batch)
         if channel == 0:            # the samples are the batch
-            return op(x, w, b, stride, padding, dilation, groups), 0
-        return _split(op(_merge(x, 0), w, b, stride, padding, dilation, groups), 0, batch), 0
+            out = op(x, w, b, stride, padding, dilation, groups, *pool)
+            return out, _dims(out, 0)
+        out = op(_merge(x, 0), w, b, stride, padding, dilation, groups, *pool)
+        return _each(out, lambda o: _split(o, 0, batch)), _dims(out, 0)
     w = _first(w, wd, batch)
     b = _first(b, bd, batch)
     if xd is None:
@@ -151,31 +166,41 @@ def _conv2d(op, batch, in_dims, args):
         w = w.unflatten(1, (groups, per_group)).transpose(0, 1).flatten(0, 2)
         if b is not None:
             b = b.unflatten(1, (groups, per_group)).transpose(0, 1).flatten(0, 2)
-        out = op(x, w, b, stride, padding, dilation, groups)
-        out = out.unflatten(channel, (groups, batch, per_group)).transpose(channel, channel + 1)
-        return out.flatten(channel + 1, channel + 2), channel
+        out = op(x, w, b, stride, padding, dilation, groups, *pool)
+
+        def per_sample(o):
+            o = o.unflatten(channel, (groups, batch, per_group)).transpose(channel, channel + 1)
+            return o.flatten(channel + 1, channel + 2)
+        return _each(out, per_sample), _dims(out, channel)
     # Per-sample inputs and filters: sample b's channels are groups b * groups ... of one
     # grouped convolution.
     out = op(_merge(_first(x, xd, batch), channel), w.flatten(0, 1),
-             None if b is None else b.flatten(0, 1), stride, padding, dilation, batch * groups)
-    return _split(out, channel, batch), channel
+             None if b is None else b.flatten(0, 1), stride, padding, dilation, batch * groups,
+             *pool)
+    return _each(out, lambda o: _split(o, channel, batch)), _dims(out, channel)
 
 
 def _conv2d_backward(op, batch, in_dims, args):
-    go, x, w, stride, padding, dilation, groups, mask = args
-    god, xd, wd = in_dims[:3]
-    go, x = _first(go, god, batch), _first(x, xd, batch)
-    channel = x.dim() - 4
+    """conv2d_backward(grad_output, input, weight, ...), and
+    conv2d_relu_max_pool2d_backward(grad_output, result, indices, input, weight, ...), whose
+    result and indices fold as grad_output does (the pooled planes stay whole)."""
+    n_tensors = sum(isinstance(a, torch.Tensor) for a in args)   # they come first
+    *images, w = [_first(t, d, batch) for t, d in zip(args[:n_tensors], in_dims)]
+    wd = in_dims[n_tensors - 1]
+    # stride, padding, dilation, groups[, the pooling's arguments], output_mask
+    extra, mask = list(args[n_tensors:-1]), args[-1]
+    channel = images[0].dim() - 4
     if wd is None and not (mask[1] or mask[2]):
         # only grad_input, with one filter bank: batch fold
+        w = args[n_tensors - 1]
         if channel == 0:
-            gi, _, _ = op(go, x, w, stride, padding, dilation, groups, mask)
+            gi, _, _ = op(*images, w, *extra, mask)
             return (gi, None, None), (0, None, None)
-        gi, _, _ = op(_merge(go, 0), _merge(x, 0), w, stride, padding, dilation, groups, mask)
+        gi, _, _ = op(*[_merge(t, 0) for t in images], w, *extra, mask)
         return (_split(gi, 0, batch), None, None), (0, None, None)
     # Per-sample weight gradients (or filters): group fold, as in _conv2d.
-    gi, gw, gb = op(_merge(go, channel), _merge(x, channel), _first(w, wd, batch).flatten(0, 1),
-                    stride, padding, dilation, batch * groups, mask)
+    extra[3] *= batch   # groups
+    gi, gw, gb = op(*[_merge(t, channel) for t in images], w.flatten(0, 1), *extra, mask)
     return _grads(gi, gw, gb, channel, batch)
 
 
@@ -395,6 +420,7 @@ def _cross_entropy_backward(op, batch, in_dims, args):
 
 _RULES = {
     "conv2d": _conv2d, "conv2d_backward": _conv2d_backward,
+    "conv2d_relu_max_pool2d": _conv2d, "conv2d_relu_max_pool2d_backward": _conv2d_backward,
     "max_pool2d": _max_pool2d, "max_pool2d_with_indices": _max_pool2d,
     "max_pool2d_backward": _max_pool2d,
     "linear": _linear, "linear_backward": _linear_backward,

@@ -69,7 +69,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _pair(value, name: str, fn: str) -> Tuple[int, int]:
+def _pair(value, name: str, fn: str, module: str = "functional") -> Tuple[int, int]:
     """An int or a sequence of two ints, as torch.nn.functional accepts them. Errors have torch's
     classes: a TypeError for a value that is not ints, a RuntimeError for a sequence of ints of
     the wrong length (both also ValueErrors, as pyengine raised before)."""
@@ -84,7 +84,7 @@ def _pair(value, name: str, fn: str) -> Tuple[int, int]:
     else:
         error = ValueAndTypeError
     raise error(
-        f"pyengine.functional.{fn}: expected {name} to be an int or a pair of ints, "
+        f"pyengine.{module}.{fn}: expected {name} to be an int or a pair of ints, "
         f"but got {name}={value!r}")
 
 
@@ -112,7 +112,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
 
 
 @torch.fx.wrap
-def _string_padding(input, weight, padding, stride, dilation):
+def _string_padding(input, weight, padding, stride, dilation, fn="functional.conv2d"):
     """'valid' is no padding; 'same' pads so the output has the input's size (stride 1 only).
     When the total padding of an axis is odd, the extra row/column goes on the bottom/right,
     as in torch, by padding the input itself: the operator takes symmetric padding.
@@ -121,15 +121,15 @@ def _string_padding(input, weight, padding, stride, dilation):
         return input, (0, 0)
     if padding != "same":
         raise ValueAndRuntimeError(
-            f"pyengine.functional.conv2d: expected padding to be an int, a pair of ints, 'valid' "
+            f"pyengine.{fn}: expected padding to be an int, a pair of ints, 'valid' "
             f"or 'same', but got padding={padding!r}")
     if stride != (1, 1):
         raise ValueAndRuntimeError(
-            "pyengine.functional.conv2d: padding='same' is not supported for strided "
+            f"pyengine.{fn}: padding='same' is not supported for strided "
             f"convolutions, but got stride={stride}")
     if weight.dim() != 4:
         raise ValueAndRuntimeError(
-            "pyengine.functional.conv2d: expected weight to be 4-D (out_channels, in_channels / "
+            f"pyengine.{fn}: expected weight to be 4-D (out_channels, in_channels / "
             f"groups, kH, kW), but got weight of shape {list(weight.shape)}")
     totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
     symmetric = tuple(t // 2 for t in totals)

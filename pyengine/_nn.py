@@ -4,11 +4,12 @@ import torch
 from torch import Tensor
 
 from . import _functional as F
+from . import _fused as fused
 from ._errors import ValueAndRuntimeError
 
 __all__ = [
     "Conv2d", "MaxPool2d", "Linear", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softmax",
-    "LogSoftmax", "MSELoss", "BCELoss", "CrossEntropyLoss", "RNN", "TWINS",
+    "LogSoftmax", "MSELoss", "BCELoss", "CrossEntropyLoss", "RNN", "Sequential", "TWINS",
 ]
 
 
@@ -166,6 +167,58 @@ def _elman_rnn(input, hx, weights, num_layers, hidden_size, nonlinearity, batch_
 
 
 TWINS[torch.nn.RNN] = RNN
+
+
+# ---- Fused layers ------------------------------------------------------------------------------
+
+def _without_hooks(*modules) -> bool:
+    """Whether no hook would run around these modules' calls (a fused call makes none)."""
+    from torch.nn.modules import module as torch_module
+    if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+            or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                   or m._backward_pre_hooks for m in modules)
+
+
+def _fuses_conv_relu_pool(conv, relu, pool) -> bool:
+    """conv -> relu -> pool is exactly pyengine.fused.conv2d_relu_max_pool2d: pyengine's twins
+    (exact classes: a subclass may override forward), zero padding, no indices returned, no
+    hooks. ReLU(inplace=True) fuses too: it would overwrite only the convolution's output."""
+    return (type(conv) is Conv2d and conv.padding_mode == "zeros" and type(relu) is ReLU
+            and type(pool) is MaxPool2d and not pool.return_indices
+            and _without_hooks(conv, relu, pool))
+
+
+def conv_relu_pool(conv, relu, pool, input: Tensor) -> Tensor:
+    """pool(relu(conv(input))): one fused operator where the modules make the exact pattern, the
+    three module calls otherwise (torch.nn modules, other padding modes, hooks)."""
+    if not _fuses_conv_relu_pool(conv, relu, pool):
+        return pool(relu(conv(input)))
+    return fused.conv2d_relu_max_pool2d(
+        input, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+        pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+
+
+class Sequential(torch.nn.Sequential):
+    """torch.nn.Sequential whose runs of Conv2d, ReLU, MaxPool2d (pyengine's twins, as
+    convert() makes them) run as one fused operator (conv_relu_pool); every other module is
+    called as torch.nn.Sequential calls it. Its modules, state_dict and repr are torch's."""
+
+    def forward(self, input):
+        modules = list(self._modules.values())
+        i = 0
+        while i < len(modules):
+            if i + 2 < len(modules) and _fuses_conv_relu_pool(*modules[i:i + 3]):
+                input = conv_relu_pool(*modules[i:i + 3], input)
+                i += 3
+            else:
+                input = modules[i](input)
+                i += 1
+        return input
+
+
+TWINS[torch.nn.Sequential] = Sequential
 
 
 # The modules' public home, for reprs and pickling by reference.

@@ -9,6 +9,7 @@ import torch
 
 from . import functional as F
 from . import nn as pnn
+from ._nn import conv_relu_pool
 
 BACKENDS = ("pyengine", "torch")
 
@@ -38,8 +39,9 @@ class LeNet(torch.nn.Module):
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.relu(self.conv1(x)))
-        x = self.pool(self.relu(self.conv2(x)))
+        # pool(relu(conv(x))): with pyengine's layers, one fused operator per block
+        x = conv_relu_pool(self.conv1, self.relu, self.pool, x)
+        x = conv_relu_pool(self.conv2, self.relu, self.pool, x)
         x = torch.flatten(x, 1)
         x = self.relu(self.fc1(x))
         x = self.relu(self.fc2(x))

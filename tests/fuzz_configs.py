@@ -15,9 +15,10 @@ gradcheck, opcheck and CUDA parity). A case comes in three steps:
 draw() also takes params to force (draw(op, rng, {"groups": 2, "input": {"layout": ...}})) and a
 predicate the case must meet: tests/samples.py builds its sample lists that way.
 
-The call is the same for pyengine.functional.<op> and torch.nn.functional.<op> (same names, same
-signatures), and every case drawn is legal for torch too. Tensors a case wants gradients of have
-`grad=True`.
+The call is the same for pyengine's function and torch's (same signatures): for most ops
+pyengine.functional.<op> and torch.nn.functional.<op>; for a fused op, pyengine.fused.<op> and
+the torch.nn.functional calls it replaces (functions() below: the one table of both sides). Every
+case drawn is legal for torch too. Tensors a case wants gradients of have `grad=True`.
 """
 import dataclasses
 import math
@@ -25,6 +26,7 @@ import random
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 import helpers
 
@@ -239,16 +241,21 @@ def check_some_grad(p):
 FLOAT32_MAX_SUM = 1024
 
 
+def conv_out_size(p):
+    """conv2d's output (height, width)."""
+    if min(p["stride"]) < 1:
+        raise Illegal("a stride below 1")  # (the shrinker tries 0)
+    if p["padding"] == "same":
+        return p["height"], p["width"]
+    pads = (0, 0) if p["padding"] == "valid" else p["padding"]
+    return tuple(max(0, (n + 2 * pad - eff(k, d)) // s + 1)
+                 for n, k, s, pad, d in zip((p["height"], p["width"]), p["kernel"], p["stride"],
+                                            pads, p["dilation"]))
+
+
 def conv_out_pixels(p):
     """conv2d's output height x width."""
-    if p["padding"] == "same":
-        return p["height"] * p["width"]
-    pads = (0, 0) if p["padding"] == "valid" else p["padding"]
-    out = 1
-    for n, k, s, pad, d in zip((p["height"], p["width"]), p["kernel"], p["stride"], pads,
-                               p["dilation"]):
-        out *= max(0, (n + 2 * pad - eff(k, d)) // s + 1)
-    return out
+    return numel(conv_out_size(p))
 
 
 def build_conv2d(p):
@@ -326,6 +333,61 @@ def build_max_pool2d(p):
     if p["stride"] is not None:
         kwargs["stride"] = pair_or_int(p["stride"], as_int)
     return (x,), kwargs, p["scale"]
+
+
+def draw_conv2d_relu_max_pool2d(rng):
+    """conv2d's params (draw_conv2d), images up to 14 wide and mostly undilated kernels so that
+    the convolution's output holds a pool window, and the pool's, prefixed pool_ (kernel,
+    stride or None, padding within torch's half the kernel, dilation, ceil_mode)."""
+    p = draw_conv2d(rng)
+    if p["batch"] is None or p["batch"] < 16:  # (not the batch-innermost draws: small images)
+        p["height"], p["width"] = rng.randint(1, 14), rng.randint(1, 14)
+    if rng.random() < 0.6:
+        p["dilation"] = (1, 1)
+    k = (rng.randint(1, 3), rng.randint(1, 3))
+    return dict(p, pool_kernel=k,
+                pool_stride=None if rng.random() < 0.4 else (rng.randint(1, 3), rng.randint(1, 3)),
+                pool_padding=(rng.randint(0, k[0] // 2), rng.randint(0, k[1] // 2)),
+                pool_dilation=(1, 1) if rng.random() < 0.7 else (rng.randint(1, 3),
+                                                                 rng.randint(1, 3)),
+                pool_ceil_mode=rng.random() < 0.3)
+
+
+def pool_kwargs(p, as_int):
+    """The pool's keywords of pyengine.fused's call (pool_kernel_size, ..., pool_ceil_mode) from
+    params p["pool_kernel"], ...; without "pool_", F.max_pool2d's keywords."""
+    out = dict(pool_kernel_size=pair_or_int(p["pool_kernel"], as_int))
+    if p["pool_stride"] is not None:
+        out["pool_stride"] = pair_or_int(p["pool_stride"], as_int)
+    return dict(out, pool_padding=pair_or_int(p["pool_padding"], as_int),
+                pool_dilation=pair_or_int(p["pool_dilation"], as_int),
+                pool_ceil_mode=p["pool_ceil_mode"])
+
+
+def fused_pool_geometry(p):
+    """The pool's geometry as F.max_pool2d's keywords (pairs), from the fused op's params."""
+    return dict(kernel_size=tuple(p["pool_kernel"]),
+                stride=tuple(p["pool_stride"] or p["pool_kernel"]),
+                padding=tuple(p["pool_padding"]), dilation=tuple(p["pool_dilation"]),
+                ceil_mode=p["pool_ceil_mode"])
+
+
+def build_conv2d_relu_max_pool2d(p):
+    # the convolution is conv2d's call (its checks, the float32 limit on grad_weight's sum, the
+    # frozen arguments); homogeneous of degree 2 like conv2d, since relu and max commute with a
+    # positive factor
+    (x, w, b), kwargs, out_scale = build_conv2d(p)
+    k, d, pad = p["pool_kernel"], p["pool_dilation"], p["pool_padding"]
+    if min(k + d + tuple(p["pool_stride"] or (1,))) < 1 or min(pad) < 0:
+        raise Illegal("a pool size below its least legal value")  # (the shrinker tries them)
+    if not torch_pads(k, pad):
+        raise Illegal("pool padding beyond half the pool kernel (torch's max_pool2d refuses it)")
+    for n, k_, d_, pad_ in zip(conv_out_size(p), k, d, pad):
+        # (max_pool2d refuses empty planes: conv2d's output is never empty in H, W, channels)
+        if n + 2 * pad_ < eff(k_, d_):
+            raise Illegal("the dilated pool window does not fit in the padded conv2d output")
+    kwargs.update(pool_kwargs(p, p["scalar_args"]))
+    return (x, w, b), kwargs, out_scale
 
 
 def draw_linear(rng):
@@ -519,7 +581,46 @@ OPS = {
     "mse_loss": (draw_mse_loss, build_mse_loss),
     "binary_cross_entropy": (draw_binary_cross_entropy, build_binary_cross_entropy),
     "cross_entropy": (draw_cross_entropy, build_cross_entropy),
+    "conv2d_relu_max_pool2d": (draw_conv2d_relu_max_pool2d, build_conv2d_relu_max_pool2d),
 }
+
+
+# ---- each op's function and its torch reference ------------------------------------------------
+
+# The public modules pyengine's functions live in: pyengine.functional (torch.nn.functional's
+# twins, the same name in torch.nn.functional) and pyengine.fused (several torch calls in one
+# operator: the torch reference is the composition, pyengine._fused.TORCH_EQUIVALENTS).
+def _fused_references():
+    from pyengine._fused import TORCH_EQUIVALENTS
+    return TORCH_EQUIVALENTS
+
+
+def functions():
+    """{op: (pyengine's function, torch's)} for every op in OPS: the one table of both sides of a
+    call (the tests call pyengine_function(op) and torch_function(op), never getattr on a
+    module)."""
+    import pyengine.functional as PF
+    import pyengine.fused as fused
+
+    table = {name: (getattr(PF, name), getattr(F, name)) for name in PF.__all__}
+    for name in fused.__all__:
+        references = _fused_references()
+        if name not in references:
+            raise KeyError(f"pyengine/_fused.py: TORCH_EQUIVALENTS has no torch twin for "
+                           f"pyengine.fused.{name}")
+        table[name] = getattr(fused, name), references[name]
+    return table
+
+
+def pyengine_function(op: str):
+    """The pyengine function a case of `op` calls: pyengine.functional.<op> or
+    pyengine.fused.<op>."""
+    return functions()[op][0]
+
+
+def torch_function(op: str):
+    """The torch function (or composition of them) that gives the same results."""
+    return functions()[op][1]
 
 
 def with_params(params: dict, forced: dict) -> dict:

@@ -1,7 +1,8 @@
 """One list of sample inputs per operator, in the spirit of PyTorch's OpInfo sample_inputs.
 
-Each sample is a fuzz_configs.Case (a call of pyengine.functional.<op>, the same call as
-torch.nn.functional.<op>), drawn by fuzz_configs' generator of that op with some params forced,
+Each sample is a fuzz_configs.Case (a call of pyengine.functional.<op> or pyengine.fused.<op>,
+the same call as torch's function or composition: fuzz_configs.pyengine_function and
+torch_function), drawn by fuzz_configs' generator of that op with some params forced,
 so the list covers the op's options: COVER below, one sample per entry. The lists drive
 
   tests/test_samples.py  every sample against torch (tests/differential.py), forward and
@@ -19,7 +20,8 @@ with torch and across devices only. The lists are the same on every run and mach
 draws come from a generator seeded with the op's name. Edge cases and bad input stay with the
 tests of each op (tests/test_<op family>.py).
 
-Adding an operator: a generator in fuzz_configs.OPS and its entries here; tests/test_registry.py
+Adding an operator: a generator in fuzz_configs.OPS and its entries here (a pyengine.fused
+function also its torch composition in pyengine._fused.TORCH_EQUIVALENTS); tests/test_registry.py
 checks that every schema gets samples.
 """
 import functools
@@ -74,6 +76,58 @@ COVER = {
         dict(input=dict(layout="offset"), bias_tensor=dict(layout="strided")),
         dict(input=dict(NAN_INF, layout="contiguous")),
         dict(weight=dict(specials=("inf",))),
+        dict(scalar_args=True),
+        dict(frozen=("input",)), dict(frozen=("weight", "bias"), bias=True),
+        dict(frozen=("input", "weight"), bias=True),
+        dict(dtype="float32"), dict(dtype="float64"),
+    ],
+    # pyengine.fused.conv2d_relu_max_pool2d: conv2d's options, the pool's, and values where relu
+    # and the max decide (ties, zeros, windows whose maximum is <= 0: a 0 without gradient)
+    "conv2d_relu_max_pool2d": [
+        {}, {}, {},
+        dict(groups=1, bias=False),
+        dict(groups=2, in_per_group=2, out_per_group=1),
+        dict(groups=3, in_per_group=1, out_per_group=2),            # depthwise, multiplier 2
+        dict(padding="same", stride=(1, 1), kernel=(3, 3)),
+        dict(padding="same", stride=(1, 1), kernel=(2, 3), dilation=(1, 1)),  # odd total padding
+        dict(padding="valid", stride=(1, 1)),
+        dict(stride=(2, 2), padding=(1, 1), kernel=(3, 3)),         # a strided convolution
+        dict(dilation=(2, 1), padding=(0, 1)),
+        dict(pool_kernel=(2, 2), pool_stride=None, pool_padding=(0, 0), pool_dilation=(1, 1),
+             kernel=(5, 5), padding=(0, 0), stride=(1, 1), dilation=(1, 1)),  # LeNet's block
+        dict(pool_kernel=(3, 3), pool_stride=(2, 2), pool_padding=(0, 0), pool_dilation=(1, 1),
+             height=9, width=9, kernel=(3, 3), padding=(1, 1), stride=(1, 1),
+             dilation=(1, 1)),                                # AlexNet's overlapping 3x3 / 2 pool
+        dict(pool_ceil_mode=True, pool_kernel=(3, 3), pool_stride=(2, 2), pool_padding=(0, 0),
+             pool_dilation=(1, 1), height=8, width=9, kernel=(2, 2), padding=(0, 0),
+             stride=(1, 1), dilation=(1, 1)),                 # ceil_mode adds a last column
+        dict(pool_ceil_mode=True, pool_kernel=(2, 2), pool_stride=(3, 2), pool_padding=(1, 1)),
+        dict(pool_kernel=(3, 2), pool_stride=(2, 1), pool_padding=(1, 1)),
+        dict(pool_dilation=(2, 3), pool_kernel=(2, 2)),
+        # width-2 conv2d output, pool taps at columns -1 and 2: windows without an input element
+        dict(pool_kernel=(1, 2), pool_stride=(1, 1), pool_padding=(0, 1), pool_dilation=(1, 3),
+             width=2, kernel=(1, 1), padding=(0, 0), stride=(1, 1), dilation=(1, 1)),
+        dict(pool_kernel=(1, 1), pool_stride=(1, 1), pool_padding=(0, 0),
+             pool_dilation=(1, 1)),                           # a 1x1 pool: relu(conv2d) itself
+        dict(batch=None),                                            # unbatched
+        dict(batch=None, groups=2, bias=False),
+        dict(batch=0),                                               # empty batch
+        dict(batch=16, stride=(1, 1), padding=(0, 0), height=4, width=4,
+             kernel=(2, 2)),                                         # batch-innermost path
+        dict(input=dict(layout="channels_last")),
+        dict(input=dict(layout="channels_last"), weight=dict(layout="channels_last")),
+        dict(input=dict(layout="strided"), weight=dict(layout="transposed")),
+        dict(input=dict(layout="offset"), bias_tensor=dict(layout="strided")),
+        dict(input=dict(NAN_INF, layout="contiguous")),
+        dict(weight=dict(specials=("inf",))),
+        # exact ties and zeros: the first maximum wins, as torch's; a window whose maximum is
+        # <= 0 gives 0 and passes no gradient
+        dict(input=dict(values="ties"), weight=dict(values="ties"),
+             bias_tensor=dict(values="ties")),
+        dict(input=dict(values="ties"), weight=dict(values="ties"), bias=False,
+             pool_kernel=(3, 3), pool_stride=(1, 1), pool_dilation=(1, 1)),  # overlapping
+        dict(input=dict(values="ties"), weight=dict(values="ties"), bias=True, groups=1,
+             in_per_group=1, bias_tensor=dict(values="ties"), dtype="float32"),
         dict(scalar_args=True),
         dict(frozen=("input",)), dict(frozen=("weight", "bias"), bias=True),
         dict(frozen=("input", "weight"), bias=True),
@@ -228,6 +282,8 @@ COVER["log_softmax"] = COVER["softmax"]
 # Bigger hand-picked calls: blocked and tiled kernel paths, long rows and many summed terms. Too
 # large for gradcheck and opcheck; compared with torch, and CUDA against the CPU.
 _CONV = dict(groups=1, stride=(1, 1), padding=(0, 0), dilation=(1, 1), dtype="float64")
+_LENET_POOL = dict(pool_kernel=(2, 2), pool_stride=None, pool_padding=(0, 0),
+                   pool_dilation=(1, 1), pool_ceil_mode=False, bias=True, frozen=())
 LARGE = {
     "conv2d": [
         dict(_CONV, batch=8, in_per_group=1, out_per_group=6, height=32, width=32,
@@ -240,6 +296,13 @@ LARGE = {
              kernel=(3, 3), stride=(2, 2), padding=(1, 1)),           # split-K in grad_weight
         dict(_CONV, batch=40, in_per_group=2, out_per_group=3, height=5, width=6,
              kernel=(3, 3), padding=(1, 1)),                          # batch-innermost chunks
+    ],
+    # LeNet's two conv -> relu -> pool blocks at a training batch
+    "conv2d_relu_max_pool2d": [
+        dict(_CONV, batch=64, in_per_group=1, out_per_group=6, height=32, width=32,
+             kernel=(5, 5), **_LENET_POOL),                          # LeNet conv1 block
+        dict(_CONV, batch=64, in_per_group=6, out_per_group=16, height=14, width=14,
+             kernel=(5, 5), **_LENET_POOL),                          # LeNet conv2 block
     ],
     "max_pool2d": [
         dict(batch=2, channels=3, height=33, width=47, kernel=(3, 4), stride=(1, 2),
@@ -277,7 +340,7 @@ MAX_NUMEL = 600
 
 
 class Sample(NamedTuple):
-    op: str         # the pyengine.functional function
+    op: str         # the pyengine function (pyengine.functional's or pyengine.fused's)
     index: int      # its place in samples(op)
     forced: dict    # the COVER / LARGE entry it was drawn for
     large: bool
@@ -306,7 +369,7 @@ def _plain(op):
 
 @functools.lru_cache(maxsize=None)
 def samples(op: str) -> Tuple[Sample, ...]:
-    """The samples of pyengine.functional.<op>: COVER's (small), then LARGE's."""
+    """The samples of the pyengine function `op`: COVER's (small), then LARGE's."""
     rng = random.Random(zlib.crc32(op.encode()))
     small = lambda case: _numel(case) <= MAX_NUMEL  # noqa: E731
     out = []
@@ -388,7 +451,7 @@ class _RecordOps(TorchDispatchMode):
 
 
 class _RecordFunctionalOps(TorchFunctionMode):
-    """pyengine.functional's operator calls as it makes them (above autograd, so the op it picks:
+    """The operator calls pyengine's functions make (above autograd, so the op it picks:
     max_pool2d, or max_pool2d_with_indices for return_indices=True). Under a TorchFunctionMode
     it takes its torch.ops path, the one it takes under torch.compile, and torch.ops shows each
     call to the mode."""
@@ -413,7 +476,7 @@ def _leaf(value, requires_grad):
 
 
 def op_calls(case: Case, device="cpu") -> List[OpCall]:
-    """The operator calls one sample makes on `device`: the forward op pyengine.functional calls
+    """The operator calls one sample makes on `device`: the forward op pyengine's function calls
     (its tensors fresh leaves that require grad where the call's do), then the backward ops
     autograd calls for a random grad_output (tensors detached: backward ops are not
     differentiable). A call that must raise (Case.expect_error) makes none."""
@@ -421,10 +484,9 @@ def op_calls(case: Case, device="cpu") -> List[OpCall]:
         return []
     gen = torch.Generator().manual_seed(case.seed)
     args, kwargs = materialize(case, gen, device)
-    import pyengine.functional as PF
 
     with _RecordFunctionalOps() as recorder:
-        out = call(getattr(PF, case.op), args, kwargs)
+        out = call(fuzz_configs.pyengine_function(case.op), args, kwargs)
     forward = recorder.calls
     assert len(forward) == 1, forward
     calls = [OpCall(forward[0].op, _leaf(forward[0].args, True))]

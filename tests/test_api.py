@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 import torch.nn.functional as TF
 
 import helpers
@@ -328,7 +329,70 @@ def test_converted_model_trains_like_torch():
         assert_close(p1, p2, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("module", [PF, pnn, pyengine])
+class _PyengineOps(TorchDispatchMode):
+    """The pyengine operators the dispatcher runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "pyengine":
+            self.names.append(func._schema.name.split("::")[1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("relu_inplace", [False, True])
+def test_convert_fuses_conv_relu_pool_runs_of_a_sequential(relu_inplace):
+    """Conv2d, ReLU, MaxPool2d in a torch.nn.Sequential run as one conv2d_relu_max_pool2d after
+    convert(), with torch's values and gradients; the Sequential keeps its modules, state_dict
+    and repr."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(inplace=relu_inplace),
+        torch.nn.MaxPool2d(3, stride=2, ceil_mode=True), torch.nn.Conv2d(4, 3, 2),
+        torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    converted = pyengine.convert(model)
+    assert type(converted) is pnn.Sequential and repr(converted) == repr(model)
+    assert list(converted.state_dict()) == list(model.state_dict())
+    x = torch.randn(3, 2, 11, 10, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    with _PyengineOps() as ops:
+        out = converted(x)
+        out.sum().backward()
+    assert ops.names.count("conv2d_relu_max_pool2d") == 2
+    assert ops.names.count("conv2d_relu_max_pool2d_backward") == 2
+    assert not {"conv2d", "relu", "max_pool2d", "max_pool2d_with_indices"} & set(ops.names)
+    ref = model(x2)
+    ref.sum().backward()
+    assert_close(out, ref)
+    assert_close(x.grad, x2.grad)
+    for p1, p2 in zip(converted.parameters(), model.parameters()):
+        assert_close(p1.grad, p2.grad)
+
+
+def test_sequential_calls_layers_with_hooks_one_by_one():
+    """A hook on a layer of the pattern (or a global one) must run: no fusion then."""
+    model = pyengine.convert(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(),
+                                                 torch.nn.MaxPool2d(2)))
+    x = torch.randn(1, 1, 6, 6)
+    seen = []
+    handle = model[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with _PyengineOps() as ops:
+        out = model(x)
+    assert seen == [torch.Size([1, 2, 4, 4])]
+    assert ops.names == ["conv2d", "relu", "max_pool2d_with_indices"]  # params need grads
+    handle.remove()
+    with torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(m)):
+        with _PyengineOps() as ops:
+            model(x)
+    assert ops.names == ["conv2d", "relu", "max_pool2d_with_indices"]  # params need grads
+    with _PyengineOps() as ops:
+        assert_close(model(x), out)
+    assert ops.names == ["conv2d_relu_max_pool2d"]
+
+
+@pytest.mark.parametrize("module", [PF, pnn, pyengine, pyengine.fused])
 def test_public_namespaces_hold_only_the_api(module):
     """No helper or imported name (torch, warnings, typing, ...) is reachable from the public
     modules: what is not in __all__ starts with an underscore."""

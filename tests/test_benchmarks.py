@@ -72,6 +72,31 @@ def test_pool_and_elementwise_hand_count():
     assert sig.flops == 3 * x.numel() and sig.bytes == F32 * 3 * x.numel()
 
 
+def test_conv2d_relu_max_pool2d_hand_count():
+    x, w, b = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
+    geometry = ([1, 1], [0, 0], [1, 1], 1, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    out, idx = P.conv2d_relu_max_pool2d(x, w, b, *geometry)
+    conv, pooled = 2 * 4 * 6 * 6, 2 * 4 * 3 * 3   # a 6x6 convolution output, pooled to 3x3
+    fwd = counted(lambda: P.conv2d_relu_max_pool2d(x, w, b, *geometry))
+    # the GEMM and bias add on the convolution's output, 4 compares per window, relu per output
+    assert fwd.flops == conv * (2 * 3 * 3 * 3) + conv + pooled * 4 + pooled
+    # reads x, w, b; writes the pooled output and its int64 indices (not the 6x6 image)
+    assert fwd.bytes == F32 * (x.numel() + w.numel() + 4 + pooled) + 8 * pooled
+    g = torch.randn_like(out)
+    bwd = counted(lambda: P.conv2d_relu_max_pool2d_backward(g, out, idx, x, w, *geometry,
+                                                            [True, False, True]))
+    # relu's step and the scatter per pooled output; dX's GEMM and db's sum over the image
+    assert bwd.flops == 2 * pooled + 2 * conv * (3 * 3 * 3) + conv
+    # reads grad_output, result, indices, w (for dX); writes dX and db
+    assert bwd.bytes == F32 * (pooled + pooled + w.numel() + x.numel() + 4) + 8 * pooled
+    # the three operators it replaces: the same convolution and pool, relu on the whole image,
+    # and four passes over the image (conv2d writes it, relu reads and writes, the pool reads)
+    separate = counted(lambda: P.max_pool2d_with_indices(
+        P.relu(P.conv2d(x, w, b, *geometry[:4])), *geometry[4:]))
+    assert separate.flops - fwd.flops == conv - pooled
+    assert separate.bytes - fwd.bytes == F32 * 4 * conv
+
+
 def test_broadcast_operand_counts_its_distinct_elements():
     x = torch.randn(4, 5)
     target = torch.randn(5).expand(4, 5)
@@ -84,10 +109,11 @@ def test_lenet_step_is_the_sum_of_its_layers(foreach):
     model = LeNet().eval()
     x = torch.randn(1, 1, 32, 32)
     inference = counted(lambda: model(x))
-    # per layer: outputs * (2 * taps + bias add), relu 1 and pool 4 (2x2 compares) per output
+    # per layer: outputs * (2 * taps + bias add), relu 1 per output; the conv blocks are each one
+    # conv2d_relu_max_pool2d: pool 4 compares (2x2) per pooled output and relu 1 on it
     conv1, conv2 = 6 * 28 * 28, 16 * 10 * 10
-    hand = (conv1 * (2 * 25 + 1) + conv1 + (conv1 // 4) * 4
-            + conv2 * (2 * 150 + 1) + conv2 + (conv2 // 4) * 4
+    hand = (conv1 * (2 * 25 + 1) + conv1 // 4 + (conv1 // 4) * 4
+            + conv2 * (2 * 150 + 1) + conv2 // 4 + (conv2 // 4) * 4
             + 120 * (2 * 400 + 1) + 120 + 84 * (2 * 120 + 1) + 84 + 10 * (2 * 84 + 1))
     assert inference.flops == hand
     assert inference.uncounted.keys() <= {"aten::view"}

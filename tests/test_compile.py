@@ -58,9 +58,10 @@ def test_lenet_compile_fullgraph_matches_eager_and_traces_pyengine_ops(device):
             assert_close(a, b)
     fw_ops = set().union(*(_graph_ops(g) for g in forward_graphs))
     bw_ops = set().union(*(_graph_ops(g) for g in backward_graphs))
-    assert {"pyengine.conv2d.default", "pyengine.max_pool2d_with_indices.default",
+    # LeNet's conv -> relu -> pool blocks are fused operators (pyengine.fused)
+    assert {"pyengine.conv2d_relu_max_pool2d.default",
             "pyengine.linear.default", "pyengine.relu.default"} <= fw_ops, fw_ops
-    assert {"pyengine.conv2d_backward.default", "pyengine.max_pool2d_backward.default",
+    assert {"pyengine.conv2d_relu_max_pool2d_backward.default",
             "pyengine.linear_backward.default", "pyengine.relu_backward.default"} <= bw_ops, bw_ops
     assert not any(op.startswith(("aten.convolution", "aten.addmm", "aten.mm", "aten.max_pool"))
                    for op in fw_ops | bw_ops)
@@ -132,7 +133,8 @@ def test_lenet_export_runs_pyengine_ops():
     batch = torch.export.Dim("batch", min=1, max=1024)
     exported = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
     ops = _graph_ops(exported.graph_module)
-    assert "pyengine.conv2d.default" in ops and "pyengine.linear.default" in ops, ops
+    assert "pyengine.conv2d_relu_max_pool2d.default" in ops and "pyengine.linear.default" in ops, \
+        ops
     x5 = torch.randn(5, 1, 32, 32)
     assert_close(exported.module()(x5), model(x5))
 

@@ -127,6 +127,21 @@ for dtype in (torch.float32, torch.float64):
         with Record():
             helpers.assert_close(P.max_pool2d(x.detach(), [k, k], [s, s], [p, p], [d, d], cm),
                                  F.max_pool2d(x.detach(), k, s, p, d, cm), dtype)
+    # conv2d_relu_max_pool2d: LeNet's conv1 (the direct path) and conv2 at a batch >= 16 (batch
+    # innermost), then a strided grouped convolution with an overlapping, padded, ceil_mode pool.
+    # Integer values: the convolutions are exact at every level, so near ties cannot break
+    # differently from torch's (exact ties pick the first maximum in both).
+    for (n, c, h, w, co, k, s, p, g, pk, ps, pp, cm) in [
+            (2, 1, 32, 32, 6, 5, 1, 0, 1, 2, 2, 0, False),
+            (20, 6, 14, 14, 16, 5, 1, 0, 1, 2, 2, 0, False),
+            (3, 4, 17, 15, 8, 3, 2, 1, 2, 3, 2, 1, True)]:
+        x = torch.randint(-2, 3, (n, c, h, w)).to(dtype).requires_grad_()
+        wt = torch.randint(-2, 3, (co, c // g, k, k)).to(dtype).requires_grad_()
+        b = torch.randint(-2, 3, (co,)).to(dtype).requires_grad_()
+        geometry = ([s, s], [p, p], [1, 1], g, [pk, pk], [ps, ps], [pp, pp], [1, 1], cm)
+        check(lambda x, wt, b: P.conv2d_relu_max_pool2d(x, wt, b, *geometry)[0],
+              lambda x, wt, b: F.max_pool2d(F.relu(F.conv2d(x, wt, b, s, p, 1, g)), pk, ps, pp,
+                                            ceil_mode=cm), x, wt, b, dtype=dtype, **tol)
     # linear: GEMM tiles with row, column and k tails.
     for (r, i, o) in [(33, 17, 5), (70, 130, 50), (256, 400, 120)]:
         x, wt, b = leaf(r, i, dtype=dtype), leaf(o, i, dtype=dtype), leaf(o, dtype=dtype)

@@ -1,7 +1,9 @@
 """pyengine's errors are catchable by the `except` clause that catches torch's for the same mistake.
 
 One table: for every error pyengine raises, torch's own call with the same bad input, and
-pyengine's calls (pyengine.functional / pyengine.nn and the operator torch.ops.pyengine.*). Each
+pyengine's calls (pyengine.functional / pyengine.fused / pyengine.nn and the operator
+torch.ops.pyengine.*; a fused function's torch call is the composition it replaces,
+fuzz_configs.torch_function). Each
 pyengine exception must be an instance of the class torch raised (RuntimeError, or its subclass
 NotImplementedError; IndexError; ValueError; TypeError) and hold pyengine's message fragments.
 Where pyengine's Python layer used to raise ValueError and torch raises RuntimeError or TypeError,
@@ -14,8 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fuzz_configs
 import pyengine
 import pyengine.functional as PF
+import pyengine.fused
 
 P = torch.ops.pyengine
 aten = torch.ops.aten
@@ -42,6 +46,29 @@ def conv_ops(x=X, w=W, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), g
 
 def pool_ops(x=Y, k=(2, 2), s=(2, 2), p=(0, 0), d=(1, 1), ceil=False):
     return P.max_pool2d(x, list(k), list(s), list(p), list(d), ceil)
+
+
+# conv2d_relu_max_pool2d: a 3x3 convolution of a 6x6 input (a 4x4 output), a 2x2 pool (2x2 out)
+FUSED = pyengine.fused.conv2d_relu_max_pool2d
+TORCH_FUSED = fuzz_configs.torch_function("conv2d_relu_max_pool2d")
+XF = r(1, 2, 6, 6)
+CONV = ([1, 1], [0, 0], [1, 1], 1)
+
+
+def fused_ops(x=XF, w=W, b=None, stride=(1, 1), groups=1, k=(2, 2), s=(2, 2), p=(0, 0),
+              d=(1, 1), ceil=False):
+    return P.conv2d_relu_max_pool2d(x, w, b, list(stride), [0, 0], [1, 1], groups, list(k),
+                                    list(s), list(p), list(d), ceil)
+
+
+FUSED_OUT, FUSED_IDX = fused_ops()
+FUSED_POOL = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+ALL = [True, True, True]
+
+
+def fused_backward(grad=FUSED_OUT, result=FUSED_OUT, indices=FUSED_IDX):
+    return P.conv2d_relu_max_pool2d_backward(grad, result, indices, XF, W, *CONV, *FUSED_POOL,
+                                             ALL)
 
 
 def rnn_pair():
@@ -203,6 +230,141 @@ CASES = {
         lambda: F.max_unpool2d(POOL_OUT, torch.full_like(POOL_IDX, 16), 2, output_size=[4, 4]),
         [lambda: P.max_pool2d_backward(POOL_OUT, Y, torch.full_like(POOL_IDX, 16), *POOL)],
         ["indices[0, 0, 0, 0] = 16 lies outside the 4x4 input plane"]),
+    # ---- conv2d_relu_max_pool2d: conv2d's checks keep conv2d's messages; the pool's name
+    # pool_kernel_size, ... and the fused operator ----
+    "fused weight dtype": (lambda: TORCH_FUSED(XF, W.double()),
+                           [lambda: FUSED(XF, W.double()), lambda: fused_ops(w=W.double())],
+                           ["pyengine.conv2d: expected weight to have the same dtype as input",
+                            "Double"]),
+    "fused bias dtype": (lambda: TORCH_FUSED(XF, W, B.double()),
+                         [lambda: FUSED(XF, W, B.double()), lambda: fused_ops(b=B.double())],
+                         ["expected bias to have the same dtype as input"]),
+    "fused weight rank": (lambda: TORCH_FUSED(XF, W[0]),
+                          [lambda: FUSED(XF, W[0]), lambda: fused_ops(w=W[0]),
+                           lambda: FUSED(XF, W[0], padding="same")],
+                          ["expected weight to be 4-D", "[2, 3, 3]"]),
+    "fused input rank": (lambda: TORCH_FUSED(XF[0, 0], W),
+                         [lambda: FUSED(XF[0, 0], W), lambda: fused_ops(x=XF[0, 0])],
+                         ["expected input to be 3-D (C, H, W) or 4-D", "[6, 6]"]),
+    "fused channels": (lambda: TORCH_FUSED(XF, r(3, 3, 3, 3)),
+                       [lambda: FUSED(XF, r(3, 3, 3, 3)), lambda: fused_ops(w=r(3, 3, 3, 3))],
+                       ["to have 3 channels", "but got 2 channels"]),
+    "fused kernel too big": (lambda: TORCH_FUSED(XF, r(3, 2, 7, 3)),
+                             [lambda: FUSED(XF, r(3, 2, 7, 3)), lambda: fused_ops(w=r(3, 2, 7, 3))],
+                             ["(dilated) kernel to fit in the padded input", "7x3", "6x6"]),
+    "fused bias shape": (lambda: TORCH_FUSED(XF, W, r(4)),
+                         [lambda: FUSED(XF, W, r(4)), lambda: fused_ops(b=r(4))],
+                         ["expected bias of shape [3]", "[4]"]),
+    "fused stride 0": (lambda: TORCH_FUSED(XF, W, stride=0),
+                       [lambda: FUSED(XF, W, stride=0), lambda: fused_ops(stride=(0, 1))],
+                       ["expected stride to be positive"]),
+    "fused stride length": (lambda: TORCH_FUSED(XF, W, stride=(1, 1, 1)),
+                            [lambda: FUSED(XF, W, stride=(1, 1, 1))],
+                            ["stride", "an int or a pair of ints", "(1, 1, 1)"]),
+    "fused groups 0": (lambda: TORCH_FUSED(XF, W, groups=0),
+                       [lambda: FUSED(XF, W, groups=0), lambda: fused_ops(groups=0)],
+                       ["expected groups to be positive", "groups=0"]),
+    "fused padding string": (lambda: TORCH_FUSED(XF, W, padding="full"),
+                             [lambda: FUSED(XF, W, padding="full")], ["padding", "'full'"]),
+    "fused same and stride": (lambda: TORCH_FUSED(XF, W, padding="same", stride=2),
+                              [lambda: FUSED(XF, W, padding="same", stride=2)],
+                              ["padding='same'", "strided"]),
+    "fused no output channels": (lambda: TORCH_FUSED(XF, r(0, 2, 3, 3)),
+                                 [lambda: FUSED(XF, r(0, 2, 3, 3)),
+                                  lambda: fused_ops(w=r(0, 2, 3, 3))],
+                                 ["pyengine.conv2d_relu_max_pool2d:", "non-zero channels",
+                                  "[1, 0, 4, 4]"]),
+    "fused pool_kernel_size length": (lambda: TORCH_FUSED(XF, W, pool_kernel_size=(2, 2, 2)),
+                                      [lambda: FUSED(XF, W, pool_kernel_size=(2, 2, 2))],
+                                      ["pool_kernel_size", "an int or a pair of ints",
+                                       "(2, 2, 2)"]),
+    "fused pool_kernel_size length (op)": (
+        lambda: TORCH_FUSED(XF, W, pool_kernel_size=(2, 2, 2)),
+        [lambda: fused_ops(k=(2, 2, 2))],
+        ["pyengine.conv2d_relu_max_pool2d: expected pool_kernel_size to have 2 values"]),
+    "fused pool_kernel_size type": (lambda: TORCH_FUSED(XF, W, pool_kernel_size="2"),
+                                    [lambda: FUSED(XF, W, pool_kernel_size="2")],
+                                    ["pool_kernel_size", "'2'"]),
+    "fused pool_kernel_size float": (lambda: TORCH_FUSED(XF, W, pool_kernel_size=1.5),
+                                     [lambda: FUSED(XF, W, pool_kernel_size=1.5)],
+                                     ["pool_kernel_size", "1.5"]),
+    "fused pool_kernel_size 0": (lambda: TORCH_FUSED(XF, W, pool_kernel_size=0),
+                                 [lambda: FUSED(XF, W, pool_kernel_size=0),
+                                  lambda: FUSED(XF, W, pool_kernel_size=0, pool_stride=1),
+                                  lambda: fused_ops(k=(0, 2))],
+                                 ["pyengine.conv2d_relu_max_pool2d: expected pool_kernel_size "
+                                  "to be positive"]),
+    "fused pool_stride 0": (lambda: TORCH_FUSED(XF, W, pool_stride=0),
+                            [lambda: FUSED(XF, W, pool_stride=0), lambda: fused_ops(s=(2, 0))],
+                            ["pyengine.conv2d_relu_max_pool2d: expected pool_stride to be "
+                             "positive"]),
+    "fused pool_stride length": (lambda: TORCH_FUSED(XF, W, pool_stride=(1, 1, 1)),
+                                 [lambda: FUSED(XF, W, pool_stride=(1, 1, 1))],
+                                 ["pool_stride", "(1, 1, 1)"]),
+    "fused pool_padding -1": (lambda: TORCH_FUSED(XF, W, pool_padding=-1),
+                              [lambda: FUSED(XF, W, pool_padding=-1),
+                               lambda: fused_ops(p=(0, -1))],
+                              ["pyengine.conv2d_relu_max_pool2d: expected pool_padding to be "
+                               "non-negative"]),
+    "fused pool_padding over half": (lambda: TORCH_FUSED(XF, W, pool_padding=2),
+                                     [lambda: FUSED(XF, W, pool_padding=2),
+                                      lambda: fused_ops(p=(2, 0))],
+                                     ["pyengine.conv2d_relu_max_pool2d: expected pool_padding "
+                                      "to be at most half", "pool_kernel_size=[2, 2]"]),
+    "fused pool_dilation 0": (lambda: TORCH_FUSED(XF, W, pool_dilation=0),
+                              [lambda: FUSED(XF, W, pool_dilation=0),
+                               lambda: fused_ops(d=(1, 0))],
+                              ["pyengine.conv2d_relu_max_pool2d: expected pool_dilation to be "
+                               "positive"]),
+    "fused pool window too big": (lambda: TORCH_FUSED(XF, W, pool_kernel_size=5),
+                                  [lambda: FUSED(XF, W, pool_kernel_size=5),
+                                   lambda: fused_ops(k=(5, 5), s=(1, 1)),
+                                   lambda: FUSED(XF, W, pool_kernel_size=3, pool_dilation=2)],
+                                  ["pyengine.conv2d_relu_max_pool2d: expected the (dilated) "
+                                   "kernel", "4x4", "pool_kernel_size=", "pool_dilation="]),
+    "fused huge pool_kernel_size": (lambda: TORCH_FUSED(XF, W, pool_kernel_size=2**63 - 1),
+                                    [lambda: FUSED(XF, W, pool_kernel_size=2**63 - 1)],
+                                    [f"pool_kernel_size=[{2**63 - 1}, {2**63 - 1}]",
+                                     "overflows"]),
+    "fused huge pool_padding": (lambda: TORCH_FUSED(XF, W, pool_padding=2**62),
+                                [lambda: FUSED(XF, W, pool_padding=2**62)],
+                                [f"pool_padding=[{2**62}, {2**62}]"]),
+    "fused_backward grad shape": (
+        lambda: aten.max_pool2d_with_indices_backward(r(1, 2, 3, 2), Y, *POOL[:-1], False,
+                                                      POOL_IDX),
+        [lambda: fused_backward(grad=r(1, 3, 3, 2))],
+        ["pyengine.conv2d_relu_max_pool2d_backward: expected grad_output of shape [1, 3, 2, 2]",
+         "[1, 3, 3, 2]"]),
+    "fused_backward grad dtype": (
+        lambda: aten.max_pool2d_with_indices_backward(POOL_OUT.double(), Y, *POOL[:-1], False,
+                                                      POOL_IDX),
+        [lambda: fused_backward(grad=FUSED_OUT.double())],
+        ["expected grad_output to have the same dtype as input"]),
+    "fused_backward result shape": (
+        lambda: aten.threshold_backward(r(1, 3, 2, 2), r(1, 3, 2, 3), 0),
+        [lambda: fused_backward(result=r(1, 3, 2, 3))],
+        ["expected result to have the same shape as grad_output [1, 3, 2, 2]", "[1, 3, 2, 3]"]),
+    "fused_backward indices dtype": (
+        lambda: aten.max_pool2d_with_indices_backward(POOL_OUT, Y, *POOL[:-1], False,
+                                                      POOL_IDX.int()),
+        [lambda: fused_backward(indices=FUSED_IDX.int())],
+        ["expected indices of dtype int64", "Int"]),
+    "fused_backward indices shape": (
+        lambda: aten.max_pool2d_with_indices_backward(POOL_OUT, Y, *POOL[:-1], False,
+                                                      POOL_IDX[..., :1]),
+        [lambda: fused_backward(indices=FUSED_IDX[..., :1])],
+        ["expected indices to have the same shape as grad_output [1, 3, 2, 2]",
+         "[1, 3, 2, 1]"]),
+    "fused_backward index outside the plane": (
+        lambda: F.max_unpool2d(POOL_OUT, torch.full_like(POOL_IDX, 16), 2, output_size=[4, 4]),
+        [lambda: fused_backward(grad=torch.ones_like(FUSED_OUT), result=torch.ones_like(FUSED_OUT),
+                                indices=torch.full_like(FUSED_IDX, 16))],
+        ["indices[0, 0, 0, 0] = 16 lies outside the 4x4"]),
+    "fused_backward pool window too big": (
+        lambda: TORCH_FUSED(XF, W, pool_kernel_size=5),
+        [lambda: P.conv2d_relu_max_pool2d_backward(FUSED_OUT, FUSED_OUT, FUSED_IDX, XF, W, *CONV,
+                                                   [5, 5], [2, 2], [0, 0], [1, 1], False, ALL)],
+        ["expected the (dilated) kernel", "pool_kernel_size=[5, 5]"]),
     # ---- linear ----
     "linear 0-d input": (lambda: F.linear(torch.tensor(1.0), r(3, 2)),
                          [lambda: PF.linear(torch.tensor(1.0), r(3, 2))],
@@ -394,6 +556,8 @@ def test_python_layer_errors_are_still_value_errors():
     `except ValueError` keeps catching them."""
     for call in (lambda: PF.conv2d(X, W, stride=(1, 1, 1)), lambda: PF.conv2d(X, W, stride="2"),
                  lambda: PF.conv2d(X, W, padding="full"),
+                 lambda: FUSED(XF, W, pool_kernel_size=(2, 2, 2)),
+                 lambda: FUSED(XF, W, padding="full"),
                  lambda: PF.cross_entropy(r(3, 4, 5), long(3, 6)),
                  lambda: rnn_pair()[1](r(4, 2, 2), r(1, 3, 3))):
         with pytest.raises(ValueError):
@@ -415,6 +579,18 @@ DECLINED = {
                     [lambda: PF.conv2d(X.half(), W.half())], NotImplementedError, ["Half"]),
     "max_pool2d int": (lambda: F.max_pool2d(Y.long(), 2), [lambda: PF.max_pool2d(Y.long(), 2)],
                        NotImplementedError, ["float32 or float64"]),
+    "conv2d_relu_max_pool2d int": (lambda: TORCH_FUSED(XF.long(), W.long()),
+                                   [lambda: FUSED(XF.long(), W.long()),
+                                    lambda: fused_ops(x=XF.long(), w=W.long())],
+                                   NotImplementedError, ["float32 or float64", "Long"]),
+    "conv2d_relu_max_pool2d half": (lambda: TORCH_FUSED(XF.half(), W.half()),
+                                    [lambda: FUSED(XF.half(), W.half())], NotImplementedError,
+                                    ["float32 or float64", "Half"]),
+    # torch's relu backward promotes a result of another dtype; pyengine's backward wants input's
+    "conv2d_relu_max_pool2d_backward result dtype": (
+        lambda: aten.threshold_backward(r(1, 3, 2, 2), r(1, 3, 2, 2).double(), 0),
+        [lambda: fused_backward(result=FUSED_OUT.double())], RuntimeError,
+        ["expected result to have the same dtype as input"]),
     "sigmoid_backward dtypes": (lambda: aten.sigmoid_backward(r(3), r(3).double()),
                                 [lambda: P.sigmoid_backward(r(3), r(3).double())], RuntimeError,
                                 ["expected result to have the same dtype as grad_output"]),

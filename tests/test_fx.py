@@ -156,6 +156,11 @@ LAYERS = {
     "cross_entropy_spatial_none": (lambda: pnn.CrossEntropyLoss(reduction="none"),
                                    [_floats(2, 5, 3, 4), _classes(5, 2, 3, 4)]),
     "cross_entropy_spatial_mean": (pnn.CrossEntropyLoss, [_floats(2, 5, 3), _classes(5, 2, 3)]),
+    # a fused conv2d_relu_max_pool2d, then a module it does not fuse
+    "sequential_conv_relu_pool": (
+        lambda: pnn.Sequential(pnn.Conv2d(2, 3, 3, padding=1), pnn.ReLU(inplace=True),
+                               pnn.MaxPool2d(2, ceil_mode=True), pnn.Tanh()),
+        [_floats(2, 2, 5, 6)]),
     "rnn": (lambda: pnn.RNN(4, 6, num_layers=2, nonlinearity="relu"), [_floats(5, 3, 4)]),
     "rnn_unbatched_hx": (lambda: pnn.RNN(4, 6, batch_first=True, bias=False),
                          [_floats(5, 4), _floats(1, 6)]),

@@ -29,8 +29,8 @@ def test_lenet_training_step_runs_only_pyengine_arithmetic():
 
     ops = _ops_run(step)
     pyengine_ops = {op for op in ops if op.startswith("pyengine::")}
-    assert {"pyengine::conv2d", "pyengine::conv2d_backward", "pyengine::linear_backward",
-            "pyengine::max_pool2d_backward", "pyengine::cross_entropy_backward"} <= pyengine_ops
+    assert {"pyengine::conv2d_relu_max_pool2d", "pyengine::conv2d_relu_max_pool2d_backward",
+            "pyengine::linear_backward", "pyengine::cross_entropy_backward"} <= pyengine_ops
     aten_compute = sorted(op for op in ops if op.startswith("aten::")
                           and any(word in op for word in FORBIDDEN))
     assert not aten_compute, f"ATen compute ops ran on pyengine's path: {aten_compute}"

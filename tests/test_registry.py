@@ -1,14 +1,15 @@
 """Every operator is complete: each schema of csrc/ops.cpp has its Meta, CPU, CUDA (in CUDA
 builds) and Autograd kernels and its torch.vmap batching rule (torch >= 2.4), each forward
 operator its pyengine._C fast path, each operator its samples (tests/samples.py), and each
-pyengine.functional function its generator. A new schema that lacks any of them fails here,
-naming what is missing."""
+public function (pyengine.functional's and pyengine.fused's) its generator. A new schema that
+lacks any of them fails here, naming what is missing."""
 import pytest
 import torch
 
 import fuzz_configs
 import pyengine
 import pyengine.functional as PF
+import pyengine.fused
 import samples
 from pyengine import _batching
 
@@ -89,10 +90,17 @@ def test_every_operator_has_samples(name):
     """tests/samples.py makes calls of every operator (so test_samples.py gradchecks and
     opchecks it, and test_cuda.py compares it across devices)."""
     assert samples.op_samples(name), (
-        f"no sample calls pyengine::{name}: give pyengine.functional's function that calls it a "
-        "generator in tests/fuzz_configs.py and entries in tests/samples.py")
+        f"no sample calls pyengine::{name}: give the pyengine.functional (or pyengine.fused) "
+        "function that calls it a generator in tests/fuzz_configs.py and entries in "
+        "tests/samples.py")
 
 
 def test_every_functional_has_a_generator_and_samples():
-    assert set(fuzz_configs.OPS) == set(PF.__all__), "tests/fuzz_configs.py: OPS"
-    assert set(samples.COVER) == set(PF.__all__), "tests/samples.py: COVER"
+    """pyengine.functional's functions (torch.nn.functional's twins) and pyengine.fused's (a
+    composition of torch calls each): a generator and samples each, and fuzz_configs' table of
+    both sides of each call knows them all."""
+    public = set(PF.__all__) | set(pyengine.fused.__all__)
+    assert not set(PF.__all__) & set(pyengine.fused.__all__), "one name in two modules"
+    assert set(fuzz_configs.OPS) == public, "tests/fuzz_configs.py: OPS"
+    assert set(samples.COVER) == public, "tests/samples.py: COVER"
+    assert set(fuzz_configs.functions()) == public, "pyengine/_fused.py: TORCH_EQUIVALENTS"

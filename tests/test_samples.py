@@ -9,14 +9,11 @@ import math
 import pytest
 import torch
 
-import torch.nn.functional as F
-
 import fuzz_configs
 import helpers
-import pyengine.functional as PF
 import samples
 from differential import CheckFailed, call, check
-from fuzz_configs import materialize
+from fuzz_configs import materialize, pyengine_function, torch_function
 
 P = torch.ops.pyengine
 # torch.library.opcheck runs on every operator, forward and backward alike, on calls from its
@@ -38,7 +35,8 @@ def _primary(out):
 @helpers.devices
 @pytest.mark.parametrize("sample", samples.all_samples(), ids=sample_ids)
 def test_matches_torch(sample, device):
-    """Forward and gradients against torch.nn.functional on the same values (differential.py),
+    """Forward and gradients against torch's function (torch.nn.functional's, or the calls a
+    fused op replaces) on the same values (differential.py),
     the backward operator called directly too; and the output has the strides torch's function
     gives for the same inputs (channels_last in, channels_last out; csrc/common/layout.h)."""
     try:
@@ -48,8 +46,8 @@ def test_matches_torch(sample, device):
     if sample.case.expect_error or not torch_accepts(sample):
         return
     with torch.no_grad():
-        ours = call(getattr(PF, sample.op), *materialize(sample.case, device=device))
-        theirs = call(getattr(F, sample.op), *materialize(sample.case))
+        ours = call(pyengine_function(sample.op), *materialize(sample.case, device=device))
+        theirs = call(torch_function(sample.op), *materialize(sample.case))
     if _primary(theirs).numel():  # (an empty tensor's strides say nothing)
         helpers.assert_same_strides(_primary(ours), _primary(theirs), str(sample))
 
@@ -76,7 +74,7 @@ def _differentiable(sample, device):
     require grad and hold an element), in float64 on smooth values (samples.gradcheck_case)."""
     case = samples.gradcheck_case(sample.case)
     args, kwargs = materialize(case, device=device)
-    fn = getattr(PF, case.op)
+    fn = pyengine_function(case.op)
     where = [(i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     where += list(kwargs.items())
     where = [(k, t) for k, t in where

@@ -160,18 +160,21 @@ inline const char* axis_name(int axis) { return axis == 0 ? "height" : "width"; 
 template <typename Shown>
 int64_t checked_effective_kernel(int64_t kernel, at::IntArrayRef dilation, int axis,
                                  const char* op, const char* kernel_arg,
-                                 const Shown& kernel_shown) {
+                                 const Shown& kernel_shown,
+                                 const char* dilation_arg = "dilation") {
   std::optional<int64_t> eff = mul_checked(dilation[axis], kernel - 1);
   if (eff) eff = add_checked(*eff, 1);
   TORCH_CHECK(eff && *eff < kMaxExtent, "pyengine.", op, ": ", kernel_arg, kernel_shown,
-              " with dilation=", dilation, " overflows: the dilated kernel ", axis_name(axis),
+              " with ", dilation_arg, "=", dilation, " overflows: the dilated kernel ",
+              axis_name(axis),
               ", dilation * (kernel - 1) + 1, must be below 2^62 (", kMaxExtent, ")");
   return *eff;
 }
 
 // input + 2 * padding along `axis` (padding >= 0).
 template <typename Int>
-Int checked_padded_size(const Int& in, at::IntArrayRef padding, int axis, const char* op) {
+Int checked_padded_size(const Int& in, at::IntArrayRef padding, int axis, const char* op,
+                        const char* padding_arg = "padding") {
   const std::optional<int64_t> twice = mul_checked(padding[axis], 2);
   bool ok = twice && *twice < kMaxExtent;
   if (ok) {
@@ -180,9 +183,9 @@ Int checked_padded_size(const Int& in, at::IntArrayRef padding, int axis, const 
       ok = padded && *padded < kMaxExtent;
     }
   }
-  TORCH_CHECK(ok, "pyengine.", op, ": padding=", padding, " with input ", axis_name(axis), " ",
-              in, " overflows: the padded ", axis_name(axis), ", input ", axis_name(axis),
-              " + 2 * padding, must be below 2^62 (", kMaxExtent, ")");
+  TORCH_CHECK(ok, "pyengine.", op, ": ", padding_arg, "=", padding, " with input ",
+              axis_name(axis), " ", in, " overflows: the padded ", axis_name(axis), ", input ",
+              axis_name(axis), " + 2 * ", padding_arg, ", must be below 2^62 (", kMaxExtent, ")");
   return in + *twice;
 }
 
@@ -191,11 +194,14 @@ Int checked_padded_size(const Int& in, at::IntArrayRef padding, int axis, const 
 template <typename Int>
 void check_window_output(const std::vector<Int>& sizes, c10::ArrayRef<Int> input_sizes,
                          at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation, const char* op) {
+                         at::IntArrayRef dilation, const char* op,
+                         const char* stride_arg = "stride", const char* padding_arg = "padding",
+                         const char* dilation_arg = "dilation", const char* input = "input") {
   const c10::ArrayRef<Int> out(sizes);
-  TORCH_CHECK(sizes_multiply_within_int64(out), "pyengine.", op, ": stride=", stride,
-              ", padding=", padding, " and dilation=", dilation, " give input of shape ",
-              input_sizes, " an output of shape ", out, ", whose sizes multiply beyond int64");
+  TORCH_CHECK(sizes_multiply_within_int64(out), "pyengine.", op, ": ", stride_arg, "=", stride,
+              ", ", padding_arg, "=", padding, " and ", dilation_arg, "=", dilation, " give ",
+              input, " of shape ", input_sizes, " an output of shape ", out,
+              ", whose sizes multiply beyond int64");
 }
 
 // The window arguments, checked by check_pair, into a geometry (geometry.h).
@@ -301,29 +307,43 @@ Int pool_out_size(const Int& in, const Int& padded, int64_t effective, int64_t s
   return out;
 }
 
-// Checks a max_pool2d call and returns its geometry (geometry.h).
+// The names a pooling check shows: max_pool2d's own, or those of a fused operator that pools
+// its convolution's output (conv2d_relu_max_pool2d: pool_kernel_size, ...).
+struct PoolArgNames {
+  const char* op;
+  const char* kernel_size;
+  const char* stride;
+  const char* padding;
+  const char* dilation;
+  const char* input;   // what is pooled
+  const char* padded;  // it, padded
+};
+inline constexpr PoolArgNames kMaxPool2dNames{"max_pool2d", "kernel_size", "stride", "padding",
+                                              "dilation", "input", "the padded input"};
+
+// Checks pooling arguments for an input of sizes `in` and returns the geometry (geometry.h).
 template <typename Int>
-Pool2dGeometry<Int> check_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
-                                     at::IntArrayRef stride, at::IntArrayRef padding,
-                                     at::IntArrayRef dilation, bool ceil_mode) {
-  const char* op = "max_pool2d";
-  check_floating(input, op, "input");
-  check_pair(kernel_size, op, "kernel_size", 1);
-  check_pair(stride, op, "stride", 1);
-  check_pair(padding, op, "padding", 0);
-  check_pair(dilation, op, "dilation", 1);
+Pool2dGeometry<Int> check_pool2d_window(c10::ArrayRef<Int> in, at::IntArrayRef kernel_size,
+                                        at::IntArrayRef stride, at::IntArrayRef padding,
+                                        at::IntArrayRef dilation, bool ceil_mode,
+                                        const PoolArgNames& n) {
+  const char* op = n.op;
+  check_pair(kernel_size, op, n.kernel_size, 1);
+  check_pair(stride, op, n.stride, 1);
+  check_pair(padding, op, n.padding, 0);
+  check_pair(dilation, op, n.dilation, 1);
   int64_t eff[2];
+  const std::string kernel_arg = std::string(n.kernel_size) + "=";
   for (int i = 0; i < 2; ++i) {
-    eff[i] = checked_effective_kernel(kernel_size[i], dilation, i, op, "kernel_size=",
-                                      kernel_size);
-    TORCH_CHECK(padding[i] <= eff[i] / 2, "pyengine.max_pool2d: expected padding to be at "
-                "most half of the effective kernel size, but got padding=", padding,
-                ", kernel_size=", kernel_size, " and dilation=", dilation);
+    eff[i] = checked_effective_kernel(kernel_size[i], dilation, i, op, kernel_arg.c_str(),
+                                      kernel_size, n.dilation);
+    TORCH_CHECK(padding[i] <= eff[i] / 2, "pyengine.", op, ": expected ", n.padding,
+                " to be at most half of the effective kernel size, but got ", n.padding, "=",
+                padding, ", ", n.kernel_size, "=", kernel_size, " and ", n.dilation, "=",
+                dilation);
   }
-  auto in = sizes_of<Int>(input);
-  TORCH_CHECK(in.size() == 3 || in.size() == 4,
-              "pyengine.max_pool2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), "
-              "but got input of shape ", in);
+  TORCH_CHECK(in.size() == 3 || in.size() == 4, "pyengine.", op, ": expected ", n.input,
+              " to be 3-D (C, H, W) or 4-D (N, C, H, W), but got ", n.input, " of shape ", in);
   Pool2dGeometry<Int> s;
   s.kernel_h = kernel_size[0];
   s.kernel_w = kernel_size[1];
@@ -335,21 +355,61 @@ Pool2dGeometry<Int> check_max_pool2d(const at::Tensor& input, at::IntArrayRef ke
   s.in_h = in[o + 1];
   s.in_w = in[o + 2];
   TORCH_CHECK(truth(s.in_h > 0) && truth(s.in_w > 0) && truth(s.channels > 0),
-              "pyengine.max_pool2d: expected input with non-zero channels, height and width, "
-              "but got input of shape ", in);
-  const Int padded_h = checked_padded_size<Int>(s.in_h, padding, 0, op);
-  const Int padded_w = checked_padded_size<Int>(s.in_w, padding, 1, op);
+              "pyengine.", op, ": expected ", n.input, " with non-zero channels, height and "
+              "width, but got ", n.input, " of shape ", in);
+  const Int padded_h = checked_padded_size<Int>(s.in_h, padding, 0, op, n.padding);
+  const Int padded_w = checked_padded_size<Int>(s.in_w, padding, 1, op, n.padding);
   TORCH_CHECK(truth(padded_h >= eff[0]) && truth(padded_w >= eff[1]),
-              "pyengine.max_pool2d: expected the (dilated) kernel ", eff[0], "x", eff[1],
-              " to fit in the padded input ", padded_h, "x", padded_w, ", but got "
-              "kernel_size=", kernel_size, " with dilation=", dilation, " and input of shape ",
-              in, " with padding=", padding);
+              "pyengine.", op, ": expected the (dilated) kernel ", eff[0], "x", eff[1],
+              " to fit in ", n.padded, " ", padded_h, "x", padded_w, ", but got ",
+              n.kernel_size, "=", kernel_size, " with ", n.dilation, "=", dilation, " and ",
+              n.input, " of shape ", in, " with ", n.padding, "=", padding);
   s.out_h = pool_out_size<Int>(s.in_h, padded_h, eff[0], stride[0], padding[0], ceil_mode);
   s.out_w = pool_out_size<Int>(s.in_w, padded_w, eff[1], stride[1], padding[1], ceil_mode);
   TORCH_CHECK(truth(s.out_h > 0) && truth(s.out_w > 0),
-              "pyengine.max_pool2d: expected a non-empty output, but input of shape ", in,
+              "pyengine.", op, ": expected a non-empty output, but ", n.input, " of shape ", in,
               " gives output ", s.out_h, "x", s.out_w);
-  check_window_output<Int>(s.output_sizes(), in, stride, padding, dilation, op);
+  check_window_output<Int>(s.output_sizes(), in, stride, padding, dilation, op, n.stride,
+                           n.padding, n.dilation, n.input);
+  return s;
+}
+
+// Checks a max_pool2d call and returns its geometry (geometry.h).
+template <typename Int>
+Pool2dGeometry<Int> check_max_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, bool ceil_mode) {
+  check_floating(input, "max_pool2d", "input");
+  return check_pool2d_window<Int>(sizes_of<Int>(input), kernel_size, stride, padding, dilation,
+                                  ceil_mode, kMaxPool2dNames);
+}
+
+// ---- Fused: conv2d -> relu -> max_pool2d ------------------------------------------------------
+
+template <typename Int>
+struct ConvPoolGeometry {
+  Conv2dGeometry<Int> conv;  // input -> the convolution's output
+  Pool2dGeometry<Int> pool;  // the convolution's output -> the operator's output
+};
+
+inline constexpr PoolArgNames kConvReluPoolNames{
+    "conv2d_relu_max_pool2d", "pool_kernel_size", "pool_stride", "pool_padding",
+    "pool_dilation", "the convolution's output", "the convolution's padded output"};
+
+// conv2d's checks (with conv2d's messages), then the pooling window's on the convolution's
+// output, with the fused operator's argument names.
+template <typename Int>
+ConvPoolGeometry<Int> check_conv2d_relu_max_pool2d(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride, at::IntArrayRef pool_padding,
+    at::IntArrayRef pool_dilation, bool pool_ceil_mode) {
+  ConvPoolGeometry<Int> s;
+  s.conv = check_conv2d<Int>(input, weight, bias, stride, padding, dilation, groups);
+  const std::vector<Int> conv_out = s.conv.output_sizes();
+  s.pool = check_pool2d_window<Int>(c10::ArrayRef<Int>(conv_out), pool_kernel_size, pool_stride,
+                                    pool_padding, pool_dilation, pool_ceil_mode,
+                                    kConvReluPoolNames);
   return s;
 }
 
@@ -558,6 +618,32 @@ Pool2dGeometry<Int> check_max_pool2d_backward(const at::Tensor& grad_output,
   for (size_t i = 0; same && i < g.size(); ++i) same = truth(idx[i] == g[i]);
   TORCH_CHECK(same, "pyengine.max_pool2d_backward: expected indices of shape ", g,
               " (grad_output's), but got indices of shape ", idx);
+  return s;
+}
+
+// The fused backward: the forward's checks, then grad_output, result and indices of the
+// forward output's shape (result and grad_output floating like input, indices int64).
+template <typename Int>
+ConvPoolGeometry<Int> check_conv2d_relu_max_pool2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& result, const at::Tensor& indices,
+    const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride, at::IntArrayRef pool_padding,
+    at::IntArrayRef pool_dilation, bool pool_ceil_mode) {
+  const char* op = "conv2d_relu_max_pool2d_backward";
+  auto s = check_conv2d_relu_max_pool2d<Int>(input, weight, std::nullopt, stride, padding,
+                                             dilation, groups, pool_kernel_size, pool_stride,
+                                             pool_padding, pool_dilation, pool_ceil_mode);
+  const std::vector<Int> expected = s.pool.output_sizes();
+  check_grad_output<Int>(grad_output, expected, input, op);
+  check_like(result, "result", input, "input", op);
+  check_same_shape<Int>(result, "result", grad_output, "grad_output", op);
+  check_defined(indices, op, "indices");
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "pyengine.", op, ": expected indices of "
+              "dtype int64, but got ", indices.scalar_type());
+  TORCH_CHECK(indices.device() == input.device(), "pyengine.", op, ": expected indices on ",
+              input.device(), ", but got indices on ", indices.device());
+  check_same_shape<Int>(indices, "indices", grad_output, "grad_output", op);
   return s;
 }
 

@@ -41,6 +41,15 @@ PE_HOST_DEVICE inline int64_t first_tap(int64_t start, int64_t dilation) {
   return start >= 0 ? start : start + ceil_div(-start, dilation) * dilation;
 }
 
+// Whether the window of output position `o` along one axis has no tap inside the input [0, in):
+// dilation with padding can put every tap of a window in the padding (its max is then -inf).
+PE_HOST_DEVICE inline bool window_misses_input(int64_t o, int64_t stride, int64_t padding,
+                                               int64_t effective, int64_t dilation, int64_t in) {
+  const int64_t start = o * stride - padding;
+  const int64_t end = start + effective < in ? start + effective : in;
+  return first_tap(start, dilation) >= end;
+}
+
 // A half-open range [begin, end) of output positions along one axis.
 struct IndexRange {
   int64_t begin, end;
@@ -135,6 +144,21 @@ struct Pool2dGeometry {
   // Output columns whose whole window lies inside the input (no padding taps).
   PE_HOST_DEVICE IndexRange inner_cols() const {
     return inner_windows(in_w, out_w, effective_kernel_w(), stride_w, padding_w);
+  }
+  // Whether the window of output row oh / column ow has no tap inside the input.
+  PE_HOST_DEVICE bool row_misses_input(int64_t oh) const {
+    return window_misses_input(oh, stride_h, padding_h, effective_kernel_h(), dilation_h, in_h);
+  }
+  PE_HOST_DEVICE bool col_misses_input(int64_t ow) const {
+    return window_misses_input(ow, stride_w, padding_w, effective_kernel_w(), dilation_w, in_w);
+  }
+  // Whether some window has no input element at all (its output is -inf).
+  bool has_empty_window() const {
+    for (int64_t oh = 0; oh < out_h; ++oh)
+      if (row_misses_input(oh)) return true;
+    for (int64_t ow = 0; ow < out_w; ++ow)
+      if (col_misses_input(ow)) return true;
+    return false;
   }
   // 2x2 windows at stride 2, no padding or dilation, each output inside the input: the case the
   // CPU kernels have a dedicated vector kernel for.

@@ -373,6 +373,18 @@ at::Tensor empty_image(c10::ArrayRef<Int> sizes, bool channels_last,
   return empty_strided_of(sizes, c10::ArrayRef<Int>(strides), options);
 }
 
+// conv2d_relu_max_pool2d's output: torch's max_pool2d of relu(conv2d(input, weight)) follows the
+// suggested format of the convolution's output, itself channels_last as conv2d_channels_last
+// says. Judged on a meta tensor of that output's sizes and strides (no memory), so every backend
+// and the Meta kernel decide alike, ambiguous shapes (one channel, 1x1 planes) included.
+template <typename Int>
+bool conv2d_pool2d_channels_last(const at::Tensor& input, const at::Tensor& weight,
+                                 c10::ArrayRef<Int> conv_output_sizes) {
+  return pool2d_channels_last(empty_image<Int>(conv_output_sizes,
+                                               conv2d_channels_last(input, weight),
+                                               input.options().device(at::kMeta)));
+}
+
 // `t`, a contiguous (N, C, H, W) or (C, H, W) result as the kernels write it, in torch's layout:
 // itself, or a channels_last copy. (The kernels compute in NCHW; channels_last pays one copy.)
 inline at::Tensor as_image_layout(const at::Tensor& t, bool channels_last) {

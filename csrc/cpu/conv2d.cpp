@@ -110,18 +110,16 @@ bool pointwise(const Geometry& g) {
          g.padding_h == 0 && g.padding_w == 0;
 }
 
-Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
-                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                  int64_t groups) {
-  const Geometry g =
-      check_conv2d<int64_t>(input, weight, bias, stride, padding, dilation, groups);
-  const bool has_bias = bias.has_value() && bias->defined();
-  const Tensor x = input.contiguous();
-  const Tensor w = weight.contiguous();
-  const Tensor b = has_bias ? bias->contiguous() : Tensor();
-  const bool channels_last = conv2d_channels_last(input, weight);
+}  // namespace
+
+namespace cpu {
+
+// The forward on contiguous NCHW tensors (b undefined: no bias), into a contiguous output.
+Tensor conv2d_forward_contiguous(const conv2d::Geometry& g, const Tensor& x, const Tensor& w,
+                                 const Tensor& b) {
+  const bool has_bias = b.defined();
   Tensor out = empty_of(g.output_sizes(), x.options());
-  if (out.numel() == 0) return as_image_layout(out, channels_last);
+  if (out.numel() == 0) return out;
   dispatch_floating(x.scalar_type(), "conv2d", [&](auto tag) {
     using T = decltype(tag);
     if (use_batch_inner(g)) {
@@ -146,23 +144,36 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
                                    has_bias ? b.const_data_ptr<T>() : nullptr,
                                    out.mutable_data_ptr<T>());
   });
-  return as_image_layout(out, channels_last);
+  return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output,
-                                                       const Tensor& input, const Tensor& weight,
-                                                       at::IntArrayRef stride,
-                                                       at::IntArrayRef padding,
-                                                       at::IntArrayRef dilation, int64_t groups,
-                                                       std::array<bool, 3> mask) {
-  const Geometry g = check_conv2d_backward<int64_t>(grad_output, input, weight, stride,
-                                                    padding, dilation, groups);
-  const Tensor dy = grad_output.contiguous();
-  const Tensor x = input.contiguous();
-  const Tensor w = weight.contiguous();
+}  // namespace cpu
+
+namespace {
+
+Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                  int64_t groups) {
+  const Geometry g =
+      check_conv2d<int64_t>(input, weight, bias, stride, padding, dilation, groups);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const Tensor out = cpu::conv2d_forward_contiguous(g, input.contiguous(), weight.contiguous(),
+                                               has_bias ? bias->contiguous() : Tensor());
+  return as_image_layout(out, conv2d_channels_last(input, weight));
+}
+
+}  // namespace
+
+namespace cpu {
+
+// The backward on contiguous NCHW tensors, into contiguous gradients (undefined where `mask`
+// does not ask for them).
+std::tuple<Tensor, Tensor, Tensor> conv2d_backward_contiguous(const conv2d::Geometry& g, const Tensor& dy,
+                                                              const Tensor& x, const Tensor& w,
+                                                              std::array<bool, 3> mask) {
   Tensor grad_input, grad_weight, grad_bias;
-  if (mask[0]) grad_input = empty_of(input.sizes(), x.options());
-  if (mask[1]) grad_weight = empty_of(weight.sizes(), x.options());
+  if (mask[0]) grad_input = empty_of(x.sizes(), x.options());
+  if (mask[1]) grad_weight = empty_of(w.sizes(), x.options());
   if (mask[2]) grad_bias = empty_of(at::IntArrayRef{g.out_channels}, x.options());
   dispatch_floating(x.scalar_type(), "conv2d_backward", [&](auto tag) {
     using T = decltype(tag);
@@ -208,6 +219,23 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     cpu::conv2d::backward_im2col<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
                                     w.const_data_ptr<T>(), dx, dw, db);
   });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace cpu
+
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output,
+                                                       const Tensor& input, const Tensor& weight,
+                                                       at::IntArrayRef stride,
+                                                       at::IntArrayRef padding,
+                                                       at::IntArrayRef dilation, int64_t groups,
+                                                       std::array<bool, 3> mask) {
+  const Geometry g = check_conv2d_backward<int64_t>(grad_output, input, weight, stride,
+                                                    padding, dilation, groups);
+  auto [grad_input, grad_weight, grad_bias] = cpu::conv2d_backward_contiguous(
+      g, grad_output.contiguous(), input.contiguous(), weight.contiguous(), mask);
   const bool channels_last = conv2d_channels_last(input, weight);
   if (mask[0]) grad_input = as_image_layout(grad_input, channels_last);
   if (mask[1]) grad_weight = as_image_layout(grad_weight, channels_last);

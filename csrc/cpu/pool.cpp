@@ -46,6 +46,7 @@
 #include "common/dispatch.h"
 #include "common/layout.h"
 #include "cpu/isa.h"
+#include "cpu/kernels.h"
 
 namespace pyengine {
 namespace {
@@ -561,25 +562,12 @@ struct EmptyWindows {
   std::vector<uint8_t> row, col;  // row[oh], col[ow]: no tap of the window in bounds on that axis
 
   explicit EmptyWindows(const Geometry& g) {
-    // Whether output row oh (or column, with the other axis's values) has no tap in bounds.
-    auto misses = [](int64_t o, int64_t stride, int64_t padding, int64_t eff, int64_t dil,
-                     int64_t in) {
-      const int64_t start = o * stride - padding;
-      return first_tap(start, dil) >= std::min(start + eff, in);
-    };
-    auto row_misses = [&](int64_t oh) {
-      return misses(oh, g.stride_h, g.padding_h, g.effective_kernel_h(), g.dilation_h, g.in_h);
-    };
-    auto col_misses = [&](int64_t ow) {
-      return misses(ow, g.stride_w, g.padding_w, g.effective_kernel_w(), g.dilation_w, g.in_w);
-    };
-    for (int64_t oh = 0; oh < g.out_h && !any; ++oh) any = row_misses(oh);
-    for (int64_t ow = 0; ow < g.out_w && !any; ++ow) any = col_misses(ow);
+    any = g.has_empty_window();
     if (!any) return;
     row.resize(g.out_h);
     col.resize(g.out_w);
-    for (int64_t oh = 0; oh < g.out_h; ++oh) row[oh] = row_misses(oh);
-    for (int64_t ow = 0; ow < g.out_w; ++ow) col[ow] = col_misses(ow);
+    for (int64_t oh = 0; oh < g.out_h; ++oh) row[oh] = g.row_misses_input(oh);
+    for (int64_t ow = 0; ow < g.out_w; ++ow) col[ow] = g.col_misses_input(ow);
   }
   bool empty(int64_t o, int64_t OW) const { return row[o / OW] || col[o % OW]; }
 };
@@ -614,20 +602,17 @@ PlaneGatherFn<T> pick_gather(const Geometry& g) {
   return nullptr;
 }
 
-Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
-                               const Tensor& indices, IntArrayRef kernel_size, IntArrayRef stride,
-                               IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
-  const Geometry g = check_max_pool2d_backward<int64_t>(grad_output, input, indices, kernel_size,
-                                                        stride, padding, dilation, ceil_mode);
-  const Tensor go = grad_output.contiguous();
-  const Tensor ix = indices.contiguous();
-  Tensor grad_input = empty_of(input.sizes(), input.options());
+// grad_input of contiguous grad_output and indices (see above); `op` names the operator in the
+// error for an index outside its plane.
+Tensor max_pool2d_backward_impl(const Geometry& g, const Tensor& go, const Tensor& ix,
+                                at::IntArrayRef input_sizes, const char* op, const char* plane) {
+  Tensor grad_input = empty_of(input_sizes, go.options());
   const int64_t plane_in = g.in_pixels(), plane_out = g.out_pixels();
   const int64_t* pi = ix.const_data_ptr<int64_t>();
   // The first bad index, as a flat position in indices (planes are scanned in order within a
   // task and each task stops at its first, so the minimum over tasks is the first overall).
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
-  dispatch_floating(go.scalar_type(), "max_pool2d_backward", [&](auto tag) {
+  dispatch_floating(go.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const T* pg = go.const_data_ptr<T>();
     T* gi = grad_input.mutable_data_ptr<T>();
@@ -658,14 +643,40 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
     if (g.batched) where.push_back(p / g.channels);
     where.insert(where.end(), {p % g.channels, o / g.out_w, o % g.out_w});
     // RuntimeError, as torch's max_unpool2d (the same scatter) raises for such an index.
-    TORCH_CHECK(false, "pyengine.max_pool2d_backward: indices", at::IntArrayRef(where), " = ",
-                pi[bad], " lies outside the ", g.in_h, "x", g.in_w, " input plane (expected a flat "
+    TORCH_CHECK(false, "pyengine.", op, ": indices", at::IntArrayRef(where), " = ", pi[bad],
+                " lies outside the ", g.in_h, "x", g.in_w, " ", plane, " plane (expected a flat "
                 "position in [0, ", plane_in, ") for a window with input elements)");
   }
+  return grad_input;
+}
+
+Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                               const Tensor& indices, IntArrayRef kernel_size, IntArrayRef stride,
+                               IntArrayRef padding, IntArrayRef dilation, bool ceil_mode) {
+  const Geometry g = check_max_pool2d_backward<int64_t>(grad_output, input, indices, kernel_size,
+                                                        stride, padding, dilation, ceil_mode);
+  const Tensor grad_input = max_pool2d_backward_impl(
+      g, grad_output.contiguous(), indices.contiguous(), input.sizes(), "max_pool2d_backward",
+      "input");
   return as_image_layout(grad_input, pool2d_channels_last(input));
 }
 
 }  // namespace
+
+namespace cpu {
+
+void max_pool2d_forward_contiguous(const Pool2dGeometry<int64_t>& g, const Tensor& x,
+                                   Tensor& output, Tensor& indices) {
+  max_pool2d_forward_impl<true>(x, g, output, &indices, "max_pool2d_with_indices");
+}
+
+Tensor max_pool2d_backward_contiguous(const Pool2dGeometry<int64_t>& g, const Tensor& grad_output,
+                                      const Tensor& indices, at::IntArrayRef input_sizes,
+                                      const char* op, const char* plane) {
+  return max_pool2d_backward_impl(g, grad_output, indices, input_sizes, op, plane);
+}
+
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
   m.impl("max_pool2d", max_pool2d_cpu);

@@ -9,12 +9,10 @@
 #include <limits>
 
 #include "cuda/glue.h"
+#include "cuda/glue_kernels.h"
 
 namespace pyengine {
 namespace cuda {
-namespace {
-
-using at::IntArrayRef;
 
 // The kernels index one filter's taps (channels / groups x kernel_h x kernel_w) in 32 bits.
 void check_taps_fit_int32(const Conv2dGeometry<int64_t>& g) {
@@ -25,42 +23,26 @@ void check_taps_fit_int32(const Conv2dGeometry<int64_t>& g) {
               taps);
 }
 
-Tensor conv2d_cuda(const Tensor& input, const Tensor& weight, const OptTensor& bias,
-                   IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-                   int64_t groups) {
-  const auto g = check_conv2d<int64_t>(input, weight, bias, stride, padding, dilation, groups);
-  check_taps_fit_int32(g);
-  c10::cuda::CUDAGuard guard(input.device());
-  const Tensor x = input.contiguous();
-  const Tensor w = weight.contiguous();
-  const Tensor b = contiguous_or_undefined(bias);
-  const bool channels_last = conv2d_channels_last(input, weight);
+Tensor conv2d_forward_contiguous(const Conv2dGeometry<int64_t>& g, const Tensor& x,
+                                 const Tensor& w, const Tensor& b) {
   Tensor out = at::empty(g.output_sizes(), x.options());
-  if (out.numel() == 0) return as_image_layout(out, channels_last);
+  if (out.numel() == 0) return out;
   dispatch_floating(x.scalar_type(), "conv2d", [&](auto tag) {
     using T = decltype(tag);
     C10_CUDA_CHECK(conv2d_forward<T>(x.const_data_ptr<T>(), w.const_data_ptr<T>(),
                                      ptr_or_null<T>(b), out.mutable_data_ptr<T>(), g,
                                      current_stream()));
   });
-  return as_image_layout(out, channels_last);
+  return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(const Tensor& grad_output,
-                                                        const Tensor& input, const Tensor& weight,
-                                                        IntArrayRef stride, IntArrayRef padding,
-                                                        IntArrayRef dilation, int64_t groups,
-                                                        std::array<bool, 3> mask) {
-  const auto g = check_conv2d_backward<int64_t>(grad_output, input, weight, stride, padding,
-                                                dilation, groups);
-  check_taps_fit_int32(g);
-  c10::cuda::CUDAGuard guard(input.device());
-  const Tensor go = grad_output.contiguous();
-  const Tensor x = input.contiguous();
-  const Tensor w = weight.contiguous();
+std::tuple<Tensor, Tensor, Tensor> conv2d_backward_contiguous(const Conv2dGeometry<int64_t>& g,
+                                                              const Tensor& go, const Tensor& x,
+                                                              const Tensor& w,
+                                                              std::array<bool, 3> mask) {
   Tensor grad_input, grad_weight, grad_bias;
-  if (mask[0]) grad_input = at::empty(input.sizes(), x.options());
-  if (mask[1]) grad_weight = at::empty(weight.sizes(), x.options());
+  if (mask[0]) grad_input = at::empty(x.sizes(), x.options());
+  if (mask[1]) grad_weight = at::empty(w.sizes(), x.options());
   if (mask[2]) grad_bias = at::empty({g.out_channels}, x.options());
   const cudaStream_t stream = current_stream();
   dispatch_floating(x.scalar_type(), "conv2d_backward", [&](auto tag) {
@@ -87,6 +69,35 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(const Tensor& grad_outpu
                                     mutable_ptr_or_null<double>(ws), stream));
     }
   });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+namespace {
+
+using at::IntArrayRef;
+
+Tensor conv2d_cuda(const Tensor& input, const Tensor& weight, const OptTensor& bias,
+                   IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                   int64_t groups) {
+  const auto g = check_conv2d<int64_t>(input, weight, bias, stride, padding, dilation, groups);
+  check_taps_fit_int32(g);
+  c10::cuda::CUDAGuard guard(input.device());
+  const Tensor out = conv2d_forward_contiguous(g, input.contiguous(), weight.contiguous(),
+                                               contiguous_or_undefined(bias));
+  return as_image_layout(out, conv2d_channels_last(input, weight));
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(const Tensor& grad_output,
+                                                        const Tensor& input, const Tensor& weight,
+                                                        IntArrayRef stride, IntArrayRef padding,
+                                                        IntArrayRef dilation, int64_t groups,
+                                                        std::array<bool, 3> mask) {
+  const auto g = check_conv2d_backward<int64_t>(grad_output, input, weight, stride, padding,
+                                                dilation, groups);
+  check_taps_fit_int32(g);
+  c10::cuda::CUDAGuard guard(input.device());
+  auto [grad_input, grad_weight, grad_bias] = conv2d_backward_contiguous(
+      g, grad_output.contiguous(), input.contiguous(), weight.contiguous(), mask);
   const bool channels_last = conv2d_channels_last(input, weight);
   if (mask[0]) grad_input = as_image_layout(grad_input, channels_last);
   if (mask[1]) grad_weight = as_image_layout(grad_weight, channels_last);

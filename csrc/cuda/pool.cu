@@ -81,10 +81,7 @@ __global__ void max_pool2d_forward_kernel(const T* __restrict__ input, T* __rest
 
 // Whether window (oh, ow) has no in-bounds tap: all its taps miss the input on one axis.
 __device__ __forceinline__ bool window_is_empty(int64_t oh, int64_t ow, const Geometry& g) {
-  const int64_t hs = oh * g.stride_h - g.padding_h;
-  const int64_t ws = ow * g.stride_w - g.padding_w;
-  return first_tap(hs, g.dilation_h) >= min(hs + g.effective_kernel_h(), g.in_h) ||
-         first_tap(ws, g.dilation_w) >= min(ws + g.effective_kernel_w(), g.in_w);
+  return g.row_misses_input(oh) || g.col_misses_input(ow);
 }
 
 __global__ void clear_flag_kernel(int* flag) { *flag = 0; }

@@ -4,9 +4,34 @@
 #include <torch/library.h>
 
 #include "cuda/glue.h"
+#include "cuda/glue_kernels.h"
 
 namespace pyengine {
 namespace cuda {
+
+void max_pool2d_forward_contiguous(const Pool2dGeometry<int64_t>& g, const Tensor& x,
+                                   Tensor& output, Tensor* indices, const char* op) {
+  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(max_pool2d_forward<T>(
+        x.const_data_ptr<T>(), output.mutable_data_ptr<T>(),
+        indices ? indices->mutable_data_ptr<int64_t>() : nullptr, g, current_stream()));
+  });
+}
+
+Tensor max_pool2d_backward_contiguous(const Pool2dGeometry<int64_t>& g, const Tensor& go,
+                                      const Tensor& ix, at::IntArrayRef input_sizes) {
+  Tensor grad_input = at::empty(input_sizes, go.options());
+  Tensor flag = workspace(max_pool2d_backward_workspace(), at::kInt, go);
+  dispatch_floating(go.scalar_type(), "max_pool2d_backward", [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(max_pool2d_backward<T>(go.const_data_ptr<T>(), ix.const_data_ptr<int64_t>(),
+                                          grad_input.mutable_data_ptr<T>(), g,
+                                          mutable_ptr_or_null<int>(flag), current_stream()));
+  });
+  return grad_input;
+}
+
 namespace {
 
 using at::IntArrayRef;
@@ -16,13 +41,7 @@ using Geometry = Pool2dGeometry<int64_t>;
 void forward(const Tensor& input, const Geometry& g, Tensor& output, Tensor* indices,
              const char* op) {
   c10::cuda::CUDAGuard guard(input.device());
-  const Tensor x = input.contiguous();
-  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    C10_CUDA_CHECK(max_pool2d_forward<T>(
-        x.const_data_ptr<T>(), output.mutable_data_ptr<T>(),
-        indices ? indices->mutable_data_ptr<int64_t>() : nullptr, g, current_stream()));
-  });
+  max_pool2d_forward_contiguous(g, input.contiguous(), output, indices, op);
 }
 
 Tensor max_pool2d_cuda(const Tensor& input, IntArrayRef kernel_size, IntArrayRef stride,
@@ -55,16 +74,8 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input,
   const Geometry g = check_max_pool2d_backward<int64_t>(grad_output, input, indices, kernel_size,
                                                         stride, padding, dilation, ceil_mode);
   c10::cuda::CUDAGuard guard(input.device());
-  const Tensor go = grad_output.contiguous();
-  const Tensor ix = indices.contiguous();
-  Tensor grad_input = at::empty(input.sizes(), input.options());
-  Tensor flag = workspace(max_pool2d_backward_workspace(), at::kInt, input);
-  dispatch_floating(go.scalar_type(), "max_pool2d_backward", [&](auto tag) {
-    using T = decltype(tag);
-    C10_CUDA_CHECK(max_pool2d_backward<T>(go.const_data_ptr<T>(), ix.const_data_ptr<int64_t>(),
-                                          grad_input.mutable_data_ptr<T>(), g,
-                                          mutable_ptr_or_null<int>(flag), current_stream()));
-  });
+  const Tensor grad_input = max_pool2d_backward_contiguous(g, grad_output.contiguous(),
+                                                          indices.contiguous(), input.sizes());
   return as_image_layout(grad_input, pool2d_channels_last(input));
 }
 

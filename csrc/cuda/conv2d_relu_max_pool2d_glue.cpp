@@ -1,0 +1,106 @@
+// CUDA glue of conv2d_relu_max_pool2d and its backward: conv2d's, max_pool2d's and relu's
+// kernels chained, with relu on the pooled maxima and relu's step applied to grad_output before
+// the scatter, as csrc/cpu/conv2d_relu_max_pool2d.cpp does (the reasons are there). Same checks
+// and output layouts as the CPU kernels.
+#include <torch/library.h>
+
+#include "cuda/glue.h"
+#include "cuda/glue_kernels.h"
+
+namespace pyengine {
+namespace cuda {
+namespace {
+
+using at::IntArrayRef;
+
+std::tuple<Tensor, Tensor> conv2d_relu_max_pool2d_cuda(
+    const Tensor& input, const Tensor& weight, const OptTensor& bias, IntArrayRef stride,
+    IntArrayRef padding, IntArrayRef dilation, int64_t groups, IntArrayRef pool_kernel_size,
+    IntArrayRef pool_stride, IntArrayRef pool_padding, IntArrayRef pool_dilation,
+    bool pool_ceil_mode) {
+  const char* op = "conv2d_relu_max_pool2d";
+  const auto s = check_conv2d_relu_max_pool2d<int64_t>(
+      input, weight, bias, stride, padding, dilation, groups, pool_kernel_size, pool_stride,
+      pool_padding, pool_dilation, pool_ceil_mode);
+  check_taps_fit_int32(s.conv);
+  c10::cuda::CUDAGuard guard(input.device());
+  const Tensor conv_out = conv2d_forward_contiguous(s.conv, input.contiguous(),
+                                                    weight.contiguous(),
+                                                    contiguous_or_undefined(bias));
+  const std::vector<int64_t> sizes = s.pool.output_sizes();
+  Tensor output = at::empty(sizes, input.options());
+  Tensor indices = at::empty(sizes, input.options().dtype(at::kLong));
+  // relu from one buffer into another (the kernels take __restrict__ pointers: not in place).
+  auto relu = [&](const Tensor& from, Tensor& to) {
+    dispatch_floating(from.scalar_type(), op, [&](auto tag) {
+      using T = decltype(tag);
+      C10_CUDA_CHECK(activation_forward<T>(Activation::Relu, from.const_data_ptr<T>(),
+                                           to.mutable_data_ptr<T>(), from.numel(), 0.0,
+                                           current_stream()));
+    });
+  };
+  if (output.numel() > 0) {
+    if (s.pool.has_empty_window()) {
+      // Such a window is -inf, which relu after pooling would make 0: relu first (rare).
+      Tensor relu_out = at::empty(conv_out.sizes(), conv_out.options());
+      relu(conv_out, relu_out);
+      max_pool2d_forward_contiguous(s.pool, relu_out, output, &indices, op);
+    } else {
+      // The maxima, then relu into the output.
+      Tensor maxima = at::empty(sizes, input.options());
+      max_pool2d_forward_contiguous(s.pool, conv_out, maxima, &indices, op);
+      relu(maxima, output);
+    }
+  }
+  const std::vector<int64_t> conv_sizes = s.conv.output_sizes();
+  const bool channels_last =
+      conv2d_pool2d_channels_last<int64_t>(input, weight, IntArrayRef(conv_sizes));
+  return {as_image_layout(output, channels_last), as_image_layout(indices, channels_last)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cuda(
+    const Tensor& grad_output, const Tensor& result, const Tensor& indices, const Tensor& input,
+    const Tensor& weight, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+    int64_t groups, IntArrayRef pool_kernel_size, IntArrayRef pool_stride,
+    IntArrayRef pool_padding, IntArrayRef pool_dilation, bool pool_ceil_mode,
+    std::array<bool, 3> mask) {
+  const char* op = "conv2d_relu_max_pool2d_backward";
+  const auto s = check_conv2d_relu_max_pool2d_backward<int64_t>(
+      grad_output, result, indices, input, weight, stride, padding, dilation, groups,
+      pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_ceil_mode);
+  check_taps_fit_int32(s.conv);
+  if (!mask[0] && !mask[1] && !mask[2]) return {};
+  c10::cuda::CUDAGuard guard(input.device());
+  const Tensor go = grad_output.contiguous();
+  const Tensor r = result.contiguous();
+  Tensor pooled_grad = at::empty(go.sizes(), go.options());
+  if (go.numel() > 0) {
+    dispatch_floating(go.scalar_type(), op, [&](auto tag) {
+      using T = decltype(tag);
+      C10_CUDA_CHECK(activation_backward<T>(Activation::Relu, go.const_data_ptr<T>(),
+                                            r.const_data_ptr<T>(),
+                                            pooled_grad.mutable_data_ptr<T>(), go.numel(), 0.0,
+                                            current_stream()));
+    });
+  }
+  const std::vector<int64_t> conv_sizes = s.conv.output_sizes();
+  const Tensor conv_grad = max_pool2d_backward_contiguous(s.pool, pooled_grad,
+                                                          indices.contiguous(),
+                                                          IntArrayRef(conv_sizes));
+  auto [grad_input, grad_weight, grad_bias] = conv2d_backward_contiguous(
+      s.conv, conv_grad, input.contiguous(), weight.contiguous(), mask);
+  const bool channels_last = conv2d_channels_last(input, weight);  // as conv2d_backward's
+  if (mask[0]) grad_input = as_image_layout(grad_input, channels_last);
+  if (mask[1]) grad_weight = as_image_layout(grad_weight, channels_last);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
+  m.impl("conv2d_relu_max_pool2d", conv2d_relu_max_pool2d_cuda);
+  m.impl("conv2d_relu_max_pool2d_backward", conv2d_relu_max_pool2d_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace pyengine
