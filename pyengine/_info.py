@@ -113,23 +113,27 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _operators() -> dict:
-    """pyengine.functional's functions: dtypes, devices with kernels, arguments, what they
-    decline and which gradients they do not compute."""
-    from . import functional
+    """pyengine.functional's and pyengine.fused's functions: dtypes, devices with kernels,
+    arguments, what they decline and which gradients they do not compute."""
+    from . import functional, fused
 
     out = {}
-    for name in functional.__all__:
-        parameters = inspect.signature(getattr(functional, name)).parameters
-        out[name] = {
-            "dtypes": [_dtype_name(d) for d in DTYPES],
-            "devices": [key.lower() for key in ("CPU", "CUDA")
-                        if torch._C._dispatch_has_kernel_for_dispatch_key(f"pyengine::{name}",
-                                                                          key)],
-            "arguments": [p for p in parameters if not p.startswith("_")],
-            "declined": dict(DECLINED.get(name, {})),
-            "no_gradient_for": list(NO_GRADIENT.get(name, ())),
-        }
+    for module in (functional, fused):
+        for name in module.__all__:
+            out[name] = _operator_entry(name, getattr(module, name))
     return out
+
+
+def _operator_entry(name: str, fn) -> dict:
+    parameters = inspect.signature(fn).parameters
+    return {
+        "dtypes": [_dtype_name(d) for d in DTYPES],
+        "devices": [key.lower() for key in ("CPU", "CUDA")
+                    if torch._C._dispatch_has_kernel_for_dispatch_key(f"pyengine::{name}", key)],
+        "arguments": [p for p in parameters if not p.startswith("_")],
+        "declined": dict(DECLINED.get(name, {})),
+        "no_gradient_for": list(NO_GRADIENT.get(name, ())),
+    }
 
 
 def info() -> dict:
@@ -222,14 +226,16 @@ def format_info(report: dict) -> str:
         runs = device["runs"] or "no pyengine kernels"
         lines.append(f"CUDA      cuda:{device['index']} {device['name']} (compute capability "
                      f"{device['capability']}): {runs}")
-    lines.append("operators (pyengine.functional; dtypes, devices, arguments, limits):")
+    lines.append("operators (pyengine.functional, pyengine.fused; dtypes, devices, arguments, "
+                 "limits):")
+    width = max(map(len, report["operators"]), default=0)
     for name, op in report["operators"].items():
         limits = [f"declines {arg}: {what}" for arg, what in op["declined"].items()]
         if op["no_gradient_for"]:
             limits.append(f"no gradient for {', '.join(op['no_gradient_for'])}")
-        lines.append(f"  {name:21} {'/'.join(op['dtypes'])}  {'/'.join(op['devices'])}  "
+        lines.append(f"  {name:{width}} {'/'.join(op['dtypes'])}  {'/'.join(op['devices'])}  "
                      f"({', '.join(op['arguments'])})")
-        lines += [f"  {'':21} {limit}" for limit in limits]
+        lines += [f"  {'':{width}} {limit}" for limit in limits]
     lines.append("problems  " + ("none" if not report["problems"] else
                                  "\n          ".join(report["problems"])))
     lines.append(f"rebuild   {report['rebuild']}")

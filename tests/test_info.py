@@ -23,8 +23,11 @@ import pyengine.functional as PF
 import samples
 from differential import (argument_name, call, check, grad_exponent, reference_leaves,
                           tolerance)
-from fuzz_configs import materialize
+from fuzz_configs import materialize, pyengine_function, torch_function
 from pyengine import _info, _loader, _support, cli
+
+# Every public function of an operator: pyengine.functional's and pyengine.fused's.
+OPERATORS = PF.__all__ + pyengine.fused.__all__
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
@@ -67,7 +70,7 @@ def test_info_reports_this_installation():
 
 def test_info_lists_every_operator_with_its_signature_and_kernels():
     operators = pyengine.info()["operators"]
-    assert list(operators) == PF.__all__
+    assert list(operators) == OPERATORS
     assert operators["conv2d"]["arguments"] == ["input", "weight", "bias", "stride", "padding",
                                                 "dilation", "groups"]
     assert operators["softmax"]["arguments"] == ["input", "dim", "dtype"]
@@ -77,7 +80,7 @@ def test_info_lists_every_operator_with_its_signature_and_kernels():
         assert op["devices"] == devices, name
         # pyengine.functional's signature (torch.nn.functional's: tests/test_api.py), less the
         # private _stacklevel
-        assert op["arguments"] == [p for p in inspect.signature(getattr(PF, name)).parameters
+        assert op["arguments"] == [p for p in inspect.signature(pyengine_function(name)).parameters
                                    if p != "_stacklevel"], name
         assert op["declined"] == _support.DECLINED.get(name, {})
         assert op["no_gradient_for"] == list(_support.NO_GRADIENT.get(name, ()))
@@ -133,7 +136,7 @@ def test_cli_prints_it(capsys):
     assert lines[2].startswith(f"build     {kernels}, compiled against torch ")
     for family, level in pyengine._C.cpu_isa().items():
         assert f"{family} {level}" in text
-    for name in PF.__all__:
+    for name in OPERATORS:
         assert any(line.startswith(f"  {name} ") for line in lines), name
     assert "declines target: class-probability targets of another dtype" in text
     assert "no gradient for weight" in text
@@ -204,7 +207,7 @@ def _plain_samples(op):
             and all(fuzz_configs.numel(spec.shape) > 0 for _, spec in s.case.tensors())]
 
 
-@pytest.mark.parametrize("op", PF.__all__)
+@pytest.mark.parametrize("op", OPERATORS)
 def test_each_listed_dtype_works(op):
     """The op's first sample in each dtype of the table, forward and gradients against torch."""
     case = _plain_samples(op)[0].case
@@ -213,7 +216,7 @@ def test_each_listed_dtype_works(op):
         check(fuzz_configs.build(op, dict(case.params, dtype=name), case.seed))
 
 
-@pytest.mark.parametrize("op", PF.__all__)
+@pytest.mark.parametrize("op", OPERATORS)
 def test_every_other_dtype_raises(op):
     """The same call with its floating-point tensors in any other dtype: NotImplementedError,
     naming the dtypes that work."""
@@ -223,7 +226,7 @@ def test_every_other_dtype_raises(op):
             return t.detach().to(dtype) if isinstance(t, torch.Tensor) and \
                 t.is_floating_point() else t
         with pytest.raises(NotImplementedError) as raised:
-            call(getattr(PF, op), [cast(a) for a in args], {k: cast(v) for k, v in kwargs.items()})
+            call(pyengine_function(op), [cast(a) for a in args], {k: cast(v) for k, v in kwargs.items()})
         for supported in _support.DTYPES:
             assert str(supported).replace("torch.", "") in str(raised.value), (dtype, raised.value)
 
@@ -252,7 +255,7 @@ def _widest_sample(op):
     return max(_plain_samples(op), key=floating)
 
 
-@pytest.mark.parametrize("op", PF.__all__)
+@pytest.mark.parametrize("op", OPERATORS)
 def test_gradients_are_refused_for_exactly_the_listed_arguments(op):
     """Each floating-point tensor argument in turn requires grad (the others do not): for one in
     the table the call raises, naming it; for every other the gradient is torch's."""
@@ -273,11 +276,11 @@ def test_gradients_are_refused_for_exactly_the_listed_arguments(op):
         if name in refused:
             with pytest.raises(RuntimeError, match=f"the gradient with respect to {name} is not "
                                                    "supported"):
-                call(getattr(PF, op), args, kwargs)
+                call(pyengine_function(op), args, kwargs)
             continue
         ref_args, ref_kwargs = reference_leaves(args, kwargs)
-        ours = call(getattr(PF, op), args, kwargs)
-        theirs = call(getattr(F, op), ref_args, ref_kwargs)
+        ours = call(pyengine_function(op), args, kwargs)
+        theirs = call(torch_function(op), ref_args, ref_kwargs)
         ours, theirs = (o[0] if isinstance(o, tuple) else o for o in (ours, theirs))
         g = torch.randn_like(theirs)
         ours.backward(g)
