@@ -145,8 +145,9 @@ def info() -> dict:
     cpu               the instruction set each CPU kernel family runs with (PYENGINE_CPU_ISA
                       lowers it), and torch's thread count;
     cuda_devices      each visible GPU and which of the library's code it runs;
-    operators         per pyengine.functional function: dtypes, devices, arguments, the values
-                      it declines, the arguments it computes no gradient for;
+    operators         per pyengine.functional and pyengine.fused function: dtypes, devices,
+                      arguments, the values it declines, the arguments it computes no gradient
+                      for;
     problems          what is wrong with this installation, each with its fix (empty if nothing);
     rebuild           the command that rebuilds pyengine._C against the installed torch.
 
