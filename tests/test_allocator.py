@@ -66,3 +66,26 @@ def test_the_limit_comes_from_the_environment():
     bad = _run("lots", code)
     assert bad.returncode != 0 and "PYENGINE_CPU_CACHE_MB" in bad.stderr \
         and "'lots'" in bad.stderr
+
+
+def test_a_full_cache_gives_back_its_oldest_blocks_for_new_ones():
+    """A working set the process has left must not keep the current one out of the cache: under
+    a 4 MB limit, blocks of 1, 1.5 and 2 MB are freed in that order; the 2 MB one is cached by
+    giving the 1 MB one back (the oldest), so a 1 MB request misses and a 2 MB one hits."""
+    code = ("import torch, pyengine\n"
+            "relu = pyengine.functional.relu\n"
+            "inputs = {mb: torch.randn(int(mb * 2**18)) for mb in (1, 1.5, 2)}\n"
+            "for mb in (1, 1.5, 2):\n"
+            "    y = relu(inputs[mb]); del y\n"
+            "s = pyengine.cache_stats(); print(s['cached_bytes'])\n"
+            "for mb in (1, 2):\n"
+            "    before = pyengine.cache_stats()\n"
+            "    y = relu(inputs[mb])\n"
+            "    after = pyengine.cache_stats()\n"
+            "    print(after['hits'] - before['hits'], after['misses'] - before['misses'])\n")
+    out = _run("4", code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cached, one_mb, two_mb = out.stdout.strip().splitlines()
+    assert int(cached) == int(3.5 * 2**20)   # the 1.5 and 2 MB blocks
+    assert one_mb.split() == ["0", "1"]      # given back: a miss
+    assert two_mb.split() == ["1", "0"]      # kept: a hit

@@ -7,11 +7,13 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 namespace pyengine {
 namespace cpu {
@@ -49,9 +51,10 @@ class CachingAllocator final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = free_.lower_bound(bytes);
       if (it != free_.end() && it->first <= bytes + bytes / 4) {
-        ptr = it->second;
-        cached_ -= static_cast<int64_t>(it->first);
+        ptr = it->second.ptr;
         const size_t got = it->first;
+        cached_ -= static_cast<int64_t>(got);
+        by_age_.erase(it->second.stamp);
         free_.erase(it);
         ++hits_;
         return wrap(ptr, got);
@@ -72,13 +75,14 @@ class CachingAllocator final : public c10::Allocator {
   }
 
   void empty() {
-    std::multimap<size_t, void*> blocks;
+    std::multimap<size_t, Cached> blocks;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       blocks.swap(free_);
+      by_age_.clear();
       cached_ = 0;
     }
-    for (auto& [bytes, ptr] : blocks) c10::free_cpu(ptr);
+    for (auto& entry : blocks) c10::free_cpu(entry.second.ptr);
   }
 
  private:
@@ -88,8 +92,21 @@ class CachingAllocator final : public c10::Allocator {
 
   static void release(void* ctx);
 
+  struct Cached {
+    void* ptr;
+    uint64_t stamp;  // when it was cached: its key in by_age_
+  };
+  // Caches a released block, making room by giving back the blocks cached longest ago: a
+  // process's working set changes (another model, another batch size, a benchmark's next case),
+  // and blocks of sizes no longer asked for must not keep the current ones out. Returns the
+  // blocks to free (outside the lock): the evicted ones, or `b` itself if it alone exceeds the
+  // limit.
+  std::vector<void*> cache(const Block& b);
+
   std::mutex mutex_;
-  std::multimap<size_t, void*> free_;  // bytes -> block
+  std::multimap<size_t, Cached> free_;                        // bytes -> block
+  std::map<uint64_t, std::multimap<size_t, Cached>::iterator> by_age_;  // oldest first
+  uint64_t clock_ = 0;
   int64_t cached_ = 0;
   const int64_t limit_;
   int64_t hits_ = 0, misses_ = 0;
@@ -101,19 +118,27 @@ CachingAllocator& allocator() {
   return *a;
 }
 
+std::vector<void*> CachingAllocator::cache(const Block& b) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t bytes = static_cast<int64_t>(b.bytes);
+  if (bytes > limit_) return {b.ptr};
+  std::vector<void*> evicted;
+  while (cached_ + bytes > limit_) {
+    auto oldest = by_age_.begin();
+    evicted.push_back(oldest->second->second.ptr);
+    cached_ -= static_cast<int64_t>(oldest->second->first);
+    free_.erase(oldest->second);
+    by_age_.erase(oldest);
+  }
+  const uint64_t stamp = clock_++;
+  by_age_.emplace(stamp, free_.emplace(b.bytes, Cached{b.ptr, stamp}));
+  cached_ += bytes;
+  return evicted;
+}
+
 void CachingAllocator::release(void* ctx) {
   Block* b = static_cast<Block*>(ctx);
-  CachingAllocator& a = allocator();
-  {
-    std::lock_guard<std::mutex> lock(a.mutex_);
-    if (a.cached_ + static_cast<int64_t>(b->bytes) <= a.limit_) {
-      a.free_.emplace(b->bytes, b->ptr);
-      a.cached_ += static_cast<int64_t>(b->bytes);
-      delete b;
-      return;
-    }
-  }
-  c10::free_cpu(b->ptr);
+  for (void* ptr : allocator().cache(*b)) c10::free_cpu(ptr);
   delete b;
 }
 
