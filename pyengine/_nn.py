@@ -190,14 +190,18 @@ def _fuses_conv_relu_pool(conv, relu, pool) -> bool:
             and _without_hooks(conv, relu, pool))
 
 
+def _fused_conv_relu_pool(conv, pool, input: Tensor) -> Tensor:
+    return fused.conv2d_relu_max_pool2d(
+        input, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+        pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+
+
 def conv_relu_pool(conv, relu, pool, input: Tensor) -> Tensor:
     """pool(relu(conv(input))): one fused operator where the modules make the exact pattern, the
     three module calls otherwise (torch.nn modules, other padding modes, hooks)."""
     if not _fuses_conv_relu_pool(conv, relu, pool):
         return pool(relu(conv(input)))
-    return fused.conv2d_relu_max_pool2d(
-        input, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
-        pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+    return _fused_conv_relu_pool(conv, pool, input)
 
 
 class Sequential(torch.nn.Sequential):
@@ -210,7 +214,7 @@ class Sequential(torch.nn.Sequential):
         i = 0
         while i < len(modules):
             if i + 2 < len(modules) and _fuses_conv_relu_pool(*modules[i:i + 3]):
-                input = conv_relu_pool(*modules[i:i + 3], input)
+                input = _fused_conv_relu_pool(modules[i], modules[i + 2], input)
                 i += 3
             else:
                 input = modules[i](input)
