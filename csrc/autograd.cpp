@@ -477,7 +477,9 @@ struct ConvPoolParams {
   Tensor y_tangent(const Tensor& x, const Tensor& dx, const Tensor& w, const Tensor& dw,
                    const Tensor& db) const {
     return bilinear_tangent(
-        [&](const Tensor& a, const Tensor& b, const OptTensor& c) { return conv2d_with(conv, a, b, c); },
+        [&](const Tensor& a, const Tensor& b, const OptTensor& c) {
+          return conv2d_with(conv, a, b, c);
+        },
         x, dx, w, dw, db,
         [&](const Tensor& b, const Tensor&) { return conv_bias_like(b, image_like_y(x, w)); },
         Tensor());

@@ -38,5 +38,6 @@ def cache_stats() -> dict:
     return dict(_C.cpu_cache_stats())
 
 __version__ = "0.1.0"
-__all__ = ["functional", "fused", "nn", "models", "convert", "patch", "enable", "disable", "is_enabled",
-           "info", "capture_step", "CapturedStep", "CaptureError", "empty_cache", "cache_stats"]
+__all__ = ["functional", "fused", "nn", "models", "convert", "patch", "enable", "disable",
+           "is_enabled", "info", "capture_step", "CapturedStep", "CaptureError", "empty_cache",
+           "cache_stats"]

@@ -168,8 +168,9 @@ namespace cpu {
 
 // The backward on contiguous NCHW tensors, into contiguous gradients (undefined where `mask`
 // does not ask for them).
-std::tuple<Tensor, Tensor, Tensor> conv2d_backward_contiguous(const conv2d::Geometry& g, const Tensor& dy,
-                                                              const Tensor& x, const Tensor& w,
+std::tuple<Tensor, Tensor, Tensor> conv2d_backward_contiguous(const conv2d::Geometry& g,
+                                                              const Tensor& dy, const Tensor& x,
+                                                              const Tensor& w,
                                                               std::array<bool, 3> mask) {
   Tensor grad_input, grad_weight, grad_bias;
   if (mask[0]) grad_input = empty_of(x.sizes(), x.options());
@@ -234,12 +235,10 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
                                                        std::array<bool, 3> mask) {
   const Geometry g = check_conv2d_backward<int64_t>(grad_output, input, weight, stride,
                                                     padding, dilation, groups);
-  auto [grad_input, grad_weight, grad_bias] = cpu::conv2d_backward_contiguous(
-      g, grad_output.contiguous(), input.contiguous(), weight.contiguous(), mask);
-  const bool channels_last = conv2d_channels_last(input, weight);
-  if (mask[0]) grad_input = as_image_layout(grad_input, channels_last);
-  if (mask[1]) grad_weight = as_image_layout(grad_weight, channels_last);
-  return {grad_input, grad_weight, grad_bias};
+  return conv2d_grads_in_layout(
+      cpu::conv2d_backward_contiguous(g, grad_output.contiguous(), input.contiguous(),
+                                      weight.contiguous(), mask),
+      input, weight);
 }
 
 }  // namespace

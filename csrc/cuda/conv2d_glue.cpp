@@ -96,12 +96,10 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(const Tensor& grad_outpu
                                                 dilation, groups);
   check_taps_fit_int32(g);
   c10::cuda::CUDAGuard guard(input.device());
-  auto [grad_input, grad_weight, grad_bias] = conv2d_backward_contiguous(
-      g, grad_output.contiguous(), input.contiguous(), weight.contiguous(), mask);
-  const bool channels_last = conv2d_channels_last(input, weight);
-  if (mask[0]) grad_input = as_image_layout(grad_input, channels_last);
-  if (mask[1]) grad_weight = as_image_layout(grad_weight, channels_last);
-  return {grad_input, grad_weight, grad_bias};
+  return conv2d_grads_in_layout(
+      conv2d_backward_contiguous(g, grad_output.contiguous(), input.contiguous(),
+                                 weight.contiguous(), mask),
+      input, weight);
 }
 
 }  // namespace

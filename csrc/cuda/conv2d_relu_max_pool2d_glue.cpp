@@ -87,12 +87,9 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cuda(
   const Tensor conv_grad = max_pool2d_backward_contiguous(s.pool, pooled_grad,
                                                           indices.contiguous(),
                                                           IntArrayRef(conv_sizes));
-  auto [grad_input, grad_weight, grad_bias] = conv2d_backward_contiguous(
-      s.conv, conv_grad, input.contiguous(), weight.contiguous(), mask);
-  const bool channels_last = conv2d_channels_last(input, weight);  // as conv2d_backward's
-  if (mask[0]) grad_input = as_image_layout(grad_input, channels_last);
-  if (mask[1]) grad_weight = as_image_layout(grad_weight, channels_last);
-  return {grad_input, grad_weight, grad_bias};
+  return conv2d_grads_in_layout(conv2d_backward_contiguous(s.conv, conv_grad, input.contiguous(),
+                                                           weight.contiguous(), mask),
+                                input, weight);
 }
 
 }  // namespace
