@@ -28,14 +28,14 @@
 // result one copy into channels_last, so the strides match torch's.
 //
 // Napkin math, LeNet at batch 64, fp32, per pass (forward, grad_input, grad_weight), on the
-// reference machine (csrc/cpu/README.md: ~110 GFLOP/s fp32 per core, 2 cores):
+// reference machine (csrc/cpu/README.md: ~240 GFLOP/s fp32 per core, 2 cores):
 //   conv1 1->6, 5x5, 32x32 -> 28x28 (im2col): K = 25, 784 columns per image. Forward
-//     2*64*6*25*784 = 15.1 MFLOP, grad_weight the same: a GEMM floor of ~0.07 ms per pass on 2
+//     2*64*6*25*784 = 15.1 MFLOP, grad_weight the same: a GEMM floor of ~0.03 ms per pass on 2
 //     cores. But with 6 output channels each im2col element (25*784 per image, 5 MB over the
 //     batch, written and read once in L2) feeds only 6 FMAs, so im2col, at a few cycles per
 //     28-float row, costs about as much as the FMAs.
 //   conv2 6->16, 5x5, 14x14 -> 10x10 (batch innermost): K = 150. Forward 2*64*16*150*100 =
-//     30.7 MFLOP, grad_weight and grad_input the same: ~0.14 ms per pass at the floor on 2 cores.
+//     30.7 MFLOP, grad_weight and grad_input the same: ~0.06 ms per pass at the floor on 2 cores.
 //     im2col would copy 150 * 100 = 15000 elements per image in 10-float rows (1500 rows per
 //     image, 0.096 M rows over the batch) for 16 FMAs each, as slow as the GEMM; the
 //     batch-innermost layout instead moves each of x, y, dY and dX once (0.36 M elements in all)

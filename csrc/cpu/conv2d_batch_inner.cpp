@@ -12,7 +12,7 @@
 // Taps in the padding point at a vector of zeros (forward, grad_weight); grad_input gathers
 // only the taps that reach a real input pixel. The price is transposing x, y, dY and dX (each
 // element moved once) and padding the batch to whole vectors. Napkin math, LeNet conv2 at batch
-// 64: 15.4 M multiply-adds (30.7 MFLOP) per pass, ~0.28 ms at one core's peak (reference machine:
+// 64: 15.4 M multiply-adds (30.7 MFLOP) per pass, ~0.13 ms at one core's peak (reference machine:
 // csrc/cpu/README.md), in tiles of 16 / 6 / 6x4 rows that keep the FMA units busy; the transposes
 // move 0.36 M elements, a few percent of that.
 #include <ATen/Parallel.h>

@@ -21,13 +21,13 @@
 //                    element at the end. Used where both operands run along k (dW = dY^T X).
 //   dot_seg_tile     the same summed over segments whose B rows come from a pointer table.
 //
-// Napkin math (reference machine, csrc/cpu/README.md: ~110 GFLOP/s fp32 per core, 2 cores):
+// Napkin math (reference machine, csrc/cpu/README.md: ~240 GFLOP/s fp32 per core, 2 cores):
 //   LeNet linear 400->120 at batch 256: 2*256*400*120 = 24.6 MFLOP per GEMM (forward, dX, dW each),
-//   operands 0.4 + 0.2 + 0.1 MB: compute-bound, floor ~0.11 ms per GEMM on 2 cores at peak.
+//   operands 0.4 + 0.2 + 0.1 MB: compute-bound, floor ~0.05 ms per GEMM on 2 cores at peak.
 //   For the small im2col GEMMs of conv1 (K = 25) im2col costs about as much as the FMAs.
 //   Achieved figures: the benchmark suite (python -m benchmarks).
 //
-// Cache blocking: KC = 256 (a B panel of KC x 32 floats is 32 KB, the size of L1), MC = 240 rows
+// Cache blocking: KC = 256 (a B panel of KC x 32 floats is 32 KB, two thirds of L1), MC = 240 rows
 // of A (240 x 256 x 4 B = 240 KB, in L2), NC = 4096 columns (a 4 MB B block, in L3). Both operands
 // are copied into contiguous panels (op_driver), so a tile's kc rows never sit a large stride
 // apart in the same L1 sets.
@@ -590,8 +590,8 @@ constexpr IsaInfo info_of() {
 
 // Rough cycle counts; only their order matters. Per cycle: 2 vector FMAs and 2 loads, a
 // broadcast being a load (an FMA's memory operand with AVX-512); 4 cycles of FMA latency (the
-// reference machine's 256-bit units, csrc/cpu/README.md, which run a 512-bit operation as two:
-// the same ratios rank the plans at every level). So the 24 x 1, 12 x 2 and 6 x 4-vector tiles
+// reference machine, csrc/cpu/README.md; the same ratios rank the plans at every level with
+// AVX2 or SSE). So the 24 x 1, 12 x 2 and 6 x 4-vector tiles
 // (25, 14 or 10 loads per 24 FMAs) all run near peak, and the edges decide between them.
 // Packing: op_driver copies A and B into panels (a contiguous copy, ~0.25 per element, A once per
 // NC block); an operand with the wrong unit stride costs `transpose` more per element: ~1 where

@@ -10,8 +10,8 @@
 // them out (common/layout.h): the GEMM writes either layout directly through C's strides.
 //
 // Napkin math, LeNet fc1 (400 -> 120) at batch 256, fp32: each GEMM is 2*256*400*120 = 24.6 MFLOP
-// over 0.4 MB (x) + 0.19 MB (W) + 0.12 MB (y): ~35 FLOP/byte, compute-bound. At ~110 GFLOP/s per
-// core (reference machine: csrc/cpu/README.md) the floor is ~0.11 ms per GEMM on 2 cores, ~0.34 ms
+// over 0.4 MB (x) + 0.19 MB (W) + 0.12 MB (y): ~35 FLOP/byte, compute-bound. At ~240 GFLOP/s per
+// core (reference machine: csrc/cpu/README.md) the floor is ~0.05 ms per GEMM on 2 cores, ~0.15 ms
 // for forward + backward; the bias and its gradient move 0.12 MB each (a few microseconds).
 // Achieved figures: the benchmark suite (python -m benchmarks).
 //
