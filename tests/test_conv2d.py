@@ -51,6 +51,11 @@ def backward(g, x, w, stride=1, padding=0, dilation=1, groups=1, mask=(True, Tru
     (2, 16, 16, 13, 12, 3, 2, 1, 2, 1),     # implicit, stride 2 (phase planes), dilated
     (2, 32, 32, 8, 8, 3, 1, 1, 1, 2),       # implicit, grouped
     (1, 16, 20, 6, 30, 5, 1, 0, 1, 1),      # implicit, wide rows, 20 = a vector + a tail
+    # rows of 512 B multiples (128 floats, 64 doubles): the implicit GEMMs' operands get a spare
+    # line per row (gemm.h's in_place_ld), grouped and strided too
+    (2, 128, 128, 6, 7, 3, 1, 1, 1, 1),
+    (2, 256, 128, 5, 6, 3, 1, 1, 1, 2),
+    (1, 64, 128, 9, 8, 3, 2, 1, 1, 1),
 ])
 def test_shapes(shape, dtype, device):
     n, cin, cout, h, w_, k, s, p, d, g = shape

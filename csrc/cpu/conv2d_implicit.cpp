@@ -161,16 +161,16 @@ std::vector<T>& scratch() {
   return buf;
 }
 
-// The shared body: y = conv(x, w) with w given as W^T per group (wt: groups x K x cout_g, the
-// GEMM's B rows), bias optional.
+// The shared body: y = conv(x, w) with w given as W^T per group (wt: groups x K rows of cout_g,
+// ldw apart: the GEMM's B rows, read in place), bias optional.
 template <typename T>
-void run(const Geometry& g, const T* x, const T* wt, const T* bias, T* y) {
+void run(const Geometry& g, const T* x, const T* wt, int64_t ldw, const T* bias, T* y) {
   const Planes p = make_planes(g);
   const int64_t K = g.taps_per_group(), cin_g = g.in_channels_per_group();
   const int64_t cout_g = g.out_channels_per_group(), P = g.out_pixels();
   const std::vector<int64_t> tap = tap_offsets(g, p);
   std::vector<const T*> b_rows(static_cast<size_t>(g.groups * K));
-  for (int64_t i = 0; i < g.groups * K; ++i) b_rows[i] = wt + i * cout_g;
+  for (int64_t i = 0; i < g.groups * K; ++i) b_rows[i] = wt + i * ldw;
   // Tasks: (image, group, block of output rows), images outermost. A thread fills the planes of
   // the image its tasks are on, in its own one-image buffer, when it reaches it: the planes are
   // fresh in cache, and no batch-sized buffer is allocated (its page faults cost as much as the
@@ -233,13 +233,14 @@ template <typename T>
 void forward_implicit(const Geometry& g, const T* x, const T* w, const T* bias, T* y) {
   const int64_t K = g.taps_per_group(), cout_g = g.out_channels_per_group();
   // W^T per group: wt[grp][k][co] = w[grp * cout_g + co][k].
-  CachedBuffer<T> wt(static_cast<size_t>(g.groups * K * cout_g), /*zero=*/false);
+  const int64_t ldw = in_place_ld<T>(cout_g);
+  CachedBuffer<T> wt(static_cast<size_t>(g.groups * K * ldw), /*zero=*/false);
   parallel_rows(g.groups, K * cout_g, [&](int64_t g0, int64_t g1) {
     for (int64_t grp = g0; grp < g1; ++grp)
-      transpose(cout_g, K, w + grp * cout_g * K, K, wt.data() + grp * K * cout_g, cout_g,
+      transpose(cout_g, K, w + grp * cout_g * K, K, wt.data() + grp * K * ldw, ldw,
                 static_cast<const T*>(nullptr));
   });
-  run<T>(g, x, wt.data(), bias, y);
+  run<T>(g, x, wt.data(), ldw, bias, y);
 }
 
 template <typename T>
@@ -255,17 +256,18 @@ void backward_input_implicit(const Geometry& g, const T* dy, const T* w, T* dx) 
   const int64_t kh = g.kernel_h, kw = g.kernel_w, khw = kh * kw;
   const int64_t K = cout_g * khw;  // the transposed convolution's taps per group
   // Flipping both kernel axes reverses the flattened position: (kh-1-ki, kw-1-kj) = khw-1-j.
-  CachedBuffer<T> wt(static_cast<size_t>(g.groups * K * cin_g), /*zero=*/false);
+  const int64_t ldw = in_place_ld<T>(cin_g);
+  CachedBuffer<T> wt(static_cast<size_t>(g.groups * K * ldw), /*zero=*/false);
   parallel_rows(g.out_channels, cin_g * khw, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {  // r = grp * cout_g + co
       const int64_t grp = r / cout_g, co = r % cout_g;
       const T* src = w + r * cin_g * khw;
-      T* dst = wt.data() + (grp * K + co * khw) * cin_g;
+      T* dst = wt.data() + (grp * K + co * khw) * ldw;
       for (int64_t j = 0; j < khw; ++j)
-        for (int64_t ci = 0; ci < cin_g; ++ci) dst[(khw - 1 - j) * cin_g + ci] = src[ci * khw + j];
+        for (int64_t ci = 0; ci < cin_g; ++ci) dst[(khw - 1 - j) * ldw + ci] = src[ci * khw + j];
     }
   });
-  run<T>(t, dy, wt.data(), nullptr, dx);
+  run<T>(t, dy, wt.data(), ldw, nullptr, dx);
 }
 
 template <typename T>
@@ -284,7 +286,9 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw)
   const int64_t sh = g.stride_h, sw = g.stride_w, khw = g.kernel_pixels();
   const int64_t hs = ceil_div(g.in_h + 2 * g.padding_h, sh);
   const int64_t ws = ceil_div(g.in_w + 2 * g.padding_w, sw);
-  const int64_t phase = hs * ws * cin, image = phase * sh * sw;
+  // Pixel rows of the channels-last copies, read in place by the GEMMs: cinp and coutp apart.
+  const int64_t cinp = in_place_ld<T>(cin), coutp = in_place_ld<T>(cout);
+  const int64_t phase = hs * ws * cinp, image = phase * sh * sw;
   // Tasks: (group, kernel position, block of output channels), each with its own dW^T block in
   // `acc`. Image by image: the image's channels-last copies are made (in parallel), then every
   // task runs on its blocks of ~512 output pixels, reading them from cache; each dW element sums
@@ -303,16 +307,16 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw)
   const int64_t block_rows = std::clamp<int64_t>(512 / g.out_w, 1, g.out_h);
   CachedBuffer<T> acc(static_cast<size_t>(tasks * co_block * cin_g), /*zero=*/false);
   CachedBuffer<T> xt(static_cast<size_t>(image));  // padding: zero once, never written
-  CachedBuffer<T> dyt(static_cast<size_t>(P * cout), /*zero=*/false);
+  CachedBuffer<T> dyt(static_cast<size_t>(P * coutp), /*zero=*/false);
   for (int64_t n = 0; n < g.batch; ++n) {
     parallel_rows(g.in_h, g.in_w * cin, [&](int64_t h0, int64_t h1) {
       std::vector<T> row(static_cast<size_t>(sw > 1 ? g.in_w * cin : 0));
       for (int64_t ih = h0; ih < h1; ++ih) {
         const int64_t r = ih + g.padding_h;
-        T* dst = xt.data() + (r % sh) * sw * phase + (r / sh) * ws * cin;
+        T* dst = xt.data() + (r % sh) * sw * phase + (r / sh) * ws * cinp;
         const T* src = x + n * g.in_image() + ih * g.in_w;
         if (sw == 1) {
-          transpose(cin, g.in_w, src, g.in_pixels(), dst + g.padding_w * cin, cin,
+          transpose(cin, g.in_w, src, g.in_pixels(), dst + g.padding_w * cinp, cinp,
                     static_cast<const T*>(nullptr));
           continue;
         }
@@ -320,14 +324,14 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw)
                   static_cast<const T*>(nullptr));
         for (int64_t iw = 0; iw < g.in_w; ++iw) {
           const int64_t col = iw + g.padding_w;
-          std::memcpy(dst + (col % sw) * phase + (col / sw) * cin, row.data() + iw * cin,
+          std::memcpy(dst + (col % sw) * phase + (col / sw) * cinp, row.data() + iw * cin,
                       static_cast<size_t>(cin) * sizeof(T));
         }
       }
     });
     parallel_rows(ceil_div(P, 16), 16 * cout, [&](int64_t b0, int64_t b1) {
       const int64_t q0 = b0 * 16, q1 = std::min(P, b1 * 16);
-      transpose(cout, q1 - q0, dy + n * g.out_image() + q0, P, dyt.data() + q0 * cout, cout,
+      transpose(cout, q1 - q0, dy + n * g.out_image() + q0, P, dyt.data() + q0 * coutp, coutp,
                 static_cast<const T*>(nullptr));
     });
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
@@ -345,14 +349,14 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw)
           // Padded row oh * sh + rh is row oh + rh / sh of phase rh % sh (columns alike).
           const int64_t rh = ki * g.dilation_h, rw = kj * g.dilation_w;
           const T* xn = xt.data() + ((rh % sh) * sw + rw % sw) * phase +
-                        ((rh / sh) * ws + rw / sw) * cin + grp * cin_g;
+                        ((rh / sh) * ws + rw / sw) * cinp + grp * cin_g;
           int64_t q = 0;
           for (int64_t oh = oh0; oh < oh1; ++oh) {
-            const T* xrow = xn + oh * ws * cin;
-            const T* dyrow = dyt.data() + oh * g.out_w * cout + co0;
+            const T* xrow = xn + oh * ws * cinp;
+            const T* dyrow = dyt.data() + oh * g.out_w * coutp + co0;
             for (int64_t ow = 0; ow < g.out_w; ++ow, ++q) {
-              a[q] = dyrow + ow * cout;
-              b[q] = xrow + ow * cin;
+              a[q] = dyrow + ow * coutp;
+              b[q] = xrow + ow * cinp;
             }
           }
           gemm_indirect<T>(m, cin_g, q, a.data(), b.data(), acc.data() + t * co_block * cin_g,
