@@ -102,9 +102,14 @@ def leaf(*shape, dtype, scale=1.0):
 torch.manual_seed(0)
 for dtype in (torch.float32, torch.float64):
     tol = dict(atol=1e-4) if dtype == torch.float32 else {}
-    # conv2d: im2col (strided, dilated, grouped, padded, 1x1) and batch-innermost (stride 1,
-    # narrow output rows, batch >= 16, with and without padding).
-    for (n, c, h, w, co, k, s, p, d, g) in [(3, 4, 17, 15, 8, 3, 2, 1, 1, 2),
+    # conv2d: im2col (strided, dilated, grouped, padded, 1x1), batch-innermost (stride 1,
+    # narrow output rows, batch >= 16, with and without padding) and the implicit GEMM (16+
+    # output channels: flattened rows, stride 2, rows gathered at 128 channels, which the
+    # widest tiles of every level fill, with 512-byte operand rows).
+    for (n, c, h, w, co, k, s, p, d, g) in [(2, 16, 9, 11, 16, 3, 1, 1, 1, 1),
+                                            (2, 16, 13, 12, 16, 3, 2, 1, 1, 1),
+                                            (1, 128, 6, 7, 128, 3, 1, 1, 1, 1),
+                                            (3, 4, 17, 15, 8, 3, 2, 1, 1, 2),
                                             (2, 3, 9, 21, 6, 3, 1, 2, 2, 3),
                                             (2, 8, 7, 9, 8, 1, 1, 0, 1, 1),
                                             (2, 3, 19, 37, 5, 5, 1, 0, 1, 1),

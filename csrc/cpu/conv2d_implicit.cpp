@@ -13,11 +13,14 @@
 // The padded copy ("planes"): per image and input channel, the input with its zero padding, split
 // into stride_h x stride_w phase planes so that stride > 1 stays contiguous too (output column ow
 // of tap kj reads padded column ow * sw + kj * dw, which is column ow + (kj * dw) / sw of phase
-// (kj * dw) % sw). A plane's rows are `pw` wide, and the GEMM's rows are the flattened pixels
-// oh * pw + ow of a block of output rows: the pw - out_w columns past a row's end are computed
-// too (their taps wrap into the next plane row) and never stored. That keeps a whole block of
-// output rows one GEMM with long columns of tiles (the tiles reuse each W^T panel in L1), for a
-// waste of (pw - out_w) / pw (2 / 30 at 28x28, 3x3, padding 1).
+// (kj * dw) % sw). A plane's rows are `pw` wide, and output pixel (oh, ow) of a block of output
+// rows reads plane offset oh * pw + ow for its taps. The whole block is one GEMM with long
+// columns of tiles (the tiles reuse each W^T panel in L1). Its rows are the block's real output
+// pixels, gathered through their plane offsets (gemm_indirect's a_rows: a tile may straddle two
+// output rows), where the output channels fill its widest tiles; narrower layers take the
+// flattened pixels oh * pw + ow as adjacent rows and compute the pw - out_w columns past each
+// row's end too (their taps wrap into the next plane row), never stored: a waste of
+// (pw - out_w) / pw, 2 / 16 at 14x14, 3x3, padding 1, which gathering saves the wide layers.
 //
 // Napkin math (conv2d 128->128, 3x3, 28x28, batch 8; the reference machine: csrc/cpu/README.md):
 // 1.85 GFLOP. The planes copy the input once (0.8 M elements) and the output is transposed into
@@ -179,6 +182,13 @@ void run(const Geometry& g, const T* x, const T* wt, int64_t ldw, const T* bias,
   const int64_t blocks = ceil_div(g.out_h, rpb);
   const int64_t tasks = g.batch * g.groups * blocks;
   const double work = double(rpb) * p.pw * K * cout_g;
+  // The GEMM's rows: gathered real pixels (plane offsets in `gathered`), or flattened ones;
+  // `pitch` of them per output row.
+  const bool gather = g.out_w < p.pw && cout_g >= 4 * simd_width<T>();
+  const int64_t pitch = gather ? g.out_w : p.pw;
+  std::vector<int64_t> gathered(static_cast<size_t>(gather ? rpb * g.out_w : 0));
+  for (size_t q = 0; q < gathered.size(); ++q)
+    gathered[q] = int64_t(q) / g.out_w * p.pw + int64_t(q) % g.out_w;
   at::parallel_for(0, tasks, grain_for(work), [&](int64_t t0, int64_t t1) {
     std::vector<const T*> a_rows(static_cast<size_t>(K));
     CachedBuffer<T> planes(static_cast<size_t>(p.image), /*zero=*/false);  // fill_planes zeroes
@@ -190,17 +200,17 @@ void run(const Geometry& g, const T* x, const T* wt, int64_t ldw, const T* bias,
         filled = n;
       }
       const int64_t oh0 = blk * rpb, oh1 = std::min(g.out_h, oh0 + rpb);
-      const int64_t m = (oh1 - oh0) * p.pw;  // flattened pixels, the discarded columns included
+      const int64_t m = (oh1 - oh0) * pitch;
       const T* base = planes.data() + grp * cin_g * p.channel + oh0 * p.pw;
       for (int64_t k = 0; k < K; ++k) a_rows[k] = base + tap[k];
       std::vector<T>& yt = scratch<T>();
       if (yt.size() < static_cast<size_t>(m * cout_g)) yt.resize(static_cast<size_t>(m * cout_g));
       gemm_indirect<T>(m, cout_g, K, a_rows.data(), b_rows.data() + grp * K, yt.data(), cout_g, 1,
-                       /*accumulate=*/false);
-      // Y^T block -> NCHW, plus the bias; the discarded columns are skipped.
+                       /*accumulate=*/false, gather ? gathered.data() : nullptr);
+      // Y^T block -> NCHW, plus the bias; flattened rows' discarded columns are skipped.
       T* yg = y + n * g.out_image() + grp * cout_g * P;
       for (int64_t oh = oh0; oh < oh1; ++oh)
-        transpose(g.out_w, cout_g, yt.data() + (oh - oh0) * p.pw * cout_g, cout_g,
+        transpose(g.out_w, cout_g, yt.data() + (oh - oh0) * pitch * cout_g, cout_g,
                   yg + oh * g.out_w, P, bias ? bias + grp * cout_g : nullptr);
     }
   });

@@ -175,12 +175,16 @@ PE_INLINE void op_tile(int64_t kc, const T* __restrict a, int64_t lda, const T* 
   store_tile<Isa, T, MR, NV>(acc, c, rsc, csc, nr, accum);
 }
 
-// The same tile with A and B given per k by pointer tables: A element (i, k) at a[k][ai + i],
-// B element (k, j) at b[k][bj + j] (conv2d's implicit im2col in the batch-innermost layout).
-template <class Isa, typename T, int MR, int NV>
+// The same tile with A and B given per k by pointer tables: A element (i, k) at a[k][ai + i], or
+// at a[k][rows[i]] when kGather (the tile's rows need not be adjacent), B element (k, j) at
+// b[k][bj + j] (conv2d's implicit GEMMs). A gathered row's offset stays in a register: the
+// broadcast reads [a[k] + rows[i] * sizeof(T)], one load as before (tiles of up to 6 rows;
+// the 24-row tile's offsets would not fit the 16 general registers).
+template <class Isa, typename T, int MR, int NV, bool kGather>
 PE_INLINE void op_tile_ind(int64_t kc, const T* const* __restrict a, int64_t ai,
-                           const T* const* __restrict b, int64_t bj, T* __restrict c,
-                           int64_t rsc, int64_t csc, int64_t nr, bool accum) {
+                           const int64_t* __restrict rows, const T* const* __restrict b,
+                           int64_t bj, T* __restrict c, int64_t rsc, int64_t csc, int64_t nr,
+                           bool accum) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   using vec = typename Vec<T, W>::type;
   vec acc[MR][NV];
@@ -188,15 +192,18 @@ PE_INLINE void op_tile_ind(int64_t kc, const T* const* __restrict a, int64_t ai,
   for (int i = 0; i < MR; ++i)
     #pragma GCC unroll 32
     for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
+  int64_t off[MR];
+  #pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) off[i] = kGather ? rows[i] : ai + i;
   for (int64_t k = 0; k < kc; ++k) {
-    const T* ak = a[k] + ai;
+    const T* ak = a[k];
     const T* bk = b[k] + bj;
     vec bv[NV];
     #pragma GCC unroll 32
     for (int v = 0; v < NV; ++v) bv[v] = loadu<T, W>(bk + v * W);
     #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) {
-      const T ai_k = ak[i];
+      const T ai_k = ak[off[i]];
       #pragma GCC unroll 32
       for (int v = 0; v < NV; ++v) acc[i][v] += ai_k * bv[v];
     }
@@ -225,18 +232,21 @@ PE_INLINE void op_rows(int mr, int64_t kc, const T* a, int64_t lda, const T* b, 
   }
 }
 
-template <class Isa, typename T, int NV, int R>
-PE_INLINE void op_rows_ind(int mr, int64_t kc, const T* const* a, int64_t ai, const T* const* b,
-                           int64_t bj, T* c, int64_t rsc, int64_t csc, int64_t nr, bool accum) {
+template <class Isa, typename T, int NV, bool kGather, int R>
+PE_INLINE void op_rows_ind(int mr, int64_t kc, const T* const* a, int64_t ai,
+                           const int64_t* rows, const T* const* b, int64_t bj, T* c, int64_t rsc,
+                           int64_t csc, int64_t nr, bool accum) {
   if constexpr (R >= 1) {
     if (mr >= R) {
-      op_tile_ind<Isa, T, R, NV>(kc, a, ai, b, bj, c, rsc, csc, nr, accum);
+      op_tile_ind<Isa, T, R, NV, kGather>(kc, a, ai, rows, b, bj, c, rsc, csc, nr, accum);
       ai += R;
+      if constexpr (kGather) rows += R;
       c += R * rsc;
       mr -= R;
     }
     if (mr > 0)
-      op_rows_ind<Isa, T, NV, next_ladder(R)>(mr, kc, a, ai, b, bj, c, rsc, csc, nr, accum);
+      op_rows_ind<Isa, T, NV, kGather, next_ladder(R)>(mr, kc, a, ai, rows, b, bj, c, rsc, csc,
+                                                       nr, accum);
   }
 }
 
@@ -502,10 +512,10 @@ void dot_driver(const Problem<T>& p) {
 
 // Outer-product tiles over pointer-table operands. Panels are whole vectors (NR, 2W or W wide,
 // greedily), so B rows are never read past N rounded down to W; the last < W columns go through
-// a zero-padded copy.
+// a zero-padded copy. rows: gemm_indirect's a_rows (null: adjacent rows).
 template <class Isa, typename T, int NV>
-void ind_driver(int64_t M, int64_t N, int64_t K, const T* const* a, const T* const* b, T* C,
-                int64_t rsc, int64_t csc, bool accumulate) {
+void ind_driver(int64_t M, int64_t N, int64_t K, const T* const* a, const int64_t* rows,
+                const T* const* b, T* C, int64_t rsc, int64_t csc, bool accumulate) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   constexpr int MR = mr_of<Isa>(NV);
   thread_local std::vector<T> tail;
@@ -538,12 +548,25 @@ void ind_driver(int64_t M, int64_t N, int64_t K, const T* const* a, const T* con
       for (int64_t i0 = 0; i0 < M; i0 += MR) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, M - i0));
         T* cp = C + i0 * rsc + j * csc;
-        if (nv == 4)
-          Kern<Isa, T>::template ind<4>(mr, kc, a + pc, i0, bp, bj, cp, rsc, csc, nr, accum);
-        else if (nv == 2)
-          Kern<Isa, T>::template ind<2>(mr, kc, a + pc, i0, bp, bj, cp, rsc, csc, nr, accum);
-        else
-          Kern<Isa, T>::template ind<1>(mr, kc, a + pc, i0, bp, bj, cp, rsc, csc, nr, accum);
+        const T* const* ap = a + pc;
+        if (rows) {
+          const int64_t* r = rows + i0;
+          if (nv == 4)
+            Kern<Isa, T>::template ind<4, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, nr, accum);
+          else if (nv == 2)
+            Kern<Isa, T>::template ind<2, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, nr, accum);
+          else
+            Kern<Isa, T>::template ind<1, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, nr, accum);
+        } else if (nv == 4) {
+          Kern<Isa, T>::template ind<4, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, nr,
+                                               accum);
+        } else if (nv == 2) {
+          Kern<Isa, T>::template ind<2, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, nr,
+                                               accum);
+        } else {
+          Kern<Isa, T>::template ind<1, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, nr,
+                                               accum);
+        }
       }
       j += nv == 0 ? rem : nr;
     }
@@ -719,12 +742,14 @@ void run_plan(const Problem<T>& p, Plan plan) {
                                                      int64_t nr, bool accum) {                \
       op_rows<ISA, T, 4, ISA::kMR4>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);          \
     }                                                                                         \
-    template <int NV>                                                                         \
+    template <int NV, bool G>                                                                 \
     TARGET __attribute__((noinline)) static void ind(int mr, int64_t kc, const T* const* a,   \
-                                                     int64_t ai, const T* const* b,           \
-                                                     int64_t bj, T* c, int64_t rsc,           \
-                                                     int64_t csc, int64_t nr, bool accum) {   \
-      op_rows_ind<ISA, T, NV, mr_of<ISA>(NV)>(mr, kc, a, ai, b, bj, c, rsc, csc, nr, accum);  \
+                                                     int64_t ai, const int64_t* rows,         \
+                                                     const T* const* b, int64_t bj, T* c,     \
+                                                     int64_t rsc, int64_t csc, int64_t nr,    \
+                                                     bool accum) {                            \
+      op_rows_ind<ISA, T, NV, G, mr_of<ISA>(NV)>(mr, kc, a, ai, rows, b, bj, c, rsc, csc, nr, \
+                                                 accum);                                      \
     }                                                                                         \
     TARGET __attribute__((noinline)) static void dotseg(int ra, int rb, int64_t nseg,         \
                                                         int64_t len, const T* a, int64_t rsa, \
@@ -917,7 +942,7 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
 
 template <typename T>
 void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* const* b, T* C,
-                   int64_t rsc, int64_t csc, bool accumulate) {
+                   int64_t rsc, int64_t csc, bool accumulate, const int64_t* a_rows) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
@@ -925,12 +950,14 @@ void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* 
         for (int64_t j = 0; j < N; ++j) C[i * rsc + j * csc] = T(0);
     return;
   }
-  // Tile width from the cost model (no packing here), from the shapes only.
+  // Tile width from the cost model (no packing here), from the shapes only; gathered rows take the
+  // widest tiles, whose few rows keep their offsets in registers (op_tile_ind).
   const IsaInfo& isa = backend().info;
   const int w = isa.bytes / static_cast<int>(sizeof(T));
-  int nv = 1;
+  int nv = 4;
   double best = -1;
   for (int v : {4, 2, 1}) {
+    if (a_rows) break;
     const double c = op_cost(isa, w, M, N, K, false, false, csc != 1, v, 0.0, /*in_place=*/true);
     if (best < 0 || c < best) {
       best = c;
@@ -940,11 +967,11 @@ void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* 
   with_isa([&](auto tag) {
     using Isa = decltype(tag);
     if (nv == 4)
-      ind_driver<Isa, T, 4>(M, N, K, a, b, C, rsc, csc, accumulate);
+      ind_driver<Isa, T, 4>(M, N, K, a, a_rows, b, C, rsc, csc, accumulate);
     else if (nv == 2)
-      ind_driver<Isa, T, 2>(M, N, K, a, b, C, rsc, csc, accumulate);
+      ind_driver<Isa, T, 2>(M, N, K, a, a_rows, b, C, rsc, csc, accumulate);
     else
-      ind_driver<Isa, T, 1>(M, N, K, a, b, C, rsc, csc, accumulate);
+      ind_driver<Isa, T, 1>(M, N, K, a, a_rows, b, C, rsc, csc, accumulate);
   });
 }
 
@@ -976,7 +1003,7 @@ int64_t simd_width() {
   template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t,       \
                                  const T*, int64_t, int64_t, T*, int64_t, int64_t, bool);     \
   template void gemm_indirect<T>(int64_t, int64_t, int64_t, const T* const*, const T* const*,  \
-                                 T*, int64_t, int64_t, bool);                                \
+                                 T*, int64_t, int64_t, bool, const int64_t*);                \
   template void gemm_dot_segments<T>(int64_t, int64_t, int64_t, int64_t, const T*, int64_t,     \
                                      int64_t, const T* const*, T*, int64_t, int64_t, bool);   \
   template int64_t simd_width<T>();

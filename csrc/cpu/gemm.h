@@ -53,9 +53,12 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
 // a[k] holds M and b[k] N contiguous elements. conv2d's implicit im2col: with the batch innermost,
 // the rows of a convolution tap are contiguous vectors anywhere in the input, so the table lists
 // them (and can leave out taps that fall in the padding) instead of copying them.
+// a_rows, when not null, gathers A's rows: A element (i, k) is a[k][a_rows[i]] (conv2d's implicit
+// GEMM over output pixels skips the padded input's columns past each output row). Gathered tiles
+// are the widest kind (4 vectors of columns): worth it where N is at least that wide.
 template <typename T>
 void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* const* b, T* C,
-                   int64_t rsc, int64_t csc, bool accumulate);
+                   int64_t rsc, int64_t csc, bool accumulate, const int64_t* a_rows = nullptr);
 
 // Dot products over segments, split over tiles of C with at::parallel_for (by shape only):
 // C[i, j] (+)= sum over s < nseg, t < len of A[i * rsa + s * sa + t] * b[s * N + j][t].
