@@ -56,6 +56,9 @@ def backward(g, x, w, stride=1, padding=0, dilation=1, groups=1, mask=(True, Tru
     (2, 128, 128, 6, 7, 3, 1, 1, 1, 1),
     (2, 256, 128, 5, 6, 3, 1, 1, 1, 2),
     (1, 64, 128, 9, 8, 3, 2, 1, 1, 1),
+    # strided grad_input by stride phases: stride 3, grouped; padding wider than the kernel
+    (2, 32, 12, 11, 10, 3, 3, 2, 1, 2),
+    (1, 16, 8, 12, 9, 3, 2, 4, 1, 1),
 ])
 def test_shapes(shape, dtype, device):
     n, cin, cout, h, w_, k, s, p, d, g = shape

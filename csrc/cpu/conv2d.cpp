@@ -12,8 +12,9 @@
 //    through pointer tables and no im2col is needed.
 // 3. Implicit GEMM (conv2d_implicit.cpp) for 16 or more output channels per group (the layers
 //    of real CNNs): the output channels are the GEMM's vector dimension and a zero-padded copy of
-//    the input is read in place; forward, grad_input at stride 1 (a convolution of dY with the
-//    flipped weight) and grad_weight (channels-last GEMMs, one per kernel position). On the
+//    the input is read in place; forward, grad_input (a convolution of dY with the flipped
+//    weight; by stride phases where strided) and grad_weight (channels-last GEMMs, one per
+//    kernel position). On the
 //    suite's 3x3 convolutions it reaches 53-80% of the fp32 peak where im2col reached 31-45%
 //    (benchmarks/results).
 // 4. Direct (conv2d_direct.cpp), forward and grad_weight (with grad_bias), for stride 1 and

@@ -48,7 +48,8 @@ void backward_batch_inner(const Geometry& g, const T* dy, const T* x, const T* w
                           T* db);
 
 // Implicit GEMM over a zero-padded copy of the input, no im2col, for layers with 16 or more
-// output channels per group (conv2d_implicit.cpp); grad_input too where the stride is 1.
+// output channels per group (conv2d_implicit.cpp); grad_input for 16 or more input channels per
+// group (by stride phases where strided).
 bool implicit_fits(const Geometry& g);
 bool implicit_fits_backward_input(const Geometry& g);
 bool implicit_fits_backward_weight(const Geometry& g);

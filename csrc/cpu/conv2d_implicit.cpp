@@ -29,7 +29,9 @@
 // pixel (8.3 M elements) and packed it again for the GEMM.
 //
 // grad_input of a stride-1 convolution is the same operation (backward_input_implicit): a
-// convolution of grad_output, padded by (k - 1) * d - p, with the flipped, transposed weight.
+// convolution of grad_output, padded by (k - 1) * d - p, with the flipped, transposed weight. A
+// strided one splits into one such stride-1 convolution per stride phase of dX
+// (backward_input_phases).
 // grad_weight (backward_weight_implicit) is a GEMM per kernel position over channels-last copies
 // of the input and dY, summed over the real output pixels only.
 //
@@ -216,21 +218,163 @@ void run(const Geometry& g, const T* x, const T* wt, int64_t ldw, const T* bias,
   });
 }
 
+
+// grad_input of a strided convolution, by stride phases. Padded input row r = ih + padding_h
+// receives dY[oh] W[ki] wherever oh * sh + ki * dh = r: writing r = u * sh + a (a, the row
+// phase), the taps are the ki with ki * dh = q * sh + a, and each reads dY row u - q. So every
+// phase (a, b) of dX is a stride-1 correlation of dY with that phase's taps (none for some
+// phases: zeros), run on the same gathered tiles as the forward: its GEMM rows are the phase's
+// dX pixels (u, v), its k the (co, ki, kj) of the phase's taps, its columns the input channels
+// of a group. dY goes into zero-padded planes, qh_max rows above and qw_max columns to the left
+// (q's largest values), so that tap (ki, kj) reads plane offset (u + qh_max - qi) * pw + v +
+// qw_max - qj. A block's result (pixels x channels) is transposed, then its rows scattered with
+// the stride into dX. im2col instead formed every tap of every output pixel (K x P per image),
+// a GEMM over it, and summed it back into dX tap by tap.
+template <typename T>
+void backward_input_phases(const Geometry& g, const T* dy, const T* w, T* dx) {
+  const int64_t sh = g.stride_h, sw = g.stride_w, dh = g.dilation_h, dw = g.dilation_w;
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t khw = g.kernel_pixels();
+  const int64_t qh_max = (g.kernel_h - 1) * dh / sh, qw_max = (g.kernel_w - 1) * dw / sw;
+  // Phase (a, b): its taps and the range of (u, v) that lands in dX.
+  struct Phase {
+    int64_t a, b, u0, rows, v0, cols;
+    std::vector<int64_t> ki, kj;  // taps in k order, with ki / kj outermost / innermost
+  };
+  std::vector<Phase> phases;
+  int64_t ph = qh_max + g.out_h, pw = qw_max + g.out_w;  // dY planes: rows, columns
+  for (int64_t a = 0; a < sh; ++a)
+    for (int64_t b = 0; b < sw; ++b) {
+      Phase f{a, b, 0, 0, 0, 0, {}, {}};
+      // Padded rows u * sh + a in [padding_h, padding_h + in_h).
+      f.u0 = a >= g.padding_h ? 0 : ceil_div(g.padding_h - a, sh);
+      const int64_t u1 = g.padding_h + g.in_h - 1 - a < 0 ? -1 : (g.padding_h + g.in_h - 1 - a) / sh;
+      f.v0 = b >= g.padding_w ? 0 : ceil_div(g.padding_w - b, sw);
+      const int64_t v1 = g.padding_w + g.in_w - 1 - b < 0 ? -1 : (g.padding_w + g.in_w - 1 - b) / sw;
+      f.rows = std::max<int64_t>(0, u1 - f.u0 + 1);
+      f.cols = std::max<int64_t>(0, v1 - f.v0 + 1);
+      for (int64_t i = 0; i < g.kernel_h; ++i)
+        for (int64_t j = 0; j < g.kernel_w; ++j)
+          if ((i * dh) % sh == a && (j * dw) % sw == b) {
+            f.ki.push_back(i);
+            f.kj.push_back(j);
+          }
+      if (f.rows == 0 || f.cols == 0) continue;
+      ph = std::max(ph, u1 + qh_max + 1);
+      pw = std::max(pw, v1 + qw_max + 1);
+      phases.push_back(std::move(f));
+    }
+  const int64_t plane = ph * pw, image = plane * g.out_channels;
+  // A phase with no taps leaves its dX pixels zero: zero dX first where one exists.
+  for (const Phase& f : phases)
+    if (f.ki.empty()) {
+      std::fill(dx, dx + g.batch * g.in_image(), T(0));
+      break;
+    }
+  // B rows per (group, phase): W'^T[(co, tap)][ci] = w[grp * cout_g + co][ci][ki][kj], ldb apart.
+  const int64_t ldb = in_place_ld<T>(cin_g);
+  std::vector<int64_t> b_start(phases.size() + 1, 0);  // row offsets of the phases in a group
+  for (size_t f = 0; f < phases.size(); ++f)
+    b_start[f + 1] = b_start[f] + cout_g * int64_t(phases[f].ki.size());
+  const int64_t group_rows = b_start.back();
+  CachedBuffer<T> wt(static_cast<size_t>(std::max<int64_t>(1, g.groups * group_rows * ldb)),
+                     /*zero=*/false);
+  parallel_rows(g.out_channels, cin_g * khw, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {  // r = grp * cout_g + co
+      const int64_t grp = r / cout_g, co = r % cout_g;
+      const T* src = w + r * cin_g * khw;
+      for (size_t f = 0; f < phases.size(); ++f) {
+        const int64_t taps = int64_t(phases[f].ki.size());
+        T* dst = wt.data() + (grp * group_rows + b_start[f] + co * taps) * ldb;
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t pos = phases[f].ki[t] * g.kernel_w + phases[f].kj[t];
+          for (int64_t ci = 0; ci < cin_g; ++ci) dst[t * ldb + ci] = src[ci * khw + pos];
+        }
+      }
+    }
+  });
+  // Tasks: (image, group, phase, block of ~512 dX pixels), images outermost; a thread fills the
+  // dY planes of the image it is on (as run() does).
+  std::vector<int64_t> blocks(phases.size()), first_task(phases.size() + 1, 0);
+  for (size_t f = 0; f < phases.size(); ++f) {
+    blocks[f] = phases[f].ki.empty() ? 0 : ceil_div(phases[f].rows,
+                                                    std::clamp<int64_t>(512 / phases[f].cols, 1,
+                                                                        phases[f].rows));
+    first_task[f + 1] = first_task[f] + blocks[f];
+  }
+  const int64_t per_group = first_task.back(), tasks = g.batch * g.groups * per_group;
+  if (tasks == 0) return;
+  const double work = 512.0 * cout_g * 4 * cin_g;
+  at::parallel_for(0, tasks, grain_for(work), [&](int64_t t0, int64_t t1) {
+    CachedBuffer<T> planes(static_cast<size_t>(image));
+    int64_t filled = -1;
+    std::vector<const T*> a_rows, b_rows;
+    std::vector<int64_t> gathered;
+    std::vector<T> c, ct;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / (g.groups * per_group), grp = (t / per_group) % g.groups;
+      const int64_t local = t % per_group;
+      const size_t fi = static_cast<size_t>(
+          std::upper_bound(first_task.begin(), first_task.end(), local) - first_task.begin() - 1);
+      const Phase& f = phases[fi];
+      if (n != filled) {  // dY of image n into the planes' interior; the borders stay zero
+        const T* src = dy + n * g.out_image();
+        for (int64_t co = 0; co < g.out_channels; ++co)
+          for (int64_t oh = 0; oh < g.out_h; ++oh)
+            std::memcpy(planes.data() + co * plane + (oh + qh_max) * pw + qw_max,
+                        src + (co * g.out_h + oh) * g.out_w, g.out_w * sizeof(T));
+        filled = n;
+      }
+      const int64_t rpb = std::clamp<int64_t>(512 / f.cols, 1, f.rows);
+      const int64_t blk = local - first_task[fi];
+      const int64_t u_begin = f.u0 + blk * rpb, u_end = std::min(f.u0 + f.rows, u_begin + rpb);
+      const int64_t m = (u_end - u_begin) * f.cols, taps = int64_t(f.ki.size());
+      const int64_t K = cout_g * taps;
+      a_rows.resize(static_cast<size_t>(K));
+      b_rows.resize(static_cast<size_t>(K));
+      const T* base = planes.data() + grp * cout_g * plane + (u_begin + qh_max) * pw + f.v0 + qw_max;
+      const T* wb = wt.data() + (grp * group_rows + b_start[fi]) * ldb;
+      for (int64_t co = 0, k = 0; co < cout_g; ++co)
+        for (int64_t tp = 0; tp < taps; ++tp, ++k) {
+          const int64_t qi = f.ki[tp] * dh / sh, qj = f.kj[tp] * dw / sw;
+          a_rows[k] = base + co * plane - qi * pw - qj;
+          b_rows[k] = wb + k * ldb;
+        }
+      gathered.resize(static_cast<size_t>(m));
+      for (int64_t q = 0; q < m; ++q) gathered[q] = q / f.cols * pw + q % f.cols;
+      if (c.size() < static_cast<size_t>(m * cin_g)) c.resize(static_cast<size_t>(m * cin_g));
+      if (ct.size() < static_cast<size_t>(m * cin_g)) ct.resize(static_cast<size_t>(m * cin_g));
+      gemm_indirect<T>(m, cin_g, K, a_rows.data(), b_rows.data(), c.data(), cin_g, 1,
+                       /*accumulate=*/false, gathered.data());
+      // (pixels x channels) -> (channels x pixels), then each row into dX every sw columns.
+      transpose(m, cin_g, c.data(), cin_g, ct.data(), m, static_cast<const T*>(nullptr));
+      for (int64_t ci = 0; ci < cin_g; ++ci) {
+        T* dxc = dx + n * g.in_image() + (grp * cin_g + ci) * g.in_pixels();
+        for (int64_t u = u_begin; u < u_end; ++u) {
+          const T* row = ct.data() + ci * m + (u - u_begin) * f.cols;
+          T* out = dxc + (u * sh + f.a - g.padding_h) * g.in_w + f.v0 * sw + f.b - g.padding_w;
+          for (int64_t v = 0; v < f.cols; ++v) out[v * sw] = row[v];
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 bool implicit_fits(const Geometry& g) {
   // Output-channel panels of a whole vector or more: below that the tiles would be mostly
   // padding (LeNet's 6-channel conv1 stays on im2col). A padding wider than the dilated kernel
-  // (possible, if odd) has no stride-1 transposed form for grad_input; forward runs anyway.
+  // (possible, if odd) has no stride-1 transposed form for grad_input (the stride phases handle
+  // it; implicit_fits_backward_input); forward runs anyway.
   return g.out_channels_per_group() >= 16 && g.out_w >= 4;
 }
 
 bool implicit_fits_backward_input(const Geometry& g) {
-  return implicit_fits(Geometry{g.batched, g.batch, g.out_channels, g.out_h, g.out_w,
-                                g.in_channels, g.in_h, g.in_w, g.kernel_h, g.kernel_w, 1, 1,
-                                0, 0, g.dilation_h, g.dilation_w, g.groups}) &&
-         g.stride_h == 1 && g.stride_w == 1 &&
-         g.padding_h <= (g.kernel_h - 1) * g.dilation_h &&
+  // The vector dimension is the input channels of a group, as for the forward's output channels.
+  if (g.in_channels_per_group() < 16) return false;
+  if (g.stride_h > 1 || g.stride_w > 1) return g.in_w >= 2 * g.stride_w;  // by phases
+  return g.in_w >= 4 && g.padding_h <= (g.kernel_h - 1) * g.dilation_h &&
          g.padding_w <= (g.kernel_w - 1) * g.dilation_w;
 }
 
@@ -255,6 +399,10 @@ void forward_implicit(const Geometry& g, const T* x, const T* w, const T* bias, 
 
 template <typename T>
 void backward_input_implicit(const Geometry& g, const T* dy, const T* w, T* dx) {
+  if (g.stride_h > 1 || g.stride_w > 1) {
+    backward_input_phases<T>(g, dy, w, dx);
+    return;
+  }
   // dX = conv(dY, W'), stride 1, padding (k - 1) * d - p, W'[ci][co][ki][kj] =
   // W[co][ci][kh - 1 - ki][kw - 1 - kj] per group; its GEMM's B rows are W'^T[(co, ki, kj)][ci].
   const Geometry t{g.batched, g.batch, g.out_channels, g.out_h, g.out_w,
