@@ -86,11 +86,12 @@ int64_t tap_offset(const Geometry& g, const Planes& p, int64_t ci, int64_t ki, i
   return ci * p.channel + phase * p.plane + (rh / g.stride_h) * p.pw + rw / g.stride_w;
 }
 
-// planes of image n: every element, padding and the extra rows zero.
+// planes of image n: its input elements, always the same positions; the padding and the extra
+// rows are never written (run() zeroes the buffer once).
 template <typename T>
 void fill_planes(const Geometry& g, const Planes& p, const T* x, T* planes) {
   const int64_t sh = g.stride_h, sw = g.stride_w;
-  std::fill(planes, planes + p.image, T(0));
+  static const bool avx512 = isa_for(Family::Conv2d) == Isa::Avx512;
   for (int64_t c = 0; c < g.in_channels; ++c) {
     const T* src = x + c * g.in_pixels();
     T* dst = planes + c * p.channel;
@@ -106,6 +107,10 @@ void fill_planes(const Geometry& g, const Planes& p, const T* x, T* planes) {
         const int64_t j1 = g.in_w - 1 - off < 0 ? 0 : (g.in_w - 1 - off) / sw + 1;
         if (sw == 1) {
           if (j1 > j0) std::memcpy(drow + j0, srow + j0 + off, (j1 - j0) * sizeof(T));
+        } else if (std::is_same_v<T, float> && sw == 2 && avx512) {
+          if (j1 > j0)
+            copy_even(reinterpret_cast<const float*>(srow + j0 * 2 + off), j1 - j0,
+                      reinterpret_cast<float*>(drow + j0));
         } else {
           for (int64_t j = j0; j < j1; ++j) drow[j] = srow[j * sw + off];
         }
@@ -193,7 +198,8 @@ void run(const Geometry& g, const T* x, const T* wt, int64_t ldw, const T* bias,
     gathered[q] = int64_t(q) / g.out_w * p.pw + int64_t(q) % g.out_w;
   at::parallel_for(0, tasks, grain_for(work), [&](int64_t t0, int64_t t1) {
     std::vector<const T*> a_rows(static_cast<size_t>(K));
-    CachedBuffer<T> planes(static_cast<size_t>(p.image), /*zero=*/false);  // fill_planes zeroes
+    // Zeroed once: fill_planes writes the same elements for every image, the padding never.
+    CachedBuffer<T> planes(static_cast<size_t>(p.image));
     int64_t filled = -1;  // the image in `planes`
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t blk = t % blocks, grp = (t / blocks) % g.groups, n = t / (blocks * g.groups);
