@@ -297,8 +297,9 @@ class FusedReference(TorchReference):
       with integer values and a float bias: tests/test_fuzz.py has one). Where
       pyengine's index (from the operator called directly) differs from torch's, lies in the
       window and points at a value that differs from torch's maximum by no more than the
-      forward tolerance, and not at all (an exact tie follows torch: the first), the gradient
-      follows pyengine's choice.
+      forward tolerance, the gradient follows pyengine's choice. An exact tie in torch's values
+      follows torch (the first), unless pyengine's own convolution (pyengine's conv2d on the
+      same arguments) broke it: its value at pyengine's index above its value at torch's.
     * a maximum within rounding of 0 (not 0 itself): relu passes its gradient where pyengine's
       result is > 0.
 
@@ -307,7 +308,7 @@ class FusedReference(TorchReference):
 
     def __init__(self, case, args, kwargs):
         self.args, self.kwargs = args, kwargs
-        self.case, self.index_mask, self.ours = case, None, None
+        self.case, self.index_mask, self.ours, self.our_conv = case, None, None, None
         self.pool = {k[len("pool_"):]: v for k, v in kwargs.items() if k.startswith("pool_")}
         conv_kwargs = {k: kwargs[k] for k in ("stride", "padding", "dilation", "groups")}
         with reference_settings():
@@ -322,8 +323,11 @@ class FusedReference(TorchReference):
             *self.conv.shape[-2:]).expand(self.indices.shape)
 
     def see_ours(self, case, args, kwargs):
-        result, indices = fused_operator_call(case, args, kwargs)[3]
+        op_args, x, _, (result, indices) = fused_operator_call(case, args, kwargs)
         self.ours = result.cpu(), indices.cpu()
+        with torch.no_grad():
+            self.our_conv = P.conv2d(x, args[1].detach(), None if args[2] is None else
+                                     args[2].detach(), *op_args[:4]).cpu()
 
     def _in_window(self, indices):
         """Whether each flat index names an element of its window (dilation taps included)."""
@@ -338,10 +342,11 @@ class FusedReference(TorchReference):
                 (offset // d < geometry["kernel_size"][axis])
         return inside
 
-    def _pooled(self, indices):
-        """The convolution's element at each window's flat index (clamped into the plane: a
-        window without input elements is masked out by the caller), differentiable."""
-        flat = self.conv.flatten(-2)
+    def _pooled(self, indices, conv=None):
+        """The convolution's (torch's, or `conv`) element at each window's flat index (clamped
+        into the plane: a window without input elements is masked out by the caller),
+        differentiable."""
+        flat = (self.conv if conv is None else conv).flatten(-2)
         at = indices.clamp(0, max(flat.shape[-1] - 1, 0)).flatten(-2)
         return flat.gather(-1, at).view(indices.shape)
 
@@ -356,6 +361,9 @@ class FusedReference(TorchReference):
                 mine = self._pooled(ours)
                 near_tie = (ours != indices) & self._in_window(ours) & (mine != self.maxima) & \
                     ((mine - self.maxima).abs() <= tol["atol"] + tol["rtol"] * self.maxima.abs())
+                broken_tie = (ours != indices) & self._in_window(ours) & (mine == self.maxima) & \
+                    (self._pooled(ours, self.our_conv) > self._pooled(indices, self.our_conv))
+                near_tie |= broken_tie
                 indices = torch.where(near_tie & self.with_input, ours, indices)
                 chosen = self._pooled(indices)
                 near_zero = (chosen != 0) & (chosen.abs() <= tol["atol"])
