@@ -243,7 +243,9 @@ void forward_batch_inner(const Geometry& g, const T* x, const T* w, const T* bia
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t vw = cpu::simd_width<T>();
   const int64_t f_in = g.in_image(), f_out = g.out_image(), hw = g.in_pixels();
-  const int64_t chunk = std::min(g.batch, kInnerBatch), ld = round_up(chunk, vw);
+  // ld: a batch vector per pixel, off 512-byte multiples (gemm.h in_place_ld: 256 floats per
+  // pixel put a tap panel in a quarter of L1's sets).
+  const int64_t chunk = std::min(g.batch, kInnerBatch), ld = in_place_ld<T>(round_up(chunk, vw));
   cpu::CachedBuffer<T> xt(static_cast<size_t>(f_in * ld)), yt(static_cast<size_t>(f_out * ld));
   // W^T per group: wt[grp][k][co], so a tap's weights are a contiguous column of M = C_out/g.
   std::vector<T> wt(static_cast<size_t>(g.out_channels * K));
@@ -289,7 +291,9 @@ void backward_batch_inner(const Geometry& g, const T* dy, const T* x, const T* w
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t vw = cpu::simd_width<T>();
   const int64_t f_in = g.in_image(), f_out = g.out_image(), hw = g.in_pixels();
-  const int64_t chunk = std::min(g.batch, kInnerBatch), ld = round_up(chunk, vw);
+  // ld: a batch vector per pixel, off 512-byte multiples (gemm.h in_place_ld: 256 floats per
+  // pixel put a tap panel in a quarter of L1's sets).
+  const int64_t chunk = std::min(g.batch, kInnerBatch), ld = in_place_ld<T>(round_up(chunk, vw));
   const int64_t khw = g.kernel_pixels();
   cpu::CachedBuffer<T> dyt(static_cast<size_t>(f_out * ld));
   cpu::CachedBuffer<T> xt(dw ? static_cast<size_t>(f_in * ld) : 0);
