@@ -48,12 +48,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/layout.h"
 #include "cpu/conv2d.h"
 #include "cpu/isa.h"
+#include "cpu/kernels.h"
 
 namespace pyengine {
 namespace cpu {
@@ -222,6 +224,30 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_contiguous(const conv2d::Geom
                                     w.const_data_ptr<T>(), dx, dw, db);
   });
   return {grad_input, grad_weight, grad_bias};
+}
+
+bool conv2d_weight_grad_is_direct(const conv2d::Geometry& g) {
+  // The choice conv2d_backward_contiguous makes for grad_weight, in its order.
+  return g.batch > 0 && !use_batch_inner(g) &&
+         (pointwise(g) || !cpu::conv2d::implicit_fits_backward_weight(g)) &&
+         cpu::conv2d::direct_fits_backward_weight(g);
+}
+
+std::tuple<Tensor, Tensor> conv2d_weight_grads_direct(const conv2d::Geometry& g, const Tensor& x,
+                                                      const Tensor& w, bool bias,
+                                                      const Conv2dDyImage& dy_of) {
+  TORCH_INTERNAL_ASSERT(conv2d_weight_grad_is_direct(g));
+  Tensor grad_weight = empty_of(w.sizes(), x.options()), grad_bias;
+  if (bias) grad_bias = empty_of(at::IntArrayRef{g.out_channels}, x.options());
+  dispatch_floating(x.scalar_type(), "conv2d_backward", [&](auto tag) {
+    using T = decltype(tag);
+    const cpu::conv2d::DyImage<T> typed = [&](int64_t n, T* image) { dy_of(n, image); };
+    cpu::conv2d::backward_weight_direct<T>(g, nullptr, x.const_data_ptr<T>(),
+                                           grad_weight.mutable_data_ptr<T>(),
+                                           bias ? grad_bias.mutable_data_ptr<T>() : nullptr,
+                                           &typed);
+  });
+  return {grad_weight, grad_bias};
 }
 
 }  // namespace cpu

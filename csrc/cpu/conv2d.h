@@ -9,6 +9,7 @@
 // The geometry has batch >= 1 and non-empty sizes otherwise (conv2d.cpp handles empty ones).
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 
 #include "common/geometry.h"
 
@@ -30,10 +31,15 @@ bool direct_fits(const Geometry& g);
 template <typename T>
 void forward_direct(const Geometry& g, const T* x, const T* w, const T* bias, T* y);
 // grad_weight (and grad_bias, db may be null) of the same layers, accumulated in registers from
-// the zero-padded input and dY (conv2d_direct.cpp).
+// the zero-padded input and dY (conv2d_direct.cpp). dy_of, when given, writes image n's dY
+// (out_channels x out_h x out_w) into a scratch image instead of dy being read (dy unused): a
+// fused operator's gradient, made image by image in cache and never stored whole.
 bool direct_fits_backward_weight(const Geometry& g);
 template <typename T>
-void backward_weight_direct(const Geometry& g, const T* dy, const T* x, T* dw, T* db);
+using DyImage = std::function<void(int64_t n, T* dy_image)>;
+template <typename T>
+void backward_weight_direct(const Geometry& g, const T* dy, const T* x, T* dw, T* db,
+                            const DyImage<T>* dy_of = nullptr);
 
 // grad_input of a 1x1, stride-1, unpadded convolution: a GEMM per image (conv2d_im2col.cpp).
 template <typename T>

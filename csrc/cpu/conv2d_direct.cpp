@@ -261,7 +261,8 @@ bool direct_fits_backward_weight(const Geometry& g) {
 }
 
 template <typename T>
-void backward_weight_direct(const Geometry& g, const T* dy, const T* x, T* dw, T* db) {
+void backward_weight_direct(const Geometry& g, const T* dy, const T* x, T* dw, T* db,
+                            const DyImage<T>* dy_of) {
   constexpr int64_t V = 64 / sizeof(T);
   const Padded pd = make_padded(g);
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
@@ -282,8 +283,10 @@ void backward_weight_direct(const Geometry& g, const T* dy, const T* x, T* dw, T
   at::parallel_for(0, chunks, work >= 65536.0 ? 1 : chunks, [&](int64_t c0, int64_t c1) {
     CachedBuffer<T> planes(static_cast<size_t>(cin_g * pd.plane));  // zero: the padding
     CachedBuffer<T> dyp(static_cast<size_t>(blocks * kCo * OH * dy_ld));  // zero: the padding
+    CachedBuffer<T> made(static_cast<size_t>(dy_of ? g.out_image() : 0), /*zero=*/false);
     for (int64_t chunk = c0; chunk < c1; ++chunk)
-      for (int64_t n = chunk * per; n < std::min(g.batch, (chunk + 1) * per); ++n)
+      for (int64_t n = chunk * per; n < std::min(g.batch, (chunk + 1) * per); ++n) {
+        if (dy_of) (*dy_of)(n, made.data());
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           const T* xg = x + n * g.in_image() + grp * cin_g * g.in_pixels();
           for (int64_t ci = 0; ci < cin_g; ++ci)
@@ -291,7 +294,7 @@ void backward_weight_direct(const Geometry& g, const T* dy, const T* x, T* dw, T
               std::memcpy(planes.data() + ci * pd.plane + (ih + g.padding_h) * pd.wpp +
                               g.padding_w,
                           xg + ci * g.in_pixels() + ih * g.in_w, sizeof(T) * g.in_w);
-          const T* dyg = dy + n * g.out_image() + grp * cout_g * P;
+          const T* dyg = (dy_of ? made.data() : dy + n * g.out_image()) + grp * cout_g * P;
           for (int64_t co = 0; co < cout_g; ++co)
             for (int64_t oh = 0; oh < OH; ++oh)
               std::memcpy(dyp.data() + (co * OH + oh) * dy_ld, dyg + co * P + oh * OW,
@@ -299,6 +302,7 @@ void backward_weight_direct(const Geometry& g, const T* dy, const T* x, T* dw, T
           T* acc = partial.data() + chunk * per_chunk + grp * per_group;
           weight_image(g, planes.data(), dyp.data(), dy_ld, acc, db ? acc + wacc : nullptr);
         }
+      }
   });
   // Sum the chunks' vectors in order, then each vector's lanes in a fixed tree.
   auto reduce = [&](int64_t offset) {
@@ -331,9 +335,9 @@ template void forward_direct<float>(const Geometry&, const float*, const float*,
 template void forward_direct<double>(const Geometry&, const double*, const double*,
                                      const double*, double*);
 template void backward_weight_direct<float>(const Geometry&, const float*, const float*, float*,
-                                            float*);
+                                            float*, const DyImage<float>*);
 template void backward_weight_direct<double>(const Geometry&, const double*, const double*,
-                                             double*, double*);
+                                             double*, double*, const DyImage<double>*);
 
 }  // namespace conv2d
 }  // namespace cpu

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <array>
+#include <functional>
 #include <tuple>
 
 #include "common/geometry.h"
@@ -20,6 +21,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_contiguous(
     const Conv2dGeometry<int64_t>& g, const at::Tensor& dy, const at::Tensor& x,
     const at::Tensor& w, std::array<bool, 3> mask);
 
+// Whether conv2d_backward_contiguous takes grad_weight (and with it grad_bias) from the direct
+// kernel for g (LeNet's conv1), which can take its dY image by image: conv2d_weight_grads_direct.
+bool conv2d_weight_grad_is_direct(const Conv2dGeometry<int64_t>& g);
+// grad_weight and grad_bias (if asked; else undefined) of that kernel, bitwise
+// conv2d_backward_contiguous's, with image n's dY written by dy_of(n, image) into a contiguous
+// out_channels x out_h x out_w scratch of x's dtype (called from several threads at once).
+using Conv2dDyImage = std::function<void(int64_t n, void* dy_image)>;
+std::tuple<at::Tensor, at::Tensor> conv2d_weight_grads_direct(const Conv2dGeometry<int64_t>& g,
+                                                              const at::Tensor& x,
+                                                              const at::Tensor& w, bool bias,
+                                                              const Conv2dDyImage& dy_of);
+
 // max_pool2d_with_indices into preallocated contiguous output and indices (cpu/pool.cpp).
 void max_pool2d_forward_contiguous(const Pool2dGeometry<int64_t>& g, const at::Tensor& x,
                                    at::Tensor& output, at::Tensor& indices);
@@ -29,6 +42,13 @@ at::Tensor max_pool2d_backward_contiguous(const Pool2dGeometry<int64_t>& g,
                                           const at::Tensor& grad_output,
                                           const at::Tensor& indices, at::IntArrayRef input_sizes,
                                           const char* op, const char* plane);
+
+// The same for `planes` contiguous planes, single-threaded, on raw pointers: false at an index
+// outside its plane (grad_input then partly written), where max_pool2d_backward_contiguous
+// would raise.
+template <typename T>
+bool max_pool2d_backward_planes(const Pool2dGeometry<int64_t>& g, const T* grad_output,
+                                const int64_t* indices, T* grad_input, int64_t planes);
 
 }  // namespace cpu
 }  // namespace pyengine

@@ -604,6 +604,24 @@ PlaneGatherFn<T> pick_gather(const Geometry& g) {
 
 // grad_input of contiguous grad_output and indices (see above); `op` names the operator in the
 // error for an index outside its plane.
+// grad_input of planes [0, planes) (contiguous, each from grad_output's and indices' plane):
+// -1, or the flat position in indices of the first index outside its plane (that plane and the
+// ones after it left unwritten).
+template <typename T>
+int64_t unpool_planes(const Geometry& g, const PlaneGatherFn<T> gather, const EmptyWindows& skip,
+                      const T* go, const int64_t* idx, T* gi, int64_t planes) {
+  const int64_t plane_in = g.in_pixels(), plane_out = g.out_pixels();
+  for (int64_t p = 0; p < planes; ++p) {
+    T* dst = gi + p * plane_in;
+    const T* src = go + p * plane_out;
+    const int64_t* at_ = idx + p * plane_out;
+    if (gather && gather(src, at_, dst, g)) continue;
+    const int64_t o = unpool_plane_scatter(src, at_, dst, plane_in, plane_out, skip, g.out_w);
+    if (o >= 0) return p * plane_out + o;
+  }
+  return -1;
+}
+
 Tensor max_pool2d_backward_impl(const Geometry& g, const Tensor& go, const Tensor& ix,
                                 at::IntArrayRef input_sizes, const char* op, const char* plane) {
   Tensor grad_input = empty_of(input_sizes, go.options());
@@ -620,18 +638,13 @@ Tensor max_pool2d_backward_impl(const Geometry& g, const Tensor& go, const Tenso
     const PlaneGatherFn<T> gather = pick_gather<T>(g);
     const EmptyWindows skip(g);
     at::parallel_for(0, g.planes(), grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        T* dst = gi + p * plane_in;
-        const T* src = pg + p * plane_out;
-        const int64_t* at_ = pi + p * plane_out;
-        if (gather && gather(src, at_, dst, g)) continue;
-        const int64_t o = unpool_plane_scatter(src, at_, dst, plane_in, plane_out, skip, g.out_w);
-        if (o >= 0) {
-          int64_t seen = first_bad.load();
-          const int64_t bad = p * plane_out + o;
-          while (bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
-          }
-          return;
+      const int64_t o = unpool_planes<T>(g, gather, skip, pg + begin * plane_out,
+                                         pi + begin * plane_out, gi + begin * plane_in,
+                                         end - begin);
+      if (o >= 0) {
+        int64_t seen = first_bad.load();
+        const int64_t bad = begin * plane_out + o;
+        while (bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
         }
       }
     });
@@ -675,6 +688,17 @@ Tensor max_pool2d_backward_contiguous(const Pool2dGeometry<int64_t>& g, const Te
                                       const char* op, const char* plane) {
   return max_pool2d_backward_impl(g, grad_output, indices, input_sizes, op, plane);
 }
+
+template <typename T>
+bool max_pool2d_backward_planes(const Pool2dGeometry<int64_t>& g, const T* grad_output,
+                                const int64_t* indices, T* grad_input, int64_t planes) {
+  return unpool_planes<T>(g, pick_gather<T>(g), EmptyWindows(g), grad_output, indices,
+                          grad_input, planes) < 0;
+}
+template bool max_pool2d_backward_planes<float>(const Pool2dGeometry<int64_t>&, const float*,
+                                                const int64_t*, float*, int64_t);
+template bool max_pool2d_backward_planes<double>(const Pool2dGeometry<int64_t>&, const double*,
+                                                 const int64_t*, double*, int64_t);
 
 }  // namespace cpu
 

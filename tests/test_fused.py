@@ -1,0 +1,68 @@
+"""conv2d_relu_max_pool2d's backward when no grad_input is wanted (a network's first layer, as
+LeNet's conv1): where grad_weight comes from the direct kernel, the CPU makes each image's
+convolution gradient where that kernel reads it instead of a batch-sized gradient image. The
+gradients must be bit for bit those of the general path (grad_input wanted too) and torch's
+within float tolerance; a bad index still raises, naming it. (The samples, the fuzz lane and
+the models' tests cover the operator at large.)"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import helpers
+import pyengine  # noqa: F401  (registers the operators)
+
+P = torch.ops.pyengine
+
+
+def _geometry(pool_kernel, pool_stride):
+    return ([1, 1], [0, 0], [1, 1], 1, [pool_kernel] * 2, [pool_stride] * 2, [0, 0], [1, 1],
+            False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [
+    # (batch, C_in, C_out, size, kernel, pool kernel, pool stride)
+    (256, 1, 6, 32, 5, 2, 2),   # LeNet's conv1 at a training batch
+    (3, 1, 6, 32, 5, 2, 2),     # fewer images than threads' chunks
+    (3, 2, 5, 30, 3, 3, 2),     # overlapping windows: gradients add up
+    (2, 1, 4, 33, 5, 2, 1),     # stride-1 pooling, odd size
+    (2, 1, 6, 31, 4, 2, 2),     # an odd plane: its last row and column get no gradient
+])
+def test_backward_without_grad_input(shape, dtype):
+    n, cin, cout, size, k, pk, ps = shape
+    torch.manual_seed(sum(shape))
+    x = torch.randn(n, cin, size, size, dtype=dtype)
+    w = torch.randn(cout, cin, k, k, dtype=dtype) * 0.3
+    b = torch.randn(cout, dtype=dtype) * 0.1
+    geometry = _geometry(pk, ps)
+    out, idx = P.conv2d_relu_max_pool2d(x, w, b, *geometry)
+    g = torch.randn_like(out)
+    _, gw, gb = P.conv2d_relu_max_pool2d_backward(g, out, idx, x, w, *geometry,
+                                                  [False, True, True])
+    _, gw_all, gb_all = P.conv2d_relu_max_pool2d_backward(g, out, idx, x, w, *geometry,
+                                                          [True, True, True])
+    assert torch.equal(gw, gw_all) and torch.equal(gb, gb_all)
+    _, gw_only, gb_none = P.conv2d_relu_max_pool2d_backward(g, out, idx, x, w, *geometry,
+                                                            [False, True, False])
+    assert torch.equal(gw_only, gw) and gb_none is None
+    # torch, in float64, through the same windows
+    wr, br = w.double().requires_grad_(), b.double().requires_grad_()
+    ref = F.max_pool2d(F.relu(F.conv2d(x.double(), wr, br)), pk, ps)
+    ref.backward(g.double())
+    tol = dict(rtol=1e-4, atol=1e-5 * max(1.0, wr.grad.abs().max().item())) \
+        if dtype == torch.float32 else {}
+    helpers.assert_close(gw.double(), wr.grad, dtype, **tol)
+    helpers.assert_close(gb.double(), br.grad, dtype, **tol)
+
+
+def test_backward_without_grad_input_names_a_bad_index():
+    x, w, b = torch.randn(4, 1, 32, 32), torch.randn(6, 1, 5, 5), torch.randn(6)
+    geometry = _geometry(2, 2)
+    out, idx = P.conv2d_relu_max_pool2d(x, w, b, *geometry)
+    for bad in (-1, 784):
+        idx_bad = idx.clone()
+        idx_bad[2, 3, 4, 5] = bad
+        with helpers.raises(RuntimeError, f"indices[2, 3, 4, 5] = {bad} lies outside the 28x28 "
+                            "convolution output plane"):
+            P.conv2d_relu_max_pool2d_backward(torch.ones_like(out), out, idx_bad, x, w,
+                                              *geometry, [False, True, True])
