@@ -242,21 +242,26 @@ void backward_input_phases(const Geometry& g, const T* dy, const T* w, T* dx) {
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t khw = g.kernel_pixels();
   const int64_t qh_max = (g.kernel_h - 1) * dh / sh, qw_max = (g.kernel_w - 1) * dw / sw;
-  // Phase (a, b): its taps and the range of (u, v) that lands in dX.
+  // Phase (a, b): its taps, the range of (u, v) that lands in dX, and its rows per task (~512
+  // dX pixels, as run()'s blocks).
   struct Phase {
-    int64_t a, b, u0, rows, v0, cols;
+    int64_t a, b, u0, rows, v0, cols, rows_per_task;
     std::vector<int64_t> ki, kj;  // taps in k order, with ki / kj outermost / innermost
+  };
+  // The last u (v) with u * s + phase inside [padding, padding + size): -1 if none.
+  auto last = [](int64_t padding, int64_t size, int64_t phase, int64_t s) {
+    const int64_t r = padding + size - 1 - phase;
+    return r < 0 ? int64_t(-1) : r / s;
   };
   std::vector<Phase> phases;
   int64_t ph = qh_max + g.out_h, pw = qw_max + g.out_w;  // dY planes: rows, columns
   for (int64_t a = 0; a < sh; ++a)
     for (int64_t b = 0; b < sw; ++b) {
-      Phase f{a, b, 0, 0, 0, 0, {}, {}};
-      // Padded rows u * sh + a in [padding_h, padding_h + in_h).
+      Phase f{a, b, 0, 0, 0, 0, 0, {}, {}};
+      // Padded rows u * sh + a in [padding_h, padding_h + in_h), columns alike.
       f.u0 = a >= g.padding_h ? 0 : ceil_div(g.padding_h - a, sh);
-      const int64_t u1 = g.padding_h + g.in_h - 1 - a < 0 ? -1 : (g.padding_h + g.in_h - 1 - a) / sh;
       f.v0 = b >= g.padding_w ? 0 : ceil_div(g.padding_w - b, sw);
-      const int64_t v1 = g.padding_w + g.in_w - 1 - b < 0 ? -1 : (g.padding_w + g.in_w - 1 - b) / sw;
+      const int64_t u1 = last(g.padding_h, g.in_h, a, sh), v1 = last(g.padding_w, g.in_w, b, sw);
       f.rows = std::max<int64_t>(0, u1 - f.u0 + 1);
       f.cols = std::max<int64_t>(0, v1 - f.v0 + 1);
       for (int64_t i = 0; i < g.kernel_h; ++i)
@@ -266,6 +271,7 @@ void backward_input_phases(const Geometry& g, const T* dy, const T* w, T* dx) {
             f.kj.push_back(j);
           }
       if (f.rows == 0 || f.cols == 0) continue;
+      f.rows_per_task = std::clamp<int64_t>(512 / f.cols, 1, f.rows);
       ph = std::max(ph, u1 + qh_max + 1);
       pw = std::max(pw, v1 + qw_max + 1);
       phases.push_back(std::move(f));
@@ -303,14 +309,12 @@ void backward_input_phases(const Geometry& g, const T* dy, const T* w, T* dx) {
   // dY planes of the image it is on (as run() does).
   std::vector<int64_t> blocks(phases.size()), first_task(phases.size() + 1, 0);
   for (size_t f = 0; f < phases.size(); ++f) {
-    blocks[f] = phases[f].ki.empty() ? 0 : ceil_div(phases[f].rows,
-                                                    std::clamp<int64_t>(512 / phases[f].cols, 1,
-                                                                        phases[f].rows));
+    blocks[f] = phases[f].ki.empty() ? 0 : ceil_div(phases[f].rows, phases[f].rows_per_task);
     first_task[f + 1] = first_task[f] + blocks[f];
   }
   const int64_t per_group = first_task.back(), tasks = g.batch * g.groups * per_group;
   if (tasks == 0) return;
-  const double work = 512.0 * cout_g * 4 * cin_g;
+  const double work = 512.0 * cout_g * cin_g;  // a task's multiply-adds per tap
   at::parallel_for(0, tasks, grain_for(work), [&](int64_t t0, int64_t t1) {
     CachedBuffer<T> planes(static_cast<size_t>(image));
     int64_t filled = -1;
@@ -331,14 +335,14 @@ void backward_input_phases(const Geometry& g, const T* dy, const T* w, T* dx) {
                         src + (co * g.out_h + oh) * g.out_w, g.out_w * sizeof(T));
         filled = n;
       }
-      const int64_t rpb = std::clamp<int64_t>(512 / f.cols, 1, f.rows);
-      const int64_t blk = local - first_task[fi];
-      const int64_t u_begin = f.u0 + blk * rpb, u_end = std::min(f.u0 + f.rows, u_begin + rpb);
+      const int64_t u_begin = f.u0 + (local - first_task[fi]) * f.rows_per_task;
+      const int64_t u_end = std::min(f.u0 + f.rows, u_begin + f.rows_per_task);
       const int64_t m = (u_end - u_begin) * f.cols, taps = int64_t(f.ki.size());
       const int64_t K = cout_g * taps;
       a_rows.resize(static_cast<size_t>(K));
       b_rows.resize(static_cast<size_t>(K));
-      const T* base = planes.data() + grp * cout_g * plane + (u_begin + qh_max) * pw + f.v0 + qw_max;
+      const T* base =
+          planes.data() + grp * cout_g * plane + (u_begin + qh_max) * pw + f.v0 + qw_max;
       const T* wb = wt.data() + (grp * group_rows + b_start[fi]) * ldb;
       for (int64_t co = 0, k = 0; co < cout_g; ++co)
         for (int64_t tp = 0; tp < taps; ++tp, ++k) {
