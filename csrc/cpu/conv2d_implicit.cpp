@@ -463,58 +463,81 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw)
   // Pixel rows of the channels-last copies, read in place by the GEMMs: cinp and coutp apart.
   const int64_t cinp = in_place_ld<T>(cin), coutp = in_place_ld<T>(cout);
   const int64_t phase = hs * ws * cinp, image = phase * sh * sw;
-  // Tasks: (group, kernel position, block of output channels), each with its own dW^T block in
-  // `acc`. Image by image: the image's channels-last copies are made (in parallel), then every
-  // task runs on its blocks of ~512 output pixels, reading them from cache; each dW element sums
-  // the images and blocks in the same order whatever the split.
+  // Tasks: (slice of the batch, group, kernel position, block of output channels), each with its
+  // own dW^T block in `acc`. Image by image within each slice: the images' channels-last copies
+  // are made (in parallel), then every task runs on its blocks of ~512 output pixels, reading them
+  // from cache; each dW element sums its slices' blocks in order, then the slices in order,
+  // whatever the split.
   const int64_t positions = g.groups * khw;
   // Blocks of at least 48 channels (or all of them): each B row (a pixel's input channels) loaded
   // is reused by that many rows of the tile column. At least 16 tasks where the channels allow,
   // so that 2, 4 or 8 threads stay evenly busy (9 kernel positions on 2 threads left one idle a
-  // ninth of the time). From the shapes only, never the thread count: a block's height picks
+  // ninth of the time); where they do not (64 channels: 9 tasks), the batch is cut into slices
+  // that sum apart. From the shapes only, never the thread count: a block's height picks
   // gemm_indirect's tile and so its k blocks, and each dW element must be summed the same way
   // whatever the threads.
   const int64_t co_blocks =
       std::clamp<int64_t>(ceil_div(16, positions), 1, std::max<int64_t>(1, cout_g / 48));
   const int64_t co_block = round_up(ceil_div(cout_g, co_blocks), 8);
   const int64_t tasks = positions * co_blocks;
+  const int64_t per_slice = ceil_div(g.batch, std::min(g.batch, ceil_div(16, tasks)));
+  const int64_t slices = ceil_div(g.batch, per_slice);
   const int64_t block_rows = std::clamp<int64_t>(512 / g.out_w, 1, g.out_h);
-  CachedBuffer<T> acc(static_cast<size_t>(tasks * co_block * cin_g), /*zero=*/false);
-  CachedBuffer<T> xt(static_cast<size_t>(image));  // padding: zero once, never written
-  CachedBuffer<T> dyt(static_cast<size_t>(P * coutp), /*zero=*/false);
-  for (int64_t n = 0; n < g.batch; ++n) {
-    parallel_rows(g.in_h, g.in_w * cin, [&](int64_t h0, int64_t h1) {
-      std::vector<T> row(static_cast<size_t>(sw > 1 ? g.in_w * cin : 0));
-      for (int64_t ih = h0; ih < h1; ++ih) {
-        const int64_t r = ih + g.padding_h;
-        T* dst = xt.data() + (r % sh) * sw * phase + (r / sh) * ws * cinp;
-        const T* src = x + n * g.in_image() + ih * g.in_w;
-        if (sw == 1) {
-          transpose(cin, g.in_w, src, g.in_pixels(), dst + g.padding_w * cinp, cinp,
-                    static_cast<const T*>(nullptr));
-          continue;
-        }
-        transpose(cin, g.in_w, src, g.in_pixels(), row.data(), cin,
-                  static_cast<const T*>(nullptr));
-        for (int64_t iw = 0; iw < g.in_w; ++iw) {
-          const int64_t col = iw + g.padding_w;
-          std::memcpy(dst + (col % sw) * phase + (col / sw) * cinp, row.data() + iw * cin,
-                      static_cast<size_t>(cin) * sizeof(T));
+  const int64_t acc_block = co_block * cin_g, acc_slice = tasks * acc_block;
+  CachedBuffer<T> acc(static_cast<size_t>(slices * acc_slice), /*zero=*/false);
+  CachedBuffer<T> xt(static_cast<size_t>(slices * image));  // padding: zero once, never written
+  CachedBuffer<T> dyt(static_cast<size_t>(slices * P * coutp), /*zero=*/false);
+  for (int64_t i = 0; i < per_slice; ++i) {
+    // This step's image of each slice (the last slice may have run out).
+    const int64_t live = std::min(slices, ceil_div(g.batch - i, per_slice));
+    // Channels-last copies of the images. Blocks of 16 channels outermost: a block reads its 16
+    // channel planes as 16 contiguous streams over the task's rows, which the prefetchers
+    // follow; row by row it read all cin planes at once (a 224-byte run of each per row).
+    parallel_rows(live * g.in_h, g.in_w * cin, [&](int64_t r0, int64_t r1) {
+      std::vector<T> row(static_cast<size_t>(sw > 1 ? g.in_w * 16 : 0));
+      for (int64_t sl = r0 / g.in_h; sl <= (r1 - 1) / g.in_h; ++sl) {
+        const int64_t h0 = std::max(r0 - sl * g.in_h, int64_t(0));
+        const int64_t h1 = std::min(r1 - sl * g.in_h, g.in_h);
+        const T* xn = x + (sl * per_slice + i) * g.in_image();
+        T* xs = xt.data() + sl * image;
+        for (int64_t c0 = 0; c0 < cin; c0 += 16) {
+          const int64_t nc = std::min<int64_t>(16, cin - c0);
+          for (int64_t ih = h0; ih < h1; ++ih) {
+            const int64_t r = ih + g.padding_h;
+            T* dst = xs + (r % sh) * sw * phase + (r / sh) * ws * cinp + c0;
+            const T* src = xn + c0 * g.in_pixels() + ih * g.in_w;
+            if (sw == 1) {
+              transpose(nc, g.in_w, src, g.in_pixels(), dst + g.padding_w * cinp, cinp,
+                        static_cast<const T*>(nullptr));
+              continue;
+            }
+            transpose(nc, g.in_w, src, g.in_pixels(), row.data(), int64_t(16),
+                      static_cast<const T*>(nullptr));
+            for (int64_t iw = 0; iw < g.in_w; ++iw) {
+              const int64_t col = iw + g.padding_w;
+              std::memcpy(dst + (col % sw) * phase + (col / sw) * cinp, row.data() + iw * 16,
+                          static_cast<size_t>(nc) * sizeof(T));
+            }
+          }
         }
       }
     });
-    parallel_rows(ceil_div(P, 16), 16 * cout, [&](int64_t b0, int64_t b1) {
-      const int64_t q0 = b0 * 16, q1 = std::min(P, b1 * 16);
-      transpose(cout, q1 - q0, dy + n * g.out_image() + q0, P, dyt.data() + q0 * coutp, coutp,
-                static_cast<const T*>(nullptr));
+    const int64_t qblocks = ceil_div(P, 16);
+    parallel_rows(live * qblocks, 16 * cout, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t sl = b / qblocks, q0 = (b % qblocks) * 16, q1 = std::min(P, q0 + 16);
+        transpose(cout, q1 - q0, dy + (sl * per_slice + i) * g.out_image() + q0, P,
+                  dyt.data() + (sl * P + q0) * coutp, coutp, static_cast<const T*>(nullptr));
+      }
     });
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, live * tasks, 1, [&](int64_t t0, int64_t t1) {
       const int64_t qmax = block_rows * g.out_w;
       std::vector<const T*> a(static_cast<size_t>(qmax)), b(static_cast<size_t>(qmax));
       for (int64_t oh0 = 0; oh0 < g.out_h; oh0 += block_rows) {
         const int64_t oh1 = std::min(g.out_h, oh0 + block_rows);
-        const bool first = n == 0 && oh0 == 0;
-        for (int64_t t = t0; t < t1; ++t) {
+        const bool first = i == 0 && oh0 == 0;
+        for (int64_t st = t0; st < t1; ++st) {
+          const int64_t sl = st / tasks, t = st % tasks;
           const int64_t cb = t % co_blocks, pos = (t / co_blocks) % khw;
           const int64_t grp = t / (co_blocks * khw);
           const int64_t ki = pos / g.kernel_w, kj = pos % g.kernel_w;
@@ -522,32 +545,35 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw)
           const int64_t m = std::min(co_block, cout_g - cb * co_block);
           // Padded row oh * sh + rh is row oh + rh / sh of phase rh % sh (columns alike).
           const int64_t rh = ki * g.dilation_h, rw = kj * g.dilation_w;
-          const T* xn = xt.data() + ((rh % sh) * sw + rw % sw) * phase +
+          const T* xn = xt.data() + sl * image + ((rh % sh) * sw + rw % sw) * phase +
                         ((rh / sh) * ws + rw / sw) * cinp + grp * cin_g;
           int64_t q = 0;
           for (int64_t oh = oh0; oh < oh1; ++oh) {
             const T* xrow = xn + oh * ws * cinp;
-            const T* dyrow = dyt.data() + oh * g.out_w * coutp + co0;
+            const T* dyrow = dyt.data() + (sl * P + oh * g.out_w) * coutp + co0;
             for (int64_t ow = 0; ow < g.out_w; ++ow, ++q) {
               a[q] = dyrow + ow * coutp;
               b[q] = xrow + ow * cinp;
             }
           }
-          gemm_indirect<T>(m, cin_g, q, a.data(), b.data(), acc.data() + t * co_block * cin_g,
-                           cin_g, 1, /*accumulate=*/!first);
+          gemm_indirect<T>(m, cin_g, q, a.data(), b.data(), acc.data() + st * acc_block, cin_g,
+                           1, /*accumulate=*/!first);
         }
       }
     });
   }
-  parallel_rows(tasks, co_block * cin_g, [&](int64_t t0, int64_t t1) {
+  parallel_rows(tasks, acc_block, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t cb = t % co_blocks, pos = (t / co_blocks) % khw, grp = t / (co_blocks * khw);
       const int64_t co0 = grp * cout_g + cb * co_block;
       const int64_t m = std::min(co_block, cout_g - cb * co_block);
-      const T* c = acc.data() + t * co_block * cin_g;
+      const T* c = acc.data() + t * acc_block;
       for (int64_t i = 0; i < m; ++i)
-        for (int64_t ci = 0; ci < cin_g; ++ci)
-          dw[((co0 + i) * cin_g + ci) * khw + pos] = c[i * cin_g + ci];
+        for (int64_t ci = 0; ci < cin_g; ++ci) {
+          T sum = c[i * cin_g + ci];
+          for (int64_t sl = 1; sl < slices; ++sl) sum += c[sl * acc_slice + i * cin_g + ci];
+          dw[((co0 + i) * cin_g + ci) * khw + pos] = sum;
+        }
     }
   });
 }
