@@ -296,6 +296,10 @@ LARGE = {
              kernel=(3, 3), stride=(2, 2), padding=(1, 1)),           # split-K in grad_weight
         dict(_CONV, batch=40, in_per_group=2, out_per_group=3, height=5, width=6,
              kernel=(3, 3), padding=(1, 1)),                          # batch-innermost chunks
+        dict(_CONV, batch=2, in_per_group=32, out_per_group=40, height=9, width=11,
+             kernel=(3, 3), padding=(1, 1)),                          # Winograd F(2x2, 3x3)
+        dict(_CONV, batch=3, in_per_group=33, out_per_group=32, height=6, width=7,
+             kernel=(3, 3), input=dict(NAN_INF, layout="contiguous")),  # ... handing NaNs over
     ],
     # LeNet's two conv -> relu -> pool blocks at a training batch
     "conv2d_relu_max_pool2d": [

@@ -59,6 +59,15 @@ def backward(g, x, w, stride=1, padding=0, dilation=1, groups=1, mask=(True, Tru
     # strided grad_input by stride phases: stride 3, grouped; padding wider than the kernel
     (2, 32, 12, 11, 10, 3, 3, 2, 1, 2),
     (1, 16, 8, 12, 9, 3, 2, 4, 1, 1),
+    # Winograd F(2x2, 3x3), forward and grad_input (grad_input's padding is 2 - padding): odd
+    # output sizes (tiles past the edge), paddings 0 and 2, channel counts off whole vectors,
+    # 2x2 images, tile rows of several images in one block and blocks ending mid-image
+    (2, 32, 32, 9, 11, 3, 1, 1, 1, 1),
+    (3, 40, 33, 7, 6, 3, 1, 0, 1, 1),
+    (1, 48, 64, 5, 13, 3, 1, 2, 1, 1),
+    (4, 32, 48, 2, 2, 3, 1, 1, 1, 1),
+    (5, 64, 32, 14, 14, 3, 1, 1, 1, 1),
+    (1, 96, 80, 30, 17, 3, 1, 1, 1, 1),
 ])
 def test_shapes(shape, dtype, device):
     n, cin, cout, h, w_, k, s, p, d, g = shape
@@ -82,10 +91,11 @@ def test_shapes(shape, dtype, device):
 
 
 # One shape per algorithm (conv2d.cpp's choice): im2col, batch-innermost, direct, implicit,
-# implicit with stride 2, pointwise.
+# implicit with stride 2, pointwise, Winograd (which hands non-finite results to the others).
 ALGORITHM_SHAPES = [(2, 3, 5, 7, 13, 3, 1, 1, 1, 1), (20, 4, 6, 9, 7, 3, 1, 1, 1, 1),
                     (2, 2, 6, 20, 19, 3, 1, 1, 1, 1), (2, 16, 32, 9, 11, 3, 1, 1, 1, 1),
-                    (2, 16, 16, 13, 12, 3, 2, 1, 1, 1), (2, 16, 24, 7, 7, 1, 1, 0, 1, 1)]
+                    (2, 16, 16, 13, 12, 3, 2, 1, 1, 1), (2, 16, 24, 7, 7, 1, 1, 0, 1, 1),
+                    (2, 32, 32, 9, 11, 3, 1, 1, 1, 1)]
 
 
 @pytest.mark.parametrize("shape", ALGORITHM_SHAPES)
@@ -110,6 +120,28 @@ def test_nonfinite_values_reach_what_torch_reaches(shape):
     for got, want in zip(*results):
         assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
         helpers.assert_close(got, want, torch.float64)
+
+
+def test_winograd_overflow_is_computed_again():
+    """Values near float32's largest: the Winograd transforms' sums (x0 - x2 of a window)
+    overflow where every product of the direct sum is finite. The result is torch's, finite
+    (computed again on another path), forward and grad_input."""
+    torch.manual_seed(0)
+    x = torch.full((2, 32, 6, 7), 3e38)
+    x[:, :, 2:4] = -3e38  # rows 1 and 3 of opposite signs: tile row 1's first difference
+    assert torch.isinf(x[0, 0, 1] - x[0, 0, 3]).all()  # (B^T d's row d0 - d2) overflows
+    w = torch.randn(32, 32, 3, 3) * 1e-4
+    y = ours(x, w, padding=1)
+    want = theirs(x.double(), w.double(), padding=1)
+    assert torch.isfinite(y).all()
+    helpers.assert_close(y.double(), want, torch.float32, rtol=1e-4,
+                         atol=1e-5 * want.abs().max().item())
+    g = x.flip(1).contiguous()
+    dx = backward(g, x, w, padding=1, mask=(True, False, False))[0]
+    want_dx = torch.nn.grad.conv2d_input(x.shape, w.double(), g.double(), padding=1)
+    assert torch.isfinite(dx).all()
+    helpers.assert_close(dx.double(), want_dx, torch.float32, rtol=1e-4,
+                         atol=1e-5 * want_dx.abs().max().item())
 
 
 @devices

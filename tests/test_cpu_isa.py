@@ -103,12 +103,14 @@ torch.manual_seed(0)
 for dtype in (torch.float32, torch.float64):
     tol = dict(atol=1e-4) if dtype == torch.float32 else {}
     # conv2d: im2col (strided, dilated, grouped, padded, 1x1), batch-innermost (stride 1,
-    # narrow output rows, batch >= 16, with and without padding) and the implicit GEMM (16+
-    # output channels: flattened rows, stride 2, rows gathered at 128 channels, which the
-    # widest tiles of every level fill, with 512-byte operand rows).
+    # narrow output rows, batch >= 16, with and without padding), the implicit GEMM (16+
+    # output channels: flattened rows, stride 2, rows gathered at 64 channels per group, which
+    # the widest tiles of every level fill, with 512-byte operand rows) and Winograd (3x3,
+    # stride 1, one group, 32+ channels: forward and grad_input).
     for (n, c, h, w, co, k, s, p, d, g) in [(2, 16, 9, 11, 16, 3, 1, 1, 1, 1),
                                             (2, 16, 13, 12, 16, 3, 2, 1, 1, 1),
-                                            (1, 128, 6, 7, 128, 3, 1, 1, 1, 1),
+                                            (1, 128, 6, 7, 128, 3, 1, 1, 1, 2),
+                                            (2, 40, 7, 9, 33, 3, 1, 1, 1, 1),
                                             (3, 4, 17, 15, 8, 3, 2, 1, 1, 2),
                                             (2, 3, 9, 21, 6, 3, 1, 2, 2, 3),
                                             (2, 8, 7, 9, 8, 1, 1, 0, 1, 1),

@@ -66,6 +66,15 @@ void backward_input_implicit(const Geometry& g, const T* dy, const T* w, T* dx);
 template <typename T>
 void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw);
 
+// Winograd F(2x2, 3x3): 3x3, stride 1, one group, 32 or more channels in and out
+// (conv2d_winograd.cpp). False where an output came out non-finite (the output then partly
+// written): the caller computes it on another path.
+bool winograd_fits(const Geometry& g);
+template <typename T>
+bool forward_winograd(const Geometry& g, const T* x, const T* w, const T* bias, T* y);
+template <typename T>
+bool backward_input_winograd(const Geometry& g, const T* dy, const T* w, T* dx);
+
 // ---- Shared helpers ---------------------------------------------------------------------------
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }

@@ -134,31 +134,6 @@ int64_t rows_per_block(const Geometry& g, const Planes& p) {
   return std::clamp<int64_t>(512 / p.pw, 1, g.out_h);
 }
 
-// dst[c * ld + r] = src[r * rs + c] (+ add[c] when add is not null) for r < R, c < C, in 16 x 16
-// blocks so that both sides stay within a few cache lines (a plain strided loop over a 256-wide
-// matrix missed L1 on every element); float blocks in registers with AVX-512 (transpose.h).
-template <typename T>
-void transpose(int64_t R, int64_t C, const T* src, int64_t rs, T* dst, int64_t ld, const T* add) {
-  constexpr int64_t kB = 16;
-  static const bool avx512 = isa_for(Family::Conv2d) == Isa::Avx512;
-  for (int64_t r0 = 0; r0 < R; r0 += kB)
-    for (int64_t c0 = 0; c0 < C; c0 += kB) {
-      const int64_t r1 = std::min(R, r0 + kB), c1 = std::min(C, c0 + kB);
-      if constexpr (std::is_same_v<T, float>) {
-        if (avx512) {
-          transpose16(src + r0 * rs + c0, rs, r1 - r0, c1 - c0, dst + c0 * ld + r0, ld,
-                      nullptr, add ? add + c0 : nullptr);
-          continue;
-        }
-      }
-      for (int64_t c = c0; c < c1; ++c) {
-        const T a = add ? add[c] : T(0);
-        T* d = dst + c * ld;
-        for (int64_t r = r0; r < r1; ++r) d[r] = src[r * rs + c] + a;
-      }
-    }
-}
-
 // Rows [r0, r1) of a product's operand, in parallel: at least ~64K elements per task.
 template <typename F>
 void parallel_rows(int64_t rows, int64_t row_elems, const F& f) {

@@ -2,10 +2,13 @@
 // The 16 x 16 float transpose of the CPU conv2d kernels (the batch-innermost layout's copies,
 // the implicit GEMM's channels-last copies and its Y^T -> NCHW store) and the stride-2 column
 // split of its phase planes, AVX-512 only: callers check isa_for(Family::Conv2d) and keep a
-// portable loop for the other levels.
+// portable loop for the other levels; and `transpose`, a blocked transpose of any size and
+// dtype on top of them (the implicit GEMM's and the Winograd transforms' layout changes).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/isa.h"
 
@@ -80,6 +83,32 @@ PE_TARGET_AVX512 inline void copy_even(const float* s, int64_t n, float* d) {
   const __m512 v = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(lo, s + 2 * t), even,
                                           _mm512_maskz_loadu_ps(hi, s + 2 * t + 16));
   _mm512_mask_storeu_ps(d + t, static_cast<__mmask16>(r == 16 ? 0xffffu : (1u << r) - 1u), v);
+}
+
+// dst[c * ld + r] = src[r * rs + c] (+ add[c] when add is not null) for r < R, c < C, in 16 x 16
+// blocks so that both sides stay within a few cache lines (a plain strided loop over a 256-wide
+// matrix missed L1 on every element); float blocks in registers with AVX-512.
+template <typename T>
+inline void transpose(int64_t R, int64_t C, const T* src, int64_t rs, T* dst, int64_t ld,
+                      const T* add) {
+  constexpr int64_t kB = 16;
+  static const bool avx512 = isa_for(Family::Conv2d) == Isa::Avx512;
+  for (int64_t r0 = 0; r0 < R; r0 += kB)
+    for (int64_t c0 = 0; c0 < C; c0 += kB) {
+      const int64_t r1 = std::min(R, r0 + kB), c1 = std::min(C, c0 + kB);
+      if constexpr (std::is_same_v<T, float>) {
+        if (avx512) {
+          transpose16(src + r0 * rs + c0, rs, r1 - r0, c1 - c0, dst + c0 * ld + r0, ld,
+                      nullptr, add ? add + c0 : nullptr);
+          continue;
+        }
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        const T a = add ? add[c] : T(0);
+        T* d = dst + c * ld;
+        for (int64_t r = r0; r < r1; ++r) d[r] = src[r * rs + c] + a;
+      }
+    }
 }
 
 }  // namespace conv2d

@@ -1,0 +1,400 @@
+// The Winograd algorithm F(2x2, 3x3) of the CPU conv2d forward and grad_input (interface:
+// cpu/conv2d.h; when it is chosen: cpu/conv2d.cpp): 3x3, stride 1, dilation 1, one group, wide
+// layers. Each 2x2 block of output pixels (a tile) is
+//
+//   Y_tile = A^T [ sum_ci (G g[co, ci] G^T) .* (B^T d[ci] B) ] A
+//
+// with d[ci] the tile's 4x4 input window of channel ci and g the 3x3 kernel (Lavin & Gray, "Fast
+// Algorithms for Convolutional Neural Networks", 2015). Written per element xi of the 4x4
+// transformed tile, the sum is 16 independent GEMMs over the channels:
+//
+//   M[xi][t][co] = sum_ci V[xi][ci][t] U[xi][ci][co]       U = G g G^T, V = B^T d B, t a tile
+//
+// 16 multiplies per tile and channel pair instead of the direct method's 36: 2.25x fewer FLOPs
+// in the GEMMs, paid for by the input and output transforms (adds only, O(channels x tiles)).
+//
+// Layout: the work goes in blocks of whole tile rows (of one image or several), each run start
+// to end by one thread: input transform, the 16 GEMMs, output transform, with the block's V and
+// M (~half of L2) in its own scratch. V[xi][ci][t] has the tiles contiguous, so the input
+// transform makes 16 tiles of a tile row at a time from 4 zero-padded input rows (two loads and
+// an even / odd split per window column); M[xi][t][co] has the output channels contiguous, so
+// each GEMM is tiles x output channels on gemm_indirect's widest tiles (6 x 64), reading V and
+// U in place; the output transform writes the block's outputs channels-last and one transpose
+// per image puts them in NCHW. U is transformed once per call.
+//
+// Napkin math (conv2d 64->64, 3x3, 56x56, batch 8; reference machine: csrc/cpu/README.md):
+// 925 M multiply-adds directly; here 16 x 6272 tiles x 64 x 64 = 411 M in the GEMMs, ~1.9 ms on
+// 2 cores at ~220 GFLOP/s each, against ~4.2 ms for the implicit GEMM at the same rate. Measured
+// (perf, one thread): the GEMMs ~45% of the time; reading the input (prefetched a channel
+// ahead), the transforms and the NCHW transpose the rest. Blocks of whole images instead sent V
+// and M (4x the input and output) to memory and back and lost to the implicit GEMM.
+//
+// Accuracy: the transforms' coefficients are 0, +-1 and +-1/2 (exact); each output sums the
+// same products regrouped, so the rounding error grows by a small factor over the direct sum
+// (float32, 60 random shapes against float64: at most 5.5e-7 of the largest output, torch's own
+// 2.9e-7; grad_input 1.8e-7). Non-finite values would turn into NaNs where the direct
+// sum has an Inf (Inf - Inf in a transform): an output that is not finite makes the call return
+// false, and the caller computes the convolution on another path.
+//
+// Deterministic: every output's arithmetic depends on the shapes only (the blocks, gemm's
+// plan), never on the thread count.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "cpu/allocator.h"
+#include "cpu/conv2d.h"
+#include "cpu/gemm.h"
+#include "cpu/isa.h"
+#include "cpu/transpose.h"
+
+namespace pyengine {
+namespace cpu {
+namespace conv2d {
+namespace {
+
+constexpr int64_t kXi = 16;  // elements of a transformed tile
+
+// The problem as the kernels see it: a stride-1 3x3 convolution of `in_c` channels of in_h x
+// in_w into `out_c` channels of out_h x out_w, padded by pad_h / pad_w.
+struct Problem {
+  int64_t batch, in_c, in_h, in_w, out_c, out_h, out_w, pad_h, pad_w;
+  int64_t th, tw;      // tile rows and columns per image
+  int64_t tw_vec;      // tw rounded up to whole vectors
+  int64_t rows, cols;  // of a zero-padded input plane
+};
+
+template <typename T>
+constexpr int64_t lanes() {
+  return 64 / static_cast<int64_t>(sizeof(T));
+}
+
+template <typename T>
+Problem make_problem(int64_t batch, int64_t in_c, int64_t in_h, int64_t in_w, int64_t out_c,
+                     int64_t out_h, int64_t out_w, int64_t pad_h, int64_t pad_w) {
+  constexpr int64_t L = lanes<T>();
+  Problem p{batch, in_c, in_h, in_w, out_c, out_h, out_w, pad_h, pad_w, 0, 0, 0, 0, 0};
+  p.th = ceil_div(out_h, 2);
+  p.tw = ceil_div(out_w, 2);
+  p.tw_vec = round_up(p.tw, L);
+  // Tile row r reads padded rows 2r .. 2r + 3; a vector of tiles from column 2 * tw0 reads
+  // columns up to 2 * tw0 + 2L + 1 < 2 * tw_vec + 2. Beyond the input (and its padding): zeros.
+  p.rows = std::max(2 * p.th + 2, in_h + pad_h);
+  p.cols = round_up(std::max(2 * p.tw_vec + 2, in_w + pad_w), L);
+  return p;
+}
+
+// ---- Transforms (compiled per ISA level: cpu/isa.h) --------------------------------------------
+
+// The helpers below pass 64-byte vectors by value; they are always inlined, so GCC's note that
+// such a call's ABI differs without AVX-512 concerns no call that exists.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+template <typename T>
+struct Vec {
+  typedef T v __attribute__((vector_size(64)));
+  typedef T uv __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
+  typedef decltype(v{} < v{}) i;  // lane masks / shuffle indices of the same width
+};
+
+template <typename T>
+PE_INLINE typename Vec<T>::v load(const T* p) {
+  return *reinterpret_cast<const typename Vec<T>::uv*>(p);
+}
+template <typename T>
+PE_INLINE void store(T* p, typename Vec<T>::v v) {
+  *reinterpret_cast<typename Vec<T>::uv*>(p) = v;
+}
+
+// V[xi][t0 + l] (xi's rows `ld` apart) for the tiles tw0 + l of one tile row of a padded plane,
+// whose four input rows start at `r` (`cols` apart).
+template <typename T>
+PE_INLINE void input_tiles(const T* r, int64_t cols, int64_t tw0, T* v, int64_t xi_ld) {
+  using V = typename Vec<T>::v;
+  using I = typename Vec<T>::i;
+  constexpr int64_t L = lanes<T>();
+  I even, odd;
+  for (int64_t l = 0; l < L; ++l) even[l] = 2 * l, odd[l] = 2 * l + 1;
+  V d[4][4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const T* row = r + i * cols + 2 * tw0;
+    const V lo = load(row), hi = load(row + L), lo2 = load(row + 2), hi2 = load(row + 2 + L);
+    d[i][0] = __builtin_shuffle(lo, hi, even);
+    d[i][1] = __builtin_shuffle(lo, hi, odd);
+    d[i][2] = __builtin_shuffle(lo2, hi2, even);
+    d[i][3] = __builtin_shuffle(lo2, hi2, odd);
+  }
+  // B^T d: rows (d0 - d2, d1 + d2, d2 - d1, d1 - d3); then the same on the columns.
+  V e[4][4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    e[0][j] = d[0][j] - d[2][j];
+    e[1][j] = d[1][j] + d[2][j];
+    e[2][j] = d[2][j] - d[1][j];
+    e[3][j] = d[1][j] - d[3][j];
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    store(v + (4 * i + 0) * xi_ld, e[i][0] - e[i][2]);
+    store(v + (4 * i + 1) * xi_ld, e[i][1] + e[i][2]);
+    store(v + (4 * i + 2) * xi_ld, e[i][2] - e[i][1]);
+    store(v + (4 * i + 3) * xi_ld, e[i][1] - e[i][3]);
+  }
+}
+
+// The tiles of one tile row into V (tile c at v[c], xi's rows xi_ld apart), from its four input
+// rows src[i] (null: a padding row), copied zero-padded into rows4 (4 rows `cols` apart, whose
+// padding columns are zero). Written as whole vectors: the last one runs into the next tile
+// row's tiles (written next) or the block's spare columns.
+template <typename T>
+PE_INLINE void input_row_impl(const Problem& p, const T* const* src, T* rows4, T* v,
+                              int64_t xi_ld) {
+  using V = typename Vec<T>::v;
+  constexpr int64_t L = lanes<T>();
+  for (int i = 0; i < 4; ++i) {  // inline copies: a memcpy call per 56-float row cost more
+    T* dst = rows4 + i * p.cols + p.pad_w;
+    int64_t j = 0;
+    if (src[i]) {
+      for (; j + L <= p.in_w; j += L) store(dst + j, load(src[i] + j));
+      for (; j < p.in_w; ++j) dst[j] = src[i][j];
+    } else {
+      for (; j + L <= p.in_w; j += L) store(dst + j, V{});
+      for (; j < p.in_w; ++j) dst[j] = T(0);
+    }
+  }
+  for (int64_t c0 = 0; c0 < p.tw; c0 += L) input_tiles<T>(rows4, p.cols, c0, v + c0, xi_ld);
+}
+
+// U[xi][ci][co0 + l] = (G g G^T)[xi] for the L kernels g of a block of output channels, given
+// lane by lane in wl ([ci][9][L]; lanes past nco zero). G's rows: (1, 0, 0), (1/2, 1/2, 1/2),
+// (1/2, -1/2, 1/2), (0, 0, 1).
+template <typename T>
+PE_INLINE void weights_block_impl(int64_t in_c, int64_t out_c, const T* wl, int64_t co0,
+                                  int64_t nco, T* u) {
+  using V = typename Vec<T>::v;
+  constexpr int64_t L = lanes<T>();
+  for (int64_t ci = 0; ci < in_c; ++ci) {
+    V g[3][3];
+    for (int k = 0; k < 9; ++k) g[k / 3][k % 3] = load(wl + (ci * 9 + k) * L);
+    V gg[4][3];  // G g
+    for (int j = 0; j < 3; ++j) {
+      gg[0][j] = g[0][j];
+      gg[1][j] = T(0.5) * (g[0][j] + g[1][j] + g[2][j]);
+      gg[2][j] = T(0.5) * (g[0][j] - g[1][j] + g[2][j]);
+      gg[3][j] = g[2][j];
+    }
+    for (int i = 0; i < 4; ++i) {  // (G g) G^T
+      const V r[4] = {gg[i][0], T(0.5) * (gg[i][0] + gg[i][1] + gg[i][2]),
+                      T(0.5) * (gg[i][0] - gg[i][1] + gg[i][2]), gg[i][2]};
+      for (int j = 0; j < 4; ++j) {
+        T* dst = u + ((4 * i + j) * in_c + ci) * out_c + co0;
+        if (nco == L) {
+          store(dst, r[j]);
+        } else {  // the last block: its row ends where another thread's block begins
+          for (int64_t l = 0; l < nco; ++l) dst[l] = r[j][l];
+        }
+      }
+    }
+  }
+}
+
+// The 2x2 outputs of one tile row's tiles, channels-last, into stage (tile c's output pixel
+// (a, 2c + b) at stage[(a * out_w + 2c + b) * stage_ld + co]; an odd out_w's last column, which
+// came from the padding, not stored: it would land on the next row), from M (tile c's channels
+// at m[c * out_ld], xi's blocks xi_ld apart). Returns whether every output of a real channel is
+// finite.
+template <typename T>
+PE_INLINE bool output_tiles_impl(const Problem& p, const T* m, int64_t xi_ld, int64_t out_ld,
+                                 T* stage, int64_t stage_ld) {
+  using V = typename Vec<T>::v;
+  using I = typename Vec<T>::i;
+  constexpr int64_t L = lanes<T>();
+  I bad{};
+  for (int64_t co0 = 0; co0 < p.out_c; co0 += L) {
+    I valid;  // lanes of real channels
+    for (int64_t l = 0; l < L; ++l) valid[l] = co0 + l < p.out_c ? -1 : 0;
+    for (int64_t c = 0; c < p.tw; ++c) {
+      const T* mt = m + c * out_ld + co0;
+      V s[2][4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {  // A^T M: rows (m0 + m1 + m2, m1 - m2 - m3)
+        const V m0 = load(mt + (0 + j) * xi_ld), m1 = load(mt + (4 + j) * xi_ld);
+        const V m2 = load(mt + (8 + j) * xi_ld), m3 = load(mt + (12 + j) * xi_ld);
+        s[0][j] = m0 + m1 + m2;
+        s[1][j] = m1 - m2 - m3;
+      }
+      const bool second = 2 * c + 1 < p.out_w;
+#pragma GCC unroll 2
+      for (int a = 0; a < 2; ++a) {  // then the columns
+        const V u0 = s[a][0] + s[a][1] + s[a][2], u1 = s[a][1] - s[a][2] - s[a][3];
+        bad |= (((u0 - u0) != 0) | ((u1 - u1) != 0)) & valid;
+        T* dst = stage + (a * p.out_w + 2 * c) * stage_ld + co0;
+        store(dst, u0);
+        if (second) store(dst + stage_ld, u1);
+      }
+    }
+  }
+  bool any = false;
+  for (int64_t l = 0; l < L; ++l) any |= bad[l] != 0;
+  return !any;
+}
+
+#define PE_DEFINE_WINOGRAD(T)                                                                  \
+  PE_ISA_FUNCTION(Family::Conv2d, void, input_row,                                             \
+                  (const Problem& p, const T* const* src, T* rows4, T* v, int64_t xi_ld),      \
+                  (p, src, rows4, v, xi_ld), input_row_impl<T>)                                \
+  PE_ISA_FUNCTION(Family::Conv2d, bool, output_tiles,                                          \
+                  (const Problem& p, const T* m, int64_t xi_ld, int64_t out_ld, T* stage,      \
+                   int64_t stage_ld),                                                          \
+                  (p, m, xi_ld, out_ld, stage, stage_ld), output_tiles_impl<T>)                \
+  PE_ISA_FUNCTION(Family::Conv2d, void, weights_block,                                         \
+                  (int64_t in_c, int64_t out_c, const T* wl, int64_t co0, int64_t nco, T* u),  \
+                  (in_c, out_c, wl, co0, nco, u), weights_block_impl<T>)
+PE_DEFINE_WINOGRAD(float)
+PE_DEFINE_WINOGRAD(double)
+#undef PE_DEFINE_WINOGRAD
+
+// U[xi][ci][co] = (G g G^T)[xi] for the kernel g = kernel(co, ci) (9 values, row-major; flipped
+// in both axes when `flip`), in blocks of a vector of output channels (weights_block).
+template <typename T, typename Kernel>
+void transform_weights(int64_t in_c, int64_t out_c, const Kernel& kernel, bool flip, T* u) {
+  constexpr int64_t L = lanes<T>();
+  at::parallel_for(0, ceil_div(out_c, L), 1, [&](int64_t b0, int64_t b1) {
+    CachedBuffer<T> wl(static_cast<size_t>(in_c * 9 * L));  // zeros: lanes past out_c
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t co0 = blk * L, nco = std::min(L, out_c - co0);
+      for (int64_t l = 0; l < nco; ++l)
+        for (int64_t ci = 0; ci < in_c; ++ci) {
+          const T* k = kernel(co0 + l, ci);
+          for (int64_t j = 0; j < 9; ++j) wl[(ci * 9 + j) * L + l] = k[flip ? 8 - j : j];
+        }
+      weights_block(in_c, out_c, wl.data(), co0, nco, u);
+    }
+  });
+}
+
+// The convolution of x (NCHW) into y (NCHW) with transformed weights u, plus bias (or none),
+// in blocks of tile rows (the file's header says why). False where an output is not finite (y
+// then partly written).
+template <typename T>
+bool convolve(const Problem& p, const T* x, const T* u, const T* bias, T* y) {
+  constexpr int64_t L = lanes<T>();
+  const int64_t per_tile = kXi * (p.in_c + p.out_c) * int64_t(sizeof(T));
+  const int64_t rows_per_block =
+      std::clamp<int64_t>((int64_t(512) << 10) / per_tile / p.tw, 1, p.batch * p.th);
+  const int64_t blocks = ceil_div(p.batch * p.th, rows_per_block);
+  // V[xi][ci][t]: a block's tiles, then room for the last vector's spill (never read).
+  // M[xi][t][co]: the GEMMs' rows are the tiles, their vectors the output channels (whole
+  // 4-vector panels at 64 channels; along the tiles, a block's 56 made ragged ones).
+  const int64_t ld = round_up(rows_per_block * p.tw + L, L);
+  const int64_t out_ld = round_up(p.out_c, L), m_xi = rows_per_block * p.tw * out_ld;
+  const int64_t out_plane = p.out_h * p.out_w;
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    CachedBuffer<T> v(static_cast<size_t>(kXi * p.in_c * ld), /*zero=*/false);
+    CachedBuffer<T> m(static_cast<size_t>(kXi * m_xi), /*zero=*/false);
+    CachedBuffer<T> rows4(static_cast<size_t>(4 * p.cols));  // zeros: the padding columns
+    // The block's outputs channels-last: output row 2r + a of its tile row r at stage row
+    // (2r + a) * out_w (an odd out_h's last tile row has a second row from the padding: never
+    // stored to y), so that an image's rows are one run per channel in NCHW.
+    CachedBuffer<T> stage(static_cast<size_t>(2 * rows_per_block * p.out_w * out_ld),
+                          /*zero=*/false);
+    std::vector<const T*> a(static_cast<size_t>(p.in_c)), b(static_cast<size_t>(p.in_c));
+    bool ok = true;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * rows_per_block;
+      const int64_t nrows = std::min(rows_per_block, p.batch * p.th - r0), count = nrows * p.tw;
+      for (int64_t ci = 0; ci < p.in_c; ++ci)
+        for (int64_t r = 0; r < nrows; ++r) {
+          const int64_t n = (r0 + r) / p.th, ih0 = 2 * ((r0 + r) % p.th) - p.pad_h;
+          const T* plane = x + (n * p.in_c + ci) * p.in_h * p.in_w;
+          const T* src[4];
+          for (int64_t i = 0; i < 4; ++i) {
+            const int64_t ih = ih0 + i;
+            src[i] = ih >= 0 && ih < p.in_h ? plane + ih * p.in_w : nullptr;
+            // The next channel's row, ahead: each channel's few rows of a block are too short a
+            // run for the hardware prefetchers (the input reads stalled a quarter of the time).
+            if (src[i] && ci + 1 < p.in_c)
+              for (int64_t j = 0; j < p.in_w; j += 64 / int64_t(sizeof(T)))
+                __builtin_prefetch(src[i] + p.in_h * p.in_w + j);
+          }
+          input_row(p, src, rows4.data(), v.data() + ci * ld + r * p.tw, p.in_c * ld);
+        }
+      // M[xi] (count x out_c) = V[xi]^T (count x in_c) U[xi] (in_c x out_c), read in place.
+      for (int64_t xi = 0; xi < kXi; ++xi) {
+        for (int64_t k = 0; k < p.in_c; ++k) {
+          a[k] = v.data() + (xi * p.in_c + k) * ld;
+          b[k] = u + (xi * p.in_c + k) * p.out_c;
+        }
+        gemm_indirect<T>(count, p.out_c, p.in_c, a.data(), b.data(), m.data() + xi * m_xi,
+                         out_ld, 1, /*accumulate=*/false);
+      }
+      for (int64_t r = 0; r < nrows; ++r)
+        ok &= output_tiles(p, m.data() + r * p.tw * out_ld, m_xi, out_ld,
+                           stage.data() + 2 * r * p.out_w * out_ld, out_ld);
+      // Channels-last -> NCHW, plus the bias: one transpose per image in the block.
+      for (int64_t r = 0; r < nrows;) {
+        const int64_t n = (r0 + r) / p.th, th0 = (r0 + r) % p.th;
+        const int64_t run = std::min(nrows - r, p.th - th0);  // tile rows of image n
+        const int64_t oh0 = 2 * th0, oh1 = std::min(p.out_h, 2 * (th0 + run));
+        transpose((oh1 - oh0) * p.out_w, p.out_c, stage.data() + 2 * r * p.out_w * out_ld,
+                  out_ld, y + n * p.out_c * out_plane + oh0 * p.out_w, out_plane, bias);
+        r += run;
+      }
+    }
+    if (!ok) finite = false;
+  });
+  return finite;
+}
+
+}  // namespace
+
+bool winograd_fits(const Geometry& g) {
+  // 3x3, stride 1, undilated, one group; padding at most 2 (grad_input's is then 2 - padding);
+  // both channel counts wide enough for the GEMMs' panels (below 32 the implicit GEMM's fewer
+  // passes over memory win).
+  return g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 &&
+         g.dilation_h == 1 && g.dilation_w == 1 && g.groups == 1 && g.padding_h <= 2 &&
+         g.padding_w <= 2 && g.in_channels >= 32 && g.out_channels >= 32 && g.out_h >= 2 &&
+         g.out_w >= 2 && g.in_h >= 2 && g.in_w >= 2;
+}
+
+template <typename T>
+bool forward_winograd(const Geometry& g, const T* x, const T* w, const T* bias, T* y) {
+  const Problem p = make_problem<T>(g.batch, g.in_channels, g.in_h, g.in_w, g.out_channels,
+                                    g.out_h, g.out_w, g.padding_h, g.padding_w);
+  CachedBuffer<T> u(static_cast<size_t>(kXi * g.in_channels * g.out_channels), /*zero=*/false);
+  transform_weights<T>(g.in_channels, g.out_channels,
+                       [&](int64_t co, int64_t ci) { return w + (co * g.in_channels + ci) * 9; },
+                       /*flip=*/false, u.data());
+  return convolve<T>(p, x, u.data(), bias, y);
+}
+
+template <typename T>
+bool backward_input_winograd(const Geometry& g, const T* dy, const T* w, T* dx) {
+  // dX = conv(dY, W'), stride 1, padding 2 - p, W'[ci][co] = W[co][ci] flipped in both axes.
+  const Problem p = make_problem<T>(g.batch, g.out_channels, g.out_h, g.out_w, g.in_channels,
+                                    g.in_h, g.in_w, 2 - g.padding_h, 2 - g.padding_w);
+  CachedBuffer<T> u(static_cast<size_t>(kXi * g.in_channels * g.out_channels), /*zero=*/false);
+  transform_weights<T>(g.out_channels, g.in_channels,
+                       [&](int64_t ci, int64_t co) { return w + (co * g.in_channels + ci) * 9; },
+                       /*flip=*/true, u.data());
+  return convolve<T>(p, dy, u.data(), nullptr, dx);
+}
+
+template bool forward_winograd<float>(const Geometry&, const float*, const float*, const float*,
+                                      float*);
+template bool forward_winograd<double>(const Geometry&, const double*, const double*,
+                                       const double*, double*);
+template bool backward_input_winograd<float>(const Geometry&, const float*, const float*,
+                                             float*);
+template bool backward_input_winograd<double>(const Geometry&, const double*, const double*,
+                                              double*);
+
+}  // namespace conv2d
+}  // namespace cpu
+}  // namespace pyengine
