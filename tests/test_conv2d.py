@@ -68,6 +68,9 @@ def backward(g, x, w, stride=1, padding=0, dilation=1, groups=1, mask=(True, Tru
     (4, 32, 48, 2, 2, 3, 1, 1, 1, 1),
     (5, 64, 32, 14, 14, 3, 1, 1, 1, 1),
     (1, 96, 80, 30, 17, 3, 1, 1, 1, 1),
+    # ... and its grad_weight (128+ channels): odd sizes, paddings 0 and 2
+    (3, 128, 160, 9, 7, 3, 1, 0, 1, 1),
+    (2, 144, 128, 5, 4, 3, 1, 2, 1, 1),
 ])
 def test_shapes(shape, dtype, device):
     n, cin, cout, h, w_, k, s, p, d, g = shape
@@ -95,7 +98,7 @@ def test_shapes(shape, dtype, device):
 ALGORITHM_SHAPES = [(2, 3, 5, 7, 13, 3, 1, 1, 1, 1), (20, 4, 6, 9, 7, 3, 1, 1, 1, 1),
                     (2, 2, 6, 20, 19, 3, 1, 1, 1, 1), (2, 16, 32, 9, 11, 3, 1, 1, 1, 1),
                     (2, 16, 16, 13, 12, 3, 2, 1, 1, 1), (2, 16, 24, 7, 7, 1, 1, 0, 1, 1),
-                    (2, 32, 32, 9, 11, 3, 1, 1, 1, 1)]
+                    (2, 32, 32, 9, 11, 3, 1, 1, 1, 1), (2, 128, 128, 6, 7, 3, 1, 1, 1, 1)]
 
 
 @pytest.mark.parametrize("shape", ALGORITHM_SHAPES)
@@ -125,12 +128,12 @@ def test_nonfinite_values_reach_what_torch_reaches(shape):
 def test_winograd_overflow_is_computed_again():
     """Values near float32's largest: the Winograd transforms' sums (x0 - x2 of a window)
     overflow where every product of the direct sum is finite. The result is torch's, finite
-    (computed again on another path), forward and grad_input."""
+    (computed again on another path): forward, grad_input and grad_weight."""
     torch.manual_seed(0)
-    x = torch.full((2, 32, 6, 7), 3e38)
+    x = torch.full((2, 128, 6, 7), 3e38)
     x[:, :, 2:4] = -3e38  # rows 1 and 3 of opposite signs: tile row 1's first difference
     assert torch.isinf(x[0, 0, 1] - x[0, 0, 3]).all()  # (B^T d's row d0 - d2) overflows
-    w = torch.randn(32, 32, 3, 3) * 1e-4
+    w = torch.randn(128, 128, 3, 3) * 1e-5
     y = ours(x, w, padding=1)
     want = theirs(x.double(), w.double(), padding=1)
     assert torch.isfinite(y).all()
@@ -142,6 +145,12 @@ def test_winograd_overflow_is_computed_again():
     assert torch.isfinite(dx).all()
     helpers.assert_close(dx.double(), want_dx, torch.float32, rtol=1e-4,
                          atol=1e-5 * want_dx.abs().max().item())
+    g = torch.randn_like(y) * 1e-6
+    dw = backward(g, x, w, padding=1, mask=(False, True, False))[1]
+    want_dw = torch.nn.grad.conv2d_weight(x.double(), w.shape, g.double(), padding=1)
+    assert torch.isfinite(dw).all()
+    helpers.assert_close(dw.double(), want_dw, torch.float32, rtol=1e-4,
+                         atol=1e-5 * want_dw.abs().max().item())
 
 
 @devices

@@ -74,6 +74,10 @@ template <typename T>
 bool forward_winograd(const Geometry& g, const T* x, const T* w, const T* bias, T* y);
 template <typename T>
 bool backward_input_winograd(const Geometry& g, const T* dy, const T* w, T* dx);
+// grad_weight where the channels are wide enough to pay for its transforms (128+ in and out).
+bool winograd_fits_backward_weight(const Geometry& g);
+template <typename T>
+bool backward_weight_winograd(const Geometry& g, const T* dy, const T* x, T* dw);
 
 // ---- Shared helpers ---------------------------------------------------------------------------
 

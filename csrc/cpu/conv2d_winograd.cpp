@@ -1,6 +1,6 @@
-// The Winograd algorithm F(2x2, 3x3) of the CPU conv2d forward and grad_input (interface:
-// cpu/conv2d.h; when it is chosen: cpu/conv2d.cpp): 3x3, stride 1, dilation 1, one group, wide
-// layers. Each 2x2 block of output pixels (a tile) is
+// The Winograd algorithm F(2x2, 3x3) of the CPU conv2d forward, grad_input and grad_weight
+// (interface: cpu/conv2d.h; when it is chosen: cpu/conv2d.cpp): 3x3, stride 1, dilation 1, one
+// group, wide layers. Each 2x2 block of output pixels (a tile) is
 //
 //   Y_tile = A^T [ sum_ci (G g[co, ci] G^T) .* (B^T d[ci] B) ] A
 //
@@ -243,6 +243,99 @@ PE_INLINE bool output_tiles_impl(const Problem& p, const T* m, int64_t xi_ld, in
   return !any;
 }
 
+// grad_weight is the forward's adjoint in g: dW = G^T [ sum_t (A dy_t A^T) .* (B^T d_t B) ] G,
+// dy_t a tile's 2x2 of dY and d_t its 4x4 input window (the forward's V): 16 GEMMs summing over
+// the tiles, then a 4x4 -> 3x3 transform per (co, ci).
+//
+// DY[xi][t0 + l] (xi's rows xi_ld apart) = (A dy A^T)[xi] for the tiles t0 + l of one tile row,
+// from its two dY rows in rows2 (`cols` apart, zero past out_w and in a row past out_h).
+// A's rows: (1, 0), (1, 1), (1, -1), (0, -1).
+template <typename T>
+PE_INLINE void dy_tiles(const T* rows2, int64_t cols, int64_t c0, T* dyt, int64_t xi_ld) {
+  using V = typename Vec<T>::v;
+  using I = typename Vec<T>::i;
+  constexpr int64_t L = lanes<T>();
+  I even, odd;
+  for (int64_t l = 0; l < L; ++l) even[l] = 2 * l, odd[l] = 2 * l + 1;
+  V p[2], q[2];  // the tiles' columns 0 and 1, rows 0 and 1
+#pragma GCC unroll 2
+  for (int a = 0; a < 2; ++a) {
+    const T* row = rows2 + a * cols + 2 * c0;
+    const V lo = load(row), hi = load(row + L);
+    p[a] = __builtin_shuffle(lo, hi, even);
+    q[a] = __builtin_shuffle(lo, hi, odd);
+  }
+  const V rp[4] = {p[0], p[0] + p[1], p[0] - p[1], -p[1]};  // A dy, column 0
+  const V rq[4] = {q[0], q[0] + q[1], q[0] - q[1], -q[1]};  // column 1
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // then (A dy) A^T along the rows
+    store(dyt + (4 * i + 0) * xi_ld, rp[i]);
+    store(dyt + (4 * i + 1) * xi_ld, rp[i] + rq[i]);
+    store(dyt + (4 * i + 2) * xi_ld, rp[i] - rq[i]);
+    store(dyt + (4 * i + 3) * xi_ld, -rq[i]);
+  }
+}
+
+// One tile row of DY from dY rows y0 and y1 (y1 null past an odd out_h), through rows2 (2 rows
+// `cols` apart; zero from out_w on, never written there).
+template <typename T>
+PE_INLINE void dy_row_impl(const Problem& p, const T* y0, const T* y1, T* rows2, int64_t cols,
+                           T* dyt, int64_t xi_ld) {
+  constexpr int64_t L = lanes<T>();
+  const T* src[2] = {y0, y1};
+  for (int a = 0; a < 2; ++a) {
+    T* dst = rows2 + a * cols;
+    int64_t j = 0;
+    if (src[a]) {
+      for (; j + L <= p.out_w; j += L) store(dst + j, load(src[a] + j));
+      for (; j < p.out_w; ++j) dst[j] = src[a][j];
+    } else {
+      for (; j < p.out_w; ++j) dst[j] = T(0);
+    }
+  }
+  for (int64_t c0 = 0; c0 < p.tw; c0 += L) dy_tiles<T>(rows2, cols, c0, dyt + c0, xi_ld);
+}
+
+// dW[co][ci][.][.] = G^T S[.][co][ci] G for one output channel (S's xi blocks xi_ld apart, ci
+// contiguous), through stage (9 x L). G^T's rows: (1, 1/2, 1/2, 0), (0, 1/2, -1/2, 0),
+// (0, 1/2, 1/2, 1). Returns whether every value is finite.
+template <typename T>
+PE_INLINE bool weight_grad_row_impl(int64_t in_c, const T* s, int64_t xi_ld, T* dw, T* stage) {
+  using V = typename Vec<T>::v;
+  using I = typename Vec<T>::i;
+  constexpr int64_t L = lanes<T>();
+  I bad{};
+  for (int64_t c0 = 0; c0 < in_c; c0 += L) {
+    const int64_t n = std::min(L, in_c - c0);
+    V t[3][4];  // G^T S
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const V s0 = load(s + (0 + j) * xi_ld + c0), s1 = load(s + (4 + j) * xi_ld + c0);
+      const V s2 = load(s + (8 + j) * xi_ld + c0), s3 = load(s + (12 + j) * xi_ld + c0);
+      t[0][j] = s0 + T(0.5) * (s1 + s2);
+      t[1][j] = T(0.5) * (s1 - s2);
+      t[2][j] = T(0.5) * (s1 + s2) + s3;
+    }
+    I valid;
+    for (int64_t l = 0; l < L; ++l) valid[l] = l < n ? -1 : 0;
+#pragma GCC unroll 3
+    for (int i = 0; i < 3; ++i) {  // then (G^T S) G
+      const V k0 = t[i][0] + T(0.5) * (t[i][1] + t[i][2]);
+      const V k1 = T(0.5) * (t[i][1] - t[i][2]);
+      const V k2 = T(0.5) * (t[i][1] + t[i][2]) + t[i][3];
+      bad |= (((k0 - k0) != 0) | ((k1 - k1) != 0) | ((k2 - k2) != 0)) & valid;
+      store(stage + (3 * i + 0) * L, k0);
+      store(stage + (3 * i + 1) * L, k1);
+      store(stage + (3 * i + 2) * L, k2);
+    }
+    for (int64_t l = 0; l < n; ++l)
+      for (int64_t k = 0; k < 9; ++k) dw[(c0 + l) * 9 + k] = stage[k * L + l];
+  }
+  bool any = false;
+  for (int64_t l = 0; l < L; ++l) any |= bad[l] != 0;
+  return !any;
+}
+
 #define PE_DEFINE_WINOGRAD(T)                                                                  \
   PE_ISA_FUNCTION(Family::Conv2d, void, input_row,                                             \
                   (const Problem& p, const T* const* src, T* rows4, T* v, int64_t xi_ld),      \
@@ -253,7 +346,14 @@ PE_INLINE bool output_tiles_impl(const Problem& p, const T* m, int64_t xi_ld, in
                   (p, m, xi_ld, out_ld, stage, stage_ld), output_tiles_impl<T>)                \
   PE_ISA_FUNCTION(Family::Conv2d, void, weights_block,                                         \
                   (int64_t in_c, int64_t out_c, const T* wl, int64_t co0, int64_t nco, T* u),  \
-                  (in_c, out_c, wl, co0, nco, u), weights_block_impl<T>)
+                  (in_c, out_c, wl, co0, nco, u), weights_block_impl<T>)                       \
+  PE_ISA_FUNCTION(Family::Conv2d, void, dy_row,                                                \
+                  (const Problem& p, const T* y0, const T* y1, T* rows2, int64_t cols, T* dyt,  \
+                   int64_t xi_ld),                                                             \
+                  (p, y0, y1, rows2, cols, dyt, xi_ld), dy_row_impl<T>)                        \
+  PE_ISA_FUNCTION(Family::Conv2d, bool, weight_grad_row,                                       \
+                  (int64_t in_c, const T* s, int64_t xi_ld, T* dw, T* stage),                  \
+                  (in_c, s, xi_ld, dw, stage), weight_grad_row_impl<T>)
 PE_DEFINE_WINOGRAD(float)
 PE_DEFINE_WINOGRAD(double)
 #undef PE_DEFINE_WINOGRAD
@@ -351,6 +451,65 @@ bool convolve(const Problem& p, const T* x, const T* u, const T* bias, T* y) {
   return finite;
 }
 
+// Blocks of tile rows as in convolve (here ~4 MB of V and DY, as the GEMMs only read them), in
+// order; per block the transforms (a task per channel), then the 16 GEMMs (a task per xi, each
+// adding the block to its own S[xi]: every sum in block order, whatever the threads).
+template <typename T>
+bool weight_grad(const Problem& p, const T* x, const T* dy, T* dw) {
+  constexpr int64_t L = lanes<T>();
+  const int64_t per_tile = kXi * (p.in_c + p.out_c) * int64_t(sizeof(T));
+  const int64_t rows_per_block =
+      std::clamp<int64_t>((int64_t(4) << 20) / per_tile / p.tw, 1, p.batch * p.th);
+  const int64_t ld = round_up(rows_per_block * p.tw + L, L);
+  const int64_t dy_cols = 2 * p.tw_vec;
+  CachedBuffer<T> v(static_cast<size_t>(kXi * p.in_c * ld), /*zero=*/false);
+  CachedBuffer<T> dyt(static_cast<size_t>(kXi * p.out_c * ld), /*zero=*/false);
+  CachedBuffer<T> sums(static_cast<size_t>(kXi * p.out_c * p.in_c), /*zero=*/false);
+  const int64_t out_plane = p.out_h * p.out_w;
+  for (int64_t r0 = 0; r0 < p.batch * p.th; r0 += rows_per_block) {
+    const int64_t nrows = std::min(rows_per_block, p.batch * p.th - r0), count = nrows * p.tw;
+    at::parallel_for(0, p.in_c + p.out_c, 1, [&](int64_t c0, int64_t c1) {
+      CachedBuffer<T> rows4(static_cast<size_t>(4 * p.cols));      // zeros: the padding
+      CachedBuffer<T> rows2(static_cast<size_t>(2 * dy_cols));     // zeros: past out_w
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = 0; r < nrows; ++r) {
+          const int64_t n = (r0 + r) / p.th, th = (r0 + r) % p.th;
+          if (c < p.in_c) {
+            const T* plane = x + (n * p.in_c + c) * p.in_h * p.in_w;
+            const T* src[4];
+            for (int64_t i = 0; i < 4; ++i) {
+              const int64_t ih = 2 * th - p.pad_h + i;
+              src[i] = ih >= 0 && ih < p.in_h ? plane + ih * p.in_w : nullptr;
+            }
+            input_row(p, src, rows4.data(), v.data() + c * ld + r * p.tw, p.in_c * ld);
+          } else {
+            const int64_t co = c - p.in_c;
+            const T* y0 = dy + (n * p.out_c + co) * out_plane + 2 * th * p.out_w;
+            dy_row(p, y0, 2 * th + 1 < p.out_h ? y0 + p.out_w : nullptr, rows2.data(), dy_cols,
+                   dyt.data() + co * ld + r * p.tw, p.out_c * ld);
+          }
+        }
+    });
+    // S[xi] (out_c x in_c) += DY[xi] (out_c x count) V[xi]^T (count x in_c).
+    at::parallel_for(0, kXi, 1, [&](int64_t x0, int64_t x1) {
+      for (int64_t xi = x0; xi < x1; ++xi)
+        gemm<T>(p.out_c, p.in_c, count, dyt.data() + xi * p.out_c * ld, ld, 1,
+                v.data() + xi * p.in_c * ld, 1, ld, sums.data() + xi * p.out_c * p.in_c, p.in_c,
+                1, /*accumulate=*/r0 > 0);
+    });
+  }
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, p.out_c, 1, [&](int64_t c0, int64_t c1) {
+    CachedBuffer<T> stage(static_cast<size_t>(9 * L), /*zero=*/false);
+    bool ok = true;
+    for (int64_t co = c0; co < c1; ++co)
+      ok &= weight_grad_row(p.in_c, sums.data() + co * p.in_c, p.out_c * p.in_c,
+                            dw + co * p.in_c * 9, stage.data());
+    if (!ok) finite = false;
+  });
+  return finite;
+}
+
 }  // namespace
 
 bool winograd_fits(const Geometry& g) {
@@ -361,6 +520,15 @@ bool winograd_fits(const Geometry& g) {
          g.dilation_h == 1 && g.dilation_w == 1 && g.groups == 1 && g.padding_h <= 2 &&
          g.padding_w <= 2 && g.in_channels >= 32 && g.out_channels >= 32 && g.out_h >= 2 &&
          g.out_w >= 2 && g.in_h >= 2 && g.in_w >= 2;
+}
+
+bool winograd_fits_backward_weight(const Geometry& g) {
+  // The GEMMs' work per tile grows with in x out channels, the transforms' with in + out: at
+  // 64 -> 64 the transforms (through L3) cost more than the multiplies saved (grad_weight 64->64
+  // @32 b16, 2 threads: 4.0 ms implicit, 5.0 Winograd), at 128 -> 128 and above they do not
+  // (@28 b8: 6.0 -> 4.9 ms; 256 @14: 6.1 -> 4.5).
+  return winograd_fits(g) &&
+         g.in_channels * g.out_channels >= 64 * (g.in_channels + g.out_channels);
 }
 
 template <typename T>
@@ -386,6 +554,13 @@ bool backward_input_winograd(const Geometry& g, const T* dy, const T* w, T* dx) 
   return convolve<T>(p, dy, u.data(), nullptr, dx);
 }
 
+template <typename T>
+bool backward_weight_winograd(const Geometry& g, const T* dy, const T* x, T* dw) {
+  const Problem p = make_problem<T>(g.batch, g.in_channels, g.in_h, g.in_w, g.out_channels,
+                                    g.out_h, g.out_w, g.padding_h, g.padding_w);
+  return weight_grad<T>(p, x, dy, dw);
+}
+
 template bool forward_winograd<float>(const Geometry&, const float*, const float*, const float*,
                                       float*);
 template bool forward_winograd<double>(const Geometry&, const double*, const double*,
@@ -394,6 +569,10 @@ template bool backward_input_winograd<float>(const Geometry&, const float*, cons
                                              float*);
 template bool backward_input_winograd<double>(const Geometry&, const double*, const double*,
                                               double*);
+template bool backward_weight_winograd<float>(const Geometry&, const float*, const float*,
+                                              float*);
+template bool backward_weight_winograd<double>(const Geometry&, const double*, const double*,
+                                               double*);
 
 }  // namespace conv2d
 }  // namespace cpu
