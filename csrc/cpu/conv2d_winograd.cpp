@@ -377,6 +377,24 @@ void transform_weights(int64_t in_c, int64_t out_c, const Kernel& kernel, bool f
   });
 }
 
+// The four input rows of tile row `row` (image row / th, tile row row % th) of channel c of x
+// (NCHW), null for a padding row; with prefetch_next, the next channel's same rows are fetched
+// ahead: a channel's few rows in a block are too short a run for the hardware prefetchers (the
+// forward's input reads stalled a quarter of its time without).
+template <typename T>
+void window_rows(const Problem& p, const T* x, int64_t row, int64_t c, bool prefetch_next,
+                 const T* src[4]) {
+  const int64_t n = row / p.th, ih0 = 2 * (row % p.th) - p.pad_h, plane = p.in_h * p.in_w;
+  const T* xc = x + (n * p.in_c + c) * plane;
+  for (int64_t i = 0; i < 4; ++i) {
+    const int64_t ih = ih0 + i;
+    src[i] = ih >= 0 && ih < p.in_h ? xc + ih * p.in_w : nullptr;
+    if (src[i] && prefetch_next && c + 1 < p.in_c)
+      for (int64_t j = 0; j < p.in_w; j += 64 / int64_t(sizeof(T)))
+        __builtin_prefetch(src[i] + plane + j);
+  }
+}
+
 // The convolution of x (NCHW) into y (NCHW) with transformed weights u, plus bias (or none),
 // in blocks of tile rows (the file's header says why). False where an output is not finite (y
 // then partly written).
@@ -410,18 +428,8 @@ bool convolve(const Problem& p, const T* x, const T* u, const T* bias, T* y) {
       const int64_t nrows = std::min(rows_per_block, p.batch * p.th - r0), count = nrows * p.tw;
       for (int64_t ci = 0; ci < p.in_c; ++ci)
         for (int64_t r = 0; r < nrows; ++r) {
-          const int64_t n = (r0 + r) / p.th, ih0 = 2 * ((r0 + r) % p.th) - p.pad_h;
-          const T* plane = x + (n * p.in_c + ci) * p.in_h * p.in_w;
           const T* src[4];
-          for (int64_t i = 0; i < 4; ++i) {
-            const int64_t ih = ih0 + i;
-            src[i] = ih >= 0 && ih < p.in_h ? plane + ih * p.in_w : nullptr;
-            // The next channel's row, ahead: each channel's few rows of a block are too short a
-            // run for the hardware prefetchers (the input reads stalled a quarter of the time).
-            if (src[i] && ci + 1 < p.in_c)
-              for (int64_t j = 0; j < p.in_w; j += 64 / int64_t(sizeof(T)))
-                __builtin_prefetch(src[i] + p.in_h * p.in_w + j);
-          }
+          window_rows(p, x, r0 + r, ci, /*prefetch_next=*/true, src);
           input_row(p, src, rows4.data(), v.data() + ci * ld + r * p.tw, p.in_c * ld);
         }
       // M[xi] (count x out_c) = V[xi]^T (count x in_c) U[xi] (in_c x out_c), read in place.
@@ -475,12 +483,8 @@ bool weight_grad(const Problem& p, const T* x, const T* dy, T* dw) {
         for (int64_t r = 0; r < nrows; ++r) {
           const int64_t n = (r0 + r) / p.th, th = (r0 + r) % p.th;
           if (c < p.in_c) {
-            const T* plane = x + (n * p.in_c + c) * p.in_h * p.in_w;
             const T* src[4];
-            for (int64_t i = 0; i < 4; ++i) {
-              const int64_t ih = 2 * th - p.pad_h + i;
-              src[i] = ih >= 0 && ih < p.in_h ? plane + ih * p.in_w : nullptr;
-            }
+            window_rows(p, x, r0 + r, c, /*prefetch_next=*/false, src);
             input_row(p, src, rows4.data(), v.data() + c * ld + r * p.tw, p.in_c * ld);
           } else {
             const int64_t co = c - p.in_c;
@@ -510,6 +514,13 @@ bool weight_grad(const Problem& p, const T* x, const T* dy, T* dw) {
   return finite;
 }
 
+// The forward's problem (grad_weight's too).
+template <typename T>
+Problem forward_problem(const Geometry& g) {
+  return make_problem<T>(g.batch, g.in_channels, g.in_h, g.in_w, g.out_channels, g.out_h,
+                         g.out_w, g.padding_h, g.padding_w);
+}
+
 }  // namespace
 
 bool winograd_fits(const Geometry& g) {
@@ -533,8 +544,7 @@ bool winograd_fits_backward_weight(const Geometry& g) {
 
 template <typename T>
 bool forward_winograd(const Geometry& g, const T* x, const T* w, const T* bias, T* y) {
-  const Problem p = make_problem<T>(g.batch, g.in_channels, g.in_h, g.in_w, g.out_channels,
-                                    g.out_h, g.out_w, g.padding_h, g.padding_w);
+  const Problem p = forward_problem<T>(g);
   CachedBuffer<T> u(static_cast<size_t>(kXi * g.in_channels * g.out_channels), /*zero=*/false);
   transform_weights<T>(g.in_channels, g.out_channels,
                        [&](int64_t co, int64_t ci) { return w + (co * g.in_channels + ci) * 9; },
@@ -556,9 +566,7 @@ bool backward_input_winograd(const Geometry& g, const T* dy, const T* w, T* dx) 
 
 template <typename T>
 bool backward_weight_winograd(const Geometry& g, const T* dy, const T* x, T* dw) {
-  const Problem p = make_problem<T>(g.batch, g.in_channels, g.in_h, g.in_w, g.out_channels,
-                                    g.out_h, g.out_w, g.padding_h, g.padding_w);
-  return weight_grad<T>(p, x, dy, dw);
+  return weight_grad<T>(forward_problem<T>(g), x, dy, dw);
 }
 
 template bool forward_winograd<float>(const Geometry&, const float*, const float*, const float*,
