@@ -64,7 +64,7 @@ struct Problem {
   int64_t batch, in_c, in_h, in_w, out_c, out_h, out_w, pad_h, pad_w;
   int64_t th, tw;      // tile rows and columns per image
   int64_t tw_vec;      // tw rounded up to whole vectors
-  int64_t rows, cols;  // of a zero-padded input plane
+  int64_t cols;        // of a zero-padded input row
 };
 
 template <typename T>
@@ -76,13 +76,13 @@ template <typename T>
 Problem make_problem(int64_t batch, int64_t in_c, int64_t in_h, int64_t in_w, int64_t out_c,
                      int64_t out_h, int64_t out_w, int64_t pad_h, int64_t pad_w) {
   constexpr int64_t L = lanes<T>();
-  Problem p{batch, in_c, in_h, in_w, out_c, out_h, out_w, pad_h, pad_w, 0, 0, 0, 0, 0};
+  Problem p{batch, in_c, in_h, in_w, out_c, out_h, out_w, pad_h, pad_w, 0, 0, 0, 0};
   p.th = ceil_div(out_h, 2);
   p.tw = ceil_div(out_w, 2);
   p.tw_vec = round_up(p.tw, L);
-  // Tile row r reads padded rows 2r .. 2r + 3; a vector of tiles from column 2 * tw0 reads
-  // columns up to 2 * tw0 + 2L + 1 < 2 * tw_vec + 2. Beyond the input (and its padding): zeros.
-  p.rows = std::max(2 * p.th + 2, in_h + pad_h);
+  // Tile row r reads padded rows 2r .. 2r + 3 (rows past the input: zeros); a vector of tiles
+  // from column 2 * tw0 reads columns up to 2 * tw0 + 2L + 1 < 2 * tw_vec + 2, zeros past the
+  // input.
   p.cols = round_up(std::max(2 * p.tw_vec + 2, in_w + pad_w), L);
   return p;
 }
@@ -109,8 +109,8 @@ PE_INLINE void store(T* p, typename Vec<T>::v v) {
   *reinterpret_cast<typename Vec<T>::uv*>(p) = v;
 }
 
-// V[xi][t0 + l] (xi's rows `ld` apart) for the tiles tw0 + l of one tile row of a padded plane,
-// whose four input rows start at `r` (`cols` apart).
+// V[xi][l] (xi's rows xi_ld apart) for the tiles tw0 + l of one tile row, whose four
+// zero-padded input rows start at `r` (`cols` apart).
 template <typename T>
 PE_INLINE void input_tiles(const T* r, int64_t cols, int64_t tw0, T* v, int64_t xi_ld) {
   using V = typename Vec<T>::v;
