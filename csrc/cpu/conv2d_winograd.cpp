@@ -521,6 +521,16 @@ Problem forward_problem(const Geometry& g) {
                          g.out_w, g.padding_h, g.padding_w);
 }
 
+// convolve() with the weights given as kernel(co, ci) for the problem's channels (flipped in
+// both axes when `flip`): the forward's and grad_input's one path.
+template <typename T, typename Kernel>
+bool convolve_with(const Problem& p, const Kernel& kernel, bool flip, const T* x, const T* bias,
+                   T* y) {
+  CachedBuffer<T> u(static_cast<size_t>(kXi * p.in_c * p.out_c), /*zero=*/false);
+  transform_weights<T>(p.in_c, p.out_c, kernel, flip, u.data());
+  return convolve<T>(p, x, u.data(), bias, y);
+}
+
 }  // namespace
 
 bool winograd_fits(const Geometry& g) {
@@ -544,24 +554,20 @@ bool winograd_fits_backward_weight(const Geometry& g) {
 
 template <typename T>
 bool forward_winograd(const Geometry& g, const T* x, const T* w, const T* bias, T* y) {
-  const Problem p = forward_problem<T>(g);
-  CachedBuffer<T> u(static_cast<size_t>(kXi * g.in_channels * g.out_channels), /*zero=*/false);
-  transform_weights<T>(g.in_channels, g.out_channels,
-                       [&](int64_t co, int64_t ci) { return w + (co * g.in_channels + ci) * 9; },
-                       /*flip=*/false, u.data());
-  return convolve<T>(p, x, u.data(), bias, y);
+  return convolve_with<T>(
+      forward_problem<T>(g),
+      [&](int64_t co, int64_t ci) { return w + (co * g.in_channels + ci) * 9; },
+      /*flip=*/false, x, bias, y);
 }
 
 template <typename T>
 bool backward_input_winograd(const Geometry& g, const T* dy, const T* w, T* dx) {
   // dX = conv(dY, W'), stride 1, padding 2 - p, W'[ci][co] = W[co][ci] flipped in both axes.
-  const Problem p = make_problem<T>(g.batch, g.out_channels, g.out_h, g.out_w, g.in_channels,
-                                    g.in_h, g.in_w, 2 - g.padding_h, 2 - g.padding_w);
-  CachedBuffer<T> u(static_cast<size_t>(kXi * g.in_channels * g.out_channels), /*zero=*/false);
-  transform_weights<T>(g.out_channels, g.in_channels,
-                       [&](int64_t ci, int64_t co) { return w + (co * g.in_channels + ci) * 9; },
-                       /*flip=*/true, u.data());
-  return convolve<T>(p, dy, u.data(), nullptr, dx);
+  return convolve_with<T>(
+      make_problem<T>(g.batch, g.out_channels, g.out_h, g.out_w, g.in_channels, g.in_h, g.in_w,
+                      2 - g.padding_h, 2 - g.padding_w),
+      [&](int64_t ci, int64_t co) { return w + (co * g.in_channels + ci) * 9; },
+      /*flip=*/true, dy, nullptr, dx);
 }
 
 template <typename T>
