@@ -303,6 +303,17 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     return _reshape_loss(loss, spatial_shape) if reduction_enum == 0 else loss
 
 
+# The dtypes torch's autocast casts (float64 it leaves alone).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _autocast_casts_both(input: Tensor, target: Tensor) -> bool:
+    """Whether autocast is on for the input's device and will bring input and target to one
+    dtype (cross_entropy runs in float32 under autocast: csrc/autocast.cpp), as torch's does."""
+    return (torch.is_autocast_enabled(input.device.type) and input.dtype in _AUTOCAST_ELIGIBLE
+            and target.dtype in _AUTOCAST_ELIGIBLE)
+
+
 @torch.fx.wrap
 def _cross_entropy_rows(input: Tensor, target: Tensor):
     """cross_entropy's input and target as the operator takes them, and the shape of a 'none'
@@ -310,7 +321,7 @@ def _cross_entropy_rows(input: Tensor, target: Tensor):
     dim last (a probability target's too). An fx leaf (see "torch.fx leaves" at the top): all of
     it depends on the dtype and the sizes."""
     probabilities = target.is_floating_point()
-    if probabilities and target.dtype != input.dtype:
+    if probabilities and target.dtype != input.dtype and not _autocast_casts_both(input, target):
         # torch promotes; pyengine has no kernel for mixed dtypes (patch() runs torch's then)
         raise NotImplementedError(
             "pyengine.functional.cross_entropy: expected a class-probability target of input's "

@@ -11,8 +11,9 @@ own), and the devices it runs on are the dispatcher's kernels (info() asks the d
 """
 import torch
 
-# Every operator computes in these dtypes and raises NotImplementedError for any other.
-DTYPES = (torch.float32, torch.float64)
+# Every operator takes these dtypes (bfloat16 and float16 computed in float32, rounded once:
+# csrc/common/low_precision.h) and raises NotImplementedError for any other.
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # pyengine.functional function -> {argument: the values it declines}: such a call raises
 # NotImplementedError naming the argument (patch() then runs torch's function instead).

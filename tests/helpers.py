@@ -4,6 +4,8 @@ import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float32, torch.float64]
+# What an error for an unsupported dtype lists (csrc/common/checks.h, check_floating).
+SUPPORTED_DTYPES_TEXT = "float32, float64, bfloat16 or float16"
 
 # Tolerances for comparing pyengine with torch: summation order differs, so float32 results
 # agree to a few ulps per accumulated term, not bitwise.

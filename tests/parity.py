@@ -56,8 +56,14 @@ def assert_same(actual, expected, dtype, exact=False, what=""):
     # results agree to a few ulps of the largest accumulated magnitude, not bitwise.
     finite = expected[expected.isfinite()]
     scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
-    tol = dict(rtol=1e-4, atol=2e-5 * scale) if dtype == torch.float32 else \
-        dict(rtol=1e-9, atol=1e-11 * scale)
+    if dtype in (torch.bfloat16, torch.float16):
+        # Both compute in float32 (common/low_precision.h) and round once: float32's agreement,
+        # plus one ulp of the 16-bit dtype where the two float32 values round apart.
+        tol = dict(rtol=torch.finfo(dtype).eps, atol=2e-5 * scale)
+    elif dtype == torch.float32:
+        tol = dict(rtol=1e-4, atol=2e-5 * scale)
+    else:
+        tol = dict(rtol=1e-9, atol=1e-11 * scale)
     torch.testing.assert_close(actual, expected, equal_nan=True, msg=lambda m: f"{what}: {m}",
                                **tol)
 
@@ -70,7 +76,8 @@ def assert_bitwise_equal(a, b, what=""):
             continue
         assert x.shape == y.shape and x.dtype == y.dtype, what
         if x.is_floating_point():
-            bits = {torch.float32: torch.int32, torch.float64: torch.int64}[x.dtype]
+            bits = {torch.float32: torch.int32, torch.float64: torch.int64,
+                    torch.bfloat16: torch.int16, torch.float16: torch.int16}[x.dtype]
             same = x.contiguous().view(bits) == y.contiguous().view(bits)
             same |= x.isnan() & y.isnan()  # NaN payloads may differ
             assert bool(same.all()), f"{what}: {int((~same).sum())} of {x.numel()} differ"

@@ -29,7 +29,7 @@ import pyengine.functional as PF
 import samples
 from differential import call
 from fuzz_configs import materialize
-from helpers import FLOAT_DTYPES
+from helpers import FLOAT_DTYPES, SUPPORTED_DTYPES_TEXT
 from parity import (DEVICE_ASSERT_CASES, GpuTarget, assert_bitwise_equal, check_layouts,
                     check_sample, parity, reduction_calls)
 
@@ -275,7 +275,7 @@ def _bad_calls():
                           "divisible by groups"),
         "conv2d int input": (lambda: conv(torch.ones(1, 1, 3, 3, dtype=torch.long),
                                           r(1, 1, 1, 1)),
-                             NotImplementedError, "float32 or float64"),
+                             NotImplementedError, SUPPORTED_DTYPES_TEXT),
         "conv2d dtypes": (lambda: conv(r(1, 1, 3, 3), r(1, 1, 1, 1, dtype=d)), RuntimeError,
                           "same dtype"),
         "conv2d kernel": (lambda: conv(r(1, 1, 3, 3), r(1, 1, 5, 5)), RuntimeError, "fit"),
@@ -289,7 +289,7 @@ def _bad_calls():
         "max_pool2d kernel": (lambda: pool(r(1, 1, 1, 1), k=(3, 3)), RuntimeError, "fit"),
         "max_pool2d int": (lambda: pool(torch.ones(1, 1, 4, 4, dtype=torch.int32)),
                            NotImplementedError,
-                           "float32 or float64"),
+                           SUPPORTED_DTYPES_TEXT),
         "max_pool2d_backward indices": (
             lambda: P.max_pool2d_backward(r(1, 1, 2, 2), r(1, 1, 4, 4),
                                           torch.zeros(1, 1, 2, 2, dtype=torch.int32), [2, 2],
@@ -298,11 +298,11 @@ def _bad_calls():
         "linear features": (lambda: P.linear(r(2, 3), r(4, 5), None), RuntimeError, "in_features"),
         "linear bias": (lambda: P.linear(r(2, 3), r(4, 3), r(5)), RuntimeError, "bias"),
         "linear weight rank": (lambda: P.linear(r(2, 3), r(3), None), RuntimeError, "2-D"),
-        "relu int": (lambda: P.relu(torch.arange(3)), NotImplementedError, "float32 or float64"),
+        "relu int": (lambda: P.relu(torch.arange(3)), NotImplementedError, SUPPORTED_DTYPES_TEXT),
         "relu_backward shape": (lambda: P.relu_backward(r(3), r(4)), RuntimeError, "same shape"),
         "softmax dim": (lambda: P.softmax(r(3), 2), IndexError, "dim out of range"),
         "log_softmax int": (lambda: P.log_softmax(torch.arange(3), 0), NotImplementedError,
-                            "float32 or float64"),
+                            SUPPORTED_DTYPES_TEXT),
         "mse_loss shape": (lambda: P.mse_loss(r(3), r(4), None, 1), RuntimeError, "same shape"),
         "mse_loss reduction": (lambda: P.mse_loss(r(3), r(3), None, 3), RuntimeError, "reduction"),
         "bce weight": (lambda: P.binary_cross_entropy(r(3).sigmoid(), r(3).sigmoid(), r(2), 1),

@@ -161,6 +161,15 @@ def test_samples(emu, sample, dtype):
     check_sample(Emulated(emu), sample, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("sample", [s for s in NON_ERROR_SAMPLES if not s.large],
+                         ids=lambda s: s.id)
+def test_samples_in_16_bit(emu, sample, dtype):
+    """bfloat16 and float16 through the glue's float32 conversion (the same kernels as float32:
+    one schedule suffices), against the CPU operator in the same dtype."""
+    check_sample(Emulated(emu, schedules=SCHEDULES[:1]), sample, dtype)
+
+
 @pytest.mark.parametrize("sample", NON_ERROR_SAMPLES, ids=lambda s: s.id)
 def test_samples_small_caps(emu, sample):
     check_sample(Emulated(emu, small_caps=True, schedules=SCHEDULES[::2]), sample,

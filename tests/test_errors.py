@@ -20,6 +20,7 @@ import fuzz_configs
 import pyengine
 import pyengine.functional as PF
 import pyengine.fused
+from helpers import SUPPORTED_DTYPES_TEXT
 
 P = torch.ops.pyengine
 aten = torch.ops.aten
@@ -38,6 +39,7 @@ Y = r(1, 2, 4, 4)
 POOL_OUT, POOL_IDX = F.max_pool2d(Y, 2, return_indices=True)
 POOL = ([2, 2], [2, 2], [0, 0], [1, 1], False)
 PROB = torch.rand(3, 4)
+F8 = torch.float8_e4m3fn  # a floating dtype pyengine refuses (torch has no CPU convolution for it)
 
 
 def conv_ops(x=X, w=W, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
@@ -386,11 +388,11 @@ CASES = {
                           ["expected bias to have the same dtype as input"]),
     # ---- activations ----
     "leaky_relu int": (lambda: F.leaky_relu(long(3)), [lambda: PF.leaky_relu(long(3))],
-                       ["float32 or float64", "Long"]),
+                       [SUPPORTED_DTYPES_TEXT, "Long"]),
     "softmax int": (lambda: F.softmax(long(3), 0), [lambda: PF.softmax(long(3), 0)],
-                    ["float32 or float64", "Long"]),
+                    [SUPPORTED_DTYPES_TEXT, "Long"]),
     "log_softmax int": (lambda: F.log_softmax(long(3), 0), [lambda: PF.log_softmax(long(3), 0)],
-                        ["float32 or float64", "Long"]),
+                        [SUPPORTED_DTYPES_TEXT, "Long"]),
     "softmax dim": (lambda: F.softmax(r(3), 2), [lambda: PF.softmax(r(3), 2)],
                     ["dim out of range", "[-1, 0]", "got 2"]),
     "relu_backward shape": (lambda: aten.threshold_backward(r(3), r(4), 0),
@@ -420,7 +422,7 @@ CASES = {
                                   ["expected reduction to be 0 ('none'), 1 ('mean') or 2 ('sum')",
                                    "but got 5"]),
     "mse_loss int": (lambda: F.mse_loss(long(3), long(3)), [lambda: PF.mse_loss(long(3), long(3))],
-                     ["float32 or float64"]),
+                     [SUPPORTED_DTYPES_TEXT]),
     "mse_loss weight shape": (lambda: F.mse_loss(r(3), r(3), weight=r(4)),
                               [lambda: PF.mse_loss(r(3), r(3), weight=r(4))],
                               ["expected weight to have the input's shape [3]", "[4]"]),
@@ -450,7 +452,7 @@ CASES = {
                                     ["expected target to have the same dtype as input"]),
     "binary_cross_entropy int": (lambda: F.binary_cross_entropy(long(3), long(3)),
                                  [lambda: PF.binary_cross_entropy(long(3), long(3))],
-                                 ["float32 or float64"]),
+                                 [SUPPORTED_DTYPES_TEXT]),
     "binary_cross_entropy_backward grad shape": (
         lambda: aten.binary_cross_entropy_backward(r(2), PROB[0], PROB[0], None, 0),
         [lambda: P.binary_cross_entropy_backward(r(2), PROB[0], PROB[0], None, 0)],
@@ -491,7 +493,7 @@ CASES = {
                                      ["expected target of shape [3, 5]", "[3, 6]"]),
     "cross_entropy int input": (lambda: F.cross_entropy(long(3, 4), long(3)),
                                 [lambda: PF.cross_entropy(long(3, 4), long(3))],
-                                ["float32 or float64"]),
+                                [SUPPORTED_DTYPES_TEXT]),
     "cross_entropy label smoothing above 1": (
         lambda: F.cross_entropy(r(3, 4), long(3), label_smoothing=1.5),
         [lambda: PF.cross_entropy(r(3, 4), long(3), label_smoothing=1.5),
@@ -524,6 +526,13 @@ CASES = {
     "RNN hx shape": (lambda: rnn_pair()[0](r(4, 2, 2), r(1, 3, 3)),
                      [lambda: rnn_pair()[1](r(4, 2, 2), r(1, 3, 3))],
                      ["expected hx of shape [1, 2, 3]", "[1, 3, 3]"]),
+    # float8: a floating dtype neither pyengine nor torch's CPU convolution computes in
+    "conv2d float8": (lambda: F.conv2d(X.to(F8), W.to(F8)),
+                      [lambda: PF.conv2d(X.to(F8), W.to(F8))],
+                      [SUPPORTED_DTYPES_TEXT, "Float8_e4m3fn"]),
+    "conv2d_relu_max_pool2d float8": (lambda: TORCH_FUSED(XF.to(F8), W.to(F8)),
+                                      [lambda: FUSED(XF.to(F8), W.to(F8))],
+                                      [SUPPORTED_DTYPES_TEXT, "Float8_e4m3fn"]),
 }
 
 
@@ -567,25 +576,20 @@ def test_python_layer_errors_are_still_value_errors():
 # name: (torch's call that succeeds, [pyengine's calls], class pyengine raises, [fragments])
 DECLINED = {
     "relu int": (lambda: F.relu(long(3)), [lambda: PF.relu(long(3)), lambda: P.relu(long(3))],
-                 NotImplementedError, ["float32 or float64", "Long"]),
+                 NotImplementedError, [SUPPORTED_DTYPES_TEXT, "Long"]),
     "sigmoid int": (lambda: torch.sigmoid(long(3)), [lambda: PF.sigmoid(long(3))],
-                    NotImplementedError, ["float32 or float64"]),
+                    NotImplementedError, [SUPPORTED_DTYPES_TEXT]),
     "tanh int": (lambda: torch.tanh(long(3)), [lambda: PF.tanh(long(3))], NotImplementedError,
-                 ["float32 or float64"]),
+                 [SUPPORTED_DTYPES_TEXT]),
     "conv2d int": (lambda: F.conv2d(X.long(), W.long()),
                    [lambda: PF.conv2d(X.long(), W.long())], NotImplementedError,
-                   ["float32 or float64", "Long"]),
-    "conv2d half": (lambda: F.conv2d(X.half(), W.half()),
-                    [lambda: PF.conv2d(X.half(), W.half())], NotImplementedError, ["Half"]),
+                   [SUPPORTED_DTYPES_TEXT, "Long"]),
     "max_pool2d int": (lambda: F.max_pool2d(Y.long(), 2), [lambda: PF.max_pool2d(Y.long(), 2)],
-                       NotImplementedError, ["float32 or float64"]),
+                       NotImplementedError, [SUPPORTED_DTYPES_TEXT]),
     "conv2d_relu_max_pool2d int": (lambda: TORCH_FUSED(XF.long(), W.long()),
                                    [lambda: FUSED(XF.long(), W.long()),
                                     lambda: fused_ops(x=XF.long(), w=W.long())],
-                                   NotImplementedError, ["float32 or float64", "Long"]),
-    "conv2d_relu_max_pool2d half": (lambda: TORCH_FUSED(XF.half(), W.half()),
-                                    [lambda: FUSED(XF.half(), W.half())], NotImplementedError,
-                                    ["float32 or float64", "Half"]),
+                                   NotImplementedError, [SUPPORTED_DTYPES_TEXT, "Long"]),
     # torch's relu backward promotes a result of another dtype; pyengine's backward wants input's
     "conv2d_relu_max_pool2d_backward result dtype": (
         lambda: aten.threshold_backward(r(1, 3, 2, 2), r(1, 3, 2, 2).double(), 0),

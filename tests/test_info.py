@@ -25,6 +25,7 @@ from differential import (argument_name, call, check, grad_exponent, reference_l
                           tolerance)
 from fuzz_configs import materialize, pyengine_function, torch_function
 from pyengine import _info, _loader, _support, cli
+from test_low_precision import LOW_DTYPES, check_low_precision
 
 # Every public function of an operator: pyengine.functional's and pyengine.fused's.
 OPERATORS = PF.__all__ + pyengine.fused.__all__
@@ -76,7 +77,7 @@ def test_info_lists_every_operator_with_its_signature_and_kernels():
     assert operators["softmax"]["arguments"] == ["input", "dim", "dtype"]
     devices = ["cpu", "cuda"] if pyengine._C.built_with_cuda else ["cpu"]
     for name, op in operators.items():
-        assert op["dtypes"] == ["float32", "float64"]
+        assert op["dtypes"] == ["float32", "float64", "bfloat16", "float16"]
         assert op["devices"] == devices, name
         # pyengine.functional's signature (torch.nn.functional's: tests/test_api.py), less the
         # private _stacklevel
@@ -209,9 +210,13 @@ def _plain_samples(op):
 
 @pytest.mark.parametrize("op", OPERATORS)
 def test_each_listed_dtype_works(op):
-    """The op's first sample in each dtype of the table, forward and gradients against torch."""
+    """The op's first sample in each dtype of the table, forward and gradients against torch
+    (16-bit dtypes: as accurate as torch's in that dtype, test_low_precision.py's check)."""
     case = _plain_samples(op)[0].case
     for dtype in _support.DTYPES:
+        if dtype in LOW_DTYPES:
+            check_low_precision(case, dtype)
+            continue
         name = str(dtype).replace("torch.", "")
         check(fuzz_configs.build(op, dict(case.params, dtype=name), case.seed))
 

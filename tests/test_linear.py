@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import helpers
 from helpers import devices, dtypes
+from helpers import SUPPORTED_DTYPES_TEXT
 
 OPS = torch.ops.pyengine
 
@@ -236,8 +237,8 @@ def test_bad_input(device):
         ours(x, w.double())
     with helpers.raises(RuntimeError, "expected bias to have the same dtype as input"):
         ours(x, w, b.double())
-    with helpers.raises(NotImplementedError, "expected input to be a float32 or float64 tensor",
-                        "Long"):
+    with helpers.raises(NotImplementedError,
+                        f"expected input to be a {SUPPORTED_DTYPES_TEXT} tensor", "Long"):
         ours(x.long(), w.long())
     with helpers.raises(RuntimeError, "expected bias of shape [6]", "[5]"):
         ours(x, w, b[:5])

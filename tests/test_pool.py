@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import fuzz_configs
 import helpers
 from differential import pool_geometry
+from helpers import SUPPORTED_DTYPES_TEXT
 
 ops = torch.ops.pyengine
 
@@ -317,10 +318,10 @@ def test_bad_input(device):
         call(x, p=(2, 0))
     with helpers.raises(RuntimeError, "expected kernel_size to have 2 values", "[2, 2, 2]"):
         call(x, k=(2, 2, 2))
-    with helpers.raises(NotImplementedError, "expected input to be a float32 or float64 tensor",
-                        "dtype Long"):
+    with helpers.raises(NotImplementedError,
+                        f"expected input to be a {SUPPORTED_DTYPES_TEXT} tensor", "dtype Long"):
         call(x.long())
-    with helpers.raises(NotImplementedError, "float32 or float64", "dtype Int"):
+    with helpers.raises(NotImplementedError, SUPPORTED_DTYPES_TEXT, "dtype Int"):
         ops.max_pool2d(x.int(), [2, 2], [2, 2], [0, 0], [1, 1], False)
     with helpers.raises(RuntimeError, "non-zero channels, height and width", "[1, 2, 0, 5]"):
         call(torch.randn(1, 2, 0, 5, device=device), k=(1, 1), s=(1, 1))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import helpers
+from helpers import SUPPORTED_DTYPES_TEXT
 
 ops = torch.ops.pyengine
 
@@ -229,13 +230,14 @@ def test_bad_input(device, name):
     with helpers.raises(IndexError, "range of [-1, 0], but got 1"):
         fwd(torch.tensor(1.0, device=device), 1)
     with helpers.raises(NotImplementedError,
-                        f"pyengine.{name}: expected input to be a float32 or float64 tensor",
+                        f"pyengine.{name}: expected input to be a {SUPPORTED_DTYPES_TEXT} tensor",
                         "dtype Long"):
         fwd(x.long(), 1)
-    with helpers.raises(NotImplementedError, "float32 or float64", "dtype Int"):
+    with helpers.raises(NotImplementedError, SUPPORTED_DTYPES_TEXT, "dtype Int"):
         fwd(x.int(), 0)
-    with helpers.raises(NotImplementedError, "float32 or float64", "dtype Half"):
-        fwd(x.half(), 0)
+    with helpers.raises(NotImplementedError, SUPPORTED_DTYPES_TEXT,
+                        "dtype Float8_e4m3fn"):
+        fwd(x.to(torch.float8_e4m3fn), 0)
     y = fwd(x, 1)
     with helpers.raises(RuntimeError, f"pyengine.{name}_backward: expected result to have the same "
                         "shape as grad_output [2, 3]", "result of shape [3]"):
@@ -243,7 +245,7 @@ def test_bad_input(device, name):
     with helpers.raises(RuntimeError, "expected result to have the same dtype as grad_output"):
         bwd(torch.randn_like(y), y.double(), 1)
     with helpers.raises(NotImplementedError,
-                        "expected grad_output to be a float32 or float64 tensor"):
+                        f"expected grad_output to be a {SUPPORTED_DTYPES_TEXT} tensor"):
         bwd(torch.ones_like(y, dtype=torch.long), y, 1)
     with helpers.raises(IndexError, f"pyengine.{name}_backward: dim out of range"):
         bwd(torch.randn_like(y), y, 5)

@@ -92,13 +92,16 @@ inline void check_defined(const at::Tensor& t, const char* op, const char* arg) 
   TORCH_CHECK(t.defined(), "pyengine.", op, ": expected ", arg, " to be a tensor, but got None");
 }
 
-// float32 / float64 only, for now: other dtypes are NotImplementedError (a RuntimeError), as in
-// torch for the dtypes a kernel lacks.
+// float32, float64, bfloat16 and float16 (the last two computed in float32:
+// common/low_precision.h); other dtypes are NotImplementedError (a RuntimeError), as in torch for
+// the dtypes a kernel lacks.
 inline void check_floating(const at::Tensor& t, const char* op, const char* arg) {
   check_defined(t, op, arg);
-  TORCH_CHECK_NOT_IMPLEMENTED(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-                              "pyengine.", op, ": expected ", arg, " to be a float32 or float64 "
-                              "tensor, but got ", arg, " of dtype ", t.scalar_type());
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 ||
+                                  s == at::kHalf,
+                              "pyengine.", op, ": expected ", arg, " to be a float32, float64, "
+                              "bfloat16 or float16 tensor, but got ", arg, " of dtype ", s);
 }
 
 // `t` must share dtype and device with `ref` (the op's first tensor argument).

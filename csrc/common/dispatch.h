@@ -1,6 +1,7 @@
 #pragma once
-// dtype dispatch for kernels: calls f(scalar_t{}) for float32 / float64 and raises a clear error
-// for anything else. Kernels write `[&](auto tag) { using scalar_t = decltype(tag); ... }`.
+// dtype dispatch for kernels: calls f(scalar_t{}) for float32 / float64 (bfloat16 and float16
+// arrive as float32: common/low_precision.h) and raises a clear error for anything else. Kernels
+// write `[&](auto tag) { using scalar_t = decltype(tag); ... }`.
 // (ATen's AT_DISPATCH macros want a compile-time name; this one names the calling operator.)
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
@@ -16,9 +17,15 @@ void dispatch_floating(c10::ScalarType dtype, const char* op, F&& f) {
     case c10::ScalarType::Double:
       f(double{});
       break;
+    case c10::ScalarType::BFloat16:
+    case c10::ScalarType::Half:
+      // Reached only when a call mixes a 16-bit dtype with another floating dtype: one that
+      // does not reaches the kernels as float32 (common/low_precision.h).
+      TORCH_CHECK(false, "pyengine.", op, ": expected every floating tensor argument to have one "
+                  "dtype, but got a ", dtype, " tensor among tensors of other dtypes");
     default:
-      TORCH_CHECK_NOT_IMPLEMENTED(false, "pyengine.", op, ": expected a float32 or float64 "
-                                  "tensor, but got ", dtype);
+      TORCH_CHECK_NOT_IMPLEMENTED(false, "pyengine.", op, ": expected a float32, float64, "
+                                  "bfloat16 or float16 tensor, but got ", dtype);
   }
 }
 

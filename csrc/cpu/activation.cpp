@@ -10,6 +10,7 @@
 
 #include "common/checks.h"
 #include "common/elementwise.h"
+#include "common/low_precision.h"
 #include "cpu/loops.h"
 #include "cpu/vec_math.h"
 
@@ -111,14 +112,14 @@ Tensor tanh_backward_cpu(const Tensor& grad_output, const Tensor& result) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
-  m.impl("relu", relu_cpu);
-  m.impl("relu_backward", relu_backward_cpu);
-  m.impl("leaky_relu", leaky_relu_cpu);
-  m.impl("leaky_relu_backward", leaky_relu_backward_cpu);
-  m.impl("sigmoid", sigmoid_cpu);
-  m.impl("sigmoid_backward", sigmoid_backward_cpu);
-  m.impl("tanh", tanh_cpu);
-  m.impl("tanh_backward", tanh_backward_cpu);
+  m.impl("relu", PE_KERNEL(relu_cpu));
+  m.impl("relu_backward", PE_KERNEL(relu_backward_cpu));
+  m.impl("leaky_relu", PE_KERNEL(leaky_relu_cpu));
+  m.impl("leaky_relu_backward", PE_KERNEL(leaky_relu_backward_cpu));
+  m.impl("sigmoid", PE_KERNEL(sigmoid_cpu));
+  m.impl("sigmoid_backward", PE_KERNEL(sigmoid_backward_cpu));
+  m.impl("tanh", PE_KERNEL(tanh_cpu));
+  m.impl("tanh_backward", PE_KERNEL(tanh_backward_cpu));
 }
 
 }  // namespace pyengine

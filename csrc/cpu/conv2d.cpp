@@ -58,6 +58,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/layout.h"
+#include "common/low_precision.h"
 #include "cpu/conv2d.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
@@ -289,8 +290,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
-  m.impl("conv2d", conv2d_cpu);
-  m.impl("conv2d_backward", conv2d_backward_cpu);
+  m.impl("conv2d", PE_KERNEL(conv2d_cpu));
+  m.impl("conv2d_backward", PE_KERNEL(conv2d_backward_cpu));
 }
 
 }  // namespace pyengine

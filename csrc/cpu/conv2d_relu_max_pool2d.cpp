@@ -27,6 +27,7 @@
 #include "common/dispatch.h"
 #include "common/elementwise.h"
 #include "common/layout.h"
+#include "common/low_precision.h"
 #include "cpu/kernels.h"
 
 namespace pyengine {
@@ -143,8 +144,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
-  m.impl("conv2d_relu_max_pool2d", conv2d_relu_max_pool2d_cpu);
-  m.impl("conv2d_relu_max_pool2d_backward", conv2d_relu_max_pool2d_backward_cpu);
+  m.impl("conv2d_relu_max_pool2d", PE_KERNEL(conv2d_relu_max_pool2d_cpu));
+  m.impl("conv2d_relu_max_pool2d_backward", PE_KERNEL(conv2d_relu_max_pool2d_backward_cpu));
 }
 
 }  // namespace pyengine

@@ -16,6 +16,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/layout.h"
+#include "common/low_precision.h"
 #include "cpu/isa.h"
 #include "cpu/loops.h"
 #include "cpu/reductions.h"
@@ -442,8 +443,8 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor& input
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
-  m.impl("cross_entropy", cross_entropy_cpu);
-  m.impl("cross_entropy_backward", cross_entropy_backward_cpu);
+  m.impl("cross_entropy", PE_KERNEL(cross_entropy_cpu));
+  m.impl("cross_entropy_backward", PE_KERNEL(cross_entropy_backward_cpu));
 }
 
 }  // namespace pyengine

@@ -34,6 +34,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/layout.h"
+#include "common/low_precision.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
 
@@ -267,8 +268,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_output
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
-  m.impl("linear", linear_cpu);
-  m.impl("linear_backward", linear_backward_cpu);
+  m.impl("linear", PE_KERNEL(linear_cpu));
+  m.impl("linear_backward", PE_KERNEL(linear_backward_cpu));
 }
 
 }  // namespace pyengine

@@ -16,6 +16,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/elementwise.h"
+#include "common/low_precision.h"
 #include "cpu/loops.h"
 #include "cpu/reductions.h"
 
@@ -258,11 +259,12 @@ Tensor binary_cross_entropy_target_backward_cpu(const Tensor& grad_output, const
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
-  m.impl("mse_loss", mse_loss_cpu);
-  m.impl("mse_loss_backward", mse_loss_backward_cpu);
-  m.impl("binary_cross_entropy", binary_cross_entropy_cpu);
-  m.impl("binary_cross_entropy_backward", binary_cross_entropy_backward_cpu);
-  m.impl("binary_cross_entropy_target_backward", binary_cross_entropy_target_backward_cpu);
+  m.impl("mse_loss", PE_KERNEL(mse_loss_cpu));
+  m.impl("mse_loss_backward", PE_KERNEL(mse_loss_backward_cpu));
+  m.impl("binary_cross_entropy", PE_KERNEL(binary_cross_entropy_cpu));
+  m.impl("binary_cross_entropy_backward", PE_KERNEL(binary_cross_entropy_backward_cpu));
+  m.impl("binary_cross_entropy_target_backward",
+         PE_KERNEL(binary_cross_entropy_target_backward_cpu));
 }
 
 }  // namespace pyengine

@@ -45,6 +45,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/layout.h"
+#include "common/low_precision.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 
@@ -703,9 +704,9 @@ template bool max_pool2d_backward_planes<double>(const Pool2dGeometry<int64_t>&,
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
-  m.impl("max_pool2d", max_pool2d_cpu);
-  m.impl("max_pool2d_with_indices", max_pool2d_with_indices_cpu);
-  m.impl("max_pool2d_backward", max_pool2d_backward_cpu);
+  m.impl("max_pool2d", PE_KERNEL(max_pool2d_cpu));
+  m.impl("max_pool2d_with_indices", PE_KERNEL(max_pool2d_with_indices_cpu));
+  m.impl("max_pool2d_backward", PE_KERNEL(max_pool2d_backward_cpu));
 }
 
 }  // namespace pyengine

@@ -44,6 +44,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/layout.h"
+#include "common/low_precision.h"
 #include "cpu/isa.h"
 #include "cpu/vec_math.h"
 
@@ -527,10 +528,10 @@ Tensor log_softmax_backward_cpu(const Tensor& grad_output, const Tensor& result,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
-  m.impl("softmax", softmax_cpu);
-  m.impl("softmax_backward", softmax_backward_cpu);
-  m.impl("log_softmax", log_softmax_cpu);
-  m.impl("log_softmax_backward", log_softmax_backward_cpu);
+  m.impl("softmax", PE_KERNEL(softmax_cpu));
+  m.impl("softmax_backward", PE_KERNEL(softmax_backward_cpu));
+  m.impl("log_softmax", PE_KERNEL(log_softmax_cpu));
+  m.impl("log_softmax_backward", PE_KERNEL(log_softmax_backward_cpu));
 }
 
 }  // namespace pyengine

@@ -65,14 +65,14 @@ Tensor tanh_backward_cuda(const Tensor& grad_output, const Tensor& result) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
-  m.impl("relu", relu_cuda);
-  m.impl("relu_backward", relu_backward_cuda);
-  m.impl("leaky_relu", leaky_relu_cuda);
-  m.impl("leaky_relu_backward", leaky_relu_backward_cuda);
-  m.impl("sigmoid", sigmoid_cuda);
-  m.impl("sigmoid_backward", sigmoid_backward_cuda);
-  m.impl("tanh", tanh_cuda);
-  m.impl("tanh_backward", tanh_backward_cuda);
+  m.impl("relu", PE_KERNEL(relu_cuda));
+  m.impl("relu_backward", PE_KERNEL(relu_backward_cuda));
+  m.impl("leaky_relu", PE_KERNEL(leaky_relu_cuda));
+  m.impl("leaky_relu_backward", PE_KERNEL(leaky_relu_backward_cuda));
+  m.impl("sigmoid", PE_KERNEL(sigmoid_cuda));
+  m.impl("sigmoid_backward", PE_KERNEL(sigmoid_backward_cuda));
+  m.impl("tanh", PE_KERNEL(tanh_cuda));
+  m.impl("tanh_backward", PE_KERNEL(tanh_backward_cuda));
 }
 
 }  // namespace cuda

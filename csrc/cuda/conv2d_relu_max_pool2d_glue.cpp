@@ -95,8 +95,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
-  m.impl("conv2d_relu_max_pool2d", conv2d_relu_max_pool2d_cuda);
-  m.impl("conv2d_relu_max_pool2d_backward", conv2d_relu_max_pool2d_backward_cuda);
+  m.impl("conv2d_relu_max_pool2d", PE_KERNEL(conv2d_relu_max_pool2d_cuda));
+  m.impl("conv2d_relu_max_pool2d_backward", PE_KERNEL(conv2d_relu_max_pool2d_backward_cuda));
 }
 
 }  // namespace cuda

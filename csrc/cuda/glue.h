@@ -14,6 +14,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/layout.h"
+#include "common/low_precision.h"
 #include "cuda/launchers.h"
 
 namespace pyengine {

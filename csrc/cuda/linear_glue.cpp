@@ -76,8 +76,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cuda(const Tensor& grad_outpu
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
-  m.impl("linear", linear_cuda);
-  m.impl("linear_backward", linear_backward_cuda);
+  m.impl("linear", PE_KERNEL(linear_cuda));
+  m.impl("linear_backward", PE_KERNEL(linear_backward_cuda));
 }
 
 }  // namespace cuda

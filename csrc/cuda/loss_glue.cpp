@@ -188,13 +188,14 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_output, const Tensor& inpu
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
-  m.impl("mse_loss", mse_loss_cuda);
-  m.impl("mse_loss_backward", mse_loss_backward_cuda);
-  m.impl("binary_cross_entropy", binary_cross_entropy_cuda);
-  m.impl("binary_cross_entropy_backward", binary_cross_entropy_backward_cuda);
-  m.impl("binary_cross_entropy_target_backward", binary_cross_entropy_target_backward_cuda);
-  m.impl("cross_entropy", cross_entropy_cuda);
-  m.impl("cross_entropy_backward", cross_entropy_backward_cuda);
+  m.impl("mse_loss", PE_KERNEL(mse_loss_cuda));
+  m.impl("mse_loss_backward", PE_KERNEL(mse_loss_backward_cuda));
+  m.impl("binary_cross_entropy", PE_KERNEL(binary_cross_entropy_cuda));
+  m.impl("binary_cross_entropy_backward", PE_KERNEL(binary_cross_entropy_backward_cuda));
+  m.impl("binary_cross_entropy_target_backward",
+         PE_KERNEL(binary_cross_entropy_target_backward_cuda));
+  m.impl("cross_entropy", PE_KERNEL(cross_entropy_cuda));
+  m.impl("cross_entropy_backward", PE_KERNEL(cross_entropy_backward_cuda));
 }
 
 }  // namespace cuda

@@ -82,9 +82,9 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
-  m.impl("max_pool2d", max_pool2d_cuda);
-  m.impl("max_pool2d_with_indices", max_pool2d_with_indices_cuda);
-  m.impl("max_pool2d_backward", max_pool2d_backward_cuda);
+  m.impl("max_pool2d", PE_KERNEL(max_pool2d_cuda));
+  m.impl("max_pool2d_with_indices", PE_KERNEL(max_pool2d_with_indices_cuda));
+  m.impl("max_pool2d_backward", PE_KERNEL(max_pool2d_backward_cuda));
 }
 
 }  // namespace cuda

@@ -73,10 +73,10 @@ Tensor log_softmax_backward_cuda(const Tensor& grad_output, const Tensor& result
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
-  m.impl("softmax", softmax_cuda);
-  m.impl("softmax_backward", softmax_backward_cuda);
-  m.impl("log_softmax", log_softmax_cuda);
-  m.impl("log_softmax_backward", log_softmax_backward_cuda);
+  m.impl("softmax", PE_KERNEL(softmax_cuda));
+  m.impl("softmax_backward", PE_KERNEL(softmax_backward_cuda));
+  m.impl("log_softmax", PE_KERNEL(log_softmax_cuda));
+  m.impl("log_softmax_backward", PE_KERNEL(log_softmax_backward_cuda));
 }
 
 }  // namespace cuda

@@ -1,0 +1,93 @@
+#pragma once
+// bfloat16 and float16 on every operator: PE_KERNEL(fn) registers a CPU or CUDA kernel `fn`
+// (written for float32 and float64) so that a call whose floating tensors are all bfloat16, or
+// all float16, runs `fn` on float32 copies of them and returns its floating results in that
+// dtype. Accumulation is float32's, and every result is rounded once, as torch's own kernels do
+// for these dtypes (they accumulate in float32 too); the operators' float32 arithmetic is the
+// one reference for all four dtypes.
+//
+// A call that mixes dtypes (bfloat16 with float32, or bfloat16 with float16) reaches `fn`
+// unconverted, whose checks name the mismatch (common/checks.h). Integer tensors (class indices,
+// pooling indices) pass through either way. Other dtypes are refused by the checks, which list
+// the four supported ones.
+//
+// Cost: one conversion pass over each low-precision input and each result (memory-bound, a few
+// percent of a convolution or GEMM; as much as the op itself for elementwise ones).
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+
+#include <optional>
+#include <tuple>
+#include <utility>
+
+namespace pyengine {
+namespace low_precision {
+
+inline bool is_low(c10::ScalarType t) { return t == c10::kHalf || t == c10::kBFloat16; }
+
+// The dtype every floating tensor argument shares, if it is bfloat16 or float16.
+class Scan {
+ public:
+  void add(const at::Tensor& t) {
+    if (!t.defined() || !c10::isFloatingType(t.scalar_type())) return;
+    const c10::ScalarType s = t.scalar_type();
+    if (!is_low(s) || (low_ && *low_ != s)) mixed_ = true;
+    low_ = s;
+  }
+  void add(const std::optional<at::Tensor>& t) {
+    if (t) add(*t);
+  }
+  template <typename A>
+  void add(const A&) {}
+  std::optional<c10::ScalarType> common_low() const {
+    if (mixed_ || !low_ || !is_low(*low_)) return std::nullopt;
+    return low_;
+  }
+
+ private:
+  std::optional<c10::ScalarType> low_;
+  bool mixed_ = false;
+};
+
+inline at::Tensor widen(const at::Tensor& t) {
+  return t.defined() && is_low(t.scalar_type()) ? t.to(c10::kFloat) : t;
+}
+inline std::optional<at::Tensor> widen(const std::optional<at::Tensor>& t) {
+  if (!t) return t;
+  return widen(*t);
+}
+template <typename A>
+const A& widen(const A& a) {
+  return a;
+}
+
+// Results: float32 tensors back to `low` (strides kept: Tensor::to preserves the layout).
+inline at::Tensor narrow(at::Tensor t, c10::ScalarType low) {
+  return t.defined() && t.scalar_type() == c10::kFloat ? t.to(low) : t;
+}
+template <typename... Ts>
+std::tuple<Ts...> narrow(std::tuple<Ts...> t, c10::ScalarType low) {
+  return std::apply([&](auto&... r) { return std::tuple<Ts...>(narrow(std::move(r), low)...); },
+                    t);
+}
+
+template <typename Fn, Fn* fn>
+struct Float32Inside;
+template <typename R, typename... Args, R (*fn)(Args...)>
+struct Float32Inside<R(Args...), fn> {
+  static R call(Args... args) {
+    Scan scan;
+    (scan.add(args), ...);
+    const std::optional<c10::ScalarType> low = scan.common_low();
+    if (!low) return fn(args...);
+    return narrow(fn(widen(args)...), *low);
+  }
+};
+
+}  // namespace low_precision
+}  // namespace pyengine
+
+// For m.impl("name", PE_KERNEL(name_cpu)) in TORCH_LIBRARY_IMPL(pyengine, CPU / CUDA, m).
+#define PE_KERNEL(fn)                                                                      \
+  TORCH_FN((::pyengine::low_precision::Float32Inside<std::remove_pointer_t<decltype(&fn)>, \
+                                                     &fn>::call))

@@ -1,0 +1,131 @@
+"""bfloat16 and float16 on every operator (computed in float32 inside:
+csrc/common/low_precision.h), against torch's own kernels in the same dtype.
+
+Every sample of every operator (tests/samples.py) is drawn in float64, rounded to the 16-bit dtype,
+and run three ways: pyengine in that dtype, torch in that dtype, and torch in float64 on the
+rounded values (the exact answer to the 16-bit inputs). pyengine's error against that answer,
+forward and every gradient, must be within twice torch's own error plus one unit in the last
+place of the result's magnitude: "as accurate as torch in that dtype", measured, not a guessed
+tolerance. Result and gradient dtypes must be torch's; positions where torch's result is not
+finite (NaN inputs, float16 overflow) must be the same in pyengine's.
+"""
+import pytest
+import torch
+
+import fuzz_configs
+import samples
+from differential import REFERENCES, TorchReference, call
+from fuzz_configs import materialize, pyengine_function, torch_function
+
+LOW_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _cast_leaves(args, kwargs, dtype):
+    """The floating tensors of a call in `dtype`, fresh leaves that require grad as the
+    originals did; other arguments as they are."""
+    def cast(a):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.detach().to(dtype).requires_grad_(a.requires_grad)
+        return a
+    return [cast(a) for a in args], {k: cast(v) for k, v in kwargs.items()}
+
+
+def _grad_output(shape, dtype, seed):
+    """The gradient of the output: drawn from `seed`, rounded to `dtype` (every side gets the
+    same 16-bit values)."""
+    g = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return g.to(dtype)
+
+
+def _torch_side(case, args, kwargs, low, ours_args, ours_kwargs):
+    """torch's output and gradients (differential.py's reference for the op: the pooling and
+    fused-operator geometries torch's own call cannot serve), in the arguments' dtype."""
+    ref = REFERENCES.get(case.op, TorchReference)(case, args, kwargs)
+    ref.see_ours(case, ours_args, ours_kwargs)
+    out = ref.primary().detach()
+    if not out.requires_grad and not ref.primary().requires_grad:
+        return out, []
+    return out, ref.grads(_grad_output(out.shape, low, case.seed).to(out.dtype))
+
+
+def _ours(case, args, kwargs, low):
+    out = call(pyengine_function(case.op), args, kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    leaves = list(args) + list(kwargs.values())
+    if not out.requires_grad:
+        return out.detach(), []
+    out.backward(_grad_output(out.shape, low, case.seed).to(out.dtype))
+    return out.detach(), [a.grad if isinstance(a, torch.Tensor) else None for a in leaves]
+
+
+def _compare(what, ours, theirs, ref, dtype, floor=0.0):
+    """ours within twice torch's error against `ref` (float64), plus one ulp of the result's
+    magnitude in `dtype`, plus `floor` (float32's own rounding of a gradient: a result that is 0
+    exactly may come out as float32's rounding error of the terms that cancelled)."""
+    if ref is None:
+        assert ours is None and theirs is None, what
+        return
+    assert ours.dtype == theirs.dtype, f"{what}: dtype {ours.dtype}, torch's {theirs.dtype}"
+    assert ours.shape == theirs.shape, what
+    if ours.numel() == 0:
+        return
+    # Not finite only where torch's result is not, or where the exact one is not finite in
+    # `dtype` (NaN, or beyond its range). torch may overflow where pyengine, computing in float32,
+    # does not (float16's (1 - p) * p under binary_cross_entropy's 1e-12 clamp): such positions
+    # count in pyengine's error below.
+    theirs_bad, ours_bad = ~torch.isfinite(theirs), ~torch.isfinite(ours)
+    exact_bad = ~(ref.abs() <= torch.finfo(dtype).max)
+    stray = ours_bad & ~theirs_bad & ~exact_bad
+    assert not stray.any(), (f"{what}: not finite at {int(stray.sum())} positions where torch's "
+                             "result and the exact one are")
+    stray_nan = ours.isnan() & ~theirs.isnan() & ~ref.isnan()
+    assert not stray_nan.any(), f"{what}: NaN at {int(stray_nan.sum())} positions"
+    exact = ~exact_bad
+    scale = ref[exact].abs().max().item() if exact.any() else 0.0
+    ulp = torch.finfo(dtype).eps * scale
+
+    def error(x):
+        at = exact & torch.isfinite(x)
+        return (x.double() - ref)[at].abs().max().item() if at.any() else 0.0
+
+    ours_err, torch_err = error(ours), error(theirs)
+    assert ours_err <= 2 * torch_err + ulp + floor, (
+        f"{what} in {dtype}: pyengine's error {ours_err:.3g} against the float64 result, torch's "
+        f"{torch_err:.3g} (allowed: twice torch's plus one ulp of the result's magnitude, "
+        f"{ulp:.3g}, plus {floor:.3g})")
+
+
+def check_low_precision(case, dtype):
+    """One case (any dtype: its values are drawn in float64) in `dtype`, against torch in `dtype`
+    and the float64 answer (module docstring)."""
+    case64 = fuzz_configs.build(case.op, dict(case.params, dtype="float64"), case.seed)
+    args64, kwargs64 = materialize(case64)
+    args, kwargs = _cast_leaves(args64, kwargs64, dtype)
+    theirs_args, theirs_kwargs = _cast_leaves(args, kwargs, dtype)
+    ref_args, ref_kwargs = _cast_leaves(args, kwargs, torch.float64)
+
+    ours_out, ours_grads = _ours(case, args, kwargs, dtype)
+    ref_out, ref_grads = _torch_side(case, ref_args, ref_kwargs, dtype, args, kwargs)
+    theirs_out, theirs_grads = _torch_side(case, theirs_args, theirs_kwargs, dtype, args, kwargs)
+
+    _compare("forward", ours_out, theirs_out, ref_out, dtype)
+    g_scale = _grad_output(ref_out.shape, dtype, case.seed).abs().max().item() \
+        if ref_out.numel() else 0.0
+    for i, (o, t, r) in enumerate(zip(ours_grads, theirs_grads, ref_grads)):
+        _compare(f"gradient of differentiable argument {i}", o, t, r, dtype,
+                 floor=torch.finfo(torch.float32).eps * g_scale)
+
+
+def _cases():
+    out = []
+    for sample in samples.all_samples(large=False):
+        if sample.case.expect_error:
+            continue
+        for dtype in LOW_DTYPES:
+            out.append(pytest.param(sample, dtype, id=f"{sample.id}-{str(dtype)[6:]}"))
+    return out
+
+
+@pytest.mark.parametrize("sample,dtype", _cases())
+def test_sample_in_low_precision(sample, dtype):
+    check_low_precision(sample.case, dtype)
