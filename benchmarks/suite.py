@@ -106,9 +106,24 @@ def contenders(device: str, with_compile: bool, log=print) -> List[str]:
 
 # ---- per-op cases -------------------------------------------------------------------------
 
-def _op_case(name, batch, pass_, build):
+# The autocast dtype of the mixed-precision cases ("... bf16 autocast"): every contender's
+# forward runs under torch.autocast in it (the backward follows the forward's dtypes).
+AMP_DTYPE = torch.bfloat16
+AMP_LABEL = " bf16 autocast"
+
+
+def _autocast(device: str, amp: bool, graphed: bool = False):
+    """torch.autocast in AMP_DTYPE on the device's type, or nothing. A CUDA graph replays the
+    casts it captured, so its capture must not use autocast's cache of cast parameters."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPE, cache_enabled=not graphed)
+
+
+def _op_case(name, batch, pass_, build, amp=False):
     """build(functional_module, device) -> (forward fn taking no args, tensors needing grads).
-    The forward/backward/both variants are derived from it."""
+    The forward/backward/both variants are derived from it; amp: the forward under
+    torch.autocast in AMP_DTYPE (the case's name says so)."""
 
     def make(contender, device):
         base = contender.split("+")[0]
@@ -119,9 +134,15 @@ def _op_case(name, batch, pass_, build):
         else:
             fwd_builder = lambda: build(PF if base == "pyengine" else TF, device)  # noqa: E731
         forward, leaves = fwd_builder()
+        graphed = contender.endswith("+graph")
+        if amp:
+            plain_forward = forward
+
+            def forward():
+                with _autocast(device, True, graphed):
+                    return plain_forward()
         if base == "torch.compile":
             forward = torch.compile(forward, dynamic=False)
-        graphed = contender.endswith("+graph")
         stream = torch.cuda.Stream(device) if graphed else None  # the capture's (see _graphed)
         if pass_ == "forward":
             fn = lambda: forward()  # noqa: E731
@@ -141,7 +162,7 @@ def _op_case(name, batch, pass_, build):
                 return torch.autograd.grad(out, leaves, torch.ones_like(out))
         return _graphed(run, device, stream) if graphed else run
 
-    return Case("op", name, batch, pass_, make)
+    return Case("op", name + (AMP_LABEL if amp else ""), batch, pass_, make)
 
 
 def _on(stream: Optional["torch.cuda.Stream"]):
@@ -169,6 +190,12 @@ def _fused(F, name):
     return getattr(pyengine.fused, name) if F is PF else TORCH_EQUIVALENTS[name]
 
 
+# The convolutions that also run under bf16 autocast (forward+backward): LeNet's and two of a
+# ResNet's.
+AMP_CONV_CASES = ("conv2d 1->6 5x5 @32", "conv2d 6->16 5x5 @14", "conv2d 64->64 3x3 @56",
+                  "conv2d 64->128 3x3 stride 2 @56")
+
+
 def op_cases(quick: bool) -> List[Case]:
     cases = []
     passes = ["forward", "backward", "forward+backward"]
@@ -193,6 +220,8 @@ def op_cases(quick: bool) -> List[Case]:
             return (lambda: F.conv2d(x, w, b, stride, pad)), [x, w, b]
 
         cases += [_op_case(label, batch, p, build) for p in passes]
+        if label in AMP_CONV_CASES:
+            cases.append(_op_case(label, batch, "forward+backward", build, amp=True))
 
     def pool_build(F, device):
         x = _rand(64, 6, 28, 28, device=device, grad=True)
@@ -211,6 +240,7 @@ def op_cases(quick: bool) -> List[Case]:
             return (lambda: fn(x, w, b, pool_kernel_size=2)), [x, w, b]
 
         cases += [_op_case(label, 64, p, build) for p in passes]
+        cases.append(_op_case(label, 64, "forward+backward", build, amp=True))
 
     for label, fin, fout, batch in (("linear 400->120", 400, 120, 256),
                                     ("linear 784->256", 784, 256, 256),
@@ -222,6 +252,7 @@ def op_cases(quick: bool) -> List[Case]:
             return (lambda: F.linear(x, w, b)), [x, w, b]
 
         cases += [_op_case(label, batch, p, build) for p in passes]
+        cases.append(_op_case(label, batch, "forward+backward", build, amp=True))
 
     # LeNet's first activation (64 x 6 x 28 x 28, ~300k: cache-resident) and 30M elements
     # (120 MB per float32 tensor: DRAM-bound, where an elementwise kernel must run at bandwidth).
@@ -285,11 +316,14 @@ NETWORKS = {
 SGD_LR = 0.01
 
 
-def network_run(name: str, batch: int, pass_: str, contender: str, device: str):
+def network_run(name: str, batch: int, pass_: str, contender: str, device: str,
+                amp: bool = False):
     """(state, run): the network `name` built for `contender` (seeded: every contender starts
     from the same weights, on the same batch) and one step on that fixed batch. state is the
     torch model, or for "jax" the benchmarks.jax_steps object holding the JAX parameters. A
-    "+graph" contender's step is the one to capture (network_case captures it)."""
+    "+graph" contender's step is the one to capture (network_case captures it). amp: the forward
+    and loss under torch.autocast in AMP_DTYPE (JAX and pyengine.capture_step have no such
+    variant: (None, None))."""
     factory, in_shape, n_out = NETWORKS[name]
     base = contender.split("+")[0]
     backend = "pyengine" if base == "pyengine" else "torch"
@@ -300,6 +334,8 @@ def network_run(name: str, batch: int, pass_: str, contender: str, device: str):
         y = torch.rand(batch, n_out, device=device)
     else:
         y = torch.randn(batch, n_out, device=device)
+    if amp and (base == "jax" or contender.endswith("+capture")):
+        return None, None
     if base == "jax":
         from benchmarks import jax_steps
 
@@ -313,7 +349,11 @@ def network_run(name: str, batch: int, pass_: str, contender: str, device: str):
         if contender.endswith("+capture"):
             return model, None  # capture_step is for training steps
         model.eval()
-        return model, _no_grad(lambda: forward(x))
+
+        def infer():
+            with _autocast(device, amp, graphed=contender.endswith("+graph")):
+                return forward(x)
+        return model, _no_grad(infer)
     # Plain SGD (no momentum) is pure tensor arithmetic on the parameters and their gradients:
     # capturable as it is (the optimizers that keep a step count need capturable=True).
     opt = torch.optim.SGD(model.parameters(), lr=SGD_LR)
@@ -321,7 +361,8 @@ def network_run(name: str, batch: int, pass_: str, contender: str, device: str):
 
     def run():
         opt.zero_grad(set_to_none=not graphed)  # a graph replays into fixed gradient buffers
-        loss = loss_fn(forward(x), y)
+        with _autocast(device, amp, graphed):
+            loss = loss_fn(forward(x), y)
         loss.backward()
         opt.step()
         return loss
@@ -334,16 +375,16 @@ def network_run(name: str, batch: int, pass_: str, contender: str, device: str):
     return model, run
 
 
-def network_case(name: str, batch: int, pass_: str) -> Case:
+def network_case(name: str, batch: int, pass_: str, amp: bool = False) -> Case:
     def make(contender, device):
-        _, run = network_run(name, batch, pass_, contender, device)
+        _, run = network_run(name, batch, pass_, contender, device, amp)
         if run is None:
             return None
         if contender.endswith("+graph"):
             return _graphed(run, device)
         return run
 
-    return Case("network", name, batch, pass_, make)
+    return Case("network", name + (AMP_LABEL if amp else ""), batch, pass_, make)
 
 
 # The LeNet training step of `make gpu-check`: a batch that a step's fixed costs dominate, and
@@ -363,8 +404,12 @@ def network_cases(quick: bool, device: str) -> List[Case]:
     batches = [1, 64, 256] if quick else [1, 16, 64, 256, 1024, 4096]
     if device.startswith("cuda") and not quick:
         batches.append(8192)
-    return [network_case(name, b, p) for name in NETWORKS for b in batches
-            for p in ("inference", "train_step")]
+    # Mixed precision: the LeNet and MLP training steps under bf16 autocast.
+    amp_batches = [64, 256] if quick else [1, 64, 256, 1024]
+    return ([network_case(name, b, p) for name in NETWORKS for b in batches
+             for p in ("inference", "train_step")]
+            + [network_case(name, b, "train_step", amp=True) for name in ("lenet", "mlp 784-256-10")
+               for b in amp_batches])
 
 
 # ---- running and reporting ----------------------------------------------------------------

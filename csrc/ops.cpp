@@ -7,6 +7,8 @@
 //   csrc/autograd.cpp      Autograd key: wires each forward op to its backward op, and makes
 //                          backward ops differentiable in turn (hand-written C++ graph nodes:
 //                          cheap per call, and they compose with torch.func; docs/design.md).
+//   csrc/autocast.cpp      AutocastCPU / AutocastCUDA keys: each forward op casts its arguments as
+//                          torch's autocast casts its torch twin's (one policy table).
 //   csrc/meta.cpp          Meta key: shape-only kernels, so FakeTensor / torch.compile / export work,
 //                          symbolic (dynamic) shapes included.
 //   csrc/cpu/<family>.cpp  CPU key: the hand-written CPU kernels.
@@ -20,7 +22,8 @@
 // samples in tests/samples.py. tests/test_registry.py fails while any of them is missing.
 //
 // Conventions for every operator:
-//   * float32 and float64 only; other dtypes raise a clear error.
+//   * float32, float64, bfloat16 and float16 (the last two computed in float32:
+//     csrc/common/low_precision.h); other dtypes raise a clear error.
 //   * Any input strides are accepted; outputs are freshly allocated, with the strides torch's own
 //     operator gives for the same inputs (channels_last stays channels_last): csrc/common/layout.h.
 //   * `reduction` follows ATen's enum: 0 = 'none', 1 = 'mean', 2 = 'sum'.

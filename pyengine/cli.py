@@ -165,6 +165,7 @@ class Run:
     epoch_seconds: List[float] = field(default_factory=list)  # training steps only
     first_step_gradients: Optional[List[torch.Tensor]] = None
     diverged: Optional[Diverged] = None
+    scaler: Optional["torch.amp.GradScaler"] = None  # float16 autocast only
 
 
 def _plural(count: int, noun: str) -> str:
@@ -182,15 +183,26 @@ def _start_run(backend: str, args) -> Run:
     same weights and see the same batches."""
     torch.manual_seed(args.seed)
     model = _build_model(args.model, backend).to(args.device)
+    # float16's range needs loss scaling (bfloat16's is float32's)
+    scaler = (torch.amp.GradScaler(args.device.type) if args.amp_dtype == torch.float16
+              else None)
     return Run(backend, model,
                torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum),
-               layers(backend).CrossEntropyLoss(), torch.Generator().manual_seed(args.seed))
+               layers(backend).CrossEntropyLoss(), torch.Generator().manual_seed(args.seed),
+               scaler=scaler)
 
 
-def _accuracy(model, images, labels, batch_size=512) -> float:
+def _autocast(args):
+    """torch.autocast in --amp's dtype on the run's device; a no-op without --amp."""
+    if args.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(args.device.type, dtype=args.amp_dtype)
+
+
+def _accuracy(model, images, labels, args, batch_size=512) -> float:
     model.eval()
     correct = 0
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(args):
         for i in range(0, len(labels), batch_size):
             logits = model(images[i:i + batch_size])
             correct += (logits.argmax(1) == labels[i:i + batch_size]).sum().item()
@@ -215,14 +227,23 @@ def _train_epoch(run: Run, epoch: int, data, args, progress_bar) -> None:
         for step, i in enumerate(batches, 1):
             idx = order[i:i + args.batch_size]
             run.optimizer.zero_grad(set_to_none=True)
-            loss = run.loss_fn(run.model(x_train[idx]), y_train[idx])
+            with _autocast(args):
+                loss = run.loss_fn(run.model(x_train[idx]), y_train[idx])
             value = loss.item()
             _check_finite(value, run.backend, f"epoch {epoch}, step {step} of {steps}")
-            loss.backward()
+            if run.scaler:
+                run.scaler.scale(loss).backward()
+                run.scaler.unscale_(run.optimizer)  # the gradients recorded below are true ones
+            else:
+                loss.backward()
             if run.first_step_gradients is None:
                 run.first_step_gradients = [p.grad.detach().clone()
                                             for p in run.model.parameters()]
-            run.optimizer.step()
+            if run.scaler:
+                run.scaler.step(run.optimizer)  # skipped when a gradient overflowed
+                run.scaler.update()
+            else:
+                run.optimizer.step()
             run.step_losses.append(value)
             total += value * len(idx)
             if progress_bar:
@@ -237,7 +258,7 @@ def _train_epoch(run: Run, epoch: int, data, args, progress_bar) -> None:
         torch.cuda.synchronize(args.device)
     run.epoch_seconds.append(time.perf_counter() - start)
     run.epoch_losses.append(total / n)
-    run.test_accuracy.append(_accuracy(run.model, x_test, y_test))
+    run.test_accuracy.append(_accuracy(run.model, x_test, y_test, args))
     print(f"{LABELS[run.backend]:>8}  epoch {epoch:>2}/{args.epochs}  loss "
           f"{run.epoch_losses[-1]:.4f}  test accuracy {100 * run.test_accuracy[-1]:6.2f}%  "
           f"({run.epoch_seconds[-1]:.2f} s)", flush=True)
@@ -273,13 +294,25 @@ BUSY_SPREAD = 1.3
 # Step-1 relative differences above this are not float32 rounding but a disagreement.
 AGREEMENT_BOUND = 1e-3
 
+
+def agreement_bound(amp_dtype: Optional[torch.dtype]) -> float:
+    """AGREEMENT_BOUND, or under --amp 64 units of the autocast dtype's rounding (0.5 for
+    bfloat16, 0.06 for float16): the backends round at different places (pyengine pools the
+    float32 convolution, torch its rounded output, where ties are common), and a pooling window
+    decided the other way sends its gradient elsewhere. Measured at step 1 (LeNet, seed 0, batch
+    32): conv1's weight gradients 0.11 apart in bfloat16 (torch's 0.12 from the float64 answer,
+    pyengine's 0.045), 0.026 in float16."""
+    return AGREEMENT_BOUND if amp_dtype is None else 64 * torch.finfo(amp_dtype).eps
+
+
 EXPLANATION = (
     "Both runs start from the same weights and see the same batches. "
     "first_step_loss_difference: |pyengine - torch.nn| of the first step's loss (same weights, "
     "same batch: forward agreement). first_step_gradient_difference: the largest |difference| "
     "of any parameter's first-step gradient, relative to that parameter's largest |gradient| "
     "(backward agreement). Both are float32 rounding, ~1e-6, when the kernels agree; above "
-    f"{AGREEMENT_BOUND:g} they would point to a bug. "
+    f"{AGREEMENT_BOUND:g} they would point to a bug (with --amp: the autocast dtype's rounding, "
+    "~1e-2 for bfloat16; agreement_bound says the bound used). "
     "largest_step_loss_difference_first_epoch and largest_step_loss_difference (all epochs): the "
     "largest per-step loss difference. Rounding differs between the two (torch's summation order "
     "even depends on its thread count) and SGD amplifies tiny differences step by step, so these "
@@ -298,7 +331,7 @@ def _timing(seconds: List[float]) -> dict:
                                      if len(later) >= 2 else None)}
 
 
-def _comparison(ours: Run, theirs: Run, steps_per_epoch: int) -> dict:
+def _comparison(ours: Run, theirs: Run, steps_per_epoch: int, bound: float) -> dict:
     differences = [abs(a - b) for a, b in zip(ours.step_losses, theirs.step_losses)]
     gradient_difference = max(
         ((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(b.dtype).tiny)).item()
@@ -311,6 +344,7 @@ def _comparison(ours: Run, theirs: Run, steps_per_epoch: int) -> dict:
     return {
         "first_step_loss_difference": differences[0],
         "first_step_gradient_difference": gradient_difference,
+        "agreement_bound": bound,
         "largest_step_loss_difference_first_epoch": max(differences[:steps_per_epoch]),
         "largest_step_loss_difference": max(differences),
         "final_test_accuracy_difference": ours.test_accuracy[-1] - theirs.test_accuracy[-1],
@@ -353,12 +387,14 @@ def _print_report(runs: Dict[str, Run], comparison: Optional[dict], epochs: int)
     if not both:
         return
     agree = max(comparison["first_step_loss_difference"],
-                comparison["first_step_gradient_difference"]) <= AGREEMENT_BOUND
+                comparison["first_step_gradient_difference"]) <= comparison["agreement_bound"]
     print(f"step 1 (same weights, same batch): losses differ by "
           f"{comparison['first_step_loss_difference']:.2g}, gradients by "
           f"{comparison['first_step_gradient_difference']:.2g} (relative): "
-          + ("the kernels agree (float32 rounding is ~1e-6)" if agree else
-             f"DISAGREEMENT above {AGREEMENT_BOUND:g}, which points to a bug in pyengine"))
+          + (f"the kernels agree (within {comparison['agreement_bound']:g}: float32 rounding is "
+             "~1e-6, an autocast dtype's ~1e-3 to 1e-2)" if agree else
+             f"DISAGREEMENT above {comparison['agreement_bound']:g}, which points to a bug in "
+             "pyengine"))
     print(f"largest per-step loss difference: "
           f"{comparison['largest_step_loss_difference_first_epoch']:.2g} in epoch 1, "
           f"{comparison['largest_step_loss_difference']:.2g} over all epochs; final "
@@ -443,7 +479,15 @@ def _prepare_out_folder(path: str) -> None:
         raise CliError(f"--out {path}: cannot create the output folder ({exc.strerror})") from None
 
 
+# --amp's default dtype per device type: bfloat16 on the CPU (float16 is slow there and needs
+# loss scaling), float16 on a GPU (tensor cores everywhere; bfloat16 from Ampere on: --amp
+# bfloat16).
+AMP_DEFAULT = {"cpu": torch.bfloat16, "cuda": torch.float16}
+
+
 def cmd_train(args) -> int:
+    args.amp_dtype = (None if args.amp is None else AMP_DEFAULT[args.device.type]
+                      if args.amp == "auto" else getattr(torch, args.amp))
     progress_bar = _progress_bar_factory(args)
     require("matplotlib", "matplotlib", "the loss plot")
     size = 32 if args.model == "lenet" else 28
@@ -460,12 +504,17 @@ def cmd_train(args) -> int:
                     "test_images": len(splits.test_labels), "epochs": args.epochs,
                     "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
                     "seed": args.seed, "device": str(args.device),
-                    "threads": torch.get_num_threads()}
+                    "threads": torch.get_num_threads(),
+                    "amp": str(args.amp_dtype).replace("torch.", "") if args.amp_dtype
+                    else None}
         print(f"data: {splits.source}: {settings['train_images']} training and "
               f"{settings['test_images']} held-out test images; model {args.model}, device "
               f"{args.device}, {settings['threads']} CPU threads, "
               f"{_plural(args.epochs, 'epoch')}, batch {args.batch_size}, SGD lr {args.lr:g} "
-              f"momentum {args.momentum:g}, seed {args.seed}", flush=True)
+              f"momentum {args.momentum:g}, seed {args.seed}, "
+              + (f"autocast {settings['amp']}"
+                 + (" with GradScaler" if args.amp_dtype == torch.float16 else "")
+                 if args.amp_dtype else "float32"), flush=True)
         data = tuple(t.to(args.device) for t in (splits.train_images, splits.train_labels,
                                                    splits.test_images, splits.test_labels))
         runs = {b: _start_run(b, args) for b in backends}
@@ -480,8 +529,8 @@ def cmd_train(args) -> int:
                                 args.lr, args.momentum, f" Nothing was written to {args.out}.")
 
     steps_per_epoch = len(range(0, settings["train_images"], args.batch_size))
-    comparison = (_comparison(runs["pyengine"], runs["torch"], steps_per_epoch)
-                  if args.compare else None)
+    comparison = (_comparison(runs["pyengine"], runs["torch"], steps_per_epoch,
+                              agreement_bound(args.amp_dtype)) if args.compare else None)
     _print_report(runs, comparison, args.epochs)
     plot_path = os.path.join(args.out, "loss_curves.png")
     _plot(runs, plot_path, f"{args.model} on {splits.source}", steps_per_epoch)
@@ -729,6 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial weights and batch order (default 0)")
     t.add_argument("--threads", type=threads_int, default=0,
                    help="CPU threads for both runs (default 0: torch's choice)")
+    t.add_argument("--amp", nargs="?", const="auto", choices=("auto", "bfloat16", "float16"),
+                   help="train both runs under torch.autocast: --amp alone is bfloat16 on the "
+                   "CPU and float16 (with GradScaler) on a GPU; or name the dtype")
     t.add_argument("--out", default="runs/train", help="folder for loss_curves.png and "
                    "metrics.json (default runs/train)")
     t.add_argument("--no-compare", dest="compare", action="store_false",
