@@ -10,7 +10,7 @@ import torch
 import helpers
 import pyengine
 
-LEVELS = ["default", "avx2", "avx512"]  # lowest first
+LEVELS = ["default", "avx2", "avx512", "avx512_bf16"]  # lowest first
 
 
 def cpu_best_level():
@@ -24,7 +24,7 @@ def cpu_best_level():
     if flags is None:
         return None
     if {"avx512f", "avx512vl", "avx512dq", "avx512bw", "avx2", "fma"} <= set(flags):
-        return "avx512"
+        return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
     return "avx2" if {"avx2", "fma"} <= set(flags) else "default"
 
 
@@ -36,11 +36,13 @@ def expected_families(forced):
     if best is not None:  # never above what the CPU has
         chosen = LEVELS[min(LEVELS.index(chosen), LEVELS.index(best))]
     # gemm, conv2d, linear, softmax, cross_entropy and the elementwise loops (activations,
-    # mse_loss, binary_cross_entropy) have code for every level; max_pool2d for AVX-512 and
-    # baseline only.
-    every = {f: chosen for f in ("gemm", "conv2d", "linear", "softmax", "cross_entropy",
-                                 "elementwise")}
-    return dict(every, max_pool2d="avx512" if chosen == "avx512" else "default")
+    # mse_loss, binary_cross_entropy) have code for every level up to avx512; max_pool2d for
+    # AVX-512 and baseline only; gemm_bf16 for avx512_bf16 only.
+    upto512 = LEVELS[min(LEVELS.index(chosen), LEVELS.index("avx512"))]
+    every = {f: upto512 for f in ("gemm", "conv2d", "linear", "softmax", "cross_entropy",
+                                  "elementwise")}
+    return dict(every, max_pool2d="avx512" if upto512 == "avx512" else "default",
+                gemm_bf16="avx512_bf16" if chosen == "avx512_bf16" else "default")
 
 
 def test_levels_each_family_runs_with():
@@ -51,6 +53,29 @@ def test_levels_each_family_runs_with():
     helpers.run_with_cpu_isa("avx512", "import pyengine\n"
                              f"assert pyengine._C.cpu_isa() == {expected_families('avx512')!r}\n"
                              "print('ok')\n")
+
+
+def test_bfloat16_linear_without_avx512_bf16_goes_through_float32():
+    """Below avx512_bf16 (PYENGINE_CPU_ISA=avx512 here), bfloat16 linear runs on float32 copies
+    (common/low_precision.h): bitwise the float32 kernels' results rounded once. On this machine's
+    best level it runs cpu/gemm_bf16.cpp instead, which tests/test_low_precision.py checks against
+    torch; the two agree to one rounding of the result."""
+    script = r"""
+import torch, pyengine
+P = torch.ops.pyengine
+assert pyengine._C.cpu_isa()["gemm_bf16"] == "default"
+torch.manual_seed(0)
+for rows, i, o in ((37, 45, 23), (64, 400, 120), (1, 3, 2)):
+    x, w, b = (torch.randn(*s).bfloat16() for s in ((rows, i), (o, i), (o,)))
+    g = torch.randn(rows, o).bfloat16()
+    y = P.linear(x, w, b)
+    assert torch.equal(y, P.linear(x.float(), w.float(), b.float()).bfloat16())
+    for got, want in zip(P.linear_backward(g, x, w, [True, True, True]),
+                         P.linear_backward(g.float(), x.float(), w.float(), [True, True, True])):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
+print("ok")
+"""
+    helpers.run_with_cpu_isa("avx512", script)
 
 
 def test_unknown_level_is_a_clear_error():

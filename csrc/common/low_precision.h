@@ -71,15 +71,20 @@ std::tuple<Ts...> narrow(std::tuple<Ts...> t, c10::ScalarType low) {
                     t);
 }
 
-template <typename Fn, Fn* fn>
+// native_bf16: when not null and it returns true, bfloat16 calls reach fn as they are (fn has
+// bfloat16 code of its own for this machine: linear on AVX512_BF16).
+template <typename Fn, Fn* fn, bool (*native_bf16)() = nullptr>
 struct Float32Inside;
-template <typename R, typename... Args, R (*fn)(Args...)>
-struct Float32Inside<R(Args...), fn> {
+template <typename R, typename... Args, R (*fn)(Args...), bool (*native_bf16)()>
+struct Float32Inside<R(Args...), fn, native_bf16> {
   static R call(Args... args) {
     Scan scan;
     (scan.add(args), ...);
     const std::optional<c10::ScalarType> low = scan.common_low();
     if (!low) return fn(args...);
+    if constexpr (native_bf16 != nullptr) {
+      if (*low == c10::kBFloat16 && native_bf16()) return fn(args...);
+    }
     return narrow(fn(widen(args)...), *low);
   }
 };
@@ -91,3 +96,7 @@ struct Float32Inside<R(Args...), fn> {
 #define PE_KERNEL(fn)                                                                      \
   TORCH_FN((::pyengine::low_precision::Float32Inside<std::remove_pointer_t<decltype(&fn)>, \
                                                      &fn>::call))
+// The same, for a kernel that computes bfloat16 itself wherever available() says so.
+#define PE_KERNEL_NATIVE_BF16(fn, available)                                               \
+  TORCH_FN((::pyengine::low_precision::Float32Inside<std::remove_pointer_t<decltype(&fn)>, \
+                                                     &fn, &available>::call))

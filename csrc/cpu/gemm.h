@@ -68,6 +68,19 @@ void gemm_dot_segments(int64_t M, int64_t N, int64_t nseg, int64_t len, const T*
                        int64_t sa, const T* const* b, T* C, int64_t rsc, int64_t csc,
                        bool accumulate);
 
+// bfloat16 (as uint16_t bits) operands, float32 accumulation, on AVX512_BF16's dot products
+// (cpu/gemm_bf16.cpp), split over column panels with at::parallel_for (by shape only, so
+// thread-count independent). C is float32 (accumulate adds to it) or bfloat16 (each result
+// rounded once, to nearest even); bias, when not null, is added per column before rounding.
+// Only where gemm_bf16_available() (isa_for(Family::GemmBf16) is avx512_bf16).
+bool gemm_bf16_available();
+void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t rsa, int64_t csa,
+               const uint16_t* B, int64_t rsb, int64_t csb, float* C, int64_t rsc, int64_t csc,
+               bool accumulate, const float* bias = nullptr);
+void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t rsa, int64_t csa,
+               const uint16_t* B, int64_t rsb, int64_t csb, uint16_t* C, int64_t rsc,
+               int64_t csc, const float* bias = nullptr);
+
 // A row stride (in elements) for n-element rows that gemm_indirect reads in place, kept off
 // multiples of 512 bytes: L1 (48 KB, 12-way, 64 sets of 64 B lines) maps rows 1 KB apart to 16 of
 // its sets, so a 64-wide tile's kc-row panel (256 lines) no longer fitted and was evicted while

@@ -23,22 +23,29 @@ Choice choose() {
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const Isa best = has_avx512 ? Isa::Avx512 : has_avx2 ? Isa::Avx2 : Isa::Default;
+  const bool has_avx512_bf16 =
+      PE_HAVE_AVX512_BF16 && has_avx512 && __builtin_cpu_supports("avx512bf16");
+  const Isa best = has_avx512_bf16 ? Isa::Avx512Bf16
+                   : has_avx512    ? Isa::Avx512
+                   : has_avx2      ? Isa::Avx2
+                                   : Isa::Default;
   Choice c;
   c.isa = best;
   const char* env = std::getenv("PYENGINE_CPU_ISA");
   if (env == nullptr || *env == '\0') return c;
   const std::string wanted = env;
   Isa asked;
-  if (wanted == "avx512") {
+  if (wanted == "avx512_bf16") {
+    asked = Isa::Avx512Bf16;
+  } else if (wanted == "avx512") {
     asked = Isa::Avx512;
   } else if (wanted == "avx2") {
     asked = Isa::Avx2;
   } else if (wanted == "default") {
     asked = Isa::Default;
   } else {
-    c.error = "pyengine: expected the environment variable PYENGINE_CPU_ISA to be avx512, avx2 "
-              "or default (or unset), but got PYENGINE_CPU_ISA=" + wanted;
+    c.error = "pyengine: expected the environment variable PYENGINE_CPU_ISA to be avx512_bf16, "
+              "avx512, avx2 or default (or unset), but got PYENGINE_CPU_ISA=" + wanted;
     return c;
   }
   // Never above what the CPU has: the higher builds would fault on it.
@@ -50,12 +57,15 @@ struct FamilyLevels {
   Family family;
   const char* name;
   bool has_avx512, has_avx2;  // every family has baseline code
+  bool has_avx512_bf16 = false;
 };
 
 // The levels each family has code for: where its dispatch (PE_ISA_FUNCTION or an explicit
 // isa_for() test) finds a build. One row per Family.
 constexpr FamilyLevels kFamilies[] = {
     {Family::Gemm, "gemm", true, true},
+    // no code below avx512_bf16: bfloat16 then runs through float32 (common/low_precision.h)
+    {Family::GemmBf16, "gemm_bf16", false, false, true},
     {Family::Conv2d, "conv2d", true, true},
     {Family::Linear, "linear", true, true},
     {Family::MaxPool2d, "max_pool2d", true, false},
@@ -75,6 +85,8 @@ const FamilyLevels& levels_of(Family family) {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::Avx512Bf16:
+      return "avx512_bf16";
     case Isa::Avx512:
       return "avx512";
     case Isa::Avx2:
@@ -93,7 +105,8 @@ Isa isa() {
 Isa isa_for(Family family) {
   const Isa level = isa();
   const FamilyLevels& f = levels_of(family);
-  if (level == Isa::Avx512 && f.has_avx512) return Isa::Avx512;
+  if (level == Isa::Avx512Bf16 && f.has_avx512_bf16) return Isa::Avx512Bf16;
+  if (level >= Isa::Avx512 && f.has_avx512) return Isa::Avx512;
   if (level != Isa::Default && f.has_avx2) return Isa::Avx2;
   return Isa::Default;
 }

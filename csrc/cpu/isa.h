@@ -2,12 +2,14 @@
 // The instruction sets pyengine's CPU kernels are compiled for, and the one run-time choice among
 // them. No -march=native: the library runs on any x86-64, and its hot loops exist in up to three
 // builds, picked per process:
+//   avx512_bf16  AVX-512 with AVX512_BF16's bfloat16 dot products (PE_TARGET_AVX512_BF16): the
+//            bfloat16 GEMM only (family GemmBf16); every other family runs its avx512 build
 //   avx512   AVX-512 F, VL, DQ and BW, with AVX2 and FMA (PE_TARGET_AVX512)
 //   avx2     AVX2 with FMA                                 (PE_TARGET_AVX2)
 //   default  the x86-64 baseline, SSE2                      (no target attribute)
 // isa() is the best of these that this CPU has, or a lower one named by the environment variable
-// PYENGINE_CPU_ISA=avx512|avx2|default (read once; never above what the CPU has), so that the
-// tests run every kernel's lower builds on an AVX-512 machine. Each kernel family runs with
+// PYENGINE_CPU_ISA=avx512_bf16|avx512|avx2|default (read once; never above what the CPU has),
+// so that the tests run every kernel's lower builds on an AVX-512 machine. Each kernel family runs with
 // isa_for(family): isa(), or the best level below it that the family has code for (max_pool2d has
 // AVX-512 and baseline code only).
 //
@@ -29,22 +31,31 @@
 #define PE_INLINE inline __attribute__((always_inline))
 #define PE_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
 #define PE_TARGET_AVX2 __attribute__((target("avx2,fma")))
+// AVX512_BF16 intrinsics need GCC 10 or clang; an older compiler builds without the level.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10)
+#define PE_HAVE_AVX512_BF16 1
+#define PE_TARGET_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")))
+#else
+#define PE_HAVE_AVX512_BF16 0
+#endif
 
 namespace pyengine {
 namespace cpu {
 
-enum class Isa : int { Default = 0, Avx2 = 1, Avx512 = 2 };
+enum class Isa : int { Default = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 
-// "avx512", "avx2" or "default".
+// "avx512_bf16", "avx512", "avx2" or "default".
 const char* isa_name(Isa isa);
 
 // The instruction set the kernels run with (see the top of the file). Raises a clear error, on
-// every call, when PYENGINE_CPU_ISA holds anything but the three names.
+// every call, when PYENGINE_CPU_ISA holds anything but the four names.
 Isa isa();
 
 // Kernel families, each with its own set of compiled levels (isa.cpp lists them).
 enum class Family : int {
   Gemm,          // cpu/gemm.cpp: the matrix multiplies of conv2d and linear
+  GemmBf16,      // cpu/gemm_bf16.cpp: the bfloat16 matrix multiply (avx512_bf16 only)
   Conv2d,        // cpu/conv2d*.cpp: im2col, col2im, batch transposes, bias gradients
   Linear,        // cpu/linear.cpp: the bias gradient's column sums
   MaxPool2d,     // cpu/pool.cpp: AVX-512 and baseline only

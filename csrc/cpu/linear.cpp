@@ -156,6 +156,18 @@ PE_TARGET_AVX512 void narrow_backward(const T* dy, const T* x, const T* w, T* dx
   L::store(static_cast<typename L::M>(~0u), part + kNarrowOut * W, bacc);
 }
 
+// ---- bfloat16 on AVX512_BF16 --------------------------------------------------------------------
+// Registered with PE_KERNEL_NATIVE_BF16: where cpu::gemm_bf16_available(), bfloat16 calls arrive
+// as they are and each GEMM reads bfloat16 in place (cpu/gemm_bf16.cpp: twice float32's
+// multiply-adds per instruction, half its bytes, no conversion of x or W), rounding each result
+// once; elsewhere they run on float32 copies (common/low_precision.h). float16 always does.
+const uint16_t* bits(const Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
+}
+uint16_t* bits_out(Tensor& t) {
+  return reinterpret_cast<uint16_t*>(t.mutable_data_ptr<at::BFloat16>());
+}
+
 Tensor linear_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
   const auto s = check_linear<int64_t>(input, weight, bias);
   const bool has_bias = bias.has_value() && bias->defined();
@@ -165,6 +177,12 @@ Tensor linear_cpu(const Tensor& input, const Tensor& weight, const std::optional
   Tensor out = empty_of(s.output_sizes, x.options());
   const int64_t rows = s.rows, in = s.in_features, o = s.out_features;
   if (rows == 0 || o == 0) return out;
+  if (x.scalar_type() == at::kBFloat16) {  // y = x W^T + b, the bias added before rounding
+    const Tensor b32 = has_bias ? b.to(at::kFloat) : Tensor();
+    cpu::gemm_bf16(rows, o, in, bits(x), in, 1, bits(w), 1, in, bits_out(out), o, 1,
+                   has_bias ? b32.const_data_ptr<float>() : nullptr);
+    return out;
+  }
   dispatch_floating(x.scalar_type(), "linear", [&](auto tag) {
     using T = decltype(tag);
     T* y = out.mutable_data_ptr<T>();
@@ -209,6 +227,29 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_output
     return t.is_contiguous() ? std::pair<int64_t, int64_t>(n, 1)
                              : std::pair<int64_t, int64_t>(1, m);
   };
+  if (x.scalar_type() == at::kBFloat16) {
+    // (an empty sum, o == 0 or rows == 0, writes zeros)
+    if (mask[0]) {  // dx = dy W
+      const auto [rs, cs] = strides(grad_input, rows, in);
+      cpu::gemm_bf16(rows, in, o, bits(g), o, 1, bits(w), in, 1, bits_out(grad_input), rs, cs);
+    }
+    if (mask[1]) {  // dW = dy^T x
+      const auto [rs, cs] = strides(grad_weight, o, in);
+      cpu::gemm_bf16(o, in, rows, bits(g), 1, o, bits(x), in, 1, bits_out(grad_weight), rs, cs);
+    }
+    if (mask[2]) {  // column sums in float32 (dy is rows x o: small beside the GEMMs)
+      const Tensor g32 = g.to(at::kFloat);
+      Tensor b32 = at::empty({o}, g32.options());
+      const float* pg = g32.const_data_ptr<float>();
+      float* pb = b32.mutable_data_ptr<float>();
+      const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(1, rows));
+      at::parallel_for(0, o, grain, [&](int64_t j0, int64_t j1) {
+        column_sums(pg, rows, o, j0, j1, pb);
+      });
+      grad_bias.copy_(b32);
+    }
+    return {grad_input, grad_weight, grad_bias};
+  }
   dispatch_floating(x.scalar_type(), "linear_backward", [&](auto tag) {
     using T = decltype(tag);
     const T* pg = g.const_data_ptr<T>();
@@ -268,8 +309,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_output
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
-  m.impl("linear", PE_KERNEL(linear_cpu));
-  m.impl("linear_backward", PE_KERNEL(linear_backward_cpu));
+  m.impl("linear", PE_KERNEL_NATIVE_BF16(linear_cpu, cpu::gemm_bf16_available));
+  m.impl("linear_backward", PE_KERNEL_NATIVE_BF16(linear_backward_cpu, cpu::gemm_bf16_available));
 }
 
 }  // namespace pyengine
