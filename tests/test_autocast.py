@@ -203,3 +203,20 @@ def test_patch_routes_under_autocast():
     assert not aten, aten
     assert out.dtype == expected.dtype == torch.bfloat16 and loss.dtype == torch.float32
     torch.testing.assert_close(out.float(), expected.float(), rtol=0.05, atol=0.05)
+
+
+def test_compiled_model_under_autocast_matches_eager():
+    """torch.compile of a pyengine LeNet under bf16 autocast: the same dtypes and values as eager
+    under the same autocast, and gradients flow to the float32 parameters."""
+    torch.manual_seed(3)
+    model = LeNet(backend="pyengine")
+    x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
+    compiled = torch.compile(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(x)
+        loss = torch.nn.functional.cross_entropy(out, y)
+        expected = model(x)
+    loss.backward()
+    assert out.dtype == expected.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())

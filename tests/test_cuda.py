@@ -67,6 +67,42 @@ def test_parity(sample, dtype):
     check_sample(GPU, sample, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("sample", [s for s in samples.all_samples(large=False)
+                                    if not s.case.expect_error], ids=lambda s: s.id)
+def test_parity_in_16_bit(sample, dtype):
+    """bfloat16 / float16 on the GPU (through the glue's float32 conversion) against the CPU."""
+    check_sample(GPU, sample, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op", sorted(fuzz_configs.OPS))
+def test_autocast_policy_on_cuda(op, dtype):
+    """Under torch.autocast("cuda") each operator's result has its torch twin's dtype
+    (csrc/autocast.cpp's CUDA column: softmax / log_softmax and the losses in float32, conv2d and
+    linear in the autocast dtype), with values that agree to that dtype; binary_cross_entropy is
+    refused with torch's advice, as torch's is."""
+    case = next(s.case for s in samples.samples(op) if not s.large and not s.case.expect_error
+                and not samples.has_special_values(s)
+                and all(fuzz_configs.numel(t.shape) > 0 for _, t in s.case.tensors()))
+    args, kwargs = materialize(case, device="cuda")
+    ours_fn, torch_fn = fuzz_configs.pyengine_function(op), fuzz_configs.torch_function(op)
+    with torch.autocast("cuda", dtype=dtype):
+        if op == "binary_cross_entropy":
+            for fn in (ours_fn, torch_fn):
+                with pytest.raises(RuntimeError, match="unsafe to autocast"):
+                    call(fn, args, kwargs)
+            return
+        ours, theirs = call(ours_fn, args, kwargs), call(torch_fn, args, kwargs)
+    ours = (ours[0] if isinstance(ours, tuple) else ours).detach()
+    theirs = (theirs[0] if isinstance(theirs, tuple) else theirs).detach()
+    assert ours.dtype == theirs.dtype, (op, ours.dtype, theirs.dtype)
+    eps = torch.finfo(theirs.dtype).eps
+    torch.testing.assert_close(ours.double(), theirs.double(), rtol=8 * eps,
+                               atol=8 * eps * max(1.0, float(theirs.abs().max())),
+                               equal_nan=True)
+
+
 @dtypes
 def test_layout_parity(dtype):
     check_layouts(GPU, dtype)

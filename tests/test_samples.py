@@ -190,3 +190,25 @@ def test_opcheck(name, k):
         helpers.opcheck(c.op, c.args)
     except AssertionError as exc:
         raise AssertionError(f"{name} from {sample}:\n{exc}") from None
+
+
+def _in_dtype(value, dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.detach().to(dtype).requires_grad_(value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_in_dtype(v, dtype) for v in value)
+    return value
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", OPERATORS)
+def test_opcheck_in_16_bit(name, dtype):
+    """opcheck on the operator's first chosen call with its floating tensors in bfloat16 /
+    float16: the fake kernels give the 16-bit dtype and strides the CPU kernel gives, and
+    torch.compile's AOT dispatch runs it (the 16-bit dtypes reach the kernels through
+    common/low_precision.h, and linear's bfloat16 through its own GEMM)."""
+    sample, c = OPCHECK_CALLS[name][0]
+    try:
+        helpers.opcheck(c.op, _in_dtype(c.args, dtype))
+    except AssertionError as exc:
+        raise AssertionError(f"{name} in {dtype} from {sample}:\n{exc}") from None
