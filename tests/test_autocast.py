@@ -220,3 +220,20 @@ def test_compiled_model_under_autocast_matches_eager():
     assert out.dtype == expected.dtype == torch.bfloat16 and loss.dtype == torch.float32
     torch.testing.assert_close(out, expected)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_converted_model_runs_under_autocast():
+    """convert()'s twins (which used to raise under autocast) compute in torch's autocast dtypes,
+    with torch.nn's results to the autocast dtype's precision."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 3 * 3, 5),
+                                torch.nn.LogSoftmax(1))
+    converted = pyengine.convert(model)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = converted(x), model(x)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=0.03, atol=0.03)
+    ours.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in converted.parameters())

@@ -22,12 +22,23 @@ from fuzz_configs import materialize, pyengine_function, torch_function
 LOW_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _cast_keeping_strides(t, dtype):
+    """t in `dtype` with t's very strides (Tensor.to keeps them for dense tensors only): the
+    storage range t covers, cast, viewed as t."""
+    if t.numel() == 0:
+        return t.to(dtype)
+    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    covered = t.as_strided((span,), (1,), t.storage_offset()).to(dtype, copy=True)
+    return covered.as_strided(t.shape, t.stride(), covered.storage_offset())
+
+
 def _cast_leaves(args, kwargs, dtype):
-    """The floating tensors of a call in `dtype`, fresh leaves that require grad as the
-    originals did; other arguments as they are."""
+    """The floating tensors of a call in `dtype`, in their layouts (strided, expanded,
+    channels_last...), fresh leaves that require grad as the originals did; other arguments as
+    they are."""
     def cast(a):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
-            return a.detach().to(dtype).requires_grad_(a.requires_grad)
+            return _cast_keeping_strides(a.detach(), dtype).requires_grad_(a.requires_grad)
         return a
     return [cast(a) for a in args], {k: cast(v) for k, v in kwargs.items()}
 
@@ -110,6 +121,15 @@ def check_low_precision(case, dtype):
     ref_out, ref_grads = _torch_side(case, ref_args, ref_kwargs, dtype, args, kwargs)
     theirs_out, theirs_grads = _torch_side(case, theirs_args, theirs_kwargs, dtype, args, kwargs)
 
+    # Layouts: the float32 call's strides (test_layout.py holds those to torch's), results and
+    # gradients alike, whatever the 16-bit path (float32 copies, or linear's own bfloat16 GEMM).
+    f32_args, f32_kwargs = _cast_leaves(args, kwargs, torch.float32)
+    f32_out, f32_grads = _ours(case, f32_args, f32_kwargs, dtype)
+    for what, a, b in [("forward", ours_out, f32_out)] + [
+            (f"gradient {i}", a, b) for i, (a, b) in enumerate(zip(ours_grads, f32_grads))]:
+        if a is not None and a.numel() > 1:
+            assert a.stride() == b.stride(), (f"{what}: strides {a.stride()} in {dtype}, "
+                                              f"{b.stride()} in float32")
     _compare("forward", ours_out, theirs_out, ref_out, dtype)
     g_scale = _grad_output(ref_out.shape, dtype, case.seed).abs().max().item() \
         if ref_out.numel() else 0.0
@@ -158,3 +178,37 @@ def test_bfloat16_linear_against_float64(shape):
                                  refs):
             _compare(name, m, t, r, torch.bfloat16,
                      floor=torch.finfo(torch.float32).eps * max(1.0, g_scale))
+
+
+def _op_args_in(args, dtype):
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            a = _cast_keeping_strides(a.detach(), dtype)
+        elif isinstance(a, (list, tuple)):
+            a = type(a)(_cast_keeping_strides(v.detach(), dtype)
+                        if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in a)
+        out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+@pytest.mark.parametrize("sample", [s for s in samples.all_samples(large=False)
+                                    if not s.case.expect_error], ids=lambda s: s.id)
+def test_operator_calls_keep_float32_layouts(sample, dtype):
+    """Every operator call a sample makes (forward and backward operators, called directly), its
+    floating tensors in a 16-bit dtype in the same layouts: the results' strides are those of the
+    float32 call (test_layout.py holds those to torch's), whichever 16-bit path runs."""
+    for c in samples.op_calls(sample.case):
+        with torch.no_grad():
+            low = c.op(*_op_args_in(c.args, dtype))
+            f32 = c.op(*_op_args_in(c.args, torch.float32))
+        low = low if isinstance(low, (tuple, list)) else (low,)
+        f32 = f32 if isinstance(f32, (tuple, list)) else (f32,)
+        for i, (a, b) in enumerate(zip(low, f32)):
+            if a is None or b is None:
+                assert a is None and b is None
+                continue
+            assert a.dtype == (dtype if b.is_floating_point() else b.dtype), (c.name, i)
+            if a.numel() > 1:
+                assert a.stride() == b.stride(), (c.name, i, a.stride(), b.stride())

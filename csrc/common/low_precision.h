@@ -14,6 +14,7 @@
 // Cost: one conversion pass over each low-precision input and each result (memory-bound, a few
 // percent of a convolution or GEMM; as much as the op itself for elementwise ones).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/core/ScalarType.h>
 
 #include <optional>
@@ -49,8 +50,21 @@ class Scan {
   bool mixed_ = false;
 };
 
+// A float32 copy with t's very strides (Tensor::to keeps them only for dense tensors): the
+// kernels choose their results' layouts from their inputs' strides, as torch does, so a strided
+// or expanded 16-bit input must look the same in float32. The storage range t covers is widened
+// (gaps included, at most a few times t's elements) and viewed with t's sizes and strides.
 inline at::Tensor widen(const at::Tensor& t) {
-  return t.defined() && is_low(t.scalar_type()) ? t.to(c10::kFloat) : t;
+  if (!t.defined() || !is_low(t.scalar_type())) return t;
+  if (t.is_non_overlapping_and_dense()) return t.to(c10::kFloat);
+  int64_t span = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) == 0)
+      return at::empty_strided(t.sizes(), t.strides(), t.options().dtype(c10::kFloat));
+    span += (t.size(d) - 1) * t.stride(d);
+  }
+  const at::Tensor covered = t.as_strided({span}, {1}, t.storage_offset()).to(c10::kFloat);
+  return covered.as_strided(t.sizes(), t.strides(), covered.storage_offset());
 }
 inline std::optional<at::Tensor> widen(const std::optional<at::Tensor>& t) {
   if (!t) return t;

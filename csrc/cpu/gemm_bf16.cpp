@@ -186,12 +186,22 @@ PE_TARGET_AVX512_BF16 void tile(int64_t P, const uint32_t* ap, const uint32_t* b
       __m512 x = acc[r][v];
       if (e.bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, e.bias + jv));
       if (e.csc == 1) {
+        // Whole vectors store unmasked: a masked store to memory costs several times as much
+        // on AMD cores (perf: 14% of grad_weight's kernel time, 4096 x 4096 bfloat16).
         if (e.c32) {
           float* c = e.c32 + i * e.rsc + jv;
           if (e.accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, c));
-          _mm512_mask_storeu_ps(c, m, x);
+          if (n == 16)
+            _mm512_storeu_ps(c, x);
+          else
+            _mm512_mask_storeu_ps(c, m, x);
         } else {
-          _mm256_mask_storeu_epi16(e.c16 + i * e.rsc + jv, m, (__m256i)_mm512_cvtneps_pbh(x));
+          const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+          uint16_t* c = e.c16 + i * e.rsc + jv;
+          if (n == 16)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(c), h);
+          else
+            _mm256_mask_storeu_epi16(c, m, h);
         }
         continue;
       }
