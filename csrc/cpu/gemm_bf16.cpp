@@ -52,6 +52,16 @@ inline uint32_t pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t
 
 // All of A as tiles of kMR rows: ap[tile][p][r] = pair (A[i, 2p], A[i, 2p + 1]), i = tile*kMR + r
 // (zero rows past M).
+// The pairs (lo[t], hi[t]) for t < 16 under mask m, as words (hi null: zero high halves): two
+// rows of a matrix stored along the other dimension, merged.
+PE_TARGET_AVX512_BF16 inline __m512i merge_rows(const uint16_t* lo, const uint16_t* hi,
+                                                 __mmask16 m) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo));
+  if (!hi) return w;
+  return _mm512_or_si512(
+      w, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi)), 16));
+}
+
 // pack_a's words for pairs [p0, p1) where A runs along i (rsa == 1): linear's grad_weight reads
 // dY^T. Rows 2p and 2p + 1 of the stored matrix widened and merged, 16 rows of A at a time, then
 // placed in their tiles.
@@ -65,12 +75,7 @@ PE_TARGET_AVX512_BF16 void pack_a_along_i(int64_t M, int64_t K, const uint16_t* 
     for (int64_t i0 = 0; i0 < M; i0 += 16) {
       const int64_t n = std::min<int64_t>(16, M - i0);
       const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
-      __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo + i0));
-      if (hi) {
-        const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi + i0));
-        v = _mm512_or_si512(v, _mm512_slli_epi32(h, 16));
-      }
-      _mm512_store_si512(w, v);
+      _mm512_store_si512(w, merge_rows(lo + i0, hi ? hi + i0 : nullptr, m));
       for (int64_t l = 0; l < n; ++l) {
         const int64_t i = i0 + l;
         ap[(i / kMR) * P * kMR + p * kMR + i % kMR] = w[l];
@@ -132,12 +137,8 @@ PE_TARGET_AVX512_BF16 void pack_b_panel(int64_t N, int64_t K, const uint16_t* B,
       for (int64_t c0 = 0; c0 < nc; c0 += 16) {
         const int64_t n = std::min<int64_t>(16, nc - c0);
         const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
-        __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo + c0));
-        if (hi)
-          w = _mm512_or_si512(
-              w, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi + c0)),
-                                   16));
-        _mm512_mask_storeu_epi32(bp + p * kNR + c0, m, w);
+        _mm512_mask_storeu_epi32(bp + p * kNR + c0, m,
+                                 merge_rows(lo + c0, hi ? hi + c0 : nullptr, m));
       }
     }
     return;
