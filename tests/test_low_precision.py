@@ -212,3 +212,21 @@ def test_operator_calls_keep_float32_layouts(sample, dtype):
             assert a.dtype == (dtype if b.is_floating_point() else b.dtype), (c.name, i)
             if a.numel() > 1:
                 assert a.stride() == b.stride(), (c.name, i, a.stride(), b.stride())
+
+
+def test_bfloat16_linear_is_bitwise_the_same_for_any_thread_count():
+    """cpu/gemm_bf16.cpp splits work by column panels chosen from the shapes: one and several
+    threads give the same bits, forward and backward."""
+    import helpers
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(70, 300, generator=gen).bfloat16()
+    w = torch.randn(200, 300, generator=gen).bfloat16()
+    g = torch.randn(70, 200, generator=gen).bfloat16()
+    results = []
+    for threads in (1, 2, 3):
+        with helpers.set_num_threads(threads):
+            results.append((torch.ops.pyengine.linear(x, w, None),
+                            *torch.ops.pyengine.linear_backward(g, x, w, [True, True, False])[:2]))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))

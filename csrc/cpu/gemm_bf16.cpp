@@ -143,6 +143,8 @@ PE_TARGET_AVX512_BF16 void pack_b_panel(int64_t N, int64_t K, const uint16_t* B,
     }
     return;
   }
+  // Any other layout (B along k with an odd K: its columns are not whole words apart) packs
+  // element by element: correct, several times slower than the two paths above.
   for (int64_t p = 0; p < P; ++p)
     for (int64_t c = 0; c < nc; ++c) {
       const uint16_t* b = B + 2 * p * rsb + (j0 + c) * csb;
