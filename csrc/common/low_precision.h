@@ -53,7 +53,10 @@ class Scan {
 // A float32 copy with t's very strides (Tensor::to keeps them only for dense tensors): the
 // kernels choose their results' layouts from their inputs' strides, as torch does, so a strided
 // or expanded 16-bit input must look the same in float32. The storage range t covers is widened
-// (gaps included, at most a few times t's elements) and viewed with t's sizes and strides.
+// (gaps included) and viewed with t's sizes and strides. That range is t's elements for dense
+// tensors, twice them for every-other-element views, but the whole source for a thin slice of a
+// wide tensor (x[:, :1]): never more than the source storage, whose bytes the copy at most
+// doubles. Exact strides are worth it: layouts are part of each operator's contract.
 inline at::Tensor widen(const at::Tensor& t) {
   if (!t.defined() || !is_low(t.scalar_type())) return t;
   if (t.is_non_overlapping_and_dense()) return t.to(c10::kFloat);
