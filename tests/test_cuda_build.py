@@ -1,11 +1,13 @@
 """The CUDA sources compile, on any machine with nvcc (no GPU needed; skipped without nvcc).
 
 * every csrc/cuda/*.cu compiles on its own with plain nvcc for sm_90, the way the before-stop hook
-  checks it (kernels and launchers include only CUDA headers and csrc/common: no torch); ptxas's
+  checks it (kernels and launchers include only CUDA headers and csrc/common: no torch), with
+  torch's -D__CUDA_NO_HALF_CONVERSIONS__ and friends (no implicit 16-bit conversions); ptxas's
   registers and spill stores/loads are printed per kernel (pytest -s, or the file named by
   PYENGINE_PTXAS_REPORT);
-* every launcher that csrc/cuda/launchers.h declares is defined, for float and double, in those
-  objects (a missing explicit instantiation would otherwise surface only when the CUDA build links);
+* every launcher that csrc/cuda/launchers.h declares is defined, for float, double, __half
+  (float16) and __nv_bfloat16 (bfloat16), in those objects (a missing explicit instantiation
+  would otherwise surface only when the CUDA build links);
 * every torch-facing glue file (csrc/cuda/*.cpp) passes g++ -fsyntax-only against torch's headers
   and the CUDA headers, as the CUDA build compiles it.
 
@@ -96,9 +98,16 @@ def _short(name, width=96):
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
+# torch's CUDAExtension compiles .cu files with these: the 16-bit types have no implicit
+# conversions or operators there, so the kernels must convert explicitly (csrc/cuda/device.cuh).
+NO_HALF_CONVERSIONS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                       "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+
+
 def _compile_cu(path, out_dir):
     obj = os.path.join(out_dir, os.path.basename(path) + ".o")
-    cmd = [NVCC, "-std=c++17", "-O3", "-c", path, "-o", obj, "-Icsrc", *ARCH, "-Xptxas", "-v"]
+    cmd = [NVCC, "-std=c++17", "-O3", "-c", path, "-o", obj, "-Icsrc", *ARCH, *NO_HALF_CONVERSIONS,
+           "-Xptxas", "-v"]
     rc, log = _run(cmd)
     return {"rc": rc, "log": log, "obj": obj, "cmd": " ".join(cmd)}
 
@@ -182,7 +191,10 @@ def test_kernels_include_no_torch(path):
                 assert not re.search(r"<(torch|ATen|c10)/", line), f"{_rel(src)}: {line.strip()}"
 
 
-def test_every_launcher_is_defined_for_float_and_double(builds):
+STORAGE_TYPES = ["float", "double", "__half", "__nv_bfloat16"]
+
+
+def test_every_launcher_is_defined_for_every_storage_type(builds):
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("nm not found")
@@ -198,7 +210,7 @@ def test_every_launcher_is_defined_for_float_and_double(builds):
     expected = []
     for m in re.finditer(r"(template <typename T>\s*)?\n(cudaError_t|int64_t) (\w+)\(", header):
         name = f"pyengine::cuda::{m.group(3)}"
-        expected += [f"{name}<float>", f"{name}<double>"] if m.group(1) else [name]
+        expected += [f"{name}<{t}>" for t in STORAGE_TYPES] if m.group(1) else [name]
     assert len(expected) > 20, expected
     missing = [e for e in expected if not any(d.endswith(e) for d in defined)]
     assert not missing, f"declared in launchers.h but defined in no .cu object: {missing}"

@@ -221,7 +221,7 @@ def test_every_cu_compiles_against_the_emulator(emu_build):
 
 CASES = ["missing_barrier", "shuffle_deadlock", "device_assert", "bad_config",
          "divergent_barrier", "reductions", "warp_intrinsics", "shared_memory", "caps",
-         "launchers"]
+         "launchers", "half_conversions", "bf16_conversions"]
 
 
 @needs_gxx

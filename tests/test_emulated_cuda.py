@@ -14,9 +14,10 @@ torch.ops.pyengine_emu.*; they take CPU tensors standing for CUDA ones. Every ca
 * against the CPU operator on the same arguments, layouts kept (tests/parity.py, the check the
   GPU lane tests/test_cuda.py makes too).
 
-Drives: every sample of every operator (tests/samples.py), float32 and float64; channels_last and
-transposed layouts; the reductions at sizes with many chunks and splits; random geometries per op
-(tests/fuzz_configs.py). The "small caps" runs shrink csrc/cuda's launch caps (PE_LAUNCH_CAP) so
+Drives: every sample of every operator (tests/samples.py), float32 and float64, and the small
+ones in bfloat16 and float16 (the kernels' own 16-bit code: __half / __nv_bfloat16 memory,
+float32 arithmetic); channels_last and transposed layouts; the reductions at sizes with many
+chunks and splits, in all four dtypes; random geometries per op (tests/fuzz_configs.py). The "small caps" runs shrink csrc/cuda's launch caps (PE_LAUNCH_CAP) so
 that small tensors take the grid-stride, tile-loop, gridDim.z-batching, many-split and many-chunk
 paths only huge tensors take on a GPU. Device-side asserts must fire with torch's message and
 leave the sticky error a GPU leaves. What the emulator catches, proven on planted bugs:
@@ -43,6 +44,8 @@ _unavailable = lane.available()
 pytestmark = [pytest.mark.skipif(bool(_unavailable), reason=_unavailable)]
 
 dtypes = pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+all_dtypes = pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 
 # (order, seed): every emulated call runs under each; results must be bitwise equal.
 SCHEDULES = [("in_order", 0), ("reversed", 0), ("shuffled", 1)]
@@ -161,13 +164,16 @@ def test_samples(emu, sample, dtype):
     check_sample(Emulated(emu), sample, dtype)
 
 
+SMALL_SAMPLES = [s for s in NON_ERROR_SAMPLES if not s.large]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("sample", [s for s in NON_ERROR_SAMPLES if not s.large],
-                         ids=lambda s: s.id)
+@pytest.mark.parametrize("sample", SMALL_SAMPLES, ids=lambda s: s.id)
 def test_samples_in_16_bit(emu, sample, dtype):
-    """bfloat16 and float16 through the glue's float32 conversion (the same kernels as float32:
-    one schedule suffices), against the CPU operator in the same dtype."""
-    check_sample(Emulated(emu, schedules=SCHEDULES[:1]), sample, dtype)
+    """bfloat16 and float16 on the kernels' own 16-bit code (16-bit loads and stores, float32
+    arithmetic, one rounding per result), under every schedule, against the CPU operator in the
+    same dtype (which computes in float32 and rounds once)."""
+    check_sample(Emulated(emu), sample, dtype)
 
 
 @pytest.mark.parametrize("sample", NON_ERROR_SAMPLES, ids=lambda s: s.id)
@@ -176,12 +182,20 @@ def test_samples_small_caps(emu, sample):
                  torch.float64)
 
 
-@dtypes
+@pytest.mark.parametrize("sample", SMALL_SAMPLES, ids=lambda s: s.id)
+def test_samples_small_caps_in_16_bit(emu, sample):
+    """The 16-bit kernels on the paths past the launch caps (grid-stride passes, tile loops,
+    split-K partials in float32, many-chunk sums): bfloat16 and float16 by turns."""
+    dtype = (torch.bfloat16, torch.float16)[SMALL_SAMPLES.index(sample) % 2]
+    check_sample(Emulated(emu, small_caps=True, schedules=SCHEDULES[::2]), sample, dtype)
+
+
+@all_dtypes
 def test_layouts(emu, dtype):
     check_layouts(Emulated(emu), dtype)
 
 
-@dtypes
+@all_dtypes
 def test_reductions_with_many_chunks_and_splits(emu, dtype):
     """Every backward op and reduction, bitwise equal across schedules (deterministic), and the
     CPU kernels' results, with small caps (many chunks, splits, passes) and without."""

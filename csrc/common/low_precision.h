@@ -1,6 +1,6 @@
 #pragma once
-// bfloat16 and float16 on every operator: PE_KERNEL(fn) registers a CPU or CUDA kernel `fn`
-// (written for float32 and float64) so that a call whose floating tensors are all bfloat16, or
+// bfloat16 and float16 on every operator: PE_KERNEL(fn) registers a kernel `fn` (the CPU
+// kernels; written for float32 and float64) so that a call whose floating tensors are all bfloat16, or
 // all float16, runs `fn` on float32 copies of them and returns its floating results in that
 // dtype. Accumulation is float32's, and every result is rounded once, as torch's own kernels do
 // for these dtypes (they accumulate in float32 too); the operators' float32 arithmetic is the
@@ -13,6 +13,11 @@
 //
 // Cost: one conversion pass over each low-precision input and each result (memory-bound, a few
 // percent of a convolution or GEMM; as much as the op itself for elementwise ones).
+//
+// Kernels with 16-bit code of their own skip the conversion: PE_KERNEL_NATIVE_BF16 (bfloat16
+// where a predicate says so: the CPU's AVX512_BF16 linear) and PE_KERNEL_NATIVE_16BIT (both
+// 16-bit dtypes, always: the CUDA kernels, which read and write bfloat16 / float16 memory and
+// compute in float32 inside, rounding each result once, the same arithmetic as above).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_strided.h>
 #include <c10/core/ScalarType.h>
@@ -117,3 +122,8 @@ struct Float32Inside<R(Args...), fn, native_bf16> {
 #define PE_KERNEL_NATIVE_BF16(fn, available)                                               \
   TORCH_FN((::pyengine::low_precision::Float32Inside<std::remove_pointer_t<decltype(&fn)>, \
                                                      &fn, &available>::call))
+// For a kernel that computes bfloat16 and float16 itself (dispatch_floating_16bit, common/
+// dispatch.h): every call reaches fn as it is. A call whose floating tensors are all one 16-bit
+// dtype runs fn's 16-bit code; a call that mixes dtypes is refused by fn's checks, with the
+// messages it gets under PE_KERNEL.
+#define PE_KERNEL_NATIVE_16BIT(fn) TORCH_FN(fn)

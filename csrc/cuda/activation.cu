@@ -5,9 +5,13 @@
 // One grid-stride kernel per arity: int64 indices (tensors past 2^31 elements), each thread a
 // strided walk so that a warp reads 32 consecutive elements (coalesced, 128 B per fp32 access).
 //
+// The functors compute in compute_t<T> (device.cuh): float for bfloat16 / float16, whose values
+// are converted at the load and rounded once at the store.
+//
 // Napkin math (H100, device.cuh: ~3 TB/s): forward reads 1 and writes 1 array (8 B per fp32
-// element), backward reads 2 and writes 1 (12 B). A 64M-float relu moves 512 MB: ~0.17 ms floor;
-// backward ~0.25 ms. A few flops per element (sigmoid/tanh: one exp or tanh) stay far below the
+// element, 4 B per 16-bit one), backward reads 2 and writes 1 (12 B; 6 B in 16-bit). A
+// 64M-float relu moves 512 MB: ~0.17 ms floor; backward ~0.25 ms; half that in bfloat16 /
+// float16. A few flops per element (sigmoid/tanh: one exp or tanh) stay far below the
 // fp32 peak: memory-bound. Small tensors (LeNet's 64x120) are launch-bound (~3 us).
 #include "common/elementwise.h"
 #include "cuda/device.cuh"
@@ -55,13 +59,15 @@ struct TanhBwd {
 
 template <typename T, typename F>
 __global__ void map_unary_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, F f) {
-  PE_GRID_STRIDE_LOOP(i, n) { y[i] = f(x[i]); }
+  PE_GRID_STRIDE_LOOP(i, n) { y[i] = from_compute<T>(f(to_compute(x[i]))); }
 }
 
 template <typename T, typename F>
 __global__ void map_binary_kernel(const T* __restrict__ a, const T* __restrict__ b,
                                   T* __restrict__ out, int64_t n, F f) {
-  PE_GRID_STRIDE_LOOP(i, n) { out[i] = f(a[i], b[i]); }
+  PE_GRID_STRIDE_LOOP(i, n) {
+    out[i] = from_compute<T>(f(to_compute(a[i]), to_compute(b[i])));
+  }
 }
 
 template <typename T, typename F>
@@ -113,6 +119,8 @@ cudaError_t activation_backward(Activation act, const T* grad, const T* saved, T
                                               double, cudaStream_t);
 PE_INSTANTIATE(float)
 PE_INSTANTIATE(double)
+PE_INSTANTIATE(__half)
+PE_INSTANTIATE(__nv_bfloat16)
 #undef PE_INSTANTIATE
 
 }  // namespace cuda

@@ -14,9 +14,9 @@ Tensor unary(const Tensor& input, const char* op, Activation act, double slope =
   c10::cuda::CUDAGuard guard(input.device());
   Tensor out = empty_elementwise<int64_t>({&input}, input.options());
   const Tensor x = in_order_of(input, out);
-  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    C10_CUDA_CHECK(activation_forward<T>(act, x.const_data_ptr<T>(), out.mutable_data_ptr<T>(),
+  dispatch_floating_16bit(x.scalar_type(), op, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
+    C10_CUDA_CHECK(activation_forward<T>(act, cptr<T>(x), mptr<T>(out),
                                          x.numel(), slope, current_stream()));
   });
   return out;
@@ -29,10 +29,10 @@ Tensor binary(const Tensor& grad_output, const Tensor& saved, const char* saved_
   Tensor out = empty_activation_backward<int64_t>(grad_output, saved, lead);
   const Tensor g = in_order_of(grad_output, out);
   const Tensor s = in_order_of(saved, out);
-  dispatch_floating(g.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    C10_CUDA_CHECK(activation_backward<T>(act, g.const_data_ptr<T>(), s.const_data_ptr<T>(),
-                                          out.mutable_data_ptr<T>(), g.numel(), slope,
+  dispatch_floating_16bit(g.scalar_type(), op, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
+    C10_CUDA_CHECK(activation_backward<T>(act, cptr<T>(g), cptr<T>(s),
+                                          mptr<T>(out), g.numel(), slope,
                                           current_stream()));
   });
   return out;
@@ -65,14 +65,14 @@ Tensor tanh_backward_cuda(const Tensor& grad_output, const Tensor& result) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
-  m.impl("relu", PE_KERNEL(relu_cuda));
-  m.impl("relu_backward", PE_KERNEL(relu_backward_cuda));
-  m.impl("leaky_relu", PE_KERNEL(leaky_relu_cuda));
-  m.impl("leaky_relu_backward", PE_KERNEL(leaky_relu_backward_cuda));
-  m.impl("sigmoid", PE_KERNEL(sigmoid_cuda));
-  m.impl("sigmoid_backward", PE_KERNEL(sigmoid_backward_cuda));
-  m.impl("tanh", PE_KERNEL(tanh_cuda));
-  m.impl("tanh_backward", PE_KERNEL(tanh_backward_cuda));
+  m.impl("relu", PE_KERNEL_NATIVE_16BIT(relu_cuda));
+  m.impl("relu_backward", PE_KERNEL_NATIVE_16BIT(relu_backward_cuda));
+  m.impl("leaky_relu", PE_KERNEL_NATIVE_16BIT(leaky_relu_cuda));
+  m.impl("leaky_relu_backward", PE_KERNEL_NATIVE_16BIT(leaky_relu_backward_cuda));
+  m.impl("sigmoid", PE_KERNEL_NATIVE_16BIT(sigmoid_cuda));
+  m.impl("sigmoid_backward", PE_KERNEL_NATIVE_16BIT(sigmoid_backward_cuda));
+  m.impl("tanh", PE_KERNEL_NATIVE_16BIT(tanh_cuda));
+  m.impl("tanh_backward", PE_KERNEL_NATIVE_16BIT(tanh_backward_cuda));
 }
 
 }  // namespace cuda

@@ -29,6 +29,8 @@
 //   The whole LeNet training step is ~19 GFLOP (conv1 3.8 without input grad, conv2 11.7, the
 //   three linears ~3), a ~0.32 ms floor at peak; with the padding above and ~10-20 TFLOP/s per
 //   tile, expect a few ms (an estimate; achieved figures: python -m benchmarks).
+//   In bfloat16 / float16 the operands are loaded as such and the tiles hold float32 (gemm.cuh):
+//   conv1's forward moves 17 + 77 MB (~30 us of memory), the FLOPs are unchanged.
 #include "common/geometry.h"
 #include "cuda/device.cuh"
 #include "cuda/gemm.cuh"
@@ -85,25 +87,27 @@ struct ForwardInput {
     const Tap t = split_tap(k, g.kernel_h, g.kernel_w);
     return {t.c * g.in_pixels(), t.kh * g.dilation_h, t.kw * g.dilation_w};
   }
-  __device__ T load(const Line& l, const KPos& p) const {
+  __device__ compute_t<T> load(const Line& l, const KPos& p) const {
     const int64_t ih = l.ih0 + p.dh;
     const int64_t iw = l.iw0 + p.dw;
     return (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w)
-               ? l.base[p.offset + ih * g.in_w + iw]
-               : T(0);
+               ? to_compute(l.base[p.offset + ih * g.in_w + iw])
+               : compute_t<T>(0);
   }
 };
 
-// y[n, z * Cout_g + i, s] = acc (+ bias), j = n * OH * OW + s.
-template <typename T>
+// y[n, z * Cout_g + i, s] = acc (+ bias), j = n * OH * OW + s; y of type O: T, or compute_t<T>
+// unrounded (the fused operator's intermediate).
+template <typename T, typename O = T>
 struct ForwardStore {
-  T* y;
+  O* y;
   const T* bias;
   int64_t out_channels, cout_g, ohw;
-  __device__ void operator()(int64_t z, int64_t i, int64_t j, T acc) const {
+  __device__ void operator()(int64_t z, int64_t i, int64_t j, compute_t<T> acc) const {
     const int64_t co = z * cout_g + i;
     const int64_t n = j / ohw;
-    y[(n * out_channels + co) * ohw + (j - n * ohw)] = bias != nullptr ? acc + bias[co] : acc;
+    y[(n * out_channels + co) * ohw + (j - n * ohw)] =
+        from_compute<O>(bias != nullptr ? acc + to_compute(bias[co]) : acc);
   }
 };
 
@@ -125,7 +129,7 @@ struct GradInputWeight {
     const int co = kk / static_cast<int>(khw);
     return static_cast<int64_t>(co) * cin_g * khw + (kk - co * static_cast<int>(khw));
   }
-  __device__ T load(const Line& l, const KPos& p) const { return l[p]; }
+  __device__ compute_t<T> load(const Line& l, const KPos& p) const { return to_compute(l[p]); }
 };
 
 // B(k = (co, kh, kw), j = (n, ih, iw)) = dy[n, z * Cout_g + co, oh, ow] where
@@ -158,15 +162,15 @@ struct GradInputGrad {
     const Tap t = split_tap(k, g.kernel_h, g.kernel_w);
     return {t.c * g.out_pixels(), t.kh * g.dilation_h, t.kw * g.dilation_w};
   }
-  __device__ T load(const Line& l, const KPos& p) const {
+  __device__ compute_t<T> load(const Line& l, const KPos& p) const {
     const int64_t th = l.ihp - p.dh;
     const int64_t tw = l.iwp - p.dw;
-    if (th < 0 || tw < 0) return T(0);
+    if (th < 0 || tw < 0) return compute_t<T>(0);
     const int64_t sh = g.stride_h, sw = g.stride_w;
     const int64_t oh = sh == 1 ? th : th / sh;
     const int64_t ow = sw == 1 ? tw : tw / sw;
-    if (oh * sh != th || ow * sw != tw || oh >= g.out_h || ow >= g.out_w) return T(0);
-    return l.base[p.offset + oh * g.out_w + ow];
+    if (oh * sh != th || ow * sw != tw || oh >= g.out_h || ow >= g.out_w) return compute_t<T>(0);
+    return to_compute(l.base[p.offset + oh * g.out_w + ow]);
   }
 };
 
@@ -176,15 +180,16 @@ __global__ void clear_flag_kernel(int* flag) { *flag = 0; }
 template <typename T>
 __global__ void nonfinite_kernel(const T* __restrict__ w, int64_t n, int* __restrict__ flag) {
   PE_GRID_STRIDE_LOOP(i, n) {
-    const T v = w[i];
+    const compute_t<T> v = to_compute(w[i]);
     if (v - v != v - v) *flag = 1;  // inf - inf and NaN - NaN are NaN; finite - itself is 0
   }
 }
 
 // grad_input by its definition, only when *flag is up: each element sums W * dy over the
 // (co, kh, kw) whose tap reads it, in that order. Work: N * Cin * H * W * Cout_g * kH * kW.
-template <typename T>
-__global__ void conv2d_grad_input_direct_kernel(const T* __restrict__ dy, const T* __restrict__ w,
+// dy is of type G: T, or compute_t<T> (the fused operator's unrounded gradient).
+template <typename T, typename G>
+__global__ void conv2d_grad_input_direct_kernel(const G* __restrict__ dy, const T* __restrict__ w,
                                                 T* __restrict__ dx, const Geometry g,
                                                 const int* __restrict__ flag) {
   if (*flag == 0) return;
@@ -196,21 +201,22 @@ __global__ void conv2d_grad_input_direct_kernel(const T* __restrict__ dy, const 
     const int64_t ci = (e / g.in_pixels()) % g.in_channels;
     const int64_t n = e / (g.in_pixels() * g.in_channels);
     const int64_t z = ci / cin_g;
-    T acc = 0;
+    compute_t<T> acc = 0;
     for (int64_t co = z * cout_g; co < (z + 1) * cout_g; ++co) {
       const T* wk = w + (co * cin_g + (ci - z * cin_g)) * g.kernel_pixels();
-      const T* d = dy + (n * g.out_channels + co) * g.out_pixels();
+      const G* d = dy + (n * g.out_channels + co) * g.out_pixels();
       for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
         const int64_t th = ih + g.padding_h - kh * g.dilation_h;
         if (th < 0 || th % g.stride_h != 0 || th / g.stride_h >= g.out_h) continue;
         for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
           const int64_t tw = iw + g.padding_w - kw * g.dilation_w;
           if (tw < 0 || tw % g.stride_w != 0 || tw / g.stride_w >= g.out_w) continue;
-          acc += wk[kh * g.kernel_w + kw] * d[(th / g.stride_h) * g.out_w + tw / g.stride_w];
+          acc += to_compute(wk[kh * g.kernel_w + kw]) *
+                 to_compute(d[(th / g.stride_h) * g.out_w + tw / g.stride_w]);
         }
       }
     }
-    dx[e] = acc;
+    dx[e] = from_compute<T>(acc);
   }
 }
 
@@ -219,9 +225,9 @@ template <typename T>
 struct GradInputStore {
   T* dx;
   int64_t in_channels, cin_g, hw;
-  __device__ void operator()(int64_t z, int64_t i, int64_t j, T acc) const {
+  __device__ void operator()(int64_t z, int64_t i, int64_t j, compute_t<T> acc) const {
     const int64_t n = j / hw;
-    dx[(n * in_channels + z * cin_g + i) * hw + (j - n * hw)] = acc;
+    dx[(n * in_channels + z * cin_g + i) * hw + (j - n * hw)] = from_compute<T>(acc);
   }
 };
 
@@ -240,7 +246,7 @@ struct GradWeightGrad {
     const int64_t n = k / ohw;
     return n * out_channels * ohw + (k - n * ohw);
   }
-  __device__ T load(const Line& l, const KPos& p) const { return l[p]; }
+  __device__ compute_t<T> load(const Line& l, const KPos& p) const { return to_compute(l[p]); }
 };
 
 // B(k = (n, oh, ow), j = (ci, kh, kw)) = x[n, z * Cin_g + ci, ih, iw], 0 in the padding.
@@ -276,12 +282,12 @@ struct GradWeightInput {
     const int64_t ow = s - oh * g.out_w;
     return {n * g.in_image(), oh * g.stride_h, ow * g.stride_w};
   }
-  __device__ T load(const Line& l, const KPos& p) const {
+  __device__ compute_t<T> load(const Line& l, const KPos& p) const {
     const int64_t ih = p.ihb + l.hoff;
     const int64_t iw = p.iwb + l.woff;
     return (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w)
-               ? l.base[p.offset + ih * g.in_w + iw]
-               : T(0);
+               ? to_compute(l.base[p.offset + ih * g.in_w + iw])
+               : compute_t<T>(0);
   }
 };
 
@@ -290,23 +296,72 @@ template <typename T>
 struct GradWeightStore {
   T* dw;
   int64_t cout_g, n;  // n = Cin_g * khw
-  __device__ void operator()(int64_t z, int64_t i, int64_t j, T acc) const {
-    dw[(z * cout_g + i) * n + j] = acc;
+  __device__ void operator()(int64_t z, int64_t i, int64_t j, compute_t<T> acc) const {
+    dw[(z * cout_g + i) * n + j] = from_compute<T>(acc);
   }
 };
+
+// The launchers' bodies; O is the forward's output type, G the backward's grad_output type (T,
+// or compute_t<T> for the fused operator's unrounded intermediates).
+template <typename T, typename O>
+cudaError_t forward_impl(const T* input, const T* weight, const T* bias, O* output,
+                         const Geometry& g, cudaStream_t stream) {
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t K = g.taps_per_group();
+  const gemm::Dense<T, true> a{weight, cout_g * K, K, 1};
+  const ForwardInput<T> b{input, g, cin_g};
+  const ForwardStore<T, O> store{output, bias, g.out_channels, cout_g, g.out_pixels()};
+  return gemm::launch<compute_t<T>, false>(cout_g, g.batch * g.out_pixels(), K, g.groups, a, b,
+                                           store, static_cast<compute_t<T>*>(nullptr), stream);
+}
+
+template <typename T, typename G>
+cudaError_t grad_input_impl(const G* grad_output, const T* weight, T* grad_input,
+                            const Geometry& g, int* workspace, cudaStream_t stream) {
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t khw = g.kernel_pixels();
+  const int64_t weights = g.out_channels * cin_g * khw;
+  clear_flag_kernel<<<1, 1, 0, stream>>>(workspace);
+  nonfinite_kernel<T><<<grid_for(weights), kThreads, 0, stream>>>(weight, weights, workspace);
+  const GradInputWeight<T> a{weight, cout_g, cin_g, khw};
+  const GradInputGrad<G> b{grad_output, g, cout_g};
+  const GradInputStore<T> store{grad_input, g.in_channels, cin_g, g.in_pixels()};
+  const cudaError_t err = gemm::launch<compute_t<T>, false>(
+      cin_g, g.batch * g.in_pixels(), cout_g * khw, g.groups, a, b, store,
+      static_cast<compute_t<T>*>(nullptr), stream);
+  if (err != cudaSuccess) return err;
+  const int64_t total = g.batch * g.in_channels * g.in_pixels();
+  conv2d_grad_input_direct_kernel<T, G><<<grid_for(total), kThreads, 0, stream>>>(
+      grad_output, weight, grad_input, g, workspace);
+  return cudaGetLastError();
+}
+
+template <typename T, typename G>
+cudaError_t grad_weight_impl(const G* grad_output, const T* input, T* grad_weight,
+                             const Geometry& g, compute_t<T>* workspace, cudaStream_t stream) {
+  const int64_t cout_g = g.out_channels_per_group();
+  const int64_t ohw = g.out_pixels();
+  const int64_t n = g.taps_per_group();
+  const GradWeightGrad<G> a{grad_output, g.out_channels, cout_g, ohw};
+  const GradWeightInput<T> b{input, g, g.in_channels_per_group()};
+  const GradWeightStore<T> store{grad_weight, cout_g, n};
+  return gemm::launch<compute_t<T>, true>(cout_g, n, g.batch * ohw, g.groups, a, b, store,
+                                          workspace, stream);
+}
 
 }  // namespace
 
 template <typename T>
 cudaError_t conv2d_forward(const T* input, const T* weight, const T* bias, T* output,
                            const Geometry& g, cudaStream_t stream) {
-  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
-  const int64_t K = g.taps_per_group();
-  const gemm::Dense<T, true> a{weight, cout_g * K, K, 1};
-  const ForwardInput<T> b{input, g, cin_g};
-  const ForwardStore<T> store{output, bias, g.out_channels, cout_g, g.out_pixels()};
-  return gemm::launch<T, false>(cout_g, g.batch * g.out_pixels(), K, g.groups, a, b, store,
-                                static_cast<T*>(nullptr), stream);
+  return forward_impl(input, weight, bias, output, g, stream);
+}
+
+template <typename T>
+cudaError_t conv2d_forward_to_compute(const T* input, const T* weight, const T* bias,
+                                      compute_t<T>* output, const Geometry& g,
+                                      cudaStream_t stream) {
+  return forward_impl(input, weight, bias, output, g, stream);
 }
 
 int64_t conv2d_grad_input_workspace() { return 1; }
@@ -314,22 +369,14 @@ int64_t conv2d_grad_input_workspace() { return 1; }
 template <typename T>
 cudaError_t conv2d_grad_input(const T* grad_output, const T* weight, T* grad_input,
                               const Geometry& g, int* workspace, cudaStream_t stream) {
-  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
-  const int64_t khw = g.kernel_pixels();
-  const int64_t weights = g.out_channels * cin_g * khw;
-  clear_flag_kernel<<<1, 1, 0, stream>>>(workspace);
-  nonfinite_kernel<T><<<grid_for(weights), kThreads, 0, stream>>>(weight, weights, workspace);
-  const GradInputWeight<T> a{weight, cout_g, cin_g, khw};
-  const GradInputGrad<T> b{grad_output, g, cout_g};
-  const GradInputStore<T> store{grad_input, g.in_channels, cin_g, g.in_pixels()};
-  const cudaError_t err = gemm::launch<T, false>(cin_g, g.batch * g.in_pixels(), cout_g * khw,
-                                                 g.groups, a, b, store, static_cast<T*>(nullptr),
-                                                 stream);
-  if (err != cudaSuccess) return err;
-  const int64_t total = g.batch * g.in_channels * g.in_pixels();
-  conv2d_grad_input_direct_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(
-      grad_output, weight, grad_input, g, workspace);
-  return cudaGetLastError();
+  return grad_input_impl(grad_output, weight, grad_input, g, workspace, stream);
+}
+
+template <typename T>
+cudaError_t conv2d_grad_input_from_compute(const compute_t<T>* grad_output, const T* weight,
+                                           T* grad_input, const Geometry& g, int* workspace,
+                                           cudaStream_t stream) {
+  return grad_input_impl(grad_output, weight, grad_input, g, workspace, stream);
 }
 
 int64_t conv2d_grad_weight_workspace(const Geometry& g) {
@@ -339,15 +386,16 @@ int64_t conv2d_grad_weight_workspace(const Geometry& g) {
 
 template <typename T>
 cudaError_t conv2d_grad_weight(const T* grad_output, const T* input, T* grad_weight,
-                               const Geometry& g, T* workspace, cudaStream_t stream) {
-  const int64_t cout_g = g.out_channels_per_group();
-  const int64_t ohw = g.out_pixels();
-  const int64_t n = g.taps_per_group();
-  const GradWeightGrad<T> a{grad_output, g.out_channels, cout_g, ohw};
-  const GradWeightInput<T> b{input, g, g.in_channels_per_group()};
-  const GradWeightStore<T> store{grad_weight, cout_g, n};
-  return gemm::launch<T, true>(cout_g, n, g.batch * ohw, g.groups, a, b, store, workspace,
-                               stream);
+                               const Geometry& g, compute_t<T>* workspace,
+                               cudaStream_t stream) {
+  return grad_weight_impl(grad_output, input, grad_weight, g, workspace, stream);
+}
+
+template <typename T>
+cudaError_t conv2d_grad_weight_from_compute(const compute_t<T>* grad_output, const T* input,
+                                            T* grad_weight, const Geometry& g,
+                                            compute_t<T>* workspace, cudaStream_t stream) {
+  return grad_weight_impl(grad_output, input, grad_weight, g, workspace, stream);
 }
 
 #define PE_INSTANTIATE(T)                                                                    \
@@ -355,10 +403,21 @@ cudaError_t conv2d_grad_weight(const T* grad_output, const T* input, T* grad_wei
                                          cudaStream_t);                                      \
   template cudaError_t conv2d_grad_input<T>(const T*, const T*, T*, const Geometry&, int*,   \
                                             cudaStream_t);                                   \
-  template cudaError_t conv2d_grad_weight<T>(const T*, const T*, T*, const Geometry&, T*,    \
-                                             cudaStream_t);
+  template cudaError_t conv2d_grad_weight<T>(const T*, const T*, T*, const Geometry&,       \
+                                             compute_t<T>*, cudaStream_t);                   \
+  template cudaError_t conv2d_forward_to_compute<T>(const T*, const T*, const T*,            \
+                                                    compute_t<T>*, const Geometry&,          \
+                                                    cudaStream_t);                           \
+  template cudaError_t conv2d_grad_input_from_compute<T>(const compute_t<T>*, const T*, T*,  \
+                                                         const Geometry&, int*,              \
+                                                         cudaStream_t);                      \
+  template cudaError_t conv2d_grad_weight_from_compute<T>(const compute_t<T>*, const T*, T*, \
+                                                          const Geometry&, compute_t<T>*,    \
+                                                          cudaStream_t);
 PE_INSTANTIATE(float)
 PE_INSTANTIATE(double)
+PE_INSTANTIATE(__half)
+PE_INSTANTIATE(__nv_bfloat16)
 #undef PE_INSTANTIATE
 
 }  // namespace cuda

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "cuda/glue.h"
 #include "cuda/glue_kernels.h"
@@ -27,14 +28,70 @@ Tensor conv2d_forward_contiguous(const Conv2dGeometry<int64_t>& g, const Tensor&
                                  const Tensor& w, const Tensor& b) {
   Tensor out = at::empty(g.output_sizes(), x.options());
   if (out.numel() == 0) return out;
-  dispatch_floating(x.scalar_type(), "conv2d", [&](auto tag) {
-    using T = decltype(tag);
-    C10_CUDA_CHECK(conv2d_forward<T>(x.const_data_ptr<T>(), w.const_data_ptr<T>(),
-                                     ptr_or_null<T>(b), out.mutable_data_ptr<T>(), g,
+  dispatch_floating_16bit(x.scalar_type(), "conv2d", [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
+    C10_CUDA_CHECK(conv2d_forward<T>(cptr<T>(x), cptr<T>(w), ptr_or_null<T>(b), mptr<T>(out), g,
                                      current_stream()));
   });
   return out;
 }
+
+Tensor conv2d_forward_contiguous_unrounded(const Conv2dGeometry<int64_t>& g, const Tensor& x,
+                                           const Tensor& w, const Tensor& b) {
+  Tensor out = at::empty(g.output_sizes(), x.options().dtype(compute_dtype(x.scalar_type())));
+  if (out.numel() == 0) return out;
+  dispatch_floating_16bit(x.scalar_type(), "conv2d", [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
+    C10_CUDA_CHECK(conv2d_forward_to_compute<T>(cptr<T>(x), cptr<T>(w), ptr_or_null<T>(b),
+                                                mptr<compute_t<T>>(out), g, current_stream()));
+  });
+  return out;
+}
+
+namespace {
+
+// The three gradients from grad_output pg of type G: T, or compute_t<T> (unrounded).
+template <typename T, typename G>
+void conv2d_backward_launch(const Conv2dGeometry<int64_t>& g, const G* pg, const Tensor& x,
+                            const Tensor& w, Tensor& grad_input, Tensor& grad_weight,
+                            Tensor& grad_bias, std::array<bool, 3> mask) {
+  constexpr bool kSame = std::is_same_v<G, T>;
+  const cudaStream_t stream = current_stream();
+  if (mask[0] && grad_input.numel() > 0) {
+    Tensor flag = workspace(conv2d_grad_input_workspace(), at::kInt, x);
+    if constexpr (kSame) {
+      C10_CUDA_CHECK(conv2d_grad_input<T>(pg, cptr<T>(w), mptr<T>(grad_input), g,
+                                          mutable_ptr_or_null<int>(flag), stream));
+    } else {
+      C10_CUDA_CHECK(conv2d_grad_input_from_compute<T>(pg, cptr<T>(w), mptr<T>(grad_input), g,
+                                                       mutable_ptr_or_null<int>(flag), stream));
+    }
+  }
+  if (mask[1] && grad_weight.numel() > 0) {
+    Tensor ws = workspace(conv2d_grad_weight_workspace(g), compute_dtype(x.scalar_type()), x);
+    compute_t<T>* pws = mutable_ptr_or_null<compute_t<T>>(ws);
+    if constexpr (kSame) {
+      C10_CUDA_CHECK(conv2d_grad_weight<T>(pg, cptr<T>(x), mptr<T>(grad_weight), g, pws, stream));
+    } else {
+      C10_CUDA_CHECK(conv2d_grad_weight_from_compute<T>(pg, cptr<T>(x), mptr<T>(grad_weight), g,
+                                                        pws, stream));
+    }
+  }
+  if (mask[2] && g.out_channels > 0) {
+    const int64_t spatial = g.out_pixels();
+    Tensor ws = workspace(channel_sum_workspace(g.batch, g.out_channels, spatial), at::kDouble, x);
+    double* pws = mutable_ptr_or_null<double>(ws);
+    if constexpr (kSame) {
+      C10_CUDA_CHECK(channel_sum<T>(pg, g.batch, g.out_channels, spatial, mptr<T>(grad_bias), pws,
+                                    stream));
+    } else {
+      C10_CUDA_CHECK(channel_sum_from_compute<T>(pg, g.batch, g.out_channels, spatial,
+                                                 mptr<T>(grad_bias), pws, stream));
+    }
+  }
+}
+
+}  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> conv2d_backward_contiguous(const Conv2dGeometry<int64_t>& g,
                                                               const Tensor& go, const Tensor& x,
@@ -44,29 +101,14 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_contiguous(const Conv2dGeomet
   if (mask[0]) grad_input = at::empty(x.sizes(), x.options());
   if (mask[1]) grad_weight = at::empty(w.sizes(), x.options());
   if (mask[2]) grad_bias = at::empty({g.out_channels}, x.options());
-  const cudaStream_t stream = current_stream();
-  dispatch_floating(x.scalar_type(), "conv2d_backward", [&](auto tag) {
-    using T = decltype(tag);
-    const T* pg = go.const_data_ptr<T>();
-    if (mask[0] && grad_input.numel() > 0) {
-      Tensor flag = workspace(conv2d_grad_input_workspace(), at::kInt, x);
-      C10_CUDA_CHECK(conv2d_grad_input<T>(pg, w.const_data_ptr<T>(),
-                                          grad_input.mutable_data_ptr<T>(), g,
-                                          mutable_ptr_or_null<int>(flag), stream));
-    }
-    if (mask[1] && grad_weight.numel() > 0) {
-      Tensor ws = workspace(conv2d_grad_weight_workspace(g), x.scalar_type(), x);
-      C10_CUDA_CHECK(conv2d_grad_weight<T>(pg, x.const_data_ptr<T>(),
-                                           grad_weight.mutable_data_ptr<T>(), g,
-                                           mutable_ptr_or_null<T>(ws), stream));
-    }
-    if (mask[2] && g.out_channels > 0) {
-      const int64_t spatial = g.out_pixels();
-      Tensor ws = workspace(channel_sum_workspace(g.batch, g.out_channels, spatial), at::kDouble,
-                            x);
-      C10_CUDA_CHECK(channel_sum<T>(pg, g.batch, g.out_channels, spatial,
-                                    grad_bias.mutable_data_ptr<T>(),
-                                    mutable_ptr_or_null<double>(ws), stream));
+  dispatch_floating_16bit(x.scalar_type(), "conv2d_backward", [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
+    if (go.scalar_type() == x.scalar_type()) {
+      conv2d_backward_launch<T>(g, cptr<T>(go), x, w, grad_input, grad_weight, grad_bias, mask);
+    } else {
+      TORCH_INTERNAL_ASSERT(go.scalar_type() == compute_dtype(x.scalar_type()));
+      conv2d_backward_launch<T>(g, cptr<compute_t<T>>(go), x, w, grad_input, grad_weight,
+                                grad_bias, mask);
     }
   });
   return {grad_input, grad_weight, grad_bias};
@@ -105,8 +147,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(const Tensor& grad_outpu
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
-  m.impl("conv2d", PE_KERNEL(conv2d_cuda));
-  m.impl("conv2d_backward", PE_KERNEL(conv2d_backward_cuda));
+  m.impl("conv2d", PE_KERNEL_NATIVE_16BIT(conv2d_cuda));
+  m.impl("conv2d_backward", PE_KERNEL_NATIVE_16BIT(conv2d_backward_cuda));
 }
 
 }  // namespace cuda

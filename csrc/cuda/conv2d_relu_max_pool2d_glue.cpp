@@ -2,6 +2,13 @@
 // kernels chained, with relu on the pooled maxima and relu's step applied to grad_output before
 // the scatter, as csrc/cpu/conv2d_relu_max_pool2d.cpp does (the reasons are there). Same checks
 // and output layouts as the CPU kernels.
+//
+// bfloat16 / float16: the intermediates the CPU operator keeps in float32 stay unrounded in the
+// compute dtype here too (float32: the convolution's output, the gradient the pooling scatters
+// into the convolution's backward), so the pooling picks its maxima (and indices) among the same
+// values and each result is rounded once. The pooled maxima are rounded before relu, which
+// commutes with rounding (relu(round(m)) == round(relu(m))). float / double: the compute dtype is
+// the dtype itself.
 #include <torch/library.h>
 
 #include "cuda/glue.h"
@@ -24,29 +31,29 @@ std::tuple<Tensor, Tensor> conv2d_relu_max_pool2d_cuda(
       pool_padding, pool_dilation, pool_ceil_mode);
   check_taps_fit_int32(s.conv);
   c10::cuda::CUDAGuard guard(input.device());
-  const Tensor conv_out = conv2d_forward_contiguous(s.conv, input.contiguous(),
-                                                    weight.contiguous(),
-                                                    contiguous_or_undefined(bias));
+  const Tensor conv_out = conv2d_forward_contiguous_unrounded(s.conv, input.contiguous(),
+                                                              weight.contiguous(),
+                                                              contiguous_or_undefined(bias));
   const std::vector<int64_t> sizes = s.pool.output_sizes();
   Tensor output = at::empty(sizes, input.options());
   Tensor indices = at::empty(sizes, input.options().dtype(at::kLong));
   // relu from one buffer into another (the kernels take __restrict__ pointers: not in place).
   auto relu = [&](const Tensor& from, Tensor& to) {
-    dispatch_floating(from.scalar_type(), op, [&](auto tag) {
-      using T = decltype(tag);
-      C10_CUDA_CHECK(activation_forward<T>(Activation::Relu, from.const_data_ptr<T>(),
-                                           to.mutable_data_ptr<T>(), from.numel(), 0.0,
-                                           current_stream()));
+    dispatch_floating_16bit(from.scalar_type(), op, [&](auto tag) {
+      using T = storage_t<decltype(tag)>;
+      C10_CUDA_CHECK(activation_forward<T>(Activation::Relu, cptr<T>(from), mptr<T>(to),
+                                           from.numel(), 0.0, current_stream()));
     });
   };
   if (output.numel() > 0) {
     if (s.pool.has_empty_window()) {
-      // Such a window is -inf, which relu after pooling would make 0: relu first (rare).
+      // Such a window is -inf, which relu after pooling would make 0: relu first (rare), on the
+      // unrounded values; the pooling rounds.
       Tensor relu_out = at::empty(conv_out.sizes(), conv_out.options());
       relu(conv_out, relu_out);
       max_pool2d_forward_contiguous(s.pool, relu_out, output, &indices, op);
     } else {
-      // The maxima, then relu into the output.
+      // The maxima (rounded), then relu into the output.
       Tensor maxima = at::empty(sizes, input.options());
       max_pool2d_forward_contiguous(s.pool, conv_out, maxima, &indices, op);
       relu(maxima, output);
@@ -75,18 +82,18 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cuda(
   const Tensor r = result.contiguous();
   Tensor pooled_grad = at::empty(go.sizes(), go.options());
   if (go.numel() > 0) {
-    dispatch_floating(go.scalar_type(), op, [&](auto tag) {
-      using T = decltype(tag);
-      C10_CUDA_CHECK(activation_backward<T>(Activation::Relu, go.const_data_ptr<T>(),
-                                            r.const_data_ptr<T>(),
-                                            pooled_grad.mutable_data_ptr<T>(), go.numel(), 0.0,
+    dispatch_floating_16bit(go.scalar_type(), op, [&](auto tag) {
+      using T = storage_t<decltype(tag)>;
+      C10_CUDA_CHECK(activation_backward<T>(Activation::Relu, cptr<T>(go), cptr<T>(r),
+                                            mptr<T>(pooled_grad), go.numel(), 0.0,
                                             current_stream()));
     });
   }
   const std::vector<int64_t> conv_sizes = s.conv.output_sizes();
+  // Unrounded (the compute dtype): the CPU operator's float32 scatter.
   const Tensor conv_grad = max_pool2d_backward_contiguous(s.pool, pooled_grad,
                                                           indices.contiguous(),
-                                                          IntArrayRef(conv_sizes));
+                                                          IntArrayRef(conv_sizes), true);
   return conv2d_grads_in_layout(conv2d_backward_contiguous(s.conv, conv_grad, input.contiguous(),
                                                            weight.contiguous(), mask),
                                 input, weight);
@@ -95,8 +102,9 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
-  m.impl("conv2d_relu_max_pool2d", PE_KERNEL(conv2d_relu_max_pool2d_cuda));
-  m.impl("conv2d_relu_max_pool2d_backward", PE_KERNEL(conv2d_relu_max_pool2d_backward_cuda));
+  m.impl("conv2d_relu_max_pool2d", PE_KERNEL_NATIVE_16BIT(conv2d_relu_max_pool2d_cuda));
+  m.impl("conv2d_relu_max_pool2d_backward",
+         PE_KERNEL_NATIVE_16BIT(conv2d_relu_max_pool2d_backward_cuda));
 }
 
 }  // namespace cuda

@@ -1,11 +1,13 @@
 #pragma once
-// Device-side helpers shared by pyengine's CUDA kernels: launch geometry, grid-stride loops with
-// 64-bit indices, deterministic warp / block reductions and device-side asserts. CUDA headers
-// only (no torch), like every .cu here.
+// Device-side helpers shared by pyengine's CUDA kernels: the storage / compute conversions of the
+// 16-bit types, launch geometry, grid-stride loops with 64-bit indices, deterministic warp /
+// block reductions and device-side asserts. CUDA headers only (no torch), like every .cu here.
 //
 // The napkin math in csrc/cuda assumes one reference GPU, an H100: ~60 TFLOP/s fp32 FMA peak,
 // ~3 TB/s memory bandwidth, 132 SMs of 2048 threads. Achieved figures are not kept in comments:
 // the benchmark suite measures them (python -m benchmarks, benchmarks/).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cassert>
@@ -38,8 +40,35 @@ __host__ __device__
 #define PE_LAUNCH_CAP(name, value) constexpr int64_t name = value
 #endif
 
+#include "cuda/launchers.h"  // compute_t
+
 namespace pyengine {
 namespace cuda {
+
+// ---- Storage and compute types ---------------------------------------------------------------
+// A kernel templated on its storage type T loads with to_compute() (exact: every 16-bit value is
+// a float), computes in compute_t<T> (launchers.h) and stores with from_compute<T>(), which
+// rounds to nearest even for the 16-bit types and is the identity for float and double (their
+// kernels compute exactly as if the conversions were not there). torch's CUDA build compiles
+// with __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__ (no implicit
+// conversions), hence the explicit intrinsics.
+__device__ __forceinline__ float to_compute(float v) { return v; }
+__device__ __forceinline__ double to_compute(double v) { return v; }
+__device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_compute(compute_t<T> v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_compute<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 // Threads per block of the elementwise, pooling and reduction kernels.
 constexpr int kThreads = 256;

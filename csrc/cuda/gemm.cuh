@@ -17,6 +17,11 @@
 //
 // The epilogue `epi(z, i, j, acc)` stores C[z][i, j] (adding a bias, scattering to NCHW...).
 //
+// Types: the kernels' T is the COMPUTE type (compute_t of the storage type, launchers.h: float
+// for bfloat16 / float16 operands). Operands load their storage type and return T (to_compute,
+// device.cuh), so the shared-memory tiles, the accumulators and the split-K partials are in T,
+// and the epilogue rounds each result once (from_compute) as it stores it.
+//
 // Kernel: 256 threads (16 x 16) own a BM x BN tile of C; each thread a (BM/16) x (BN/16)
 // register tile whose rows/columns are 16 apart (conflict-free shared-memory reads, coalesced
 // stores). K is walked in steps of kBK = 16 through shared memory. Three tile shapes: 64 x 64,
@@ -32,6 +37,8 @@
 // (BM+BN)/16 shared loads (8): ~2 FMAs per shared load, so this simple kernel tops out well under
 // the ~60 TFLOP/s fp32 FMA peak (device.cuh; expect ~10-20 TFLOP/s on large square GEMMs). For the
 // LeNet layers, K is 25..400 and the GEMMs are tiny: launch and memory bound, not FLOP bound.
+// 16-bit operands halve the global bytes loaded and stored, not the FMAs (float32 tiles; tensor
+// cores are not used).
 #include "cuda/device.cuh"
 
 namespace pyengine {
@@ -53,7 +60,8 @@ __device__ __forceinline__ T fma_(T a, T b, T c) {
   return fma(a, b, c);
 }
 
-// A dense operand: element (z, r, k) at p[z * zs + r * rs + k * ks] (kAlongK requires ks == 1).
+// A dense operand of storage type T: element (z, r, k) at p[z * zs + r * rs + k * ks] (kAlongK
+// requires ks == 1), loaded as compute_t<T>.
 template <typename T, bool kK>
 struct Dense {
   static constexpr bool kAlongK = kK;
@@ -63,7 +71,7 @@ struct Dense {
   int64_t zs, rs, ks;
   __device__ Line line(int64_t z, int64_t r) const { return p + z * zs + r * rs; }
   __device__ KPos kpos(int64_t k) const { return kK ? k : k * ks; }
-  __device__ T load(const Line& l, const KPos& k) const { return l[k]; }
+  __device__ compute_t<T> load(const Line& l, const KPos& k) const { return to_compute(l[k]); }
 };
 
 // Loads a kBK x BL slice (BL lines of the tile, kBK values of k) into shared memory S[k][line].
@@ -243,7 +251,7 @@ inline Plan make_plan(int64_t M, int64_t N, int64_t K, int64_t Z, bool allow_spl
   return p;
 }
 
-// Elements of T the split-K partials need (0 without a split).
+// Elements of the compute type the split-K partials need (0 without a split).
 inline int64_t workspace_elements(int64_t M, int64_t N, int64_t K, int64_t Z, bool allow_split) {
   if (M <= 0 || N <= 0 || Z <= 0) return 0;
   const Plan p = make_plan(M, N, K, Z, allow_split);

@@ -6,16 +6,23 @@
 // outputs and workspaces (caching allocator: capturable in CUDA graphs) and calls these.
 //
 // Conventions:
-//   * T is float or double (explicitly instantiated in the .cu files).
+//   * T is the storage type: float, double, __half (float16) or __nv_bfloat16 (bfloat16),
+//     explicitly instantiated in the .cu files. Arithmetic is in compute_t<T> (float for the
+//     16-bit types, T itself otherwise): each kernel converts at load, accumulates in float32
+//     (or double where the float32 kernels sum in double) and rounds each result once, at the
+//     store, as the CPU operators do for 16-bit dtypes (compute in float32, then round).
 //   * Every pointer is to contiguous memory on the current device; outputs are fully written.
 //   * Nothing synchronises with the host; each launcher returns cudaGetLastError() after its
 //     last launch (cudaSuccess when there was nothing to launch).
 //   * Backward passes and reductions are deterministic: every output element is reduced by one
 //     thread (or one fixed tree) in an order that depends on the shapes only. No float atomics.
 //   * Workspaces are sized by the matching *_workspace() function, in elements of the stated
-//     type; a size of 0 means the pointer may be null.
+//     type (compute_t<T> for the GEMMs' split-K partials); a size of 0 means the pointer may be
+//     null.
 //   * conv2d and max_pool2d take the call's geometry (common/geometry.h) as the shared argument
 //     checks (common/checks.h) filled it.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -24,6 +31,23 @@
 
 namespace pyengine {
 namespace cuda {
+
+// The arithmetic type of a storage type: float for __half and __nv_bfloat16, T otherwise. The
+// conversions between the two are device.cuh's to_compute() / from_compute<T>().
+template <typename T>
+struct Compute {
+  using type = T;
+};
+template <>
+struct Compute<__half> {
+  using type = float;
+};
+template <>
+struct Compute<__nv_bfloat16> {
+  using type = float;
+};
+template <typename T>
+using compute_t = typename Compute<T>::type;
 
 // ---- Activations (activation.cu) ------------------------------------------------------------
 
@@ -63,6 +87,19 @@ template <typename T>
 cudaError_t max_pool2d_backward(const T* grad_output, const int64_t* indices, T* grad_input,
                                 const Pool2dGeometry<int64_t>& g, int* workspace,
                                 cudaStream_t stream);
+// The fused conv2d_relu_max_pool2d keeps its intermediates (the convolution's output, the
+// gradient the pooling scatters) unrounded, in compute_t<T>, as the CPU operator keeps them in
+// float32: max_pool2d over such an input, and the backward pass into such a gradient. For float
+// and double they are the launchers above.
+template <typename T>
+cudaError_t max_pool2d_forward_from_compute(const compute_t<T>* input, T* output,
+                                            int64_t* indices, const Pool2dGeometry<int64_t>& g,
+                                            cudaStream_t stream);
+template <typename T>
+cudaError_t max_pool2d_backward_to_compute(const T* grad_output, const int64_t* indices,
+                                           compute_t<T>* grad_input,
+                                           const Pool2dGeometry<int64_t>& g, int* workspace,
+                                           cudaStream_t stream);
 
 // ---- linear (linear.cu) ------------------------------------------------------------------------
 // x (rows, in), w (out, in), y (rows, out).
@@ -73,11 +110,12 @@ cudaError_t linear_forward(const T* x, const T* w, const T* bias /*nullable*/, T
 template <typename T>
 cudaError_t linear_grad_input(const T* grad, const T* w, T* grad_input, int64_t rows, int64_t in,
                               int64_t out, cudaStream_t stream);
-// Elements of T needed by linear_grad_weight's deterministic split-K partial sums.
+// Elements of compute_t<T> needed by linear_grad_weight's deterministic split-K partial sums.
 int64_t linear_grad_weight_workspace(int64_t rows, int64_t in, int64_t out);
 template <typename T>
 cudaError_t linear_grad_weight(const T* grad, const T* x, T* grad_weight, int64_t rows,
-                               int64_t in, int64_t out, T* workspace, cudaStream_t stream);
+                               int64_t in, int64_t out, compute_t<T>* workspace,
+                               cudaStream_t stream);
 
 // out[c] = sum over n < batch, s < spatial of g[(n * channels + c) * spatial + s]: the bias
 // gradient of linear (spatial = 1) and conv2d (spatial = out_h * out_w). Fixed-shape two-pass
@@ -86,6 +124,11 @@ int64_t channel_sum_workspace(int64_t batch, int64_t channels, int64_t spatial);
 template <typename T>
 cudaError_t channel_sum(const T* g, int64_t batch, int64_t channels, int64_t spatial, T* out,
                         double* workspace, cudaStream_t stream);
+// The same over an unrounded compute_t<T> gradient (the fused operator's).
+template <typename T>
+cudaError_t channel_sum_from_compute(const compute_t<T>* g, int64_t batch, int64_t channels,
+                                     int64_t spatial, T* out, double* workspace,
+                                     cudaStream_t stream);
 
 // ---- conv2d (conv2d.cu) -------------------------------------------------------------------------
 
@@ -101,10 +144,26 @@ template <typename T>
 cudaError_t conv2d_grad_input(const T* grad_output, const T* weight, T* grad_input,
                               const Conv2dGeometry<int64_t>& g, int* workspace,
                               cudaStream_t stream);
+// Elements of compute_t<T> (split-K partials).
 int64_t conv2d_grad_weight_workspace(const Conv2dGeometry<int64_t>& g);
 template <typename T>
 cudaError_t conv2d_grad_weight(const T* grad_output, const T* input, T* grad_weight,
-                               const Conv2dGeometry<int64_t>& g, T* workspace, cudaStream_t stream);
+                               const Conv2dGeometry<int64_t>& g, compute_t<T>* workspace,
+                               cudaStream_t stream);
+// The fused operator's variants (see max_pool2d_forward_from_compute): the forward's output, the
+// backward's grad_output in compute_t<T>, unrounded.
+template <typename T>
+cudaError_t conv2d_forward_to_compute(const T* input, const T* weight,
+                                      const T* bias /*nullable*/, compute_t<T>* output,
+                                      const Conv2dGeometry<int64_t>& g, cudaStream_t stream);
+template <typename T>
+cudaError_t conv2d_grad_input_from_compute(const compute_t<T>* grad_output, const T* weight,
+                                           T* grad_input, const Conv2dGeometry<int64_t>& g,
+                                           int* workspace, cudaStream_t stream);
+template <typename T>
+cudaError_t conv2d_grad_weight_from_compute(const compute_t<T>* grad_output, const T* input,
+                                            T* grad_weight, const Conv2dGeometry<int64_t>& g,
+                                            compute_t<T>* workspace, cudaStream_t stream);
 
 // ---- Losses (loss.cu) ---------------------------------------------------------------------------
 // reduction: 0 'none', 1 'mean', 2 'sum'. Sums are two-pass fixed-order trees in double.

@@ -19,11 +19,10 @@ Tensor linear_cuda(const Tensor& input, const Tensor& weight, const OptTensor& b
   const Tensor b = contiguous_or_undefined(bias);
   Tensor out = at::empty(s.output_sizes, x.options());
   if (out.numel() == 0) return out;
-  dispatch_floating(x.scalar_type(), "linear", [&](auto tag) {
-    using T = decltype(tag);
-    C10_CUDA_CHECK(linear_forward<T>(x.const_data_ptr<T>(), w.const_data_ptr<T>(),
-                                     ptr_or_null<T>(b), out.mutable_data_ptr<T>(), s.rows,
-                                     s.in_features, s.out_features, current_stream()));
+  dispatch_floating_16bit(x.scalar_type(), "linear", [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
+    C10_CUDA_CHECK(linear_forward<T>(cptr<T>(x), cptr<T>(w), ptr_or_null<T>(b), mptr<T>(out),
+                                     s.rows, s.in_features, s.out_features, current_stream()));
   });
   return out;
 }
@@ -50,21 +49,21 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cuda(const Tensor& grad_outpu
   };
   Tensor gi = contiguous_buffer(grad_input), gw = contiguous_buffer(grad_weight);
   const cudaStream_t stream = current_stream();
-  dispatch_floating(x.scalar_type(), "linear_backward", [&](auto tag) {
-    using T = decltype(tag);
-    const T* pg = g.const_data_ptr<T>();
+  dispatch_floating_16bit(x.scalar_type(), "linear_backward", [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
+    const T* pg = cptr<T>(g);
     if (mask[0] && gi.numel() > 0) {
-      C10_CUDA_CHECK(linear_grad_input<T>(pg, w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(),
-                                          rows, in, out, stream));
+      C10_CUDA_CHECK(linear_grad_input<T>(pg, cptr<T>(w), mptr<T>(gi), rows, in, out, stream));
     }
     if (mask[1] && gw.numel() > 0) {
-      Tensor ws = workspace(linear_grad_weight_workspace(rows, in, out), x.scalar_type(), x);
-      C10_CUDA_CHECK(linear_grad_weight<T>(pg, x.const_data_ptr<T>(), gw.mutable_data_ptr<T>(),
-                                           rows, in, out, mutable_ptr_or_null<T>(ws), stream));
+      Tensor ws = workspace(linear_grad_weight_workspace(rows, in, out),
+                            compute_dtype(x.scalar_type()), x);
+      C10_CUDA_CHECK(linear_grad_weight<T>(pg, cptr<T>(x), mptr<T>(gw), rows, in, out,
+                                           mutable_ptr_or_null<compute_t<T>>(ws), stream));
     }
     if (mask[2] && out > 0) {
       Tensor ws = workspace(channel_sum_workspace(rows, out, 1), at::kDouble, x);
-      C10_CUDA_CHECK(channel_sum<T>(pg, rows, out, 1, grad_bias.mutable_data_ptr<T>(),
+      C10_CUDA_CHECK(channel_sum<T>(pg, rows, out, 1, mptr<T>(grad_bias),
                                     mutable_ptr_or_null<double>(ws), stream));
     }
   });
@@ -76,8 +75,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cuda(const Tensor& grad_outpu
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
-  m.impl("linear", PE_KERNEL(linear_cuda));
-  m.impl("linear_backward", PE_KERNEL(linear_backward_cuda));
+  m.impl("linear", PE_KERNEL_NATIVE_16BIT(linear_cuda));
+  m.impl("linear_backward", PE_KERNEL_NATIVE_16BIT(linear_backward_cuda));
 }
 
 }  // namespace cuda

@@ -32,7 +32,9 @@
 // 128 MB: ~43 us; 'none' also writes 64 MB. binary_cross_entropy adds two logs per element: still
 // memory-bound on an H100 (MUFU lg2 at 16/clk/SM). cross_entropy over 4096 x 1000 fp32 logits:
 // reads 16 MB once per pass (max, sum of exps; the second pass hits L1/L2): ~5-10 us, plus one
-// warp-reduction per row.
+// warp-reduction per row. bfloat16 / float16 inputs are read as such (half the bytes) and
+// computed in float32 (compute_t, device.cuh), the sums in double as for float32; each result is
+// rounded once.
 #include <cmath>
 
 #include "common/elementwise.h"
@@ -113,7 +115,8 @@ struct WriteLoss {
   double numel;
   bool over_b;
   __device__ void operator()(double a, double b) const {
-    out[0] = static_cast<T>(reduction == 1 ? a / (over_b ? b : numel) : a);
+    out[0] = from_compute<T>(
+        static_cast<compute_t<T>>(reduction == 1 ? a / (over_b ? b : numel) : a));
   }
 };
 
@@ -167,10 +170,12 @@ template <typename T, class Math>
 __global__ void pointwise_none_kernel(const T* __restrict__ x, const T* __restrict__ t,
                                       const T* __restrict__ w, T* __restrict__ out,
                                       const int64_t n) {
+  using C = compute_t<T>;
   PE_GRID_STRIDE_LOOP(i, n) {
-    if (Math::kCheckDomain) check_bce_domain(x[i], t[i], i);
-    const T v = Math::term(x[i], t[i]);
-    out[i] = w != nullptr ? w[i] * v : v;
+    const C xi = to_compute(x[i]), ti = to_compute(t[i]);
+    if (Math::kCheckDomain) check_bce_domain(xi, ti, i);
+    const C v = Math::term(xi, ti);
+    out[i] = from_compute<T>(w != nullptr ? to_compute(w[i]) * v : v);
   }
 }
 
@@ -181,17 +186,22 @@ struct PointwiseTerm {
   const T* t;
   const T* w;
   __device__ Pair operator()(int64_t i) const {
-    if (Math::kCheckDomain) check_bce_domain(x[i], t[i], i);
-    const T v = Math::term(x[i], t[i]);
+    using C = compute_t<T>;
+    const C xi = to_compute(x[i]), ti = to_compute(t[i]);
+    if (Math::kCheckDomain) check_bce_domain(xi, ti, i);
+    const C v = Math::term(xi, ti);
     if (w == nullptr) return {static_cast<double>(v), 0.0};
-    return {static_cast<double>(w[i] * v), static_cast<double>(w[i])};
+    const C wi = to_compute(w[i]);
+    return {static_cast<double>(wi * v), static_cast<double>(wi)};
   }
 };
 
 template <typename T>
 struct WeightTerm {
   const T* w;
-  __device__ Pair operator()(int64_t i) const { return {static_cast<double>(w[i]), 0.0}; }
+  __device__ Pair operator()(int64_t i) const {
+    return {static_cast<double>(to_compute(w[i])), 0.0};
+  }
 };
 
 // grad_input = g * w * dterm; for 'mean' / 'sum' g = grad[0] (/ the denominator), read here on
@@ -202,16 +212,17 @@ __global__ void pointwise_backward_kernel(const T* __restrict__ grad, const T* _
                                           T* __restrict__ grad_input, const int64_t n,
                                           const int64_t reduction, const double numel,
                                           const double* __restrict__ weight_total) {
-  T gs = T(0);
+  using C = compute_t<T>;
+  C gs = C(0);
   if (reduction != 0) {
-    double g = static_cast<double>(grad[0]);
+    double g = static_cast<double>(to_compute(grad[0]));
     if (reduction == 1) g /= weight_total != nullptr ? weight_total[0] : numel;
-    gs = static_cast<T>(g);
+    gs = static_cast<C>(g);
   }
   PE_GRID_STRIDE_LOOP(i, n) {
-    const T g = reduction == 0 ? grad[i] : gs;
-    const T d = Math::dterm(x[i], t[i]);
-    grad_input[i] = w != nullptr ? g * w[i] * d : g * d;
+    const C g = reduction == 0 ? to_compute(grad[i]) : gs;
+    const C d = Math::dterm(to_compute(x[i]), to_compute(t[i]));
+    grad_input[i] = from_compute<T>(w != nullptr ? g * to_compute(w[i]) * d : g * d);
   }
 }
 
@@ -271,39 +282,47 @@ __device__ __forceinline__ bool target_ok(int64_t c, int64_t classes, int64_t ig
 
 // Row max (NaN skipped) and sum_j exp(x_j - max) in double, in every lane.
 template <typename T>
-__device__ __forceinline__ double row_max_sum(const T* xr, int64_t classes, int lane, T* max_out) {
+__device__ __forceinline__ double row_max_sum(const T* xr, int64_t classes, int lane,
+                                              compute_t<T>* max_out) {
   using std::exp;
-  T m = -infinity<T>();
-  for (int64_t j = lane; j < classes; j += 32) m = xr[j] > m ? xr[j] : m;
+  using C = compute_t<T>;
+  C m = -infinity<C>();
+  for (int64_t j = lane; j < classes; j += 32) {
+    const C v = to_compute(xr[j]);
+    m = v > m ? v : m;
+  }
   m = warp_max(m);
   double s = 0;
-  for (int64_t j = lane; j < classes; j += 32) s += static_cast<double>(exp(xr[j] - m));
+  for (int64_t j = lane; j < classes; j += 32)
+    s += static_cast<double>(exp(to_compute(xr[j]) - m));
   *max_out = m;
   return warp_sum(s);
 }
 
 // A row's coefficients u_j of the smoothed forms: w_j (1 without weight), times the smoothed
 // target p_j * keep + add for probability targets (p non-null), in the input's precision as
-// torch's target * (1 - eps) + eps / C.
+// torch's target * (1 - eps) + eps / C (float32 for 16-bit inputs: compute_t).
 template <typename T>
 struct Coefficients {
+  using C = compute_t<T>;
   const T* w;
   const T* p;  // the row's probabilities, or null
-  T keep, add;
-  __device__ __forceinline__ T operator()(int64_t j) const {
-    const T q = p != nullptr ? p[j] * keep + add : T(1);
-    return w != nullptr ? (p != nullptr ? q * w[j] : w[j]) : q;
+  C keep, add;
+  __device__ __forceinline__ C operator()(int64_t j) const {
+    const C q = p != nullptr ? to_compute(p[j]) * keep + add : C(1);
+    return w != nullptr ? (p != nullptr ? q * to_compute(w[j]) : to_compute(w[j])) : q;
   }
 };
 
 // U = sum_j u_j and, when dot is non-null, D = sum_j u_j (x_j - m), in double, in every lane.
 template <typename T>
-__device__ __forceinline__ double coefficient_sums(const T* xr, T m, int64_t classes, int lane,
-                                                   const Coefficients<T>& u, double* dot) {
+__device__ __forceinline__ double coefficient_sums(const T* xr, compute_t<T> m, int64_t classes,
+                                                   int lane, const Coefficients<T>& u,
+                                                   double* dot) {
   double d = 0, total = 0;
   for (int64_t j = lane; j < classes; j += 32) {
-    const T c = u(j);
-    if (dot != nullptr) d += static_cast<double>(c) * static_cast<double>(xr[j] - m);
+    const compute_t<T> c = u(j);
+    if (dot != nullptr) d += static_cast<double>(c) * static_cast<double>(to_compute(xr[j]) - m);
     total += static_cast<double>(c);
   }
   if (dot != nullptr) *dot = warp_sum(d);
@@ -320,9 +339,10 @@ __global__ void cross_entropy_rows_kernel(const T* __restrict__ x,
                                           const T* __restrict__ probs, const T* __restrict__ w,
                                           const int64_t rows, const int64_t classes,
                                           const int64_t ignore_index, const double eps,
-                                          const T keep, const T add, T* __restrict__ out,
-                                          double* __restrict__ row_pairs) {
+                                          const compute_t<T> keep, const compute_t<T> add,
+                                          T* __restrict__ out, double* __restrict__ row_pairs) {
   using std::log;
+  using C = compute_t<T>;
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
@@ -331,7 +351,7 @@ __global__ void cross_entropy_rows_kernel(const T* __restrict__ x,
     double loss = 0, share = 0;
     if (target == nullptr) {
       if (classes > 0) {  // an empty row's loss is 0 (D - U log s would be 0 * -inf)
-        T m;
+        C m;
         const double log_sum = log(row_max_sum(xr, classes, lane, &m));
         const Coefficients<T> u{w, probs + r * classes, keep, add};
         double dot;
@@ -342,10 +362,10 @@ __global__ void cross_entropy_rows_kernel(const T* __restrict__ x,
       const int64_t c = target[r];
       if (c != ignore_index) {
         if (!target_ok(c, classes, ignore_index, r, false, lane == 0)) continue;
-        T m;
+        C m;
         const double log_sum = log(row_max_sum(xr, classes, lane, &m));
-        share = w != nullptr ? static_cast<double>(w[c]) : 1.0;
-        loss = -share * (static_cast<double>(xr[c]) - static_cast<double>(m) - log_sum);
+        share = w != nullptr ? static_cast<double>(to_compute(w[c])) : 1.0;
+        loss = -share * (static_cast<double>(to_compute(xr[c])) - static_cast<double>(m) - log_sum);
         if (eps > 0) {
           double dot;
           const double total =
@@ -356,7 +376,7 @@ __global__ void cross_entropy_rows_kernel(const T* __restrict__ x,
     }
     if (lane == 0) {
       if (out != nullptr) {
-        out[r] = static_cast<T>(loss);
+        out[r] = from_compute<T>(static_cast<C>(loss));
       } else {
         row_pairs[2 * r] = loss;
         row_pairs[2 * r + 1] = share;
@@ -380,7 +400,7 @@ struct TargetWeightTerm {
     const int64_t c = target[i];
     if (c == ignore_index || !target_ok(c, classes, ignore_index, i, true, true))
       return {0.0, 0.0};
-    return {w != nullptr ? static_cast<double>(w[c]) : 1.0, 0.0};
+    return {w != nullptr ? static_cast<double>(to_compute(w[c])) : 1.0, 0.0};
   }
 };
 
@@ -394,10 +414,11 @@ __global__ void cross_entropy_backward_kernel(const T* __restrict__ grad,
                                               const T* __restrict__ w, const int64_t rows,
                                               const int64_t classes, const int64_t reduction,
                                               const int64_t ignore_index, const double eps,
-                                              const T keep, const T add,
+                                              const compute_t<T> keep, const compute_t<T> add,
                                               const double* __restrict__ total,
                                               T* __restrict__ grad_input) {
   using std::exp;
+  using C = compute_t<T>;
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
@@ -407,39 +428,39 @@ __global__ void cross_entropy_backward_kernel(const T* __restrict__ grad,
     const int64_t c = probabilities ? -1 : target[r];
     if (!probabilities) {
       if (c == ignore_index) {
-        for (int64_t j = lane; j < classes; j += 32) gr[j] = T(0);
+        for (int64_t j = lane; j < classes; j += 32) gr[j] = from_compute<T>(C(0));
         continue;
       }
       if (!target_ok(c, classes, ignore_index, r, true, lane == 0)) continue;
     }
     // a = g (/ the 'mean' denominator): g / total first, then * w[c], as torch (a zero weight
     // over a zero total gives NaN).
-    double a = static_cast<double>(reduction == 0 ? grad[r] : grad[0]);
+    double a = static_cast<double>(to_compute(reduction == 0 ? grad[r] : grad[0]));
     if (reduction == 1) a /= probabilities ? static_cast<double>(rows) : total[0];
     const bool smoothed = probabilities || eps > 0;
     double alpha = 0, beta = 0;
     if (probabilities) {
       beta = a;
     } else {
-      alpha = a * (w != nullptr ? static_cast<double>(w[c]) : 1.0);
+      alpha = a * (w != nullptr ? static_cast<double>(to_compute(w[c])) : 1.0);
       if (smoothed) {
         alpha *= 1 - eps;
         beta = a * eps / static_cast<double>(classes);
       }
     }
     const T* xr = x + r * classes;
-    T m;
+    C m;
     const double s = row_max_sum(xr, classes, lane, &m);
     const Coefficients<T> u{w, probabilities ? probs + r * classes : nullptr, keep, add};
     const double u_total = smoothed ? coefficient_sums(xr, m, classes, lane, u, nullptr) : 0.0;
-    const T scale = static_cast<T>((alpha + beta * u_total) / s);
-    const T b = static_cast<T>(beta);
-    const T as = static_cast<T>(alpha);
+    const C scale = static_cast<C>((alpha + beta * u_total) / s);
+    const C b = static_cast<C>(beta);
+    const C as = static_cast<C>(alpha);
     for (int64_t j = lane; j < classes; j += 32) {
-      T v = exp(xr[j] - m) * scale;
+      C v = exp(to_compute(xr[j]) - m) * scale;
       if (smoothed) v -= b * u(j);
       if (j == c) v -= as;
-      gr[j] = v;
+      gr[j] = from_compute<T>(v);
     }
   }
 }
@@ -491,7 +512,7 @@ int64_t cross_entropy_backward_workspace(int64_t rows, int64_t reduction, bool p
   return reduction == 1 && !probabilities ? sum_workspace(rows) : 0;
 }
 
-// keep and add of the smoothed target, in T as torch computes it.
+// keep and add of the smoothed target, in T (a compute type) as torch computes it.
 template <typename T>
 void smoothing(double eps, int64_t classes, T* keep, T* add) {
   *keep = static_cast<T>(1.0 - eps);
@@ -504,7 +525,7 @@ cudaError_t cross_entropy_forward(const T* x, const int64_t* target, const T* pr
                                   int64_t ignore_index, double label_smoothing, T* out,
                                   double* workspace, cudaStream_t stream) {
   double* pairs = reduction == 0 ? nullptr : workspace;
-  T keep, add;
+  compute_t<T> keep, add;
   smoothing(label_smoothing, classes, &keep, &add);
   if (rows > 0) {
     cross_entropy_rows_kernel<T><<<grid_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
@@ -536,7 +557,7 @@ cudaError_t cross_entropy_backward(const T* grad, const T* x, const int64_t* tar
     if (err != cudaSuccess) return err;
     total = t;
   }
-  T keep, add;
+  compute_t<T> keep, add;
   smoothing(label_smoothing, classes, &keep, &add);
   cross_entropy_backward_kernel<T><<<grid_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
       grad, x, target, probs, w, rows, classes, reduction, ignore_index, label_smoothing, keep,
@@ -559,6 +580,8 @@ cudaError_t cross_entropy_backward(const T* grad, const T* x, const int64_t* tar
                                                  double, T*, double*, cudaStream_t);
 PE_INSTANTIATE(float)
 PE_INSTANTIATE(double)
+PE_INSTANTIATE(__half)
+PE_INSTANTIATE(__nv_bfloat16)
 #undef PE_INSTANTIATE
 
 }  // namespace cuda

@@ -30,11 +30,11 @@ Tensor pointwise_loss(const Tensor& input, const Tensor& target, const OptTensor
   const int64_t n = x.numel();
   if (out.numel() == 0) return out;
   Tensor ws = workspace(pointwise_loss_workspace(n, reduction), at::kDouble, x);
-  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    C10_CUDA_CHECK(pointwise_loss_forward<T>(loss, x.const_data_ptr<T>(), t.const_data_ptr<T>(),
+  dispatch_floating_16bit(x.scalar_type(), op, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
+    C10_CUDA_CHECK(pointwise_loss_forward<T>(loss, cptr<T>(x), cptr<T>(t),
                                              ptr_or_null<T>(w), n, reduction, mean_over_weight,
-                                             out.mutable_data_ptr<T>(),
+                                             mptr<T>(out),
                                              mutable_ptr_or_null<double>(ws), current_stream()));
   });
   return out;
@@ -59,11 +59,11 @@ Tensor pointwise_loss_backward(const Tensor& grad_output, const Tensor& input,
   Tensor ws = workspace(
       pointwise_loss_backward_workspace(n, reduction, mean_over_weight, w.defined()),
       at::kDouble, x);
-  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch_floating_16bit(x.scalar_type(), op, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     C10_CUDA_CHECK(pointwise_loss_backward<T>(
-        loss, g.const_data_ptr<T>(), x.const_data_ptr<T>(), t.const_data_ptr<T>(),
-        ptr_or_null<T>(w), n, reduction, mean_over_weight, grad_input.mutable_data_ptr<T>(),
+        loss, cptr<T>(g), cptr<T>(x), cptr<T>(t),
+        ptr_or_null<T>(w), n, reduction, mean_over_weight, mptr<T>(grad_input),
         mutable_ptr_or_null<double>(ws), current_stream()));
   });
   return grad_input;
@@ -132,7 +132,7 @@ const int64_t* class_indices(const Tensor& t, bool probabilities) {
 }
 template <typename T>
 const T* probabilities_or_null(const Tensor& t, bool probabilities) {
-  return probabilities ? t.const_data_ptr<T>() : nullptr;
+  return probabilities ? cptr<T>(t) : nullptr;
 }
 
 Tensor cross_entropy_cuda(const Tensor& input, const Tensor& target, const OptTensor& weight,
@@ -148,12 +148,12 @@ Tensor cross_entropy_cuda(const Tensor& input, const Tensor& target, const OptTe
   Tensor out = at::empty(sizes, x.options());
   if (out.numel() == 0) return out;
   Tensor ws = workspace(cross_entropy_workspace(s.batch, reduction), at::kDouble, x);
-  dispatch_floating(x.scalar_type(), "cross_entropy", [&](auto tag) {
-    using T = decltype(tag);
+  dispatch_floating_16bit(x.scalar_type(), "cross_entropy", [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     C10_CUDA_CHECK(cross_entropy_forward<T>(
-        x.const_data_ptr<T>(), class_indices(t, s.probabilities),
+        cptr<T>(x), class_indices(t, s.probabilities),
         probabilities_or_null<T>(t, s.probabilities), ptr_or_null<T>(w), s.batch, s.classes,
-        reduction, ignore_index, label_smoothing, out.mutable_data_ptr<T>(),
+        reduction, ignore_index, label_smoothing, mptr<T>(out),
         mutable_ptr_or_null<double>(ws), current_stream()));
   });
   return out;
@@ -174,12 +174,12 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_output, const Tensor& inpu
   if (grad_input.numel() == 0) return grad_input;
   Tensor ws = workspace(cross_entropy_backward_workspace(s.batch, reduction, s.probabilities),
                         at::kDouble, x);
-  dispatch_floating(x.scalar_type(), "cross_entropy_backward", [&](auto tag) {
-    using T = decltype(tag);
+  dispatch_floating_16bit(x.scalar_type(), "cross_entropy_backward", [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
     C10_CUDA_CHECK(cross_entropy_backward<T>(
-        g.const_data_ptr<T>(), x.const_data_ptr<T>(), class_indices(t, s.probabilities),
+        cptr<T>(g), cptr<T>(x), class_indices(t, s.probabilities),
         probabilities_or_null<T>(t, s.probabilities), ptr_or_null<T>(w), s.batch, s.classes,
-        reduction, ignore_index, label_smoothing, grad_input.mutable_data_ptr<T>(),
+        reduction, ignore_index, label_smoothing, mptr<T>(grad_input),
         mutable_ptr_or_null<double>(ws), current_stream()));
   });
   return grad_input;
@@ -188,14 +188,15 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_output, const Tensor& inpu
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
-  m.impl("mse_loss", PE_KERNEL(mse_loss_cuda));
-  m.impl("mse_loss_backward", PE_KERNEL(mse_loss_backward_cuda));
-  m.impl("binary_cross_entropy", PE_KERNEL(binary_cross_entropy_cuda));
-  m.impl("binary_cross_entropy_backward", PE_KERNEL(binary_cross_entropy_backward_cuda));
+  m.impl("mse_loss", PE_KERNEL_NATIVE_16BIT(mse_loss_cuda));
+  m.impl("mse_loss_backward", PE_KERNEL_NATIVE_16BIT(mse_loss_backward_cuda));
+  m.impl("binary_cross_entropy", PE_KERNEL_NATIVE_16BIT(binary_cross_entropy_cuda));
+  m.impl("binary_cross_entropy_backward",
+         PE_KERNEL_NATIVE_16BIT(binary_cross_entropy_backward_cuda));
   m.impl("binary_cross_entropy_target_backward",
-         PE_KERNEL(binary_cross_entropy_target_backward_cuda));
-  m.impl("cross_entropy", PE_KERNEL(cross_entropy_cuda));
-  m.impl("cross_entropy_backward", PE_KERNEL(cross_entropy_backward_cuda));
+         PE_KERNEL_NATIVE_16BIT(binary_cross_entropy_target_backward_cuda));
+  m.impl("cross_entropy", PE_KERNEL_NATIVE_16BIT(cross_entropy_cuda));
+  m.impl("cross_entropy_backward", PE_KERNEL_NATIVE_16BIT(cross_entropy_backward_cuda));
 }
 
 }  // namespace cuda

@@ -33,7 +33,10 @@
 //   ~90 us floor; without indices ~65 us.
 //   backward: reads 39 MB grad + 77 MB indices (each read by the 4 inputs of its window, from
 //   cache), writes 154 MB: ~90 us floor.
-// Window compares are a handful of flops per byte: memory-bound.
+// Window compares are a handful of flops per byte: memory-bound. In bfloat16 / float16 the values
+// move half the bytes (the int64 indices do not shrink): forward with indices 173 MB, ~58 us
+// (without indices ~32 us); backward 174 MB, ~58 us. Values compare and sum in float32
+// (compute_t, device.cuh); each result is rounded once (a maximum exactly: it is an input).
 #include "common/geometry.h"
 #include "cuda/device.cuh"
 #include "cuda/launchers.h"
@@ -44,9 +47,11 @@ namespace {
 
 using Geometry = Pool2dGeometry<int64_t>;
 
-template <typename T, bool kIdx>
-__global__ void max_pool2d_forward_kernel(const T* __restrict__ input, T* __restrict__ output,
+// Reads I (T, or compute_t<T>: the fused operator's unrounded intermediate), writes T.
+template <typename I, typename T, bool kIdx>
+__global__ void max_pool2d_forward_kernel(const I* __restrict__ input, T* __restrict__ output,
                                           int64_t* __restrict__ indices, const Geometry g) {
+  using C = compute_t<T>;
   const int64_t eff_h = g.effective_kernel_h();
   const int64_t eff_w = g.effective_kernel_w();
   const int64_t total = g.planes() * g.out_pixels();
@@ -55,26 +60,26 @@ __global__ void max_pool2d_forward_kernel(const T* __restrict__ input, T* __rest
     const int64_t t = o / g.out_w;
     const int64_t oh = t % g.out_h;
     const int64_t p = t / g.out_h;
-    const T* plane = input + p * g.in_pixels();
+    const I* plane = input + p * g.in_pixels();
     const int64_t hs = oh * g.stride_h - g.padding_h;
     const int64_t ws = ow * g.stride_w - g.padding_w;
     const int64_t ih1 = min(hs + eff_h, g.in_h);
     const int64_t iw1 = min(ws + eff_w, g.in_w);
     const int64_t ih0 = first_tap(hs, g.dilation_h);
     const int64_t iw0 = first_tap(ws, g.dilation_w);
-    T m = -infinity<T>();
+    C m = -infinity<C>();
     int64_t mi = ih0 * g.in_w + iw0;  // torch's index, even for a window with no in-bounds tap
     for (int64_t ih = ih0; ih < ih1; ih += g.dilation_h) {
-      const T* row = plane + ih * g.in_w;
+      const I* row = plane + ih * g.in_w;
       for (int64_t iw = iw0; iw < iw1; iw += g.dilation_w) {
-        const T v = row[iw];
+        const C v = to_compute(row[iw]);
         if (v > m || v != v) {
           m = v;
           if (kIdx) mi = ih * g.in_w + iw;
         }
       }
     }
-    output[o] = m;
+    output[o] = from_compute<T>(m);
     if (kIdx) indices[o] = mi;
   }
 }
@@ -86,11 +91,13 @@ __device__ __forceinline__ bool window_is_empty(int64_t oh, int64_t ow, const Ge
 
 __global__ void clear_flag_kernel(int* flag) { *flag = 0; }
 
-template <typename T>
+// Reads T, writes O (T, or compute_t<T> unrounded for the fused operator).
+template <typename T, typename O>
 __global__ void max_pool2d_backward_kernel(const T* __restrict__ grad_output,
                                            const int64_t* __restrict__ indices,
-                                           T* __restrict__ grad_input, const Geometry g,
+                                           O* __restrict__ grad_input, const Geometry g,
                                            int* __restrict__ stray) {
+  using C = compute_t<T>;
   const int64_t eff_h = g.effective_kernel_h();
   const int64_t eff_w = g.effective_kernel_w();
   const int64_t total = g.planes() * g.in_pixels();
@@ -111,13 +118,13 @@ __global__ void max_pool2d_backward_kernel(const T* __restrict__ grad_output,
     const int64_t flat = ih * g.in_w + iw;
     const int64_t* idx = indices + p * plane_out;
     const T* grad = grad_output + p * plane_out;
-    T acc = 0;
+    C acc = 0;
     for (int64_t oh = oh0; oh <= oh1; ++oh) {
       for (int64_t ow = ow0; ow <= ow1; ++ow) {
         if (window_is_empty(oh, ow, g)) continue;
         const int64_t o = oh * g.out_w + ow;
         const int64_t i = idx[o];
-        if (i == flat) acc += grad[o];
+        if (i == flat) acc += to_compute(grad[o]);
         // The window's index, checked by one thread: its first in-bounds tap's.
         const int64_t hs = oh * g.stride_h - g.padding_h;
         const int64_t ws = ow * g.stride_w - g.padding_w;
@@ -132,17 +139,18 @@ __global__ void max_pool2d_backward_kernel(const T* __restrict__ grad_output,
         if (rh < 0 || rh >= eff_h || rw < 0 || rw >= eff_w) *stray = 1;  // same value: no race
       }
     }
-    grad_input[e] = acc;
+    grad_input[e] = from_compute<O>(acc);
   }
 }
 
 // Pass 2, for indices outside their window's span: every output of the plane, in order.
-template <typename T>
+template <typename T, typename O>
 __global__ void max_pool2d_backward_strays_kernel(const T* __restrict__ grad_output,
                                                   const int64_t* __restrict__ indices,
-                                                  T* __restrict__ grad_input, const Geometry g,
+                                                  O* __restrict__ grad_input, const Geometry g,
                                                   const int* __restrict__ stray) {
   if (*stray == 0) return;
+  using C = compute_t<T>;
   const int64_t plane_out = g.out_pixels();
   const int64_t plane_in = g.in_pixels();
   PE_GRID_STRIDE_LOOP(e, g.planes() * plane_in) {
@@ -150,13 +158,41 @@ __global__ void max_pool2d_backward_strays_kernel(const T* __restrict__ grad_out
     const int64_t flat = e % plane_in;
     const int64_t* idx = indices + p * plane_out;
     const T* grad = grad_output + p * plane_out;
-    T acc = 0;
+    C acc = 0;
     for (int64_t o = 0; o < plane_out; ++o) {
       if (idx[o] == flat && !window_is_empty(o / g.out_w, o % g.out_w, g))
-        acc += grad[o];
+        acc += to_compute(grad[o]);
     }
-    grad_input[e] = acc;
+    grad_input[e] = from_compute<O>(acc);
   }
+}
+
+template <typename I, typename T>
+cudaError_t forward(const I* input, T* output, int64_t* indices, const Geometry& g,
+                    cudaStream_t stream) {
+  const int64_t total = g.planes() * g.out_pixels();
+  if (total <= 0) return cudaSuccess;
+  if (indices) {
+    max_pool2d_forward_kernel<I, T, true>
+        <<<grid_for(total), kThreads, 0, stream>>>(input, output, indices, g);
+  } else {
+    max_pool2d_forward_kernel<I, T, false>
+        <<<grid_for(total), kThreads, 0, stream>>>(input, output, nullptr, g);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, typename O>
+cudaError_t backward(const T* grad_output, const int64_t* indices, O* grad_input,
+                     const Geometry& g, int* workspace, cudaStream_t stream) {
+  const int64_t total = g.planes() * g.in_pixels();
+  if (total <= 0) return cudaSuccess;
+  clear_flag_kernel<<<1, 1, 0, stream>>>(workspace);
+  max_pool2d_backward_kernel<T, O>
+      <<<grid_for(total), kThreads, 0, stream>>>(grad_output, indices, grad_input, g, workspace);
+  max_pool2d_backward_strays_kernel<T, O>
+      <<<grid_for(total), kThreads, 0, stream>>>(grad_output, indices, grad_input, g, workspace);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -164,16 +200,14 @@ __global__ void max_pool2d_backward_strays_kernel(const T* __restrict__ grad_out
 template <typename T>
 cudaError_t max_pool2d_forward(const T* input, T* output, int64_t* indices,
                                const Geometry& g, cudaStream_t stream) {
-  const int64_t total = g.planes() * g.out_pixels();
-  if (total <= 0) return cudaSuccess;
-  if (indices) {
-    max_pool2d_forward_kernel<T, true>
-        <<<grid_for(total), kThreads, 0, stream>>>(input, output, indices, g);
-  } else {
-    max_pool2d_forward_kernel<T, false>
-        <<<grid_for(total), kThreads, 0, stream>>>(input, output, nullptr, g);
-  }
-  return cudaGetLastError();
+  return forward(input, output, indices, g, stream);
+}
+
+template <typename T>
+cudaError_t max_pool2d_forward_from_compute(const compute_t<T>* input, T* output,
+                                            int64_t* indices, const Geometry& g,
+                                            cudaStream_t stream) {
+  return forward(input, output, indices, g, stream);
 }
 
 int64_t max_pool2d_backward_workspace() { return 1; }
@@ -181,23 +215,30 @@ int64_t max_pool2d_backward_workspace() { return 1; }
 template <typename T>
 cudaError_t max_pool2d_backward(const T* grad_output, const int64_t* indices, T* grad_input,
                                 const Geometry& g, int* workspace, cudaStream_t stream) {
-  const int64_t total = g.planes() * g.in_pixels();
-  if (total <= 0) return cudaSuccess;
-  clear_flag_kernel<<<1, 1, 0, stream>>>(workspace);
-  max_pool2d_backward_kernel<T>
-      <<<grid_for(total), kThreads, 0, stream>>>(grad_output, indices, grad_input, g, workspace);
-  max_pool2d_backward_strays_kernel<T>
-      <<<grid_for(total), kThreads, 0, stream>>>(grad_output, indices, grad_input, g, workspace);
-  return cudaGetLastError();
+  return backward(grad_output, indices, grad_input, g, workspace, stream);
+}
+
+template <typename T>
+cudaError_t max_pool2d_backward_to_compute(const T* grad_output, const int64_t* indices,
+                                           compute_t<T>* grad_input, const Geometry& g,
+                                           int* workspace, cudaStream_t stream) {
+  return backward(grad_output, indices, grad_input, g, workspace, stream);
 }
 
 #define PE_INSTANTIATE(T)                                                                   \
   template cudaError_t max_pool2d_forward<T>(const T*, T*, int64_t*, const Geometry&,       \
                                              cudaStream_t);                                 \
   template cudaError_t max_pool2d_backward<T>(const T*, const int64_t*, T*, const Geometry&, \
-                                              int*, cudaStream_t);
+                                              int*, cudaStream_t);                          \
+  template cudaError_t max_pool2d_forward_from_compute<T>(const compute_t<T>*, T*, int64_t*, \
+                                                          const Geometry&, cudaStream_t);   \
+  template cudaError_t max_pool2d_backward_to_compute<T>(const T*, const int64_t*,          \
+                                                         compute_t<T>*, const Geometry&,    \
+                                                         int*, cudaStream_t);
 PE_INSTANTIATE(float)
 PE_INSTANTIATE(double)
+PE_INSTANTIATE(__half)
+PE_INSTANTIATE(__nv_bfloat16)
 #undef PE_INSTANTIATE
 
 }  // namespace cuda

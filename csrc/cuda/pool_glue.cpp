@@ -11,23 +11,36 @@ namespace cuda {
 
 void max_pool2d_forward_contiguous(const Pool2dGeometry<int64_t>& g, const Tensor& x,
                                    Tensor& output, Tensor* indices, const char* op) {
-  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    C10_CUDA_CHECK(max_pool2d_forward<T>(
-        x.const_data_ptr<T>(), output.mutable_data_ptr<T>(),
-        indices ? indices->mutable_data_ptr<int64_t>() : nullptr, g, current_stream()));
+  dispatch_floating_16bit(output.scalar_type(), op, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
+    int64_t* ix = indices ? indices->mutable_data_ptr<int64_t>() : nullptr;
+    if (x.scalar_type() == output.scalar_type()) {
+      C10_CUDA_CHECK(max_pool2d_forward<T>(cptr<T>(x), mptr<T>(output), ix, g, current_stream()));
+    } else {
+      TORCH_INTERNAL_ASSERT(x.scalar_type() == compute_dtype(output.scalar_type()));
+      C10_CUDA_CHECK(max_pool2d_forward_from_compute<T>(cptr<compute_t<T>>(x), mptr<T>(output),
+                                                        ix, g, current_stream()));
+    }
   });
 }
 
 Tensor max_pool2d_backward_contiguous(const Pool2dGeometry<int64_t>& g, const Tensor& go,
-                                      const Tensor& ix, at::IntArrayRef input_sizes) {
-  Tensor grad_input = at::empty(input_sizes, go.options());
+                                      const Tensor& ix, at::IntArrayRef input_sizes,
+                                      bool unrounded) {
+  const at::ScalarType dtype = unrounded ? compute_dtype(go.scalar_type()) : go.scalar_type();
+  Tensor grad_input = at::empty(input_sizes, go.options().dtype(dtype));
   Tensor flag = workspace(max_pool2d_backward_workspace(), at::kInt, go);
-  dispatch_floating(go.scalar_type(), "max_pool2d_backward", [&](auto tag) {
-    using T = decltype(tag);
-    C10_CUDA_CHECK(max_pool2d_backward<T>(go.const_data_ptr<T>(), ix.const_data_ptr<int64_t>(),
-                                          grad_input.mutable_data_ptr<T>(), g,
-                                          mutable_ptr_or_null<int>(flag), current_stream()));
+  dispatch_floating_16bit(go.scalar_type(), "max_pool2d_backward", [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
+    if (!unrounded) {
+      C10_CUDA_CHECK(max_pool2d_backward<T>(cptr<T>(go), ix.const_data_ptr<int64_t>(),
+                                            mptr<T>(grad_input), g,
+                                            mutable_ptr_or_null<int>(flag), current_stream()));
+    } else {
+      C10_CUDA_CHECK(max_pool2d_backward_to_compute<T>(
+          cptr<T>(go), ix.const_data_ptr<int64_t>(), mptr<compute_t<T>>(grad_input), g,
+          mutable_ptr_or_null<int>(flag), current_stream()));
+    }
   });
   return grad_input;
 }
@@ -82,9 +95,9 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
-  m.impl("max_pool2d", PE_KERNEL(max_pool2d_cuda));
-  m.impl("max_pool2d_with_indices", PE_KERNEL(max_pool2d_with_indices_cuda));
-  m.impl("max_pool2d_backward", PE_KERNEL(max_pool2d_backward_cuda));
+  m.impl("max_pool2d", PE_KERNEL_NATIVE_16BIT(max_pool2d_cuda));
+  m.impl("max_pool2d_with_indices", PE_KERNEL_NATIVE_16BIT(max_pool2d_with_indices_cuda));
+  m.impl("max_pool2d_backward", PE_KERNEL_NATIVE_16BIT(max_pool2d_backward_cuda));
 }
 
 }  // namespace cuda

@@ -23,8 +23,12 @@
 // FP64 rate is half the FP32 one (H100 / H200): expected to cost nothing visible, not yet
 // measured (no GPU where this was written).
 //
+// bfloat16 / float16 are read and written as such and computed in float32 (compute_t, device.cuh;
+// the sums still in double), each result rounded once.
+//
 // Napkin math (H100, device.cuh): a pass reads x twice (max, sum; the second mostly from L2 for
-// rows that fit) and writes y once: ~12 B per fp32 element worst case, ~8 B typical.
+// rows that fit) and writes y once: ~12 B per fp32 element worst case, ~8 B typical; half of
+// that in 16-bit.
 // 4096 x 1000 fp32 (16 MB in, 16 MB out): ~11 us at 3 TB/s; the ~2 exps per element (~8M) are
 // nothing beside that.
 // LeNet's 64 x 10 logits are launch-bound (~3 us).
@@ -45,24 +49,30 @@ __global__ void softmax_rows_kernel(const T* __restrict__ x, T* __restrict__ y, 
                                     int64_t D) {
   using std::exp;
   using std::log;
+  using C = compute_t<T>;
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
        r += warps) {
     const T* xr = x + r * D;
     T* yr = y + r * D;
-    T m = -infinity<T>();
-    for (int64_t j = lane; j < D; j += 32) m = xr[j] > m ? xr[j] : m;
+    C m = -infinity<C>();
+    for (int64_t j = lane; j < D; j += 32) {
+      const C v = to_compute(xr[j]);
+      m = v > m ? v : m;
+    }
     m = warp_max(m);
     Acc s = 0;
-    for (int64_t j = lane; j < D; j += 32) s += exp(xr[j] - m);
+    for (int64_t j = lane; j < D; j += 32) s += exp(to_compute(xr[j]) - m);
     s = warp_sum(s);
     if (!kLog) {
-      const T inv = static_cast<T>(1 / s);
-      for (int64_t j = lane; j < D; j += 32) yr[j] = exp(xr[j] - m) * inv;
+      const C inv = static_cast<C>(1 / s);
+      for (int64_t j = lane; j < D; j += 32)
+        yr[j] = from_compute<T>(exp(to_compute(xr[j]) - m) * inv);
     } else {
-      const T lse = static_cast<T>(log(s));
-      for (int64_t j = lane; j < D; j += 32) yr[j] = (xr[j] - m) - lse;
+      const C lse = static_cast<C>(log(s));
+      for (int64_t j = lane; j < D; j += 32)
+        yr[j] = from_compute<T>((to_compute(xr[j]) - m) - lse);
     }
   }
 }
@@ -72,22 +82,29 @@ __global__ void softmax_cols_kernel(const T* __restrict__ x, T* __restrict__ y, 
                                     int64_t D, int64_t inner) {
   using std::exp;
   using std::log;
+  using C = compute_t<T>;
   PE_GRID_STRIDE_LOOP(c, outer * inner) {
     const int64_t o = c / inner;
     const int64_t base = o * D * inner + (c - o * inner);
-    T m = -infinity<T>();
+    C m = -infinity<C>();
     for (int64_t d = 0; d < D; ++d) {
-      const T v = x[base + d * inner];
+      const C v = to_compute(x[base + d * inner]);
       m = v > m ? v : m;
     }
     Acc s = 0;
-    for (int64_t d = 0; d < D; ++d) s += exp(x[base + d * inner] - m);
+    for (int64_t d = 0; d < D; ++d) s += exp(to_compute(x[base + d * inner]) - m);
     if (!kLog) {
-      const T inv = static_cast<T>(1 / s);
-      for (int64_t d = 0; d < D; ++d) y[base + d * inner] = exp(x[base + d * inner] - m) * inv;
+      const C inv = static_cast<C>(1 / s);
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t k = base + d * inner;
+        y[k] = from_compute<T>(exp(to_compute(x[k]) - m) * inv);
+      }
     } else {
-      const T lse = static_cast<T>(log(s));
-      for (int64_t d = 0; d < D; ++d) y[base + d * inner] = (x[base + d * inner] - m) - lse;
+      const C lse = static_cast<C>(log(s));
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t k = base + d * inner;
+        y[k] = from_compute<T>((to_compute(x[k]) - m) - lse);
+      }
     }
   }
 }
@@ -96,6 +113,7 @@ template <typename T, bool kLog>
 __global__ void softmax_backward_rows_kernel(const T* __restrict__ g, const T* __restrict__ y,
                                              T* __restrict__ gx, int64_t rows, int64_t D) {
   using std::exp;
+  using C = compute_t<T>;
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
@@ -104,10 +122,13 @@ __global__ void softmax_backward_rows_kernel(const T* __restrict__ g, const T* _
     const T* yr = y + r * D;
     T* gxr = gx + r * D;
     Acc acc = 0;
-    for (int64_t j = lane; j < D; j += 32) acc += kLog ? gr[j] : gr[j] * yr[j];
-    const T s = static_cast<T>(warp_sum(acc));
     for (int64_t j = lane; j < D; j += 32)
-      gxr[j] = kLog ? gr[j] - exp(yr[j]) * s : yr[j] * (gr[j] - s);
+      acc += kLog ? to_compute(gr[j]) : to_compute(gr[j]) * to_compute(yr[j]);
+    const C s = static_cast<C>(warp_sum(acc));
+    for (int64_t j = lane; j < D; j += 32) {
+      const C gj = to_compute(gr[j]), yj = to_compute(yr[j]);
+      gxr[j] = from_compute<T>(kLog ? gj - exp(yj) * s : yj * (gj - s));
+    }
   }
 }
 
@@ -116,18 +137,20 @@ __global__ void softmax_backward_cols_kernel(const T* __restrict__ g, const T* _
                                              T* __restrict__ gx, int64_t outer, int64_t D,
                                              int64_t inner) {
   using std::exp;
+  using C = compute_t<T>;
   PE_GRID_STRIDE_LOOP(c, outer * inner) {
     const int64_t o = c / inner;
     const int64_t base = o * D * inner + (c - o * inner);
     Acc acc = 0;
     for (int64_t d = 0; d < D; ++d) {
       const int64_t k = base + d * inner;
-      acc += kLog ? g[k] : g[k] * y[k];
+      acc += kLog ? to_compute(g[k]) : to_compute(g[k]) * to_compute(y[k]);
     }
-    const T s = static_cast<T>(acc);
+    const C s = static_cast<C>(acc);
     for (int64_t d = 0; d < D; ++d) {
       const int64_t k = base + d * inner;
-      gx[k] = kLog ? g[k] - exp(y[k]) * s : y[k] * (g[k] - s);
+      const C gk = to_compute(g[k]), yk = to_compute(y[k]);
+      gx[k] = from_compute<T>(kLog ? gk - exp(yk) * s : yk * (gk - s));
     }
   }
 }
@@ -183,6 +206,8 @@ cudaError_t softmax_backward(const T* grad, const T* result, T* grad_input, int6
                                            bool, cudaStream_t);
 PE_INSTANTIATE(float)
 PE_INSTANTIATE(double)
+PE_INSTANTIATE(__half)
+PE_INSTANTIATE(__nv_bfloat16)
 #undef PE_INSTANTIATE
 
 }  // namespace cuda

@@ -30,9 +30,9 @@ Tensor forward(const Tensor& input, int64_t dim, bool log, const char* op) {
   Tensor y = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   const Shape3 s = split_at(x, dim);
-  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    C10_CUDA_CHECK(softmax_forward<T>(x.const_data_ptr<T>(), y.mutable_data_ptr<T>(), s.outer,
+  dispatch_floating_16bit(x.scalar_type(), op, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
+    C10_CUDA_CHECK(softmax_forward<T>(cptr<T>(x), mptr<T>(y), s.outer,
                                       s.D, s.inner, log, current_stream()));
   });
   return y;
@@ -48,10 +48,10 @@ Tensor backward(const Tensor& grad_output, const Tensor& result, int64_t dim, bo
   Tensor gx = at::empty(g.sizes(), g.options());
   if (g.numel() == 0) return gx;
   const Shape3 s = split_at(g, dim);
-  dispatch_floating(g.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    C10_CUDA_CHECK(softmax_backward<T>(g.const_data_ptr<T>(), y.const_data_ptr<T>(),
-                                       gx.mutable_data_ptr<T>(), s.outer, s.D, s.inner, log,
+  dispatch_floating_16bit(g.scalar_type(), op, [&](auto tag) {
+    using T = storage_t<decltype(tag)>;
+    C10_CUDA_CHECK(softmax_backward<T>(cptr<T>(g), cptr<T>(y),
+                                       mptr<T>(gx), s.outer, s.D, s.inner, log,
                                        current_stream()));
   });
   return gx;
@@ -73,10 +73,10 @@ Tensor log_softmax_backward_cuda(const Tensor& grad_output, const Tensor& result
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
-  m.impl("softmax", PE_KERNEL(softmax_cuda));
-  m.impl("softmax_backward", PE_KERNEL(softmax_backward_cuda));
-  m.impl("log_softmax", PE_KERNEL(log_softmax_cuda));
-  m.impl("log_softmax_backward", PE_KERNEL(log_softmax_backward_cuda));
+  m.impl("softmax", PE_KERNEL_NATIVE_16BIT(softmax_cuda));
+  m.impl("softmax_backward", PE_KERNEL_NATIVE_16BIT(softmax_backward_cuda));
+  m.impl("log_softmax", PE_KERNEL_NATIVE_16BIT(log_softmax_cuda));
+  m.impl("log_softmax_backward", PE_KERNEL_NATIVE_16BIT(log_softmax_backward_cuda));
 }
 
 }  // namespace cuda

@@ -6,6 +6,7 @@
 //   selftest bench      launch throughput (not part of the tests: timing)
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -550,6 +551,150 @@ int case_launchers() {
   return 0;
 }
 
+// ---- 16-bit conversions (include/cuda_fp16.h, include/cuda_bf16.h) ----------------------------
+// Against a reference written from the formats' definitions: a pattern's value by ldexp (a NaN:
+// float16's becomes CUDA's canonical 0x7fffffff, bfloat16's keeps its bits), and
+// float -> 16-bit as the representable value nearest in exact (double) arithmetic, ties to the
+// even pattern, found by binary search over the ordered patterns; past the largest finite value
+// by half an ulp or more, inf. Every 16-bit pattern to float and back; floats at, between and
+// next to every pair of neighbouring 16-bit values, a million pseudo-random float patterns, and
+// the special values.
+
+struct Format16 {
+  const char* name;
+  int mant_bits;       // 10 (float16), 7 (bfloat16)
+  int bias;            // 15, 127
+  uint16_t max_finite;  // 0x7bff, 0x7f7f (the next pattern is inf)
+};
+constexpr Format16 kHalf{"float16", 10, 15, 0x7bff};
+constexpr Format16 kBf16{"bfloat16", 7, 127, 0x7f7f};
+
+double value16(uint16_t bits, const Format16& f) {
+  const int emax = (1 << (15 - f.mant_bits)) - 1;
+  const int e = (bits >> f.mant_bits) & emax;
+  const int m = bits & ((1 << f.mant_bits) - 1);
+  double v;
+  if (e == emax) {
+    v = m != 0 ? std::nan("") : HUGE_VAL;
+  } else if (e == 0) {
+    v = std::ldexp(static_cast<double>(m), 1 - f.bias - f.mant_bits);
+  } else {
+    v = std::ldexp(static_cast<double>(m + (1 << f.mant_bits)), e - f.bias - f.mant_bits);
+  }
+  return (bits & 0x8000u) ? -v : v;
+}
+
+uint16_t nearest16(float x, const Format16& f) {
+  if (std::isnan(x)) return 0x7fffu;  // CUDA's canonical NaN
+  const uint16_t sign = std::signbit(x) ? 0x8000u : 0u;
+  const double a = std::fabs(static_cast<double>(x));
+  const double top = value16(f.max_finite, f);
+  const double next = top + (top - value16(f.max_finite - 1, f));  // where inf would be
+  if (a >= (top + next) / 2) return sign | (f.max_finite + 1);    // ties go to even: inf
+  uint16_t lo = 0, hi = f.max_finite;  // the largest pattern whose value is <= a
+  while (lo < hi) {
+    const uint16_t mid = static_cast<uint16_t>((lo + hi + 1) / 2);
+    if (value16(mid, f) <= a) lo = mid; else hi = static_cast<uint16_t>(mid - 1);
+  }
+  const double vlo = value16(lo, f);
+  if (vlo == a || lo == f.max_finite) return sign | lo;
+  const double dlo = a - vlo, dhi = value16(lo + 1, f) - a;
+  const uint16_t pick = dlo < dhi ? lo : dhi < dlo ? lo + 1 : ((lo & 1u) ? lo + 1 : lo);
+  return static_cast<uint16_t>(sign | pick);
+}
+
+uint32_t float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+float bits_float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+template <class To16, class From16>
+int check_conversions(const Format16& f, To16 to16, From16 from16) {
+  const int before = failures;
+  // Every pattern to float (exact; NaN the canonical 0x7fffffff) and back (the same pattern).
+  for (uint32_t b = 0; b < 65536; ++b) {
+    const uint16_t bits = static_cast<uint16_t>(b);
+    const float x = from16(bits);
+    const double want = value16(bits, f);
+    if (std::isnan(want)) {
+      // float16: CUDA's canonical NaN; bfloat16: the bits shifted (payload and sign kept).
+      const uint32_t nan_bits = f.mant_bits == 10 ? 0x7fffffffu : b << 16;
+      CHECK(float_bits(x) == nan_bits, "%s 0x%04x -> float 0x%08x, want 0x%08x", f.name, b,
+            float_bits(x), nan_bits);
+      CHECK(to16(x) == 0x7fffu, "%s NaN 0x%04x back: 0x%04x", f.name, b, to16(x));
+      continue;
+    }
+    CHECK(static_cast<double>(x) == want && std::signbit(x) == std::signbit(want),
+          "%s 0x%04x -> %.9g, want %.9g", f.name, b, static_cast<double>(x), want);
+    CHECK(to16(x) == bits, "%s 0x%04x -> %.9g -> 0x%04x", f.name, b, static_cast<double>(x),
+          to16(x));
+    if (failures - before > 20) return 1;
+  }
+  // Floats at, between and next to each pair of neighbouring finite values, both signs.
+  auto expect = [&](float x) {
+    const uint16_t want = nearest16(x, f), got = to16(x);
+    CHECK(got == want, "%s(%.9g = 0x%08x) = 0x%04x, want 0x%04x", f.name,
+          static_cast<double>(x), float_bits(x), got, want);
+  };
+  for (uint32_t p = 0; p <= f.max_finite; ++p) {
+    const double v = value16(static_cast<uint16_t>(p), f);
+    const double up = p < f.max_finite ? value16(static_cast<uint16_t>(p + 1), f)
+                                       : 2 * v - value16(static_cast<uint16_t>(p - 1), f);
+    const float mid = static_cast<float>((v + up) / 2);  // exact: 16-bit midpoints fit a float
+    CHECK(static_cast<double>(mid) == (v + up) / 2, "%s midpoint above 0x%04x", f.name, p);
+    for (const float x : {static_cast<float>(v), mid, std::nextafter(mid, 0.0f),
+                          std::nextafter(mid, HUGE_VALF), std::nextafter(static_cast<float>(v),
+                                                                         HUGE_VALF)}) {
+      expect(x);
+      expect(-x);
+    }
+    if (failures - before > 20) return 1;
+  }
+  // Pseudo-random float patterns (every exponent, NaNs included).
+  uint64_t seed = 12345;
+  for (int i = 0; i < (1 << 20); ++i) {
+    seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+    expect(bits_float(static_cast<uint32_t>(seed >> 32)));
+    if (failures - before > 20) return 1;
+  }
+  // Specials: zeros, infinities, NaNs (quiet, signalling, negative), the float extremes.
+  for (const uint32_t u : {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u,
+                           0xffc00000u, 0x7f800001u, 0xff800001u, 0x7fffffffu, 0x7f7fffffu,
+                           0xff7fffffu, 0x00000001u, 0x80000001u, 0x00800000u, 0x007fffffu})
+    expect(bits_float(u));
+  return failures == before ? 0 : 1;
+}
+
+int case_half_conversions() {
+  const __half_raw zero{0};
+  CHECK(__half2float(__half(zero)) == 0.0f, "__half from __half_raw");
+  // Known values: the largest finite, overflow, the smallest subnormal and underflow.
+  auto to16 = [](float x) { return static_cast<__half_raw>(__float2half_rn(x)).x; };
+  auto from16 = [](uint16_t b) { return __half2float(__half(__half_raw{b})); };
+  CHECK(to16(65504.0f) == 0x7bffu && to16(65519.0f) == 0x7bffu && to16(65520.0f) == 0x7c00u,
+        "float16 overflow");
+  CHECK(to16(-1e6f) == 0xfc00u && to16(std::ldexp(1.0f, -24)) == 0x0001u &&
+            to16(std::ldexp(1.0f, -25)) == 0x0000u && to16(std::ldexp(1.5f, -25)) == 0x0001u,
+        "float16 inf, subnormals");
+  CHECK(from16(0x3c00u) == 1.0f && from16(0x0001u) == std::ldexp(1.0f, -24), "float16 values");
+  return check_conversions(kHalf, to16, from16);
+}
+
+int case_bf16_conversions() {
+  auto to16 = [](float x) { return static_cast<__nv_bfloat16_raw>(__float2bfloat16_rn(x)).x; };
+  auto from16 = [](uint16_t b) { return __bfloat162float(__nv_bfloat16(__nv_bfloat16_raw{b})); };
+  CHECK(to16(1.0f) == 0x3f80u && to16(bits_float(0x3f808000u)) == 0x3f80u &&
+            to16(bits_float(0x3f818000u)) == 0x3f82u && to16(bits_float(0x7f7fffffu)) == 0x7f80u,
+        "bfloat16 ties to even, overflow");
+  return check_conversions(kBf16, to16, from16);
+}
+
 // ---- Throughput (not a test) --------------------------------------------------------------------
 
 __global__ void write_kernel(float* out) {
@@ -595,7 +740,9 @@ int main(int argc, char** argv) {
       {"bad_config", case_bad_config},           {"divergent_barrier", case_divergent_barrier},
       {"reductions", case_reductions},           {"warp_intrinsics", case_warp_intrinsics},
       {"shared_memory", case_shared_memory},     {"caps", case_caps},
-      {"launchers", case_launchers},             {"bench", case_bench}};
+      {"launchers", case_launchers},             {"bench", case_bench},
+      {"half_conversions", case_half_conversions},
+      {"bf16_conversions", case_bf16_conversions}};
   if (argc != 2 || cases.count(argv[1]) == 0) {
     std::printf("usage: selftest CASE; cases:");
     for (const auto& kv : cases) std::printf(" %s", kv.first.c_str());
