@@ -35,14 +35,13 @@ def expected_families(forced):
     chosen = forced if forced is not None else best
     if best is not None:  # never above what the CPU has
         chosen = LEVELS[min(LEVELS.index(chosen), LEVELS.index(best))]
-    # gemm, conv2d, linear, softmax, cross_entropy and the elementwise loops (activations,
-    # mse_loss, binary_cross_entropy) have code for every level up to avx512; max_pool2d for
-    # AVX-512 and baseline only; gemm_bf16 for avx512_bf16 only.
+    # gemm, conv2d, linear, max_pool2d, softmax, cross_entropy and the elementwise loops
+    # (activations, mse_loss, binary_cross_entropy) have code for every level up to avx512;
+    # gemm_bf16 for avx512_bf16 only.
     upto512 = LEVELS[min(LEVELS.index(chosen), LEVELS.index("avx512"))]
-    every = {f: upto512 for f in ("gemm", "conv2d", "linear", "softmax", "cross_entropy",
-                                  "elementwise")}
-    return dict(every, max_pool2d="avx512" if upto512 == "avx512" else "default",
-                gemm_bf16="avx512_bf16" if chosen == "avx512_bf16" else "default")
+    every = {f: upto512 for f in ("gemm", "conv2d", "linear", "max_pool2d", "softmax",
+                                  "cross_entropy", "elementwise")}
+    return dict(every, gemm_bf16="avx512_bf16" if chosen == "avx512_bf16" else "default")
 
 
 def test_levels_each_family_runs_with():
@@ -159,6 +158,18 @@ for dtype in (torch.float32, torch.float64):
         with Record():
             helpers.assert_close(P.max_pool2d(x.detach(), [k, k], [s, s], [p, p], [d, d], cm),
                                  F.max_pool2d(x.detach(), k, s, p, d, cm), dtype)
+    # 2x2 / stride 2 with ties, NaN and -inf (each level's kernel keeps torch's first maximum,
+    # last NaN and -inf windows), on vector columns and the tail.
+    x = torch.randint(-2, 3, (2, 3, 12, 38)).to(dtype)
+    x[0, 0, 0, :4] = float("nan")
+    x[1, 2, 5, 9] = float("nan")
+    x[0, 1, 2:4, 4:8] = -float("inf")
+    x[1, 1, :2, 34:38] = -float("inf")
+    with Record():
+        ours = P.max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    theirs = F.max_pool2d(x, 2, 2, return_indices=True)
+    assert torch.equal(ours[1], theirs[1]), (ours[1] != theirs[1]).nonzero()
+    helpers.assert_close(ours[0], theirs[0], dtype)
     # conv2d_relu_max_pool2d: LeNet's conv1 (the direct path) and conv2 at a batch >= 16 (batch
     # innermost), then a strided grouped convolution with an overlapping, padded, ceil_mode pool.
     # Integer values: the convolutions are exact at every level, so near ties cannot break

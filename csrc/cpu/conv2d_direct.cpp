@@ -29,8 +29,17 @@ namespace cpu {
 namespace conv2d {
 namespace {
 
-constexpr int kCo = 6;    // output channels per block
-constexpr int kRows = 4;  // output rows per block
+constexpr int kCo = 6;  // output channels per block
+
+// Vectors per level. Columns go in chunks of V = 64 bytes (16 floats) on every level; AVX2 and
+// SSE2 take a chunk as 32- or 16-byte vectors, one pass each. (64-byte GCC vectors compiled for
+// AVX2 are not split into register pairs but assembled through general registers and the
+// stack: on an AVX2 machine LeNet's conv1 forward took 27 ms at batch 256, torch's 5.4, one
+// thread.) Every output and every weight sum adds the same terms in the same order on each
+// level: the same bits.
+// Forward: output rows per block, 4 on AVX-512 (24 accumulators of its 32 registers), 2 below
+// (12 of 16).
+constexpr int kRowsAvx512 = 4, kRowsNarrow = 2;
 
 // Zero-padded input planes of one image and group: [cin_g][hp][wpp].
 struct Padded {
@@ -47,43 +56,48 @@ Padded make_padded(const Geometry& g) {
   return p;
 }
 
-// R output rows from oh0, columns ow0 .. ow0 + V, channels [0, nco) of a block.
-template <typename T, int R>
+// R output rows from oh0, columns ow0 .. ow0 + V, channels [0, nco) of a block, in passes of
+// kBytes-wide vectors.
+template <typename T, int R, int kBytes>
 PE_INLINE void block(const T* planes, const Padded& pd, int64_t cin_g, int64_t kh, int64_t kw,
                      const T* wb, const T* b6, T* y, int64_t P, int64_t OW, int64_t nco,
                      int64_t oh0, int64_t ow0) {
-  typedef T vec __attribute__((vector_size(64)));
-  typedef T uvec __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
-  vec acc[R][kCo];
+  typedef T vec __attribute__((vector_size(kBytes)));
+  typedef T uvec __attribute__((vector_size(kBytes), aligned(sizeof(T)), may_alias));
+  constexpr int64_t V = 64 / sizeof(T), W = kBytes / sizeof(T);
+  for (int64_t h = 0; h < V; h += W) {
+    vec acc[R][kCo];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < kCo; ++c) acc[r][c] = vec{} + b6[c];
-  const T* w = wb;
-  for (int64_t ci = 0; ci < cin_g; ++ci) {
-    const T* pc = planes + ci * pd.plane + oh0 * pd.wpp + ow0;
-    for (int64_t ki = 0; ki < kh; ++ki) {
-      const T* prow = pc + ki * pd.wpp;
-      for (int64_t kj = 0; kj < kw; ++kj, w += kCo) {
-        vec x[R];
+      for (int c = 0; c < kCo; ++c) acc[r][c] = vec{} + b6[c];
+    const T* w = wb;
+    for (int64_t ci = 0; ci < cin_g; ++ci) {
+      const T* pc = planes + ci * pd.plane + oh0 * pd.wpp + ow0 + h;
+      for (int64_t ki = 0; ki < kh; ++ki) {
+        const T* prow = pc + ki * pd.wpp;
+        for (int64_t kj = 0; kj < kw; ++kj, w += kCo) {
+          vec x[R];
 #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) x[r] = *reinterpret_cast<const uvec*>(prow + r * pd.wpp + kj);
+          for (int r = 0; r < R; ++r)
+            x[r] = *reinterpret_cast<const uvec*>(prow + r * pd.wpp + kj);
 #pragma GCC unroll 8
-        for (int c = 0; c < kCo; ++c) {
-          const T wc = w[c];
+          for (int c = 0; c < kCo; ++c) {
+            const T wc = w[c];
 #pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) acc[r][c] += wc * x[r];
+            for (int r = 0; r < R; ++r) acc[r][c] += wc * x[r];
+          }
         }
       }
     }
+    for (int r = 0; r < R; ++r)
+      for (int64_t c = 0; c < nco; ++c)
+        *reinterpret_cast<uvec*>(y + c * P + (oh0 + r) * OW + ow0 + h) = acc[r][c];
   }
-  for (int r = 0; r < R; ++r)
-    for (int64_t c = 0; c < nco; ++c)
-      *reinterpret_cast<uvec*>(y + c * P + (oh0 + r) * OW + ow0) = acc[r][c];
 }
 
-// Every output row and column of one image, group and block of channels.
-template <typename T>
+// Every output row and column of one image, group and block of channels, kRows rows at a time.
+template <typename T, int kRows, int kBytes>
 PE_INLINE void channels_impl(const Geometry& g, const T* planes, const T* wb, const T* b6, T* y,
                              int64_t nco) {
   constexpr int64_t V = 64 / sizeof(T);
@@ -93,9 +107,9 @@ PE_INLINE void channels_impl(const Geometry& g, const T* planes, const T* wb, co
     const int64_t ow0 = std::min(ow, OW - V);  // the last vector overlaps the one before
     int64_t oh0 = 0;
     for (; oh0 + kRows <= OH; oh0 += kRows)
-      block<T, kRows>(planes, pd, cin_g, g.kernel_h, g.kernel_w, wb, b6, y, P, OW, nco, oh0, ow0);
+      block<T, kRows, kBytes>(planes, pd, cin_g, g.kernel_h, g.kernel_w, wb, b6, y, P, OW, nco, oh0, ow0);
     for (; oh0 < OH; ++oh0)
-      block<T, 1>(planes, pd, cin_g, g.kernel_h, g.kernel_w, wb, b6, y, P, OW, nco, oh0, ow0);
+      block<T, 1, kBytes>(planes, pd, cin_g, g.kernel_h, g.kernel_w, wb, b6, y, P, OW, nco, oh0, ow0);
   }
 }
 
@@ -110,55 +124,77 @@ PE_INLINE void channels_impl(const Geometry& g, const T* planes, const T* wb, co
 // and one X vector: per row chunk 6 + KJ loads for 6 * KJ FMAs. dY rows are read from a copy
 // padded to whole vectors with zeros; X's lanes past the row's end are set to zero (an Inf there
 // times dY's zero would be a NaN torch has no term for).
-constexpr int kKj = 4;  // kernel columns per grad_weight block
+constexpr int kKj = 4;  // kernel columns per grad_weight block (the accumulators' layout)
 
-template <typename T, int KJ>
+// The accumulators keep 64-byte lanes on every level: lane l sums the pixels of column ow0 + l.
+// On AVX-512 one call holds a block of KJ <= 4 kernel columns (24 registers of 32); below, one
+// kernel column in passes of narrower vectors (6 accumulators, 6 dY vectors and X: 13 of 16).
+template <typename T, int KJ, int kBytes>
 PE_INLINE void weight_block(const T* dyb, int64_t dy_plane, int64_t dy_ld, const T* xb,
                             int64_t wpp, int64_t OH, int64_t OW, T* accp) {
-  typedef T vec __attribute__((vector_size(64)));
-  typedef T uvec __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
+  typedef T vec __attribute__((vector_size(kBytes)));
+  typedef T uvec __attribute__((vector_size(kBytes), aligned(sizeof(T)), may_alias));
   typedef decltype(vec{} < vec{}) ivec;
-  constexpr int64_t V = 64 / sizeof(T);
-  vec acc[kCo][KJ];
-#pragma GCC unroll 8
-  for (int c = 0; c < kCo; ++c)
-#pragma GCC unroll 8
-    for (int j = 0; j < KJ; ++j) acc[c][j] = *reinterpret_cast<const uvec*>(accp + (c * kKj + j) * V);
+  constexpr int64_t V = 64 / sizeof(T);      // lanes of the accumulators' layout
+  constexpr int64_t W = kBytes / sizeof(T);  // lanes of one pass
   const int64_t full = OW / V * V;
-  ivec in_row;  // the tail chunk's lanes inside the row
-  for (int64_t l = 0; l < V; ++l) in_row[l] = l < OW - full ? -1 : 0;
-  for (int64_t oh = 0; oh < OH; ++oh) {
-    const T* dr = dyb + oh * dy_ld;
-    const T* xr = xb + oh * wpp;
-    for (int64_t ow0 = 0; ow0 < OW; ow0 += V) {
-      const bool tail = ow0 == full;
-      vec d[kCo];
+  for (int64_t h = 0; h < V; h += W) {
+    vec acc[kCo][KJ];
 #pragma GCC unroll 8
-      for (int c = 0; c < kCo; ++c) d[c] = *reinterpret_cast<const uvec*>(dr + c * dy_plane + ow0);
+    for (int c = 0; c < kCo; ++c)
 #pragma GCC unroll 8
-      for (int j = 0; j < KJ; ++j) {
-        vec xv = *reinterpret_cast<const uvec*>(xr + ow0 + j);
-        if (tail) xv = in_row ? xv : vec{};
+      for (int j = 0; j < KJ; ++j)
+        acc[c][j] = *reinterpret_cast<const uvec*>(accp + (c * kKj + j) * V + h);
+    ivec in_row;  // the tail chunk's lanes inside the row
+    for (int64_t l = 0; l < W; ++l) in_row[l] = h + l < OW - full ? -1 : 0;
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      const T* dr = dyb + oh * dy_ld + h;
+      const T* xr = xb + oh * wpp + h;
+      for (int64_t ow0 = 0; ow0 < OW; ow0 += V) {
+        const bool tail = ow0 == full;
+        vec d[kCo];
 #pragma GCC unroll 8
-        for (int c = 0; c < kCo; ++c) acc[c][j] += d[c] * xv;
+        for (int c = 0; c < kCo; ++c)
+          d[c] = *reinterpret_cast<const uvec*>(dr + c * dy_plane + ow0);
+#pragma GCC unroll 8
+        for (int j = 0; j < KJ; ++j) {
+          vec xv = *reinterpret_cast<const uvec*>(xr + ow0 + j);
+          if (tail) xv = in_row ? xv : vec{};
+#pragma GCC unroll 8
+          for (int c = 0; c < kCo; ++c) acc[c][j] += d[c] * xv;
+        }
       }
     }
+#pragma GCC unroll 8
+    for (int c = 0; c < kCo; ++c)
+#pragma GCC unroll 8
+      for (int j = 0; j < KJ; ++j)
+        *reinterpret_cast<uvec*>(accp + (c * kKj + j) * V + h) = acc[c][j];
   }
-#pragma GCC unroll 8
-  for (int c = 0; c < kCo; ++c)
-#pragma GCC unroll 8
-    for (int j = 0; j < KJ; ++j) *reinterpret_cast<uvec*>(accp + (c * kKj + j) * V) = acc[c][j];
+}
+
+// weight_block over `cols` <= KJ kernel columns.
+template <typename T, int KJ, int kBytes>
+PE_INLINE void weight_columns(int64_t cols, const T* dyb, int64_t dy_plane, int64_t dy_ld,
+                              const T* xb, int64_t wpp, int64_t OH, int64_t OW, T* accp) {
+  if constexpr (KJ > 1) {
+    if (cols < KJ)
+      return weight_columns<T, KJ - 1, kBytes>(cols, dyb, dy_plane, dy_ld, xb, wpp, OH, OW,
+                                               accp);
+  }
+  weight_block<T, KJ, kBytes>(dyb, dy_plane, dy_ld, xb, wpp, OH, OW, accp);
 }
 
 // One image and group: every block of channels, input channel, kernel row and block of kernel
 // columns adds to its vector accumulators (accp: [blk][ci][ki][kjb][kCo][kKj][V]); the bias
 // sums go to dbp ([blk * kCo][V]) when not null. dyp: [blocks * kCo][OH][dy_ld], zero-padded.
-template <typename T>
+// kBytes, kKjPass: weight_block's vector bytes and most kernel columns per call on this level.
+template <typename T, int kBytes, int kKjPass>
 PE_INLINE void weight_image_impl(const Geometry& g, const T* planes, const T* dyp, int64_t dy_ld,
                                  T* accp, T* dbp) {
-  typedef T vec __attribute__((vector_size(64)));
-  typedef T uvec __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
-  constexpr int64_t V = 64 / sizeof(T);
+  typedef T vec __attribute__((vector_size(kBytes)));
+  typedef T uvec __attribute__((vector_size(kBytes), aligned(sizeof(T)), may_alias));
+  constexpr int64_t V = 64 / sizeof(T), W = kBytes / sizeof(T);
   const Padded pd = make_padded(g);
   const int64_t OH = g.out_h, OW = g.out_w, cin_g = g.in_channels_per_group();
   const int64_t blocks = ceil_div(g.out_channels_per_group(), int64_t(kCo));
@@ -170,36 +206,41 @@ PE_INLINE void weight_image_impl(const Geometry& g, const T* planes, const T* dy
         for (int64_t b = 0; b < kjb; ++b) {
           const T* xb = planes + ci * pd.plane + ki * pd.wpp + b * kKj;
           T* ap = accp + (((blk * cin_g + ci) * g.kernel_h + ki) * kjb + b) * kCo * kKj * V;
-          switch (std::min<int64_t>(kKj, g.kernel_w - b * kKj)) {
-            case 4: weight_block<T, 4>(dyb, dy_plane, dy_ld, xb, pd.wpp, OH, OW, ap); break;
-            case 3: weight_block<T, 3>(dyb, dy_plane, dy_ld, xb, pd.wpp, OH, OW, ap); break;
-            case 2: weight_block<T, 2>(dyb, dy_plane, dy_ld, xb, pd.wpp, OH, OW, ap); break;
-            default: weight_block<T, 1>(dyb, dy_plane, dy_ld, xb, pd.wpp, OH, OW, ap); break;
-          }
+          const int64_t cols = std::min<int64_t>(kKj, g.kernel_w - b * kKj);
+          for (int64_t j0 = 0; j0 < cols; j0 += kKjPass)
+            weight_columns<T, kKjPass, kBytes>(std::min<int64_t>(kKjPass, cols - j0), dyb,
+                                               dy_plane, dy_ld, xb + j0, pd.wpp, OH, OW,
+                                               ap + j0 * V);
         }
     if (!dbp) continue;
-    for (int c = 0; c < kCo; ++c) {  // the padding lanes and channels of dyp are zero
-      vec s = *reinterpret_cast<const uvec*>(dbp + (blk * kCo + c) * V);
-      for (int64_t i = 0; i < dy_plane; i += V) s += *reinterpret_cast<const uvec*>(dyb + c * dy_plane + i);
-      *reinterpret_cast<uvec*>(dbp + (blk * kCo + c) * V) = s;
-    }
+    for (int c = 0; c < kCo; ++c)  // the padding lanes and channels of dyp are zero
+      for (int64_t h = 0; h < V; h += W) {
+        vec s = *reinterpret_cast<const uvec*>(dbp + (blk * kCo + c) * V + h);
+        for (int64_t i = 0; i < dy_plane; i += V)
+          s += *reinterpret_cast<const uvec*>(dyb + c * dy_plane + i + h);
+        *reinterpret_cast<uvec*>(dbp + (blk * kCo + c) * V + h) = s;
+      }
   }
 }
 
-#define PE_DEFINE_DIRECT_WEIGHT(T)                                                            \
-  PE_ISA_FUNCTION(Family::Conv2d, void, weight_image,                                         \
-                  (const Geometry& g, const T* planes, const T* dyp, int64_t dy_ld, T* accp,  \
-                   T* dbp),                                                                   \
-                  (g, planes, dyp, dy_ld, accp, dbp), weight_image_impl<T>)
+#define PE_DEFINE_DIRECT_WEIGHT(T)                                                           \
+  PE_ISA_FUNCTION_PER_LEVEL(Family::Conv2d, void, weight_image,                              \
+                            (const Geometry& g, const T* planes, const T* dyp, int64_t dy_ld, \
+                             T* accp, T* dbp),                                               \
+                            (g, planes, dyp, dy_ld, accp, dbp),                              \
+                            (weight_image_impl<T, 64, kKj>), (weight_image_impl<T, 32, 1>),  \
+                            (weight_image_impl<T, 16, 1>))
 PE_DEFINE_DIRECT_WEIGHT(float)
 PE_DEFINE_DIRECT_WEIGHT(double)
 #undef PE_DEFINE_DIRECT_WEIGHT
 
-#define PE_DEFINE_DIRECT(T)                                                                    \
-  PE_ISA_FUNCTION(Family::Conv2d, void, direct_channels,                                       \
-                  (const Geometry& g, const T* planes, const T* wb, const T* b6, T* y,         \
-                   int64_t nco),                                                               \
-                  (g, planes, wb, b6, y, nco), channels_impl<T>)
+#define PE_DEFINE_DIRECT(T)                                                                   \
+  PE_ISA_FUNCTION_PER_LEVEL(Family::Conv2d, void, direct_channels,                            \
+                            (const Geometry& g, const T* planes, const T* wb, const T* b6,    \
+                             T* y, int64_t nco),                                              \
+                            (g, planes, wb, b6, y, nco), (channels_impl<T, kRowsAvx512, 64>), \
+                            (channels_impl<T, kRowsNarrow, 32>),                              \
+                            (channels_impl<T, kRowsNarrow, 16>))
 PE_DEFINE_DIRECT(float)
 PE_DEFINE_DIRECT(double)
 #undef PE_DEFINE_DIRECT

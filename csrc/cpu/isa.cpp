@@ -68,7 +68,7 @@ constexpr FamilyLevels kFamilies[] = {
     {Family::GemmBf16, "gemm_bf16", false, false, true},
     {Family::Conv2d, "conv2d", true, true},
     {Family::Linear, "linear", true, true},
-    {Family::MaxPool2d, "max_pool2d", true, false},
+    {Family::MaxPool2d, "max_pool2d", true, true},
     {Family::Softmax, "softmax", true, true},
     {Family::CrossEntropy, "cross_entropy", true, true},
     {Family::Elementwise, "elementwise", true, true},

@@ -10,8 +10,8 @@
 // isa() is the best of these that this CPU has, or a lower one named by the environment variable
 // PYENGINE_CPU_ISA=avx512_bf16|avx512|avx2|default (read once; never above what the CPU has),
 // so that the tests run every kernel's lower builds on an AVX-512 machine. Each kernel family runs with
-// isa_for(family): isa(), or the best level below it that the family has code for (max_pool2d has
-// AVX-512 and baseline code only).
+// isa_for(family): isa(), or the best level below it that the family has code for (gemm_bf16
+// has avx512_bf16 code only).
 //
 // A kernel gets its per-ISA builds from one always-inline template body (PE_INLINE) and
 // PE_ISA_FUNCTION, which compiles it into a target-attributed function per level plus a
@@ -58,7 +58,7 @@ enum class Family : int {
   GemmBf16,      // cpu/gemm_bf16.cpp: the bfloat16 matrix multiply (avx512_bf16 only)
   Conv2d,        // cpu/conv2d*.cpp: im2col, col2im, batch transposes, bias gradients
   Linear,        // cpu/linear.cpp: the bias gradient's column sums
-  MaxPool2d,     // cpu/pool.cpp: AVX-512 and baseline only
+  MaxPool2d,     // cpu/pool.cpp
   Softmax,       // cpu/softmax.cpp: softmax and log_softmax, forward and backward
   CrossEntropy,  // cpu/cross_entropy.cpp
   Elementwise,   // cpu/loops.h users (activations, mse_loss, binary_cross_entropy)
@@ -80,19 +80,28 @@ std::map<std::string, std::string> kernel_isas();
 //   PE_ISA_FUNCTION(Family::Conv2d, void, row_sums, (const float* b, int64_t n, float* out),
 //                   (b, n, out), row_sums_impl<float>)
 // Overloads (one per dtype) are fine: each expansion defines its own four functions.
-#define PE_ISA_FUNCTION(family, ret, name, params, args, ...)                  \
-  PE_TARGET_AVX512 ret name##_avx512 params { return __VA_ARGS__ args; }      \
-  PE_TARGET_AVX2 ret name##_avx2 params { return __VA_ARGS__ args; }          \
-  ret name##_default params { return __VA_ARGS__ args; }                      \
-  ret name params {                                                           \
-    static const ::pyengine::cpu::Isa level =                                 \
-        ::pyengine::cpu::isa_for(::pyengine::cpu::family);                    \
-    switch (level) {                                                          \
-      case ::pyengine::cpu::Isa::Avx512:                                      \
-        return name##_avx512 args;                                            \
-      case ::pyengine::cpu::Isa::Avx2:                                        \
-        return name##_avx2 args;                                              \
-      default:                                                                \
-        return name##_default args;                                           \
-    }                                                                         \
+#define PE_ISA_FUNCTION(family, ret, name, params, args, ...)                   \
+  PE_ISA_FUNCTION_PER_LEVEL(family, ret, name, params, args, (__VA_ARGS__), (__VA_ARGS__), \
+                            (__VA_ARGS__))
+
+// PE_ISA_FUNCTION with a body per level, each in parentheses, for kernels whose register blocking
+// follows the register file: AVX-512 has 32 vector registers of 64 bytes, AVX2 16 of 32 (a
+// 64-byte GCC vector takes two), SSE2 16 of 16. E.g. a block of 24 accumulating 64-byte vectors
+// fits AVX-512 and spills on AVX2 (csrc/cpu/conv2d_direct.cpp).
+#define PE_ISA_FUNCTION_PER_LEVEL(family, ret, name, params, args, avx512_body, avx2_body,   \
+                                  default_body)                                            \
+  PE_TARGET_AVX512 ret name##_avx512 params { return avx512_body args; }                  \
+  PE_TARGET_AVX2 ret name##_avx2 params { return avx2_body args; }                        \
+  ret name##_default params { return default_body args; }                                 \
+  ret name params {                                                                        \
+    static const ::pyengine::cpu::Isa level =                                              \
+        ::pyengine::cpu::isa_for(::pyengine::cpu::family);                                 \
+    switch (level) {                                                                       \
+      case ::pyengine::cpu::Isa::Avx512:                                                   \
+        return name##_avx512 args;                                                         \
+      case ::pyengine::cpu::Isa::Avx2:                                                     \
+        return name##_avx2 args;                                                           \
+      default:                                                                             \
+        return name##_default args;                                                        \
+    }                                                                                      \
   }

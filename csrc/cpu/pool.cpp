@@ -26,7 +26,8 @@
 // Hot loops: the interior of each output row (windows with every column in bounds) runs an
 // AVX-512 kernel for stride_w 1 or 2 (kernel 3 / stride 1 or 2 and the like) and a dedicated one
 // for 2x2 / stride 2, chosen at run time (cpu/isa.h); the backward of 2x2 / stride 2 gathers
-// instead of scattering. Everything else, and the AVX2 and baseline levels, use the scalar loops.
+// instead of scattering. Everything else, and the AVX2 and baseline levels, use the scalar loops
+// (2x2 / stride 2 a dedicated one).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -38,6 +39,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <immintrin.h>
@@ -96,6 +98,103 @@ void pool_rows_scalar(const T* in, T* out, int64_t* idx, const Geometry& g, int6
                              kIdx ? idx + r * g.out_w : nullptr, g, oh, 0, g.out_w);
     if (++oh == g.out_h) oh = 0, ++p;
   }
+}
+
+// ---- The tutorial case below AVX-512: 2x2 windows, stride 2, whole windows ---------------
+// (Geometry::is_2x2_stride_2.) The four taps of each window folded with the rule above, in scan
+// order: the first tap opens the window (for -inf the running maximum stays -inf with the first
+// tap's index, as the general loop leaves it), then each later tap replaces it when
+// `v > max || isnan(v)`. float32 runs kLanes windows per vector (AVX2 8, SSE2 4): each row's
+// even and odd columns are split by two shuffles and the folds are lane-wise selects. The general
+// loop compiled to branches on those compares: on an AVX2 machine, where it ran every pooling,
+// it took 27% of LeNet's fused conv1 block at batch 256 (random data mispredicts).
+template <typename T, bool kIdx>
+PE_INLINE void pool2x2_window(const T* r0, const T* r1, int64_t base, int64_t W, int64_t ow,
+                              T* out, int64_t* idx) {
+  const int64_t c = 2 * ow;
+  T m = r0[c];
+  int64_t mi = base + c;
+  const T taps[3] = {r0[c + 1], r1[c], r1[c + 1]};
+  const int64_t at[3] = {base + c + 1, base + W + c, base + W + c + 1};
+  for (int t = 0; t < 3; ++t) {
+    const bool take = (taps[t] > m) | (taps[t] != taps[t]);
+    m = take ? taps[t] : m;
+    if (kIdx) mi = take ? at[t] : mi;
+  }
+  out[ow] = m;
+  if (kIdx) idx[ow] = mi;
+}
+
+// Lanes 2l (+ 1) of the pair (a, b): a row's even (odd) columns.
+template <class V, class I, size_t... L>
+PE_INLINE V columns(V a, V b, int odd, std::index_sequence<L...>) {
+  return odd ? __builtin_shuffle(a, b, I{(2 * int(L) + 1)...})
+             : __builtin_shuffle(a, b, I{(2 * int(L))...});
+}
+
+template <typename T, bool kIdx, int kLanes>
+PE_INLINE void pool2x2_rows_impl(const T* in, T* out, int64_t* idx, const Geometry& g,
+                                 int64_t r_begin, int64_t r_end) {
+  typedef T fv __attribute__((vector_size(kLanes * sizeof(T))));  // (float only, below)
+  typedef T ufv __attribute__((vector_size(kLanes * sizeof(T)), aligned(sizeof(T)), may_alias));
+  typedef decltype(fv{} < fv{}) iv;
+  const auto lanes = std::make_index_sequence<kLanes>();
+  const int64_t W = g.in_w, OW = g.out_w;
+  const int64_t vector_cols = std::is_same_v<T, float> ? OW / kLanes * kLanes : 0;
+  int64_t p = r_begin / g.out_h, oh = r_begin % g.out_h;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const T* r0 = in + p * g.in_pixels() + 2 * oh * W;
+    const T* r1 = r0 + W;
+    const int64_t base = 2 * oh * W;  // flat index of the row pair's first element
+    T* orow = out + r * OW;
+    int64_t* irow = kIdx ? idx + r * OW : nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t ow0 = 0; ow0 < vector_cols; ow0 += kLanes) {
+        const T* t0 = r0 + 2 * ow0;
+        const T* t1 = r1 + 2 * ow0;
+        const fv lo0 = *reinterpret_cast<const ufv*>(t0);
+        const fv hi0 = *reinterpret_cast<const ufv*>(t0 + kLanes);
+        const fv lo1 = *reinterpret_cast<const ufv*>(t1);
+        const fv hi1 = *reinterpret_cast<const ufv*>(t1 + kLanes);
+        fv m = columns<fv, iv>(lo0, hi0, 0, lanes);
+        iv which = iv{};  // 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right
+        const fv taps[3] = {columns<fv, iv>(lo0, hi0, 1, lanes), columns<fv, iv>(lo1, hi1, 0, lanes),
+                            columns<fv, iv>(lo1, hi1, 1, lanes)};
+        for (int t = 0; t < 3; ++t) {
+          const iv take = (taps[t] > m) | (taps[t] != taps[t]);
+          m = take ? taps[t] : m;
+          which = take ? iv{} + (t + 1) : which;
+        }
+        *reinterpret_cast<ufv*>(orow + ow0) = m;
+        if (kIdx)
+          for (int l = 0; l < kLanes; ++l)
+            irow[ow0 + l] = base + 2 * (ow0 + l) + (which[l] & 1) + (which[l] >> 1) * W;
+      }
+    }
+    for (int64_t ow = vector_cols; ow < OW; ++ow) pool2x2_window<T, kIdx>(r0, r1, base, W, ow, orow, irow);
+    if (++oh == g.out_h) oh = 0, ++p;
+  }
+}
+
+#define PE_DEFINE_POOL2X2(T, kIdx, name)                                                       \
+  PE_ISA_FUNCTION_PER_LEVEL(Family::MaxPool2d, void, name,                                     \
+                            (const T* in, T* out, int64_t* idx, const Geometry& g,             \
+                             int64_t r_begin, int64_t r_end),                                  \
+                            (in, out, idx, g, r_begin, r_end),                                 \
+                            (pool2x2_rows_impl<T, kIdx, 16>), (pool2x2_rows_impl<T, kIdx, 8>), \
+                            (pool2x2_rows_impl<T, kIdx, 4>))
+PE_DEFINE_POOL2X2(float, true, pool2x2_rows_with_indices)
+PE_DEFINE_POOL2X2(float, false, pool2x2_rows_values)
+PE_DEFINE_POOL2X2(double, true, pool2x2_rows_with_indices)
+PE_DEFINE_POOL2X2(double, false, pool2x2_rows_values)
+#undef PE_DEFINE_POOL2X2
+
+template <typename T, bool kIdx>
+constexpr auto pool2x2_rows() {
+  void (*fn)(const T*, T*, int64_t*, const Geometry&, int64_t, int64_t);
+  if constexpr (kIdx) fn = pool2x2_rows_with_indices;
+  else fn = pool2x2_rows_values;
+  return fn;
 }
 
 // ---- AVX-512 forward: interior columns, stride_w 1 or 2 -------------------------------------
@@ -493,6 +592,7 @@ RowsFn<T, kIdx> pick_kernel(const Geometry& g) {
     if (g.stride_w == 2 && g.dilation_w == 1) return pool_rows_avx512<A, kIdx, kStride2Pairs>;
     if (g.stride_w == 2) return pool_rows_avx512<A, kIdx, kStride2>;
   }
+  if (g.is_2x2_stride_2()) return pool2x2_rows<T, kIdx>();
   return pool_rows_scalar<T, kIdx>;
 }
 
