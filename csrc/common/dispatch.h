@@ -34,22 +34,12 @@ void dispatch_floating(c10::ScalarType dtype, const char* op, F&& f) {
 
 template <typename F>
 void dispatch_floating_16bit(c10::ScalarType dtype, const char* op, F&& f) {
-  switch (dtype) {
-    case c10::ScalarType::Float:
-      f(float{});
-      break;
-    case c10::ScalarType::Double:
-      f(double{});
-      break;
-    case c10::ScalarType::Half:
-      f(c10::Half{});
-      break;
-    case c10::ScalarType::BFloat16:
-      f(c10::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK_NOT_IMPLEMENTED(false, "pyengine.", op, ": expected a float32, float64, "
-                                  "bfloat16 or float16 tensor, but got ", dtype);
+  if (dtype == c10::ScalarType::Half) {
+    f(c10::Half{});
+  } else if (dtype == c10::ScalarType::BFloat16) {
+    f(c10::BFloat16{});
+  } else {
+    dispatch_floating(dtype, op, f);  // float, double, or the error for any other dtype
   }
 }
 
