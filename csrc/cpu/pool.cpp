@@ -171,7 +171,8 @@ PE_INLINE void pool2x2_rows_impl(const T* in, T* out, int64_t* idx, const Geomet
             irow[ow0 + l] = base + 2 * (ow0 + l) + (which[l] & 1) + (which[l] >> 1) * W;
       }
     }
-    for (int64_t ow = vector_cols; ow < OW; ++ow) pool2x2_window<T, kIdx>(r0, r1, base, W, ow, orow, irow);
+    for (int64_t ow = vector_cols; ow < OW; ++ow)
+      pool2x2_window<T, kIdx>(r0, r1, base, W, ow, orow, irow);
     if (++oh == g.out_h) oh = 0, ++p;
   }
 }
