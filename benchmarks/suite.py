@@ -444,6 +444,13 @@ def count_work(case: Case, device: str, log=print) -> Optional[work.Work]:
     return counted
 
 
+# Seconds one contender's round of one case may take (after its first call; warm-up included)
+# before it stops early: see timing.time_fn. Over three times the slowest normal round on the
+# reference machine (LeNet's step at batch 4096 under torch.compile: 29 calls of 0.61 s), so that
+# slower machines keep their full rounds and only a pathological contender is cut short.
+ROUND_BUDGET_S = 60.0
+
+
 def run_cases(cases: List[Case], names: List[str], device: str, runs: int, peaks: peak.Peaks,
               log=print, time_limit_s: Optional[float] = None) -> List[dict]:
     """Times every case for every contender; past time_limit_s seconds (if given) no further
@@ -483,7 +490,8 @@ def run_cases(cases: List[Case], names: List[str], device: str, runs: int, peaks
                 sync()
                 try:
                     per_round[contender].append(time_fn(fn, device, warmup=5,
-                                                        runs=max(5, runs // 3)))
+                                                        runs=max(5, runs // 3),
+                                                        budget_s=ROUND_BUDGET_S))
                 except Exception as exc:  # reported and dropped, never silently
                     log(f"  {case.name} {case.pass_} batch {case.batch}: {contender} failed "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
@@ -491,11 +499,16 @@ def run_cases(cases: List[Case], names: List[str], device: str, runs: int, peaks
                     per_round.pop(contender)
         case_rows = {}
         for contender, timings in per_round.items():
+            timed = sum(t.runs for t in timings)
+            if timed < 3 * max(5, runs // 3):
+                log(f"  {case.name} {case.pass_} batch {case.batch}: {contender} took "
+                    f"{timings[-1].median_ms / 1e3:.3g} s a call: {timed} timed runs, not "
+                    f"{3 * max(5, runs // 3)} (a round's time budget is {ROUND_BUDGET_S:g} s)")
             t = sorted(timings, key=lambda t: t.median_ms)[1]
             case_rows[contender] = dict(
                 meta, kind=case.kind, case=case.name, batch=case.batch, **{"pass": case.pass_},
                 contender=contender, median_ms=round(t.median_ms, 5), p10_ms=round(t.p10_ms, 5),
-                p90_ms=round(t.p90_ms, 5), runs=3 * t.runs,
+                p90_ms=round(t.p90_ms, 5), runs=timed,
                 **report.rates(counted.flops if counted else None,
                                counted.bytes if counted else None,
                                t.median_ms, peaks.gflops, peaks.gbps))

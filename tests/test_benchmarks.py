@@ -254,3 +254,63 @@ def test_bench_install_goes_on_when_jax_does_not_install(monkeypatch, capsys):
     assert "an optional extra, so going on without it" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="failed"):
         install.main(["--extras", "bench"])
+
+
+class _SlowCalls:
+    """A contender whose every call takes `seconds` on a fake clock (no real waiting)."""
+
+    def __init__(self, seconds):
+        self.seconds, self.now, self.calls = seconds, 0.0, 0
+
+    def clock(self):
+        return self.now
+
+    def __call__(self):
+        self.calls += 1
+        self.now += self.seconds
+
+
+def test_time_fn_budget_cuts_a_pathologically_slow_contender_short():
+    from benchmarks.timing import time_fn
+    slow = _SlowCalls(36.0)  # torch's bf16 4096 x 4096 linear on an AVX2 CPU, per call
+    t = time_fn(slow, warmup=5, runs=20, budget_s=60.0, clock=slow.clock)
+    # the first warm-up call (outside the budget), a second (36 s), one timed run (72 s > 60)
+    assert (slow.calls, t.runs) == (3, 1)
+    assert t.median_ms == pytest.approx(36000.0)
+    # a call longer than the whole budget still gets its warm-up and one timed run
+    slower = _SlowCalls(500.0)
+    assert time_fn(slower, warmup=5, runs=20, budget_s=60.0, clock=slower.clock).runs == 1
+    assert slower.calls == 2
+
+
+def test_time_fn_budget_leaves_normal_contenders_alone():
+    from benchmarks.timing import time_fn
+    fast = _SlowCalls(0.5)
+    t = time_fn(fast, warmup=5, runs=20, budget_s=suite.ROUND_BUDGET_S, clock=fast.clock)
+    assert (fast.calls, t.runs) == (25, 20)
+    unbounded = _SlowCalls(36.0)
+    assert time_fn(unbounded, warmup=5, runs=20, clock=unbounded.clock).runs == 20
+    assert unbounded.calls == 25
+
+
+def test_suite_reports_the_runs_a_cut_contender_got(monkeypatch):
+    clock = _SlowCalls(0.0)
+    monkeypatch.setattr(suite, "ROUND_BUDGET_S", 60.0)
+    real_time_fn = suite.time_fn
+    monkeypatch.setattr(suite, "time_fn",
+                        lambda fn, device, **kw: real_time_fn(fn, device, clock=clock.clock, **kw))
+
+    def contender(seconds):
+        def call():
+            clock.now += seconds
+        return call
+
+    case = SimpleNamespace(name="fake", pass_="forward", batch=1, kind="op",
+                           make=lambda name, device: contender(36.0 if name == "torch" else 0.01))
+    monkeypatch.setattr(suite, "count_work", lambda case, device, log: None)
+    peaks = SimpleNamespace(gflops=100.0, gbps=10.0)
+    logged = []
+    rows = suite.run_cases([case], ["pyengine", "torch"], "cpu", 60, peaks, log=logged.append)
+    runs = {r["contender"]: r["runs"] for r in rows}
+    assert runs == {"pyengine": 60, "torch": 3}
+    assert any("torch took 36 s a call: 3 timed runs, not 60" in line for line in logged)
