@@ -30,6 +30,7 @@ def ours(x, w, b=None):
     (513, 17, 257),   # many tiles, ragged edges
     (37, 9, 4100),    # the GEMM's blocks: dx sums over > 4096 = NC columns, forward/dW cross KC
     (70, 600, 33),    # k-blocks of 256 with packed, strided panels and partial tiles
+    (37, 3001, 91),   # the dot kernel's column blocks (half of L2 each: 1.1 MB of W) and edges
     (4096, 5, 8),     # narrow layers (the 5-8-4-1 classifier): vector per row, 8 row chunks
     (1100, 8, 1),     # ... one output, a partial last chunk
     (3, 16, 8),       # ... as wide as the narrow path goes (float)
