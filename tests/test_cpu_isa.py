@@ -159,17 +159,20 @@ for dtype in (torch.float32, torch.float64):
             helpers.assert_close(P.max_pool2d(x.detach(), [k, k], [s, s], [p, p], [d, d], cm),
                                  F.max_pool2d(x.detach(), k, s, p, d, cm), dtype)
     # 2x2 / stride 2 with ties, NaN and -inf (each level's kernel keeps torch's first maximum,
-    # last NaN and -inf windows), on vector columns and the tail.
-    x = torch.randint(-2, 3, (2, 3, 12, 38)).to(dtype)
-    x[0, 0, 0, :4] = float("nan")
-    x[1, 2, 5, 9] = float("nan")
-    x[0, 1, 2:4, 4:8] = -float("inf")
-    x[1, 1, :2, 34:38] = -float("inf")
-    with Record():
-        ours = P.max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
-    theirs = F.max_pool2d(x, 2, 2, return_indices=True)
-    assert torch.equal(ours[1], theirs[1]), (ours[1] != theirs[1]).nonzero()
-    helpers.assert_close(ours[0], theirs[0], dtype)
+    # last NaN and -inf windows), on rows of whole vectors and a last one overlapping (38 and 27
+    # columns: 19 and 13 windows), half-width vectors (13 and 11: 6 and 5 windows, fewer than
+    # AVX2's 8) and rows narrower than any vector (7: 3 windows).
+    for width in (38, 27, 13, 11, 7):
+        x = torch.randint(-2, 3, (2, 3, 12, width)).to(dtype)
+        x[0, 0, 0, :4] = float("nan")
+        x[1, 2, 5, width // 2] = float("nan")
+        x[0, 1, 2:4, 2:6] = -float("inf")
+        x[1, 1, :2, width - 4:] = -float("inf")
+        with Record():
+            ours = P.max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+        theirs = F.max_pool2d(x, 2, 2, return_indices=True)
+        assert torch.equal(ours[1], theirs[1]), (width, (ours[1] != theirs[1]).nonzero())
+        helpers.assert_close(ours[0], theirs[0], dtype)
     # conv2d_relu_max_pool2d: LeNet's conv1 (the direct path) and conv2 at a batch >= 16 (batch
     # innermost), then a strided grouped convolution with an overlapping, padded, ceil_mode pool.
     # Integer values: the convolutions are exact at every level, so near ties cannot break

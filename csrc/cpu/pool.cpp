@@ -105,9 +105,15 @@ void pool_rows_scalar(const T* in, T* out, int64_t* idx, const Geometry& g, int6
 // order: the first tap opens the window (for -inf the running maximum stays -inf with the first
 // tap's index, as the general loop leaves it), then each later tap replaces it when
 // `v > max || isnan(v)`. float32 runs kLanes windows per vector (AVX2 8, SSE2 4): each row's
-// even and odd columns are split by two shuffles and the folds are lane-wise selects. The general
-// loop compiled to branches on those compares: on an AVX2 machine, where it ran every pooling,
-// it took 27% of LeNet's fused conv1 block at batch 256 (random data mispredicts).
+// even and odd columns are split by two shuffles, the folds are lane-wise selects, and the
+// indices are computed in int32 lanes (planes < 2^31 elements: pick_kernel) and widened as they
+// are stored. A row whose width is not a multiple of kLanes ends with a vector that overlaps the
+// one before (its shared windows come out the same from both: same taps, same folds); a row
+// narrower than kLanes but at least half of it runs on half-width vectors (LeNet's conv2 block:
+// 5 windows a row on AVX2), narrower ones window by window. The general loop compiled to
+// branches on those compares: on an AVX2 machine, where it ran every pooling, it took 27% of
+// LeNet's fused conv1 block at batch 256 (random data mispredicts); windows past the last whole
+// vector, and the indices, taken lane by lane, left it at 33% (one thread).
 template <typename T, bool kIdx>
 PE_INLINE void pool2x2_window(const T* r0, const T* r1, int64_t base, int64_t W, int64_t ow,
                               T* out, int64_t* idx) {
@@ -132,15 +138,72 @@ PE_INLINE V columns(V a, V b, int odd, std::index_sequence<L...>) {
              : __builtin_shuffle(a, b, I{(2 * int(L))...});
 }
 
+// The int32 lanes of `v` as int64 at dst (unaligned), in two halves of one vector's width each.
+// (The element types are spelled through I: GCC 12 takes a vector typedef whose only dependent
+// part is its size for a scalar inside templates.)
+template <int kLanes, class I, size_t... L>
+PE_INLINE void store_widened(int64_t* dst, I v, std::index_sequence<L...>) {
+  typedef decltype(v[0] + 0) i32;
+  typedef decltype(int64_t{} + v[0]) i64;
+  typedef i32 half __attribute__((vector_size(kLanes * 2)));
+  typedef i64 wide __attribute__((vector_size(kLanes * 4)));
+  typedef i64 uwide __attribute__((vector_size(kLanes * 4), aligned(8), may_alias));
+  const half lo = __builtin_shufflevector(v, v, L...);
+  const half hi = __builtin_shufflevector(v, v, (L + kLanes / 2)...);
+  *reinterpret_cast<uwide*>(dst) = __builtin_convertvector(lo, wide);
+  *reinterpret_cast<uwide*>(dst + kLanes / 2) = __builtin_convertvector(hi, wide);
+}
+
+// The kLanes float32 windows from column ow0 of one output row (rows r0, r1 of the input plane,
+// whose first element has flat index `base`).
+template <bool kIdx, int kLanes, typename F = float>  // (F: float, dependent, as above)
+PE_INLINE void pool2x2_vector(const F* r0, const F* r1, int64_t base, int64_t W, int64_t ow0,
+                              F* orow, int64_t* irow) {
+  typedef F fv __attribute__((vector_size(kLanes * 4)));
+  typedef F ufv __attribute__((vector_size(kLanes * 4), aligned(4), may_alias));
+  typedef decltype(fv{} < fv{}) iv;  // int32 lanes
+  const auto lanes = std::make_index_sequence<kLanes>();
+  const F* t0 = r0 + 2 * ow0;
+  const F* t1 = r1 + 2 * ow0;
+  const fv lo0 = *reinterpret_cast<const ufv*>(t0);
+  const fv hi0 = *reinterpret_cast<const ufv*>(t0 + kLanes);
+  const fv lo1 = *reinterpret_cast<const ufv*>(t1);
+  const fv hi1 = *reinterpret_cast<const ufv*>(t1 + kLanes);
+  fv m = columns<fv, iv>(lo0, hi0, 0, lanes);
+  iv at = iv{};  // offset of the winning tap from the window's top-left one
+  const iv offsets[3] = {iv{} + 1, iv{} + static_cast<int32_t>(W),
+                         iv{} + static_cast<int32_t>(W + 1)};
+  const fv taps[3] = {columns<fv, iv>(lo0, hi0, 1, lanes), columns<fv, iv>(lo1, hi1, 0, lanes),
+                      columns<fv, iv>(lo1, hi1, 1, lanes)};
+  for (int t = 0; t < 3; ++t) {
+    const iv take = (taps[t] > m) | (taps[t] != taps[t]);
+    m = take ? taps[t] : m;
+    if (kIdx) at = take ? offsets[t] : at;
+  }
+  *reinterpret_cast<ufv*>(orow + ow0) = m;
+  if (kIdx) {
+    iv even{};  // 2 * lane: the windows' top-left columns, relative to ow0's
+    for (int l = 0; l < kLanes; ++l) even[l] = 2 * l;
+    const iv flat = at + even + static_cast<int32_t>(base + 2 * ow0);
+    store_widened<kLanes>(irow + ow0, flat, std::make_index_sequence<kLanes / 2>());
+  }
+}
+
+// Windows [0, OW) of one output row in vectors of kLanes (OW >= kLanes), the last one
+// overlapping the one before where OW is not a multiple of kLanes.
+template <bool kIdx, int kLanes>
+PE_INLINE void pool2x2_row_vectors(const float* r0, const float* r1, int64_t base, int64_t W,
+                                   int64_t OW, float* orow, int64_t* irow) {
+  int64_t ow0 = 0;
+  for (; ow0 + kLanes <= OW; ow0 += kLanes)
+    pool2x2_vector<kIdx, kLanes>(r0, r1, base, W, ow0, orow, irow);
+  if (ow0 < OW) pool2x2_vector<kIdx, kLanes>(r0, r1, base, W, OW - kLanes, orow, irow);
+}
+
 template <typename T, bool kIdx, int kLanes>
 PE_INLINE void pool2x2_rows_impl(const T* in, T* out, int64_t* idx, const Geometry& g,
                                  int64_t r_begin, int64_t r_end) {
-  typedef T fv __attribute__((vector_size(kLanes * sizeof(T))));  // (float only, below)
-  typedef T ufv __attribute__((vector_size(kLanes * sizeof(T)), aligned(sizeof(T)), may_alias));
-  typedef decltype(fv{} < fv{}) iv;
-  const auto lanes = std::make_index_sequence<kLanes>();
   const int64_t W = g.in_w, OW = g.out_w;
-  const int64_t vector_cols = std::is_same_v<T, float> ? OW / kLanes * kLanes : 0;
   int64_t p = r_begin / g.out_h, oh = r_begin % g.out_h;
   for (int64_t r = r_begin; r < r_end; ++r) {
     const T* r0 = in + p * g.in_pixels() + 2 * oh * W;
@@ -149,30 +212,19 @@ PE_INLINE void pool2x2_rows_impl(const T* in, T* out, int64_t* idx, const Geomet
     T* orow = out + r * OW;
     int64_t* irow = kIdx ? idx + r * OW : nullptr;
     if constexpr (std::is_same_v<T, float>) {
-      for (int64_t ow0 = 0; ow0 < vector_cols; ow0 += kLanes) {
-        const T* t0 = r0 + 2 * ow0;
-        const T* t1 = r1 + 2 * ow0;
-        const fv lo0 = *reinterpret_cast<const ufv*>(t0);
-        const fv hi0 = *reinterpret_cast<const ufv*>(t0 + kLanes);
-        const fv lo1 = *reinterpret_cast<const ufv*>(t1);
-        const fv hi1 = *reinterpret_cast<const ufv*>(t1 + kLanes);
-        fv m = columns<fv, iv>(lo0, hi0, 0, lanes);
-        iv which = iv{};  // 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right
-        const fv taps[3] = {columns<fv, iv>(lo0, hi0, 1, lanes), columns<fv, iv>(lo1, hi1, 0, lanes),
-                            columns<fv, iv>(lo1, hi1, 1, lanes)};
-        for (int t = 0; t < 3; ++t) {
-          const iv take = (taps[t] > m) | (taps[t] != taps[t]);
-          m = take ? taps[t] : m;
-          which = take ? iv{} + (t + 1) : which;
-        }
-        *reinterpret_cast<ufv*>(orow + ow0) = m;
-        if (kIdx)
-          for (int l = 0; l < kLanes; ++l)
-            irow[ow0 + l] = base + 2 * (ow0 + l) + (which[l] & 1) + (which[l] >> 1) * W;
+      if (OW >= kLanes) {
+        pool2x2_row_vectors<kIdx, kLanes>(r0, r1, base, W, OW, orow, irow);
+      } else if (kLanes >= 8 && OW >= kLanes / 2) {
+        pool2x2_row_vectors<kIdx, (kLanes >= 8 ? kLanes / 2 : kLanes)>(r0, r1, base, W, OW,
+                                                                       orow, irow);
+      } else {
+        for (int64_t ow = 0; ow < OW; ++ow)
+          pool2x2_window<T, kIdx>(r0, r1, base, W, ow, orow, irow);
       }
+    } else {
+      for (int64_t ow = 0; ow < OW; ++ow)
+        pool2x2_window<T, kIdx>(r0, r1, base, W, ow, orow, irow);
     }
-    for (int64_t ow = vector_cols; ow < OW; ++ow)
-      pool2x2_window<T, kIdx>(r0, r1, base, W, ow, orow, irow);
     if (++oh == g.out_h) oh = 0, ++p;
   }
 }
@@ -584,16 +636,16 @@ template <typename T, bool kIdx>
 RowsFn<T, kIdx> pick_kernel(const Geometry& g) {
   using A = std::conditional_t<std::is_same_v<T, float>, F32x16, F64x8>;
   const IndexRange cols = g.inner_cols();
-  const bool fits = cols.end - cols.begin >= 2 &&
-                    // fp32 keeps indices in int32 lanes
-                    (sizeof(T) == 8 || g.in_pixels() < (int64_t(1) << 31));
+  // fp32's vector kernels keep indices in int32 lanes
+  const bool int32_indices = sizeof(T) == 8 || g.in_pixels() < (int64_t(1) << 31);
+  const bool fits = cols.end - cols.begin >= 2 && int32_indices;
   if (use_avx512() && fits) {
     if (g.is_2x2_stride_2()) return pool2x2_rows_avx512<A, kIdx>;
     if (g.stride_w == 1) return pool_rows_avx512<A, kIdx, kStride1>;
     if (g.stride_w == 2 && g.dilation_w == 1) return pool_rows_avx512<A, kIdx, kStride2Pairs>;
     if (g.stride_w == 2) return pool_rows_avx512<A, kIdx, kStride2>;
   }
-  if (g.is_2x2_stride_2()) return pool2x2_rows<T, kIdx>();
+  if (g.is_2x2_stride_2() && int32_indices) return pool2x2_rows<T, kIdx>();
   return pool_rows_scalar<T, kIdx>;
 }
 
