@@ -163,6 +163,45 @@ PE_TARGET_AVX512 void from_inner_transpose_avx512(const float* src, int64_t ld, 
   }
 }
 
+// AVX2, float: 8 x 8 register transposes over whole blocks, element by element around them.
+// (The portable loops ran a strided load per element: 21% of LeNet's fused conv2 block forward
+// at batch 256 on an AVX2 machine, one thread.)
+PE_TARGET_AVX2 void to_inner_transpose_avx2(const float* src, int64_t nb, int64_t F, int64_t f0,
+                                            int64_t f1, float* dst, int64_t ld, int64_t nbc) {
+  for (int64_t fb = f0; fb < f1; fb += 8) {
+    const int64_t fe = std::min<int64_t>(f1, fb + 8);
+    int64_t n0 = 0;
+    if (fe - fb == 8)
+      for (; n0 + 8 <= nb; n0 += 8) transpose8(src + n0 * F + fb, F, dst + fb * ld + n0, ld, nullptr);
+    for (int64_t f = fb; f < fe; ++f) {
+      for (int64_t n = n0; n < nb; ++n) dst[f * ld + n] = src[n * F + f];
+      for (int64_t n = nb; n < nbc; ++n) dst[f * ld + n] = 0.f;
+    }
+  }
+}
+PE_TARGET_AVX2 void from_inner_transpose_avx2(const float* src, int64_t ld, int64_t nb,
+                                              int64_t F, int64_t f0, int64_t f1, float* dst,
+                                              const float* add) {
+  for (int64_t fb = f0; fb < f1; fb += 8) {
+    const int64_t fe = std::min<int64_t>(f1, fb + 8);
+    int64_t n0 = 0;
+    if (fe - fb == 8)
+      for (; n0 + 8 <= nb; n0 += 8)
+        transpose8(src + fb * ld + n0, ld, dst + n0 * F + fb, F, add ? add + fb : nullptr);
+    for (int64_t n = n0; n < nb; ++n)
+      for (int64_t f = fb; f < fe; ++f) dst[n * F + f] = src[f * ld + n] + (add ? add[f] : 0.f);
+  }
+}
+
+// Which register transposes this process runs for float: 16 x 16 (AVX-512), 8 x 8 (AVX2) or
+// none (the portable loops).
+int transpose_width() {
+  static const int width = cpu::isa_for(Family::Conv2d) == cpu::Isa::Avx512 ? 16
+                           : cpu::isa_for(Family::Conv2d) == cpu::Isa::Avx2 ? 8
+                                                                             : 0;
+  return width;
+}
+
 bool gathers_ok(int64_t stride) {
   static const bool avx512 = cpu::isa_for(Family::Conv2d) == cpu::Isa::Avx512;
   return avx512 && stride * 16 < (int64_t(1) << 31);
@@ -180,6 +219,9 @@ template <typename T>
 void to_inner_parallel(const T* src, int64_t nb, int64_t F, T* dst, int64_t ld, int64_t nbc) {
   const bool fast = gathers_ok(F);
   at::parallel_for(0, F, transpose_grain(F, nbc), [&](int64_t f0, int64_t f1) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (transpose_width() == 8) return to_inner_transpose_avx2(src, nb, F, f0, f1, dst, ld, nbc);
+    }
     if (!fast)
       to_inner(src, nb, F, f0, f1, dst, ld, nbc);
     else if constexpr (std::is_same_v<T, float>)
@@ -192,7 +234,8 @@ void to_inner_parallel(const T* src, int64_t nb, int64_t F, T* dst, int64_t ld, 
 template <typename T>
 void from_inner_parallel(const T* src, int64_t ld, int64_t nb, int64_t F, T* dst, const T* bias,
                          int64_t P) {
-  if (!gathers_ok(ld)) {
+  const bool avx2_float = std::is_same_v<T, float> && transpose_width() == 8;
+  if (!gathers_ok(ld) && !avx2_float) {
     at::parallel_for(0, F, transpose_grain(F, nb), [&](int64_t f0, int64_t f1) {
                        from_inner(src, ld, nb, F, f0, f1, dst, bias, P);
                      });
@@ -204,9 +247,12 @@ void from_inner_parallel(const T* src, int64_t ld, int64_t nb, int64_t F, T* dst
   // Split by feature blocks of whole vectors, so every task writes whole rows' slices.
   const int64_t V = 64 / static_cast<int64_t>(sizeof(T)), blocks = (F + V - 1) / V;
   at::parallel_for(0, blocks, (transpose_grain(F, nb) + V - 1) / V, [&](int64_t b0, int64_t b1) {
-    if constexpr (std::is_same_v<T, float>)
-      from_inner_transpose_avx512(src, ld, nb, F, b0 * V, std::min(F, b1 * V), dst, pa);
-    else
+    if constexpr (std::is_same_v<T, float>) {
+      if (avx2_float)
+        from_inner_transpose_avx2(src, ld, nb, F, b0 * V, std::min(F, b1 * V), dst, pa);
+      else
+        from_inner_transpose_avx512(src, ld, nb, F, b0 * V, std::min(F, b1 * V), dst, pa);
+    } else
       from_inner_gather_avx512(src, ld, nb, F, b0 * V, std::min(F, b1 * V), dst, pa);
   });
 }

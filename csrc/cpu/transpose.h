@@ -1,9 +1,10 @@
 #pragma once
-// The 16 x 16 float transpose of the CPU conv2d kernels (the batch-innermost layout's copies,
-// the implicit GEMM's channels-last copies and its Y^T -> NCHW store) and the stride-2 column
-// split of its phase planes, AVX-512 only: callers check isa_for(Family::Conv2d) and keep a
-// portable loop for the other levels; and `transpose`, a blocked transpose of any size and
-// dtype on top of them (the implicit GEMM's and the Winograd transforms' layout changes).
+// The register transposes of the CPU conv2d kernels (the batch-innermost layout's copies, the
+// implicit GEMM's channels-last copies and its Y^T -> NCHW store): 16 x 16 floats with AVX-512,
+// 8 x 8 with AVX2; the stride-2 column split of the implicit GEMM's phase planes, AVX-512 only.
+// Callers check isa_for(Family::Conv2d) and keep a portable loop for the other levels;
+// `transpose` is a blocked transpose of any size and dtype on top of them (the implicit GEMM's
+// and the Winograd transforms' layout changes).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -66,6 +67,37 @@ PE_TARGET_AVX512 inline void transpose16(const float* s, int64_t ss, int64_t nr,
 }
 #pragma GCC diagnostic pop
 
+// 8 x 8 float transpose in registers, whole blocks only: d[c * ds + r] = s[r * ss + c]
+// (+ add[r]) (+ add_col[c]) for r, c < 8. Three stages: 32-bit interleave, 64-bit shuffles,
+// 128-bit lane swaps: 24 shuffles for 8 loads and 8 stores, where the scalar loop moves 64
+// elements one by one with a strided access each.
+PE_TARGET_AVX2 inline void transpose8(const float* s, int64_t ss, float* d, int64_t ds,
+                                      const float* add, const float* add_col = nullptr) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * ss);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // per lane: r[i][0] r[i+1][0] r[i][1] r[i+1][1]
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // per lane: columns 2, 3 of rows i, i + 1
+  }
+  for (int k = 0; k < 8; k += 4) {  // per 128-bit lane L: rows k..k+3 of column 4L + m in r[k+m]
+    r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+    r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xee);
+    r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+    r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xee);
+  }
+  const __m256 av = add ? _mm256_loadu_ps(add) : _mm256_setzero_ps();
+  for (int m = 0; m < 4; ++m) {
+    const __m256 col[2] = {_mm256_permute2f128_ps(r[m], r[4 + m], 0x20),   // column m
+                           _mm256_permute2f128_ps(r[m], r[4 + m], 0x31)};  // column 4 + m
+    for (int L = 0; L < 2; ++L) {
+      const int c = 4 * L + m;
+      __m256 v = add ? _mm256_add_ps(col[L], av) : col[L];
+      if (add_col) v = _mm256_add_ps(v, _mm256_set1_ps(add_col[c]));
+      _mm256_storeu_ps(d + c * ds, v);
+    }
+  }
+}
+
 // d[t] = s[2 * t] for t < n (reads s[0 .. 2n - 2] only): a row's columns of one parity, the
 // stride-2 phase planes of the implicit GEMM. Two loads and a two-source permute per 16; the
 // scalar loop it replaces cost 14% of a stride-2 3x3 forward (perf, one thread).
@@ -92,14 +124,21 @@ template <typename T>
 inline void transpose(int64_t R, int64_t C, const T* src, int64_t rs, T* dst, int64_t ld,
                       const T* add) {
   constexpr int64_t kB = 16;
-  static const bool avx512 = isa_for(Family::Conv2d) == Isa::Avx512;
+  static const Isa isa = isa_for(Family::Conv2d);
   for (int64_t r0 = 0; r0 < R; r0 += kB)
     for (int64_t c0 = 0; c0 < C; c0 += kB) {
       const int64_t r1 = std::min(R, r0 + kB), c1 = std::min(C, c0 + kB);
       if constexpr (std::is_same_v<T, float>) {
-        if (avx512) {
+        if (isa == Isa::Avx512) {
           transpose16(src + r0 * rs + c0, rs, r1 - r0, c1 - c0, dst + c0 * ld + r0, ld,
                       nullptr, add ? add + c0 : nullptr);
+          continue;
+        }
+        if (isa == Isa::Avx2 && r1 - r0 == kB && c1 - c0 == kB) {  // whole blocks: four 8 x 8 transposes
+          for (int64_t r = r0; r < r1; r += 8)
+            for (int64_t c = c0; c < c1; c += 8)
+              transpose8(src + r * rs + c, rs, dst + c * ld + r, ld, nullptr,
+                         add ? add + c : nullptr);
           continue;
         }
       }
