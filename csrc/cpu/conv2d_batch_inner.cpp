@@ -172,7 +172,8 @@ PE_TARGET_AVX2 void to_inner_transpose_avx2(const float* src, int64_t nb, int64_
     const int64_t fe = std::min<int64_t>(f1, fb + 8);
     int64_t n0 = 0;
     if (fe - fb == 8)
-      for (; n0 + 8 <= nb; n0 += 8) transpose8(src + n0 * F + fb, F, dst + fb * ld + n0, ld, nullptr);
+      for (; n0 + 8 <= nb; n0 += 8)
+        transpose8(src + n0 * F + fb, F, dst + fb * ld + n0, ld, nullptr);
     for (int64_t f = fb; f < fe; ++f) {
       for (int64_t n = n0; n < nb; ++n) dst[f * ld + n] = src[n * F + f];
       for (int64_t n = nb; n < nbc; ++n) dst[f * ld + n] = 0.f;
@@ -189,7 +190,8 @@ PE_TARGET_AVX2 void from_inner_transpose_avx2(const float* src, int64_t ld, int6
       for (; n0 + 8 <= nb; n0 += 8)
         transpose8(src + fb * ld + n0, ld, dst + n0 * F + fb, F, add ? add + fb : nullptr);
     for (int64_t n = n0; n < nb; ++n)
-      for (int64_t f = fb; f < fe; ++f) dst[n * F + f] = src[f * ld + n] + (add ? add[f] : 0.f);
+      for (int64_t f = fb; f < fe; ++f)
+        dst[n * F + f] = add ? src[f * ld + n] + add[f] : src[f * ld + n];
   }
 }
 
@@ -220,7 +222,8 @@ void to_inner_parallel(const T* src, int64_t nb, int64_t F, T* dst, int64_t ld, 
   const bool fast = gathers_ok(F);
   at::parallel_for(0, F, transpose_grain(F, nbc), [&](int64_t f0, int64_t f1) {
     if constexpr (std::is_same_v<T, float>) {
-      if (transpose_width() == 8) return to_inner_transpose_avx2(src, nb, F, f0, f1, dst, ld, nbc);
+      if (transpose_width() == 8)
+        return to_inner_transpose_avx2(src, nb, F, f0, f1, dst, ld, nbc);
     }
     if (!fast)
       to_inner(src, nb, F, f0, f1, dst, ld, nbc);

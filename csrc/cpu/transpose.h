@@ -75,11 +75,12 @@ PE_TARGET_AVX2 inline void transpose8(const float* s, int64_t ss, float* d, int6
                                       const float* add, const float* add_col = nullptr) {
   __m256 r[8], t[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * ss);
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // per lane: r[i][0] r[i+1][0] r[i][1] r[i+1][1]
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // per lane: columns 2, 3 of rows i, i + 1
+  for (int i = 0; i < 8; i += 2) {  // per 128-bit lane: columns 0, 1 (lo) or 2, 3 (hi) of
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // rows i, i + 1, interleaved
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
   }
-  for (int k = 0; k < 8; k += 4) {  // per 128-bit lane L: rows k..k+3 of column 4L + m in r[k+m]
+  // r[k + m], 128-bit lane L: rows k .. k + 3 of column 4L + m.
+  for (int k = 0; k < 8; k += 4) {
     r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
     r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xee);
     r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
@@ -134,7 +135,7 @@ inline void transpose(int64_t R, int64_t C, const T* src, int64_t rs, T* dst, in
                       nullptr, add ? add + c0 : nullptr);
           continue;
         }
-        if (isa == Isa::Avx2 && r1 - r0 == kB && c1 - c0 == kB) {  // whole blocks: four 8 x 8 transposes
+        if (isa == Isa::Avx2 && r1 - r0 == kB && c1 - c0 == kB) {  // four 8 x 8 blocks
           for (int64_t r = r0; r < r1; r += 8)
             for (int64_t c = c0; c < c1; c += 8)
               transpose8(src + r * rs + c, rs, dst + c * ld + r, ld, nullptr,
