@@ -171,14 +171,13 @@ PE_INLINE void pool2x2_vector(const F* r0, const F* r1, int64_t base, int64_t W,
   const fv hi1 = *reinterpret_cast<const ufv*>(t1 + kLanes);
   fv m = columns<fv, iv>(lo0, hi0, 0, lanes);
   iv at = iv{};  // offset of the winning tap from the window's top-left one
-  const iv offsets[3] = {iv{} + 1, iv{} + static_cast<int32_t>(W),
-                         iv{} + static_cast<int32_t>(W + 1)};
+  const int32_t offsets[3] = {1, static_cast<int32_t>(W), static_cast<int32_t>(W + 1)};
   const fv taps[3] = {columns<fv, iv>(lo0, hi0, 1, lanes), columns<fv, iv>(lo1, hi1, 0, lanes),
                       columns<fv, iv>(lo1, hi1, 1, lanes)};
   for (int t = 0; t < 3; ++t) {
     const iv take = (taps[t] > m) | (taps[t] != taps[t]);
     m = take ? taps[t] : m;
-    if (kIdx) at = take ? offsets[t] : at;
+    if (kIdx) at = take ? iv{} + offsets[t] : at;
   }
   *reinterpret_cast<ufv*>(orow + ow0) = m;
   if (kIdx) {
