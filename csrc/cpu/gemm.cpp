@@ -529,6 +529,24 @@ void dot_driver(const Problem<T>& p) {
   }
 }
 
+// ind_driver's k block, in k. AVX-512: the B micro-panel (kc rows of NR, read in place) in
+// 16 KB, a third of the reference machine's L1, beside the A rows the tiles broadcast from (as
+// many lines as k): at kc = 256 a 64 KB panel of the 6 x 64 tiles was evicted between tiles;
+// 16 KB measured a little faster than 24 or 32 KB on conv2d's implicit GEMMs, within the noise
+// of that machine. That gives its widest tile 64 k. Below AVX-512, 64 k whatever the tile width:
+// on a Zen 3 (AVX2, 32 KB L1) the same 16 KB rule (128 k for 2 x 4 vectors, 256 for 6 x 2)
+// measured 5-20% slower on conv2d's implicit GEMMs than 64 (one thread, the two in one process,
+// alternating: stride-2 3x3 forward 0.92x, its grad_input 0.81x, grad_weight 0.91-0.96x of the
+// time at 64), and 32, 96 or 128 were no faster than 64.
+template <class Isa, typename T, int NV>
+constexpr int64_t indirect_kc() {
+  constexpr int64_t W = Isa::kBytes / static_cast<int64_t>(sizeof(T));
+  if constexpr (Isa::kBytes == 64)
+    return std::clamp<int64_t>(kKCIndirectBytes / (W * NV * int64_t(sizeof(T))), 64, kKC);
+  else
+    return 64;
+}
+
 // Outer-product tiles over pointer-table operands. Panels are whole vectors (NR, 2W or W wide,
 // greedily), so B rows are never read past N rounded down to W; the last < W columns go through
 // a zero-padded copy. rows: gemm_indirect's a_rows (null: adjacent rows).
@@ -539,12 +557,7 @@ void ind_driver(int64_t M, int64_t N, int64_t K, const T* const* a, const int64_
   constexpr int MR = mr_of<Isa>(NV);
   thread_local std::vector<T> tail;
   thread_local std::vector<const T*> tail_rows;
-  // k block: the B micro-panel (kc rows of NR, read in place) in 16 KB, a third of L1, beside the
-  // A rows the tiles broadcast from (as many lines as k): at kc = 256 a 64 KB panel of the 6 x 64
-  // tiles was evicted between tiles; 16 KB measured a little faster than 24 or 32 KB on conv2d's
-  // implicit GEMMs, within the noise of this machine.
-  const int64_t KCI = std::clamp<int64_t>(kKCIndirectBytes / (W * NV * int64_t(sizeof(T))),
-                                               64, kKC);
+  constexpr int64_t KCI = indirect_kc<Isa, T, NV>();
   for (int64_t pc = 0; pc < K; pc += KCI) {
     const int64_t kc = std::min(KCI, K - pc);
     const bool accum = accumulate || pc > 0;
