@@ -91,7 +91,7 @@ int64_t tap_offset(const Geometry& g, const Planes& p, int64_t ci, int64_t ki, i
 template <typename T>
 void fill_planes(const Geometry& g, const Planes& p, const T* x, T* planes) {
   const int64_t sh = g.stride_h, sw = g.stride_w;
-  static const bool avx512 = isa_for(Family::Conv2d) == Isa::Avx512;
+  static const Isa isa = isa_for(Family::Conv2d);
   for (int64_t c = 0; c < g.in_channels; ++c) {
     const T* src = x + c * g.in_pixels();
     T* dst = planes + c * p.channel;
@@ -99,6 +99,15 @@ void fill_planes(const Geometry& g, const Planes& p, const T* x, T* planes) {
       const int64_t r = ih + g.padding_h;  // padded row
       const T* srow = src + ih * g.in_w;
       T* drows = dst + (r % sh) * sw * p.plane + (r / sh) * p.pw;
+      if (std::is_same_v<T, float> && sw == 2 && isa == Isa::Avx2) {
+        // Input column c is padded column c + padding_w: phase (c + padding_w) % 2, column
+        // (c + padding_w) / 2 of it.
+        const int64_t pad = g.padding_w;
+        deinterleave(reinterpret_cast<const float*>(srow), g.in_w,
+                     reinterpret_cast<float*>(drows + (pad % 2) * p.plane + pad / 2),
+                     reinterpret_cast<float*>(drows + ((pad + 1) % 2) * p.plane + (pad + 1) / 2));
+        continue;
+      }
       // Phase q holds padded columns j * sw + q, i.e. input columns j * sw + q - padding_w.
       for (int64_t q = 0; q < sw; ++q) {
         T* drow = drows + q * p.plane;
@@ -107,7 +116,7 @@ void fill_planes(const Geometry& g, const Planes& p, const T* x, T* planes) {
         const int64_t j1 = g.in_w - 1 - off < 0 ? 0 : (g.in_w - 1 - off) / sw + 1;
         if (sw == 1) {
           if (j1 > j0) std::memcpy(drow + j0, srow + j0 + off, (j1 - j0) * sizeof(T));
-        } else if (std::is_same_v<T, float> && sw == 2 && avx512) {
+        } else if (std::is_same_v<T, float> && sw == 2 && isa == Isa::Avx512) {
           if (j1 > j0)
             copy_even(reinterpret_cast<const float*>(srow + j0 * 2 + off), j1 - j0,
                       reinterpret_cast<float*>(drow + j0));

@@ -1,7 +1,7 @@
 #pragma once
 // The register transposes of the CPU conv2d kernels (the batch-innermost layout's copies, the
 // implicit GEMM's channels-last copies and its Y^T -> NCHW store): 16 x 16 floats with AVX-512,
-// 8 x 8 with AVX2; the stride-2 column split of the implicit GEMM's phase planes, AVX-512 only.
+// 8 x 8 with AVX2; the stride-2 column split of the implicit GEMM's phase planes.
 // Callers check isa_for(Family::Conv2d) and keep a portable loop for the other levels;
 // `transpose` is a blocked transpose of any size and dtype on top of them (the implicit GEMM's
 // and the Winograd transforms' layout changes).
@@ -116,6 +116,28 @@ PE_TARGET_AVX512 inline void copy_even(const float* s, int64_t n, float* d) {
   const __m512 v = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(lo, s + 2 * t), even,
                                           _mm512_maskz_loadu_ps(hi, s + 2 * t + 16));
   _mm512_mask_storeu_ps(d + t, static_cast<__mmask16>(r == 16 ? 0xffffu : (1u << r) - 1u), v);
+}
+
+// even[t] = s[2 * t] for t < (n + 1) / 2 and odd[t] = s[2 * t + 1] for t < n / 2: a row's two
+// column parities, the stride-2 phase planes of the implicit GEMM, in one pass (two loads, four
+// shuffles, two stores per 16 columns). Per parity, the scalar strided loops it replaces read
+// the row twice and ran at a third of a plain padded copy's speed (stride-2 3x3 forward, one
+// thread: 1.1 ms of its 13 against 0.34 ms for the copy).
+PE_TARGET_AVX2 inline void deinterleave(const float* s, int64_t n, float* even, float* odd) {
+  int64_t t = 0;
+  for (; 2 * t + 16 <= n; t += 8) {
+    const __m256 a = _mm256_loadu_ps(s + 2 * t), b = _mm256_loadu_ps(s + 2 * t + 8);
+    // Per 128-bit lane: columns 0, 2 (or 1, 3) of a, then of b; the 64-bit swap orders them.
+    const __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m256 o = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+    constexpr int kOrder = _MM_SHUFFLE(3, 1, 2, 0);
+    _mm256_storeu_ps(even + t, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), kOrder)));
+    _mm256_storeu_ps(odd + t, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), kOrder)));
+  }
+  for (; 2 * t < n; ++t) {
+    even[t] = s[2 * t];
+    if (2 * t + 1 < n) odd[t] = s[2 * t + 1];
+  }
 }
 
 // dst[c * ld + r] = src[r * rs + c] (+ add[c] when add is not null) for r < R, c < C, in 16 x 16
