@@ -17,7 +17,7 @@
 // rows reads plane offset oh * pw + ow for its taps. The whole block is one GEMM with long
 // columns of tiles (the tiles reuse each W^T panel in L1). Its rows are the block's real output
 // pixels, gathered through their plane offsets (gemm_indirect's a_rows: a tile may straddle two
-// output rows), where the output channels fill its widest tiles; narrower layers take the
+// output rows), where the output channels fill 4 vectors or more; narrower layers take the
 // flattened pixels oh * pw + ow as adjacent rows and compute the pw - out_w columns past each
 // row's end too (their taps wrap into the next plane row), never stored: a waste of
 // (pw - out_w) / pw, 2 / 16 at 14x14, 3x3, padding 1, which gathering saves the wide layers.
