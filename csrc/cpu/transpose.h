@@ -131,8 +131,10 @@ PE_TARGET_AVX2 inline void deinterleave(const float* s, int64_t n, float* even, 
     const __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
     const __m256 o = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
     constexpr int kOrder = _MM_SHUFFLE(3, 1, 2, 0);
-    _mm256_storeu_ps(even + t, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), kOrder)));
-    _mm256_storeu_ps(odd + t, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), kOrder)));
+    const __m256d e2 = _mm256_permute4x64_pd(_mm256_castps_pd(e), kOrder);
+    const __m256d o2 = _mm256_permute4x64_pd(_mm256_castps_pd(o), kOrder);
+    _mm256_storeu_ps(even + t, _mm256_castpd_ps(e2));
+    _mm256_storeu_ps(odd + t, _mm256_castpd_ps(o2));
   }
   for (; 2 * t < n; ++t) {
     even[t] = s[2 * t];
