@@ -126,6 +126,14 @@ def sources(pattern: str) -> list:
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
+def nvcc_flags(debug: bool = False) -> list:
+    """What setup.py adds to torch's own nvcc command for the .cu files (tests/test_cuda_build.py
+    compiles them with these too). Not the g++ list: nvcc rejects -g0 ("Unknown option"), which
+    stopped the first build on a GPU machine; -g / -O3 are host-side there, -lineinfo maps the
+    device code to source lines for compute-sanitizer and ncu."""
+    return (["-g"] if debug else ["-O3"]) + ["--expt-relaxed-constexpr", "-lineinfo"]
+
+
 def extension():
     debug = os.environ.get("PYENGINE_DEBUG", "0") == "1"
     sanitize = os.environ.get("PYENGINE_SANITIZE", "").strip()
@@ -156,7 +164,7 @@ def extension():
     include_dirs = [os.path.join(HERE, "csrc")]
     if want_cuda():
         srcs += sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu")
-        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = nvcc_flags(debug)
         return CUDAExtension(
             "pyengine._C",
             srcs,

@@ -15,6 +15,7 @@ The compilations run two at a time (the CI machine has 2 cores) in one module-sc
 """
 import concurrent.futures
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -27,6 +28,18 @@ CSRC = os.path.join(ROOT, "csrc")
 CU_FILES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
 GLUE_FILES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
 ARCH = ["-gencode", "arch=compute_90,code=sm_90"]
+
+
+def _setup_py():
+    spec = importlib.util.spec_from_file_location("pyengine_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # setup.py calls setup() only when run as __main__
+    return module
+
+
+# The flags setup.py gives nvcc in a release build: the objects below are compiled as the
+# extension's are (a flag nvcc rejects failed the first real CUDA build, not this test).
+SETUP_NVCC_FLAGS = _setup_py().nvcc_flags(debug=False)
 
 
 def _find_nvcc():
@@ -106,8 +119,8 @@ NO_HALF_CONVERSIONS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERS
 
 def _compile_cu(path, out_dir):
     obj = os.path.join(out_dir, os.path.basename(path) + ".o")
-    cmd = [NVCC, "-std=c++17", "-O3", "-c", path, "-o", obj, "-Icsrc", *ARCH, *NO_HALF_CONVERSIONS,
-           "-Xptxas", "-v"]
+    cmd = [NVCC, "-std=c++17", *SETUP_NVCC_FLAGS, "-c", path, "-o", obj, "-Icsrc", *ARCH,
+           *NO_HALF_CONVERSIONS, "-Xptxas", "-v"]
     rc, log = _run(cmd)
     return {"rc": rc, "log": log, "obj": obj, "cmd": " ".join(cmd)}
 
@@ -176,6 +189,16 @@ def test_cu_compiles_with_plain_nvcc(builds, path):
     assert kernels, f"ptxas reported no kernels for {_rel(path)}:\n{r['log'][-2000:]}"
     assert all(k["regs"] is not None for k in kernels), r["log"][-2000:]
     print("\n" + _ptxas_table(path, r["log"]))
+
+
+def test_nvcc_accepts_the_debug_build_flags(tmp_path):
+    """PYENGINE_DEBUG=1's nvcc flags parse (nvcc --dryrun stops at an unknown option)."""
+    src = tmp_path / "empty.cu"
+    src.write_text("__global__ void k() {}\n")
+    cmd = [NVCC, "--dryrun", *_setup_py().nvcc_flags(debug=True), "-c", str(src), "-o",
+           str(tmp_path / "empty.o")]
+    rc, log = _run(cmd)
+    assert rc == 0, f"{' '.join(cmd)}:\n{log[-2000:]}"
 
 
 @pytest.mark.parametrize("path", CU_FILES, ids=[os.path.basename(p) for p in CU_FILES])
