@@ -89,10 +89,18 @@ def default_cuda_arches() -> str:
     return ";".join(arches[:-1] + [arches[-1] + "+PTX"])
 
 
+def has_cuda_headers() -> bool:
+    """Whether CUDA_HOME holds the toolkit's headers. torch takes CUDA_HOME from where nvcc is
+    when the variable is unset: an nvcc linked into /usr/local/bin gives /usr/local, whose
+    include/ has no cuda_runtime.h, and the glue would fail to compile half-way through."""
+    return CUDA_HOME is not None and os.path.isfile(
+        os.path.join(CUDA_HOME, "include", "cuda_runtime.h"))
+
+
 def want_cuda() -> bool:
     """Decides CPU-only or CUDA (see the module docstring); may set TORCH_CUDA_ARCH_LIST."""
     forced = os.environ.get("PYENGINE_CUDA", "").strip().lower()
-    has_toolkit = torch.version.cuda is not None and CUDA_HOME is not None
+    has_toolkit = torch.version.cuda is not None and CUDA_HOME is not None and has_cuda_headers()
     if forced in ("0", "false", "no", "off"):
         return False
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
@@ -102,13 +110,20 @@ def want_cuda() -> bool:
         if torch.version.cuda is None:
             raise SystemExit(f"PYENGINE_CUDA=1 but torch {torch.__version__} was built without "
                              "CUDA; install a CUDA build of torch")
+        if not has_cuda_headers():
+            raise SystemExit(f"PYENGINE_CUDA=1 but CUDA_HOME={CUDA_HOME} has no "
+                             "include/cuda_runtime.h; set CUDA_HOME to the CUDA toolkit's folder "
+                             "(e.g. /usr/local/cuda)")
         if not arch_list and torch.cuda.device_count() == 0:
             os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arches()
             notice("no GPU visible: compiling the CUDA kernels for TORCH_CUDA_ARCH_LIST="
                    f"{os.environ['TORCH_CUDA_ARCH_LIST']}")
         return True
     if not has_toolkit:
-        if torch.version.cuda is not None:
+        if torch.version.cuda is not None and CUDA_HOME is not None:
+            notice(f"building CPU-only: CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h; "
+                   "set CUDA_HOME to the CUDA toolkit's folder for the CUDA kernels")
+        elif torch.version.cuda is not None:
             notice(f"building CPU-only: torch {torch.__version__} has CUDA but no CUDA toolkit "
                    "(nvcc) was found; install it or set CUDA_HOME for the CUDA kernels")
         return False

@@ -29,11 +29,12 @@ def setup_py(monkeypatch, tmp_path):
     return module
 
 
-def _machine(monkeypatch, setup_py, torch_cuda, nvcc, gpus):
-    """Pretends: torch built with CUDA `torch_cuda` (or None), a CUDA toolkit or not, `gpus`
-    visible GPUs."""
+def _machine(monkeypatch, setup_py, torch_cuda, nvcc, gpus, headers=True):
+    """Pretends: torch built with CUDA `torch_cuda` (or None), a CUDA toolkit or not (with its
+    headers under CUDA_HOME or not), `gpus` visible GPUs."""
     monkeypatch.setattr(torch.version, "cuda", torch_cuda)
     monkeypatch.setattr(setup_py, "CUDA_HOME", "/usr/local/cuda" if nvcc else None)
+    monkeypatch.setattr(setup_py, "has_cuda_headers", lambda: bool(nvcc and headers))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
 
 
@@ -81,6 +82,25 @@ def test_forced_builds(monkeypatch, setup_py):
     _machine(monkeypatch, setup_py, None, True, 0)
     with pytest.raises(SystemExit, match="built without CUDA"):
         setup_py.want_cuda()
+    _machine(monkeypatch, setup_py, "13.0", True, 0, headers=False)
+    with pytest.raises(SystemExit, match="CUDA_HOME=/usr/local/cuda has no include/cuda_runtime.h"):
+        setup_py.want_cuda()
+
+
+def test_nvcc_without_headers_builds_cpu_only_and_says_why(monkeypatch, setup_py):
+    """nvcc found where CUDA_HOME has no headers (torch guessed it from an nvcc in /usr/local/bin):
+    CPU-only with a notice, even with a GPU, instead of a compile error half-way through."""
+    _machine(monkeypatch, setup_py, "13.0", True, 1, headers=False)
+    assert setup_py.want_cuda() is False
+    assert "CUDA_HOME=/usr/local/cuda has no include/cuda_runtime.h" in _notice(setup_py)
+
+
+def test_the_cuda_headers_are_looked_for_under_cuda_home(monkeypatch, setup_py, tmp_path):
+    monkeypatch.setattr(setup_py, "CUDA_HOME", str(tmp_path))
+    assert not setup_py.has_cuda_headers()
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    assert setup_py.has_cuda_headers()
 
 
 NVCC = shutil.which("nvcc")
