@@ -170,6 +170,12 @@ def extension():
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
         link.append("-fopenmp")
+        # The shared C++ runtime, the one torch and Python load, named after the objects. Some
+        # toolchains link libstdc++ statically by default (a CUDA image's g++ wrapper whose
+        # libstdc++.so is a script over libstdc++.a): the extension then carries a second copy
+        # whose iostreams crash the first time a check formats its message (segfault in
+        # std::ostream::_M_insert under c10::str, seen on an H200 machine).
+        link.append("-l:libstdc++.so.6")
     if sanitize:  # -O1 overrides -O3; a UBSan finding aborts instead of printing and going on;
         # -fno-wrapv undoes Python's -fwrapv, under which signed overflow is not UB (nor reported)
         cxx += ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}",

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -135,9 +136,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "gpu_fma",
       [](int device, int64_t iters) {
+        // Plain C++ values: the GIL is released here (call_guard), and pybind11 converts the
+        // result after taking it back. A py::tuple built here crashed (PyFloat_FromDouble
+        // without the GIL) on the first GPU run.
         int64_t flops = 0;
         const double ms = gpu_fma_ms(device, iters, &flops);
-        return pybind11::make_tuple(ms, flops);
+        return std::pair<double, int64_t>(ms, flops);
       },
       pybind11::arg("device"), pybind11::arg("iters"),
       pybind11::call_guard<pybind11::gil_scoped_release>(),

@@ -13,6 +13,7 @@ cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), so on
 pays the compile. It is not part of pyengine's extension.
 """
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -46,9 +47,12 @@ def _native(cuda: bool):
     sources = [os.path.join(HERE, "peak.cpp")]
     if cuda:
         sources.append(os.path.join(HERE, "peak_cuda.cu"))
+    # The shared C++ runtime, for the reason setup.py gives (a toolchain that links libstdc++
+    # statically otherwise).
+    ldflags = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
     return load(name="pyengine_bench_peak" + ("_cuda" if cuda else ""), sources=sources,
                 extra_cflags=["-O3"] + (["-DPEAK_WITH_CUDA"] if cuda else []),
-                extra_cuda_cflags=["-O3"], verbose=False)
+                extra_cuda_cflags=["-O3"], extra_ldflags=ldflags, verbose=False)
 
 
 def cpu_fma_gflops(threads: int) -> tuple:

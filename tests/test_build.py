@@ -186,3 +186,19 @@ def test_install_fingerprint_follows_sources_and_settings(install_py, monkeypatc
     monkeypatch.setenv("PYENGINE_DEBUG", "1")
     assert install_py.fingerprint() != second
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not shutil.which("readelf")
+                    or not shutil.which("nm"), reason="needs Linux binutils (readelf, nm)")
+def test_the_extension_links_the_shared_cxx_runtime():
+    """pyengine._C needs libstdc++.so.6, the runtime torch and Python load, and defines none of
+    its own: a toolchain that linked libstdc++ statically (the g++ wrapper of a CUDA image) made
+    every check that formats a message crash the process (setup.py)."""
+    import pyengine
+
+    path = pyengine._C.__file__
+    needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True).stdout
+    assert "[libstdc++.so.6]" in needed, needed
+    defined = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True,
+                             text=True).stdout.split()
+    assert "__cxa_throw" not in defined and "__cxa_allocate_exception" not in defined
