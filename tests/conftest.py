@@ -10,6 +10,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pyengine  # noqa: E402,F401  (registers torch.ops.pyengine.*)
 
+# pyengine's CUDA kernels compute float32 in float32; torch's CUDA convolutions and matrix
+# products default to TF32 (10-bit mantissas), which put torch's own results up to ~1e-2 off on
+# the first GPU run. References are computed in full float32.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 @pytest.fixture(autouse=True)
 def _seed(request):

@@ -404,6 +404,7 @@ def test_mixed_devices_raise_clear_errors():
 def test_device_assert_names_the_bad_argument(case):
     """A device-side assert poisons the CUDA context, so each case runs in a process of its own."""
     call, message = DEVICE_ASSERT_CASES[case]
+    # (dedented before the call goes in: a call of several lines keeps its own indentation)
     code = textwrap.dedent("""
         import sys
         sys.path.insert(0, {root!r})
@@ -412,7 +413,7 @@ def test_device_assert_names_the_bad_argument(case):
         {call}
         torch.cuda.synchronize()
         print("NO ERROR")
-    """).format(root=ROOT, call=call.replace("\n", "\n        "))
+    """).format(root=ROOT, call=call)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     out = proc.stdout + proc.stderr

@@ -170,7 +170,7 @@ def backward_reference(g, idx, x, cfg):
                 i = int(ip[p, oh, ow])
                 if 0 <= i < h * w:
                     out[p, i] += gp[p, oh, ow]
-    return out.reshape(x.shape).to(g.dtype)
+    return out.reshape(x.shape).to(device=g.device, dtype=g.dtype)
 
 
 WIDE = (2, 3, 6, 32)  # 2x2 / stride 2 windows over rows wide enough for the vector gather
