@@ -127,3 +127,25 @@ def set_num_threads(n: int):
             torch.set_num_threads(before)
 
     return scope()
+
+
+def conv_layout_device(device, dtype):
+    """Where torch convolves with the layouts pyengine's conv2d gives on `device`: there, except
+    float64 on CUDA, where torch's convolution is always contiguous (cuDNN has no channels_last
+    for double) while pyengine keeps torch's CPU rule, because its Meta kernel (the strides
+    torch.compile traces) cannot tell the devices apart (docs/design.md): the CPU."""
+    return "cpu" if torch.device(device).type == "cuda" and dtype == torch.float64 else device
+
+
+def conv_layout_reference(fn, device, dtype):
+    """torch's convolution `fn` as the reference for the layouts of pyengine's conv2d on `device`:
+    fn itself, or fn on CPU copies with its results brought back to `device`, strides kept
+    (Tensor.to keeps them), where conv_layout_device says so."""
+    if conv_layout_device(device, dtype) == device:
+        return fn
+
+    def on_the_cpu(*args, **kwargs):
+        out = fn(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+        return torch.utils._pytree.tree_map(
+            lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, out)
+    return on_the_cpu

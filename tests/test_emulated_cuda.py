@@ -274,6 +274,29 @@ def test_max_pool2d_windows_without_an_input_element(emu, dtype):
                what=f"max_pool2d_backward with every index {flat}")
 
 
+# ---- where torch's CUDA loss differs from its CPU loss --------------------------------------------
+
+@dtypes
+def test_cross_entropy_of_an_unbatched_ignored_target(emu, dtype):
+    """torch's CUDA cross_entropy of an unbatched input whose target is ignore_index is 0 ('mean',
+    no smoothing; its 1-d kernel), where its CPU loss, every batch and a smoothed loss are 0 / 0 =
+    NaN: pyengine's CUDA kernels give what torch's CUDA kernels give. The gradient is 0."""
+    target = Emulated(emu)
+    ce, ce_backward = target.op("cross_entropy"), target.op("cross_entropy_backward")
+    x, w = torch.randn(5, dtype=dtype), torch.rand(5, dtype=dtype) + 0.1
+    ignored = torch.tensor(-100)
+    for weight in (None, w):
+        assert ce(x, ignored, weight, 1, -100, 0.0).item() == 0
+        assert torch.ops.pyengine.cross_entropy(x, ignored, weight, 1, -100, 0.0).isnan()
+        assert ce(x, ignored, weight, 1, -100, 0.1).isnan()            # smoothed
+        assert ce(x[None], ignored[None], weight, 1, -100, 0.0).isnan()  # a batch of one
+        assert ce(x, ignored, weight, 2, -100, 0.0).item() == 0          # 'sum'
+        grad = ce_backward(torch.tensor(1.0, dtype=dtype), x, ignored, weight, 1, -100, 0.0)
+        assert torch.equal(grad, torch.zeros_like(x))
+        # a target that is not ignored: the CPU's value
+        parity(target, "cross_entropy", x, torch.tensor(2), weight, 1, -100, 0.0, dtype=dtype)
+
+
 # ---- device-side asserts -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", list(DEVICE_ASSERT_CASES))

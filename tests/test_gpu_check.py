@@ -58,8 +58,10 @@ def test_every_selection_selects_tests():
     selections = _selections()
     assert set(selections) == {"SUITE", "GRAPH", "SANITIZER", "MEMCHECK"}
     ids = {name: _collect(args) for name, args in selections.items()}
-    # the whole suite but its slow tests
+    # every test that runs on CUDA but the slow ones (here, without a GPU: test_cuda.py's, whose
+    # module name says cuda; the device-parametrized tests have no cuda case without one)
     assert len(ids["SUITE"]) > 1000
+    assert all("cuda" in i for i in ids["SUITE"])
     assert not any("past_2_pow_31" in i for i in ids["SUITE"])
     # the CUDA-graph tests: the tutorial step's and the benchmark's
     assert any(i.startswith("tests/test_cuda.py::test_lenet_training_step_in_a_cuda_graph")

@@ -107,9 +107,9 @@ def test_conv2d(device, x_layout, w_layout, batched):
     w = LAYOUTS[w_layout](torch.randn(6, 2, 3, 3, dtype=dtype, device=device))
     b = torch.randn(6, dtype=dtype, device=device)
     kw = dict(stride=(1, 2), padding=1, groups=2)
+    theirs = helpers.conv_layout_reference(lambda x, w, b: F.conv2d(x, w, b, **kw), device, dtype)
     for grad_layout in (contiguous, channels_last):
-        y = check(lambda x, w, b: PF.conv2d(x, w, b, **kw), lambda x, w, b: F.conv2d(x, w, b, **kw),
-                  [x, w, b], grad_layout)
+        y = check(lambda x, w, b: PF.conv2d(x, w, b, **kw), theirs, [x, w, b], grad_layout)
     if batched and "channels_last" in (x_layout, w_layout):
         assert y.is_contiguous(memory_format=CL)
     # the backward op directly, against torch's convolution_backward (batched only: torch's
@@ -117,8 +117,9 @@ def test_conv2d(device, x_layout, w_layout, batched):
     if batched:
         g = torch.randn(y.shape, dtype=dtype, device=device)
         ours = P.conv2d_backward(g, x, w, [1, 2], [1, 1], [1, 1], 2, [True, True, True])
-        theirs = torch.ops.aten.convolution_backward(g, x, w, [6], [1, 2], [1, 1], [1, 1], False,
-                                                     [0, 0], 2, [True, True, True])
+        theirs = helpers.conv_layout_reference(torch.ops.aten.convolution_backward, device,
+                                               dtype)(g, x, w, [6], [1, 2], [1, 1], [1, 1], False,
+                                                      [0, 0], 2, [True, True, True])
         for a, e in zip(ours, theirs):
             helpers.assert_same_strides(a, e)
             helpers.assert_close(a, e, dtype)
@@ -363,16 +364,19 @@ def test_channels_last_model(device, dtype):
     theirs = model(torch.nn).to(memory_format=CL)
     assert ours[0].weight.is_contiguous(memory_format=CL)
     x = channels_last(torch.randn(2, 3, 12, 12, dtype=dtype, device=device))
-    y, ref = ours(x), theirs(x)
+    # the twin's layouts as pyengine follows them (float64 on CUDA: the CPU's, see the helper)
+    ref_device = helpers.conv_layout_device(device, dtype)
+    theirs = theirs.to(ref_device)
+    y, ref = ours(x), theirs(x.to(ref_device))
     helpers.assert_same_strides(y, ref)
     assert y.is_contiguous(memory_format=CL)
-    helpers.assert_close(y, ref, dtype)
-    g = torch.randn_like(ref)
+    helpers.assert_close(y, ref.to(device), dtype)
+    g = torch.randn_like(y)
     y.backward(g)
-    ref.backward(g)
+    ref.backward(g.to(ref_device))
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
         helpers.assert_same_strides(a.grad, b.grad, name)
-        helpers.assert_close(a.grad, b.grad, dtype)
+        helpers.assert_close(a.grad, b.grad.to(device), dtype)
 
 
 @devices
@@ -390,7 +394,8 @@ def test_compile_fullgraph_channels_last(device):
         return f
 
     compiled = torch.compile(net(PF), fullgraph=True, backend="aot_eager")
+    theirs = helpers.conv_layout_reference(net(F), device, torch.float64)
     for batch in (2, 3):
         x = channels_last(torch.randn(batch, 3, 8, 8, dtype=torch.float64, device=device))
-        check(compiled, net(F), [x, w, b])
-        check(compiled, net(F), [x, channels_last(w), b], grad_layout=channels_last)
+        check(compiled, theirs, [x, w, b])
+        check(compiled, theirs, [x, channels_last(w), b], grad_layout=channels_last)

@@ -11,7 +11,9 @@
 //     logp_j = x_j - m - log(sum_k exp(x_k - m)), m = max_k x_k (NaN skipped). Class-index
 //     targets: loss = -w[t] * logp_t, with label smoothing eps > 0
 //     (1 - eps) * (-w[t] logp_t) + eps / C * (-sum_j w_j logp_j); 0 for t == ignore_index; 'mean'
-//     divides by the sum of w[t] over the rows not ignored (NaN when all are). Probability targets:
+//     divides by the sum of w[t] over the rows not ignored (NaN when all are; but 0 for an
+//     unbatched ignored target without smoothing, as torch's CUDA loss: launchers.h).
+//     Probability targets:
 //     loss = -sum_j u_j logp_j, u_j = w_j (p_j (1 - eps) + eps / C); 'mean' divides by the rows.
 //     The smoothed sums are -(D - U log s), D = sum_j u_j (x_j - m), U = sum_j u_j. Backward:
 //     e_j (alpha + beta U) / s - beta u_j - [j == t] gamma, e_j = exp(x_j - m): for plain class
@@ -107,14 +109,21 @@ cudaError_t deterministic_sum(const Term& term, int64_t n, const Finish& finish,
   return cudaGetLastError();
 }
 
-// The loss value: a, or a / b ('mean' over a weight total) or a / numel.
+// The loss value: a, or a / b ('mean' over a weight total) or a / numel. only_target (or null):
+// an unbatched cross_entropy's target, whose 'mean' is 0 when it is ignore_index (launchers.h).
 template <typename T>
 struct WriteLoss {
   T* out;
   int64_t reduction;
   double numel;
   bool over_b;
+  const int64_t* only_target = nullptr;
+  int64_t ignore_index = 0;
   __device__ void operator()(double a, double b) const {
+    if (only_target != nullptr && only_target[0] == ignore_index) {
+      out[0] = from_compute<T>(static_cast<compute_t<T>>(0));
+      return;
+    }
     out[0] = from_compute<T>(
         static_cast<compute_t<T>>(reduction == 1 ? a / (over_b ? b : numel) : a));
   }
@@ -522,8 +531,8 @@ void smoothing(double eps, int64_t classes, T* keep, T* add) {
 template <typename T>
 cudaError_t cross_entropy_forward(const T* x, const int64_t* target, const T* probs, const T* w,
                                   int64_t rows, int64_t classes, int64_t reduction,
-                                  int64_t ignore_index, double label_smoothing, T* out,
-                                  double* workspace, cudaStream_t stream) {
+                                  int64_t ignore_index, double label_smoothing, bool unbatched,
+                                  T* out, double* workspace, cudaStream_t stream) {
   double* pairs = reduction == 0 ? nullptr : workspace;
   compute_t<T> keep, add;
   smoothing(label_smoothing, classes, &keep, &add);
@@ -538,7 +547,11 @@ cudaError_t cross_entropy_forward(const T* x, const int64_t* target, const T* pr
   // 'mean' of probabilities: over the rows (none without classes: torch's mean over no element
   // is NaN); of class indices: over the shares.
   const double numel = classes > 0 ? static_cast<double>(rows) : 0.0;
-  const WriteLoss<T> finish{out, reduction, numel, target != nullptr};
+  WriteLoss<T> finish{out, reduction, numel, target != nullptr};
+  if (unbatched && reduction == 1 && target != nullptr && label_smoothing == 0) {
+    finish.only_target = target;
+    finish.ignore_index = ignore_index;
+  }
   return deterministic_sum(RowPairTerm{pairs}, rows, finish, workspace + 2 * rows, stream);
 }
 
@@ -573,8 +586,8 @@ cudaError_t cross_entropy_backward(const T* grad, const T* x, const int64_t* tar
                                                   const T*, int64_t, int64_t, bool, T*,         \
                                                   double*, cudaStream_t);                       \
   template cudaError_t cross_entropy_forward<T>(const T*, const int64_t*, const T*, const T*,  \
-                                                int64_t, int64_t, int64_t, int64_t, double, T*, \
-                                                double*, cudaStream_t);                         \
+                                                int64_t, int64_t, int64_t, int64_t, double,     \
+                                                bool, T*, double*, cudaStream_t);               \
   template cudaError_t cross_entropy_backward<T>(const T*, const T*, const int64_t*, const T*, \
                                                  const T*, int64_t, int64_t, int64_t, int64_t,  \
                                                  double, T*, double*, cudaStream_t);

@@ -153,7 +153,7 @@ Tensor cross_entropy_cuda(const Tensor& input, const Tensor& target, const OptTe
     C10_CUDA_CHECK(cross_entropy_forward<T>(
         cptr<T>(x), class_indices(t, s.probabilities),
         probabilities_or_null<T>(t, s.probabilities), ptr_or_null<T>(w), s.batch, s.classes,
-        reduction, ignore_index, label_smoothing, mptr<T>(out),
+        reduction, ignore_index, label_smoothing, /*unbatched=*/!s.batched, mptr<T>(out),
         mutable_ptr_or_null<double>(ws), current_stream()));
   });
   return out;
