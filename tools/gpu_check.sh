@@ -17,10 +17,12 @@
 #                               beside it, the benchmark's peak kernels (benchmarks/peak.py) into
 #                               build/torch_extensions, so the benchmark step does not compile
 #  then two lanes at once, each within CAP_LANE (230; the second lane's caps add up to it):
-#  2 tests      the whole suite except `slow` tests (tensors past 2^31 elements, long softmax
-#               rows: minutes; `python -m pytest -m slow` runs them) and the CPU-only CUDA
-#               emulation lane (CI runs it), CUDA cases included;
-#               stopped with SIGINT at the limit, so pytest still reports what it ran
+#  2 tests      every test that runs on CUDA (its id says cuda: tests/test_cuda.py, and the cuda
+#               case of each device-parametrized test), except `slow` ones (tensors past 2^31
+#               elements, long softmax rows: minutes; `python -m pytest -m slow` runs them); the
+#               CPU cases and the CUDA emulation lane are CI's. In parallel (pytest-xdist, where
+#               installed: up to 12 workers of 2 threads). Stopped with SIGINT at the limit, so
+#               pytest still reports what it ran
 #  3 graph      (CAP_GRAPH 20) the CUDA-graph tests: a LeNet training step and every operator's
 #               forward and backward pass captured and replayed against eager
 #               (tests/test_cuda.py); the benchmark's captured LeNet step, SGD
@@ -57,7 +59,8 @@ esac
 # among them). Test ids: test_parity[<op>-<sample index>-dtype<0: float32, 1: float64>].
 # The suite leaves out the CUDA emulation lane (tests/test_emulated_cuda.py, test_cuda_emu.py: the
 # same kernels on the CPU, a minute or two of single-threaded work that every CI run does anyway).
-SUITE_SELECTION=(-m "not slow" --ignore=tests/test_emulated_cuda.py --ignore=tests/test_cuda_emu.py)
+SUITE_SELECTION=(-m "not slow" -k cuda --ignore=tests/test_emulated_cuda.py
+                 --ignore=tests/test_cuda_emu.py --ignore=tests/test_cuda_build.py)
 GRAPH_SELECTION=(tests/test_cuda.py tests/test_gpu_check.py -k cuda_graph)
 SANITIZER_SELECTION=(tests/test_cuda.py -m "not slow"
                      -k "(test_parity and (-0- or -1-)) or test_layout_parity")
@@ -125,14 +128,16 @@ echo "[gpu_check] mode $MODE; budget $BUDGET s: env $CAP_ENV + build $CAP_BUILD"
 echo "$BUDGET" > "$OUT/budget.txt"
 
 # ---- 0. environment -------------------------------------------------------------------------
+# (nproc counts OMP_NUM_THREADS, not cores, when it is set)
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 if [ "$MODE" = gpu ]; then
-  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  export MAX_JOBS=${MAX_JOBS:-$CORES}
 else
   export MAX_JOBS=${MAX_JOBS:-1}  # a rehearsal shares its machine
 fi
 # torch's view first: the build needs the GPU's capability even if a tool below hangs.
 step env "$CAP_ENV" env.txt bash -c '
-  date -u; echo "cores $(nproc)"
+  date -u; echo "cores $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
   "$1" -c "import sys, torch
 print(\"python\", sys.version.split()[0])
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda,
@@ -201,9 +206,16 @@ elif [ "$MODE" = gpu ]; then
     sanitize initcheck "$CAP_INITCHECK" pyengine "${SANITIZER_SELECTION[@]}"
   ) &
   lane_pid=$!
+  # Workers of 2 threads each, leaving cores to the sanitizer lane beside it.
+  parallel=()
+  if "$PY" -c "import xdist" 2>/dev/null; then
+    workers=$(( CORES > 16 ? 12 : (CORES > 4 ? CORES - 4 : 1) ))
+    [ "$workers" -gt 1 ] && parallel=(-n "$workers")
+  fi
   # shellcheck disable=SC2086  # PYTEST_ARGS: extra arguments, split on purpose
-  step tests "$CAP_LANE" tests.log env PYENGINE_PTXAS_REPORT="$OUT/ptxas.txt" "${PYTEST[@]}" \
-    -rfE --junitxml="$OUT/tests.xml" "${SUITE_SELECTION[@]}" ${PYTEST_ARGS:-}
+  step tests "$CAP_LANE" tests.log env OMP_NUM_THREADS=2 \
+    "${PYTEST[@]}" -rfE --junitxml="$OUT/tests.xml" "${parallel[@]}" "${SUITE_SELECTION[@]}" \
+    ${PYTEST_ARGS:-}
   wait "$lane_pid"
 else
   # Rehearsal: the same selections, collected (test_cuda.py's tests are collected without a GPU,
