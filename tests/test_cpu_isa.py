@@ -10,7 +10,7 @@ import torch
 import helpers
 import pyengine
 
-LEVELS = ["default", "avx2", "avx512", "avx512_bf16"]  # lowest first
+LEVELS = ["default", "avx2", "avx512", "avx512_bf16", "amx_bf16"]  # lowest first
 
 
 def cpu_best_level():
@@ -24,7 +24,10 @@ def cpu_best_level():
     if flags is None:
         return None
     if {"avx512f", "avx512vl", "avx512dq", "avx512bw", "avx2", "fma"} <= set(flags):
-        return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
+        if "avx512_bf16" not in flags:
+            return "avx512"
+        # (Linux grants the tile state to a process that asks, as pyengine does: kernel >= 5.16)
+        return "amx_bf16" if {"amx_tile", "amx_bf16"} <= set(flags) else "avx512_bf16"
     return "avx2" if {"avx2", "fma"} <= set(flags) else "default"
 
 
@@ -37,11 +40,11 @@ def expected_families(forced):
         chosen = LEVELS[min(LEVELS.index(chosen), LEVELS.index(best))]
     # gemm, conv2d, linear, max_pool2d, softmax, cross_entropy and the elementwise loops
     # (activations, mse_loss, binary_cross_entropy) have code for every level up to avx512;
-    # gemm_bf16 for avx512_bf16 only.
+    # gemm_bf16 for amx_bf16 and avx512_bf16 only.
     upto512 = LEVELS[min(LEVELS.index(chosen), LEVELS.index("avx512"))]
     every = {f: upto512 for f in ("gemm", "conv2d", "linear", "max_pool2d", "softmax",
                                   "cross_entropy", "elementwise")}
-    return dict(every, gemm_bf16="avx512_bf16" if chosen == "avx512_bf16" else "default")
+    return dict(every, gemm_bf16=chosen if chosen in ("amx_bf16", "avx512_bf16") else "default")
 
 
 def test_levels_each_family_runs_with():
@@ -86,7 +89,8 @@ for call in (lambda: pyengine._C.cpu_isa(),
     try:
         call()
     except RuntimeError as e:
-        assert "PYENGINE_CPU_ISA" in str(e) and "avx512, avx2 or default" in str(e), str(e)
+        assert "PYENGINE_CPU_ISA" in str(e) and "amx_bf16, avx512_bf16, avx512, avx2 or default" \
+            in str(e), str(e)
         assert "AVX-2" in str(e), str(e)
     else:
         raise AssertionError("no error")

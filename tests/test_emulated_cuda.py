@@ -274,7 +274,7 @@ def test_max_pool2d_windows_without_an_input_element(emu, dtype):
                what=f"max_pool2d_backward with every index {flat}")
 
 
-# ---- where torch's CUDA loss differs from its CPU loss --------------------------------------------
+# ---- where torch's CUDA loss differs from its CPU loss -----------------------------------------
 
 @dtypes
 def test_cross_entropy_of_an_unbatched_ignored_target(emu, dtype):

@@ -9,6 +9,10 @@ place of the result's magnitude: "as accurate as torch in that dtype", measured,
 tolerance. Result and gradient dtypes must be torch's; positions where torch's result is not
 finite (NaN inputs, float16 overflow) must be the same in pyengine's.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -178,6 +182,27 @@ def test_bfloat16_linear_against_float64(shape):
                                  refs):
             _compare(name, m, t, r, torch.bfloat16,
                      floor=torch.finfo(torch.float32).eps * max(1.0, g_scale))
+
+
+def test_bfloat16_linear_on_the_dot_product_level_too():
+    """On a CPU with AMX (level amx_bf16) the bfloat16 GEMM runs on tiles; its AVX512_BF16
+    dot-product build stays the one for CPUs without AMX: the bfloat16 linear tests run again
+    in a process at PYENGINE_CPU_ISA=avx512_bf16."""
+    if pyengine._C.cpu_isa()["gemm_bf16"] != "amx_bf16":
+        pytest.skip("this CPU's own level runs the dot-product GEMM (or none): tested above")
+    import helpers
+
+    helpers.run_with_cpu_isa("avx512_bf16", "import pyengine\n"
+                             "assert pyengine._C.cpu_isa()['gemm_bf16'] == 'avx512_bf16'\n"
+                             "print('ok')\n")
+    env = dict(os.environ, PYENGINE_CPU_ISA="avx512_bf16")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           os.path.abspath(__file__), "-k",
+                           "bfloat16_linear and not dot_product_level"],
+                          env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0 and " passed" in proc.stdout, \
+        proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
 def _op_args_in(args, dtype):

@@ -72,7 +72,7 @@ void gemm_dot_segments(int64_t M, int64_t N, int64_t nseg, int64_t len, const T*
 // (cpu/gemm_bf16.cpp), split over column panels with at::parallel_for (by shape only, so
 // thread-count independent). C is float32 (accumulate adds to it) or bfloat16 (each result
 // rounded once, to nearest even); bias, when not null, is added per column before rounding.
-// Only where gemm_bf16_available() (isa_for(Family::GemmBf16) is avx512_bf16).
+// Only where gemm_bf16_available() (isa_for(Family::GemmBf16) is amx_bf16 or avx512_bf16).
 bool gemm_bf16_available();
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t rsa, int64_t csa,
                const uint16_t* B, int64_t rsb, int64_t csb, float* C, int64_t rsc, int64_t csc,

@@ -2,16 +2,20 @@
 // The instruction sets pyengine's CPU kernels are compiled for, and the one run-time choice among
 // them. No -march=native: the library runs on any x86-64, and its hot loops exist in up to three
 // builds, picked per process:
+//   amx_bf16  AVX512_BF16 with AMX's bfloat16 tile multiply (PE_TARGET_AMX_BF16), where the CPU
+//            has AMX-TILE and AMX-BF16 and Linux grants the process the tile state: the bfloat16
+//            GEMM only (family GemmBf16); every other family as avx512_bf16
 //   avx512_bf16  AVX-512 with AVX512_BF16's bfloat16 dot products (PE_TARGET_AVX512_BF16): the
 //            bfloat16 GEMM only (family GemmBf16); every other family runs its avx512 build
 //   avx512   AVX-512 F, VL, DQ and BW, with AVX2 and FMA (PE_TARGET_AVX512)
 //   avx2     AVX2 with FMA                                 (PE_TARGET_AVX2)
 //   default  the x86-64 baseline, SSE2                      (no target attribute)
 // isa() is the best of these that this CPU has, or a lower one named by the environment variable
-// PYENGINE_CPU_ISA=avx512_bf16|avx512|avx2|default (read once; never above what the CPU has),
+// PYENGINE_CPU_ISA=amx_bf16|avx512_bf16|avx512|avx2|default (read once; never above what the CPU
+// has),
 // so that the tests run every kernel's lower builds on an AVX-512 machine. Each kernel family runs with
 // isa_for(family): isa(), or the best level below it that the family has code for (gemm_bf16
-// has avx512_bf16 code only).
+// has amx_bf16 and avx512_bf16 code only).
 //
 // A kernel gets its per-ISA builds from one always-inline template body (PE_INLINE) and
 // PE_ISA_FUNCTION, which compiles it into a target-attributed function per level plus a
@@ -39,23 +43,32 @@
 #else
 #define PE_HAVE_AVX512_BF16 0
 #endif
+// AMX intrinsics (_tile_dpbf16ps) need GCC 11 or clang 12.
+#if defined(__clang__) ? (__clang_major__ >= 12) : (defined(__GNUC__) && __GNUC__ >= 11)
+#define PE_HAVE_AMX_BF16 PE_HAVE_AVX512_BF16
+#define PE_TARGET_AMX_BF16                                                                     \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2," \
+                        "fma")))
+#else
+#define PE_HAVE_AMX_BF16 0
+#endif
 
 namespace pyengine {
 namespace cpu {
 
-enum class Isa : int { Default = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+enum class Isa : int { Default = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, AmxBf16 = 4 };
 
-// "avx512_bf16", "avx512", "avx2" or "default".
+// "amx_bf16", "avx512_bf16", "avx512", "avx2" or "default".
 const char* isa_name(Isa isa);
 
 // The instruction set the kernels run with (see the top of the file). Raises a clear error, on
-// every call, when PYENGINE_CPU_ISA holds anything but the four names.
+// every call, when PYENGINE_CPU_ISA holds anything but the five names.
 Isa isa();
 
 // Kernel families, each with its own set of compiled levels (isa.cpp lists them).
 enum class Family : int {
   Gemm,          // cpu/gemm.cpp: the matrix multiplies of conv2d and linear
-  GemmBf16,      // cpu/gemm_bf16.cpp: the bfloat16 matrix multiply (avx512_bf16 only)
+  GemmBf16,      // cpu/gemm_bf16.cpp: the bfloat16 matrix multiply (amx_bf16, avx512_bf16)
   Conv2d,        // cpu/conv2d*.cpp: im2col, col2im, batch transposes, bias gradients
   Linear,        // cpu/linear.cpp: the bias gradient's column sums
   MaxPool2d,     // cpu/pool.cpp
