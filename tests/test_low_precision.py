@@ -207,6 +207,47 @@ def test_bfloat16_linear_on_the_dot_product_level_too():
         proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
+# Convolutions of the kind a converted CNN has, wider than LeNet's: (batch, in, h, w, out, kernel,
+# stride, padding, dilation, groups), strided, dilated, grouped, 1x1 and odd sizes, which take
+# the im2col, implicit-GEMM and Winograd kernels on float32 copies.
+WIDE_CONVS = [(2, 16, 9, 11, 32, 3, 1, 1, 1, 1), (3, 8, 13, 12, 40, 3, 2, 1, 1, 1),
+              (2, 64, 7, 9, 64, 3, 1, 2, 2, 2), (2, 64, 6, 5, 32, 1, 1, 0, 1, 1),
+              (1, 20, 15, 17, 33, 5, 2, 2, 1, 1), (2, 64, 30, 30, 48, 3, 1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("case", WIDE_CONVS, ids=str)
+def test_bfloat16_conv2d_against_float64(case):
+    """conv2d and its backward in bfloat16: as accurate as torch's bfloat16 convolution against
+    the float64 answer, forward and the three gradients, in the layouts of the float32 call
+    (channels_last included)."""
+    n, c, h, w, co, k, s, p, d, groups = case
+    gen = torch.Generator().manual_seed(sum(case))
+    x = torch.randn(n, c, h, w, generator=gen).bfloat16()
+    wt = torch.randn(co, c // groups, k, k, generator=gen).bfloat16()
+    b = torch.randn(co, generator=gen).bfloat16()
+    geometry = ([s, s], [p, p], [d, d], groups)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl, wl = x.contiguous(memory_format=layout), wt.contiguous(memory_format=layout)
+        xd, wd, bd = (t.double().requires_grad_() for t in (x, wt, b))
+        ref = torch.nn.functional.conv2d(xd, wd, bd, s, p, d, groups)
+        ours = torch.ops.pyengine.conv2d(xl, wl, b, *geometry)
+        theirs = torch.nn.functional.conv2d(xl, wl, b, s, p, d, groups)
+        _compare("forward", ours, theirs, ref.detach(), torch.bfloat16)
+        assert ours.stride() == torch.ops.pyengine.conv2d(xl.float(), wl.float(), b.float(),
+                                                          *geometry).stride()
+        g = torch.randn(ref.shape, generator=gen).bfloat16()
+        ref.backward(g.double())
+        mine = torch.ops.pyengine.conv2d_backward(g, xl, wl, *geometry, [True, True, True])
+        torch_grads = torch.ops.aten.convolution_backward(g, xl, wl, [co], [s, s], [p, p],
+                                                          [d, d], False, [0, 0], groups,
+                                                          [True, True, True])
+        g_scale = float(g.abs().max())
+        for name, m, t, r in zip(("grad_input", "grad_weight", "grad_bias"), mine, torch_grads,
+                                 (xd.grad, wd.grad, bd.grad)):
+            _compare(name, m, t, r, torch.bfloat16,
+                     floor=torch.finfo(torch.float32).eps * max(1.0, g_scale))
+
+
 def _op_args_in(args, dtype):
     out = []
     for a in args:
