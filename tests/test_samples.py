@@ -52,6 +52,17 @@ def test_matches_torch(sample, device):
         helpers.assert_same_strides(_primary(ours), _primary(theirs), str(sample))
 
 
+def test_a_value_refused_runs_on_the_cpu_for_cuda():
+    """binary_cross_entropy's special-values sample is refused for a value inside a tensor, which
+    CUDA reports as a device-side assert that poisons the process (seen on the first GPU run):
+    check() runs it on the CPU for CUDA too (differential.refused_for_a_value)."""
+    import differential
+
+    refused = [s.id for s in samples.all_samples()
+               if s.case.expect_error and differential.refused_for_a_value(s.case)]
+    assert "binary_cross_entropy-21" in refused, refused
+
+
 def torch_accepts(sample):
     """Whether torch's own function takes the call: not max_pool2d padding beyond half the
     kernel, which pyengine allows up to half the dilated kernel (differential.py pads by hand)."""
