@@ -70,15 +70,19 @@ def test_train_default_recipe_reaches_96_percent_within_a_point_of_torch(tmp_pat
 def test_train_amp_reaches_torchs_accuracy_under_the_same_autocast(tmp_path, capsys):
     """The main job under --amp (bfloat16 autocast on the CPU): pyengine's LeNet trains to
     torch.nn's accuracy under the same autocast, and the report says so. Two bfloat16 trainings
-    whose roundings differ at all drift apart; their final accuracies on the 359 held-out images
-    differed by -1.39, +0.00, -0.28 points (seeds 0, 1, 2, bfloat16 GEMM on AMX tiles) and -0.84,
-    +0.28, +1.11 (on AVX512_BF16 dot products), so the bound is 2 points (7 images), beside the
-    first step's agreement below, which is tight."""
+    whose roundings differ at all drift apart, and one epoch's accuracy on the 359 held-out images
+    is noisy: the final ones differed by -1.39, +0.00, -0.28 points (seeds 0, 1, 2, bfloat16 GEMM
+    on AMX tiles) and -0.84, +0.28, +1.11 (on AVX512_BF16 dot products). The means of the last five
+    epochs differed by -0.61, +0.00, -0.72 and -0.39, +0.45, +0.17: those are held to 1 point."""
     assert cli.main(["train", "--amp", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     ours, theirs = metrics["pyengine"]["test_accuracy"], metrics["torch"]["test_accuracy"]
-    assert ours >= 0.96 and abs(ours - theirs) <= 0.02, out
+
+    def last_five(run):
+        return sum(metrics[run]["test_accuracy_per_epoch"][-5:]) / 5
+
+    assert ours >= 0.96 and abs(last_five("pyengine") - last_five("torch")) <= 0.01, out
     assert metrics["settings"]["amp"] == "bfloat16" and "autocast bfloat16" in out
     comparison = metrics["comparison"]
     assert comparison["agreement_bound"] == 64 * torch.finfo(torch.bfloat16).eps
