@@ -83,7 +83,8 @@ def test_forced_builds(monkeypatch, setup_py):
     with pytest.raises(SystemExit, match="built without CUDA"):
         setup_py.want_cuda()
     _machine(monkeypatch, setup_py, "13.0", True, 0, headers=False)
-    with pytest.raises(SystemExit, match="CUDA_HOME=/usr/local/cuda has no include/cuda_runtime.h"):
+    with pytest.raises(SystemExit,
+                       match="CUDA_HOME=/usr/local/cuda has no include/cuda_runtime.h"):
         setup_py.want_cuda()
 
 

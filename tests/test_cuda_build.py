@@ -39,7 +39,8 @@ def _setup_py():
 
 # The flags setup.py gives nvcc in a release build: the objects below are compiled as the
 # extension's are (a flag nvcc rejects failed the first real CUDA build, not this test).
-SETUP_NVCC_FLAGS = _setup_py().nvcc_flags(debug=False)
+SETUP_PY = _setup_py()
+SETUP_NVCC_FLAGS = SETUP_PY.nvcc_flags(debug=False)
 
 
 def _find_nvcc():
@@ -195,7 +196,7 @@ def test_nvcc_accepts_the_debug_build_flags(tmp_path):
     """PYENGINE_DEBUG=1's nvcc flags parse (nvcc --dryrun stops at an unknown option)."""
     src = tmp_path / "empty.cu"
     src.write_text("__global__ void k() {}\n")
-    cmd = [NVCC, "--dryrun", *_setup_py().nvcc_flags(debug=True), "-c", str(src), "-o",
+    cmd = [NVCC, "--dryrun", *SETUP_PY.nvcc_flags(debug=True), "-c", str(src), "-o",
            str(tmp_path / "empty.o")]
     rc, log = _run(cmd)
     assert rc == 0, f"{' '.join(cmd)}:\n{log[-2000:]}"
