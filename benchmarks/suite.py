@@ -393,10 +393,11 @@ GPU_CHECK_LENET_BATCHES = (256, 8192)
 
 
 def gpu_check_cases(lenet_batches=GPU_CHECK_LENET_BATCHES) -> List[Case]:
-    """`make gpu-check`'s set (tools/gpu_check.sh): the LeNet training step at lenet_batches
-    first (the headline ratios, timed before any time limit can cut the run short), then the
-    quick per-op cases (forward+backward of every op)."""
-    return ([network_case("lenet", b, "train_step") for b in lenet_batches]
+    """`make gpu-check`'s set (tools/gpu_check.sh): the LeNet training step at lenet_batches,
+    in float32 and under bf16 autocast, first (the headline ratios, timed before any time limit
+    can cut the run short), then the quick per-op cases (forward+backward of every op)."""
+    return ([network_case("lenet", b, "train_step", amp=amp) for amp in (False, True)
+             for b in lenet_batches]
             + op_cases(quick=True))
 
 
