@@ -59,7 +59,13 @@ def _graphed(fn: Callable[[], object], device: str,
     once under capture, both on `stream` (a new side stream by default): capture on the default
     stream is illegal, and autograd runs each backward op on its forward's stream, so a case whose
     forward ran before capture (the "backward" pass) must have run it on this same stream.
-    Replays run on the current stream, where the timing events are recorded."""
+    Replays run on the current stream, where the timing events are recorded.
+
+    The replay holds fn: the graph reads and writes the memory of the tensors fn's closure holds
+    (inputs, parameters), and the CUDA graph itself keeps none of them alive. Without fn the
+    caching allocator gave that memory to the next contender's tensors while the graph still
+    used it (binary_cross_entropy's input then held another contender's gradients and its
+    [0, 1] check failed on the H200)."""
     with torch.cuda.device(device):
         stream = stream or torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -70,7 +76,12 @@ def _graphed(fn: Callable[[], object], device: str,
         with torch.cuda.graph(graph, stream=stream):
             fn()
         torch.cuda.current_stream().wait_stream(stream)
-    return graph.replay
+
+    def replay():
+        graph.replay()
+
+    replay.captured = fn  # (see above: keeps the tensors the graph uses alive)
+    return replay
 
 
 def jax_contender(device: str, log=print) -> List[str]:

@@ -129,6 +129,15 @@ def set_num_threads(n: int):
     return scope()
 
 
+def cross_entropy_differs_on_cuda(x, t, mean, ignore_index, label_smoothing):
+    """Whether torch's cross_entropy gives another result on CUDA than on the CPU for this call,
+    and pyengine follows each device: an unbatched input whose class-index target is ignore_index,
+    'mean' (`mean` True) without label smoothing, is 0 on CUDA (torch's 1-d CUDA kernel) and
+    0 / 0 = NaN on the CPU (csrc/cuda/launchers.h)."""
+    return (x.dim() == 1 and not t.is_floating_point() and mean and label_smoothing == 0
+            and int(t) == ignore_index)
+
+
 def conv_layout_device(device, dtype):
     """Where torch convolves with the layouts pyengine's conv2d gives on `device`: there, except
     float64 on CUDA, where torch's convolution is always contiguous (cuDNN has no channels_last

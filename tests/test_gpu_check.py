@@ -11,9 +11,12 @@ On a GPU (the script's graph step selects these by "cuda_graph"): the benchmark'
 training step, SGD update included, replays bitwise like the eager step; every op case's
 forward, backward and forward+backward pass captures.
 """
+import contextlib
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -56,7 +59,7 @@ def _collect(args):
 
 def test_every_selection_selects_tests():
     selections = _selections()
-    assert set(selections) == {"SUITE", "GRAPH", "SANITIZER", "MEMCHECK"}
+    assert set(selections) == {"SUITE", "GRAPH", "SANITIZER", "MEMCHECK", "INITCHECK"}
     ids = {name: _collect(args) for name, args in selections.items()}
     # every test that runs on CUDA but the slow ones (here, without a GPU: test_cuda.py's, whose
     # module name says cuda; the device-parametrized tests have no cuda case without one)
@@ -69,7 +72,7 @@ def test_every_selection_selects_tests():
     assert any(i.startswith("tests/test_gpu_check.py::") for i in ids["GRAPH"])
     # under the sanitizers: a few samples of every operator, in both dtypes, and the layouts;
     # a trimmed set (each test costs seconds under racecheck)
-    for name in ("SANITIZER", "MEMCHECK"):
+    for name in ("SANITIZER", "MEMCHECK", "INITCHECK"):
         parity = [i for i in ids[name] if "::test_parity[" in i]
         for op in fuzz_configs.OPS:
             for dtype in ("dtype0", "dtype1"):
@@ -77,7 +80,7 @@ def test_every_selection_selects_tests():
                     (name, op, dtype)
         assert len(parity) <= 4 * len(fuzz_configs.OPS), (name, len(parity))
         assert any("::test_layout_parity[" in i for i in ids[name])
-    assert set(ids["SANITIZER"]) < set(ids["MEMCHECK"])
+    assert set(ids["INITCHECK"]) < set(ids["SANITIZER"]) < set(ids["MEMCHECK"])
     assert any("deterministic" in i for i in ids["MEMCHECK"])
 
 
@@ -217,9 +220,10 @@ def test_summary_of_a_rehearsal_needs_each_selection_non_empty(tmp_path):
 
 def test_gpu_check_cases_start_with_the_lenet_step_and_cover_every_op():
     cases = suite.gpu_check_cases()
-    assert [(c.name, c.batch, c.pass_) for c in cases[:2]] == [
-        ("lenet", 256, "train_step"), ("lenet", 8192, "train_step")]
-    assert {c.pass_ for c in cases[2:]} == {"forward+backward"}
+    assert [(c.name, c.batch, c.pass_) for c in cases[:4]] == [
+        ("lenet", 256, "train_step"), ("lenet", 8192, "train_step"),
+        ("lenet bf16 autocast", 256, "train_step"), ("lenet bf16 autocast", 8192, "train_step")]
+    assert {c.pass_ for c in cases[4:]} == {"forward+backward"}
     names = " ".join(c.name for c in cases)
     for op in fuzz_configs.OPS:
         assert op in names, op
@@ -239,6 +243,45 @@ def test_time_limit_starts_no_case_after_it():
                            time_limit_s=0.0) == []
     assert log == ["time limit of 0 s reached: 1 of 1 cases not run: mse_loss 256x10 "
                    "forward+backward batch 256"]
+
+
+def test_a_cuda_graph_replay_keeps_the_captured_tensors_alive(monkeypatch):
+    """suite._graphed's replay holds the captured function, and with it the tensors the graph
+    reads and writes: a CUDA graph keeps none alive, and on the H200 the allocator gave a graphed
+    case's freed input to the next contender's gradients. Checked with stand-ins for torch's
+    CUDA graph API, so it runs without a GPU; the GPU test below runs the case that failed."""
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    class FakeGraph:
+        replays = 0
+
+        def replay(self):
+            FakeGraph.replays += 1
+
+    def nothing(*args, **kwargs):
+        return contextlib.nullcontext()
+
+    for name, value in (("Stream", FakeStream), ("CUDAGraph", FakeGraph), ("graph", nothing),
+                        ("device", nothing), ("stream", nothing),
+                        ("current_stream", FakeStream)):
+        monkeypatch.setattr(torch.cuda, name, value)
+
+    def captured_function():
+        x = torch.ones(3)  # stands for a case's input on the GPU: only the closure holds it
+        return (lambda: x * 2), weakref.ref(x)
+
+    fn, x = captured_function()
+    replay = suite._graphed(fn, "cuda")
+    del fn
+    gc.collect()
+    assert x() is not None, "the replay lets the captured tensors go"
+    replay()
+    assert FakeGraph.replays == 1
+    del replay
+    gc.collect()
+    assert x() is None  # (the stand-ins keep nothing themselves)
 
 
 # ---- on a GPU: the benchmark's CUDA graphs ------------------------------------------------------
@@ -273,3 +316,15 @@ def test_benchmark_op_cases_capture_in_a_cuda_graph(contender):
             replay = case.make(contender, "cuda")
             replay()
             torch.cuda.synchronize()
+
+
+@needs_gpu
+def test_benchmark_cuda_graph_contenders_beside_eager_ones_keep_their_inputs():
+    """binary_cross_entropy's case timed by the suite with an eager contender beside the graphed
+    one: the graph's input stays its own (its [0, 1] check fails if another contender's tensors
+    take its memory, as it did on the first H200 run)."""
+    cases = [c for c in suite.op_cases(quick=True) if c.name.startswith("binary_cross_entropy")]
+    rows = suite.run_cases(cases, ["torch", "pyengine+graph"], "cuda", 6,
+                           peak.Peaks(1.0, 1.0, "test", "test"), log=lambda *a: None)
+    torch.cuda.synchronize()
+    assert {r["contender"] for r in rows} == {"torch", "pyengine+graph"}

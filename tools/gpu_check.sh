@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make gpu-check`: one command for a fresh GPU machine (torch with CUDA, nvcc, pytest and
 # compute-sanitizer installed; no network needed), sized for a short lease: at most
-# 480 s in all (each step time-boxed with `timeout`, budget below), usually less.
+# 500 s in all (each step time-boxed with `timeout`, budget below), usually less.
 #
 #   tools/gpu_check.sh              on the GPU machine
 #   tools/gpu_check.sh --rehearse   on any machine: every step's commands in a form that needs no
@@ -16,7 +16,7 @@
 #                               then (CAP_BUILD_CHECK 10) pyengine._C is checked to have them;
 #                               beside it, the benchmark's peak kernels (benchmarks/peak.py) into
 #                               build/torch_extensions, so the benchmark step does not compile
-#  then two lanes at once, each within CAP_LANE (230; the second lane's caps add up to it):
+#  then two lanes at once, each within CAP_LANE (250; the second lane's caps add up to it):
 #  2 tests      every test that runs on CUDA (its id says cuda: tests/test_cuda.py, and the cuda
 #               case of each device-parametrized test), except `slow` ones (tensors past 2^31
 #               elements, long softmax rows: minutes; `python -m pytest -m slow` runs them); the
@@ -32,8 +32,11 @@
 #               backward ops, float32 and float64; the layout cases), torch's caching allocator
 #               off so each tensor's bounds are its own: memcheck (CAP_MEMCHECK 75; also the
 #               determinism test's larger sizes: multi-block reductions, split-K), racecheck
-#               (CAP_RACECHECK 55), synccheck (CAP_SYNCCHECK 40), initcheck (CAP_INITCHECK 40);
-#               the last three only on pyengine's kernels (--kernel-name kns=pyengine)
+#               (CAP_RACECHECK 55), synccheck (CAP_SYNCCHECK 40), these two only on pyengine's
+#               kernels (--kernel-name kns=pyengine); initcheck (CAP_INITCHECK 60) on every
+#               kernel, over the first sample of each operator (INITCHECK_SELECTION): it must
+#               see torch's kernels write, or a tensor torch made (a .contiguous() copy, a dtype
+#               conversion) reads as uninitialized in pyengine's kernels (first H200 run)
 #  5 bench      (CAP_BENCH 70) python -m benchmarks --gpu-check: the LeNet training step at batch
 #               256 and 8192, then every op's forward+backward, pyengine / torch eager / both
 #               in CUDA graphs, TF32 off, CUDA-event timing; results in
@@ -66,9 +69,10 @@ SANITIZER_SELECTION=(tests/test_cuda.py -m "not slow"
                      -k "(test_parity and (-0- or -1-)) or test_layout_parity")
 MEMCHECK_SELECTION=(tests/test_cuda.py -m "not slow"
                     -k "(test_parity and (-0- or -1-)) or test_layout_parity or deterministic")
+INITCHECK_SELECTION=(tests/test_cuda.py -m "not slow" -k "(test_parity and -0-) or test_layout_parity")
 
 if [ "$MODE" = show ]; then  # a line per selection: its name, then its arguments, tab-separated
-  for name in SUITE GRAPH SANITIZER MEMCHECK; do
+  for name in SUITE GRAPH SANITIZER MEMCHECK INITCHECK; do
     declare -n selection=${name}_SELECTION
     (IFS=$'\t'; echo "$name${IFS}${selection[*]}")
   done
@@ -90,12 +94,12 @@ CAP_ENV=${CAP_ENV:-30}
 # A rehearsal's build compiles the CPU kernels with MAX_JOBS=1: minutes, not the GPU's budget.
 if [ "$MODE" = gpu ]; then CAP_BUILD=${CAP_BUILD:-140}; else CAP_BUILD=${CAP_BUILD:-900}; fi
 CAP_BUILD_CHECK=${CAP_BUILD_CHECK:-10}
-CAP_LANE=${CAP_LANE:-230}
+CAP_LANE=${CAP_LANE:-250}
 CAP_GRAPH=${CAP_GRAPH:-20}
 CAP_MEMCHECK=${CAP_MEMCHECK:-75}
 CAP_RACECHECK=${CAP_RACECHECK:-55}
 CAP_SYNCCHECK=${CAP_SYNCCHECK:-40}
-CAP_INITCHECK=${CAP_INITCHECK:-40}
+CAP_INITCHECK=${CAP_INITCHECK:-60}
 CAP_BENCH=${CAP_BENCH:-70}
 BUDGET=$(( CAP_ENV + CAP_BUILD + CAP_BUILD_CHECK + CAP_LANE + CAP_BENCH ))
 
@@ -203,7 +207,7 @@ elif [ "$MODE" = gpu ]; then
     sanitize memcheck "$CAP_MEMCHECK" "" "${MEMCHECK_SELECTION[@]}"
     sanitize racecheck "$CAP_RACECHECK" pyengine "${SANITIZER_SELECTION[@]}"
     sanitize synccheck "$CAP_SYNCCHECK" pyengine "${SANITIZER_SELECTION[@]}"
-    sanitize initcheck "$CAP_INITCHECK" pyengine "${SANITIZER_SELECTION[@]}"
+    sanitize initcheck "$CAP_INITCHECK" "" "${INITCHECK_SELECTION[@]}"
   ) &
   lane_pid=$!
   # Workers of 2 threads each, leaving cores to the sanitizer lane beside it.
@@ -226,11 +230,13 @@ else
   step graph "$CAP_GRAPH" graph.log "${PYTEST[@]}" --collect-only "${GRAPH_SELECTION[@]}"
   step memcheck "$CAP_MEMCHECK" memcheck.log "${PYTEST[@]}" --collect-only \
     "${MEMCHECK_SELECTION[@]}"
-  for tool in racecheck synccheck initcheck; do
+  for tool in racecheck synccheck; do
     cap_var=CAP_${tool^^}
     step "$tool" "${!cap_var}" "$tool.log" "${PYTEST[@]}" --collect-only \
       "${SANITIZER_SELECTION[@]}"
   done
+  step initcheck "$CAP_INITCHECK" initcheck.log "${PYTEST[@]}" --collect-only \
+    "${INITCHECK_SELECTION[@]}"
 fi
 
 # ---- 5. benchmark ---------------------------------------------------------------------------
