@@ -40,6 +40,23 @@ def test_outputs_of_every_kind_of_kernel_come_from_it_and_are_right():
         torch.testing.assert_close(gw, rw, rtol=1e-4, atol=2e-3)
 
 
+def test_16_bit_calls_convert_into_it():
+    """A bfloat16 / float16 call of a kernel that computes in float32 (common/low_precision.h)
+    takes its float32 copy of the input and its 16-bit result from the cache too: from torch's
+    allocator they faulted their pages in on every call (~550 faults a LeNet bf16 step)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(LARGE).to(dtype)  # 2.4 MB in float32, 1.2 MB in 16 bits: both cached
+        y = pyengine.functional.sigmoid(x)  # sigmoid: float32 inside on every CPU
+        del y
+        before = pyengine.cache_stats()
+        y = pyengine.functional.sigmoid(x)
+        after = pyengine.cache_stats()
+        # the float32 copy of x, the float32 result, the 16-bit result
+        assert after["hits"] - before["hits"] == 3, (dtype, before, after)
+        assert y.dtype == dtype
+        assert torch.equal(y, pyengine.functional.sigmoid(x.float()).to(dtype))  # one rounding
+
+
 def test_empty_cache_gives_the_blocks_back():
     y = pyengine.functional.relu(torch.randn(LARGE))
     del y
