@@ -186,10 +186,11 @@ def test_bfloat16_linear_against_float64(shape):
                      floor=torch.finfo(torch.float32).eps * max(1.0, g_scale))
 
 
-def test_bfloat16_linear_on_the_dot_product_level_too():
-    """On a CPU with AMX (level amx_bf16) the bfloat16 GEMM runs on tiles; its AVX512_BF16
-    dot-product build stays the one for CPUs without AMX: the bfloat16 linear tests run again
-    in a process at PYENGINE_CPU_ISA=avx512_bf16."""
+def test_bfloat16_linear_and_conv2d_on_the_dot_product_level_too():
+    """On a CPU with AMX (level amx_bf16) the bfloat16 GEMM and conv2d's bfloat16 forward run
+    on tiles; the AVX512_BF16 dot-product GEMM and the float32 convolutions stay the ones for
+    CPUs without AMX: the bfloat16 linear and conv2d tests run again in a process at
+    PYENGINE_CPU_ISA=avx512_bf16."""
     if pyengine._C.cpu_isa()["gemm_bf16"] != "amx_bf16":
         pytest.skip("this CPU's own level runs the dot-product GEMM (or none): tested above")
     import helpers
@@ -200,7 +201,7 @@ def test_bfloat16_linear_on_the_dot_product_level_too():
     env = dict(os.environ, PYENGINE_CPU_ISA="avx512_bf16")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            os.path.abspath(__file__), "-k",
-                           "bfloat16_linear and not dot_product_level"],
+                           "(bfloat16_linear or bfloat16_conv2d) and not dot_product_level"],
                           env=env, capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0 and " passed" in proc.stdout, \
@@ -212,14 +213,19 @@ def test_bfloat16_linear_on_the_dot_product_level_too():
 # the im2col, implicit-GEMM and Winograd kernels on float32 copies.
 WIDE_CONVS = [(2, 16, 9, 11, 32, 3, 1, 1, 1, 1), (3, 8, 13, 12, 40, 3, 2, 1, 1, 1),
               (2, 64, 7, 9, 64, 3, 1, 2, 2, 2), (2, 64, 6, 5, 32, 1, 1, 0, 1, 1),
-              (1, 20, 15, 17, 33, 5, 2, 2, 1, 1), (2, 64, 30, 30, 48, 3, 1, 1, 1, 1)]
+              (1, 20, 15, 17, 33, 5, 2, 2, 1, 1), (2, 64, 30, 30, 48, 3, 1, 1, 1, 1),
+              # on AMX tiles where the CPU has them (cpu/conv2d_amx.cpp: one group, 16+
+              # channels): channels and output rows with tails, stride 2, dilation, 1x1, 7x7
+              (1, 17, 9, 23, 20, 3, 2, 1, 1, 1), (3, 32, 12, 40, 48, 3, 1, 2, 2, 1),
+              (2, 16, 7, 7, 16, 1, 1, 0, 1, 1), (1, 40, 21, 19, 70, 7, 2, 3, 1, 1),
+              (0, 32, 8, 8, 32, 3, 1, 1, 1, 1)]
 
 
 @pytest.mark.parametrize("case", WIDE_CONVS, ids=str)
 def test_bfloat16_conv2d_against_float64(case):
     """conv2d and its backward in bfloat16: as accurate as torch's bfloat16 convolution against
     the float64 answer, forward and the three gradients, in the layouts of the float32 call
-    (channels_last included)."""
+    (channels_last included), batch 0 and 1 included."""
     n, c, h, w, co, k, s, p, d, groups = case
     gen = torch.Generator().manual_seed(sum(case))
     x = torch.randn(n, c, h, w, generator=gen).bfloat16()
@@ -241,7 +247,7 @@ def test_bfloat16_conv2d_against_float64(case):
         torch_grads = torch.ops.aten.convolution_backward(g, xl, wl, [co], [s, s], [p, p],
                                                           [d, d], False, [0, 0], groups,
                                                           [True, True, True])
-        g_scale = float(g.abs().max())
+        g_scale = float(g.abs().max()) if g.numel() else 0.0
         for name, m, t, r in zip(("grad_input", "grad_weight", "grad_bias"), mine, torch_grads,
                                  (xd.grad, wd.grad, bd.grad)):
             _compare(name, m, t, r, torch.bfloat16,
@@ -298,3 +304,20 @@ def test_bfloat16_linear_is_bitwise_the_same_for_any_thread_count():
                             *torch.ops.pyengine.linear_backward(g, x, w, [True, True, False])[:2]))
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_bfloat16_conv2d_is_bitwise_the_same_for_any_thread_count():
+    """conv2d's bfloat16 forward (on AMX tiles where the CPU has them: cpu/conv2d_amx.cpp) sums
+    each output in an order fixed by the shapes: one and several threads give the same bits."""
+    import helpers
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 40, 13, 37, generator=gen).bfloat16()
+    w = torch.randn(36, 40, 3, 3, generator=gen).bfloat16()
+    b = torch.randn(36, generator=gen).bfloat16()
+    results = []
+    for threads in (1, 2, 3):
+        with helpers.set_num_threads(threads):
+            results.append(torch.ops.pyengine.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1))
+    for other in results[1:]:
+        assert torch.equal(results[0], other)

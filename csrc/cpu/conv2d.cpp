@@ -171,6 +171,18 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
   const Geometry g =
       check_conv2d<int64_t>(input, weight, bias, stride, padding, dilation, groups);
   const bool has_bias = bias.has_value() && bias->defined();
+  if (input.scalar_type() == at::kBFloat16) {
+    // Registered with PE_KERNEL_NATIVE_BF16: bfloat16 calls arrive as they are where the CPU has
+    // AMX (cpu::conv2d::amx_available). The geometries its kernel takes run on the tiles; the
+    // others on float32 copies, as everywhere else (common/low_precision.h).
+    if (cpu::conv2d::amx_forward_fits(g))
+      return cpu::conv2d::forward_amx(g, input, weight, has_bias ? *bias : Tensor(),
+                                      conv2d_channels_last(input, weight));
+    return low_precision::narrow(
+        conv2d_cpu(low_precision::widen(input), low_precision::widen(weight),
+                   low_precision::widen(bias), stride, padding, dilation, groups),
+        at::kBFloat16);
+  }
   const Tensor out = cpu::conv2d_forward_contiguous(g, input.contiguous(), weight.contiguous(),
                                                has_bias ? bias->contiguous() : Tensor());
   return as_image_layout(out, conv2d_channels_last(input, weight));
@@ -290,7 +302,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
-  m.impl("conv2d", PE_KERNEL(conv2d_cpu));
+  m.impl("conv2d", PE_KERNEL_NATIVE_BF16(conv2d_cpu, cpu::conv2d::amx_available));
   m.impl("conv2d_backward", PE_KERNEL(conv2d_backward_cpu));
 }
 

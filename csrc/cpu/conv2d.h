@@ -7,6 +7,8 @@
 // (out_channels, in_channels / groups, kernel_h, kernel_w), y and dy (batch, out_channels, out_h,
 // out_w), bias and db (out_channels). bias, and any of dx / dw / db, may be null (not wanted).
 // The geometry has batch >= 1 and non-empty sizes otherwise (conv2d.cpp handles empty ones).
+#include <ATen/core/Tensor.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <functional>
@@ -78,6 +80,15 @@ bool backward_input_winograd(const Geometry& g, const T* dy, const T* w, T* dx);
 bool winograd_fits_backward_weight(const Geometry& g);
 template <typename T>
 bool backward_weight_winograd(const Geometry& g, const T* dy, const T* x, T* dw);
+
+// bfloat16 forward on AMX tiles (conv2d_amx.cpp): amx_available() where the CPU runs level
+// amx_bf16 (isa_for(Family::GemmBf16): PYENGINE_CPU_ISA=avx512_bf16 turns it off with the
+// linear GEMM's tiles); amx_forward_fits(g) where it takes the geometry (one group, 16+
+// channels in and out). forward_amx returns y in bfloat16, in the layout channels_last says.
+bool amx_available();
+bool amx_forward_fits(const Geometry& g);
+at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                       const at::Tensor& bias, bool channels_last);
 
 // ---- Shared helpers ---------------------------------------------------------------------------
 

@@ -68,7 +68,8 @@ Isa isa();
 // Kernel families, each with its own set of compiled levels (isa.cpp lists them).
 enum class Family : int {
   Gemm,          // cpu/gemm.cpp: the matrix multiplies of conv2d and linear
-  GemmBf16,      // cpu/gemm_bf16.cpp: the bfloat16 matrix multiply (amx_bf16, avx512_bf16)
+  GemmBf16,      // cpu/gemm_bf16.cpp: the bfloat16 matrix multiply (amx_bf16, avx512_bf16);
+                 // cpu/conv2d_amx.cpp: conv2d's bfloat16 forward on the same tiles (amx_bf16)
   Conv2d,        // cpu/conv2d*.cpp: im2col, col2im, batch transposes, bias gradients
   Linear,        // cpu/linear.cpp: the bias gradient's column sums
   MaxPool2d,     // cpu/pool.cpp

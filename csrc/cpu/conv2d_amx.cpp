@@ -1,0 +1,321 @@
+// bfloat16 conv2d forward on AMX tiles (level amx_bf16; interface: cpu/conv2d.h): an implicit
+// GEMM that loads its A tiles straight from a zero-padded channels-last copy of the input, with
+// float32 accumulation and one rounding per output element.
+//
+//   y[n, co, oh, ow] = round(bias[co] + sum_(kh, kw, ci) x[n, ci, ih, iw] * w[co, ci, kh, kw]),
+//   ih = oh * stride_h - padding_h + kh * dilation_h (iw likewise)
+//
+// Why no im2col: in a channels-last image a tap's 32 channels of one pixel are 64 contiguous
+// bytes, and the same tap for 16 consecutive output pixels of a row lies at a constant stride
+// (stride_w pixels), which is exactly a tile load (TILELOADD: 16 rows of 64 bytes, any row
+// stride). So each (tap, 32-channel block) step of the reduction is one A tile per 16 output
+// pixels read in place: no strip of taps is ever built (the im2col + tile GEMM attempt, whose
+// strips were 9x the input for 3x3, was no faster than the float32 kernels).
+//
+// Operands:
+//   xp: the input as [n][padded row][padded column][Cp channels] bfloat16, Cp = in_channels
+//       rounded up to 32 (zeros), the padding zeros too, plus a tail of zeros that the last
+//       segment's rows past the output row may read (their results are dropped);
+//   wp: the weight as B tiles, [co block of 16][tap][channel block of 32][pair][co][2]: a tile
+//       is 16 pairs of channels x 16 output channels, 1 KB, in the order the reduction reads
+//       them; output channels padded to whole pairs of blocks with zeros.
+// A "segment" is up to 16 consecutive output pixels of one output row. The C block is 2
+// segments x 32 output channels (4 tiles: the 8 tile registers hold 4 C, 2 A, 2 B), summed over
+// all taps and channel blocks in order by one thread, then stored through a float32 buffer:
+// bias added in float32, rounded to bfloat16 (round to nearest even), written in the output's
+// layout. Results depend on the shapes only, never on the thread count.
+//
+// Napkin math, 3x3 64 -> 64 at 56 x 56, batch 8 (1.85 GFLOP): a reduction step is 4 tile loads
+// (4 KB, from L1 / L2) for 4 tile multiplies of 16 x 16 x 32: ~64 cycles either way, so about
+// half of the tile unit's peak (as the linear GEMM: cpu/gemm_bf16.cpp), ~500 FLOP per cycle and
+// core: ~1 ms on the 2 cores; the layout copies move ~10 MB (input to channels-last, padded
+// copy, output) on top.
+//
+// Where it runs (amx_forward_fits): one group, 16+ input and output channels (narrower layers
+// would multiply mostly padding: LeNet's convolutions keep the float32 kernels). The backward
+// passes run in float32 (common/low_precision.h).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "common/layout.h"
+#include "cpu/allocator.h"
+#include "cpu/conv2d.h"
+#include "cpu/isa.h"
+#include "cpu/transpose.h"
+
+namespace pyengine {
+namespace cpu {
+namespace conv2d {
+
+bool amx_available() {
+#if PE_HAVE_AMX_BF16
+  return isa_for(Family::GemmBf16) == Isa::AmxBf16;
+#else
+  return false;
+#endif
+}
+
+bool amx_forward_fits(const Geometry& g) {
+  return amx_available() && g.groups == 1 && g.in_channels >= 16 && g.out_channels >= 16;
+}
+
+#if PE_HAVE_AMX_BF16
+
+// GCC 12 flags its own _mm512_undefined_* inside intrinsics as uninitialized where inlined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace {
+
+constexpr int64_t kSeg = 16;       // output pixels of a segment: the rows of an A / C tile
+constexpr int64_t kCb = 32;        // channels of a reduction step: 16 pairs
+constexpr int64_t kCoBlock = 16;   // output channels of a B / C tile
+
+struct TileConfig {  // LDTILECFG's 64-byte operand, palette 1
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The sizes of the packed operands, shared by the packing and the multiply.
+struct Plan {
+  int64_t Hp, Wp, Cp, CB;  // padded input rows, columns, channels; channel blocks
+  int64_t taps;            // kernel_h * kernel_w
+  int64_t co_blocks;       // blocks of 16 output channels, a multiple of 2
+  int64_t per_row;         // segments per output row
+  int64_t segments;        // batch * out_h * per_row
+  int64_t image;           // elements of one padded image
+  int64_t xp_size;         // elements of xp, its zero tail included
+  explicit Plan(const Geometry& g) {
+    Hp = g.in_h + 2 * g.padding_h;
+    Wp = g.in_w + 2 * g.padding_w;
+    Cp = round_up(g.in_channels, kCb);
+    CB = Cp / kCb;
+    taps = g.kernel_h * g.kernel_w;
+    co_blocks = round_up(g.out_channels, 2 * kCoBlock) / kCoBlock;
+    per_row = (g.out_w + kSeg - 1) / kSeg;
+    segments = g.batch * g.out_h * per_row;
+    image = Hp * Wp * Cp;
+    // A segment's rows run up to 15 pixels (stride_w columns each) past the output row.
+    xp_size = g.batch * image + (kSeg * g.stride_w + 1) * Cp;
+  }
+};
+
+// xp from x (channels-last contiguous, [n][h][w][c]), images [n0, n1).
+void pack_input(const Geometry& g, const Plan& p, const uint16_t* x, int64_t n0, int64_t n1,
+                uint16_t* xp) {
+  const int64_t C = g.in_channels, W = g.in_w, pw = g.padding_w;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t hp = 0; hp < p.Hp; ++hp) {
+      uint16_t* row = xp + n * p.image + hp * p.Wp * p.Cp;
+      const int64_t h = hp - g.padding_h;
+      if (h < 0 || h >= g.in_h) {
+        std::memset(row, 0, sizeof(uint16_t) * p.Wp * p.Cp);
+        continue;
+      }
+      std::memset(row, 0, sizeof(uint16_t) * pw * p.Cp);
+      std::memset(row + (pw + W) * p.Cp, 0, sizeof(uint16_t) * (p.Wp - pw - W) * p.Cp);
+      const uint16_t* src = x + ((n * g.in_h + h) * W) * C;
+      uint16_t* dst = row + pw * p.Cp;
+      if (p.Cp == C) {
+        std::memcpy(dst, src, sizeof(uint16_t) * W * C);
+      } else {
+        for (int64_t w = 0; w < W; ++w) {
+          std::memcpy(dst + w * p.Cp, src + w * C, sizeof(uint16_t) * C);
+          std::memset(dst + w * p.Cp + C, 0, sizeof(uint16_t) * (p.Cp - C));
+        }
+      }
+    }
+  }
+}
+
+// wp from w ([co][ci][kh][kw] contiguous), co blocks [j0, j1).
+void pack_weight(const Geometry& g, const Plan& p, const uint16_t* w, int64_t j0, int64_t j1,
+                 uint16_t* wp) {
+  const int64_t Cin = g.in_channels, Cout = g.out_channels;
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t t = 0; t < p.taps; ++t)
+      for (int64_t cb = 0; cb < p.CB; ++cb) {
+        uint16_t* tile = wp + ((j * p.taps + t) * p.CB + cb) * (kCb * kCoBlock);
+        for (int64_t q = 0; q < kCb / 2; ++q)
+          for (int64_t c = 0; c < kCoBlock; ++c)
+            for (int64_t e = 0; e < 2; ++e) {
+              const int64_t co = j * kCoBlock + c, ci = cb * kCb + 2 * q + e;
+              tile[(q * kCoBlock + c) * 2 + e] =
+                  co < Cout && ci < Cin ? w[(co * Cin + ci) * p.taps + t] : uint16_t(0);
+            }
+      }
+}
+
+struct Segment {
+  int64_t n, oh, ow0, count;
+};
+
+Segment segment(const Geometry& g, const Plan& p, int64_t s) {
+  const int64_t row = s / p.per_row, ow0 = (s % p.per_row) * kSeg;
+  return {row / g.out_h, row % g.out_h, ow0, std::min(kSeg, g.out_w - ow0)};
+}
+
+// The output's strides (n, c, h, w) in elements.
+struct OutStrides {
+  int64_t n, c, h, w;
+};
+
+// buf's 16 x 16 block (rows: the segment's pixels, columns: output channels co0 ..), plus bias,
+// rounded and stored into y.
+PE_TARGET_AVX512_BF16 void store_block(const float* blk, int64_t ld, const Segment& sg,
+                                       int64_t co0, int64_t nco, const float* bias,
+                                       const OutStrides& o, uint16_t* y) {
+  const __mmask16 cm = static_cast<__mmask16>(nco == 16 ? 0xffffu : (1u << nco) - 1u);
+  uint16_t* base = y + sg.n * o.n + co0 * o.c + sg.oh * o.h + sg.ow0 * o.w;
+  if (o.c == 1) {  // channels last: a pixel's 16 channels are contiguous
+    const __m512 b = _mm512_maskz_loadu_ps(cm, bias + co0);
+    for (int64_t r = 0; r < sg.count; ++r) {
+      const __m512 v = _mm512_add_ps(_mm512_loadu_ps(blk + r * ld), b);
+      _mm256_mask_storeu_epi16(base + r * o.w, cm, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+    return;
+  }
+  alignas(64) float t[16 * 16];
+  transpose16(blk, ld, sg.count, nco, t, 16, nullptr, bias + co0);  // t[c][r]
+  const __mmask16 rm =
+      static_cast<__mmask16>(sg.count == 16 ? 0xffffu : (1u << sg.count) - 1u);
+  if (o.w == 1) {
+    for (int64_t c = 0; c < nco; ++c)
+      _mm256_mask_storeu_epi16(base + c * o.c, rm,
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(t + c * 16)));
+    return;
+  }
+  alignas(32) uint16_t rounded[16];
+  for (int64_t c = 0; c < nco; ++c) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rounded),
+                       (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(t + c * 16)));
+    for (int64_t r = 0; r < sg.count; ++r) base[c * o.c + r * o.w] = rounded[r];
+  }
+}
+
+// Segment pairs [s0, s1) times every pair of output-channel blocks, on this thread (the tile
+// configuration is per thread).
+PE_TARGET_AMX_BF16 void multiply(const Geometry& g, const Plan& p, const uint16_t* xp,
+                                 const uint16_t* wp, const float* bias, const OutStrides& o,
+                                 int64_t s0, int64_t s1, uint16_t* y) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) float buf[2 * kSeg * 2 * kCoBlock];  // [pixel of the 2 segments][32 channels]
+  const int64_t a_stride = g.stride_w * p.Cp * 2;  // bytes between a tile's rows
+  const int64_t b_tile = kCb * kCoBlock;           // elements of a B tile
+  for (int64_t sp = s0; sp < s1; ++sp) {
+    const Segment sg[2] = {segment(g, p, 2 * sp),
+                           segment(g, p, std::min(2 * sp + 1, p.segments - 1))};
+    const bool second = 2 * sp + 1 < p.segments;
+    const uint16_t* a[2];
+    for (int k = 0; k < 2; ++k)
+      a[k] = xp + sg[k].n * p.image + (sg[k].oh * g.stride_h * p.Wp + sg[k].ow0 * g.stride_w) * p.Cp;
+    for (int64_t j = 0; j < p.co_blocks; j += 2) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const uint16_t* b0 = wp + j * p.taps * p.CB * b_tile;
+      const uint16_t* b1 = b0 + p.taps * p.CB * b_tile;
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh)
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+          const int64_t shift = (kh * g.dilation_h * p.Wp + kw * g.dilation_w) * p.Cp;
+          const int64_t t = kh * g.kernel_w + kw;
+          for (int64_t cb = 0; cb < p.CB; ++cb) {
+            const int64_t bo = (t * p.CB + cb) * b_tile;
+            _tile_loadd(4, a[0] + shift + cb * kCb, a_stride);
+            _tile_loadd(5, a[1] + shift + cb * kCb, a_stride);
+            _tile_loadd(6, b0 + bo, 64);
+            _tile_loadd(7, b1 + bo, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+      _tile_stored(0, buf, 32 * 4);
+      _tile_stored(1, buf + 16, 32 * 4);
+      _tile_stored(2, buf + 16 * 32, 32 * 4);
+      _tile_stored(3, buf + 16 * 32 + 16, 32 * 4);
+      for (int k = 0; k < (second ? 2 : 1); ++k)
+        for (int64_t jj = 0; jj < 2; ++jj) {
+          const int64_t co0 = (j + jj) * kCoBlock;
+          if (co0 >= g.out_channels) continue;
+          store_block(buf + k * kSeg * 32 + jj * kCoBlock, 32, sg[k], co0,
+                      std::min(kCoBlock, g.out_channels - co0), bias, o, y);
+        }
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace
+
+#pragma GCC diagnostic pop
+
+at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                       const at::Tensor& bias, bool channels_last) {
+  at::Tensor out = empty_image<int64_t>(at::IntArrayRef(g.output_sizes()), channels_last,
+                                        input.options());
+  if (out.numel() == 0) return out;
+  const Plan p(g);
+  // The input channels-last and contiguous ([n][h][w][c]), the weight contiguous.
+  const at::Tensor x4 = g.batched ? input : input.unsqueeze(0);
+  const at::Tensor xl = x4.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor wc = weight.contiguous();
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(xl.const_data_ptr<at::BFloat16>());
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(wc.const_data_ptr<at::BFloat16>());
+
+  CachedBuffer<uint16_t> xp(static_cast<size_t>(p.xp_size), false);
+  std::memset(xp.data() + g.batch * p.image, 0,
+              sizeof(uint16_t) * (p.xp_size - g.batch * p.image));
+  at::parallel_for(0, g.batch, 1, [&](int64_t n0, int64_t n1) {
+    pack_input(g, p, x, n0, n1, xp.data());
+  });
+  CachedBuffer<uint16_t> wp(static_cast<size_t>(p.co_blocks * p.taps * p.CB * kCb * kCoBlock),
+                            false);
+  at::parallel_for(0, p.co_blocks, 1, [&](int64_t j0, int64_t j1) {
+    pack_weight(g, p, w, j0, j1, wp.data());
+  });
+  // The bias in float32, zero-padded to the co blocks (added before the one rounding).
+  CachedBuffer<float> b32(static_cast<size_t>(p.co_blocks * kCoBlock), 0.0f);
+  if (bias.defined()) {
+    const at::Tensor bc = bias.contiguous();
+    const at::BFloat16* pb = bc.const_data_ptr<at::BFloat16>();
+    for (int64_t c = 0; c < g.out_channels; ++c) b32[c] = static_cast<float>(pb[c]);
+  }
+
+  const at::Tensor y4 = g.batched ? out : out.unsqueeze(0);
+  const OutStrides o{y4.stride(0), y4.stride(1), y4.stride(2), y4.stride(3)};
+  uint16_t* y = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
+  const int64_t pairs = (p.segments + 1) / 2;
+  at::parallel_for(0, pairs, 4, [&](int64_t s0, int64_t s1) {
+    multiply(g, p, xp.data(), wp.data(), b32.data(), o, s0, s1, y);
+  });
+  return out;
+}
+
+#else  // !PE_HAVE_AMX_BF16
+
+at::Tensor forward_amx(const Geometry&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       bool) {
+  TORCH_CHECK(false, "pyengine: conv2d's AMX kernel is not compiled in this build");
+}
+
+#endif  // PE_HAVE_AMX_BF16
+
+}  // namespace conv2d
+}  // namespace cpu
+}  // namespace pyengine
