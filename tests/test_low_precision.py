@@ -321,3 +321,26 @@ def test_bfloat16_conv2d_is_bitwise_the_same_for_any_thread_count():
             results.append(torch.ops.pyengine.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1))
     for other in results[1:]:
         assert torch.equal(results[0], other)
+
+
+def test_bfloat16_conv2d_with_non_finite_weights_places_inf_and_nan_as_float32():
+    """A non-finite weight times the zero padding: torch's convolution has no such term, a
+    convolution over a zero-padded copy would make it NaN. bfloat16 calls with such weights take
+    the float32 kernels (cpu/conv2d.h): the forward's and grad_input's Inf / NaN positions are
+    those of the same call in float32, on 16+ channels (where AMX tiles run, on CPUs with them)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 16, 6, 7, generator=gen).bfloat16()
+    w = torch.randn(16, 16, 3, 3, generator=gen).bfloat16()
+    w[3, 5, 0, 0] = float("inf")
+    w[9, 2, 2, 1] = float("nan")
+    g = torch.randn(2, 16, 6, 7, generator=gen).bfloat16()
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    y = torch.ops.pyengine.conv2d(x, w, None, *geometry)
+    y32 = torch.ops.pyengine.conv2d(x.float(), w.float(), None, *geometry)
+    gx = torch.ops.pyengine.conv2d_backward(g, x, w, *geometry, [True, False, False])[0]
+    gx32 = torch.ops.pyengine.conv2d_backward(g.float(), x.float(), w.float(), *geometry,
+                                              [True, False, False])[0]
+    for name, ours, f32 in (("forward", y, y32), ("grad_input", gx, gx32)):
+        assert torch.equal(ours.isnan(), f32.isnan()), name
+        assert torch.equal(ours.isinf(), f32.isinf()), name
+        assert (~f32.isfinite()).any() and f32.isfinite().any(), name  # the case bites

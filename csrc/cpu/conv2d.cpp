@@ -175,7 +175,8 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
     // Registered with PE_KERNEL_NATIVE_BF16: bfloat16 calls arrive as they are where the CPU has
     // AMX (cpu::conv2d::amx_available). The geometries its kernel takes run on the tiles; the
     // others on float32 copies, as everywhere else (common/low_precision.h).
-    if (cpu::conv2d::amx_forward_fits(g))
+    if (cpu::conv2d::amx_forward_fits(g) &&
+        ((g.padding_h == 0 && g.padding_w == 0) || cpu::conv2d::all_finite_bf16(weight)))
       return cpu::conv2d::forward_amx(g, input, weight, has_bias ? *bias : Tensor(),
                                       conv2d_channels_last(input, weight));
     return low_precision::narrow(
@@ -293,6 +294,26 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
                                                        std::array<bool, 3> mask) {
   const Geometry g = check_conv2d_backward<int64_t>(grad_output, input, weight, stride,
                                                     padding, dilation, groups);
+  if (grad_output.scalar_type() == at::kBFloat16) {
+    // Registered with PE_KERNEL_NATIVE_BF16 (see conv2d_cpu): grad_input on AMX tiles where
+    // that kernel takes it; grad_weight, grad_bias and the other geometries on float32 copies.
+    Tensor grad_input;
+    std::array<bool, 3> rest = mask;
+    if (mask[0] && g.batch > 0 && cpu::conv2d::amx_backward_input_fits(g) &&
+        cpu::conv2d::all_finite_bf16(weight)) {
+      grad_input = cpu::conv2d::backward_input_amx(g, grad_output, weight,
+                                                   conv2d_channels_last(input, weight));
+      rest[0] = false;
+    }
+    if (!rest[0] && !rest[1] && !rest[2]) return {grad_input, Tensor(), Tensor()};
+    auto grads = low_precision::narrow(
+        conv2d_backward_cpu(low_precision::widen(grad_output), low_precision::widen(input),
+                            low_precision::widen(weight), stride, padding, dilation, groups,
+                            rest),
+        at::kBFloat16);
+    if (grad_input.defined()) std::get<0>(grads) = grad_input;
+    return grads;
+  }
   return conv2d_grads_in_layout(
       cpu::conv2d_backward_contiguous(g, grad_output.contiguous(), input.contiguous(),
                                       weight.contiguous(), mask),
@@ -303,7 +324,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
   m.impl("conv2d", PE_KERNEL_NATIVE_BF16(conv2d_cpu, cpu::conv2d::amx_available));
-  m.impl("conv2d_backward", PE_KERNEL(conv2d_backward_cpu));
+  m.impl("conv2d_backward",
+         PE_KERNEL_NATIVE_BF16(conv2d_backward_cpu, cpu::conv2d::amx_available));
 }
 
 }  // namespace pyengine

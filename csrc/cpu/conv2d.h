@@ -85,10 +85,18 @@ bool backward_weight_winograd(const Geometry& g, const T* dy, const T* x, T* dw)
 // amx_bf16 (isa_for(Family::GemmBf16): PYENGINE_CPU_ISA=avx512_bf16 turns it off with the
 // linear GEMM's tiles); amx_forward_fits(g) where it takes the geometry (one group, 16+
 // channels in and out). forward_amx returns y in bfloat16, in the layout channels_last says.
+// amx_backward_input_fits(g): grad_input on the same kernel (stride 1, padding at most the
+// dilated kernel's reach: a convolution of dY by the flipped weight). Both multiply padding
+// zeros by every weight, so a non-finite weight (all_finite_bf16) must take the float32 kernels,
+// whose Inf / NaN placement is torch's.
 bool amx_available();
 bool amx_forward_fits(const Geometry& g);
+bool amx_backward_input_fits(const Geometry& g);
+bool all_finite_bf16(const at::Tensor& t);
 at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
                        const at::Tensor& bias, bool channels_last);
+at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
+                              const at::Tensor& weight, bool channels_last);
 
 // ---- Shared helpers ---------------------------------------------------------------------------
 

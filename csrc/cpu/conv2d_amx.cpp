@@ -65,6 +65,21 @@ bool amx_forward_fits(const Geometry& g) {
   return amx_available() && g.groups == 1 && g.in_channels >= 16 && g.out_channels >= 16;
 }
 
+bool amx_backward_input_fits(const Geometry& g) {
+  return amx_forward_fits(g) && g.stride_h == 1 && g.stride_w == 1 &&
+         g.padding_h <= (g.kernel_h - 1) * g.dilation_h &&
+         g.padding_w <= (g.kernel_w - 1) * g.dilation_w;
+}
+
+// Whether every element of t (bfloat16) is finite: exponent bits not all ones.
+bool all_finite_bf16(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  const uint16_t* v = reinterpret_cast<const uint16_t*>(c.const_data_ptr<at::BFloat16>());
+  uint16_t bad = 0;
+  for (int64_t i = 0; i < c.numel(); ++i) bad |= static_cast<uint16_t>((v[i] & 0x7f80u) == 0x7f80u);
+  return bad == 0;
+}
+
 #if PE_HAVE_AMX_BF16
 
 // GCC 12 flags its own _mm512_undefined_* inside intrinsics as uninitialized where inlined.
@@ -136,9 +151,10 @@ void pack_input(const Geometry& g, const Plan& p, const uint16_t* x, int64_t n0,
   }
 }
 
-// wp from w ([co][ci][kh][kw] contiguous), co blocks [j0, j1).
-void pack_weight(const Geometry& g, const Plan& p, const uint16_t* w, int64_t j0, int64_t j1,
-                 uint16_t* wp) {
+// wp from w, co blocks [j0, j1). w is [co][ci][kh][kw] contiguous, or, `transposed`, the weight
+// of the convolution this one is the grad_input of: [ci][co][kh][kw], read flipped in kh and kw.
+void pack_weight(const Geometry& g, const Plan& p, const uint16_t* w, bool transposed,
+                 int64_t j0, int64_t j1, uint16_t* wp) {
   const int64_t Cin = g.in_channels, Cout = g.out_channels;
   for (int64_t j = j0; j < j1; ++j)
     for (int64_t t = 0; t < p.taps; ++t)
@@ -148,11 +164,15 @@ void pack_weight(const Geometry& g, const Plan& p, const uint16_t* w, int64_t j0
           for (int64_t c = 0; c < kCoBlock; ++c)
             for (int64_t e = 0; e < 2; ++e) {
               const int64_t co = j * kCoBlock + c, ci = cb * kCb + 2 * q + e;
-              tile[(q * kCoBlock + c) * 2 + e] =
-                  co < Cout && ci < Cin ? w[(co * Cin + ci) * p.taps + t] : uint16_t(0);
+              uint16_t v = 0;
+              if (co < Cout && ci < Cin)
+                v = transposed ? w[(ci * Cout + co) * p.taps + (p.taps - 1 - t)]
+                               : w[(co * Cin + ci) * p.taps + t];
+              tile[(q * kCoBlock + c) * 2 + e] = v;
             }
       }
 }
+
 
 struct Segment {
   int64_t n, oh, ow0, count;
@@ -265,8 +285,11 @@ PE_TARGET_AMX_BF16 void multiply(const Geometry& g, const Plan& p, const uint16_
 
 #pragma GCC diagnostic pop
 
-at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                       const at::Tensor& bias, bool channels_last) {
+namespace {
+
+// The convolution of `input` by `weight` (transposed: see pack_weight) in geometry g.
+at::Tensor convolve(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                    const at::Tensor& bias, bool channels_last, bool transposed) {
   at::Tensor out = empty_image<int64_t>(at::IntArrayRef(g.output_sizes()), channels_last,
                                         input.options());
   if (out.numel() == 0) return out;
@@ -287,7 +310,7 @@ at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Ten
   CachedBuffer<uint16_t> wp(static_cast<size_t>(p.co_blocks * p.taps * p.CB * kCb * kCoBlock),
                             false);
   at::parallel_for(0, p.co_blocks, 1, [&](int64_t j0, int64_t j1) {
-    pack_weight(g, p, w, j0, j1, wp.data());
+    pack_weight(g, p, w, transposed, j0, j1, wp.data());
   });
   // The bias in float32, zero-padded to the co blocks (added before the one rounding).
   CachedBuffer<float> b32(static_cast<size_t>(p.co_blocks * kCoBlock), 0.0f);
@@ -307,10 +330,36 @@ at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Ten
   return out;
 }
 
+}  // namespace
+
+at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                       const at::Tensor& bias, bool channels_last) {
+  return convolve(g, input, weight, bias, channels_last, false);
+}
+
+// grad_input of a stride-1 convolution: the convolution of dY, padded by (k - 1) * d - p, by the
+// weight with in and out channels swapped and both kernel dims flipped.
+at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
+                              const at::Tensor& weight, bool channels_last) {
+  Geometry t = g;
+  t.in_channels = g.out_channels;
+  t.in_h = g.out_h;
+  t.in_w = g.out_w;
+  t.out_channels = g.in_channels;
+  t.out_h = g.in_h;
+  t.out_w = g.in_w;
+  t.padding_h = (g.kernel_h - 1) * g.dilation_h - g.padding_h;
+  t.padding_w = (g.kernel_w - 1) * g.dilation_w - g.padding_w;
+  return convolve(t, grad_output, weight, at::Tensor(), channels_last, true);
+}
+
 #else  // !PE_HAVE_AMX_BF16
 
 at::Tensor forward_amx(const Geometry&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        bool) {
+  TORCH_CHECK(false, "pyengine: conv2d's AMX kernel is not compiled in this build");
+}
+at::Tensor backward_input_amx(const Geometry&, const at::Tensor&, const at::Tensor&, bool) {
   TORCH_CHECK(false, "pyengine: conv2d's AMX kernel is not compiled in this build");
 }
 
