@@ -344,3 +344,16 @@ def test_bfloat16_conv2d_with_non_finite_weights_places_inf_and_nan_as_float32()
         assert torch.equal(ours.isnan(), f32.isnan()), name
         assert torch.equal(ours.isinf(), f32.isinf()), name
         assert (~f32.isfinite()).any() and f32.isfinite().any(), name  # the case bites
+    # grad_weight and grad_bias read x over the padding and past the rows: an Inf in x or in
+    # dY (finite weights) places its Inf / NaN as float32 does
+    w = torch.randn(16, 16, 3, 3, generator=gen).bfloat16()
+    for which in ("x", "dY"):
+        xb, gb = x.clone(), g.clone()
+        (xb if which == "x" else gb)[1, 4, 0, 6] = float("inf")
+        ours = torch.ops.pyengine.conv2d_backward(gb, xb, w, *geometry, [False, True, True])[1:]
+        f32 = torch.ops.pyengine.conv2d_backward(gb.float(), xb.float(), w.float(), *geometry,
+                                                 [False, True, True])[1:]
+        for name, o, f in zip(("grad_weight", "grad_bias"), ours, f32):
+            assert torch.equal(o.isnan(), f.isnan()), (which, name)
+            assert torch.equal(o.isinf(), f.isinf()), (which, name)
+        assert (~f32[0].isfinite()).any() and f32[0].isfinite().any(), which

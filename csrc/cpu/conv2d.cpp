@@ -297,21 +297,31 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
   if (grad_output.scalar_type() == at::kBFloat16) {
     // Registered with PE_KERNEL_NATIVE_BF16 (see conv2d_cpu): grad_input on AMX tiles where
     // that kernel takes it; grad_weight, grad_bias and the other geometries on float32 copies.
-    Tensor grad_input;
+    const bool channels_last = conv2d_channels_last(input, weight);
+    Tensor grad_input, grad_weight, grad_bias;
     std::array<bool, 3> rest = mask;
     if (mask[0] && g.batch > 0 && cpu::conv2d::amx_backward_input_fits(g) &&
         cpu::conv2d::all_finite_bf16(weight)) {
-      grad_input = cpu::conv2d::backward_input_amx(g, grad_output, weight,
-                                                   conv2d_channels_last(input, weight));
+      grad_input = cpu::conv2d::backward_input_amx(g, grad_output, weight, channels_last);
       rest[0] = false;
     }
-    if (!rest[0] && !rest[1] && !rest[2]) return {grad_input, Tensor(), Tensor()};
+    if (mask[1] && g.batch > 0 && cpu::conv2d::amx_backward_weight_fits(g)) {
+      auto [dw, db] = cpu::conv2d::backward_weight_amx(g, grad_output, input, mask[2]);
+      if (dw.defined()) {  // (undefined: a non-finite x, left to float32 below)
+        grad_weight = as_image_layout(dw, channels_last);
+        grad_bias = db;
+        rest[1] = rest[2] = false;
+      }
+    }
+    if (!rest[0] && !rest[1] && !rest[2]) return {grad_input, grad_weight, grad_bias};
     auto grads = low_precision::narrow(
         conv2d_backward_cpu(low_precision::widen(grad_output), low_precision::widen(input),
                             low_precision::widen(weight), stride, padding, dilation, groups,
                             rest),
         at::kBFloat16);
     if (grad_input.defined()) std::get<0>(grads) = grad_input;
+    if (grad_weight.defined()) std::get<1>(grads) = grad_weight;
+    if (grad_bias.defined()) std::get<2>(grads) = grad_bias;
     return grads;
   }
   return conv2d_grads_in_layout(

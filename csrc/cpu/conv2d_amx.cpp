@@ -40,8 +40,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 
 #include "common/layout.h"
 #include "cpu/allocator.h"
@@ -63,6 +65,10 @@ bool amx_available() {
 
 bool amx_forward_fits(const Geometry& g) {
   return amx_available() && g.groups == 1 && g.in_channels >= 16 && g.out_channels >= 16;
+}
+
+bool amx_backward_weight_fits(const Geometry& g) {
+  return amx_forward_fits(g) && g.stride_w == 1;
 }
 
 bool amx_backward_input_fits(const Geometry& g) {
@@ -283,7 +289,6 @@ PE_TARGET_AMX_BF16 void multiply(const Geometry& g, const Plan& p, const uint16_
 
 }  // namespace
 
-#pragma GCC diagnostic pop
 
 namespace {
 
@@ -353,6 +358,255 @@ at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
   return convolve(t, grad_output, weight, at::Tensor(), channels_last, true);
 }
 
+// ---- grad_weight ------------------------------------------------------------------------------
+//
+//   dW[co, ci, kh, kw] = sum_(n, oh, ow) dY[n, co, oh, ow] * x[n, ci, ih, iw]   (one GEMM per tap)
+//
+// with the pixels as the reduction: C[ci][co] (per tap) = sum_k A[ci][k] B[k][co]. With stride 1
+// along the rows, 32 consecutive output pixels of a row read 32 consecutive input columns of each
+// channel: an A tile (16 channels x 32 pixels) loads in place from a padded NCHW copy of x (row
+// stride: one channel plane). B is dY packed once as pairs of pixels (16 pairs x 16 output
+// channels per tile), shared by all taps. Reduction blocks are 32 pixels of one output row; a
+// row's last block reads past the row in x (zeros or real columns) against zero rows of B, so
+// every term there is 0 unless x holds an Inf or NaN: the packing checks x, and a non-finite
+// value sends the call to the float32 kernels (whose placement of Inf and NaN is torch's). An
+// Inf in dY meets only the x values (padding zeros included) an im2col GEMM would: the same
+// placement as the float32 kernels (tested).
+//
+// Work items: (tap, 32 input channels, 32 output channels), each a 32 x 32 block of C summed
+// over all images in order by one thread; images outer (an image's x and dY, ~1 MB at 64
+// channels @56, stay in L2 while every item of the thread passes over them), C kept in a float32
+// buffer between images. Results depend on the shapes only, never on the thread count.
+
+namespace {
+
+struct WeightPlan {
+  int64_t Hp, Wq, Cp, Op, KB, taps, x_image, dy_row;
+  explicit WeightPlan(const Geometry& g) {
+    Hp = g.in_h + 2 * g.padding_h;
+    KB = (g.out_w + 31) / 32;
+    // A row's blocks read columns up to KB * 32 - 1 + (kernel_w - 1) * dilation_w.
+    Wq = std::max<int64_t>(g.in_w + 2 * g.padding_w, KB * 32 + (g.kernel_w - 1) * g.dilation_w);
+    Cp = round_up(g.in_channels, 32);
+    Op = round_up(g.out_channels, 32);
+    taps = g.kernel_h * g.kernel_w;
+    x_image = Cp * Hp * Wq;
+    dy_row = KB * (Op / kCoBlock) * 512;  // elements of one output row of packed dY
+  }
+};
+
+// Whether any of n bfloat16 values is Inf or NaN (exponent bits all ones).
+PE_TARGET_AVX512 bool any_non_finite(const uint16_t* v, int64_t n) {
+  const __m512i e = _mm512_set1_epi16(0x7f80);
+  __mmask32 bad = 0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(_mm512_loadu_si512(v + i), e), e);
+  if (i < n) {
+    const __mmask32 m = static_cast<__mmask32>((1ull << (n - i)) - 1);
+    bad |= _mm512_mask_cmpeq_epi16_mask(m, _mm512_and_si512(_mm512_maskz_loadu_epi16(m, v + i), e),
+                                        e);
+  }
+  return bad != 0;
+}
+
+// xq[n][ci][hp][wq]: x (NCHW contiguous) zero-padded, channels to Cp; images [n0, n1).
+// Returns false if a value is not finite.
+bool pack_x_planes(const Geometry& g, const WeightPlan& p, const uint16_t* x, int64_t n0,
+                   int64_t n1, uint16_t* xq) {
+  bool finite = true;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t c = 0; c < p.Cp; ++c) {
+      uint16_t* plane = xq + (n * p.Cp + c) * p.Hp * p.Wq;
+      if (c >= g.in_channels) {
+        std::memset(plane, 0, sizeof(uint16_t) * p.Hp * p.Wq);
+        continue;
+      }
+      for (int64_t hp = 0; hp < p.Hp; ++hp) {
+        uint16_t* row = plane + hp * p.Wq;
+        const int64_t h = hp - g.padding_h;
+        if (h < 0 || h >= g.in_h) {
+          std::memset(row, 0, sizeof(uint16_t) * p.Wq);
+          continue;
+        }
+        const uint16_t* src = x + ((n * g.in_channels + c) * g.in_h + h) * g.in_w;
+        std::memset(row, 0, sizeof(uint16_t) * g.padding_w);
+        std::memcpy(row + g.padding_w, src, sizeof(uint16_t) * g.in_w);
+        std::memset(row + g.padding_w + g.in_w, 0,
+                    sizeof(uint16_t) * (p.Wq - g.padding_w - g.in_w));
+        finite = finite && !any_non_finite(src, g.in_w);
+      }
+    }
+  return finite;
+}
+
+// dyq[n][oh][kb][co block][pair][co][2] from dY channels-last contiguous ([n][oh][ow][co]): the
+// pairs of pixels (kb * 32 + 2q, + 1) of output channels of the block, zero past the row and past
+// the channels; rows [r0, r1) of n * out_h.
+PE_TARGET_AVX512 void pack_dy_pairs(const Geometry& g, const WeightPlan& p, const uint16_t* dy,
+                                    int64_t r0, int64_t r1, uint16_t* dyq) {
+  const int64_t O = g.out_channels, OW = g.out_w;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* src = dy + r * OW * O;
+    uint16_t* dst = dyq + r * p.dy_row;
+    for (int64_t kb = 0; kb < p.KB; ++kb)
+      for (int64_t j = 0; j < p.Op / kCoBlock; ++j) {
+        const int64_t co0 = j * kCoBlock, nco = std::max<int64_t>(0, std::min(kCoBlock, O - co0));
+        const __mmask16 cm = static_cast<__mmask16>(nco == 16 ? 0xffffu : (1u << nco) - 1u);
+        uint32_t* tile = reinterpret_cast<uint32_t*>(dst + (kb * (p.Op / kCoBlock) + j) * 512);
+        for (int64_t q = 0; q < 16; ++q) {
+          const int64_t a = kb * 32 + 2 * q, b = a + 1;
+          const __m256i va =
+              a < OW ? _mm256_maskz_loadu_epi16(cm, src + a * O + co0) : _mm256_setzero_si256();
+          const __m256i vb =
+              b < OW ? _mm256_maskz_loadu_epi16(cm, src + b * O + co0) : _mm256_setzero_si256();
+          _mm512_storeu_si512(tile + q * 16,
+                              _mm512_or_si512(_mm512_cvtepu16_epi32(va),
+                                              _mm512_slli_epi32(_mm512_cvtepu16_epi32(vb), 16)));
+        }
+      }
+  }
+}
+
+// Items [i0, i1) over all images, on this thread; cacc: their 32 x 32 float32 blocks.
+PE_TARGET_AMX_BF16 void weight_items(const Geometry& g, const WeightPlan& p, const uint16_t* xq,
+                                     const uint16_t* dyq, int64_t i0, int64_t i1, float* cacc) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  const int64_t ci_pairs = p.Cp / 32, co_pairs = p.Op / 32;
+  const int64_t a_stride = p.Hp * p.Wq * 2;  // bytes between channels
+  for (int64_t n = 0; n < g.batch; ++n)
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t t = it / (ci_pairs * co_pairs);
+      const int64_t cib = (it / co_pairs) % ci_pairs, cob = it % co_pairs;
+      const int64_t kh = t / g.kernel_w, kw = t % g.kernel_w;
+      float* c = cacc + (it - i0) * 32 * 32;
+      if (n == 0) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      } else {
+        _tile_loadd(0, c, 32 * 4);
+        _tile_loadd(1, c + 16, 32 * 4);
+        _tile_loadd(2, c + 16 * 32, 32 * 4);
+        _tile_loadd(3, c + 16 * 32 + 16, 32 * 4);
+      }
+      const uint16_t* a_base = xq + (n * p.Cp + cib * 32) * p.Hp * p.Wq + kw * g.dilation_w;
+      const uint16_t* b_base = dyq + n * g.out_h * p.dy_row + cob * 2 * 512;
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        const uint16_t* a_row = a_base + (oh * g.stride_h + kh * g.dilation_h) * p.Wq;
+        const uint16_t* b_row = b_base + oh * p.dy_row;
+        for (int64_t kb = 0; kb < p.KB; ++kb) {
+          const uint16_t* a0 = a_row + kb * 32;
+          const uint16_t* b0 = b_row + kb * (p.Op / kCoBlock) * 512;
+          _tile_loadd(4, a0, a_stride);
+          _tile_loadd(5, a0 + 16 * p.Hp * p.Wq, a_stride);
+          _tile_loadd(6, b0, 64);
+          _tile_loadd(7, b0 + 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, c, 32 * 4);
+      _tile_stored(1, c + 16, 32 * 4);
+      _tile_stored(2, c + 16 * 32, 32 * 4);
+      _tile_stored(3, c + 16 * 32 + 16, 32 * 4);
+    }
+  _tile_release();
+}
+
+// grad_bias[co] = sum over (n, oh, ow) of dY, from dY channels-last: float32 lanes over 16
+// output channels, pixels in order; output channels [j0, j1) blocks.
+PE_TARGET_AVX512 void bias_sums(const Geometry& g, const uint16_t* dy, int64_t j0, int64_t j1,
+                                float* db) {
+  const int64_t O = g.out_channels, pixels = g.batch * g.out_h * g.out_w;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t co0 = j * 16, nco = std::min<int64_t>(16, O - co0);
+    const __mmask16 cm = static_cast<__mmask16>(nco == 16 ? 0xffffu : (1u << nco) - 1u);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t q = 0; q < pixels; ++q)
+      acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                   _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                                       cm, dy + q * O + co0)),
+                                   16)));
+    _mm512_mask_storeu_ps(db + co0, cm, acc);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
+                                                       const at::Tensor& grad_output,
+                                                       const at::Tensor& input, bool bias) {
+  const WeightPlan p(g);
+  const at::Tensor x4 = (g.batched ? input : input.unsqueeze(0)).contiguous();
+  const at::Tensor dy4 = (g.batched ? grad_output : grad_output.unsqueeze(0))
+                             .contiguous(at::MemoryFormat::ChannelsLast);
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(x4.const_data_ptr<at::BFloat16>());
+  const uint16_t* dy = reinterpret_cast<const uint16_t*>(dy4.const_data_ptr<at::BFloat16>());
+
+  // xq plus a tail: the last channel block's rows run up to 31 columns past the last row.
+  CachedBuffer<uint16_t> xq(static_cast<size_t>(g.batch * p.x_image + 64), false);
+  std::memset(xq.data() + g.batch * p.x_image, 0, sizeof(uint16_t) * 64);
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, g.batch, 1, [&](int64_t n0, int64_t n1) {
+    if (!pack_x_planes(g, p, x, n0, n1, xq.data())) finite = false;
+  });
+  CachedBuffer<uint16_t> dyq(static_cast<size_t>(g.batch * g.out_h * p.dy_row), false);
+  at::parallel_for(0, g.batch * g.out_h, 8, [&](int64_t r0, int64_t r1) {
+    pack_dy_pairs(g, p, dy, r0, r1, dyq.data());
+  });
+  if (!finite) return {};
+
+  const int64_t ci_pairs = p.Cp / 32, co_pairs = p.Op / 32;
+  const int64_t items = p.taps * ci_pairs * co_pairs;
+  CachedBuffer<float> cacc(static_cast<size_t>(items * 32 * 32), false);
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    weight_items(g, p, xq.data(), dyq.data(), i0, i1, cacc.data() + i0 * 32 * 32);
+  });
+
+  at::Tensor grad_weight = at::empty(
+      {g.out_channels, g.in_channels, g.kernel_h, g.kernel_w},
+      input.options());
+  at::BFloat16* dw = grad_weight.mutable_data_ptr<at::BFloat16>();
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t t = it / (ci_pairs * co_pairs);
+      const int64_t cib = (it / co_pairs) % ci_pairs, cob = it % co_pairs;
+      const float* c = cacc.data() + it * 32 * 32;
+      for (int64_t r = 0; r < 32; ++r) {
+        const int64_t ci = cib * 32 + r;
+        if (ci >= g.in_channels) break;
+        for (int64_t k = 0; k < 32; ++k) {
+          const int64_t co = cob * 32 + k;
+          if (co >= g.out_channels) break;
+          dw[(co * g.in_channels + ci) * p.taps + t] = at::BFloat16(c[r * 32 + k]);
+        }
+      }
+    }
+  });
+  at::Tensor grad_bias;
+  if (bias) {
+    CachedBuffer<float> db(static_cast<size_t>(round_up(g.out_channels, 16)), false);
+    at::parallel_for(0, (g.out_channels + 15) / 16, 1, [&](int64_t j0, int64_t j1) {
+      bias_sums(g, dy, j0, j1, db.data());
+    });
+    grad_bias = at::empty({g.out_channels}, input.options());
+    at::BFloat16* b = grad_bias.mutable_data_ptr<at::BFloat16>();
+    for (int64_t co = 0; co < g.out_channels; ++co) b[co] = at::BFloat16(db[co]);
+  }
+  return {grad_weight, grad_bias};
+}
+
+#pragma GCC diagnostic pop
+
 #else  // !PE_HAVE_AMX_BF16
 
 at::Tensor forward_amx(const Geometry&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -360,6 +614,10 @@ at::Tensor forward_amx(const Geometry&, const at::Tensor&, const at::Tensor&, co
   TORCH_CHECK(false, "pyengine: conv2d's AMX kernel is not compiled in this build");
 }
 at::Tensor backward_input_amx(const Geometry&, const at::Tensor&, const at::Tensor&, bool) {
+  TORCH_CHECK(false, "pyengine: conv2d's AMX kernel is not compiled in this build");
+}
+std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry&, const at::Tensor&,
+                                                       const at::Tensor&, bool) {
   TORCH_CHECK(false, "pyengine: conv2d's AMX kernel is not compiled in this build");
 }
 
