@@ -307,20 +307,25 @@ def test_bfloat16_linear_is_bitwise_the_same_for_any_thread_count():
 
 
 def test_bfloat16_conv2d_is_bitwise_the_same_for_any_thread_count():
-    """conv2d's bfloat16 forward (on AMX tiles where the CPU has them: cpu/conv2d_amx.cpp) sums
-    each output in an order fixed by the shapes: one and several threads give the same bits."""
+    """conv2d's bfloat16 forward and backward (on AMX tiles where the CPU has them:
+    cpu/conv2d_amx.cpp) sum each result in an order fixed by the shapes: one and several
+    threads give the same bits."""
     import helpers
 
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(3, 40, 13, 37, generator=gen).bfloat16()
     w = torch.randn(36, 40, 3, 3, generator=gen).bfloat16()
     b = torch.randn(36, generator=gen).bfloat16()
+    g = torch.randn(3, 36, 13, 37, generator=gen).bfloat16()
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
     results = []
     for threads in (1, 2, 3):
         with helpers.set_num_threads(threads):
-            results.append(torch.ops.pyengine.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1))
+            results.append((torch.ops.pyengine.conv2d(x, w, b, *geometry),
+                            *torch.ops.pyengine.conv2d_backward(g, x, w, *geometry,
+                                                                [True, True, True])))
     for other in results[1:]:
-        assert torch.equal(results[0], other)
+        assert all(torch.equal(a, o) for a, o in zip(results[0], other))
 
 
 def test_bfloat16_conv2d_with_non_finite_weights_places_inf_and_nan_as_float32():
