@@ -218,7 +218,10 @@ WIDE_CONVS = [(2, 16, 9, 11, 32, 3, 1, 1, 1, 1), (3, 8, 13, 12, 40, 3, 2, 1, 1, 
               # channels): channels and output rows with tails, stride 2, dilation, 1x1, 7x7
               (1, 17, 9, 23, 20, 3, 2, 1, 1, 1), (3, 32, 12, 40, 48, 3, 1, 2, 2, 1),
               (2, 16, 7, 7, 16, 1, 1, 0, 1, 1), (1, 40, 21, 19, 70, 7, 2, 3, 1, 1),
-              (0, 32, 8, 8, 32, 3, 1, 1, 1, 1)]
+              (0, 32, 8, 8, 32, 3, 1, 1, 1, 1),
+              # stride 2 over rows of 32+ columns (grad_weight's vector column split), odd and
+              # even padding
+              (1, 16, 7, 70, 24, 3, 2, 1, 1, 1), (2, 32, 6, 45, 16, 3, 2, 2, 1, 1)]
 
 
 @pytest.mark.parametrize("case", WIDE_CONVS, ids=str)

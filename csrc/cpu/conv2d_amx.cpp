@@ -67,9 +67,7 @@ bool amx_forward_fits(const Geometry& g) {
   return amx_available() && g.groups == 1 && g.in_channels >= 16 && g.out_channels >= 16;
 }
 
-bool amx_backward_weight_fits(const Geometry& g) {
-  return amx_forward_fits(g) && g.stride_w == 1;
-}
+bool amx_backward_weight_fits(const Geometry& g) { return amx_forward_fits(g); }
 
 bool amx_backward_input_fits(const Geometry& g) {
   return amx_forward_fits(g) && g.stride_h == 1 && g.stride_w == 1 &&
@@ -362,10 +360,11 @@ at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
 //
 //   dW[co, ci, kh, kw] = sum_(n, oh, ow) dY[n, co, oh, ow] * x[n, ci, ih, iw]   (one GEMM per tap)
 //
-// with the pixels as the reduction: C[ci][co] (per tap) = sum_k A[ci][k] B[k][co]. With stride 1
-// along the rows, 32 consecutive output pixels of a row read 32 consecutive input columns of each
-// channel: an A tile (16 channels x 32 pixels) loads in place from a padded NCHW copy of x (row
-// stride: one channel plane). B is dY packed once as pairs of pixels (16 pairs x 16 output
+// with the pixels as the reduction: C[ci][co] (per tap) = sum_k A[ci][k] B[k][co]. 32 consecutive
+// output pixels of a row read 32 input columns of each channel, stride_w apart: in a padded NCHW
+// copy of x whose rows are split into stride_w column phases (column c at phase c % stride_w,
+// index c / stride_w), they are contiguous, and an A tile (16 channels x 32 pixels) loads in
+// place (row stride: one channel plane). B is dY packed once as pairs of pixels (16 pairs x 16 output
 // channels per tile), shared by all taps. Reduction blocks are 32 pixels of one output row; a
 // row's last block reads past the row in x (zeros or real columns) against zero rows of B, so
 // every term there is 0 unless x holds an Inf or NaN: the packing checks x, and a non-finite
@@ -381,16 +380,20 @@ at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
 namespace {
 
 struct WeightPlan {
-  int64_t Hp, Wq, Cp, Op, KB, taps, x_image, dy_row;
+  int64_t Hp, Wph, Wr, Cp, Op, KB, taps, x_image, dy_row;
   explicit WeightPlan(const Geometry& g) {
+    const int64_t s = g.stride_w;
     Hp = g.in_h + 2 * g.padding_h;
     KB = (g.out_w + 31) / 32;
-    // A row's blocks read columns up to KB * 32 - 1 + (kernel_w - 1) * dilation_w.
-    Wq = std::max<int64_t>(g.in_w + 2 * g.padding_w, KB * 32 + (g.kernel_w - 1) * g.dilation_w);
+    // A phase's length: the padded row's columns, and what a row's blocks read (up to index
+    // KB * 32 - 1 + (kernel_w - 1) * dilation_w / stride_w).
+    Wph = std::max<int64_t>((g.in_w + 2 * g.padding_w + s - 1) / s,
+                            KB * 32 + (g.kernel_w - 1) * g.dilation_w / s);
+    Wr = s * Wph;  // a row: its stride_w phases one after another
     Cp = round_up(g.in_channels, 32);
     Op = round_up(g.out_channels, 32);
     taps = g.kernel_h * g.kernel_w;
-    x_image = Cp * Hp * Wq;
+    x_image = Cp * Hp * Wr;
     dy_row = KB * (Op / kCoBlock) * 512;  // elements of one output row of packed dY
   }
 };
@@ -410,30 +413,64 @@ PE_TARGET_AVX512 bool any_non_finite(const uint16_t* v, int64_t n) {
   return bad != 0;
 }
 
-// xq[n][ci][hp][wq]: x (NCHW contiguous) zero-padded, channels to Cp; images [n0, n1).
-// Returns false if a value is not finite.
+// A row of W values into the two column phases of stride 2 (phase0 = row, phase1 = row + Wph),
+// starting at padded column pw: one permute splits 32 values into even and odd columns.
+PE_TARGET_AVX512 void split_columns_2(const uint16_t* src, int64_t W, int64_t pw, int64_t Wph,
+                                      uint16_t* row) {
+  alignas(64) static constexpr uint16_t kEvenOdd[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
+                                                        22, 24, 26, 28, 30, 1,  3,  5,  7,  9,  11,
+                                                        13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  const __m512i idx = _mm512_load_si512(kEvenOdd);
+  uint16_t* phase[2] = {row, row + Wph};
+  int64_t w = 0;
+  for (; w + 32 <= W; w += 32) {
+    const __m512i v = _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(src + w));
+    const int64_t col = pw + w;  // element w's padded column; w + 1's is col + 1
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(phase[col % 2] + col / 2),
+                        _mm512_castsi512_si256(v));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(phase[(col + 1) % 2] + (col + 1) / 2),
+                        _mm512_extracti64x4_epi64(v, 1));
+  }
+  for (; w < W; ++w) phase[(pw + w) % 2][(pw + w) / 2] = src[w];
+}
+
+// xq[n][ci][hp][phase][index]: x (NCHW contiguous) zero-padded, channels to Cp, padded column c
+// at phase c % stride_w, index c / stride_w; images [n0, n1). Returns false if a value is not
+// finite.
 bool pack_x_planes(const Geometry& g, const WeightPlan& p, const uint16_t* x, int64_t n0,
                    int64_t n1, uint16_t* xq) {
   bool finite = true;
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t c = 0; c < p.Cp; ++c) {
-      uint16_t* plane = xq + (n * p.Cp + c) * p.Hp * p.Wq;
+      uint16_t* plane = xq + (n * p.Cp + c) * p.Hp * p.Wr;
       if (c >= g.in_channels) {
-        std::memset(plane, 0, sizeof(uint16_t) * p.Hp * p.Wq);
+        std::memset(plane, 0, sizeof(uint16_t) * p.Hp * p.Wr);
         continue;
       }
       for (int64_t hp = 0; hp < p.Hp; ++hp) {
-        uint16_t* row = plane + hp * p.Wq;
+        uint16_t* row = plane + hp * p.Wr;
         const int64_t h = hp - g.padding_h;
         if (h < 0 || h >= g.in_h) {
-          std::memset(row, 0, sizeof(uint16_t) * p.Wq);
+          std::memset(row, 0, sizeof(uint16_t) * p.Wr);
           continue;
         }
         const uint16_t* src = x + ((n * g.in_channels + c) * g.in_h + h) * g.in_w;
-        std::memset(row, 0, sizeof(uint16_t) * g.padding_w);
-        std::memcpy(row + g.padding_w, src, sizeof(uint16_t) * g.in_w);
-        std::memset(row + g.padding_w + g.in_w, 0,
-                    sizeof(uint16_t) * (p.Wq - g.padding_w - g.in_w));
+        if (g.stride_w == 1) {
+          std::memset(row, 0, sizeof(uint16_t) * g.padding_w);
+          std::memcpy(row + g.padding_w, src, sizeof(uint16_t) * g.in_w);
+          std::memset(row + g.padding_w + g.in_w, 0,
+                      sizeof(uint16_t) * (p.Wr - g.padding_w - g.in_w));
+        } else {
+          std::memset(row, 0, sizeof(uint16_t) * p.Wr);
+          if (g.stride_w == 2) {
+            split_columns_2(src, g.in_w, g.padding_w, p.Wph, row);
+          } else {
+            for (int64_t w = 0; w < g.in_w; ++w) {
+              const int64_t col = g.padding_w + w;
+              row[(col % g.stride_w) * p.Wph + col / g.stride_w] = src[w];
+            }
+          }
+        }
         finite = finite && !any_non_finite(src, g.in_w);
       }
     }
@@ -478,7 +515,7 @@ PE_TARGET_AMX_BF16 void weight_items(const Geometry& g, const WeightPlan& p, con
   }
   _tile_loadconfig(&cfg);
   const int64_t ci_pairs = p.Cp / 32, co_pairs = p.Op / 32;
-  const int64_t a_stride = p.Hp * p.Wq * 2;  // bytes between channels
+  const int64_t a_stride = p.Hp * p.Wr * 2;  // bytes between channels
   for (int64_t n = 0; n < g.batch; ++n)
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t t = it / (ci_pairs * co_pairs);
@@ -496,16 +533,18 @@ PE_TARGET_AMX_BF16 void weight_items(const Geometry& g, const WeightPlan& p, con
         _tile_loadd(2, c + 16 * 32, 32 * 4);
         _tile_loadd(3, c + 16 * 32 + 16, 32 * 4);
       }
-      const uint16_t* a_base = xq + (n * p.Cp + cib * 32) * p.Hp * p.Wq + kw * g.dilation_w;
+      const int64_t col = kw * g.dilation_w;  // the tap's first column: its phase and index
+      const uint16_t* a_base = xq + (n * p.Cp + cib * 32) * p.Hp * p.Wr +
+                               (col % g.stride_w) * p.Wph + col / g.stride_w;
       const uint16_t* b_base = dyq + n * g.out_h * p.dy_row + cob * 2 * 512;
       for (int64_t oh = 0; oh < g.out_h; ++oh) {
-        const uint16_t* a_row = a_base + (oh * g.stride_h + kh * g.dilation_h) * p.Wq;
+        const uint16_t* a_row = a_base + (oh * g.stride_h + kh * g.dilation_h) * p.Wr;
         const uint16_t* b_row = b_base + oh * p.dy_row;
         for (int64_t kb = 0; kb < p.KB; ++kb) {
           const uint16_t* a0 = a_row + kb * 32;
           const uint16_t* b0 = b_row + kb * (p.Op / kCoBlock) * 512;
           _tile_loadd(4, a0, a_stride);
-          _tile_loadd(5, a0 + 16 * p.Hp * p.Wq, a_stride);
+          _tile_loadd(5, a0 + 16 * p.Hp * p.Wr, a_stride);
           _tile_loadd(6, b0, 64);
           _tile_loadd(7, b0 + 512, 64);
           _tile_dpbf16ps(0, 4, 6);
