@@ -221,7 +221,11 @@ WIDE_CONVS = [(2, 16, 9, 11, 32, 3, 1, 1, 1, 1), (3, 8, 13, 12, 40, 3, 2, 1, 1, 
               (0, 32, 8, 8, 32, 3, 1, 1, 1, 1),
               # stride 2 over rows of 32+ columns (grad_weight's vector column split), odd and
               # even padding
-              (1, 16, 7, 70, 24, 3, 2, 1, 1, 1), (2, 32, 6, 45, 16, 3, 2, 2, 1, 1)]
+              (1, 16, 7, 70, 24, 3, 2, 1, 1, 1), (2, 32, 6, 45, 16, 3, 2, 2, 1, 1),
+              # grad_input by phases of the stride: a 1x1 stride 2 (phases no tap reaches),
+              # stride 3, padding past the kernel's reach (the flipped convolution crops dY)
+              (2, 16, 9, 8, 20, 1, 2, 0, 1, 1), (1, 16, 11, 13, 16, 3, 3, 1, 1, 1),
+              (1, 16, 5, 6, 16, 3, 1, 3, 1, 1)]
 
 
 @pytest.mark.parametrize("case", WIDE_CONVS, ids=str)

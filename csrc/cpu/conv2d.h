@@ -86,8 +86,9 @@ bool backward_weight_winograd(const Geometry& g, const T* dy, const T* x, T* dw)
 // amx_bf16 (isa_for(Family::GemmBf16): PYENGINE_CPU_ISA=avx512_bf16 turns it off with the
 // linear GEMM's tiles); amx_forward_fits(g) where it takes the geometry (one group, 16+
 // channels in and out). forward_amx returns y in bfloat16, in the layout channels_last says.
-// amx_backward_input_fits(g): grad_input on the same kernel (stride 1, padding at most the
-// dilated kernel's reach: a convolution of dY by the flipped weight). Both multiply padding
+// amx_backward_input_fits(g): grad_input on the same kernel (per phase of the stride, a
+// convolution of dY by the phase's taps of the flipped weight; dilation 1 where strided). Both
+// multiply padding
 // zeros by every weight, so a non-finite weight (all_finite_bf16) must take the float32 kernels,
 // whose Inf / NaN placement is torch's.
 bool amx_available();

@@ -44,6 +44,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
 #include "common/layout.h"
 #include "cpu/allocator.h"
@@ -70,9 +71,8 @@ bool amx_forward_fits(const Geometry& g) {
 bool amx_backward_weight_fits(const Geometry& g) { return amx_forward_fits(g); }
 
 bool amx_backward_input_fits(const Geometry& g) {
-  return amx_forward_fits(g) && g.stride_h == 1 && g.stride_w == 1 &&
-         g.padding_h <= (g.kernel_h - 1) * g.dilation_h &&
-         g.padding_w <= (g.kernel_w - 1) * g.dilation_w;
+  return amx_forward_fits(g) && (g.stride_h == 1 || g.dilation_h == 1) &&
+         (g.stride_w == 1 || g.dilation_w == 1);
 }
 
 // Whether every element of t (bfloat16) is finite: exponent bits not all ones.
@@ -103,7 +103,14 @@ struct TileConfig {  // LDTILECFG's 64-byte operand, palette 1
   uint8_t rows[16] = {};
 };
 
-// The sizes of the packed operands, shared by the packing and the multiply.
+// Zeros before the input's first row and column in the padded copy: the convolution's padding,
+// or, for grad_input's phases, any offset (negative: the copy starts inside the input).
+struct Pads {
+  int64_t top, left;
+};
+
+// The sizes of the packed operands, shared by the packing and the multiply. The padded copy has
+// the rows and columns the output reads: (out - 1) * stride + (kernel - 1) * dilation + 1.
 struct Plan {
   int64_t Hp, Wp, Cp, CB;  // padded input rows, columns, channels; channel blocks
   int64_t taps;            // kernel_h * kernel_w
@@ -113,8 +120,8 @@ struct Plan {
   int64_t image;           // elements of one padded image
   int64_t xp_size;         // elements of xp, its zero tail included
   explicit Plan(const Geometry& g) {
-    Hp = g.in_h + 2 * g.padding_h;
-    Wp = g.in_w + 2 * g.padding_w;
+    Hp = (g.out_h - 1) * g.stride_h + (g.kernel_h - 1) * g.dilation_h + 1;
+    Wp = (g.out_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dilation_w + 1;
     Cp = round_up(g.in_channels, kCb);
     CB = Cp / kCb;
     taps = g.kernel_h * g.kernel_w;
@@ -127,26 +134,30 @@ struct Plan {
   }
 };
 
-// xp from x (channels-last contiguous, [n][h][w][c]), images [n0, n1).
-void pack_input(const Geometry& g, const Plan& p, const uint16_t* x, int64_t n0, int64_t n1,
-                uint16_t* xp) {
-  const int64_t C = g.in_channels, W = g.in_w, pw = g.padding_w;
+// xp from x (channels-last contiguous, [n][h][w][c]), images [n0, n1): padded row hp, column wp
+// hold x[hp - top][wp - left] where that lies in x, else zeros.
+void pack_input(const Geometry& g, const Plan& p, Pads pads, const uint16_t* x, int64_t n0,
+                int64_t n1, uint16_t* xp) {
+  const int64_t C = g.in_channels, W = g.in_w;
+  // The padded columns [w0, w1) that hold input columns w0 - left ...
+  const int64_t w0 = std::clamp<int64_t>(pads.left, 0, p.Wp);
+  const int64_t w1 = std::clamp<int64_t>(pads.left + W, w0, p.Wp);
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t hp = 0; hp < p.Hp; ++hp) {
       uint16_t* row = xp + n * p.image + hp * p.Wp * p.Cp;
-      const int64_t h = hp - g.padding_h;
-      if (h < 0 || h >= g.in_h) {
+      const int64_t h = hp - pads.top;
+      if (h < 0 || h >= g.in_h || w0 == w1) {
         std::memset(row, 0, sizeof(uint16_t) * p.Wp * p.Cp);
         continue;
       }
-      std::memset(row, 0, sizeof(uint16_t) * pw * p.Cp);
-      std::memset(row + (pw + W) * p.Cp, 0, sizeof(uint16_t) * (p.Wp - pw - W) * p.Cp);
-      const uint16_t* src = x + ((n * g.in_h + h) * W) * C;
-      uint16_t* dst = row + pw * p.Cp;
+      std::memset(row, 0, sizeof(uint16_t) * w0 * p.Cp);
+      std::memset(row + w1 * p.Cp, 0, sizeof(uint16_t) * (p.Wp - w1) * p.Cp);
+      const uint16_t* src = x + ((n * g.in_h + h) * W + (w0 - pads.left)) * C;
+      uint16_t* dst = row + w0 * p.Cp;
       if (p.Cp == C) {
-        std::memcpy(dst, src, sizeof(uint16_t) * W * C);
+        std::memcpy(dst, src, sizeof(uint16_t) * (w1 - w0) * C);
       } else {
-        for (int64_t w = 0; w < W; ++w) {
+        for (int64_t w = 0; w < w1 - w0; ++w) {
           std::memcpy(dst + w * p.Cp, src + w * C, sizeof(uint16_t) * C);
           std::memset(dst + w * p.Cp + C, 0, sizeof(uint16_t) * (p.Cp - C));
         }
@@ -155,13 +166,29 @@ void pack_input(const Geometry& g, const Plan& p, const uint16_t* x, int64_t n0,
   }
 }
 
-// wp from w, co blocks [j0, j1). w is [co][ci][kh][kw] contiguous, or, `transposed`, the weight
-// of the convolution this one is the grad_input of: [ci][co][kh][kw], read flipped in kh and kw.
-void pack_weight(const Geometry& g, const Plan& p, const uint16_t* w, bool transposed,
+// Where the packed weight's (co, ci, tap) comes from. Forward: w[co][ci][kh][kw] itself.
+// Transposed (grad_input): w is the forward convolution's weight [ci][co][KH][KW] (this
+// convolution's output channels are its input channels), and this kernel's tap (kh, kw) reads
+// the forward tap (first_h + step_h * (kernel_h - 1 - kh), likewise w): flipped, and for a
+// strided convolution's phase, every step-th tap from the phase's first.
+struct WeightMap {
+  bool transposed = false;
+  int64_t first_h = 0, first_w = 0, step_h = 1, step_w = 1;
+  int64_t kernel_h = 0, kernel_w = 0;  // the forward weight's (transposed only)
+};
+
+// wp from w, co blocks [j0, j1).
+void pack_weight(const Geometry& g, const Plan& p, const uint16_t* w, const WeightMap& m,
                  int64_t j0, int64_t j1, uint16_t* wp) {
   const int64_t Cin = g.in_channels, Cout = g.out_channels;
   for (int64_t j = j0; j < j1; ++j)
-    for (int64_t t = 0; t < p.taps; ++t)
+    for (int64_t t = 0; t < p.taps; ++t) {
+      const int64_t kh = t / g.kernel_w, kw = t % g.kernel_w;
+      const int64_t src_tap =
+          m.transposed ? (m.first_h + m.step_h * (g.kernel_h - 1 - kh)) * m.kernel_w +
+                             (m.first_w + m.step_w * (g.kernel_w - 1 - kw))
+                       : t;
+      const int64_t src_taps = m.transposed ? m.kernel_h * m.kernel_w : p.taps;
       for (int64_t cb = 0; cb < p.CB; ++cb) {
         uint16_t* tile = wp + ((j * p.taps + t) * p.CB + cb) * (kCb * kCoBlock);
         for (int64_t q = 0; q < kCb / 2; ++q)
@@ -170,13 +197,13 @@ void pack_weight(const Geometry& g, const Plan& p, const uint16_t* w, bool trans
               const int64_t co = j * kCoBlock + c, ci = cb * kCb + 2 * q + e;
               uint16_t v = 0;
               if (co < Cout && ci < Cin)
-                v = transposed ? w[(ci * Cout + co) * p.taps + (p.taps - 1 - t)]
-                               : w[(co * Cin + ci) * p.taps + t];
+                v = m.transposed ? w[(ci * Cout + co) * src_taps + src_tap]
+                                 : w[(co * Cin + ci) * src_taps + src_tap];
               tile[(q * kCoBlock + c) * 2 + e] = v;
             }
       }
+    }
 }
-
 
 struct Segment {
   int64_t n, oh, ow0, count;
@@ -290,70 +317,150 @@ PE_TARGET_AMX_BF16 void multiply(const Geometry& g, const Plan& p, const uint16_
 
 namespace {
 
-// The convolution of `input` by `weight` (transposed: see pack_weight) in geometry g.
-at::Tensor convolve(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                    const at::Tensor& bias, bool channels_last, bool transposed) {
-  at::Tensor out = empty_image<int64_t>(at::IntArrayRef(g.output_sizes()), channels_last,
-                                        input.options());
-  if (out.numel() == 0) return out;
+// The convolution of x4 (4-D, bfloat16) by w (see WeightMap) in geometry g (its padding given by
+// pads), plus bias32 (float32, zero-padded to the co blocks; null: none), into y at strides o.
+void convolve(const Geometry& g, Pads pads, const at::Tensor& x4, const uint16_t* w,
+              const WeightMap& m, const float* bias32, uint16_t* y, const OutStrides& o) {
+  if (g.batch == 0 || g.out_h <= 0 || g.out_w <= 0 || g.out_channels == 0) return;
   const Plan p(g);
-  // The input channels-last and contiguous ([n][h][w][c]), the weight contiguous.
-  const at::Tensor x4 = g.batched ? input : input.unsqueeze(0);
   const at::Tensor xl = x4.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor wc = weight.contiguous();
   const uint16_t* x = reinterpret_cast<const uint16_t*>(xl.const_data_ptr<at::BFloat16>());
-  const uint16_t* w = reinterpret_cast<const uint16_t*>(wc.const_data_ptr<at::BFloat16>());
-
   CachedBuffer<uint16_t> xp(static_cast<size_t>(p.xp_size), false);
   std::memset(xp.data() + g.batch * p.image, 0,
               sizeof(uint16_t) * (p.xp_size - g.batch * p.image));
   at::parallel_for(0, g.batch, 1, [&](int64_t n0, int64_t n1) {
-    pack_input(g, p, x, n0, n1, xp.data());
+    pack_input(g, p, pads, x, n0, n1, xp.data());
   });
   CachedBuffer<uint16_t> wp(static_cast<size_t>(p.co_blocks * p.taps * p.CB * kCb * kCoBlock),
                             false);
   at::parallel_for(0, p.co_blocks, 1, [&](int64_t j0, int64_t j1) {
-    pack_weight(g, p, w, transposed, j0, j1, wp.data());
+    pack_weight(g, p, w, m, j0, j1, wp.data());
   });
-  // The bias in float32, zero-padded to the co blocks (added before the one rounding).
-  CachedBuffer<float> b32(static_cast<size_t>(p.co_blocks * kCoBlock), 0.0f);
-  if (bias.defined()) {
-    const at::Tensor bc = bias.contiguous();
-    const at::BFloat16* pb = bc.const_data_ptr<at::BFloat16>();
-    for (int64_t c = 0; c < g.out_channels; ++c) b32[c] = static_cast<float>(pb[c]);
-  }
-
-  const at::Tensor y4 = g.batched ? out : out.unsqueeze(0);
-  const OutStrides o{y4.stride(0), y4.stride(1), y4.stride(2), y4.stride(3)};
-  uint16_t* y = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
+  CachedBuffer<float> zeros(static_cast<size_t>(p.co_blocks * kCoBlock), 0.0f);
+  const float* bias = bias32 ? bias32 : zeros.data();
   const int64_t pairs = (p.segments + 1) / 2;
   at::parallel_for(0, pairs, 4, [&](int64_t s0, int64_t s1) {
-    multiply(g, p, xp.data(), wp.data(), b32.data(), o, s0, s1, y);
+    multiply(g, p, xp.data(), wp.data(), bias, o, s0, s1, y);
   });
-  return out;
+}
+
+const uint16_t* bf16_bits(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
+}
+
+OutStrides strides4(const at::Tensor& t4) {
+  return {t4.stride(0), t4.stride(1), t4.stride(2), t4.stride(3)};
+}
+
+// One dimension of a grad_input phase: the outputs a, a + s, ... of a convolution with stride s
+// (dilation 1 where s > 1), read from dY through the taps first, first + s, ... of the kernel.
+struct Phase {
+  int64_t outputs;  // of the phase
+  int64_t taps;     // forward taps that reach it
+  int64_t first;    // the first of them
+  int64_t pad;      // zeros before dY's first row / column (negative: starts inside dY)
+};
+
+Phase phase_of(int64_t a, int64_t in, int64_t kernel, int64_t stride, int64_t padding,
+               int64_t dilation) {
+  Phase ph;
+  ph.outputs = a < in ? (in - a + stride - 1) / stride : 0;
+  if (stride == 1) {  // every tap, dilated: dY rows a + padding - kh * dilation
+    ph.taps = kernel;
+    ph.first = 0;
+    ph.pad = (kernel - 1) * dilation - padding;
+    return ph;
+  }
+  // taps kh = first + stride * m reach output a + stride * i from dY row
+  // i + (a + padding - kh) / stride (dilation 1)
+  ph.first = (a + padding) % stride;
+  ph.taps = ph.first < kernel ? (kernel - 1 - ph.first) / stride + 1 : 0;
+  const int64_t top = (a + padding - ph.first) / stride;  // offset of the first tap
+  ph.pad = (ph.taps - 1) - top;
+  return ph;
 }
 
 }  // namespace
 
 at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
                        const at::Tensor& bias, bool channels_last) {
-  return convolve(g, input, weight, bias, channels_last, false);
+  at::Tensor out = empty_image<int64_t>(at::IntArrayRef(g.output_sizes()), channels_last,
+                                        input.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor wc = weight.contiguous();
+  // The bias in float32, zero-padded to the co blocks (added before the one rounding).
+  CachedBuffer<float> b32(static_cast<size_t>(round_up(g.out_channels, 2 * kCoBlock)), 0.0f);
+  if (bias.defined()) {
+    const at::Tensor bc = bias.contiguous();
+    const at::BFloat16* pb = bc.const_data_ptr<at::BFloat16>();
+    for (int64_t c = 0; c < g.out_channels; ++c) b32[c] = static_cast<float>(pb[c]);
+  }
+  const at::Tensor y4 = g.batched ? out : out.unsqueeze(0);
+  Geometry g4 = g;
+  g4.batched = true;
+  convolve(g4, {g.padding_h, g.padding_w}, g.batched ? input : input.unsqueeze(0),
+           bf16_bits(wc), WeightMap{}, bias.defined() ? b32.data() : nullptr,
+           reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>()), strides4(y4));
+  return out;
 }
 
-// grad_input of a stride-1 convolution: the convolution of dY, padded by (k - 1) * d - p, by the
-// weight with in and out channels swapped and both kernel dims flipped.
+// grad_input: for each phase (a, b) of the stride, the outputs (a + s_h i, b + s_w j) are a
+// stride-1 convolution of dY by the phase's taps of the weight, flipped, in and out channels
+// swapped (stride 1: one phase, every tap). Each phase writes its pixels in place.
 at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
                               const at::Tensor& weight, bool channels_last) {
-  Geometry t = g;
-  t.in_channels = g.out_channels;
-  t.in_h = g.out_h;
-  t.in_w = g.out_w;
-  t.out_channels = g.in_channels;
-  t.out_h = g.in_h;
-  t.out_w = g.in_w;
-  t.padding_h = (g.kernel_h - 1) * g.dilation_h - g.padding_h;
-  t.padding_w = (g.kernel_w - 1) * g.dilation_w - g.padding_w;
-  return convolve(t, grad_output, weight, at::Tensor(), channels_last, true);
+  const std::vector<int64_t> sizes = g.batched
+      ? std::vector<int64_t>{g.batch, g.in_channels, g.in_h, g.in_w}
+      : std::vector<int64_t>{g.in_channels, g.in_h, g.in_w};
+  at::Tensor grad_input = empty_image<int64_t>(at::IntArrayRef(sizes), channels_last,
+                                               grad_output.options());
+  if (grad_input.numel() == 0) return grad_input;
+  const at::Tensor wc = weight.contiguous();
+  const at::Tensor dy4 = g.batched ? grad_output : grad_output.unsqueeze(0);
+  const at::Tensor dx4 = g.batched ? grad_input : grad_input.unsqueeze(0);
+  const OutStrides all = strides4(dx4);
+  uint16_t* dx = reinterpret_cast<uint16_t*>(grad_input.mutable_data_ptr<at::BFloat16>());
+  for (int64_t a = 0; a < g.stride_h; ++a)
+    for (int64_t b = 0; b < g.stride_w; ++b) {
+      const Phase r = phase_of(a, g.in_h, g.kernel_h, g.stride_h, g.padding_h, g.dilation_h);
+      const Phase c = phase_of(b, g.in_w, g.kernel_w, g.stride_w, g.padding_w, g.dilation_w);
+      if (r.outputs == 0 || c.outputs == 0) continue;
+      const OutStrides o{all.n, all.c, all.h * g.stride_h, all.w * g.stride_w};
+      uint16_t* base = dx + a * all.h + b * all.w;
+      if (r.taps == 0 || c.taps == 0) {  // no tap reaches these pixels: zeros
+        for (int64_t n = 0; n < g.batch; ++n)
+          for (int64_t ci = 0; ci < g.in_channels; ++ci)
+            for (int64_t i = 0; i < r.outputs; ++i)
+              for (int64_t j = 0; j < c.outputs; ++j)
+                base[n * o.n + ci * o.c + i * o.h + j * o.w] = 0;
+        continue;
+      }
+      Geometry t = g;
+      t.batched = true;
+      t.in_channels = g.out_channels;
+      t.in_h = g.out_h;
+      t.in_w = g.out_w;
+      t.out_channels = g.in_channels;
+      t.out_h = r.outputs;
+      t.out_w = c.outputs;
+      t.kernel_h = r.taps;
+      t.kernel_w = c.taps;
+      t.stride_h = t.stride_w = 1;
+      t.dilation_h = g.stride_h == 1 ? g.dilation_h : 1;
+      t.dilation_w = g.stride_w == 1 ? g.dilation_w : 1;
+      t.padding_h = r.pad;  // (informational: convolve takes the pads below)
+      t.padding_w = c.pad;
+      WeightMap m;
+      m.transposed = true;
+      m.first_h = r.first;
+      m.first_w = c.first;
+      m.step_h = g.stride_h;
+      m.step_w = g.stride_w;
+      m.kernel_h = g.kernel_h;
+      m.kernel_w = g.kernel_w;
+      convolve(t, {r.pad, c.pad}, dy4, bf16_bits(wc), m, nullptr, base, o);
+    }
+  return grad_input;
 }
 
 // ---- grad_weight ------------------------------------------------------------------------------
