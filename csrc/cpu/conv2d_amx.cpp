@@ -416,7 +416,9 @@ at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
                                                grad_output.options());
   if (grad_input.numel() == 0) return grad_input;
   const at::Tensor wc = weight.contiguous();
-  const at::Tensor dy4 = g.batched ? grad_output : grad_output.unsqueeze(0);
+  // channels-last once for every phase (convolve's own conversion is then a no-op)
+  const at::Tensor dy4 = (g.batched ? grad_output : grad_output.unsqueeze(0))
+                             .contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor dx4 = g.batched ? grad_input : grad_input.unsqueeze(0);
   const OutStrides all = strides4(dx4);
   uint16_t* dx = reinterpret_cast<uint16_t*>(grad_input.mutable_data_ptr<at::BFloat16>());
