@@ -48,6 +48,7 @@
 
 #include "common/layout.h"
 #include "cpu/allocator.h"
+#include "cpu/amx.h"
 #include "cpu/conv2d.h"
 #include "cpu/isa.h"
 #include "cpu/transpose.h"
@@ -96,12 +97,6 @@ namespace {
 constexpr int64_t kSeg = 16;       // output pixels of a segment: the rows of an A / C tile
 constexpr int64_t kCb = 32;        // channels of a reduction step: 16 pairs
 constexpr int64_t kCoBlock = 16;   // output channels of a B / C tile
-
-struct TileConfig {  // LDTILECFG's 64-byte operand, palette 1
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // Zeros before the input's first row and column in the padded copy: the convolution's padding,
 // or, for grad_input's phases, any offset (negative: the copy starts inside the input).
@@ -257,12 +252,7 @@ PE_TARGET_AVX512_BF16 void store_block(const float* blk, int64_t ld, const Segme
 PE_TARGET_AMX_BF16 void multiply(const Geometry& g, const Plan& p, const uint16_t* xp,
                                  const uint16_t* wp, const float* bias, const OutStrides& o,
                                  int64_t s0, int64_t s1, uint16_t* y) {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
+  amx::configure();
   alignas(64) float buf[2 * kSeg * 2 * kCoBlock];  // [pixel of the 2 segments][32 channels]
   const int64_t a_stride = g.stride_w * p.Cp * 2;  // bytes between a tile's rows
   const int64_t b_tile = kCb * kCoBlock;           // elements of a B tile
@@ -274,10 +264,7 @@ PE_TARGET_AMX_BF16 void multiply(const Geometry& g, const Plan& p, const uint16_
     for (int k = 0; k < 2; ++k)
       a[k] = xp + sg[k].n * p.image + (sg[k].oh * g.stride_h * p.Wp + sg[k].ow0 * g.stride_w) * p.Cp;
     for (int64_t j = 0; j < p.co_blocks; j += 2) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+      amx::zero_c();
       const uint16_t* b0 = wp + j * p.taps * p.CB * b_tile;
       const uint16_t* b1 = b0 + p.taps * p.CB * b_tile;
       for (int64_t kh = 0; kh < g.kernel_h; ++kh)
@@ -286,20 +273,11 @@ PE_TARGET_AMX_BF16 void multiply(const Geometry& g, const Plan& p, const uint16_
           const int64_t t = kh * g.kernel_w + kw;
           for (int64_t cb = 0; cb < p.CB; ++cb) {
             const int64_t bo = (t * p.CB + cb) * b_tile;
-            _tile_loadd(4, a[0] + shift + cb * kCb, a_stride);
-            _tile_loadd(5, a[1] + shift + cb * kCb, a_stride);
-            _tile_loadd(6, b0 + bo, 64);
-            _tile_loadd(7, b1 + bo, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
+            amx::step(a[0] + shift + cb * kCb, a[1] + shift + cb * kCb, a_stride, b0 + bo,
+                      b1 + bo, 64);
           }
         }
-      _tile_stored(0, buf, 32 * 4);
-      _tile_stored(1, buf + 16, 32 * 4);
-      _tile_stored(2, buf + 16 * 32, 32 * 4);
-      _tile_stored(3, buf + 16 * 32 + 16, 32 * 4);
+      amx::store_c(buf);
       for (int k = 0; k < (second ? 2 : 1); ++k)
         for (int64_t jj = 0; jj < 2; ++jj) {
           const int64_t co0 = (j + jj) * kCoBlock;
@@ -452,14 +430,7 @@ at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
       t.dilation_w = g.stride_w == 1 ? g.dilation_w : 1;
       t.padding_h = r.pad;  // (informational: convolve takes the pads below)
       t.padding_w = c.pad;
-      WeightMap m;
-      m.transposed = true;
-      m.first_h = r.first;
-      m.first_w = c.first;
-      m.step_h = g.stride_h;
-      m.step_w = g.stride_w;
-      m.kernel_h = g.kernel_h;
-      m.kernel_w = g.kernel_w;
+      const WeightMap m{true, r.first, c.first, g.stride_h, g.stride_w, g.kernel_h, g.kernel_w};
       convolve(t, {r.pad, c.pad}, dy4, bf16_bits(wc), m, nullptr, base, o);
     }
   return grad_input;
@@ -617,12 +588,7 @@ PE_TARGET_AVX512 void pack_dy_pairs(const Geometry& g, const WeightPlan& p, cons
 // Items [i0, i1) over all images, on this thread; cacc: their 32 x 32 float32 blocks.
 PE_TARGET_AMX_BF16 void weight_items(const Geometry& g, const WeightPlan& p, const uint16_t* xq,
                                      const uint16_t* dyq, int64_t i0, int64_t i1, float* cacc) {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
+  amx::configure();
   const int64_t ci_pairs = p.Cp / 32, co_pairs = p.Op / 32;
   const int64_t a_stride = p.Hp * p.Wr * 2;  // bytes between channels
   for (int64_t n = 0; n < g.batch; ++n)
@@ -632,15 +598,9 @@ PE_TARGET_AMX_BF16 void weight_items(const Geometry& g, const WeightPlan& p, con
       const int64_t kh = t / g.kernel_w, kw = t % g.kernel_w;
       float* c = cacc + (it - i0) * 32 * 32;
       if (n == 0) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        amx::zero_c();
       } else {
-        _tile_loadd(0, c, 32 * 4);
-        _tile_loadd(1, c + 16, 32 * 4);
-        _tile_loadd(2, c + 16 * 32, 32 * 4);
-        _tile_loadd(3, c + 16 * 32 + 16, 32 * 4);
+        amx::load_c(c);
       }
       const int64_t col = kw * g.dilation_w;  // the tap's first column: its phase and index
       const uint16_t* a_base = xq + (n * p.Cp + cib * 32) * p.Hp * p.Wr +
@@ -652,20 +612,10 @@ PE_TARGET_AMX_BF16 void weight_items(const Geometry& g, const WeightPlan& p, con
         for (int64_t kb = 0; kb < p.KB; ++kb) {
           const uint16_t* a0 = a_row + kb * 32;
           const uint16_t* b0 = b_row + kb * (p.Op / kCoBlock) * 512;
-          _tile_loadd(4, a0, a_stride);
-          _tile_loadd(5, a0 + 16 * p.Hp * p.Wr, a_stride);
-          _tile_loadd(6, b0, 64);
-          _tile_loadd(7, b0 + 512, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
+          amx::step(a0, a0 + 16 * p.Hp * p.Wr, a_stride, b0, b0 + 512, 64);
         }
       }
-      _tile_stored(0, c, 32 * 4);
-      _tile_stored(1, c + 16, 32 * 4);
-      _tile_stored(2, c + 16 * 32, 32 * 4);
-      _tile_stored(3, c + 16 * 32 + 16, 32 * 4);
+      amx::store_c(c);
     }
   _tile_release();
 }

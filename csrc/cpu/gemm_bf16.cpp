@@ -33,6 +33,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/amx.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
 #include "cpu/transpose.h"
@@ -254,12 +255,6 @@ constexpr int64_t kAmxRows = 32;   // rows of a C block: 2 A tiles
 constexpr int64_t kAmxPairs = 16;  // pairs along k in one tile
 constexpr int64_t kAmxMinDim = 16;  // M, N and K from which the tiles run (gemm_bf16_impl)
 
-struct TileConfig {  // LDTILECFG's 64-byte operand, palette 1
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // apx's words for rows [16 b0, 16 b1) where A runs along i (rsa == 1: linear's grad_weight reads
@@ -318,24 +313,10 @@ void pack_a_amx(int64_t M, int64_t K, const uint16_t* A, int64_t rsa, int64_t cs
 // The 32 x 32 block of C from apx's rows a (32 rows, Pp words apart) and the B panel's columns
 // b (32, kNR words apart), over all Pp pairs, into buf (32 x 32 float32).
 PE_TARGET_AMX_BF16 void amx_block(int64_t Pp, const uint32_t* a, const uint32_t* b, float* buf) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t p0 = 0; p0 < Pp; p0 += kAmxPairs) {
-    _tile_loadd(4, a + p0, Pp * 4);
-    _tile_loadd(5, a + 16 * Pp + p0, Pp * 4);
-    _tile_loadd(6, b + p0 * kNR, kNR * 4);
-    _tile_loadd(7, b + p0 * kNR + 16, kNR * 4);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
-  _tile_stored(0, buf, 32 * 4);
-  _tile_stored(1, buf + 16, 32 * 4);
-  _tile_stored(2, buf + 16 * 32, 32 * 4);
-  _tile_stored(3, buf + 16 * 32 + 16, 32 * 4);
+  amx::zero_c();
+  for (int64_t p0 = 0; p0 < Pp; p0 += kAmxPairs)
+    amx::step(a + p0, a + 16 * Pp + p0, Pp * 4, b + p0 * kNR, b + p0 * kNR + 16, kNR * 4);
+  amx::store_c(buf);
 }
 
 // Panels [q0, q1) of C, on this thread (the tile configuration is per thread).
@@ -343,12 +324,7 @@ PE_TARGET_AMX_BF16 void amx_panels(int64_t M, int64_t N, int64_t K, const uint32
                                    int64_t Pp, const uint16_t* B, int64_t rsb, int64_t csb,
                                    int64_t q0, int64_t q1, const Epilogue& e) {
   const int64_t P = (K + 1) / 2;
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
+  amx::configure();
   std::vector<uint32_t> bp(static_cast<size_t>(Pp * kNR), 0u);  // rows P .. Pp stay zero
   alignas(64) float buf[kAmxRows * 32];
   for (int64_t q = q0; q < q1; ++q) {
