@@ -1,6 +1,6 @@
-// bfloat16 conv2d forward on AMX tiles (level amx_bf16; interface: cpu/conv2d.h): an implicit
-// GEMM that loads its A tiles straight from a zero-padded channels-last copy of the input, with
-// float32 accumulation and one rounding per output element.
+// bfloat16 conv2d on AMX tiles (level amx_bf16; interface: cpu/conv2d.h): forward, grad_input
+// and grad_weight / grad_bias as implicit GEMMs that load their A tiles straight from zero-padded
+// copies of the input, with float32 accumulation and one rounding per result element.
 //
 //   y[n, co, oh, ow] = round(bias[co] + sum_(kh, kw, ci) x[n, ci, ih, iw] * w[co, ci, kh, kw]),
 //   ih = oh * stride_h - padding_h + kh * dilation_h (iw likewise)
@@ -32,8 +32,9 @@
 // copy, output) on top.
 //
 // Where it runs (amx_forward_fits): one group, 16+ input and output channels (narrower layers
-// would multiply mostly padding: LeNet's convolutions keep the float32 kernels). The backward
-// passes run in float32 (common/low_precision.h).
+// would multiply mostly padding: LeNet's convolutions keep the float32 kernels). grad_input is
+// the same kernel run on dY, once per phase of the stride (backward_input_amx, below);
+// grad_weight has its own (below). Measured against torch and the float32 path: README.md.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
@@ -76,12 +77,14 @@ bool amx_backward_input_fits(const Geometry& g) {
          (g.stride_w == 1 || g.dilation_w == 1);
 }
 
-// Whether every element of t (bfloat16) is finite: exponent bits not all ones.
+// Whether every element of t (bfloat16) is finite: exponent bits not all ones. (Weights: small;
+// a loop the compiler vectorizes.)
 bool all_finite_bf16(const at::Tensor& t) {
   const at::Tensor c = t.contiguous();
   const uint16_t* v = reinterpret_cast<const uint16_t*>(c.const_data_ptr<at::BFloat16>());
   uint16_t bad = 0;
-  for (int64_t i = 0; i < c.numel(); ++i) bad |= static_cast<uint16_t>((v[i] & 0x7f80u) == 0x7f80u);
+  for (int64_t i = 0; i < c.numel(); ++i)
+    bad |= static_cast<uint16_t>((v[i] & 0x7f80u) == 0x7f80u);
   return bad == 0;
 }
 
@@ -262,7 +265,8 @@ PE_TARGET_AMX_BF16 void multiply(const Geometry& g, const Plan& p, const uint16_
     const bool second = 2 * sp + 1 < p.segments;
     const uint16_t* a[2];
     for (int k = 0; k < 2; ++k)
-      a[k] = xp + sg[k].n * p.image + (sg[k].oh * g.stride_h * p.Wp + sg[k].ow0 * g.stride_w) * p.Cp;
+      a[k] = xp + sg[k].n * p.image +
+             (sg[k].oh * g.stride_h * p.Wp + sg[k].ow0 * g.stride_w) * p.Cp;
     for (int64_t j = 0; j < p.co_blocks; j += 2) {
       amx::zero_c();
       const uint16_t* b0 = wp + j * p.taps * p.CB * b_tile;
@@ -291,7 +295,6 @@ PE_TARGET_AMX_BF16 void multiply(const Geometry& g, const Plan& p, const uint16_
 }
 
 }  // namespace
-
 
 namespace {
 
@@ -444,13 +447,13 @@ at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
 // output pixels of a row read 32 input columns of each channel, stride_w apart: in a padded NCHW
 // copy of x whose rows are split into stride_w column phases (column c at phase c % stride_w,
 // index c / stride_w), they are contiguous, and an A tile (16 channels x 32 pixels) loads in
-// place (row stride: one channel plane). B is dY packed once as pairs of pixels (16 pairs x 16 output
-// channels per tile), shared by all taps. Reduction blocks are 32 pixels of one output row; a
-// row's last block reads past the row in x (zeros or real columns) against zero rows of B, so
-// every term there is 0 unless x holds an Inf or NaN: the packing checks x, and a non-finite
-// value sends the call to the float32 kernels (whose placement of Inf and NaN is torch's). An
-// Inf in dY meets only the x values (padding zeros included) an im2col GEMM would: the same
-// placement as the float32 kernels (tested).
+// place (row stride: one channel plane). B is dY packed once as pairs of pixels (16 pairs x 16
+// output channels per tile), shared by all taps. Reduction blocks are 32 pixels of one output
+// row; a row's last block reads past the row in x (zeros or real columns) against zero rows of
+// B, so every term there is 0 unless x holds an Inf or NaN: the packing checks x, and a
+// non-finite value sends the call to the float32 kernels (whose placement of Inf and NaN is
+// torch's). An Inf in dY meets only the x values (padding zeros included) an im2col GEMM would:
+// the same placement as the float32 kernels (tested).
 //
 // Work items: (tap, 32 input channels, 32 output channels), each a 32 x 32 block of C summed
 // over all images in order by one thread; images outer (an image's x and dY, ~1 MB at 64
