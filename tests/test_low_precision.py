@@ -261,6 +261,37 @@ def test_bfloat16_conv2d_against_float64(case):
                      floor=torch.finfo(torch.float32).eps * max(1.0, g_scale))
 
 
+def test_bfloat16_conv2d_of_an_unbatched_input_against_float64():
+    """A (C, H, W) input of 16+ channels (the AMX tiles' geometry on CPUs with them): forward
+    and the three gradients as accurate as torch's bfloat16, shapes and layouts as float32's."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(20, 9, 12, generator=gen).bfloat16()
+    wt = torch.randn(24, 20, 3, 3, generator=gen).bfloat16()
+    b = torch.randn(24, generator=gen).bfloat16()
+    for s in (1, 2):
+        geometry = ([s, s], [1, 1], [1, 1], 1)
+        xd, wd, bd = (t.double().requires_grad_() for t in (x, wt, b))
+        ref = torch.nn.functional.conv2d(xd, wd, bd, s, 1)
+        ours = torch.ops.pyengine.conv2d(x, wt, b, *geometry)
+        _compare("forward", ours, torch.nn.functional.conv2d(x, wt, b, s, 1), ref.detach(),
+                 torch.bfloat16)
+        g = torch.randn(ref.shape, generator=gen).bfloat16()
+        ref.backward(g.double())
+        mine = torch.ops.pyengine.conv2d_backward(g, x, wt, *geometry, [True, True, True])
+        torch_grads = torch.ops.aten.convolution_backward(
+            g.unsqueeze(0), x.unsqueeze(0), wt, [24], [s, s], [1, 1], [1, 1], False, [0, 0], 1,
+            [True, True, True])
+        torch_grads = (torch_grads[0].squeeze(0), *torch_grads[1:])
+        g_scale = float(g.abs().max())
+        f32 = torch.ops.pyengine.conv2d_backward(g.float(), x.float(), wt.float(), *geometry,
+                                                 [True, True, True])
+        for name, m, t, r, f in zip(("grad_input", "grad_weight", "grad_bias"), mine,
+                                    torch_grads, (xd.grad, wd.grad, bd.grad), f32):
+            _compare(name, m, t, r, torch.bfloat16,
+                     floor=torch.finfo(torch.float32).eps * max(1.0, g_scale))
+            assert m.stride() == f.stride(), name
+
+
 def _op_args_in(args, dtype):
     out = []
     for a in args:
