@@ -33,6 +33,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/allocator.h"
 #include "cpu/amx.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
@@ -325,20 +326,29 @@ PE_TARGET_AMX_BF16 void amx_panels(int64_t M, int64_t N, int64_t K, const uint32
                                    int64_t q0, int64_t q1, const Epilogue& e) {
   const int64_t P = (K + 1) / 2;
   amx::configure();
-  std::vector<uint32_t> bp(static_cast<size_t>(Pp * kNR), 0u);  // rows P .. Pp stay zero
+  // Panels two at a time: each 32-row block of A (from L3: all of A is read once per pair) then
+  // serves 4 C blocks from L2 instead of 2 (both packed panels and the block fit in L2 at
+  // K = 4096: 2 x 512 KB + 256 KB).
+  constexpr int64_t kPanels = 2;
+  CachedBuffer<uint32_t> bp(static_cast<size_t>(kPanels * Pp * kNR));  // zeros: rows P .. Pp
   alignas(64) float buf[kAmxRows * 32];
-  for (int64_t q = q0; q < q1; ++q) {
-    const int64_t j0 = q * kNR, cols = std::min(kNR, N - j0);
-    if (P > 0) pack_b_panel(N, K, B, rsb, csb, j0, bp.data());
+  for (int64_t q = q0; q < q1; q += kPanels) {
+    const int64_t panels = std::min(kPanels, q1 - q);
+    if (P > 0)
+      for (int64_t k = 0; k < panels; ++k)
+        pack_b_panel(N, K, B, rsb, csb, (q + k) * kNR, bp.data() + k * Pp * kNR);
     for (int64_t i0 = 0; i0 < M; i0 += kAmxRows) {
       const int64_t rows = std::min(kAmxRows, M - i0);
-      for (int64_t c0 = 0; c0 < cols; c0 += 32) {
-        amx_block(Pp, apx + i0 * Pp, bp.data() + c0, buf);
-        const int64_t nc = std::min<int64_t>(32, cols - c0);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t v = 0; v * 16 < nc; ++v)
-            store_sums(_mm512_load_ps(buf + r * 32 + v * 16), i0 + r, j0 + c0 + v * 16,
-                       std::min<int64_t>(16, nc - v * 16), e);
+      for (int64_t k = 0; k < panels; ++k) {
+        const int64_t j0 = (q + k) * kNR, cols = std::min(kNR, N - j0);
+        for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+          amx_block(Pp, apx + i0 * Pp, bp.data() + k * Pp * kNR + c0, buf);
+          const int64_t nc = std::min<int64_t>(32, cols - c0);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t v = 0; v * 16 < nc; ++v)
+              store_sums(_mm512_load_ps(buf + r * 32 + v * 16), i0 + r, j0 + c0 + v * 16,
+                         std::min<int64_t>(16, nc - v * 16), e);
+        }
       }
     }
   }
@@ -348,7 +358,8 @@ PE_TARGET_AMX_BF16 void amx_panels(int64_t M, int64_t N, int64_t K, const uint32
 void gemm_bf16_amx(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t rsa, int64_t csa,
                    const uint16_t* B, int64_t rsb, int64_t csb, const Epilogue& e) {
   const int64_t P = (K + 1) / 2, Pp = round_up(std::max<int64_t>(P, 1), kAmxPairs);
-  std::vector<uint32_t> apx(static_cast<size_t>(round_up(M, kAmxRows) * Pp));
+  // (pack_a_amx writes every word, pads included)
+  CachedBuffer<uint32_t> apx(static_cast<size_t>(round_up(M, kAmxRows) * Pp), false);
   pack_a_amx(M, K, A, rsa, csa, Pp, apx.data());
   at::parallel_for(0, (N + kNR - 1) / kNR, 1, [&](int64_t q0, int64_t q1) {
     amx_panels(M, N, K, apx.data(), Pp, B, rsb, csb, q0, q1, e);
@@ -369,11 +380,11 @@ void gemm_bf16_impl(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t 
   }
 #endif
   const int64_t P = (K + 1) / 2, row_tiles = (M + kMR - 1) / kMR;
-  std::vector<uint32_t> ap(static_cast<size_t>(row_tiles * P * kMR));
+  CachedBuffer<uint32_t> ap(static_cast<size_t>(row_tiles * P * kMR), false);  // all written
   pack_a(M, K, A, rsa, csa, ap.data());
   const int64_t panels = (N + kNR - 1) / kNR;
   at::parallel_for(0, panels, 1, [&](int64_t q0, int64_t q1) {
-    std::vector<uint32_t> bp(static_cast<size_t>(std::max<int64_t>(P, 1) * kNR));
+    CachedBuffer<uint32_t> bp(static_cast<size_t>(std::max<int64_t>(P, 1) * kNR), false);
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t j0 = q * kNR, cols = std::min(kNR, N - j0);
       pack_b_panel(N, K, B, rsb, csb, j0, bp.data());
