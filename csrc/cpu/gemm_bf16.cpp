@@ -60,16 +60,6 @@ inline uint32_t pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t
 
 // All of A as tiles of kMR rows: ap[tile][p][r] = pair (A[i, 2p], A[i, 2p + 1]), i = tile*kMR + r
 // (zero rows past M).
-// The pairs (lo[t], hi[t]) for t < 16 under mask m, as words (hi null: zero high halves): two
-// rows of a matrix stored along the other dimension, merged.
-PE_TARGET_AVX512_BF16 inline __m512i merge_rows(const uint16_t* lo, const uint16_t* hi,
-                                                 __mmask16 m) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo));
-  if (!hi) return w;
-  return _mm512_or_si512(
-      w, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi)), 16));
-}
-
 // pack_a's words for pairs [p0, p1) where A runs along i (rsa == 1): linear's grad_weight reads
 // dY^T. Rows 2p and 2p + 1 of the stored matrix widened and merged, 16 rows of A at a time, then
 // placed in their tiles.
@@ -83,7 +73,7 @@ PE_TARGET_AVX512_BF16 void pack_a_along_i(int64_t M, int64_t K, const uint16_t* 
     for (int64_t i0 = 0; i0 < M; i0 += 16) {
       const int64_t n = std::min<int64_t>(16, M - i0);
       const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
-      _mm512_store_si512(w, merge_rows(lo + i0, hi ? hi + i0 : nullptr, m));
+      _mm512_store_si512(w, conv2d::merge_rows(lo + i0, hi ? hi + i0 : nullptr, m));
       for (int64_t l = 0; l < n; ++l) {
         const int64_t i = i0 + l;
         ap[(i / kMR) * P * kMR + p * kMR + i % kMR] = w[l];
@@ -146,7 +136,7 @@ PE_TARGET_AVX512_BF16 void pack_b_panel(int64_t N, int64_t K, const uint16_t* B,
         const int64_t n = std::min<int64_t>(16, nc - c0);
         const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
         _mm512_mask_storeu_epi32(bp + p * kNR + c0, m,
-                                 merge_rows(lo + c0, hi ? hi + c0 : nullptr, m));
+                                 conv2d::merge_rows(lo + c0, hi ? hi + c0 : nullptr, m));
       }
     }
     return;
@@ -274,7 +264,7 @@ PE_TARGET_AVX512_BF16 void pack_a_amx_along_i(int64_t M, int64_t K, const uint16
       for (int64_t q = 0; q < np; ++q) {
         const uint16_t* lo = A + 2 * (p0 + q) * csa + i0;
         const uint16_t* hi = 2 * (p0 + q) + 1 < K ? lo + csa : nullptr;
-        _mm512_store_si512(w + q * 16, merge_rows(lo, hi, m));
+        _mm512_store_si512(w + q * 16, conv2d::merge_rows(lo, hi, m));
       }
       conv2d::transpose16(reinterpret_cast<const float*>(w), 16, np, ni,
                           reinterpret_cast<float*>(apx + i0 * Pp + p0), Pp, nullptr);
