@@ -18,7 +18,7 @@
 // each copy of a 1.2 MB activation cost 120 us instead of ~20.
 //
 // Kernels with 16-bit code of their own skip the conversion: PE_KERNEL_NATIVE_BF16 (bfloat16
-// where a predicate says so: the CPU's AVX512_BF16 linear) and PE_KERNEL_NATIVE_16BIT (both
+// where a predicate says so: the CPU's bfloat16 linear, conv2d on AMX tiles) and PE_KERNEL_NATIVE_16BIT (both
 // 16-bit dtypes, always: the CUDA kernels, which read and write bfloat16 / float16 memory and
 // compute in float32 inside, rounding each result once, the same arithmetic as above).
 #include <ATen/core/Tensor.h>
@@ -60,13 +60,6 @@ class Scan {
   bool mixed_ = false;
 };
 
-// A float32 copy with t's very strides (Tensor::to keeps them only for dense tensors): the
-// kernels choose their results' layouts from their inputs' strides, as torch does, so a strided
-// or expanded 16-bit input must look the same in float32. The storage range t covers is widened
-// (gaps included) and viewed with t's sizes and strides. That range is t's elements for dense
-// tensors, twice them for every-other-element views, but the whole source for a thin slice of a
-// wide tensor (x[:, :1]): never more than the source storage, whose bytes the copy at most
-// doubles. Exact strides are worth it: layouts are part of each operator's contract.
 // t in dtype `to`, with t's strides (t dense: non-overlapping, no gaps).
 inline at::Tensor converted_dense(const at::Tensor& t, c10::ScalarType to) {
   at::Tensor out = empty_strided_of(t.sizes(), t.strides(), t.options().dtype(to));
@@ -74,6 +67,13 @@ inline at::Tensor converted_dense(const at::Tensor& t, c10::ScalarType to) {
   return out;
 }
 
+// A float32 copy with t's very strides (Tensor::to keeps them only for dense tensors): the
+// kernels choose their results' layouts from their inputs' strides, as torch does, so a strided
+// or expanded 16-bit input must look the same in float32. The storage range t covers is widened
+// (gaps included) and viewed with t's sizes and strides. That range is t's elements for dense
+// tensors, twice them for every-other-element views, but the whole source for a thin slice of a
+// wide tensor (x[:, :1]): never more than the source storage, whose bytes the copy at most
+// doubles. Exact strides are worth it: layouts are part of each operator's contract.
 inline at::Tensor widen(const at::Tensor& t) {
   if (!t.defined() || !is_low(t.scalar_type())) return t;
   if (t.is_non_overlapping_and_dense()) return converted_dense(t, c10::kFloat);

@@ -295,8 +295,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
   const Geometry g = check_conv2d_backward<int64_t>(grad_output, input, weight, stride,
                                                     padding, dilation, groups);
   if (grad_output.scalar_type() == at::kBFloat16) {
-    // Registered with PE_KERNEL_NATIVE_BF16 (see conv2d_cpu): grad_input on AMX tiles where
-    // that kernel takes it; grad_weight, grad_bias and the other geometries on float32 copies.
+    // Registered with PE_KERNEL_NATIVE_BF16 (see conv2d_cpu): grad_input, and grad_weight with
+    // grad_bias, on AMX tiles where those kernels take them; the rest on float32 copies.
     const bool channels_last = conv2d_channels_last(input, weight);
     Tensor grad_input, grad_weight, grad_bias;
     std::array<bool, 3> rest = mask;

@@ -721,9 +721,9 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
     weight_items(g, p, xq.data(), dyq.data(), i0, i1, cacc.data() + i0 * 32 * 32);
   });
 
-  at::Tensor grad_weight = at::empty(
-      {g.out_channels, g.in_channels, g.kernel_h, g.kernel_w},
-      input.options());
+  at::Tensor grad_weight =
+      empty_of(at::IntArrayRef{g.out_channels, g.in_channels, g.kernel_h, g.kernel_w},
+               input.options());
   at::BFloat16* dw = grad_weight.mutable_data_ptr<at::BFloat16>();
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
@@ -747,7 +747,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
     at::parallel_for(0, g.out_channels, 1, [&](int64_t c0, int64_t c1) {
       bias_sums(g, dy, c0, c1, db.data());
     });
-    grad_bias = at::empty({g.out_channels}, input.options());
+    grad_bias = empty_of(at::IntArrayRef{g.out_channels}, input.options());
     at::BFloat16* b = grad_bias.mutable_data_ptr<at::BFloat16>();
     for (int64_t co = 0; co < g.out_channels; ++co) b[co] = at::BFloat16(db[co]);
   }
