@@ -400,3 +400,97 @@ def test_bfloat16_conv2d_with_non_finite_weights_places_inf_and_nan_as_float32()
             assert torch.equal(o.isnan(), f.isnan()), (which, name)
             assert torch.equal(o.isinf(), f.isinf()), (which, name)
         assert (~f32[0].isfinite()).any() and f32[0].isfinite().any(), which
+
+
+# ---- bfloat16 read and written in place: the float32 kernel's bits, one rounding -------------
+#
+# The activations and the fused convolution block's backward read bfloat16 as they go (cpu/
+# loops.h's Storage), and 16-bit copies of every other CPU operator are made by pyengine's own
+# conversion loops (cpu/convert.h): either way a bfloat16 call must give exactly what the
+# float32 kernel gives on float32 copies, rounded once to nearest even as torch rounds.
+
+def _every_bfloat16():
+    """All 65536 bfloat16 bit patterns: zeros, subnormals, normals, infinities and NaNs."""
+    return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def _same_bits_or_both_nan(ours, expected, what):
+    assert ours.dtype == expected.dtype == torch.bfloat16, what
+    nan = expected.isnan()
+    assert torch.equal(ours.isnan(), nan), f"{what}: NaN positions differ"
+    differ = (ours.view(torch.int16) != expected.view(torch.int16)) & ~nan
+    assert not differ.any(), (
+        f"{what}: {int(differ.sum())} results differ, e.g. {ours[differ][:4].tolist()} against "
+        f"{expected[differ][:4].tolist()}")
+
+
+_ACTIVATIONS = [  # (name, forward, backward op and what it takes besides grad_output)
+    ("relu", lambda x: pyengine.functional.relu(x), "relu_backward", "result", ()),
+    ("sigmoid", lambda x: pyengine.functional.sigmoid(x), "sigmoid_backward", "result", ()),
+    ("tanh", lambda x: pyengine.functional.tanh(x), "tanh_backward", "result", ()),
+    # Slopes whose products fall on halfway points between bfloat16 values (1 + 2^-8 of a
+    # bfloat16 is one), beyond the range (overflow to Inf), and a plain one.
+    ("leaky_relu 1+2^-8", lambda x: pyengine.functional.leaky_relu(x, 1 + 2 ** -8),
+     "leaky_relu_backward", "input", (1 + 2 ** -8,)),
+    ("leaky_relu 3e38", lambda x: pyengine.functional.leaky_relu(x, 3e38),
+     "leaky_relu_backward", "input", (3e38,)),
+    ("leaky_relu 0.01", lambda x: pyengine.functional.leaky_relu(x, 0.01),
+     "leaky_relu_backward", "input", (0.01,)),
+]
+
+
+@pytest.mark.parametrize("name,forward,backward,saved,extra", _ACTIVATIONS,
+                         ids=[a[0] for a in _ACTIVATIONS])
+def test_bfloat16_activations_are_the_float32_kernel_rounded_once(name, forward, backward,
+                                                                  saved, extra):
+    x = _every_bfloat16()
+    y = forward(x)
+    _same_bits_or_both_nan(y, forward(x.float()).to(torch.bfloat16), f"{name} forward")
+    # The backward op on every pattern (as its saved result or input) against gradients of
+    # varied magnitudes, the same 16-bit values on both sides.
+    g = (torch.randn(x.shape, generator=torch.Generator().manual_seed(3)) * 1e3).to(torch.bfloat16)
+    s = y if saved == "result" else x
+    op = getattr(torch.ops.pyengine, backward)
+    _same_bits_or_both_nan(op(g, s, *extra), op(g.float(), s.float(), *extra).to(torch.bfloat16),
+                           f"{name} backward")
+
+
+def test_bfloat16_copies_round_as_torch_rounds():
+    # mse_loss (reduction='none') runs on float32 copies made by cpu/convert.h's loops: every
+    # bfloat16 pattern widened, squares and differences (ties, overflow, NaN) rounded back.
+    x = _every_bfloat16()
+    for b in (0.0, 1.0, -3.0078125, float("inf"), float("nan")):
+        target = torch.full_like(x, b)
+        ours = pyengine.functional.mse_loss(x, target, reduction="none")
+        expected = torch.nn.functional.mse_loss(x.float(), target.float(),
+                                                reduction="none").to(torch.bfloat16)
+        _same_bits_or_both_nan(ours, expected, f"mse_loss against {b}")
+
+
+@pytest.mark.parametrize("in_channels,out_channels,size,batch,channels_last", [
+    (1, 6, 32, 5, False),    # LeNet's conv1 block: grad_weight image by image (the direct path)
+    (6, 16, 14, 17, False),  # LeNet's conv2 block: grad_input too (the batch-innermost path)
+    (3, 5, 11, 2, True),     # another geometry and layout
+])
+def test_bfloat16_fused_convolution_block_is_the_float32_kernel_rounded_once(
+        in_channels, out_channels, size, batch, channels_last):
+    gen = torch.Generator().manual_seed(in_channels * 100 + size)
+    x = torch.randn(batch, in_channels, size, size, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(out_channels, in_channels, 5, 5, generator=gen) * 0.3).to(torch.bfloat16)
+    b = torch.randn(out_channels, generator=gen).to(torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    from pyengine.fused import conv2d_relu_max_pool2d
+
+    def run(dtype):
+        # (LeNet's first block wants no grad_input: the path that unpools image by image.)
+        xs = x.to(dtype, copy=True).requires_grad_(in_channels > 1)
+        ws, bs = (t.to(dtype, copy=True).requires_grad_() for t in (w, b))
+        out = conv2d_relu_max_pool2d(xs, ws, bs, pool_kernel_size=2)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+        g = g.to(torch.bfloat16).to(dtype)
+        out.backward(g)
+        return [out.detach()] + [t.grad for t in (xs, ws, bs) if t.requires_grad]
+
+    for i, (ours, f32) in enumerate(zip(run(torch.bfloat16), run(torch.float32))):
+        _same_bits_or_both_nan(ours, f32.to(torch.bfloat16), f"result {i}")

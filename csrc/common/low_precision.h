@@ -18,7 +18,9 @@
 // each copy of a 1.2 MB activation cost 120 us instead of ~20.
 //
 // Kernels with 16-bit code of their own skip the conversion: PE_KERNEL_NATIVE_BF16 (bfloat16
-// where a predicate says so: the CPU's bfloat16 linear, conv2d on AMX tiles) and PE_KERNEL_NATIVE_16BIT (both
+// where a predicate says so: the CPU's bfloat16 linear and conv2d on AMX tiles; everywhere for
+// the activations, whose loops convert as they load and store, and the fused
+// conv2d_relu_max_pool2d, which reads its 16-bit gradient where it masks it) and PE_KERNEL_NATIVE_16BIT (both
 // 16-bit dtypes, always: the CUDA kernels, which read and write bfloat16 / float16 memory and
 // compute in float32 inside, rounding each result once, the same arithmetic as above).
 #include <ATen/core/Tensor.h>
@@ -26,6 +28,7 @@
 #include <c10/core/ScalarType.h>
 
 #include "common/layout.h"
+#include "cpu/convert.h"
 
 #include <optional>
 #include <tuple>
@@ -60,10 +63,19 @@ class Scan {
   bool mixed_ = false;
 };
 
-// t in dtype `to`, with t's strides (t dense: non-overlapping, no gaps).
+// t in dtype `to`, with t's strides (t dense: non-overlapping, no gaps, so its elements fill
+// numel() consecutive slots from its data pointer in either dtype). bfloat16 <-> float32 on the
+// CPU take pyengine's own loops (cpu/convert.h: torch's copy_ costs twice as much at LeNet's
+// sizes); other pairs, and CUDA tensors, torch's copy_.
 inline at::Tensor converted_dense(const at::Tensor& t, c10::ScalarType to) {
   at::Tensor out = empty_strided_of(t.sizes(), t.strides(), t.options().dtype(to));
-  out.copy_(t);
+  const c10::ScalarType from = t.scalar_type();
+  if (t.is_cpu() && from == c10::kBFloat16 && to == c10::kFloat)
+    cpu::widen_bf16(t.const_data_ptr<c10::BFloat16>(), out.mutable_data_ptr<float>(), t.numel());
+  else if (t.is_cpu() && from == c10::kFloat && to == c10::kBFloat16)
+    cpu::narrow_bf16(t.const_data_ptr<float>(), out.mutable_data_ptr<c10::BFloat16>(), t.numel());
+  else
+    out.copy_(t);
   return out;
 }
 
@@ -106,6 +118,10 @@ std::tuple<Ts...> narrow(std::tuple<Ts...> t, c10::ScalarType low) {
   return std::apply([&](auto&... r) { return std::tuple<Ts...>(narrow(std::move(r), low)...); },
                     t);
 }
+
+// The predicate of kernels whose bfloat16 code runs on every CPU (PE_KERNEL_NATIVE_BF16(fn,
+// low_precision::always)): portable loads that widen and stores that round (cpu/convert.h).
+inline bool always() { return true; }
 
 // native_bf16: when not null and it returns true, bfloat16 calls reach fn as they are (fn has
 // bfloat16 code of its own for this machine: linear on AVX512_BF16).

@@ -111,15 +111,18 @@ Tensor tanh_backward_cpu(const Tensor& grad_output, const Tensor& result) {
 
 }  // namespace
 
+// bfloat16 natively (cpu/loops.h converts as it loads and stores: one pass, not three);
+// float16 on float32 copies.
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
-  m.impl("relu", PE_KERNEL(relu_cpu));
-  m.impl("relu_backward", PE_KERNEL(relu_backward_cpu));
-  m.impl("leaky_relu", PE_KERNEL(leaky_relu_cpu));
-  m.impl("leaky_relu_backward", PE_KERNEL(leaky_relu_backward_cpu));
-  m.impl("sigmoid", PE_KERNEL(sigmoid_cpu));
-  m.impl("sigmoid_backward", PE_KERNEL(sigmoid_backward_cpu));
-  m.impl("tanh", PE_KERNEL(tanh_cpu));
-  m.impl("tanh_backward", PE_KERNEL(tanh_backward_cpu));
+  m.impl("relu", PE_KERNEL_NATIVE_BF16(relu_cpu, low_precision::always));
+  m.impl("relu_backward", PE_KERNEL_NATIVE_BF16(relu_backward_cpu, low_precision::always));
+  m.impl("leaky_relu", PE_KERNEL_NATIVE_BF16(leaky_relu_cpu, low_precision::always));
+  m.impl("leaky_relu_backward",
+         PE_KERNEL_NATIVE_BF16(leaky_relu_backward_cpu, low_precision::always));
+  m.impl("sigmoid", PE_KERNEL_NATIVE_BF16(sigmoid_cpu, low_precision::always));
+  m.impl("sigmoid_backward", PE_KERNEL_NATIVE_BF16(sigmoid_backward_cpu, low_precision::always));
+  m.impl("tanh", PE_KERNEL_NATIVE_BF16(tanh_cpu, low_precision::always));
+  m.impl("tanh_backward", PE_KERNEL_NATIVE_BF16(tanh_backward_cpu, low_precision::always));
 }
 
 }  // namespace pyengine

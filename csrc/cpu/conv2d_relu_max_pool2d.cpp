@@ -29,6 +29,7 @@
 #include "common/layout.h"
 #include "common/low_precision.h"
 #include "cpu/kernels.h"
+#include "cpu/loops.h"
 
 namespace pyengine {
 namespace {
@@ -56,6 +57,15 @@ std::tuple<Tensor, Tensor> conv2d_relu_max_pool2d_cpu(
   const auto s = check_conv2d_relu_max_pool2d<int64_t>(
       input, weight, bias, stride, padding, dilation, groups, pool_kernel_size, pool_stride,
       pool_padding, pool_dilation, pool_ceil_mode);
+  if (input.scalar_type() == at::kBFloat16) {
+    // (Registered bfloat16-native for the backward's sake, see below; the forward gains
+    // nothing from it and runs on float32 copies, as every kernel does by default.)
+    auto [output, indices] = conv2d_relu_max_pool2d_cpu(
+        low_precision::widen(input), low_precision::widen(weight), low_precision::widen(bias),
+        stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding,
+        pool_dilation, pool_ceil_mode);
+    return {low_precision::narrow(output, at::kBFloat16), indices};
+  }
   const bool has_bias = bias.has_value() && bias->defined();
   Tensor conv_out = cpu::conv2d_forward_contiguous(
       s.conv, input.contiguous(), weight.contiguous(), has_bias ? bias->contiguous() : Tensor());
@@ -87,6 +97,17 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cpu(
       grad_output, result, indices, input, weight, stride, padding, dilation, groups,
       pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_ceil_mode);
   if (!mask[0] && !mask[1] && !mask[2]) return {};
+  // bfloat16 (every floating argument is, after the checks): grad_output and result are read
+  // as they are where relu's step masks them, in the one pass that reads them anyway (cpu/
+  // loops.h's Storage widens each element); input and weight go to float32 copies, and the
+  // gradients come back rounded once: the bits of the float32 kernel on float32 copies of all.
+  const bool bf16 = grad_output.scalar_type() == at::kBFloat16;
+  const Tensor x = low_precision::widen(input).contiguous();
+  const Tensor w = low_precision::widen(weight).contiguous();
+  auto in_layout = [&](std::tuple<Tensor, Tensor, Tensor> grads) {
+    grads = conv2d_grads_in_layout(std::move(grads), input, weight);
+    return bf16 ? low_precision::narrow(std::move(grads), at::kBFloat16) : grads;
+  };
   // The gradient of the pooled maxima before relu: grad_output where the result is > 0.
   const Tensor go = grad_output.contiguous();
   const Tensor r = result.contiguous();
@@ -101,51 +122,53 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cpu(
     const int64_t channels = s.conv.out_channels, pooled = s.pool.out_pixels();
     std::atomic<bool> bad{false};
     Tensor grad_weight, grad_bias;
-    dispatch_floating(go.scalar_type(), op, [&](auto tag) {
-      using T = decltype(tag);
-      const T* g = go.const_data_ptr<T>();
-      const T* y = r.const_data_ptr<T>();
+    dispatch_elementwise(go.scalar_type(), op, [&](auto tag) {
+      using S = decltype(tag);                       // grad_output's and result's storage
+      using T = decltype(Storage<S>::load(S{}));     // the arithmetic (and x's) type
+      const S* g = go.const_data_ptr<S>();
+      const S* y = r.const_data_ptr<S>();
       const int64_t* at = ix.const_data_ptr<int64_t>();
       const cpu::Conv2dDyImage unpool = [&](int64_t n, void* image) {
         thread_local std::vector<T> masked;  // the image's pooled gradient, relu's step applied
         masked.resize(static_cast<size_t>(channels * pooled));
         const int64_t o0 = n * channels * pooled;
         for (int64_t o = 0; o < channels * pooled; ++o)
-          masked[o] = relu_bwd(g[o0 + o], y[o0 + o]);
+          masked[o] = relu_bwd(Storage<S>::load(g[o0 + o]), Storage<S>::load(y[o0 + o]));
         if (!cpu::max_pool2d_backward_planes<T>(s.pool, masked.data(), at + o0,
                                                  static_cast<T*>(image), channels))
           bad = true;
       };
-      std::tie(grad_weight, grad_bias) = cpu::conv2d_weight_grads_direct(
-          s.conv, input.contiguous(), weight.contiguous(), mask[2], unpool);
+      std::tie(grad_weight, grad_bias) =
+          cpu::conv2d_weight_grads_direct(s.conv, x, w, mask[2], unpool);
     });
-    if (!bad) return conv2d_grads_in_layout({Tensor(), grad_weight, grad_bias}, input, weight);
+    if (!bad) return in_layout({Tensor(), grad_weight, grad_bias});
   }
-  Tensor pooled_grad = empty_of(go.sizes(), go.options());
-  dispatch_floating(go.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    const T* g = go.const_data_ptr<T>();
-    const T* y = r.const_data_ptr<T>();
+  Tensor pooled_grad = empty_of(go.sizes(), x.options());
+  dispatch_elementwise(go.scalar_type(), op, [&](auto tag) {
+    using S = decltype(tag);
+    using T = decltype(Storage<S>::load(S{}));
+    const S* g = go.const_data_ptr<S>();
+    const S* y = r.const_data_ptr<S>();
     T* d = pooled_grad.mutable_data_ptr<T>();
     at::parallel_for(0, go.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) d[i] = relu_bwd(g[i], y[i]);
+      for (int64_t i = begin; i < end; ++i)
+        d[i] = relu_bwd(Storage<S>::load(g[i]), Storage<S>::load(y[i]));
     });
   });
   const std::vector<int64_t> conv_sizes = s.conv.output_sizes();
   const Tensor conv_grad = cpu::max_pool2d_backward_contiguous(
       s.pool, pooled_grad, indices.contiguous(), at::IntArrayRef(conv_sizes), op,
       "convolution output");
-  return conv2d_grads_in_layout(cpu::conv2d_backward_contiguous(s.conv, conv_grad,
-                                                                input.contiguous(),
-                                                                weight.contiguous(), mask),
-                                input, weight);
+  return in_layout(cpu::conv2d_backward_contiguous(s.conv, conv_grad, x, w, mask));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
-  m.impl("conv2d_relu_max_pool2d", PE_KERNEL(conv2d_relu_max_pool2d_cpu));
-  m.impl("conv2d_relu_max_pool2d_backward", PE_KERNEL(conv2d_relu_max_pool2d_backward_cpu));
+  m.impl("conv2d_relu_max_pool2d",
+         PE_KERNEL_NATIVE_BF16(conv2d_relu_max_pool2d_cpu, low_precision::always));
+  m.impl("conv2d_relu_max_pool2d_backward",
+         PE_KERNEL_NATIVE_BF16(conv2d_relu_max_pool2d_backward_cpu, low_precision::always));
 }
 
 }  // namespace pyengine

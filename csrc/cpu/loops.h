@@ -12,6 +12,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/layout.h"
+#include "cpu/convert.h"
 #include "cpu/isa.h"
 
 namespace pyengine {
@@ -19,18 +20,34 @@ namespace pyengine {
 // Elements per parallel task: below this, threading costs more than it saves.
 constexpr int64_t kElementwiseGrain = 32768;
 
+// How a loop reads and writes its storage type S: bfloat16 is widened to float32 on load and
+// rounded once on store (cpu/convert.h), so a bfloat16 call computes exactly what its float32
+// copies would, in one pass instead of three (widen, compute, narrow); float and double as
+// they are.
+template <typename S>
+struct Storage {
+  static PE_INLINE S load(S v) { return v; }
+  static PE_INLINE S store(S v) { return v; }
+};
+template <>
+struct Storage<c10::BFloat16> {
+  static PE_INLINE float load(c10::BFloat16 v) { return cpu::bf16_to_float(v); }
+  static PE_INLINE c10::BFloat16 store(float v) { return cpu::float_to_bf16(v); }
+};
+
 // The loops themselves, compiled once per instruction-set level (cpu/isa.h) with the caller's
 // per-element function inlined, over restrict pointers (outputs are fresh tensors: no aliasing)
 // so that the compiler vectorizes them: the per-element math must be branch-free for that
 // (cpu/activation.cpp). Called on each parallel task's range.
 template <typename T, typename F>
 PE_INLINE void unary_loop(const T* __restrict__ x, T* __restrict__ out, int64_t n, const F& f) {
-  for (int64_t i = 0; i < n; ++i) out[i] = f(x[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = Storage<T>::store(f(Storage<T>::load(x[i])));
 }
 template <typename T, typename F>
 PE_INLINE void binary_loop(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out,
                            int64_t n, const F& f) {
-  for (int64_t i = 0; i < n; ++i) out[i] = f(a[i], b[i]);
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = Storage<T>::store(f(Storage<T>::load(a[i]), Storage<T>::load(b[i])));
 }
 template <typename T, typename F>
 PE_TARGET_AVX512 void unary_loop_avx512(const T* x, T* out, int64_t n, const F& f) {
@@ -57,6 +74,17 @@ void binary_loop_default(const T* a, const T* b, T* out, int64_t n, const F& f) 
   binary_loop(a, b, out, n, f);
 }
 
+// f(scalar_t{}) for the storage types the elementwise loops take: float32, float64 and
+// bfloat16 (registered with PE_KERNEL_NATIVE_BF16(..., low_precision::always): bfloat16 calls
+// arrive as they are; float16 ones as float32 copies).
+template <typename F>
+void dispatch_elementwise(c10::ScalarType dtype, const char* op, F&& f) {
+  if (dtype == c10::ScalarType::BFloat16)
+    f(c10::BFloat16{});
+  else
+    dispatch_floating(dtype, op, f);
+}
+
 // out = f(input) elementwise, out laid out as torch lays out a unary op's output. f must be
 // callable from every level's build: a lambda declared PE_INLINE-free is inlined into each (GCC
 // inlines a function of the baseline target into a wider one).
@@ -66,7 +94,7 @@ at::Tensor map_unary(const at::Tensor& input, const char* op, F f) {
   at::Tensor out = empty_elementwise<int64_t>({&input}, input.options());
   const at::Tensor x = in_order_of(input, out);
   const cpu::Isa level = cpu::isa_for(cpu::Family::Elementwise);
-  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
+  dispatch_elementwise(x.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
@@ -93,7 +121,7 @@ at::Tensor map_binary(at::Tensor out, const at::Tensor& a, const at::Tensor& b, 
   const at::Tensor x = in_order_of(a, out);
   const at::Tensor y = in_order_of(b, out);
   const cpu::Isa level = cpu::isa_for(cpu::Family::Elementwise);
-  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
+  dispatch_elementwise(x.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* py = y.const_data_ptr<scalar_t>();
