@@ -3,7 +3,11 @@ LeNet's conv1): where grad_weight comes from the direct kernel, the CPU makes ea
 convolution gradient where that kernel reads it instead of a batch-sized gradient image. The
 gradients must be bit for bit those of the general path (grad_input wanted too) and torch's
 within float tolerance; a bad index still raises, naming it. (The samples, the fuzz lane and
-the models' tests cover the operator at large.)"""
+the models' tests cover the operator at large.)
+
+Its forward where the convolution runs batch-innermost (LeNet's conv2: stride 1, output rows of
+at most 16, 16+ images) and the pooling is 2x2 / stride 2: pooled in the convolution's transposed
+layout, it must give the bits and indices of conv2d, then max_pool2d_with_indices, then relu."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,3 +70,38 @@ def test_backward_without_grad_input_names_a_bad_index():
                             "convolution output plane"):
             P.conv2d_relu_max_pool2d_backward(torch.ones_like(out), out, idx_bad, x, w,
                                               *geometry, [False, True, True])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,size,bias,channels_last", [
+    (16, 14, True, False),   # LeNet conv2's shape class: 12x12 output, 6x6 pooled
+    (300, 12, False, False),  # two batch chunks (256 + 44), no bias
+    (33, 13, True, True),    # odd output (11x11): its last row and column are in no window
+    (20, 6, True, False),    # a 4x4 output
+])
+def test_forward_pooled_batch_innermost_is_the_unfused_chain_bitwise(batch, size, bias,
+                                                                     channels_last, dtype):
+    # Small integers: the convolution is exact, so windows hold ties (the earlier tap wins),
+    # negative maxima (relu gives +0) and, from the NaN and Inf planted in x, NaN and Inf ones.
+    gen = torch.Generator().manual_seed(batch + size)
+    x = torch.randint(-2, 3, (batch, 3, size, size), generator=gen).to(dtype)
+    x[0, 0, 0, 0] = float("nan")
+    x[1, 2, 4, 5] = float("inf")
+    w = torch.randint(-1, 2, (8, 3, 3, 3), generator=gen).to(dtype)
+    b = torch.randint(-2, 3, (8,), generator=gen).to(dtype) if bias else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    geometry = _geometry(2, 2)
+    out, idx = P.conv2d_relu_max_pool2d(x, w, b, *geometry)
+
+    y = P.conv2d(x, w, b, [1, 1], [0, 0], [1, 1], 1)
+    pooled, ref_idx = P.max_pool2d_with_indices(y, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    ref = P.relu(pooled)
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    assert torch.equal(out.contiguous().view(bits), ref.contiguous().view(bits))
+    assert torch.equal(idx, ref_idx)
+    assert out.stride() == ref.stride() and idx.stride() == ref_idx.stride()
+    assert ref.isnan().any() and (ref == float("inf")).any() and (ref == 0).any()
+    # torch's indices too (its convolution is exact on these values as well).
+    _, torch_idx = F.max_pool2d(F.conv2d(x, w, b), 2, return_indices=True)
+    assert torch.equal(idx, torch_idx)

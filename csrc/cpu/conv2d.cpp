@@ -161,6 +161,22 @@ Tensor conv2d_forward_contiguous(const conv2d::Geometry& g, const Tensor& x, con
   return out;
 }
 
+bool conv2d_max_pool2d_relu_fused(const conv2d::Geometry& g, const Pool2dGeometry<int64_t>& pool,
+                                  const Tensor& x, const Tensor& w, const Tensor& b,
+                                  Tensor& output, Tensor& indices) {
+  if (!use_batch_inner(g) || !pool.is_2x2_stride_2() || pool.out_h != g.out_h / 2 ||
+      pool.out_w != g.out_w / 2 || output.numel() == 0)
+    return false;
+  dispatch_floating(x.scalar_type(), "conv2d_relu_max_pool2d", [&](auto tag) {
+    using T = decltype(tag);
+    cpu::conv2d::forward_batch_inner_pool2x2_relu<T>(
+        g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+        b.defined() ? b.const_data_ptr<T>() : nullptr, output.mutable_data_ptr<T>(),
+        indices.mutable_data_ptr<int64_t>());
+  });
+  return true;
+}
+
 }  // namespace cpu
 
 namespace {

@@ -55,6 +55,12 @@ void forward_batch_inner(const Geometry& g, const T* x, const T* w, const T* bia
 template <typename T>
 void backward_batch_inner(const Geometry& g, const T* dy, const T* x, const T* w, T* dx, T* dw,
                           T* db);
+// The same forward with a 2x2, stride-2 max-pool (windows inside the output) and relu applied
+// before the transpose back: out and indices (batch, out_channels, out_h / 2, out_w / 2), as
+// max_pool2d_with_indices then relu would give them (conv2d_relu_max_pool2d).
+template <typename T>
+void forward_batch_inner_pool2x2_relu(const Geometry& g, const T* x, const T* w, const T* bias,
+                                      T* out, int64_t* indices);
 
 // Implicit GEMM over a zero-padded copy of the input, no im2col, for layers with 16 or more
 // output channels per group (conv2d_implicit.cpp); grad_input for 16 or more input channels per

@@ -14,7 +14,10 @@
 // grad_input is wanted and the direct kernel computes grad_weight (LeNet's conv1), the gradient
 // image is made one image at a time where that kernel reads it: two passes. (A pooling
 // geometry with a window of no input element, whose value is -inf, not relu's 0, takes relu
-// before the pooling instead: the gradients are the same.)
+// before the pooling instead: the gradients are the same.) Where the convolution runs
+// batch-innermost and the pooling is 2x2 / stride 2 (LeNet's conv2), the forward pools before
+// the convolution's output leaves that layout, and never stores the image at all
+// (cpu/conv2d_batch_inner.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -67,12 +70,17 @@ std::tuple<Tensor, Tensor> conv2d_relu_max_pool2d_cpu(
     return {low_precision::narrow(output, at::kBFloat16), indices};
   }
   const bool has_bias = bias.has_value() && bias->defined();
-  Tensor conv_out = cpu::conv2d_forward_contiguous(
-      s.conv, input.contiguous(), weight.contiguous(), has_bias ? bias->contiguous() : Tensor());
+  const Tensor x = input.contiguous(), w = weight.contiguous();
+  const Tensor b = has_bias ? bias->contiguous() : Tensor();
   const std::vector<int64_t> sizes = s.pool.output_sizes();
   Tensor output = empty_of(sizes, input.options());
   Tensor indices = empty_of(sizes, input.options().dtype(at::kLong));
-  if (output.numel() > 0) {
+  // LeNet's conv2 block is pooled in its convolution's batch-innermost layout (cpu/kernels.h);
+  // other blocks store the convolution's output, then pool it.
+  const bool pooled_inside =
+      cpu::conv2d_max_pool2d_relu_fused(s.conv, s.pool, x, w, b, output, indices);
+  if (!pooled_inside && output.numel() > 0) {
+    Tensor conv_out = cpu::conv2d_forward_contiguous(s.conv, x, w, b);
     // A window with no input element (dilation with padding) is -inf, which relu after pooling
     // would make 0: such geometries take relu first, on the whole image (rare; same gradients).
     const bool relu_first = s.pool.has_empty_window();

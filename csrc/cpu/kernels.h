@@ -33,6 +33,15 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_grads_direct(const Conv2dGeomet
                                                               const at::Tensor& w, bool bias,
                                                               const Conv2dDyImage& dy_of);
 
+// conv2d, then a 2x2 / stride-2 max_pool2d and relu, into preallocated contiguous output and
+// indices, where the convolution runs batch-innermost and the pooling is that one (LeNet's
+// conv2 block): the pooling is done before the convolution's output leaves its transposed
+// layout. False (nothing written) elsewhere.
+bool conv2d_max_pool2d_relu_fused(const Conv2dGeometry<int64_t>& conv,
+                                  const Pool2dGeometry<int64_t>& pool, const at::Tensor& x,
+                                  const at::Tensor& w, const at::Tensor& b, at::Tensor& output,
+                                  at::Tensor& indices);
+
 // max_pool2d_with_indices into preallocated contiguous output and indices (cpu/pool.cpp).
 void max_pool2d_forward_contiguous(const Pool2dGeometry<int64_t>& g, const at::Tensor& x,
                                    at::Tensor& output, at::Tensor& indices);
