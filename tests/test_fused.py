@@ -5,9 +5,10 @@ gradients must be bit for bit those of the general path (grad_input wanted too) 
 within float tolerance; a bad index still raises, naming it. (The samples, the fuzz lane and
 the models' tests cover the operator at large.)
 
-Its forward where the convolution runs batch-innermost (LeNet's conv2: stride 1, output rows of
-at most 16, 16+ images) and the pooling is 2x2 / stride 2: pooled in the convolution's transposed
-layout, it must give the bits and indices of conv2d, then max_pool2d_with_indices, then relu."""
+Its forward pools inside the convolution where it can: in the transposed layout of a
+batch-innermost convolution (LeNet's conv2: stride 1, output rows of at most 16, 16+ images;
+2x2 / stride-2 pooling), image by image after a direct one (LeNet's conv1). Either way it must
+give the bits and indices of conv2d, then max_pool2d_with_indices, then relu."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,22 +74,26 @@ def test_backward_without_grad_input_names_a_bad_index():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch,size,bias,channels_last", [
-    (16, 14, True, False),   # LeNet conv2's shape class: 12x12 output, 6x6 pooled
-    (300, 12, False, False),  # two batch chunks (256 + 44), no bias
-    (33, 13, True, True),    # odd output (11x11): its last row and column are in no window
-    (20, 6, True, False),    # a 4x4 output
+@pytest.mark.parametrize("batch,cin,cout,size,k,bias,channels_last", [
+    # batch-innermost convolutions, pooled in that layout:
+    (16, 3, 8, 14, 3, True, False),   # LeNet conv2's shape class: 12x12 output, 6x6 pooled
+    (300, 3, 8, 12, 3, False, False),  # two batch chunks (256 + 44), no bias
+    (33, 3, 8, 13, 3, True, True),    # odd output (11x11): its last row and column in no window
+    (20, 3, 8, 6, 3, True, False),    # a 4x4 output
+    # direct convolutions, pooled image by image:
+    (5, 1, 6, 32, 5, True, False),    # LeNet's conv1
+    (3, 2, 4, 21, 3, False, True),    # odd output (19x19), two input channels
 ])
-def test_forward_pooled_batch_innermost_is_the_unfused_chain_bitwise(batch, size, bias,
-                                                                     channels_last, dtype):
+def test_forward_pooled_inside_the_convolution_is_the_unfused_chain_bitwise(
+        batch, cin, cout, size, k, bias, channels_last, dtype):
     # Small integers: the convolution is exact, so windows hold ties (the earlier tap wins),
     # negative maxima (relu gives +0) and, from the NaN and Inf planted in x, NaN and Inf ones.
     gen = torch.Generator().manual_seed(batch + size)
-    x = torch.randint(-2, 3, (batch, 3, size, size), generator=gen).to(dtype)
+    x = torch.randint(-2, 3, (batch, cin, size, size), generator=gen).to(dtype)
     x[0, 0, 0, 0] = float("nan")
-    x[1, 2, 4, 5] = float("inf")
-    w = torch.randint(-1, 2, (8, 3, 3, 3), generator=gen).to(dtype)
-    b = torch.randint(-2, 3, (8,), generator=gen).to(dtype) if bias else None
+    x[1, cin - 1, 4, 5] = float("inf")
+    w = torch.randint(-1, 2, (cout, cin, k, k), generator=gen).to(dtype)
+    b = torch.randint(-2, 3, (cout,), generator=gen).to(dtype) if bias else None
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     geometry = _geometry(2, 2)

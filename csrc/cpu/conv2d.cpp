@@ -161,6 +161,26 @@ Tensor conv2d_forward_contiguous(const conv2d::Geometry& g, const Tensor& x, con
   return out;
 }
 
+bool conv2d_forward_is_direct(const conv2d::Geometry& g) {
+  // The choice conv2d_forward_contiguous makes, in its order (a geometry Winograd takes is not
+  // counted as direct even where a non-finite output would send it on).
+  return g.batch > 0 && g.out_pixels() > 0 && !use_batch_inner(g) &&
+         !cpu::conv2d::winograd_fits(g) &&
+         (pointwise(g) || !cpu::conv2d::implicit_fits(g)) && cpu::conv2d::direct_fits(g);
+}
+
+void conv2d_forward_direct_images(const conv2d::Geometry& g, const Tensor& x, const Tensor& w,
+                                  const Tensor& b, const Conv2dYImage& done) {
+  TORCH_INTERNAL_ASSERT(conv2d_forward_is_direct(g) && g.groups == 1);
+  dispatch_floating(x.scalar_type(), "conv2d", [&](auto tag) {
+    using T = decltype(tag);
+    const cpu::conv2d::YImage<T> typed = [&](int64_t n, const T* image) { done(n, image); };
+    cpu::conv2d::forward_direct<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                   b.defined() ? b.const_data_ptr<T>() : nullptr, nullptr,
+                                   &typed);
+  });
+}
+
 bool conv2d_max_pool2d_relu_fused(const conv2d::Geometry& g, const Pool2dGeometry<int64_t>& pool,
                                   const Tensor& x, const Tensor& w, const Tensor& b,
                                   Tensor& output, Tensor& indices) {

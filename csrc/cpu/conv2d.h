@@ -31,8 +31,14 @@ void backward_im2col(const Geometry& g, const T* dy, const T* x, const T* w, T* 
 // Direct convolution, stride 1, fewer than 16 output channels per group, rows of 16 or more
 // (LeNet's conv1): outputs accumulated in registers from a zero-padded input (conv2d_direct.cpp).
 bool direct_fits(const Geometry& g);
+// y_done, when given (one group only), receives image n's output (out_channels x out_h x out_w,
+// in a per-thread scratch, still in cache) instead of it being stored into y (y unused): a
+// fused operator's pooling, image by image, of an output never stored whole.
 template <typename T>
-void forward_direct(const Geometry& g, const T* x, const T* w, const T* bias, T* y);
+using YImage = std::function<void(int64_t n, const T* y_image)>;
+template <typename T>
+void forward_direct(const Geometry& g, const T* x, const T* w, const T* bias, T* y,
+                    const YImage<T>* y_done = nullptr);
 // grad_weight (and grad_bias, db may be null) of the same layers, accumulated in registers from
 // the zero-padded input and dY (conv2d_direct.cpp). dy_of, when given, writes image n's dY
 // (out_channels x out_h x out_w) into a scratch image instead of dy being read (dy unused): a

@@ -257,7 +257,9 @@ bool direct_fits(const Geometry& g) {
 }
 
 template <typename T>
-void forward_direct(const Geometry& g, const T* x, const T* w, const T* bias, T* y) {
+void forward_direct(const Geometry& g, const T* x, const T* w, const T* bias, T* y,
+                    const YImage<T>* y_done) {
+  TORCH_INTERNAL_ASSERT(!y_done || g.groups == 1);
   const Padded pd = make_padded(g);
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t K = g.taps_per_group(), P = g.out_pixels();
@@ -275,8 +277,10 @@ void forward_direct(const Geometry& g, const T* x, const T* w, const T* bias, T*
   const double work = double(g.out_channels) * K * P;
   at::parallel_for(0, g.batch * g.groups, grain_for(work), [&](int64_t t0, int64_t t1) {
     CachedBuffer<T> planes(static_cast<size_t>(cin_g * pd.plane));  // zero: the padding
+    CachedBuffer<T> image(y_done ? static_cast<size_t>(g.out_image()) : 0, /*zero=*/false);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / g.groups, grp = t % g.groups;
+      T* yn = y_done ? image.data() : y + n * g.out_image();
       const T* xg = x + n * g.in_image() + grp * cin_g * g.in_pixels();
       for (int64_t ci = 0; ci < cin_g; ++ci)
         for (int64_t ih = 0; ih < g.in_h; ++ih)
@@ -286,8 +290,9 @@ void forward_direct(const Geometry& g, const T* x, const T* w, const T* bias, T*
         const int64_t co0 = blk * kCo, nco = std::min<int64_t>(kCo, cout_g - co0);
         direct_channels(g, planes.data(), wb.data() + (grp * blocks + blk) * K * kCo,
                         bb.data() + (grp * blocks + blk) * kCo,
-                        y + n * g.out_image() + (grp * cout_g + co0) * P, nco);
+                        yn + (grp * cout_g + co0) * P, nco);
       }
+      if (y_done) (*y_done)(n, image.data());
     }
   });
 }
@@ -372,9 +377,9 @@ void backward_weight_direct(const Geometry& g, const T* dy, const T* x, T* dw, T
 }
 
 template void forward_direct<float>(const Geometry&, const float*, const float*, const float*,
-                                    float*);
+                                    float*, const YImage<float>*);
 template void forward_direct<double>(const Geometry&, const double*, const double*,
-                                     const double*, double*);
+                                     const double*, double*, const YImage<double>*);
 template void backward_weight_direct<float>(const Geometry&, const float*, const float*, float*,
                                             float*, const DyImage<float>*);
 template void backward_weight_direct<double>(const Geometry&, const double*, const double*,

@@ -75,11 +75,30 @@ std::tuple<Tensor, Tensor> conv2d_relu_max_pool2d_cpu(
   const std::vector<int64_t> sizes = s.pool.output_sizes();
   Tensor output = empty_of(sizes, input.options());
   Tensor indices = empty_of(sizes, input.options().dtype(at::kLong));
-  // LeNet's conv2 block is pooled in its convolution's batch-innermost layout (cpu/kernels.h);
-  // other blocks store the convolution's output, then pool it.
+  // LeNet's conv2 block is pooled in its convolution's batch-innermost layout (cpu/kernels.h),
+  // its conv1 block image by image; other blocks store the convolution's output, then pool it.
   const bool pooled_inside =
       cpu::conv2d_max_pool2d_relu_fused(s.conv, s.pool, x, w, b, output, indices);
-  if (!pooled_inside && output.numel() > 0) {
+  if (!pooled_inside && output.numel() > 0 && s.conv.groups == 1 &&
+      !s.pool.has_empty_window() && cpu::conv2d_forward_is_direct(s.conv)) {
+    // LeNet's conv1 block: each image pooled as the direct kernel finishes it, still in cache
+    // (the convolution's output, 4.8 MB at batch 256, is never stored whole). The same pooling
+    // and relu, image by image: bitwise the batch-wide passes below.
+    Pool2dGeometry<int64_t> one_image = s.pool;
+    one_image.batch = 1;
+    const int64_t per_image = s.pool.channels * s.pool.out_pixels();
+    dispatch_floating(x.scalar_type(), "conv2d_relu_max_pool2d", [&](auto tag) {
+      using T = decltype(tag);
+      T* out = output.mutable_data_ptr<T>();
+      int64_t* at = indices.mutable_data_ptr<int64_t>();
+      cpu::conv2d_forward_direct_images(s.conv, x, w, b, [&](int64_t n, const void* image) {
+        T* o = out + n * per_image;
+        cpu::max_pool2d_forward_planes<T>(one_image, static_cast<const T*>(image), o,
+                                          at + n * per_image);
+        for (int64_t i = 0; i < per_image; ++i) o[i] = relu_fwd(o[i]);
+      });
+    });
+  } else if (!pooled_inside && output.numel() > 0) {
     Tensor conv_out = cpu::conv2d_forward_contiguous(s.conv, x, w, b);
     // A window with no input element (dilation with padding) is -inf, which relu after pooling
     // would make 0: such geometries take relu first, on the whole image (rare; same gradients).

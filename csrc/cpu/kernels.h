@@ -42,6 +42,16 @@ bool conv2d_max_pool2d_relu_fused(const Conv2dGeometry<int64_t>& conv,
                                   const at::Tensor& w, const at::Tensor& b, at::Tensor& output,
                                   at::Tensor& indices);
 
+// Whether conv2d_forward_contiguous computes g on the direct kernel (LeNet's conv1), which can
+// hand over its output image by image: conv2d_forward_direct_images (one group only), calling
+// done(n, image) with image n's output (out_channels x out_h x out_w contiguous, of x's dtype,
+// in a per-thread scratch; from several threads at once) in place of storing it.
+bool conv2d_forward_is_direct(const Conv2dGeometry<int64_t>& g);
+using Conv2dYImage = std::function<void(int64_t n, const void* y_image)>;
+void conv2d_forward_direct_images(const Conv2dGeometry<int64_t>& g, const at::Tensor& x,
+                                  const at::Tensor& w, const at::Tensor& b,
+                                  const Conv2dYImage& done);
+
 // max_pool2d_with_indices into preallocated contiguous output and indices (cpu/pool.cpp).
 void max_pool2d_forward_contiguous(const Pool2dGeometry<int64_t>& g, const at::Tensor& x,
                                    at::Tensor& output, at::Tensor& indices);
@@ -51,6 +61,12 @@ at::Tensor max_pool2d_backward_contiguous(const Pool2dGeometry<int64_t>& g,
                                           const at::Tensor& grad_output,
                                           const at::Tensor& indices, at::IntArrayRef input_sizes,
                                           const char* op, const char* plane);
+
+// max_pool2d_with_indices of g.planes() contiguous planes (all of g's), single-threaded, on raw
+// pointers; bitwise max_pool2d_forward_contiguous's.
+template <typename T>
+void max_pool2d_forward_planes(const Pool2dGeometry<int64_t>& g, const T* input, T* output,
+                               int64_t* indices);
 
 // The same for `planes` contiguous planes, single-threaded, on raw pointers: false at an index
 // outside its plane (grad_input then partly written), where max_pool2d_backward_contiguous

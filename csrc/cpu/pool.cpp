@@ -843,6 +843,16 @@ Tensor max_pool2d_backward_contiguous(const Pool2dGeometry<int64_t>& g, const Te
 }
 
 template <typename T>
+void max_pool2d_forward_planes(const Pool2dGeometry<int64_t>& g, const T* input, T* output,
+                               int64_t* indices) {
+  pick_kernel<T, true>(g)(input, output, indices, g, 0, g.planes() * g.out_h);
+}
+template void max_pool2d_forward_planes<float>(const Pool2dGeometry<int64_t>&, const float*,
+                                               float*, int64_t*);
+template void max_pool2d_forward_planes<double>(const Pool2dGeometry<int64_t>&, const double*,
+                                                double*, int64_t*);
+
+template <typename T>
 bool max_pool2d_backward_planes(const Pool2dGeometry<int64_t>& g, const T* grad_output,
                                 const int64_t* indices, T* grad_input, int64_t planes) {
   return unpool_planes<T>(g, pick_gather<T>(g), EmptyWindows(g), grad_output, indices,
