@@ -404,10 +404,11 @@ def test_bfloat16_conv2d_with_non_finite_weights_places_inf_and_nan_as_float32()
 
 # ---- bfloat16 read and written in place: the float32 kernel's bits, one rounding -------------
 #
-# The activations and the fused convolution block's backward read bfloat16 as they go (cpu/
-# loops.h's Storage), and 16-bit copies of every other CPU operator are made by pyengine's own
-# conversion loops (cpu/convert.h): either way a bfloat16 call must give exactly what the
-# float32 kernel gives on float32 copies, rounded once to nearest even as torch rounds.
+# The activations and the fused convolution block read bfloat16 as they go (cpu/loops.h's
+# Storage; the direct and batch-innermost convolutions widen x where they copy it), and 16-bit
+# copies of every other CPU operator are made by pyengine's own conversion loops (cpu/
+# convert.h): either way a bfloat16 call must give exactly what the float32 kernel gives on
+# float32 copies, rounded once to nearest even as torch rounds.
 
 def _every_bfloat16():
     """All 65536 bfloat16 bit patterns: zeros, subnormals, normals, infinities and NaNs."""
@@ -470,6 +471,7 @@ def test_bfloat16_copies_round_as_torch_rounds():
 @pytest.mark.parametrize("in_channels,out_channels,size,batch,channels_last", [
     (1, 6, 32, 5, False),    # LeNet's conv1 block: grad_weight image by image (the direct path)
     (6, 16, 14, 17, False),  # LeNet's conv2 block: grad_input too (the batch-innermost path)
+    (6, 16, 14, 300, False),  # the same over two batch chunks (256 + 44)
     (3, 5, 11, 2, True),     # another geometry and layout
 ])
 def test_bfloat16_fused_convolution_block_is_the_float32_kernel_rounded_once(

@@ -123,6 +123,20 @@ bool pointwise(const Geometry& g) {
 
 namespace cpu {
 
+namespace {
+
+// f(T{}, S{}): T the compute type (w's, float or double), S x's storage: T itself, or bfloat16
+// with float (the direct and batch-innermost kernels widen x as they copy it: cpu/conv2d.h).
+template <typename F>
+void dispatch_with_input(const Tensor& x, const Tensor& w, const char* op, F&& f) {
+  if (x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kFloat)
+    f(float{}, c10::BFloat16{});
+  else
+    dispatch_floating(x.scalar_type(), op, [&](auto tag) { f(tag, tag); });
+}
+
+}  // namespace
+
 // The forward on contiguous NCHW tensors (b undefined: no bias), into a contiguous output.
 Tensor conv2d_forward_contiguous(const conv2d::Geometry& g, const Tensor& x, const Tensor& w,
                                  const Tensor& b) {
@@ -172,12 +186,13 @@ bool conv2d_forward_is_direct(const conv2d::Geometry& g) {
 void conv2d_forward_direct_images(const conv2d::Geometry& g, const Tensor& x, const Tensor& w,
                                   const Tensor& b, const Conv2dYImage& done) {
   TORCH_INTERNAL_ASSERT(conv2d_forward_is_direct(g) && g.groups == 1);
-  dispatch_floating(x.scalar_type(), "conv2d", [&](auto tag) {
+  dispatch_with_input(x, w, "conv2d", [&](auto tag, auto in_tag) {
     using T = decltype(tag);
+    using S = decltype(in_tag);
     const cpu::conv2d::YImage<T> typed = [&](int64_t n, const T* image) { done(n, image); };
-    cpu::conv2d::forward_direct<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
-                                   b.defined() ? b.const_data_ptr<T>() : nullptr, nullptr,
-                                   &typed);
+    cpu::conv2d::forward_direct<T, S>(g, x.const_data_ptr<S>(), w.const_data_ptr<T>(),
+                                      b.defined() ? b.const_data_ptr<T>() : nullptr, nullptr,
+                                      &typed);
   });
 }
 
@@ -187,10 +202,11 @@ bool conv2d_max_pool2d_relu_fused(const conv2d::Geometry& g, const Pool2dGeometr
   if (!use_batch_inner(g) || !pool.is_2x2_stride_2() || pool.out_h != g.out_h / 2 ||
       pool.out_w != g.out_w / 2 || output.numel() == 0)
     return false;
-  dispatch_floating(x.scalar_type(), "conv2d_relu_max_pool2d", [&](auto tag) {
+  dispatch_with_input(x, w, "conv2d_relu_max_pool2d", [&](auto tag, auto in_tag) {
     using T = decltype(tag);
-    cpu::conv2d::forward_batch_inner_pool2x2_relu<T>(
-        g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+    using S = decltype(in_tag);
+    cpu::conv2d::forward_batch_inner_pool2x2_relu<T, S>(
+        g, x.const_data_ptr<S>(), w.const_data_ptr<T>(),
         b.defined() ? b.const_data_ptr<T>() : nullptr, output.mutable_data_ptr<T>(),
         indices.mutable_data_ptr<int64_t>());
   });
@@ -229,18 +245,59 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
 
 namespace cpu {
 
+namespace {
+
+// grad_input and grad_weight (with grad_bias) of the layers that do not run batch-innermost, on
+// the fastest algorithm that fits each; im2col takes what is left.
+template <typename T>
+void backward_other(const conv2d::Geometry& g, const T* dy, const T* x, const T* w, T* dx,
+                    T* dw, T* db) {
+  if (dx && pointwise(g)) {
+    cpu::conv2d::backward_input_pointwise<T>(g, dy, w, dx);
+    dx = nullptr;
+  } else if (dx && cpu::conv2d::winograd_fits(g) &&
+             cpu::conv2d::backward_input_winograd<T>(g, dy, w, dx)) {
+    dx = nullptr;  // (a non-finite one is computed again below)
+  } else if (dx && cpu::conv2d::implicit_fits_backward_input(g) &&
+             all_finite(w, g.out_channels * g.taps_per_group())) {
+    // (As a convolution of dY padded with zeros, it would multiply an Inf or NaN weight by
+    // padding, where torch's grad_input has no term: such weights take im2col.)
+    cpu::conv2d::backward_input_implicit<T>(g, dy, w, dx);
+    dx = nullptr;
+  }
+  if (dw && cpu::conv2d::winograd_fits_backward_weight(g) &&
+      cpu::conv2d::backward_weight_winograd<T>(g, dy, x, dw))
+    dw = nullptr;  // (a non-finite one is computed again below)
+  if (dw && !pointwise(g) && cpu::conv2d::implicit_fits_backward_weight(g)) {
+    cpu::conv2d::backward_weight_implicit<T>(g, dy, x, dw);
+    dw = nullptr;
+  }
+  if (dw && cpu::conv2d::direct_fits_backward_weight(g)) {
+    cpu::conv2d::backward_weight_direct<T>(g, dy, x, dw, db);
+    dw = nullptr;
+    db = nullptr;
+  }
+  if (!dx && !dw && !db) return;
+  cpu::conv2d::backward_im2col<T>(g, dy, x, w, dx, dw, db);
+}
+
+}  // namespace
+
 // The backward on contiguous NCHW tensors, into contiguous gradients (undefined where `mask`
 // does not ask for them).
 std::tuple<Tensor, Tensor, Tensor> conv2d_backward_contiguous(const conv2d::Geometry& g,
                                                               const Tensor& dy, const Tensor& x,
                                                               const Tensor& w,
                                                               std::array<bool, 3> mask) {
-  Tensor grad_input, grad_weight, grad_bias;
-  if (mask[0]) grad_input = empty_of(x.sizes(), x.options());
-  if (mask[1]) grad_weight = empty_of(w.sizes(), x.options());
-  if (mask[2]) grad_bias = empty_of(at::IntArrayRef{g.out_channels}, x.options());
-  dispatch_floating(x.scalar_type(), "conv2d_backward", [&](auto tag) {
+  if (x.scalar_type() != w.scalar_type() && !use_batch_inner(g))  // (bfloat16 x: cpu/kernels.h)
+    return conv2d_backward_contiguous(g, dy, low_precision::widen(x), w, mask);
+  Tensor grad_input, grad_weight, grad_bias;  // (in the compute type: w's)
+  if (mask[0]) grad_input = empty_of(x.sizes(), w.options());
+  if (mask[1]) grad_weight = empty_of(w.sizes(), w.options());
+  if (mask[2]) grad_bias = empty_of(at::IntArrayRef{g.out_channels}, w.options());
+  dispatch_with_input(x, w, "conv2d_backward", [&](auto tag, auto in_tag) {
     using T = decltype(tag);
+    using S = decltype(in_tag);
     T* dx = mask[0] ? grad_input.mutable_data_ptr<T>() : nullptr;
     T* dw = mask[1] ? grad_weight.mutable_data_ptr<T>() : nullptr;
     T* db = mask[2] ? grad_bias.mutable_data_ptr<T>() : nullptr;
@@ -251,45 +308,13 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_contiguous(const conv2d::Geom
     }
     if (!dx && !dw && !db) return;
     if (use_batch_inner(g)) {
-      cpu::conv2d::backward_batch_inner<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
-                                           w.const_data_ptr<T>(), dx, dw, db);
+      cpu::conv2d::backward_batch_inner<T, S>(g, dy.const_data_ptr<T>(), x.const_data_ptr<S>(),
+                                              w.const_data_ptr<T>(), dx, dw, db);
       return;
     }
-    // grad_input and grad_weight on the fastest algorithm that fits; im2col takes what is left.
-    if (dx && pointwise(g)) {
-      cpu::conv2d::backward_input_pointwise<T>(g, dy.const_data_ptr<T>(), w.const_data_ptr<T>(),
-                                               dx);
-      dx = nullptr;
-    } else if (dx && cpu::conv2d::winograd_fits(g) &&
-               cpu::conv2d::backward_input_winograd<T>(g, dy.const_data_ptr<T>(),
-                                                      w.const_data_ptr<T>(), dx)) {
-      dx = nullptr;  // (a non-finite one is computed again below)
-    } else if (dx && cpu::conv2d::implicit_fits_backward_input(g) &&
-               all_finite(w.const_data_ptr<T>(), w.numel())) {
-      // (As a convolution of dY padded with zeros, it would multiply an Inf or NaN weight by
-      // padding, where torch's grad_input has no term: such weights take im2col.)
-      cpu::conv2d::backward_input_implicit<T>(g, dy.const_data_ptr<T>(), w.const_data_ptr<T>(),
-                                              dx);
-      dx = nullptr;
-    }
-    if (dw && cpu::conv2d::winograd_fits_backward_weight(g) &&
-        cpu::conv2d::backward_weight_winograd<T>(g, dy.const_data_ptr<T>(),
-                                                 x.const_data_ptr<T>(), dw))
-      dw = nullptr;  // (a non-finite one is computed again below)
-    if (dw && !pointwise(g) && cpu::conv2d::implicit_fits_backward_weight(g)) {
-      cpu::conv2d::backward_weight_implicit<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
-                                               dw);
-      dw = nullptr;
-    }
-    if (dw && cpu::conv2d::direct_fits_backward_weight(g)) {
-      cpu::conv2d::backward_weight_direct<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
-                                             dw, db);
-      dw = nullptr;
-      db = nullptr;
-    }
-    if (!dx && !dw && !db) return;
-    cpu::conv2d::backward_im2col<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
-                                    w.const_data_ptr<T>(), dx, dw, db);
+    if constexpr (std::is_same_v<T, S>)  // (a bfloat16 x was widened above)
+      backward_other<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
+                        w.const_data_ptr<T>(), dx, dw, db);
   });
   return {grad_input, grad_weight, grad_bias};
 }
@@ -305,15 +330,16 @@ std::tuple<Tensor, Tensor> conv2d_weight_grads_direct(const conv2d::Geometry& g,
                                                       const Tensor& w, bool bias,
                                                       const Conv2dDyImage& dy_of) {
   TORCH_INTERNAL_ASSERT(conv2d_weight_grad_is_direct(g));
-  Tensor grad_weight = empty_of(w.sizes(), x.options()), grad_bias;
-  if (bias) grad_bias = empty_of(at::IntArrayRef{g.out_channels}, x.options());
-  dispatch_floating(x.scalar_type(), "conv2d_backward", [&](auto tag) {
+  Tensor grad_weight = empty_of(w.sizes(), w.options()), grad_bias;
+  if (bias) grad_bias = empty_of(at::IntArrayRef{g.out_channels}, w.options());
+  dispatch_with_input(x, w, "conv2d_backward", [&](auto tag, auto in_tag) {
     using T = decltype(tag);
+    using S = decltype(in_tag);
     const cpu::conv2d::DyImage<T> typed = [&](int64_t n, T* image) { dy_of(n, image); };
-    cpu::conv2d::backward_weight_direct<T>(g, nullptr, x.const_data_ptr<T>(),
-                                           grad_weight.mutable_data_ptr<T>(),
-                                           bias ? grad_bias.mutable_data_ptr<T>() : nullptr,
-                                           &typed);
+    cpu::conv2d::backward_weight_direct<T, S>(
+        g, static_cast<const T*>(nullptr), x.const_data_ptr<S>(),
+        grad_weight.mutable_data_ptr<T>(), bias ? grad_bias.mutable_data_ptr<T>() : nullptr,
+        &typed);
   });
   return {grad_weight, grad_bias};
 }

@@ -3,9 +3,12 @@
 // conv2d_batch_inner.cpp), the rule that picks one per call (conv2d.cpp, with the operators) and
 // the helpers both use.
 //
-// Every pointer is to contiguous memory: x and dx (batch, in_channels, in_h, in_w), w and dw
-// (out_channels, in_channels / groups, kernel_h, kernel_w), y and dy (batch, out_channels, out_h,
-// out_w), bias and db (out_channels). bias, and any of dx / dw / db, may be null (not wanted).
+// Every pointer is to contiguous memory, of the compute type T (float or double), but for x,
+// which the direct and batch-innermost kernels also read as bfloat16 (S) where T is float: they
+// copy it into their own layouts anyway, and widen it there (cpu/convert.h). Shapes: x and dx
+// (batch, in_channels, in_h, in_w), w and dw (out_channels, in_channels / groups, kernel_h,
+// kernel_w), y and dy (batch, out_channels, out_h, out_w), bias and db (out_channels). bias, and
+// any of dx / dw / db, may be null (not wanted).
 // The geometry has batch >= 1 and non-empty sizes otherwise (conv2d.cpp handles empty ones).
 #include <ATen/core/Tensor.h>
 
@@ -36,8 +39,8 @@ bool direct_fits(const Geometry& g);
 // fused operator's pooling, image by image, of an output never stored whole.
 template <typename T>
 using YImage = std::function<void(int64_t n, const T* y_image)>;
-template <typename T>
-void forward_direct(const Geometry& g, const T* x, const T* w, const T* bias, T* y,
+template <typename T, typename S = T>
+void forward_direct(const Geometry& g, const S* x, const T* w, const T* bias, T* y,
                     const YImage<T>* y_done = nullptr);
 // grad_weight (and grad_bias, db may be null) of the same layers, accumulated in registers from
 // the zero-padded input and dY (conv2d_direct.cpp). dy_of, when given, writes image n's dY
@@ -46,8 +49,8 @@ void forward_direct(const Geometry& g, const T* x, const T* w, const T* bias, T*
 bool direct_fits_backward_weight(const Geometry& g);
 template <typename T>
 using DyImage = std::function<void(int64_t n, T* dy_image)>;
-template <typename T>
-void backward_weight_direct(const Geometry& g, const T* dy, const T* x, T* dw, T* db,
+template <typename T, typename S = T>
+void backward_weight_direct(const Geometry& g, const T* dy, const S* x, T* dw, T* db,
                             const DyImage<T>* dy_of = nullptr);
 
 // grad_input of a 1x1, stride-1, unpadded convolution: a GEMM per image (conv2d_im2col.cpp).
@@ -56,16 +59,16 @@ void backward_input_pointwise(const Geometry& g, const T* dy, const T* w, T* dx)
 
 // The batch-innermost layout: no im2col, every GEMM over contiguous batch vectors; for stride 1
 // and small images (conv2d_batch_inner.cpp; conv2d.cpp says when).
-template <typename T>
-void forward_batch_inner(const Geometry& g, const T* x, const T* w, const T* bias, T* y);
-template <typename T>
-void backward_batch_inner(const Geometry& g, const T* dy, const T* x, const T* w, T* dx, T* dw,
+template <typename T, typename S = T>
+void forward_batch_inner(const Geometry& g, const S* x, const T* w, const T* bias, T* y);
+template <typename T, typename S = T>
+void backward_batch_inner(const Geometry& g, const T* dy, const S* x, const T* w, T* dx, T* dw,
                           T* db);
 // The same forward with a 2x2, stride-2 max-pool (windows inside the output) and relu applied
 // before the transpose back: out and indices (batch, out_channels, out_h / 2, out_w / 2), as
 // max_pool2d_with_indices then relu would give them (conv2d_relu_max_pool2d).
-template <typename T>
-void forward_batch_inner_pool2x2_relu(const Geometry& g, const T* x, const T* w, const T* bias,
+template <typename T, typename S = T>
+void forward_batch_inner_pool2x2_relu(const Geometry& g, const S* x, const T* w, const T* bias,
                                       T* out, int64_t* indices);
 
 // Implicit GEMM over a zero-padded copy of the input, no im2col, for layers with 16 or more

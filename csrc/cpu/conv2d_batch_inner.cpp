@@ -25,6 +25,7 @@
 
 #include "cpu/allocator.h"
 #include "cpu/conv2d.h"
+#include "cpu/convert.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
 #include "cpu/transpose.h"
@@ -233,6 +234,42 @@ void to_inner_parallel(const T* src, int64_t nb, int64_t F, T* dst, int64_t ld, 
       to_inner_gather_avx512(src, nb, F, f0, f1, dst, ld, nbc);
   });
 }
+// bfloat16 x into float's batch-innermost layout, widened on the way: 16 x 16 blocks widened
+// into a float tile in L1, then the float register transpose (AVX-512); element by element on
+// the other levels.
+PE_TARGET_AVX512 void to_inner_widen_avx512(const c10::BFloat16* src, int64_t nb, int64_t F,
+                                            int64_t f0, int64_t f1, float* dst, int64_t ld,
+                                            int64_t nbc) {
+  alignas(64) float tile[16 * 16];
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t fb = f0; fb < f1; fb += 16) {
+    const int64_t nc = std::min<int64_t>(16, f1 - fb);
+    const __mmask16 cm = static_cast<__mmask16>(nc == 16 ? 0xffffu : (1u << nc) - 1u);
+    for (int64_t n0 = 0; n0 < nb; n0 += 16) {
+      const int64_t rows = std::min<int64_t>(16, nb - n0);
+      for (int64_t r = 0; r < rows; ++r)
+        _mm512_store_si512(tile + r * 16,
+                           _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                                                 cm, bits + (n0 + r) * F + fb)),
+                                             16));
+      transpose16(tile, 16, rows, nc, dst + fb * ld + n0, ld, nullptr);
+    }
+    for (int64_t f = fb; f < fb + nc; ++f)
+      for (int64_t n = nb; n < nbc; ++n) dst[f * ld + n] = 0.f;
+  }
+}
+void to_inner_parallel(const c10::BFloat16* src, int64_t nb, int64_t F, float* dst, int64_t ld,
+                       int64_t nbc) {
+  const bool avx512 = cpu::isa_for(Family::Conv2d) == cpu::Isa::Avx512;
+  at::parallel_for(0, F, transpose_grain(F, nbc), [&](int64_t f0, int64_t f1) {
+    if (avx512) return to_inner_widen_avx512(src, nb, F, f0, f1, dst, ld, nbc);
+    for (int64_t f = f0; f < f1; ++f) {
+      for (int64_t n = 0; n < nb; ++n) dst[f * ld + n] = bf16_to_float(src[n * F + f]);
+      for (int64_t n = nb; n < nbc; ++n) dst[f * ld + n] = 0.f;
+    }
+  });
+}
+
 // `bias` (per channel, P features each) may be null.
 template <typename T>
 void from_inner_parallel(const T* src, int64_t ld, int64_t nb, int64_t F, T* dst, const T* bias,
@@ -287,8 +324,8 @@ Taps make_taps(const Geometry& g) {
 
 // The forward's GEMMs, chunk by chunk of the batch: Y^T of images [n0, n0 + nb) in yt
 // (f_out rows of ld, batch padding to nbc lanes), then epilogue(n0, nb, yt, ld) stores it.
-template <typename T, typename Epilogue>
-void forward_batch_inner_chunks(const Geometry& g, const T* x, const T* w,
+template <typename T, typename S, typename Epilogue>
+void forward_batch_inner_chunks(const Geometry& g, const S* x, const T* w,
                                 const Epilogue& epilogue) {
   // The GEMM's sizes: K taps per group, P output pixels per image.
   const int64_t K = g.taps_per_group(), P = g.out_pixels();
@@ -340,8 +377,8 @@ void forward_batch_inner_chunks(const Geometry& g, const T* x, const T* w,
   }
 }
 
-template <typename T>
-void forward_batch_inner(const Geometry& g, const T* x, const T* w, const T* bias, T* y) {
+template <typename T, typename S>
+void forward_batch_inner(const Geometry& g, const S* x, const T* w, const T* bias, T* y) {
   const int64_t P = g.out_pixels(), f_out = g.out_image();
   forward_batch_inner_chunks<T>(g, x, w, [&](int64_t n0, int64_t nb, const T* yt, int64_t ld) {
     from_inner_parallel(yt, ld, nb, f_out, y + n0 * f_out, bias, P);
@@ -440,8 +477,8 @@ PE_TARGET_AVX512 void pool2x2_relu_inner_avx512_float(const float* r0, int64_t l
   }
 }
 
-template <typename T>
-void forward_batch_inner_pool2x2_relu(const Geometry& g, const T* x, const T* w, const T* bias,
+template <typename T, typename S>
+void forward_batch_inner_pool2x2_relu(const Geometry& g, const S* x, const T* w, const T* bias,
                                       T* out, int64_t* indices) {
   const int64_t OW = g.out_w, P = g.out_pixels(), PH = g.out_h / 2, PW = g.out_w / 2;
   const int64_t Q = PH * PW, F = g.out_channels * Q;  // pooled pixels per plane, per image
@@ -498,8 +535,8 @@ void forward_batch_inner_pool2x2_relu(const Geometry& g, const T* x, const T* w,
   });
 }
 
-template <typename T>
-void backward_batch_inner(const Geometry& g, const T* dy, const T* x, const T* w, T* dx, T* dw,
+template <typename T, typename S>
+void backward_batch_inner(const Geometry& g, const T* dy, const S* x, const T* w, T* dx, T* dw,
                           T* db) {
   const int64_t K = g.taps_per_group(), P = g.out_pixels();
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
@@ -605,20 +642,16 @@ void backward_batch_inner(const Geometry& g, const T* dy, const T* x, const T* w
   }
 }
 
-template void forward_batch_inner<float>(const Geometry&, const float*, const float*,
-                                         const float*, float*);
-template void forward_batch_inner<double>(const Geometry&, const double*, const double*,
-                                          const double*, double*);
-template void forward_batch_inner_pool2x2_relu<float>(const Geometry&, const float*,
-                                                      const float*, const float*, float*,
-                                                      int64_t*);
-template void forward_batch_inner_pool2x2_relu<double>(const Geometry&, const double*,
-                                                       const double*, const double*, double*,
-                                                       int64_t*);
-template void backward_batch_inner<float>(const Geometry&, const float*, const float*,
-                                          const float*, float*, float*, float*);
-template void backward_batch_inner<double>(const Geometry&, const double*, const double*,
-                                           const double*, double*, double*, double*);
+#define PE_INSTANTIATE(T, S)                                                                  \
+  template void forward_batch_inner<T, S>(const Geometry&, const S*, const T*, const T*, T*);    \
+  template void forward_batch_inner_pool2x2_relu<T, S>(const Geometry&, const S*, const T*,      \
+                                                       const T*, T*, int64_t*);                 \
+  template void backward_batch_inner<T, S>(const Geometry&, const T*, const S*, const T*, T*,    \
+                                           T*, T*);
+PE_INSTANTIATE(float, float)
+PE_INSTANTIATE(double, double)
+PE_INSTANTIATE(float, c10::BFloat16)
+#undef PE_INSTANTIATE
 
 }  // namespace conv2d
 }  // namespace cpu

@@ -22,6 +22,7 @@
 
 #include "cpu/allocator.h"
 #include "cpu/conv2d.h"
+#include "cpu/convert.h"
 #include "cpu/isa.h"
 
 namespace pyengine {
@@ -256,8 +257,8 @@ bool direct_fits(const Geometry& g) {
          g.taps_per_group() * kCo <= 4096;
 }
 
-template <typename T>
-void forward_direct(const Geometry& g, const T* x, const T* w, const T* bias, T* y,
+template <typename T, typename S>
+void forward_direct(const Geometry& g, const S* x, const T* w, const T* bias, T* y,
                     const YImage<T>* y_done) {
   TORCH_INTERNAL_ASSERT(!y_done || g.groups == 1);
   const Padded pd = make_padded(g);
@@ -281,11 +282,11 @@ void forward_direct(const Geometry& g, const T* x, const T* w, const T* bias, T*
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / g.groups, grp = t % g.groups;
       T* yn = y_done ? image.data() : y + n * g.out_image();
-      const T* xg = x + n * g.in_image() + grp * cin_g * g.in_pixels();
+      const S* xg = x + n * g.in_image() + grp * cin_g * g.in_pixels();
       for (int64_t ci = 0; ci < cin_g; ++ci)
         for (int64_t ih = 0; ih < g.in_h; ++ih)
-          std::memcpy(planes.data() + ci * pd.plane + (ih + g.padding_h) * pd.wpp + g.padding_w,
-                      xg + ci * g.in_pixels() + ih * g.in_w, sizeof(T) * g.in_w);
+          load_row(planes.data() + ci * pd.plane + (ih + g.padding_h) * pd.wpp + g.padding_w,
+                   xg + ci * g.in_pixels() + ih * g.in_w, g.in_w);
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t co0 = blk * kCo, nco = std::min<int64_t>(kCo, cout_g - co0);
         direct_channels(g, planes.data(), wb.data() + (grp * blocks + blk) * K * kCo,
@@ -306,8 +307,8 @@ bool direct_fits_backward_weight(const Geometry& g) {
              (int64_t(1) << 16);
 }
 
-template <typename T>
-void backward_weight_direct(const Geometry& g, const T* dy, const T* x, T* dw, T* db,
+template <typename T, typename S>
+void backward_weight_direct(const Geometry& g, const T* dy, const S* x, T* dw, T* db,
                             const DyImage<T>* dy_of) {
   constexpr int64_t V = 64 / sizeof(T);
   const Padded pd = make_padded(g);
@@ -334,12 +335,11 @@ void backward_weight_direct(const Geometry& g, const T* dy, const T* x, T* dw, T
       for (int64_t n = chunk * per; n < std::min(g.batch, (chunk + 1) * per); ++n) {
         if (dy_of) (*dy_of)(n, made.data());
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          const T* xg = x + n * g.in_image() + grp * cin_g * g.in_pixels();
+          const S* xg = x + n * g.in_image() + grp * cin_g * g.in_pixels();
           for (int64_t ci = 0; ci < cin_g; ++ci)
             for (int64_t ih = 0; ih < g.in_h; ++ih)
-              std::memcpy(planes.data() + ci * pd.plane + (ih + g.padding_h) * pd.wpp +
-                              g.padding_w,
-                          xg + ci * g.in_pixels() + ih * g.in_w, sizeof(T) * g.in_w);
+              load_row(planes.data() + ci * pd.plane + (ih + g.padding_h) * pd.wpp + g.padding_w,
+                       xg + ci * g.in_pixels() + ih * g.in_w, g.in_w);
           const T* dyg = (dy_of ? made.data() : dy + n * g.out_image()) + grp * cout_g * P;
           for (int64_t co = 0; co < cout_g; ++co)
             for (int64_t oh = 0; oh < OH; ++oh)
@@ -376,14 +376,21 @@ void backward_weight_direct(const Geometry& g, const T* dy, const T* x, T* dw, T
     }
 }
 
-template void forward_direct<float>(const Geometry&, const float*, const float*, const float*,
-                                    float*, const YImage<float>*);
-template void forward_direct<double>(const Geometry&, const double*, const double*,
-                                     const double*, double*, const YImage<double>*);
-template void backward_weight_direct<float>(const Geometry&, const float*, const float*, float*,
-                                            float*, const DyImage<float>*);
-template void backward_weight_direct<double>(const Geometry&, const double*, const double*,
-                                             double*, double*, const DyImage<double>*);
+template void forward_direct<float, float>(const Geometry&, const float*, const float*,
+                                           const float*, float*, const YImage<float>*);
+template void forward_direct<double, double>(const Geometry&, const double*, const double*,
+                                             const double*, double*, const YImage<double>*);
+template void forward_direct<float, c10::BFloat16>(const Geometry&, const c10::BFloat16*,
+                                                   const float*, const float*, float*,
+                                                   const YImage<float>*);
+template void backward_weight_direct<float, float>(const Geometry&, const float*, const float*,
+                                                   float*, float*, const DyImage<float>*);
+template void backward_weight_direct<double, double>(const Geometry&, const double*,
+                                                     const double*, double*, double*,
+                                                     const DyImage<double>*);
+template void backward_weight_direct<float, c10::BFloat16>(const Geometry&, const float*,
+                                                           const c10::BFloat16*, float*, float*,
+                                                           const DyImage<float>*);
 
 }  // namespace conv2d
 }  // namespace cpu

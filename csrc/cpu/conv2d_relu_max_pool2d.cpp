@@ -60,20 +60,17 @@ std::tuple<Tensor, Tensor> conv2d_relu_max_pool2d_cpu(
   const auto s = check_conv2d_relu_max_pool2d<int64_t>(
       input, weight, bias, stride, padding, dilation, groups, pool_kernel_size, pool_stride,
       pool_padding, pool_dilation, pool_ceil_mode);
-  if (input.scalar_type() == at::kBFloat16) {
-    // (Registered bfloat16-native for the backward's sake, see below; the forward gains
-    // nothing from it and runs on float32 copies, as every kernel does by default.)
-    auto [output, indices] = conv2d_relu_max_pool2d_cpu(
-        low_precision::widen(input), low_precision::widen(weight), low_precision::widen(bias),
-        stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding,
-        pool_dilation, pool_ceil_mode);
-    return {low_precision::narrow(output, at::kBFloat16), indices};
-  }
+  // bfloat16 (registered native, below): x is read as it is by the kernels that copy it into
+  // their own layouts anyway (the direct and batch-innermost convolutions: cpu/conv2d.h), weight
+  // and bias (small) and the other kernels' x go to float32 copies, and the pooled result is
+  // rounded once: the bits of the float32 kernels on float32 copies of everything.
+  const bool bf16 = input.scalar_type() == at::kBFloat16;
   const bool has_bias = bias.has_value() && bias->defined();
-  const Tensor x = input.contiguous(), w = weight.contiguous();
-  const Tensor b = has_bias ? bias->contiguous() : Tensor();
+  const Tensor x = input.contiguous();
+  const Tensor w = low_precision::widen(weight).contiguous();
+  const Tensor b = has_bias ? low_precision::widen(*bias).contiguous() : Tensor();
   const std::vector<int64_t> sizes = s.pool.output_sizes();
-  Tensor output = empty_of(sizes, input.options());
+  Tensor output = empty_of(sizes, w.options());  // (the compute dtype)
   Tensor indices = empty_of(sizes, input.options().dtype(at::kLong));
   // LeNet's conv2 block is pooled in its convolution's batch-innermost layout (cpu/kernels.h),
   // its conv1 block image by image; other blocks store the convolution's output, then pool it.
@@ -87,7 +84,7 @@ std::tuple<Tensor, Tensor> conv2d_relu_max_pool2d_cpu(
     Pool2dGeometry<int64_t> one_image = s.pool;
     one_image.batch = 1;
     const int64_t per_image = s.pool.channels * s.pool.out_pixels();
-    dispatch_floating(x.scalar_type(), "conv2d_relu_max_pool2d", [&](auto tag) {
+    dispatch_floating(w.scalar_type(), "conv2d_relu_max_pool2d", [&](auto tag) {
       using T = decltype(tag);
       T* out = output.mutable_data_ptr<T>();
       int64_t* at = indices.mutable_data_ptr<int64_t>();
@@ -99,7 +96,7 @@ std::tuple<Tensor, Tensor> conv2d_relu_max_pool2d_cpu(
       });
     });
   } else if (!pooled_inside && output.numel() > 0) {
-    Tensor conv_out = cpu::conv2d_forward_contiguous(s.conv, x, w, b);
+    Tensor conv_out = cpu::conv2d_forward_contiguous(s.conv, low_precision::widen(x), w, b);
     // A window with no input element (dilation with padding) is -inf, which relu after pooling
     // would make 0: such geometries take relu first, on the whole image (rare; same gradients).
     const bool relu_first = s.pool.has_empty_window();
@@ -110,6 +107,7 @@ std::tuple<Tensor, Tensor> conv2d_relu_max_pool2d_cpu(
   const std::vector<int64_t> conv_sizes = s.conv.output_sizes();
   const bool channels_last =
       conv2d_pool2d_channels_last<int64_t>(input, weight, at::IntArrayRef(conv_sizes));
+  if (bf16) output = low_precision::narrow(output, at::kBFloat16);
   return {as_image_layout(output, channels_last), as_image_layout(indices, channels_last)};
 }
 
@@ -126,10 +124,12 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cpu(
   if (!mask[0] && !mask[1] && !mask[2]) return {};
   // bfloat16 (every floating argument is, after the checks): grad_output and result are read
   // as they are where relu's step masks them, in the one pass that reads them anyway (cpu/
-  // loops.h's Storage widens each element); input and weight go to float32 copies, and the
-  // gradients come back rounded once: the bits of the float32 kernel on float32 copies of all.
+  // loops.h's Storage widens each element); input as in the forward (read as it is by the
+  // direct and batch-innermost kernels, a float32 copy for the others); weight as a float32
+  // copy; the gradients come back rounded once: the bits of the float32 kernels on float32
+  // copies of all.
   const bool bf16 = grad_output.scalar_type() == at::kBFloat16;
-  const Tensor x = low_precision::widen(input).contiguous();
+  const Tensor x = input.contiguous();
   const Tensor w = low_precision::widen(weight).contiguous();
   auto in_layout = [&](std::tuple<Tensor, Tensor, Tensor> grads) {
     grads = conv2d_grads_in_layout(std::move(grads), input, weight);
@@ -170,7 +170,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cpu(
     });
     if (!bad) return in_layout({Tensor(), grad_weight, grad_bias});
   }
-  Tensor pooled_grad = empty_of(go.sizes(), x.options());
+  Tensor pooled_grad = empty_of(go.sizes(), w.options());
   dispatch_elementwise(go.scalar_type(), op, [&](auto tag) {
     using S = decltype(tag);
     using T = decltype(Storage<S>::load(S{}));

@@ -10,6 +10,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace pyengine {
 namespace cpu {
@@ -36,6 +37,18 @@ inline c10::BFloat16 float_to_bf16(float f) {
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
   return c10::BFloat16(static_cast<uint16_t>(nan ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
+}
+
+// dst[i] = src[i] for i < n, in T: a copy, or bfloat16 widened (the kernels' packing copies,
+// which read a bfloat16 input where they copy it anyway, instead of from a float32 copy of it).
+template <typename T, typename S>
+inline void load_row(T* dst, const S* src, int64_t n) {
+  if constexpr (std::is_same_v<T, S>) {
+    __builtin_memcpy(dst, src, sizeof(T) * static_cast<size_t>(n));
+  } else {
+    static_assert(std::is_same_v<S, c10::BFloat16>, "a bfloat16 source, or T itself");
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(bf16_to_float(src[i]));
+  }
 }
 
 }  // namespace cpu

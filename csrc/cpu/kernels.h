@@ -1,7 +1,10 @@
 #pragma once
 // Tensor-level pieces of the CPU operators, for the fused operators that chain them
 // (cpu/conv2d_relu_max_pool2d.cpp): checked geometry in, contiguous NCHW tensors in and out, no
-// output layout (the operator applies torch's at the end).
+// output layout (the operator applies torch's at the end). Tensors share one dtype, float32 or
+// float64, but the convolutions' x, which the backward ones, conv2d_forward_direct_images and
+// conv2d_max_pool2d_relu_fused also take in bfloat16 beside a float32 w (widened where copied:
+// cpu/conv2d.h); results are in w's dtype.
 #include <ATen/core/Tensor.h>
 
 #include <array>
