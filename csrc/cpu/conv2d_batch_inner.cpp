@@ -236,7 +236,11 @@ void to_inner_parallel(const T* src, int64_t nb, int64_t F, T* dst, int64_t ld, 
 }
 // bfloat16 x into float's batch-innermost layout, widened on the way: 16 x 16 blocks widened
 // into a float tile in L1, then the float register transpose (AVX-512); element by element on
-// the other levels.
+// the other levels. (GCC 12 flags its own _mm512_undefined_* inside the widening intrinsics as
+// uninitialized, as in cpu/transpose.h.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 PE_TARGET_AVX512 void to_inner_widen_avx512(const c10::BFloat16* src, int64_t nb, int64_t F,
                                             int64_t f0, int64_t f1, float* dst, int64_t ld,
                                             int64_t nbc) {
@@ -258,6 +262,7 @@ PE_TARGET_AVX512 void to_inner_widen_avx512(const c10::BFloat16* src, int64_t nb
       for (int64_t n = nb; n < nbc; ++n) dst[f * ld + n] = 0.f;
   }
 }
+#pragma GCC diagnostic pop
 void to_inner_parallel(const c10::BFloat16* src, int64_t nb, int64_t F, float* dst, int64_t ld,
                        int64_t nbc) {
   const bool avx512 = cpu::isa_for(Family::Conv2d) == cpu::Isa::Avx512;
