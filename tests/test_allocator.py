@@ -46,15 +46,16 @@ def test_16_bit_calls_convert_into_it():
     allocator they faulted their pages in on every call (~550 faults a LeNet bf16 step)."""
     for dtype in (torch.bfloat16, torch.float16):
         x = torch.randn(LARGE).to(dtype)  # 2.4 MB in float32, 1.2 MB in 16 bits: both cached
-        y = pyengine.functional.sigmoid(x)  # sigmoid: float32 inside on every CPU
+        # softmax: on float32 copies on every CPU (the activations read bfloat16 themselves)
+        y = pyengine.functional.softmax(x, dim=0)
         del y
         before = pyengine.cache_stats()
-        y = pyengine.functional.sigmoid(x)
+        y = pyengine.functional.softmax(x, dim=0)
         after = pyengine.cache_stats()
         # the float32 copy of x, the float32 result, the 16-bit result
         assert after["hits"] - before["hits"] == 3, (dtype, before, after)
         assert y.dtype == dtype
-        assert torch.equal(y, pyengine.functional.sigmoid(x.float()).to(dtype))  # one rounding
+        assert torch.equal(y, pyengine.functional.softmax(x.float(), dim=0).to(dtype))
 
 
 def test_empty_cache_gives_the_blocks_back():
