@@ -107,3 +107,18 @@ def test_a_full_cache_gives_back_its_oldest_blocks_for_new_ones():
     assert int(cached) == int(3.5 * 2**20)   # the 1.5 and 2 MB blocks
     assert one_mb.split() == ["0", "1"]      # given back: a miss
     assert two_mb.split() == ["1", "0"]      # kept: a hit
+
+
+def test_bfloat16_activations_read_and_write_bfloat16_in_place():
+    """The activations convert as they load and store (cpu/loops.h): a bfloat16 call allocates
+    its bfloat16 result and nothing else (no float32 copy of the input or of the result)."""
+    x = torch.randn(LARGE).to(torch.bfloat16)
+    for fn in (pyengine.functional.sigmoid, pyengine.functional.relu):
+        y = fn(x)
+        del y
+        before = pyengine.cache_stats()
+        y = fn(x)
+        after = pyengine.cache_stats()
+        assert after["hits"] - before["hits"] == 1 and after["misses"] == before["misses"], (
+            fn, before, after)
+        assert y.dtype == torch.bfloat16

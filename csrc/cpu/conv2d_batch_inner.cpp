@@ -153,14 +153,15 @@ PE_TARGET_AVX512 void to_inner_transpose_avx512(const float* src, int64_t nb, in
       for (int64_t n = nb; n < nbc; ++n) dst[f * ld + n] = 0.f;
   }
 }
-PE_TARGET_AVX512 void from_inner_transpose_avx512(const float* src, int64_t ld, int64_t nb,
-                                                  int64_t F, int64_t f0, int64_t f1, float* dst,
-                                                  const float* add) {
+// Images [n_begin, n_end) (a multiple of 16 apart but for the batch's end).
+PE_TARGET_AVX512 void from_inner_transpose_avx512(const float* src, int64_t ld, int64_t n_begin,
+                                                  int64_t n_end, int64_t F, int64_t f0,
+                                                  int64_t f1, float* dst, const float* add) {
   for (int64_t fb = f0; fb < f1; fb += 16) {
     const int64_t nr = std::min<int64_t>(16, f1 - fb);
-    for (int64_t n0 = 0; n0 < nb; n0 += 16)
-      transpose16(src + fb * ld + n0, ld, nr, std::min<int64_t>(16, nb - n0), dst + n0 * F + fb,
-                  F, add ? add + fb : nullptr);
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += 16)
+      transpose16(src + fb * ld + n0, ld, nr, std::min<int64_t>(16, n_end - n0),
+                  dst + n0 * F + fb, F, add ? add + fb : nullptr);
   }
 }
 
@@ -275,6 +276,8 @@ void to_inner_parallel(const c10::BFloat16* src, int64_t nb, int64_t F, float* d
   });
 }
 
+constexpr int64_t kFromInnerParallel = int64_t(1) << 15;  // elements: below, one task
+
 // `bias` (per channel, P features each) may be null.
 template <typename T>
 void from_inner_parallel(const T* src, int64_t ld, int64_t nb, int64_t F, T* dst, const T* bias,
@@ -289,15 +292,25 @@ void from_inner_parallel(const T* src, int64_t ld, int64_t nb, int64_t F, T* dst
   std::vector<T> add(bias ? static_cast<size_t>(F) : 0);
   for (int64_t f = 0; bias && f < F; ++f) add[f] = bias[f / P];
   const T* pa = bias ? add.data() : nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    if (!avx2_float) {
+      // Split by blocks of 16 images: every task writes whole rows of dst (split by features,
+      // tasks shared the cache lines where their slices of a row met).
+      const int64_t blocks = (nb + 15) / 16;
+      const int64_t grain = F * nb < kFromInnerParallel ? blocks
+                                                         : std::max<int64_t>(1, 4096 / F);
+      at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+        from_inner_transpose_avx512(src, ld, b0 * 16, std::min(nb, b1 * 16), F, 0, F, dst, pa);
+      });
+      return;
+    }
+  }
   // Split by feature blocks of whole vectors, so every task writes whole rows' slices.
   const int64_t V = 64 / static_cast<int64_t>(sizeof(T)), blocks = (F + V - 1) / V;
   at::parallel_for(0, blocks, (transpose_grain(F, nb) + V - 1) / V, [&](int64_t b0, int64_t b1) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (avx2_float)
-        from_inner_transpose_avx2(src, ld, nb, F, b0 * V, std::min(F, b1 * V), dst, pa);
-      else
-        from_inner_transpose_avx512(src, ld, nb, F, b0 * V, std::min(F, b1 * V), dst, pa);
-    } else
+    if constexpr (std::is_same_v<T, float>)
+      from_inner_transpose_avx2(src, ld, nb, F, b0 * V, std::min(F, b1 * V), dst, pa);
+    else
       from_inner_gather_avx512(src, ld, nb, F, b0 * V, std::min(F, b1 * V), dst, pa);
   });
 }
