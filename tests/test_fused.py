@@ -110,3 +110,32 @@ def test_forward_pooled_inside_the_convolution_is_the_unfused_chain_bitwise(
     # torch's indices too (its convolution is exact on these values as well).
     _, torch_idx = F.max_pool2d(F.conv2d(x, w, b), 2, return_indices=True)
     assert torch.equal(idx, torch_idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,size,moved_index", [
+    (16, 14, False),   # LeNet conv2's block: unpooled straight into the batch-innermost layout
+    (300, 14, False),  # two batch chunks
+    (20, 15, False),   # an 11x11 output: its last row and column are in no window (gradient 0)
+    (20, 14, True),    # a hand-made index outside its window (in its plane): the general path
+])
+def test_backward_unpooled_batch_innermost_is_the_unfused_chain_bitwise(batch, size,
+                                                                        moved_index, dtype):
+    gen = torch.Generator().manual_seed(batch * size)
+    x = torch.randn(batch, 6, size, size, generator=gen, dtype=dtype)
+    w = torch.randn(16, 6, 5, 5, generator=gen, dtype=dtype) * 0.3
+    b = torch.randn(16, generator=gen, dtype=dtype)
+    geometry = _geometry(2, 2)
+    out, idx = P.conv2d_relu_max_pool2d(x, w, b, *geometry)
+    if moved_index:
+        idx = idx.clone()
+        idx[3, 2, 1, 1] = 0  # window (1, 1) covers pixels 22, 23, 32, 33 of the 10x10 plane
+    g = torch.randn(out.shape, generator=gen, dtype=dtype)
+    ours = P.conv2d_relu_max_pool2d_backward(g, out, idx, x, w, *geometry, [True, True, True])
+    # The chain: relu's step on the pooled result, max_pool2d_backward's scatter, conv2d_backward.
+    conv_out = P.conv2d(x, w, b, [1, 1], [0, 0], [1, 1], 1)
+    masked = torch.where(out > 0, g, torch.zeros_like(g))
+    dy = P.max_pool2d_backward(masked, conv_out, idx, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    ref = P.conv2d_backward(dy, x, w, [1, 1], [0, 0], [1, 1], 1, [True, True, True])
+    for name, a, r in zip(("grad_input", "grad_weight", "grad_bias"), ours, ref):
+        assert torch.equal(a, r), name

@@ -319,6 +319,35 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_contiguous(const conv2d::Geom
   return {grad_input, grad_weight, grad_bias};
 }
 
+bool conv2d_max_pool2d_backward_fused(const conv2d::Geometry& g,
+                                      const Pool2dGeometry<int64_t>& pool,
+                                      const Tensor& pooled_grad, const Tensor& indices,
+                                      const Tensor& x, const Tensor& w, std::array<bool, 3> mask,
+                                      std::tuple<Tensor, Tensor, Tensor>& grads) {
+  if (g.batch == 0 || !use_batch_inner(g) || !pool.is_2x2_stride_2() ||
+      pool.out_h != g.out_h / 2 || pool.out_w != g.out_w / 2)
+    return false;
+  Tensor grad_input, grad_weight, grad_bias;  // (in the compute type: w's)
+  if (mask[0]) grad_input = empty_of(x.sizes(), w.options());
+  if (mask[1]) grad_weight = empty_of(w.sizes(), w.options());
+  if (mask[2]) grad_bias = empty_of(at::IntArrayRef{g.out_channels}, w.options());
+  bool ok = true;
+  dispatch_with_input(x, w, "conv2d_relu_max_pool2d_backward", [&](auto tag, auto in_tag) {
+    using T = decltype(tag);
+    using S = decltype(in_tag);
+    const cpu::conv2d::PooledGrad<T> pooled{pooled_grad.const_data_ptr<T>(),
+                                            indices.const_data_ptr<int64_t>(),
+                                            g.out_channels * pool.out_h * pool.out_w};
+    ok = cpu::conv2d::backward_batch_inner<T, S>(
+        g, nullptr, x.const_data_ptr<S>(), w.const_data_ptr<T>(),
+        mask[0] ? grad_input.mutable_data_ptr<T>() : nullptr,
+        mask[1] ? grad_weight.mutable_data_ptr<T>() : nullptr,
+        mask[2] ? grad_bias.mutable_data_ptr<T>() : nullptr, &pooled);
+  });
+  if (ok) grads = {grad_input, grad_weight, grad_bias};
+  return ok;
+}
+
 bool conv2d_weight_grad_is_direct(const conv2d::Geometry& g) {
   // The choice conv2d_backward_contiguous makes for grad_weight, in its order.
   return g.batch > 0 && !use_batch_inner(g) &&

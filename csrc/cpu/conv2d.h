@@ -61,9 +61,19 @@ void backward_input_pointwise(const Geometry& g, const T* dy, const T* w, T* dx)
 // and small images (conv2d_batch_inner.cpp; conv2d.cpp says when).
 template <typename T, typename S = T>
 void forward_batch_inner(const Geometry& g, const S* x, const T* w, const T* bias, T* y);
+// pooled, when given, stands for dy (unused): a 2x2 / stride-2 max-pool's gradient over the
+// output (out_h / 2 x out_w / 2 windows), unpooled straight into the kernel's transposed dY
+// (conv2d_relu_max_pool2d's backward). False then (outputs partly written) at an index that is
+// not one of its window's taps; true otherwise.
+template <typename T>
+struct PooledGrad {
+  const T* grad;           // (batch, out_channels, out_h / 2, out_w / 2)
+  const int64_t* indices;  // the same shape: each window's maximum, a flat index in its plane
+  int64_t per_image;       // out_channels * (out_h / 2) * (out_w / 2)
+};
 template <typename T, typename S = T>
-void backward_batch_inner(const Geometry& g, const T* dy, const S* x, const T* w, T* dx, T* dw,
-                          T* db);
+bool backward_batch_inner(const Geometry& g, const T* dy, const S* x, const T* w, T* dx, T* dw,
+                          T* db, const PooledGrad<T>* pooled = nullptr);
 // The same forward with a 2x2, stride-2 max-pool (windows inside the output) and relu applied
 // before the transpose back: out and indices (batch, out_channels, out_h / 2, out_w / 2), as
 // max_pool2d_with_indices then relu would give them (conv2d_relu_max_pool2d).

@@ -182,9 +182,14 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cpu(
         d[i] = relu_bwd(Storage<S>::load(g[i]), Storage<S>::load(y[i]));
     });
   });
+  // LeNet's conv2 block: unpooled straight into its convolution's batch-innermost layout.
+  const Tensor ix = indices.contiguous();
+  std::tuple<Tensor, Tensor, Tensor> grads;
+  if (cpu::conv2d_max_pool2d_backward_fused(s.conv, s.pool, pooled_grad, ix, x, w, mask, grads))
+    return in_layout(std::move(grads));
   const std::vector<int64_t> conv_sizes = s.conv.output_sizes();
   const Tensor conv_grad = cpu::max_pool2d_backward_contiguous(
-      s.pool, pooled_grad, indices.contiguous(), at::IntArrayRef(conv_sizes), op,
+      s.pool, pooled_grad, ix, at::IntArrayRef(conv_sizes), op,
       "convolution output");
   return in_layout(cpu::conv2d_backward_contiguous(s.conv, conv_grad, x, w, mask));
 }

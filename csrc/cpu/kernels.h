@@ -24,6 +24,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_contiguous(
     const Conv2dGeometry<int64_t>& g, const at::Tensor& dy, const at::Tensor& x,
     const at::Tensor& w, std::array<bool, 3> mask);
 
+// The backward of conv2d_max_pool2d_relu_fused's geometries from the pooled gradient (relu's
+// step applied: contiguous, of w's dtype) and the pooling's indices, unpooled straight into the
+// batch-innermost kernel's layout; the gradients conv2d_backward_contiguous would give on the
+// unpooled image, into grads. False (grads untouched) for other geometries, and at an index
+// that is not one of its window's taps (the general unpooling handles, or names, it).
+bool conv2d_max_pool2d_backward_fused(const Conv2dGeometry<int64_t>& conv,
+                                      const Pool2dGeometry<int64_t>& pool,
+                                      const at::Tensor& pooled_grad, const at::Tensor& indices,
+                                      const at::Tensor& x, const at::Tensor& w,
+                                      std::array<bool, 3> mask,
+                                      std::tuple<at::Tensor, at::Tensor, at::Tensor>& grads);
+
 // Whether conv2d_backward_contiguous takes grad_weight (and with it grad_bias) from the direct
 // kernel for g (LeNet's conv1), which can take its dY image by image: conv2d_weight_grads_direct.
 bool conv2d_weight_grad_is_direct(const Conv2dGeometry<int64_t>& g);
