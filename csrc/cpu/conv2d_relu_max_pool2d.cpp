@@ -14,10 +14,11 @@
 // grad_input is wanted and the direct kernel computes grad_weight (LeNet's conv1), the gradient
 // image is made one image at a time where that kernel reads it: two passes. (A pooling
 // geometry with a window of no input element, whose value is -inf, not relu's 0, takes relu
-// before the pooling instead: the gradients are the same.) Where the convolution runs
-// batch-innermost and the pooling is 2x2 / stride 2 (LeNet's conv2), the forward pools before
-// the convolution's output leaves that layout, and never stores the image at all
-// (cpu/conv2d_batch_inner.cpp).
+// before the pooling instead: the gradients are the same.) Two geometries never store the
+// image at all: where the convolution runs batch-innermost and the pooling is 2x2 / stride 2
+// (LeNet's conv2), the forward pools before the convolution's output leaves that layout and the
+// backward unpools straight into it (cpu/conv2d_batch_inner.cpp); where it runs on the direct
+// kernel (LeNet's conv1), each image is pooled as the kernel finishes it, in cache.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>

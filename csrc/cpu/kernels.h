@@ -2,9 +2,9 @@
 // Tensor-level pieces of the CPU operators, for the fused operators that chain them
 // (cpu/conv2d_relu_max_pool2d.cpp): checked geometry in, contiguous NCHW tensors in and out, no
 // output layout (the operator applies torch's at the end). Tensors share one dtype, float32 or
-// float64, but the convolutions' x, which the backward ones, conv2d_forward_direct_images and
-// conv2d_max_pool2d_relu_fused also take in bfloat16 beside a float32 w (widened where copied:
-// cpu/conv2d.h); results are in w's dtype.
+// float64, but the convolutions' x, which every function here except conv2d_forward_contiguous
+// also takes in bfloat16 beside a float32 w (widened where it is copied: cpu/conv2d.h); results
+// are in w's dtype.
 #include <ATen/core/Tensor.h>
 
 #include <array>
@@ -59,7 +59,7 @@ bool conv2d_max_pool2d_relu_fused(const Conv2dGeometry<int64_t>& conv,
 
 // Whether conv2d_forward_contiguous computes g on the direct kernel (LeNet's conv1), which can
 // hand over its output image by image: conv2d_forward_direct_images (one group only), calling
-// done(n, image) with image n's output (out_channels x out_h x out_w contiguous, of x's dtype,
+// done(n, image) with image n's output (out_channels x out_h x out_w contiguous, of w's dtype,
 // in a per-thread scratch; from several threads at once) in place of storing it.
 bool conv2d_forward_is_direct(const Conv2dGeometry<int64_t>& g);
 using Conv2dYImage = std::function<void(int64_t n, const void* y_image)>;
