@@ -8,6 +8,8 @@
 // suite (python -m benchmarks).
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include "common/checks.h"
 #include "common/elementwise.h"
 #include "common/low_precision.h"
@@ -62,6 +64,55 @@ inline float tanh_branch_free(float x) {
 }
 inline double tanh_branch_free(double x) { return tanh_fwd(x); }
 
+// The same two branches for 16 floats in AVX-512 intrinsics, with 2 / (exp(2|x|) + 1) taken as
+// a reciprocal estimate and one Newton step (relative error ~2^-28, under float's rounding)
+// instead of a division: the compiled loop above waited on vdivps (perf: half its samples), 1.74x
+// torch's time on 300 K elements; 1.45-1.54x with this (the suite's case, two runs; unrolling
+// four vectors a step measured the same). 2|x| is clamped to 18, where tanh rounds to 1 (exp
+// stays finite); NaN is passed through.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+PE_TARGET_AVX512 PE_INLINE __m512 tanh16(__m512 x) {
+  const __m512 a = _mm512_abs_ps(x), x2 = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_set1_ps(-929569.0f / 638512875.0f);
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(21844.0f / 6081075.0f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-1382.0f / 155925.0f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(62.0f / 2835.0f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-17.0f / 315.0f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(2.0f / 15.0f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-1.0f / 3.0f));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(x, x2), p, x);
+  // exp(t), t = 2|x| in [1, 18]: t = n ln2 + r, |r| <= ln2 / 2, e^r by poly_exp's series.
+  using C = ExpConst<float>;
+  const __m512 t = _mm512_mul_ps(_mm512_min_ps(a, _mm512_set1_ps(9.0f)), _mm512_set1_ps(2.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(C::log2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::ln2_hi), t);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::ln2_lo), r);
+  __m512 e = _mm512_set1_ps(1.0f / 5040);
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
+  e = _mm512_scalef_ps(e, n);
+  const __m512 one = _mm512_set1_ps(1.0f), d = _mm512_add_ps(e, one);
+  const __m512 r0 = _mm512_rcp14_ps(d);
+  const __m512 inv = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(d, r0, one), r0);  // 1 / d
+  const __m512 large = _mm512_or_ps(_mm512_fnmadd_ps(_mm512_set1_ps(2.0f), inv, one),
+                                    _mm512_and_ps(x, _mm512_set1_ps(-0.0f)));  // x's sign
+  __m512 y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.5f), _CMP_LT_OQ),
+                                  large, small);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
+}
+PE_TARGET_AVX512 void tanh_avx512_float(const float* x, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, tanh16(_mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    _mm512_mask_storeu_ps(out + i, m, tanh16(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+}
+#pragma GCC diagnostic pop
+
 Tensor relu_cpu(const Tensor& input) {
   return map_unary(input, "relu", [](auto x) { return relu_fwd(x); });
 }
@@ -100,7 +151,8 @@ Tensor sigmoid_backward_cpu(const Tensor& grad_output, const Tensor& result) {
 }
 
 Tensor tanh_cpu(const Tensor& input) {
-  return map_unary(input, "tanh", [](auto x) { return tanh_branch_free(x); });
+  return map_unary_avx512_float(input, "tanh", [](auto x) { return tanh_branch_free(x); },
+                                tanh_avx512_float);
 }
 Tensor tanh_backward_cpu(const Tensor& grad_output, const Tensor& result) {
   check_elementwise_backward<int64_t>(grad_output, result, "result", "tanh_backward");

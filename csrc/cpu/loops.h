@@ -113,6 +113,40 @@ at::Tensor map_unary(const at::Tensor& input, const char* op, F f) {
   return out;
 }
 
+// map_unary, but float32 and bfloat16 take `avx512_float(x, out, n)` (a loop over float
+// arrays written with AVX-512 intrinsics) where the elementwise level is avx512: bfloat16 in
+// blocks widened into a float tile, then rounded once, so that a bfloat16 call still computes
+// exactly what the float32 kernel does. f serves float64 and the other levels.
+template <typename F>
+at::Tensor map_unary_avx512_float(const at::Tensor& input, const char* op, F f,
+                                  void (*avx512_float)(const float*, float*, int64_t)) {
+  const c10::ScalarType dtype = input.scalar_type();
+  if (cpu::isa_for(cpu::Family::Elementwise) != cpu::Isa::Avx512 ||
+      (dtype != c10::kFloat && dtype != c10::kBFloat16))
+    return map_unary(input, op, f);
+  check_floating(input, op, "input");
+  at::Tensor out = empty_elementwise<int64_t>({&input}, input.options());
+  const at::Tensor x = in_order_of(input, out);
+  at::parallel_for(0, x.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+    if (dtype == c10::kFloat) {
+      avx512_float(x.const_data_ptr<float>() + begin, out.mutable_data_ptr<float>() + begin,
+                   end - begin);
+      return;
+    }
+    constexpr int64_t kTile = 512;
+    alignas(64) float tile[kTile];
+    const c10::BFloat16* px = x.const_data_ptr<c10::BFloat16>();
+    c10::BFloat16* po = out.mutable_data_ptr<c10::BFloat16>();
+    for (int64_t i = begin; i < end; i += kTile) {
+      const int64_t n = std::min(kTile, end - i);
+      for (int64_t j = 0; j < n; ++j) tile[j] = cpu::bf16_to_float(px[i + j]);
+      avx512_float(tile, tile, n);
+      for (int64_t j = 0; j < n; ++j) po[i + j] = cpu::float_to_bf16(tile[j]);
+    }
+  });
+  return out;
+}
+
 // out = f(a, b) elementwise into `out`, a fresh dense tensor of their shape (its layout chosen by
 // the caller); callers have checked that a and b share shape, dtype and device.
 template <typename F>
