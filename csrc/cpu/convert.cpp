@@ -20,12 +20,12 @@ PE_INLINE void narrow_impl(const float* __restrict__ src, c10::BFloat16* __restr
                            int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
 }
+}  // namespace
+
 PE_ISA_FUNCTION(Family::Elementwise, void, widen_range,
                 (const c10::BFloat16* src, float* dst, int64_t n), (src, dst, n), widen_impl)
 PE_ISA_FUNCTION(Family::Elementwise, void, narrow_range,
                 (const float* src, c10::BFloat16* dst, int64_t n), (src, dst, n), narrow_impl)
-
-}  // namespace
 
 void widen_bf16(const c10::BFloat16* src, float* dst, int64_t n) {
   at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {

@@ -20,6 +20,10 @@ void widen_bf16(const c10::BFloat16* src, float* dst, int64_t n);
 // dst[i] = bfloat16(src[i]) for i < n, rounded to nearest even, as torch rounds (NaN stays NaN).
 void narrow_bf16(const float* src, c10::BFloat16* dst, int64_t n);
 
+// The same on one thread (a task's share of a larger loop).
+void widen_range(const c10::BFloat16* src, float* dst, int64_t n);
+void narrow_range(const float* src, c10::BFloat16* dst, int64_t n);
+
 // The same on one element (the loops' own arithmetic, for code that converts as it goes).
 inline float bf16_to_float(c10::BFloat16 h) {
   const uint32_t bits = static_cast<uint32_t>(h.x) << 16;

@@ -139,9 +139,9 @@ at::Tensor map_unary_avx512_float(const at::Tensor& input, const char* op, F f,
     c10::BFloat16* po = out.mutable_data_ptr<c10::BFloat16>();
     for (int64_t i = begin; i < end; i += kTile) {
       const int64_t n = std::min(kTile, end - i);
-      for (int64_t j = 0; j < n; ++j) tile[j] = cpu::bf16_to_float(px[i + j]);
+      cpu::widen_range(px + i, tile, n);
       avx512_float(tile, tile, n);
-      for (int64_t j = 0; j < n; ++j) po[i + j] = cpu::float_to_bf16(tile[j]);
+      cpu::narrow_range(tile, po + i, n);
     }
   });
   return out;
