@@ -14,6 +14,9 @@ LARGE = (64, 6, 28, 28)  # 1.2 MB of float32: above the 256 KB the cache starts 
 
 
 def test_a_freed_output_is_reused_by_the_next_of_its_size():
+    # From an empty cache: blocks of this size that earlier tests in the process left there
+    # could otherwise serve the second call instead of y's.
+    pyengine.empty_cache()
     x = torch.randn(LARGE)
     y = pyengine.functional.relu(x)
     address = y.data_ptr()
