@@ -188,8 +188,9 @@ def test_bfloat16_linear_against_float64(shape):
 
 def test_bfloat16_linear_and_conv2d_on_the_dot_product_level_too():
     """On a CPU with AMX (level amx_bf16) the bfloat16 GEMM and conv2d's bfloat16 forward run
-    on tiles; the AVX512_BF16 dot-product GEMM and the float32 convolutions stay the ones for
-    CPUs without AMX: the bfloat16 linear and conv2d tests run again in a process at
+    on tiles (so does the fused convolution block's forward, on LeNet's conv2 geometry); the
+    AVX512_BF16 dot-product GEMM and the float32 convolutions stay the ones for CPUs without
+    AMX: the bfloat16 linear, conv2d and fused-block tests run again in a process at
     PYENGINE_CPU_ISA=avx512_bf16."""
     if pyengine._C.cpu_isa()["gemm_bf16"] != "amx_bf16":
         pytest.skip("this CPU's own level runs the dot-product GEMM (or none): tested above")
@@ -201,7 +202,8 @@ def test_bfloat16_linear_and_conv2d_on_the_dot_product_level_too():
     env = dict(os.environ, PYENGINE_CPU_ISA="avx512_bf16")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            os.path.abspath(__file__), "-k",
-                           "(bfloat16_linear or bfloat16_conv2d) and not dot_product_level"],
+                           "(bfloat16_linear or bfloat16_conv2d or bfloat16_fused) "
+                           "and not dot_product_level"],
                           env=env, capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0 and " passed" in proc.stdout, \
@@ -225,7 +227,12 @@ WIDE_CONVS = [(2, 16, 9, 11, 32, 3, 1, 1, 1, 1), (3, 8, 13, 12, 40, 3, 2, 1, 1, 
               # grad_input by phases of the stride: a 1x1 stride 2 (phases no tap reaches),
               # stride 3, padding past the kernel's reach (the flipped convolution crops dY)
               (2, 16, 9, 8, 20, 1, 2, 0, 1, 1), (1, 16, 11, 13, 16, 3, 3, 1, 1, 1),
-              (1, 16, 5, 6, 16, 3, 1, 3, 1, 1)]
+              (1, 16, 5, 6, 16, 3, 1, 3, 1, 1),
+              # strip mode (a kernel row's kernel_w x channels values per tile step): LeNet's
+              # 6 -> 16 5x5 (30 of 32 values), a ResNet stem (odd channels, stride 2, padding),
+              # 120-value strips whose packing takes two channel blocks, an odd-channel stride 2
+              (2, 6, 14, 14, 16, 5, 1, 0, 1, 1), (2, 3, 20, 21, 64, 7, 2, 3, 1, 1),
+              (1, 40, 9, 10, 24, 3, 1, 1, 1, 1), (1, 5, 7, 40, 33, 5, 2, 2, 1, 1)]
 
 
 @pytest.mark.parametrize("case", WIDE_CONVS, ids=str)
@@ -402,6 +409,34 @@ def test_bfloat16_conv2d_with_non_finite_weights_places_inf_and_nan_as_float32()
         assert (~f32[0].isfinite()).any() and f32[0].isfinite().any(), which
 
 
+def test_bfloat16_conv2d_strips_place_inf_and_nan_as_float32():
+    """In strip mode a tile step's last values run past the strip into the next pixels', which
+    zero weights multiply: 0 x Inf would be a NaN torch does not have. An input (forward) or dY
+    (grad_input) holding an Inf or NaN takes the tap-by-tap steps: the Inf / NaN positions are
+    those of the same call in float32, and the finite results as accurate."""
+    gen = torch.Generator().manual_seed(8)
+    for c, co, k, p in ((6, 16, 5, 0), (16, 16, 3, 1)):  # forward strips; grad_input's too
+        x = torch.randn(2, c, 9, 12, generator=gen).bfloat16()
+        w = torch.randn(co, c, k, k, generator=gen).bfloat16()
+        geometry = ([1, 1], [p, p], [1, 1], 1)
+        x[1, c - 1, 4, 3] = float("inf")  # next to pixel (4, 2)'s strip, inside others'
+        x[0, 0, 2, 7] = float("nan")
+        y = torch.ops.pyengine.conv2d(x, w, None, *geometry)
+        y32 = torch.ops.pyengine.conv2d(x.float(), w.float(), None, *geometry)
+        g = torch.randn(y.shape, generator=gen).bfloat16()
+        g[0, co - 1, 3, 1] = float("-inf")
+        gx = torch.ops.pyengine.conv2d_backward(g, x, w, *geometry, [True, False, False])[0]
+        gx32 = torch.ops.pyengine.conv2d_backward(g.float(), x.float(), w.float(), *geometry,
+                                                  [True, False, False])[0]
+        for name, ours, f32 in (("forward", y, y32), ("grad_input", gx, gx32)):
+            assert torch.equal(ours.isnan(), f32.isnan()), (c, name)
+            assert torch.equal(ours.isinf(), f32.isinf()), (c, name)
+            assert (~f32.isfinite()).any() and f32.isfinite().any(), (c, name)
+            finite = f32.isfinite()
+            scale = float(f32[finite].abs().max())
+            assert float((ours.float() - f32)[finite].abs().max()) <= 2 ** -7 * scale, (c, name)
+
+
 # ---- bfloat16 read and written in place: the float32 kernel's bits, one rounding -------------
 #
 # The activations and the fused convolution block read bfloat16 as they go (cpu/loops.h's
@@ -468,14 +503,21 @@ def test_bfloat16_copies_round_as_torch_rounds():
         _same_bits_or_both_nan(ours, expected, f"mse_loss against {b}")
 
 
-@pytest.mark.parametrize("in_channels,out_channels,size,batch,channels_last", [
-    (1, 6, 32, 5, False),    # LeNet's conv1 block: grad_weight image by image (the direct path)
-    (6, 16, 14, 17, False),  # LeNet's conv2 block: grad_input too (the batch-innermost path)
-    (6, 16, 14, 300, False),  # the same over two batch chunks (256 + 44)
-    (3, 5, 11, 2, True),     # another geometry and layout
+@pytest.mark.parametrize("in_channels,out_channels,size,batch,channels_last,tiles", [
+    (1, 6, 32, 5, False, False),    # LeNet's conv1 block: grad_weight image by image (direct)
+    (6, 16, 14, 17, False, True),   # LeNet's conv2 block: grad_input too (batch-innermost)
+    (6, 16, 14, 300, False, True),  # the same over two batch chunks (256 + 44)
+    (3, 5, 11, 2, True, False),     # another geometry and layout
 ])
 def test_bfloat16_fused_convolution_block_is_the_float32_kernel_rounded_once(
-        in_channels, out_channels, size, batch, channels_last):
+        in_channels, out_channels, size, batch, channels_last, tiles):
+    """The fused block in bfloat16: its backward is the float32 kernel on float32 copies,
+    rounded once; so is its forward, except where the convolution takes AMX tiles (`tiles`:
+    LeNet's conv2 geometry, on CPUs at level amx_bf16; cpu/conv2d_amx.cpp), whose float32 sums
+    are pooled and rounded once: there the pooled values are bitwise those of pyengine's own
+    bfloat16 conv2d (the same tiles, rounded per element), relu and max-pooled, and each index
+    points at a maximum of that conv2d's output. (At level avx512_bf16 the tile-less path runs
+    for every case: test_bfloat16_linear_and_conv2d_on_the_dot_product_level_too.)"""
     gen = torch.Generator().manual_seed(in_channels * 100 + size)
     x = torch.randn(batch, in_channels, size, size, generator=gen).to(torch.bfloat16)
     w = (torch.randn(out_channels, in_channels, 5, 5, generator=gen) * 0.3).to(torch.bfloat16)
@@ -483,6 +525,25 @@ def test_bfloat16_fused_convolution_block_is_the_float32_kernel_rounded_once(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     from pyengine.fused import conv2d_relu_max_pool2d
+
+    on_tiles = tiles and pyengine._C.cpu_isa()["gemm_bf16"] == "amx_bf16"
+    geometry = ([1, 1], [0, 0], [1, 1], 1, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    if on_tiles:
+        y, indices = torch.ops.pyengine.conv2d_relu_max_pool2d(x, w, b, *geometry)
+        conv = torch.ops.pyengine.conv2d(x, w, b, *geometry[:4])
+        expected = torch.nn.functional.max_pool2d(conv, 2).relu()
+        _same_bits_or_both_nan(y, expected, "forward on tiles")
+        picked = conv.flatten(2).gather(2, indices.flatten(2)).view_as(y)
+        _same_bits_or_both_nan(torch.maximum(picked, torch.zeros_like(picked)), y,
+                               "the values the indices point at")
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+        backward = torch.ops.pyengine.conv2d_relu_max_pool2d_backward
+        ours = backward(g, y, indices, x, w, *geometry, [True, True, True])
+        f32 = backward(g.float(), y.float(), indices, x.float(), w.float(), *geometry,
+                       [True, True, True])
+        for i, (o, f) in enumerate(zip(ours, f32)):
+            _same_bits_or_both_nan(o, f.to(torch.bfloat16), f"gradient {i}")
+        return
 
     def run(dtype):
         # (LeNet's first block wants no grad_input: the path that unpools image by image.)

@@ -109,13 +109,14 @@ bool backward_weight_winograd(const Geometry& g, const T* dy, const T* x, T* dw)
 
 // bfloat16 forward on AMX tiles (conv2d_amx.cpp): amx_available() where the CPU runs level
 // amx_bf16 (isa_for(Family::GemmBf16): PYENGINE_CPU_ISA=avx512_bf16 turns it off with the
-// linear GEMM's tiles); amx_forward_fits(g) where it takes the geometry (one group, 16+
-// channels in and out). forward_amx returns y in bfloat16, in the layout channels_last says.
+// linear GEMM's tiles); amx_forward_fits(g) where it takes the geometry (one group, 16+ output
+// channels; 16+ input channels, or a kernel row's kernel_w x in_channels values filling at least
+// half of its 32-value steps: LeNet's 6 -> 16 5x5). forward_amx returns y in bfloat16, in the
+// layout channels_last says.
 // amx_backward_input_fits(g): grad_input on the same kernel (per phase of the stride, a
-// convolution of dY by the phase's taps of the flipped weight; dilation 1 where strided). Both
-// multiply padding
-// zeros by every weight, so a non-finite weight (all_finite_bf16) must take the float32 kernels,
-// whose Inf / NaN placement is torch's.
+// convolution of dY by the phase's taps of the flipped weight; dilation 1 where strided; 16+
+// channels in and out). Both multiply padding zeros by every weight, so a non-finite weight
+// (all_finite_bf16) must take the float32 kernels, whose Inf / NaN placement is torch's.
 bool amx_available();
 bool amx_forward_fits(const Geometry& g);
 bool amx_backward_input_fits(const Geometry& g);
@@ -126,8 +127,10 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
                                                        const at::Tensor& grad_output,
                                                        const at::Tensor& input, bool bias);
 bool all_finite_bf16(const at::Tensor& t);
+// float_output: y in float32, unrounded (the fused conv + relu + max-pool block rounds once,
+// after pooling); bias (bfloat16) included either way.
 at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                       const at::Tensor& bias, bool channels_last);
+                       const at::Tensor& bias, bool channels_last, bool float_output = false);
 at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
                               const at::Tensor& weight, bool channels_last);
 

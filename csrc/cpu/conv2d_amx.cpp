@@ -12,13 +12,24 @@
 // pixels read in place: no strip of taps is ever built (the im2col + tile GEMM attempt, whose
 // strips were 9x the input for 3x3, was no faster than the float32 kernels).
 //
+// Strip mode, for narrow layers: a kernel row's kernel_w taps x in_channels channels are
+// contiguous too (kernel_w * C values from the pixel's first tap on, dilation_w 1), and again at
+// a constant stride for consecutive output pixels. Where that strip fills fewer 32-value steps
+// than the taps' channel blocks do (LeNet's 6 -> 16 5x5: one step of 30 values per kernel row,
+// 5 steps, against 25 steps of 6 channels in 32), each step loads 32 values of the strip, the
+// image unpadded in its channels (Cp = C). A strip's last step reads up to 31 values past it
+// (the next pixels', or the zero tail) against zero weights: the results stay exact unless those
+// values hold an Inf or NaN (0 x Inf), so an input with any takes the tap-by-tap steps.
+//
 // Operands:
 //   xp: the input as [n][padded row][padded column][Cp channels] bfloat16, Cp = in_channels
-//       rounded up to 32 (zeros), the padding zeros too, plus a tail of zeros that the last
-//       segment's rows past the output row may read (their results are dropped);
+//       rounded up to 32 (zeros; strip mode: in_channels), the padding zeros too, plus a tail of
+//       zeros that the last segment's rows past the output row may read (their results are
+//       dropped);
 //   wp: the weight as B tiles, [co block of 16][tap][channel block of 32][pair][co][2]: a tile
 //       is 16 pairs of channels x 16 output channels, 1 KB, in the order the reduction reads
-//       them; output channels padded to whole pairs of blocks with zeros.
+//       them; output channels padded to whole pairs of blocks with zeros (strip mode: [co block]
+//       [kernel row][block of 32 strip values][pair][co][2], zeros past the strip).
 // A "segment" is up to 16 consecutive output pixels of one output row. The C block is 2
 // segments x 32 output channels (4 tiles: the 8 tile registers hold 4 C, 2 A, 2 B), summed over
 // all taps and channel blocks in order by one thread, then stored through a float32 buffer:
@@ -31,9 +42,16 @@
 // core: ~1 ms on the 2 cores; the layout copies move ~10 MB (input to channels-last, padded
 // copy, output) on top.
 //
-// Where it runs (amx_forward_fits): one group, 16+ input and output channels (narrower layers
-// would multiply mostly padding: LeNet's convolutions keep the float32 kernels). grad_input is
-// the same kernel run on dY, once per phase of the stride (backward_input_amx, below);
+// Napkin math, strip mode, LeNet's 6 -> 16 5x5 at 14 x 14, batch 256 (123 MFLOP): 2560 segments
+// of 10 pixels, 5 steps each, 4 tile multiplies a step for 2 segments, half of them on the zero
+// second block of output channels: 25600 multiplies of 16 cycles, ~0.1 ms per core; measured
+// 0.26 ms for the call on 2 cores (the float32 kernel 0.65, torch's bfloat16 1.3), the packing
+// and the NCHW stores being the rest.
+//
+// Where it runs (amx_forward_fits): one group, 16+ output channels, and 16+ input channels or a
+// strip whose steps are at least half real (narrower layers would multiply mostly padding:
+// LeNet's conv1, 1 -> 6, keeps the float32 kernels). grad_input is the same kernel run on dY,
+// once per phase of the stride (backward_input_amx, below), on 16+ channels each way;
 // grad_weight has its own (below). Measured against torch and the float32 path: README.md.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -66,14 +84,46 @@ bool amx_available() {
 #endif
 }
 
-bool amx_forward_fits(const Geometry& g) {
-  return amx_available() && g.groups == 1 && g.in_channels >= 16 && g.out_channels >= 16;
+namespace {
+
+constexpr int64_t kCb = 32;  // values of a reduction step (an A tile's row): 16 pairs
+
+// Reduction steps per kernel row: a channel block per tap, or blocks of the row's strip.
+int64_t strip_blocks(const Geometry& g) {
+  return (g.kernel_w * g.in_channels + kCb - 1) / kCb;
 }
 
-bool amx_backward_weight_fits(const Geometry& g) { return amx_forward_fits(g); }
+// Strip mode (see the top of this file): where one kernel row's taps cost fewer steps as a strip
+// of kernel_w x in_channels contiguous values than as channel blocks tap by tap (narrow layers:
+// LeNet's 6 -> 16 5x5 is 5 steps instead of 25). Its columns must be contiguous: dilation_w 1.
+bool strip_mode(const Geometry& g) {
+  return g.dilation_w == 1 &&
+         strip_blocks(g) < g.kernel_w * ((g.in_channels + kCb - 1) / kCb);
+}
+
+// The tiles' own geometry: one group, 16+ output channels (the C tiles' columns, in pairs of
+// 16: at least a quarter of what they multiply is real).
+bool tiles_fit(const Geometry& g) {
+  return amx_available() && g.groups == 1 && g.out_channels >= 16;
+}
+
+}  // namespace
+
+bool amx_forward_fits(const Geometry& g) {
+  // 16+ input channels (tap by tap: at least half of each step's values real), or a strip whose
+  // steps are at least half real (6 channels x 5 columns: 30 of 32; 1 x 5, LeNet's conv1, 5 of
+  // 32 would multiply mostly padding: it keeps the float32 kernels).
+  return tiles_fit(g) &&
+         (g.in_channels >= 16 ||
+          (strip_mode(g) && 2 * g.kernel_w * g.in_channels >= strip_blocks(g) * kCb));
+}
+
+bool amx_backward_weight_fits(const Geometry& g) {
+  return tiles_fit(g) && g.in_channels >= 16;
+}
 
 bool amx_backward_input_fits(const Geometry& g) {
-  return amx_forward_fits(g) && (g.stride_h == 1 || g.dilation_h == 1) &&
+  return tiles_fit(g) && g.in_channels >= 16 && (g.stride_h == 1 || g.dilation_h == 1) &&
          (g.stride_w == 1 || g.dilation_w == 1);
 }
 
@@ -97,8 +147,22 @@ bool all_finite_bf16(const at::Tensor& t) {
 
 namespace {
 
+// Whether any of n bfloat16 values is Inf or NaN (exponent bits all ones).
+PE_TARGET_AVX512 bool any_non_finite(const uint16_t* v, int64_t n) {
+  const __m512i e = _mm512_set1_epi16(0x7f80);
+  __mmask32 bad = 0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(_mm512_loadu_si512(v + i), e), e);
+  if (i < n) {
+    const __mmask32 m = static_cast<__mmask32>((1ull << (n - i)) - 1);
+    bad |= _mm512_mask_cmpeq_epi16_mask(m, _mm512_and_si512(_mm512_maskz_loadu_epi16(m, v + i), e),
+                                        e);
+  }
+  return bad != 0;
+}
+
 constexpr int64_t kSeg = 16;       // output pixels of a segment: the rows of an A / C tile
-constexpr int64_t kCb = 32;        // channels of a reduction step: 16 pairs
 constexpr int64_t kCoBlock = 16;   // output channels of a B / C tile
 
 // Zeros before the input's first row and column in the padded copy: the convolution's padding,
@@ -110,25 +174,29 @@ struct Pads {
 // The sizes of the packed operands, shared by the packing and the multiply. The padded copy has
 // the rows and columns the output reads: (out - 1) * stride + (kernel - 1) * dilation + 1.
 struct Plan {
-  int64_t Hp, Wp, Cp, CB;  // padded input rows, columns, channels; channel blocks
-  int64_t taps;            // kernel_h * kernel_w
+  bool strip;              // strip mode: a kernel row's taps as one strip of values
+  int64_t Hp, Wp, Cp, CB;  // padded input rows, columns, channels; blocks of a step
+  int64_t kw_steps;        // steps along a kernel row: kernel_w (tap by tap), 1 (strip)
+  int64_t taps;            // kernel_h * kw_steps: the B tiles' (tap) index
   int64_t co_blocks;       // blocks of 16 output channels, a multiple of 2
   int64_t per_row;         // segments per output row
   int64_t segments;        // batch * out_h * per_row
   int64_t image;           // elements of one padded image
   int64_t xp_size;         // elements of xp, its zero tail included
-  explicit Plan(const Geometry& g) {
+  Plan(const Geometry& g, bool strip_) : strip(strip_) {
     Hp = (g.out_h - 1) * g.stride_h + (g.kernel_h - 1) * g.dilation_h + 1;
     Wp = (g.out_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dilation_w + 1;
-    Cp = round_up(g.in_channels, kCb);
-    CB = Cp / kCb;
-    taps = g.kernel_h * g.kernel_w;
+    Cp = strip ? g.in_channels : round_up(g.in_channels, kCb);
+    CB = strip ? strip_blocks(g) : Cp / kCb;
+    kw_steps = strip ? 1 : g.kernel_w;
+    taps = g.kernel_h * kw_steps;
     co_blocks = round_up(g.out_channels, 2 * kCoBlock) / kCoBlock;
     per_row = (g.out_w + kSeg - 1) / kSeg;
     segments = g.batch * g.out_h * per_row;
     image = Hp * Wp * Cp;
-    // A segment's rows run up to 15 pixels (stride_w columns each) past the output row.
-    xp_size = g.batch * image + (kSeg * g.stride_w + 1) * Cp;
+    // A segment's rows run up to 15 pixels (stride_w columns each) past the output row; a
+    // strip's last block up to 31 values past the strip.
+    xp_size = g.batch * image + (kSeg * g.stride_w + 1) * Cp + (strip ? kCb : 0);
   }
 };
 
@@ -185,20 +253,28 @@ PE_TARGET_AVX512 void pack_input_nchw(const Geometry& g, const Plan& p, Pads pad
       std::memset(row, 0, sizeof(uint16_t) * w0 * p.Cp);
       std::memset(row + w1 * p.Cp, 0, sizeof(uint16_t) * (p.Wp - w1) * p.Cp);
       const uint16_t* src = x + (n * C * H + h) * W + (w0 - pads.left);  // channel 0
-      for (int64_t cb = 0; cb < p.CB; ++cb)
+      if (p.Cp % 2 != 0) {  // strip mode, odd channels: a word would hold two pixels' values
+        for (int64_t w = 0; w < w1 - w0; ++w)
+          for (int64_t ci = 0; ci < C; ++ci) row[(w0 + w) * C + ci] = src[ci * H * W + w];
+        continue;
+      }
+      const int64_t blocks = (p.Cp + kCb - 1) / kCb;  // of 32 channels, the last one partial
+      for (int64_t cb = 0; cb < blocks; ++cb) {
+        const int64_t pairs = std::min<int64_t>(16, (p.Cp - cb * kCb) / 2);
         for (int64_t c0 = 0; c0 < w1 - w0; c0 += 16) {
           const int64_t nw = std::min<int64_t>(16, w1 - w0 - c0);
           const __mmask16 m = static_cast<__mmask16>(nw == 16 ? 0xffffu : (1u << nw) - 1u);
-          for (int64_t q = 0; q < 16; ++q) {
+          for (int64_t q = 0; q < pairs; ++q) {
             const int64_t ci = cb * kCb + 2 * q;
             const uint16_t* lo = ci < C ? src + ci * H * W + c0 : nullptr;
             const uint16_t* hi = ci + 1 < C ? lo + H * W : nullptr;
             _mm512_store_si512(words + q * 16, lo ? merge_rows(lo, hi, m) : _mm512_setzero_si512());
           }
-          transpose16(reinterpret_cast<const float*>(words), 16, 16, nw,
+          transpose16(reinterpret_cast<const float*>(words), 16, pairs, nw,
                       reinterpret_cast<float*>(row + (w0 + c0) * p.Cp + cb * kCb), p.Cp / 2,
                       nullptr);
         }
+      }
     }
 }
 
@@ -214,29 +290,36 @@ struct WeightMap {
 };
 
 // wp from w, co blocks [j0, j1).
+// A step's value i (of 32) is channel cb * 32 + i of tap (kh, kw) in tap-by-tap mode; in strip
+// mode value cb * 32 + i of the kernel row's strip, [kw][channel] (zero past the strip).
 void pack_weight(const Geometry& g, const Plan& p, const uint16_t* w, const WeightMap& m,
                  int64_t j0, int64_t j1, uint16_t* wp) {
   const int64_t Cin = g.in_channels, Cout = g.out_channels;
+  const int64_t src_taps = m.transposed ? m.kernel_h * m.kernel_w : g.kernel_h * g.kernel_w;
   for (int64_t j = j0; j < j1; ++j)
     for (int64_t t = 0; t < p.taps; ++t) {
-      const int64_t kh = t / g.kernel_w, kw = t % g.kernel_w;
-      const int64_t src_tap =
-          m.transposed ? (m.first_h + m.step_h * (g.kernel_h - 1 - kh)) * m.kernel_w +
-                             (m.first_w + m.step_w * (g.kernel_w - 1 - kw))
-                       : t;
-      const int64_t src_taps = m.transposed ? m.kernel_h * m.kernel_w : p.taps;
+      const int64_t kh = t / p.kw_steps;
       for (int64_t cb = 0; cb < p.CB; ++cb) {
         uint16_t* tile = wp + ((j * p.taps + t) * p.CB + cb) * (kCb * kCoBlock);
         for (int64_t q = 0; q < kCb / 2; ++q)
-          for (int64_t c = 0; c < kCoBlock; ++c)
-            for (int64_t e = 0; e < 2; ++e) {
-              const int64_t co = j * kCoBlock + c, ci = cb * kCb + 2 * q + e;
+          for (int64_t e = 0; e < 2; ++e) {
+            const int64_t i = cb * kCb + 2 * q + e;
+            const int64_t kw = p.strip ? i / Cin : t % p.kw_steps;
+            const int64_t ci = p.strip ? i % Cin : i;
+            const bool tap = kw < g.kernel_w && ci < Cin;
+            const int64_t src_tap =
+                m.transposed ? (m.first_h + m.step_h * (g.kernel_h - 1 - kh)) * m.kernel_w +
+                                   (m.first_w + m.step_w * (g.kernel_w - 1 - kw))
+                             : kh * g.kernel_w + kw;
+            for (int64_t c = 0; c < kCoBlock; ++c) {
+              const int64_t co = j * kCoBlock + c;
               uint16_t v = 0;
-              if (co < Cout && ci < Cin)
+              if (co < Cout && tap)
                 v = m.transposed ? w[(ci * Cout + co) * src_taps + src_tap]
                                  : w[(co * Cin + ci) * src_taps + src_tap];
               tile[(q * kCoBlock + c) * 2 + e] = v;
             }
+          }
       }
     }
 }
@@ -255,19 +338,27 @@ struct OutStrides {
   int64_t n, c, h, w;
 };
 
+// 16 float32 lanes stored under mask m into y: bfloat16 (uint16_t: rounded to nearest even) or
+// float32 (as they are: the fused block pools them before its one rounding).
+PE_TARGET_AVX512_BF16 PE_INLINE void store_lanes(uint16_t* y, __mmask16 m, __m512 v) {
+  _mm256_mask_storeu_epi16(y, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+PE_TARGET_AVX512_BF16 PE_INLINE void store_lanes(float* y, __mmask16 m, __m512 v) {
+  _mm512_mask_storeu_ps(y, m, v);
+}
+
 // buf's 16 x 16 block (rows: the segment's pixels, columns: output channels co0 ..), plus bias,
-// rounded and stored into y.
+// stored into y (see store_lanes).
+template <typename Y>
 PE_TARGET_AVX512_BF16 void store_block(const float* blk, int64_t ld, const Segment& sg,
                                        int64_t co0, int64_t nco, const float* bias,
-                                       const OutStrides& o, uint16_t* y) {
+                                       const OutStrides& o, Y* y) {
   const __mmask16 cm = static_cast<__mmask16>(nco == 16 ? 0xffffu : (1u << nco) - 1u);
-  uint16_t* base = y + sg.n * o.n + co0 * o.c + sg.oh * o.h + sg.ow0 * o.w;
+  Y* base = y + sg.n * o.n + co0 * o.c + sg.oh * o.h + sg.ow0 * o.w;
   if (o.c == 1) {  // channels last: a pixel's 16 channels are contiguous
     const __m512 b = _mm512_maskz_loadu_ps(cm, bias + co0);
-    for (int64_t r = 0; r < sg.count; ++r) {
-      const __m512 v = _mm512_add_ps(_mm512_loadu_ps(blk + r * ld), b);
-      _mm256_mask_storeu_epi16(base + r * o.w, cm, (__m256i)_mm512_cvtneps_pbh(v));
-    }
+    for (int64_t r = 0; r < sg.count; ++r)
+      store_lanes(base + r * o.w, cm, _mm512_add_ps(_mm512_loadu_ps(blk + r * ld), b));
     return;
   }
   alignas(64) float t[16 * 16];
@@ -275,24 +366,22 @@ PE_TARGET_AVX512_BF16 void store_block(const float* blk, int64_t ld, const Segme
   const __mmask16 rm =
       static_cast<__mmask16>(sg.count == 16 ? 0xffffu : (1u << sg.count) - 1u);
   if (o.w == 1) {
-    for (int64_t c = 0; c < nco; ++c)
-      _mm256_mask_storeu_epi16(base + c * o.c, rm,
-                               (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(t + c * 16)));
+    for (int64_t c = 0; c < nco; ++c) store_lanes(base + c * o.c, rm, _mm512_load_ps(t + c * 16));
     return;
   }
-  alignas(32) uint16_t rounded[16];
+  alignas(64) Y stored[16];
   for (int64_t c = 0; c < nco; ++c) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(rounded),
-                       (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(t + c * 16)));
-    for (int64_t r = 0; r < sg.count; ++r) base[c * o.c + r * o.w] = rounded[r];
+    store_lanes(stored, 0xffff, _mm512_load_ps(t + c * 16));
+    for (int64_t r = 0; r < sg.count; ++r) base[c * o.c + r * o.w] = stored[r];
   }
 }
 
 // Segment pairs [s0, s1) times every pair of output-channel blocks, on this thread (the tile
 // configuration is per thread).
+template <typename Y>
 PE_TARGET_AMX_BF16 void multiply(const Geometry& g, const Plan& p, const uint16_t* xp,
                                  const uint16_t* wp, const float* bias, const OutStrides& o,
-                                 int64_t s0, int64_t s1, uint16_t* y) {
+                                 int64_t s0, int64_t s1, Y* y) {
   amx::configure();
   alignas(64) float buf[2 * kSeg * 2 * kCoBlock];  // [pixel of the 2 segments][32 channels]
   const int64_t a_stride = g.stride_w * p.Cp * 2;  // bytes between a tile's rows
@@ -310,9 +399,9 @@ PE_TARGET_AMX_BF16 void multiply(const Geometry& g, const Plan& p, const uint16_
       const uint16_t* b0 = wp + j * p.taps * p.CB * b_tile;
       const uint16_t* b1 = b0 + p.taps * p.CB * b_tile;
       for (int64_t kh = 0; kh < g.kernel_h; ++kh)
-        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+        for (int64_t kw = 0; kw < p.kw_steps; ++kw) {  // strip mode: one step, kw = 0
           const int64_t shift = (kh * g.dilation_h * p.Wp + kw * g.dilation_w) * p.Cp;
-          const int64_t t = kh * g.kernel_w + kw;
+          const int64_t t = kh * p.kw_steps + kw;
           for (int64_t cb = 0; cb < p.CB; ++cb) {
             const int64_t bo = (t * p.CB + cb) * b_tile;
             amx::step(a[0] + shift + cb * kCb, a[1] + shift + cb * kCb, a_stride, b0 + bo,
@@ -338,14 +427,18 @@ namespace {
 
 // The convolution of x4 (4-D, bfloat16) by w (see WeightMap) in geometry g (its padding given by
 // pads), plus bias32 (float32, zero-padded to the co blocks; null: none), into y at strides o.
+template <typename Y>
 void convolve(const Geometry& g, Pads pads, const at::Tensor& x4, const uint16_t* w,
-              const WeightMap& m, const float* bias32, uint16_t* y, const OutStrides& o) {
+              const WeightMap& m, const float* bias32, Y* y, const OutStrides& o) {
   if (g.batch == 0 || g.out_h <= 0 || g.out_w <= 0 || g.out_channels == 0) return;
-  const Plan p(g);
   // Channels-last input: rows copy as they are; anything else packs from NCHW.
   const bool channels_last = x4.is_contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor xl = channels_last ? x4 : x4.contiguous();
   const uint16_t* x = reinterpret_cast<const uint16_t*>(xl.const_data_ptr<at::BFloat16>());
+  // A strip's last step reads real values past the strip (the next pixels') against zero
+  // weights: 0 x Inf would be a NaN where torch has none. An input with an Inf or NaN takes the
+  // tap-by-tap steps, whose padding channels are zeros.
+  const Plan p(g, strip_mode(g) && !any_non_finite(x, xl.numel()));
   CachedBuffer<uint16_t> xp(static_cast<size_t>(p.xp_size), false);
   std::memset(xp.data() + g.batch * p.image, 0,
               sizeof(uint16_t) * (p.xp_size - g.batch * p.image));
@@ -364,7 +457,7 @@ void convolve(const Geometry& g, Pads pads, const at::Tensor& x4, const uint16_t
   const float* bias = bias32 ? bias32 : zeros.data();
   const int64_t pairs = (p.segments + 1) / 2;
   at::parallel_for(0, pairs, 4, [&](int64_t s0, int64_t s1) {
-    multiply(g, p, xp.data(), wp.data(), bias, o, s0, s1, y);
+    multiply<Y>(g, p, xp.data(), wp.data(), bias, o, s0, s1, y);
   });
 }
 
@@ -407,9 +500,10 @@ Phase phase_of(int64_t a, int64_t in, int64_t kernel, int64_t stride, int64_t pa
 }  // namespace
 
 at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                       const at::Tensor& bias, bool channels_last) {
-  at::Tensor out = empty_image<int64_t>(at::IntArrayRef(g.output_sizes()), channels_last,
-                                        input.options());
+                       const at::Tensor& bias, bool channels_last, bool float_output) {
+  at::Tensor out = empty_image<int64_t>(
+      at::IntArrayRef(g.output_sizes()), channels_last,
+      input.options().dtype(float_output ? at::kFloat : at::kBFloat16));
   if (out.numel() == 0) return out;
   const at::Tensor wc = weight.contiguous();
   // The bias in float32, zero-padded to the co blocks (added before the one rounding).
@@ -422,9 +516,14 @@ at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Ten
   const at::Tensor y4 = g.batched ? out : out.unsqueeze(0);
   Geometry g4 = g;
   g4.batched = true;
-  convolve(g4, {g.padding_h, g.padding_w}, g.batched ? input : input.unsqueeze(0),
-           bf16_bits(wc), WeightMap{}, bias.defined() ? b32.data() : nullptr,
-           reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>()), strides4(y4));
+  const at::Tensor x4 = g.batched ? input : input.unsqueeze(0);
+  const float* b = bias.defined() ? b32.data() : nullptr;
+  if (float_output)
+    convolve(g4, {g.padding_h, g.padding_w}, x4, bf16_bits(wc), WeightMap{}, b,
+             out.mutable_data_ptr<float>(), strides4(y4));
+  else
+    convolve(g4, {g.padding_h, g.padding_w}, x4, bf16_bits(wc), WeightMap{}, b,
+             reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>()), strides4(y4));
   return out;
 }
 
@@ -524,21 +623,6 @@ struct WeightPlan {
     dy_row = KB * (Op / kCoBlock) * 512;  // elements of one output row of packed dY
   }
 };
-
-// Whether any of n bfloat16 values is Inf or NaN (exponent bits all ones).
-PE_TARGET_AVX512 bool any_non_finite(const uint16_t* v, int64_t n) {
-  const __m512i e = _mm512_set1_epi16(0x7f80);
-  __mmask32 bad = 0;
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32)
-    bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(_mm512_loadu_si512(v + i), e), e);
-  if (i < n) {
-    const __mmask32 m = static_cast<__mmask32>((1ull << (n - i)) - 1);
-    bad |= _mm512_mask_cmpeq_epi16_mask(m, _mm512_and_si512(_mm512_maskz_loadu_epi16(m, v + i), e),
-                                        e);
-  }
-  return bad != 0;
-}
 
 // A row of W values into the two column phases of stride 2 (phase0 = row, phase1 = row + Wph),
 // starting at padded column pw: one permute splits 32 values into even and odd columns.
@@ -759,7 +843,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
 #else  // !PE_HAVE_AMX_BF16
 
 at::Tensor forward_amx(const Geometry&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                       bool) {
+                       bool, bool) {
   TORCH_CHECK(false, "pyengine: conv2d's AMX kernel is not compiled in this build");
 }
 at::Tensor backward_input_amx(const Geometry&, const at::Tensor&, const at::Tensor&, bool) {
