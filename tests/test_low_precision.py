@@ -232,7 +232,10 @@ WIDE_CONVS = [(2, 16, 9, 11, 32, 3, 1, 1, 1, 1), (3, 8, 13, 12, 40, 3, 2, 1, 1, 
               # 6 -> 16 5x5 (30 of 32 values), a ResNet stem (odd channels, stride 2, padding),
               # 120-value strips whose packing takes two channel blocks, an odd-channel stride 2
               (2, 6, 14, 14, 16, 5, 1, 0, 1, 1), (2, 3, 20, 21, 64, 7, 2, 3, 1, 1),
-              (1, 40, 9, 10, 24, 3, 1, 1, 1, 1), (1, 5, 7, 40, 33, 5, 2, 2, 1, 1)]
+              (1, 40, 9, 10, 24, 3, 1, 1, 1, 1), (1, 5, 7, 40, 33, 5, 2, 2, 1, 1),
+              # grad_weight's strips over image pairs: an odd batch, 105-value strips (8 blocks
+              # of 16: two work items per kernel row), a padded 3x3 on rows of 9
+              (3, 15, 9, 11, 20, 7, 1, 3, 1, 1), (2, 6, 13, 9, 16, 3, 1, 1, 1, 1)]
 
 
 @pytest.mark.parametrize("case", WIDE_CONVS, ids=str)
@@ -351,18 +354,19 @@ def test_bfloat16_linear_is_bitwise_the_same_for_any_thread_count():
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
-def test_bfloat16_conv2d_is_bitwise_the_same_for_any_thread_count():
+@pytest.mark.parametrize("in_channels,kernel", [(40, 3), (6, 5)])  # tap by tap; strips
+def test_bfloat16_conv2d_is_bitwise_the_same_for_any_thread_count(in_channels, kernel):
     """conv2d's bfloat16 forward and backward (on AMX tiles where the CPU has them:
     cpu/conv2d_amx.cpp) sum each result in an order fixed by the shapes: one and several
     threads give the same bits."""
     import helpers
 
     gen = torch.Generator().manual_seed(6)
-    x = torch.randn(3, 40, 13, 37, generator=gen).bfloat16()
-    w = torch.randn(36, 40, 3, 3, generator=gen).bfloat16()
+    x = torch.randn(3, in_channels, 13, 37, generator=gen).bfloat16()
+    w = torch.randn(36, in_channels, kernel, kernel, generator=gen).bfloat16()
     b = torch.randn(36, generator=gen).bfloat16()
     g = torch.randn(3, 36, 13, 37, generator=gen).bfloat16()
-    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    geometry = ([1, 1], [kernel // 2] * 2, [1, 1], 1)
     results = []
     for threads in (1, 2, 3):
         with helpers.set_num_threads(threads):
@@ -412,8 +416,9 @@ def test_bfloat16_conv2d_with_non_finite_weights_places_inf_and_nan_as_float32()
 def test_bfloat16_conv2d_strips_place_inf_and_nan_as_float32():
     """In strip mode a tile step's last values run past the strip into the next pixels', which
     zero weights multiply: 0 x Inf would be a NaN torch does not have. An input (forward) or dY
-    (grad_input) holding an Inf or NaN takes the tap-by-tap steps: the Inf / NaN positions are
-    those of the same call in float32, and the finite results as accurate."""
+    (grad_input) holding an Inf or NaN takes the tap-by-tap steps, an x holding one takes the
+    float32 kernels for grad_weight (whose strips meet zero rows of dY): the Inf / NaN positions
+    are those of the same call in float32, and the finite results as accurate."""
     gen = torch.Generator().manual_seed(8)
     for c, co, k, p in ((6, 16, 5, 0), (16, 16, 3, 1)):  # forward strips; grad_input's too
         x = torch.randn(2, c, 9, 12, generator=gen).bfloat16()
@@ -428,7 +433,16 @@ def test_bfloat16_conv2d_strips_place_inf_and_nan_as_float32():
         gx = torch.ops.pyengine.conv2d_backward(g, x, w, *geometry, [True, False, False])[0]
         gx32 = torch.ops.pyengine.conv2d_backward(g.float(), x.float(), w.float(), *geometry,
                                                   [True, False, False])[0]
-        for name, ours, f32 in (("forward", y, y32), ("grad_input", gx, gx32)):
+        # grad_weight: an Inf / NaN in x takes the float32 kernels; one in dY stays on tiles
+        gw = torch.ops.pyengine.conv2d_backward(g, x, w, *geometry, [False, True, False])[1]
+        gw32 = torch.ops.pyengine.conv2d_backward(g.float(), x.float(), w.float(), *geometry,
+                                                  [False, True, False])[1]
+        xf = torch.randn(x.shape, generator=gen).bfloat16()
+        gwd = torch.ops.pyengine.conv2d_backward(g, xf, w, *geometry, [False, True, False])[1]
+        gwd32 = torch.ops.pyengine.conv2d_backward(g.float(), xf.float(), w.float(), *geometry,
+                                                   [False, True, False])[1]
+        for name, ours, f32 in (("forward", y, y32), ("grad_input", gx, gx32),
+                                ("grad_weight", gw, gw32), ("grad_weight, Inf in dY", gwd, gwd32)):
             assert torch.equal(ours.isnan(), f32.isnan()), (c, name)
             assert torch.equal(ours.isinf(), f32.isinf()), (c, name)
             assert (~f32.isfinite()).any() and f32.isfinite().any(), (c, name)
@@ -515,9 +529,10 @@ def test_bfloat16_fused_convolution_block_is_the_float32_kernel_rounded_once(
     rounded once; so is its forward, except where the convolution takes AMX tiles (`tiles`:
     LeNet's conv2 geometry, on CPUs at level amx_bf16; cpu/conv2d_amx.cpp), whose float32 sums
     are pooled and rounded once: there the pooled values are bitwise those of pyengine's own
-    bfloat16 conv2d (the same tiles, rounded per element), relu and max-pooled, and each index
-    points at a maximum of that conv2d's output. (At level avx512_bf16 the tile-less path runs
-    for every case: test_bfloat16_linear_and_conv2d_on_the_dot_product_level_too.)"""
+    bfloat16 conv2d (the same tiles, rounded per element), relu and max-pooled, each index
+    points at a maximum of that conv2d's output, and the gradients are bitwise conv2d_backward's
+    in bfloat16 on the unpooled gradient. (At level avx512_bf16 the tile-less path runs for
+    every case: test_bfloat16_linear_and_conv2d_on_the_dot_product_level_too.)"""
     gen = torch.Generator().manual_seed(in_channels * 100 + size)
     x = torch.randn(batch, in_channels, size, size, generator=gen).to(torch.bfloat16)
     w = (torch.randn(out_channels, in_channels, 5, 5, generator=gen) * 0.3).to(torch.bfloat16)
@@ -537,12 +552,17 @@ def test_bfloat16_fused_convolution_block_is_the_float32_kernel_rounded_once(
         _same_bits_or_both_nan(torch.maximum(picked, torch.zeros_like(picked)), y,
                                "the values the indices point at")
         g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-        backward = torch.ops.pyengine.conv2d_relu_max_pool2d_backward
-        ours = backward(g, y, indices, x, w, *geometry, [True, True, True])
-        f32 = backward(g.float(), y.float(), indices, x.float(), w.float(), *geometry,
-                       [True, True, True])
-        for i, (o, f) in enumerate(zip(ours, f32)):
-            _same_bits_or_both_nan(o, f.to(torch.bfloat16), f"gradient {i}")
+        ours = torch.ops.pyengine.conv2d_relu_max_pool2d_backward(g, y, indices, x, w, *geometry,
+                                                                  [True, True, True])
+        # the backward: conv2d_backward's bfloat16 kernels (tiles) on the unpooled gradient,
+        # exact in bfloat16 (relu's step, then the values moved to their indices)
+        masked = torch.where(y > 0, g, torch.zeros_like(g))
+        unpooled = torch.ops.pyengine.max_pool2d_backward(
+            masked, conv, indices, [2, 2], [2, 2], [0, 0], [1, 1], False)
+        expected = torch.ops.pyengine.conv2d_backward(unpooled, x, w, *geometry[:4],
+                                                      [True, True, True])
+        for i, (o, e) in enumerate(zip(ours, expected)):
+            _same_bits_or_both_nan(o, e, f"gradient {i}")
         return
 
     def run(dtype):

@@ -120,8 +120,10 @@ bool backward_weight_winograd(const Geometry& g, const T* dy, const T* x, T* dw)
 bool amx_available();
 bool amx_forward_fits(const Geometry& g);
 bool amx_backward_input_fits(const Geometry& g);
-// grad_weight (and grad_bias) on tiles, any stride. Returns undefined tensors when
-// x holds an Inf or NaN (the call then takes the float32 kernels: see conv2d_amx.cpp).
+// grad_weight (and grad_bias) on tiles, any stride, wherever the forward runs on them (16+
+// input channels tap by tap; narrower ones as strips over pairs of images). Returns undefined
+// tensors when x holds an Inf or NaN (the call then takes the float32 kernels: see
+// conv2d_amx.cpp).
 bool amx_backward_weight_fits(const Geometry& g);
 std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
                                                        const at::Tensor& grad_output,
