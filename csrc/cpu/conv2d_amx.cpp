@@ -776,6 +776,18 @@ PE_TARGET_AVX512 void bias_sums(const Geometry& g, const uint16_t* dy, int64_t c
   }
 }
 
+// grad_bias in bfloat16 from dY (NCHW contiguous), by bias_sums.
+at::Tensor bias_grad(const Geometry& g, const uint16_t* dy, const at::TensorOptions& options) {
+  CachedBuffer<float> db(static_cast<size_t>(g.out_channels), false);
+  at::parallel_for(0, g.out_channels, 1, [&](int64_t c0, int64_t c1) {
+    bias_sums(g, dy, c0, c1, db.data());
+  });
+  at::Tensor grad_bias = empty_of(at::IntArrayRef{g.out_channels}, options);
+  at::BFloat16* b = grad_bias.mutable_data_ptr<at::BFloat16>();
+  for (int64_t co = 0; co < g.out_channels; ++co) b[co] = at::BFloat16(db[co]);
+  return grad_bias;
+}
+
 }  // namespace
 
 namespace {
@@ -941,10 +953,9 @@ PE_TARGET_AMX_BF16 void strip_weight_items(const Geometry& g, const StripWeightP
   _tile_release();
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_weight_strips(const Geometry& g,
-                                                          const uint16_t* x,
-                                                          const uint16_t* dy,
-                                                          const at::TensorOptions& options) {
+// grad_weight in bfloat16 (undefined if x holds an Inf or NaN).
+at::Tensor backward_weight_strips(const Geometry& g, const uint16_t* x, const uint16_t* dy,
+                                  const at::TensorOptions& options) {
   const StripWeightPlan p(g);
   CachedBuffer<uint16_t> xq(static_cast<size_t>(p.x_size), false);
   std::memset(xq.data() + p.pairs * p.x_pair, 0,
@@ -984,7 +995,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_strips(const Geometry& g,
         }
       }
   }
-  return {grad_weight, at::Tensor()};
+  return grad_weight;
 }
 
 }  // namespace
@@ -996,18 +1007,11 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
     const at::Tensor x4 = (g.batched ? input : input.unsqueeze(0)).contiguous();
     const at::Tensor dy4 = (g.batched ? grad_output : grad_output.unsqueeze(0)).contiguous();
     const uint16_t* dy = reinterpret_cast<const uint16_t*>(dy4.const_data_ptr<at::BFloat16>());
-    auto [grad_weight, grad_bias] = backward_weight_strips(
+    const at::Tensor grad_weight = backward_weight_strips(
         g, reinterpret_cast<const uint16_t*>(x4.const_data_ptr<at::BFloat16>()), dy,
         input.options());
-    if (!grad_weight.defined() || !bias) return {grad_weight, grad_bias};
-    CachedBuffer<float> db(static_cast<size_t>(g.out_channels), false);
-    at::parallel_for(0, g.out_channels, 1, [&](int64_t c0, int64_t c1) {
-      bias_sums(g, dy, c0, c1, db.data());
-    });
-    grad_bias = empty_of(at::IntArrayRef{g.out_channels}, input.options());
-    at::BFloat16* b = grad_bias.mutable_data_ptr<at::BFloat16>();
-    for (int64_t co = 0; co < g.out_channels; ++co) b[co] = at::BFloat16(db[co]);
-    return {grad_weight, grad_bias};
+    if (!grad_weight.defined()) return {};
+    return {grad_weight, bias ? bias_grad(g, dy, input.options()) : at::Tensor()};
   }
   const WeightPlan p(g);
   const at::Tensor x4 = (g.batched ? input : input.unsqueeze(0)).contiguous();
@@ -1055,17 +1059,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
       }
     }
   });
-  at::Tensor grad_bias;
-  if (bias) {
-    CachedBuffer<float> db(static_cast<size_t>(g.out_channels), false);
-    at::parallel_for(0, g.out_channels, 1, [&](int64_t c0, int64_t c1) {
-      bias_sums(g, dy, c0, c1, db.data());
-    });
-    grad_bias = empty_of(at::IntArrayRef{g.out_channels}, input.options());
-    at::BFloat16* b = grad_bias.mutable_data_ptr<at::BFloat16>();
-    for (int64_t co = 0; co < g.out_channels; ++co) b[co] = at::BFloat16(db[co]);
-  }
-  return {grad_weight, grad_bias};
+  return {grad_weight, bias ? bias_grad(g, dy, input.options()) : at::Tensor()};
 }
 
 #pragma GCC diagnostic pop
