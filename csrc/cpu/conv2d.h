@@ -114,9 +114,10 @@ bool backward_weight_winograd(const Geometry& g, const T* dy, const T* x, T* dw)
 // half of its 32-value steps: LeNet's 6 -> 16 5x5). forward_amx returns y in bfloat16, in the
 // layout channels_last says.
 // amx_backward_input_fits(g): grad_input on the same kernel (per phase of the stride, a
-// convolution of dY by the phase's taps of the flipped weight; dilation 1 where strided; 16+
-// channels in and out). Both multiply padding zeros by every weight, so a non-finite weight
-// (all_finite_bf16) must take the float32 kernels, whose Inf / NaN placement is torch's.
+// convolution of dY by the phase's taps of the flipped weight; dilation 1 where strided;
+// wherever the forward runs on tiles). Both multiply padding zeros by every weight, so a
+// non-finite weight (all_finite_bf16) must take the float32 kernels, whose Inf / NaN placement
+// is torch's.
 bool amx_available();
 bool amx_forward_fits(const Geometry& g);
 bool amx_backward_input_fits(const Geometry& g);

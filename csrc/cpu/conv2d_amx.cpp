@@ -51,8 +51,9 @@
 // Where it runs (amx_forward_fits): one group, 16+ output channels, and 16+ input channels or a
 // strip whose steps are at least half real (narrower layers would multiply mostly padding:
 // LeNet's conv1, 1 -> 6, keeps the float32 kernels). grad_input is the same kernel run on dY,
-// once per phase of the stride (backward_input_amx, below), on 16+ channels each way;
-// grad_weight has its own (below). Measured against torch and the float32 path: README.md.
+// once per phase of the stride (backward_input_amx, below), wherever the forward runs on tiles;
+// grad_weight has its own, tap by tap and in strips (below). Measured against torch and the
+// float32 path: README.md.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
