@@ -413,6 +413,34 @@ def test_bfloat16_conv2d_with_non_finite_weights_places_inf_and_nan_as_float32()
         assert (~f32[0].isfinite()).any() and f32[0].isfinite().any(), which
 
 
+@pytest.mark.parametrize("case", [(5, 6, 14, 14, 5, 1, 0), (3, 20, 9, 23, 3, 2, 1),
+                                  (2, 16, 11, 13, 3, 1, 1)], ids=str)
+def test_bfloat16_conv2d_of_16_channels_or_fewer_sums_as_wider_layers(case):
+    """On AMX tiles a product of 16 output columns or fewer takes 4 segments x 1 block of
+    channels per step (cpu/amx.h's step_quad) instead of 2 x 2 with a block of zeros, summing
+    each result over the same steps: a layer's first 16 output channels (forward; a strip, a
+    strided tap-by-tap layer, a padded one) and grad_input's first 16 input channels are bitwise
+    those of the same layer with a 17th."""
+    n, c, h, w, k, s, p = case
+    gen = torch.Generator().manual_seed(sum(case))
+    geometry = ([s, s], [p, p], [1, 1], 1)
+    x = torch.randn(n, c, h, w, generator=gen).bfloat16()
+    wt = torch.randn(17, c, k, k, generator=gen).bfloat16()
+    b = torch.randn(17, generator=gen).bfloat16()
+    y17 = torch.ops.pyengine.conv2d(x, wt, b, *geometry)
+    y16 = torch.ops.pyengine.conv2d(x, wt[:16].contiguous(), b[:16].contiguous(), *geometry)
+    _same_bits_or_both_nan(y16, y17[:, :16].contiguous(), "forward")
+    x17 = torch.randn(n, 17, h, w, generator=gen).bfloat16()
+    w17 = torch.randn(c, 17, k, k, generator=gen).bfloat16()
+    g = torch.randn(torch.ops.pyengine.conv2d(x17, w17, None, *geometry).shape,
+                    generator=gen).bfloat16()
+    gi17 = torch.ops.pyengine.conv2d_backward(g, x17, w17, *geometry, [True, False, False])[0]
+    gi16 = torch.ops.pyengine.conv2d_backward(g, x17[:, :16].contiguous(),
+                                              w17[:, :16].contiguous(), *geometry,
+                                              [True, False, False])[0]
+    _same_bits_or_both_nan(gi16, gi17[:, :16].contiguous(), "grad_input")
+
+
 def test_bfloat16_conv2d_strips_place_inf_and_nan_as_float32():
     """In strip mode a tile step's last values run past the strip into the next pixels', which
     zero weights multiply: 0 x Inf would be a NaN torch does not have. An input (forward) or dY

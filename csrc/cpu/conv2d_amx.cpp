@@ -424,6 +424,45 @@ PE_TARGET_AMX_BF16 void multiply(const Geometry& g, const Plan& p, const uint16_
   _tile_release();
 }
 
+// 16 output channels or fewer (LeNet's conv2; grad_input of a layer of 16 or fewer inputs):
+// multiply's second block of output channels would be zeros. Quads of segments [q0, q1) x the
+// one block: amx::step_quad, a C tile per segment. Each result is summed over the same steps in
+// the same order as in multiply: the same bits, half the tile multiplies.
+template <typename Y>
+PE_TARGET_AMX_BF16 void multiply_quads(const Geometry& g, const Plan& p, const uint16_t* xp,
+                                       const uint16_t* wp, const float* bias,
+                                       const OutStrides& o, int64_t q0, int64_t q1, Y* y) {
+  amx::configure();
+  alignas(64) float buf[4 * kSeg * kCoBlock];  // [segment][pixel][16 channels]
+  const int64_t a_stride = g.stride_w * p.Cp * 2;
+  const int64_t b_tile = kCb * kCoBlock;
+  for (int64_t sq = q0; sq < q1; ++sq) {
+    Segment sg[4];
+    const uint16_t* a[4];
+    const int64_t valid = std::min<int64_t>(4, p.segments - 4 * sq);
+    for (int k = 0; k < 4; ++k) {  // (past the last segment: its repeat, results dropped)
+      sg[k] = segment(g, p, std::min(4 * sq + k, p.segments - 1));
+      a[k] = xp + sg[k].n * p.image +
+             (sg[k].oh * g.stride_h * p.Wp + sg[k].ow0 * g.stride_w) * p.Cp;
+    }
+    amx::zero_c();
+    for (int64_t kh = 0; kh < g.kernel_h; ++kh)
+      for (int64_t kw = 0; kw < p.kw_steps; ++kw) {
+        const int64_t shift = (kh * g.dilation_h * p.Wp + kw * g.dilation_w) * p.Cp;
+        const int64_t t = kh * p.kw_steps + kw;
+        for (int64_t cb = 0; cb < p.CB; ++cb) {
+          const int64_t off = shift + cb * kCb;
+          amx::step_quad(a[0] + off, a[1] + off, a[2] + off, a[3] + off, a_stride,
+                         wp + (t * p.CB + cb) * b_tile, 64);
+        }
+      }
+    amx::store_c_quad(buf);
+    for (int64_t k = 0; k < valid; ++k)
+      store_block(buf + k * kSeg * kCoBlock, kCoBlock, sg[k], 0, g.out_channels, bias, o, y);
+  }
+  _tile_release();
+}
+
 }  // namespace
 
 namespace {
@@ -458,6 +497,12 @@ void convolve(const Geometry& g, Pads pads, const at::Tensor& x4, const uint16_t
   });
   CachedBuffer<float> zeros(static_cast<size_t>(p.co_blocks * kCoBlock), 0.0f);
   const float* bias = bias32 ? bias32 : zeros.data();
+  if (g.out_channels <= kCoBlock) {
+    at::parallel_for(0, (p.segments + 3) / 4, 2, [&](int64_t q0, int64_t q1) {
+      multiply_quads<Y>(g, p, xp.data(), wp.data(), bias, o, q0, q1, y);
+    });
+    return;
+  }
   const int64_t pairs = (p.segments + 1) / 2;
   at::parallel_for(0, pairs, 4, [&](int64_t s0, int64_t s1) {
     multiply<Y>(g, p, xp.data(), wp.data(), bias, o, s0, s1, y);
