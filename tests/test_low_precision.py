@@ -421,6 +421,9 @@ def test_bfloat16_conv2d_of_16_channels_or_fewer_sums_as_wider_layers(case):
     each result over the same steps: a layer's first 16 output channels (forward; a strip, a
     strided tap-by-tap layer, a padded one) and grad_input's first 16 input channels are bitwise
     those of the same layer with a 17th."""
+    if pyengine._C.cpu_isa()["gemm_bf16"] != "amx_bf16":
+        pytest.skip("no AMX tiles at this level: conv2d's bfloat16 runs on float32 copies, "
+                    "whose kernels differ with the channel count")
     n, c, h, w, k, s, p = case
     gen = torch.Generator().manual_seed(sum(case))
     geometry = ([s, s], [p, p], [1, 1], 1)
