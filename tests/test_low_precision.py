@@ -160,7 +160,9 @@ def test_sample_in_low_precision(sample, dtype):
 @pytest.mark.parametrize("shape", [(256, 400, 120), (7, 33, 65), (1, 1, 1), (13, 4096, 70),
                                    (300, 130, 3), (0, 4, 5), (5, 0, 3),
                                    # on AMX tiles (M, N, K >= 16), with tails in every dimension
-                                   (37, 45, 70), (100, 131, 33), (64, 1000, 96)])
+                                   (37, 45, 70), (100, 131, 33), (64, 1000, 96),
+                                   # few columns (a classifier's outputs): computed as C^T
+                                   (1024, 256, 10), (1000, 84, 10)])
 def test_bfloat16_linear_against_float64(shape):
     """linear in bfloat16 (on AVX512_BF16: cpu/gemm_bf16.cpp) on shapes with tails in every
     dimension, odd K, K = 0 and large K, transposed (column-major) weights: as accurate as torch's
