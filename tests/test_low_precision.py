@@ -550,6 +550,53 @@ def test_bfloat16_copies_round_as_torch_rounds():
         _same_bits_or_both_nan(ours, expected, f"mse_loss against {b}")
 
 
+def _every_float16():
+    """All 65536 float16 bit patterns: zeros, subnormals, normals, infinities and NaNs."""
+    return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+
+
+def _same_half_bits_or_both_nan(ours, expected, what):
+    assert ours.dtype == expected.dtype == torch.float16, what
+    nan = expected.isnan()
+    assert torch.equal(ours.isnan(), nan), f"{what}: NaN positions differ"
+    differ = (ours.view(torch.int16) != expected.view(torch.int16)) & ~nan
+    assert not differ.any(), (
+        f"{what}: {int(differ.sum())} results differ, e.g. {ours[differ][:4].tolist()} against "
+        f"{expected[differ][:4].tolist()}")
+
+
+def _check_float16_copies():
+    # Widened and narrowed back (max_pool2d of a 1x1 window, on float32 copies): every pattern
+    # returns as it was (NaNs as NaNs).
+    x = _every_float16()
+    same = pyengine.functional.max_pool2d(x.view(1, 1, 256, 256), 1).flatten()
+    _same_half_bits_or_both_nan(same, x, "widened and narrowed")
+    # Narrowed from float32 results (mse_loss, reduction='none'): squares and differences of
+    # every pattern against a few targets give ties, carries into the exponent, subnormal
+    # results, overflow to Inf and NaN; torch's conversion of the float32 results is the answer.
+    for b in (0.0, 1.0, -3.0078125, 6.1e-5, float("inf"), float("nan")):
+        target = torch.full_like(x, b)
+        ours = pyengine.functional.mse_loss(x, target, reduction="none")
+        expected = torch.nn.functional.mse_loss(x.float(), target.float(),
+                                                reduction="none").to(torch.float16)
+        _same_half_bits_or_both_nan(ours, expected, f"mse_loss against {b}")
+
+
+@pytest.mark.parametrize("level", ["this CPU's", "avx2", "default"])
+def test_float16_copies_convert_as_torch_converts(level):
+    """float16 operators on float32 copies convert with cpu/convert.h's loops (AVX-512's or
+    F16C's conversion instructions, c10's on the baseline): bitwise torch's conversions, at
+    every instruction-set level."""
+    if level == "this CPU's":
+        _check_float16_copies()
+        return
+    import helpers
+
+    helpers.run_with_cpu_isa(level, "import test_low_precision as t\n"
+                             "t._check_float16_copies()\n"
+                             "print('ok')\n")
+
+
 @pytest.mark.parametrize("in_channels,out_channels,size,batch,channels_last,tiles", [
     (1, 6, 32, 5, False, False),    # LeNet's conv1 block: grad_weight image by image (direct)
     (6, 16, 14, 17, False, True),   # LeNet's conv2 block: grad_input too (batch-innermost)

@@ -64,9 +64,9 @@ class Scan {
 };
 
 // t in dtype `to`, with t's strides (t dense: non-overlapping, no gaps, so its elements fill
-// numel() consecutive slots from its data pointer in either dtype). bfloat16 <-> float32 on the
-// CPU take pyengine's own loops (cpu/convert.h: torch's copy_ costs twice as much at LeNet's
-// sizes); other pairs, and CUDA tensors, torch's copy_.
+// numel() consecutive slots from its data pointer in either dtype). bfloat16 <-> float32 and
+// float16 <-> float32 on the CPU take pyengine's own loops (cpu/convert.h: torch's copy_ costs
+// twice as much at LeNet's sizes); other pairs, and CUDA tensors, torch's copy_.
 inline at::Tensor converted_dense(const at::Tensor& t, c10::ScalarType to) {
   at::Tensor out = empty_strided_of(t.sizes(), t.strides(), t.options().dtype(to));
   const c10::ScalarType from = t.scalar_type();
@@ -74,6 +74,10 @@ inline at::Tensor converted_dense(const at::Tensor& t, c10::ScalarType to) {
     cpu::widen_bf16(t.const_data_ptr<c10::BFloat16>(), out.mutable_data_ptr<float>(), t.numel());
   else if (t.is_cpu() && from == c10::kFloat && to == c10::kBFloat16)
     cpu::narrow_bf16(t.const_data_ptr<float>(), out.mutable_data_ptr<c10::BFloat16>(), t.numel());
+  else if (t.is_cpu() && from == c10::kHalf && to == c10::kFloat)
+    cpu::widen_f16(t.const_data_ptr<c10::Half>(), out.mutable_data_ptr<float>(), t.numel());
+  else if (t.is_cpu() && from == c10::kFloat && to == c10::kHalf)
+    cpu::narrow_f16(t.const_data_ptr<float>(), out.mutable_data_ptr<c10::Half>(), t.numel());
   else
     out.copy_(t);
   return out;

@@ -1,6 +1,6 @@
 #pragma once
-// bfloat16 <-> float32 conversion of dense CPU memory (cpu/convert.cpp): the copies of
-// common/low_precision.h, and the fused operators' 16-bit reads and writes.
+// bfloat16 <-> float32 and float16 <-> float32 conversion of dense CPU memory (cpu/convert.cpp):
+// the copies of common/low_precision.h, and the fused operators' 16-bit reads and writes.
 //
 // Measured at LeNet's sizes (batch 64): the bfloat16 overhead of the fused conv1 block on
 // float32 copies went from 19 to 14 us (forward) and 25 to 16 us (backward) when these loops
@@ -8,6 +8,7 @@
 // 75 K elements took 16.5 us as widen + relu + narrow, 8.9 us as cpu/loops.h's one pass with
 // the element functions below (float32's relu: 5.5 us).
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -19,6 +20,12 @@ namespace cpu {
 void widen_bf16(const c10::BFloat16* src, float* dst, int64_t n);
 // dst[i] = bfloat16(src[i]) for i < n, rounded to nearest even, as torch rounds (NaN stays NaN).
 void narrow_bf16(const float* src, c10::BFloat16* dst, int64_t n);
+
+// float16: dst[i] = float(src[i]) (exact), and dst[i] = float16(src[i]) rounded to nearest even
+// (overflow to Inf, float16 subnormals kept, NaN stays NaN), as torch converts: F16C's vcvtph2ps /
+// vcvtps2ph (AVX-512's on that level), c10's conversions on the baseline.
+void widen_f16(const c10::Half* src, float* dst, int64_t n);
+void narrow_f16(const float* src, c10::Half* dst, int64_t n);
 
 // The same on one thread (a task's share of a larger loop).
 void widen_range(const c10::BFloat16* src, float* dst, int64_t n);

@@ -45,7 +45,9 @@ Choice choose() {
       __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // (every AVX2 CPU has F16C: float16 conversions, cpu/convert.cpp)
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                        __builtin_cpu_supports("f16c");
   const bool has_avx512_bf16 =
       PE_HAVE_AVX512_BF16 && has_avx512 && __builtin_cpu_supports("avx512bf16");
   // (asked only where AVX512_BF16 is there: it requests the tile state from the kernel)

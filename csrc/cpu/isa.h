@@ -8,7 +8,7 @@
 //   avx512_bf16  AVX-512 with AVX512_BF16's bfloat16 dot products (PE_TARGET_AVX512_BF16): the
 //            bfloat16 GEMM only (family GemmBf16); every other family runs its avx512 build
 //   avx512   AVX-512 F, VL, DQ and BW, with AVX2 and FMA (PE_TARGET_AVX512)
-//   avx2     AVX2 with FMA                                 (PE_TARGET_AVX2)
+//   avx2     AVX2 with FMA and F16C                        (PE_TARGET_AVX2)
 //   default  the x86-64 baseline, SSE2                      (no target attribute)
 // isa() is the best of these that this CPU has, or a lower one named by the environment variable
 // PYENGINE_CPU_ISA=amx_bf16|avx512_bf16|avx512|avx2|default (read once; never above what the CPU
@@ -34,7 +34,7 @@
 
 #define PE_INLINE inline __attribute__((always_inline))
 #define PE_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
-#define PE_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define PE_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 // AVX512_BF16 intrinsics need GCC 10 or clang; an older compiler builds without the level.
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10)
 #define PE_HAVE_AVX512_BF16 1
