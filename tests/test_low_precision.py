@@ -273,6 +273,34 @@ def test_bfloat16_conv2d_against_float64(case):
                      floor=torch.finfo(torch.float32).eps * max(1.0, g_scale))
 
 
+@pytest.mark.parametrize("geometry", [((1, 1), (2, 1), (2, 1)), ((2, 1), (0, 2), (3, 1))],
+                         ids=str)
+def test_bfloat16_conv2d_strips_with_rows_strided_or_dilated_against_float64(geometry):
+    """Strip mode needs contiguous columns (dilation_w 1) only: rows dilated or strided apart
+    (LeNet's 6 -> 16 5x5 otherwise), forward and the three gradients as accurate as torch's
+    bfloat16 against float64."""
+    stride, padding, dilation = (list(v) for v in geometry)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 6, 17, 13, generator=gen).bfloat16()
+    wt = torch.randn(16, 6, 5, 5, generator=gen).bfloat16()
+    b = torch.randn(16, generator=gen).bfloat16()
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, wt, b))
+    ref = torch.nn.functional.conv2d(xd, wd, bd, stride, padding, dilation)
+    args = (stride, padding, dilation, 1)
+    _compare("forward", torch.ops.pyengine.conv2d(x, wt, b, *args),
+             torch.nn.functional.conv2d(x, wt, b, stride, padding, dilation), ref.detach(),
+             torch.bfloat16)
+    g = torch.randn(ref.shape, generator=gen).bfloat16()
+    ref.backward(g.double())
+    mine = torch.ops.pyengine.conv2d_backward(g, x, wt, *args, [True, True, True])
+    torch_grads = torch.ops.aten.convolution_backward(g, x, wt, [16], stride, padding, dilation,
+                                                      False, [0, 0], 1, [True, True, True])
+    for name, m, t, r in zip(("grad_input", "grad_weight", "grad_bias"), mine, torch_grads,
+                             (xd.grad, wd.grad, bd.grad)):
+        _compare(name, m, t, r, torch.bfloat16,
+                 floor=torch.finfo(torch.float32).eps * float(g.abs().max()))
+
+
 def test_bfloat16_conv2d_of_an_unbatched_input_against_float64():
     """A (C, H, W) input of 16+ channels (the AMX tiles' geometry on CPUs with them): forward
     and the three gradients as accurate as torch's bfloat16, shapes and layouts as float32's."""
