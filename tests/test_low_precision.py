@@ -520,13 +520,13 @@ def test_bfloat16_conv2d_strips_place_inf_and_nan_as_float32():
 # convert.h): either way a bfloat16 call must give exactly what the float32 kernel gives on
 # float32 copies, rounded once to nearest even as torch rounds.
 
-def _every_bfloat16():
-    """All 65536 bfloat16 bit patterns: zeros, subnormals, normals, infinities and NaNs."""
-    return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+def _every_pattern(dtype):
+    """All 65536 bit patterns of a 16-bit dtype: zeros, subnormals, normals, infinities, NaNs."""
+    return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
 
 
 def _same_bits_or_both_nan(ours, expected, what):
-    assert ours.dtype == expected.dtype == torch.bfloat16, what
+    assert ours.dtype == expected.dtype and expected.dtype in LOW_DTYPES, what
     nan = expected.isnan()
     assert torch.equal(ours.isnan(), nan), f"{what}: NaN positions differ"
     differ = (ours.view(torch.int16) != expected.view(torch.int16)) & ~nan
@@ -554,7 +554,7 @@ _ACTIVATIONS = [  # (name, forward, backward op and what it takes besides grad_o
                          ids=[a[0] for a in _ACTIVATIONS])
 def test_bfloat16_activations_are_the_float32_kernel_rounded_once(name, forward, backward,
                                                                   saved, extra):
-    x = _every_bfloat16()
+    x = _every_pattern(torch.bfloat16)
     y = forward(x)
     _same_bits_or_both_nan(y, forward(x.float()).to(torch.bfloat16), f"{name} forward")
     # The backward op on every pattern (as its saved result or input) against gradients of
@@ -569,7 +569,7 @@ def test_bfloat16_activations_are_the_float32_kernel_rounded_once(name, forward,
 def test_bfloat16_copies_round_as_torch_rounds():
     # mse_loss (reduction='none') runs on float32 copies made by cpu/convert.h's loops: every
     # bfloat16 pattern widened, squares and differences (ties, overflow, NaN) rounded back.
-    x = _every_bfloat16()
+    x = _every_pattern(torch.bfloat16)
     for b in (0.0, 1.0, -3.0078125, float("inf"), float("nan")):
         target = torch.full_like(x, b)
         ours = pyengine.functional.mse_loss(x, target, reduction="none")
@@ -578,27 +578,12 @@ def test_bfloat16_copies_round_as_torch_rounds():
         _same_bits_or_both_nan(ours, expected, f"mse_loss against {b}")
 
 
-def _every_float16():
-    """All 65536 float16 bit patterns: zeros, subnormals, normals, infinities and NaNs."""
-    return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
-
-
-def _same_half_bits_or_both_nan(ours, expected, what):
-    assert ours.dtype == expected.dtype == torch.float16, what
-    nan = expected.isnan()
-    assert torch.equal(ours.isnan(), nan), f"{what}: NaN positions differ"
-    differ = (ours.view(torch.int16) != expected.view(torch.int16)) & ~nan
-    assert not differ.any(), (
-        f"{what}: {int(differ.sum())} results differ, e.g. {ours[differ][:4].tolist()} against "
-        f"{expected[differ][:4].tolist()}")
-
-
 def _check_float16_copies():
     # Widened and narrowed back (max_pool2d of a 1x1 window, on float32 copies): every pattern
     # returns as it was (NaNs as NaNs).
-    x = _every_float16()
+    x = _every_pattern(torch.float16)
     same = pyengine.functional.max_pool2d(x.view(1, 1, 256, 256), 1).flatten()
-    _same_half_bits_or_both_nan(same, x, "widened and narrowed")
+    _same_bits_or_both_nan(same, x, "widened and narrowed")
     # Narrowed from float32 results (mse_loss, reduction='none'): squares and differences of
     # every pattern against a few targets give ties, carries into the exponent, subnormal
     # results, overflow to Inf and NaN; torch's conversion of the float32 results is the answer.
@@ -607,7 +592,7 @@ def _check_float16_copies():
         ours = pyengine.functional.mse_loss(x, target, reduction="none")
         expected = torch.nn.functional.mse_loss(x.float(), target.float(),
                                                 reduction="none").to(torch.float16)
-        _same_half_bits_or_both_nan(ours, expected, f"mse_loss against {b}")
+        _same_bits_or_both_nan(ours, expected, f"mse_loss against {b}")
 
 
 @pytest.mark.parametrize("level", ["this CPU's", "avx2", "default"])

@@ -31,6 +31,8 @@ PE_INLINE void narrow_impl(const float* __restrict__ src, c10::BFloat16* __restr
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // float16, 16 (AVX-512) or 8 (AVX2) elements a step, the tail under a mask or one by one.
+// Narrowing rounds to nearest even, as torch's conversion (c10::Half) does.
+constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 PE_TARGET_AVX512 void widen_f16_avx512(const c10::Half* src, float* dst, int64_t n) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
   int64_t i = 0;
@@ -44,7 +46,6 @@ PE_TARGET_AVX512 void widen_f16_avx512(const c10::Half* src, float* dst, int64_t
 }
 PE_TARGET_AVX512 void narrow_f16_avx512(const float* src, c10::Half* dst, int64_t n) {
   uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
@@ -64,7 +65,6 @@ PE_TARGET_AVX2 void widen_f16_avx2(const c10::Half* src, float* dst, int64_t n) 
 }
 PE_TARGET_AVX2 void narrow_f16_avx2(const float* src, c10::Half* dst, int64_t n) {
   uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
@@ -93,28 +93,27 @@ PE_ISA_FUNCTION(Family::Elementwise, void, widen_range,
 PE_ISA_FUNCTION(Family::Elementwise, void, narrow_range,
                 (const float* src, c10::BFloat16* dst, int64_t n), (src, dst, n), narrow_impl)
 
+namespace {
+// range over [0, n), split across threads in tasks of kElementwiseGrain elements or more.
+template <typename S, typename D>
+void in_tasks(void (*range)(const S*, D*, int64_t), const S* src, D* dst, int64_t n) {
+  at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+    range(src + begin, dst + begin, end - begin);
+  });
+}
+}  // namespace
+
 void widen_bf16(const c10::BFloat16* src, float* dst, int64_t n) {
-  at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
-    widen_range(src + begin, dst + begin, end - begin);
-  });
+  in_tasks(widen_range, src, dst, n);
 }
-
 void narrow_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
-  at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
-    narrow_range(src + begin, dst + begin, end - begin);
-  });
+  in_tasks(narrow_range, src, dst, n);
 }
-
 void widen_f16(const c10::Half* src, float* dst, int64_t n) {
-  at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
-    widen_f16_range(src + begin, dst + begin, end - begin);
-  });
+  in_tasks(widen_f16_range, src, dst, n);
 }
-
 void narrow_f16(const float* src, c10::Half* dst, int64_t n) {
-  at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
-    narrow_f16_range(src + begin, dst + begin, end - begin);
-  });
+  in_tasks(narrow_f16_range, src, dst, n);
 }
 
 }  // namespace cpu
