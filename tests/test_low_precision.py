@@ -474,6 +474,36 @@ def test_bfloat16_conv2d_of_16_channels_or_fewer_sums_as_wider_layers(case):
     _same_bits_or_both_nan(gi16, gi17[:, :16].contiguous(), "grad_input")
 
 
+def test_bfloat16_fused_block_on_tiles_with_overlapping_windows_against_float64():
+    """The fused block on AMX tiles (LeNet's 6 -> 16 5x5, where the CPU has them) with pooling
+    windows that overlap (3x3, stride 2) and padding: its bfloat16 gradient image then holds
+    sums rounded once. Forward and gradients as accurate as torch's bfloat16 chain against
+    float64."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(4, 6, 16, 15, generator=gen).bfloat16()
+    w = (torch.randn(16, 6, 5, 5, generator=gen) * 0.3).bfloat16()
+    b = torch.randn(16, generator=gen).bfloat16()
+    from pyengine.fused import conv2d_relu_max_pool2d
+
+    def chain(F, xs, ws, bs):
+        return F.max_pool2d(F.relu(F.conv2d(xs, ws, bs, padding=1)), 3, 2)
+
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, w, b))
+    ref = chain(torch.nn.functional, xd, wd, bd)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    ours = conv2d_relu_max_pool2d(*leaves, padding=1, pool_kernel_size=3, pool_stride=2)
+    torch_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    theirs = chain(torch.nn.functional, *torch_leaves)
+    _compare("forward", ours, theirs, ref.detach(), torch.bfloat16)
+    g = torch.randn(ref.shape, generator=gen).bfloat16()
+    for out in (ref, ours, theirs):
+        out.backward(g.to(out.dtype))
+    for name, m, t, r in zip(("grad_input", "grad_weight", "grad_bias"), leaves, torch_leaves,
+                             (xd, wd, bd)):
+        _compare(name, m.grad, t.grad, r.grad, torch.bfloat16,
+                 floor=torch.finfo(torch.float32).eps * float(g.abs().max()))
+
+
 def test_bfloat16_conv2d_strips_place_inf_and_nan_as_float32():
     """In strip mode a tile step's last values run past the strip into the next pixels', which
     zero weights multiply: 0 x Inf would be a NaN torch does not have. An input (forward) or dY
