@@ -29,7 +29,8 @@ def ours(x, w, b=None):
     (3, 1000, 3),     # long reduction, tiny output
     (513, 17, 257),   # many tiles, ragged edges
     (37, 9, 4100),    # the GEMM's blocks: dx sums over > 4096 = NC columns, forward/dW cross KC
-    (70, 600, 33),    # k-blocks of 256 with packed, strided panels and partial tiles
+    (70, 600, 33),    # two k-blocks (of 300) with packed, strided panels and partial tiles
+    (2500, 700, 70),  # row blocks of A (each half of L2) sharing B's packed panels, transposed
     (37, 3001, 91),   # the dot kernel's column blocks (half of L2 each: 1.1 MB of W) and edges
     (4096, 5, 8),     # narrow layers (the 5-8-4-1 classifier): vector per row, 8 row chunks
     (1100, 8, 1),     # ... one output, a partial last chunk
@@ -178,7 +179,8 @@ def test_backward_is_deterministic(device):
             assert torch.equal(a, e)
 
 
-@pytest.mark.parametrize("rows,inf,outf", [(300, 130, 70), (1100, 5, 8)])  # GEMM; narrow path
+# GEMM (one and several row blocks per task, two k blocks); narrow path
+@pytest.mark.parametrize("rows,inf,outf", [(300, 130, 70), (2500, 700, 70), (1100, 5, 8)])
 def test_independent_of_thread_count(rows, inf, outf):
     x = torch.randn(rows, inf)
     w = torch.randn(outf, inf)

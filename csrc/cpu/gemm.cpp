@@ -27,14 +27,17 @@
 //   For the small im2col GEMMs of conv1 (K = 25) im2col costs about as much as the FMAs.
 //   Achieved figures: the benchmark suite (python -m benchmarks).
 //
-// Cache blocking: KC = 256 (a B panel of KC x 32 floats is 32 KB, two thirds of L1), MC = 240 rows
-// of A (240 x 256 x 4 B = 240 KB, in L2), NC = 4096 columns (a 4 MB B block, in L3). Both operands
-// are copied into contiguous panels (op_driver), so a tile's kc rows never sit a large stride
-// apart in the same L1 sets.
+// Cache blocking: k blocks of at most KC = 512, equal in size; row blocks of A whose packed copy
+// fills half of L2 (512 rows of 512 k with a 2 MB L2); NC = 4096 columns. Both operands are copied
+// into contiguous, cache-line-aligned panels (op_driver), so a tile's kc rows never sit a large
+// stride apart in the same L1 sets; an operand contiguous along k (row-major A, y = x W^T's W) is
+// packed through 16 x 16 register transposes (cpu/transpose.h). Measured on this file's kernels,
+// one thread of an AVX-512 Xeon (peak 215 GFLOP/s by an FMA loop in registers): the 6 x 4-vector
+// tile runs at ~160 GFLOP/s on panels in cache, as MKL's sgemm does there (162-164).
 #include "cpu/gemm.h"
 
-#include "cpu/allocator.h"
 #include "cpu/isa.h"
+#include "cpu/transpose.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -42,6 +45,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -105,11 +109,12 @@ PE_INLINE T hsum(const typename Vec<T, W>::type& v) {
   }
 }
 
-constexpr int64_t kKC = 256;
+// op_driver's k block at most (a B panel of 512 x 64 floats is 128 KB, in L2): 512 ran 3-5% faster
+// than 256 on y = x W^T (256 x 4096 -> 4096, 256 x 400 -> 120; one thread), fewer passes over C.
+constexpr int64_t kKC = 512;
 constexpr int64_t kKCIndirectBytes = 16384;  // ind_driver's k block: see there
-constexpr int64_t kMCRows = 240;  // multiple of every kMR
-// Columns per B block (KC x NC floats = 4 MB: in L3, shared). The A block (MC x KC) is repacked
-// once per B block, so a wide NC keeps that to one or two passes.
+// Columns per B block (KC x NC floats: up to 8 MB, in L3, shared by the row blocks). The A block
+// (MC x KC) is repacked once per B block, so a wide NC keeps that to one or two passes.
 constexpr int64_t kNC = 4096;
 
 // C tile (+)= acc: full vectors when C rows are contiguous and the tile is whole, else through a
@@ -257,14 +262,32 @@ PE_INLINE void op_rows_ind(int mr, int64_t kc, const T* const* a, int64_t ai,
   }
 }
 
+// Packed panels start on a cache line: the kernels' full-vector loads of B's rows (and A's MR-row
+// k steps) then never straddle two lines.
 template <typename T>
-std::vector<T>& scratch_a() {
-  thread_local std::vector<T> buf;
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+};
+template <typename T>
+using PanelBuffer = std::vector<T, LineAligned<T>>;
+
+template <typename T>
+PanelBuffer<T>& scratch_a() {
+  thread_local PanelBuffer<T> buf;
   return buf;
 }
 template <typename T>
-std::vector<T>& scratch_b() {
-  thread_local std::vector<T> buf;
+PanelBuffer<T>& scratch_b() {
+  thread_local PanelBuffer<T> buf;
   return buf;
 }
 
@@ -311,8 +334,20 @@ void pack_panel(int64_t kc, int64_t n, const T* __restrict src, int64_t rs, int6
     }
     return;
   }
-  // Strided along the panel's rows: read each source row along k, in blocks of k that keep
-  // the written lines of dst in L1.
+  // Strided along the panel's rows but contiguous along k (a row-major A, or y = x W^T's W):
+  // a transpose, 16 x 16 floats in registers with AVX-512 (the scalar loop below moves one
+  // element per strided access). y = x W^T at 256 x 4096 -> 4096, one thread: 102 ms on the
+  // outer-product plan when the whole of W was first transposed by scalar loops, 68 ms packed
+  // this way, against 83 ms on the dot kernel.
+  if (cs == 1) {
+    conv2d::transpose<T>(n, kc, src, rs, dst, LD, nullptr);
+    if (pad)
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t r = n; r < LD; ++r) dst[k * LD + r] = T(0);
+    return;
+  }
+  // Strided both ways: read each source row along k, in blocks of k that keep the written lines
+  // of dst in L1.
   constexpr int64_t kBlock = 64;
   for (int64_t k0 = 0; k0 < kc; k0 += kBlock) {
     const int64_t k1 = std::min(kc, k0 + kBlock);
@@ -324,6 +359,16 @@ void pack_panel(int64_t kc, int64_t n, const T* __restrict src, int64_t rs, int6
   }
 }
 
+// This core's L2 in bytes, as the C library reports it (sysconf), or the reference machine's 1 MB
+// (csrc/cpu/README.md) where it does not.
+int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return reported > 0 ? int64_t(reported) : int64_t(1) << 20;
+  }();
+  return bytes;
+}
+
 template <class Isa, typename T, int NV>
 void op_driver(const Problem<T>& p) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
@@ -332,27 +377,39 @@ void op_driver(const Problem<T>& p) {
   constexpr int64_t NC = kNC / NR * NR;
   const bool a_direct = p.rsa == 1 && p.N <= NR;
   const bool b_direct = p.csb == 1 && p.M <= MR;
-  std::vector<T>& abuf = scratch_a<T>();
-  std::vector<T>& bbuf = scratch_b<T>();
+  // k blocks of equal size, at most kKC (from K alone: each C element's sum order depends on
+  // the shapes only).
+  const int64_t k_blocks = (p.K + kKC - 1) / kKC;
+  const int64_t KC = (p.K + k_blocks - 1) / k_blocks;
+  // Row blocks whose packed A (MC x KC) fills at most half of L2, of equal size.
+  const int64_t mc_max = std::max<int64_t>(
+      MR, l2_bytes() / 2 / (KC * static_cast<int64_t>(sizeof(T))) / MR * MR);
+  const int64_t row_blocks = (p.M + mc_max - 1) / mc_max;
+  const int64_t MC = ((p.M + row_blocks - 1) / row_blocks + MR - 1) / MR * MR;
+  // With a single row block, each B panel is packed just before its tiles and used up by them:
+  // one panel of scratch, in L1 / L2. Otherwise the row blocks share the packed NC x KC block
+  // (up to 8 MB), packed on the first one's pass. (A whole block packed for one row block went
+  // out to L3 and back: y = x W^T at 256 x 4096 -> 4096 took 67 -> 63 ms on one thread with
+  // one panel.)
+  const bool one_panel = row_blocks == 1;
+  PanelBuffer<T>& abuf = scratch_a<T>();
+  PanelBuffer<T>& bbuf = scratch_b<T>();
   for (int64_t jc = 0; jc < p.N; jc += NC) {
     const int64_t nc = std::min(NC, p.N - jc);
     const int64_t npanels = (nc + NR - 1) / NR;
-    for (int64_t pc = 0; pc < p.K; pc += kKC) {
-      const int64_t kc = std::min(kKC, p.K - pc);
+    // B is packed in every panel, or (in place) just a partial last one, so no kernel reads past
+    // B.
+    const int64_t first_packed = b_direct ? nc / NR : 0;
+    for (int64_t pc = 0; pc < p.K; pc += KC) {
+      const int64_t kc = std::min(KC, p.K - pc);
       const bool accum = p.accumulate || pc > 0;
-      // Pack B: every panel, or (in place) just a partial last one, so no kernel reads past B.
-      const int64_t first_packed = b_direct ? nc / NR : 0;
       if (first_packed < npanels) {
-        const size_t need = static_cast<size_t>((npanels - first_packed) * kc * NR);
+        const int64_t panels = one_panel ? 1 : npanels - first_packed;
+        const size_t need = static_cast<size_t>(panels * kc * NR);
         if (bbuf.size() < need) bbuf.resize(need);
-        for (int64_t jp = first_packed; jp < npanels; ++jp) {
-          const int64_t j0 = jc + jp * NR;
-          pack_panel<NR>(kc, std::min<int64_t>(NR, p.N - j0), p.B + pc * p.rsb + j0 * p.csb,
-                         p.csb, p.rsb, bbuf.data() + (jp - first_packed) * kc * NR, /*pad=*/true);
-        }
       }
-      for (int64_t ic = 0; ic < p.M; ic += kMCRows) {
-        const int64_t mc = std::min(kMCRows, p.M - ic);
+      for (int64_t ic = 0; ic < p.M; ic += MC) {
+        const int64_t mc = std::min(MC, p.M - ic);
         if (!a_direct) {
           const int64_t mpanels = (mc + MR - 1) / MR;
           const size_t need = static_cast<size_t>(mpanels * kc * MR);
@@ -372,7 +429,12 @@ void op_driver(const Problem<T>& p) {
             bp = p.B + pc * p.rsb + (jc + j0);
             ldb = p.rsb;
           } else {
-            bp = bbuf.data() + (jp - first_packed) * kc * NR;
+            T* packed = bbuf.data() + (one_panel ? 0 : jp - first_packed) * kc * NR;
+            if (ic == 0)
+              pack_panel<NR>(kc, std::min<int64_t>(NR, p.N - (jc + j0)),
+                             p.B + pc * p.rsb + (jc + j0) * p.csb, p.csb, p.rsb, packed,
+                             /*pad=*/true);
+            bp = packed;
             ldb = NR;
           }
           for (int64_t ir = 0; ir < mc; ir += MR) {
@@ -496,16 +558,6 @@ PE_INLINE void dot_seg_tile(int ra, int rb, int64_t nseg, int64_t len, const T* 
       T* cp = c + i * rsc + j * csc;
       *cp = accum ? *cp + sum : sum;
     }
-}
-
-// This core's L2 in bytes, as the C library reports it (sysconf), or the reference machine's 1 MB
-// (csrc/cpu/README.md) where it does not.
-int64_t l2_bytes() {
-  static const int64_t bytes = [] {
-    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return reported > 0 ? int64_t(reported) : int64_t(1) << 20;
-  }();
-  return bytes;
 }
 
 // Needs p.csa == 1 and p.rsb == 1. Columns are blocked so that the B^T rows of a block fill half
@@ -650,10 +702,9 @@ constexpr IsaInfo info_of() {
 // AVX2 or SSE). So the 24 x 1, 12 x 2 and 6 x 4-vector tiles
 // (25, 14 or 10 loads per 24 FMAs) all run near peak, and the edges decide between them.
 // Packing: op_driver copies A and B into panels (a contiguous copy, ~0.25 per element, A once per
-// NC block); an operand with the wrong unit stride costs `transpose` more per element: ~1 where
-// op_driver packs it straight from its strides (gemm), ~3 where gemm_parallel first transposes
-// the whole operand (strided writes; measured against the dot kernel, which needs no copy, on
-// y = x W^T shapes).
+// NC block); an operand with the wrong unit stride costs `transpose` more per element
+// (kTransposeCost: op_driver packs it straight from its strides, through register transposes
+// where it is contiguous along k).
 // in_place: ind_driver's tiles read both operands where they are (only a last partial vector of
 // columns is copied): no packing terms. Counting op_driver's B copy there made LeNet conv2's
 // forward (M = 16 channels, N = the batch) take 24 x 1 tiles over 6 x 4 ones, at 145-250 GFLOP/s
@@ -687,10 +738,20 @@ double op_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K, bool 
   return cost;
 }
 
+constexpr double kTransposeCost = 1.0;
+
+// The dot tile's k steps cost kDotStep times the count above: its RA + RB rows stream from L2 for
+// every tile, where the outer-product tiles read packed panels from L1. Measured on y = x W^T
+// (one thread, AVX-512), the dot tiles took 1.6-1.9x the model's cycles and the outer-product
+// plans 0.7-1.4x; with 1.5 the plan chosen was within 4% of the fastest of the four on every
+// shape tried (batch 1 to 1024, 84 to 4096 features), where 1.0 kept 256 x 4096 -> 4096 on the
+// dot kernel at 1.2x the outer product's time.
+constexpr double kDotStep = 1.5;
+
 double dot_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K) {
   const double kv = std::ceil(double(K) / w);
   auto tile = [&](int64_t ra, int64_t rb) {
-    double t = kv * std::max({4.0, 0.5 * double(ra * rb), 0.5 * double(ra + rb)});
+    double t = kv * kDotStep * std::max({4.0, 0.5 * double(ra * rb), 0.5 * double(ra + rb)});
     t += double(ra * rb) * (std::log2(double(w)) + 1.0) + 10.0;  // horizontal sums
     if (K % w) t += double((ra + rb) * w);
     return t;
@@ -704,7 +765,7 @@ double dot_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K) {
 }
 
 template <typename T>
-Plan make_plan(const IsaInfo& isa, const Problem<T>& p, double transpose) {
+Plan make_plan(const IsaInfo& isa, const Problem<T>& p) {
   const int w = isa.bytes / static_cast<int>(sizeof(T));
   Plan best{Kind::OpN, 2};
   double best_cost = -1;
@@ -717,10 +778,10 @@ Plan make_plan(const IsaInfo& isa, const Problem<T>& p, double transpose) {
   for (int nv : {4, 2, 1}) {
     // C = A B: the kernel broadcasts A (wants rsa == 1), loads B rows (wants csb == 1).
     consider({Kind::OpN, nv},
-             op_cost(isa, w, p.M, p.N, p.K, p.rsa != 1, p.csb != 1, p.csc != 1, nv, transpose));
+             op_cost(isa, w, p.M, p.N, p.K, p.rsa != 1, p.csb != 1, p.csc != 1, nv, kTransposeCost));
     // C^T = B^T A^T.
     consider({Kind::OpT, nv},
-             op_cost(isa, w, p.N, p.M, p.K, p.csb != 1, p.rsa != 1, p.rsc != 1, nv, transpose));
+             op_cost(isa, w, p.N, p.M, p.K, p.csb != 1, p.rsa != 1, p.rsc != 1, nv, kTransposeCost));
   }
   if (p.csa == 1 && p.rsb == 1) consider({Kind::Dot, 1}, dot_cost(isa, w, p.M, p.N, p.K));
   return best;
@@ -871,23 +932,6 @@ bool trivial(const Problem<T>& p) {
   return false;
 }
 
-// dst[r * drs + c * dcs] = src[r * srs + c * scs] for an R x C matrix, in 32 x 32 blocks so that
-// both the reads and the writes stay within a few cache lines at a time.
-template <typename T>
-void transpose_copy(int64_t R, int64_t C, const T* src, int64_t srs, int64_t scs, T* dst,
-                    int64_t drs, int64_t dcs) {
-  constexpr int64_t kB = 32;
-  at::parallel_for(0, (R + kB - 1) / kB, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, C * kB)),
-                   [&](int64_t b0, int64_t b1) {
-    for (int64_t r0 = b0 * kB; r0 < std::min(R, b1 * kB); r0 += kB)
-      for (int64_t c0 = 0; c0 < C; c0 += kB) {
-        const int64_t r1 = std::min(R, r0 + kB), c1 = std::min(C, c0 + kB);
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t c = c0; c < c1; ++c) dst[r * drs + c * dcs] = src[r * srs + c * scs];
-      }
-  });
-}
-
 }  // namespace
 
 template <typename T>
@@ -895,7 +939,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa,
           int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc, bool accumulate) {
   const Problem<T> p{M, N, K, A, rsa, csa, B, rsb, csb, C, rsc, csc, accumulate};
   if (trivial(p)) return;
-  run(p, make_plan(backend().info, p, /*transpose=*/1.0));
+  run(p, make_plan(backend().info, p));
 }
 
 template <typename T>
@@ -905,27 +949,9 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
   const Problem<T> p{M, N, K, A, rsa, csa, B, rsb, csb, C, rsc, csc, accumulate};
   if (trivial(p)) return;
   const IsaInfo& isa = backend().info;
-  // One plan for the whole product: same arithmetic in every task.
-  const Plan plan = make_plan(isa, p, /*transpose=*/3.0);
-  // The outer-product kernels read A with unit stride along i and B with unit stride along j
-  // (in either orientation). Copy an operand that lacks it once, here, rather than in every task.
-  // (Per call: a thread_local copy would keep the largest operand ever seen alive.)
-  CachedBuffer<T> a_copy(plan.kind != Kind::Dot && rsa != 1 ? static_cast<size_t>(M * K) : 0,
-                        /*zero=*/false);
-  CachedBuffer<T> b_copy(plan.kind != Kind::Dot && csb != 1 ? static_cast<size_t>(K * N) : 0,
-                        /*zero=*/false);
-  if (plan.kind != Kind::Dot && rsa != 1) {
-    transpose_copy(M, K, A, rsa, csa, a_copy.data(), /*rs=*/1, /*cs=*/M);
-    A = a_copy.data();
-    rsa = 1;
-    csa = M;
-  }
-  if (plan.kind != Kind::Dot && csb != 1) {
-    transpose_copy(K, N, B, rsb, csb, b_copy.data(), /*rs=*/N, /*cs=*/1);
-    B = b_copy.data();
-    rsb = N;
-    csb = 1;
-  }
+  // One plan for the whole product: same arithmetic in every task. Each task packs its own
+  // panels straight from the operands' strides (op_driver), as gemm() does.
+  const Plan plan = make_plan(isa, p);
   // Tile units of C (rows, columns) of the chosen kernel.
   const int64_t w = isa.bytes / static_cast<int64_t>(sizeof(T));
   int64_t ru, cu;

@@ -16,7 +16,8 @@
 //         6x64); per k, NR/W vector loads of B's row and MR broadcasts of A's column. Needs unit
 //         stride along j in B and along i in A, else that operand is packed first.
 //       - "dot": RA x RB dot products vectorised along k, for A and B^T both contiguous along k
-//         (dW = dY^T X in conv2d, y = x W^T in linear): no packing at all.
+//         (dW = dY^T X in conv2d, y = x W^T in linear): no packing at all, so it wins where the
+//         packing would not pay (few rows: linear below ~64 rows of input).
 //     A plan (which kernel, which orientation: C or C^T = B^T A^T, which tile width) is chosen from
 //     the shapes and strides alone by a small cost model (calibrated on the reference machine:
 //     csrc/cpu/README.md).
@@ -42,8 +43,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa,
 
 // The same product, split into tiles of C run with at::parallel_for (one per thread). The plan
 // (kernel, orientation) depends on the shapes only and each C element's arithmetic not on its
-// tile: the result is bitwise identical for any torch.set_num_threads. (Its plan may differ from
-// gemm()'s, which weighs a strided operand's copy differently: see make_plan.)
+// tile: the result is bitwise identical for any torch.set_num_threads. Each task packs its own
+// panels from the operands' strides; the plan is gemm()'s.
 template <typename T>
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa,
                    const T* B, int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc,

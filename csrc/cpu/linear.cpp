@@ -1,7 +1,8 @@
 // CPU kernels of linear (y = x W^T + b) and linear_backward, on pyengine's GEMM (cpu/gemm.h).
 //
 // Shapes: x (rows, in) after flattening the leading dims, W (out, in), y (rows, out).
-//   forward      y  = x W^T       gemm(rows, out, in):  x and W both run along `in`: dot kernel
+//   forward      y  = x W^T       gemm(rows, out, in):  x and W both run along `in`: the dot
+//                                 kernel for few rows, else the outer product on transposed panels
 //   grad_input   dx = dy W        gemm(rows, in, out):  outer-product kernel, dy packed
 //   grad_weight  dW = dy^T x      gemm(out, in, rows):  outer-product kernel, both read in place
 //   grad_bias    db = sum_r dy    column sums, rows in order

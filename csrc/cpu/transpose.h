@@ -1,6 +1,7 @@
 #pragma once
 // The register transposes of the CPU conv2d kernels (the batch-innermost layout's copies, the
-// implicit GEMM's channels-last copies and its Y^T -> NCHW store): 16 x 16 floats with AVX-512,
+// implicit GEMM's channels-last copies and its Y^T -> NCHW store) and of the GEMM's panel packing
+// (cpu/gemm.cpp, operands contiguous along k): 16 x 16 floats with AVX-512,
 // 8 x 8 with AVX2; the stride-2 column split of the implicit GEMM's phase planes.
 // Callers check isa_for(Family::Conv2d) and keep a portable loop for the other levels;
 // `transpose` is a blocked transpose of any size and dtype on top of them (the implicit GEMM's
