@@ -709,6 +709,12 @@ constexpr IsaInfo info_of() {
 // columns is copied): no packing terms. Counting op_driver's B copy there made LeNet conv2's
 // forward (M = 16 channels, N = the batch) take 24 x 1 tiles over 6 x 4 ones, at 145-250 GFLOP/s
 // instead of ~325 (batch 256).
+// A tile of C written through strides (store_tile's stack tile, element by element, each to
+// another row of C), per element. At 1 the model put a 1x1 convolution's grad_input (M = 64 input
+// channels, N = 3136 pixels, K = 256) on C^T's tiles: 0.95 ms against 0.74 for C's own, one thread;
+// 2 and 4 both pick C's own, and leave every linear plan as it was.
+constexpr double kStridedStore = 4.0;
+
 double op_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K, bool pack_a,
                bool pack_b, bool c_strided, int nv, double transpose, bool in_place = false) {
   const int mr_max = isa.mr(nv);
@@ -717,7 +723,7 @@ double op_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K, bool 
     const double step =
         std::max({4.0, 0.5 * double(mr * vecs), 0.5 * double(mr) + 0.5 * double(vecs)});
     double t = double(K) * step + 2.0 * double(mr * vecs) + 10.0;
-    if (c_strided) t += double(mr * vecs * w);
+    if (c_strided) t += kStridedStore * double(mr * vecs * w);
     return t;
   };
   auto panel = [&](int64_t vecs) {
