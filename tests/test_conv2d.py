@@ -41,6 +41,7 @@ def backward(g, x, w, stride=1, padding=0, dilation=1, groups=1, mask=(True, Tru
     (2, 3, 5, 7, 13, 3, 1, 1, 1, 1),        # odd, prime sizes
     (1, 4, 4, 9, 11, 3, 2, 1, 2, 4),        # depthwise, strided, dilated
     (3, 6, 8, 10, 10, 1, 1, 0, 1, 2),       # 1x1 (pointwise path), grouped
+    (2, 48, 140, 5, 7, 1, 1, 0, 1, 2),      # ... 70 outputs a group: grad_weight's 64-row blocks
     (2, 5, 3, 6, 5, 1, 2, 0, 1, 1),         # 1x1 strided
     (2, 2, 3, 4, 4, 4, 1, 0, 1, 1),         # kernel as large as the input: one output pixel
     (2, 3, 2, 2, 3, 3, 1, 1, 1, 1),         # input smaller than the kernel, padded
@@ -103,7 +104,8 @@ def test_shapes(shape, dtype, device):
 ALGORITHM_SHAPES = [(2, 3, 5, 7, 13, 3, 1, 1, 1, 1), (20, 4, 6, 9, 7, 3, 1, 1, 1, 1),
                     (2, 2, 6, 20, 19, 3, 1, 1, 1, 1), (2, 16, 32, 9, 11, 3, 1, 1, 1, 1),
                     (2, 16, 16, 13, 12, 3, 2, 1, 1, 1), (2, 16, 24, 7, 7, 1, 1, 0, 1, 1),
-                    (2, 32, 32, 9, 11, 3, 1, 1, 1, 1), (2, 128, 128, 6, 7, 3, 1, 1, 1, 1)]
+                    (2, 32, 32, 9, 11, 3, 1, 1, 1, 1), (2, 128, 128, 6, 7, 3, 1, 1, 1, 1),
+                    (3, 48, 140, 5, 7, 1, 1, 0, 1, 2)]
 
 
 @pytest.mark.parametrize("shape", ALGORITHM_SHAPES)

@@ -277,6 +277,11 @@ void backward_other(const conv2d::Geometry& g, const T* dy, const T* x, const T*
     dw = nullptr;
     db = nullptr;
   }
+  if (dw && pointwise(g)) {
+    cpu::conv2d::backward_weight_pointwise<T>(g, dy, x, dw, db);
+    dw = nullptr;
+    db = nullptr;
+  }
   if (!dx && !dw && !db) return;
   cpu::conv2d::backward_im2col<T>(g, dy, x, w, dx, dw, db);
 }

@@ -56,6 +56,9 @@ void backward_weight_direct(const Geometry& g, const T* dy, const S* x, T* dw, T
 // grad_input of a 1x1, stride-1, unpadded convolution: a GEMM per image (conv2d_im2col.cpp).
 template <typename T>
 void backward_input_pointwise(const Geometry& g, const T* dy, const T* w, T* dx);
+// grad_weight (and grad_bias, db may be null) of the same: a GEMM per image, dY X^T.
+template <typename T>
+void backward_weight_pointwise(const Geometry& g, const T* dy, const T* x, T* dw, T* db);
 
 // The batch-innermost layout: no im2col, every GEMM over contiguous batch vectors; for stride 1
 // and small images (conv2d_batch_inner.cpp; conv2d.cpp says when).

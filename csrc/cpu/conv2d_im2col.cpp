@@ -491,13 +491,21 @@ void forward_im2col(const Geometry& g, const T* x, const T* w, const T* bias, T*
         const T* wg = w + grp * cout_g * K;
         const T* bg = bias ? bias + grp * cout_g : nullptr;
         if (pointwise) {  // 1x1, stride 1, no padding: the input is its own im2col
+          // In column blocks whose outputs stay in L2 between the bias and the GEMM that adds
+          // to it: one image's 256 x 3136 outputs filled with the bias first went to memory and
+          // back (64->256 @56: 1.37 ms an image on one thread, where the GEMM alone takes 0.63).
+          const int64_t block =
+              std::max<int64_t>(64, (int64_t(512) << 10) / (cout_g * int64_t(sizeof(T))));
           for (int64_t n = 0; n < nimg; ++n) {
             T* yn = yg + n * out_img;
-            if (bg)
-              for (int64_t co = 0; co < cout_g; ++co)
-                std::fill(yn + co * P, yn + (co + 1) * P, bg[co]);
-            cpu::gemm<T>(cout_g, P, K, wg, K, 1, xg + n * in_img, P, 1, yn, P, 1,
-                         bg != nullptr);
+            for (int64_t p0 = 0; p0 < P; p0 += block) {
+              const int64_t len = std::min(block, P - p0);
+              if (bg)
+                for (int64_t co = 0; co < cout_g; ++co)
+                  std::fill(yn + co * P + p0, yn + co * P + p0 + len, bg[co]);
+              cpu::gemm<T>(cout_g, len, K, wg, K, 1, xg + n * in_img + p0, P, 1, yn + p0, P, 1,
+                           bg != nullptr);
+            }
           }
           continue;
         }
@@ -602,6 +610,38 @@ void backward_input_pointwise(const Geometry& g, const T* dy, const T* w, T* dx)
   });
 }
 
+template <typename T>
+void backward_weight_pointwise(const Geometry& g, const T* dy, const T* x, T* dw, T* db) {
+  // 1x1, stride 1, no padding: dW = sum over images of dY_n X_n^T, one GEMM per image straight
+  // from dY and x (im2col's strips copied both first: 64->256 @56, batch 8, one thread, 13.5 ms
+  // against 6.6 for the GEMMs alone). Tasks take blocks of output channels, each summing the
+  // images in order (and db's rows), so the result does not depend on the thread count.
+  const int64_t P = g.out_pixels(), cin_g = g.in_channels_per_group();
+  const int64_t cout_g = g.out_channels_per_group();
+  constexpr int64_t kRowsPerTask = 64;
+  const int64_t blocks = (cout_g + kRowsPerTask - 1) / kRowsPerTask;
+  const double work = double(g.batch) * std::min(cout_g, kRowsPerTask) * cin_g * P;
+  at::parallel_for(0, g.groups * blocks, grain_for(work), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t grp = t / blocks, co0 = (t % blocks) * kRowsPerTask;
+      const int64_t rows = std::min(kRowsPerTask, cout_g - co0);
+      const int64_t co = grp * cout_g + co0;  // first output channel of the block
+      if (db) std::fill(db + co, db + co + rows, T(0));
+      for (int64_t n = 0; n < g.batch; ++n) {
+        const T* dyn = dy + n * g.out_image() + co * P;
+        // dW[co, ci] (+)= sum_p dY[n, co, p] x[n, ci, p]
+        cpu::gemm<T>(rows, cin_g, P, dyn, P, 1, x + n * g.in_image() + grp * cin_g * P, 1, P,
+                     dw + co * cin_g, cin_g, 1, /*accumulate=*/n > 0);
+        if (db) row_sums(dyn, P, rows, P, db + co);
+      }
+    }
+  });
+}
+
+template void backward_weight_pointwise<float>(const Geometry&, const float*, const float*,
+                                               float*, float*);
+template void backward_weight_pointwise<double>(const Geometry&, const double*, const double*,
+                                                double*, double*);
 template void backward_input_pointwise<float>(const Geometry&, const float*, const float*,
                                               float*);
 template void backward_input_pointwise<double>(const Geometry&, const double*, const double*,
