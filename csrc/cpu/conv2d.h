@@ -56,9 +56,9 @@ void backward_weight_direct(const Geometry& g, const T* dy, const S* x, T* dw, T
 // grad_input of a 1x1, stride-1, unpadded convolution: a GEMM per image (conv2d_im2col.cpp).
 template <typename T>
 void backward_input_pointwise(const Geometry& g, const T* dy, const T* w, T* dx);
-// grad_weight (and grad_bias, db may be null) of the same: a GEMM per image, dY X^T.
+// grad_weight of the same: a GEMM per image, dY X^T.
 template <typename T>
-void backward_weight_pointwise(const Geometry& g, const T* dy, const T* x, T* dw, T* db);
+void backward_weight_pointwise(const Geometry& g, const T* dy, const T* x, T* dw);
 
 // The batch-innermost layout: no im2col, every GEMM over contiguous batch vectors; for stride 1
 // and small images (conv2d_batch_inner.cpp; conv2d.cpp says when).
@@ -154,6 +154,11 @@ inline int64_t grain_for(double work_per_item) {
 // output channels. 16 interleaved partial sums, then a fixed tree: deterministic (conv2d.cpp).
 void row_sums(const float* buf, int64_t ld, int64_t rows, int64_t len, float* out);
 void row_sums(const double* buf, int64_t ld, int64_t rows, int64_t len, double* out);
+
+// grad_bias from dY (NCHW contiguous): per channel, each image's row_sums in image order (the
+// same sums on any thread count).
+template <typename T>
+void bias_grad(const Geometry& g, const T* dy, T* db);
 
 }  // namespace conv2d
 }  // namespace cpu
