@@ -25,6 +25,7 @@ def ours(x, w, b=None):
     (256, 400, 120),  # LeNet fc1
     (64, 120, 84),    # LeNet fc2
     (1, 84, 10),      # LeNet fc3, batch 1
+    (2, 300, 50),     # the dot kernel's 2-row tile
     (97, 13, 7),      # primes
     (3, 1000, 3),     # long reduction, tiny output
     (513, 17, 257),   # many tiles, ragged edges
@@ -177,6 +178,18 @@ def test_backward_is_deterministic(device):
     for _ in range(2):
         for a, e in zip(OPS.linear_backward(g, x, w, [True, True, True]), first):
             assert torch.equal(a, e)
+
+
+def test_few_rows_bitwise_as_within_a_full_tile():
+    """y = x W^T of 1 or 2 rows (the dot kernel's own 1- and 2-row tiles) gives the bits those
+    rows get inside a product of 7 (a 6-row tile and a 1-row edge): each element is the same sum
+    whatever the tile."""
+    x = torch.randn(7, 300)
+    w = torch.randn(50, 300)
+    full = ours(x, w)
+    assert torch.equal(ours(x[:1], w), full[:1])
+    assert torch.equal(ours(x[:2], w), full[:2])
+    assert torch.equal(ours(x[6:], w), full[6:])
 
 
 # GEMM (one and several row blocks per task, two k blocks); narrow path
