@@ -13,7 +13,8 @@
 // Micro-kernels
 //   op_tile<MR, NV>  C[MR x NV*W] += A[MR x kc] B[kc x NV*W]: per k, NV vector loads of B's row,
 //                    MR broadcasts of A's column, MR*NV FMAs. AVX-512 fp32: 24x16, 12x32 or 6x64
-//                    tiles, 24 of the 32 zmm registers hold C.
+//                    tiles, 24 of the 32 zmm registers hold C. The 6x64 tile also broadcasts
+//                    from a row-major A in place (kRowA: one offset register per row).
 //   op_tile_ind      the same with A's column and B's row found through per-k pointer tables
 //                    (conv2d's implicit im2col in its batch-innermost layout).
 //   dot_tile<RA, RB> C[RA x RB] += A[RA x K] B^T[RB x K], vectorised along k (A rows and B^T rows
@@ -155,7 +156,9 @@ PE_INLINE void store_tile(typename Vec<T, Isa::kBytes / sizeof(T)>::type (&acc)[
 // The loops over the register tile are unrolled by force (#pragma GCC unroll): past GCC's own
 // limit the 24-row tile kept its accumulators on the stack, a load and a store per FMA, and ran
 // at about a third of the speed of the tiles that stayed in registers.
-template <class Isa, typename T, int MR, int NV>
+// kRowA: A element (i, k) at a[i * lda + k] instead (a row-major A read in place: each row's
+// offset stays in a register, so tiles of at most kGatheredRowsMax rows).
+template <class Isa, typename T, int MR, int NV, bool kRowA = false>
 PE_INLINE void op_tile(int64_t kc, const T* __restrict a, int64_t lda, const T* __restrict b,
                        int64_t ldb, T* __restrict c, int64_t rsc, int64_t csc, int64_t nr,
                        bool accum) {
@@ -166,17 +169,22 @@ PE_INLINE void op_tile(int64_t kc, const T* __restrict a, int64_t lda, const T* 
   for (int i = 0; i < MR; ++i)
     #pragma GCC unroll 32
     for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
+  int64_t row[kRowA ? MR : 1];
+  if constexpr (kRowA) {
+    #pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) row[i] = i * lda;
+  }
   for (int64_t k = 0; k < kc; ++k) {
     vec bv[NV];
     #pragma GCC unroll 32
     for (int v = 0; v < NV; ++v) bv[v] = loadu<T, W>(b + v * W);
     #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) {
-      const T ai = a[i];
+      const T ai = kRowA ? a[row[i]] : a[i];
       #pragma GCC unroll 32
       for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
     }
-    a += lda;
+    a += kRowA ? 1 : lda;
     b += ldb;
   }
   store_tile<Isa, T, MR, NV>(acc, c, rsc, csc, nr, accum);
@@ -230,17 +238,18 @@ constexpr int next_ladder(int r) {
   return r > 16 ? 16 : r > 12 ? 12 : r > 8 ? 8 : r > 6 ? 6 : r > 4 ? 4 : r - 1;
 }
 
-template <class Isa, typename T, int NV, int R>
+template <class Isa, typename T, int NV, int R, bool kRowA = false>
 PE_INLINE void op_rows(int mr, int64_t kc, const T* a, int64_t lda, const T* b, int64_t ldb,
                        T* c, int64_t rsc, int64_t csc, int64_t nr, bool accum) {
   if constexpr (R >= 1) {
     if (mr >= R) {
-      op_tile<Isa, T, R, NV>(kc, a, lda, b, ldb, c, rsc, csc, nr, accum);
-      a += R;
+      op_tile<Isa, T, R, NV, kRowA>(kc, a, lda, b, ldb, c, rsc, csc, nr, accum);
+      a += kRowA ? R * lda : R;
       c += R * rsc;
       mr -= R;
     }
-    if (mr > 0) op_rows<Isa, T, NV, next_ladder(R)>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);
+    if (mr > 0)
+      op_rows<Isa, T, NV, next_ladder(R), kRowA>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);
   }
 }
 
@@ -369,6 +378,15 @@ int64_t l2_bytes() {
   return bytes;
 }
 
+// Whether op_driver reads A's rows in place (op_tile's kRowA) rather than packing them: the
+// 4-vector tiles (of mr4 rows, at most kGatheredRowsMax), A contiguous along k, its rows not a
+// multiple of 512 bytes apart (as gemm.h's in_place_ld: such rows share a few L1 sets; W of
+// 4096 x 4096 read this way took 87 ms where its packed panels take 61, one thread).
+bool reads_a_rows(int mr4, int nv, int64_t rsa, int64_t csa, int64_t elem_bytes) {
+  return nv == 4 && mr4 <= kGatheredRowsMax && csa == 1 && rsa != 1 &&
+         (rsa * elem_bytes) % 512 != 0;
+}
+
 template <class Isa, typename T, int NV>
 void op_driver(const Problem<T>& p) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
@@ -376,6 +394,10 @@ void op_driver(const Problem<T>& p) {
   constexpr int MR = mr_of<Isa>(NV);
   constexpr int64_t NC = kNC / NR * NR;
   const bool a_direct = p.rsa == 1 && p.N <= NR;
+  // A row-major (y = x W^T's x, dX = dY W's dY): the 6-row tiles broadcast from its rows in
+  // place (op_tile's kRowA), no packing: 256 x 784 -> 256 packed A's transposes cost as much as
+  // a tenth of its multiply-adds.
+  const bool a_rows = reads_a_rows(Isa::kMR4, NV, p.rsa, p.csa, sizeof(T));
   const bool b_direct = p.csb == 1 && p.M <= MR;
   // k blocks of equal size, at most kKC (from K alone: each C element's sum order depends on
   // the shapes only).
@@ -410,7 +432,7 @@ void op_driver(const Problem<T>& p) {
       }
       for (int64_t ic = 0; ic < p.M; ic += MC) {
         const int64_t mc = std::min(MC, p.M - ic);
-        if (!a_direct) {
+        if (!a_direct && !a_rows) {
           const int64_t mpanels = (mc + MR - 1) / MR;
           const size_t need = static_cast<size_t>(mpanels * kc * MR);
           if (abuf.size() < need) abuf.resize(need);
@@ -441,6 +463,12 @@ void op_driver(const Problem<T>& p) {
             const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
             const T* ap;
             int64_t lda;
+            if (a_rows) {  // (a narrow last panel too: B's panel is zero-padded to NR)
+              Kern<Isa, T>::op4_rows(mr, kc, p.A + (ic + ir) * p.rsa + pc, p.rsa, bp, ldb,
+                                     p.C + (ic + ir) * p.rsc + (jc + j0) * p.csc, p.rsc, p.csc,
+                                     nr, accum);
+              continue;
+            }
             if (a_direct) {
               ap = p.A + (ic + ir) + pc * p.csa;
               lda = p.csa;
@@ -719,7 +747,8 @@ constexpr IsaInfo info_of() {
 constexpr double kStridedStore = 4.0;
 
 double op_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K, bool pack_a,
-               bool pack_b, bool c_strided, int nv, double transpose, bool in_place = false) {
+               bool pack_b, bool c_strided, int nv, double transpose, bool in_place = false,
+               bool a_rows = false) {
   const int mr_max = isa.mr(nv);
   const int64_t nr_max = int64_t(w) * nv;
   auto tile = [&](int64_t mr, int64_t vecs) {
@@ -738,8 +767,9 @@ double op_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K, bool 
   const double n_blocks = std::ceil(double(N) / double(kNC));
   if (in_place) return cost + (tail % w ? 0.5 * double(K) * double(w) : 0.0);
   // The exemptions of op_driver: an operand read once is not copied.
-  const bool a_copied = pack_a || N > nr_max, b_copied = pack_b || M > mr_max;
-  if (pack_a) cost += transpose * double(M) * double(K);
+  // (a_rows: op_driver reads A's rows in place, reads_a_rows.)
+  const bool a_copied = !a_rows && (pack_a || N > nr_max), b_copied = pack_b || M > mr_max;
+  if (pack_a && !a_rows) cost += transpose * double(M) * double(K);
   if (a_copied) cost += 0.25 * double(M) * double(K) * n_blocks;
   if (pack_b) cost += transpose * double(K) * double(N);
   if (b_copied) cost += 0.25 * double(K) * double(N);
@@ -787,10 +817,12 @@ Plan make_plan(const IsaInfo& isa, const Problem<T>& p) {
   for (int nv : {4, 2, 1}) {
     // C = A B: the kernel broadcasts A (wants rsa == 1), loads B rows (wants csb == 1).
     consider({Kind::OpN, nv},
-             op_cost(isa, w, p.M, p.N, p.K, p.rsa != 1, p.csb != 1, p.csc != 1, nv, kTransposeCost));
+             op_cost(isa, w, p.M, p.N, p.K, p.rsa != 1, p.csb != 1, p.csc != 1, nv,
+                     kTransposeCost, false, reads_a_rows(isa.mr4, nv, p.rsa, p.csa, sizeof(T))));
     // C^T = B^T A^T.
     consider({Kind::OpT, nv},
-             op_cost(isa, w, p.N, p.M, p.K, p.csb != 1, p.rsa != 1, p.rsc != 1, nv, kTransposeCost));
+             op_cost(isa, w, p.N, p.M, p.K, p.csb != 1, p.rsa != 1, p.rsc != 1, nv,
+                     kTransposeCost, false, reads_a_rows(isa.mr4, nv, p.csb, p.rsb, sizeof(T))));
   }
   if (p.csa == 1 && p.rsb == 1) consider({Kind::Dot, 1}, dot_cost(isa, w, p.M, p.N, p.K));
   return best;
@@ -844,6 +876,14 @@ void run_plan(const Problem<T>& p, Plan plan) {
                                                      T* c, int64_t rsc, int64_t csc,          \
                                                      int64_t nr, bool accum) {                \
       op_rows<ISA, T, 4, ISA::kMR4>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);          \
+    }                                                                                         \
+    TARGET __attribute__((noinline)) static void op4_rows(int mr, int64_t kc, const T* a,     \
+                                                          int64_t lda, const T* b,            \
+                                                          int64_t ldb, T* c, int64_t rsc,     \
+                                                          int64_t csc, int64_t nr,            \
+                                                          bool accum) {                       \
+      if constexpr (ISA::kMR4 <= kGatheredRowsMax)                                            \
+        op_rows<ISA, T, 4, ISA::kMR4, true>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);  \
     }                                                                                         \
     template <int NV, bool G>                                                                 \
     TARGET __attribute__((noinline)) static void ind(int mr, int64_t kc, const T* const* a,   \

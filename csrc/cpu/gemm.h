@@ -14,7 +14,8 @@
 //     is cpu/isa.h's run-time choice (isa_for(Family::Gemm)), never -march=native:
 //       - "outer product": an MR x NR tile of C in registers (AVX-512 fp32: 24x16, 12x32 or
 //         6x64); per k, NR/W vector loads of B's row and MR broadcasts of A's column. Needs unit
-//         stride along j in B and along i in A, else that operand is packed first.
+//         stride along j in B and along i in A, else that operand is packed first (the 6-row
+//         tile broadcasts from a row-major A's rows in place instead).
 //       - "dot": RA x RB dot products vectorised along k, for A and B^T both contiguous along k
 //         (dW = dY^T X in conv2d, y = x W^T in linear): no packing at all, so it wins where the
 //         packing would not pay (few rows: linear below ~64 rows of input).
