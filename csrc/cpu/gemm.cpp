@@ -381,9 +381,11 @@ int64_t l2_bytes() {
 // Whether op_driver reads A's rows in place (op_tile's kRowA) rather than packing them: the
 // 4-vector tiles (of mr4 rows, at most kGatheredRowsMax), A contiguous along k, its rows not a
 // multiple of 512 bytes apart (as gemm.h's in_place_ld: such rows share a few L1 sets; W of
-// 4096 x 4096 read this way took 87 ms where its packed panels take 61, one thread).
-bool reads_a_rows(int mr4, int nv, int64_t rsa, int64_t csa, int64_t elem_bytes) {
-  return nv == 4 && mr4 <= kGatheredRowsMax && csa == 1 && rsa != 1 &&
+// 4096 x 4096 read this way took 87 ms where its packed panels take 61, one thread), and C's rows
+// contiguous (with C^T's tiles, stored element by element, W read in place made linear 64 x 784
+// -> 256 pick them: 235 us on one thread where C's own tiles take 182).
+bool reads_a_rows(int mr4, int nv, int64_t rsa, int64_t csa, int64_t csc, int64_t elem_bytes) {
+  return nv == 4 && mr4 <= kGatheredRowsMax && csa == 1 && rsa != 1 && csc == 1 &&
          (rsa * elem_bytes) % 512 != 0;
 }
 
@@ -397,7 +399,7 @@ void op_driver(const Problem<T>& p) {
   // A row-major (y = x W^T's x, dX = dY W's dY): the 6-row tiles broadcast from its rows in
   // place (op_tile's kRowA), no packing: 256 x 784 -> 256 packed A's transposes cost as much as
   // a tenth of its multiply-adds.
-  const bool a_rows = reads_a_rows(Isa::kMR4, NV, p.rsa, p.csa, sizeof(T));
+  const bool a_rows = reads_a_rows(Isa::kMR4, NV, p.rsa, p.csa, p.csc, sizeof(T));
   const bool b_direct = p.csb == 1 && p.M <= MR;
   // k blocks of equal size, at most kKC (from K alone: each C element's sum order depends on
   // the shapes only).
@@ -763,7 +765,10 @@ double op_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K, bool 
   };
   const int64_t full = N / nr_max, tail = N % nr_max;
   double cost = double(full) * panel(nv);
-  if (tail) cost += panel(tail <= w ? 1 : tail <= 2 * w ? std::min(2, nv) : nv);
+  // A narrow last panel takes a narrower kernel, except where A's rows are read in place (the
+  // 4-vector tile then runs over B's zero padding: 16 x 784 -> 256 went to C^T's tiles, 16
+  // columns wide, at 2.7x the dot kernel's time while the model counted them 1 vector wide).
+  if (tail) cost += panel(a_rows ? nv : tail <= w ? 1 : tail <= 2 * w ? std::min(2, nv) : nv);
   const double n_blocks = std::ceil(double(N) / double(kNC));
   if (in_place) return cost + (tail % w ? 0.5 * double(K) * double(w) : 0.0);
   // The exemptions of op_driver: an operand read once is not copied.
@@ -818,11 +823,13 @@ Plan make_plan(const IsaInfo& isa, const Problem<T>& p) {
     // C = A B: the kernel broadcasts A (wants rsa == 1), loads B rows (wants csb == 1).
     consider({Kind::OpN, nv},
              op_cost(isa, w, p.M, p.N, p.K, p.rsa != 1, p.csb != 1, p.csc != 1, nv,
-                     kTransposeCost, false, reads_a_rows(isa.mr4, nv, p.rsa, p.csa, sizeof(T))));
+                     kTransposeCost, false,
+                     reads_a_rows(isa.mr4, nv, p.rsa, p.csa, p.csc, sizeof(T))));
     // C^T = B^T A^T.
     consider({Kind::OpT, nv},
              op_cost(isa, w, p.N, p.M, p.K, p.csb != 1, p.rsa != 1, p.rsc != 1, nv,
-                     kTransposeCost, false, reads_a_rows(isa.mr4, nv, p.csb, p.rsb, sizeof(T))));
+                     kTransposeCost, false,
+                     reads_a_rows(isa.mr4, nv, p.csb, p.rsb, p.rsc, sizeof(T))));
   }
   if (p.csa == 1 && p.rsb == 1) consider({Kind::Dot, 1}, dot_cost(isa, w, p.M, p.N, p.K));
   return best;
