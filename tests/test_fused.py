@@ -137,5 +137,109 @@ def test_backward_unpooled_batch_innermost_is_the_unfused_chain_bitwise(batch, s
     masked = torch.where(out > 0, g, torch.zeros_like(g))
     dy = P.max_pool2d_backward(masked, conv_out, idx, [2, 2], [2, 2], [0, 0], [1, 1], False)
     ref = P.conv2d_backward(dy, x, w, [1, 1], [0, 0], [1, 1], 1, [True, True, True])
-    for name, a, r in zip(("grad_input", "grad_weight", "grad_bias"), ours, ref):
-        assert torch.equal(a, r), name
+    assert torch.equal(ours[0], ref[0]), "grad_input"
+    # float32's grad_weight and grad_bias may be summed over the windows (AVX-512: see
+    # test_weight_grads_summed_over_windows): the same terms, in another order.
+    for name, a, r in zip(("grad_weight", "grad_bias"), ours[1:], ref[1:]):
+        if dtype == torch.float64:
+            assert torch.equal(a, r), name
+        else:
+            helpers.assert_close(a, r, dtype, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+
+
+# ---- grad_weight and grad_bias summed over the pool's windows (cpu/conv2d_pooled_grad.cpp) ----
+# float32 with AVX-512: each window adds its gradient times the patch under its index's pixel.
+# Geometries: LeNet's two blocks, padding, stride, groups, overlapping and ceil_mode pools, the
+# widest patches (8x8: four vectors; 7x7 three and a bit), a 1x1 kernel, batches over several
+# blocks of images (70: 9 blocks of 8; 600: 60 of 10).
+WINDOW_SUM_CASES = [
+    # (batch, C_in, C_out, size, kernel, stride, padding, groups, pool kernel, stride, padding,
+    #  ceil_mode)
+    (64, 1, 6, 32, 5, 1, 0, 1, 2, 2, 0, False),
+    (70, 6, 16, 14, 5, 1, 0, 1, 2, 2, 0, False),
+    (600, 2, 3, 9, 3, 1, 1, 1, 2, 2, 0, False),
+    (5, 4, 6, 17, 3, 2, 1, 2, 3, 2, 1, True),
+    (3, 3, 5, 20, 8, 1, 0, 1, 2, 2, 0, False),
+    (3, 2, 4, 21, 7, 1, 3, 1, 3, 1, 1, False),
+    (4, 5, 7, 11, 1, 1, 0, 1, 2, 2, 0, True),
+    (1, 1, 2, 6, 2, 1, 0, 1, 2, 2, 0, False),
+]
+
+
+def _block(case, dtype=torch.float32, seed=0):
+    n, cin, cout, size, k, s, p, groups, pk, ps, pp, cm = case
+    gen = torch.Generator().manual_seed(seed + sum(case[:5]))
+    x = torch.randn(n, cin, size, size, generator=gen, dtype=dtype)
+    w = torch.randn(cout, cin // groups, k, k, generator=gen, dtype=dtype) * 0.3
+    b = torch.randn(cout, generator=gen, dtype=dtype) * 0.1
+    geometry = ([s, s], [p, p], [1, 1], groups, [pk, pk], [ps, ps], [pp, pp], [1, 1], cm)
+    return x, w, b, geometry
+
+
+def _torch_grads(x, w, b, geometry, g):
+    s, p, _, groups, pk, ps, pp, _, cm = geometry
+    xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+    ref = F.max_pool2d(F.relu(F.conv2d(xr, wr, br, s, p, 1, groups)), pk, ps, pp, ceil_mode=cm)
+    ref.backward(g.double())
+    return xr.grad, wr.grad, br.grad
+
+
+@pytest.mark.parametrize("case", WINDOW_SUM_CASES)
+def test_weight_grads_summed_over_windows(case):
+    x, w, b, geometry = _block(case)
+    out, idx = P.conv2d_relu_max_pool2d(x, w, b, *geometry)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    g[0, 0].zero_()  # windows whose gradient is 0 are left out of the sums
+    ours = P.conv2d_relu_max_pool2d_backward(g, out, idx, x, w, *geometry, [True, True, True])
+    want = _torch_grads(x, w, b, geometry, g)
+    for got, ref in zip(ours, want):
+        helpers.assert_close(got.double(), ref, torch.float32, rtol=1e-4,
+                             atol=1e-5 * max(1.0, ref.abs().max().item()))
+    # Each without the others, and the same bits at one thread and at two (a fixed split of
+    # the batch into blocks, added in order).
+    _, gw, gb = P.conv2d_relu_max_pool2d_backward(g, out, idx, x, w, *geometry,
+                                                  [False, True, True])
+    assert torch.equal(gw, ours[1]) and torch.equal(gb, ours[2])
+    _, _, gb_only = P.conv2d_relu_max_pool2d_backward(g, out, idx, x, w, *geometry,
+                                                      [False, False, True])
+    assert torch.equal(gb_only, ours[2])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            again = P.conv2d_relu_max_pool2d_backward(g, out, idx, x, w, *geometry,
+                                                      [False, True, True])
+            assert torch.equal(again[1], gw) and torch.equal(again[2], gb), n
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_weight_grads_summed_over_windows_non_finite():
+    # An inf in x: the dense sums give NaN where a window's 0 meets it (0 * inf), which a sum
+    # over the kept windows would miss: such inputs take the dense kernels, as torch. A NaN
+    # gradient in a kept window reaches every tap of its channel, as in torch.
+    case = (8, 2, 4, 12, 3, 1, 0, 1, 2, 2, 0, False)
+    x, w, b, geometry = _block(case)
+    x[3, 1, 5, 6] = float("inf")
+    out, idx = P.conv2d_relu_max_pool2d(x, w, b, *geometry)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    kept = (out > 0).nonzero()[0].tolist()
+    g[tuple(kept)] = float("nan")
+    ours = P.conv2d_relu_max_pool2d_backward(g, out, idx, x, w, *geometry, [True, True, True])
+    want = _torch_grads(x, w, b, geometry, g)
+    for got, ref in zip(ours, want):
+        assert torch.equal(got.isnan(), ref.isnan()) and got.isnan().any()
+        helpers.assert_close(got.double(), ref, torch.float32, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_grads_summed_over_windows_names_a_bad_index():
+    case = (4, 6, 16, 14, 5, 1, 0, 1, 2, 2, 0, False)
+    x, w, b, geometry = _block(case)
+    out, idx = P.conv2d_relu_max_pool2d(x, w, b, *geometry)
+    for bad in (-1, 100):
+        idx_bad = idx.clone()
+        idx_bad[1, 2, 3, 4] = bad
+        with helpers.raises(RuntimeError, f"indices[1, 2, 3, 4] = {bad} lies outside the 10x10 "
+                            "convolution output plane"):
+            P.conv2d_relu_max_pool2d_backward(torch.ones_like(out), out, idx_bad, x, w,
+                                              *geometry, [False, True, True])

@@ -22,7 +22,10 @@
 // on AMX tiles (LeNet's conv2 block on CPUs with them: cpu/conv2d_amx.cpp) the convolution's
 // float32 sums are stored and pooled, and the backward unpools into a bfloat16 gradient image
 // for conv2d_backward's tiles: they save more than those passes cost (the block at batch 256:
-// forward 0.71 -> 0.41 ms, backward 1.47 -> 0.86).
+// forward 0.71 -> 0.41 ms, backward 1.47 -> 0.86). In float32 with AVX-512, grad_weight and
+// grad_bias need no gradient image at all: each pool window adds its gradient times the patch
+// under its index's pixel (cpu/conv2d_pooled_grad.cpp; a quarter of the dense work for a 2x2
+// pool, less where relu zeroes windows); only grad_input, where asked, takes the paths below.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -151,6 +154,21 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cpu(
     grads = conv2d_grads_in_layout(std::move(grads), input, weight);
     return bf16 ? low_precision::narrow(std::move(grads), at::kBFloat16) : grads;
   };
+  // grad_weight and grad_bias summed over the pool's windows (a quarter of the dense work for a
+  // 2x2 pool, less where relu zeroes windows: cpu/conv2d_pooled_grad.cpp); grad_input, if
+  // asked, by the paths below.
+  std::tuple<Tensor, Tensor> pooled_grads;
+  if ((mask[1] || mask[2]) &&
+      cpu::conv2d_weight_grads_pooled(s.conv, s.pool, grad_output, result, indices, x, w,
+                                      mask[1], mask[2], pooled_grads)) {
+    auto grads = in_layout({Tensor(), std::get<0>(pooled_grads), std::get<1>(pooled_grads)});
+    if (mask[0])
+      std::get<0>(grads) = std::get<0>(conv2d_relu_max_pool2d_backward_cpu(
+          grad_output, result, indices, input, weight, stride, padding, dilation, groups,
+          pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_ceil_mode,
+          {true, false, false}));
+    return grads;
+  }
   // The gradient of the pooled maxima before relu: grad_output where the result is > 0.
   const Tensor go = grad_output.contiguous();
   const Tensor r = result.contiguous();
