@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "common/layout.h"
+#include "common/low_precision.h"
 #include "cpu/allocator.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
@@ -87,57 +88,130 @@ PE_INLINE void patch_sums_nv(const T* cols, const int32_t* off, const T* val, in
   for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(sums + v * W) += acc[0][v];
 }
 
-constexpr int64_t kMostPatchFloats = 64;  // patch_sums's 4 vectors
 // One image's patch columns are kernel_w copies of it; kept to 256 KB (LeNet's blocks: 18 and
 // 17 KB), well inside L2. Larger images keep the dense kernels (the sums over windows were not
 // measured there).
 constexpr int64_t kMostImageFloats = 65536;
+constexpr int kPieceVectors = 8;  // a patch's vectors held in registers at once
 
-// sums[l] += sum over the list of val[e] * cols[off[e] + l], l < nv * 16 (nv <= 4).
+// sums[l] += sum over the list of val[e] * cols[off[e] + l], l < nv * 16: a patch's vectors in
+// pieces of at most kPieceVectors (each piece walks the list once).
 PE_TARGET_AVX512 void patch_sums(const float* cols, int64_t nv, const int32_t* off,
                                  const float* val, int64_t count, float* sums) {
-  switch (nv) {
-    case 1: return patch_sums_nv<float, 64, 4, 1>(cols, off, val, count, sums);
-    case 2: return patch_sums_nv<float, 64, 4, 2>(cols, off, val, count, sums);
-    case 3: return patch_sums_nv<float, 64, 4, 3>(cols, off, val, count, sums);
-    default: return patch_sums_nv<float, 64, 4, 4>(cols, off, val, count, sums);
+  for (int64_t v0 = 0; v0 < nv; v0 += kPieceVectors) {
+    const float* c = cols + v0 * 16;
+    float* s = sums + v0 * 16;
+    switch (std::min<int64_t>(kPieceVectors, nv - v0)) {
+      case 1: patch_sums_nv<float, 64, 4, 1>(c, off, val, count, s); break;
+      case 2: patch_sums_nv<float, 64, 4, 2>(c, off, val, count, s); break;
+      case 3: patch_sums_nv<float, 64, 4, 3>(c, off, val, count, s); break;
+      case 4: patch_sums_nv<float, 64, 4, 4>(c, off, val, count, s); break;
+      case 5: patch_sums_nv<float, 64, 2, 5>(c, off, val, count, s); break;
+      case 6: patch_sums_nv<float, 64, 2, 6>(c, off, val, count, s); break;
+      case 7: patch_sums_nv<float, 64, 2, 7>(c, off, val, count, s); break;
+      default: patch_sums_nv<float, 64, 2, 8>(c, off, val, count, s); break;
+    }
   }
 }
 
-// The patch columns of a channel plane: cols[(ow * hp + h) * kernel_w + kj] = xp[h][ow * stride_w
-// + kj] for output column ow and padded row h (xp: the plane zero-padded, hp rows), so output
-// pixel (oh, ow)'s kernel_h x kernel_w patch is contiguous at (ow * hp + oh * stride_h) *
-// kernel_w (dilation 1). kernel_w copies of each input: one image's at a time, in L1.
+// cols[off[e] + l] += val[e] * w[l] for every listed window, l < taps (w: nv * 16, zero past
+// taps; the last vector's store masked to taps, so that a non-finite gradient touches nothing
+// past its patch). Windows one after another are in different patch columns (their output
+// columns differ), so a store is not read back at once (partly overlapping reads would wait
+// for it).
+template <int NV>
+PE_TARGET_AVX512 inline void patch_scatter_nv(float* cols, const int32_t* off, const float* val,
+                                              int64_t count, const float* w, __mmask16 last) {
+  __m512 wv[NV];
+  for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(w + 16 * v);
+  for (int64_t e = 0; e < count; ++e) {
+    float* p = cols + off[e];
+    const __m512 g = _mm512_set1_ps(val[e]);
+    #pragma GCC unroll 8
+    for (int v = 0; v < NV - 1; ++v)
+      _mm512_storeu_ps(p + 16 * v, _mm512_fmadd_ps(g, wv[v], _mm512_loadu_ps(p + 16 * v)));
+    float* q = p + 16 * (NV - 1);
+    _mm512_mask_storeu_ps(q, last,
+                          _mm512_fmadd_ps(g, wv[NV - 1], _mm512_maskz_loadu_ps(last, q)));
+  }
+}
+PE_TARGET_AVX512 void patch_scatter(float* cols, int64_t nv, int64_t taps, const int32_t* off,
+                                    const float* val, int64_t count, const float* w) {
+  for (int64_t v0 = 0; v0 < nv; v0 += kPieceVectors) {
+    const int64_t n = std::min<int64_t>(kPieceVectors, nv - v0);
+    const int64_t tail = std::min<int64_t>(16, taps - (v0 + n - 1) * 16);
+    const __mmask16 last = static_cast<__mmask16>(tail == 16 ? 0xffffu : (1u << tail) - 1u);
+    float* c = cols + v0 * 16;
+    const float* wp = w + v0 * 16;
+    switch (n) {
+      case 1: patch_scatter_nv<1>(c, off, val, count, wp, last); break;
+      case 2: patch_scatter_nv<2>(c, off, val, count, wp, last); break;
+      case 3: patch_scatter_nv<3>(c, off, val, count, wp, last); break;
+      case 4: patch_scatter_nv<4>(c, off, val, count, wp, last); break;
+      case 5: patch_scatter_nv<5>(c, off, val, count, wp, last); break;
+      case 6: patch_scatter_nv<6>(c, off, val, count, wp, last); break;
+      case 7: patch_scatter_nv<7>(c, off, val, count, wp, last); break;
+      default: patch_scatter_nv<8>(c, off, val, count, wp, last); break;
+    }
+  }
+}
+
+// The patch columns of an image, group by group: cols[((grp * out_w + ow) * hp + h) * R + ci *
+// kernel_w + kj] = xp[grp * cin_g + ci][h][ow * stride_w + kj], for output column ow and padded
+// row h (xp: the image zero-padded, hp x wp planes), R >= cin_g * kernel_w. Output pixel (oh,
+// ow)'s patch, every input channel of its group, is then kernel_h rows of R: contiguous, at
+// ((grp * out_w + ow) * hp + oh * stride_h) * R, its taps in the order (ki, ci, kj) (dilation
+// 1). R is rounded up to whole vectors where the patch needs no more vectors for it (LeNet's
+// conv2: 30 -> 32, 10 vectors either way): every patch then starts on a cache line, so no
+// vector straddles two, and grad_input's stores are read back whole (a partly overlapping read
+// waits for the store). kernel_w copies of each input, one image at a time.
 struct PatchColumns {
-  int64_t hp, wp, plane;  // padded rows and columns; cols per channel plane
+  int64_t hp, wp, taps_row, row, block, image;  // padded rows, columns; cin_g * kw; R; a column;
+                                                // all of an image's
   explicit PatchColumns(const Conv2dGeometry<int64_t>& g)
       : hp(g.in_h + 2 * g.padding_h),
         wp(g.in_w + 2 * g.padding_w),
-        plane(g.out_w * hp * g.kernel_w) {}
+        taps_row(g.in_channels_per_group() * g.kernel_w),
+        row(aligned_row(taps_row, g.kernel_h)),
+        block(hp * row),
+        image(g.groups * g.out_w * block) {}
+  static int64_t aligned_row(int64_t r, int64_t kh) {
+    const int64_t whole = (r + 15) / 16 * 16;
+    return (kh * whole + 15) / 16 == (kh * r + 15) / 16 ? whole : r;
+  }
+  int64_t patch_at(const Conv2dGeometry<int64_t>& g, int64_t grp, int64_t oh, int64_t ow) const {
+    return ((grp * g.out_w + ow) * hp + oh * g.stride_h) * row;
+  }
 };
 
 // Images per task: a fixed split of the batch (at most 64 blocks, 8+ images each), whose
 // partial sums are added in block order: the same bits at any thread count.
 int64_t images_per_block(int64_t batch) { return std::max<int64_t>(8, (batch + 63) / 64); }
 
-// Where each 16-lane vector of a patch column's hp x kernel_w block reads its source plane (hp x
-// wp, the column's top-left at 0): runs of up to kernel_w lanes from consecutive rows, each a
-// masked load of the plane at `at` (lane l reads at + l). Every vector has `most` runs (the
-// shorter padded with empty masks: a fixed trip count, no mispredicted loop exits), run r of
-// vector j at [j * most + r].
+// Where each 16-lane vector of one output column's block (hp x R elements) lies in the padded
+// image (from the group's first plane, column ow * stride_w): runs of at most kernel_w lanes of
+// one (h, ci), each a masked access of the image at `at` (lane l at at + l). Every vector has
+// `most` runs (the shorter padded with empty masks: a fixed trip count, no mispredicted loop
+// exits), run r of vector j at [j * most + r]. The same runs load the columns and fold their
+// gradient back.
 struct ColumnRuns {
   int64_t most = 0;
   std::vector<int64_t> at;
   std::vector<uint16_t> lanes;
-  ColumnRuns(int64_t hp, int64_t wp, int64_t kw) {
-    const int64_t block = hp * kw;
+  ColumnRuns(const Conv2dGeometry<int64_t>& g, const PatchColumns& pc) {
+    const int64_t kw = g.kernel_w, plane = pc.hp * pc.wp;
     std::vector<std::vector<std::pair<int64_t, uint16_t>>> vectors;
-    for (int64_t t0 = 0; t0 < block; t0 += 16) {
+    for (int64_t t0 = 0; t0 < pc.block; t0 += 16) {
       auto& runs = vectors.emplace_back();
-      const int64_t t1 = std::min(block, t0 + 16);
+      const int64_t t1 = std::min(pc.block, t0 + 16);
       for (int64_t t = t0; t < t1;) {
-        const int64_t h = t / kw, kj = t % kw, run = std::min(kw - kj, t1 - t);
-        runs.emplace_back(h * wp + kj - (t - t0),
+        const int64_t h = t / pc.row, in_row = t % pc.row, ci = in_row / kw, kj = in_row % kw;
+        if (in_row >= pc.taps_row) {  // the row's padding lanes: 0
+          t = std::min(t1, (h + 1) * pc.row);
+          continue;
+        }
+        const int64_t run = std::min(kw - kj, t1 - t);
+        runs.emplace_back(ci * plane + h * pc.wp + kj - (t - t0),
                           static_cast<uint16_t>(((1u << run) - 1u) << (t - t0)));
         t += run;
       }
@@ -165,25 +239,15 @@ PE_TARGET_AVX512 bool all_finite(const float* x, int64_t n) {
   return bad == 0;
 }
 
-// One image's patch columns, every channel (padded: an hp x wp scratch where x has padding).
+// One image's patch columns from its padded planes (xp: in_channels x hp x wp).
 PE_TARGET_AVX512 void image_patch_columns(const Conv2dGeometry<int64_t>& g,
                                           const PatchColumns& pc, const ColumnRuns& runs,
-                                          const float* x, float* padded, float* cols) {
-  const int64_t block = pc.hp * g.kernel_w, nvec = (block + 15) / 16;
-  const bool pads = g.padding_h > 0 || g.padding_w > 0;
-  for (int64_t c = 0; c < g.in_channels; ++c) {
-    const float* plane = x + c * g.in_h * g.in_w;
-    if (pads) {
-      std::fill(padded, padded + pc.hp * pc.wp, 0.f);
-      for (int64_t h = 0; h < g.in_h; ++h)
-        std::copy(plane + h * g.in_w, plane + (h + 1) * g.in_w,
-                  padded + (g.padding_h + h) * pc.wp + g.padding_w);
-      plane = padded;
-    }
-    float* col = cols + c * pc.plane;
+                                          const float* xp, float* cols) {
+  const int64_t nvec = (pc.block + 15) / 16, cin_g = g.in_channels_per_group();
+  for (int64_t grp = 0; grp < g.groups; ++grp)
     for (int64_t ow = 0; ow < g.out_w; ++ow) {
-      const float* top = plane + ow * g.stride_w;
-      float* out = col + ow * block;
+      const float* top = xp + grp * cin_g * pc.hp * pc.wp + ow * g.stride_w;
+      float* out = cols + (grp * g.out_w + ow) * pc.block;
       const int64_t* at = runs.at.data();
       const uint16_t* lanes = runs.lanes.data();
       for (int64_t j = 0; j < nvec; ++j, at += runs.most, lanes += runs.most) {
@@ -193,7 +257,51 @@ PE_TARGET_AVX512 void image_patch_columns(const Conv2dGeometry<int64_t>& g,
         _mm512_storeu_ps(out + 16 * j, v);
       }
     }
+}
+
+// The reverse: each padded input's gradient, the sum of the column elements that copy it, a row
+// (grp * cin_g + ci, h) of dxp at a time, 16 lanes at a time, in registers: output column ow
+// adds its kernel_w elements at lanes ow * stride_w + kj, by one expanding load each
+// (consecutive elements into the lanes of a mask). Each row's vectors are stored once.
+struct FoldRuns {
+  // for lane chunk c: the columns ow that reach it, each an offset into its column's row
+  // (ow * hp * R + the first element inside the chunk) and the lanes it fills; [first[c],
+  // first[c + 1])
+  std::vector<int64_t> at, first;
+  std::vector<uint16_t> lanes;
+  FoldRuns(const Conv2dGeometry<int64_t>& g, const PatchColumns& pc) {
+    for (int64_t c0 = 0; c0 < pc.wp; c0 += 16) {
+      first.push_back(static_cast<int64_t>(at.size()));
+      for (int64_t ow = 0; ow < g.out_w; ++ow) {
+        const int64_t lo = ow * g.stride_w, hi = lo + g.kernel_w;
+        const int64_t from = std::max(lo, c0), to = std::min(hi, c0 + 16);
+        if (from >= to) continue;
+        at.push_back(ow * pc.hp * pc.row + (from - lo));
+        lanes.push_back(static_cast<uint16_t>(((1u << (to - from)) - 1u) << (from - c0)));
+      }
+    }
+    first.push_back(static_cast<int64_t>(at.size()));
   }
+};
+
+PE_TARGET_AVX512 void image_fold_columns(const Conv2dGeometry<int64_t>& g, const PatchColumns& pc,
+                                         const FoldRuns& runs, const float* cols, float* dxp) {
+  const int64_t cin_g = g.in_channels_per_group();
+  for (int64_t grp = 0; grp < g.groups; ++grp)
+    for (int64_t ci = 0; ci < cin_g; ++ci)
+      for (int64_t h = 0; h < pc.hp; ++h) {
+        const float* base = cols + (grp * g.out_w * pc.hp + h) * pc.row + ci * g.kernel_w;
+        float* out = dxp + ((grp * cin_g + ci) * pc.hp + h) * pc.wp;
+        for (int64_t c = 0; c * 16 < pc.wp; ++c) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t r = runs.first[c]; r < runs.first[c + 1]; ++r)
+            acc = _mm512_add_ps(acc, _mm512_maskz_expandloadu_ps(runs.lanes[r], base + runs.at[r]));
+          const int64_t left = pc.wp - c * 16;
+          _mm512_mask_storeu_ps(out + c * 16,
+                                static_cast<__mmask16>(left >= 16 ? 0xffffu : (1u << left) - 1u),
+                                acc);
+        }
+      }
 }
 
 // Window list of one (image, output channel) plane of `windows` pooled gradients: the windows
@@ -209,9 +317,10 @@ PE_TARGET_AVX512 int64_t window_list(const Conv2dGeometry<int64_t>& g, const Pat
   const int64_t out_plane = g.out_pixels();
   const __m512 inv_w = _mm512_set1_ps(1.f / static_cast<float>(g.out_w));
   const __m512i ow_n = _mm512_set1_epi32(static_cast<int>(g.out_w));
-  const __m512i col_step = _mm512_set1_epi32(static_cast<int>(pc.hp * g.kernel_w));
-  const __m512i row_step = _mm512_set1_epi32(static_cast<int>(g.stride_h * g.kernel_w));
+  const __m512i col_step = _mm512_set1_epi32(static_cast<int>(pc.hp * pc.row));
+  const __m512i row_step = _mm512_set1_epi32(static_cast<int>(g.stride_h * pc.row));
   const __m512i base_v = _mm512_set1_epi32(base);
+  const __m512i plane_v = _mm512_set1_epi64(out_plane);
   int64_t count = 0;
   for (int64_t q = 0; q < windows; q += 16) {
     const __mmask16 m = static_cast<__mmask16>(
@@ -223,7 +332,6 @@ PE_TARGET_AVX512 int64_t window_list(const Conv2dGeometry<int64_t>& g, const Pat
                            _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_NEQ_UQ);
     const __m512i lo = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(m), indices + q);
     const __m512i hi = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(m >> 8), indices + q + 8);
-    const __m512i plane_v = _mm512_set1_epi64(out_plane);
     const __mmask16 inside = static_cast<__mmask16>(
         _mm512_cmplt_epu64_mask(lo, plane_v) | (_mm512_cmplt_epu64_mask(hi, plane_v) << 8));
     if ((inside & m) != m) return -1;
@@ -250,59 +358,89 @@ PE_TARGET_AVX512 int64_t window_list(const Conv2dGeometry<int64_t>& g, const Pat
   return count;
 }
 
-bool weight_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t>& pool,
+// The gradients: dx (if not null: w finite, checked by the caller), dw, db (each may be null).
+bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t>& pool,
                   const float* grad_output, const float* result, const int64_t* indices,
-                  const float* x, float* dw, float* db) {
+                  const float* x, const float* w, float* dx, float* dw, float* db) {
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
-  const int64_t taps = g.kernel_h * g.kernel_w, nv = (taps + 15) / 16, width = nv * 16;
+  const int64_t kh = g.kernel_h, kw = g.kernel_w, khw = kh * kw;
   const PatchColumns pc(g);
-  const int64_t image = g.in_channels * pc.plane, windows = pool.out_pixels();
+  const int64_t taps = kh * pc.row, nv = (taps + 15) / 16, width = nv * 16;  // (R's padding too)
+  const int64_t windows = pool.out_pixels(), in_image = g.in_channels * g.in_h * g.in_w;
+  const int64_t padded_image = g.in_channels * pc.hp * pc.wp;
+  const bool pads = g.padding_h > 0 || g.padding_w > 0;
   const int64_t per_block = images_per_block(g.batch);
   const int64_t blocks = (g.batch + per_block - 1) / per_block;
-  const int64_t sums_size = g.out_channels * cin_g * width;
-  // Each block's sums, a patch's vectors per (co, ci): [(co * cin_g + ci) * width + ki * kw + kj];
-  // the bias's after them, a vector of lanes per co (added up at the end).
-  const int64_t block_size = sums_size + g.out_channels * 16;
+  // Each block's sums, a patch's vectors per output channel, taps in the columns' (ki, ci, kj)
+  // order; the bias's after them, a vector of lanes per co (added up at the end).
+  const int64_t sums_size = g.out_channels * width, block_size = sums_size + g.out_channels * 16;
   CachedBuffer<float> sums(static_cast<size_t>(blocks * block_size), /*zero=*/true);
-  const ColumnRuns runs(pc.hp, pc.wp, g.kernel_w);
+  const ColumnRuns runs(g, pc);
+  const FoldRuns fold(g, pc);
+  // w in the same (ki, ci, kj) order, zero past the patch, for grad_input's scatter.
+  std::vector<float> wk(dx ? static_cast<size_t>(g.out_channels * width) : 0, 0.f);
+  if (dx)
+    for (int64_t co = 0; co < g.out_channels; ++co)
+      for (int64_t ci = 0; ci < cin_g; ++ci)
+        for (int64_t k = 0; k < khw; ++k)
+          wk[co * width + (k / kw) * pc.row + ci * kw + k % kw] = w[(co * cin_g + ci) * khw + k];
   std::atomic<bool> ok{true};
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    // One image's patch columns (+ the slack its last patch's vectors read past), one window
-    // list, the padded plane.
-    thread_local std::vector<float> cols, val, padded;
+    // One image's patch columns and their gradient (+ the slack a last patch's vectors read
+    // past), one window list, the padded image and its gradient.
+    thread_local std::vector<float> cols, dcols, val, xpad, dxpad;
     thread_local std::vector<int32_t> off;
-    cols.resize(static_cast<size_t>(image + width));
-    std::fill(cols.begin() + image, cols.end(), 0.f);
+    cols.resize(static_cast<size_t>(pc.image + width));
+    std::fill(cols.begin() + pc.image, cols.end(), 0.f);
     val.resize(static_cast<size_t>(windows + 15));
     off.resize(static_cast<size_t>(windows + 15));
-    padded.resize(static_cast<size_t>(pc.hp * pc.wp));
-    float* c = cols.data();
+    if (pads) xpad.assign(static_cast<size_t>(padded_image), 0.f);
+    if (dx) {
+      dcols.resize(static_cast<size_t>(pc.image + width));
+      if (pads) dxpad.resize(static_cast<size_t>(padded_image));
+    }
     for (int64_t blk = b0; blk < b1 && ok; ++blk) {
       float* part = sums.data() + blk * block_size;
       for (int64_t n = blk * per_block; n < std::min(g.batch, (blk + 1) * per_block); ++n) {
         if (dw) {
-          const float* xn = x + n * g.in_channels * g.in_h * g.in_w;
-          if (!all_finite(xn, g.in_channels * g.in_h * g.in_w)) {
+          const float* xn = x + n * in_image;
+          if (!all_finite(xn, in_image)) {
             ok = false;  // 0 * inf in the dense sums: the dense kernels
             return;
           }
-          image_patch_columns(g, pc, runs, xn, padded.data(), c);
+          if (pads)  // the interior; the borders stay 0
+            for (int64_t c = 0; c < g.in_channels; ++c)
+              for (int64_t h = 0; h < g.in_h; ++h)
+                std::copy(xn + (c * g.in_h + h) * g.in_w, xn + (c * g.in_h + h + 1) * g.in_w,
+                          xpad.data() + (c * pc.hp + g.padding_h + h) * pc.wp + g.padding_w);
+          image_patch_columns(g, pc, runs, pads ? xpad.data() : xn, cols.data());
         }
+        if (dx) std::fill(dcols.begin(), dcols.begin() + pc.image, 0.f);
         for (int64_t co = 0; co < g.out_channels; ++co) {
           const int64_t at = (n * g.out_channels + co) * windows;
-          const int64_t grp = co / cout_g;
           const int64_t count = window_list(
               g, pc, grad_output + at, result + at, indices + at, windows,
-              static_cast<int32_t>(grp * cin_g * pc.plane), off.data(), val.data(),
+              static_cast<int32_t>(pc.patch_at(g, co / cout_g, 0, 0)), off.data(), val.data(),
               part + sums_size + co * 16);
           if (count < 0) {  // the general unpooling names the index
             ok = false;
             return;
           }
-          if (dw)
-            for (int64_t ci = 0; ci < cin_g; ++ci)
-              patch_sums(c + ci * pc.plane, nv, off.data(), val.data(), count,
-                         part + (co * cin_g + ci) * width);
+          if (dw) patch_sums(cols.data(), nv, off.data(), val.data(), count, part + co * width);
+          if (dx)
+            patch_scatter(dcols.data(), nv, taps, off.data(), val.data(), count,
+                          wk.data() + co * width);
+        }
+        if (dx) {
+          float* dxn = dx + n * in_image;
+          image_fold_columns(g, pc, fold, dcols.data(), pads ? dxpad.data() : dxn);
+          if (pads)  // the interior
+            for (int64_t c = 0; c < g.in_channels; ++c)
+              for (int64_t h = 0; h < g.in_h; ++h) {
+                const float* from = dxpad.data() + (c * pc.hp + g.padding_h + h) * pc.wp +
+                                    g.padding_w;
+                std::copy(from, from + g.in_w, dxn + (c * g.in_h + h) * g.in_w);
+              }
         }
       }
     }
@@ -311,8 +449,11 @@ bool weight_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
   for (int64_t blk = 1; blk < blocks; ++blk)
     for (int64_t i = 0; i < block_size; ++i) sums[i] += sums[blk * block_size + i];
   if (dw)
-    for (int64_t r = 0; r < g.out_channels * cin_g; ++r)
-      std::copy(sums.data() + r * width, sums.data() + r * width + taps, dw + r * taps);
+    for (int64_t co = 0; co < g.out_channels; ++co)
+      for (int64_t ci = 0; ci < cin_g; ++ci)
+        for (int64_t k = 0; k < khw; ++k)
+          dw[(co * cin_g + ci) * khw + k] =
+              sums[co * width + (k / kw) * pc.row + ci * kw + k % kw];
   if (db)
     for (int64_t co = 0; co < g.out_channels; ++co) {
       const float* lanes = sums.data() + sums_size + co * 16;
@@ -325,33 +466,43 @@ bool weight_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
 
 }  // namespace
 
-bool conv2d_weight_grads_pooled(const Conv2dGeometry<int64_t>& conv,
-                                const Pool2dGeometry<int64_t>& pool, const Tensor& grad_output,
-                                const Tensor& result, const Tensor& indices, const Tensor& x,
-                                const Tensor& w, bool weight, bool bias,
-                                std::tuple<Tensor, Tensor>& grads) {
-  // AVX-512 float32 only (masked loads, compress stores); other levels and dtypes keep the
+bool conv2d_grads_pooled(const Conv2dGeometry<int64_t>& conv, const Pool2dGeometry<int64_t>& pool,
+                         const Tensor& grad_output, const Tensor& result, const Tensor& indices,
+                         const Tensor& x, const Tensor& w, std::array<bool, 3> mask,
+                         std::tuple<Tensor, Tensor, Tensor>& grads) {
+  // AVX-512 and float32 only (masked loads, compress stores): bfloat16 on float32 copies (the
+  // float32 kernel's results, rounded once by the caller); other levels and float64 keep the
   // dense kernels.
-  if (cpu::isa_for(Family::Conv2d) != cpu::Isa::Avx512 || x.scalar_type() != at::kFloat ||
-      w.scalar_type() != at::kFloat || grad_output.scalar_type() != at::kFloat ||
-      result.scalar_type() != at::kFloat)
+  auto f32 = [](const Tensor& t) {
+    return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
+  };
+  if (cpu::isa_for(Family::Conv2d) != cpu::Isa::Avx512 || !f32(x) || !f32(grad_output) ||
+      !f32(result) || w.scalar_type() != at::kFloat)
     return false;
   const PatchColumns pc(conv);
   if (conv.batch == 0 || conv.dilation_h != 1 || conv.dilation_w != 1 ||
-      conv.kernel_h * conv.kernel_w > kMostPatchFloats ||
-      conv.in_channels * pc.plane > kMostImageFloats ||
-      conv.out_pixels() >= (int64_t(1) << 24) || pool.in_h != conv.out_h ||
-      pool.in_w != conv.out_w)
+      pc.image > kMostImageFloats || conv.out_pixels() >= (int64_t(1) << 24) ||
+      pool.in_h != conv.out_h || pool.in_w != conv.out_w)
     return false;
-  Tensor grad_weight, grad_bias;
-  if (weight) grad_weight = empty_of(w.sizes(), w.options());
-  if (bias) grad_bias = empty_of(at::IntArrayRef{conv.out_channels}, w.options());
-  const Tensor go = grad_output.contiguous(), r = result.contiguous(), ix = indices.contiguous();
-  const bool ok = weight_grads(conv, pool, go.const_data_ptr<float>(), r.const_data_ptr<float>(),
-                               ix.const_data_ptr<int64_t>(), x.const_data_ptr<float>(),
-                               weight ? grad_weight.mutable_data_ptr<float>() : nullptr,
-                               bias ? grad_bias.mutable_data_ptr<float>() : nullptr);
-  if (ok) grads = {grad_weight, grad_bias};
+  // grad_input here only where w is finite (a 0 gradient times an inf weight is NaN in the
+  // dense sums); else the caller's dense kernels.
+  const Tensor wc = w.contiguous();
+  const bool input = mask[0] && all_finite(wc.const_data_ptr<float>(), wc.numel());
+  if (!input && !mask[1] && !mask[2]) return false;
+  Tensor grad_input, grad_weight, grad_bias;
+  if (input) grad_input = empty_of(x.sizes(), w.options());
+  if (mask[1]) grad_weight = empty_of(w.sizes(), w.options());
+  if (mask[2]) grad_bias = empty_of(at::IntArrayRef{conv.out_channels}, w.options());
+  const Tensor go = low_precision::widen(grad_output).contiguous();
+  const Tensor r = low_precision::widen(result).contiguous(), ix = indices.contiguous();
+  const Tensor xc = low_precision::widen(x).contiguous();
+  const bool ok = pooled_grads(
+      conv, pool, go.const_data_ptr<float>(), r.const_data_ptr<float>(),
+      ix.const_data_ptr<int64_t>(), xc.const_data_ptr<float>(), wc.const_data_ptr<float>(),
+      input ? grad_input.mutable_data_ptr<float>() : nullptr,
+      mask[1] ? grad_weight.mutable_data_ptr<float>() : nullptr,
+      mask[2] ? grad_bias.mutable_data_ptr<float>() : nullptr);
+  if (ok) grads = {grad_input, grad_weight, grad_bias};
   return ok;
 }
 

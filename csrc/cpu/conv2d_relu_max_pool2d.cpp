@@ -154,15 +154,15 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cpu(
     grads = conv2d_grads_in_layout(std::move(grads), input, weight);
     return bf16 ? low_precision::narrow(std::move(grads), at::kBFloat16) : grads;
   };
-  // grad_weight and grad_bias summed over the pool's windows (a quarter of the dense work for a
-  // 2x2 pool, less where relu zeroes windows: cpu/conv2d_pooled_grad.cpp); grad_input, if
-  // asked, by the paths below.
-  std::tuple<Tensor, Tensor> pooled_grads;
-  if ((mask[1] || mask[2]) &&
-      cpu::conv2d_weight_grads_pooled(s.conv, s.pool, grad_output, result, indices, x, w,
-                                      mask[1], mask[2], pooled_grads)) {
-    auto grads = in_layout({Tensor(), std::get<0>(pooled_grads), std::get<1>(pooled_grads)});
-    if (mask[0])
+  // The gradients summed over the pool's windows (a quarter of the dense work for a 2x2 pool,
+  // less where relu zeroes windows: cpu/conv2d_pooled_grad.cpp); grad_input by the paths below
+  // where that leaves it out (a non-finite weight). bfloat16 on AMX tiles keeps them (below).
+  std::tuple<Tensor, Tensor, Tensor> pooled;
+  if (!(bf16 && cpu::conv2d::amx_backward_weight_fits(s.conv)) &&
+      cpu::conv2d_grads_pooled(s.conv, s.pool, grad_output, result, indices, x, w, mask,
+                               pooled)) {
+    auto grads = in_layout(std::move(pooled));
+    if (mask[0] && !std::get<0>(grads).defined())
       std::get<0>(grads) = std::get<0>(conv2d_relu_max_pool2d_backward_cpu(
           grad_output, result, indices, input, weight, stride, padding, dilation, groups,
           pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_ceil_mode,

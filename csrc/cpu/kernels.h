@@ -48,19 +48,19 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_grads_direct(const Conv2dGeomet
                                                               const at::Tensor& w, bool bias,
                                                               const Conv2dDyImage& dy_of);
 
-// grad_weight and grad_bias (each where asked; else undefined) of conv2d followed by relu and
+// The gradients (each where mask asks; else undefined) of conv2d followed by relu and
 // max_pool2d, from the pooled gradient (grad_output, with relu's step taken from the pooled
-// result), the pooling's indices and x, summed over the pool's windows (cpu/
-// conv2d_pooled_grad.cpp): the gradients conv2d_backward_contiguous gives on the unpooled image,
-// up to rounding. False (grads untouched) where it does not apply: other than float32 on
-// AVX-512, a dilated convolution, a kernel of more than 64 taps, a non-finite x, an index outside
-// its plane.
-bool conv2d_weight_grads_pooled(const Conv2dGeometry<int64_t>& conv,
-                                const Pool2dGeometry<int64_t>& pool,
-                                const at::Tensor& grad_output, const at::Tensor& result,
-                                const at::Tensor& indices, const at::Tensor& x,
-                                const at::Tensor& w, bool weight, bool bias,
-                                std::tuple<at::Tensor, at::Tensor>& grads);
+// result), the pooling's indices, x and w, summed over the pool's windows (cpu/
+// conv2d_pooled_grad.cpp): those conv2d_backward_contiguous gives on the unpooled image, up to
+// rounding. grad_input is left undefined where w is not finite (the caller's dense kernels then
+// make it). False (grads untouched) where it does not apply: other than float32 on AVX-512, a
+// dilated convolution, an image whose patch columns exceed 256 KB, a non-finite x where
+// grad_weight is asked, an index outside its plane.
+bool conv2d_grads_pooled(const Conv2dGeometry<int64_t>& conv, const Pool2dGeometry<int64_t>& pool,
+                         const at::Tensor& grad_output, const at::Tensor& result,
+                         const at::Tensor& indices, const at::Tensor& x, const at::Tensor& w,
+                         std::array<bool, 3> mask,
+                         std::tuple<at::Tensor, at::Tensor, at::Tensor>& grads);
 
 // conv2d, then a 2x2 / stride-2 max_pool2d and relu, into preallocated contiguous output and
 // indices, where the convolution runs batch-innermost and the pooling is that one (LeNet's
