@@ -221,19 +221,22 @@ int64_t transpose_grain(int64_t F, int64_t n) {
 }
 
 template <typename T>
+void to_inner_range(const T* src, int64_t nb, int64_t F, int64_t f0, int64_t f1, T* dst,
+                    int64_t ld, int64_t nbc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (transpose_width() == 8) return to_inner_transpose_avx2(src, nb, F, f0, f1, dst, ld, nbc);
+  }
+  if (!gathers_ok(F))
+    to_inner(src, nb, F, f0, f1, dst, ld, nbc);
+  else if constexpr (std::is_same_v<T, float>)
+    to_inner_transpose_avx512(src, nb, F, f0, f1, dst, ld, nbc);
+  else
+    to_inner_gather_avx512(src, nb, F, f0, f1, dst, ld, nbc);
+}
+template <typename T>
 void to_inner_parallel(const T* src, int64_t nb, int64_t F, T* dst, int64_t ld, int64_t nbc) {
-  const bool fast = gathers_ok(F);
   at::parallel_for(0, F, transpose_grain(F, nbc), [&](int64_t f0, int64_t f1) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (transpose_width() == 8)
-        return to_inner_transpose_avx2(src, nb, F, f0, f1, dst, ld, nbc);
-    }
-    if (!fast)
-      to_inner(src, nb, F, f0, f1, dst, ld, nbc);
-    else if constexpr (std::is_same_v<T, float>)
-      to_inner_transpose_avx512(src, nb, F, f0, f1, dst, ld, nbc);
-    else
-      to_inner_gather_avx512(src, nb, F, f0, f1, dst, ld, nbc);
+    to_inner_range(src, nb, F, f0, f1, dst, ld, nbc);
   });
 }
 // bfloat16 x into float's batch-innermost layout, widened on the way: 16 x 16 blocks widened
@@ -265,15 +268,19 @@ PE_TARGET_AVX512 void to_inner_widen_avx512(const c10::BFloat16* src, int64_t nb
   }
 }
 #pragma GCC diagnostic pop
+void to_inner_range(const c10::BFloat16* src, int64_t nb, int64_t F, int64_t f0, int64_t f1,
+                    float* dst, int64_t ld, int64_t nbc) {
+  if (cpu::isa_for(Family::Conv2d) == cpu::Isa::Avx512)
+    return to_inner_widen_avx512(src, nb, F, f0, f1, dst, ld, nbc);
+  for (int64_t f = f0; f < f1; ++f) {
+    for (int64_t n = 0; n < nb; ++n) dst[f * ld + n] = bf16_to_float(src[n * F + f]);
+    for (int64_t n = nb; n < nbc; ++n) dst[f * ld + n] = 0.f;
+  }
+}
 void to_inner_parallel(const c10::BFloat16* src, int64_t nb, int64_t F, float* dst, int64_t ld,
                        int64_t nbc) {
-  const bool avx512 = cpu::isa_for(Family::Conv2d) == cpu::Isa::Avx512;
   at::parallel_for(0, F, transpose_grain(F, nbc), [&](int64_t f0, int64_t f1) {
-    if (avx512) return to_inner_widen_avx512(src, nb, F, f0, f1, dst, ld, nbc);
-    for (int64_t f = f0; f < f1; ++f) {
-      for (int64_t n = 0; n < nb; ++n) dst[f * ld + n] = bf16_to_float(src[n * F + f]);
-      for (int64_t n = nb; n < nbc; ++n) dst[f * ld + n] = 0.f;
-    }
+    to_inner_range(src, nb, F, f0, f1, dst, ld, nbc);
   });
 }
 
@@ -371,13 +378,32 @@ void forward_batch_inner_chunks(const Geometry& g, const S* x, const T* w,
   // Taps in the padding read zeros rather than being left out: 0 * (an inf or NaN weight) must
   // give NaN, as in torch and the im2col path. Only border pixels have such taps.
   const std::vector<T> zeros(static_cast<size_t>(ld), T(0));
+  // Bands of output rows, one per thread: each transposes the input rows its outputs start on
+  // (every channel), then computes those outputs, so that most of the x^T rows a thread's GEMMs
+  // read are in its own core's cache (one thread transposing all of x^T made the other's GEMMs
+  // read it across cores: twice as slow). Task b runs on thread b in both loops (ATen's even
+  // split of as many tasks as threads); any mapping gives the same results.
   for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
     const int64_t nb = std::min(chunk, g.batch - n0), nbc = round_up(nb, vw);
-    to_inner_parallel(x + n0 * f_in, nb, f_in, xt.data(), ld, nbc);
-    const double pixel_work = double(g.out_channels * K * nbc);
-    at::parallel_for(0, P, grain_for(pixel_work), [&](int64_t p0, int64_t p1) {
+    // (at least grain_for's work a band: 64 K multiply-adds)
+    const int64_t bands = std::clamp<int64_t>(P * g.out_channels * K * nbc / 65536, 1,
+                                              std::min<int64_t>(at::get_num_threads(), g.out_h));
+    auto band_rows = [&](int64_t b) { return g.out_h * b / bands; };  // first output row of b
+    auto band_input = [&](int64_t b) {  // first input row band b transposes
+      return b == 0       ? 0
+             : b == bands ? g.in_h
+                          : std::clamp<int64_t>(band_rows(b) * g.stride_h - g.padding_h, 0,
+                                                g.in_h);
+    };
+    at::parallel_for(0, bands, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t c = 0; c < g.in_channels; ++c)
+          to_inner_range(x + n0 * f_in, nb, f_in, c * hw + band_input(b) * g.in_w,
+                         c * hw + band_input(b + 1) * g.in_w, xt.data(), ld, nbc);
+    });
+    at::parallel_for(0, bands, 1, [&](int64_t b0, int64_t b1) {
       std::vector<const T*> brows(static_cast<size_t>(K));
-      for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t p = band_rows(b0) * g.out_w; p < band_rows(b1) * g.out_w; ++p) {
         const int64_t oh = p / g.out_w, ow = p % g.out_w;
         const bool inside = taps.interior(oh, ow);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
