@@ -154,9 +154,9 @@ def test_backward_unpooled_batch_innermost_is_the_unfused_chain(batch, size,
 # ---- The gradients summed over the pool's windows (cpu/conv2d_pooled_grad.cpp) -----------------
 # float32 with AVX-512: each window adds its gradient times the patch under its index's pixel to
 # grad_weight, and times the weights to grad_input's patch.
-# Geometries: LeNet's two blocks, padding, stride, groups, overlapping and ceil_mode pools, the
-# widest patches (8x8: four vectors; 7x7 three and a bit), a 1x1 kernel, batches over several
-# blocks of images (70: 9 blocks of 8; 600: 60 of 10).
+# Geometries: LeNet's two blocks (conv2's patch rows padded to whole vectors), padding, stride,
+# groups, overlapping and ceil_mode pools, patches of 1 to 13 vectors, a 1x1 kernel, batches over
+# several blocks of images (70: 9 blocks of 8; 600: 60 of 10).
 WINDOW_SUM_CASES = [
     # (batch, C_in, C_out, size, kernel, stride, padding, groups, pool kernel, stride, padding,
     #  ceil_mode)
@@ -168,6 +168,7 @@ WINDOW_SUM_CASES = [
     (3, 2, 4, 21, 7, 1, 3, 1, 3, 1, 1, False),
     (4, 5, 7, 11, 1, 1, 0, 1, 2, 2, 0, True),
     (1, 1, 2, 6, 2, 1, 0, 1, 2, 2, 0, False),
+    (6, 8, 5, 12, 5, 1, 2, 1, 2, 2, 0, False),  # 200 taps: 13 vectors, in two passes (12 + 1)
 ]
 
 

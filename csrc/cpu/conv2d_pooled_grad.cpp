@@ -74,13 +74,13 @@ PE_INLINE void patch_sums_nv(const T* cols, const int32_t* off, const T* val, in
     for (int s = 0; s < kSets; ++s) {
       const T* p = cols + off[e + s];
       const T g = val[e + s];
-      #pragma GCC unroll 8
+      #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[s][v] += g * *reinterpret_cast<const U*>(p + v * W);
     }
   }
   for (; e < count; ++e) {
     const T* p = cols + off[e];
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[0][v] += val[e] * *reinterpret_cast<const U*>(p + v * W);
   }
   for (int s = 1; s < kSets; ++s)
@@ -92,7 +92,7 @@ PE_INLINE void patch_sums_nv(const T* cols, const int32_t* off, const T* val, in
 // 17 KB), well inside L2. Larger images keep the dense kernels (the sums over windows were not
 // measured there).
 constexpr int64_t kMostImageFloats = 65536;
-constexpr int kPieceVectors = 8;  // a patch's vectors held in registers at once
+constexpr int kPieceVectors = 12;  // a patch's vectors held in registers at once (LeNet's conv2: 10)
 
 // sums[l] += sum over the list of val[e] * cols[off[e] + l], l < nv * 16: a patch's vectors in
 // pieces of at most kPieceVectors (each piece walks the list once).
@@ -109,7 +109,11 @@ PE_TARGET_AVX512 void patch_sums(const float* cols, int64_t nv, const int32_t* o
       case 5: patch_sums_nv<float, 64, 2, 5>(c, off, val, count, s); break;
       case 6: patch_sums_nv<float, 64, 2, 6>(c, off, val, count, s); break;
       case 7: patch_sums_nv<float, 64, 2, 7>(c, off, val, count, s); break;
-      default: patch_sums_nv<float, 64, 2, 8>(c, off, val, count, s); break;
+      case 8: patch_sums_nv<float, 64, 2, 8>(c, off, val, count, s); break;
+      case 9: patch_sums_nv<float, 64, 2, 9>(c, off, val, count, s); break;
+      case 10: patch_sums_nv<float, 64, 2, 10>(c, off, val, count, s); break;
+      case 11: patch_sums_nv<float, 64, 2, 11>(c, off, val, count, s); break;
+      default: patch_sums_nv<float, 64, 2, 12>(c, off, val, count, s); break;
     }
   }
 }
@@ -127,7 +131,7 @@ PE_TARGET_AVX512 inline void patch_scatter_nv(float* cols, const int32_t* off, c
   for (int64_t e = 0; e < count; ++e) {
     float* p = cols + off[e];
     const __m512 g = _mm512_set1_ps(val[e]);
-    #pragma GCC unroll 8
+    #pragma GCC unroll 16
     for (int v = 0; v < NV - 1; ++v)
       _mm512_storeu_ps(p + 16 * v, _mm512_fmadd_ps(g, wv[v], _mm512_loadu_ps(p + 16 * v)));
     float* q = p + 16 * (NV - 1);
@@ -151,7 +155,11 @@ PE_TARGET_AVX512 void patch_scatter(float* cols, int64_t nv, int64_t taps, const
       case 5: patch_scatter_nv<5>(c, off, val, count, wp, last); break;
       case 6: patch_scatter_nv<6>(c, off, val, count, wp, last); break;
       case 7: patch_scatter_nv<7>(c, off, val, count, wp, last); break;
-      default: patch_scatter_nv<8>(c, off, val, count, wp, last); break;
+      case 8: patch_scatter_nv<8>(c, off, val, count, wp, last); break;
+      case 9: patch_scatter_nv<9>(c, off, val, count, wp, last); break;
+      case 10: patch_scatter_nv<10>(c, off, val, count, wp, last); break;
+      case 11: patch_scatter_nv<11>(c, off, val, count, wp, last); break;
+      default: patch_scatter_nv<12>(c, off, val, count, wp, last); break;
     }
   }
 }
@@ -293,13 +301,24 @@ PE_TARGET_AVX512 void image_fold_columns(const Conv2dGeometry<int64_t>& g, const
         const float* base = cols + (grp * g.out_w * pc.hp + h) * pc.row + ci * g.kernel_w;
         float* out = dxp + ((grp * cin_g + ci) * pc.hp + h) * pc.wp;
         for (int64_t c = 0; c * 16 < pc.wp; ++c) {
-          __m512 acc = _mm512_setzero_ps();
-          for (int64_t r = runs.first[c]; r < runs.first[c + 1]; ++r)
-            acc = _mm512_add_ps(acc, _mm512_maskz_expandloadu_ps(runs.lanes[r], base + runs.at[r]));
+          // two partial sums, columns dealt alternately (one chain of adds waited on each)
+          __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+          int64_t r = runs.first[c];
+          const int64_t r1 = runs.first[c + 1];
+          for (; r + 2 <= r1; r += 2) {
+            even = _mm512_add_ps(even, _mm512_maskz_expandloadu_ps(runs.lanes[r],
+                                                                    base + runs.at[r]));
+            odd = _mm512_add_ps(odd, _mm512_maskz_expandloadu_ps(runs.lanes[r + 1],
+                                                                  base + runs.at[r + 1]));
+          }
+          if (r < r1)
+            even = _mm512_add_ps(even, _mm512_maskz_expandloadu_ps(runs.lanes[r],
+                                                                    base + runs.at[r]));
+          const __m512 sum = _mm512_add_ps(even, odd);
           const int64_t left = pc.wp - c * 16;
           _mm512_mask_storeu_ps(out + c * 16,
                                 static_cast<__mmask16>(left >= 16 ? 0xffffu : (1u << left) - 1u),
-                                acc);
+                                sum);
         }
       }
 }
