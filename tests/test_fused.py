@@ -169,6 +169,8 @@ WINDOW_SUM_CASES = [
     (4, 5, 7, 11, 1, 1, 0, 1, 2, 2, 0, True),
     (1, 1, 2, 6, 2, 1, 0, 1, 2, 2, 0, False),
     (6, 8, 5, 12, 5, 1, 2, 1, 2, 2, 0, False),  # 200 taps: 13 vectors, in two passes (12 + 1)
+    (4, 3, 6, 15, 3, 2, 1, 3, 2, 2, 0, False),  # one input channel a group: grad_weight alone
+                                                # from the image's kernel rows
 ]
 
 

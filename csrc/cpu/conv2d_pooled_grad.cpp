@@ -1,31 +1,41 @@
-// grad_weight and grad_bias of a convolution whose output went through relu and a max-pool
+// The gradients of a convolution whose output went through relu and a max-pool
 // (conv2d_relu_max_pool2d's backward), summed over the pool's windows instead of over the
 // convolution's whole gradient image.
 //
 // Unpooling puts each window's gradient at the one output pixel its index names and zero at every
 // other: at least three quarters of the gradient image a 2x2 pool leaves are zeros, more where
-// relu's step zeroes a window. conv2d's grad_weight, dW[co, ci, ki, kj] = sum over images and
-// pixels of dY[co, p] X[ci, tap (ki, kj) of p], is then a sum over windows: each window adds its
-// gradient times the input patch under its index's pixel. The patch is made contiguous by a copy
-// of the image as "patch columns" (each input kernel_w times, below), so a 5x5 patch is two
-// 16-lane vectors (25 of 32 lanes used) and a window costs two multiply-adds per input channel.
-// The windows relu or a zero gradient leave out are not in the list the sums walk. The sums are
-// those of the dense gradient image less terms that are exactly 0 * x: equal where x is finite
-// (up to rounding: another order); a non-finite input, where 0 * inf = NaN reaches the dense
-// sums, takes the dense kernels. Any pool geometry: overlapping windows add at a pixel as
-// unpooling adds them. AVX-512 and float32 only (masked loads, compressed lists); elsewhere the
-// dense kernels.
+// relu's step zeroes a window. conv2d's backward is linear in that image, so it is a sum over
+// windows: each window adds its gradient g times the input patch under its index's pixel to
+// grad_weight (dW[co] += g X[patch]), times the weights to that patch of grad_input (dX[patch] +=
+// g W[co]), and g to grad_bias. The windows relu or a zero gradient leave out are not in the list
+// the sums walk.
 //
-// Napkin math, LeNet's conv1 block at batch 64 (1 -> 6, 28x28 outputs, 2x2 pool): dense
-// grad_weight 7.5 M multiply-adds = 0.47 M 16-lane vector steps; here 64 x 6 x 196 = 75 K windows
-// x 2 vectors = 0.15 M, plus the patch columns (64 x 28 columns x 10 vectors, each 4 masked
-// loads) and the window lists (75 K windows, 16 a step). Measured (2 threads, this block's
-// backward without grad_input, medians of 200 calls): 179-190 -> 108 us; conv2's block (6 -> 16)
-// grad_weight + grad_bias 263 -> 165 us. Where the time goes, one thread, conv1: the patch
-// columns ~29%, the sums ~25%, the lists ~18% (perf).
+// Layouts: "patch columns" (PatchColumns) copy each image so that a patch over all of a group's
+// input channels is contiguous (each input kernel_w times: LeNet's conv2, 6 channels x 5 x 5 = 150
+// taps, is 10 16-lane vectors, 160 lanes with its rows padded to whole vectors); grad_input
+// scatters into the same layout and folds it back (image_fold_columns). A first layer (one input
+// channel a group, no grad_input: LeNet's conv1) reads its kernel rows from the image itself, one
+// masked 8-lane vector each (row_sums), which costs fewer instructions than copying the columns.
+//
+// Exactness: the sums are those of the dense gradient image less terms that are exactly 0 * x
+// (another order, so not bitwise the dense kernels'). A non-finite x (w), where 0 * inf = NaN
+// reaches the dense grad_weight (grad_input), takes the dense kernels for it. Any pool geometry:
+// overlapping windows add at a pixel as unpooling adds them. AVX-512 and float32 only (masked
+// loads, compressed lists, expanding loads; bfloat16 on float32 copies); elsewhere the dense
+// kernels. Images whose patch columns exceed 256 KB keep the dense kernels (not measured).
+//
+// Napkin math, LeNet at batch 64. conv1 block (1 -> 6, 28x28 outputs): dense grad_weight 7.5 M
+// multiply-adds = 0.47 M 16-lane steps; here 64 x 6 x 196 = 75 K windows x 5 rows = 0.38 M 8-lane
+// steps (half the lanes, a third fewer instructions, no copy). conv2 block (6 -> 16, 10x10):
+// dense grad_weight and grad_input 2 x 15.4 M multiply-adds = 1.9 M steps; here 64 x 16 x 25 =
+// 25.6 K windows x 10 vectors, twice (grad_weight; grad_input's read-modify-write) = 0.51 M.
+// Measured (2 threads, medians of 200 calls, the blocks' backward before -> after): conv1
+// without grad_input 179-190 -> 93-95 us;
+// conv2 441 -> 262 us. One thread, conv2's grad_input alone: the scatter ~54% of its time, the
+// fold ~20% (perf); conv1: the row sums ~55%, the lists ~25%.
 //
 // Deterministic: the batch is split into at most 64 fixed blocks of images (not by thread
-// count), each block's sums are added in block order.
+// count), each block's sums are added in block order; grad_input is per image.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
@@ -66,7 +76,9 @@ PE_INLINE void patch_sums_nv(const T* cols, const int32_t* off, const T* val, in
   using V = typename Bytes<T, kBytes>::type;
   using U = typename Bytes<T, kBytes>::unaligned;
   V acc[kSets][NV];
+  #pragma GCC unroll 8
   for (int s = 0; s < kSets; ++s)
+    #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[s][v] = V{};
   int64_t e = 0;
   for (; e + kSets <= count; e += kSets) {
@@ -83,8 +95,11 @@ PE_INLINE void patch_sums_nv(const T* cols, const int32_t* off, const T* val, in
     #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[0][v] += val[e] * *reinterpret_cast<const U*>(p + v * W);
   }
+  #pragma GCC unroll 8
   for (int s = 1; s < kSets; ++s)
+    #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[0][v] += acc[s][v];
+  #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) *reinterpret_cast<U*>(sums + v * W) += acc[0][v];
 }
 
@@ -161,6 +176,58 @@ PE_TARGET_AVX512 void patch_scatter(float* cols, int64_t nv, int64_t taps, const
       case 11: patch_scatter_nv<11>(c, off, val, count, wp, last); break;
       default: patch_scatter_nv<12>(c, off, val, count, wp, last); break;
     }
+  }
+}
+
+// grad_weight where a group has one input channel (a network's first layer: LeNet's conv1), read
+// straight from the padded image: sums[ki * 8 + l] += sum over the list of val[e] * xp[off[e] +
+// ki * wp + l], l < kernel_w <= 8 (a masked 8-lane load per kernel row), KH <= 5 rows. Cheaper there
+// than the patch columns, whose copies (kernel_w per input) the other channels would not share.
+template <int KH, int kSets>
+PE_TARGET_AVX512 inline void row_sums_kh(const float* xp, int64_t wp, __mmask8 lanes,
+                                         const int32_t* off, const float* val, int64_t count,
+                                         float* sums) {
+  __m256 acc[kSets][KH];
+  #pragma GCC unroll 8
+  for (int s = 0; s < kSets; ++s)
+    #pragma GCC unroll 8
+    for (int r = 0; r < KH; ++r) acc[s][r] = _mm256_setzero_ps();
+  int64_t e = 0;
+  for (; e + kSets <= count; e += kSets) {
+    #pragma GCC unroll 8
+    for (int s = 0; s < kSets; ++s) {
+      const float* p = xp + off[e + s];
+      const __m256 g = _mm256_set1_ps(val[e + s]);
+      #pragma GCC unroll 8
+      for (int r = 0; r < KH; ++r)
+        acc[s][r] = _mm256_fmadd_ps(g, _mm256_maskz_loadu_ps(lanes, p + r * wp), acc[s][r]);
+    }
+  }
+  for (; e < count; ++e) {
+    const float* p = xp + off[e];
+    const __m256 g = _mm256_set1_ps(val[e]);
+    #pragma GCC unroll 8
+    for (int r = 0; r < KH; ++r)
+      acc[0][r] = _mm256_fmadd_ps(g, _mm256_maskz_loadu_ps(lanes, p + r * wp), acc[0][r]);
+  }
+  #pragma GCC unroll 8
+  for (int s = 1; s < kSets; ++s)
+    #pragma GCC unroll 8
+    for (int r = 0; r < KH; ++r) acc[0][r] = _mm256_add_ps(acc[0][r], acc[s][r]);
+  #pragma GCC unroll 8
+  for (int r = 0; r < KH; ++r)
+    _mm256_storeu_ps(sums + r * 8, _mm256_add_ps(_mm256_loadu_ps(sums + r * 8), acc[0][r]));
+}
+constexpr int64_t kMostRowKernel = 8;  // kernel_w of row_sums (an 8-lane vector)
+PE_TARGET_AVX512 void row_sums(const float* xp, int64_t wp, int64_t kh, int64_t kw,
+                               const int32_t* off, const float* val, int64_t count, float* sums) {
+  const __mmask8 lanes = static_cast<__mmask8>((1u << kw) - 1u);
+  switch (kh) {  // (four accumulator sets: 20 registers at most)
+    case 1: return row_sums_kh<1, 4>(xp, wp, lanes, off, val, count, sums);
+    case 2: return row_sums_kh<2, 4>(xp, wp, lanes, off, val, count, sums);
+    case 3: return row_sums_kh<3, 4>(xp, wp, lanes, off, val, count, sums);
+    case 4: return row_sums_kh<4, 4>(xp, wp, lanes, off, val, count, sums);
+    default: return row_sums_kh<5, 4>(xp, wp, lanes, off, val, count, sums);
   }
 }
 
@@ -324,22 +391,18 @@ PE_TARGET_AVX512 void image_fold_columns(const Conv2dGeometry<int64_t>& g, const
 }
 
 // Window list of one (image, output channel) plane of `windows` pooled gradients: the windows
-// relu's step keeps whose gradient is not 0, in order, as the offset of their patch in cols
-// (from `base`) and their gradient (off and val have room for windows + 15: whole vectors are
-// stored); adds the kept gradients to bias's lanes. Returns their count, or -1 at an index
-// outside its plane.
-PE_TARGET_AVX512 int64_t window_list(const Conv2dGeometry<int64_t>& g, const PatchColumns& pc,
+// relu's step keeps whose gradient is not 0, in order, as the offset of their patch (base +
+// patch_at[p] for the output pixel p their index names) and their gradient (off and val have
+// room for windows + 15: whole vectors are stored); adds the kept gradients to bias's lanes.
+// Returns their count, or -1 at an index outside its plane. (The offsets by a gather from the
+// table: computing divmod(p, out_w) in vectors was a chain of ~45 cycles' latency a step.)
+PE_TARGET_AVX512 int64_t window_list(const Conv2dGeometry<int64_t>& g, const int32_t* patch_at,
                                      const float* grad, const float* result,
                                      const int64_t* indices, int64_t windows, int32_t base,
                                      int32_t* off, float* val, float* bias) {
   __m512 bias_sum = _mm512_loadu_ps(bias);
-  const int64_t out_plane = g.out_pixels();
-  const __m512 inv_w = _mm512_set1_ps(1.f / static_cast<float>(g.out_w));
-  const __m512i ow_n = _mm512_set1_epi32(static_cast<int>(g.out_w));
-  const __m512i col_step = _mm512_set1_epi32(static_cast<int>(pc.hp * pc.row));
-  const __m512i row_step = _mm512_set1_epi32(static_cast<int>(g.stride_h * pc.row));
   const __m512i base_v = _mm512_set1_epi32(base);
-  const __m512i plane_v = _mm512_set1_epi64(out_plane);
+  const __m512i plane_v = _mm512_set1_epi64(g.out_pixels());
   int64_t count = 0;
   for (int64_t q = 0; q < windows; q += 16) {
     const __mmask16 m = static_cast<__mmask16>(
@@ -356,18 +419,8 @@ PE_TARGET_AVX512 int64_t window_list(const Conv2dGeometry<int64_t>& g, const Pat
     if ((inside & m) != m) return -1;
     const __m512i p = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)),
                                          _mm512_cvtepi64_epi32(hi), 1);
-    // (oh, ow) = divmod(p, out_w): the float quotient (p < 2^24), corrected by one either way
-    __m512i oh = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(p), inv_w));
-    __m512i ow = _mm512_sub_epi32(p, _mm512_mullo_epi32(oh, ow_n));
-    const __mmask16 under = _mm512_cmplt_epi32_mask(ow, _mm512_setzero_si512());
-    oh = _mm512_mask_sub_epi32(oh, under, oh, _mm512_set1_epi32(1));
-    ow = _mm512_mask_add_epi32(ow, under, ow, ow_n);
-    const __mmask16 over = _mm512_cmpge_epi32_mask(ow, ow_n);
-    oh = _mm512_mask_add_epi32(oh, over, oh, _mm512_set1_epi32(1));
-    ow = _mm512_mask_sub_epi32(ow, over, ow, ow_n);
     const __m512i at = _mm512_add_epi32(
-        base_v, _mm512_add_epi32(_mm512_mullo_epi32(ow, col_step),
-                                 _mm512_mullo_epi32(oh, row_step)));
+        base_v, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), keep, p, patch_at, 4));
     _mm512_storeu_si512(off + count, _mm512_maskz_compress_epi32(keep, at));
     _mm512_storeu_ps(val + count, _mm512_maskz_compress_ps(keep, gv));
     bias_sum = _mm512_add_ps(bias_sum, _mm512_maskz_mov_ps(keep, gv));
@@ -384,7 +437,13 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t kh = g.kernel_h, kw = g.kernel_w, khw = kh * kw;
   const PatchColumns pc(g);
-  const int64_t taps = kh * pc.row, nv = (taps + 15) / 16, width = nv * 16;  // (R's padding too)
+  // grad_weight from kernel rows of the padded image where a group has one input channel and no
+  // grad_input wants the columns (a first layer), else from the patch columns. Up to 5 rows the
+  // rows' sums take the 4 accumulator sets the columns' take (a patch of at most 4 vectors):
+  // the same bits, with grad_input asked or not.
+  const bool by_rows = !dx && cin_g == 1 && kw <= kMostRowKernel && kh <= 5;
+  const int64_t taps = kh * pc.row, nv = (taps + 15) / 16;  // (R's padding too)
+  const int64_t width = by_rows ? kh * 8 : nv * 16;  // a patch's sums
   const int64_t windows = pool.out_pixels(), in_image = g.in_channels * g.in_h * g.in_w;
   const int64_t padded_image = g.in_channels * pc.hp * pc.wp;
   const bool pads = g.padding_h > 0 || g.padding_w > 0;
@@ -396,6 +455,14 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
   CachedBuffer<float> sums(static_cast<size_t>(blocks * block_size), /*zero=*/true);
   const ColumnRuns runs(g, pc);
   const FoldRuns fold(g, pc);
+  // Each output pixel's patch, from its group's first: in the padded image (by_rows), in the
+  // patch columns (else).
+  std::vector<int32_t> patch_at(static_cast<size_t>(g.out_pixels()));
+  for (int64_t p = 0; p < g.out_pixels(); ++p) {
+    const int64_t oh = p / g.out_w, ow = p % g.out_w;
+    patch_at[p] = static_cast<int32_t>(by_rows ? oh * g.stride_h * pc.wp + ow * g.stride_w
+                                               : pc.patch_at(g, 0, oh, ow));
+  }
   // w in the same (ki, ci, kj) order, zero past the patch, for grad_input's scatter.
   std::vector<float> wk(dx ? static_cast<size_t>(g.out_channels * width) : 0, 0.f);
   if (dx)
@@ -409,8 +476,10 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
     // past), one window list, the padded image and its gradient.
     thread_local std::vector<float> cols, dcols, val, xpad, dxpad;
     thread_local std::vector<int32_t> off;
-    cols.resize(static_cast<size_t>(pc.image + width));
-    std::fill(cols.begin() + pc.image, cols.end(), 0.f);
+    if (!by_rows) {
+      cols.resize(static_cast<size_t>(pc.image + width));
+      std::fill(cols.begin() + pc.image, cols.end(), 0.f);
+    }
     val.resize(static_cast<size_t>(windows + 15));
     off.resize(static_cast<size_t>(windows + 15));
     if (pads) xpad.assign(static_cast<size_t>(padded_image), 0.f);
@@ -432,20 +501,25 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
               for (int64_t h = 0; h < g.in_h; ++h)
                 std::copy(xn + (c * g.in_h + h) * g.in_w, xn + (c * g.in_h + h + 1) * g.in_w,
                           xpad.data() + (c * pc.hp + g.padding_h + h) * pc.wp + g.padding_w);
-          image_patch_columns(g, pc, runs, pads ? xpad.data() : xn, cols.data());
+          if (!by_rows) image_patch_columns(g, pc, runs, pads ? xpad.data() : xn, cols.data());
         }
+        const float* image = pads ? xpad.data() : x + n * in_image;  // (by_rows)
         if (dx) std::fill(dcols.begin(), dcols.begin() + pc.image, 0.f);
         for (int64_t co = 0; co < g.out_channels; ++co) {
           const int64_t at = (n * g.out_channels + co) * windows;
+          const int64_t grp = co / cout_g;
           const int64_t count = window_list(
-              g, pc, grad_output + at, result + at, indices + at, windows,
-              static_cast<int32_t>(pc.patch_at(g, co / cout_g, 0, 0)), off.data(), val.data(),
-              part + sums_size + co * 16);
+              g, patch_at.data(), grad_output + at, result + at, indices + at, windows,
+              static_cast<int32_t>(by_rows ? grp * pc.hp * pc.wp : pc.patch_at(g, grp, 0, 0)),
+              off.data(), val.data(), part + sums_size + co * 16);
           if (count < 0) {  // the general unpooling names the index
             ok = false;
             return;
           }
-          if (dw) patch_sums(cols.data(), nv, off.data(), val.data(), count, part + co * width);
+          if (dw && by_rows)
+            row_sums(image, pc.wp, kh, kw, off.data(), val.data(), count, part + co * width);
+          else if (dw)
+            patch_sums(cols.data(), nv, off.data(), val.data(), count, part + co * width);
           if (dx)
             patch_scatter(dcols.data(), nv, taps, off.data(), val.data(), count,
                           wk.data() + co * width);
@@ -472,7 +546,7 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
       for (int64_t ci = 0; ci < cin_g; ++ci)
         for (int64_t k = 0; k < khw; ++k)
           dw[(co * cin_g + ci) * khw + k] =
-              sums[co * width + (k / kw) * pc.row + ci * kw + k % kw];
+              sums[co * width + (k / kw) * (by_rows ? 8 : pc.row) + ci * kw + k % kw];
   if (db)
     for (int64_t co = 0; co < g.out_channels; ++co) {
       const float* lanes = sums.data() + sums_size + co * 16;
@@ -500,9 +574,8 @@ bool conv2d_grads_pooled(const Conv2dGeometry<int64_t>& conv, const Pool2dGeomet
     return false;
   const PatchColumns pc(conv);
   if (conv.batch == 0 || conv.dilation_h != 1 || conv.dilation_w != 1 ||
-      pc.image > kMostImageFloats || conv.out_pixels() >= (int64_t(1) << 24) ||
-      pool.in_h != conv.out_h || pool.in_w != conv.out_w)
-    return false;
+      pc.image > kMostImageFloats || pool.in_h != conv.out_h || pool.in_w != conv.out_w)
+    return false;  // (small images: every offset and pixel index fits int32)
   // grad_input here only where w is finite (a 0 gradient times an inf weight is NaN in the
   // dense sums); else the caller's dense kernels.
   const Tensor wc = w.contiguous();
