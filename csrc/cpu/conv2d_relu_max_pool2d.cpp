@@ -22,10 +22,12 @@
 // on AMX tiles (LeNet's conv2 block on CPUs with them: cpu/conv2d_amx.cpp) the convolution's
 // float32 sums are stored and pooled, and the backward unpools into a bfloat16 gradient image
 // for conv2d_backward's tiles: they save more than those passes cost (the block at batch 256:
-// forward 0.71 -> 0.41 ms, backward 1.47 -> 0.86). In float32 with AVX-512, grad_weight and
-// grad_bias need no gradient image at all: each pool window adds its gradient times the patch
-// under its index's pixel (cpu/conv2d_pooled_grad.cpp; a quarter of the dense work for a 2x2
-// pool, less where relu zeroes windows); only grad_input, where asked, takes the paths below.
+// forward 0.71 -> 0.41 ms, backward 1.47 -> 0.86). In float32 with AVX-512 (and bfloat16 on
+// float32 copies) the backward needs no gradient image at all: each pool window adds its gradient
+// times the patch under its index's pixel to grad_weight and times the weights to that patch of
+// grad_input (cpu/conv2d_pooled_grad.cpp; a quarter of the dense work for a 2x2 pool, less where
+// relu zeroes windows); the paths below serve the other levels and dtypes, and the inputs it
+// leaves to them (a non-finite x or w).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
