@@ -30,9 +30,10 @@
 // dense grad_weight and grad_input 2 x 15.4 M multiply-adds = 1.9 M steps; here 64 x 16 x 25 =
 // 25.6 K windows x 10 vectors, twice (grad_weight; grad_input's read-modify-write) = 0.51 M.
 // Measured (2 threads, medians of 200 calls, the blocks' backward before -> after): conv1
-// without grad_input 179-190 -> 93-95 us;
-// conv2 441 -> 262 us. One thread, conv2's grad_input alone: the scatter ~54% of its time, the
-// fold ~20% (perf); conv1: the row sums ~55%, the lists ~25%.
+// without grad_input 179-190 -> 92-94 us; conv2 441 -> 226-232 us. One thread, conv2's
+// grad_input alone (before the columns were line-aligned, which took it 169 -> 125 us on two
+// threads): the scatter ~54% of its time, the fold ~20% (perf); conv1: the row sums ~55%, the
+// lists ~25%.
 //
 // Deterministic: the batch is split into at most 64 fixed blocks of images (not by thread
 // count), each block's sums are added in block order; grad_input is per image.
@@ -474,7 +475,8 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     // One image's patch columns and their gradient (+ the slack a last patch's vectors read
     // past), one window list, the padded image and its gradient.
-    thread_local std::vector<float> cols, dcols, val, xpad, dxpad;
+    thread_local LineVector<float> cols, dcols;  // (patches on cache lines: see PatchColumns)
+    thread_local std::vector<float> val, xpad, dxpad;
     thread_local std::vector<int32_t> off;
     if (!by_rows) {
       cols.resize(static_cast<size_t>(pc.image + width));

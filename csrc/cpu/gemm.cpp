@@ -37,6 +37,7 @@
 // tile runs at ~160 GFLOP/s on panels in cache, as MKL's sgemm does there (162-164).
 #include "cpu/gemm.h"
 
+#include "cpu/allocator.h"
 #include "cpu/isa.h"
 #include "cpu/transpose.h"
 
@@ -271,23 +272,10 @@ PE_INLINE void op_rows_ind(int mr, int64_t kc, const T* const* a, int64_t ai,
   }
 }
 
-// Packed panels start on a cache line: the kernels' full-vector loads of B's rows (and A's MR-row
-// k steps) then never straddle two lines.
+// Packed panels start on a cache line (cpu/allocator.h's LineVector): the kernels' full-vector
+// loads of B's rows (and A's MR-row k steps) then never straddle two lines.
 template <typename T>
-struct LineAligned {
-  using value_type = T;
-  LineAligned() = default;
-  template <typename U>
-  LineAligned(const LineAligned<U>&) {}
-  T* allocate(size_t n) {
-    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
-  }
-  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
-  template <typename U>
-  bool operator==(const LineAligned<U>&) const { return true; }
-};
-template <typename T>
-using PanelBuffer = std::vector<T, LineAligned<T>>;
+using PanelBuffer = LineVector<T>;
 
 template <typename T>
 PanelBuffer<T>& scratch_a() {
