@@ -52,6 +52,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -104,6 +106,32 @@ void bias_grad(const Geometry& g, const T* dy, T* db) {
 template void bias_grad<float>(const Geometry&, const float*, float*);
 template void bias_grad<double>(const Geometry&, const double*, double*);
 
+namespace {
+// AVX-512: 16 exponents a step (all ones: inf or NaN), no branch.
+PE_TARGET_AVX512 bool all_finite_avx512(const float* p, int64_t n) {
+  const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+  __mmask16 bad = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = static_cast<__mmask16>(n - i >= 16 ? 0xffffu : (1u << (n - i)) - 1u);
+    const __m512i e = _mm512_and_si512(_mm512_maskz_loadu_epi32(m, p + i), exponent);
+    bad |= _mm512_mask_cmpeq_epi32_mask(m, e, exponent);
+  }
+  return bad == 0;
+}
+template <typename T>
+bool all_finite_portable(const T* p, int64_t n) {
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(p[i]);
+  return finite;
+}
+}  // namespace
+
+bool all_finite(const float* p, int64_t n) {
+  return cpu::isa_for(Family::Conv2d) == cpu::Isa::Avx512 ? all_finite_avx512(p, n)
+                                                          : all_finite_portable(p, n);
+}
+bool all_finite(const double* p, int64_t n) { return all_finite_portable(p, n); }
+
 }  // namespace conv2d
 }  // namespace cpu
 
@@ -111,13 +139,6 @@ namespace {
 
 using at::Tensor;
 using cpu::conv2d::Geometry;
-
-template <typename T>
-bool all_finite(const T* p, int64_t n) {
-  bool finite = true;
-  for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(p[i]);
-  return finite;
-}
 
 // The batch-innermost path (conv2d_batch_inner.cpp) where its GEMMs beat im2col's: stride 1 (a
 // tap's input vectors are then the output's, shifted), output rows of at most 16 columns (where
@@ -272,7 +293,7 @@ void backward_other(const conv2d::Geometry& g, const T* dy, const T* x, const T*
              cpu::conv2d::backward_input_winograd<T>(g, dy, w, dx)) {
     dx = nullptr;  // (a non-finite one is computed again below)
   } else if (dx && cpu::conv2d::implicit_fits_backward_input(g) &&
-             all_finite(w, g.out_channels * g.taps_per_group())) {
+             cpu::conv2d::all_finite(w, g.out_channels * g.taps_per_group())) {
     // (As a convolution of dY padded with zeros, it would multiply an Inf or NaN weight by
     // padding, where torch's grad_input has no term: such weights take im2col.)
     cpu::conv2d::backward_input_implicit<T>(g, dy, w, dx);

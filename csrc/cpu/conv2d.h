@@ -133,6 +133,10 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
                                                        const at::Tensor& grad_output,
                                                        const at::Tensor& input, bool bias);
 bool all_finite_bf16(const at::Tensor& t);
+// False where an element of p[0, n) is Inf or NaN: the kernels that would multiply such a value
+// by 0 where torch has no term (or 0 * Inf = NaN where they skip one) leave it to others.
+bool all_finite(const float* p, int64_t n);
+bool all_finite(const double* p, int64_t n);
 // float_output: y in float32, unrounded (the fused conv + relu + max-pool block rounds once,
 // after pooling); bias (bfloat16) included either way.
 at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,

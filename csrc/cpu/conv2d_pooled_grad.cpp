@@ -51,6 +51,7 @@
 #include "common/layout.h"
 #include "common/low_precision.h"
 #include "cpu/allocator.h"
+#include "cpu/conv2d.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 
@@ -302,19 +303,6 @@ struct ColumnRuns {
   }
 };
 
-// False where an element of x[0, n) is not finite (its exponent all ones: inf or NaN).
-PE_TARGET_AVX512 bool all_finite(const float* x, int64_t n) {
-  const __m512i exponent = _mm512_set1_epi32(0x7f800000);
-  __mmask16 bad = 0;
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m =
-        static_cast<__mmask16>(n - i >= 16 ? 0xffffu : (1u << (n - i)) - 1u);
-    const __m512i e = _mm512_and_si512(_mm512_maskz_loadu_epi32(m, x + i), exponent);
-    bad |= _mm512_mask_cmpeq_epi32_mask(m, e, exponent);
-  }
-  return bad == 0;
-}
-
 // One image's patch columns from its padded planes (xp: in_channels x hp x wp).
 PE_TARGET_AVX512 void image_patch_columns(const Conv2dGeometry<int64_t>& g,
                                           const PatchColumns& pc, const ColumnRuns& runs,
@@ -494,7 +482,7 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
       for (int64_t n = blk * per_block; n < std::min(g.batch, (blk + 1) * per_block); ++n) {
         if (dw) {
           const float* xn = x + n * in_image;
-          if (!all_finite(xn, in_image)) {
+          if (!conv2d::all_finite(xn, in_image)) {
             ok = false;  // 0 * inf in the dense sums: the dense kernels
             return;
           }
@@ -581,7 +569,7 @@ bool conv2d_grads_pooled(const Conv2dGeometry<int64_t>& conv, const Pool2dGeomet
   // grad_input here only where w is finite (a 0 gradient times an inf weight is NaN in the
   // dense sums); else the caller's dense kernels.
   const Tensor wc = w.contiguous();
-  const bool input = mask[0] && all_finite(wc.const_data_ptr<float>(), wc.numel());
+  const bool input = mask[0] && conv2d::all_finite(wc.const_data_ptr<float>(), wc.numel());
   if (!input && !mask[1] && !mask[2]) return false;
   Tensor grad_input, grad_weight, grad_bias;
   if (input) grad_input = empty_of(x.sizes(), w.options());
