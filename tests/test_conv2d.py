@@ -59,9 +59,11 @@ def backward(g, x, w, stride=1, padding=0, dilation=1, groups=1, mask=(True, Tru
     (2, 256, 128, 5, 6, 3, 1, 1, 1, 2),
     (1, 64, 128, 9, 8, 3, 2, 1, 1, 1),
     # stride 2 on rows of 16+ columns (the phase planes' vector split): odd width and padding,
-    # even padding, each with a tail of columns
+    # even padding, each with a tail of columns; a tail of 19 (past one vector: both loads
+    # masked) with an odd padding beyond 1
     (1, 16, 32, 5, 37, 3, 2, 1, 1, 1),
     (2, 16, 16, 4, 34, 3, 2, 2, 1, 1),
+    (1, 16, 16, 4, 51, 3, 2, 3, 1, 1),
     # strided grad_input by stride phases: stride 3, grouped; padding wider than the kernel
     (2, 32, 12, 11, 10, 3, 3, 2, 1, 2),
     (1, 16, 8, 12, 9, 3, 2, 4, 1, 1),

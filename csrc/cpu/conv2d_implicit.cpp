@@ -98,14 +98,24 @@ void fill_planes(const Geometry& g, const Planes& p, const T* x, T* planes) {
     for (int64_t ih = 0; ih < g.in_h; ++ih) {
       const int64_t r = ih + g.padding_h;  // padded row
       const T* srow = src + ih * g.in_w;
+      // The input is read once, from L3 or memory, in rows too short for the hardware
+      // prefetcher to run far ahead: ask for the lines ~2 KB on (a stride-2 3x3 forward, one
+      // thread: 3-5% faster; 1 KB no different).
+      const char* ahead = reinterpret_cast<const char*>(srow) + 2048;
+      for (int64_t byte = 0; byte < g.in_w * int64_t(sizeof(T)); byte += 64)
+        __builtin_prefetch(ahead + byte, /*rw=*/0, /*locality=*/2);
       T* drows = dst + (r % sh) * sw * p.plane + (r / sh) * p.pw;
-      if (std::is_same_v<T, float> && sw == 2 && isa == Isa::Avx2) {
+      if (std::is_same_v<T, float> && sw == 2 && (isa == Isa::Avx2 || isa == Isa::Avx512)) {
         // Input column c is padded column c + padding_w: phase (c + padding_w) % 2, column
         // (c + padding_w) / 2 of it.
         const int64_t pad = g.padding_w;
-        deinterleave(reinterpret_cast<const float*>(srow), g.in_w,
-                     reinterpret_cast<float*>(drows + (pad % 2) * p.plane + pad / 2),
-                     reinterpret_cast<float*>(drows + ((pad + 1) % 2) * p.plane + (pad + 1) / 2));
+        const float* from = reinterpret_cast<const float*>(srow);
+        float* even = reinterpret_cast<float*>(drows + (pad % 2) * p.plane + pad / 2);
+        float* odd = reinterpret_cast<float*>(drows + ((pad + 1) % 2) * p.plane + (pad + 1) / 2);
+        if (isa == Isa::Avx512)
+          deinterleave16(from, g.in_w, even, odd);
+        else
+          deinterleave(from, g.in_w, even, odd);
         continue;
       }
       // Phase q holds padded columns j * sw + q, i.e. input columns j * sw + q - padding_w.
@@ -116,10 +126,6 @@ void fill_planes(const Geometry& g, const Planes& p, const T* x, T* planes) {
         const int64_t j1 = g.in_w - 1 - off < 0 ? 0 : (g.in_w - 1 - off) / sw + 1;
         if (sw == 1) {
           if (j1 > j0) std::memcpy(drow + j0, srow + j0 + off, (j1 - j0) * sizeof(T));
-        } else if (std::is_same_v<T, float> && sw == 2 && isa == Isa::Avx512) {
-          if (j1 > j0)
-            copy_even(reinterpret_cast<const float*>(srow + j0 * 2 + off), j1 - j0,
-                      reinterpret_cast<float*>(drow + j0));
         } else {
           for (int64_t j = j0; j < j1; ++j) drow[j] = srow[j * sw + off];
         }
@@ -199,8 +205,15 @@ void run(const Geometry& g, const T* x, const T* wt, int64_t ldw, const T* bias,
       if (yt.size() < static_cast<size_t>(m * cout_g)) yt.resize(static_cast<size_t>(m * cout_g));
       gemm_indirect<T>(m, cout_g, K, a_rows.data(), b_rows.data() + grp * K, yt.data(), cout_g, 1,
                        /*accumulate=*/false, gather ? gathered.data() : nullptr);
-      // Y^T block -> NCHW, plus the bias; flattened rows' discarded columns are skipped.
+      // Y^T block -> NCHW, plus the bias: rows of out_w pixels (gathered, or no discarded
+      // columns) are the block's output in NCHW order, one transpose; flattened rows skip their
+      // discarded columns, output row by output row.
       T* yg = y + n * g.out_image() + grp * cout_g * P;
+      if (pitch == g.out_w) {
+        transpose(m, cout_g, yt.data(), cout_g, yg + oh0 * g.out_w, P,
+                  bias ? bias + grp * cout_g : nullptr);
+        continue;
+      }
       for (int64_t oh = oh0; oh < oh1; ++oh)
         transpose(g.out_w, cout_g, yt.data() + (oh - oh0) * pitch * cout_g, cout_g,
                   yg + oh * g.out_w, P, bias ? bias + grp * cout_g : nullptr);
