@@ -320,7 +320,10 @@ def test_backward_is_deterministic(device):
 
 
 @pytest.mark.parametrize("shape", [(37, 3, 8, 17, 15, 3, 1, 0, 1, 1),
-                                   (4, 16, 96, 20, 20, 3, 1, 1, 1, 1)] + ALGORITHM_SHAPES)
+                                   (4, 16, 96, 20, 20, 3, 1, 1, 1, 1),
+                                   # implicit grad_weight's batch in two slices of 2 and 1
+                                   # images (one thread walks them one after the other)
+                                   (3, 16, 96, 20, 20, 3, 2, 1, 1, 1)] + ALGORITHM_SHAPES)
 def test_results_independent_of_thread_count(shape):
     """Bitwise the same results on 1, 2 and 3 threads, on every algorithm."""
     n, cin, cout, h, w_, k, s, p, d, g = shape
