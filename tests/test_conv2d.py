@@ -76,6 +76,7 @@ def backward(g, x, w, stride=1, padding=0, dilation=1, groups=1, mask=(True, Tru
     (4, 32, 48, 2, 2, 3, 1, 1, 1, 1),
     (5, 64, 32, 14, 14, 3, 1, 1, 1, 1),
     (1, 96, 80, 30, 17, 3, 1, 1, 1, 1),
+    (3, 128, 160, 26, 26, 3, 1, 1, 1, 1),   # U over 1 MB: larger blocks, ending mid-image
     # ... and its grad_weight (128+ channels): odd sizes, paddings 0 and 2
     (3, 128, 160, 9, 7, 3, 1, 0, 1, 1),
     (2, 144, 128, 5, 4, 3, 1, 2, 1, 1),

@@ -401,9 +401,16 @@ void window_rows(const Problem& p, const T* x, int64_t row, int64_t c, bool pref
 template <typename T>
 bool convolve(const Problem& p, const T* x, const T* u, const T* bias, T* y) {
   constexpr int64_t L = lanes<T>();
+  // Blocks of ~512 KB of V and M; ~1.6 MB where U exceeds 1 MB. Every block reads all of U
+  // (16 in_c x out_c matrices) once, from L3 when U is larger than L2 can keep beside V and M:
+  // at 256 -> 256 (4 MB of U) blocks of 14 tiles spent more time waiting for U than multiplying
+  // (forward @14, batch 8: one thread 12.5 -> 10.8 ms with blocks of 49 tiles, one image; two
+  // threads 6.5 -> 5.9, 6.05 with blocks of 42). Wider layers still wait: 512 -> 512 has 16 MB
+  // of U for blocks of 25 tiles (splitting U by output channels would be the next step).
   const int64_t per_tile = kXi * (p.in_c + p.out_c) * int64_t(sizeof(T));
-  const int64_t rows_per_block =
-      std::clamp<int64_t>((int64_t(512) << 10) / per_tile / p.tw, 1, p.batch * p.th);
+  const int64_t u_bytes = kXi * p.in_c * p.out_c * int64_t(sizeof(T));
+  const int64_t budget = (u_bytes > (int64_t(1) << 20) ? 1600 : 512) << 10;
+  const int64_t rows_per_block = std::clamp<int64_t>(budget / per_tile / p.tw, 1, p.batch * p.th);
   const int64_t blocks = ceil_div(p.batch * p.th, rows_per_block);
   // V[xi][ci][t]: a block's tiles, then room for the last vector's spill (never read).
   // M[xi][t][co]: the GEMMs' rows are the tiles, their vectors the output channels (whole
