@@ -364,7 +364,9 @@ void forward_batch_inner_chunks(const Geometry& g, const S* x, const T* w,
   // Not zeroed: the transposes write every row's lanes up to nbc (zeros past the batch), the
   // GEMMs every output row's; nothing reads past nbc. (Zeroing both cost ~25 us of LeNet conv2's
   // 230 at batch 64.)
-  cpu::CachedBuffer<T> xt(static_cast<size_t>(f_in * ld), /*zero=*/false);
+  // x^T: one per band (below), at most a thread's each.
+  const int64_t max_bands = std::min<int64_t>(at::get_num_threads(), g.out_h);
+  cpu::CachedBuffer<T> xt(static_cast<size_t>(max_bands * f_in * ld), /*zero=*/false);
   cpu::CachedBuffer<T> yt(static_cast<size_t>(f_out * ld), /*zero=*/false);
   // W^T per group: wt[grp][k][co], so a tap's weights are a contiguous column of M = C_out/g.
   std::vector<T> wt(static_cast<size_t>(g.out_channels * K));
@@ -378,43 +380,49 @@ void forward_batch_inner_chunks(const Geometry& g, const S* x, const T* w,
   // Taps in the padding read zeros rather than being left out: 0 * (an inf or NaN weight) must
   // give NaN, as in torch and the im2col path. Only border pixels have such taps.
   const std::vector<T> zeros(static_cast<size_t>(ld), T(0));
-  // Bands of output rows, one per thread: each transposes the input rows its outputs start on
-  // (every channel), then computes those outputs, so that most of the x^T rows a thread's GEMMs
-  // read are in its own core's cache (one thread transposing all of x^T made the other's GEMMs
-  // read it across cores: twice as slow). Task b runs on thread b in both loops (ATen's even
-  // split of as many tasks as threads); any mapping gives the same results.
+  // Bands of output rows, one per thread: each transposes every input row its outputs read
+  // (every channel) into its own x^T, then computes those outputs, so that the x^T rows its
+  // GEMMs read are all in its own core's cache. The rows two bands share (kernel_h - 1 of them
+  // where they meet) are transposed by both: when each transposed only the rows its outputs
+  // start on, the first band read the rows below from the other core's cache, and at LeNet
+  // conv2's batch 64 its GEMMs took 1.6x the second's while that one waited (perf); one thread
+  // transposing all of x^T was worse still. Any mapping of bands to threads gives the same
+  // results.
   for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
     const int64_t nb = std::min(chunk, g.batch - n0), nbc = round_up(nb, vw);
     // (at least grain_for's work a band: 64 K multiply-adds)
-    const int64_t bands = std::clamp<int64_t>(P * g.out_channels * K * nbc / 65536, 1,
-                                              std::min<int64_t>(at::get_num_threads(), g.out_h));
+    const int64_t bands =
+        std::clamp<int64_t>(P * g.out_channels * K * nbc / 65536, 1, max_bands);
     auto band_rows = [&](int64_t b) { return g.out_h * b / bands; };  // first output row of b
-    auto band_input = [&](int64_t b) {  // first input row band b transposes
-      return b == 0       ? 0
-             : b == bands ? g.in_h
-                          : std::clamp<int64_t>(band_rows(b) * g.stride_h - g.padding_h, 0,
-                                                g.in_h);
-    };
-    at::parallel_for(0, bands, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t c = 0; c < g.in_channels; ++c)
-          to_inner_range(x + n0 * f_in, nb, f_in, c * hw + band_input(b) * g.in_w,
-                         c * hw + band_input(b + 1) * g.in_w, xt.data(), ld, nbc);
-    });
     at::parallel_for(0, bands, 1, [&](int64_t b0, int64_t b1) {
       std::vector<const T*> brows(static_cast<size_t>(K));
-      for (int64_t p = band_rows(b0) * g.out_w; p < band_rows(b1) * g.out_w; ++p) {
-        const int64_t oh = p / g.out_w, ow = p % g.out_w;
-        const bool inside = taps.interior(oh, ow);
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          const T* xg = xt.data() + (grp * cin_g * hw + oh * g.in_w + ow) * ld;
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t ih = oh + taps.dh[k], iw = ow + taps.dw[k];
-            const bool padding = !inside && (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w);
-            brows[k] = padding ? zeros.data() : xg + taps.off[k] * ld;
+      for (int64_t b = b0; b < b1; ++b) {
+        T* xb = xt.data() + b * f_in * ld;  // this band's x^T (only its rows written)
+        // The input rows the band's outputs read: from its first row's first tap to its last
+        // row's last.
+        const int64_t r0 = std::clamp<int64_t>(band_rows(b) * g.stride_h - g.padding_h, 0,
+                                               g.in_h);
+        const int64_t r1 = std::clamp<int64_t>((band_rows(b + 1) - 1) * g.stride_h -
+                                                   g.padding_h +
+                                                   (g.kernel_h - 1) * g.dilation_h + 1,
+                                               r0, g.in_h);
+        for (int64_t c = 0; c < g.in_channels; ++c)
+          to_inner_range(x + n0 * f_in, nb, f_in, c * hw + r0 * g.in_w, c * hw + r1 * g.in_w,
+                         xb, ld, nbc);
+        for (int64_t p = band_rows(b) * g.out_w; p < band_rows(b + 1) * g.out_w; ++p) {
+          const int64_t oh = p / g.out_w, ow = p % g.out_w;
+          const bool inside = taps.interior(oh, ow);
+          for (int64_t grp = 0; grp < g.groups; ++grp) {
+            const T* xg = xb + (grp * cin_g * hw + oh * g.in_w + ow) * ld;
+            for (int64_t k = 0; k < K; ++k) {
+              const int64_t ih = oh + taps.dh[k], iw = ow + taps.dw[k];
+              const bool padding =
+                  !inside && (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w);
+              brows[k] = padding ? zeros.data() : xg + taps.off[k] * ld;
+            }
+            cpu::gemm_indirect<T>(cout_g, nbc, K, wrows.data() + grp * K, brows.data(),
+                                  yt.data() + (grp * cout_g * P + p) * ld, P * ld, 1, false);
           }
-          cpu::gemm_indirect<T>(cout_g, nbc, K, wrows.data() + grp * K, brows.data(),
-                                yt.data() + (grp * cout_g * P + p) * ld, P * ld, 1, false);
         }
       }
     });
