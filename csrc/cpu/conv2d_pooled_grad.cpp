@@ -385,6 +385,11 @@ PE_TARGET_AVX512 void image_fold_columns(const Conv2dGeometry<int64_t>& g, const
 // room for windows + 15: whole vectors are stored); adds the kept gradients to bias's lanes.
 // Returns their count, or -1 at an index outside its plane. (The offsets by a gather from the
 // table: computing divmod(p, out_w) in vectors was a chain of ~45 cycles' latency a step.)
+// (GCC 12 flags its own _mm256_undefined_si256 inside _mm512_cvtepi64_epi32 as uninitialized, as
+// in cpu/transpose.h.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 PE_TARGET_AVX512 int64_t window_list(const Conv2dGeometry<int64_t>& g, const int32_t* patch_at,
                                      const float* grad, const float* result,
                                      const int64_t* indices, int64_t windows, int32_t base,
@@ -418,6 +423,7 @@ PE_TARGET_AVX512 int64_t window_list(const Conv2dGeometry<int64_t>& g, const int
   _mm512_storeu_ps(bias, bias_sum);
   return count;
 }
+#pragma GCC diagnostic pop
 
 // The gradients: dx (if not null: w finite, checked by the caller), dw, db (each may be null).
 bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t>& pool,
