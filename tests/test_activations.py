@@ -162,10 +162,11 @@ def test_backward_bad_arguments(device, name, slope):
 
 
 def test_tanh_float32_within_two_ulps_everywhere():
-    """float32 tanh (cpu: AVX-512 intrinsics with a reciprocal estimate and a Newton step, or the
-    compiled loop on other levels) against float64 tanh over every float32 value a bfloat16 can
-    hold plus random ones of all magnitudes: within two units in the last place of the result
-    (one more than a division would allow), NaN where the input is NaN."""
+    """float32 tanh (cpu: AVX-512 intrinsics, a table of polynomials, or the compiled loop with a
+    division on other levels) against float64 tanh over every float32 value a bfloat16 can hold
+    (every interval of the table, denormals, infinities, NaNs) plus random ones of all
+    magnitudes: within two units of 2^-23 |tanh x| (the AVX-512 kernel measured 0.92 over every
+    float, the compiled loop's division 1.6), NaN where the input is NaN."""
     x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
     gen = torch.Generator().manual_seed(5)
     x = torch.cat([x, torch.randn(100_000, generator=gen) * 10 ** torch.empty(100_000).uniform_(
