@@ -449,8 +449,36 @@ void op_driver(const Problem<T>& p) {
             bp = packed;
             ldb = NR;
           }
-          for (int64_t ir = 0; ir < mc; ir += MR) {
+          // B read along k (y = x W^T's W): its next panel's source, prefetched into L2 a share
+          // per tile while this panel's tiles run, so that its transpose reads from L2, not DRAM
+          // (NR rows of W a few KB long each: streams too short for the hardware prefetcher).
+          // The next panel is this block's next, or the next k block's first.
+          const char* next_src = nullptr;
+          int64_t next_rows = 0, row_lines = 0;
+          if (ic == 0 && p.rsb == 1 && p.csb != 1) {
+            if (jp + 1 < npanels) {
+              next_src = reinterpret_cast<const char*>(p.B + pc + (jc + j0 + NR) * p.csb);
+              next_rows = std::min<int64_t>(NR, nc - (j0 + NR));
+              row_lines = kc * int64_t(sizeof(T)) / 64 + 1;  // + 1: rows need not be aligned
+            } else if (pc + KC < p.K && first_packed == 0) {
+              next_src = reinterpret_cast<const char*>(p.B + pc + KC + jc * p.csb);
+              next_rows = std::min<int64_t>(NR, nc);
+              row_lines = std::min(KC, p.K - pc - KC) * int64_t(sizeof(T)) / 64 + 1;
+            }
+          }
+          const int64_t prefetch_lines = next_rows * row_lines;
+          const int64_t tiles = (mc + MR - 1) / MR;
+          int64_t prefetched = 0, line = 0;  // line: the next one's place in its row
+          for (int64_t ir = 0, tile = 1; ir < mc; ir += MR, ++tile) {
             const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
+            for (const int64_t upto = prefetch_lines * tile / tiles; prefetched < upto;
+                 ++prefetched) {
+              __builtin_prefetch(next_src + line * 64, /*rw=*/0, /*locality=*/2);
+              if (++line == row_lines) {
+                line = 0;
+                next_src += p.csb * int64_t(sizeof(T));
+              }
+            }
             const T* ap;
             int64_t lda;
             if (a_rows) {  // (a narrow last panel too: B's panel is zero-padded to NR)
