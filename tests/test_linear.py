@@ -123,6 +123,39 @@ def test_noncontiguous_and_transposed_weight(dtype, device):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
+@dtypes
+@pytest.mark.parametrize("rows,inf,outf", [(3, 300, 50), (70, 600, 33), (300, 130, 70)])
+@pytest.mark.parametrize("x_layout", ["padded", "transposed"])
+def test_operands_read_where_they_lie(rows, inf, outf, x_layout, dtype):
+    """A transposed weight (w.t() of an (in, out) matrix) and a 2-D input whose rows are padded
+    apart (x[:, :in] of a wider one) or transposed are read in place by the GEMMs (a copy of a
+    transposed 4096 x 4096 weight took longer than its product): forward and every gradient as
+    torch's, on the dot kernel's few rows and the packed outer products' many."""
+    x = (torch.randn(rows, inf + 5, dtype=dtype)[:, :inf] if x_layout == "padded"
+         else torch.randn(inf, rows, dtype=dtype).t())
+    w = torch.randn(inf, outf, dtype=dtype).t()
+    b = torch.randn(outf, dtype=dtype)
+    assert not x.is_contiguous() and not w.is_contiguous()
+    ref = [t.double().requires_grad_() for t in (x, w, b)]
+    want = F.linear(*ref)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, ref, g)
+    got = ours(x, w, b)
+    got_grads = OPS.linear_backward(g.to(dtype), x, w, [True, True, True])
+    for a, e in zip((got, *got_grads), (want, *want_grads)):
+        tol = dict(rtol=1e-4, atol=1e-5 * max(1.0, e.abs().max().item())) \
+            if dtype == torch.float32 else {}
+        helpers.assert_close(a.double(), e.detach(), dtype, **tol)
+
+
+def test_operands_read_where_they_lie_gradcheck():
+    x = torch.randn(6, 11, dtype=torch.float64)[:, :9].requires_grad_()
+    w = torch.randn(9, 7, dtype=torch.float64).t().detach().requires_grad_()
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ours, (x, w, b))
+    assert torch.autograd.gradgradcheck(ours, (x, w, b))
+
+
 @devices
 @dtypes
 def test_nan_and_inf_propagate(dtype, device):

@@ -169,27 +169,44 @@ uint16_t* bits_out(Tensor& t) {
   return reinterpret_cast<uint16_t*>(t.mutable_data_ptr<at::BFloat16>());
 }
 
+// A (rows, cols) operand as the GEMMs read it: in place where it is a 2-D row-major (rows
+// possibly padded apart: x[:, :k]) or column-major (a transposed view: w.t()) matrix, as torch's
+// mm reads them; anything else is copied contiguous. Copying a transposed 4096 x 4096 weight
+// took longer than the product it fed (linear at batch 256: 2.5x torch's time).
+struct Operand {
+  Tensor t;
+  int64_t rs, cs;
+};
+Operand gemm_operand(const Tensor& t, int64_t rows, int64_t cols) {
+  if (t.dim() == 2 && rows > 1 && cols > 1) {
+    if (t.stride(1) == 1 && t.stride(0) >= cols) return {t, t.stride(0), 1};
+    if (t.stride(0) == 1 && t.stride(1) >= rows) return {t, 1, t.stride(1)};
+  }
+  return {t.contiguous(), cols, 1};
+}
+
 Tensor linear_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
   const auto s = check_linear<int64_t>(input, weight, bias);
   const bool has_bias = bias.has_value() && bias->defined();
-  const Tensor x = input.contiguous();
-  const Tensor w = weight.contiguous();
-  const Tensor b = has_bias ? bias->contiguous() : Tensor();
-  Tensor out = empty_of(s.output_sizes, x.options());
   const int64_t rows = s.rows, in = s.in_features, o = s.out_features;
+  const Operand x = gemm_operand(input, rows, in), w = gemm_operand(weight, o, in);
+  const Tensor b = has_bias ? bias->contiguous() : Tensor();
+  Tensor out = empty_of(s.output_sizes, input.options());
   if (rows == 0 || o == 0) return out;
-  if (x.scalar_type() == at::kBFloat16) {  // y = x W^T + b, the bias added before rounding
+  // y = x W^T: B = W^T, its element (k, j) at W's (j, k)
+  if (input.scalar_type() == at::kBFloat16) {  // the bias added before rounding
     const Tensor b32 = has_bias ? b.to(at::kFloat) : Tensor();
-    cpu::gemm_bf16(rows, o, in, bits(x), in, 1, bits(w), 1, in, bits_out(out), o, 1,
-                   has_bias ? b32.const_data_ptr<float>() : nullptr);
+    cpu::gemm_bf16(rows, o, in, bits(x.t), x.rs, x.cs, bits(w.t), w.cs, w.rs, bits_out(out), o,
+                   1, has_bias ? b32.const_data_ptr<float>() : nullptr);
     return out;
   }
-  dispatch_floating(x.scalar_type(), "linear", [&](auto tag) {
+  dispatch_floating(input.scalar_type(), "linear", [&](auto tag) {
     using T = decltype(tag);
     T* y = out.mutable_data_ptr<T>();
     if (narrow<T>(in, o)) {
-      const T* px = x.const_data_ptr<T>();
-      const T* pw = w.const_data_ptr<T>();
+      const Tensor xc = x.t.contiguous(), wc = w.t.contiguous();
+      const T* px = xc.const_data_ptr<T>();
+      const T* pw = wc.const_data_ptr<T>();
       const T* pb = has_bias ? b.const_data_ptr<T>() : nullptr;
       at::parallel_for(0, rows, std::max<int64_t>(256, 65536 / std::max<int64_t>(1, in * o)),
                        [&](int64_t r0, int64_t r1) { narrow_forward(px, pw, pb, y, in, o, r0, r1); });
@@ -201,8 +218,8 @@ Tensor linear_cpu(const Tensor& input, const Tensor& weight, const std::optional
         for (int64_t r = r0; r < r1; ++r) std::memcpy(y + r * o, pb, sizeof(T) * o);
       });
     }
-    cpu::gemm_parallel<T>(rows, o, in, x.const_data_ptr<T>(), in, 1, w.const_data_ptr<T>(), 1, in,
-                          y, o, 1, /*accumulate=*/has_bias);
+    cpu::gemm_parallel<T>(rows, o, in, x.t.const_data_ptr<T>(), x.rs, x.cs,
+                          w.t.const_data_ptr<T>(), w.cs, w.rs, y, o, 1, /*accumulate=*/has_bias);
   });
   return out;
 }
@@ -212,31 +229,33 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_output
                                                        std::array<bool, 3> mask) {
   const auto s = check_linear_backward<int64_t>(grad_output, input, weight);
   const Tensor g = grad_output.contiguous();
-  const Tensor x = input.contiguous();
-  const Tensor w = weight.contiguous();
   const int64_t rows = s.rows, in = s.in_features, o = s.out_features;
+  const Operand x = gemm_operand(input, rows, in), w = gemm_operand(weight, o, in);
   Tensor grad_input, grad_weight, grad_bias;
   if (mask[0])
     grad_input = empty_with_layout<int64_t>(
-        input.sizes(), linear_grad_input_layout<int64_t>(input, rows, in, mask[1]), x.options());
+        input.sizes(), linear_grad_input_layout<int64_t>(input, rows, in, mask[1]),
+        input.options());
   if (mask[1])
     grad_weight = empty_with_layout<int64_t>(
-        weight.sizes(), linear_grad_weight_layout<int64_t>(weight), x.options());
-  if (mask[2]) grad_bias = empty_of(at::IntArrayRef{o}, x.options());
+        weight.sizes(), linear_grad_weight_layout<int64_t>(weight), input.options());
+  if (mask[2]) grad_bias = empty_of(at::IntArrayRef{o}, input.options());
   // Row and column strides of a (m, n) gradient, contiguous or else column-major.
   auto strides = [](const Tensor& t, int64_t m, int64_t n) {
     return t.is_contiguous() ? std::pair<int64_t, int64_t>(n, 1)
                              : std::pair<int64_t, int64_t>(1, m);
   };
-  if (x.scalar_type() == at::kBFloat16) {
+  if (input.scalar_type() == at::kBFloat16) {
     // (an empty sum, o == 0 or rows == 0, writes zeros)
     if (mask[0]) {  // dx = dy W
       const auto [rs, cs] = strides(grad_input, rows, in);
-      cpu::gemm_bf16(rows, in, o, bits(g), o, 1, bits(w), in, 1, bits_out(grad_input), rs, cs);
+      cpu::gemm_bf16(rows, in, o, bits(g), o, 1, bits(w.t), w.rs, w.cs, bits_out(grad_input), rs,
+                     cs);
     }
     if (mask[1]) {  // dW = dy^T x
       const auto [rs, cs] = strides(grad_weight, o, in);
-      cpu::gemm_bf16(o, in, rows, bits(g), 1, o, bits(x), in, 1, bits_out(grad_weight), rs, cs);
+      cpu::gemm_bf16(o, in, rows, bits(g), 1, o, bits(x.t), x.rs, x.cs, bits_out(grad_weight), rs,
+                     cs);
     }
     if (mask[2]) {  // column sums in float32 (dy is rows x o: small beside the GEMMs)
       const Tensor g32 = g.to(at::kFloat);
@@ -251,7 +270,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_output
     }
     return {grad_input, grad_weight, grad_bias};
   }
-  dispatch_floating(x.scalar_type(), "linear_backward", [&](auto tag) {
+  dispatch_floating(input.scalar_type(), "linear_backward", [&](auto tag) {
     using T = decltype(tag);
     const T* pg = g.const_data_ptr<T>();
     if (narrow<T>(in, o) && rows > 0 && (mask[1] || mask[2]) &&
@@ -261,8 +280,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_output
       constexpr int64_t W = Lanes<T>::kW, per = (kNarrowOut + 1) * W;
       const int64_t chunks = (rows + kNarrowChunk - 1) / kNarrowChunk;
       std::vector<T> part(static_cast<size_t>(chunks * per), T(0));
-      const T* px = x.const_data_ptr<T>();
-      const T* pw = w.const_data_ptr<T>();
+      const Tensor xc = x.t.contiguous(), wc = w.t.contiguous();
+      const T* px = xc.const_data_ptr<T>();
+      const T* pw = wc.const_data_ptr<T>();
       T* pdx = mask[0] ? grad_input.mutable_data_ptr<T>() : nullptr;
       at::parallel_for(0, chunks, std::max<int64_t>(1, 64 / std::max<int64_t>(1, in * o)),
                        [&](int64_t c0, int64_t c1) {
@@ -287,12 +307,12 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad_output
     }
     if (mask[0]) {  // dx[r, i] = sum_o dy[r, o] W[o, i]
       const auto [rs, cs] = strides(grad_input, rows, in);
-      cpu::gemm_parallel<T>(rows, in, o, pg, o, 1, w.const_data_ptr<T>(), in, 1,
+      cpu::gemm_parallel<T>(rows, in, o, pg, o, 1, w.t.const_data_ptr<T>(), w.rs, w.cs,
                             grad_input.mutable_data_ptr<T>(), rs, cs, false);
     }
     if (mask[1]) {  // dW[o, i] = sum_r dy[r, o] x[r, i]
       const auto [rs, cs] = strides(grad_weight, o, in);
-      cpu::gemm_parallel<T>(o, in, rows, pg, 1, o, x.const_data_ptr<T>(), in, 1,
+      cpu::gemm_parallel<T>(o, in, rows, pg, 1, o, x.t.const_data_ptr<T>(), x.rs, x.cs,
                             grad_weight.mutable_data_ptr<T>(), rs, cs, false);
     }
     if (mask[2]) {
