@@ -399,3 +399,39 @@ def test_compile_fullgraph_channels_last(device):
         x = channels_last(torch.randn(batch, 3, 8, 8, dtype=torch.float64, device=device))
         check(compiled, theirs, [x, w, b])
         check(compiled, theirs, [x, channels_last(w), b], grad_layout=channels_last)
+
+@pytest.mark.parametrize("shape", [(3, 20, 9, 13), (1, 64, 17, 16), (20, 5, 7), (2, 1, 5, 5),
+                                   (2, 16, 1, 1)])
+def test_channels_last_float32_copies(shape):
+    """float32 channels_last images reach the CPU kernels as NCHW and leave them as channels_last
+    through pyengine's own register transposes (cpu/image_layout.cpp: partial 16 x 16 blocks,
+    one channel, 1x1 planes, unbatched): the same bits as the NCHW call, in torch's strides, for
+    conv2d, max_pool2d, their fusion and every gradient."""
+    x = torch.randn(shape)
+    # an unbatched (C, H, W) image in the batch of one's channels_last order: strides (1, W*C, C)
+    xcl = x.to(memory_format=CL) if x.dim() == 4 else x.permute(1, 2, 0).contiguous().permute(
+        2, 0, 1)
+    w = torch.randn(8, shape[-3], 3, 3)
+    pools = shape[-1] >= 2
+    ops = {  # ours, torch's
+        "conv2d": (lambda x, w: PF.conv2d(x, w, padding=1), lambda x, w: F.conv2d(x, w, padding=1)),
+        "max_pool2d": (lambda x, w: PF.max_pool2d(PF.relu(PF.conv2d(x, w, padding=1)), 2),
+                       lambda x, w: F.max_pool2d(F.relu(F.conv2d(x, w, padding=1)), 2)),
+        "fused": (lambda x, w: P.conv2d_relu_max_pool2d(x, w, None, [1, 1], [1, 1], [1, 1], 1,
+                                                        [2, 2], [2, 2], [0, 0], [1, 1],
+                                                        False)[0],
+                  lambda x, w: F.max_pool2d(F.relu(F.conv2d(x, w, padding=1)), 2)),
+    }
+    for name, (ours, theirs) in ops.items():
+        if name != "conv2d" and not pools:
+            continue
+        for a, b in ((xcl, w), (x, w.to(memory_format=CL))):
+            a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+            ref = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+            y, want = ours(a, b), ours(*ref)
+            assert torch.equal(y, want), name
+            helpers.assert_same_strides(y, theirs(a.detach(), b.detach()), name)
+            g = torch.randn_like(want)
+            y.backward(g.to(memory_format=CL) if g.dim() == 4 else g)
+            want.backward(g)
+            assert torch.equal(a.grad, ref[0].grad) and torch.equal(b.grad, ref[1].grad), name

@@ -31,7 +31,8 @@
 //
 // Layout: the kernels compute in contiguous NCHW. When torch would compute in channels_last
 // (input or weight channels_last: common/layout.h), the input pays one copy into NCHW and each
-// result one copy into channels_last, so the strides match torch's.
+// result one copy into channels_last, so the strides match torch's (float32: register
+// transposes, cpu/image_layout.h).
 //
 // Napkin math, LeNet at batch 64, fp32, per pass (forward, grad_input, grad_weight), on the
 // reference machine (csrc/cpu/README.md: ~240 GFLOP/s fp32 per core, 2 cores):
@@ -63,6 +64,7 @@
 #include "common/layout.h"
 #include "common/low_precision.h"
 #include "cpu/conv2d.h"
+#include "cpu/image_layout.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 
@@ -270,9 +272,10 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
                    low_precision::widen(bias), stride, padding, dilation, groups),
         at::kBFloat16);
   }
-  const Tensor out = cpu::conv2d_forward_contiguous(g, input.contiguous(), weight.contiguous(),
-                                               has_bias ? bias->contiguous() : Tensor());
-  return as_image_layout(out, conv2d_channels_last(input, weight));
+  const Tensor out = cpu::conv2d_forward_contiguous(
+      g, cpu::contiguous_image(input), cpu::contiguous_image(weight),
+      has_bias ? bias->contiguous() : Tensor());
+  return cpu::as_image_layout(out, conv2d_channels_last(input, weight));
 }
 
 }  // namespace
@@ -444,7 +447,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     if (mask[1] && g.batch > 0 && cpu::conv2d::amx_backward_weight_fits(g)) {
       auto [dw, db] = cpu::conv2d::backward_weight_amx(g, grad_output, input, mask[2]);
       if (dw.defined()) {  // (undefined: a non-finite x, left to float32 below)
-        grad_weight = as_image_layout(dw, channels_last);
+        grad_weight = cpu::as_image_layout(dw, channels_last);
         grad_bias = db;
         rest[1] = rest[2] = false;
       }
@@ -460,9 +463,10 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     if (grad_bias.defined()) std::get<2>(grads) = grad_bias;
     return grads;
   }
-  return conv2d_grads_in_layout(
-      cpu::conv2d_backward_contiguous(g, grad_output.contiguous(), input.contiguous(),
-                                      weight.contiguous(), mask),
+  return cpu::conv2d_grads_in_layout(
+      cpu::conv2d_backward_contiguous(g, cpu::contiguous_image(grad_output),
+                                      cpu::contiguous_image(input),
+                                      cpu::contiguous_image(weight), mask),
       input, weight);
 }
 

@@ -42,6 +42,7 @@
 #include "common/layout.h"
 #include "common/low_precision.h"
 #include "cpu/conv2d.h"
+#include "cpu/image_layout.h"
 #include "cpu/kernels.h"
 #include "cpu/loops.h"
 #include "op_handles.h"
@@ -78,8 +79,8 @@ std::tuple<Tensor, Tensor> conv2d_relu_max_pool2d_cpu(
   // rounded once: the bits of the float32 kernels on float32 copies of everything.
   const bool bf16 = input.scalar_type() == at::kBFloat16;
   const bool has_bias = bias.has_value() && bias->defined();
-  const Tensor x = input.contiguous();
-  const Tensor w = low_precision::widen(weight).contiguous();
+  const Tensor x = cpu::contiguous_image(input);
+  const Tensor w = cpu::contiguous_image(low_precision::widen(weight));
   const Tensor b = has_bias ? low_precision::widen(*bias).contiguous() : Tensor();
   const std::vector<int64_t> sizes = s.pool.output_sizes();
   Tensor output = empty_of(sizes, w.options());  // (the compute dtype)
@@ -129,7 +130,8 @@ std::tuple<Tensor, Tensor> conv2d_relu_max_pool2d_cpu(
   const bool channels_last =
       conv2d_pool2d_channels_last<int64_t>(input, weight, at::IntArrayRef(conv_sizes));
   if (bf16) output = low_precision::narrow(output, at::kBFloat16);
-  return {as_image_layout(output, channels_last), as_image_layout(indices, channels_last)};
+  return {cpu::as_image_layout(output, channels_last),
+          cpu::as_image_layout(indices, channels_last)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cpu(
@@ -150,10 +152,10 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cpu(
   // copy; the gradients come back rounded once: the bits of the float32 kernels on float32
   // copies of all.
   const bool bf16 = grad_output.scalar_type() == at::kBFloat16;
-  const Tensor x = input.contiguous();
-  const Tensor w = low_precision::widen(weight).contiguous();
+  const Tensor x = cpu::contiguous_image(input);
+  const Tensor w = cpu::contiguous_image(low_precision::widen(weight));
   auto in_layout = [&](std::tuple<Tensor, Tensor, Tensor> grads) {
-    grads = conv2d_grads_in_layout(std::move(grads), input, weight);
+    grads = cpu::conv2d_grads_in_layout(std::move(grads), input, weight);
     return bf16 ? low_precision::narrow(std::move(grads), at::kBFloat16) : grads;
   };
   // The gradients summed over the pool's windows (a quarter of the dense work for a 2x2 pool,
@@ -172,8 +174,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cpu(
     return grads;
   }
   // The gradient of the pooled maxima before relu: grad_output where the result is > 0.
-  const Tensor go = grad_output.contiguous();
-  const Tensor r = result.contiguous();
+  const Tensor go = cpu::contiguous_image(grad_output);
+  const Tensor r = cpu::contiguous_image(result);
   if (!mask[0] && mask[1] && !s.pool.has_empty_window() &&
       cpu::conv2d_weight_grad_is_direct(s.conv)) {
     // LeNet's conv1 (no grad_input; grad_weight from the direct kernel): each image's gradient

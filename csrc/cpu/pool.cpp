@@ -9,7 +9,7 @@
 //
 // Layout: the input is made contiguous NCHW first (channels_last or strided inputs pay one copy);
 // the kernels write contiguous NCHW results, copied into channels_last when the input is
-// channels_last, as torch's are (common/layout.h). Work is split over (plane, output row) for the
+// channels_last, as torch's are (common/layout.h; the copies: cpu/image_layout.h). Work is split over (plane, output row) for the
 // forward and over planes for the backward, so every output element is computed by exactly one
 // thread in a fixed order: results do not depend on the thread count.
 //
@@ -48,6 +48,7 @@
 #include "common/dispatch.h"
 #include "common/layout.h"
 #include "common/low_precision.h"
+#include "cpu/image_layout.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 
@@ -657,7 +658,7 @@ int64_t row_grain(const Geometry& g) {
 template <bool kIdx>
 void max_pool2d_forward_impl(const Tensor& input_, const Geometry& g, Tensor& output,
                              Tensor* indices, const char* op) {
-  const Tensor input = input_.contiguous();
+  const Tensor input = cpu::contiguous_image(input_);
   dispatch_floating(input.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const T* in = input.const_data_ptr<T>();
@@ -676,7 +677,7 @@ Tensor max_pool2d_cpu(const Tensor& input, IntArrayRef kernel_size, IntArrayRef 
       check_max_pool2d<int64_t>(input, kernel_size, stride, padding, dilation, ceil_mode);
   Tensor output = empty_of(g.output_sizes(), input.options());
   max_pool2d_forward_impl<false>(input, g, output, nullptr, "max_pool2d");
-  return as_image_layout(output, pool2d_channels_last(input));
+  return cpu::as_image_layout(output, pool2d_channels_last(input));
 }
 
 std::tuple<Tensor, Tensor> max_pool2d_with_indices_cpu(const Tensor& input,
@@ -690,7 +691,8 @@ std::tuple<Tensor, Tensor> max_pool2d_with_indices_cpu(const Tensor& input,
   Tensor indices = empty_of(sizes, input.options().dtype(at::kLong));
   max_pool2d_forward_impl<true>(input, g, output, &indices, "max_pool2d_with_indices");
   const bool channels_last = pool2d_channels_last(input);
-  return {as_image_layout(output, channels_last), as_image_layout(indices, channels_last)};
+  return {cpu::as_image_layout(output, channels_last),
+          cpu::as_image_layout(indices, channels_last)};
 }
 
 // ---- Backward -------------------------------------------------------------------------------
@@ -822,9 +824,9 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
   const Geometry g = check_max_pool2d_backward<int64_t>(grad_output, input, indices, kernel_size,
                                                         stride, padding, dilation, ceil_mode);
   const Tensor grad_input = max_pool2d_backward_impl(
-      g, grad_output.contiguous(), indices.contiguous(), input.sizes(), "max_pool2d_backward",
-      "input");
-  return as_image_layout(grad_input, pool2d_channels_last(input));
+      g, cpu::contiguous_image(grad_output), indices.contiguous(), input.sizes(),
+      "max_pool2d_backward", "input");
+  return cpu::as_image_layout(grad_input, pool2d_channels_last(input));
 }
 
 }  // namespace
