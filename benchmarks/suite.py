@@ -234,6 +234,18 @@ def op_cases(quick: bool) -> List[Case]:
         if label in AMP_CONV_CASES:
             cases.append(_op_case(label, batch, "forward+backward", build, amp=True))
 
+    # A network converted to channels_last (input and weight; torch computes in that layout, and
+    # pyengine's NCHW kernels copy in and out of it).
+    def channels_last_build(F, device):
+        cl = torch.channels_last
+        x = _rand(8, 64, 56, 56, device=device).to(memory_format=cl).requires_grad_()
+        w = _rand(64, 64, 3, 3, device=device).to(memory_format=cl).requires_grad_()
+        b = _rand(64, device=device, grad=True)
+        return (lambda: F.conv2d(x, w, b, 1, 1)), [x, w, b]
+
+    cases += [_op_case("conv2d 64->64 3x3 @56 channels_last", 8, p, channels_last_build)
+              for p in passes]
+
     def pool_build(F, device):
         x = _rand(64, 6, 28, 28, device=device, grad=True)
         return (lambda: F.max_pool2d(x, 2)), [x]
@@ -264,6 +276,16 @@ def op_cases(quick: bool) -> List[Case]:
 
         cases += [_op_case(label, batch, p, build) for p in passes]
         cases.append(_op_case(label, batch, "forward+backward", build, amp=True))
+
+    # A transposed weight (an (in, out) parameter used as w.t(), as tied or hand-written layers
+    # have it): torch's mm reads it in place.
+    def transposed_weight_build(F, device):
+        x = _rand(256, 4096, device=device, grad=True)
+        w = _rand(4096, 4096, device=device).t().detach().requires_grad_()
+        return (lambda: F.linear(x, w)), [x, w]
+
+    cases += [_op_case("linear 4096->4096 transposed weight", 256, p, transposed_weight_build)
+              for p in ("forward", "forward+backward")]
 
     # LeNet's first activation (64 x 6 x 28 x 28, ~300k: cache-resident) and 30M elements
     # (120 MB per float32 tensor: DRAM-bound, where an elementwise kernel must run at bandwidth).
@@ -297,9 +319,16 @@ def op_cases(quick: bool) -> List[Case]:
         t = torch.randint(0, 10, (256,), device=device)
         return (lambda: F.cross_entropy(x, t)), [x]
 
+    # Per-pixel classes (semantic segmentation): logits (N, C, H, W), targets (N, H, W).
+    def ce_spatial_build(F, device):
+        x = _rand(8, 21, 64, 64, device=device, grad=True)
+        t = torch.randint(0, 21, (8, 64, 64), device=device)
+        return (lambda: F.cross_entropy(x, t)), [x]
+
     for label, build in (("mse_loss 256x10", mse_build), ("binary_cross_entropy 256x10", bce_build),
                          ("cross_entropy 256x10", ce_build)):
         cases += [_op_case(label, 256, p, build) for p in passes]
+    cases += [_op_case("cross_entropy 8x21x64x64", 8, p, ce_spatial_build) for p in passes]
 
     # Host cost: on one element the time is the call's own (Python, dispatch, the autograd graph
     # for forward+backward): what every operator of a small batch pays.
