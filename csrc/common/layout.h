@@ -397,14 +397,16 @@ inline at::Tensor as_image_layout(const at::Tensor& t, bool channels_last) {
 
 // conv2d_backward's (grad_input, grad_weight, grad_bias), contiguous as the kernels write them,
 // in torch's layout: grad_input and grad_weight channels_last when the convolution is
-// (conv2d_channels_last); undefined gradients stay undefined.
+// (conv2d_channels_last), copied by `in_layout` (as_image_layout's contract; the CPU kernels
+// pass their own, cpu/image_layout.h); undefined gradients stay undefined.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_grads_in_layout(
     std::tuple<at::Tensor, at::Tensor, at::Tensor> grads, const at::Tensor& input,
-    const at::Tensor& weight) {
+    const at::Tensor& weight,
+    at::Tensor (*in_layout)(const at::Tensor&, bool) = as_image_layout) {
   const bool channels_last = conv2d_channels_last(input, weight);
   auto& [grad_input, grad_weight, grad_bias] = grads;
-  if (grad_input.defined()) grad_input = as_image_layout(grad_input, channels_last);
-  if (grad_weight.defined()) grad_weight = as_image_layout(grad_weight, channels_last);
+  if (grad_input.defined()) grad_input = in_layout(grad_input, channels_last);
+  if (grad_weight.defined()) grad_weight = in_layout(grad_weight, channels_last);
   return grads;
 }
 

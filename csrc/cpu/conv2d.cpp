@@ -463,11 +463,11 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     if (grad_bias.defined()) std::get<2>(grads) = grad_bias;
     return grads;
   }
-  return cpu::conv2d_grads_in_layout(
+  return conv2d_grads_in_layout(
       cpu::conv2d_backward_contiguous(g, cpu::contiguous_image(grad_output),
                                       cpu::contiguous_image(input),
                                       cpu::contiguous_image(weight), mask),
-      input, weight);
+      input, weight, cpu::as_image_layout);
 }
 
 }  // namespace

@@ -155,7 +155,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cpu(
   const Tensor x = cpu::contiguous_image(input);
   const Tensor w = cpu::contiguous_image(low_precision::widen(weight));
   auto in_layout = [&](std::tuple<Tensor, Tensor, Tensor> grads) {
-    grads = cpu::conv2d_grads_in_layout(std::move(grads), input, weight);
+    grads = conv2d_grads_in_layout(std::move(grads), input, weight, cpu::as_image_layout);
     return bf16 ? low_precision::narrow(std::move(grads), at::kBFloat16) : grads;
   };
   // The gradients summed over the pool's windows (a quarter of the dense work for a 2x2 pool,

@@ -78,15 +78,5 @@ at::Tensor as_image_layout(const at::Tensor& t, bool channels_last) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_grads_in_layout(
-    std::tuple<at::Tensor, at::Tensor, at::Tensor> grads, const at::Tensor& input,
-    const at::Tensor& weight) {
-  const bool channels_last = conv2d_channels_last(input, weight);
-  auto& [grad_input, grad_weight, grad_bias] = grads;
-  if (grad_input.defined()) grad_input = as_image_layout(grad_input, channels_last);
-  if (grad_weight.defined()) grad_weight = as_image_layout(grad_weight, channels_last);
-  return grads;
-}
-
 }  // namespace cpu
 }  // namespace pyengine

@@ -8,8 +8,6 @@
 // a channels_last 64->64 3x3 convolution 1.2x torch's time. Other dtypes keep torch's copy.
 #include <ATen/core/Tensor.h>
 
-#include <tuple>
-
 namespace pyengine {
 namespace cpu {
 
@@ -20,12 +18,6 @@ at::Tensor contiguous_image(const at::Tensor& t);
 // `t`, a contiguous (N, C, H, W) or (C, H, W) result as the kernels write it, in torch's layout:
 // itself, or a channels_last copy (common/layout.h's as_image_layout, by the transposes).
 at::Tensor as_image_layout(const at::Tensor& t, bool channels_last);
-
-// conv2d_backward's contiguous (grad_input, grad_weight, grad_bias) in torch's layout (common/
-// layout.h's conv2d_grads_in_layout, by the transposes).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_grads_in_layout(
-    std::tuple<at::Tensor, at::Tensor, at::Tensor> grads, const at::Tensor& input,
-    const at::Tensor& weight);
 
 }  // namespace cpu
 }  // namespace pyengine
