@@ -148,6 +148,25 @@ def test_operands_read_where_they_lie(rows, inf, outf, x_layout, dtype):
         helpers.assert_close(a.double(), e.detach(), dtype, **tol)
 
 
+@pytest.mark.parametrize("x_layout", ["padded", "transposed"])
+def test_operands_read_where_they_lie_bfloat16(x_layout):
+    """The same layouts in bfloat16 (cpu/gemm_bf16.cpp packs from any strides where the CPU has
+    AVX512_BF16; float32 copies of the same strides elsewhere): the contiguous call's results
+    (its very bits where gemm_bf16 runs, each element summed in one order whatever the layout;
+    within bfloat16's rounding on the float32 GEMM, whose plan the strides may change)."""
+    rows, inf, outf = 70, 600, 33
+    x = (torch.randn(rows, inf + 5)[:, :inf] if x_layout == "padded"
+         else torch.randn(inf, rows).t()).bfloat16()
+    w = torch.randn(inf, outf).bfloat16().t()
+    b = torch.randn(outf).bfloat16()
+    g = torch.randn(rows, outf).bfloat16()
+    got = [ours(x, w, b), *OPS.linear_backward(g, x, w, [True, True, True])]
+    want = [ours(x.contiguous(), w.contiguous(), b),
+            *OPS.linear_backward(g, x.contiguous(), w.contiguous(), [True, True, True])]
+    for a, e in zip(got, want):
+        helpers.assert_close(a, e, torch.bfloat16)
+
+
 def test_operands_read_where_they_lie_gradcheck():
     x = torch.randn(6, 11, dtype=torch.float64)[:, :9].requires_grad_()
     w = torch.randn(9, 7, dtype=torch.float64).t().detach().requires_grad_()
