@@ -449,21 +449,30 @@ void op_driver(const Problem<T>& p) {
             bp = packed;
             ldb = NR;
           }
-          // B read along k (y = x W^T's W): its next panel's source, prefetched into L2 a share
-          // per tile while this panel's tiles run, so that its transpose reads from L2, not DRAM
-          // (NR rows of W a few KB long each: streams too short for the hardware prefetcher).
-          // The next panel is this block's next, or the next k block's first.
+          // The next panel's source, prefetched into L2 a share per tile while this panel's tiles
+          // run, so that its packing reads from L2, not DRAM: NR rows of a few KB where B runs
+          // along k (y = x W^T's W), kc rows of NR elements where it runs along j (dW = dY^T X's
+          // X, rows KBs apart): streams too short, or strides too long, for the hardware
+          // prefetcher. The next panel is this block's next, or the next k block's first.
           const char* next_src = nullptr;
-          int64_t next_rows = 0, row_lines = 0;
-          if (ic == 0 && p.rsb == 1 && p.csb != 1) {
+          int64_t next_rows = 0, row_lines = 0, row_bytes = 0;
+          const int64_t bytes = int64_t(sizeof(T));
+          if (ic == 0 && (p.rsb == 1) != (p.csb == 1)) {
+            int64_t next_j = -1, next_k = 0, next_kc = 0, next_nr = 0;
             if (jp + 1 < npanels) {
-              next_src = reinterpret_cast<const char*>(p.B + pc + (jc + j0 + NR) * p.csb);
-              next_rows = std::min<int64_t>(NR, nc - (j0 + NR));
-              row_lines = kc * int64_t(sizeof(T)) / 64 + 1;  // + 1: rows need not be aligned
+              next_j = jc + j0 + NR, next_k = pc, next_kc = kc;
+              next_nr = std::min<int64_t>(NR, nc - (j0 + NR));
             } else if (pc + KC < p.K && first_packed == 0) {
-              next_src = reinterpret_cast<const char*>(p.B + pc + KC + jc * p.csb);
-              next_rows = std::min<int64_t>(NR, nc);
-              row_lines = std::min(KC, p.K - pc - KC) * int64_t(sizeof(T)) / 64 + 1;
+              next_j = jc, next_k = pc + KC, next_kc = std::min(KC, p.K - pc - KC);
+              next_nr = std::min<int64_t>(NR, nc);
+            }
+            if (next_j >= 0) {
+              next_src = reinterpret_cast<const char*>(p.B + next_k * p.rsb + next_j * p.csb);
+              const bool along_k = p.rsb == 1;
+              next_rows = along_k ? next_nr : next_kc;
+              row_bytes = (along_k ? p.csb : p.rsb) * bytes;
+              // + 1: rows need not start on a line
+              row_lines = (along_k ? next_kc : next_nr) * bytes / 64 + 1;
             }
           }
           const int64_t prefetch_lines = next_rows * row_lines;
@@ -476,7 +485,7 @@ void op_driver(const Problem<T>& p) {
               __builtin_prefetch(next_src + line * 64, /*rw=*/0, /*locality=*/2);
               if (++line == row_lines) {
                 line = 0;
-                next_src += p.csb * int64_t(sizeof(T));
+                next_src += row_bytes;
               }
             }
             const T* ap;
