@@ -404,6 +404,7 @@ void op_driver(const Problem<T>& p) {
   // out to L3 and back: y = x W^T at 256 x 4096 -> 4096 took 67 -> 63 ms on one thread with
   // one panel.)
   const bool one_panel = row_blocks == 1;
+  const bool b_streams = p.K * p.N * int64_t(sizeof(T)) > l2_bytes();
   PanelBuffer<T>& abuf = scratch_a<T>();
   PanelBuffer<T>& bbuf = scratch_b<T>();
   for (int64_t jc = 0; jc < p.N; jc += NC) {
@@ -453,11 +454,13 @@ void op_driver(const Problem<T>& p) {
           // run, so that its packing reads from L2, not DRAM: NR rows of a few KB where B runs
           // along k (y = x W^T's W), kc rows of NR elements where it runs along j (dW = dY^T X's
           // X, rows KBs apart): streams too short, or strides too long, for the hardware
-          // prefetcher. The next panel is this block's next, or the next k block's first.
+          // prefetcher. The next panel is this block's next, or the next k block's first. Only
+          // where B exceeds L2: a B that fits stays cached between calls (LeNet's and the MLP's
+          // weights), and prefetching it only costs the loop.
           const char* next_src = nullptr;
           int64_t next_rows = 0, row_lines = 0, row_bytes = 0;
           const int64_t bytes = int64_t(sizeof(T));
-          if (ic == 0 && (p.rsb == 1) != (p.csb == 1)) {
+          if (ic == 0 && b_streams && (p.rsb == 1) != (p.csb == 1)) {
             int64_t next_j = -1, next_k = 0, next_kc = 0, next_nr = 0;
             if (jp + 1 < npanels) {
               next_j = jc + j0 + NR, next_k = pc, next_kc = kc;
