@@ -3,7 +3,8 @@
 // vectorizes (no libm call, no data-dependent branch), for whatever level (cpu/isa.h) the loop is
 // compiled for.
 //
-// fast_exp is the one exp of every CPU kernel (softmax, log_softmax, cross_entropy, sigmoid, tanh;
+// fast_exp is the one exp of every CPU kernel (softmax, log_softmax, cross_entropy, sigmoid, tanh
+// below AVX-512, whose own kernel is a table of polynomials;
 // fast_exp_nonpositive is the same for arguments that cannot overflow):
 // range reduction to r in [-ln2/2, ln2/2], a Taylor polynomial (degree 7 for float, 13 for
 // double), scaling by 2^n through the exponent bits. Its error against exp computed in higher
