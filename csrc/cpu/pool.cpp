@@ -9,9 +9,10 @@
 //
 // Layout: the input is made contiguous NCHW first (channels_last or strided inputs pay one copy);
 // the kernels write contiguous NCHW results, copied into channels_last when the input is
-// channels_last, as torch's are (common/layout.h; the copies: cpu/image_layout.h). Work is split over (plane, output row) for the
-// forward and over planes for the backward, so every output element is computed by exactly one
-// thread in a fixed order: results do not depend on the thread count.
+// channels_last, as torch's are (common/layout.h; the copies: cpu/image_layout.h). Work is split
+// over (plane, output row) for the forward and over planes for the backward, so every output
+// element is computed by exactly one thread in a fixed order: results do not depend on the
+// thread count.
 //
 // Napkin math, LeNet pool1 (fp32, batch 64: 64x6x28x28 -> 64x6x14x14, kernel 2, stride 2):
 //   forward (values only):  reads 1.20 MB, writes 0.30 MB                          = 1.5 MB
