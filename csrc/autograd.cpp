@@ -1215,25 +1215,51 @@ Tensor binary_cross_entropy_target_backward_autograd(const Tensor& grad_output,
 // index's one-hot, or the given probabilities) times (1 - eps), plus eps / C:
 //   class indices:       a = w q for rows not ignored, 'mean' dividing by sum(w[t]) over them;
 //   class probabilities: a = w q, 'mean' dividing by the number of rows.
+// A row is one (n, d1, ...) of input (N, C, d1, ...), whose classes lie along dim 1 (ce_class_dim);
+// per-row tensors have the 'none' loss's shape (N, d1, ...).
 struct CrossEntropyArgs {
   int64_t reduction = 1, ignore_index = -100;
   double label_smoothing = 0;
 };
 
+// The class dim: 1 for batched input, 0 for (C).
+int64_t ce_class_dim(const Tensor& x) { return x.dim() >= 2 ? 1 : 0; }
+
+// The rows' count (N * d1 * ...; 1 unbatched): 'mean' divides probabilities' losses by it.
+double ce_rows(const Tensor& x) {
+  double rows = 1;
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (d != ce_class_dim(x)) rows *= static_cast<double>(x.size(d));
+  return rows;
+}
+
+// A per-class vector (C) shaped to broadcast along x's class dim: (C, 1, ...) for spatial input.
+Tensor ce_along_classes(const Tensor& v, const Tensor& x) {
+  if (x.dim() <= 2) return v;
+  std::vector<int64_t> shape(static_cast<size_t>(x.dim() - 1), 1);
+  shape[0] = v.size(0);
+  return v.view(shape);
+}
+
+// A per-row tensor (the 'none' loss's shape, or 0-d) as a factor of each row's classes.
+Tensor ce_per_class(const Tensor& per_row, const Tensor& x) {
+  return per_row.dim() == 0 || x.dim() < 2 ? per_row : per_row.unsqueeze(1);
+}
+
 Tensor ce_row_mass(const Tensor& x, const Tensor& t, const OptTensor& w,
                    const CrossEntropyArgs& a) {
   const bool unbatched = x.dim() == 1;
-  const int64_t classes = x.size(-1);
+  const int64_t classes = x.size(ce_class_dim(x));
   const double eps = a.label_smoothing;
   if (t.is_floating_point()) {  // probabilities: A = sum_c w_c q_c (/ rows for 'mean')
     const Tensor q = t * (1 - eps) + eps / classes;
-    Tensor mass = (w.has_value() ? q * *w : q).sum(-1);
-    return a.reduction == 1 && !unbatched ? mass / x.size(0) : mass;
+    Tensor mass = (w.has_value() ? q * ce_along_classes(*w, x) : q).sum(ce_class_dim(x));
+    return a.reduction == 1 && !unbatched ? mass / ce_rows(x) : mass;
   }
   const Tensor rows_t = unbatched ? t.reshape({1}) : t;
   const Tensor ignored = rows_t.eq(a.ignore_index);
   const Tensor safe_t = rows_t.masked_fill(ignored, 0);
-  const Tensor w_t = (w.has_value() ? w->index_select(0, safe_t)
+  const Tensor w_t = (w.has_value() ? w->index_select(0, safe_t.reshape({-1})).view(safe_t.sizes())
                                     : at::ones(rows_t.sizes(), x.options()))
                          .masked_fill(ignored, 0);
   const Tensor w_sum = w.has_value() ? w->sum() : at::full({}, double(classes), x.options());
@@ -1247,17 +1273,17 @@ Tensor ce_row_mass(const Tensor& x, const Tensor& t, const OptTensor& w,
 // d loss / d target for probabilities: -g w log softmax(x) (1 - eps) (/ rows for 'mean').
 Tensor cross_entropy_target_grad(const Tensor& grad_output, const Tensor& input,
                                  const OptTensor& weight, const CrossEntropyArgs& a) {
-  const bool batched = input.dim() == 2;
-  Tensor g = a.reduction == 0 && batched ? grad_output.unsqueeze(1) : grad_output;
-  if (a.reduction == 1 && batched) g = g / input.size(0);
+  const bool batched = input.dim() >= 2;
+  Tensor g = a.reduction == 0 ? ce_per_class(grad_output, input) : grad_output;
+  if (a.reduction == 1 && batched) g = g / ce_rows(input);
   Tensor scale = -g * (1 - a.label_smoothing);
-  if (weight.has_value()) scale = scale * *weight;
-  return scale * log_softmax_op().call(input, input.dim() - 1);
+  if (weight.has_value()) scale = scale * ce_along_classes(*weight, input);
+  return scale * log_softmax_op().call(input, ce_class_dim(input));
 }
 
-// Per-row (for 'none') or total sum of `t` over the class dim.
+// Per-row (for 'none') or total sum of `t` (input's shape) over the class dim.
 Tensor ce_reduce(const Tensor& t, const CrossEntropyArgs& a) {
-  return a.reduction == 0 ? t.sum(-1) : t.sum();
+  return a.reduction == 0 ? t.sum(ce_class_dim(t)) : t.sum();
 }
 
 // grad_input with g = 1 (per row for 'none'): A p - a, the loss's slope in x.
@@ -1267,38 +1293,38 @@ Tensor ce_slope(const Tensor& loss_like, const Tensor& x, const Tensor& t, const
                                           a.ignore_index, a.label_smoothing);
 }
 
-// g as a factor of each row's (C) entries: (N, 1) for 'none', a scalar otherwise.
-Tensor ce_row_factor(const Tensor& g, const CrossEntropyArgs& a) {
-  return a.reduction == 0 ? g.unsqueeze(-1) : g;
-}
-
 // d/dx of <v, cross_entropy_backward(g, x, ...)>: g A softmax_backward(v, p) per row; softmax's
 // Jacobian is symmetric, so this is also the tangent along dx = v.
 Tensor ce_input_term(const Tensor& g, const Tensor& x, const Tensor& t, const OptTensor& w,
                      const CrossEntropyArgs& args, const Tensor& v) {
-  const Tensor p = softmax_op().call(x, -1);
-  const Tensor row_scale = (g * ce_row_mass(x, t, w, args)).unsqueeze(-1);
-  return row_scale * softmax_backward_op().call(v, p, -1);
+  const int64_t dim = ce_class_dim(x);
+  const Tensor p = softmax_op().call(x, dim);
+  const Tensor row_scale = ce_per_class(g * ce_row_mass(x, t, w, args), x);
+  return row_scale * softmax_backward_op().call(v, p, dim);
 }
 
 // For probability targets, grad_input = g (A p - a) is linear in t through a = w (1 - eps) t / M
 // (M: the rows for 'mean', else 1): d/dt of <v, grad_input> is g (1 - eps) / M w (sum(v p) - v),
 // and its tangent along dt is g (sum(da) p - da), da = w (1 - eps) dt / M.
 Tensor ce_target_weights(const Tensor& x, const OptTensor& w, const CrossEntropyArgs& a) {
-  const double rows = a.reduction == 1 && x.dim() == 2 ? double(x.size(0)) : 1.0;
+  const double rows = a.reduction == 1 && x.dim() >= 2 ? ce_rows(x) : 1.0;
   const Tensor scale = at::full({}, (1 - a.label_smoothing) / rows, x.options());
-  return w.has_value() ? scale * *w : scale;
+  return w.has_value() ? scale * ce_along_classes(*w, x) : scale;
 }
 Tensor ce_target_vjp(const Tensor& g, const Tensor& x, const OptTensor& w,
                      const CrossEntropyArgs& a, const Tensor& v) {
-  const Tensor p = softmax_op().call(x, -1);
-  return ce_row_factor(g, a) * ce_target_weights(x, w, a) * ((v * p).sum(-1, true) - v);
+  const int64_t dim = ce_class_dim(x);
+  const Tensor p = softmax_op().call(x, dim);
+  const Tensor factor = a.reduction == 0 ? ce_per_class(g, x) : g;
+  return factor * ce_target_weights(x, w, a) * ((v * p).sum(dim, true) - v);
 }
 Tensor ce_target_jvp(const Tensor& g, const Tensor& x, const OptTensor& w,
                      const CrossEntropyArgs& a, const Tensor& dt) {
-  const Tensor p = softmax_op().call(x, -1);
+  const int64_t dim = ce_class_dim(x);
+  const Tensor p = softmax_op().call(x, dim);
   const Tensor da = ce_target_weights(x, w, a) * dt;
-  return ce_row_factor(g, a) * (da.sum(-1, true) * p - da);
+  const Tensor factor = a.reduction == 0 ? ce_per_class(g, x) : g;
+  return factor * (da.sum(dim, true) * p - da);
 }
 
 struct CrossEntropyNode : PyengineNode<CrossEntropyNode> {

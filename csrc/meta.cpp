@@ -225,9 +225,7 @@ Tensor cross_entropy_meta(const Tensor& input, const Tensor& target, const OptTe
                           int64_t reduction, int64_t ignore_index, double label_smoothing) {
   auto s = check_cross_entropy<SymInt>(input, target, weight, reduction, ignore_index,
                                        label_smoothing);
-  std::vector<SymInt> sizes;
-  if (reduction == 0 && s.batched) sizes.push_back(s.batch);
-  return empty_meta(sizes, input);
+  return empty_meta(reduction == 0 ? s.loss_sizes : std::vector<SymInt>{}, input);
 }
 Tensor cross_entropy_backward_meta(const Tensor& grad_output, const Tensor& input,
                                    const Tensor& target, const OptTensor& weight,

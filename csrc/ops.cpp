@@ -126,9 +126,10 @@ TORCH_LIBRARY(pyengine, library) {
   // 0 or 1 gives an infinite gradient), divided by numel for 'mean'.
   m.def("binary_cross_entropy_target_backward(Tensor grad_output, Tensor input, Tensor target, "
         "Tensor? weight, int reduction) -> Tensor");
-  // cross_entropy: logits (N, C) or (C); weight (C). The target's dtype decides its kind: int64
-  // class indices (N) or (), or floating class probabilities of input's shape and dtype (the
-  // 'mean' then divides by the number of rows, and ignore_index must be negative). The backward
+  // cross_entropy: logits (N, C), (C) or (N, C, d1, ...) (classes in dim 1, as torch's); weight
+  // (C). The target's dtype decides its kind: int64 class indices (N), () or (N, d1, ...), or
+  // floating class probabilities of input's shape and dtype (the 'mean' then divides by the
+  // number of losses, N * d1 * ..., and ignore_index must be negative). The backward
   // op returns d/d(input); d/d(target) of probabilities is -grad * weight * log_softmax(input) *
   // (1 - label_smoothing), computed by autograd. label_smoothing defaults to 0 so that calls
   // written without it keep working.

@@ -27,8 +27,9 @@ There are few kinds of rule, each written once and shared by the operators of it
                  linear against a ones vector, and for 'mean' divided by the sample's own
                  denominator; the backward ops take the per-sample grad_output expanded to one
                  per element (divided by the denominator for 'mean') with reduction 'none'.
-                 cross_entropy folds its rows like a batch; a per-sample class weight scales the
-                 unweighted per-row loss (and grad_output) by each row's class weight.
+                 cross_entropy folds the samples into its batch dim; a per-sample class
+                 weight scales the unweighted per-row loss (and grad_output) by each row's class
+                 weight.
 
 Arithmetic outside the pyengine operators is limited to per-sample bookkeeping: the 'mean'
 denominators and their division, and cross_entropy's class weight per row (a gather).
@@ -325,38 +326,45 @@ def _pointwise_loss_backward(op, batch, in_dims, args):
 
 
 def _class_weights(w, wd, t, ignore_index):
-    """cross_entropy's weight of each row's target class (t samples first, (B, N)), 0 for
-    ignored rows; the row count for mean's denominator when there is no weight. Called after
-    the operator has checked the targets' range."""
+    """cross_entropy's weight of each row's target class (t samples first: the 'none' loss's
+    shape), 0 for ignored rows; 1 for kept rows (float64, mean's denominator) when there is no
+    weight. Called after the operator has checked the targets' range."""
     kept = t != ignore_index
     if w is None:
         return kept.to(torch.float64)
     safe = t.masked_fill(~kept, 0)
-    picked = w.gather(1, safe) if wd is not None else w[safe]
+    picked = (w.gather(1, safe.reshape(t.shape[0], -1)).view(t.shape) if wd is not None
+              else w[safe])
     return torch.where(kept, picked, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
-def _cross_entropy_rows(batch, in_dims, args):
-    """cross_entropy's (input, target, weight), samples first, as rows: input (B, N, C) or
-    (B, C) -> (B * N, C); class-index target -> (B, N) or (B, 1), class probabilities ->
-    (B, N, C) or (B, 1, C); weight (B, C) or (C); and the input's shape, samples first."""
-    x, t = _first(args[0], in_dims[0], batch), _first(args[1], in_dims[1], batch)
-    w = args[2] if in_dims[2] is None else args[2].movedim(in_dims[2], 0)
-    rows = (batch, x.shape[1] if x.dim() == 3 else 1)
-    t = t.reshape(*rows, x.shape[-1]) if t.is_floating_point() else t.reshape(rows)
-    return x.reshape(-1, x.shape[-1]), t, w, x.shape
+class _FoldedCrossEntropy:
+    """cross_entropy's (input, target, weight) with the samples folded into the operator's batch
+    dim: samples of (C) become the rows of (B, C), samples of (N, C, d1, ...) the batch of
+    (B * N, C, d1, ...), the target alike (a view where the samples' layout allows). Keeps the
+    target samples first (per-row class weights), the 'none' loss's shape samples first, and the
+    input's shape samples first (the gradient's)."""
 
+    def __init__(self, batch, in_dims, args):
+        x, t = _first(args[0], in_dims[0], batch), _first(args[1], in_dims[1], batch)
+        self.w = args[2] if in_dims[2] is None else args[2].movedim(in_dims[2], 0)
+        self.target_samples, self.input_shape = t, x.shape
+        if x.dim() == 2:
+            self.x, self.t, self.loss_shape = x, t, (batch,)
+        else:
+            self.x, self.t = x.flatten(0, 1), t.flatten(0, 1)
+            self.loss_shape = (batch, x.shape[1], *x.shape[3:])
+        # the operator's 'none' loss: (B) or (B * N, d1, ...)
+        self.folded_loss_shape = (self.x.shape[0], *self.x.shape[2:])
 
-def _flat_target(t):
-    """A target from _cross_entropy_rows as the operator's rows: (B * N) or (B * N, C)."""
-    return t.reshape(-1, t.shape[-1]) if t.is_floating_point() else t.reshape(-1)
-
-
-def _cross_entropy_mean_denominator(w, wd, t, ignore_index):
-    """Per sample (B,), float64: the rows for probabilities, else the kept rows' class weights."""
-    if t.is_floating_point():
-        return torch.full((t.shape[0],), float(t.shape[1]), dtype=torch.float64, device=t.device)
-    return _per_sample_sum(_class_weights(w, wd, t, ignore_index))
+    def mean_denominator(self, wd, ignore_index):
+        """Per sample (B,), float64: the rows for probabilities, else the kept rows' class
+        weights."""
+        if self.t.is_floating_point():
+            rows = math.prod(self.loss_shape[1:])
+            return torch.full((self.loss_shape[0],), float(rows), dtype=torch.float64,
+                              device=self.x.device)
+        return _per_sample_sum(_class_weights(self.w, wd, self.target_samples, ignore_index))
 
 
 def _per_sample_loop(op, batch, in_dims, args):
@@ -379,43 +387,41 @@ def _cross_entropy_options(options):
 def _cross_entropy(op, batch, in_dims, args):
     reduction, ignore_index, label_smoothing = _cross_entropy_options(args[3:])
     wd = in_dims[2]
-    x, t, w, shape = _cross_entropy_rows(batch, in_dims, args)
-    rows = t.shape[:2]
+    f = _FoldedCrossEntropy(batch, in_dims, args)
     if wd is None:
-        loss = op(x, _flat_target(t), w, _NONE, ignore_index, label_smoothing).view(rows)
-    elif label_smoothing or t.is_floating_point():
+        loss = op(f.x, f.t, f.w, _NONE, ignore_index, label_smoothing).view(f.loss_shape)
+    elif label_smoothing or f.t.is_floating_point():
         return _per_sample_loop(op, batch, in_dims, args)
     else:   # per-sample class weights: the unweighted loss of each row times its class weight
-        loss = op(x, _flat_target(t), None, _NONE, ignore_index, label_smoothing).view(rows)
-        loss = loss * _class_weights(w, wd, t, ignore_index)
+        loss = op(f.x, f.t, None, _NONE, ignore_index, label_smoothing).view(f.loss_shape)
+        loss = loss * _class_weights(f.w, wd, f.target_samples, ignore_index)
     if reduction == _NONE:
-        return loss.view(shape[:-1]), 0
+        return loss, 0
     total = _per_sample_sum(loss)
     if reduction == _MEAN:
-        total = total / _cross_entropy_mean_denominator(w, wd, t, ignore_index)
-    return total.to(x.dtype), 0
+        total = total / f.mean_denominator(wd, ignore_index)
+    return total.to(f.x.dtype), 0
 
 
 def _cross_entropy_backward(op, batch, in_dims, args):
     reduction, ignore_index, label_smoothing = _cross_entropy_options(args[4:])
     wd = in_dims[3]
     go = _first(args[0], in_dims[0], batch)
-    x, t, w, shape = _cross_entropy_rows(batch, in_dims[1:], args[1:])
-    rows = t.shape[:2]
-    if wd is not None and (label_smoothing or t.is_floating_point()):
+    f = _FoldedCrossEntropy(batch, in_dims[1:], args[1:])
+    if wd is not None and (label_smoothing or f.t.is_floating_point()):
         return _per_sample_loop(op, batch, in_dims, args)
     if reduction == _NONE:
-        go = go.reshape(rows)
+        go = go.reshape(f.loss_shape)
     else:
         if reduction == _MEAN:
-            go = (go.double() / _cross_entropy_mean_denominator(w, wd, t, ignore_index)
-                  ).to(x.dtype)
-        go = go.view(batch, 1).expand(rows)
+            go = (go.double() / f.mean_denominator(wd, ignore_index)).to(f.x.dtype)
+        go = _unsqueeze_to(go, len(f.loss_shape)).expand(f.loss_shape)
+    w = f.w
     if wd is not None:   # per-sample class weights scale each row's grad_output
-        go = go * _class_weights(w, wd, t, ignore_index)
+        go = go * _class_weights(w, wd, f.target_samples, ignore_index)
         w = None
-    return op(go.reshape(-1), x, _flat_target(t), w, _NONE, ignore_index,
-              label_smoothing).view(shape), 0
+    return op(go.reshape(f.folded_loss_shape), f.x, f.t, w, _NONE, ignore_index,
+              label_smoothing).view(f.input_shape), 0
 
 
 _RULES = {

@@ -297,10 +297,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     int64 class indices (N), () or (N, d1, ...), or class probabilities of input's shape and
     dtype; label_smoothing in [0, 1]."""
     reduction_enum = _reduction_enum(reduction, size_average, reduce)
-    input, target, spatial_shape = _cross_entropy_rows(input, target)
-    loss = _op.cross_entropy(input, target, weight, reduction_enum, int(ignore_index),
+    _check_cross_entropy_target(input, target)
+    return _op.cross_entropy(input, target, weight, reduction_enum, int(ignore_index),
                              float(label_smoothing))
-    return _reshape_loss(loss, spatial_shape) if reduction_enum == 0 else loss
 
 
 # The dtypes torch's autocast casts (float64 it leaves alone).
@@ -315,11 +314,12 @@ def _autocast_casts_both(input: Tensor, target: Tensor) -> bool:
 
 
 @torch.fx.wrap
-def _cross_entropy_rows(input: Tensor, target: Tensor):
-    """cross_entropy's input and target as the operator takes them, and the shape of a 'none'
-    loss (None: the operator's own): (N, C, d1, ...) is (N * d1 * ..., C) rows with the class
-    dim last (a probability target's too). An fx leaf (see "torch.fx leaves" at the top): all of
-    it depends on the dtype and the sizes."""
+def _check_cross_entropy_target(input: Tensor, target: Tensor) -> None:
+    """The target mistakes whose error class is torch's functional's rather than the operator's
+    (the operator checks the rest): a probability target of another dtype (torch promotes), and
+    for (N, C, d1, ...) input a target of neither shape (ValueError and RuntimeError: torch's
+    class depends on which dims differ). An fx leaf (see "torch.fx leaves" at the top): it
+    depends on the dtypes and sizes."""
     probabilities = target.is_floating_point()
     if probabilities and target.dtype != input.dtype and not _autocast_casts_both(input, target):
         # torch promotes; pyengine has no kernel for mixed dtypes (patch() runs torch's then)
@@ -327,7 +327,7 @@ def _cross_entropy_rows(input: Tensor, target: Tensor):
             "pyengine.functional.cross_entropy: expected a class-probability target of input's "
             f"dtype ({input.dtype}), but got target of dtype {target.dtype}")
     if input.dim() <= 2:
-        return input, target, None
+        return
     spatial_shape = (input.shape[0], *input.shape[2:])
     if tuple(target.shape) != (tuple(input.shape) if probabilities else spatial_shape):
         raise ValueAndRuntimeError(
@@ -335,13 +335,3 @@ def _cross_entropy_rows(input: Tensor, target: Tensor):
             f"{list(spatial_shape)} (int64 class indices) or {list(input.shape)} (floating "
             f"class probabilities) for input of shape {list(input.shape)}, but got target of "
             f"shape {list(target.shape)} and dtype {target.dtype}")
-    rows = input.movedim(1, -1).reshape(-1, input.shape[1])
-    target = target.movedim(1, -1).reshape(rows.shape) if probabilities else target.reshape(-1)
-    return rows, target, torch.Size(spatial_shape)
-
-
-@torch.fx.wrap
-def _reshape_loss(loss: Tensor, shape) -> Tensor:
-    """loss in `shape`, or as it is for None. An fx leaf (see "torch.fx leaves" at the top):
-    `shape` is known only when the graph runs."""
-    return loss if shape is None else loss.reshape(shape)

@@ -257,6 +257,14 @@ COVER = {
         dict(_PROBABILITIES, form="(N, C)", batch=4, classes=5, input=dict(NAN_INF),
              reduction="none"),
         dict(dtype="float32"), dict(dtype="float64"),
+        # (N, C, d1, ...) with d1 * ... past one column block (cpu/cross_entropy.cpp: 32 float32
+        # or 16 float64 pixels) and a narrower last one
+        dict(_CLASSES, form="(N, C, d...)", batch=2, classes=3, spatial=(40,), weighted=True,
+             ignore_index=1, reduction="mean"),
+        dict(_SMOOTHED, form="(N, C, d...)", batch=2, classes=3, spatial=(5, 7), weighted=True,
+             reduction="sum"),
+        dict(_PROBABILITIES, form="(N, C, d...)", batch=2, classes=2, spatial=(33,),
+             weighted=True, label_smoothing=0.2, reduction="none"),
     ],
 }
 # The elementwise activations: every shape kind and layout.
@@ -332,7 +340,18 @@ LARGE = {
                       dict(_SMOOTHED, form="(N, C)", batch=200, classes=40, weighted=True),
                       dict(_PROBABILITIES, form="(N, C)", batch=300, classes=7, weighted=True,
                            label_smoothing=0.1),
-                      dict(_PROBABILITIES, form="(N, C)", batch=3, classes=100)],
+                      dict(_PROBABILITIES, form="(N, C)", batch=3, classes=100),
+                      # the column kernels: whole blocks, tails, every kind of call
+                      dict(_CLASSES, form="(N, C, d...)", batch=3, classes=21, spatial=(9, 13),
+                           weighted=True),
+                      dict(_CLASSES, form="(N, C, d...)", batch=2, classes=5, spatial=(64,),
+                           ignore_index=2, reduction="none", input=dict(NAN_INF)),
+                      dict(_CLASSES, form="(N, C, d...)", batch=2, classes=6, spatial=(8, 12),
+                           input=dict(layout="channels_last"), reduction="sum"),
+                      dict(_SMOOTHED, form="(N, C, d...)", batch=2, classes=7, spatial=(70,),
+                           weighted=True, ignore_index=2, reduction="mean"),
+                      dict(_PROBABILITIES, form="(N, C, d...)", batch=2, classes=6,
+                           spatial=(8, 9), weighted=True, label_smoothing=0.1)],
 }
 _LARGE_ACTIVATION = [dict(shape=(3, 5, 129)), dict(shape=(2, 300, 7), input=dict(NAN_INF))]
 for _op in ("relu", "leaky_relu", "sigmoid", "tanh"):

@@ -300,6 +300,22 @@ def test_cross_entropy_2d(device):
               lambda x: F.cross_entropy(x, target, reduction=reduction), [x])
 
 
+@devices
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cross_entropy_spatial(device, layout):
+    """(N, C, H, W) logits, read in place where contiguous: 'none' loss (N, H, W) and the
+    gradients (input's, and a probability target's) contiguous, as torch's."""
+    x = LAYOUTS[layout](torch.randn(2, 5, 6, 7, dtype=torch.float64, device=device))
+    indices = torch.randint(0, 5, (2, 6, 7), device=device)
+    probabilities = LAYOUTS[layout](torch.rand(2, 5, 6, 7, dtype=torch.float64, device=device))
+    for reduction in ("none", "mean"):
+        kw = dict(reduction=reduction, label_smoothing=0.1)
+        check(lambda x: PF.cross_entropy(x, indices, **kw),
+              lambda x: F.cross_entropy(x, indices, **kw), [x])
+        check(lambda x, p: PF.cross_entropy(x, p, **kw),
+              lambda x, p: F.cross_entropy(x, p, **kw), [x, probabilities])
+
+
 # ---- Meta kernels, modules, torch.compile ---------------------------------------------------
 
 def opcheck_samples(device):

@@ -490,16 +490,20 @@ std::vector<Int> loss_output_sizes(const at::Tensor& input, int64_t reduction) {
 
 template <typename Int>
 struct CrossEntropyShape {
-  bool batched;        // input (N, C) rather than (C)
+  bool batched;        // input (N, C) or (N, C, d1, ...) rather than (C)
   bool probabilities;  // target holds class probabilities (input's shape), not class indices
-  Int batch, classes;
+  Int batch, classes;  // N (1 unbatched) and C
+  Int inner;           // d1 * d2 * ... (1 without them): the stride between classes
+  std::vector<Int> loss_sizes;  // the 'none' loss's (and a class-index target's): (N, d1, ...)
+  Int rows() const { return batch * inner; }  // the losses: one per (n, d1, ...)
 };
 
-// cross_entropy takes both kinds of target torch's takes, told apart by the target's dtype (one
-// operator, as torch's one function): int64 class indices, (N) for input (N, C) or 0-d for (C),
-// or class probabilities of input's shape and dtype. label_smoothing must lie in [0, 1]: torch
-// refuses values above 1 and silently ignores negative ones and NaN, which pyengine refuses too
-// (they can only be mistakes).
+// cross_entropy takes what torch's takes: input (C), (N, C) or (N, C, d1, ..., dk) with the
+// classes in dim 1, and both kinds of target, told apart by the target's dtype (one operator, as
+// torch's one function): int64 class indices of the 'none' loss's shape ((N, d1, ...), or 0-d for
+// (C)), or class probabilities of input's shape and dtype. label_smoothing must lie in [0, 1]:
+// torch refuses values above 1 and silently ignores negative ones and NaN, which pyengine refuses
+// too (they can only be mistakes).
 template <typename Int>
 CrossEntropyShape<Int> check_cross_entropy(const at::Tensor& input, const at::Tensor& target,
                                            const std::optional<at::Tensor>& weight,
@@ -514,12 +518,18 @@ CrossEntropyShape<Int> check_cross_entropy(const at::Tensor& input, const at::Te
               label_smoothing);
   auto in = sizes_of<Int>(input);
   auto t = sizes_of<Int>(target);
-  TORCH_CHECK(in.size() == 1 || in.size() == 2, "pyengine.cross_entropy: expected input "
-              "to be 1-D (C) or 2-D (N, C), but got input of shape ", in);
+  TORCH_CHECK(in.size() >= 1, "pyengine.cross_entropy: expected input to be 1-D (C) or 2-D "
+              "(N, C) or more (N, C, d1, ...), but got input of shape ", in);
   CrossEntropyShape<Int> s;
-  s.batched = in.size() == 2;
+  s.batched = in.size() >= 2;
   s.batch = s.batched ? in[0] : Int(1);
-  s.classes = in[in.size() - 1];
+  s.classes = s.batched ? in[1] : in[0];
+  s.inner = Int(1);
+  if (s.batched) s.loss_sizes.push_back(in[0]);
+  for (size_t i = 2; i < in.size(); ++i) {
+    s.inner = s.inner * in[i];
+    s.loss_sizes.push_back(in[i]);
+  }
   s.probabilities = target.is_floating_point();
   bool same_shape = t.size() == in.size();
   for (size_t i = 0; same_shape && i < t.size(); ++i) same_shape = truth(t[i] == in[i]);
@@ -541,17 +551,27 @@ CrossEntropyShape<Int> check_cross_entropy(const at::Tensor& input, const at::Te
     TORCH_CHECK(target.device() == input.device(), "pyengine.cross_entropy: expected target to "
                 "be on the same device as input (", input.device(), "), but got target on ",
                 target.device());
-    const bool target_ok = s.batched ? t.size() == 1 && truth(t[0] == s.batch) : t.size() == 0;
+    bool target_ok = t.size() == s.loss_sizes.size();
+    for (size_t i = 0; target_ok && i < t.size(); ++i) target_ok = truth(t[i] == s.loss_sizes[i]);
     if (!target_ok) {
+      const c10::ArrayRef<Int> want(s.loss_sizes);
       const std::string message =
-          s.batched ? c10::str("pyengine.cross_entropy: expected target of shape [", s.batch,
-                               "] for input of shape ", in, ", but got target of shape ", t)
-                    : c10::str("pyengine.cross_entropy: expected a 0-d target for input of "
-                               "shape ", in, ", but got target of shape ", t);
-      // torch's classes for the same mistakes: RuntimeError for a target of two or more dims,
-      // ValueError for one whose length does not match.
-      TORCH_CHECK(t.size() <= 1, message);
-      TORCH_CHECK_VALUE(false, message);
+          !s.batched ? c10::str("pyengine.cross_entropy: expected a 0-d target for input of "
+                                "shape ", in, ", but got target of shape ", t)
+          : in.size() == 2
+              ? c10::str("pyengine.cross_entropy: expected target of shape ", want,
+                         " for input of shape ", in, ", but got target of shape ", t)
+              : c10::str("pyengine.cross_entropy: expected target of shape ", want,
+                         " (int64 class indices) or ", in, " (floating class probabilities) "
+                         "for input of shape ", in, ", but got target of shape ", t);
+      // torch's classes for the same mistakes: ValueError for a target of the right rank
+      // whose batch does not match (a 0-d / 1-d one for (C) / (N, C) input), RuntimeError
+      // otherwise.
+      const bool batch_mismatch =
+          in.size() <= 2 ? t.size() <= 1
+                         : t.size() + 1 == in.size() && !truth(t[0] == in[0]);
+      TORCH_CHECK_VALUE(!batch_mismatch, message);
+      TORCH_CHECK(false, message);
     }
   }
   if (weight.has_value() && weight->defined()) {
@@ -677,9 +697,8 @@ CrossEntropyShape<Int> check_cross_entropy_backward(const at::Tensor& grad_outpu
                                                     double label_smoothing) {
   auto s = check_cross_entropy<Int>(input, target, weight, reduction, ignore_index,
                                     label_smoothing);
-  std::vector<Int> expected;
-  if (reduction == 0 && s.batched) expected.push_back(s.batch);
-  check_grad_output<Int>(grad_output, expected, input, "cross_entropy_backward");
+  check_grad_output<Int>(grad_output, reduction == 0 ? s.loss_sizes : std::vector<Int>{}, input,
+                         "cross_entropy_backward");
   return s;
 }
 

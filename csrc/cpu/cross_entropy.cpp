@@ -10,8 +10,10 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -50,10 +52,23 @@ using OptTensor = std::optional<Tensor>;
 // u_j (w_j, or w_j q_ij), computed as -(D - U log s) with D = sum_j u_j (x_j - m) and
 // U = sum_j u_j, in double; their gradient is a * (softmax_j * U - u_j).
 
-// Targets must be class indices or ignore_index. One sequential pass over N int64s: cheap next
-// to the N * C exps, and the error is raised outside the parallel loops.
+// Targets must be class indices or ignore_index. One pass over N int64s, branch-free so that it
+// vectorizes (built per level below; cheap next to the N * C exps), and the error is raised
+// outside the parallel loops, naming the first bad target.
+PE_INLINE bool targets_in_range_impl(const int64_t* pt, int64_t n, int64_t classes,
+                                     int64_t ignore_index) {
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i)
+    bad |= pt[i] != ignore_index && static_cast<uint64_t>(pt[i]) >= static_cast<uint64_t>(classes);
+  return !bad;
+}
+PE_ISA_FUNCTION(Family::CrossEntropy, bool, targets_in_range,
+                (const int64_t* pt, int64_t n, int64_t classes, int64_t ignore_index),
+                (pt, n, classes, ignore_index), targets_in_range_impl)
+
 void check_targets(const int64_t* pt, int64_t n, int64_t classes, int64_t ignore_index,
                    const char* op) {
+  if (targets_in_range(pt, n, classes, ignore_index)) return;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = pt[i];
     if (c == ignore_index) continue;
@@ -279,6 +294,398 @@ PE_DEFINE_ROW_KERNELS(float)
 PE_DEFINE_ROW_KERNELS(double)
 #undef PE_DEFINE_ROW_KERNELS
 
+// ---- Column kernels: (N, C, d1, ...) input ------------------------------------------------
+//
+// With d1 * ... = inner > 1 a pixel's C logits lie `inner` apart and neighbouring pixels' logits
+// of one class are contiguous, so a block of up to L = kColumnLanes<T> pixels runs as L lanes, the
+// class loop outermost: each pixel's max, exp-sum and smoothed sums run down its own lane, with no
+// horizontal reduction, no padding of narrow rows and one vectorized log per lane
+// (log_at_least_one), where moving the classes last would cost a copy of the logits (torch's
+// permute took 0.39 ms at 8 x 21 x 64 x 64 float32, more than its whole loss). Same formulas and
+// precision as the rows: the max, then exp terms summed in double, the smoothed forms' D and U in
+// double. A block narrower than L (the end of a pixel row) runs the same code with the width known
+// only at run time (scalar code: tasks and partial sums start at whole blocks, so only a sample's
+// last pixels take it, when d1 * ... is not a multiple of L).
+//
+// Napkin math (forward, 8 x 21 x 64 x 64 float32, one core): 2.75 MB of logits read twice (max,
+// then exp; the block's 21 x 128 bytes stay in L1 between the passes) and 688K exps at ~1.5 vector
+// instructions per logit; the log, the pick of the target and the lanes' sums are per pixel.
+// Backward adds a write of the gradient and a rescaling pass over it in L1.
+
+// A loop over a block's lanes. Kept whole for the vectorizer: GCC otherwise may unroll a
+// constant-trip loop completely before vectorizing and leave selects on targets as scalar
+// branches (perf: 4 x 2 x 128 x 128's forward spent most of its time there).
+#define PE_LANES _Pragma("GCC unroll 1")
+
+// Pixels per block: two 64-byte vectors of T. One vector's worth left the fixed costs of a block
+// (the call, the log of each lane, the lanes' sums) at half of a 2-class forward's time.
+template <typename T>
+constexpr int64_t kColumnLanes = 2 * kLanes<T>;
+
+// One block's operands: pixel l's logit of class j at x[j * stride + l], its probability (when
+// p is not null) at p[j * stride + l], its class index (when t is not null) at t[l].
+template <typename T>
+struct ColumnBlock {
+  const T* x;
+  const T* p;
+  const int64_t* t;
+  int64_t classes, stride, width;
+};
+
+// The coefficient u_j of lane l (see RowCoefficients): w_j (1 without weight), times the smoothed
+// target p_jl * keep + add for probabilities.
+template <typename T, bool kWeighted, bool kProbabilities>
+struct ColumnCoefficient {
+  const T* w;
+  const T* p;
+  int64_t stride;
+  T keep, add;
+  PE_INLINE T operator()(int64_t j, int64_t l) const {
+    const T q = kProbabilities ? p[j * stride + l] * keep + add : T(1);
+    return kWeighted ? q * w[j] : q;
+  }
+};
+
+template <typename T, class F>
+PE_INLINE auto with_column_coefficients(const ColumnBlock<T>& b, const T* w, T keep, T add,
+                                        const F& f) {
+  if (b.p != nullptr) {
+    return w != nullptr ? f(ColumnCoefficient<T, true, true>{w, b.p, b.stride, keep, add})
+                        : f(ColumnCoefficient<T, false, true>{w, b.p, b.stride, keep, add});
+  }
+  return w != nullptr ? f(ColumnCoefficient<T, true, false>{w, b.p, b.stride, keep, add})
+                      : f(ColumnCoefficient<T, false, false>{w, b.p, b.stride, keep, add});
+}
+
+// Per lane: m = max_j x_j (NaN skipped, as row_max) and s = sum_j exp(x_j - m) in double, the
+// terms also written to out[j * stride + l] when kStore. W: the block's width (L when kFull).
+// The loops run on local arrays, copied out at the end: through the pointers the compiler would
+// have to assume that the stores may change x, and keep nothing in registers.
+template <typename T, bool kFull, bool kStore>
+PE_INLINE void column_max_sum(const ColumnBlock<T>& b, T* m_out, double* s_out, T* out) {
+  constexpr int64_t L = kColumnLanes<T>;
+  const int64_t W = kFull ? L : b.width;
+  T m[L];
+  double s[L];
+  PE_LANES for (int64_t l = 0; l < L; ++l) m[l] = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < b.classes; ++j) {
+    const T* xj = b.x + j * b.stride;
+    PE_LANES for (int64_t l = 0; l < W; ++l) m[l] = xj[l] > m[l] ? xj[l] : m[l];
+  }
+  PE_LANES for (int64_t l = 0; l < L; ++l) s[l] = 0;
+  if (kStore) {
+    // The terms are stored first, then summed from L1 in a second pass: summed as they are
+    // stored, GCC kept the double lanes in memory (a store-forwarding chain per class; perf).
+    for (int64_t j = 0; j < b.classes; ++j) {
+      const T* xj = b.x + j * b.stride;
+      T* oj = out + j * b.stride;
+      PE_LANES for (int64_t l = 0; l < W; ++l) oj[l] = fast_exp_nonpositive(xj[l] - m[l]);
+    }
+    for (int64_t j = 0; j < b.classes; ++j) {
+      const T* oj = out + j * b.stride;
+      PE_LANES for (int64_t l = 0; l < W; ++l) s[l] += static_cast<double>(oj[l]);
+    }
+  } else {
+    for (int64_t j = 0; j < b.classes; ++j) {
+      const T* xj = b.x + j * b.stride;
+      PE_LANES for (int64_t l = 0; l < W; ++l) {
+        s[l] += static_cast<double>(fast_exp_nonpositive(xj[l] - m[l]));
+      }
+    }
+  }
+  PE_LANES for (int64_t l = 0; l < L; ++l) {
+    m_out[l] = m[l];
+    s_out[l] = s[l];
+  }
+}
+
+// Per lane: D = sum_j u_j (x_j - m) (when kDot) and U = sum_j u_j, in double.
+template <typename T, bool kFull, bool kDot, class U>
+PE_INLINE void column_coefficient_sums(const ColumnBlock<T>& b, const T* m_in, const U& u,
+                                       double* dot_out, double* total_out) {
+  constexpr int64_t L = kColumnLanes<T>;
+  const int64_t W = kFull ? L : b.width;
+  T m[L];
+  double dot[L] = {}, total[L] = {};
+  PE_LANES for (int64_t l = 0; l < L; ++l) m[l] = m_in[l];
+  for (int64_t j = 0; j < b.classes; ++j) {
+    const T* xj = b.x + j * b.stride;
+    PE_LANES for (int64_t l = 0; l < W; ++l) {
+      const T c = u(j, l);
+      if (kDot) dot[l] += static_cast<double>(c) * static_cast<double>(xj[l] - m[l]);
+      total[l] += static_cast<double>(c);
+    }
+  }
+  PE_LANES for (int64_t l = 0; l < L; ++l) {
+    if (kDot) dot_out[l] = dot[l];
+    total_out[l] = total[l];
+  }
+}
+
+// Lane l's target class (-1 when ignored or past the width) as an integer of T's width, so that
+// comparing it with a class index is one vector compare whose mask selects T lanes: int32 for
+// float (uses_columns keeps classes below 2^31), int64 for double.
+template <typename T>
+using LaneIndex = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+
+template <typename T>
+PE_INLINE void column_targets(const ColumnBlock<T>& b, int64_t ignore_index,
+                              LaneIndex<T>* target) {
+  PE_LANES for (int64_t l = 0; l < kColumnLanes<T>; ++l) {
+    target[l] = l < b.width && b.t[l] != ignore_index ? static_cast<LaneIndex<T>>(b.t[l])
+                                                       : LaneIndex<T>(-1);
+  }
+}
+
+// Per lane with class-index targets: x_t, the target's logit, and w_t, its class weight (1
+// without weight; both 0 for an ignored lane), picked by a select per class rather than a gather
+// per lane. A full block uses GCC vector types: written as a loop over lanes, GCC compiled the
+// selects into scalar branches here (perf: most of a 21-class forward's time).
+template <typename T, bool kFull>
+PE_INLINE void column_pick_target(const ColumnBlock<T>& b, const LaneIndex<T>* target,
+                                  const T* w, T* xt_out, T* wt_out) {
+  constexpr int64_t L = kColumnLanes<T>;
+  if constexpr (kFull) {
+    using Index = LaneIndex<T>;
+    typedef T V __attribute__((vector_size(64)));
+    typedef Index I __attribute__((vector_size(64)));
+    constexpr int64_t kVectors = L * sizeof(T) / 64;
+    static_assert(sizeof(I) == sizeof(V) && kVectors * 64 == L * int64_t(sizeof(T)));
+    V xt[kVectors] = {}, wt[kVectors] = {};
+    I tl[kVectors];
+    std::memcpy(tl, target, sizeof(tl));
+    for (int64_t j = 0; j < b.classes; ++j) {
+      const V wj = V{} + (w ? w[j] : T(1));
+      for (int64_t v = 0; v < kVectors; ++v) {
+        V xj;
+        std::memcpy(&xj, b.x + j * b.stride + v * int64_t(64 / sizeof(T)), sizeof(V));
+        const auto hit = tl[v] == static_cast<Index>(j);
+        xt[v] = hit ? xj : xt[v];
+        wt[v] = hit ? wj : wt[v];
+      }
+    }
+    std::memcpy(xt_out, xt, sizeof(xt));
+    std::memcpy(wt_out, wt, sizeof(wt));
+  } else {
+    for (int64_t l = 0; l < L; ++l) xt_out[l] = wt_out[l] = T(0);
+    for (int64_t l = 0; l < b.width; ++l) {
+      if (target[l] < 0) continue;
+      xt_out[l] = b.x[target[l] * b.stride + l];
+      wt_out[l] = w ? w[target[l]] : T(1);
+    }
+  }
+}
+
+// What the forward's block needs beyond the operands: as the row loop's lambda in
+// cross_entropy_cpu.
+template <typename T>
+struct ColumnLossArgs {
+  const T* w;
+  T keep, add;
+  double eps;
+  int64_t ignore_index;
+};
+
+// Lane l's loss and its share of the 'mean' denominator (as the row loop: w[t], 0 when ignored,
+// 1 per pixel of probabilities): into loss_out[l] for 'none', else their sums over the block's
+// lanes (a fixed tree) into sums_out[0] and [1].
+template <typename T, bool kFull>
+PE_INLINE void column_losses_body(const ColumnBlock<T>& b, const ColumnLossArgs<T>& a,
+                                  double* loss_out, double* sums_out) {
+  constexpr int64_t L = kColumnLanes<T>;
+  const int64_t W = kFull ? L : b.width;
+  T m[L], xt[L], wt[L];
+  double s[L], log_sum[L], dot[L], total[L], loss[L] = {}, share[L] = {};
+  column_max_sum<T, kFull, false>(b, m, s, nullptr);
+  PE_LANES for (int64_t l = 0; l < L; ++l) log_sum[l] = log_at_least_one(l < W ? s[l] : 1.0);
+  const bool smoothed = b.t == nullptr || a.eps != 0;
+  if (smoothed) {
+    with_column_coefficients(b, a.w, a.keep, a.add, [&](const auto& u) {
+      column_coefficient_sums<T, kFull, true>(b, m, u, dot, total);
+      return 0;
+    });
+  }
+  if (b.t == nullptr) {  // probabilities
+    PE_LANES for (int64_t l = 0; l < W; ++l) {
+      loss[l] = -(dot[l] - total[l] * log_sum[l]);
+      share[l] = 1;
+    }
+  } else {
+    LaneIndex<T> target[L];
+    column_targets(b, a.ignore_index, target);
+    column_pick_target<T, kFull>(b, target, a.w, xt, wt);
+    const double smooth_share = a.eps / static_cast<double>(b.classes);
+    PE_LANES for (int64_t l = 0; l < W; ++l) {
+      const bool kept = target[l] >= 0;
+      const double w_t = static_cast<double>(wt[l]);
+      const double nll = -w_t * (static_cast<double>(xt[l]) - static_cast<double>(m[l]) -
+                                 log_sum[l]);
+      const double smooth = smoothed ? (1 - a.eps) * nll +
+                                           smooth_share * -(dot[l] - total[l] * log_sum[l])
+                                     : nll;
+      loss[l] = kept ? smooth : 0.0;
+      share[l] = kept ? w_t : 0.0;
+    }
+  }
+  if (loss_out != nullptr) {
+    PE_LANES for (int64_t l = 0; l < L; ++l) loss_out[l] = loss[l];
+    return;
+  }
+  sums_out[0] = lane_total<L>(loss);
+  sums_out[1] = lane_total<L>(share);
+}
+
+template <typename T>
+PE_INLINE void column_losses_impl(ColumnBlock<T> b, ColumnLossArgs<T> a, double* loss,
+                                  double* sums) {
+  if (b.width == kColumnLanes<T>) {
+    column_losses_body<T, true>(b, a, loss, sums);
+  } else {
+    column_losses_body<T, false>(b, a, loss, sums);
+  }
+}
+
+// The backward's block, per lane: a = grad_output (g[l] for 'none', else the one `a_all`, the
+// 'mean' division done), then the row loop's cases: probabilities g_j = a (p_j U - u_j); class
+// indices g_j = alpha p_j' - [j == t] gamma with the smoothed term when eps > 0, as
+// SmoothedGradOf (p_j' = e_j / s); an ignored pixel's gradient exact zeros (even for NaN logits,
+// as the rows' fill).
+template <typename T>
+struct ColumnGradArgs {
+  const T* w;
+  T keep, add;
+  double eps;
+  int64_t ignore_index;
+  const T* g;     // the block's grad_output for 'none', else null
+  double a_all;   // grad_output (/ the 'mean' denominator) otherwise
+  T* grad;        // lane l's class j at grad[j * stride + l]
+};
+
+template <typename T, bool kFull>
+PE_INLINE void column_grads_body(const ColumnBlock<T>& b, const ColumnGradArgs<T>& a) {
+  constexpr int64_t L = kColumnLanes<T>;
+  const int64_t W = kFull ? L : b.width;
+  T m[L], xt[L], wt[L], scale[L], bias[L], gamma[L], keep[L];
+  LaneIndex<T> target[L];
+  double s[L], total[L];
+  column_max_sum<T, kFull, true>(b, m, s, a.grad);
+  const bool smoothed = b.t == nullptr || a.eps != 0;
+  if (smoothed) {
+    with_column_coefficients(b, a.w, a.keep, a.add, [&](const auto& u) {
+      column_coefficient_sums<T, kFull, false>(b, m, u, nullptr, total);
+      return 0;
+    });
+  } else {
+    PE_LANES for (int64_t l = 0; l < L; ++l) total[l] = 0;
+  }
+  if (b.t != nullptr) {
+    column_targets(b, a.ignore_index, target);
+    column_pick_target<T, kFull>(b, target, a.w, xt, wt);
+  } else {
+    PE_LANES for (int64_t l = 0; l < L; ++l) target[l] = -1;
+  }
+  const double smooth_share = a.eps / static_cast<double>(b.classes);
+  PE_LANES for (int64_t l = 0; l < L; ++l) {
+    const bool in = l < W;
+    const double g = a.g && in ? static_cast<double>(a.g[l]) : a.a_all;
+    double alpha = 0, beta = g, gam = 0;
+    bool kept = in;
+    if (b.t != nullptr) {
+      kept = target[l] >= 0;
+      const double wc = static_cast<double>(wt[l]);
+      alpha = gam = a.eps == 0 ? g * wc : g * (1 - a.eps) * wc;
+      beta = a.eps == 0 ? 0.0 : g * smooth_share;
+    }
+    scale[l] = in ? static_cast<T>((alpha + beta * total[l]) / (in ? s[l] : 1.0)) : T(0);
+    bias[l] = static_cast<T>(beta);
+    gamma[l] = static_cast<T>(gam);
+    keep[l] = kept ? T(1) : T(0);
+  }
+  if (!smoothed) {
+    for (int64_t j = 0; j < b.classes; ++j) {
+      T* gj = a.grad + j * b.stride;
+      const auto j_lane = static_cast<LaneIndex<T>>(j);
+      PE_LANES for (int64_t l = 0; l < W; ++l) {
+        const T g = gj[l] * scale[l] - (target[l] == j_lane ? gamma[l] : T(0));
+        gj[l] = keep[l] != T(0) ? g : T(0);
+      }
+    }
+    return;
+  }
+  with_column_coefficients(b, a.w, a.keep, a.add, [&](const auto& u) {
+    for (int64_t j = 0; j < b.classes; ++j) {
+      T* gj = a.grad + j * b.stride;
+      const auto j_lane = static_cast<LaneIndex<T>>(j);
+      PE_LANES for (int64_t l = 0; l < W; ++l) {
+        const T g =
+            (gj[l] * scale[l] - bias[l] * u(j, l)) - (target[l] == j_lane ? gamma[l] : T(0));
+        gj[l] = keep[l] != T(0) ? g : T(0);
+      }
+    }
+    return 0;
+  });
+}
+
+template <typename T>
+PE_INLINE void column_grads_impl(ColumnBlock<T> b, ColumnGradArgs<T> a) {
+  if (b.width == kColumnLanes<T>) {
+    column_grads_body<T, true>(b, a);
+  } else {
+    column_grads_body<T, false>(b, a);
+  }
+}
+
+#define PE_DEFINE_COLUMN_KERNELS(T)                                                          \
+  PE_ISA_FUNCTION(Family::CrossEntropy, void, column_losses,                                \
+                  (ColumnBlock<T> b, ColumnLossArgs<T> a, double* loss, double* sums),      \
+                  (b, a, loss, sums), column_losses_impl<T>)                               \
+  PE_ISA_FUNCTION(Family::CrossEntropy, void, column_grads,                                 \
+                  (ColumnBlock<T> b, ColumnGradArgs<T> a), (b, a), column_grads_impl<T>)
+PE_DEFINE_COLUMN_KERNELS(float)
+PE_DEFINE_COLUMN_KERNELS(double)
+#undef PE_DEFINE_COLUMN_KERNELS
+
+// Whether the column kernels run: classes inner > 1 apart. Their int32 target lanes need fewer
+// than 2^31 classes; more, with d1 * ... > 1, is input of at least 2^32 logits whose case is
+// refused rather than served by an untested path.
+bool uses_columns(const CrossEntropyShape<int64_t>& s, const char* op) {
+  const bool columns = s.inner > 1 && s.classes > 0;
+  TORCH_CHECK(!columns || s.classes < (int64_t(1) << 31), "pyengine.", op, ": (N, C, d1, ...) "
+              "input with C >= 2^31 classes is not supported on CPU, but got C = ", s.classes,
+              " with d1 * ... = ", s.inner);
+  return columns;
+}
+
+// f(n, s, width) for consecutive blocks of pixels covering rows [begin, end) (row i is pixel
+// s = i % inner of sample n = i / inner), each within one sample and at most L wide.
+template <int64_t L, class F>
+void for_pixel_blocks(int64_t begin, int64_t end, int64_t inner, const F& f) {
+  int64_t n = begin / inner, s = begin - n * inner;  // one division, not one per block
+  for (int64_t i = begin; i < end;) {
+    const int64_t width = std::min({L, inner - s, end - i});
+    f(n, s, width);
+    i += width;
+    s += width;
+    if (s == inner) {
+      s = 0;
+      ++n;
+    }
+  }
+}
+
+// at::parallel_for over rows [0, n) in tasks that start at multiples of `align` (the column
+// kernels' block width, or 1), so that no task boundary splits a block: a split block runs the
+// kernels' narrow-width code, which is scalar (perf: half of 2 x 150 x 32 x 32's forward).
+template <class F>
+void parallel_rows(int64_t n, int64_t grain, int64_t align, const F& f) {
+  const int64_t units = (n + align - 1) / align;
+  at::parallel_for(0, units, std::max<int64_t>(1, grain / align),
+                   [&](int64_t b, int64_t e) { f(b * align, std::min(n, e * align)); });
+}
+
+// A partial sum's rows, rounded up to whole column blocks (align rows).
+int64_t aligned_chunk(int64_t chunk, int64_t align) { return (chunk + align - 1) / align * align; }
+
 // Rows per partial sum and per parallel task: about kSumChunk / kElementwiseGrain logits.
 int64_t rows_per(int64_t elements, int64_t classes) {
   return std::max<int64_t>(1, elements / std::max<int64_t>(1, classes));
@@ -303,7 +710,10 @@ Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTen
                          int64_t reduction, int64_t ignore_index, double label_smoothing) {
   const auto s = check_cross_entropy<int64_t>(input, target, weight, reduction, ignore_index,
                                               label_smoothing);
-  const int64_t n = s.batch, classes = s.classes;
+  // n rows: one per sample, or per pixel (row i = n * inner + s) of (N, C, d1, ...) input, whose
+  // classes lie inner apart (the column kernels).
+  const int64_t n = s.rows(), classes = s.classes, inner = s.inner;
+  const bool columns = uses_columns(s, "cross_entropy");
   const Tensor x = input.contiguous();
   const Tensor t = target.contiguous();
   const Tensor* wp = weight_or_null(weight);
@@ -340,21 +750,50 @@ Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTen
       const double nll = -share_i * (static_cast<double>(xr[c]) - r.shift - r.log_sum);
       return (1 - eps) * nll + eps / static_cast<double>(classes) * -(r.dot - r.total * r.log_sum);
     };
+    // The column kernels' blocks covering the rows [b, e), in row order: on_block(i, width,
+    // loss, sums) with block row i's losses at loss[0, width) ('none', want_losses), else the
+    // block's (loss, share) sums.
+    const RowCoefficients<scalar_t> q = coefficients<scalar_t>(pw, nullptr, eps, classes);
+    const ColumnLossArgs<scalar_t> column_args{pw, q.keep, q.add, eps, ignore_index};
+    constexpr int64_t L = kColumnLanes<scalar_t>;
+    auto blocks = [&](int64_t b, int64_t e, bool want_losses, const auto& on_block) {
+      for_pixel_blocks<L>(b, e, inner, [&](int64_t sample, int64_t pixel, int64_t width) {
+        const int64_t offset = sample * classes * inner + pixel, i = sample * inner + pixel;
+        double loss[L], sums[2];
+        column_losses(ColumnBlock<scalar_t>{px + offset, pp ? pp + offset : nullptr,
+                                            pt ? pt + i : nullptr, classes, inner, width},
+                      column_args, want_losses ? loss : nullptr, sums);
+        on_block(i, width, loss, sums);
+      });
+    };
     if (reduction == 0) {
-      // (N) for batched input, 0-d for unbatched: input's leading dims.
-      out = empty_of(s.batched ? at::IntArrayRef(x.sizes().data(), 1) : at::IntArrayRef{},
-                      x.options());
+      // (N, d1, ...) for batched input, 0-d for unbatched.
+      out = empty_of(s.loss_sizes, x.options());
       scalar_t* po = out.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, n, rows_per(kElementwiseGrain, classes), [&](int64_t b, int64_t e) {
+      parallel_rows(n, rows_per(kElementwiseGrain, classes), columns ? L : 1,
+                    [&](int64_t b, int64_t e) {
+        if (columns) {
+          blocks(b, e, true, [&](int64_t i, int64_t width, const double* loss, const double*) {
+            for (int64_t l = 0; l < width; ++l) po[i + l] = static_cast<scalar_t>(loss[l]);
+          });
+          return;
+        }
         double unused;
         for (int64_t i = b; i < e; ++i) po[i] = static_cast<scalar_t>(row(i, unused));
       });
       return;
     }
-    const int64_t chunk = rows_per(kSumChunk, classes);
+    const int64_t chunk = aligned_chunk(rows_per(kSumChunk, classes), columns ? L : 1);
     const auto sums = deterministic_sum<2>(
         n, chunk, kElementwiseGrain / kSumChunk,
         [&](int64_t b, int64_t e, std::array<double, 2>& acc) {
+          if (columns) {  // a block's lanes by a fixed tree, then the blocks in order
+            blocks(b, e, false, [&](int64_t, int64_t, const double*, const double* sums) {
+              acc[0] += sums[0];
+              acc[1] += sums[1];
+            });
+            return;
+          }
           for (int64_t i = b; i < e; ++i) {
             double share_i;
             acc[0] += row(i, share_i);
@@ -375,7 +814,8 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor& input
                                   double label_smoothing) {
   const auto s = check_cross_entropy_backward<int64_t>(grad_output, input, target, weight,
                                                        reduction, ignore_index, label_smoothing);
-  const int64_t n = s.batch, classes = s.classes;
+  const int64_t n = s.rows(), classes = s.classes, inner = s.inner;  // as in the forward
+  const bool columns = uses_columns(s, "cross_entropy_backward");
   const Tensor x = input.contiguous();
   const Tensor t = target.contiguous();
   const Tensor* wp = weight_or_null(weight);
@@ -407,14 +847,34 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor& input
                                    })[0];
     }
     const double smooth_share = classes > 0 ? eps / static_cast<double>(classes) : 0.0;
+    // The row's a = g_i (/ total for 'mean'): g / total first, then * w, as torch: a zero weight
+    // over a zero total gives NaN there.
+    auto row_scale = [&](int64_t i) {
+      const double a = static_cast<double>(reduction == 0 ? pg[i] : pg[0]);
+      return reduction == 1 ? a / total : a;
+    };
+    if (columns) {
+      const RowCoefficients<scalar_t> q = coefficients<scalar_t>(pw, nullptr, eps, classes);
+      const double a_all = reduction == 0 ? 0.0 : row_scale(0);  // 'none': per pixel
+      parallel_rows(n, rows_per(kElementwiseGrain, classes), kColumnLanes<scalar_t>,
+                    [&](int64_t b, int64_t e) {
+        for_pixel_blocks<kColumnLanes<scalar_t>>(b, e, inner, [&](int64_t sample, int64_t pixel,
+                                                            int64_t width) {
+          const int64_t offset = sample * classes * inner + pixel, i0 = sample * inner + pixel;
+          const ColumnBlock<scalar_t> block{px + offset, pp ? pp + offset : nullptr,
+                                            pt ? pt + i0 : nullptr, classes, inner, width};
+          column_grads(block, ColumnGradArgs<scalar_t>{pw, q.keep, q.add, eps, ignore_index,
+                                                      reduction == 0 ? pg + i0 : nullptr,
+                                                      a_all, pgi + offset});
+        });
+      });
+      return;
+    }
     at::parallel_for(0, n, rows_per(kElementwiseGrain, classes), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const scalar_t* xr = px + i * classes;
         scalar_t* gr = pgi + i * classes;
-        // a = g_i (/ total for 'mean'): g / total first, then * w, as torch: a zero weight over
-        // a zero total gives NaN there.
-        double a = static_cast<double>(reduction == 0 ? pg[i] : pg[0]);
-        if (reduction == 1) a /= total;
+        const double a = row_scale(i);
         if (s.probabilities) {  // d/dx_j = a * (softmax_j * U - u_j)
           smoothed_grad(xr, classes, coefficients(pw, pp + i * classes, eps, classes), 0.0, a,
                         -1, 0.0, gr);

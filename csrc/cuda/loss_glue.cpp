@@ -135,24 +135,34 @@ const T* probabilities_or_null(const Tensor& t, bool probabilities) {
   return probabilities ? cptr<T>(t) : nullptr;
 }
 
+// The kernels take rows of C contiguous classes. (N, C, d1, ...) input (and a probability
+// target of its shape) becomes the rows (N * d1 * ..., C) by a copy with the classes moved last;
+// a class-index target's (N, d1, ...) is already in row order. The CPU kernel reads the classes
+// at stride d1 * ... in place (cpu/cross_entropy.cpp); here that stays a copy until the kernels
+// learn the stride.
+Tensor as_rows(const Tensor& t, const CrossEntropyShape<int64_t>& s) {
+  if (t.dim() <= 2) return t.contiguous();
+  if (!t.is_floating_point()) return t.reshape({-1}).contiguous();
+  return t.movedim(1, -1).reshape({-1, s.classes}).contiguous();
+}
+
 Tensor cross_entropy_cuda(const Tensor& input, const Tensor& target, const OptTensor& weight,
                           int64_t reduction, int64_t ignore_index, double label_smoothing) {
   const auto s = check_cross_entropy<int64_t>(input, target, weight, reduction, ignore_index,
                                               label_smoothing);
   c10::cuda::CUDAGuard guard(input.device());
-  const Tensor x = input.contiguous();
-  const Tensor t = target.contiguous();
+  const Tensor x = as_rows(input, s);
+  const Tensor t = as_rows(target, s);
   const Tensor w = contiguous_or_undefined(weight);
-  std::vector<int64_t> sizes;
-  if (reduction == 0 && s.batched) sizes.push_back(s.batch);
-  Tensor out = at::empty(sizes, x.options());
+  Tensor out = at::empty(reduction == 0 ? s.loss_sizes : std::vector<int64_t>{}, x.options());
   if (out.numel() == 0) return out;
-  Tensor ws = workspace(cross_entropy_workspace(s.batch, reduction), at::kDouble, x);
+  const int64_t rows = s.rows();
+  Tensor ws = workspace(cross_entropy_workspace(rows, reduction), at::kDouble, x);
   dispatch_floating_16bit(x.scalar_type(), "cross_entropy", [&](auto tag) {
     using T = storage_t<decltype(tag)>;
     C10_CUDA_CHECK(cross_entropy_forward<T>(
         cptr<T>(x), class_indices(t, s.probabilities),
-        probabilities_or_null<T>(t, s.probabilities), ptr_or_null<T>(w), s.batch, s.classes,
+        probabilities_or_null<T>(t, s.probabilities), ptr_or_null<T>(w), rows, s.classes,
         reduction, ignore_index, label_smoothing, /*unbatched=*/!s.batched, mptr<T>(out),
         mutable_ptr_or_null<double>(ws), current_stream()));
   });
@@ -166,23 +176,28 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_output, const Tensor& inpu
   const auto s = check_cross_entropy_backward<int64_t>(grad_output, input, target, weight,
                                                        reduction, ignore_index, label_smoothing);
   c10::cuda::CUDAGuard guard(input.device());
-  const Tensor x = input.contiguous();
-  const Tensor t = target.contiguous();
+  const Tensor x = as_rows(input, s);
+  const Tensor t = as_rows(target, s);
   const Tensor w = contiguous_or_undefined(weight);
   const Tensor g = grad_output.contiguous();
-  Tensor grad_input = at::empty(x.sizes(), x.options());
-  if (grad_input.numel() == 0) return grad_input;
-  Tensor ws = workspace(cross_entropy_backward_workspace(s.batch, reduction, s.probabilities),
+  Tensor grad_rows = at::empty(x.sizes(), x.options());
+  if (grad_rows.numel() == 0) return at::empty(input.sizes(), input.options());
+  const int64_t rows = s.rows();
+  Tensor ws = workspace(cross_entropy_backward_workspace(rows, reduction, s.probabilities),
                         at::kDouble, x);
   dispatch_floating_16bit(x.scalar_type(), "cross_entropy_backward", [&](auto tag) {
     using T = storage_t<decltype(tag)>;
     C10_CUDA_CHECK(cross_entropy_backward<T>(
         cptr<T>(g), cptr<T>(x), class_indices(t, s.probabilities),
-        probabilities_or_null<T>(t, s.probabilities), ptr_or_null<T>(w), s.batch, s.classes,
-        reduction, ignore_index, label_smoothing, mptr<T>(grad_input),
+        probabilities_or_null<T>(t, s.probabilities), ptr_or_null<T>(w), rows, s.classes,
+        reduction, ignore_index, label_smoothing, mptr<T>(grad_rows),
         mutable_ptr_or_null<double>(ws), current_stream()));
   });
-  return grad_input;
+  if (input.dim() <= 2) return grad_rows;
+  // (N * d1 * ..., C) rows back to (N, C, d1, ...), contiguous as torch returns it.
+  std::vector<int64_t> class_last(s.loss_sizes);
+  class_last.push_back(s.classes);
+  return grad_rows.view(class_last).movedim(-1, 1).contiguous();
 }
 
 }  // namespace
