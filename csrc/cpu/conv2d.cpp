@@ -81,7 +81,7 @@ PE_INLINE void row_sums_impl(const T* buf, int64_t ld, int64_t rows, int64_t len
     T acc[L] = {};
     int64_t j = 0;
     for (; j + L <= len; j += L)
-      for (int l = 0; l < L; ++l) acc[l] += p[j + l];
+      PE_LANES for (int l = 0; l < L; ++l) acc[l] += p[j + l];
     for (int l = 0; j + l < len; ++l) acc[l] += p[j + l];
     for (int w = L / 2; w >= 1; w /= 2)
       for (int l = 0; l < w; ++l) acc[l] += acc[l + w];

@@ -106,9 +106,9 @@ PE_INLINE T row_max(const T* x, int64_t classes) {
   for (int64_t l = 0; l < L; ++l) acc[l] = -std::numeric_limits<T>::infinity();
   int64_t j = 0;
   for (; j + L <= classes; j += L)
-    for (int64_t l = 0; l < L; ++l) acc[l] = x[j + l] > acc[l] ? x[j + l] : acc[l];
+    PE_LANES for (int64_t l = 0; l < L; ++l) acc[l] = x[j + l] > acc[l] ? x[j + l] : acc[l];
   padded_tail(x + j, classes - j, tail);
-  for (int64_t l = 0; l < L; ++l) acc[l] = tail[l] > acc[l] ? tail[l] : acc[l];
+  PE_LANES for (int64_t l = 0; l < L; ++l) acc[l] = tail[l] > acc[l] ? tail[l] : acc[l];
   T m = acc[0];
   for (int64_t l = 1; l < L; ++l) m = acc[l] > m ? acc[l] : m;
   return m;
@@ -128,16 +128,23 @@ PE_INLINE double row_exp_sum(const T* x, T m, int64_t classes, T* out) {
   constexpr int64_t L = kLanes<T>;
   double acc[L] = {};
   int64_t j = 0;
-  for (; j + L <= classes; j += L)
-    for (int64_t l = 0; l < L; ++l) {
-      const T e = fast_exp_nonpositive(x[j + l] - m);
-      if (kStore) out[j + l] = e;
-      acc[l] += static_cast<double>(e);
-    }
+  if (kStore) {
+    // Stored first, then summed from L1: summed as they were stored, GCC kept the double
+    // partial sums in memory (a store-forwarding chain per vector; perf, 4096 x 1000 backward).
+    for (int64_t k = 0; k + L <= classes; k += L)
+      PE_LANES for (int64_t l = 0; l < L; ++l) out[k + l] = fast_exp_nonpositive(x[k + l] - m);
+    for (; j + L <= classes; j += L)
+      PE_LANES for (int64_t l = 0; l < L; ++l) acc[l] += static_cast<double>(out[j + l]);
+  } else {
+    for (; j + L <= classes; j += L)
+      PE_LANES for (int64_t l = 0; l < L; ++l) {
+        acc[l] += static_cast<double>(fast_exp_nonpositive(x[j + l] - m));
+      }
+  }
   if (j < classes) {
     T tail[L], e[L];
     padded_tail(x + j, classes - j, tail);
-    for (int64_t l = 0; l < L; ++l) {
+    PE_LANES for (int64_t l = 0; l < L; ++l) {
       e[l] = fast_exp_nonpositive(tail[l] - m);
       acc[l] += static_cast<double>(e[l]);
     }
@@ -206,7 +213,7 @@ PE_INLINE void coefficient_sums(const T* x, T m, int64_t classes, const U& u, do
   double d[L] = {}, t[L] = {};
   int64_t j = 0;
   for (; j + L <= classes; j += L)
-    for (int64_t l = 0; l < L; ++l) {
+    PE_LANES for (int64_t l = 0; l < L; ++l) {
       const T c = u(j + l);
       if (kDot) d[l] += static_cast<double>(c) * static_cast<double>(x[j + l] - m);
       t[l] += static_cast<double>(c);
@@ -311,11 +318,6 @@ PE_DEFINE_ROW_KERNELS(double)
 // then exp; the block's 21 x 128 bytes stay in L1 between the passes) and 688K exps at ~1.5 vector
 // instructions per logit; the log, the pick of the target and the lanes' sums are per pixel.
 // Backward adds a write of the gradient and a rescaling pass over it in L1.
-
-// A loop over a block's lanes. Kept whole for the vectorizer: GCC otherwise may unroll a
-// constant-trip loop completely before vectorizing and leave selects on targets as scalar
-// branches (perf: 4 x 2 x 128 x 128's forward spent most of its time there).
-#define PE_LANES _Pragma("GCC unroll 1")
 
 // Pixels per block: two 64-byte vectors of T. One vector's worth left the fixed costs of a block
 // (the call, the log of each lane, the lanes' sums) at half of a 2-class forward's time.

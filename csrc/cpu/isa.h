@@ -33,6 +33,10 @@
 #include <string>
 
 #define PE_INLINE inline __attribute__((always_inline))
+// Marks a loop over a vector's lanes (a constant trip count, 8 to 32) that must reach the
+// vectorizer as a loop: GCC may otherwise unroll it completely first and compile its body as
+// scalars (perf found that in cross_entropy's target pick and softmax's row max).
+#define PE_LANES _Pragma("GCC unroll 1")
 #define PE_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
 #define PE_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 // AVX512_BF16 intrinsics need GCC 10 or clang; an older compiler builds without the level.
