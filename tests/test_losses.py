@@ -111,6 +111,44 @@ def test_binary_cross_entropy_grad_clamp_matches_torch_in_float64(device):
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
 
 
+# ---- operands expanded over leading dims (cpu/loss.cpp reads the repeated block in place) ----
+
+# (input shape, the repeated block's shape): periods that divide the 4096-element chunks and
+# periods that do not, a block of one element, two expanded leading dims
+EXPANDED = [((4096 + 17, 3), (3,)), ((37, 300), (300,)), ((9, 1024), (1024,)), ((5000, 1), (1,)),
+            ((3, 7, 129), (129,)), ((4, 3, 2, 5), (2, 5))]
+
+
+@pytest.mark.parametrize("shapes", EXPANDED, ids=lambda s: f"{list(s[0])}<-{list(s[1])}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@reductions
+def test_losses_with_expanded_operands(shapes, dtype, reduction):
+    """A target or weight that repeats a row over the batch (torch.expand; the weight
+    pyengine.functional.binary_cross_entropy expands) gives bitwise the results of its contiguous
+    copy, forward and every backward op, and matches torch."""
+    shape, block = shapes
+    r = REDUCTIONS[reduction]
+    x = torch.rand(shape, dtype=dtype) * 0.98 + 0.01
+    t = (torch.rand(block, dtype=dtype) * 0.98 + 0.01).expand(shape)
+    w = (torch.rand(block, dtype=dtype) + 0.5).expand(shape)
+    g = torch.randn(shape if r == 0 else (), dtype=dtype)
+    calls = [
+        lambda t, w: P.mse_loss(x, t, w, r), lambda t, w: P.mse_loss(x, t, None, r),
+        lambda t, w: P.mse_loss_backward(g, x, t, w, r),
+        lambda t, w: P.binary_cross_entropy(x, t, w, r),
+        lambda t, w: P.binary_cross_entropy_backward(g, x, t, w, r),
+        lambda t, w: P.binary_cross_entropy_target_backward(g, x, t, w, r),
+    ]
+    for call in calls:
+        expanded, dense = call(t, w), call(t.contiguous(), w.contiguous())
+        assert expanded.stride() == dense.stride()
+        assert torch.equal(expanded, dense)
+    helpers.assert_close(P.mse_loss(x, t, w, r),
+                         F.mse_loss(x, t, weight=w, reduction=reduction))
+    helpers.assert_close(P.binary_cross_entropy(x, t, w, r),
+                         F.binary_cross_entropy(x, t, w, reduction=reduction))
+
+
 # ---- cross_entropy --------------------------------------------------------------------------
 
 def ce_pair(reduction, ignore_index=-100, label_smoothing=0.0):

@@ -13,6 +13,8 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/isa.h"
+
 #include "common/dispatch.h"
 
 namespace pyengine {
@@ -53,7 +55,7 @@ inline double lane_sum(int64_t begin, int64_t end, F term) {
   double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = begin;
   for (; i + 8 <= end; i += 8)
-    for (int j = 0; j < 8; ++j) lane[j] += static_cast<double>(term(i + j));
+    PE_LANES for (int j = 0; j < 8; ++j) lane[j] += static_cast<double>(term(i + j));
   for (; i < end; ++i) lane[0] += static_cast<double>(term(i));
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
