@@ -598,7 +598,7 @@ PE_INLINE void column_grads_body(const ColumnBlock<T>& b, const ColumnGradArgs<T
       alpha = gam = a.eps == 0 ? g * wc : g * (1 - a.eps) * wc;
       beta = a.eps == 0 ? 0.0 : g * smooth_share;
     }
-    scale[l] = in ? static_cast<T>((alpha + beta * total[l]) / (in ? s[l] : 1.0)) : T(0);
+    scale[l] = in ? static_cast<T>((alpha + beta * total[l]) / s[l]) : T(0);
     bias[l] = static_cast<T>(beta);
     gamma[l] = static_cast<T>(gam);
     keep[l] = kept ? T(1) : T(0);
