@@ -111,8 +111,9 @@ ALGORITHM_SHAPES = [(2, 3, 5, 7, 13, 3, 1, 1, 1, 1), (20, 4, 6, 9, 7, 3, 1, 1, 1
                     (3, 48, 140, 5, 7, 1, 1, 0, 1, 2)]
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", ALGORITHM_SHAPES)
-def test_nonfinite_values_reach_what_torch_reaches(shape):
+def test_nonfinite_values_reach_what_torch_reaches(shape, channels_last):
     """An Inf and a NaN in the input (and an Inf in the weight) spread through every algorithm
     to exactly the outputs and gradient entries they spread to in torch: none is summed where
     torch has no term (the implicit GEMM computes padding columns it then drops)."""
@@ -123,6 +124,8 @@ def test_nonfinite_values_reach_what_torch_reaches(shape):
     x[n - 1, cin - 1, h // 2, 0] = float("nan")
     w = torch.randn(cout, cin // g, k, k, dtype=torch.float64)
     w[cout - 1, 0, 0, 0] = float("inf")
+    if channels_last:  # (Winograd hands its non-finite results to NCHW copies: conv2d.cpp)
+        x = x.contiguous(memory_format=torch.channels_last)
     kw = dict(stride=s, padding=p, dilation=d, groups=g)
     results = []
     for fn in (ours, theirs):
@@ -246,6 +249,93 @@ def test_channels_last(dtype, device):
     assert y.is_contiguous(memory_format=torch.channels_last)  # as torch's (on the CPU: below)
     reference = helpers.conv_layout_reference(theirs, device, dtype)
     helpers.assert_same_strides(y, reference(x, w, b, padding=(2, 1)))
+
+
+# Winograd's forward and grad_input and the implicit GEMM's grad_weight (with grad_bias) read and
+# write channels_last images as they are; the algorithms around them take NCHW copies. Whatever
+# the layouts, the results are the contiguous call's, bit for bit, in torch's layout.
+CHANNELS_LAST_SHAPES = [
+    # (N, C_in, C_out, H, W, k, stride, padding, dilation, groups)
+    (2, 32, 32, 9, 11, 3, 1, 1, 1, 1),      # Winograd forward / grad_input, implicit grad_weight
+    (3, 40, 33, 7, 6, 3, 1, 0, 1, 1),       # ... padding 0 (grad_input's 2), odd sizes
+    (1, 48, 64, 5, 13, 3, 1, 2, 1, 1),      # ... padding 2 (grad_input's 0)
+    (4, 32, 48, 2, 2, 3, 1, 1, 1, 1),       # 2x2 images: several images in a block
+    (1, 96, 80, 30, 17, 3, 1, 1, 1, 1),     # several blocks per image
+    (3, 128, 160, 26, 26, 3, 1, 1, 1, 1),   # blocks ending mid-image; Winograd grad_weight
+    (2, 128, 128, 6, 7, 3, 1, 1, 1, 1),     # 512-byte pixel rows: dY copied, not read in place
+    (2, 16, 32, 9, 11, 3, 1, 1, 1, 1),      # implicit forward (copies), implicit grad_weight
+    (2, 16, 16, 13, 12, 3, 2, 1, 2, 1),     # stride 2, dilated: the phase-split input copy
+    (2, 32, 32, 8, 8, 3, 1, 1, 1, 2),       # grouped
+    (20, 4, 6, 9, 7, 3, 1, 1, 1, 1),        # batch-innermost (copies)
+]
+
+
+@dtypes
+@pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES)
+@pytest.mark.parametrize("layouts", [
+    # (x, weight, grad_output)
+    ("channels_last", "contiguous", "channels_last"),
+    ("channels_last", "channels_last", "channels_last"),
+    ("contiguous", "channels_last", "channels_last"),
+    ("channels_last", "contiguous", "contiguous"),
+    ("contiguous", "channels_last", "strided"),
+])
+def test_channels_last_as_contiguous(shape, layouts, dtype):
+    n, cin, cout, h, w_, k, s, p, d, g = shape
+    torch.manual_seed(0)
+    x = torch.randn(n, cin, h, w_, dtype=dtype)
+    w = torch.randn(cout, cin // g, k, k, dtype=dtype)
+    b = torch.randn(cout, dtype=dtype)
+    kw = dict(stride=s, padding=p, dilation=d, groups=g)
+
+    def laid_out(t, layout):
+        return (t.contiguous(memory_format=torch.channels_last) if layout == "channels_last"
+                else helpers.noncontiguous(t) if layout == "strided" else t)
+
+    xl, wl = laid_out(x, layouts[0]), laid_out(w, layouts[1])
+    y = ours(xl, wl, b, **kw)
+    want = ours(x, w, b, **kw)
+    assert torch.equal(y, want)
+    helpers.assert_same_strides(y, theirs(xl, wl, b, **kw), "output")
+    helpers.assert_close(y.double(), theirs(x.double(), w.double(), b.double(), **kw), dtype,
+                         rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    gy = torch.randn_like(want)
+    gyl = laid_out(gy, layouts[2])
+    ref = torch.ops.aten.convolution_backward(
+        gy.double(), x.double(), w.double(), [cout], _pair(s), _pair(p), _pair(d), False, [0, 0],
+        g, [True, True, True])
+    torch_layout = torch.ops.aten.convolution_backward(
+        gyl, xl, wl, [cout], _pair(s), _pair(p), _pair(d), False, [0, 0], g, [True, True, True])
+    for mask in [(True, True, True), (True, False, False), (False, True, False),
+                 (False, False, True), (False, True, True)]:
+        got = backward(gyl, xl, wl, mask=mask, **kw)
+        want = backward(gy, x, w, mask=mask, **kw)
+        for i, (a, e) in enumerate(zip(got, want)):
+            if not mask[i]:
+                assert a is None
+                continue
+            assert torch.equal(a, e), (mask, i)
+            helpers.assert_same_strides(a, torch_layout[i], f"gradient {i}")
+            helpers.assert_close(a.double(), ref[i], dtype, rtol=1e-4,
+                                 atol=1e-5 * max(1.0, ref[i].abs().max().item()))
+
+
+def test_channels_last_unbatched():
+    """A (C, H, W) input with channels_last strides (1, W * C, C) on Winograd and the implicit
+    GEMM's grad_weight: the batched call's results."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 32, 9, 11).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(48, 32, 3, 3)
+    b = torch.randn(48)
+    y = ours(x[0], w, b, padding=1)
+    assert x[0].stride() == (1, 11 * 32, 32)
+    assert torch.equal(y, ours(x, w, b, padding=1)[0])
+    helpers.assert_same_strides(y, theirs(x[0], w, b, padding=1))
+    gy = torch.randn_like(y)
+    got = backward(gy, x[0], w, padding=1)
+    want = backward(gy[None], x, w, padding=1)
+    assert torch.equal(got[0], want[0][0])
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 
 
 @devices

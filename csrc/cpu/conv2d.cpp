@@ -30,9 +30,12 @@
 // shapes only, so results are bitwise identical across runs and thread counts.
 //
 // Layout: the kernels compute in contiguous NCHW. When torch would compute in channels_last
-// (input or weight channels_last: common/layout.h), the input pays one copy into NCHW and each
-// result one copy into channels_last, so the strides match torch's (float32: register
-// transposes, cpu/image_layout.h).
+// (input or weight channels_last: common/layout.h), the results are channels_last as torch's
+// are. Winograd's forward and grad_input and the implicit GEMM's grad_weight read and write
+// channels_last images as they are (conv2d::Order; forward_channels_last and
+// backward_channels_last below); the other algorithms take the input as one copy into NCHW and
+// give each result as one copy into channels_last (float32: register transposes,
+// cpu/image_layout.h).
 //
 // Napkin math, LeNet at batch 64, fp32, per pass (forward, grad_input, grad_weight), on the
 // reference machine (csrc/cpu/README.md: ~240 GFLOP/s fp32 per core, 2 cores):
@@ -96,17 +99,62 @@ PE_DEFINE_ROW_SUMS(float)
 PE_DEFINE_ROW_SUMS(double)
 #undef PE_DEFINE_ROW_SUMS
 
+// out[c] += sum of buf[j * ld + c] over j < len, for c < cols: row_sums' sums of the columns of a
+// channels-last dY (pixels x channels), each in row_sums' order (its lanes, then its tree), so
+// that both layouts give the same bits; vectorised across the columns instead of along them.
 template <typename T>
-void bias_grad(const Geometry& g, const T* dy, T* db) {
+PE_INLINE void column_sums_impl(const T* buf, int64_t ld, int64_t len, int64_t cols, T* out) {
+  constexpr int L = 16;
+  for (int64_t c0 = 0; c0 < cols; c0 += L) {
+    const int64_t nc = std::min<int64_t>(L, cols - c0);
+    T acc[L][L] = {};  // [lane of row_sums][column]
+    const T* p = buf + c0;
+    int64_t j = 0;
+    for (; j + L <= len; j += L)
+      for (int l = 0; l < L; ++l) {
+        const T* row = p + (j + l) * ld;
+        if (nc == L)
+          PE_LANES for (int c = 0; c < L; ++c) acc[l][c] += row[c];
+        else
+          for (int64_t c = 0; c < nc; ++c) acc[l][c] += row[c];
+      }
+    for (int l = 0; j + l < len; ++l)
+      for (int64_t c = 0; c < nc; ++c) acc[l][c] += p[(j + l) * ld + c];
+    for (int w = L / 2; w >= 1; w /= 2)
+      for (int l = 0; l < w; ++l)
+        PE_LANES for (int c = 0; c < L; ++c) acc[l][c] += acc[l + w][c];
+    for (int64_t c = 0; c < nc; ++c) out[c0 + c] += acc[0][c];
+  }
+}
+#define PE_DEFINE_COLUMN_SUMS(T)                                                      \
+  PE_ISA_FUNCTION(Family::Conv2d, void, column_sums,                                  \
+                  (const T* buf, int64_t ld, int64_t len, int64_t cols, T* out),      \
+                  (buf, ld, len, cols, out), column_sums_impl<T>)
+PE_DEFINE_COLUMN_SUMS(float)
+PE_DEFINE_COLUMN_SUMS(double)
+#undef PE_DEFINE_COLUMN_SUMS
+
+template <typename T>
+void bias_grad(const Geometry& g, const T* dy, T* db, Order dy_order) {
   const int64_t P = g.out_pixels();
+  if (dy_order == Order::ChannelsLast) {  // blocks of 16 channels: a cache line of each pixel
+    const int64_t blocks = ceil_div(g.out_channels, 16);
+    at::parallel_for(0, blocks, grain_for(double(g.batch) * P * 16), [&](int64_t b0, int64_t b1) {
+      const int64_t c0 = b0 * 16, c1 = std::min(g.out_channels, b1 * 16);
+      std::fill(db + c0, db + c1, T(0));
+      for (int64_t n = 0; n < g.batch; ++n)
+        column_sums(dy + n * g.out_image() + c0, g.out_channels, P, c1 - c0, db + c0);
+    });
+    return;
+  }
   at::parallel_for(0, g.out_channels, grain_for(double(g.batch) * P), [&](int64_t c0, int64_t c1) {
     std::fill(db + c0, db + c1, T(0));
     for (int64_t n = 0; n < g.batch; ++n)
       row_sums(dy + n * g.out_image() + c0 * P, P, c1 - c0, P, db + c0);
   });
 }
-template void bias_grad<float>(const Geometry&, const float*, float*);
-template void bias_grad<double>(const Geometry&, const double*, double*);
+template void bias_grad<float>(const Geometry&, const float*, float*, Order);
+template void bias_grad<double>(const Geometry&, const double*, double*, Order);
 
 namespace {
 // AVX-512: 16 exponents a step (all ones: inf or NaN), no branch.
@@ -211,6 +259,35 @@ Tensor conv2d_forward_contiguous(const conv2d::Geometry& g, const Tensor& x, con
   return out;
 }
 
+namespace {
+
+// The forward of a channels_last call (conv2d_channels_last) where its algorithm, as
+// conv2d_forward_contiguous would choose it, reads and writes channels_last images (Winograd):
+// the input as it is where dense channels_last (else contiguous NCHW), the output written
+// channels_last. Undefined where no such algorithm takes the call, or where Winograd's output
+// came out non-finite: the caller then runs the NCHW kernels on copies.
+Tensor conv2d_forward_channels_last(const conv2d::Geometry& g, const Tensor& input,
+                                    const Tensor& weight, const Tensor& bias) {
+  if (g.batch == 0 || g.out_pixels() == 0 || use_batch_inner(g) || !conv2d::winograd_fits(g) ||
+      input.scalar_type() != weight.scalar_type())
+    return Tensor();
+  const bool x_cl = dense_channels_last(input);
+  const Tensor x = x_cl ? input : input.contiguous();
+  const Tensor w = weight.contiguous(), b = bias.defined() ? bias.contiguous() : Tensor();
+  Tensor out = empty_image<int64_t>(at::IntArrayRef(g.output_sizes()), true, x.options());
+  bool ok = false;
+  dispatch_floating(x.scalar_type(), "conv2d", [&](auto tag) {
+    using T = decltype(tag);
+    ok = conv2d::forward_winograd<T>(
+        g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+        b.defined() ? b.const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>(),
+        x_cl ? conv2d::Order::ChannelsLast : conv2d::Order::Nchw, conv2d::Order::ChannelsLast);
+  });
+  return ok ? out : Tensor();
+}
+
+}  // namespace
+
 bool conv2d_forward_is_direct(const conv2d::Geometry& g) {
   // The choice conv2d_forward_contiguous makes, in its order (a geometry Winograd takes is not
   // counted as direct even where a non-finite output would send it on).
@@ -272,10 +349,16 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
                    low_precision::widen(bias), stride, padding, dilation, groups),
         at::kBFloat16);
   }
+  const bool channels_last = conv2d_channels_last(input, weight);
+  if (channels_last) {
+    Tensor out = cpu::conv2d_forward_channels_last(g, input, weight,
+                                                   has_bias ? *bias : Tensor());
+    if (out.defined()) return out;
+  }
   const Tensor out = cpu::conv2d_forward_contiguous(
       g, cpu::contiguous_image(input), cpu::contiguous_image(weight),
       has_bias ? bias->contiguous() : Tensor());
-  return cpu::as_image_layout(out, conv2d_channels_last(input, weight));
+  return cpu::as_image_layout(out, channels_last);
 }
 
 }  // namespace
@@ -366,6 +449,74 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_contiguous(const conv2d::Geom
   });
   return {grad_input, grad_weight, grad_bias};
 }
+
+namespace {
+
+// The backward of a channels_last call (conv2d_channels_last): grad_input where Winograd takes
+// it and grad_weight (with grad_bias) where the implicit GEMM does, as conv2d_backward_contiguous
+// would choose them, read dY and x as they are (dense channels_last, else contiguous NCHW) and
+// give grad_input channels_last; whatever else the mask asks for runs on NCHW copies. The
+// results are in torch's layout (common/layout.h's conv2d_grads_in_layout), as those copies'.
+std::tuple<Tensor, Tensor, Tensor> conv2d_backward_channels_last(const conv2d::Geometry& g,
+                                                                 const Tensor& grad_output,
+                                                                 const Tensor& input,
+                                                                 const Tensor& weight,
+                                                                 std::array<bool, 3> mask) {
+  using conv2d::Order;
+  Tensor grad_input, grad_weight, grad_bias;
+  std::array<bool, 3> rest = mask;
+  const bool native = g.batch > 0 && !use_batch_inner(g) && !pointwise(g) &&
+                      input.scalar_type() == weight.scalar_type() &&
+                      grad_output.scalar_type() == weight.scalar_type();
+  const bool dx_native = native && mask[0] && conv2d::winograd_fits(g);
+  const bool dw_native = native && mask[1] && !conv2d::winograd_fits_backward_weight(g) &&
+                         conv2d::implicit_fits_backward_weight(g);
+  if (dx_native || dw_native) {
+    const bool dy_cl = dense_channels_last(grad_output), x_cl = dense_channels_last(input);
+    const Tensor dy = dy_cl ? grad_output : grad_output.contiguous();
+    const Tensor w = weight.contiguous();
+    const Order dy_order = dy_cl ? Order::ChannelsLast : Order::Nchw;
+    dispatch_floating(w.scalar_type(), "conv2d_backward", [&](auto tag) {
+      using T = decltype(tag);
+      if (dx_native) {
+        Tensor dx = empty_image<int64_t>(input.sizes(), true, w.options());
+        if (conv2d::backward_input_winograd<T>(g, dy.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                               dx.mutable_data_ptr<T>(), dy_order,
+                                               Order::ChannelsLast)) {
+          grad_input = dx;
+          rest[0] = false;  // (a non-finite one is computed again below)
+        }
+      }
+      if (dw_native) {
+        const Tensor x = x_cl ? input : input.contiguous();
+        Tensor dw = empty_of(w.sizes(), w.options());
+        conv2d::backward_weight_implicit<T>(g, dy.const_data_ptr<T>(), x.const_data_ptr<T>(),
+                                            dw.mutable_data_ptr<T>(), dy_order,
+                                            x_cl ? Order::ChannelsLast : Order::Nchw);
+        grad_weight = as_image_layout(dw, true);
+        rest[1] = false;
+        if (mask[2]) {
+          grad_bias = empty_of(at::IntArrayRef{g.out_channels}, w.options());
+          conv2d::bias_grad<T>(g, dy.const_data_ptr<T>(), grad_bias.mutable_data_ptr<T>(),
+                               dy_order);
+          rest[2] = false;
+        }
+      }
+    });
+  }
+  if (rest[0] || rest[1] || rest[2]) {
+    auto [dx, dw, db] = conv2d_grads_in_layout(
+        conv2d_backward_contiguous(g, contiguous_image(grad_output), contiguous_image(input),
+                                   contiguous_image(weight), rest),
+        input, weight, as_image_layout);
+    if (rest[0]) grad_input = dx;
+    if (rest[1]) grad_weight = dw;
+    if (rest[2]) grad_bias = db;
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
 
 bool conv2d_max_pool2d_backward_fused(const conv2d::Geometry& g,
                                       const Pool2dGeometry<int64_t>& pool,
@@ -463,6 +614,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     if (grad_bias.defined()) std::get<2>(grads) = grad_bias;
     return grads;
   }
+  if (conv2d_channels_last(input, weight))
+    return cpu::conv2d_backward_channels_last(g, grad_output, input, weight, mask);
   return conv2d_grads_in_layout(
       cpu::conv2d_backward_contiguous(g, cpu::contiguous_image(grad_output),
                                       cpu::contiguous_image(input),

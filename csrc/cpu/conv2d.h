@@ -25,6 +25,13 @@ namespace conv2d {
 
 using Geometry = Conv2dGeometry<int64_t>;
 
+// Where an image argument's elements lie (x, dx, y, dy; the header's "contiguous" above is Nchw):
+// contiguous NCHW, or dense channels_last (each pixel's channels contiguous, torch's
+// channels_last memory format). The Winograd kernels read and write either, the implicit GEMM's
+// grad_weight reads either: conv2d.cpp hands them channels_last images as they are instead of
+// copying them into NCHW and their results back.
+enum class Order { Nchw, ChannelsLast };
+
 // im2col strips and GEMMs, any geometry (conv2d_im2col.cpp).
 template <typename T>
 void forward_im2col(const Geometry& g, const T* x, const T* w, const T* bias, T* y);
@@ -95,16 +102,19 @@ void forward_implicit(const Geometry& g, const T* x, const T* w, const T* bias, 
 template <typename T>
 void backward_input_implicit(const Geometry& g, const T* dy, const T* w, T* dx);
 template <typename T>
-void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw);
+void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw,
+                              Order dy_order = Order::Nchw, Order x_order = Order::Nchw);
 
 // Winograd F(2x2, 3x3): 3x3, stride 1, one group, 32 or more channels in and out
 // (conv2d_winograd.cpp). False where an output came out non-finite (the output then partly
 // written): the caller computes it on another path.
 bool winograd_fits(const Geometry& g);
 template <typename T>
-bool forward_winograd(const Geometry& g, const T* x, const T* w, const T* bias, T* y);
+bool forward_winograd(const Geometry& g, const T* x, const T* w, const T* bias, T* y,
+                      Order x_order = Order::Nchw, Order y_order = Order::Nchw);
 template <typename T>
-bool backward_input_winograd(const Geometry& g, const T* dy, const T* w, T* dx);
+bool backward_input_winograd(const Geometry& g, const T* dy, const T* w, T* dx,
+                             Order dy_order = Order::Nchw, Order dx_order = Order::Nchw);
 // grad_weight where the channels are wide enough to pay for its transforms (128+ in and out).
 bool winograd_fits_backward_weight(const Geometry& g);
 template <typename T>
@@ -159,10 +169,10 @@ inline int64_t grain_for(double work_per_item) {
 void row_sums(const float* buf, int64_t ld, int64_t rows, int64_t len, float* out);
 void row_sums(const double* buf, int64_t ld, int64_t rows, int64_t len, double* out);
 
-// grad_bias from dY (NCHW contiguous): per channel, each image's row_sums in image order (the
-// same sums on any thread count).
+// grad_bias from dY: per channel, each image's row_sums in image order (the same sums on any
+// thread count; a channels_last dY's are summed in the same order, bit for bit).
 template <typename T>
-void bias_grad(const Geometry& g, const T* dy, T* db);
+void bias_grad(const Geometry& g, const T* dy, T* db, Order dy_order = Order::Nchw);
 
 }  // namespace conv2d
 }  // namespace cpu

@@ -442,7 +442,8 @@ void backward_input_implicit(const Geometry& g, const T* dy, const T* w, T* dx) 
 }
 
 template <typename T>
-void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw) {
+void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw, Order dy_order,
+                              Order x_order) {
   // Per kernel position (ki, kj), dW[:, :, ki, kj] is a GEMM over the output pixels q:
   //   dW[co, ci, ki, kj] = sum_q dY^T[q, co] X^T[pixel read by q at (ki, kj), ci]
   // gemm_indirect's outer-product tiles vectorise along ci: the input is copied channels-last
@@ -452,6 +453,9 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw)
   // channels. The pointer tables list only real output pixels: nothing is summed for the
   // discarded columns of the forward (an Inf or NaN in the input reaches only the weights whose
   // taps read it, as in torch).
+  // A channels_last input (x_order) is copied row by row into the padded copy, no transpose; a
+  // channels_last dY is read in place where its pixel rows are coutp apart, else copied by rows.
+  // The tasks, blocks and GEMMs do not depend on the orders: the same sums, the same bits.
   const int64_t cin = g.in_channels, cout = g.out_channels, P = g.out_pixels();
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t sh = g.stride_h, sw = g.stride_w, khw = g.kernel_pixels();
@@ -490,7 +494,9 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw)
   const int64_t acc_block = co_block * cin_g, acc_slice = tasks * acc_block;
   CachedBuffer<T> acc(static_cast<size_t>(slices * acc_slice), /*zero=*/false);
   CachedBuffer<T> xt(static_cast<size_t>(slices * image));  // padding: zero once, never written
-  CachedBuffer<T> dyt(static_cast<size_t>(slices * P * coutp), /*zero=*/false);
+  const bool dy_in_place = dy_order == Order::ChannelsLast && coutp == cout;
+  CachedBuffer<T> dyt(static_cast<size_t>(dy_in_place ? 0 : slices * P * coutp),
+                      /*zero=*/false);
   // Image i of slices [s0, s1): its copies, then its share of every task.
   const auto image_step = [&](int64_t i, int64_t s0, int64_t s1) {
     const int64_t live = s1 - s0;
@@ -505,6 +511,24 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw)
         const int64_t h1 = std::min(r1 - l * g.in_h, g.in_h);
         const T* xn = x + (sl * per_slice + i) * g.in_image();
         T* xs = xt.data() + sl * image;
+        if (x_order == Order::ChannelsLast) {
+          for (int64_t ih = h0; ih < h1; ++ih) {
+            const int64_t r = ih + g.padding_h;
+            T* dst = xs + (r % sh) * sw * phase + (r / sh) * ws * cinp;
+            const T* src = xn + ih * g.in_w * cin;
+            if (sw == 1 && cinp == cin) {
+              std::memcpy(dst + g.padding_w * cin, src,
+                          static_cast<size_t>(g.in_w * cin) * sizeof(T));
+              continue;
+            }
+            for (int64_t iw = 0; iw < g.in_w; ++iw) {
+              const int64_t col = iw + g.padding_w;
+              std::memcpy(dst + (col % sw) * phase + (col / sw) * cinp, src + iw * cin,
+                          static_cast<size_t>(cin) * sizeof(T));
+            }
+          }
+          continue;
+        }
         for (int64_t c0 = 0; c0 < cin; c0 += 16) {
           const int64_t nc = std::min<int64_t>(16, cin - c0);
           for (int64_t ih = h0; ih < h1; ++ih) {
@@ -528,14 +552,27 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw)
       }
     });
     const int64_t qblocks = ceil_div(P, 16);
-    parallel_rows(live * qblocks, 16 * cout, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t sl = s0 + b / qblocks, q0 = (b % qblocks) * 16;
-        const int64_t q1 = std::min(P, q0 + 16);
-        transpose(cout, q1 - q0, dy + (sl * per_slice + i) * g.out_image() + q0, P,
-                  dyt.data() + (sl * P + q0) * coutp, coutp, static_cast<const T*>(nullptr));
-      }
-    });
+    if (!dy_in_place)
+      parallel_rows(live * qblocks, 16 * cout, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t sl = s0 + b / qblocks, q0 = (b % qblocks) * 16;
+          const int64_t q1 = std::min(P, q0 + 16);
+          const T* dyn = dy + (sl * per_slice + i) * g.out_image();
+          T* dst = dyt.data() + (sl * P + q0) * coutp;
+          if (dy_order == Order::ChannelsLast) {
+            for (int64_t q = q0; q < q1; ++q)
+              std::memcpy(dst + (q - q0) * coutp, dyn + q * cout,
+                          static_cast<size_t>(cout) * sizeof(T));
+            continue;
+          }
+          transpose(cout, q1 - q0, dyn + q0, P, dst, coutp, static_cast<const T*>(nullptr));
+        }
+      });
+    // Slice sl's dY pixel rows (its image i), dy_ld apart.
+    const int64_t dy_ld = dy_in_place ? cout : coutp;
+    const auto dy_rows = [&](int64_t sl) {
+      return dy_in_place ? dy + (sl * per_slice + i) * g.out_image() : dyt.data() + sl * P * coutp;
+    };
     at::parallel_for(0, live * tasks, 1, [&](int64_t t0, int64_t t1) {
       const int64_t qmax = block_rows * g.out_w;
       std::vector<const T*> a(static_cast<size_t>(qmax)), b(static_cast<size_t>(qmax));
@@ -556,9 +593,9 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw)
           int64_t q = 0;
           for (int64_t oh = oh0; oh < oh1; ++oh) {
             const T* xrow = xn + oh * ws * cinp;
-            const T* dyrow = dyt.data() + (sl * P + oh * g.out_w) * coutp + co0;
+            const T* dyrow = dy_rows(sl) + oh * g.out_w * dy_ld + co0;
             for (int64_t ow = 0; ow < g.out_w; ++ow, ++q) {
-              a[q] = dyrow + ow * coutp;
+              a[q] = dyrow + ow * dy_ld;
               b[q] = xrow + ow * cinp;
             }
           }
@@ -605,9 +642,9 @@ template void backward_input_implicit<float>(const Geometry&, const float*, cons
 template void backward_input_implicit<double>(const Geometry&, const double*, const double*,
                                               double*);
 template void backward_weight_implicit<float>(const Geometry&, const float*, const float*,
-                                              float*);
+                                              float*, Order, Order);
 template void backward_weight_implicit<double>(const Geometry&, const double*, const double*,
-                                               double*);
+                                               double*, Order, Order);
 
 }  // namespace conv2d
 }  // namespace cpu

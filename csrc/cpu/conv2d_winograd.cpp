@@ -21,6 +21,12 @@
 // each GEMM is tiles x output channels on gemm_indirect's widest tiles (6 x 64), reading V and
 // U in place; the output transform writes the block's outputs channels-last and one transpose
 // per image puts them in NCHW. U is transformed once per call.
+// channels_last images (Order, cpu/conv2d.h) stay so: a channels_last output takes the staged
+// rows as they are (plus the bias), and the rows of a channels_last input that a block reads are
+// transposed into per-channel rows in the block's scratch (ChannelsLastRows), in cache. Before,
+// conv2d.cpp copied the whole input into NCHW and the output back, two more passes over memory
+// each (64->64 @56, batch 8: the forward 1.2-1.3x torch's channels_last time,
+// benchmarks/results). The transforms and GEMMs are the same either way: the NCHW call's bits.
 //
 // Napkin math (conv2d 64->64, 3x3, 56x56, batch 8; reference machine: csrc/cpu/README.md):
 // 925 M multiply-adds directly; here 16 x 6272 tiles x 64 x 64 = 411 M in the GEMMs, ~1.9 ms on
@@ -43,6 +49,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "cpu/allocator.h"
@@ -65,6 +72,7 @@ struct Problem {
   int64_t th, tw;      // tile rows and columns per image
   int64_t tw_vec;      // tw rounded up to whole vectors
   int64_t cols;        // of a zero-padded input row
+  Order in_order = Order::Nchw, out_order = Order::Nchw;
 };
 
 template <typename T>
@@ -243,6 +251,21 @@ PE_INLINE bool output_tiles_impl(const Problem& p, const T* m, int64_t xi_ld, in
   return !any;
 }
 
+// dst[q * c + co] = stage[q * ld + co] (+ bias[co]) for q < pixels, co < c: staged outputs into
+// a channels-last y (the one addition the NCHW transpose makes: the same bits).
+template <typename T>
+PE_INLINE void store_pixels_impl(const T* stage, int64_t ld, int64_t pixels, int64_t c,
+                                 const T* bias, T* dst) {
+  for (int64_t q = 0; q < pixels; ++q) {
+    const T* s = stage + q * ld;
+    T* d = dst + q * c;
+    if (bias)
+      for (int64_t co = 0; co < c; ++co) d[co] = s[co] + bias[co];
+    else
+      for (int64_t co = 0; co < c; ++co) d[co] = s[co];
+  }
+}
+
 // grad_weight is the forward's adjoint in g: dW = G^T [ sum_t (A dy_t A^T) .* (B^T d_t B) ] G,
 // dy_t a tile's 2x2 of dY and d_t its 4x4 input window (the forward's V): 16 GEMMs summing over
 // the tiles, then a 4x4 -> 3x3 transform per (co, ci).
@@ -344,6 +367,10 @@ PE_INLINE bool weight_grad_row_impl(int64_t in_c, const T* s, int64_t xi_ld, T* 
                   (const Problem& p, const T* m, int64_t xi_ld, int64_t out_ld, T* stage,      \
                    int64_t stage_ld),                                                          \
                   (p, m, xi_ld, out_ld, stage, stage_ld), output_tiles_impl<T>)                \
+  PE_ISA_FUNCTION(Family::Conv2d, void, store_pixels,                                          \
+                  (const T* stage, int64_t ld, int64_t pixels, int64_t c, const T* bias,       \
+                   T* dst),                                                                    \
+                  (stage, ld, pixels, c, bias, dst), store_pixels_impl<T>)                     \
   PE_ISA_FUNCTION(Family::Conv2d, void, weights_block,                                         \
                   (int64_t in_c, int64_t out_c, const T* wl, int64_t co0, int64_t nco, T* u),  \
                   (in_c, out_c, wl, co0, nco, u), weights_block_impl<T>)                       \
@@ -395,9 +422,56 @@ void window_rows(const Problem& p, const T* x, int64_t row, int64_t c, bool pref
   }
 }
 
-// The convolution of x (NCHW) into y (NCHW) with transformed weights u, plus bias (or none),
-// in blocks of tile rows (the file's header says why). False where an output is not finite (y
-// then partly written).
+// A block's input rows from a channels-last x, as window_rows gives them from an NCHW one: each
+// image row that the block's tile rows read (consecutive tile rows share two) is transposed
+// once into `planes` (slot s of channel c at planes[c * ld + s * in_w]), which stay in cache for
+// the block's transforms.
+template <typename T>
+struct ChannelsLastRows {
+  int64_t in_w, ld;
+  std::vector<int64_t> slot;  // per tile row of the block and window row: its slot, -1 padding
+  CachedBuffer<T> planes;
+
+  ChannelsLastRows(const Problem& p, int64_t rows_per_block)
+      : in_w(p.in_w),
+        ld(4 * rows_per_block * p.in_w),
+        slot(static_cast<size_t>(4 * rows_per_block)),
+        planes(static_cast<size_t>(p.in_c * ld), /*zero=*/false) {}
+
+  // For tile rows [r0, r0 + nrows) of the batch (tile row / th: its image).
+  void fill(const Problem& p, const T* x, int64_t r0, int64_t nrows) {
+    int64_t slots = 0, last_n = -1, last_ih = 0;
+    for (int64_t r = 0; r < nrows; ++r) {
+      const int64_t n = (r0 + r) / p.th, ih0 = 2 * ((r0 + r) % p.th) - p.pad_h;
+      for (int64_t i = 0; i < 4; ++i) {
+        const int64_t ih = ih0 + i;
+        int64_t& s = slot[static_cast<size_t>(4 * r + i)];
+        if (ih < 0 || ih >= p.in_h) {
+          s = -1;
+        } else if (n == last_n && ih <= last_ih) {  // the tile row before read it too
+          s = slots - 1 - (last_ih - ih);
+        } else {
+          s = slots++;
+          last_n = n;
+          last_ih = ih;
+          transpose(p.in_w, p.in_c, x + (n * p.in_h + ih) * p.in_w * p.in_c, p.in_c,
+                    planes.data() + s * p.in_w, ld, static_cast<const T*>(nullptr));
+        }
+      }
+    }
+  }
+  // window_rows' src for tile row r of the block, channel c.
+  void window(int64_t r, int64_t c, const T* src[4]) const {
+    for (int64_t i = 0; i < 4; ++i) {
+      const int64_t s = slot[static_cast<size_t>(4 * r + i)];
+      src[i] = s < 0 ? nullptr : planes.data() + c * ld + s * in_w;
+    }
+  }
+};
+
+// The convolution of x into y (each NCHW or channels-last: p.in_order, p.out_order) with
+// transformed weights u, plus bias (or none), in blocks of tile rows (the file's header says
+// why). False where an output is not finite (y then partly written).
 template <typename T>
 bool convolve(const Problem& p, const T* x, const T* u, const T* bias, T* y) {
   constexpr int64_t L = lanes<T>();
@@ -429,14 +503,20 @@ bool convolve(const Problem& p, const T* x, const T* u, const T* bias, T* y) {
     CachedBuffer<T> stage(static_cast<size_t>(2 * rows_per_block * p.out_w * out_ld),
                           /*zero=*/false);
     std::vector<const T*> a(static_cast<size_t>(p.in_c)), b(static_cast<size_t>(p.in_c));
+    std::optional<ChannelsLastRows<T>> cl_rows;
+    if (p.in_order == Order::ChannelsLast) cl_rows.emplace(p, rows_per_block);
     bool ok = true;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * rows_per_block;
       const int64_t nrows = std::min(rows_per_block, p.batch * p.th - r0), count = nrows * p.tw;
+      if (cl_rows) cl_rows->fill(p, x, r0, nrows);
       for (int64_t ci = 0; ci < p.in_c; ++ci)
         for (int64_t r = 0; r < nrows; ++r) {
           const T* src[4];
-          window_rows(p, x, r0 + r, ci, /*prefetch_next=*/true, src);
+          if (cl_rows)
+            cl_rows->window(r, ci, src);
+          else
+            window_rows(p, x, r0 + r, ci, /*prefetch_next=*/true, src);
           input_row(p, src, rows4.data(), v.data() + ci * ld + r * p.tw, p.in_c * ld);
         }
       // M[xi] (count x out_c) = V[xi]^T (count x in_c) U[xi] (in_c x out_c), read in place.
@@ -451,13 +531,19 @@ bool convolve(const Problem& p, const T* x, const T* u, const T* bias, T* y) {
       for (int64_t r = 0; r < nrows; ++r)
         ok &= output_tiles(p, m.data() + r * p.tw * out_ld, m_xi, out_ld,
                            stage.data() + 2 * r * p.out_w * out_ld, out_ld);
-      // Channels-last -> NCHW, plus the bias: one transpose per image in the block.
+      // Into y, plus the bias: per image in the block, one transpose into NCHW or the rows as
+      // they are into channels-last.
       for (int64_t r = 0; r < nrows;) {
         const int64_t n = (r0 + r) / p.th, th0 = (r0 + r) % p.th;
         const int64_t run = std::min(nrows - r, p.th - th0);  // tile rows of image n
         const int64_t oh0 = 2 * th0, oh1 = std::min(p.out_h, 2 * (th0 + run));
-        transpose((oh1 - oh0) * p.out_w, p.out_c, stage.data() + 2 * r * p.out_w * out_ld,
-                  out_ld, y + n * p.out_c * out_plane + oh0 * p.out_w, out_plane, bias);
+        const T* staged = stage.data() + 2 * r * p.out_w * out_ld;
+        if (p.out_order == Order::ChannelsLast)
+          store_pixels(staged, out_ld, (oh1 - oh0) * p.out_w, p.out_c, bias,
+                       y + (n * out_plane + oh0 * p.out_w) * p.out_c);
+        else
+          transpose((oh1 - oh0) * p.out_w, p.out_c, staged, out_ld,
+                    y + n * p.out_c * out_plane + oh0 * p.out_w, out_plane, bias);
         r += run;
       }
     }
@@ -560,19 +646,27 @@ bool winograd_fits_backward_weight(const Geometry& g) {
 }
 
 template <typename T>
-bool forward_winograd(const Geometry& g, const T* x, const T* w, const T* bias, T* y) {
+bool forward_winograd(const Geometry& g, const T* x, const T* w, const T* bias, T* y,
+                      Order x_order, Order y_order) {
+  Problem p = forward_problem<T>(g);
+  p.in_order = x_order;
+  p.out_order = y_order;
   return convolve_with<T>(
-      forward_problem<T>(g),
+      p,
       [&](int64_t co, int64_t ci) { return w + (co * g.in_channels + ci) * 9; },
       /*flip=*/false, x, bias, y);
 }
 
 template <typename T>
-bool backward_input_winograd(const Geometry& g, const T* dy, const T* w, T* dx) {
+bool backward_input_winograd(const Geometry& g, const T* dy, const T* w, T* dx, Order dy_order,
+                             Order dx_order) {
   // dX = conv(dY, W'), stride 1, padding 2 - p, W'[ci][co] = W[co][ci] flipped in both axes.
+  Problem p = make_problem<T>(g.batch, g.out_channels, g.out_h, g.out_w, g.in_channels, g.in_h,
+                              g.in_w, 2 - g.padding_h, 2 - g.padding_w);
+  p.in_order = dy_order;
+  p.out_order = dx_order;
   return convolve_with<T>(
-      make_problem<T>(g.batch, g.out_channels, g.out_h, g.out_w, g.in_channels, g.in_h, g.in_w,
-                      2 - g.padding_h, 2 - g.padding_w),
+      p,
       [&](int64_t ci, int64_t co) { return w + (co * g.in_channels + ci) * 9; },
       /*flip=*/true, dy, nullptr, dx);
 }
@@ -583,13 +677,13 @@ bool backward_weight_winograd(const Geometry& g, const T* dy, const T* x, T* dw)
 }
 
 template bool forward_winograd<float>(const Geometry&, const float*, const float*, const float*,
-                                      float*);
+                                      float*, Order, Order);
 template bool forward_winograd<double>(const Geometry&, const double*, const double*,
-                                       const double*, double*);
+                                       const double*, double*, Order, Order);
 template bool backward_input_winograd<float>(const Geometry&, const float*, const float*,
-                                             float*);
+                                             float*, Order, Order);
 template bool backward_input_winograd<double>(const Geometry&, const double*, const double*,
-                                              double*);
+                                              double*, Order, Order);
 template bool backward_weight_winograd<float>(const Geometry&, const float*, const float*,
                                               float*);
 template bool backward_weight_winograd<double>(const Geometry&, const double*, const double*,

@@ -25,17 +25,6 @@ Image image_of(const at::Tensor& t) {
           t.size(batched ? 2 : 1) * t.size(batched ? 3 : 2)};
 }
 
-// Whether t (4-D, or 3-D unbatched) is dense in channels_last order and not also contiguous
-// (one channel or 1x1 planes are both: nothing to move).
-bool dense_channels_last(const at::Tensor& t) {
-  if ((t.dim() != 3 && t.dim() != 4) || t.is_contiguous()) return false;
-  if (t.dim() == 4) return t.is_contiguous(at::MemoryFormat::ChannelsLast);
-  // (C, H, W) with strides (1, W * C, C): the batch of one's channels_last order
-  const int64_t c = t.size(0), h = t.size(1), w = t.size(2);
-  return (c == 1 || t.stride(0) == 1) && (h == 1 || t.stride(1) == w * c) &&
-         (w == 1 || t.stride(2) == c);
-}
-
 // dst image = src image transposed, each image an (rows x cols) matrix, in blocks of kPixels
 // along `pixels_are_rows ? rows : cols`.
 void transpose_images(const float* src, float* dst, const Image& im, bool pixels_are_rows) {
@@ -55,6 +44,15 @@ void transpose_images(const float* src, float* dst, const Image& im, bool pixels
 }
 
 }  // namespace
+
+bool dense_channels_last(const at::Tensor& t) {
+  if ((t.dim() != 3 && t.dim() != 4) || t.is_contiguous()) return false;
+  if (t.dim() == 4) return t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  // (C, H, W) with strides (1, W * C, C): the batch of one's channels_last order
+  const int64_t c = t.size(0), h = t.size(1), w = t.size(2);
+  return (c == 1 || t.stride(0) == 1) && (h == 1 || t.stride(1) == w * c) &&
+         (w == 1 || t.stride(2) == c);
+}
 
 at::Tensor contiguous_image(const at::Tensor& t) {
   if (t.scalar_type() != at::kFloat || !dense_channels_last(t) || t.numel() == 0)

@@ -11,6 +11,10 @@
 namespace pyengine {
 namespace cpu {
 
+// Whether t (4-D, or 3-D unbatched) is dense in channels_last order and not also contiguous
+// (one channel or 1x1 planes are both: nothing to move).
+bool dense_channels_last(const at::Tensor& t);
+
 // `t` as contiguous NCHW (or CHW): t.contiguous(), by the transposes where t is a dense
 // channels_last float32 image.
 at::Tensor contiguous_image(const at::Tensor& t);
