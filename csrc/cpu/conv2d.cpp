@@ -261,26 +261,35 @@ Tensor conv2d_forward_contiguous(const conv2d::Geometry& g, const Tensor& x, con
 
 namespace {
 
-// The forward of a channels_last call (conv2d_channels_last) where its algorithm, as
-// conv2d_forward_contiguous would choose it, reads and writes channels_last images (Winograd):
-// the input as it is where dense channels_last (else contiguous NCHW), the output written
-// channels_last. Undefined where no such algorithm takes the call, or where Winograd's output
-// came out non-finite: the caller then runs the NCHW kernels on copies.
+// The forward of a channels_last call (conv2d_channels_last) on the kernels that read and write
+// channels_last images: a pointwise layer's GEMMs over the batch's pixel rows (the input made
+// channels_last where it is not), and Winograd where conv2d_forward_contiguous would choose it
+// (the input as it is where dense channels_last, else contiguous NCHW); the output written
+// channels_last. Undefined where neither takes the call, or where Winograd's output came out
+// non-finite: the caller then runs the NCHW kernels on copies.
 Tensor conv2d_forward_channels_last(const conv2d::Geometry& g, const Tensor& input,
                                     const Tensor& weight, const Tensor& bias) {
-  if (g.batch == 0 || g.out_pixels() == 0 || use_batch_inner(g) || !conv2d::winograd_fits(g) ||
-      input.scalar_type() != weight.scalar_type())
+  const bool by_pixel_rows = pointwise(g);
+  if (g.batch == 0 || g.out_pixels() == 0 || input.scalar_type() != weight.scalar_type() ||
+      (!by_pixel_rows && (use_batch_inner(g) || !conv2d::winograd_fits(g))))
     return Tensor();
   const bool x_cl = dense_channels_last(input);
-  const Tensor x = x_cl ? input : input.contiguous();
+  const Tensor x = x_cl            ? input
+                   : by_pixel_rows ? as_image_layout(input.contiguous(), true)
+                                   : input.contiguous();
   const Tensor w = weight.contiguous(), b = bias.defined() ? bias.contiguous() : Tensor();
   Tensor out = empty_image<int64_t>(at::IntArrayRef(g.output_sizes()), true, x.options());
-  bool ok = false;
+  bool ok = true;
   dispatch_floating(x.scalar_type(), "conv2d", [&](auto tag) {
     using T = decltype(tag);
+    const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+    if (by_pixel_rows) {
+      conv2d::forward_pointwise_channels_last<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                                 bp, out.mutable_data_ptr<T>());
+      return;
+    }
     ok = conv2d::forward_winograd<T>(
-        g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
-        b.defined() ? b.const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>(),
+        g, x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, out.mutable_data_ptr<T>(),
         x_cl ? conv2d::Order::ChannelsLast : conv2d::Order::Nchw, conv2d::Order::ChannelsLast);
   });
   return ok ? out : Tensor();
@@ -452,11 +461,13 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_contiguous(const conv2d::Geom
 
 namespace {
 
-// The backward of a channels_last call (conv2d_channels_last): grad_input where Winograd takes
-// it and grad_weight (with grad_bias) where the implicit GEMM does, as conv2d_backward_contiguous
-// would choose them, read dY and x as they are (dense channels_last, else contiguous NCHW) and
-// give grad_input channels_last; whatever else the mask asks for runs on NCHW copies. The
-// results are in torch's layout (common/layout.h's conv2d_grads_in_layout), as those copies'.
+// The backward of a channels_last call (conv2d_channels_last): a pointwise layer's on GEMMs over
+// the batch's pixel rows (dY and x made channels_last where they are not); otherwise grad_input
+// where Winograd takes it and grad_weight (with grad_bias) where the implicit GEMM does, as
+// conv2d_backward_contiguous would choose them, read dY and x as they are (dense channels_last,
+// else contiguous NCHW) and give grad_input channels_last; whatever else the mask asks for runs
+// on NCHW copies. The results are in torch's layout (common/layout.h's conv2d_grads_in_layout),
+// as those copies'.
 std::tuple<Tensor, Tensor, Tensor> conv2d_backward_channels_last(const conv2d::Geometry& g,
                                                                  const Tensor& grad_output,
                                                                  const Tensor& input,
@@ -465,9 +476,31 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_channels_last(const conv2d::G
   using conv2d::Order;
   Tensor grad_input, grad_weight, grad_bias;
   std::array<bool, 3> rest = mask;
-  const bool native = g.batch > 0 && !use_batch_inner(g) && !pointwise(g) &&
-                      input.scalar_type() == weight.scalar_type() &&
-                      grad_output.scalar_type() == weight.scalar_type();
+  const bool same_types = input.scalar_type() == weight.scalar_type() &&
+                          grad_output.scalar_type() == weight.scalar_type();
+  if (g.batch > 0 && same_types && pointwise(g)) {
+    const auto pixel_rows = [](const Tensor& t) {
+      return dense_channels_last(t) ? t : as_image_layout(t.contiguous(), true);
+    };
+    const Tensor dy = pixel_rows(grad_output), w = weight.contiguous();
+    const Tensor x = mask[1] ? pixel_rows(input) : Tensor();
+    if (mask[0]) grad_input = empty_image<int64_t>(input.sizes(), true, w.options());
+    Tensor dw = mask[1] ? empty_of(w.sizes(), w.options()) : Tensor();
+    if (mask[2]) grad_bias = empty_of(at::IntArrayRef{g.out_channels}, w.options());
+    dispatch_floating(w.scalar_type(), "conv2d_backward", [&](auto tag) {
+      using T = decltype(tag);
+      conv2d::backward_pointwise_channels_last<T>(
+          g, dy.const_data_ptr<T>(), mask[1] ? x.const_data_ptr<T>() : nullptr,
+          w.const_data_ptr<T>(), mask[0] ? grad_input.mutable_data_ptr<T>() : nullptr,
+          mask[1] ? dw.mutable_data_ptr<T>() : nullptr);
+      if (mask[2])
+        conv2d::bias_grad<T>(g, dy.const_data_ptr<T>(), grad_bias.mutable_data_ptr<T>(),
+                             Order::ChannelsLast);
+    });
+    if (mask[1]) grad_weight = as_image_layout(dw, true);
+    return {grad_input, grad_weight, grad_bias};
+  }
+  const bool native = g.batch > 0 && !use_batch_inner(g) && !pointwise(g) && same_types;
   const bool dx_native = native && mask[0] && conv2d::winograd_fits(g);
   const bool dw_native = native && mask[1] && !conv2d::winograd_fits_backward_weight(g) &&
                          conv2d::implicit_fits_backward_weight(g);
@@ -505,8 +538,10 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_channels_last(const conv2d::G
     });
   }
   if (rest[0] || rest[1] || rest[2]) {
+    // (x is read for grad_weight only: cpu/kernels.h. Without it, no copy is made.)
     auto [dx, dw, db] = conv2d_grads_in_layout(
-        conv2d_backward_contiguous(g, contiguous_image(grad_output), contiguous_image(input),
+        conv2d_backward_contiguous(g, contiguous_image(grad_output),
+                                   rest[1] ? contiguous_image(input) : input,
                                    contiguous_image(weight), rest),
         input, weight, as_image_layout);
     if (rest[0]) grad_input = dx;

@@ -67,6 +67,17 @@ void backward_input_pointwise(const Geometry& g, const T* dy, const T* w, T* dx)
 template <typename T>
 void backward_weight_pointwise(const Geometry& g, const T* dy, const T* x, T* dw);
 
+// The same layers with x and y (dx and dy) channels_last (conv2d::Order): the batch's pixels are
+// then one (pixels x channels) matrix, and each pass one GEMM over it (conv2d_im2col.cpp): the
+// forward in blocks of pixels (bias first, as above), grad_input likewise, grad_weight (dx or dw
+// may be null) one product over every pixel.
+template <typename T>
+void forward_pointwise_channels_last(const Geometry& g, const T* x, const T* w, const T* bias,
+                                     T* y);
+template <typename T>
+void backward_pointwise_channels_last(const Geometry& g, const T* dy, const T* x, const T* w,
+                                      T* dx, T* dw);
+
 // The batch-innermost layout: no im2col, every GEMM over contiguous batch vectors; for stride 1
 // and small images (conv2d_batch_inner.cpp; conv2d.cpp says when).
 template <typename T, typename S = T>

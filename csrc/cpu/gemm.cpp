@@ -368,13 +368,18 @@ int64_t l2_bytes() {
 
 // Whether op_driver reads A's rows in place (op_tile's kRowA) rather than packing them: the
 // 4-vector tiles (of mr4 rows, at most kGatheredRowsMax), A contiguous along k, its rows not a
-// multiple of 512 bytes apart (as gemm.h's in_place_ld: such rows share a few L1 sets; W of
-// 4096 x 4096 read this way took 87 ms where its packed panels take 61, one thread), and C's rows
-// contiguous (with C^T's tiles, stored element by element, W read in place made linear 64 x 784
-// -> 256 pick them: 235 us on one thread where C's own tiles take 182).
+// multiple of 512 bytes apart beyond 1 KB (as gemm.h's in_place_ld: the tile's rows then share
+// a few L1 sets; W of 4096 x 4096 read this way took 87 ms where its packed panels take 61, one
+// thread; rows 512 B or 1 KB apart spread 6 rows over 4 or more sets, and reading them in place
+// saves their 16 x 16 transposes, of which a 6-row panel fills 6 rows: a channels_last 256->64
+// 1x1 conv2d, batch 8 @56, two threads, ran 1.6x torch's time with the rows packed, 1.2-1.25x
+// read in place), and C's rows contiguous (with C^T's tiles, stored element by element, W read
+// in place made linear 64 x 784 -> 256 pick them: 235 us on one thread where C's own tiles take
+// 182).
 bool reads_a_rows(int mr4, int nv, int64_t rsa, int64_t csa, int64_t csc, int64_t elem_bytes) {
+  const int64_t row_bytes = rsa * elem_bytes;
   return nv == 4 && mr4 <= kGatheredRowsMax && csa == 1 && rsa != 1 && csc == 1 &&
-         (rsa * elem_bytes) % 512 != 0;
+         (row_bytes % 512 != 0 || row_bytes <= 1024);
 }
 
 template <class Isa, typename T, int NV>

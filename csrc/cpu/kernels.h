@@ -19,7 +19,8 @@ namespace cpu {
 // conv2d (cpu/conv2d.cpp). b undefined: no bias.
 at::Tensor conv2d_forward_contiguous(const Conv2dGeometry<int64_t>& g, const at::Tensor& x,
                                      const at::Tensor& w, const at::Tensor& b);
-// grad_input, grad_weight, grad_bias where mask asks (undefined elsewhere).
+// grad_input, grad_weight, grad_bias where mask asks (undefined elsewhere). x's elements are read
+// for grad_weight only: without it, x gives its sizes and dtype and may be in any layout.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_contiguous(
     const Conv2dGeometry<int64_t>& g, const at::Tensor& dy, const at::Tensor& x,
     const at::Tensor& w, std::array<bool, 3> mask);
