@@ -266,8 +266,12 @@ CHANNELS_LAST_SHAPES = [
     (3, 128, 160, 26, 26, 3, 1, 1, 1, 1),   # blocks ending mid-image; Winograd grad_weight
     (2, 128, 128, 6, 7, 3, 1, 1, 1, 1),     # 512-byte pixel rows: dY copied, not read in place
     (2, 16, 32, 9, 11, 3, 1, 1, 1, 1),      # implicit forward (copies), implicit grad_weight
-    (2, 16, 16, 13, 12, 3, 2, 1, 2, 1),     # stride 2, dilated: the phase-split input copy
-    (2, 32, 32, 8, 8, 3, 1, 1, 1, 2),       # grouped
+    (2, 16, 16, 13, 12, 3, 2, 1, 2, 1),     # stride 2, dilated: phase planes, grad_input by phases
+    (1, 16, 32, 5, 37, 3, 2, 1, 1, 1),      # ... odd width and padding, a tail of columns
+    (2, 32, 12, 11, 10, 3, 3, 2, 1, 2),     # ... stride 3, grouped
+    (1, 16, 8, 12, 9, 3, 2, 4, 1, 1),       # ... padding wider than the kernel
+    (2, 32, 32, 8, 8, 3, 1, 1, 1, 2),       # grouped: the implicit GEMM, forward and grad_input
+    (2, 16, 24, 9, 30, 3, 1, 0, 1, 1),      # implicit, flattened rows (narrow output channels)
     (20, 4, 6, 9, 7, 3, 1, 1, 1, 1),        # batch-innermost (copies)
     (2, 16, 24, 7, 7, 1, 1, 0, 1, 1),       # pointwise: GEMMs over the pixel rows
     (3, 48, 140, 5, 7, 1, 1, 0, 1, 2),      # ... grouped

@@ -263,15 +263,19 @@ namespace {
 
 // The forward of a channels_last call (conv2d_channels_last) on the kernels that read and write
 // channels_last images: a pointwise layer's GEMMs over the batch's pixel rows (the input made
-// channels_last where it is not), and Winograd where conv2d_forward_contiguous would choose it
-// (the input as it is where dense channels_last, else contiguous NCHW); the output written
-// channels_last. Undefined where neither takes the call, or where Winograd's output came out
-// non-finite: the caller then runs the NCHW kernels on copies.
+// channels_last where it is not), and Winograd or the implicit GEMM where
+// conv2d_forward_contiguous would choose them (the input as it is where dense channels_last,
+// else contiguous NCHW); the output written channels_last. Undefined where none takes the call,
+// or where Winograd's output came out non-finite: the caller then runs the NCHW kernels on
+// copies.
 Tensor conv2d_forward_channels_last(const conv2d::Geometry& g, const Tensor& input,
                                     const Tensor& weight, const Tensor& bias) {
   const bool by_pixel_rows = pointwise(g);
+  const bool winograd = !by_pixel_rows && !use_batch_inner(g) && conv2d::winograd_fits(g);
+  const bool implicit = !by_pixel_rows && !use_batch_inner(g) && !winograd &&
+                        conv2d::implicit_fits(g);
   if (g.batch == 0 || g.out_pixels() == 0 || input.scalar_type() != weight.scalar_type() ||
-      (!by_pixel_rows && (use_batch_inner(g) || !conv2d::winograd_fits(g))))
+      !(by_pixel_rows || winograd || implicit))
     return Tensor();
   const bool x_cl = dense_channels_last(input);
   const Tensor x = x_cl            ? input
@@ -288,9 +292,16 @@ Tensor conv2d_forward_channels_last(const conv2d::Geometry& g, const Tensor& inp
                                                  bp, out.mutable_data_ptr<T>());
       return;
     }
-    ok = conv2d::forward_winograd<T>(
-        g, x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, out.mutable_data_ptr<T>(),
-        x_cl ? conv2d::Order::ChannelsLast : conv2d::Order::Nchw, conv2d::Order::ChannelsLast);
+    const conv2d::Order x_order = x_cl ? conv2d::Order::ChannelsLast : conv2d::Order::Nchw;
+    if (implicit) {
+      conv2d::forward_implicit<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp,
+                                  out.mutable_data_ptr<T>(), x_order,
+                                  conv2d::Order::ChannelsLast);
+      return;
+    }
+    ok = conv2d::forward_winograd<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp,
+                                     out.mutable_data_ptr<T>(), x_order,
+                                     conv2d::Order::ChannelsLast);
   });
   return ok ? out : Tensor();
 }
@@ -463,11 +474,11 @@ namespace {
 
 // The backward of a channels_last call (conv2d_channels_last): a pointwise layer's on GEMMs over
 // the batch's pixel rows (dY and x made channels_last where they are not); otherwise grad_input
-// where Winograd takes it and grad_weight (with grad_bias) where the implicit GEMM does, as
-// conv2d_backward_contiguous would choose them, read dY and x as they are (dense channels_last,
-// else contiguous NCHW) and give grad_input channels_last; whatever else the mask asks for runs
-// on NCHW copies. The results are in torch's layout (common/layout.h's conv2d_grads_in_layout),
-// as those copies'.
+// where Winograd or the implicit GEMM takes it and grad_weight (with grad_bias) where the
+// implicit GEMM does, as conv2d_backward_contiguous would choose them, read dY and x as they are
+// (dense channels_last, else contiguous NCHW) and give grad_input channels_last; whatever else
+// the mask asks for runs on NCHW copies. The results are in torch's layout (common/layout.h's
+// conv2d_grads_in_layout), as those copies'.
 std::tuple<Tensor, Tensor, Tensor> conv2d_backward_channels_last(const conv2d::Geometry& g,
                                                                  const Tensor& grad_output,
                                                                  const Tensor& input,
@@ -501,7 +512,20 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_channels_last(const conv2d::G
     return {grad_input, grad_weight, grad_bias};
   }
   const bool native = g.batch > 0 && !use_batch_inner(g) && !pointwise(g) && same_types;
-  const bool dx_native = native && mask[0] && conv2d::winograd_fits(g);
+  const auto finite_weight = [](const Tensor& weight) {
+    const Tensor w = weight.contiguous();
+    bool finite = true;
+    dispatch_floating(w.scalar_type(), "conv2d_backward", [&](auto tag) {
+      using T = decltype(tag);
+      finite = conv2d::all_finite(w.const_data_ptr<T>(), w.numel());
+    });
+    return finite;
+  };
+  const bool dx_winograd = native && mask[0] && conv2d::winograd_fits(g);
+  // (conv2d_backward_contiguous's next choice; a non-finite weight goes to im2col: see there)
+  const bool dx_implicit = native && mask[0] && !dx_winograd &&
+                           conv2d::implicit_fits_backward_input(g) && finite_weight(weight);
+  const bool dx_native = dx_winograd || dx_implicit;
   const bool dw_native = native && mask[1] && !conv2d::winograd_fits_backward_weight(g) &&
                          conv2d::implicit_fits_backward_weight(g);
   if (dx_native || dw_native) {
@@ -513,9 +537,15 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_channels_last(const conv2d::G
       using T = decltype(tag);
       if (dx_native) {
         Tensor dx = empty_image<int64_t>(input.sizes(), true, w.options());
-        if (conv2d::backward_input_winograd<T>(g, dy.const_data_ptr<T>(), w.const_data_ptr<T>(),
-                                               dx.mutable_data_ptr<T>(), dy_order,
-                                               Order::ChannelsLast)) {
+        if (dx_implicit) {
+          conv2d::backward_input_implicit<T>(g, dy.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                             dx.mutable_data_ptr<T>(), dy_order,
+                                             Order::ChannelsLast);
+          grad_input = dx;
+          rest[0] = false;
+        } else if (conv2d::backward_input_winograd<T>(
+                       g, dy.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                       dx.mutable_data_ptr<T>(), dy_order, Order::ChannelsLast)) {
           grad_input = dx;
           rest[0] = false;  // (a non-finite one is computed again below)
         }

@@ -27,9 +27,9 @@ using Geometry = Conv2dGeometry<int64_t>;
 
 // Where an image argument's elements lie (x, dx, y, dy; the header's "contiguous" above is Nchw):
 // contiguous NCHW, or dense channels_last (each pixel's channels contiguous, torch's
-// channels_last memory format). The Winograd kernels read and write either, the implicit GEMM's
-// grad_weight reads either: conv2d.cpp hands them channels_last images as they are instead of
-// copying them into NCHW and their results back.
+// channels_last memory format). The Winograd and implicit-GEMM kernels read and write either:
+// conv2d.cpp hands them channels_last images as they are instead of copying them into NCHW and
+// their results back.
 enum class Order { Nchw, ChannelsLast };
 
 // im2col strips and GEMMs, any geometry (conv2d_im2col.cpp).
@@ -109,9 +109,11 @@ bool implicit_fits(const Geometry& g);
 bool implicit_fits_backward_input(const Geometry& g);
 bool implicit_fits_backward_weight(const Geometry& g);
 template <typename T>
-void forward_implicit(const Geometry& g, const T* x, const T* w, const T* bias, T* y);
+void forward_implicit(const Geometry& g, const T* x, const T* w, const T* bias, T* y,
+                      Order x_order = Order::Nchw, Order y_order = Order::Nchw);
 template <typename T>
-void backward_input_implicit(const Geometry& g, const T* dy, const T* w, T* dx);
+void backward_input_implicit(const Geometry& g, const T* dy, const T* w, T* dx,
+                             Order dy_order = Order::Nchw, Order dx_order = Order::Nchw);
 template <typename T>
 void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw,
                               Order dy_order = Order::Nchw, Order x_order = Order::Nchw);

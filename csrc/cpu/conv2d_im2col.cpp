@@ -491,22 +491,12 @@ void forward_im2col(const Geometry& g, const T* x, const T* w, const T* bias, T*
         const T* wg = w + grp * cout_g * K;
         const T* bg = bias ? bias + grp * cout_g : nullptr;
         if (pointwise) {  // 1x1, stride 1, no padding: the input is its own im2col
-          // In column blocks whose outputs stay in L2 between the bias and the GEMM that adds
-          // to it: one image's 256 x 3136 outputs filled with the bias first went to memory and
-          // back (64->256 @56: 1.37 ms an image on one thread, where the GEMM alone takes 0.63).
-          const int64_t block =
-              std::max<int64_t>(64, (int64_t(512) << 10) / (cout_g * int64_t(sizeof(T))));
-          for (int64_t n = 0; n < nimg; ++n) {
-            T* yn = yg + n * out_img;
-            for (int64_t p0 = 0; p0 < P; p0 += block) {
-              const int64_t len = std::min(block, P - p0);
-              if (bg)
-                for (int64_t co = 0; co < cout_g; ++co)
-                  std::fill(yn + co * P + p0, yn + co * P + p0 + len, bg[co]);
-              cpu::gemm<T>(cout_g, len, K, wg, K, 1, xg + n * in_img + p0, P, 1, yn + p0, P, 1,
-                           bg != nullptr);
-            }
-          }
+          // The bias set by gemm tile by tile, in cache: one image's 256 x 3136 outputs filled
+          // with it first went to memory and back (64->256 @56: 1.37 ms an image on one thread,
+          // where the GEMM alone takes 0.63).
+          for (int64_t n = 0; n < nimg; ++n)
+            cpu::gemm<T>(cout_g, P, K, wg, K, 1, xg + n * in_img, P, 1, yg + n * out_img, P, 1,
+                         false, bg, /*bias_per_row=*/true);
           continue;
         }
         for (int64_t q0 = 0; q0 < cols; q0 += sp.strip) {
@@ -637,10 +627,9 @@ void backward_weight_pointwise(const Geometry& g, const T* dy, const T* x, T* dw
 
 namespace {
 // Blocks of pixel rows of the channels_last forward and grad_input: outputs of ~512 KB at most,
-// which stay in L2 between the bias fill and the GEMM that adds to it (as the NCHW blocks
-// above), as many as a multiple of the thread count so that the threads share them evenly (13
-// blocks of 2048 rows on 2 threads left one idle a seventh of the time). Each row's arithmetic
-// is gemm's whatever its block: the same bits on any thread count.
+// as many as a multiple of the thread count so that the threads share them evenly (13 blocks of
+// 2048 rows on 2 threads left one idle a seventh of the time). Each row's arithmetic is gemm's
+// whatever its block: the same bits on any thread count.
 struct RowBlocks {
   int64_t count, rows;
 };
@@ -663,13 +652,10 @@ void forward_pointwise_channels_last(const Geometry& g, const T* x, const T* w, 
   at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * blocks.rows, len = std::min(blocks.rows, rows - r0);
-      T* yb = y + r0 * cout;
-      if (bias)
-        for (int64_t r = 0; r < len; ++r) std::copy(bias, bias + cout, yb + r * cout);
       for (int64_t grp = 0; grp < g.groups; ++grp)
         cpu::gemm<T>(len, cout_g, cin_g, x + r0 * cin + grp * cin_g, cin, 1,
-                     w + grp * cout_g * cin_g, 1, cin_g, yb + grp * cout_g, cout, 1,
-                     bias != nullptr);
+                     w + grp * cout_g * cin_g, 1, cin_g, y + r0 * cout + grp * cout_g, cout, 1,
+                     false, bias ? bias + grp * cout_g : nullptr);
     }
   });
 }

@@ -298,7 +298,31 @@ struct Problem {
   T* C;
   int64_t rsc, csc;
   bool accumulate;
+  const T* bias = nullptr;  // gemm.h's bias (with accumulate false): per row, or per column
+  bool bias_per_row = false;
 };
+
+// C's tile of mr x nr elements (from row i0, column j0) set to the bias, before its first
+// products are added to it: the bias in place of C's fill-then-accumulate, in L1 instead of a
+// pass over all of C (the same additions: the same bits).
+template <typename T>
+void fill_bias(const Problem<T>& p, int64_t i0, int64_t j0, int64_t mr, int64_t nr) {
+  T* c = p.C + i0 * p.rsc + j0 * p.csc;
+  if (p.csc == 1) {  // rows of C: copies (a 6 x 64 tile's 384 strided stores took as long as
+                     // its 64 k of multiply-adds)
+    for (int64_t i = 0; i < mr; ++i) {
+      T* row = c + i * p.rsc;
+      if (p.bias_per_row)
+        std::fill(row, row + nr, p.bias[i0 + i]);
+      else
+        std::memcpy(row, p.bias + j0, static_cast<size_t>(nr) * sizeof(T));
+    }
+    return;
+  }
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < nr; ++j)
+      c[i * p.rsc + j * p.csc] = p.bias_per_row ? p.bias[i0 + i] : p.bias[j0 + j];
+}
 
 // BLIS-style loops: jc (NC columns) -> pc (KC of k) -> ic (MC rows) -> panels -> tiles.
 // Both operands are copied into contiguous panels (A: MR rows interleaved per k; B: NR columns
@@ -498,10 +522,12 @@ void op_driver(const Problem<T>& p) {
             }
             const T* ap;
             int64_t lda;
+            const bool biased = p.bias && pc == 0;
+            if (biased) fill_bias(p, ic + ir, jc + j0, mr, nr);
             if (a_rows) {  // (a narrow last panel too: B's panel is zero-padded to NR)
               Kern<Isa, T>::op4_rows(mr, kc, p.A + (ic + ir) * p.rsa + pc, p.rsa, bp, ldb,
                                      p.C + (ic + ir) * p.rsc + (jc + j0) * p.csc, p.rsc, p.csc,
-                                     nr, accum);
+                                     nr, accum || biased);
               continue;
             }
             if (a_direct) {
@@ -514,11 +540,11 @@ void op_driver(const Problem<T>& p) {
             T* cp = p.C + (ic + ir) * p.rsc + (jc + j0) * p.csc;
             // The narrowest kernel that covers the panel (a partial last one may be narrower).
             if (NV == 1 || nr <= W)
-              Kern<Isa, T>::op1(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum);
+              Kern<Isa, T>::op1(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum || biased);
             else if (NV == 2 || nr <= 2 * W)
-              Kern<Isa, T>::op2(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum);
+              Kern<Isa, T>::op2(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum || biased);
             else
-              Kern<Isa, T>::op4(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum);
+              Kern<Isa, T>::op4(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum || biased);
           }
         }
       }
@@ -641,8 +667,10 @@ void dot_driver(const Problem<T>& p) {
       const int ra = static_cast<int>(std::min<int64_t>(RA, p.M - i0));
       for (int64_t j0 = jb; j0 < jend; j0 += RB) {
         const int rb = static_cast<int>(std::min<int64_t>(RB, jend - j0));
+        if (p.bias) fill_bias(p, i0, j0, ra, rb);
         Kern<Isa, T>::dot(ra, rb, p.K, p.A + i0 * p.rsa, p.rsa, p.B + j0 * p.csb, p.csb,
-                          p.C + i0 * p.rsc + j0 * p.csc, p.rsc, p.csc, p.accumulate);
+                          p.C + i0 * p.rsc + j0 * p.csc, p.rsc, p.csc,
+                          p.accumulate || p.bias);
       }
     }
   }
@@ -877,7 +905,8 @@ void run_plan(const Problem<T>& p, Plan plan) {
       const Problem<T> t = plan.kind == Kind::OpN
                                ? p
                                : Problem<T>{p.N, p.M, p.K, p.B, p.csb, p.rsb, p.A, p.csa,
-                                            p.rsa, p.C, p.csc, p.rsc, p.accumulate};
+                                            p.rsa, p.C, p.csc, p.rsc, p.accumulate, p.bias,
+                                            !p.bias_per_row};
       if (plan.nv == 1)
         op_driver<Isa, T, 1>(t);
       else if (plan.nv == 2)
@@ -1019,7 +1048,9 @@ template <typename T>
 bool trivial(const Problem<T>& p) {
   if (p.M <= 0 || p.N <= 0) return true;
   if (p.K <= 0) {
-    if (!p.accumulate)
+    if (p.bias)
+      fill_bias(p, 0, 0, p.M, p.N);
+    else if (!p.accumulate)
       for (int64_t i = 0; i < p.M; ++i)
         for (int64_t j = 0; j < p.N; ++j) p.C[i * p.rsc + j * p.csc] = T(0);
     return true;
@@ -1031,8 +1062,11 @@ bool trivial(const Problem<T>& p) {
 
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa, const T* B,
-          int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc, bool accumulate) {
-  const Problem<T> p{M, N, K, A, rsa, csa, B, rsb, csb, C, rsc, csc, accumulate};
+          int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc, bool accumulate,
+          const T* bias, bool bias_per_row) {
+  TORCH_INTERNAL_ASSERT(!(bias && accumulate), "gemm: a bias is for accumulate=false");
+  const Problem<T> p{M, N, K, A, rsa, csa, B, rsb, csb, C, rsc, csc, accumulate, bias,
+                     bias_per_row};
   if (trivial(p)) return;
   run(p, make_plan(backend().info, p));
 }
@@ -1044,8 +1078,10 @@ constexpr int64_t kFewK = 128;
 template <typename T>
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa,
                    const T* B, int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc,
-                   bool accumulate) {
-  const Problem<T> p{M, N, K, A, rsa, csa, B, rsb, csb, C, rsc, csc, accumulate};
+                   bool accumulate, const T* bias, bool bias_per_row) {
+  TORCH_INTERNAL_ASSERT(!(bias && accumulate), "gemm_parallel: a bias is for accumulate=false");
+  const Problem<T> p{M, N, K, A, rsa, csa, B, rsb, csb, C, rsc, csc, accumulate, bias,
+                     bias_per_row};
   if (trivial(p)) return;
   const IsaInfo& isa = backend().info;
   // One plan for the whole product: same arithmetic in every task. Each task packs its own
@@ -1116,7 +1152,8 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
     const int64_t i0 = (t / tn) * bm, j0 = (t % tn) * bn;
     const Problem<T> s{std::min(bm, M - i0), std::min(bn, N - j0), K,
                        A + i0 * rsa, rsa, csa, B + j0 * csb, rsb, csb,
-                       C + i0 * rsc + j0 * csc, rsc, csc, accumulate};
+                       C + i0 * rsc + j0 * csc, rsc, csc, accumulate,
+                       bias ? bias + (bias_per_row ? i0 : j0) : nullptr, bias_per_row};
     run(s, plan);
   };
   if (tm * tn == 1) {
@@ -1200,9 +1237,10 @@ int64_t simd_width() {
 
 #define PE_INSTANTIATE(T)                                                                     \
   template void gemm<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*,      \
-                        int64_t, int64_t, T*, int64_t, int64_t, bool);                        \
+                        int64_t, int64_t, T*, int64_t, int64_t, bool, const T*, bool);        \
   template void gemm_parallel<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t,       \
-                                 const T*, int64_t, int64_t, T*, int64_t, int64_t, bool);     \
+                                 const T*, int64_t, int64_t, T*, int64_t, int64_t, bool,      \
+                                 const T*, bool);                                             \
   template void gemm_indirect<T>(int64_t, int64_t, int64_t, const T* const*, const T* const*,  \
                                  T*, int64_t, int64_t, bool, const int64_t*);                \
   template void gemm_dot_segments<T>(int64_t, int64_t, int64_t, int64_t, const T*, int64_t,     \

@@ -38,9 +38,14 @@ namespace cpu {
 
 // Single-threaded: callers that already run inside at::parallel_for use this one.
 // accumulate=false overwrites C (K == 0 then writes zeros); accumulate=true adds to C.
+// bias (with accumulate=false only), when not null: C[i, j] = bias[j] + sum_k ..., or bias[i]
+// where bias_per_row; the same bits as C filled with the bias and accumulate=true, but each
+// tile of C is set to it just before its first products, in cache (filling a whole C first
+// cost a pass over memory: 1.2 of 6.2 ms of a channels_last 64->256 1x1 conv2d's forward).
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa, const T* B,
-          int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc, bool accumulate);
+          int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc, bool accumulate,
+          const T* bias = nullptr, bool bias_per_row = false);
 
 // The same product, split into tiles of C run with at::parallel_for (one per thread). The plan
 // (kernel, orientation) depends on the shapes only and each C element's arithmetic not on its
@@ -49,7 +54,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa,
 template <typename T>
 void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa,
                    const T* B, int64_t rsb, int64_t csb, T* C, int64_t rsc, int64_t csc,
-                   bool accumulate);
+                   bool accumulate, const T* bias = nullptr, bool bias_per_row = false);
 
 // Outer product over pointer tables (single-threaded): C[i, j] (+)= sum_k a[k][i] * b[k][j], where
 // a[k] holds M and b[k] N contiguous elements. conv2d's implicit im2col: with the batch innermost,

@@ -212,14 +212,9 @@ Tensor linear_cpu(const Tensor& input, const Tensor& weight, const std::optional
                        [&](int64_t r0, int64_t r1) { narrow_forward(px, pw, pb, y, in, o, r0, r1); });
       return;
     }
-    if (has_bias) {
-      const T* pb = b.const_data_ptr<T>();
-      at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / o), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) std::memcpy(y + r * o, pb, sizeof(T) * o);
-      });
-    }
     cpu::gemm_parallel<T>(rows, o, in, x.t.const_data_ptr<T>(), x.rs, x.cs,
-                          w.t.const_data_ptr<T>(), w.cs, w.rs, y, o, 1, /*accumulate=*/has_bias);
+                          w.t.const_data_ptr<T>(), w.cs, w.rs, y, o, 1, /*accumulate=*/false,
+                          has_bias ? b.const_data_ptr<T>() : nullptr);
   });
   return out;
 }
