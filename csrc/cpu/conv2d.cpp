@@ -135,6 +135,27 @@ PE_DEFINE_COLUMN_SUMS(double)
 #undef PE_DEFINE_COLUMN_SUMS
 
 template <typename T>
+PE_INLINE void store_pixel_rows_impl(const T* src, int64_t ld, int64_t count, int64_t channels,
+                                     const T* bias, T* dst, int64_t dst_ld) {
+  for (int64_t q = 0; q < count; ++q) {
+    const T* s = src + q * ld;
+    T* d = dst + q * dst_ld;
+    if (bias)
+      for (int64_t c = 0; c < channels; ++c) d[c] = s[c] + bias[c];
+    else
+      for (int64_t c = 0; c < channels; ++c) d[c] = s[c];
+  }
+}
+#define PE_DEFINE_STORE_PIXEL_ROWS(T)                                                        \
+  PE_ISA_FUNCTION(Family::Conv2d, void, store_pixel_rows,                                    \
+                  (const T* src, int64_t ld, int64_t count, int64_t channels, const T* bias, \
+                   T* dst, int64_t dst_ld),                                                  \
+                  (src, ld, count, channels, bias, dst, dst_ld), store_pixel_rows_impl<T>)
+PE_DEFINE_STORE_PIXEL_ROWS(float)
+PE_DEFINE_STORE_PIXEL_ROWS(double)
+#undef PE_DEFINE_STORE_PIXEL_ROWS
+
+template <typename T>
 void bias_grad(const Geometry& g, const T* dy, T* db, Order dy_order) {
   const int64_t P = g.out_pixels();
   if (dy_order == Order::ChannelsLast) {  // blocks of 16 channels: a cache line of each pixel

@@ -182,6 +182,14 @@ inline int64_t grain_for(double work_per_item) {
 void row_sums(const float* buf, int64_t ld, int64_t rows, int64_t len, float* out);
 void row_sums(const double* buf, int64_t ld, int64_t rows, int64_t len, double* out);
 
+// dst[q * dst_ld + c] = src[q * ld + c] (+ bias[c] when not null) for q < count, c < channels:
+// a GEMM's pixel rows into a channels-last image (the one addition the NCHW kernels' transpose
+// into NCHW makes: the same bits either way).
+void store_pixel_rows(const float* src, int64_t ld, int64_t count, int64_t channels,
+                      const float* bias, float* dst, int64_t dst_ld);
+void store_pixel_rows(const double* src, int64_t ld, int64_t count, int64_t channels,
+                      const double* bias, double* dst, int64_t dst_ld);
+
 // grad_bias from dY: per channel, each image's row_sums in image order (the same sums on any
 // thread count; a channels_last dY's are summed in the same order, bit for bit).
 template <typename T>

@@ -185,22 +185,6 @@ std::vector<T>& scratch() {
   return buf;
 }
 
-// dst[q * dst_ld + c] = src[q * ld + c] (+ bias[c]) for q < count, c < channels: pixel rows of a
-// GEMM's result into a channels-last image (the one addition the NCHW transpose makes: the same
-// bits).
-template <typename T>
-void store_pixel_rows(const T* src, int64_t ld, int64_t count, int64_t channels, const T* bias,
-                      T* dst, int64_t dst_ld) {
-  for (int64_t q = 0; q < count; ++q) {
-    const T* s = src + q * ld;
-    T* d = dst + q * dst_ld;
-    if (bias)
-      for (int64_t c = 0; c < channels; ++c) d[c] = s[c] + bias[c];
-    else
-      std::memcpy(d, s, static_cast<size_t>(channels) * sizeof(T));
-  }
-}
-
 // The shared body: y = conv(x, w) with w given as W^T per group (wt: groups x K rows of cout_g,
 // ldw apart: the GEMM's B rows, read in place), bias optional; x and y NCHW or channels-last.
 template <typename T>

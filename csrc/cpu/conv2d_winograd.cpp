@@ -251,21 +251,6 @@ PE_INLINE bool output_tiles_impl(const Problem& p, const T* m, int64_t xi_ld, in
   return !any;
 }
 
-// dst[q * c + co] = stage[q * ld + co] (+ bias[co]) for q < pixels, co < c: staged outputs into
-// a channels-last y (the one addition the NCHW transpose makes: the same bits).
-template <typename T>
-PE_INLINE void store_pixels_impl(const T* stage, int64_t ld, int64_t pixels, int64_t c,
-                                 const T* bias, T* dst) {
-  for (int64_t q = 0; q < pixels; ++q) {
-    const T* s = stage + q * ld;
-    T* d = dst + q * c;
-    if (bias)
-      for (int64_t co = 0; co < c; ++co) d[co] = s[co] + bias[co];
-    else
-      for (int64_t co = 0; co < c; ++co) d[co] = s[co];
-  }
-}
-
 // grad_weight is the forward's adjoint in g: dW = G^T [ sum_t (A dy_t A^T) .* (B^T d_t B) ] G,
 // dy_t a tile's 2x2 of dY and d_t its 4x4 input window (the forward's V): 16 GEMMs summing over
 // the tiles, then a 4x4 -> 3x3 transform per (co, ci).
@@ -367,10 +352,6 @@ PE_INLINE bool weight_grad_row_impl(int64_t in_c, const T* s, int64_t xi_ld, T* 
                   (const Problem& p, const T* m, int64_t xi_ld, int64_t out_ld, T* stage,      \
                    int64_t stage_ld),                                                          \
                   (p, m, xi_ld, out_ld, stage, stage_ld), output_tiles_impl<T>)                \
-  PE_ISA_FUNCTION(Family::Conv2d, void, store_pixels,                                          \
-                  (const T* stage, int64_t ld, int64_t pixels, int64_t c, const T* bias,       \
-                   T* dst),                                                                    \
-                  (stage, ld, pixels, c, bias, dst), store_pixels_impl<T>)                     \
   PE_ISA_FUNCTION(Family::Conv2d, void, weights_block,                                         \
                   (int64_t in_c, int64_t out_c, const T* wl, int64_t co0, int64_t nco, T* u),  \
                   (in_c, out_c, wl, co0, nco, u), weights_block_impl<T>)                       \
@@ -539,8 +520,8 @@ bool convolve(const Problem& p, const T* x, const T* u, const T* bias, T* y) {
         const int64_t oh0 = 2 * th0, oh1 = std::min(p.out_h, 2 * (th0 + run));
         const T* staged = stage.data() + 2 * r * p.out_w * out_ld;
         if (p.out_order == Order::ChannelsLast)
-          store_pixels(staged, out_ld, (oh1 - oh0) * p.out_w, p.out_c, bias,
-                       y + (n * out_plane + oh0 * p.out_w) * p.out_c);
+          store_pixel_rows(staged, out_ld, (oh1 - oh0) * p.out_w, p.out_c, bias,
+                           y + (n * out_plane + oh0 * p.out_w) * p.out_c, p.out_c);
         else
           transpose((oh1 - oh0) * p.out_w, p.out_c, staged, out_ld,
                     y + n * p.out_c * out_plane + oh0 * p.out_w, out_plane, bias);
