@@ -234,17 +234,21 @@ def op_cases(quick: bool) -> List[Case]:
         if label in AMP_CONV_CASES:
             cases.append(_op_case(label, batch, "forward+backward", build, amp=True))
 
-    # A network converted to channels_last (input and weight; torch computes in that layout, and
-    # pyengine's NCHW kernels copy in and out of it).
-    def channels_last_build(F, device):
-        cl = torch.channels_last
-        x = _rand(8, 64, 56, 56, device=device).to(memory_format=cl).requires_grad_()
-        w = _rand(64, 64, 3, 3, device=device).to(memory_format=cl).requires_grad_()
-        b = _rand(64, device=device, grad=True)
-        return (lambda: F.conv2d(x, w, b, 1, 1)), [x, w, b]
+    # A network converted to channels_last (input and weight; torch computes in that layout):
+    # a ResNet's 3x3, strided 3x3 and 1x1 layers, which pyengine's CPU kernels read and write in
+    # that layout (csrc/cpu/conv2d.cpp).
+    for label, cin, cout, k, stride in (("conv2d 64->64 3x3 @56 channels_last", 64, 64, 3, 1),
+                                        ("conv2d 64->128 3x3 stride 2 @56 channels_last", 64,
+                                         128, 3, 2),
+                                        ("conv2d 64->256 1x1 @56 channels_last", 64, 256, 1, 1)):
+        def channels_last_build(F, device, cin=cin, cout=cout, k=k, stride=stride):
+            cl = torch.channels_last
+            x = _rand(8, cin, 56, 56, device=device).to(memory_format=cl).requires_grad_()
+            w = _rand(cout, cin, k, k, device=device).to(memory_format=cl).requires_grad_()
+            b = _rand(cout, device=device, grad=True)
+            return (lambda: F.conv2d(x, w, b, stride, 1 if k == 3 else 0)), [x, w, b]
 
-    cases += [_op_case("conv2d 64->64 3x3 @56 channels_last", 8, p, channels_last_build)
-              for p in passes]
+        cases += [_op_case(label, 8, p, channels_last_build) for p in passes]
 
     def pool_build(F, device):
         x = _rand(64, 6, 28, 28, device=device, grad=True)
