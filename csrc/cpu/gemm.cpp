@@ -327,12 +327,13 @@ void fill_bias(const Problem<T>& p, int64_t i0, int64_t j0, int64_t mr, int64_t 
 // BLIS-style loops: jc (NC columns) -> pc (KC of k) -> ic (MC rows) -> panels -> tiles.
 // Both operands are copied into contiguous panels (A: MR rows interleaved per k; B: NR columns
 // per k, zero-padded), whatever their strides, except where a panel would be read only once:
-// A when there is a single column panel (N <= NR) and its rows are unit stride, B when there is a
-// single row tile (M <= MR) and its columns are unit stride. Reading in place with a large row
-// stride is what the copy avoids: kc rows of a panel 4 KB or more apart fall into the same few
-// L1 sets and TLB pages, so the panel is evicted while the tile still reuses it (a 4096-wide W
-// read in place ran at a quarter of the packed speed). The copy costs one pass over the operand
-// per (jc, ic) block and is amortised over the NR (A) or MC (B) multiply-adds of every element.
+// A when there is a single column panel (N <= NR), its rows are unit stride and it fits in L2
+// (reads_a_direct), B when there is a single row tile (M <= MR) and its columns are unit stride.
+// Reading in place with a large row stride is what the copy avoids: kc rows of a panel 4 KB or more
+// apart fall into the same few L1 sets and TLB pages, so the panel is evicted while the tile still
+// reuses it (a 4096-wide W read in place ran at a quarter of the packed speed). The copy costs one
+// pass over the operand per (jc, ic) block and is amortised over the NR (A) or MC (B) multiply-adds
+// of every element.
 template <class Isa, typename T>
 struct Kern;  // the ISA-compiled kernels, defined below
 
@@ -406,13 +407,24 @@ bool reads_a_rows(int mr4, int nv, int64_t rsa, int64_t csa, int64_t csc, int64_
          (row_bytes % 512 != 0 || row_bytes <= 1024);
 }
 
+// Whether op_driver reads A's panels where they are (a single column panel, N <= nr, reads each
+// element once; A's rows unit stride): only where A fits in L2. A larger A is read from memory,
+// a tile's MR elements per k (a part of a line, each k another line): the tile's broadcasts
+// waited on those lines among its FMAs, where packing reads them in a loop of its own. A
+// channels_last 64->256 1x1 conv2d's grad_weight (256 x 64, K = 25088 pixels; A = dY^T, 25.7
+// MB): 1.33-1.38x torch's time read in place, 1.08-1.10x packed (two threads, two runs each).
+bool reads_a_direct(int64_t M, int64_t N, int64_t K, int64_t rsa, int64_t nr,
+                    int64_t elem_bytes) {
+  return rsa == 1 && N <= nr && double(M) * double(K) * double(elem_bytes) <= double(l2_bytes());
+}
+
 template <class Isa, typename T, int NV>
 void op_driver(const Problem<T>& p) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   constexpr int NR = W * NV;
   constexpr int MR = mr_of<Isa>(NV);
   constexpr int64_t NC = kNC / NR * NR;
-  const bool a_direct = p.rsa == 1 && p.N <= NR;
+  const bool a_direct = reads_a_direct(p.M, p.N, p.K, p.rsa, NR, sizeof(T));
   // A row-major (y = x W^T's x, dX = dY W's dY): the 6-row tiles broadcast from its rows in
   // place (op_tile's kRowA), no packing: 256 x 784 -> 256 packed A's transposes cost as much as
   // a tenth of its multiply-adds.
@@ -834,7 +846,8 @@ double op_cost(const IsaInfo& isa, int w, int64_t M, int64_t N, int64_t K, bool 
   if (in_place) return cost + (tail % w ? 0.5 * double(K) * double(w) : 0.0);
   // The exemptions of op_driver: an operand read once is not copied.
   // (a_rows: op_driver reads A's rows in place, reads_a_rows.)
-  const bool a_copied = !a_rows && (pack_a || N > nr_max), b_copied = pack_b || M > mr_max;
+  const bool a_copied = !a_rows && (pack_a || !reads_a_direct(M, N, K, 1, nr_max, isa.bytes / w)),
+             b_copied = pack_b || M > mr_max;
   if (pack_a && !a_rows) cost += transpose * double(M) * double(K);
   if (a_copied) cost += 0.25 * double(M) * double(K) * n_blocks;
   if (pack_b) cost += transpose * double(K) * double(N);

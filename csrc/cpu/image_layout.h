@@ -1,7 +1,9 @@
 #pragma once
-// channels_last <-> NCHW copies of the CPU image kernels (conv2d, max_pool2d and their fusion),
-// which compute in contiguous NCHW: a channels_last input is copied into NCHW on the way in and
-// each result into channels_last on the way out (common/layout.h says when torch's would be).
+// channels_last <-> NCHW copies of the CPU image kernels that compute in contiguous NCHW only
+// (max_pool2d, the fused block, conv2d's im2col, direct and batch-innermost algorithms; its
+// Winograd, implicit-GEMM and pointwise kernels take channels_last as it is: cpu/conv2d.cpp): a
+// channels_last input is copied into NCHW on the way in and each result into channels_last on
+// the way out (common/layout.h says when torch's would be).
 // float32 images go through cpu/transpose.h's register transposes, (H*W) x C <-> C x (H*W) per
 // image, blocks of pixels spread over the threads; torch's copy_ between the two layouts ran at
 // a quarter of a plain copy's speed (8 x 64 x 56 x 56: 1.06-1.27 ms against 0.30), which made
