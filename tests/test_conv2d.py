@@ -342,6 +342,22 @@ def test_channels_last_as_contiguous(shape, layouts, dtype):
                                  atol=1e-5 * max(1.0, ref[i].abs().max().item()))
 
 
+@pytest.mark.parametrize("cin,cout,k", [(3, 0, 1), (0, 4, 1), (0, 40, 3), (40, 0, 3), (16, 0, 3)])
+def test_channels_last_without_channels(cin, cout, k):
+    """No input or no output channels in channels_last: the contiguous call's (empty or zero)
+    results, not a division by the channel count (a 1x1 layer's row blocks)."""
+    x = torch.randn(2, cin, 6, 6).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin, k, k).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(cout)
+    pad = k // 2
+    y = ours(x, w, b, padding=pad)
+    assert torch.equal(y, ours(x.contiguous(), w.contiguous(), b, padding=pad))
+    gy = torch.randn_like(y)
+    for got, want in zip(backward(gy, x, w, padding=pad),
+                         backward(gy.contiguous(), x.contiguous(), w.contiguous(), padding=pad)):
+        assert torch.equal(got, want)
+
+
 def test_channels_last_unbatched():
     """A (C, H, W) input with channels_last strides (1, W * C, C) on Winograd and the implicit
     GEMM's grad_weight: the batched call's results."""

@@ -295,9 +295,9 @@ Tensor conv2d_forward_channels_last(const conv2d::Geometry& g, const Tensor& inp
   const bool winograd = !by_pixel_rows && !use_batch_inner(g) && conv2d::winograd_fits(g);
   const bool implicit = !by_pixel_rows && !use_batch_inner(g) && !winograd &&
                         conv2d::implicit_fits(g);
-  if (g.batch == 0 || g.out_pixels() == 0 || input.scalar_type() != weight.scalar_type() ||
-      !(by_pixel_rows || winograd || implicit))
-    return Tensor();
+  if (g.batch == 0 || g.out_pixels() == 0 || g.in_channels == 0 || g.out_channels == 0 ||
+      input.scalar_type() != weight.scalar_type() || !(by_pixel_rows || winograd || implicit))
+    return Tensor();  // (empty sizes: the NCHW path's handling)
   const bool x_cl = dense_channels_last(input);
   const Tensor x = x_cl            ? input
                    : by_pixel_rows ? as_image_layout(input.contiguous(), true)
@@ -510,7 +510,9 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_channels_last(const conv2d::G
   std::array<bool, 3> rest = mask;
   const bool same_types = input.scalar_type() == weight.scalar_type() &&
                           grad_output.scalar_type() == weight.scalar_type();
-  if (g.batch > 0 && same_types && pointwise(g)) {
+  // (empty sizes: the NCHW path's handling)
+  const bool sized = g.batch > 0 && g.in_channels > 0 && g.out_channels > 0;
+  if (sized && same_types && pointwise(g)) {
     const auto pixel_rows = [](const Tensor& t) {
       return dense_channels_last(t) ? t : as_image_layout(t.contiguous(), true);
     };
@@ -532,7 +534,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_channels_last(const conv2d::G
     if (mask[1]) grad_weight = as_image_layout(dw, true);
     return {grad_input, grad_weight, grad_bias};
   }
-  const bool native = g.batch > 0 && !use_batch_inner(g) && !pointwise(g) && same_types;
+  const bool native = sized && !use_batch_inner(g) && !pointwise(g) && same_types;
   const auto finite_weight = [](const Tensor& weight) {
     const Tensor w = weight.contiguous();
     bool finite = true;
