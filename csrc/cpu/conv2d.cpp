@@ -31,11 +31,11 @@
 //
 // Layout: the kernels compute in contiguous NCHW. When torch would compute in channels_last
 // (input or weight channels_last: common/layout.h), the results are channels_last as torch's
-// are. Winograd's forward and grad_input and the implicit GEMM's grad_weight read and write
-// channels_last images as they are (conv2d::Order; forward_channels_last and
-// backward_channels_last below); the other algorithms take the input as one copy into NCHW and
-// give each result as one copy into channels_last (float32: register transposes,
-// cpu/image_layout.h).
+// are. Winograd (forward, grad_input), the implicit GEMM (forward, grad_input, grad_weight) and
+// pointwise layers' GEMMs read and write channels_last images as they are (conv2d::Order;
+// conv2d_forward_channels_last and conv2d_backward_channels_last below); the other algorithms
+// take the input as one copy into NCHW and give each result as one copy into channels_last
+// (float32: register transposes, cpu/image_layout.h).
 //
 // Napkin math, LeNet at batch 64, fp32, per pass (forward, grad_input, grad_weight), on the
 // reference machine (csrc/cpu/README.md: ~240 GFLOP/s fp32 per core, 2 cores):

@@ -68,9 +68,8 @@ template <typename T>
 void backward_weight_pointwise(const Geometry& g, const T* dy, const T* x, T* dw);
 
 // The same layers with x and y (dx and dy) channels_last (conv2d::Order): the batch's pixels are
-// then one (pixels x channels) matrix, and each pass one GEMM over it (conv2d_im2col.cpp): the
-// forward in blocks of pixels (bias first, as above), grad_input likewise, grad_weight (dx or dw
-// may be null) one product over every pixel.
+// then one (pixels x channels) matrix, and each pass one GEMM over it per group
+// (conv2d_im2col.cpp; dx or dw may be null).
 template <typename T>
 void forward_pointwise_channels_last(const Geometry& g, const T* x, const T* w, const T* bias,
                                      T* y);

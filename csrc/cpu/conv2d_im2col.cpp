@@ -625,39 +625,18 @@ void backward_weight_pointwise(const Geometry& g, const T* dy, const T* x, T* dw
   });
 }
 
-namespace {
-// Blocks of pixel rows of the channels_last forward and grad_input: outputs of ~512 KB at most,
-// as many as a multiple of the thread count so that the threads share them evenly (13 blocks of
-// 2048 rows on 2 threads left one idle a seventh of the time). Each row's arithmetic is gemm's
-// whatever its block: the same bits on any thread count.
-struct RowBlocks {
-  int64_t count, rows;
-};
-RowBlocks pointwise_blocks(int64_t rows, int64_t channels, int64_t elem_bytes) {
-  const int64_t most = std::max<int64_t>(64, (int64_t(512) << 10) / (channels * elem_bytes));
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t count = round_up(ceil_div(rows, most), threads);
-  const int64_t per = round_up(ceil_div(rows, count), 24);  // whole tiles of 6, 12 or 24 rows
-  return {ceil_div(rows, per), per};
-}
-}  // namespace
-
 template <typename T>
 void forward_pointwise_channels_last(const Geometry& g, const T* x, const T* w, const T* bias,
                                      T* y) {
-  // y[p, co] = bias[co] + sum_ci x[p, ci] W[co, ci] for the batch's pixels p, per group.
+  // y[p, co] = bias[co] + sum_ci x[p, ci] W[co, ci] for the batch's pixels p, per group: one
+  // product over all of them (gemm_parallel splits it evenly over the threads and sets the bias
+  // per tile; each row's arithmetic does not depend on the split).
   const int64_t rows = g.batch * g.out_pixels(), cin = g.in_channels, cout = g.out_channels;
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
-  const RowBlocks blocks = pointwise_blocks(rows, cout, sizeof(T));
-  at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * blocks.rows, len = std::min(blocks.rows, rows - r0);
-      for (int64_t grp = 0; grp < g.groups; ++grp)
-        cpu::gemm<T>(len, cout_g, cin_g, x + r0 * cin + grp * cin_g, cin, 1,
-                     w + grp * cout_g * cin_g, 1, cin_g, y + r0 * cout + grp * cout_g, cout, 1,
-                     false, bias ? bias + grp * cout_g : nullptr);
-    }
-  });
+  for (int64_t grp = 0; grp < g.groups; ++grp)
+    cpu::gemm_parallel<T>(rows, cout_g, cin_g, x + grp * cin_g, cin, 1, w + grp * cout_g * cin_g,
+                          1, cin_g, y + grp * cout_g, cout, 1, false,
+                          bias ? bias + grp * cout_g : nullptr);
 }
 
 template <typename T>
@@ -665,22 +644,14 @@ void backward_pointwise_channels_last(const Geometry& g, const T* dy, const T* x
                                       T* dx, T* dw) {
   const int64_t rows = g.batch * g.out_pixels(), cin = g.in_channels, cout = g.out_channels;
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
-  if (dx) {  // dX[p, ci] = sum_co dY[p, co] W[co, ci], per group
-    const RowBlocks blocks = pointwise_blocks(rows, cin, sizeof(T));
-    at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r0 = b * blocks.rows, len = std::min(blocks.rows, rows - r0);
-        for (int64_t grp = 0; grp < g.groups; ++grp)
-          cpu::gemm<T>(len, cin_g, cout_g, dy + r0 * cout + grp * cout_g, cout, 1,
-                       w + grp * cout_g * cin_g, cin_g, 1, dx + r0 * cin + grp * cin_g, cin, 1,
-                       false);
-      }
-    });
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    if (dx)  // dX[p, ci] = sum_co dY[p, co] W[co, ci]
+      cpu::gemm_parallel<T>(rows, cin_g, cout_g, dy + grp * cout_g, cout, 1,
+                            w + grp * cout_g * cin_g, cin_g, 1, dx + grp * cin_g, cin, 1, false);
+    if (dw)  // dW[co, ci] = sum_p dY[p, co] x[p, ci]: dY^T x over every pixel
+      cpu::gemm_parallel<T>(cout_g, cin_g, rows, dy + grp * cout_g, 1, cout, x + grp * cin_g,
+                            cin, 1, dw + grp * cout_g * cin_g, cin_g, 1, false);
   }
-  if (dw)  // dW[co, ci] = sum_p dY[p, co] x[p, ci]: dY^T x over every pixel, per group
-    for (int64_t grp = 0; grp < g.groups; ++grp)
-      cpu::gemm_parallel<T>(cout_g, cin_g, rows, dy + grp * cout_g, 1, cout,
-                            x + grp * cin_g, cin, 1, dw + grp * cout_g * cin_g, cin_g, 1, false);
 }
 
 template void forward_pointwise_channels_last<float>(const Geometry&, const float*, const float*,
