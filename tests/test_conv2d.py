@@ -138,6 +138,39 @@ def test_nonfinite_values_reach_what_torch_reaches(shape, channels_last):
         helpers.assert_close(got, want, torch.float64)
 
 
+@pytest.mark.parametrize("pass_,dtype,channels", [
+    ("forward", torch.float32, 40), ("forward", torch.float64, 36),
+    ("grad_input", torch.float32, 40), ("grad_input", torch.float64, 36),
+    ("grad_weight", torch.float32, 136), ("grad_weight", torch.float64, 132)])
+def test_winograd_nonfinite_in_a_part_vector_of_channels(pass_, dtype, channels):
+    """One Inf that reaches only the last channel of the result (the forward's output channels,
+    grad_input's or grad_weight's input channels), past its last whole vector of channels, which
+    the Winograd transforms check lane by lane: the non-finite entries are exactly torch's."""
+    torch.manual_seed(0)
+    if pass_ == "forward":
+        x = torch.randn(2, 32, 9, 11, dtype=dtype)
+        w = torch.randn(channels, 32, 3, 3, dtype=dtype)
+        w[channels - 1, 5, 1, 1] = float("inf")
+        got, want = ours(x, w, padding=1), theirs(x, w, padding=1)
+    elif pass_ == "grad_input":
+        dy = torch.randn(2, 32, 9, 11, dtype=dtype)
+        w = torch.randn(32, channels, 3, 3, dtype=dtype)
+        w[5, channels - 1, 1, 1] = float("inf")
+        x = torch.zeros(2, channels, 9, 11, dtype=dtype)
+        got = backward(dy, x, w, padding=1, mask=(True, False, False))[0]
+        want = torch.nn.grad.conv2d_input(x.shape, w, dy, padding=1)
+    else:  # grad_weight's Winograd path needs 128+ channels on both sides
+        x = torch.randn(2, channels, 9, 11, dtype=dtype)
+        x[1, channels - 1, 4, 5] = float("inf")
+        w = torch.randn(128, channels, 3, 3, dtype=dtype)
+        dy = torch.randn(2, 128, 9, 11, dtype=dtype)
+        got = backward(dy, x, w, padding=1, mask=(False, True, False))[1]
+        want = torch.nn.grad.conv2d_weight(x, w.shape, dy, padding=1)
+    assert not torch.isfinite(want[:, -1]).all() and torch.isfinite(want[:, :-1]).all()
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    helpers.assert_close(got, want, dtype)
+
+
 def test_winograd_overflow_is_computed_again():
     """Values near float32's largest: the Winograd transforms' sums (x0 - x2 of a window)
     overflow where every product of the direct sum is finite. The result is torch's, finite
