@@ -495,6 +495,18 @@ def count_work(case: Case, device: str, log=print) -> Optional[work.Work]:
 # slower machines keep their full rounds and only a pathological contender is cut short.
 ROUND_BUDGET_S = 60.0
 
+# Rounds per case: the contenders take turns, a few calls each, so that the machine's slow
+# phases hit all of them alike. Three rounds of runs / 3 calls were too coarse on a shared
+# 2-core VM whose speed drifted 30-50% over seconds: one contender's round fell in a slow phase
+# and its median with it (a backward slower than the same op's forward+backward in one run).
+# The first round warms up with 5 calls, the others with 2 (the caches the other contenders
+# evicted, the thread pool's wake-up).
+ROUNDS = 5
+
+
+def runs_per_round(runs: int) -> int:
+    return max(3, runs // ROUNDS)
+
 
 def run_cases(cases: List[Case], names: List[str], device: str, runs: int, peaks: peak.Peaks,
               log=print, time_limit_s: Optional[float] = None) -> List[dict]:
@@ -528,14 +540,15 @@ def run_cases(cases: List[Case], names: List[str], device: str, runs: int, peaks
             except Exception as exc:  # e.g. a graph capture torch refuses: reported, not hidden
                 log(f"  {case.name} {case.pass_} batch {case.batch}: {contender} skipped "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
-        # Interleave the contenders in three rounds; keep each contender's middle round median.
+        # Interleave the contenders in ROUNDS rounds; keep each contender's middle round median.
         per_round: Dict[str, List[Timing]] = {c: [] for c in fns}
-        for _ in range(3):
+        for r in range(ROUNDS):
             for contender, fn in list(fns.items()):
                 sync()
                 try:
-                    per_round[contender].append(time_fn(fn, device, warmup=5,
-                                                        runs=max(5, runs // 3),
+                    per_round[contender].append(time_fn(fn, device,
+                                                        warmup=5 if r == 0 else 2,
+                                                        runs=runs_per_round(runs),
                                                         budget_s=ROUND_BUDGET_S))
                 except Exception as exc:  # reported and dropped, never silently
                     log(f"  {case.name} {case.pass_} batch {case.batch}: {contender} failed "
@@ -545,11 +558,12 @@ def run_cases(cases: List[Case], names: List[str], device: str, runs: int, peaks
         case_rows = {}
         for contender, timings in per_round.items():
             timed = sum(t.runs for t in timings)
-            if timed < 3 * max(5, runs // 3):
+            if timed < ROUNDS * runs_per_round(runs):
                 log(f"  {case.name} {case.pass_} batch {case.batch}: {contender} took "
                     f"{timings[-1].median_ms / 1e3:.3g} s a call: {timed} timed runs, not "
-                    f"{3 * max(5, runs // 3)} (a round's time budget is {ROUND_BUDGET_S:g} s)")
-            t = sorted(timings, key=lambda t: t.median_ms)[1]
+                    f"{ROUNDS * runs_per_round(runs)} (a round's time budget is "
+                    f"{ROUND_BUDGET_S:g} s)")
+            t = sorted(timings, key=lambda t: t.median_ms)[len(timings) // 2]
             case_rows[contender] = dict(
                 meta, kind=case.kind, case=case.name, batch=case.batch, **{"pass": case.pass_},
                 contender=contender, median_ms=round(t.median_ms, 5), p10_ms=round(t.p10_ms, 5),
