@@ -35,12 +35,13 @@
 // grad_weight (backward_weight_implicit) is a GEMM per kernel position over channels-last copies
 // of the input and dY, summed over the real output pixels only.
 //
-// channels_last images (Order, cpu/conv2d.h): the forward's and grad_input's planes are filled
-// from a channels-last input (or dY) through one transpose per row, in cache, and their GEMMs'
-// rows, which are pixels, are stored into a channels-last output as they are; grad_weight copies
-// a channels-last x without a transpose and reads dY in place. Before, conv2d.cpp copied every
-// image into NCHW and back (a stride-2 3x3 64->128 @56, batch 8: 1.4x torch's channels_last
-// forward). The GEMMs are the same: the NCHW call's bits.
+// channels_last images (Order, cpu/conv2d.h): a channels-last input (or dY) is read from a
+// zero-padded channels-last copy of its rows where the GEMM's rows are gathered (64+ output
+// channels; run()), else its planes are filled through one transpose per row and column phase,
+// in cache; the GEMMs' rows, which are pixels, are stored into a channels-last output as they
+// are; grad_weight copies a channels-last x without a transpose and reads dY in place. Before,
+// conv2d.cpp copied every image into NCHW and back (a stride-2 3x3 64->128 @56, batch 8: 1.4x
+// torch's channels_last forward). The GEMMs are the same: the NCHW call's bits.
 //
 // Deterministic: each output element is summed over its taps in a fixed order (gemm_indirect's
 // k blocks in order) that depends on the shapes only, not on how the work is split.

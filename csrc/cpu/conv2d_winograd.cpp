@@ -20,7 +20,7 @@
 // an even / odd split per window column); M[xi][t][co] has the output channels contiguous, so
 // each GEMM is tiles x output channels on gemm_indirect's widest tiles (6 x 64), reading V and
 // U in place; the output transform writes the block's outputs channels-last and one transpose
-// per image puts them in NCHW. U is transformed once per call.
+// per image puts them in NCHW. U is transformed once per call, into column panels (u_panel).
 // channels_last images (Order, cpu/conv2d.h) stay so: a channels_last output takes the staged
 // rows as they are (plus the bias), and the rows of a channels_last input that a block reads are
 // transposed into per-channel rows in the block's scratch (ChannelsLastRows), in cache. Before,
