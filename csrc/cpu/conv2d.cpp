@@ -535,8 +535,9 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_channels_last(const conv2d::G
     return {grad_input, grad_weight, grad_bias};
   }
   const bool native = sized && !use_batch_inner(g) && !pointwise(g) && same_types;
-  const auto finite_weight = [](const Tensor& weight) {
-    const Tensor w = weight.contiguous();
+  // The kernels' weight (OIHW), made contiguous once for the finiteness check and the kernels.
+  const Tensor w = native ? weight.contiguous() : weight;
+  const auto finite_weight = [&w] {
     bool finite = true;
     dispatch_floating(w.scalar_type(), "conv2d_backward", [&](auto tag) {
       using T = decltype(tag);
@@ -547,14 +548,13 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_channels_last(const conv2d::G
   const bool dx_winograd = native && mask[0] && conv2d::winograd_fits(g);
   // (conv2d_backward_contiguous's next choice; a non-finite weight goes to im2col: see there)
   const bool dx_implicit = native && mask[0] && !dx_winograd &&
-                           conv2d::implicit_fits_backward_input(g) && finite_weight(weight);
+                           conv2d::implicit_fits_backward_input(g) && finite_weight();
   const bool dx_native = dx_winograd || dx_implicit;
   const bool dw_native = native && mask[1] && !conv2d::winograd_fits_backward_weight(g) &&
                          conv2d::implicit_fits_backward_weight(g);
   if (dx_native || dw_native) {
     const bool dy_cl = dense_channels_last(grad_output), x_cl = dense_channels_last(input);
     const Tensor dy = dy_cl ? grad_output : grad_output.contiguous();
-    const Tensor w = weight.contiguous();
     const Order dy_order = dy_cl ? Order::ChannelsLast : Order::Nchw;
     dispatch_floating(w.scalar_type(), "conv2d_backward", [&](auto tag) {
       using T = decltype(tag);

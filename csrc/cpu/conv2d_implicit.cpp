@@ -94,6 +94,17 @@ int64_t tap_offset(const Geometry& g, const Planes& p, int64_t ci, int64_t ki, i
   return ci * p.channel + phase * p.plane + (rh / g.stride_h) * p.pw + rw / g.stride_w;
 }
 
+// Column phase q of a padded row holds padded columns j * sw + q, i.e. input columns
+// j * sw + off (off = q - padding_w), for the real ones j0 <= j < j1.
+struct PhaseColumns {
+  int64_t off, j0, j1;
+};
+PhaseColumns phase_columns(const Geometry& g, int64_t q) {
+  const int64_t sw = g.stride_w, off = q - g.padding_w;
+  return {off, off >= 0 ? 0 : ceil_div(-off, sw),
+          g.in_w - 1 - off < 0 ? 0 : (g.in_w - 1 - off) / sw + 1};
+}
+
 // Row ih of channel c of the input (srow: in_w elements) into its planes.
 template <typename T>
 void place_row(const Geometry& g, const Planes& p, int64_t c, int64_t ih, const T* srow,
@@ -115,12 +126,9 @@ void place_row(const Geometry& g, const Planes& p, int64_t c, int64_t ih, const 
       deinterleave(from, g.in_w, even, odd);
     return;
   }
-  // Phase q holds padded columns j * sw + q, i.e. input columns j * sw + q - padding_w.
   for (int64_t q = 0; q < sw; ++q) {
     T* drow = drows + q * p.plane;
-    const int64_t off = q - g.padding_w;  // input column of j = 0
-    const int64_t j0 = off >= 0 ? 0 : ceil_div(-off, sw);
-    const int64_t j1 = g.in_w - 1 - off < 0 ? 0 : (g.in_w - 1 - off) / sw + 1;
+    const auto [off, j0, j1] = phase_columns(g, q);
     if (sw == 1) {
       if (j1 > j0) std::memcpy(drow + j0, srow + j0 + off, (j1 - j0) * sizeof(T));
     } else {
@@ -152,11 +160,8 @@ void fill_planes(const Geometry& g, const Planes& p, const T* x, Order order, T*
         for (int64_t byte = 0; byte < g.in_w * C * int64_t(sizeof(T)); byte += 64)
           __builtin_prefetch(next + byte, /*rw=*/0, /*locality=*/2);
       }
-      // Phase q holds padded columns j * sw + q, i.e. input columns j * sw + q - padding_w.
       for (int64_t q = 0; q < sw; ++q) {
-        const int64_t off = q - g.padding_w;  // input column of j = 0
-        const int64_t j0 = off >= 0 ? 0 : ceil_div(-off, sw);
-        const int64_t j1 = g.in_w - 1 - off < 0 ? 0 : (g.in_w - 1 - off) / sw + 1;
+        const auto [off, j0, j1] = phase_columns(g, q);
         if (j1 > j0)
           transpose(j1 - j0, C, srow + (j0 * sw + off) * C, sw * C, drows + q * p.plane + j0,
                     p.channel, static_cast<const T*>(nullptr));
