@@ -275,12 +275,23 @@ void run(const Geometry& g, const T* x, const T* wt, int64_t ldw, const T* bias,
                           ? planes.data() + oh0 * g.stride_h * wp * C + grp * cin_g
                           : planes.data() + grp * cin_g * p.channel + oh0 * p.pw;
       for (int64_t k = 0; k < K; ++k) a_rows[k] = base + tap[k];
+      const T* bg = bias ? bias + grp * cout_g : nullptr;
+      const int64_t* rows = gather ? gathered.data() : nullptr;
+      if (y_order == Order::ChannelsLast && pitch == g.out_w) {
+        // Y^T's rows are the block's output pixels, consecutive in a channels-last y: the GEMM
+        // stores them there, the bias added as it stores its last k block (the bits of adding it
+        // after). Through a scratch Y^T and a copy (store_pixel_rows) the stride-2 3x3 64->128
+        // channels_last forward took 1.05-1.07x the time (without bias, in-process, 1-2 threads).
+        gemm_indirect<T>(m, cout_g, K, a_rows.data(), b_rows.data() + grp * K,
+                         y + n * g.out_image() + oh0 * g.out_w * g.out_channels + grp * cout_g,
+                         g.out_channels, 1, /*accumulate=*/false, rows, bg);
+        continue;
+      }
       std::vector<T>& yt = scratch<T>();
       if (yt.size() < static_cast<size_t>(m * cout_g)) yt.resize(static_cast<size_t>(m * cout_g));
       gemm_indirect<T>(m, cout_g, K, a_rows.data(), b_rows.data() + grp * K, yt.data(), cout_g, 1,
-                       /*accumulate=*/false, gather ? gathered.data() : nullptr);
-      const T* bg = bias ? bias + grp * cout_g : nullptr;
-      if (y_order == Order::ChannelsLast) {  // Y^T's rows are y's pixels, as they are
+                       /*accumulate=*/false, rows);
+      if (y_order == Order::ChannelsLast) {  // Y^T's rows (pitch apart) are y's pixels
         T* yn = y + n * g.out_image() + grp * cout_g;
         for (int64_t oh = oh0; oh < oh1; ++oh)
           store_pixel_rows(yt.data() + (oh - oh0) * pitch * cout_g, cout_g, g.out_w, cout_g, bg,

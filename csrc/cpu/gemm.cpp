@@ -119,11 +119,12 @@ constexpr int64_t kKCIndirectBytes = 16384;  // ind_driver's k block: see there
 // (MC x KC) is repacked once per B block, so a wide NC keeps that to one or two passes.
 constexpr int64_t kNC = 4096;
 
-// C tile (+)= acc: full vectors when C rows are contiguous and the tile is whole, else through a
-// stack tile (partial panels, transposed C).
+// C tile (+)= acc, then + bias[j] where bias is not null: full vectors when C rows are contiguous
+// and the tile is whole, else through a stack tile (partial panels, transposed C).
 template <class Isa, typename T, int MR, int NV>
 PE_INLINE void store_tile(typename Vec<T, Isa::kBytes / sizeof(T)>::type (&acc)[MR][NV], T* c,
-                          int64_t rsc, int64_t csc, int64_t nr, bool accum) {
+                          int64_t rsc, int64_t csc, int64_t nr, bool accum,
+                          const T* bias = nullptr) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   constexpr int NR = W * NV;
   using vec = typename Vec<T, W>::type;
@@ -135,6 +136,7 @@ PE_INLINE void store_tile(typename Vec<T, Isa::kBytes / sizeof(T)>::type (&acc)[
         T* p = c + i * rsc + v * W;
         vec r = acc[i][v];
         if (accum) r = loadu<T, W>(p) + r;
+        if (bias) r = r + loadu<T, W>(bias + v * W);
         storeu<T, W>(p, r);
       }
   } else {
@@ -146,7 +148,8 @@ PE_INLINE void store_tile(typename Vec<T, Isa::kBytes / sizeof(T)>::type (&acc)[
     for (int i = 0; i < MR; ++i)
       for (int64_t j = 0; j < nr; ++j) {
         T* p = c + i * rsc + j * csc;
-        *p = accum ? *p + tile[i][j] : tile[i][j];
+        const T r = accum ? *p + tile[i][j] : tile[i][j];
+        *p = bias ? r + bias[j] : r;
       }
   }
 }
@@ -201,7 +204,7 @@ template <class Isa, typename T, int MR, int NV, bool kGather>
 PE_INLINE void op_tile_ind(int64_t kc, const T* const* __restrict a, int64_t ai,
                            const int64_t* __restrict rows, const T* const* __restrict b,
                            int64_t bj, T* __restrict c, int64_t rsc, int64_t csc, int64_t nr,
-                           bool accum) {
+                           bool accum, const T* bias) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   using vec = typename Vec<T, W>::type;
   vec acc[MR][NV];
@@ -236,7 +239,7 @@ PE_INLINE void op_tile_ind(int64_t kc, const T* const* __restrict a, int64_t ai,
       for (int v = 0; v < NV; ++v) acc[i][v] += ai_k * bv[v];
     }
   }
-  store_tile<Isa, T, MR, NV>(acc, c, rsc, csc, nr, accum);
+  store_tile<Isa, T, MR, NV>(acc, c, rsc, csc, nr, accum, bias);
 }
 
 // Row-count ladder: a tile of mr rows runs as a few kernels of ladder sizes (greedy, largest
@@ -264,10 +267,10 @@ PE_INLINE void op_rows(int mr, int64_t kc, const T* a, int64_t lda, const T* b, 
 template <class Isa, typename T, int NV, bool kGather, int R>
 PE_INLINE void op_rows_ind(int mr, int64_t kc, const T* const* a, int64_t ai,
                            const int64_t* rows, const T* const* b, int64_t bj, T* c, int64_t rsc,
-                           int64_t csc, int64_t nr, bool accum) {
+                           int64_t csc, int64_t nr, bool accum, const T* bias) {
   if constexpr (R >= 1) {
     if (mr >= R) {
-      op_tile_ind<Isa, T, R, NV, kGather>(kc, a, ai, rows, b, bj, c, rsc, csc, nr, accum);
+      op_tile_ind<Isa, T, R, NV, kGather>(kc, a, ai, rows, b, bj, c, rsc, csc, nr, accum, bias);
       ai += R;
       if constexpr (kGather) rows += R;
       c += R * rsc;
@@ -275,7 +278,7 @@ PE_INLINE void op_rows_ind(int mr, int64_t kc, const T* const* a, int64_t ai,
     }
     if (mr > 0)
       op_rows_ind<Isa, T, NV, kGather, next_ladder(R)>(mr, kc, a, ai, rows, b, bj, c, rsc, csc,
-                                                       nr, accum);
+                                                       nr, accum, bias);
   }
 }
 
@@ -718,7 +721,8 @@ constexpr int64_t indirect_kc() {
 // a zero-padded copy. rows: gemm_indirect's a_rows (null: adjacent rows).
 template <class Isa, typename T, int NV>
 void ind_driver(int64_t M, int64_t N, int64_t K, const T* const* a, const int64_t* rows,
-                const T* const* b, T* C, int64_t rsc, int64_t csc, bool accumulate) {
+                const T* const* b, T* C, int64_t rsc, int64_t csc, bool accumulate,
+                const T* bias) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   constexpr int MR = mr_of<Isa>(NV);
   thread_local std::vector<T> tail;
@@ -727,6 +731,7 @@ void ind_driver(int64_t M, int64_t N, int64_t K, const T* const* a, const int64_
   for (int64_t pc = 0; pc < K; pc += KCI) {
     const int64_t kc = std::min(KCI, K - pc);
     const bool accum = accumulate || pc > 0;
+    const bool last = pc + kc == K;
     for (int64_t j = 0; j < N;) {
       const int64_t rem = N - j;
       const int nv = rem >= NV * W ? NV : rem >= 2 * W && NV >= 2 ? 2 : rem >= W ? 1 : 0;
@@ -743,6 +748,7 @@ void ind_driver(int64_t M, int64_t N, int64_t K, const T* const* a, const int64_
         bj = 0;
         nr = rem;
       }
+      const T* bb = bias && last ? bias + j : nullptr;
       for (int64_t i0 = 0; i0 < M; i0 += MR) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, M - i0));
         T* cp = C + i0 * rsc + j * csc;
@@ -750,20 +756,23 @@ void ind_driver(int64_t M, int64_t N, int64_t K, const T* const* a, const int64_
         if (rows) {
           const int64_t* r = rows + i0;
           if (nv == 4)
-            Kern<Isa, T>::template ind<4, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, nr, accum);
+            Kern<Isa, T>::template ind<4, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, nr, accum,
+                                                bb);
           else if (nv == 2)
-            Kern<Isa, T>::template ind<2, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, nr, accum);
+            Kern<Isa, T>::template ind<2, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, nr, accum,
+                                                bb);
           else
-            Kern<Isa, T>::template ind<1, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, nr, accum);
+            Kern<Isa, T>::template ind<1, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, nr, accum,
+                                                bb);
         } else if (nv == 4) {
           Kern<Isa, T>::template ind<4, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, nr,
-                                               accum);
+                                               accum, bb);
         } else if (nv == 2) {
           Kern<Isa, T>::template ind<2, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, nr,
-                                               accum);
+                                               accum, bb);
         } else {
           Kern<Isa, T>::template ind<1, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, nr,
-                                               accum);
+                                               accum, bb);
         }
       }
       j += nv == 0 ? rem : nr;
@@ -980,9 +989,9 @@ void run_plan(const Problem<T>& p, Plan plan) {
                                                      int64_t ai, const int64_t* rows,         \
                                                      const T* const* b, int64_t bj, T* c,     \
                                                      int64_t rsc, int64_t csc, int64_t nr,    \
-                                                     bool accum) {                            \
+                                                     bool accum, const T* bias) {             \
       op_rows_ind<ISA, T, NV, G, mr_of<ISA>(NV)>(mr, kc, a, ai, rows, b, bj, c, rsc, csc, nr, \
-                                                 accum);                                      \
+                                                 accum, bias);                                \
     }                                                                                         \
     TARGET __attribute__((noinline)) static void dotseg(int ra, int rb, int64_t nseg,         \
                                                         int64_t len, const T* a, int64_t rsa, \
@@ -1187,12 +1196,16 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
 
 template <typename T>
 void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* const* b, T* C,
-                   int64_t rsc, int64_t csc, bool accumulate, const int64_t* a_rows) {
+                   int64_t rsc, int64_t csc, bool accumulate, const int64_t* a_rows,
+                   const T* bias) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = 0; j < N; ++j) C[i * rsc + j * csc] = T(0);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        T& c = C[i * rsc + j * csc];
+        const T sum = accumulate ? c : T(0);
+        c = bias ? sum + bias[j] : sum;
+      }
     return;
   }
   // Tile width from the cost model (no packing here), from the shapes only. Gathered rows keep
@@ -1225,11 +1238,11 @@ void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* 
   with_isa([&](auto tag) {
     using Isa = decltype(tag);
     if (nv == 4)
-      ind_driver<Isa, T, 4>(M, N, K, a, a_rows, b, C, rsc, csc, accumulate);
+      ind_driver<Isa, T, 4>(M, N, K, a, a_rows, b, C, rsc, csc, accumulate, bias);
     else if (nv == 2)
-      ind_driver<Isa, T, 2>(M, N, K, a, a_rows, b, C, rsc, csc, accumulate);
+      ind_driver<Isa, T, 2>(M, N, K, a, a_rows, b, C, rsc, csc, accumulate, bias);
     else
-      ind_driver<Isa, T, 1>(M, N, K, a, a_rows, b, C, rsc, csc, accumulate);
+      ind_driver<Isa, T, 1>(M, N, K, a, a_rows, b, C, rsc, csc, accumulate, bias);
   });
 }
 
@@ -1262,7 +1275,7 @@ int64_t simd_width() {
                                  const T*, int64_t, int64_t, T*, int64_t, int64_t, bool,      \
                                  const T*, bool);                                             \
   template void gemm_indirect<T>(int64_t, int64_t, int64_t, const T* const*, const T* const*,  \
-                                 T*, int64_t, int64_t, bool, const int64_t*);                \
+                                 T*, int64_t, int64_t, bool, const int64_t*, const T*);      \
   template void gemm_dot_segments<T>(int64_t, int64_t, int64_t, int64_t, const T*, int64_t,     \
                                      int64_t, const T* const*, T*, int64_t, int64_t, bool);   \
   template int64_t simd_width<T>();
