@@ -303,6 +303,9 @@ CHANNELS_LAST_SHAPES = [
     (1, 16, 32, 5, 37, 3, 2, 1, 1, 1),      # ... odd width and padding, a tail of columns
     (2, 32, 12, 11, 10, 3, 3, 2, 1, 2),     # ... stride 3, grouped
     (1, 16, 8, 12, 9, 3, 2, 4, 1, 1),       # ... padding wider than the kernel
+    (2, 64, 64, 9, 10, 3, 2, 1, 1, 1),      # ... 64 channels: pixel rows of x and dY, the GEMMs
+    (1, 72, 72, 11, 9, 3, 2, 1, 1, 1),      #     store into y and dX (+ a tail of 8 channels)
+    (2, 128, 128, 7, 9, 3, 2, 2, 1, 2),     #     ... grouped
     (2, 32, 32, 8, 8, 3, 1, 1, 1, 2),       # grouped: the implicit GEMM, forward and grad_input
     (2, 16, 24, 9, 30, 3, 1, 0, 1, 1),      # implicit, flattened rows (narrow output channels)
     (20, 4, 6, 9, 7, 3, 1, 1, 1, 1),        # batch-innermost (copies)

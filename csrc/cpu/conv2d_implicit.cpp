@@ -367,6 +367,14 @@ void backward_input_phases(const Geometry& g, const T* dy, const T* w, T* dx, Or
       phases.push_back(std::move(f));
     }
   const int64_t plane = ph * pw, image = plane * g.out_channels;
+  // A channels-last dY goes into a zero-padded channels-last copy of its rows ("pixel rows", as
+  // run()'s input) instead of the planes: element (co, row, column) of the planes is element
+  // (row * pw + column) * out_channels + co of the copy, so the tables describe it with the same
+  // k order (the NCHW call's bits), and the fill is a copy per row instead of a transpose.
+  // Gathered 4-vector tiles only (as run()).
+  const bool pixel_rows = dy_order == Order::ChannelsLast && cin_g >= 4 * simd_width<T>();
+  const int64_t elem = pixel_rows ? g.out_channels : 1;  // a plane element's stride
+  const int64_t chan = pixel_rows ? 1 : plane;             // a channel's
   // A phase with no taps leaves its dX pixels zero: zero dX first where one exists.
   for (const Phase& f : phases)
     if (f.ki.empty()) {
@@ -409,7 +417,7 @@ void backward_input_phases(const Geometry& g, const T* dy, const T* w, T* dx, Or
     CachedBuffer<T> planes(static_cast<size_t>(image));
     int64_t filled = -1;
     std::vector<const T*> a_rows, b_rows;
-    std::vector<int64_t> gathered;
+    std::vector<int64_t> gathered, scattered, tap_back;
     std::vector<T> c, ct;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / (g.groups * per_group), grp = (t / per_group) % g.groups;
@@ -419,7 +427,12 @@ void backward_input_phases(const Geometry& g, const T* dy, const T* w, T* dx, Or
       const Phase& f = phases[fi];
       if (n != filled) {  // dY of image n into the planes' interior; the borders stay zero
         const T* src = dy + n * g.out_image();
-        if (dy_order == Order::ChannelsLast) {
+        if (pixel_rows) {
+          for (int64_t oh = 0; oh < g.out_h; ++oh)
+            std::memcpy(planes.data() + ((oh + qh_max) * pw + qw_max) * g.out_channels,
+                        src + oh * g.out_w * g.out_channels,
+                        g.out_w * g.out_channels * sizeof(T));
+        } else if (dy_order == Order::ChannelsLast) {
           for (int64_t oh = 0; oh < g.out_h; ++oh)
             transpose(g.out_w, g.out_channels, src + oh * g.out_w * g.out_channels,
                       g.out_channels, planes.data() + (oh + qh_max) * pw + qw_max, plane,
@@ -438,32 +451,42 @@ void backward_input_phases(const Geometry& g, const T* dy, const T* w, T* dx, Or
       const int64_t K = cout_g * taps;
       a_rows.resize(static_cast<size_t>(K));
       b_rows.resize(static_cast<size_t>(K));
-      const T* base =
-          planes.data() + grp * cout_g * plane + (u_begin + qh_max) * pw + f.v0 + qw_max;
+      const T* base = planes.data() + grp * cout_g * chan +
+                      ((u_begin + qh_max) * pw + f.v0 + qw_max) * elem;
       const T* wb = wt.data() + (grp * group_rows + b_start[fi]) * ldb;
+      tap_back.resize(static_cast<size_t>(taps));
+      for (int64_t tp = 0; tp < taps; ++tp)
+        tap_back[tp] = (f.ki[tp] * dh / sh * pw + f.kj[tp] * dw / sw) * elem;
       for (int64_t co = 0, k = 0; co < cout_g; ++co)
         for (int64_t tp = 0; tp < taps; ++tp, ++k) {
-          const int64_t qi = f.ki[tp] * dh / sh, qj = f.kj[tp] * dw / sw;
-          a_rows[k] = base + co * plane - qi * pw - qj;
+          a_rows[k] = base + co * chan - tap_back[tp];
           b_rows[k] = wb + k * ldb;
         }
+      // The rows' offsets, row by row (a division per pixel cost 5% of a stride-2 3x3 64->128
+      // channels_last grad_input, perf, one thread).
       gathered.resize(static_cast<size_t>(m));
-      for (int64_t q = 0; q < m; ++q) gathered[q] = q / f.cols * pw + q % f.cols;
+      scattered.resize(static_cast<size_t>(m));
+      for (int64_t u = u_begin, q = 0; u < u_end; ++u) {
+        const int64_t ih = u * sh + f.a - g.padding_h;
+        for (int64_t v = f.v0; v < f.v0 + f.cols; ++v, ++q) {
+          gathered[q] = ((u - u_begin) * pw + v - f.v0) * elem;
+          scattered[q] = (ih * g.in_w + v * sw + f.b - g.padding_w) * g.in_channels;
+        }
+      }
+      if (dx_order == Order::ChannelsLast) {
+        // Each pixel's channels straight into dX (its rows scattered: every sw pixels along a
+        // row, then the next row of the phase). Through a scratch block and a copy
+        // (store_pixel_rows), 7% of a stride-2 3x3 64->128 grad_input went to the copy (perf,
+        // one thread).
+        gemm_indirect<T>(m, cin_g, K, a_rows.data(), b_rows.data(),
+                         dx + n * g.in_image() + grp * cin_g, 0, 1, /*accumulate=*/false,
+                         gathered.data(), static_cast<const T*>(nullptr), scattered.data());
+        continue;
+      }
       if (c.size() < static_cast<size_t>(m * cin_g)) c.resize(static_cast<size_t>(m * cin_g));
       if (ct.size() < static_cast<size_t>(m * cin_g)) ct.resize(static_cast<size_t>(m * cin_g));
       gemm_indirect<T>(m, cin_g, K, a_rows.data(), b_rows.data(), c.data(), cin_g, 1,
                        /*accumulate=*/false, gathered.data());
-      if (dx_order == Order::ChannelsLast) {  // each pixel's channels into dX, every sw pixels
-        for (int64_t u = u_begin; u < u_end; ++u) {
-          const int64_t ih = u * sh + f.a - g.padding_h, iw0 = f.v0 * sw + f.b - g.padding_w;
-          store_pixel_rows(c.data() + (u - u_begin) * f.cols * cin_g, cin_g, f.cols, cin_g,
-                           static_cast<const T*>(nullptr),
-                           dx + n * g.in_image() + (ih * g.in_w + iw0) * g.in_channels +
-                               grp * cin_g,
-                           sw * g.in_channels);
-        }
-        continue;
-      }
       // (pixels x channels) -> (channels x pixels), then each row into dX every sw columns.
       transpose(m, cin_g, c.data(), cin_g, ct.data(), m, static_cast<const T*>(nullptr));
       for (int64_t ci = 0; ci < cin_g; ++ci) {

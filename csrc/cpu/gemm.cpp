@@ -120,11 +120,12 @@ constexpr int64_t kKCIndirectBytes = 16384;  // ind_driver's k block: see there
 constexpr int64_t kNC = 4096;
 
 // C tile (+)= acc, then + bias[j] where bias is not null: full vectors when C rows are contiguous
-// and the tile is whole, else through a stack tile (partial panels, transposed C).
+// and the tile is whole, else through a stack tile (partial panels, transposed C). Row i of the
+// tile starts at c + i * rsc, or at c + crows[i] where crows is not null.
 template <class Isa, typename T, int MR, int NV>
 PE_INLINE void store_tile(typename Vec<T, Isa::kBytes / sizeof(T)>::type (&acc)[MR][NV], T* c,
                           int64_t rsc, int64_t csc, int64_t nr, bool accum,
-                          const T* bias = nullptr) {
+                          const T* bias = nullptr, const int64_t* crows = nullptr) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   constexpr int NR = W * NV;
   using vec = typename Vec<T, W>::type;
@@ -133,7 +134,7 @@ PE_INLINE void store_tile(typename Vec<T, Isa::kBytes / sizeof(T)>::type (&acc)[
     for (int i = 0; i < MR; ++i)
       #pragma GCC unroll 32
       for (int v = 0; v < NV; ++v) {
-        T* p = c + i * rsc + v * W;
+        T* p = c + (crows ? crows[i] : i * rsc) + v * W;
         vec r = acc[i][v];
         if (accum) r = loadu<T, W>(p) + r;
         if (bias) r = r + loadu<T, W>(bias + v * W);
@@ -147,7 +148,7 @@ PE_INLINE void store_tile(typename Vec<T, Isa::kBytes / sizeof(T)>::type (&acc)[
       for (int v = 0; v < NV; ++v) storeu<T, W>(&tile[i][v * W], acc[i][v]);
     for (int i = 0; i < MR; ++i)
       for (int64_t j = 0; j < nr; ++j) {
-        T* p = c + i * rsc + j * csc;
+        T* p = c + (crows ? crows[i] : i * rsc) + j * csc;
         const T r = accum ? *p + tile[i][j] : tile[i][j];
         *p = bias ? r + bias[j] : r;
       }
@@ -203,8 +204,8 @@ constexpr int kGatheredRowsMax = 6;
 template <class Isa, typename T, int MR, int NV, bool kGather>
 PE_INLINE void op_tile_ind(int64_t kc, const T* const* __restrict a, int64_t ai,
                            const int64_t* __restrict rows, const T* const* __restrict b,
-                           int64_t bj, T* __restrict c, int64_t rsc, int64_t csc, int64_t nr,
-                           bool accum, const T* bias) {
+                           int64_t bj, T* __restrict c, int64_t rsc, int64_t csc,
+                           const int64_t* crows, int64_t nr, bool accum, const T* bias) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   using vec = typename Vec<T, W>::type;
   vec acc[MR][NV];
@@ -239,7 +240,7 @@ PE_INLINE void op_tile_ind(int64_t kc, const T* const* __restrict a, int64_t ai,
       for (int v = 0; v < NV; ++v) acc[i][v] += ai_k * bv[v];
     }
   }
-  store_tile<Isa, T, MR, NV>(acc, c, rsc, csc, nr, accum, bias);
+  store_tile<Isa, T, MR, NV>(acc, c, rsc, csc, nr, accum, bias, crows);
 }
 
 // Row-count ladder: a tile of mr rows runs as a few kernels of ladder sizes (greedy, largest
@@ -267,18 +268,23 @@ PE_INLINE void op_rows(int mr, int64_t kc, const T* a, int64_t lda, const T* b, 
 template <class Isa, typename T, int NV, bool kGather, int R>
 PE_INLINE void op_rows_ind(int mr, int64_t kc, const T* const* a, int64_t ai,
                            const int64_t* rows, const T* const* b, int64_t bj, T* c, int64_t rsc,
-                           int64_t csc, int64_t nr, bool accum, const T* bias) {
+                           int64_t csc, const int64_t* crows, int64_t nr, bool accum,
+                           const T* bias) {
   if constexpr (R >= 1) {
     if (mr >= R) {
-      op_tile_ind<Isa, T, R, NV, kGather>(kc, a, ai, rows, b, bj, c, rsc, csc, nr, accum, bias);
+      op_tile_ind<Isa, T, R, NV, kGather>(kc, a, ai, rows, b, bj, c, rsc, csc, crows, nr, accum,
+                                          bias);
       ai += R;
       if constexpr (kGather) rows += R;
-      c += R * rsc;
+      if (crows)
+        crows += R;
+      else
+        c += R * rsc;
       mr -= R;
     }
     if (mr > 0)
       op_rows_ind<Isa, T, NV, kGather, next_ladder(R)>(mr, kc, a, ai, rows, b, bj, c, rsc, csc,
-                                                       nr, accum, bias);
+                                                       crows, nr, accum, bias);
   }
 }
 
@@ -721,8 +727,8 @@ constexpr int64_t indirect_kc() {
 // a zero-padded copy. rows: gemm_indirect's a_rows (null: adjacent rows).
 template <class Isa, typename T, int NV>
 void ind_driver(int64_t M, int64_t N, int64_t K, const T* const* a, const int64_t* rows,
-                const T* const* b, T* C, int64_t rsc, int64_t csc, bool accumulate,
-                const T* bias) {
+                const T* const* b, T* C, int64_t rsc, int64_t csc, const int64_t* c_rows,
+                bool accumulate, const T* bias) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   constexpr int MR = mr_of<Isa>(NV);
   thread_local std::vector<T> tail;
@@ -751,27 +757,28 @@ void ind_driver(int64_t M, int64_t N, int64_t K, const T* const* a, const int64_
       const T* bb = bias && last ? bias + j : nullptr;
       for (int64_t i0 = 0; i0 < M; i0 += MR) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, M - i0));
-        T* cp = C + i0 * rsc + j * csc;
+        T* cp = C + (c_rows ? 0 : i0 * rsc) + j * csc;
+        const int64_t* cr = c_rows ? c_rows + i0 : nullptr;
         const T* const* ap = a + pc;
         if (rows) {
           const int64_t* r = rows + i0;
           if (nv == 4)
-            Kern<Isa, T>::template ind<4, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, nr, accum,
+            Kern<Isa, T>::template ind<4, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, cr, nr, accum,
                                                 bb);
           else if (nv == 2)
-            Kern<Isa, T>::template ind<2, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, nr, accum,
+            Kern<Isa, T>::template ind<2, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, cr, nr, accum,
                                                 bb);
           else
-            Kern<Isa, T>::template ind<1, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, nr, accum,
+            Kern<Isa, T>::template ind<1, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, cr, nr, accum,
                                                 bb);
         } else if (nv == 4) {
-          Kern<Isa, T>::template ind<4, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, nr,
+          Kern<Isa, T>::template ind<4, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, cr, nr,
                                                accum, bb);
         } else if (nv == 2) {
-          Kern<Isa, T>::template ind<2, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, nr,
+          Kern<Isa, T>::template ind<2, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, cr, nr,
                                                accum, bb);
         } else {
-          Kern<Isa, T>::template ind<1, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, nr,
+          Kern<Isa, T>::template ind<1, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, cr, nr,
                                                accum, bb);
         }
       }
@@ -988,10 +995,11 @@ void run_plan(const Problem<T>& p, Plan plan) {
     TARGET __attribute__((noinline)) static void ind(int mr, int64_t kc, const T* const* a,   \
                                                      int64_t ai, const int64_t* rows,         \
                                                      const T* const* b, int64_t bj, T* c,     \
-                                                     int64_t rsc, int64_t csc, int64_t nr,    \
+                                                     int64_t rsc, int64_t csc,                \
+                                                     const int64_t* crows, int64_t nr,        \
                                                      bool accum, const T* bias) {             \
-      op_rows_ind<ISA, T, NV, G, mr_of<ISA>(NV)>(mr, kc, a, ai, rows, b, bj, c, rsc, csc, nr, \
-                                                 accum, bias);                                \
+      op_rows_ind<ISA, T, NV, G, mr_of<ISA>(NV)>(mr, kc, a, ai, rows, b, bj, c, rsc, csc,     \
+                                                 crows, nr, accum, bias);                     \
     }                                                                                         \
     TARGET __attribute__((noinline)) static void dotseg(int ra, int rb, int64_t nseg,         \
                                                         int64_t len, const T* a, int64_t rsa, \
@@ -1197,12 +1205,12 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
 template <typename T>
 void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* const* b, T* C,
                    int64_t rsc, int64_t csc, bool accumulate, const int64_t* a_rows,
-                   const T* bias) {
+                   const T* bias, const int64_t* c_rows) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = 0; j < N; ++j) {
-        T& c = C[i * rsc + j * csc];
+        T& c = C[(c_rows ? c_rows[i] : i * rsc) + j * csc];
         const T sum = accumulate ? c : T(0);
         c = bias ? sum + bias[j] : sum;
       }
@@ -1238,11 +1246,11 @@ void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* 
   with_isa([&](auto tag) {
     using Isa = decltype(tag);
     if (nv == 4)
-      ind_driver<Isa, T, 4>(M, N, K, a, a_rows, b, C, rsc, csc, accumulate, bias);
+      ind_driver<Isa, T, 4>(M, N, K, a, a_rows, b, C, rsc, csc, c_rows, accumulate, bias);
     else if (nv == 2)
-      ind_driver<Isa, T, 2>(M, N, K, a, a_rows, b, C, rsc, csc, accumulate, bias);
+      ind_driver<Isa, T, 2>(M, N, K, a, a_rows, b, C, rsc, csc, c_rows, accumulate, bias);
     else
-      ind_driver<Isa, T, 1>(M, N, K, a, a_rows, b, C, rsc, csc, accumulate, bias);
+      ind_driver<Isa, T, 1>(M, N, K, a, a_rows, b, C, rsc, csc, c_rows, accumulate, bias);
   });
 }
 
@@ -1275,7 +1283,8 @@ int64_t simd_width() {
                                  const T*, int64_t, int64_t, T*, int64_t, int64_t, bool,      \
                                  const T*, bool);                                             \
   template void gemm_indirect<T>(int64_t, int64_t, int64_t, const T* const*, const T* const*,  \
-                                 T*, int64_t, int64_t, bool, const int64_t*, const T*);      \
+                                 T*, int64_t, int64_t, bool, const int64_t*, const T*,       \
+                                 const int64_t*);                                             \
   template void gemm_dot_segments<T>(int64_t, int64_t, int64_t, int64_t, const T*, int64_t,     \
                                      int64_t, const T* const*, T*, int64_t, int64_t, bool);   \
   template int64_t simd_width<T>();

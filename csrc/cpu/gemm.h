@@ -65,10 +65,12 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
 // are the widest kind (4 vectors of columns): worth it where N is at least that wide.
 // bias, when not null: C[i, j] = (sum + bias[j]) after the sum over every k, each tile as its
 // last k block is stored: the bits of adding the bias to C afterwards, without that pass.
+// c_rows, when not null, scatters C's rows: C element (i, j) is C[c_rows[i] + j * csc] (rsc
+// unused; conv2d's strided grad_input stores a phase's pixels straight into a channels-last dX).
 template <typename T>
 void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* const* b, T* C,
                    int64_t rsc, int64_t csc, bool accumulate, const int64_t* a_rows = nullptr,
-                   const T* bias = nullptr);
+                   const T* bias = nullptr, const int64_t* c_rows = nullptr);
 
 // Dot products over segments, split over tiles of C with at::parallel_for (by shape only):
 // C[i, j] (+)= sum over s < nseg, t < len of A[i * rsa + s * sa + t] * b[s * N + j][t].
