@@ -163,10 +163,24 @@ PE_INLINE void store_tile(typename Vec<T, Isa::kBytes / sizeof(T)>::type (&acc)[
 // at about a third of the speed of the tiles that stayed in registers.
 // kRowA: A element (i, k) at a[i * lda + k] instead (a row-major A read in place: each row's
 // offset stays in a register, so tiles of at most kGatheredRowsMax rows).
+// The lines of op_driver's next B panel, walked row by row: a tile asks for its share of them,
+// spread over its k loop (see op_driver).
+struct LineCursor {
+  const char* src = nullptr;
+  int64_t row_lines = 0, row_bytes = 0, line = 0;
+  PE_INLINE void prefetch_next() {
+    __builtin_prefetch(src + line * 64, /*rw=*/0, /*locality=*/2);
+    if (++line == row_lines) {
+      line = 0;
+      src += row_bytes;
+    }
+  }
+};
+
 template <class Isa, typename T, int MR, int NV, bool kRowA = false>
 PE_INLINE void op_tile(int64_t kc, const T* __restrict a, int64_t lda, const T* __restrict b,
                        int64_t ldb, T* __restrict c, int64_t rsc, int64_t csc, int64_t nr,
-                       bool accum) {
+                       bool accum, LineCursor* pf = nullptr, int64_t pf_lines = 0) {
   constexpr int W = Isa::kBytes / static_cast<int>(sizeof(T));
   using vec = typename Vec<T, W>::type;
   vec acc[MR][NV];
@@ -179,7 +193,16 @@ PE_INLINE void op_tile(int64_t kc, const T* __restrict a, int64_t lda, const T* 
     #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) row[i] = i * lda;
   }
+  // pf_lines prefetches, one every `every` k (a burst of them before the tile stalled on the
+  // line fill buffers: y = x W^T at 256 x 4096 -> 4096, one thread, 6% of the time on the
+  // prefetch loop, perf).
+  const int64_t every = pf_lines > 0 ? std::max<int64_t>(1, kc / pf_lines) : kc + 1;
+  int64_t due = pf_lines > 0 ? 0 : kc;
   for (int64_t k = 0; k < kc; ++k) {
+    if (k == due) {
+      pf->prefetch_next();
+      due = --pf_lines > 0 ? due + every : kc;
+    }
     vec bv[NV];
     #pragma GCC unroll 32
     for (int v = 0; v < NV; ++v) bv[v] = loadu<T, W>(b + v * W);
@@ -192,6 +215,7 @@ PE_INLINE void op_tile(int64_t kc, const T* __restrict a, int64_t lda, const T* 
     a += kRowA ? 1 : lda;
     b += ldb;
   }
+  for (; pf_lines > 0; --pf_lines) pf->prefetch_next();  // more lines than k
   store_tile<Isa, T, MR, NV>(acc, c, rsc, csc, nr, accum);
 }
 
@@ -252,16 +276,19 @@ constexpr int next_ladder(int r) {
 
 template <class Isa, typename T, int NV, int R, bool kRowA = false>
 PE_INLINE void op_rows(int mr, int64_t kc, const T* a, int64_t lda, const T* b, int64_t ldb,
-                       T* c, int64_t rsc, int64_t csc, int64_t nr, bool accum) {
+                       T* c, int64_t rsc, int64_t csc, int64_t nr, bool accum, LineCursor* pf,
+                       int64_t pf_lines) {
   if constexpr (R >= 1) {
     if (mr >= R) {
-      op_tile<Isa, T, R, NV, kRowA>(kc, a, lda, b, ldb, c, rsc, csc, nr, accum);
+      op_tile<Isa, T, R, NV, kRowA>(kc, a, lda, b, ldb, c, rsc, csc, nr, accum, pf, pf_lines);
+      pf_lines = 0;
       a += kRowA ? R * lda : R;
       c += R * rsc;
       mr -= R;
     }
     if (mr > 0)
-      op_rows<Isa, T, NV, next_ladder(R), kRowA>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);
+      op_rows<Isa, T, NV, next_ladder(R), kRowA>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum,
+                                                 pf, pf_lines);
   }
 }
 
@@ -537,17 +564,12 @@ void op_driver(const Problem<T>& p) {
           }
           const int64_t prefetch_lines = next_rows * row_lines;
           const int64_t tiles = (mc + MR - 1) / MR;
-          int64_t prefetched = 0, line = 0;  // line: the next one's place in its row
+          LineCursor cursor{next_src, row_lines, row_bytes, 0};
+          int64_t prefetched = 0;
           for (int64_t ir = 0, tile = 1; ir < mc; ir += MR, ++tile) {
             const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
-            for (const int64_t upto = prefetch_lines * tile / tiles; prefetched < upto;
-                 ++prefetched) {
-              __builtin_prefetch(next_src + line * 64, /*rw=*/0, /*locality=*/2);
-              if (++line == row_lines) {
-                line = 0;
-                next_src += row_bytes;
-              }
-            }
+            const int64_t upto = prefetch_lines * tile / tiles, pfn = upto - prefetched;
+            prefetched = upto;
             const T* ap;
             int64_t lda;
             const bool biased = p.bias && pc == 0;
@@ -555,7 +577,7 @@ void op_driver(const Problem<T>& p) {
             if (a_rows) {  // (a narrow last panel too: B's panel is zero-padded to NR)
               Kern<Isa, T>::op4_rows(mr, kc, p.A + (ic + ir) * p.rsa + pc, p.rsa, bp, ldb,
                                      p.C + (ic + ir) * p.rsc + (jc + j0) * p.csc, p.rsc, p.csc,
-                                     nr, accum || biased);
+                                     nr, accum || biased, &cursor, pfn);
               continue;
             }
             if (a_direct) {
@@ -568,11 +590,14 @@ void op_driver(const Problem<T>& p) {
             T* cp = p.C + (ic + ir) * p.rsc + (jc + j0) * p.csc;
             // The narrowest kernel that covers the panel (a partial last one may be narrower).
             if (NV == 1 || nr <= W)
-              Kern<Isa, T>::op1(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum || biased);
+              Kern<Isa, T>::op1(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum || biased,
+                                &cursor, pfn);
             else if (NV == 2 || nr <= 2 * W)
-              Kern<Isa, T>::op2(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum || biased);
+              Kern<Isa, T>::op2(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum || biased,
+                                &cursor, pfn);
             else
-              Kern<Isa, T>::op4(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum || biased);
+              Kern<Isa, T>::op4(mr, kc, ap, lda, bp, ldb, cp, p.rsc, p.csc, nr, accum || biased,
+                                &cursor, pfn);
           }
         }
       }
@@ -968,28 +993,33 @@ void run_plan(const Problem<T>& p, Plan plan) {
     TARGET __attribute__((noinline)) static void op1(int mr, int64_t kc, const T* a,          \
                                                      int64_t lda, const T* b, int64_t ldb,    \
                                                      T* c, int64_t rsc, int64_t csc,          \
-                                                     int64_t nr, bool accum) {                \
-      op_rows<ISA, T, 1, ISA::kMR1>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);          \
+                                                     int64_t nr, bool accum, LineCursor* pf,  \
+                                                     int64_t pfn) {                           \
+      op_rows<ISA, T, 1, ISA::kMR1>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum, pf, pfn); \
     }                                                                                         \
     TARGET __attribute__((noinline)) static void op2(int mr, int64_t kc, const T* a,          \
                                                      int64_t lda, const T* b, int64_t ldb,    \
                                                      T* c, int64_t rsc, int64_t csc,          \
-                                                     int64_t nr, bool accum) {                \
-      op_rows<ISA, T, 2, ISA::kMR2>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);          \
+                                                     int64_t nr, bool accum, LineCursor* pf,  \
+                                                     int64_t pfn) {                           \
+      op_rows<ISA, T, 2, ISA::kMR2>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum, pf, pfn); \
     }                                                                                         \
     TARGET __attribute__((noinline)) static void op4(int mr, int64_t kc, const T* a,          \
                                                      int64_t lda, const T* b, int64_t ldb,    \
                                                      T* c, int64_t rsc, int64_t csc,          \
-                                                     int64_t nr, bool accum) {                \
-      op_rows<ISA, T, 4, ISA::kMR4>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);          \
+                                                     int64_t nr, bool accum, LineCursor* pf,  \
+                                                     int64_t pfn) {                           \
+      op_rows<ISA, T, 4, ISA::kMR4>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum, pf, pfn); \
     }                                                                                         \
     TARGET __attribute__((noinline)) static void op4_rows(int mr, int64_t kc, const T* a,     \
                                                           int64_t lda, const T* b,            \
                                                           int64_t ldb, T* c, int64_t rsc,     \
                                                           int64_t csc, int64_t nr,            \
-                                                          bool accum) {                       \
+                                                          bool accum, LineCursor* pf,         \
+                                                          int64_t pfn) {                      \
       if constexpr (ISA::kMR4 <= kGatheredRowsMax)                                            \
-        op_rows<ISA, T, 4, ISA::kMR4, true>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum);  \
+        op_rows<ISA, T, 4, ISA::kMR4, true>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum,   \
+                                            pf, pfn);                                         \
     }                                                                                         \
     template <int NV, bool G>                                                                 \
     TARGET __attribute__((noinline)) static void ind(int mr, int64_t kc, const T* const* a,   \
