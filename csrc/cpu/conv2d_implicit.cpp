@@ -463,17 +463,19 @@ void backward_input_phases(const Geometry& g, const T* dy, const T* w, T* dx, Or
           b_rows[k] = wb + k * ldb;
         }
       // The rows' offsets, row by row (a division per pixel cost 5% of a stride-2 3x3 64->128
-      // channels_last grad_input, perf, one thread).
+      // channels_last grad_input, perf, one thread); where dX is channels-last, also where each
+      // row goes in it.
+      const bool scatter = dx_order == Order::ChannelsLast;
       gathered.resize(static_cast<size_t>(m));
-      scattered.resize(static_cast<size_t>(m));
+      scattered.resize(static_cast<size_t>(scatter ? m : 0));
       for (int64_t u = u_begin, q = 0; u < u_end; ++u) {
         const int64_t ih = u * sh + f.a - g.padding_h;
         for (int64_t v = f.v0; v < f.v0 + f.cols; ++v, ++q) {
           gathered[q] = ((u - u_begin) * pw + v - f.v0) * elem;
-          scattered[q] = (ih * g.in_w + v * sw + f.b - g.padding_w) * g.in_channels;
+          if (scatter) scattered[q] = (ih * g.in_w + v * sw + f.b - g.padding_w) * g.in_channels;
         }
       }
-      if (dx_order == Order::ChannelsLast) {
+      if (scatter) {
         // Each pixel's channels straight into dX (its rows scattered: every sw pixels along a
         // row, then the next row of the phase). Through a scratch block and a copy
         // (store_pixel_rows), 7% of a stride-2 3x3 64->128 grad_input went to the copy (perf,

@@ -155,14 +155,6 @@ PE_INLINE void store_tile(typename Vec<T, Isa::kBytes / sizeof(T)>::type (&acc)[
   }
 }
 
-// ---- Outer-product micro-kernel -----------------------------------------------------------
-// A element (i, k) at a[k * lda + i]; B element (k, j) at b[k * ldb + j], NV*W columns readable.
-// Writes (or adds to) the first nr columns of the MR x NR tile of C.
-// The loops over the register tile are unrolled by force (#pragma GCC unroll): past GCC's own
-// limit the 24-row tile kept its accumulators on the stack, a load and a store per FMA, and ran
-// at about a third of the speed of the tiles that stayed in registers.
-// kRowA: A element (i, k) at a[i * lda + k] instead (a row-major A read in place: each row's
-// offset stays in a register, so tiles of at most kGatheredRowsMax rows).
 // The lines of op_driver's next B panel, walked row by row: a tile asks for its share of them,
 // spread over its k loop (see op_driver).
 struct LineCursor {
@@ -177,6 +169,14 @@ struct LineCursor {
   }
 };
 
+// ---- Outer-product micro-kernel -----------------------------------------------------------
+// A element (i, k) at a[k * lda + i]; B element (k, j) at b[k * ldb + j], NV*W columns readable.
+// Writes (or adds to) the first nr columns of the MR x NR tile of C.
+// The loops over the register tile are unrolled by force (#pragma GCC unroll): past GCC's own
+// limit the 24-row tile kept its accumulators on the stack, a load and a store per FMA, and ran
+// at about a third of the speed of the tiles that stayed in registers.
+// kRowA: A element (i, k) at a[i * lda + k] instead (a row-major A read in place: each row's
+// offset stays in a register, so tiles of at most kGatheredRowsMax rows).
 template <class Isa, typename T, int MR, int NV, bool kRowA = false>
 PE_INLINE void op_tile(int64_t kc, const T* __restrict a, int64_t lda, const T* __restrict b,
                        int64_t ldb, T* __restrict c, int64_t rsc, int64_t csc, int64_t nr,
@@ -786,27 +786,22 @@ void ind_driver(int64_t M, int64_t N, int64_t K, const T* const* a, const int64_
         T* cp = C + (c_rows ? 0 : i0 * rsc) + j * csc;
         const int64_t* cr = c_rows ? c_rows + i0 : nullptr;
         const T* const* ap = a + pc;
-        if (rows) {
-          const int64_t* r = rows + i0;
-          if (nv == 4)
-            Kern<Isa, T>::template ind<4, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, cr, nr, accum,
-                                                bb);
-          else if (nv == 2)
-            Kern<Isa, T>::template ind<2, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, cr, nr, accum,
-                                                bb);
-          else
-            Kern<Isa, T>::template ind<1, true>(mr, kc, ap, 0, r, bp, bj, cp, rsc, csc, cr, nr, accum,
-                                                bb);
-        } else if (nv == 4) {
-          Kern<Isa, T>::template ind<4, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, cr, nr,
-                                               accum, bb);
-        } else if (nv == 2) {
-          Kern<Isa, T>::template ind<2, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, cr, nr,
-                                               accum, bb);
-        } else {
-          Kern<Isa, T>::template ind<1, false>(mr, kc, ap, i0, nullptr, bp, bj, cp, rsc, csc, cr, nr,
-                                               accum, bb);
-        }
+        // The tile kind (width, gathered rows or adjacent ones), its arguments alike.
+        const int64_t* r = rows ? rows + i0 : nullptr;
+        const int64_t ai = rows ? 0 : i0;
+        using Kn = Kern<Isa, T>;
+        if (rows && nv == 4)
+          Kn::template ind<4, true>(mr, kc, ap, ai, r, bp, bj, cp, rsc, csc, cr, nr, accum, bb);
+        else if (rows && nv == 2)
+          Kn::template ind<2, true>(mr, kc, ap, ai, r, bp, bj, cp, rsc, csc, cr, nr, accum, bb);
+        else if (rows)
+          Kn::template ind<1, true>(mr, kc, ap, ai, r, bp, bj, cp, rsc, csc, cr, nr, accum, bb);
+        else if (nv == 4)
+          Kn::template ind<4, false>(mr, kc, ap, ai, r, bp, bj, cp, rsc, csc, cr, nr, accum, bb);
+        else if (nv == 2)
+          Kn::template ind<2, false>(mr, kc, ap, ai, r, bp, bj, cp, rsc, csc, cr, nr, accum, bb);
+        else
+          Kn::template ind<1, false>(mr, kc, ap, ai, r, bp, bj, cp, rsc, csc, cr, nr, accum, bb);
       }
       j += nv == 0 ? rem : nr;
     }
