@@ -407,6 +407,45 @@ def test_bfloat16_conv2d_is_bitwise_the_same_for_any_thread_count(in_channels, k
         assert all(torch.equal(a, o) for a, o in zip(results[0], other))
 
 
+# (batch, in, h, w, out, stride, padding) of 3x3 layers: rows of fewer than 16, 16 to 32 and
+# several blocks of 32 columns, channels past whole blocks of 32 (and odd: x copied to NCHW),
+# output channels past whole blocks of 16, stride 1, 2 and 3 (x copied to NCHW).
+CHANNELS_LAST_GRAD_WEIGHT = [(2, 64, 11, 56, 128, 2, 1), (1, 40, 9, 70, 24, 2, 1),
+                             (2, 32, 6, 45, 20, 2, 2), (3, 16, 7, 13, 32, 1, 1),
+                             (1, 48, 5, 33, 16, 1, 0), (1, 17, 9, 23, 20, 2, 1),
+                             (1, 32, 10, 20, 16, 3, 1)]
+
+
+@pytest.mark.parametrize("case", CHANNELS_LAST_GRAD_WEIGHT, ids=str)
+def test_bfloat16_conv2d_grad_weight_of_channels_last_is_the_contiguous_calls(case):
+    """bfloat16 grad_weight and grad_bias of channels_last x and dY (on AMX tiles, read as they
+    are: cpu/conv2d_amx.cpp's pack_x_planes_cl, pack_dy_pairs_cl, bias_sums_cl) are the
+    contiguous call's, bit for bit, in any mix of layouts; an Inf in a channels_last x lands
+    where it does in the contiguous call (the float32 kernels take it)."""
+    n, c, h, w, co, s, p = case
+    gen = torch.Generator().manual_seed(sum(case))
+    x = torch.randn(n, c, h, w, generator=gen).bfloat16()
+    wt = torch.randn(co, c, 3, 3, generator=gen).bfloat16()
+    out = torch.ops.pyengine.conv2d(x, wt, None, [s, s], [p, p], [1, 1], 1)
+    g = torch.randn(out.shape, generator=gen).bfloat16()
+    cl = torch.channels_last
+
+    def grads(x_, g_):
+        return torch.ops.pyengine.conv2d_backward(g_, x_, wt, [s, s], [p, p], [1, 1], 1,
+                                                  [False, True, True])[1:]
+
+    want = grads(x, g)
+    for x_, g_ in ((x.contiguous(memory_format=cl), g.contiguous(memory_format=cl)),
+                   (x.contiguous(memory_format=cl), g), (x, g.contiguous(memory_format=cl))):
+        for name, got, expected in zip(("grad_weight", "grad_bias"), grads(x_, g_), want):
+            assert torch.equal(got, expected), (name, x_.stride(), g_.stride())
+    x[n - 1, c // 2, h // 2, 3] = float("inf")
+    want = grads(x, g)
+    assert not want[0].isfinite().all()
+    got = grads(x.contiguous(memory_format=cl), g.contiguous(memory_format=cl))
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
+
+
 def test_bfloat16_conv2d_with_non_finite_weights_places_inf_and_nan_as_float32():
     """A non-finite weight times the zero padding: torch's convolution has no such term, a
     convolution over a zero-padded copy would make it NaN. bfloat16 calls with such weights take

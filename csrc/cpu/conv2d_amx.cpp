@@ -673,7 +673,9 @@ struct WeightPlan {
 };
 
 // A row of W values into the two column phases of stride 2 (phase0 = row, phase1 = row + Wph),
-// starting at padded column pw: one permute splits 32 values into even and odd columns.
+// starting at padded column pw: one permute splits 32 values into even and odd columns; the last
+// (partial) 32 through masks. (Element by element, the 24 values past a 56-wide row's first 32
+// made this split 19% of a stride-2 64 -> 128 @56 grad_weight, perf, one thread.)
 PE_TARGET_AVX512 void split_columns_2(const uint16_t* src, int64_t W, int64_t pw, int64_t Wph,
                                       uint16_t* row) {
   alignas(64) static constexpr uint16_t kEvenOdd[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
@@ -681,16 +683,19 @@ PE_TARGET_AVX512 void split_columns_2(const uint16_t* src, int64_t W, int64_t pw
                                                         13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
   const __m512i idx = _mm512_load_si512(kEvenOdd);
   uint16_t* phase[2] = {row, row + Wph};
-  int64_t w = 0;
-  for (; w + 32 <= W; w += 32) {
-    const __m512i v = _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(src + w));
+  for (int64_t w = 0; w < W; w += 32) {
+    const int64_t n = std::min<int64_t>(32, W - w);  // values; (n + 1) / 2 even, n / 2 odd
+    const __m512i v = _mm512_permutexvar_epi16(
+        idx, _mm512_maskz_loadu_epi16(static_cast<__mmask32>(n == 32 ? ~0u : (1u << n) - 1u),
+                                      src + w));
     const int64_t col = pw + w;  // element w's padded column; w + 1's is col + 1
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(phase[col % 2] + col / 2),
-                        _mm512_castsi512_si256(v));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(phase[(col + 1) % 2] + (col + 1) / 2),
-                        _mm512_extracti64x4_epi64(v, 1));
+    _mm256_mask_storeu_epi16(phase[col % 2] + col / 2,
+                             static_cast<__mmask16>((1u << ((n + 1) / 2)) - 1u),
+                             _mm512_castsi512_si256(v));
+    _mm256_mask_storeu_epi16(phase[(col + 1) % 2] + (col + 1) / 2,
+                             static_cast<__mmask16>((1u << (n / 2)) - 1u),
+                             _mm512_extracti64x4_epi64(v, 1));
   }
-  for (; w < W; ++w) phase[(pw + w) % 2][(pw + w) / 2] = src[w];
 }
 
 // xq[n][ci][hp][phase][index]: x (NCHW contiguous) zero-padded, channels to Cp, padded column c
@@ -736,6 +741,74 @@ bool pack_x_planes(const Geometry& g, const WeightPlan& p, const uint16_t* x, in
   return finite;
 }
 
+// pack_x_planes from x channels-last ([n][h][w][c] contiguous; c even, stride_w 1 or 2), in one
+// pass instead of a contiguous copy first (torch's channels_last -> NCHW copy of x and dY took
+// a third of this grad_weight, 64 -> 128 @56 stride 2, perf, one thread): per input row, 32
+// columns x 32 channels at a time, channel pairs as 32-bit words transposed (16 columns x 16
+// pairs, twice) into [pair][column]; a two-source permute per channel then takes its halves of
+// the pair's words, in column order (stride 2: even columns, then odd). The same xq.
+PE_TARGET_AVX512 bool pack_x_planes_cl(const Geometry& g, const WeightPlan& p, const uint16_t* x,
+                                       int64_t n0, int64_t n1, uint16_t* xq) {
+  const int64_t C = g.in_channels, W = g.in_w, pairs_all = C / 2, pw = g.padding_w;
+  const bool split = g.stride_w == 2;
+  // Column c's pair is 16-bit element 2c of the two transposed rows (columns 0-15, then 16-31)
+  // taken as one 64-element table; + 1 for the pair's second channel.
+  alignas(64) uint16_t order[2][32];
+  for (int e = 0; e < 2; ++e)
+    for (int i = 0; i < 32; ++i) {
+      const int c = !split ? i : i < 16 ? 2 * i : 2 * (i - 16) + 1;
+      order[e][i] = static_cast<uint16_t>(2 * c + e);
+    }
+  const __m512i first = _mm512_load_si512(order[0]), second = _mm512_load_si512(order[1]);
+  alignas(64) uint32_t lo[16 * 16] = {}, hi[16 * 16] = {};  // [pair][column] words
+  bool finite = true;
+  for (int64_t n = n0; n < n1; ++n) {
+    uint16_t* image = xq + n * p.x_image;
+    std::memset(image + C * p.Hp * p.Wr, 0, sizeof(uint16_t) * (p.Cp - C) * p.Hp * p.Wr);
+    for (int64_t hp = 0; hp < p.Hp; ++hp) {
+      for (int64_t c = 0; c < C; ++c)
+        std::memset(image + (c * p.Hp + hp) * p.Wr, 0, sizeof(uint16_t) * p.Wr);
+      const int64_t h = hp - g.padding_h;
+      if (h < 0 || h >= g.in_h) continue;
+      const uint16_t* src = x + (n * g.in_h + h) * W * C;
+      finite = finite && !any_non_finite(src, W * C);
+      for (int64_t w0 = 0; w0 < W; w0 += 32) {
+        const int64_t nw = std::min<int64_t>(32, W - w0);
+        const __mmask32 cols = static_cast<__mmask32>(nw == 32 ? ~0u : (1u << nw) - 1u);
+        for (int64_t q0 = 0; q0 < pairs_all; q0 += 16) {
+          const int64_t pairs = std::min<int64_t>(16, pairs_all - q0);
+          const float* words = reinterpret_cast<const float*>(src + w0 * C) + q0;
+          transpose16(words, pairs_all, std::min<int64_t>(16, nw), pairs,
+                      reinterpret_cast<float*>(lo), 16, nullptr);
+          if (nw > 16)
+            transpose16(words + 16 * pairs_all, pairs_all, nw - 16, pairs,
+                        reinterpret_cast<float*>(hi), 16, nullptr);
+          for (int64_t q = 0; q < pairs; ++q) {
+            const __m512i a = _mm512_load_si512(lo + q * 16), b = _mm512_load_si512(hi + q * 16);
+            const __m512i v[2] = {_mm512_permutex2var_epi16(a, first, b),
+                                  _mm512_permutex2var_epi16(a, second, b)};
+            for (int e = 0; e < 2; ++e) {
+              uint16_t* row = image + ((2 * (q0 + q) + e) * p.Hp + hp) * p.Wr;
+              if (!split) {
+                _mm512_mask_storeu_epi16(row + pw + w0, cols, v[e]);
+                continue;
+              }
+              const int64_t col = pw + w0;  // column w0's padded column (w0 even)
+              _mm256_mask_storeu_epi16(row + (col % 2) * p.Wph + col / 2,
+                                       static_cast<__mmask16>((1u << ((nw + 1) / 2)) - 1u),
+                                       _mm512_castsi512_si256(v[e]));
+              _mm256_mask_storeu_epi16(row + ((col + 1) % 2) * p.Wph + (col + 1) / 2,
+                                       static_cast<__mmask16>((1u << (nw / 2)) - 1u),
+                                       _mm512_extracti64x4_epi64(v[e], 1));
+            }
+          }
+        }
+      }
+    }
+  }
+  return finite;
+}
+
 // dyq[n][oh][kb][co block][pair][co][2] from dY in NCHW ([n][co][oh][ow] contiguous): the pairs
 // of pixels (kb * 32 + 2q, + 1) of the block's output channels, zero past the row and past the
 // channels; rows [r0, r1) of n * out_h. A pair of adjacent pixels is one 32-bit word of dY's row:
@@ -763,6 +836,37 @@ PE_TARGET_AVX512 void pack_dy_pairs(const Geometry& g, const WeightPlan& p, cons
                     reinterpret_cast<float*>(tile), 16, nullptr);
       }
     }
+  }
+}
+
+// pack_dy_pairs from dY channels-last ([n][oh][ow][co] contiguous): a pair of pixels' 16
+// channels are two 32-byte runs, interleaved into the tile's [co][2] words by one permute.
+PE_TARGET_AVX512 void pack_dy_pairs_cl(const Geometry& g, const WeightPlan& p,
+                                       const uint16_t* dy, int64_t r0, int64_t r1,
+                                       uint16_t* dyq) {
+  const int64_t O = g.out_channels, OW = g.out_w;
+  alignas(64) uint16_t interleave[32];  // element 2c: the first pixel's channel c; 2c + 1: the second's
+  for (int i = 0; i < 32; ++i) interleave[i] = static_cast<uint16_t>(i % 2 * 16 + i / 2);
+  const __m512i idx = _mm512_load_si512(interleave);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* src = dy + r * OW * O;  // output row r of n * out_h
+    uint16_t* dst = dyq + r * p.dy_row;
+    for (int64_t kb = 0; kb < p.KB; ++kb)
+      for (int64_t j = 0; j < p.Op / kCoBlock; ++j) {
+        const int64_t co0 = j * kCoBlock, nco = std::clamp<int64_t>(O - co0, 0, kCoBlock);
+        const __mmask16 m = static_cast<__mmask16>((1u << nco) - 1u);
+        uint16_t* tile = dst + (kb * (p.Op / kCoBlock) + j) * 512;
+        for (int64_t q = 0; q < 16; ++q) {
+          const int64_t px = kb * 32 + 2 * q;
+          const __m256i a = px < OW ? _mm256_maskz_loadu_epi16(m, src + px * O + co0)
+                                    : _mm256_setzero_si256();
+          const __m256i b = px + 1 < OW ? _mm256_maskz_loadu_epi16(m, src + (px + 1) * O + co0)
+                                        : _mm256_setzero_si256();
+          _mm512_storeu_si512(tile + q * 32,
+                             _mm512_permutexvar_epi16(
+                                 idx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)));
+        }
+      }
   }
 }
 
@@ -801,8 +905,19 @@ PE_TARGET_AMX_BF16 void weight_items(const Geometry& g, const WeightPlan& p, con
   _tile_release();
 }
 
-// grad_bias[co] = sum over (n, oh, ow) of dY, from dY in NCHW: 16 float32 lanes over each
-// image's plane in order, then the lanes' fixed-order sum; output channels [c0, c1).
+// grad_bias[co] = sum over (n, oh, ow) of dY in 16 float32 lanes, pixel i of each image's plane
+// into lane i % 16, images and pixels in order, then the lanes summed in a fixed tree (lane l +
+// lane l + 8, then + 4, + 2, + 1); output channels [c0, c1). From dY in NCHW, a vector of lanes
+// per channel; channels-last, a vector of 16 channels per lane: the same sums, the same bits.
+template <typename V>
+PE_INLINE V lane_tree_sum(V* lanes) {
+  for (int half = 8; half >= 1; half /= 2)
+    for (int l = 0; l < half; ++l) lanes[l] = lanes[l] + lanes[l + half];
+  return lanes[0];
+}
+PE_TARGET_AVX512 PE_INLINE __m512 widen_bf16(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
 PE_TARGET_AVX512 void bias_sums(const Geometry& g, const uint16_t* dy, int64_t c0, int64_t c1,
                                 float* db) {
   const int64_t O = g.out_channels, plane = g.out_h * g.out_w;
@@ -813,21 +928,49 @@ PE_TARGET_AVX512 void bias_sums(const Geometry& g, const uint16_t* dy, int64_t c
       for (int64_t i = 0; i < plane; i += 16) {
         const int64_t k = std::min<int64_t>(16, plane - i);
         const __mmask16 m = static_cast<__mmask16>(k == 16 ? 0xffffu : (1u << k) - 1u);
-        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                     _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + i)),
-                                     16)));
+        acc = _mm512_add_ps(acc, widen_bf16(_mm256_maskz_loadu_epi16(m, src + i)));
       }
     }
-    db[co] = _mm512_reduce_add_ps(acc);
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, acc);
+    db[co] = lane_tree_sum(lanes);
+  }
+}
+// dY channels-last ([n][oh][ow][co]); blocks of 16 output channels [b0, b1).
+PE_TARGET_AVX512 void bias_sums_cl(const Geometry& g, const uint16_t* dy, int64_t b0, int64_t b1,
+                                   float* db) {
+  const int64_t O = g.out_channels, plane = g.out_h * g.out_w;
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t co0 = blk * 16, nco = std::min<int64_t>(16, O - co0);
+    const __mmask16 m = static_cast<__mmask16>((1u << nco) - 1u);
+    __m512 lanes[16];
+    for (int l = 0; l < 16; ++l) lanes[l] = _mm512_setzero_ps();
+    for (int64_t n = 0; n < g.batch; ++n) {
+      const uint16_t* src = dy + n * plane * O + co0;
+      for (int64_t i = 0; i < plane; i += 16) {
+        const int64_t k = std::min<int64_t>(16, plane - i);
+        for (int64_t l = 0; l < k; ++l)
+          lanes[l] = _mm512_add_ps(lanes[l],
+                                   widen_bf16(_mm256_maskz_loadu_epi16(m, src + (i + l) * O)));
+      }
+    }
+    _mm512_mask_storeu_ps(db + co0, m, lane_tree_sum(lanes));
   }
 }
 
-// grad_bias in bfloat16 from dY (NCHW contiguous), by bias_sums.
-at::Tensor bias_grad(const Geometry& g, const uint16_t* dy, const at::TensorOptions& options) {
+// grad_bias in bfloat16 from dY (NCHW contiguous, or channels-last), by bias_sums.
+at::Tensor bias_grad(const Geometry& g, const uint16_t* dy, bool dy_channels_last,
+                     const at::TensorOptions& options) {
   CachedBuffer<float> db(static_cast<size_t>(g.out_channels), false);
-  at::parallel_for(0, g.out_channels, 1, [&](int64_t c0, int64_t c1) {
-    bias_sums(g, dy, c0, c1, db.data());
-  });
+  if (dy_channels_last) {
+    at::parallel_for(0, (g.out_channels + 15) / 16, 1, [&](int64_t b0, int64_t b1) {
+      bias_sums_cl(g, dy, b0, b1, db.data());
+    });
+  } else {
+    at::parallel_for(0, g.out_channels, 1, [&](int64_t c0, int64_t c1) {
+      bias_sums(g, dy, c0, c1, db.data());
+    });
+  }
   at::Tensor grad_bias = empty_of(at::IntArrayRef{g.out_channels}, options);
   at::BFloat16* b = grad_bias.mutable_data_ptr<at::BFloat16>();
   for (int64_t co = 0; co < g.out_channels; ++co) b[co] = at::BFloat16(db[co]);
@@ -1057,11 +1200,20 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
         g, reinterpret_cast<const uint16_t*>(x4.const_data_ptr<at::BFloat16>()), dy,
         input.options());
     if (!grad_weight.defined()) return {};
-    return {grad_weight, bias ? bias_grad(g, dy, input.options()) : at::Tensor()};
+    return {grad_weight, bias ? bias_grad(g, dy, false, input.options()) : at::Tensor()};
   }
   const WeightPlan p(g);
-  const at::Tensor x4 = (g.batched ? input : input.unsqueeze(0)).contiguous();
-  const at::Tensor dy4 = (g.batched ? grad_output : grad_output.unsqueeze(0)).contiguous();
+  // Channels-last x and dY are packed as they are (x: an even channel count and stride_w 1 or
+  // 2, pack_x_planes_cl's); other layouts through contiguous copies.
+  auto channels_last = [](const at::Tensor& t) {
+    return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+  };
+  at::Tensor x4 = g.batched ? input : input.unsqueeze(0);
+  at::Tensor dy4 = g.batched ? grad_output : grad_output.unsqueeze(0);
+  const bool x_cl = channels_last(x4) && g.in_channels % 2 == 0 && g.stride_w <= 2;
+  const bool dy_cl = channels_last(dy4);
+  if (!x_cl) x4 = x4.contiguous();
+  if (!dy_cl) dy4 = dy4.contiguous();
   const uint16_t* x = reinterpret_cast<const uint16_t*>(x4.const_data_ptr<at::BFloat16>());
   const uint16_t* dy = reinterpret_cast<const uint16_t*>(dy4.const_data_ptr<at::BFloat16>());
 
@@ -1070,11 +1222,11 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
   std::memset(xq.data() + g.batch * p.x_image, 0, sizeof(uint16_t) * 64);
   std::atomic<bool> finite{true};
   at::parallel_for(0, g.batch, 1, [&](int64_t n0, int64_t n1) {
-    if (!pack_x_planes(g, p, x, n0, n1, xq.data())) finite = false;
+    if (!(x_cl ? pack_x_planes_cl : pack_x_planes)(g, p, x, n0, n1, xq.data())) finite = false;
   });
   CachedBuffer<uint16_t> dyq(static_cast<size_t>(g.batch * g.out_h * p.dy_row), false);
   at::parallel_for(0, g.batch * g.out_h, 8, [&](int64_t r0, int64_t r1) {
-    pack_dy_pairs(g, p, dy, r0, r1, dyq.data());
+    (dy_cl ? pack_dy_pairs_cl : pack_dy_pairs)(g, p, dy, r0, r1, dyq.data());
   });
   if (!finite) return {};
 
@@ -1105,7 +1257,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
       }
     }
   });
-  return {grad_weight, bias ? bias_grad(g, dy, input.options()) : at::Tensor()};
+  return {grad_weight, bias ? bias_grad(g, dy, dy_cl, input.options()) : at::Tensor()};
 }
 
 #pragma GCC diagnostic pop
