@@ -635,13 +635,17 @@ at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
 //   dW[co, ci, kh, kw] = sum_(n, oh, ow) dY[n, co, oh, ow] * x[n, ci, ih, iw]   (one GEMM per tap)
 //
 // with the pixels as the reduction: C[ci][co] (per tap) = sum_k A[ci][k] B[k][co]. 32 consecutive
-// output pixels of a row read 32 input columns of each channel, stride_w apart: in a padded NCHW
-// copy of x whose rows are split into stride_w column phases (column c at phase c % stride_w,
-// index c / stride_w), they are contiguous, and an A tile (16 channels x 32 pixels) loads in
-// place (row stride: one channel plane). B is dY packed once as pairs of pixels (16 pairs x 16
-// output channels per tile), shared by all taps. Reduction blocks are 32 pixels of one output
-// row; a row's last block reads past the row in x (zeros or real columns) against zero rows of
-// B, so every term there is 0 unless x holds an Inf or NaN: the packing checks x, and a
+// output pixels of a row read 32 input columns of each channel, stride_w apart: in a padded copy
+// of x, each padded row's channels one after another ([n][row][channel][column]), the columns
+// split into stride_w phases (column c at phase c % stride_w, index c / stride_w), they are
+// contiguous, and an A tile (16 channels x 32 pixels) loads in place (row stride: one channel's
+// row). B is dY packed once as pairs of pixels (16 pairs x 16
+// output channels per tile), shared by all taps. Reduction blocks are 32 columns of a phase,
+// from a cache line on (phases and rows are whole lines): a tap whose columns are shifted by s
+// within its phase pairs block kb with output columns kb * 32 - s ..., so dY is packed in pairs
+// from before column 0 on, in both parities where some tap's s is odd (an A tile starting
+// mid-line reads 32 lines for its 16 rows). A block's columns outside the output row read x (zeros or real columns) against
+// zero rows of B, so every term there is 0 unless x holds an Inf or NaN: the packing checks x, and a
 // non-finite value sends the call to the float32 kernels (whose placement of Inf and NaN is
 // torch's). An Inf in dY meets only the x values (padding zeros included) an im2col GEMM would:
 // the same placement as the float32 kernels (tested).
@@ -654,22 +658,34 @@ at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
 namespace {
 
 struct WeightPlan {
-  int64_t Hp, Wph, Wr, Cp, Op, KB, taps, x_image, dy_row;
+  int64_t Hp, Wph, Wr, Cp, Op, taps, x_image;
+  // dY's packing: pairs of output columns, NP a row per block of 16 channels, P0 of them (all
+  // zeros) before column 0; one copy per parity of the pairs' first column (parities: 2 where a
+  // tap's shift is odd; see weight_items).
+  int64_t P0, NP, dy_row, parities;
   explicit WeightPlan(const Geometry& g) {
-    const int64_t s = g.stride_w;
+    const int64_t s = g.stride_w, last_shift = (g.kernel_w - 1) * g.dilation_w / s;
     Hp = g.in_h + 2 * g.padding_h;
-    KB = (g.out_w + 31) / 32;
     // A phase's length: the padded row's columns, and what a row's blocks read (up to index
-    // KB * 32 - 1 + (kernel_w - 1) * dilation_w / stride_w).
-    Wph = std::max<int64_t>((g.in_w + 2 * g.padding_w + s - 1) / s,
-                            KB * 32 + (g.kernel_w - 1) * g.dilation_w / s);
+    // blocks(last_shift) * 32 - 1), in whole 64-byte lines.
+    Wph = round_up(std::max<int64_t>((g.in_w + 2 * g.padding_w + s - 1) / s,
+                                     blocks(g, last_shift) * 32),
+                   32);
     Wr = s * Wph;  // a row: its stride_w phases one after another
     Cp = round_up(g.in_channels, 32);
     Op = round_up(g.out_channels, 32);
     taps = g.kernel_h * g.kernel_w;
     x_image = Cp * Hp * Wr;
-    dy_row = KB * (Op / kCoBlock) * 512;  // elements of one output row of packed dY
+    P0 = last_shift / 2;
+    NP = P0 + blocks(g, last_shift) * 16;
+    dy_row = (Op / kCoBlock) * NP * 32;  // elements of one output row of packed dY
+    parities = 1;
+    for (int64_t kw = 0; kw < g.kernel_w; ++kw)
+      if (kw * g.dilation_w / s % 2 == 1) parities = 2;
   }
+  // Blocks of 32 phase columns a tap of this shift reads: its output columns sit at phase
+  // columns shift .. shift + out_w - 1.
+  static int64_t blocks(const Geometry& g, int64_t shift) { return (g.out_w + shift + 31) / 32; }
 };
 
 // A row of W values into the two column phases of stride 2 (phase0 = row, phase1 = row + Wph),
@@ -698,22 +714,19 @@ PE_TARGET_AVX512 void split_columns_2(const uint16_t* src, int64_t W, int64_t pw
   }
 }
 
-// xq[n][ci][hp][phase][index]: x (NCHW contiguous) zero-padded, channels to Cp, padded column c
+// xq[n][hp][ci][phase][index]: x (NCHW contiguous) zero-padded, channels to Cp, padded column c
 // at phase c % stride_w, index c / stride_w; images [n0, n1). Returns false if a value is not
-// finite.
+// finite. (A padded row's channels one after another: an A tile's 16 rows are 16 adjacent
+// channel rows. With each channel a plane of its own, [n][ci][hp], they were 16 planes (6.7 KB)
+// apart, and the A tile loads took ~70% of weight_items' time, perf.)
 bool pack_x_planes(const Geometry& g, const WeightPlan& p, const uint16_t* x, int64_t n0,
                    int64_t n1, uint16_t* xq) {
   bool finite = true;
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t c = 0; c < p.Cp; ++c) {
-      uint16_t* plane = xq + (n * p.Cp + c) * p.Hp * p.Wr;
-      if (c >= g.in_channels) {
-        std::memset(plane, 0, sizeof(uint16_t) * p.Hp * p.Wr);
-        continue;
-      }
       for (int64_t hp = 0; hp < p.Hp; ++hp) {
-        uint16_t* row = plane + hp * p.Wr;
-        const int64_t h = hp - g.padding_h;
+        uint16_t* row = xq + n * p.x_image + (hp * p.Cp + c) * p.Wr;
+        const int64_t h = c < g.in_channels ? hp - g.padding_h : -1;
         if (h < 0 || h >= g.in_h) {
           std::memset(row, 0, sizeof(uint16_t) * p.Wr);
           continue;
@@ -764,10 +777,8 @@ PE_TARGET_AVX512 bool pack_x_planes_cl(const Geometry& g, const WeightPlan& p, c
   bool finite = true;
   for (int64_t n = n0; n < n1; ++n) {
     uint16_t* image = xq + n * p.x_image;
-    std::memset(image + C * p.Hp * p.Wr, 0, sizeof(uint16_t) * (p.Cp - C) * p.Hp * p.Wr);
     for (int64_t hp = 0; hp < p.Hp; ++hp) {
-      for (int64_t c = 0; c < C; ++c)
-        std::memset(image + (c * p.Hp + hp) * p.Wr, 0, sizeof(uint16_t) * p.Wr);
+      std::memset(image + hp * p.Cp * p.Wr, 0, sizeof(uint16_t) * p.Cp * p.Wr);
       const int64_t h = hp - g.padding_h;
       if (h < 0 || h >= g.in_h) continue;
       const uint16_t* src = x + (n * g.in_h + h) * W * C;
@@ -788,7 +799,7 @@ PE_TARGET_AVX512 bool pack_x_planes_cl(const Geometry& g, const WeightPlan& p, c
             const __m512i v[2] = {_mm512_permutex2var_epi16(a, first, b),
                                   _mm512_permutex2var_epi16(a, second, b)};
             for (int e = 0; e < 2; ++e) {
-              uint16_t* row = image + ((2 * (q0 + q) + e) * p.Hp + hp) * p.Wr;
+              uint16_t* row = image + (hp * p.Cp + 2 * (q0 + q) + e) * p.Wr;
               if (!split) {
                 _mm512_mask_storeu_epi16(row + pw + w0, cols, v[e]);
                 continue;
@@ -809,65 +820,74 @@ PE_TARGET_AVX512 bool pack_x_planes_cl(const Geometry& g, const WeightPlan& p, c
   return finite;
 }
 
-// dyq[n][oh][kb][co block][pair][co][2] from dY in NCHW ([n][co][oh][ow] contiguous): the pairs
-// of pixels (kb * 32 + 2q, + 1) of the block's output channels, zero past the row and past the
-// channels; rows [r0, r1) of n * out_h. A pair of adjacent pixels is one 32-bit word of dY's row:
-// 16 channels' rows of 16 words, transposed into the tile's [pair][channel] order.
+// dyq[parity][n][oh][co block][pair][co][2] from dY in NCHW ([n][co][oh][ow] contiguous): pair
+// i of parity e holds output columns (2 (i - P0) - e, + 1) of the block's 16 channels, zero
+// outside the row and past the channels; rows [r0, r1) of n * out_h. A pair of columns is one
+// 32-bit word of dY's row: 16 channels' rows of 16 words (the pairs of a tile), transposed into
+// the tile's [pair][channel] order.
 PE_TARGET_AVX512 void pack_dy_pairs(const Geometry& g, const WeightPlan& p, const uint16_t* dy,
                                     int64_t r0, int64_t r1, uint16_t* dyq) {
   const int64_t O = g.out_channels, OH = g.out_h, OW = g.out_w;
+  const int64_t per_parity = g.batch * OH * p.dy_row;
   alignas(64) uint32_t words[16 * 16];
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t n = r / OH, oh = r % OH;
-    uint16_t* dst = dyq + r * p.dy_row;
-    for (int64_t kb = 0; kb < p.KB; ++kb) {
-      const int64_t valid = std::min<int64_t>(32, OW - kb * 32);  // pixels of the block in the row
-      const __mmask32 pm = static_cast<__mmask32>(valid == 32 ? ~0u : (1u << valid) - 1u);
-      for (int64_t j = 0; j < p.Op / kCoBlock; ++j) {
-        for (int64_t c = 0; c < kCoBlock; ++c) {
-          const int64_t co = j * kCoBlock + c;
-          _mm512_store_si512(words + c * 16,
-                             co < O ? _mm512_maskz_loadu_epi16(
-                                          pm, dy + ((n * O + co) * OH + oh) * OW + kb * 32)
-                                    : _mm512_setzero_si512());
+  for (int64_t e = 0; e < p.parities; ++e)
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / OH, oh = r % OH;
+      uint16_t* dst = dyq + e * per_parity + r * p.dy_row;
+      for (int64_t i0 = 0; i0 < p.NP; i0 += 16) {
+        const int64_t pairs = std::min<int64_t>(16, p.NP - i0);
+        const int64_t ow0 = 2 * (i0 - p.P0) - e;  // the first pair's first column
+        // the columns ow0 + l (l < 2 * pairs) inside the row
+        const int64_t lo = std::clamp<int64_t>(-ow0, 0, 2 * pairs);
+        const int64_t hi = std::clamp<int64_t>(OW - ow0, lo, 2 * pairs);
+        const __mmask32 pm = static_cast<__mmask32>(
+            ((hi == 32 ? ~0u : (1u << hi) - 1u) >> lo) << lo);
+        for (int64_t j = 0; j < p.Op / kCoBlock; ++j) {
+          for (int64_t c = 0; c < kCoBlock; ++c) {
+            const int64_t co = j * kCoBlock + c;
+            _mm512_store_si512(
+                words + c * 16,
+                co < O && pm ? _mm512_maskz_loadu_epi16(
+                                   pm, dy + ((n * O + co) * OH + oh) * OW + ow0)
+                             : _mm512_setzero_si512());
+          }
+          transpose16(reinterpret_cast<const float*>(words), 16, 16, pairs,
+                      reinterpret_cast<float*>(dst + (j * p.NP + i0) * 32), 16, nullptr);
         }
-        uint32_t* tile = reinterpret_cast<uint32_t*>(dst + (kb * (p.Op / kCoBlock) + j) * 512);
-        transpose16(reinterpret_cast<const float*>(words), 16, 16, 16,
-                    reinterpret_cast<float*>(tile), 16, nullptr);
       }
     }
-  }
 }
 
-// pack_dy_pairs from dY channels-last ([n][oh][ow][co] contiguous): a pair of pixels' 16
+// pack_dy_pairs from dY channels-last ([n][oh][ow][co] contiguous): a pair of columns' 16
 // channels are two 32-byte runs, interleaved into the tile's [co][2] words by one permute.
 PE_TARGET_AVX512 void pack_dy_pairs_cl(const Geometry& g, const WeightPlan& p,
                                        const uint16_t* dy, int64_t r0, int64_t r1,
                                        uint16_t* dyq) {
   const int64_t O = g.out_channels, OW = g.out_w;
-  alignas(64) uint16_t interleave[32];  // element 2c: the first pixel's channel c; 2c + 1: the second's
+  const int64_t per_parity = g.batch * g.out_h * p.dy_row;
+  alignas(64) uint16_t interleave[32];  // element 2c: the first column's channel c; 2c + 1: the second's
   for (int i = 0; i < 32; ++i) interleave[i] = static_cast<uint16_t>(i % 2 * 16 + i / 2);
   const __m512i idx = _mm512_load_si512(interleave);
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* src = dy + r * OW * O;  // output row r of n * out_h
-    uint16_t* dst = dyq + r * p.dy_row;
-    for (int64_t kb = 0; kb < p.KB; ++kb)
+  for (int64_t e = 0; e < p.parities; ++e)
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint16_t* src = dy + r * OW * O;  // output row r of n * out_h
+      uint16_t* dst = dyq + e * per_parity + r * p.dy_row;
       for (int64_t j = 0; j < p.Op / kCoBlock; ++j) {
         const int64_t co0 = j * kCoBlock, nco = std::clamp<int64_t>(O - co0, 0, kCoBlock);
         const __mmask16 m = static_cast<__mmask16>((1u << nco) - 1u);
-        uint16_t* tile = dst + (kb * (p.Op / kCoBlock) + j) * 512;
-        for (int64_t q = 0; q < 16; ++q) {
-          const int64_t px = kb * 32 + 2 * q;
-          const __m256i a = px < OW ? _mm256_maskz_loadu_epi16(m, src + px * O + co0)
-                                    : _mm256_setzero_si256();
-          const __m256i b = px + 1 < OW ? _mm256_maskz_loadu_epi16(m, src + (px + 1) * O + co0)
-                                        : _mm256_setzero_si256();
-          _mm512_storeu_si512(tile + q * 32,
-                             _mm512_permutexvar_epi16(
-                                 idx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)));
+        for (int64_t i = 0; i < p.NP; ++i) {
+          const int64_t ow = 2 * (i - p.P0) - e;
+          const __m256i a = ow >= 0 && ow < OW ? _mm256_maskz_loadu_epi16(m, src + ow * O + co0)
+                                               : _mm256_setzero_si256();
+          const __m256i b = ow + 1 >= 0 && ow + 1 < OW
+                                ? _mm256_maskz_loadu_epi16(m, src + (ow + 1) * O + co0)
+                                : _mm256_setzero_si256();
+          _mm512_storeu_si512(dst + (j * p.NP + i) * 32,
+                              _mm512_permutexvar_epi16(
+                                  idx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)));
         }
       }
-  }
+    }
 }
 
 // Items [i0, i1) over all images, on this thread; cacc: their 32 x 32 float32 blocks.
@@ -875,7 +895,7 @@ PE_TARGET_AMX_BF16 void weight_items(const Geometry& g, const WeightPlan& p, con
                                      const uint16_t* dyq, int64_t i0, int64_t i1, float* cacc) {
   amx::configure();
   const int64_t ci_pairs = p.Cp / 32, co_pairs = p.Op / 32;
-  const int64_t a_stride = p.Hp * p.Wr * 2;  // bytes between channels
+  const int64_t a_stride = p.Wr * 2;  // bytes between channels
   for (int64_t n = 0; n < g.batch; ++n)
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t t = it / (ci_pairs * co_pairs);
@@ -887,17 +907,22 @@ PE_TARGET_AMX_BF16 void weight_items(const Geometry& g, const WeightPlan& p, con
       } else {
         amx::load_c(c);
       }
-      const int64_t col = kw * g.dilation_w;  // the tap's first column: its phase and index
-      const uint16_t* a_base = xq + (n * p.Cp + cib * 32) * p.Hp * p.Wr +
-                               (col % g.stride_w) * p.Wph + col / g.stride_w;
-      const uint16_t* b_base = dyq + n * g.out_h * p.dy_row + cob * 2 * 512;
+      // The tap reads output column ow at phase column ow + shift: block kb's A tile, phase
+      // columns kb * 32 ..., starts on a cache line, and its B tile holds the output columns
+      // kb * 32 - shift ... (shift's parity: the pairs' parity; pairs before column 0 and past
+      // the row are zeros).
+      const int64_t col = kw * g.dilation_w, shift = col / g.stride_w;
+      const uint16_t* a_base = xq + n * p.x_image + cib * 32 * p.Wr + (col % g.stride_w) * p.Wph;
+      const uint16_t* b_base = dyq + (shift % 2) * g.batch * g.out_h * p.dy_row +
+                               n * g.out_h * p.dy_row + (cob * 2 * p.NP + p.P0 - shift / 2) * 32;
+      const int64_t kbs = WeightPlan::blocks(g, shift);
       for (int64_t oh = 0; oh < g.out_h; ++oh) {
-        const uint16_t* a_row = a_base + (oh * g.stride_h + kh * g.dilation_h) * p.Wr;
+        const uint16_t* a_row = a_base + (oh * g.stride_h + kh * g.dilation_h) * p.Cp * p.Wr;
         const uint16_t* b_row = b_base + oh * p.dy_row;
-        for (int64_t kb = 0; kb < p.KB; ++kb) {
+        for (int64_t kb = 0; kb < kbs; ++kb) {
           const uint16_t* a0 = a_row + kb * 32;
-          const uint16_t* b0 = b_row + kb * (p.Op / kCoBlock) * 512;
-          amx::step(a0, a0 + 16 * p.Hp * p.Wr, a_stride, b0, b0 + 512, 64);
+          const uint16_t* b0 = b_row + kb * 16 * 32;
+          amx::step(a0, a0 + 16 * p.Wr, a_stride, b0, b0 + p.NP * 32, 64);
         }
       }
       amx::store_c(c);
@@ -1224,7 +1249,8 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
   at::parallel_for(0, g.batch, 1, [&](int64_t n0, int64_t n1) {
     if (!(x_cl ? pack_x_planes_cl : pack_x_planes)(g, p, x, n0, n1, xq.data())) finite = false;
   });
-  CachedBuffer<uint16_t> dyq(static_cast<size_t>(g.batch * g.out_h * p.dy_row), false);
+  CachedBuffer<uint16_t> dyq(static_cast<size_t>(p.parities * g.batch * g.out_h * p.dy_row),
+                            false);
   at::parallel_for(0, g.batch * g.out_h, 8, [&](int64_t r0, int64_t r1) {
     (dy_cl ? pack_dy_pairs_cl : pack_dy_pairs)(g, p, dy, r0, r1, dyq.data());
   });
