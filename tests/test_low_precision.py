@@ -230,6 +230,11 @@ WIDE_CONVS = [(2, 16, 9, 11, 32, 3, 1, 1, 1, 1), (3, 8, 13, 12, 40, 3, 2, 1, 1, 
               # stride 3, padding past the kernel's reach (the flipped convolution crops dY)
               (2, 16, 9, 8, 20, 1, 2, 0, 1, 1), (1, 16, 11, 13, 16, 3, 3, 1, 1, 1),
               (1, 16, 5, 6, 16, 3, 1, 3, 1, 1),
+              # ... the phases' one padded copy of dY, each phase's view starting inside it:
+              # phases of unequal padding (odd kernels, padding 0 to 2), 4x4 and 5x5 kernels
+              (2, 32, 9, 10, 24, 3, 2, 0, 1, 1), (1, 32, 8, 11, 32, 3, 2, 1, 1, 1),
+              (2, 16, 10, 9, 16, 5, 2, 2, 1, 1), (1, 16, 13, 12, 24, 3, 3, 2, 1, 1),
+              (1, 24, 9, 14, 16, 4, 2, 1, 1, 1),
               # strip mode (a kernel row's kernel_w x channels values per tile step): LeNet's
               # 6 -> 16 5x5 (30 of 32 values), a ResNet stem (odd channels, stride 2, padding),
               # 120-value strips whose packing takes two channel blocks, an odd-channel stride 2
