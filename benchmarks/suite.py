@@ -249,6 +249,8 @@ def op_cases(quick: bool) -> List[Case]:
             return (lambda: F.conv2d(x, w, b, stride, 1 if k == 3 else 0)), [x, w, b]
 
         cases += [_op_case(label, 8, p, channels_last_build) for p in passes]
+        if k == 3:  # the mixed-precision recipe of CPU training: channels_last under autocast
+            cases.append(_op_case(label, 8, "forward+backward", channels_last_build, amp=True))
 
     def pool_build(F, device):
         x = _rand(64, 6, 28, 28, device=device, grad=True)
