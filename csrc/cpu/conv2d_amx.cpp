@@ -1022,25 +1022,30 @@ PE_TARGET_AVX512 void bias_sums(const Geometry& g, const uint16_t* dy, int64_t c
     db[co] = lane_tree_sum(lanes);
   }
 }
-// dY channels-last ([n][oh][ow][co]); blocks of 16 output channels [b0, b1).
+// dY channels-last ([n][oh][ow][co]); blocks of 16 output channels [b0, b1), all in one pass
+// over the pixels (lanes in L1: 16 x the blocks' vectors). A pass per block read each of dY's
+// lines two to four times, from memory (4.7% of a 64 -> 64 @56 grad_weight, perf, one thread).
 PE_TARGET_AVX512 void bias_sums_cl(const Geometry& g, const uint16_t* dy, int64_t b0, int64_t b1,
                                    float* db) {
-  const int64_t O = g.out_channels, plane = g.out_h * g.out_w;
-  for (int64_t blk = b0; blk < b1; ++blk) {
-    const int64_t co0 = blk * 16, nco = std::min<int64_t>(16, O - co0);
-    const __mmask16 m = static_cast<__mmask16>((1u << nco) - 1u);
-    __m512 lanes[16];
-    for (int l = 0; l < 16; ++l) lanes[l] = _mm512_setzero_ps();
-    for (int64_t n = 0; n < g.batch; ++n) {
-      const uint16_t* src = dy + n * plane * O + co0;
-      for (int64_t i = 0; i < plane; i += 16) {
-        const int64_t k = std::min<int64_t>(16, plane - i);
-        for (int64_t l = 0; l < k; ++l)
-          lanes[l] = _mm512_add_ps(lanes[l],
-                                   widen_bf16(_mm256_maskz_loadu_epi16(m, src + (i + l) * O)));
-      }
+  const int64_t O = g.out_channels, plane = g.out_h * g.out_w, nb = b1 - b0;
+  std::vector<float> lanes(static_cast<size_t>(16 * nb * 16), 0.0f);  // [lane][block][16]
+  std::vector<__mmask16> masks(static_cast<size_t>(nb));
+  for (int64_t b = 0; b < nb; ++b)
+    masks[b] = static_cast<__mmask16>((1u << std::min<int64_t>(16, O - (b0 + b) * 16)) - 1u);
+  for (int64_t n = 0; n < g.batch; ++n)
+    for (int64_t i = 0; i < plane; ++i) {
+      const uint16_t* src = dy + (n * plane + i) * O + b0 * 16;
+      float* lane = lanes.data() + (i % 16) * nb * 16;
+      for (int64_t b = 0; b < nb; ++b)
+        _mm512_storeu_ps(lane + b * 16,
+                         _mm512_add_ps(_mm512_loadu_ps(lane + b * 16),
+                                       widen_bf16(_mm256_maskz_loadu_epi16(masks[b],
+                                                                           src + b * 16))));
     }
-    _mm512_mask_storeu_ps(db + co0, m, lane_tree_sum(lanes));
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 block[16];
+    for (int l = 0; l < 16; ++l) block[l] = _mm512_loadu_ps(lanes.data() + (l * nb + b) * 16);
+    _mm512_mask_storeu_ps(db + (b0 + b) * 16, masks[b], lane_tree_sum(block));
   }
 }
 
