@@ -422,18 +422,29 @@ CHANNELS_LAST_GRAD_WEIGHT = [(2, 64, 11, 56, 128, 2, 1), (1, 40, 9, 70, 24, 2, 1
 
 
 @pytest.mark.parametrize("case", CHANNELS_LAST_GRAD_WEIGHT, ids=str)
-def test_bfloat16_conv2d_grad_weight_of_channels_last_is_the_contiguous_calls(case):
-    """bfloat16 grad_weight and grad_bias of channels_last x and dY (on AMX tiles, read as they
-    are: cpu/conv2d_amx.cpp's pack_x_planes_cl, pack_dy_pairs_cl, bias_sums_cl) are the
-    contiguous call's, bit for bit, in any mix of layouts; an Inf in a channels_last x lands
-    where it does in the contiguous call (the float32 kernels take it)."""
+def test_bfloat16_conv2d_of_channels_last_is_the_contiguous_calls(case):
+    """bfloat16 conv2d of channels_last x, weight and dY (on AMX tiles, read as they are:
+    cpu/conv2d_amx.cpp's pack_input, pack_weight through the weight's strides, pack_x_planes_cl,
+    pack_dy_pairs_cl, bias_sums_cl) gives the contiguous call's forward and gradients, bit for
+    bit, in any mix of layouts; an Inf in a channels_last x lands where it does in the
+    contiguous call (the float32 kernels take it)."""
     n, c, h, w, co, s, p = case
     gen = torch.Generator().manual_seed(sum(case))
     x = torch.randn(n, c, h, w, generator=gen).bfloat16()
     wt = torch.randn(co, c, 3, 3, generator=gen).bfloat16()
-    out = torch.ops.pyengine.conv2d(x, wt, None, [s, s], [p, p], [1, 1], 1)
+    b = torch.randn(co, generator=gen).bfloat16()
+    geometry = ([s, s], [p, p], [1, 1], 1)
+    out = torch.ops.pyengine.conv2d(x, wt, b, *geometry)
     g = torch.randn(out.shape, generator=gen).bfloat16()
     cl = torch.channels_last
+    grad_input = torch.ops.pyengine.conv2d_backward(g, x, wt, *geometry, [True, False, False])[0]
+    for x_, w_, g_ in ((x.contiguous(memory_format=cl), wt.contiguous(memory_format=cl), g),
+                       (x, wt.contiguous(memory_format=cl), g.contiguous(memory_format=cl)),
+                       (x.contiguous(memory_format=cl), wt, g.contiguous(memory_format=cl))):
+        assert torch.equal(torch.ops.pyengine.conv2d(x_, w_, b, *geometry), out)
+        assert torch.equal(torch.ops.pyengine.conv2d_backward(g_, x_, w_, *geometry,
+                                                              [True, False, False])[0],
+                           grad_input)
 
     def grads(x_, g_):
         return torch.ops.pyengine.conv2d_backward(g_, x_, wt, [s, s], [p, p], [1, 1], 1,

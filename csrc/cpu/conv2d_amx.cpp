@@ -60,6 +60,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -133,7 +134,9 @@ bool amx_backward_input_fits(const Geometry& g) {
 // Whether every element of t (bfloat16) is finite: exponent bits not all ones. (Weights: small;
 // a loop the compiler vectorizes.)
 bool all_finite_bf16(const at::Tensor& t) {
-  const at::Tensor c = t.contiguous();
+  // A dense tensor's elements are the span from its first, in any layout (a channels_last
+  // weight is not copied).
+  const at::Tensor c = t.is_non_overlapping_and_dense() ? t : t.contiguous();
   const uint16_t* v = reinterpret_cast<const uint16_t*>(c.const_data_ptr<at::BFloat16>());
   uint16_t bad = 0;
   for (int64_t i = 0; i < c.numel(); ++i)
@@ -285,12 +288,19 @@ PE_TARGET_AVX512 void pack_input_nchw(const Geometry& g, const Plan& p, Pads pad
 // Transposed (grad_input): w is the forward convolution's weight [ci][co][KH][KW] (this
 // convolution's output channels are its input channels), and this kernel's tap (kh, kw) reads
 // the forward tap (first_h + step_h * (kernel_h - 1 - kh), likewise w): flipped, and for a
-// strided convolution's phase, every step-th tap from the phase's first.
+// strided convolution's phase, every step-th tap from the phase's first. w is read through its
+// strides (a channels_last weight as it is: its contiguous copy and the finiteness check's were
+// ~6% of a 64 -> 128 stride-2 channels_last forward, perf, one thread).
 struct WeightMap {
   bool transposed = false;
   int64_t first_h = 0, first_w = 0, step_h = 1, step_w = 1;
   int64_t kernel_h = 0, kernel_w = 0;  // the forward weight's (transposed only)
+  std::array<int64_t, 4> strides{};    // w's, in elements
 };
+
+std::array<int64_t, 4> strides_of(const at::Tensor& w) {
+  return {w.stride(0), w.stride(1), w.stride(2), w.stride(3)};
+}
 
 // wp from w, co blocks [j0, j1).
 // A step's value i (of 32) is channel cb * 32 + i of tap (kh, kw) in tap-by-tap mode; in strip
@@ -298,7 +308,6 @@ struct WeightMap {
 void pack_weight(const Geometry& g, const Plan& p, const uint16_t* w, const WeightMap& m,
                  int64_t j0, int64_t j1, uint16_t* wp) {
   const int64_t Cin = g.in_channels, Cout = g.out_channels;
-  const int64_t src_taps = m.transposed ? m.kernel_h * m.kernel_w : g.kernel_h * g.kernel_w;
   for (int64_t j = j0; j < j1; ++j)
     for (int64_t t = 0; t < p.taps; ++t) {
       const int64_t kh = t / p.kw_steps;
@@ -310,17 +319,16 @@ void pack_weight(const Geometry& g, const Plan& p, const uint16_t* w, const Weig
             const int64_t kw = p.strip ? i / Cin : t % p.kw_steps;
             const int64_t ci = p.strip ? i % Cin : i;
             const bool tap = kw < g.kernel_w && ci < Cin;
-            const int64_t src_tap =
-                m.transposed ? (m.first_h + m.step_h * (g.kernel_h - 1 - kh)) * m.kernel_w +
-                                   (m.first_w + m.step_w * (g.kernel_w - 1 - kw))
-                             : kh * g.kernel_w + kw;
+            const int64_t src_kh = m.transposed ? m.first_h + m.step_h * (g.kernel_h - 1 - kh) : kh;
+            const int64_t src_kw = m.transposed ? m.first_w + m.step_w * (g.kernel_w - 1 - kw) : kw;
+            // w[co][ci] (forward), w[ci][co] (transposed), at the source tap
+            const int64_t co_stride = m.strides[m.transposed ? 1 : 0];
+            const uint16_t* src = w + (tap ? ci * m.strides[m.transposed ? 0 : 1] +
+                                                 src_kh * m.strides[2] + src_kw * m.strides[3]
+                                           : 0);
             for (int64_t c = 0; c < kCoBlock; ++c) {
               const int64_t co = j * kCoBlock + c;
-              uint16_t v = 0;
-              if (co < Cout && tap)
-                v = m.transposed ? w[(ci * Cout + co) * src_taps + src_tap]
-                                 : w[(co * Cin + ci) * src_taps + src_tap];
-              tile[(q * kCoBlock + c) * 2 + e] = v;
+              tile[(q * kCoBlock + c) * 2 + e] = co < Cout && tap ? src[co * co_stride] : 0;
             }
           }
       }
@@ -568,7 +576,8 @@ at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Ten
       at::IntArrayRef(g.output_sizes()), channels_last,
       input.options().dtype(float_output ? at::kFloat : at::kBFloat16));
   if (out.numel() == 0) return out;
-  const at::Tensor wc = weight.contiguous();
+  WeightMap m;
+  m.strides = strides_of(weight);
   // The bias in float32, zero-padded to the co blocks (added before the one rounding).
   CachedBuffer<float> b32(static_cast<size_t>(round_up(g.out_channels, 2 * kCoBlock)), 0.0f);
   if (bias.defined()) {
@@ -582,10 +591,10 @@ at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Ten
   const at::Tensor x4 = g.batched ? input : input.unsqueeze(0);
   const float* b = bias.defined() ? b32.data() : nullptr;
   if (float_output)
-    convolve(g4, {g.padding_h, g.padding_w}, x4, bf16_bits(wc), WeightMap{}, b,
+    convolve(g4, {g.padding_h, g.padding_w}, x4, bf16_bits(weight), m, b,
              out.mutable_data_ptr<float>(), strides4(y4));
   else
-    convolve(g4, {g.padding_h, g.padding_w}, x4, bf16_bits(wc), WeightMap{}, b,
+    convolve(g4, {g.padding_h, g.padding_w}, x4, bf16_bits(weight), m, b,
              reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>()), strides4(y4));
   return out;
 }
@@ -601,7 +610,6 @@ at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
   at::Tensor grad_input = empty_image<int64_t>(at::IntArrayRef(sizes), channels_last,
                                                grad_output.options());
   if (grad_input.numel() == 0) return grad_input;
-  const at::Tensor wc = weight.contiguous();
   // one layout for every phase: channels-last as it is, else NCHW (convolve packs either)
   const at::Tensor dy = g.batched ? grad_output : grad_output.unsqueeze(0);
   const at::Tensor dy4 =
@@ -651,14 +659,14 @@ at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
       t.padding_w = c.pad;
       convs.push_back({t, {r.pad, c.pad},
                        WeightMap{true, r.first, c.first, g.stride_h, g.stride_w, g.kernel_h,
-                                 g.kernel_w},
+                                 g.kernel_w, strides_of(weight)},
                        base, o});
     }
   bool strips = false;
   for (const PhaseConv& pc : convs) strips = strips || strip_mode(pc.t);
   if (convs.size() < 2 || strips) {  // one convolution (stride 1), or strips: as they come
     for (const PhaseConv& pc : convs)
-      convolve(pc.t, pc.pads, dy4, bf16_bits(wc), pc.m, nullptr, pc.base, pc.o);
+      convolve(pc.t, pc.pads, dy4, bf16_bits(weight), pc.m, nullptr, pc.base, pc.o);
     return grad_input;
   }
   // Tap by tap, every phase reads one zero-padded copy of dY, with the most padding any phase
@@ -686,7 +694,7 @@ at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
     const uint16_t* view =
         xp.data() +
         ((most.top - pc.pads.top) * shared.Wp + most.left - pc.pads.left) * shared.Cp;
-    multiply_packed<uint16_t>(pc.t, p, view, bf16_bits(wc), pc.m, nullptr, pc.base, pc.o);
+    multiply_packed<uint16_t>(pc.t, p, view, bf16_bits(weight), pc.m, nullptr, pc.base, pc.o);
   }
   return grad_input;
 }
