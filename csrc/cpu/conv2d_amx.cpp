@@ -904,8 +904,8 @@ PE_TARGET_AVX512 void pack_dy_pairs(const Geometry& g, const WeightPlan& p, cons
   const int64_t O = g.out_channels, OH = g.out_h, OW = g.out_w;
   const int64_t per_parity = g.batch * OH * p.dy_row;
   alignas(64) uint32_t words[16 * 16];
-  for (int64_t e = 0; e < p.parities; ++e)
-    for (int64_t r = r0; r < r1; ++r) {
+  for (int64_t r = r0; r < r1; ++r)  // (the second parity's loads find the row in L1)
+    for (int64_t e = 0; e < p.parities; ++e) {
       const int64_t n = r / OH, oh = r % OH;
       uint16_t* dst = dyq + e * per_parity + r * p.dy_row;
       for (int64_t i0 = 0; i0 < p.NP; i0 += 16) {
@@ -942,8 +942,8 @@ PE_TARGET_AVX512 void pack_dy_pairs_cl(const Geometry& g, const WeightPlan& p,
   alignas(64) uint16_t interleave[32];  // element 2c: the first column's channel c; 2c + 1: the second's
   for (int i = 0; i < 32; ++i) interleave[i] = static_cast<uint16_t>(i % 2 * 16 + i / 2);
   const __m512i idx = _mm512_load_si512(interleave);
-  for (int64_t e = 0; e < p.parities; ++e)
-    for (int64_t r = r0; r < r1; ++r) {
+  for (int64_t r = r0; r < r1; ++r)  // (the second parity's loads find the row in L1)
+    for (int64_t e = 0; e < p.parities; ++e) {
       const uint16_t* src = dy + r * OW * O;  // output row r of n * out_h
       uint16_t* dst = dyq + e * per_parity + r * p.dy_row;
       for (int64_t j = 0; j < p.Op / kCoBlock; ++j) {
