@@ -540,7 +540,6 @@ void convolve(const Geometry& g, Pads pads, const at::Tensor& x4, const uint16_t
   multiply_packed<Y>(g, p, xp.data(), w, m, bias32, y, o);
 }
 
-
 OutStrides strides4(const at::Tensor& t4) {
   return {t4.stride(0), t4.stride(1), t4.stride(2), t4.stride(3)};
 }
@@ -682,6 +681,7 @@ at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
   for (const PhaseConv& pc : convs)
     most = {std::max(most.top, pc.pads.top), std::max(most.left, pc.pads.left)};
   Plan shared(convs[0].t, false);
+  const int64_t overrun = shared.xp_size - g.batch * shared.image;  // (a last segment's reads)
   shared.Hp = shared.Wp = 0;
   for (const PhaseConv& pc : convs) {
     const Plan p(pc.t, false);
@@ -689,7 +689,7 @@ at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
     shared.Wp = std::max(shared.Wp, most.left - pc.pads.left + p.Wp);
   }
   shared.image = shared.Hp * shared.Wp * shared.Cp;
-  shared.xp_size = g.batch * shared.image + (kSeg + 1) * shared.Cp;  // (+ a segment's overrun)
+  shared.xp_size = g.batch * shared.image + overrun;
   CachedBuffer<uint16_t> xp(static_cast<size_t>(shared.xp_size), false);
   pack_images(convs[0].t, shared, most, dy4, xp.data());
   for (const PhaseConv& pc : convs) {
@@ -713,13 +713,13 @@ at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
 // of x, each padded row's channels one after another ([n][row][channel][column]), the columns
 // split into stride_w phases (column c at phase c % stride_w, index c / stride_w), they are
 // contiguous, and an A tile (16 channels x 32 pixels) loads in place (row stride: one channel's
-// row). B is dY packed once as pairs of pixels (16 pairs x 16
-// output channels per tile), shared by all taps. Reduction blocks are 32 columns of a phase,
-// from a cache line on (phases and rows are whole lines): a tap whose columns are shifted by s
-// within its phase pairs block kb with output columns kb * 32 - s ..., so dY is packed in pairs
-// from before column 0 on, in both parities where some tap's s is odd (an A tile starting
-// mid-line reads 32 lines for its 16 rows). A block's columns outside the output row read x (zeros or real columns) against
-// zero rows of B, so every term there is 0 unless x holds an Inf or NaN: the packing checks x, and a
+// row). B is dY packed once as pairs of pixels (16 pairs x 16 output channels per tile), shared
+// by all taps. Reduction blocks are 32 columns of a phase, from a cache line on (phases and rows
+// are whole lines): a tap whose columns are shifted by s within its phase pairs block kb with
+// output columns kb * 32 - s ..., so dY is packed in pairs from before column 0 on, in both
+// parities where some tap's s is odd (an A tile starting mid-line reads 32 lines for its 16
+// rows). A block's columns outside the output row read x (zeros or real columns) against zero
+// rows of B, so every term there is 0 unless x holds an Inf or NaN: the packing checks x, and a
 // non-finite value sends the call to the float32 kernels (whose placement of Inf and NaN is
 // torch's). An Inf in dY meets only the x values (padding zeros included) an im2col GEMM would:
 // the same placement as the float32 kernels (tested).
@@ -939,7 +939,8 @@ PE_TARGET_AVX512 void pack_dy_pairs_cl(const Geometry& g, const WeightPlan& p,
                                        uint16_t* dyq) {
   const int64_t O = g.out_channels, OW = g.out_w;
   const int64_t per_parity = g.batch * g.out_h * p.dy_row;
-  alignas(64) uint16_t interleave[32];  // element 2c: the first column's channel c; 2c + 1: the second's
+  // element 2c: the first column's channel c; 2c + 1: the second column's
+  alignas(64) uint16_t interleave[32];
   for (int i = 0; i < 32; ++i) interleave[i] = static_cast<uint16_t>(i % 2 * 16 + i / 2);
   const __m512i idx = _mm512_load_si512(interleave);
   for (int64_t r = r0; r < r1; ++r)  // (the second parity's loads find the row in L1)
