@@ -13,8 +13,9 @@
 // Micro-kernels
 //   op_tile<MR, NV>  C[MR x NV*W] += A[MR x kc] B[kc x NV*W]: per k, NV vector loads of B's row,
 //                    MR broadcasts of A's column, MR*NV FMAs. AVX-512 fp32: 24x16, 12x32 or 6x64
-//                    tiles, 24 of the 32 zmm registers hold C. The 6x64 tile also broadcasts
-//                    from a row-major A in place (kRowA: one offset register per row).
+//                    tiles, 24 of the 32 zmm registers hold C. The 6-row tile (6x64; 6x16
+//                    with AVX2) also broadcasts from a row-major A in place (kRowA: one offset
+//                    register per row).
 //   op_tile_ind      the same with A's column and B's row found through per-k pointer tables
 //                    (conv2d's implicit im2col in its batch-innermost layout).
 //   dot_tile<RA, RB> C[RA x RB] += A[RA x K] B^T[RB x K], vectorised along k (A rows and B^T rows
@@ -81,6 +82,25 @@ struct IsaSse {
 template <class Isa>
 constexpr int mr_of(int nv) {
   return nv == 1 ? Isa::kMR1 : nv == 2 ? Isa::kMR2 : Isa::kMR4;
+}
+
+// Tiles whose A rows are found by offsets held in registers (a row-major A read in place, gathered
+// rows) have at most this many rows: each row's offset takes one of the 16 general registers.
+constexpr int kGatheredRowsMax = 6;
+
+// Of the tiles of at most kGatheredRowsMax rows, the vectors of columns of the one with the most
+// accumulators: 6 x 4 with AVX-512, 6 x 2 with AVX2 or SSE (whose 2 x 4 tile has 8 accumulators,
+// just the FMA latency times two pipes, with no slack for a late load: on a Zen 3 it ran 6-15%
+// slower than 6 x 2 on conv2d's gathered implicit GEMMs).
+template <class Isa>
+constexpr int rows_tile_nv() {
+  int best = 4, most = 0;
+  for (int nv : {4, 2, 1})
+    if (mr_of<Isa>(nv) <= kGatheredRowsMax && mr_of<Isa>(nv) * nv > most) {
+      most = mr_of<Isa>(nv) * nv;
+      best = nv;
+    }
+  return best;
 }
 
 template <typename T, int W>
@@ -225,7 +245,6 @@ PE_INLINE void op_tile(int64_t kc, const T* __restrict a, int64_t lda, const T* 
 // b[k][bj + j] (conv2d's implicit GEMMs). A gathered row's offset stays in a register: the
 // broadcast reads [a[k] + rows[i] * sizeof(T)], one load as before (tiles of up to
 // kGatheredRowsMax rows; the 24-row tile's offsets would not fit the 16 general registers).
-constexpr int kGatheredRowsMax = 6;
 template <class Isa, typename T, int MR, int NV, bool kGather>
 PE_INLINE void op_tile_ind(int64_t kc, const T* const* __restrict a, int64_t ai,
                            const int64_t* __restrict rows, const T* const* __restrict b,
@@ -436,7 +455,8 @@ int64_t l2_bytes() {
 }
 
 // Whether op_driver reads A's rows in place (op_tile's kRowA) rather than packing them: the
-// 4-vector tiles (of mr4 rows, at most kGatheredRowsMax), A contiguous along k, its rows not a
+// tiles of rows_nv vectors (rows_tile_nv: 6 x 4 with AVX-512, 6 x 2 below it), A contiguous
+// along k, its rows not a
 // multiple of 512 bytes apart beyond 1 KB (as gemm.h's in_place_ld: the tile's rows then share
 // a few L1 sets; W of 4096 x 4096 read this way took 87 ms where its packed panels take 61, one
 // thread; rows 512 B or 1 KB apart spread 6 rows over 4 or more sets, and reading them in place
@@ -444,10 +464,14 @@ int64_t l2_bytes() {
 // 1x1 conv2d, batch 8 @56, two threads, ran 1.6x torch's time with the rows packed, 1.2-1.25x
 // read in place), and C's rows contiguous (with C^T's tiles, stored element by element, W read
 // in place made linear 64 x 784 -> 256 pick them: 235 us on one thread where C's own tiles take
-// 182).
-bool reads_a_rows(int mr4, int nv, int64_t rsa, int64_t csa, int64_t csc, int64_t elem_bytes) {
+// 182). With AVX2 only 4-vector tiles read A in place at first, on 2 rows: y = x W^T then took
+// the 2 x 4 tile or packed x by transposes; the 6 x 2 tile in place took linear 784 -> 256's
+// forward from 1.33-1.41x torch's time to 0.99-1.00x at batch 256 and 1024 (one thread, Zen 3,
+// builds alternating in one session), 400 -> 120 from 1.29-1.31x to 0.97x.
+bool reads_a_rows(int rows_nv, int nv, int64_t rsa, int64_t csa, int64_t csc,
+                  int64_t elem_bytes) {
   const int64_t row_bytes = rsa * elem_bytes;
-  return nv == 4 && mr4 <= kGatheredRowsMax && csa == 1 && rsa != 1 && csc == 1 &&
+  return nv == rows_nv && csa == 1 && rsa != 1 && csc == 1 &&
          (row_bytes % 512 != 0 || row_bytes <= 1024);
 }
 
@@ -472,7 +496,7 @@ void op_driver(const Problem<T>& p) {
   // A row-major (y = x W^T's x, dX = dY W's dY): the 6-row tiles broadcast from its rows in
   // place (op_tile's kRowA), no packing: 256 x 784 -> 256 packed A's transposes cost as much as
   // a tenth of its multiply-adds.
-  const bool a_rows = reads_a_rows(Isa::kMR4, NV, p.rsa, p.csa, p.csc, sizeof(T));
+  const bool a_rows = reads_a_rows(rows_tile_nv<Isa>(), NV, p.rsa, p.csa, p.csc, sizeof(T));
   const bool b_direct = p.csb == 1 && p.M <= MR;
   // k blocks of equal size, at most kKC (from K alone: each C element's sum order depends on
   // the shapes only).
@@ -576,7 +600,7 @@ void op_driver(const Problem<T>& p) {
             const bool biased = p.bias && pc == 0;
             if (biased) fill_bias(p, ic + ir, jc + j0, mr, nr);
             if (a_rows) {  // (a narrow last panel too: B's panel is zero-padded to NR)
-              Kern<Isa, T>::op4_rows(mr, kc, p.A + (ic + ir) * p.rsa + pc, p.rsa, bp, ldb,
+              Kern<Isa, T>::op_a_rows(mr, kc, p.A + (ic + ir) * p.rsa + pc, p.rsa, bp, ldb,
                                      p.C + (ic + ir) * p.rsc + (jc + j0) * p.csc, p.rsc, p.csc,
                                      nr, accum || biased, &cursor, pfn);
               continue;
@@ -837,13 +861,13 @@ struct Plan {
 };
 
 struct IsaInfo {
-  int bytes, mr1, mr2, mr4, ra, rb;
+  int bytes, mr1, mr2, mr4, ra, rb, rows_nv;
   int mr(int nv) const { return nv == 1 ? mr1 : nv == 2 ? mr2 : mr4; }
 };
 
 template <class Isa>
 constexpr IsaInfo info_of() {
-  return {Isa::kBytes, Isa::kMR1, Isa::kMR2, Isa::kMR4, Isa::kRA, Isa::kRB};
+  return {Isa::kBytes, Isa::kMR1, Isa::kMR2, Isa::kMR4, Isa::kRA, Isa::kRB, rows_tile_nv<Isa>()};
 }
 
 // Rough cycle counts; only their order matters. Per cycle: 2 vector FMAs and 2 loads, a
@@ -943,12 +967,12 @@ Plan make_plan(const IsaInfo& isa, const Problem<T>& p) {
     consider({Kind::OpN, nv},
              op_cost(isa, w, p.M, p.N, p.K, p.rsa != 1, p.csb != 1, p.csc != 1, nv,
                      kTransposeCost, false,
-                     reads_a_rows(isa.mr4, nv, p.rsa, p.csa, p.csc, sizeof(T))));
+                     reads_a_rows(isa.rows_nv, nv, p.rsa, p.csa, p.csc, sizeof(T))));
     // C^T = B^T A^T.
     consider({Kind::OpT, nv},
              op_cost(isa, w, p.N, p.M, p.K, p.csb != 1, p.rsa != 1, p.rsc != 1, nv,
                      kTransposeCost, false,
-                     reads_a_rows(isa.mr4, nv, p.csb, p.rsb, p.rsc, sizeof(T))));
+                     reads_a_rows(isa.rows_nv, nv, p.csb, p.rsb, p.rsc, sizeof(T))));
   }
   if (p.csa == 1 && p.rsb == 1) consider({Kind::Dot, 1}, dot_cost(isa, w, p.M, p.N, p.K));
   return best;
@@ -1007,15 +1031,15 @@ void run_plan(const Problem<T>& p, Plan plan) {
                                                      int64_t pfn) {                           \
       op_rows<ISA, T, 4, ISA::kMR4>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum, pf, pfn); \
     }                                                                                         \
-    TARGET __attribute__((noinline)) static void op4_rows(int mr, int64_t kc, const T* a,     \
-                                                          int64_t lda, const T* b,            \
-                                                          int64_t ldb, T* c, int64_t rsc,     \
-                                                          int64_t csc, int64_t nr,            \
-                                                          bool accum, LineCursor* pf,         \
-                                                          int64_t pfn) {                      \
-      if constexpr (ISA::kMR4 <= kGatheredRowsMax)                                            \
-        op_rows<ISA, T, 4, ISA::kMR4, true>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr, accum,   \
-                                            pf, pfn);                                         \
+    TARGET __attribute__((noinline)) static void op_a_rows(int mr, int64_t kc, const T* a,    \
+                                                           int64_t lda, const T* b,           \
+                                                           int64_t ldb, T* c, int64_t rsc,    \
+                                                           int64_t csc, int64_t nr,           \
+                                                           bool accum, LineCursor* pf,        \
+                                                           int64_t pfn) {                     \
+      constexpr int NV = rows_tile_nv<ISA>();                                                 \
+      op_rows<ISA, T, NV, mr_of<ISA>(NV), true>(mr, kc, a, lda, b, ldb, c, rsc, csc, nr,      \
+                                                accum, pf, pfn);                              \
     }                                                                                         \
     template <int NV, bool G>                                                                 \
     TARGET __attribute__((noinline)) static void ind(int mr, int64_t kc, const T* const* a,   \
@@ -1252,21 +1276,13 @@ void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* 
     return;
   }
   // Tile width from the cost model (no packing here), from the shapes only. Gathered rows keep
-  // their offsets in registers (op_tile_ind) and take the tile of at most kGatheredRowsMax rows
-  // with the most accumulators: 6 x 4 vectors with AVX-512, 6 x 2 below it. AVX2's 2 x 4 (8
-  // accumulators: just the FMA latency times the two pipes, no slack for a late load) ran
-  // 6-15% slower than 6 x 2 on conv2d's implicit GEMMs on a Zen 3 (forward and grad_input,
-  // stride 2 and 5x5; one thread, the two alternating in one process).
+  // their offsets in registers (op_tile_ind) and take rows_tile_nv's tile (6 x 4 vectors with
+  // AVX-512, 6 x 2 below it).
   const IsaInfo& isa = backend().info;
   const int w = isa.bytes / static_cast<int>(sizeof(T));
   int nv = 4;
   if (a_rows) {
-    int most = 0;
-    for (int v : {4, 2, 1})
-      if (isa.mr(v) <= kGatheredRowsMax && isa.mr(v) * v > most) {
-        most = isa.mr(v) * v;
-        nv = v;
-      }
+    nv = isa.rows_nv;
   } else {
     double best = -1;
     for (int v : {4, 2, 1}) {
