@@ -442,17 +442,19 @@ PE_INLINE void column_targets(const ColumnBlock<T>& b, int64_t ignore_index,
 // Per lane with class-index targets: x_t, the target's logit, and w_t, its class weight (1
 // without weight; both 0 for an ignored lane), picked by a select per class rather than a gather
 // per lane. A full block uses GCC vector types: written as a loop over lanes, GCC compiled the
-// selects into scalar branches here (perf: most of a 21-class forward's time).
-template <typename T, bool kFull>
+// selects into scalar branches here (perf: most of a 21-class forward's time). Vectors of the
+// level's width (VB bytes): 64-byte ones compiled for AVX2 went back to a branch per lane (perf,
+// Zen 3: ~55% of that forward).
+template <typename T, bool kFull, int VB>
 PE_INLINE void column_pick_target(const ColumnBlock<T>& b, const LaneIndex<T>* target,
                                   const T* w, T* xt_out, T* wt_out) {
   constexpr int64_t L = kColumnLanes<T>;
   if constexpr (kFull) {
     using Index = LaneIndex<T>;
-    typedef T V __attribute__((vector_size(64)));
-    typedef Index I __attribute__((vector_size(64)));
-    constexpr int64_t kVectors = L * sizeof(T) / 64;
-    static_assert(sizeof(I) == sizeof(V) && kVectors * 64 == L * int64_t(sizeof(T)));
+    typedef T V __attribute__((vector_size(VB)));
+    typedef Index I __attribute__((vector_size(VB)));
+    constexpr int64_t kVectors = L * sizeof(T) / VB;
+    static_assert(sizeof(I) == sizeof(V) && kVectors * VB == L * int64_t(sizeof(T)));
     V xt[kVectors] = {}, wt[kVectors] = {};
     I tl[kVectors];
     std::memcpy(tl, target, sizeof(tl));
@@ -460,7 +462,7 @@ PE_INLINE void column_pick_target(const ColumnBlock<T>& b, const LaneIndex<T>* t
       const V wj = V{} + (w ? w[j] : T(1));
       for (int64_t v = 0; v < kVectors; ++v) {
         V xj;
-        std::memcpy(&xj, b.x + j * b.stride + v * int64_t(64 / sizeof(T)), sizeof(V));
+        std::memcpy(&xj, b.x + j * b.stride + v * int64_t(VB / sizeof(T)), sizeof(V));
         const auto hit = tl[v] == static_cast<Index>(j);
         xt[v] = hit ? xj : xt[v];
         wt[v] = hit ? wj : wt[v];
@@ -491,7 +493,7 @@ struct ColumnLossArgs {
 // Lane l's loss and its share of the 'mean' denominator (as the row loop: w[t], 0 when ignored,
 // 1 per pixel of probabilities): into loss_out[l] for 'none', else their sums over the block's
 // lanes (a fixed tree) into sums_out[0] and [1].
-template <typename T, bool kFull>
+template <typename T, bool kFull, int VB>
 PE_INLINE void column_losses_body(const ColumnBlock<T>& b, const ColumnLossArgs<T>& a,
                                   double* loss_out, double* sums_out) {
   constexpr int64_t L = kColumnLanes<T>;
@@ -515,7 +517,7 @@ PE_INLINE void column_losses_body(const ColumnBlock<T>& b, const ColumnLossArgs<
   } else {
     LaneIndex<T> target[L];
     column_targets(b, a.ignore_index, target);
-    column_pick_target<T, kFull>(b, target, a.w, xt, wt);
+    column_pick_target<T, kFull, VB>(b, target, a.w, xt, wt);
     const double smooth_share = a.eps / static_cast<double>(b.classes);
     PE_LANES for (int64_t l = 0; l < W; ++l) {
       const bool kept = target[l] >= 0;
@@ -537,13 +539,14 @@ PE_INLINE void column_losses_body(const ColumnBlock<T>& b, const ColumnLossArgs<
   sums_out[1] = lane_total<L>(share);
 }
 
-template <typename T>
+// VB: the bytes of the level's vectors (64, 32 or 16), for column_pick_target.
+template <typename T, int VB>
 PE_INLINE void column_losses_impl(ColumnBlock<T> b, ColumnLossArgs<T> a, double* loss,
                                   double* sums) {
   if (b.width == kColumnLanes<T>) {
-    column_losses_body<T, true>(b, a, loss, sums);
+    column_losses_body<T, true, VB>(b, a, loss, sums);
   } else {
-    column_losses_body<T, false>(b, a, loss, sums);
+    column_losses_body<T, false, VB>(b, a, loss, sums);
   }
 }
 
@@ -563,7 +566,7 @@ struct ColumnGradArgs {
   T* grad;        // lane l's class j at grad[j * stride + l]
 };
 
-template <typename T, bool kFull>
+template <typename T, bool kFull, int VB>
 PE_INLINE void column_grads_body(const ColumnBlock<T>& b, const ColumnGradArgs<T>& a) {
   constexpr int64_t L = kColumnLanes<T>;
   const int64_t W = kFull ? L : b.width;
@@ -582,7 +585,7 @@ PE_INLINE void column_grads_body(const ColumnBlock<T>& b, const ColumnGradArgs<T
   }
   if (b.t != nullptr) {
     column_targets(b, a.ignore_index, target);
-    column_pick_target<T, kFull>(b, target, a.w, xt, wt);
+    column_pick_target<T, kFull, VB>(b, target, a.w, xt, wt);
   } else {
     PE_LANES for (int64_t l = 0; l < L; ++l) target[l] = -1;
   }
@@ -628,21 +631,25 @@ PE_INLINE void column_grads_body(const ColumnBlock<T>& b, const ColumnGradArgs<T
   });
 }
 
-template <typename T>
+template <typename T, int VB>
 PE_INLINE void column_grads_impl(ColumnBlock<T> b, ColumnGradArgs<T> a) {
   if (b.width == kColumnLanes<T>) {
-    column_grads_body<T, true>(b, a);
+    column_grads_body<T, true, VB>(b, a);
   } else {
-    column_grads_body<T, false>(b, a);
+    column_grads_body<T, false, VB>(b, a);
   }
 }
 
 #define PE_DEFINE_COLUMN_KERNELS(T)                                                          \
-  PE_ISA_FUNCTION(Family::CrossEntropy, void, column_losses,                                \
-                  (ColumnBlock<T> b, ColumnLossArgs<T> a, double* loss, double* sums),      \
-                  (b, a, loss, sums), column_losses_impl<T>)                               \
-  PE_ISA_FUNCTION(Family::CrossEntropy, void, column_grads,                                 \
-                  (ColumnBlock<T> b, ColumnGradArgs<T> a), (b, a), column_grads_impl<T>)
+  PE_ISA_FUNCTION_PER_LEVEL(Family::CrossEntropy, void, column_losses,                      \
+                            (ColumnBlock<T> b, ColumnLossArgs<T> a, double* loss,           \
+                             double* sums),                                                 \
+                            (b, a, loss, sums), (column_losses_impl<T, 64>),                \
+                            (column_losses_impl<T, 32>), (column_losses_impl<T, 16>))       \
+  PE_ISA_FUNCTION_PER_LEVEL(Family::CrossEntropy, void, column_grads,                       \
+                            (ColumnBlock<T> b, ColumnGradArgs<T> a), (b, a),                \
+                            (column_grads_impl<T, 64>), (column_grads_impl<T, 32>),         \
+                            (column_grads_impl<T, 16>))
 PE_DEFINE_COLUMN_KERNELS(float)
 PE_DEFINE_COLUMN_KERNELS(double)
 #undef PE_DEFINE_COLUMN_KERNELS

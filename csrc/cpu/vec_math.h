@@ -130,7 +130,11 @@ PE_INLINE double log_at_least_one(double s) {
   constexpr uint64_t kMantissa = (uint64_t(1) << 52) - 1;
   constexpr uint64_t kOne = uint64_t(1023) << 52;
   const uint64_t bits = std::bit_cast<uint64_t>(s);
-  double e = static_cast<double>(static_cast<int64_t>(bits >> 52) - 1023);
+  // The exponent field as a double through 2^52's mantissa, not an int64 -> double conversion:
+  // AVX2 has none for vectors, and GCC then left cross_entropy's loop of per-lane logs scalar
+  // (perf: 15% of an 8 x 21 x 64 x 64 forward on a Zen 3). Exact either way.
+  constexpr uint64_t kTwo52 = uint64_t(0x433) << 52;  // 2^52
+  double e = (std::bit_cast<double>((bits >> 52) | kTwo52) - 4503599627370496.0) - 1023.0;
   double f = std::bit_cast<double>((bits & kMantissa) | kOne);  // [1, 2)
   const bool high = f > 1.4142135623730951;
   f = high ? f * 0.5 : f;
