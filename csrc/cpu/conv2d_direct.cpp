@@ -187,15 +187,13 @@ PE_INLINE void weight_columns(int64_t cols, const T* dyb, int64_t dy_plane, int6
 }
 
 // One image and group: every block of channels, input channel, kernel row and block of kernel
-// columns adds to its vector accumulators (accp: [blk][ci][ki][kjb][kCo][kKj][V]); the bias
-// sums go to dbp ([blk * kCo][V]) when not null. dyp: [blocks * kCo][OH][dy_ld], zero-padded.
+// columns adds to its vector accumulators (accp: [blk][ci][ki][kjb][kCo][kKj][V]).
+// dyp: [blocks * kCo][OH][dy_ld], zero-padded.
 // kBytes, kKjPass: weight_block's vector bytes and most kernel columns per call on this level.
 template <typename T, int kBytes, int kKjPass>
 PE_INLINE void weight_image_impl(const Geometry& g, const T* planes, const T* dyp, int64_t dy_ld,
-                                 T* accp, T* dbp) {
-  typedef T vec __attribute__((vector_size(kBytes)));
-  typedef T uvec __attribute__((vector_size(kBytes), aligned(sizeof(T)), may_alias));
-  constexpr int64_t V = 64 / sizeof(T), W = kBytes / sizeof(T);
+                                 T* accp) {
+  constexpr int64_t V = 64 / sizeof(T);
   const Padded pd = make_padded(g);
   const int64_t OH = g.out_h, OW = g.out_w, cin_g = g.in_channels_per_group();
   const int64_t blocks = ceil_div(g.out_channels_per_group(), int64_t(kCo));
@@ -213,22 +211,14 @@ PE_INLINE void weight_image_impl(const Geometry& g, const T* planes, const T* dy
                                                dy_plane, dy_ld, xb + j0, pd.wpp, OH, OW,
                                                ap + j0 * V);
         }
-    if (!dbp) continue;
-    for (int c = 0; c < kCo; ++c)  // the padding lanes and channels of dyp are zero
-      for (int64_t h = 0; h < V; h += W) {
-        vec s = *reinterpret_cast<const uvec*>(dbp + (blk * kCo + c) * V + h);
-        for (int64_t i = 0; i < dy_plane; i += V)
-          s += *reinterpret_cast<const uvec*>(dyb + c * dy_plane + i + h);
-        *reinterpret_cast<uvec*>(dbp + (blk * kCo + c) * V + h) = s;
-      }
   }
 }
 
 #define PE_DEFINE_DIRECT_WEIGHT(T)                                                           \
   PE_ISA_FUNCTION_PER_LEVEL(Family::Conv2d, void, weight_image,                              \
                             (const Geometry& g, const T* planes, const T* dyp, int64_t dy_ld, \
-                             T* accp, T* dbp),                                               \
-                            (g, planes, dyp, dy_ld, accp, dbp),                              \
+                             T* accp),                                                       \
+                            (g, planes, dyp, dy_ld, accp),                                   \
                             (weight_image_impl<T, 64, kKj>), (weight_image_impl<T, 32, 1>),  \
                             (weight_image_impl<T, 16, 1>))
 PE_DEFINE_DIRECT_WEIGHT(float)
@@ -316,9 +306,9 @@ void backward_weight_direct(const Geometry& g, const T* dy, const S* x, T* dw, T
   const int64_t K = g.taps_per_group(), P = g.out_pixels(), OH = g.out_h, OW = g.out_w;
   const int64_t blocks = ceil_div(cout_g, int64_t(kCo)), kjb = ceil_div(g.kernel_w, int64_t(kKj));
   const int64_t dy_ld = round_up(OW, V);
-  // Per chunk of images and group: the weight accumulators, then the bias ones.
-  const int64_t wacc = blocks * cin_g * g.kernel_h * kjb * kCo * kKj * V;
-  const int64_t per_group = wacc + blocks * kCo * V, per_chunk = g.groups * per_group;
+  // Per chunk of images and group: the weight accumulators.
+  const int64_t per_group = blocks * cin_g * g.kernel_h * kjb * kCo * kKj * V;
+  const int64_t per_chunk = g.groups * per_group;
   // Images are split into chunks by the shapes only (at most 32, and at most 4 M accumulator
   // elements in all); each chunk's vectors are summed in chunk order at the end, so the result
   // does not depend on the thread count.
@@ -326,6 +316,11 @@ void backward_weight_direct(const Geometry& g, const T* dy, const S* x, T* dw, T
   const int64_t per = ceil_div(g.batch, std::min({g.batch, int64_t(32), most}));
   const int64_t chunks = ceil_div(g.batch, per);
   CachedBuffer<T> partial(static_cast<size_t>(chunks * per_chunk));
+  // grad_bias: each image's channel sums (row_sums), added in image order at the end: bias_grad's
+  // arithmetic, so the bits do not depend on whether grad_weight was asked for too (they did
+  // when the kernel summed dY in its own lanes: a fused block's grad_bias alone, on bias_grad,
+  // differed from the one computed beside grad_weight).
+  CachedBuffer<T> image_db(static_cast<size_t>(db ? g.batch * g.out_channels : 0));
   const double work = double(per) * g.out_channels * K * P;
   at::parallel_for(0, chunks, work >= 65536.0 ? 1 : chunks, [&](int64_t c0, int64_t c1) {
     CachedBuffer<T> planes(static_cast<size_t>(cin_g * pd.plane));  // zero: the padding
@@ -345,8 +340,10 @@ void backward_weight_direct(const Geometry& g, const T* dy, const S* x, T* dw, T
             for (int64_t oh = 0; oh < OH; ++oh)
               std::memcpy(dyp.data() + (co * OH + oh) * dy_ld, dyg + co * P + oh * OW,
                           sizeof(T) * OW);
-          T* acc = partial.data() + chunk * per_chunk + grp * per_group;
-          weight_image(g, planes.data(), dyp.data(), dy_ld, acc, db ? acc + wacc : nullptr);
+          weight_image(g, planes.data(), dyp.data(), dy_ld,
+                       partial.data() + chunk * per_chunk + grp * per_group);
+          if (db)
+            row_sums(dyg, P, cout_g, P, image_db.data() + n * g.out_channels + grp * cout_g);
         }
       }
   });
@@ -372,8 +369,12 @@ void backward_weight_direct(const Geometry& g, const T* dy, const S* x, T* dw, T
                 kj % kKj;
             dw[oc * K + ci * khw + ki * g.kernel_w + kj] = reduce(grp * per_group + slot * V);
           }
-      if (db) db[oc] = reduce(grp * per_group + wacc + (blk * kCo + c) * V);
     }
+  for (int64_t oc = 0; db && oc < g.out_channels; ++oc) {
+    T sum = T(0);
+    for (int64_t n = 0; n < g.batch; ++n) sum += image_db[n * g.out_channels + oc];
+    db[oc] = sum;
+  }
 }
 
 template void forward_direct<float, float>(const Geometry&, const float*, const float*,
