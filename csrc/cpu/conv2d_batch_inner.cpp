@@ -700,6 +700,49 @@ PE_TARGET_AVX512 bool unpool2x2_window_avx512(const float* pg, const int64_t* id
   }
   return true;
 }
+
+// The same with AVX2: 8 images a step, by gathers; the int64 indices gathered in two halves of
+// 4 and their compare masks narrowed to 8 float lanes. The portable loop (a branch per tap and
+// per image) took 11% of LeNet's conv2 block backward on a Zen 3 (perf, batch 64, one thread).
+PE_TARGET_AVX2 bool unpool2x2_window_avx2(const float* pg, const int64_t* idx, int64_t F,
+                                          int64_t f, int64_t nb, int64_t nbc, int64_t p0,
+                                          int64_t row_w, float* const rows[4]) {
+  const int32_t Fi = static_cast<int32_t>(F);
+  const __m256i lane = _mm256_setr_epi32(0, Fi, 2 * Fi, 3 * Fi, 4 * Fi, 5 * Fi, 6 * Fi, 7 * Fi);
+  const __m128i lane_lo = _mm256_castsi256_si128(lane);
+  const __m128i lane_hi = _mm256_extracti128_si256(lane, 1);
+  const __m256i low_halves = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const int64_t tap[4] = {p0, p0 + 1, p0 + row_w, p0 + row_w + 1};
+  for (int64_t n0 = 0; n0 < nbc; n0 += 8) {
+    const int64_t real = std::max<int64_t>(0, std::min<int64_t>(8, nb - n0));
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(real)),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i m64_lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(m));
+    const __m256i m64_hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(m, 1));
+    const float* pv = pg + n0 * F + f;
+    const long long* pi = reinterpret_cast<const long long*>(idx + n0 * F + f);
+    const __m256 v = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), pv, lane,
+                                              _mm256_castsi256_ps(m), 4);
+    const __m256i ilo = _mm256_mask_i32gather_epi64(_mm256_setzero_si256(), pi, lane_lo,
+                                                    m64_lo, 8);
+    const __m256i ihi = _mm256_mask_i32gather_epi64(_mm256_setzero_si256(), pi, lane_hi,
+                                                    m64_hi, 8);
+    __m256i any = _mm256_setzero_si256();
+    for (int t = 0; t < 4; ++t) {
+      const __m256i want = _mm256_set1_epi64x(tap[t]);
+      // Each 64-bit lane's compare is all ones or all zeros: its low 32 bits, lanes 0-3 from
+      // the low half of the images, 4-7 from the high half.
+      const __m256i lo = _mm256_permutevar8x32_epi32(_mm256_cmpeq_epi64(ilo, want), low_halves);
+      const __m256i hi = _mm256_permutevar8x32_epi32(_mm256_cmpeq_epi64(ihi, want), low_halves);
+      const __m256i hit = _mm256_and_si256(_mm256_permute2x128_si256(lo, hi, 0x20), m);
+      _mm256_storeu_ps(rows[t] + n0, _mm256_and_ps(v, _mm256_castsi256_ps(hit)));
+      any = _mm256_or_si256(any, hit);
+    }
+    // Every real image's index must be one of the taps.
+    if (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_xor_si256(any, m))) != 0) return false;
+  }
+  return true;
+}
 #pragma GCC diagnostic pop
 
 template <typename T>
@@ -707,8 +750,11 @@ bool unpool2x2_inner(const Geometry& g, const T* pg, const int64_t* idx, int64_t
                      T* dyt, int64_t ld) {
   const int64_t OW = g.out_w, P = g.out_pixels(), PH = g.out_h / 2, PW = g.out_w / 2;
   const int64_t Q = PH * PW, F = g.out_channels * Q;
-  const bool avx512 = std::is_same_v<T, float> && cpu::isa_for(Family::Conv2d) == cpu::Isa::Avx512 &&
+  const cpu::Isa level = cpu::isa_for(Family::Conv2d);
+  // (the gathers' lane offsets, up to 15 F, are int32)
+  const bool avx512 = std::is_same_v<T, float> && level == cpu::Isa::Avx512 &&
                       F * 16 < (int64_t(1) << 31);
+  const bool avx2 = std::is_same_v<T, float> && level == cpu::Isa::Avx2 && F * 8 < (int64_t(1) << 31);
   std::atomic<bool> ok{true};
   at::parallel_for(0, F, grain_for(4.0 * double(nbc)), [&](int64_t f0, int64_t f1) {
     for (int64_t f = f0; f < f1 && ok; ++f) {
@@ -719,6 +765,7 @@ bool unpool2x2_inner(const Geometry& g, const T* pg, const int64_t* idx, int64_t
       bool good;
       if constexpr (std::is_same_v<T, float>) {
         good = avx512 ? unpool2x2_window_avx512(pg, idx, F, f, nb, nbc, p0, OW, rows)
+               : avx2 ? unpool2x2_window_avx2(pg, idx, F, f, nb, nbc, p0, OW, rows)
                       : unpool2x2_window(pg, idx, F, f, nb, nbc, p0, OW, rows);
       } else {
         good = unpool2x2_window(pg, idx, F, f, nb, nbc, p0, OW, rows);
