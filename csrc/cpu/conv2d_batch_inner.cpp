@@ -751,10 +751,11 @@ bool unpool2x2_inner(const Geometry& g, const T* pg, const int64_t* idx, int64_t
   const int64_t OW = g.out_w, P = g.out_pixels(), PH = g.out_h / 2, PW = g.out_w / 2;
   const int64_t Q = PH * PW, F = g.out_channels * Q;
   const cpu::Isa level = cpu::isa_for(Family::Conv2d);
-  // (the gathers' lane offsets, up to 15 F, are int32)
+  // (the gathers' lane offsets, up to 15 F with AVX-512 and 7 F with AVX2, are int32)
   const bool avx512 = std::is_same_v<T, float> && level == cpu::Isa::Avx512 &&
                       F * 16 < (int64_t(1) << 31);
-  const bool avx2 = std::is_same_v<T, float> && level == cpu::Isa::Avx2 && F * 8 < (int64_t(1) << 31);
+  const bool avx2 =
+      std::is_same_v<T, float> && level == cpu::Isa::Avx2 && F * 8 < (int64_t(1) << 31);
   std::atomic<bool> ok{true};
   at::parallel_for(0, F, grain_for(4.0 * double(nbc)), [&](int64_t f0, int64_t f1) {
     for (int64_t f = f0; f < f1 && ok; ++f) {

@@ -85,7 +85,8 @@ void check_targets(const int64_t* pt, int64_t n, int64_t classes, int64_t ignore
 // interleaved lanes: a fixed order of additions at every level, so the level changes the result
 // only through FMA contraction inside exp. A row's last partial block is copied into a block
 // padded with -inf (never the max; exp gives 0), so narrow rows (10 classes) run vectorized too:
-// the copy costs a store-forwarding stall per row, less than C % L scalar exps.
+// the copy costs a store-forwarding stall per row, less than C % L scalar exps. (The forward runs
+// rows of up to kNarrowClasses on the column kernels instead: uses_narrow_rows.)
 
 // Terms per lane block: one 64-byte vector of T.
 template <typename T>
@@ -702,7 +703,7 @@ bool uses_narrow_rows(const CrossEntropyShape<int64_t>& s) {
   return s.inner == 1 && s.classes > 0 && s.classes <= kNarrowClasses;
 }
 
-// dst[j * L + l] = src[(row0 + l) * classes + j] for l < width, j < classes.
+// dst[j * L + l] = src[l * classes + j] for l < width, j < classes.
 template <typename T, int64_t L>
 void transpose_rows(const T* src, int64_t classes, int64_t width, T* dst) {
   for (int64_t l = 0; l < width; ++l)
@@ -740,7 +741,8 @@ Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTen
   // classes lie inner apart (the column kernels).
   const int64_t n = s.rows(), classes = s.classes, inner = s.inner;
   const bool columns = uses_columns(s, "cross_entropy");
-  const bool narrow = uses_narrow_rows(s);
+  // Either runs blocks of kColumnLanes rows (tasks and partial sums start at whole blocks).
+  const bool narrow = uses_narrow_rows(s), in_blocks = columns || narrow;
   const Tensor x = input.contiguous();
   const Tensor t = target.contiguous();
   const Tensor* wp = weight_or_null(weight);
@@ -811,9 +813,9 @@ Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTen
       // (N, d1, ...) for batched input, 0-d for unbatched.
       out = empty_of(s.loss_sizes, x.options());
       scalar_t* po = out.mutable_data_ptr<scalar_t>();
-      parallel_rows(n, rows_per(kElementwiseGrain, classes), columns || narrow ? L : 1,
+      parallel_rows(n, rows_per(kElementwiseGrain, classes), in_blocks ? L : 1,
                     [&](int64_t b, int64_t e) {
-        if (columns || narrow) {
+        if (in_blocks) {
           blocks(b, e, true, [&](int64_t i, int64_t width, const double* loss, const double*) {
             for (int64_t l = 0; l < width; ++l) po[i + l] = static_cast<scalar_t>(loss[l]);
           });
@@ -824,11 +826,11 @@ Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTen
       });
       return;
     }
-    const int64_t chunk = aligned_chunk(rows_per(kSumChunk, classes), columns || narrow ? L : 1);
+    const int64_t chunk = aligned_chunk(rows_per(kSumChunk, classes), in_blocks ? L : 1);
     const auto sums = deterministic_sum<2>(
         n, chunk, kElementwiseGrain / kSumChunk,
         [&](int64_t b, int64_t e, std::array<double, 2>& acc) {
-          if (columns || narrow) {  // a block's lanes by a fixed tree, then the blocks in order
+          if (in_blocks) {  // a block's lanes by a fixed tree, then the blocks in order
             blocks(b, e, false, [&](int64_t, int64_t, const double*, const double* sums) {
               acc[0] += sums[0];
               acc[1] += sums[1];

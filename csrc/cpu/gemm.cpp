@@ -454,20 +454,19 @@ int64_t l2_bytes() {
   return bytes;
 }
 
-// Whether op_driver reads A's rows in place (op_tile's kRowA) rather than packing them: the
-// tiles of rows_nv vectors (rows_tile_nv: 6 x 4 with AVX-512, 6 x 2 below it), A contiguous
-// along k, its rows not a
-// multiple of 512 bytes apart beyond 1 KB (as gemm.h's in_place_ld: the tile's rows then share
-// a few L1 sets; W of 4096 x 4096 read this way took 87 ms where its packed panels take 61, one
-// thread; rows 512 B or 1 KB apart spread 6 rows over 4 or more sets, and reading them in place
-// saves their 16 x 16 transposes, of which a 6-row panel fills 6 rows: a channels_last 256->64
-// 1x1 conv2d, batch 8 @56, two threads, ran 1.6x torch's time with the rows packed, 1.2-1.25x
-// read in place), and C's rows contiguous (with C^T's tiles, stored element by element, W read
-// in place made linear 64 x 784 -> 256 pick them: 235 us on one thread where C's own tiles take
-// 182). With AVX2 only 4-vector tiles read A in place at first, on 2 rows: y = x W^T then took
-// the 2 x 4 tile or packed x by transposes; the 6 x 2 tile in place took linear 784 -> 256's
-// forward from 1.33-1.41x torch's time to 0.99-1.00x at batch 256 and 1024 (one thread, Zen 3,
-// builds alternating in one session), 400 -> 120 from 1.29-1.31x to 0.97x.
+// Whether op_driver reads A's rows in place (op_tile's kRowA) rather than packing them: the tiles
+// of rows_nv vectors (rows_tile_nv: 6 x 4 with AVX-512, 6 x 2 below it), A contiguous along k, its
+// rows not a multiple of 512 bytes apart beyond 1 KB (as gemm.h's in_place_ld: the tile's rows then
+// share a few L1 sets; W of 4096 x 4096 read this way took 87 ms where its packed panels take 61,
+// one thread; rows 512 B or 1 KB apart spread 6 rows over 4 or more sets, and reading them in place
+// saves their 16 x 16 transposes, of which a 6-row panel fills 6 rows: a channels_last 256->64 1x1
+// conv2d, batch 8 @56, two threads, ran 1.6x torch's time with the rows packed, 1.2-1.25x read in
+// place), and C's rows contiguous (with C^T's tiles, stored element by element, W read in place
+// made linear 64 x 784 -> 256 pick them: 235 us on one thread where C's own tiles take 182). With
+// AVX2 only 4-vector tiles read A in place at first, on 2 rows: y = x W^T then took the 2 x 4 tile
+// or packed x by transposes; the 6 x 2 tile in place took linear 784 -> 256's forward from
+// 1.33-1.41x torch's time to 0.99-1.00x at batch 256 and 1024 (one thread, Zen 3, builds
+// alternating in one session), 400 -> 120 from 1.29-1.31x to 0.97x.
 bool reads_a_rows(int rows_nv, int nv, int64_t rsa, int64_t csa, int64_t csc,
                   int64_t elem_bytes) {
   const int64_t row_bytes = rsa * elem_bytes;
@@ -601,8 +600,8 @@ void op_driver(const Problem<T>& p) {
             if (biased) fill_bias(p, ic + ir, jc + j0, mr, nr);
             if (a_rows) {  // (a narrow last panel too: B's panel is zero-padded to NR)
               Kern<Isa, T>::op_a_rows(mr, kc, p.A + (ic + ir) * p.rsa + pc, p.rsa, bp, ldb,
-                                     p.C + (ic + ir) * p.rsc + (jc + j0) * p.csc, p.rsc, p.csc,
-                                     nr, accum || biased, &cursor, pfn);
+                                      p.C + (ic + ir) * p.rsc + (jc + j0) * p.csc, p.rsc, p.csc,
+                                      nr, accum || biased, &cursor, pfn);
               continue;
             }
             if (a_direct) {
