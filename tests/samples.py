@@ -308,6 +308,17 @@ LARGE = {
              kernel=(3, 3), padding=(1, 1)),                          # Winograd F(2x2, 3x3)
         dict(_CONV, batch=3, in_per_group=33, out_per_group=32, height=6, width=7,
              kernel=(3, 3), input=dict(NAN_INF, layout="contiguous")),  # ... handing NaNs over
+        # the direct forward of wide layers with few taps (cpu direct_fits): 16+ output channels
+        # in blocks of 6 and a partial one, one image (its blocks are the tasks), two groups,
+        # Inf weights
+        dict(_CONV, batch=1, in_per_group=3, out_per_group=20, height=7, width=32,
+             kernel=(3, 3), padding=(1, 1), dtype="float32"),
+        dict(_CONV, batch=3, groups=2, in_per_group=2, out_per_group=16, height=5, width=17,
+             kernel=(2, 2)),
+        dict(_CONV, batch=2, in_per_group=3, out_per_group=16, height=4, width=16,
+             kernel=(3, 3), padding=(1, 1), weight=dict(specials=("inf",))),
+        dict(_CONV, batch=2, in_per_group=3, out_per_group=16, height=4, width=16,
+             kernel=(3, 3), padding=(1, 1), input=dict(layout="channels_last")),
     ],
     # LeNet's two conv -> relu -> pool blocks at a training batch
     "conv2d_relu_max_pool2d": [
@@ -315,6 +326,8 @@ LARGE = {
              kernel=(5, 5), **_LENET_POOL),                          # LeNet conv1 block
         dict(_CONV, batch=64, in_per_group=6, out_per_group=16, height=14, width=14,
              kernel=(5, 5), **_LENET_POOL),                          # LeNet conv2 block
+        dict(_CONV, batch=2, in_per_group=3, out_per_group=17, height=8, width=32,
+             kernel=(3, 3), padding=(1, 1), **_LENET_POOL),          # a wide direct layer's
     ],
     "max_pool2d": [
         dict(batch=2, channels=3, height=33, width=47, kernel=(3, 4), stride=(1, 2),

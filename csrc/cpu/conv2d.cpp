@@ -18,8 +18,9 @@
 //    suite's 3x3 convolutions it reaches 53-80% of the fp32 peak where im2col reached 31-45%
 //    (benchmarks/results).
 // 4. Direct (conv2d_direct.cpp), forward and grad_weight (with grad_bias), for stride 1 and
-//    fewer than 16 output channels (LeNet's conv1): each output, or each weight's sum over the
-//    pixels, accumulated in registers, no GEMM.
+//    fewer than 16 output channels (LeNet's conv1), and the NCHW forward of wider layers with
+//    few taps (an RGB input's 3 -> 64 3x3: direct_fits): each output, or each weight's sum over
+//    the pixels, accumulated in registers, no GEMM.
 // 5. Winograd F(2x2, 3x3) (conv2d_winograd.cpp), forward and grad_input, for 3x3, stride 1,
 //    undilated, ungrouped layers of 32 or more channels in and out (the 3x3 layers of ResNet-style
 //    networks), and grad_weight from 128 channels: 2.25x fewer multiply-adds than the implicit
@@ -261,16 +262,18 @@ Tensor conv2d_forward_contiguous(const conv2d::Geometry& g, const Tensor& x, con
                                          has_bias ? b.const_data_ptr<T>() : nullptr,
                                          out.mutable_data_ptr<T>()))
       return;  // (a non-finite output is computed again below, as torch would have it)
-    if (!pointwise(g) && cpu::conv2d::implicit_fits(g)) {
-      cpu::conv2d::forward_implicit<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
-                                       has_bias ? b.const_data_ptr<T>() : nullptr,
-                                       out.mutable_data_ptr<T>());
-      return;
-    }
+    // (direct before implicit: direct_fits takes the wide layers with few taps where it is the
+    // faster of the two.)
     if (cpu::conv2d::direct_fits(g)) {
       cpu::conv2d::forward_direct<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
                                      has_bias ? b.const_data_ptr<T>() : nullptr,
                                      out.mutable_data_ptr<T>());
+      return;
+    }
+    if (!pointwise(g) && cpu::conv2d::implicit_fits(g)) {
+      cpu::conv2d::forward_implicit<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                       has_bias ? b.const_data_ptr<T>() : nullptr,
+                                       out.mutable_data_ptr<T>());
       return;
     }
     cpu::conv2d::forward_im2col<T>(g, x.const_data_ptr<T>(), w.const_data_ptr<T>(),
@@ -286,7 +289,11 @@ namespace {
 // channels_last images: a pointwise layer's GEMMs over the batch's pixel rows (the input made
 // channels_last where it is not), and Winograd or the implicit GEMM where
 // conv2d_forward_contiguous would choose them (the input as it is where dense channels_last,
-// else contiguous NCHW); the output written channels_last. Undefined where none takes the call,
+// else contiguous NCHW); the output written channels_last. (A wide layer with few taps, which the
+// NCHW forward gives the direct kernel (direct_fits), stays on the implicit GEMM here: its pixel
+// rows are the channels_last output as they are, with no transpose for the direct kernel to save,
+// and NCHW copies around the direct kernel took twice its time (3 -> 64 3x3 @32, batch 64). The
+// two layouts' outputs then agree to rounding, not bitwise.) Undefined where none takes the call,
 // or where Winograd's output came out non-finite: the caller then runs the NCHW kernels on
 // copies.
 Tensor conv2d_forward_channels_last(const conv2d::Geometry& g, const Tensor& input,
@@ -333,8 +340,7 @@ bool conv2d_forward_is_direct(const conv2d::Geometry& g) {
   // The choice conv2d_forward_contiguous makes, in its order (a geometry Winograd takes is not
   // counted as direct even where a non-finite output would send it on).
   return g.batch > 0 && g.out_pixels() > 0 && !use_batch_inner(g) &&
-         !cpu::conv2d::winograd_fits(g) &&
-         (pointwise(g) || !cpu::conv2d::implicit_fits(g)) && cpu::conv2d::direct_fits(g);
+         !cpu::conv2d::winograd_fits(g) && cpu::conv2d::direct_fits(g);
 }
 
 void conv2d_forward_direct_images(const conv2d::Geometry& g, const Tensor& x, const Tensor& w,

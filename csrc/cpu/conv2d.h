@@ -38,8 +38,10 @@ void forward_im2col(const Geometry& g, const T* x, const T* w, const T* bias, T*
 template <typename T>
 void backward_im2col(const Geometry& g, const T* dy, const T* x, const T* w, T* dx, T* dw, T* db);
 
-// Direct convolution, stride 1, fewer than 16 output channels per group, rows of 16 or more
-// (LeNet's conv1): outputs accumulated in registers from a zero-padded input (conv2d_direct.cpp).
+// Direct convolution, stride 1, rows of 16 or more, fewer than 16 output channels per group
+// (LeNet's conv1) or few taps on rows that fill its 16-column chunks (3 -> 64 3x3 at 32x32):
+// outputs accumulated in registers from a zero-padded input (conv2d_direct.cpp). grad_weight:
+// the narrow layers only.
 bool direct_fits(const Geometry& g);
 // y_done, when given (one group only), receives image n's output (out_channels x out_h x out_w,
 // in a per-thread scratch, still in cache) instead of it being stored into y (y unused): a

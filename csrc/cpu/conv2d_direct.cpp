@@ -1,6 +1,7 @@
 // The direct algorithm of the CPU conv2d forward and grad_weight (interface: cpu/conv2d.h; when it
 // is chosen: cpu/conv2d.cpp): for layers with few output channels and a stride of 1, such as
-// LeNet's conv1 (1 -> 6, 5x5, 32x32 -> 28x28), where any GEMM formulation is mostly data movement.
+// LeNet's conv1 (1 -> 6, 5x5, 32x32 -> 28x28), where any GEMM formulation is mostly data movement,
+// and for the forward of wider layers with few taps (an RGB input's 3 -> 64 3x3: direct_fits).
 //
 // Each output value is computed where it is stored: a block of 4 output rows x 16 columns (a
 // vector) x 6 output channels (24 accumulators in registers) sums, tap by tap, the 4 input rows'
@@ -238,13 +239,37 @@ PE_DEFINE_DIRECT(double)
 
 }  // namespace
 
-bool direct_fits(const Geometry& g) {
-  // Rows of at least a vector of doubles (the overlapping last vector needs a whole one), a
-  // filter small enough that its weights stay in L1, fewer channels than the implicit GEMM
-  // wants. (Wider rows of floats than 16 are the common case: LeNet's 28.)
+namespace {
+
+// Where the kernel runs at all: stride 1, undilated, rows of at least a vector of doubles (the
+// overlapping last vector needs a whole one), a filter small enough that its weights stay in L1.
+// (Wider rows of floats than 16 are the common case: LeNet's 28.)
+bool direct_runs(const Geometry& g) {
   return g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1 &&
-         g.out_channels_per_group() < 16 && g.out_w >= 16 &&
-         g.taps_per_group() * kCo <= 4096;
+         g.out_w >= 16 && g.taps_per_group() * kCo <= 4096;
+}
+
+// A wide layer (16 or more output channels per group, the implicit GEMM's) with few taps per
+// output, such as an RGB input's first 3x3 layer (3 -> 64: 27 taps), whose rows fill the 16-column
+// chunks: the implicit GEMM's per-output costs (its Y^T scratch transposed into NCHW) then
+// outweigh its multiply-adds, and the direct kernel, which stores each output where it computes
+// it, is faster. Measured against the implicit GEMM (AVX2, one thread; same process, builds
+// alternating): 27 taps, 64 output channels, rows of 32 0.70-0.75x (3 -> 16 / 32 / 128 alike),
+// 28 0.83-0.88, 48 0.93, 64 0.88, 128 0.84, 56 0.89-1.07, 16 0.98-1.05; 72-75 taps (8 -> 64 3x3,
+// 3 -> 64 5x5) 0.75 at 32, 0.89 at 64; 144 taps (16 -> 64) 0.83 at 32 but 0.99-1.04 at 28, 56
+// and 64. Rows that leave a chunk mostly empty lose: 20 columns (two chunks for 20) 1.25x.
+// A 1x1 layer's GEMM stays where it is (pointwise, cpu/conv2d.cpp).
+bool direct_beats_implicit(const Geometry& g) {
+  constexpr int64_t kMostTaps = 80, kChunk = 16;
+  const int64_t padded_w = ceil_div(g.out_w, kChunk) * kChunk;
+  return g.kernel_h * g.kernel_w > 1 && g.taps_per_group() <= kMostTaps &&
+         double(padded_w) <= 1.15 * double(g.out_w);
+}
+
+}  // namespace
+
+bool direct_fits(const Geometry& g) {
+  return direct_runs(g) && (g.out_channels_per_group() < 16 || direct_beats_implicit(g));
 }
 
 template <typename T, typename S>
@@ -265,19 +290,31 @@ void forward_direct(const Geometry& g, const S* x, const T* w, const T* bias, T*
       for (int64_t k = 0; k < K; ++k) dst[k * kCo] = w[oc * K + k];
       if (bias) bb[(grp * blocks + blk) * kCo + c] = bias[oc];
     }
-  const double work = double(g.out_channels) * K * P;
-  at::parallel_for(0, g.batch * g.groups, grain_for(work), [&](int64_t t0, int64_t t1) {
+  // Tasks: (image, group, block of channels), images outermost, so that a batch smaller than
+  // the thread count still busies every thread (3 -> 64 at batch 1: 11 blocks); a thread copies
+  // an image's planes once for its run of tasks on that image. A fused caller's y_done takes
+  // whole images: one task per image and group.
+  const int64_t tasks_per_image = y_done ? 1 : blocks;
+  const double work = double(y_done ? cout_g : std::min<int64_t>(kCo, cout_g)) * K * P;
+  at::parallel_for(0, g.batch * g.groups * tasks_per_image, grain_for(work),
+                   [&](int64_t t0, int64_t t1) {
     CachedBuffer<T> planes(static_cast<size_t>(cin_g * pd.plane));  // zero: the padding
     CachedBuffer<T> image(y_done ? static_cast<size_t>(g.out_image()) : 0, /*zero=*/false);
+    int64_t filled = -1;  // the (image, group) in planes
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t / g.groups, grp = t % g.groups;
+      const int64_t ng = t / tasks_per_image, n = ng / g.groups, grp = ng % g.groups;
       T* yn = y_done ? image.data() : y + n * g.out_image();
-      const S* xg = x + n * g.in_image() + grp * cin_g * g.in_pixels();
-      for (int64_t ci = 0; ci < cin_g; ++ci)
-        for (int64_t ih = 0; ih < g.in_h; ++ih)
-          load_row(planes.data() + ci * pd.plane + (ih + g.padding_h) * pd.wpp + g.padding_w,
-                   xg + ci * g.in_pixels() + ih * g.in_w, g.in_w);
-      for (int64_t blk = 0; blk < blocks; ++blk) {
+      if (ng != filled) {
+        const S* xg = x + n * g.in_image() + grp * cin_g * g.in_pixels();
+        for (int64_t ci = 0; ci < cin_g; ++ci)
+          for (int64_t ih = 0; ih < g.in_h; ++ih)
+            load_row(planes.data() + ci * pd.plane + (ih + g.padding_h) * pd.wpp + g.padding_w,
+                     xg + ci * g.in_pixels() + ih * g.in_w, g.in_w);
+        filled = ng;
+      }
+      const int64_t first = y_done ? 0 : t % tasks_per_image;
+      const int64_t last = y_done ? blocks : first + 1;
+      for (int64_t blk = first; blk < last; ++blk) {
         const int64_t co0 = blk * kCo, nco = std::min<int64_t>(kCo, cout_g - co0);
         direct_channels(g, planes.data(), wb.data() + (grp * blocks + blk) * K * kCo,
                         bb.data() + (grp * blocks + blk) * kCo,
@@ -289,9 +326,10 @@ void forward_direct(const Geometry& g, const S* x, const T* w, const T* bias, T*
 }
 
 bool direct_fits_backward_weight(const Geometry& g) {
-  // The forward's conditions; the vector accumulators of a chunk of images stay within 64 K
+  // The forward's conditions for narrow layers (wide ones have the implicit GEMM's grad_weight, or
+  // im2col's where it does not fit); the vector accumulators of a chunk of images stay within 64 K
   // elements per group.
-  return direct_fits(g) &&
+  return direct_runs(g) && g.out_channels_per_group() < 16 &&
          g.in_channels_per_group() * g.kernel_h * ceil_div(g.kernel_w, int64_t(kKj)) *
                  ceil_div(g.out_channels_per_group(), int64_t(kCo)) * kCo * kKj * 16 <=
              (int64_t(1) << 16);
