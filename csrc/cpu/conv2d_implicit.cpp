@@ -17,10 +17,13 @@
 // rows reads plane offset oh * pw + ow for its taps. The whole block is one GEMM with long
 // columns of tiles (the tiles reuse each W^T panel in L1). Its rows are the block's real output
 // pixels, gathered through their plane offsets (gemm_indirect's a_rows: a tile may straddle two
-// output rows), where the output channels fill 4 vectors or more; narrower layers take the
-// flattened pixels oh * pw + ow as adjacent rows and compute the pw - out_w columns past each
-// row's end too (their taps wrap into the next plane row), never stored: a waste of
-// (pw - out_w) / pw, 2 / 16 at 14x14, 3x3, padding 1, which gathering saves the wide layers.
+// output rows), where the output channels fill the gathered tile (gathered_tile_width: 4 vectors
+// with AVX-512, 2 with AVX2); narrower layers take the flattened pixels oh * pw + ow as adjacent
+// rows and compute the pw - out_w columns past each row's end too (their taps wrap into the next
+// plane row), never stored: a waste of (pw - out_w) / pw, 2 / 16 at 14x14, 3x3, padding 1, 4 / 14
+// for LeNet's conv2 (5x5 @14), which gathering saves. With AVX2, 16-31 channels flattened until
+// the rule followed the tile: 6 -> 16 5x5 @14 forward 0.72-0.79x the time (batch 1 and 8), 16 ->
+// 16 3x3 @28 0.93x, 32 -> 16 3x3 @14 0.89x; channels_last 0.90-0.94x (one thread, alternating).
 //
 // Napkin math (conv2d 128->128, 3x3, 28x28, batch 8; the reference machine: csrc/cpu/README.md):
 // 1.85 GFLOP. The planes copy the input once (0.8 M elements) and the output is transposed into
@@ -224,8 +227,8 @@ void run(const Geometry& g, const T* x, const T* wt, int64_t ldw, const T* bias,
   // NCHW call's bits). The planes cost per-phase transposes of every input row (5-10% of a
   // stride-2 3x3 64->128 channels_last forward, perf, one thread); with pixel rows the forward
   // took 0.94-0.98x the time (both in one build, alternating in-process, 1 and 2 threads).
-  // Gathered rows only: the widest tiles.
-  const bool pixel_rows = x_order == Order::ChannelsLast && cout_g >= 4 * simd_width<T>();
+  // Gathered rows only: channels that fill the gathered tile.
+  const bool pixel_rows = x_order == Order::ChannelsLast && cout_g >= gathered_tile_width<T>();
   const int64_t wp = g.in_w + 2 * g.padding_w, hp = g.in_h + 2 * g.padding_h;
   const int64_t C = g.in_channels;
   std::vector<int64_t> tap = tap_offsets(g, p);
@@ -246,7 +249,7 @@ void run(const Geometry& g, const T* x, const T* wt, int64_t ldw, const T* bias,
   const double work = double(rpb) * p.pw * K * cout_g;
   // The GEMM's rows: gathered real pixels (offsets from the block's first row in `gathered`),
   // or flattened ones; `pitch` of them per output row.
-  const bool gather = pixel_rows || (g.out_w < p.pw && cout_g >= 4 * simd_width<T>());
+  const bool gather = pixel_rows || (g.out_w < p.pw && cout_g >= gathered_tile_width<T>());
   const int64_t pitch = gather ? g.out_w : p.pw;
   std::vector<int64_t> gathered(static_cast<size_t>(gather ? rpb * g.out_w : 0));
   for (size_t q = 0; q < gathered.size(); ++q) {
@@ -371,7 +374,8 @@ void backward_input_phases(const Geometry& g, const T* dy, const T* w, T* dx, Or
   // run()'s input) instead of the planes: element (co, row, column) of the planes is element
   // (row * pw + column) * out_channels + co of the copy, so the tables describe it with the same
   // k order (the NCHW call's bits), and the fill is a copy per row instead of a transpose.
-  // Gathered 4-vector tiles only (as run()).
+  // Where the input channels fill 4 vectors (run() takes pixel rows from the gathered tile's
+  // width, 2 vectors with AVX2; for this grad_input, 2 vs 4 was within this machine's noise).
   const bool pixel_rows = dy_order == Order::ChannelsLast && cin_g >= 4 * simd_width<T>();
   const int64_t elem = pixel_rows ? g.out_channels : 1;  // a plane element's stride
   const int64_t chan = pixel_rows ? 1 : plane;             // a channel's

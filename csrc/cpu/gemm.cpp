@@ -1325,6 +1325,11 @@ int64_t simd_width() {
   return backend().info.bytes / static_cast<int64_t>(sizeof(T));
 }
 
+template <typename T>
+int64_t gathered_tile_width() {
+  return backend().info.rows_nv * simd_width<T>();
+}
+
 
 #define PE_INSTANTIATE(T)                                                                     \
   template void gemm<T>(int64_t, int64_t, int64_t, const T*, int64_t, int64_t, const T*,      \
@@ -1337,7 +1342,8 @@ int64_t simd_width() {
                                  const int64_t*);                                             \
   template void gemm_dot_segments<T>(int64_t, int64_t, int64_t, int64_t, const T*, int64_t,     \
                                      int64_t, const T* const*, T*, int64_t, int64_t, bool);   \
-  template int64_t simd_width<T>();
+  template int64_t simd_width<T>();                                                            \
+  template int64_t gathered_tile_width<T>();
 PE_INSTANTIATE(float)
 PE_INSTANTIATE(double)
 #undef PE_INSTANTIATE

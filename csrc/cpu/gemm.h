@@ -108,5 +108,10 @@ constexpr int64_t in_place_ld(int64_t n) {
 template <typename T>
 int64_t simd_width();
 
+// Columns of gemm_indirect's gathered-row tile (a_rows given): 4 vectors with AVX-512, 2 below
+// it (rows_tile_nv in gemm.cpp). Output channels that fill it are read without waste.
+template <typename T>
+int64_t gathered_tile_width();
+
 }  // namespace cpu
 }  // namespace pyengine
