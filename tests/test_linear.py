@@ -244,6 +244,26 @@ def test_few_rows_bitwise_as_within_a_full_tile():
     assert torch.equal(ours(x[6:], w), full[6:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_weight_of_one_row_as_the_tiles(dtype):
+    """grad_weight at batch 1 is a product of one k (the GEMM's rank-one pass, no tiles): the
+    bits the tiles give when a zero row is added (the same product, then + 0 * x), signed zeros
+    included, with grad_output read as it lies or transposed."""
+    x = torch.randn(1, 300, dtype=dtype)
+    x[0, ::7] = 0.0
+    x[0, 3::7] = -0.0
+    w = torch.randn(70, 300, dtype=dtype)
+    g = torch.randn(1, 70, dtype=dtype)
+    g[0, ::5] = -g[0, ::5]
+    want = OPS.linear_backward(torch.cat([g, torch.zeros_like(g)]), torch.cat([x, x]), w,
+                               [False, True, False])[1]
+    got = OPS.linear_backward(g, x, w, [False, True, False])[1]
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+    assert torch.equal(got, g.t() * x)  # (one product each)
+    got_t = OPS.linear_backward(g.t().contiguous().t(), x, w, [False, True, False])[1]
+    assert torch.equal(got_t, got) and torch.equal(got_t.signbit(), got.signbit())
+
+
 # GEMM (one and several row blocks per task, two k blocks); narrow path
 @pytest.mark.parametrize("rows,inf,outf", [(300, 130, 70), (2500, 700, 70), (1100, 5, 8)])
 def test_independent_of_thread_count(rows, inf, outf):
