@@ -23,7 +23,8 @@
 // plane row), never stored: a waste of (pw - out_w) / pw, 2 / 16 at 14x14, 3x3, padding 1, 4 / 14
 // for LeNet's conv2 (5x5 @14), which gathering saves. With AVX2, 16-31 channels flattened until
 // the rule followed the tile: 6 -> 16 5x5 @14 forward 0.72-0.79x the time (batch 1 and 8), 16 ->
-// 16 3x3 @28 0.93x, 32 -> 16 3x3 @14 0.89x; channels_last 0.90-0.94x (one thread, alternating).
+// 16 3x3 @28 0.93x, 32 -> 16 3x3 @14 0.88-0.91x; channels_last 0.90-0.95x (one thread,
+// alternating).
 //
 // Napkin math (conv2d 128->128, 3x3, 28x28, batch 8; the reference machine: csrc/cpu/README.md):
 // 1.85 GFLOP. The planes copy the input once (0.8 M elements) and the output is transposed into
