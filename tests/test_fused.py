@@ -122,6 +122,32 @@ def test_forward_pooled_inside_the_convolution_is_the_unfused_chain_bitwise(
     assert torch.equal(idx, torch_idx)
 
 
+@pytest.mark.parametrize("batch", [64, 200])
+def test_forward_batch_innermost_same_bits_at_any_thread_count(batch):
+    # From 64 images a thread the forward splits the batch between the threads by images (below
+    # that, as at 64, by bands of output rows): 200 images are one chunk on one thread, slices
+    # of 112 + 88 on two, 80 + 64 + 56 on three. Random values, so that a lane summed in
+    # another order shows: the cost model picks other GEMM tiles (and k blocks) for 80 or 88
+    # lanes than for 200, which this caught.
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 6, 14, 14, generator=gen)
+    w = torch.randn(16, 6, 5, 5, generator=gen) * 0.2
+    b = torch.randn(16, generator=gen)
+    geometry = _geometry(2, 2)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append((*P.conv2d_relu_max_pool2d(x, w, b, *geometry),
+                            P.conv2d(x, w, b, [1, 1], [0, 0], [1, 1], 1)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, e) for a, e in zip(other, results[0]))
+    helpers.assert_close(results[0][2], F.conv2d(x, w, b), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch,size,moved_index", [
     (16, 14, False),   # LeNet conv2's block: unpooled straight into the batch-innermost layout

@@ -348,8 +348,13 @@ Taps make_taps(const Geometry& g) {
 
 }  // namespace
 
+// Images a thread's slice of the batch holds at least before the forward splits the batch
+// between threads (below, by bands of output rows): the indirect GEMM's widest AVX-512 tile.
+constexpr int64_t kSliceImages = 64;
+
 // The forward's GEMMs, chunk by chunk of the batch: Y^T of images [n0, n0 + nb) in yt
-// (f_out rows of ld, batch padding to nbc lanes), then epilogue(n0, nb, yt, ld) stores it.
+// (f_out rows of ld, batch padding to nbc lanes), then epilogue(n0, nb, yt, ld) stores it. The
+// epilogue may run on several threads at once, for disjoint images.
 template <typename T, typename S, typename Epilogue>
 void forward_batch_inner_chunks(const Geometry& g, const S* x, const T* w,
                                 const Epilogue& epilogue) {
@@ -358,17 +363,6 @@ void forward_batch_inner_chunks(const Geometry& g, const S* x, const T* w,
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t vw = cpu::simd_width<T>();
   const int64_t f_in = g.in_image(), f_out = g.out_image(), hw = g.in_pixels();
-  // ld: a batch vector per pixel, off 512-byte multiples (gemm.h in_place_ld: 256 floats per
-  // pixel put a tap panel in a quarter of L1's sets).
-  const int64_t chunk = std::min(g.batch, kInnerBatch), ld = in_place_ld<T>(round_up(chunk, vw));
-  // Not zeroed: the transposes write every row's lanes up to nbc (zeros past the batch), the
-  // GEMMs every output row's; nothing reads past nbc. (Zeroing both cost ~25 us of LeNet conv2's
-  // 230 at batch 64.)
-  // x^T: one per band (below), at most one a thread: the scratch grows with the threads (LeNet
-  // conv2 at batch 256: 1.3 MB a band).
-  const int64_t max_bands = std::min<int64_t>(at::get_num_threads(), g.out_h);
-  cpu::CachedBuffer<T> xt(static_cast<size_t>(max_bands * f_in * ld), /*zero=*/false);
-  cpu::CachedBuffer<T> yt(static_cast<size_t>(f_out * ld), /*zero=*/false);
   // W^T per group: wt[grp][k][co], so a tap's weights are a contiguous column of M = C_out/g.
   std::vector<T> wt(static_cast<size_t>(g.out_channels * K));
   for (int64_t grp = 0; grp < g.groups; ++grp)
@@ -378,26 +372,47 @@ void forward_batch_inner_chunks(const Geometry& g, const S* x, const T* w,
   const Taps taps = make_taps(g);
   std::vector<const T*> wrows(static_cast<size_t>(g.groups * K));  // every tap's weights
   for (int64_t k = 0; k < g.groups * K; ++k) wrows[k] = wt.data() + k * cout_g;
-  // Taps in the padding read zeros rather than being left out: 0 * (an inf or NaN weight) must
-  // give NaN, as in torch and the im2col path. Only border pixels have such taps.
-  const std::vector<T> zeros(static_cast<size_t>(ld), T(0));
-  // Bands of output rows, one per thread: each transposes every input row its outputs read
-  // (every channel) into its own x^T, then computes those outputs, so that the x^T rows its
-  // GEMMs read are all in its own core's cache. The rows two bands share (kernel_h - 1 of them
-  // where they meet) are transposed by both: when each transposed only the rows its outputs
-  // start on, the first band read the rows below from the other core's cache, and at LeNet
-  // conv2's batch 64 its GEMMs took 1.6x the second's while that one waited (perf); one thread
-  // transposing all of x^T was worse still. Any mapping of bands to threads gives the same
-  // results.
-  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
-    const int64_t nb = std::min(chunk, g.batch - n0), nbc = round_up(nb, vw);
-    // (at least grain_for's work a band: 64 K multiply-adds)
-    const int64_t bands =
-        std::clamp<int64_t>(P * g.out_channels * K * nbc / 65536, 1, max_bands);
-    auto band_rows = [&](int64_t b) { return g.out_h * b / bands; };  // first output row of b
-    at::parallel_for(0, bands, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<const T*> brows(static_cast<size_t>(K));
-      for (int64_t b = b0; b < b1; ++b) {
+
+  // One tile width, hence one k block, for every chunk and slice of the batch: a lane's sums
+  // are then the same however the batch is cut (gemm.h), so the results do not depend on the
+  // thread count. (The cost model's pick for a whole chunk: a last chunk or a slice of 80
+  // images took other widths.)
+  const int tile_vectors = cpu::gemm_indirect_tile_vectors<T>(
+      cout_g, round_up(std::min(g.batch, kInnerBatch), vw), K, /*csc=*/1);
+
+  // Images [lo, hi) in chunks; each chunk's output rows in `threads` bands (1: this thread
+  // alone).
+  auto run = [&](int64_t lo, int64_t hi, int64_t threads) {
+    const int64_t chunk = std::min(hi - lo, kInnerBatch);
+    // ld: a batch vector per pixel, off 512-byte multiples (gemm.h in_place_ld: 256 floats per
+    // pixel put a tap panel in a quarter of L1's sets).
+    const int64_t ld = in_place_ld<T>(round_up(chunk, vw));
+    // Not zeroed: the transposes write every row's lanes up to nbc (zeros past the batch), the
+    // GEMMs every output row's; nothing reads past nbc. (Zeroing both cost ~25 us of LeNet
+    // conv2's 230 at batch 64.)
+    // x^T: one per band (below), at most one a thread: the scratch grows with the threads
+    // (LeNet conv2 at batch 256: 1.3 MB a band).
+    const int64_t max_bands = std::min<int64_t>(threads, g.out_h);
+    cpu::CachedBuffer<T> xt(static_cast<size_t>(max_bands * f_in * ld), /*zero=*/false);
+    cpu::CachedBuffer<T> yt(static_cast<size_t>(f_out * ld), /*zero=*/false);
+    // Taps in the padding read zeros rather than being left out: 0 * (an inf or NaN weight)
+    // must give NaN, as in torch and the im2col path. Only border pixels have such taps.
+    const std::vector<T> zeros(static_cast<size_t>(ld), T(0));
+    // Bands of output rows, one per thread: each transposes every input row its outputs read
+    // (every channel) into its own x^T, then computes those outputs, so that the x^T rows its
+    // GEMMs read are all in its own core's cache. The rows two bands share (kernel_h - 1 of
+    // them where they meet) are transposed by both: when each transposed only the rows its
+    // outputs start on, the first band read the rows below from the other core's cache, and at
+    // LeNet conv2's batch 64 its GEMMs took 1.6x the second's while that one waited (perf); one
+    // thread transposing all of x^T was worse still.
+    for (int64_t n0 = lo; n0 < hi; n0 += chunk) {
+      const int64_t nb = std::min(chunk, hi - n0), nbc = round_up(nb, vw);
+      // (at least grain_for's work a band: 64 K multiply-adds)
+      const int64_t bands =
+          std::clamp<int64_t>(P * g.out_channels * K * nbc / 65536, 1, max_bands);
+      auto band_rows = [&](int64_t b) { return g.out_h * b / bands; };  // first output row of b
+      auto band = [&](int64_t b) {
+        std::vector<const T*> brows(static_cast<size_t>(K));
         T* xb = xt.data() + b * f_in * ld;  // this band's x^T (only its rows written)
         // The input rows the band's outputs read: from its first row's first tap to its last
         // row's last.
@@ -422,13 +437,43 @@ void forward_batch_inner_chunks(const Geometry& g, const S* x, const T* w,
               brows[k] = padding ? zeros.data() : xg + taps.off[k] * ld;
             }
             cpu::gemm_indirect<T>(cout_g, nbc, K, wrows.data() + grp * K, brows.data(),
-                                  yt.data() + (grp * cout_g * P + p) * ld, P * ld, 1, false);
+                                  yt.data() + (grp * cout_g * P + p) * ld, P * ld, 1, false,
+                                  nullptr, nullptr, nullptr, tile_vectors);
           }
         }
+      };
+      if (bands == 1) {
+        band(0);
+      } else {
+        at::parallel_for(0, bands, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) band(b);
+        });
       }
-    });
-    epilogue(n0, nb, static_cast<const T*>(yt.data()), ld);
+      epilogue(n0, nb, static_cast<const T*>(yt.data()), ld);
+    }
+  };
+
+  // A batch of kSliceImages a thread or more is split between the threads by images instead:
+  // each slice is transposed, multiplied and stored (pooled, for the fused block) by one
+  // thread, so no pass reads what the other core wrote. With bands, the epilogue's passes
+  // (pooling, the transposes back) read Y^T rows that both cores' GEMMs had written: perf of
+  // LeNet conv2's block forward at batch 256 (Zen 5, AVX-512) had the pooling at 2.6x and the
+  // transposes at 1.8x their one-thread share of the samples, libgomp's wait at 11%. The
+  // block's forward on two threads, builds alternating (3 pairs): 339-348 -> 308-312 us at
+  // batch 256, 180-195 -> 164-170 at 128, 1373-1397 -> 1268-1330 at 1024. Slices start on
+  // whole vectors.
+  const int64_t threads = at::get_num_threads();
+  const int64_t slices = std::min<int64_t>(threads, g.batch / kSliceImages);
+  if (slices < 2) {
+    run(0, g.batch, threads);
+    return;
   }
+  auto slice_start = [&](int64_t s) {
+    return std::min(g.batch, round_up(g.batch * s / slices, vw));
+  };
+  at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) run(slice_start(s), slice_start(s + 1), 1);
+  });
 }
 
 template <typename T, typename S>
@@ -570,18 +615,17 @@ void forward_batch_inner_pool2x2_relu(const Geometry& g, const S* x, const T* w,
                                       T* out, int64_t* indices) {
   const int64_t OW = g.out_w, P = g.out_pixels(), PH = g.out_h / 2, PW = g.out_w / 2;
   const int64_t Q = PH * PW, F = g.out_channels * Q;  // pooled pixels per plane, per image
-  const int64_t chunk = std::min(g.batch, kInnerBatch);
-  const int64_t ld = in_place_ld<T>(round_up(chunk, cpu::simd_width<T>()));  // yt's, as above
   using I = PoolIndex<T>;
-  // (Not zeroed: every row is written for the lanes the transposes read.)
-  CachedBuffer<T> pooled(static_cast<size_t>(F * ld), /*zero=*/false);
-  CachedBuffer<I> at(static_cast<size_t>(F * ld), /*zero=*/false);
-  // float's int32 indices, transposed to NCHW before their widening to int64.
-  CachedBuffer<I> at_nchw(sizeof(I) == 4 ? static_cast<size_t>(F * chunk) : 0, /*zero=*/false);
   const cpu::Isa level = cpu::isa_for(Family::Conv2d);
-  forward_batch_inner_chunks<T>(g, x, w, [&](int64_t n0, int64_t nb, const T* yt, int64_t yld) {
-    TORCH_INTERNAL_ASSERT(yld == ld);
+  // (On several threads at once where the batch is split by images: scratch of its own.)
+  forward_batch_inner_chunks<T>(g, x, w, [&](int64_t n0, int64_t nb, const T* yt, int64_t ld) {
     const int64_t nbc = round_up(nb, cpu::simd_width<T>());
+    // Pooled Y^T, with yt's ld (not zeroed: every row is written for the lanes the transposes
+    // read).
+    CachedBuffer<T> pooled(static_cast<size_t>(F * ld), /*zero=*/false);
+    CachedBuffer<I> at(static_cast<size_t>(F * ld), /*zero=*/false);
+    // float's int32 indices, transposed to NCHW before their widening to int64.
+    CachedBuffer<I> at_nchw(sizeof(I) == 4 ? static_cast<size_t>(F * nb) : 0, /*zero=*/false);
     at::parallel_for(0, F, grain_for(4.0 * double(nbc)), [&](int64_t f0, int64_t f1) {
       for (int64_t f = f0; f < f1; ++f) {
         const int64_t co = f / Q, ph = (f % Q) / PW, pw = f % PW;
@@ -625,7 +669,9 @@ void forward_batch_inner_pool2x2_relu(const Geometry& g, const S* x, const T* w,
                           static_cast<const Bits*>(nullptr), 1);
       int64_t* dst = indices + n0 * F;
       const I* src = at_nchw.data();
-      for (int64_t i = 0; i < nb * F; ++i) dst[i] = src[i];
+      at::parallel_for(0, nb * F, kFromInnerParallel, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) dst[i] = src[i];
+      });
     }
   });
 }

@@ -1298,9 +1298,27 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
 }
 
 template <typename T>
+int gemm_indirect_tile_vectors(int64_t M, int64_t N, int64_t K, int64_t csc) {
+  const IsaInfo& isa = backend().info;
+  const int w = isa.bytes / static_cast<int>(sizeof(T));
+  int nv = 4;
+  double best = -1;
+  for (int v : {4, 2, 1}) {
+    const double c = op_cost(isa, w, M, N, K, false, false, csc != 1, v, 0.0, /*in_place=*/true);
+    if (best < 0 || c < best) {
+      best = c;
+      nv = v;
+    }
+  }
+  return nv;
+}
+
+template <typename T>
 void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* const* b, T* C,
                    int64_t rsc, int64_t csc, bool accumulate, const int64_t* a_rows,
-                   const T* bias, const int64_t* c_rows) {
+                   const T* bias, const int64_t* c_rows, int tile_vectors) {
+  TORCH_INTERNAL_ASSERT(tile_vectors == 0 || tile_vectors == 1 || tile_vectors == 2 ||
+                        tile_vectors == 4);
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t i = 0; i < M; ++i)
@@ -1314,22 +1332,9 @@ void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* 
   // Tile width from the cost model (no packing here), from the shapes only. Gathered rows keep
   // their offsets in registers (op_tile_ind) and take rows_tile_nv's tile (6 x 4 vectors with
   // AVX-512, 6 x 2 below it).
-  const IsaInfo& isa = backend().info;
-  const int w = isa.bytes / static_cast<int>(sizeof(T));
-  int nv = 4;
-  if (a_rows) {
-    nv = isa.rows_nv;
-  } else {
-    double best = -1;
-    for (int v : {4, 2, 1}) {
-      const double c =
-          op_cost(isa, w, M, N, K, false, false, csc != 1, v, 0.0, /*in_place=*/true);
-      if (best < 0 || c < best) {
-        best = c;
-        nv = v;
-      }
-    }
-  }
+  const int nv = a_rows         ? backend().info.rows_nv
+                 : tile_vectors ? tile_vectors
+                                : gemm_indirect_tile_vectors<T>(M, N, K, csc);
   with_isa([&](auto tag) {
     using Isa = decltype(tag);
     if (nv == 4)
@@ -1376,7 +1381,8 @@ int64_t gathered_tile_width() {
                                  const T*, bool);                                             \
   template void gemm_indirect<T>(int64_t, int64_t, int64_t, const T* const*, const T* const*,  \
                                  T*, int64_t, int64_t, bool, const int64_t*, const T*,       \
-                                 const int64_t*);                                             \
+                                 const int64_t*, int);                                        \
+  template int gemm_indirect_tile_vectors<T>(int64_t, int64_t, int64_t, int64_t);              \
   template void gemm_dot_segments<T>(int64_t, int64_t, int64_t, int64_t, const T*, int64_t,     \
                                      int64_t, const T* const*, T*, int64_t, int64_t, bool);   \
   template int64_t simd_width<T>();                                                            \

@@ -67,10 +67,17 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int
 // last k block is stored: the bits of adding the bias to C afterwards, without that pass.
 // c_rows, when not null, scatters C's rows: C element (i, j) is C[c_rows[i] + j * csc] (rsc
 // unused; conv2d's strided grad_input stores a phase's pixels straight into a channels-last dX).
+// tile_vectors (1, 2 or 4; 0: gemm_indirect_tile_vectors' pick for these sizes) is the widest
+// tile, which also sets the k block: each C element's bits depend on it, not on N, so callers
+// that split the columns of one product over several calls pass one choice to all of them.
 template <typename T>
 void gemm_indirect(int64_t M, int64_t N, int64_t K, const T* const* a, const T* const* b, T* C,
                    int64_t rsc, int64_t csc, bool accumulate, const int64_t* a_rows = nullptr,
-                   const T* bias = nullptr, const int64_t* c_rows = nullptr);
+                   const T* bias = nullptr, const int64_t* c_rows = nullptr,
+                   int tile_vectors = 0);
+// The cost model's widest tile for gemm_indirect of these sizes (without a_rows).
+template <typename T>
+int gemm_indirect_tile_vectors(int64_t M, int64_t N, int64_t K, int64_t csc);
 
 // Dot products over segments, split over tiles of C with at::parallel_for (by shape only):
 // C[i, j] (+)= sum over s < nseg, t < len of A[i * rsa + s * sa + t] * b[s * N + j][t].
