@@ -202,6 +202,8 @@ WINDOW_SUM_CASES = [
     (6, 8, 5, 12, 5, 1, 2, 1, 2, 2, 0, False),  # 200 taps: 13 vectors, in two passes (12 + 1)
     (4, 3, 6, 15, 3, 2, 1, 3, 2, 2, 0, False),  # one input channel a group: grad_weight alone
                                                 # from the image's kernel rows
+    (2, 20, 4, 19, 3, 1, 1, 1, 2, 2, 0, False),  # 20 channels, 21 padded columns: the
+                                                 # channels-last copies in blocks of 16 x 16
 ]
 
 

@@ -12,8 +12,10 @@
 //
 // Layouts: "patch columns" (PatchColumns) copy each image so that a patch over all of a group's
 // input channels is contiguous (each input kernel_w times: LeNet's conv2, 6 channels x 5 x 5 = 150
-// taps, is 10 16-lane vectors, 160 lanes with its rows padded to whole vectors); grad_input
-// scatters into the same layout and folds it back (image_fold_columns). A first layer (one input
+// taps, is 10 16-lane vectors, 160 lanes with its rows padded to whole vectors), built from a
+// channels-last copy of the image, where each row of a patch is one run; grad_input scatters
+// into the same layout and folds it back into a channels-last gradient (image_fold_columns),
+// transposed to NCHW at the end. A first layer (one input
 // channel a group, no grad_input: LeNet's conv1) reads its kernel rows from the image itself, one
 // masked 8-lane vector each (row_sums), which costs fewer instructions than copying the columns.
 //
@@ -21,7 +23,7 @@
 // (another order, so not bitwise the dense kernels'). A non-finite x (w), where 0 * inf = NaN
 // reaches the dense grad_weight (grad_input), takes the dense kernels for it. Any pool geometry:
 // overlapping windows add at a pixel as unpooling adds them. AVX-512 and float32 only (masked
-// loads, compressed lists, expanding loads; bfloat16 on float32 copies); elsewhere the dense
+// loads, compressed lists; bfloat16 on float32 copies); elsewhere the dense
 // kernels. Images whose patch columns exceed 256 KB keep the dense kernels (not measured).
 //
 // Napkin math, LeNet at batch 64. conv1 block (1 -> 6, 28x28 outputs): dense grad_weight 7.5 M
@@ -32,8 +34,8 @@
 // Measured (2 threads, medians of 200 calls, the blocks' backward before -> after): conv1
 // without grad_input 179-190 -> 92-94 us; conv2 441 -> 226-232 us. One thread, conv2's
 // grad_input alone (before the columns were line-aligned, which took it 169 -> 125 us on two
-// threads): the scatter ~54% of its time, the fold ~20% (perf); conv1: the row sums ~55%, the
-// lists ~25%.
+// threads): the scatter ~54% of its time, the fold ~20% (perf; since the channels-last rows,
+// below, less); conv1: the row sums ~55%, the lists ~25%.
 //
 // Deterministic: the batch is split into at most 64 fixed blocks of images (not by thread
 // count), each block's sums are added in block order; grad_input is per image.
@@ -54,6 +56,7 @@
 #include "cpu/conv2d.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
+#include "cpu/transpose.h"
 
 namespace pyengine {
 namespace cpu {
@@ -233,12 +236,16 @@ PE_TARGET_AVX512 void row_sums(const float* xp, int64_t wp, int64_t kh, int64_t 
   }
 }
 
-// The patch columns of an image, group by group: cols[((grp * out_w + ow) * hp + h) * R + ci *
-// kernel_w + kj] = xp[grp * cin_g + ci][h][ow * stride_w + kj], for output column ow and padded
+// The patch columns of an image, group by group: cols[((grp * out_w + ow) * hp + h) * R + kj *
+// cin_g + ci] = xp[grp * cin_g + ci][h][ow * stride_w + kj], for output column ow and padded
 // row h (xp: the image zero-padded, hp x wp planes), R >= cin_g * kernel_w. Output pixel (oh,
 // ow)'s patch, every input channel of its group, is then kernel_h rows of R: contiguous, at
-// ((grp * out_w + ow) * hp + oh * stride_h) * R, its taps in the order (ki, ci, kj) (dilation
-// 1). R is rounded up to whole vectors where the patch needs no more vectors for it (LeNet's
+// ((grp * out_w + ow) * hp + oh * stride_h) * R, its taps in the order (ki, kj, ci) (dilation
+// 1): a row of it is kernel_w * cin_g consecutive elements of the padded channels-last image.
+// (In the order (ki, ci, kj), each row took a masked load per (channel, row) run of kernel_w
+// elements, and the fold an expanding load per column: 33% of LeNet conv2's block backward at
+// batch 256 on a Zen 5, 19% after this change, transposes included; the block's backward on two
+// threads 585-592 -> 493-502 us at batch 256, 154-165 -> 131-137 at 64, builds alternating.) R is rounded up to whole vectors where the patch needs no more vectors for it (LeNet's
 // conv2: 30 -> 32, 10 vectors either way): every patch then starts on a cache line, so no
 // vector straddles two, and grad_input's stores are read back whole (a partly overlapping read
 // waits for the store). kernel_w copies of each input, one image at a time.
@@ -265,118 +272,77 @@ struct PatchColumns {
 // partial sums are added in block order: the same bits at any thread count.
 int64_t images_per_block(int64_t batch) { return std::max<int64_t>(8, (batch + 63) / 64); }
 
-// Where each 16-lane vector of one output column's block (hp x R elements) lies in the padded
-// image (from the group's first plane, column ow * stride_w): runs of at most kernel_w lanes of
-// one (h, ci), each a masked access of the image at `at` (lane l at at + l). Every vector has
-// `most` runs (the shorter padded with empty masks: a fixed trip count, no mispredicted loop
-// exits), run r of vector j at [j * most + r]. The same runs load the columns and fold their
-// gradient back.
-struct ColumnRuns {
-  int64_t most = 0;
-  std::vector<int64_t> at;
-  std::vector<uint16_t> lanes;
-  ColumnRuns(const Conv2dGeometry<int64_t>& g, const PatchColumns& pc) {
-    const int64_t kw = g.kernel_w, plane = pc.hp * pc.wp;
-    std::vector<std::vector<std::pair<int64_t, uint16_t>>> vectors;
-    for (int64_t t0 = 0; t0 < pc.block; t0 += 16) {
-      auto& runs = vectors.emplace_back();
-      const int64_t t1 = std::min(pc.block, t0 + 16);
-      for (int64_t t = t0; t < t1;) {
-        const int64_t h = t / pc.row, in_row = t % pc.row, ci = in_row / kw, kj = in_row % kw;
-        if (in_row >= pc.taps_row) {  // the row's padding lanes: 0
-          t = std::min(t1, (h + 1) * pc.row);
-          continue;
-        }
-        const int64_t run = std::min(kw - kj, t1 - t);
-        runs.emplace_back(ci * plane + h * pc.wp + kj - (t - t0),
-                          static_cast<uint16_t>(((1u << run) - 1u) << (t - t0)));
-        t += run;
-      }
-      most = std::max<int64_t>(most, static_cast<int64_t>(runs.size()));
-    }
-    for (const auto& runs : vectors)
-      for (int64_t r = 0; r < most; ++r) {
-        const bool real = r < static_cast<int64_t>(runs.size());
-        at.push_back(real ? runs[r].first : 0);
-        lanes.push_back(real ? runs[r].second : 0);
-      }
-  }
-};
+// An image's padded channels-last copy, group by group: xh[((grp * hp + h) * wp + c) * cin_g +
+// ci] = x[grp * cin_g + ci][h - padding_h][c - padding_w] (x: in_channels x in_h x in_w), its
+// padding left as it is (the caller's zeros): register transposes of 16 channels x 16 columns.
+PE_TARGET_AVX512 void image_to_channels_last(const Conv2dGeometry<int64_t>& g,
+                                             const PatchColumns& pc, const float* x, float* xh) {
+  const int64_t cin_g = g.in_channels_per_group(), hw = g.in_h * g.in_w;
+  for (int64_t grp = 0; grp < g.groups; ++grp)
+    for (int64_t h = 0; h < g.in_h; ++h)
+      for (int64_t c0 = 0; c0 < cin_g; c0 += 16)
+        for (int64_t w0 = 0; w0 < g.in_w; w0 += 16)
+          conv2d::transpose16(
+              x + (grp * cin_g + c0) * hw + h * g.in_w + w0, hw,
+              std::min<int64_t>(16, cin_g - c0), std::min<int64_t>(16, g.in_w - w0),
+              xh + ((grp * pc.hp + h + g.padding_h) * pc.wp + w0 + g.padding_w) * cin_g + c0,
+              cin_g, nullptr);
+}
 
-// One image's patch columns from its padded planes (xp: in_channels x hp x wp).
+// The reverse, the interior only: dx[grp * cin_g + ci][h][c] = dxh's element (grp, h +
+// padding_h, c + padding_w, ci).
+PE_TARGET_AVX512 void channels_last_to_image(const Conv2dGeometry<int64_t>& g,
+                                             const PatchColumns& pc, const float* dxh,
+                                             float* dx) {
+  const int64_t cin_g = g.in_channels_per_group(), hw = g.in_h * g.in_w;
+  for (int64_t grp = 0; grp < g.groups; ++grp)
+    for (int64_t h = 0; h < g.in_h; ++h)
+      for (int64_t w0 = 0; w0 < g.in_w; w0 += 16)
+        for (int64_t c0 = 0; c0 < cin_g; c0 += 16)
+          conv2d::transpose16(
+              dxh + ((grp * pc.hp + h + g.padding_h) * pc.wp + w0 + g.padding_w) * cin_g + c0,
+              cin_g, std::min<int64_t>(16, g.in_w - w0), std::min<int64_t>(16, cin_g - c0),
+              dx + (grp * cin_g + c0) * hw + h * g.in_w + w0, hw, nullptr);
+}
+
+PE_TARGET_AVX512 inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xffffu : n <= 0 ? 0u : (1u << n) - 1u);
+}
+
+// One image's patch columns from its padded channels-last copy: each column row is the
+// kernel_w * cin_g elements that start at (h, ow * stride_w) in xh, one run, then zeros up to R.
 PE_TARGET_AVX512 void image_patch_columns(const Conv2dGeometry<int64_t>& g,
-                                          const PatchColumns& pc, const ColumnRuns& runs,
-                                          const float* xp, float* cols) {
-  const int64_t nvec = (pc.block + 15) / 16, cin_g = g.in_channels_per_group();
+                                          const PatchColumns& pc, const float* xh, float* cols) {
+  const int64_t cin_g = g.in_channels_per_group();
   for (int64_t grp = 0; grp < g.groups; ++grp)
     for (int64_t ow = 0; ow < g.out_w; ++ow) {
-      const float* top = xp + grp * cin_g * pc.hp * pc.wp + ow * g.stride_w;
+      const float* from = xh + (grp * pc.hp * pc.wp + ow * g.stride_w) * cin_g;
       float* out = cols + (grp * g.out_w + ow) * pc.block;
-      const int64_t* at = runs.at.data();
-      const uint16_t* lanes = runs.lanes.data();
-      for (int64_t j = 0; j < nvec; ++j, at += runs.most, lanes += runs.most) {
-        __m512 v = _mm512_setzero_ps();
-        for (int64_t r = 0; r < runs.most; ++r)
-          v = _mm512_or_ps(v, _mm512_maskz_loadu_ps(lanes[r], top + at[r]));
-        _mm512_storeu_ps(out + 16 * j, v);
-      }
+      for (int64_t h = 0; h < pc.hp; ++h, from += pc.wp * cin_g, out += pc.row)
+        for (int64_t j = 0; j < pc.row; j += 16)
+          _mm512_mask_storeu_ps(out + j, first_lanes(pc.row - j),
+                                _mm512_maskz_loadu_ps(first_lanes(pc.taps_row - j), from + j));
     }
 }
 
-// The reverse: each padded input's gradient, the sum of the column elements that copy it, a row
-// (grp * cin_g + ci, h) of dxp at a time, 16 lanes at a time, in registers: output column ow
-// adds its kernel_w elements at lanes ow * stride_w + kj, by one expanding load each
-// (consecutive elements into the lanes of a mask). Each row's vectors are stored once.
-struct FoldRuns {
-  // for lane chunk c: the columns ow that reach it, each an offset into its column's row
-  // (ow * hp * R + the first element inside the chunk) and the lanes it fills; [first[c],
-  // first[c + 1])
-  std::vector<int64_t> at, first;
-  std::vector<uint16_t> lanes;
-  FoldRuns(const Conv2dGeometry<int64_t>& g, const PatchColumns& pc) {
-    for (int64_t c0 = 0; c0 < pc.wp; c0 += 16) {
-      first.push_back(static_cast<int64_t>(at.size()));
-      for (int64_t ow = 0; ow < g.out_w; ++ow) {
-        const int64_t lo = ow * g.stride_w, hi = lo + g.kernel_w;
-        const int64_t from = std::max(lo, c0), to = std::min(hi, c0 + 16);
-        if (from >= to) continue;
-        at.push_back(ow * pc.hp * pc.row + (from - lo));
-        lanes.push_back(static_cast<uint16_t>(((1u << (to - from)) - 1u) << (from - c0)));
-      }
-    }
-    first.push_back(static_cast<int64_t>(at.size()));
-  }
-};
-
+// The reverse: each column row's kernel_w * cin_g elements added into dxh where they were
+// copied from (dxh zeroed by the caller). Output column by output column, so that the rows one
+// after another do not overlap (a column's neighbour shares kernel_w - stride_w of its
+// positions, and a load that overlaps a store just made waits for it).
 PE_TARGET_AVX512 void image_fold_columns(const Conv2dGeometry<int64_t>& g, const PatchColumns& pc,
-                                         const FoldRuns& runs, const float* cols, float* dxp) {
+                                         const float* cols, float* dxh) {
   const int64_t cin_g = g.in_channels_per_group();
   for (int64_t grp = 0; grp < g.groups; ++grp)
-    for (int64_t ci = 0; ci < cin_g; ++ci)
-      for (int64_t h = 0; h < pc.hp; ++h) {
-        const float* base = cols + (grp * g.out_w * pc.hp + h) * pc.row + ci * g.kernel_w;
-        float* out = dxp + ((grp * cin_g + ci) * pc.hp + h) * pc.wp;
-        for (int64_t c = 0; c * 16 < pc.wp; ++c) {
-          // two partial sums, columns dealt alternately (one chain of adds waited on each)
-          __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
-          int64_t r = runs.first[c];
-          const int64_t r1 = runs.first[c + 1];
-          for (; r + 2 <= r1; r += 2) {
-            even = _mm512_add_ps(even, _mm512_maskz_expandloadu_ps(runs.lanes[r],
-                                                                    base + runs.at[r]));
-            odd = _mm512_add_ps(odd, _mm512_maskz_expandloadu_ps(runs.lanes[r + 1],
-                                                                  base + runs.at[r + 1]));
-          }
-          if (r < r1)
-            even = _mm512_add_ps(even, _mm512_maskz_expandloadu_ps(runs.lanes[r],
-                                                                    base + runs.at[r]));
-          const __m512 sum = _mm512_add_ps(even, odd);
-          const int64_t left = pc.wp - c * 16;
-          _mm512_mask_storeu_ps(out + c * 16,
-                                static_cast<__mmask16>(left >= 16 ? 0xffffu : (1u << left) - 1u),
-                                sum);
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      float* to = dxh + (grp * pc.hp * pc.wp + ow * g.stride_w) * cin_g;
+      const float* in = cols + (grp * g.out_w + ow) * pc.block;
+      for (int64_t h = 0; h < pc.hp; ++h, to += pc.wp * cin_g, in += pc.row)
+        for (int64_t j = 0; j < pc.taps_row; j += 16) {
+          const __mmask16 m = first_lanes(pc.taps_row - j);
+          _mm512_mask_storeu_ps(to + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, to + j),
+                                                         _mm512_maskz_loadu_ps(m, in + j)));
         }
-      }
+    }
 }
 
 // Window list of one (image, output channel) plane of `windows` pooled gradients: the windows
@@ -449,8 +415,6 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
   const int64_t sums_size = g.out_channels * width, block_size = sums_size + g.out_channels * 16;
   // (Zeroed by each block's task: a serial fill of all blocks' sums showed in perf.)
   CachedBuffer<float> sums(static_cast<size_t>(blocks * block_size), /*zero=*/false);
-  const ColumnRuns runs(g, pc);
-  const FoldRuns fold(g, pc);
   // Each output pixel's patch, from its group's first: in the padded image (by_rows), in the
   // patch columns (else).
   std::vector<int32_t> patch_at(static_cast<size_t>(g.out_pixels()));
@@ -459,19 +423,21 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
     patch_at[p] = static_cast<int32_t>(by_rows ? oh * g.stride_h * pc.wp + ow * g.stride_w
                                                : pc.patch_at(g, 0, oh, ow));
   }
-  // w in the same (ki, ci, kj) order, zero past the patch, for grad_input's scatter.
+  // w in the same (ki, kj, ci) order, zero past the patch, for grad_input's scatter.
   std::vector<float> wk(dx ? static_cast<size_t>(g.out_channels * width) : 0, 0.f);
   if (dx)
     for (int64_t co = 0; co < g.out_channels; ++co)
       for (int64_t ci = 0; ci < cin_g; ++ci)
         for (int64_t k = 0; k < khw; ++k)
-          wk[co * width + (k / kw) * pc.row + ci * kw + k % kw] = w[(co * cin_g + ci) * khw + k];
+          wk[co * width + (k / kw) * pc.row + (k % kw) * cin_g + ci] =
+              w[(co * cin_g + ci) * khw + k];
   std::atomic<bool> ok{true};
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     // One image's patch columns and their gradient (+ the slack a last patch's vectors read
-    // past), one window list, the padded image and its gradient.
+    // past), one window list, the padded image (NCHW for by_rows, else channels-last: xh) and
+    // its gradient (channels-last).
     thread_local LineVector<float> cols, dcols;  // (patches on cache lines: see PatchColumns)
-    thread_local std::vector<float> val, xpad, dxpad;
+    thread_local std::vector<float> val, xpad, xh, dxh;
     thread_local std::vector<int32_t> off;
     if (!by_rows) {
       cols.resize(static_cast<size_t>(pc.image + width));
@@ -479,10 +445,11 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
     }
     val.resize(static_cast<size_t>(windows + 15));
     off.resize(static_cast<size_t>(windows + 15));
-    if (pads) xpad.assign(static_cast<size_t>(padded_image), 0.f);
+    if (dw && by_rows && pads) xpad.assign(static_cast<size_t>(padded_image), 0.f);
+    if (dw && !by_rows) xh.assign(static_cast<size_t>(padded_image), 0.f);
     if (dx) {
       dcols.resize(static_cast<size_t>(pc.image + width));
-      if (pads) dxpad.resize(static_cast<size_t>(padded_image));
+      dxh.resize(static_cast<size_t>(padded_image));
     }
     for (int64_t blk = b0; blk < b1 && ok; ++blk) {
       float* part = sums.data() + blk * block_size;
@@ -494,12 +461,15 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
             ok = false;  // 0 * inf in the dense sums: the dense kernels
             return;
           }
-          if (pads)  // the interior; the borders stay 0
+          if (by_rows && pads)  // the interior; the borders stay 0
             for (int64_t c = 0; c < g.in_channels; ++c)
               for (int64_t h = 0; h < g.in_h; ++h)
                 std::copy(xn + (c * g.in_h + h) * g.in_w, xn + (c * g.in_h + h + 1) * g.in_w,
                           xpad.data() + (c * pc.hp + g.padding_h + h) * pc.wp + g.padding_w);
-          if (!by_rows) image_patch_columns(g, pc, runs, pads ? xpad.data() : xn, cols.data());
+          if (!by_rows) {
+            image_to_channels_last(g, pc, xn, xh.data());  // (its borders stay 0)
+            image_patch_columns(g, pc, xh.data(), cols.data());
+          }
         }
         const float* image = pads ? xpad.data() : x + n * in_image;  // (by_rows)
         if (dx) std::fill(dcols.begin(), dcols.begin() + pc.image, 0.f);
@@ -523,15 +493,9 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
                           wk.data() + co * width);
         }
         if (dx) {
-          float* dxn = dx + n * in_image;
-          image_fold_columns(g, pc, fold, dcols.data(), pads ? dxpad.data() : dxn);
-          if (pads)  // the interior
-            for (int64_t c = 0; c < g.in_channels; ++c)
-              for (int64_t h = 0; h < g.in_h; ++h) {
-                const float* from = dxpad.data() + (c * pc.hp + g.padding_h + h) * pc.wp +
-                                    g.padding_w;
-                std::copy(from, from + g.in_w, dxn + (c * g.in_h + h) * g.in_w);
-              }
+          std::fill(dxh.begin(), dxh.end(), 0.f);
+          image_fold_columns(g, pc, dcols.data(), dxh.data());
+          channels_last_to_image(g, pc, dxh.data(), dx + n * in_image);
         }
       }
     }
@@ -551,7 +515,7 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
       for (int64_t ci = 0; ci < cin_g; ++ci)
         for (int64_t k = 0; k < khw; ++k)
           dw[(co * cin_g + ci) * khw + k] =
-              sums[co * width + (k / kw) * (by_rows ? 8 : pc.row) + ci * kw + k % kw];
+              sums[co * width + (k / kw) * (by_rows ? 8 : pc.row) + (k % kw) * cin_g + ci];
   if (db)
     for (int64_t co = 0; co < g.out_channels; ++co) {
       const float* lanes = sums.data() + sums_size + co * 16;
