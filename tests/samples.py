@@ -364,7 +364,12 @@ LARGE = {
                       dict(_SMOOTHED, form="(N, C, d...)", batch=2, classes=7, spatial=(70,),
                            weighted=True, ignore_index=2, reduction="mean"),
                       dict(_PROBABILITIES, form="(N, C, d...)", batch=2, classes=6,
-                           spatial=(8, 9), weighted=True, label_smoothing=0.1)],
+                           spatial=(8, 9), weighted=True, label_smoothing=0.1),
+                      # the backward's blocks copied into L1 up to 64 classes, their exp terms
+                      # stored in the gradient itself past that
+                      dict(_CLASSES, form="(N, C, d...)", batch=2, classes=64, spatial=(33,)),
+                      dict(_SMOOTHED, form="(N, C, d...)", batch=2, classes=65, spatial=(33,),
+                           weighted=True, reduction="sum")],
 }
 _LARGE_ACTIVATION = [dict(shape=(3, 5, 129)), dict(shape=(2, 300, 7), input=dict(NAN_INF))]
 for _op in ("relu", "leaky_relu", "sigmoid", "tanh"):
