@@ -319,7 +319,7 @@ PE_DEFINE_ROW_KERNELS(double)
 // then exp) and 688K exps at ~1.5 vector instructions per logit; the log, the pick of the target
 // and the lanes' sums are per pixel. Backward adds a write of the gradient and a rescaling pass.
 // The block's 21 x 128 bytes would stay in L1 between the passes but for rows 16 KB apart (64 x
-// 64 planes), which share L1's sets: the backward copies its block (column_max_sum_local).
+// 64 planes), which share L1's sets: the backward copies its block (copy_block).
 
 // Pixels per block: two 64-byte vectors of T. One vector's worth left the fixed costs of a block
 // (the call, the log of each lane, the lanes' sums) at half of a 2-class forward's time.
@@ -403,52 +403,31 @@ PE_INLINE void column_max_sum(const ColumnBlock<T>& b, T* m_out, double* s_out, 
   }
 }
 
-// Classes up to which the backward's block runs in a contiguous copy (column_max_sum_local;
-// 8 KB of L1 at most).
+// Classes up to which the backward's block runs on a contiguous copy (copy_block; 8 KB of L1
+// at most).
 constexpr int64_t kLocalClasses = 64;
 
-// column_max_sum's stored form on a copy: the block's logits copied into e (classes x L,
-// contiguous) as the max reads them, then the exp terms in place and their sums. A class's
-// row of the block lies `inner` elements from the next, so for inner a multiple of 1024 floats
-// (a 64 x 64 image) every row falls in the same L1 sets: 21 classes' rows did not stay in L1
-// between the passes, and 8 x 21 x 64 x 64's backward took 0.65 ns a logit on one thread where
-// 8 x 21 x 64 x 65's took 0.37. The copy, and the rows two blocks on prefetched into L2 (the
-// many rows at one stride are more streams than the hardware prefetchers follow), took that
-// backward from 0.246-0.250 to 0.203-0.209 ms on two threads, 0.44 to 0.32-0.36 on one (torch
-// 0.20-0.25 and 0.38-0.45 in the same processes). The same operations on the same values as
-// column_max_sum: the same bits.
+// The block's logits into e (classes x L, contiguous), the rows two blocks on prefetched into
+// L2. A class's row of the block lies `inner` elements from the next, so for inner a multiple
+// of 1024 floats (a 64 x 64 image) every row falls in the same L1 sets: 21 classes' rows did not
+// stay in L1 between column_max_sum's passes, and 8 x 21 x 64 x 64's backward took 0.65 ns a
+// logit on one thread where 8 x 21 x 64 x 65's took 0.37. The copy, with the prefetches (the many
+// rows at one stride are more streams than the hardware prefetchers follow), took that backward
+// from 0.246-0.250 to 0.203-0.209 ms on two threads, 0.44 to 0.32-0.36 on one (torch 0.20-0.25
+// and 0.38-0.45 in the same processes).
 template <typename T, bool kFull>
-PE_INLINE void column_max_sum_local(const ColumnBlock<T>& b, T* m_out, double* s_out, T* e) {
+PE_INLINE void copy_block(const ColumnBlock<T>& b, T* e) {
   constexpr int64_t L = kColumnLanes<T>;
   const int64_t W = kFull ? L : b.width;
-  T m[L];
-  double s[L];
-  PE_LANES for (int64_t l = 0; l < L; ++l) m[l] = -std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j < b.classes; ++j) {
     const T* xj = b.x + j * b.stride;
     T* ej = e + j * L;
-    if (kFull)  // the row's block two blocks on, into L2 (past the tensor's end: no fault)
+    if (kFull)  // (past the tensor's end: a prefetch does not fault)
       for (int64_t c = 0; c < L * int64_t(sizeof(T)); c += 64)
         __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(xj) +
                                                          uintptr_t(2 * L * sizeof(T) + c)),
                            0, 2);
-    PE_LANES for (int64_t l = 0; l < W; ++l) {
-      ej[l] = xj[l];
-      m[l] = xj[l] > m[l] ? xj[l] : m[l];
-    }
-  }
-  for (int64_t j = 0; j < b.classes; ++j) {
-    T* ej = e + j * L;
-    PE_LANES for (int64_t l = 0; l < W; ++l) ej[l] = fast_exp_nonpositive(ej[l] - m[l]);
-  }
-  PE_LANES for (int64_t l = 0; l < L; ++l) s[l] = 0;
-  for (int64_t j = 0; j < b.classes; ++j) {
-    const T* ej = e + j * L;
-    PE_LANES for (int64_t l = 0; l < W; ++l) s[l] += static_cast<double>(ej[l]);
-  }
-  PE_LANES for (int64_t l = 0; l < L; ++l) {
-    m_out[l] = m[l];
-    s_out[l] = s[l];
+    PE_LANES for (int64_t l = 0; l < W; ++l) ej[l] = xj[l];
   }
 }
 
@@ -630,10 +609,13 @@ PE_INLINE void column_grads_body(const ColumnBlock<T>& b, const ColumnGradArgs<T
   const bool in_l1 = b.classes <= kLocalClasses;
   T* const e = in_l1 ? local : a.grad;
   const int64_t e_stride = in_l1 ? L : b.stride;
-  if (in_l1)
-    column_max_sum_local<T, kFull>(b, m, s, e);
-  else
+  if (in_l1) {  // (the exp terms stored over the copied logits)
+    copy_block<T, kFull>(b, local);
+    column_max_sum<T, kFull, true>(ColumnBlock<T>{local, nullptr, b.t, b.classes, L, b.width}, m,
+                                   s, local);
+  } else {
     column_max_sum<T, kFull, true>(b, m, s, a.grad);
+  }
   const bool smoothed = b.t == nullptr || a.eps != 0;
   if (smoothed) {
     with_column_coefficients(b, a.w, a.keep, a.add, [&](const auto& u) {
