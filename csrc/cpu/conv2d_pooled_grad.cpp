@@ -245,7 +245,8 @@ PE_TARGET_AVX512 void row_sums(const float* xp, int64_t wp, int64_t kh, int64_t 
 // (In the order (ki, ci, kj), each row took a masked load per (channel, row) run of kernel_w
 // elements, and the fold an expanding load per column: 33% of LeNet conv2's block backward at
 // batch 256 on a Zen 5, 19% after this change, transposes included; the block's backward on two
-// threads 585-592 -> 493-502 us at batch 256, 154-165 -> 131-137 at 64, builds alternating.) R is rounded up to whole vectors where the patch needs no more vectors for it (LeNet's
+// threads 585-592 -> 493-502 us at batch 256, 154-165 -> 131-137 at 64, builds alternating.)
+// R is rounded up to whole vectors where the patch needs no more vectors for it (LeNet's
 // conv2: 30 -> 32, 10 vectors either way): every patch then starts on a cache line, so no
 // vector straddles two, and grad_input's stores are read back whole (a partly overlapping read
 // waits for the store). kernel_w copies of each input, one image at a time.
@@ -274,7 +275,9 @@ int64_t images_per_block(int64_t batch) { return std::max<int64_t>(8, (batch + 6
 
 // An image's padded channels-last copy, group by group: xh[((grp * hp + h) * wp + c) * cin_g +
 // ci] = x[grp * cin_g + ci][h - padding_h][c - padding_w] (x: in_channels x in_h x in_w), its
-// padding left as it is (the caller's zeros): register transposes of 16 channels x 16 columns.
+// padding left as it is (the caller's zeros): register transposes of 16 channels x 16 columns,
+// inlined here (conv2d::transpose, a call per block, took the conv2 block's backward 3.5-5%
+// longer on one thread at batch 256).
 PE_TARGET_AVX512 void image_to_channels_last(const Conv2dGeometry<int64_t>& g,
                                              const PatchColumns& pc, const float* x, float* xh) {
   const int64_t cin_g = g.in_channels_per_group(), hw = g.in_h * g.in_w;

@@ -53,10 +53,10 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kMR = 6;   // rows of a C tile
+constexpr int64_t kNR = 64;  // columns of a C tile: 4 vectors of 16 float32 lanes
 // Elements of a C small enough (256 KB of float32, in L2) to be stored transposed element by
 // element (gemm_bf16_impl).
 constexpr int64_t kSmallTransposedC = 65536;
-constexpr int64_t kNR = 64;  // columns of a C tile: 4 vectors of 16 float32 lanes
 
 // The pair of bfloat16 (lo: element 2p, hi: element 2p + 1; a missing one is zero) as a word.
 inline uint32_t pair(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
