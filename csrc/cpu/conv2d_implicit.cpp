@@ -646,7 +646,8 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw,
     // Channels-last copies of the images. Blocks of 16 channels outermost: a block reads its 16
     // channel planes as 16 contiguous streams over the task's rows, which the prefetchers
     // follow; row by row it read all cin planes at once (a 224-byte run of each per row).
-    parallel_rows(live * g.in_h, g.in_w * cin, [&](int64_t r0, int64_t r1) {
+    const auto copy_x_rows = [&](int64_t r0, int64_t r1) {
+      if (r0 >= r1) return;
       std::vector<T> row(static_cast<size_t>(sw > 1 ? g.in_w * 16 : 0));
       for (int64_t l = r0 / g.in_h; l <= (r1 - 1) / g.in_h; ++l) {
         const int64_t sl = s0 + l;
@@ -685,32 +686,50 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw,
             }
             transpose(nc, g.in_w, src, g.in_pixels(), row.data(), int64_t(16),
                       static_cast<const T*>(nullptr));
-            for (int64_t iw = 0; iw < g.in_w; ++iw) {
-              const int64_t col = iw + g.padding_w;
-              std::memcpy(dst + (col % sw) * phase + (col / sw) * cinp, row.data() + iw * 16,
-                          static_cast<size_t>(nc) * sizeof(T));
+            // Each column phase's pixels into its rows: copies of a constant 16 channels
+            // where the block is whole (a memcpy call per pixel, of a size known at run time
+            // only, was 8% of a stride-2 3x3 64->128 @56 grad_weight, perf, two threads).
+            for (int64_t q = 0; q < sw; ++q) {
+              const auto [off, j0, j1] = phase_columns(g, q);
+              T* d = dst + q * phase + j0 * cinp;
+              const T* from = row.data() + (j0 * sw + off) * 16;
+              if (nc == 16) {
+                for (int64_t j = j0; j < j1; ++j, d += cinp, from += sw * 16)
+                  std::memcpy(d, from, 16 * sizeof(T));
+              } else {
+                for (int64_t j = j0; j < j1; ++j, d += cinp, from += sw * 16)
+                  std::memcpy(d, from, static_cast<size_t>(nc) * sizeof(T));
+              }
             }
           }
         }
       }
-    });
+    };
     const int64_t qblocks = ceil_div(P, 16);
-    if (!dy_in_place)
-      parallel_rows(live * qblocks, 16 * cout, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t sl = s0 + b / qblocks, q0 = (b % qblocks) * 16;
-          const int64_t q1 = std::min(P, q0 + 16);
-          const T* dyn = dy + (sl * per_slice + i) * g.out_image();
-          T* dst = dyt.data() + (sl * P + q0) * coutp;
-          if (dy_order == Order::ChannelsLast) {
-            for (int64_t q = q0; q < q1; ++q)
-              std::memcpy(dst + (q - q0) * coutp, dyn + q * cout,
-                          static_cast<size_t>(cout) * sizeof(T));
-            continue;
-          }
-          transpose(cout, q1 - q0, dyn + q0, P, dst, coutp, static_cast<const T*>(nullptr));
+    const auto copy_dy_blocks = [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t sl = s0 + b / qblocks, q0 = (b % qblocks) * 16;
+        const int64_t q1 = std::min(P, q0 + 16);
+        const T* dyn = dy + (sl * per_slice + i) * g.out_image();
+        T* dst = dyt.data() + (sl * P + q0) * coutp;
+        if (dy_order == Order::ChannelsLast) {
+          for (int64_t q = q0; q < q1; ++q)
+            std::memcpy(dst + (q - q0) * coutp, dyn + q * cout,
+                        static_cast<size_t>(cout) * sizeof(T));
+          continue;
         }
-      });
+        transpose(cout, q1 - q0, dyn + q0, P, dst, coutp, static_cast<const T*>(nullptr));
+      }
+    };
+    // Both copies in one parallel region, each thread an equal share of each (a region apiece
+    // cost a fork and a join more per image).
+    const int64_t x_rows = live * g.in_h, dy_blocks = dy_in_place ? 0 : live * qblocks;
+    const int64_t elems = x_rows * g.in_w * cin + dy_blocks * 16 * cout;
+    const int64_t parts = std::clamp<int64_t>(elems / 65536, 1, at::get_num_threads());
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      copy_x_rows(p0 * x_rows / parts, p1 * x_rows / parts);
+      copy_dy_blocks(p0 * dy_blocks / parts, p1 * dy_blocks / parts);
+    });
     // Slice sl's dY pixel rows (its image i), dy_ld apart.
     const int64_t dy_ld = dy_in_place ? cout : coutp;
     const auto dy_rows = [&](int64_t sl) {
