@@ -418,6 +418,7 @@ void backward_input_phases(const Geometry& g, const T* dy, const T* w, T* dx, Or
   const int64_t per_group = first_task.back(), tasks = g.batch * g.groups * per_group;
   if (tasks == 0) return;
   const double work = 512.0 * cout_g * cin_g;  // a task's multiply-adds per tap
+  static const bool spread_avx512 = isa_for(Family::Conv2d) == Isa::Avx512;
   at::parallel_for(0, tasks, grain_for(work), [&](int64_t t0, int64_t t1) {
     CachedBuffer<T> planes(static_cast<size_t>(image));
     int64_t filled = -1;
@@ -501,6 +502,12 @@ void backward_input_phases(const Geometry& g, const T* dy, const T* w, T* dx, Or
         for (int64_t u = u_begin; u < u_end; ++u) {
           const T* row = ct.data() + ci * m + (u - u_begin) * f.cols;
           T* out = dxc + (u * sh + f.a - g.padding_h) * g.in_w + f.v0 * sw + f.b - g.padding_w;
+          if constexpr (std::is_same_v<T, float>) {
+            if (sw == 2 && spread_avx512) {
+              spread2_16(row, f.cols, out);
+              continue;
+            }
+          }
           for (int64_t v = 0; v < f.cols; ++v) out[v * sw] = row[v];
         }
       }
