@@ -188,24 +188,33 @@ def test_bfloat16_linear_against_float64(shape):
                      floor=torch.finfo(torch.float32).eps * max(1.0, g_scale))
 
 
-def test_bfloat16_linear_and_conv2d_on_the_dot_product_level_too():
-    """On a CPU with AMX (level amx_bf16) the bfloat16 GEMM and conv2d's bfloat16 forward run
-    on tiles (so does the fused convolution block's forward, on LeNet's conv2 geometry); the
-    AVX512_BF16 dot-product GEMM and the float32 convolutions stay the ones for CPUs without
-    AMX: the bfloat16 linear, conv2d and fused-block tests run again in a process at
-    PYENGINE_CPU_ISA=avx512_bf16."""
-    if pyengine._C.cpu_isa()["gemm_bf16"] != "amx_bf16":
-        pytest.skip("this CPU's own level runs the dot-product GEMM (or none): tested above")
+# The bfloat16 levels below each one: what its GEMM and conv2d's bfloat16 kernels run on
+# (cpu/isa.h): AMX tiles; AVX512_BF16 dot products on the tiles' operands; float32 copies.
+_BF16_LEVELS = ["amx_bf16", "avx512_bf16", "avx512"]
+
+
+@pytest.mark.parametrize("level", _BF16_LEVELS[1:])
+def test_bfloat16_linear_and_conv2d_on_the_lower_levels_too(level):
+    """On a CPU with AMX (level amx_bf16) the bfloat16 GEMM and conv2d's bfloat16 kernels run
+    on tiles (so does the fused convolution block's forward, on LeNet's conv2 geometry); at
+    avx512_bf16 (no AMX) on AVX512_BF16's dot products (conv2d: the same packed operands,
+    cpu/conv2d_bf16.cpp's *_dp kernels); below it, conv2d on float32 copies. The bfloat16
+    linear, conv2d and fused-block tests run again in a process at each level below this CPU's
+    own."""
+    own = pyengine._C.cpu_isa()["gemm_bf16"]
+    if own not in _BF16_LEVELS or _BF16_LEVELS.index(level) <= _BF16_LEVELS.index(own):
+        pytest.skip(f"this CPU's own level is {own}: {level} is tested above, or not below it")
     import helpers
 
-    helpers.run_with_cpu_isa("avx512_bf16", "import pyengine\n"
-                             "assert pyengine._C.cpu_isa()['gemm_bf16'] == 'avx512_bf16'\n"
+    helpers.run_with_cpu_isa(level, "import pyengine\n"
+                             "assert pyengine._C.cpu_isa()['conv2d'] == 'avx512'\n"
+                             f"assert pyengine._C.cpu_isa()['gemm_bf16'] in ('{level}', 'default')\n"
                              "print('ok')\n")
-    env = dict(os.environ, PYENGINE_CPU_ISA="avx512_bf16")
+    env = dict(os.environ, PYENGINE_CPU_ISA=level)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            os.path.abspath(__file__), "-k",
                            "(bfloat16_linear or bfloat16_conv2d or bfloat16_fused) "
-                           "and not dot_product_level"],
+                           "and not lower_levels"],
                           env=env, capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0 and " passed" in proc.stdout, \
@@ -218,7 +227,7 @@ def test_bfloat16_linear_and_conv2d_on_the_dot_product_level_too():
 WIDE_CONVS = [(2, 16, 9, 11, 32, 3, 1, 1, 1, 1), (3, 8, 13, 12, 40, 3, 2, 1, 1, 1),
               (2, 64, 7, 9, 64, 3, 1, 2, 2, 2), (2, 64, 6, 5, 32, 1, 1, 0, 1, 1),
               (1, 20, 15, 17, 33, 5, 2, 2, 1, 1), (2, 64, 30, 30, 48, 3, 1, 1, 1, 1),
-              # on AMX tiles where the CPU has them (cpu/conv2d_amx.cpp: one group, 16+
+              # on AMX tiles where the CPU has them (cpu/conv2d_bf16.cpp: one group, 16+
               # channels): channels and output rows with tails, stride 2, dilation, 1x1, 7x7
               (1, 17, 9, 23, 20, 3, 2, 1, 1, 1), (3, 32, 12, 40, 48, 3, 1, 2, 2, 1),
               (2, 16, 7, 7, 16, 1, 1, 0, 1, 1), (1, 40, 21, 19, 70, 7, 2, 3, 1, 1),
@@ -392,7 +401,7 @@ def test_bfloat16_linear_is_bitwise_the_same_for_any_thread_count():
 @pytest.mark.parametrize("in_channels,kernel", [(40, 3), (6, 5)])  # tap by tap; strips
 def test_bfloat16_conv2d_is_bitwise_the_same_for_any_thread_count(in_channels, kernel):
     """conv2d's bfloat16 forward and backward (on AMX tiles where the CPU has them:
-    cpu/conv2d_amx.cpp) sum each result in an order fixed by the shapes: one and several
+    cpu/conv2d_bf16.cpp) sum each result in an order fixed by the shapes: one and several
     threads give the same bits."""
     import helpers
 
@@ -424,7 +433,7 @@ CHANNELS_LAST_GRAD_WEIGHT = [(2, 64, 11, 56, 128, 2, 1), (1, 40, 9, 70, 24, 2, 1
 @pytest.mark.parametrize("case", CHANNELS_LAST_GRAD_WEIGHT, ids=str)
 def test_bfloat16_conv2d_of_channels_last_is_the_contiguous_calls(case):
     """bfloat16 conv2d of channels_last x, weight and dY (on AMX tiles, read as they are:
-    cpu/conv2d_amx.cpp's pack_input, pack_weight through the weight's strides, pack_x_planes_cl,
+    cpu/conv2d_bf16.cpp's pack_input, pack_weight through the weight's strides, pack_x_planes_cl,
     pack_dy_pairs_cl, bias_sums_cl) gives the contiguous call's forward and gradients, bit for
     bit, in any mix of layouts; an Inf in a channels_last x lands where it does in the
     contiguous call (the float32 kernels take it)."""
@@ -705,12 +714,13 @@ def test_bfloat16_fused_convolution_block_is_the_float32_kernel_rounded_once(
         in_channels, out_channels, size, batch, channels_last, tiles):
     """The fused block in bfloat16: its backward is the float32 kernel on float32 copies,
     rounded once; so is its forward, except where the convolution takes AMX tiles (`tiles`:
-    LeNet's conv2 geometry, on CPUs at level amx_bf16; cpu/conv2d_amx.cpp), whose float32 sums
+    LeNet's conv2 geometry, on CPUs at level amx_bf16; cpu/conv2d_bf16.cpp), whose float32 sums
     are pooled and rounded once: there the pooled values are bitwise those of pyengine's own
     bfloat16 conv2d (the same tiles, rounded per element), relu and max-pooled, each index
     points at a maximum of that conv2d's output, and the gradients are bitwise conv2d_backward's
     in bfloat16 on the unpooled gradient. (At level avx512_bf16 the tile-less path runs for
-    every case: test_bfloat16_linear_and_conv2d_on_the_dot_product_level_too.)"""
+    every case, these blocks' narrow convolutions having no dot-product kernels:
+    test_bfloat16_linear_and_conv2d_on_the_lower_levels_too.)"""
     gen = torch.Generator().manual_seed(in_channels * 100 + size)
     x = torch.randn(batch, in_channels, size, size, generator=gen).to(torch.bfloat16)
     w = (torch.randn(out_channels, in_channels, 5, 5, generator=gen) * 0.3).to(torch.bfloat16)

@@ -1,10 +1,10 @@
 #pragma once
-// The AMX tile steps the bfloat16 kernels share (cpu/gemm_bf16.cpp, cpu/conv2d_amx.cpp), level
+// The AMX tile steps the bfloat16 kernels share (cpu/gemm_bf16.cpp, cpu/conv2d_bf16.cpp), level
 // amx_bf16 only. The kernels use the blocking the 8 tile registers allow: C as 2 x 2 tiles
 // of 16 x 16 float32 (tiles 0-3: C[0][0], C[0][1], C[1][0], C[1][1]), 2 A tiles (4, 5: 16 rows
 // x 16 pairs of bfloat16 each) and 2 B tiles (6, 7: 16 pairs x 16 columns, pair-interleaved),
 // so a reduction step is 4 tile loads and 4 TDPBF16PS; for products of 16 columns or fewer, C as
-// 4 x 1 tiles (step_quad). (conv2d_amx.cpp's strip grad_weight holds 6 C tiles of its own.)
+// 4 x 1 tiles (step_quad). (conv2d_bf16.cpp's strip grad_weight holds 6 C tiles of its own.)
 #include <immintrin.h>
 
 #include <cstdint>

@@ -385,11 +385,11 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
   const bool has_bias = bias.has_value() && bias->defined();
   if (input.scalar_type() == at::kBFloat16) {
     // Registered with PE_KERNEL_NATIVE_BF16: bfloat16 calls arrive as they are where the CPU has
-    // AMX (cpu::conv2d::amx_available). The geometries its kernel takes run on the tiles; the
-    // others on float32 copies, as everywhere else (common/low_precision.h).
-    if (cpu::conv2d::amx_forward_fits(g) &&
+    // AMX or AVX512_BF16 (cpu::conv2d::bf16_kernels_available). The geometries its kernels take
+    // run on them; the others on float32 copies, as everywhere else (common/low_precision.h).
+    if (cpu::conv2d::bf16_forward_fits(g) &&
         ((g.padding_h == 0 && g.padding_w == 0) || cpu::conv2d::all_finite_bf16(weight)))
-      return cpu::conv2d::forward_amx(g, input, weight, has_bias ? *bias : Tensor(),
+      return cpu::conv2d::forward_bf16(g, input, weight, has_bias ? *bias : Tensor(),
                                       conv2d_channels_last(input, weight));
     return low_precision::narrow(
         conv2d_cpu(low_precision::widen(input), low_precision::widen(weight),
@@ -680,17 +680,18 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
                                                     padding, dilation, groups);
   if (grad_output.scalar_type() == at::kBFloat16) {
     // Registered with PE_KERNEL_NATIVE_BF16 (see conv2d_cpu): grad_input, and grad_weight with
-    // grad_bias, on AMX tiles where those kernels take them; the rest on float32 copies.
+    // grad_bias, on AMX tiles or dot products where those kernels take them; the rest on
+    // float32 copies.
     const bool channels_last = conv2d_channels_last(input, weight);
     Tensor grad_input, grad_weight, grad_bias;
     std::array<bool, 3> rest = mask;
-    if (mask[0] && g.batch > 0 && cpu::conv2d::amx_backward_input_fits(g) &&
+    if (mask[0] && g.batch > 0 && cpu::conv2d::bf16_backward_input_fits(g) &&
         cpu::conv2d::all_finite_bf16(weight)) {
-      grad_input = cpu::conv2d::backward_input_amx(g, grad_output, weight, channels_last);
+      grad_input = cpu::conv2d::backward_input_bf16(g, grad_output, weight, channels_last);
       rest[0] = false;
     }
-    if (mask[1] && g.batch > 0 && cpu::conv2d::amx_backward_weight_fits(g)) {
-      auto [dw, db] = cpu::conv2d::backward_weight_amx(g, grad_output, input, mask[2]);
+    if (mask[1] && g.batch > 0 && cpu::conv2d::bf16_backward_weight_fits(g)) {
+      auto [dw, db] = cpu::conv2d::backward_weight_bf16(g, grad_output, input, mask[2]);
       if (dw.defined()) {  // (undefined: a non-finite x, left to float32 below)
         grad_weight = cpu::as_image_layout(dw, channels_last);
         grad_bias = db;
@@ -720,9 +721,9 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
-  m.impl("conv2d", PE_KERNEL_NATIVE_BF16(conv2d_cpu, cpu::conv2d::amx_available));
+  m.impl("conv2d", PE_KERNEL_NATIVE_BF16(conv2d_cpu, cpu::conv2d::bf16_kernels_available));
   m.impl("conv2d_backward",
-         PE_KERNEL_NATIVE_BF16(conv2d_backward_cpu, cpu::conv2d::amx_available));
+         PE_KERNEL_NATIVE_BF16(conv2d_backward_cpu, cpu::conv2d::bf16_kernels_available));
 }
 
 }  // namespace pyengine

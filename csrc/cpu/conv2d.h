@@ -134,26 +134,28 @@ bool winograd_fits_backward_weight(const Geometry& g);
 template <typename T>
 bool backward_weight_winograd(const Geometry& g, const T* dy, const T* x, T* dw);
 
-// bfloat16 forward on AMX tiles (conv2d_amx.cpp): amx_available() where the CPU runs level
-// amx_bf16 (isa_for(Family::GemmBf16): PYENGINE_CPU_ISA=avx512_bf16 turns it off with the
-// linear GEMM's tiles); amx_forward_fits(g) where it takes the geometry (one group, 16+ output
-// channels; 16+ input channels, or a kernel row's kernel_w x in_channels values filling at least
-// half of its 32-value steps: LeNet's 6 -> 16 5x5). forward_amx returns y in bfloat16, in the
+// bfloat16 forward on AMX tiles or AVX512_BF16's dot products (conv2d_bf16.cpp):
+// bf16_kernels_available() where the CPU runs level amx_bf16 or avx512_bf16
+// (isa_for(Family::GemmBf16); PYENGINE_CPU_ISA=avx512 turns both off with the linear GEMM's);
+// bf16_forward_fits(g) where it takes the geometry (one group, 16+ output channels; 16+ input
+// channels, or, on tiles only, a kernel row's kernel_w x in_channels values filling at least
+// half of its 32-value steps: LeNet's 6 -> 16 5x5). forward_bf16 returns y in bfloat16, in the
 // layout channels_last says.
-// amx_backward_input_fits(g): grad_input on the same kernel (per phase of the stride, a
+// bf16_backward_input_fits(g): grad_input on the same kernel (per phase of the stride, a
 // convolution of dY by the phase's taps of the flipped weight; dilation 1 where strided;
 // wherever the forward runs on tiles). Both multiply padding zeros by every weight, so a
 // non-finite weight (all_finite_bf16) must take the float32 kernels, whose Inf / NaN placement
 // is torch's.
-bool amx_available();
-bool amx_forward_fits(const Geometry& g);
-bool amx_backward_input_fits(const Geometry& g);
-// grad_weight (and grad_bias) on tiles, any stride, wherever the forward runs on them (16+
-// input channels tap by tap; narrower ones as strips over pairs of images). Returns undefined
+bool bf16_kernels_available();
+bool bf16_forward_fits(const Geometry& g);
+bool bf16_backward_input_fits(const Geometry& g);
+// grad_weight (and grad_bias) on tiles or dot products, any stride, wherever the forward runs
+// on them (16+ input channels tap by tap; narrower ones, on tiles, as strips over pairs of
+// images). Returns undefined
 // tensors when x holds an Inf or NaN (the call then takes the float32 kernels: see
-// conv2d_amx.cpp).
-bool amx_backward_weight_fits(const Geometry& g);
-std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
+// conv2d_bf16.cpp).
+bool bf16_backward_weight_fits(const Geometry& g);
+std::tuple<at::Tensor, at::Tensor> backward_weight_bf16(const Geometry& g,
                                                        const at::Tensor& grad_output,
                                                        const at::Tensor& input, bool bias);
 bool all_finite_bf16(const at::Tensor& t);
@@ -163,9 +165,9 @@ bool all_finite(const float* p, int64_t n);
 bool all_finite(const double* p, int64_t n);
 // float_output: y in float32, unrounded (the fused conv + relu + max-pool block rounds once,
 // after pooling); bias (bfloat16) included either way.
-at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+at::Tensor forward_bf16(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
                        const at::Tensor& bias, bool channels_last, bool float_output = false);
-at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
+at::Tensor backward_input_bf16(const Geometry& g, const at::Tensor& grad_output,
                               const at::Tensor& weight, bool channels_last);
 
 // ---- Shared helpers ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@
 // (LeNet's conv2), the forward pools before the convolution's output leaves that layout and the
 // backward unpools straight into it (cpu/conv2d_batch_inner.cpp); where it runs on the direct
 // kernel (LeNet's conv1), each image is pooled as the kernel finishes it, in cache. In bfloat16
-// on AMX tiles (LeNet's conv2 block on CPUs with them: cpu/conv2d_amx.cpp) the convolution's
+// on AMX tiles (LeNet's conv2 block on CPUs with them: cpu/conv2d_bf16.cpp) the convolution's
 // float32 sums are stored and pooled, and the backward unpools into a bfloat16 gradient image
 // for conv2d_backward's tiles: they save more than those passes cost (the block at batch 256:
 // forward 0.71 -> 0.41 ms, backward 1.47 -> 0.86). In float32 with AVX-512 (and bfloat16 on
@@ -88,7 +88,7 @@ std::tuple<Tensor, Tensor> conv2d_relu_max_pool2d_cpu(
   // bfloat16 where the convolution takes AMX tiles (LeNet's conv2 block, on CPUs with them):
   // bfloat16 products summed in float32 on the tiles, the float32 sums pooled, then rounded once.
   const bool on_tiles =
-      bf16 && output.numel() > 0 && cpu::conv2d::amx_forward_fits(s.conv) &&
+      bf16 && output.numel() > 0 && cpu::conv2d::bf16_forward_fits(s.conv) &&
       ((s.conv.padding_h == 0 && s.conv.padding_w == 0) || cpu::conv2d::all_finite_bf16(weight));
   // Otherwise LeNet's conv2 block is pooled in its convolution's batch-innermost layout (cpu/
   // kernels.h), its conv1 block image by image; other blocks store the convolution's output,
@@ -116,7 +116,7 @@ std::tuple<Tensor, Tensor> conv2d_relu_max_pool2d_cpu(
     });
   } else if (!pooled_inside && output.numel() > 0) {
     Tensor conv_out =
-        on_tiles ? cpu::conv2d::forward_amx(s.conv, x, weight, has_bias ? *bias : Tensor(),
+        on_tiles ? cpu::conv2d::forward_bf16(s.conv, x, weight, has_bias ? *bias : Tensor(),
                                             /*channels_last=*/false, /*float_output=*/true)
                  : cpu::conv2d_forward_contiguous(s.conv, low_precision::widen(x), w, b);
     // A window with no input element (dilation with padding) is -inf, which relu after pooling
@@ -162,7 +162,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cpu(
   // less where relu zeroes windows: cpu/conv2d_pooled_grad.cpp); grad_input by the paths below
   // where that leaves it out (a non-finite weight). bfloat16 on AMX tiles keeps them (below).
   std::tuple<Tensor, Tensor, Tensor> pooled;
-  if (!(bf16 && cpu::conv2d::amx_backward_weight_fits(s.conv)) &&
+  if (!(bf16 && cpu::conv2d::bf16_backward_weight_fits(s.conv)) &&
       cpu::conv2d_grads_pooled(s.conv, s.pool, grad_output, result, indices, x, w, mask,
                                pooled)) {
     auto grads = in_layout(std::move(pooled));
@@ -226,7 +226,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_relu_max_pool2d_backward_cpu(
   // with them): the unpooled gradient goes through conv2d_backward's bfloat16 kernels. It is
   // exact in bfloat16 where windows do not overlap (LeNet's 2x2 / 2: unpooling moves values,
   // relu's step keeps or zeroes them); overlapping windows' float32 sums are rounded once.
-  if (bf16 && cpu::conv2d::amx_backward_weight_fits(s.conv)) {
+  if (bf16 && cpu::conv2d::bf16_backward_weight_fits(s.conv)) {
     const Tensor conv_grad = low_precision::narrow(
         cpu::max_pool2d_backward_contiguous(s.pool, pooled_grad, ix,
                                             at::IntArrayRef(conv_sizes), op,

@@ -4,9 +4,11 @@
 // builds, picked per process:
 //   amx_bf16  AVX512_BF16 with AMX's bfloat16 tile multiply (PE_TARGET_AMX_BF16), where the CPU
 //            has AMX-TILE and AMX-BF16 and Linux grants the process the tile state: the bfloat16
-//            GEMM only (family GemmBf16); every other family as avx512_bf16
+//            GEMM and conv2d's bfloat16 kernels only (family GemmBf16); every other family as
+//            avx512_bf16
 //   avx512_bf16  AVX-512 with AVX512_BF16's bfloat16 dot products (PE_TARGET_AVX512_BF16): the
-//            bfloat16 GEMM only (family GemmBf16); every other family runs its avx512 build
+//            bfloat16 GEMM and conv2d's bfloat16 kernels only (family GemmBf16); every other
+//            family runs its avx512 build
 //   avx512   AVX-512 F, VL, DQ and BW, with AVX2 and FMA (PE_TARGET_AVX512)
 //   avx2     AVX2 with FMA and F16C                        (PE_TARGET_AVX2)
 //   default  the x86-64 baseline, SSE2                      (no target attribute)
@@ -73,7 +75,7 @@ Isa isa();
 enum class Family : int {
   Gemm,          // cpu/gemm.cpp: the matrix multiplies of conv2d and linear
   GemmBf16,      // cpu/gemm_bf16.cpp: the bfloat16 matrix multiply (amx_bf16, avx512_bf16);
-                 // cpu/conv2d_amx.cpp: conv2d's bfloat16 forward on the same tiles (amx_bf16)
+                 // cpu/conv2d_bf16.cpp: conv2d's bfloat16 kernels (amx_bf16, avx512_bf16)
   Conv2d,        // cpu/conv2d*.cpp: im2col, col2im, batch transposes, bias gradients
   Linear,        // cpu/linear.cpp: the bias gradient's column sums
   MaxPool2d,     // cpu/pool.cpp

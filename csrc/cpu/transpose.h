@@ -69,7 +69,7 @@ PE_TARGET_AVX512 inline void transpose16(const float* s, int64_t ss, int64_t nr,
 }
 // The pairs (lo[i], hi[i]) for i < 16 under mask m, as 32-bit words (hi null: zero high halves):
 // two rows of 16-bit values merged into the word pairs that bfloat16 dot products and tiles
-// multiply (cpu/gemm_bf16.cpp, cpu/conv2d_amx.cpp).
+// multiply (cpu/gemm_bf16.cpp, cpu/conv2d_bf16.cpp).
 PE_TARGET_AVX512 inline __m512i merge_rows(const uint16_t* lo, const uint16_t* hi, __mmask16 m) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo));
   if (!hi) return w;

@@ -1,6 +1,8 @@
 // bfloat16 conv2d on AMX tiles (level amx_bf16; interface: cpu/conv2d.h): forward, grad_input
 // and grad_weight / grad_bias as implicit GEMMs that load their A tiles straight from zero-padded
-// copies of the input, with float32 accumulation and one rounding per result element.
+// copies of the input, with float32 accumulation and one rounding per result element. Without
+// AMX (level avx512_bf16) the same packed operands go through AVX512_BF16's dot products instead
+// of tile multiplies (multiply_dp, weight_items_dp: below), tap by tap only (no strip mode).
 //
 //   y[n, co, oh, ow] = round(bias[co] + sum_(kh, kw, ci) x[n, ci, ih, iw] * w[co, ci, kh, kw]),
 //   ih = oh * stride_h - padding_h + kh * dilation_h (iw likewise)
@@ -48,10 +50,10 @@
 // 0.26 ms for the call on 2 cores (the float32 kernel 0.65, torch's bfloat16 1.3), the packing
 // and the NCHW stores being the rest.
 //
-// Where it runs (amx_forward_fits): one group, 16+ output channels, and 16+ input channels or a
+// Where it runs (bf16_forward_fits): one group, 16+ output channels, and 16+ input channels or a
 // strip whose steps are at least half real (narrower layers would multiply mostly padding:
 // LeNet's conv1, 1 -> 6, keeps the float32 kernels). grad_input is the same kernel run on dY,
-// once per phase of the stride (backward_input_amx, below), wherever the forward runs on tiles;
+// once per phase of the stride (backward_input_bf16, below), wherever the forward runs on tiles;
 // grad_weight has its own, tap by tap and in strips (below). Measured against torch and the
 // float32 path: README.md.
 #include <ATen/Parallel.h>
@@ -78,13 +80,26 @@ namespace pyengine {
 namespace cpu {
 namespace conv2d {
 
-bool amx_available() {
+namespace {
+
+// What multiplies the operands: AMX tiles (level amx_bf16), or AVX512_BF16's dot products on
+// the same packed operands (level avx512_bf16, no AMX: the *_dp kernels below), or neither.
+enum class Unit { None, Tiles, DotProducts };
+
+Unit unit() {
 #if PE_HAVE_AMX_BF16
-  return isa_for(Family::GemmBf16) == Isa::AmxBf16;
+  static const Unit u = isa_for(Family::GemmBf16) == Isa::AmxBf16      ? Unit::Tiles
+                        : isa_for(Family::GemmBf16) == Isa::Avx512Bf16 ? Unit::DotProducts
+                                                                       : Unit::None;
+  return u;
 #else
-  return false;
+  return Unit::None;
 #endif
 }
+
+}  // namespace
+
+bool bf16_kernels_available() { return unit() != Unit::None; }
 
 namespace {
 
@@ -98,20 +113,21 @@ int64_t strip_blocks(const Geometry& g) {
 // Strip mode (see the top of this file): where one kernel row's taps cost fewer steps as a strip
 // of kernel_w x in_channels contiguous values than as channel blocks tap by tap (narrow layers:
 // LeNet's 6 -> 16 5x5 is 5 steps instead of 25). Its columns must be contiguous: dilation_w 1.
+// Tiles only: the dot products have no strip kernels (their layers keep the float32 ones).
 bool strip_mode(const Geometry& g) {
-  return g.dilation_w == 1 &&
+  return unit() == Unit::Tiles && g.dilation_w == 1 &&
          strip_blocks(g) < g.kernel_w * ((g.in_channels + kCb - 1) / kCb);
 }
 
 // The tiles' own geometry: one group, 16+ output channels (the C tiles' columns, in pairs of
 // 16: at least a quarter of what they multiply is real).
 bool tiles_fit(const Geometry& g) {
-  return amx_available() && g.groups == 1 && g.out_channels >= 16;
+  return bf16_kernels_available() && g.groups == 1 && g.out_channels >= 16;
 }
 
 }  // namespace
 
-bool amx_forward_fits(const Geometry& g) {
+bool bf16_forward_fits(const Geometry& g) {
   // 16+ input channels (tap by tap: at least half of each step's values real), or a strip whose
   // steps are at least half real (6 channels x 5 columns: 30 of 32; 1 x 5, LeNet's conv1, 5 of
   // 32 would multiply mostly padding: it keeps the float32 kernels).
@@ -121,13 +137,13 @@ bool amx_forward_fits(const Geometry& g) {
 }
 
 // grad_weight: 16+ input channels tap by tap, or the forward's strips (below).
-bool amx_backward_weight_fits(const Geometry& g) { return amx_forward_fits(g); }
+bool bf16_backward_weight_fits(const Geometry& g) { return bf16_forward_fits(g); }
 
 // grad_input wherever the forward runs on tiles (its convolution of dY has the forward's output
 // channels as its input: 16+; LeNet's, 6 outputs of a 32-wide C block, still beats the float32
 // kernels: 0.66 -> 0.49 ms at batch 256).
-bool amx_backward_input_fits(const Geometry& g) {
-  return amx_forward_fits(g) && (g.stride_h == 1 || g.dilation_h == 1) &&
+bool bf16_backward_input_fits(const Geometry& g) {
+  return bf16_forward_fits(g) && (g.stride_h == 1 || g.dilation_h == 1) &&
          (g.stride_w == 1 || g.dilation_w == 1);
 }
 
@@ -476,6 +492,114 @@ PE_TARGET_AMX_BF16 void multiply_quads(const Geometry& g, const Plan& p, const u
   _tile_release();
 }
 
+// ---- The same products on AVX512_BF16's dot products (level avx512_bf16, no AMX) -----------
+//
+// A tile step, C[rows][32 channels] += A[rows][16 pairs] B[16 pairs][32 channels], is 16
+// VDPBF16PS per row and 16 channels: per pair q, B's row q of each channel block (one 64-byte
+// vector, the tile's layout as it is) against the row's pair q broadcast (a 32-bit word). C
+// stays in registers for the whole reduction, 8 rows x 2 channel blocks at a time (16
+// accumulators; per pair 2 vector loads and 8 broadcasts for 16 dot products), so the C blocks
+// of the tile kernels are computed a chunk of 8 rows after another, each over every step. Each
+// result is summed over the same steps in the same order as on tiles, pair by pair; VDPBF16PS
+// rounds differently from TDPBF16PS, so the two levels' bits differ (as every level's do).
+//
+// Napkin math, 3x3 64 -> 64 at 56 x 56, batch 8 (1.85 GFLOP): 2 VDPBF16PS a cycle (the FMA
+// pipes; 64 FLOP each) is ~1050 GFLOP/s on the reference machine's 2 cores: ~1.8 ms at peak,
+// against ~3.5 for float32 FMAs.
+constexpr int kDpRows = 8;
+
+// acc[r][j] += sum over pairs q < 16 of A[r][q] * Bj[q]: A's row r at a + r * a_stride (16 words
+// of pairs), Bj's row q at bj + 32 q (16 channels x 2).
+// Only the first `pairs` (the rest are zero rows of B: grad_weight's pairs past the output row).
+template <int R = kDpRows>
+PE_TARGET_AVX512_BF16 PE_INLINE void dp_step(__m512 (&acc)[kDpRows][2], const uint16_t* a,
+                                             int64_t a_stride, const uint16_t* b0,
+                                             const uint16_t* b1, int pairs = 16) {
+  static_assert(R == kDpRows || R == 4, "dp_step: 8 rows, or the first 4");
+  // The 8 rows' addresses from 3 base registers and the stride (row r at base + stride * 1, 2
+  // or 4): GCC otherwise kept a pointer per row on the stack and reloaded it for each of the
+  // 128 broadcasts (perf annotate: one extra load per dot product pair; the asm hides the
+  // bases' relation so that it cannot).
+  const char* r0 = reinterpret_cast<const char*>(a);
+  int64_t st = a_stride * int64_t(sizeof(uint16_t));
+  const char* r3 = r0 + 3 * st;
+  const char* r6 = r0 + 6 * st;
+  asm("" : "+r"(r0), "+r"(r3), "+r"(r6), "+r"(st));
+  const char* rows[kDpRows] = {r0, r0 + st, r0 + 2 * st, r3, r0 + 4 * st, r3 + 2 * st, r6, r6 + st};
+  #pragma GCC unroll 16
+  for (int q = 0; q < 16; ++q) {
+    if (q == pairs) break;
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(b0 + 32 * q);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(b1 + 32 * q);
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t word;
+      std::memcpy(&word, rows[r] + 4 * q, sizeof word);
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(word);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);
+    }
+  }
+}
+
+PE_TARGET_AVX512_BF16 PE_INLINE void dp_zero(__m512 (&acc)[kDpRows][2]) {
+  for (int r = 0; r < kDpRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+}
+
+// multiply's segment pairs [s0, s1) x pairs of co blocks, on dot products: each segment's C
+// block (16 pixels x 32 channels) in chunks of 8 pixels (past the segment's real pixels: none),
+// into multiply's float32 buffer, stored by the same store_block.
+template <typename Y>
+PE_TARGET_AVX512_BF16 void multiply_dp(const Geometry& g, const Plan& p, const uint16_t* xp,
+                                       const uint16_t* wp, const float* bias,
+                                       const OutStrides& o, int64_t s0, int64_t s1, Y* y) {
+  alignas(64) float buf[2 * kSeg * 2 * kCoBlock];  // [pixel of the 2 segments][32 channels]
+  const int64_t a_stride = g.stride_w * p.Cp;      // elements between a segment's pixels
+  const int64_t b_tile = kCb * kCoBlock;
+  constexpr int64_t kPairGroup = 8;  // (multiply's grouping: the B tiles stay in L1)
+  for (int64_t sp0 = s0; sp0 < s1; sp0 += kPairGroup)
+    for (int64_t j = 0; j < p.co_blocks; j += 2)
+      for (int64_t sp = sp0; sp < std::min(s1, sp0 + kPairGroup); ++sp) {
+        const bool second = 2 * sp + 1 < p.segments;
+        const Segment sg[2] = {segment(g, p, 2 * sp),
+                               segment(g, p, std::min(2 * sp + 1, p.segments - 1))};
+        const uint16_t* b0 = wp + j * p.taps * p.CB * b_tile;
+        const uint16_t* b1 = b0 + p.taps * p.CB * b_tile;
+        for (int k = 0; k < (second ? 2 : 1); ++k) {
+          const uint16_t* a = xp + sg[k].n * p.image +
+                              (sg[k].oh * g.stride_h * p.Wp + sg[k].ow0 * g.stride_w) * p.Cp;
+          for (int64_t r0 = 0; r0 < sg[k].count; r0 += kDpRows) {
+            __m512 acc[kDpRows][2];
+            dp_zero(acc);
+            for (int64_t kh = 0; kh < g.kernel_h; ++kh)
+              for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+                const int64_t shift = (kh * g.dilation_h * p.Wp + kw * g.dilation_w) * p.Cp;
+                const int64_t t = kh * g.kernel_w + kw;
+                for (int64_t cb = 0; cb < p.CB; ++cb) {
+                  const int64_t bo = (t * p.CB + cb) * b_tile;
+                  const uint16_t* ar = a + r0 * a_stride + shift + cb * kCb;
+                  if (sg[k].count - r0 > 4)
+                    dp_step(acc, ar, a_stride, b0 + bo, b1 + bo);
+                  else  // (the last 4 or fewer pixels: a 28-wide row's second segment)
+                    dp_step<4>(acc, ar, a_stride, b0 + bo, b1 + bo);
+                }
+              }
+            float* rows = buf + (k * kSeg + r0) * 2 * kCoBlock;
+            for (int r = 0; r < kDpRows; ++r) {
+              _mm512_store_ps(rows + r * 2 * kCoBlock, acc[r][0]);
+              _mm512_store_ps(rows + r * 2 * kCoBlock + kCoBlock, acc[r][1]);
+            }
+          }
+          for (int64_t jj = 0; jj < 2; ++jj) {
+            const int64_t co0 = (j + jj) * kCoBlock;
+            if (co0 >= g.out_channels) continue;
+            store_block(buf + k * kSeg * 32 + jj * kCoBlock, 32, sg[k], co0,
+                        std::min(kCoBlock, g.out_channels - co0), bias, o, y);
+          }
+        }
+      }
+}
+
 }  // namespace
 
 namespace {
@@ -512,6 +636,12 @@ void multiply_packed(const Geometry& g, const Plan& p, const uint16_t* xp, const
   });
   CachedBuffer<float> zeros(static_cast<size_t>(p.co_blocks * kCoBlock), 0.0f);
   const float* bias = bias32 ? bias32 : zeros.data();
+  if (unit() == Unit::DotProducts) {
+    at::parallel_for(0, (p.segments + 1) / 2, 4, [&](int64_t s0, int64_t s1) {
+      multiply_dp<Y>(g, p, xp, wp.data(), bias, o, s0, s1, y);
+    });
+    return;
+  }
   if (g.out_channels <= kCoBlock) {
     at::parallel_for(0, (p.segments + 3) / 4, 2, [&](int64_t q0, int64_t q1) {
       multiply_quads<Y>(g, p, xp, wp.data(), bias, o, q0, q1, y);
@@ -574,7 +704,7 @@ Phase phase_of(int64_t a, int64_t in, int64_t kernel, int64_t stride, int64_t pa
 
 }  // namespace
 
-at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+at::Tensor forward_bf16(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
                        const at::Tensor& bias, bool channels_last, bool float_output) {
   at::Tensor out = empty_image<int64_t>(
       at::IntArrayRef(g.output_sizes()), channels_last,
@@ -606,7 +736,7 @@ at::Tensor forward_amx(const Geometry& g, const at::Tensor& input, const at::Ten
 // grad_input: for each phase (a, b) of the stride, the outputs (a + s_h i, b + s_w j) are a
 // stride-1 convolution of dY by the phase's taps of the weight, flipped, in and out channels
 // swapped (stride 1: one phase, every tap). Each phase writes its pixels in place.
-at::Tensor backward_input_amx(const Geometry& g, const at::Tensor& grad_output,
+at::Tensor backward_input_bf16(const Geometry& g, const at::Tensor& grad_output,
                               const at::Tensor& weight, bool channels_last) {
   const std::vector<int64_t> sizes = g.batched
       ? std::vector<int64_t>{g.batch, g.in_channels, g.in_h, g.in_w}
@@ -1005,6 +1135,51 @@ PE_TARGET_AMX_BF16 void weight_items(const Geometry& g, const WeightPlan& p, con
   _tile_release();
 }
 
+// weight_items on dot products (see multiply_dp): an item's 32 x 32 block of C (32 input
+// channels: A's rows, 2 blocks of 16 output channels) in chunks of 8 channels, each summed over
+// the image's output rows and blocks in weight_items' order, C kept in cacc between images. A
+// row's last block stops at its last pair that holds an output column: the pairs past it are
+// zero rows of B against finite x (packing checks it), which add nothing (at 56 columns, 3 of
+// the last block's 16 pairs; only a sum of -0 would become +0 with them).
+PE_TARGET_AVX512_BF16 void weight_items_dp(const Geometry& g, const WeightPlan& p,
+                                           const uint16_t* xq, const uint16_t* dyq, int64_t i0,
+                                           int64_t i1, float* cacc) {
+  const int64_t ci_pairs = p.Cp / 32, co_pairs = p.Op / 32;
+  for (int64_t n = 0; n < g.batch; ++n)
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t t = it / (ci_pairs * co_pairs);
+      const int64_t cib = (it / co_pairs) % ci_pairs, cob = it % co_pairs;
+      const int64_t kh = t / g.kernel_w, kw = t % g.kernel_w;
+      const int64_t col = kw * g.dilation_w, shift = col / g.stride_w;
+      const uint16_t* a_base = xq + n * p.x_image + cib * 32 * p.Wr + (col % g.stride_w) * p.Wph;
+      const uint16_t* b_base = dyq + (shift % 2) * g.batch * g.out_h * p.dy_row +
+                               n * g.out_h * p.dy_row + (cob * 2 * p.NP + p.P0 - shift / 2) * 32;
+      const int64_t kbs = WeightPlan::blocks(g, shift);
+      for (int64_t r0 = 0; r0 < 32; r0 += kDpRows) {
+        float* c = cacc + (it - i0) * 32 * 32 + r0 * 32;
+        __m512 acc[kDpRows][2];
+        for (int r = 0; r < kDpRows; ++r) {
+          acc[r][0] = n == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * 32);
+          acc[r][1] = n == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * 32 + 16);
+        }
+        for (int64_t oh = 0; oh < g.out_h; ++oh) {
+          const uint16_t* a_row =
+              a_base + (oh * g.stride_h + kh * g.dilation_h) * p.Cp * p.Wr + r0 * p.Wr;
+          const uint16_t* b_row = b_base + oh * p.dy_row;
+          for (int64_t kb = 0; kb < kbs; ++kb) {
+            const uint16_t* b0 = b_row + kb * 16 * 32;
+            dp_step(acc, a_row + kb * 32, p.Wr, b0, b0 + p.NP * 32,
+                    static_cast<int>(std::min<int64_t>(16, (shift + g.out_w - kb * 32 + 1) / 2)));
+          }
+        }
+        for (int r = 0; r < kDpRows; ++r) {
+          _mm512_storeu_ps(c + r * 32, acc[r][0]);
+          _mm512_storeu_ps(c + r * 32 + 16, acc[r][1]);
+        }
+      }
+    }
+}
+
 // grad_bias[co] = sum over (n, oh, ow) of dY in 16 float32 lanes, pixel i of each image's plane
 // into lane i % 16, images and pixels in order, then the lanes summed in a fixed tree (lane l +
 // lane l + 8, then + 4, + 2, + 1); output channels [c0, c1). From dY in NCHW, a vector of lanes
@@ -1294,10 +1469,10 @@ at::Tensor backward_weight_strips(const Geometry& g, const uint16_t* x, const ui
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
+std::tuple<at::Tensor, at::Tensor> backward_weight_bf16(const Geometry& g,
                                                        const at::Tensor& grad_output,
                                                        const at::Tensor& input, bool bias) {
-  if (g.in_channels < 16) {  // strip mode (amx_backward_weight_fits)
+  if (g.in_channels < 16) {  // strip mode (bf16_backward_weight_fits)
     const at::Tensor x4 = (g.batched ? input : input.unsqueeze(0)).contiguous();
     const at::Tensor dy4 = (g.batched ? grad_output : grad_output.unsqueeze(0)).contiguous();
     const uint16_t* dy = reinterpret_cast<const uint16_t*>(dy4.const_data_ptr<at::BFloat16>());
@@ -1340,7 +1515,10 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
   const int64_t items = p.taps * ci_pairs * co_pairs;
   CachedBuffer<float> cacc(static_cast<size_t>(items * 32 * 32), false);
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-    weight_items(g, p, xq.data(), dyq.data(), i0, i1, cacc.data() + i0 * 32 * 32);
+    if (unit() == Unit::DotProducts)
+      weight_items_dp(g, p, xq.data(), dyq.data(), i0, i1, cacc.data() + i0 * 32 * 32);
+    else
+      weight_items(g, p, xq.data(), dyq.data(), i0, i1, cacc.data() + i0 * 32 * 32);
   });
 
   at::Tensor grad_weight =
@@ -1370,14 +1548,14 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry& g,
 
 #else  // !PE_HAVE_AMX_BF16
 
-at::Tensor forward_amx(const Geometry&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+at::Tensor forward_bf16(const Geometry&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        bool, bool) {
   TORCH_CHECK(false, "pyengine: conv2d's AMX kernel is not compiled in this build");
 }
-at::Tensor backward_input_amx(const Geometry&, const at::Tensor&, const at::Tensor&, bool) {
+at::Tensor backward_input_bf16(const Geometry&, const at::Tensor&, const at::Tensor&, bool) {
   TORCH_CHECK(false, "pyengine: conv2d's AMX kernel is not compiled in this build");
 }
-std::tuple<at::Tensor, at::Tensor> backward_weight_amx(const Geometry&, const at::Tensor&,
+std::tuple<at::Tensor, at::Tensor> backward_weight_bf16(const Geometry&, const at::Tensor&,
                                                        const at::Tensor&, bool) {
   TORCH_CHECK(false, "pyengine: conv2d's AMX kernel is not compiled in this build");
 }
