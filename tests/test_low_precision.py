@@ -381,8 +381,9 @@ def test_operator_calls_keep_float32_layouts(sample, dtype):
 
 
 def test_bfloat16_linear_is_bitwise_the_same_for_any_thread_count():
-    """cpu/gemm_bf16.cpp splits work by column panels chosen from the shapes: one and several
-    threads give the same bits, forward and backward."""
+    """cpu/gemm_bf16.cpp splits C's columns into one range of whole vectors per thread (its
+    panels, the last one narrower, differ with the thread count): one and several threads give
+    the same bits, forward and backward."""
     import helpers
 
     gen = torch.Generator().manual_seed(5)

@@ -10,14 +10,15 @@
 // j % 16, its two k's in the lane's two halves). Both operands are packed so (zero-padded to an
 // even K and to whole tiles):
 //   A: for each tile of kMR = 6 rows, K/2 words per row, pair-major ([p][row]): all of A, once.
-//   B: for each panel of kNR = 64 columns, [p][column]: one panel per task, in L2 (K = 4096:
+//   B: for each panel of kNR = 64 columns, [p][column]: one panel at a time per thread (each
+//      thread has a range of C's columns, in panels from its start), in L2 (K = 4096:
 //      512 KB), packed by 16 x 16 word transposes where B runs along k (linear's forward reads
 //      W^T) or by widening two rows where B runs along j (grad_input, grad_weight).
-// Micro-kernel: a 6 x 64 tile of C in 24 registers; per pair of k, 4 vector loads of B, 6
-// broadcasts of A and 24 dot products of 32 multiply-adds each (twice a float32 FMA's 16). Each
-// C element is computed by one task over the whole of K, in order (no K blocking: the packed B
-// panel stays in L2, A streams from L2 / L3), then rounded once: results depend on the shapes
-// only, never on the thread count.
+// Micro-kernel: a 6 x 64 tile of C in 24 registers (a narrower last panel: 1-3 vectors); per
+// pair of k, 4 vector loads of B, 6 broadcasts of A and 24 dot products of 32 multiply-adds
+// each (twice a float32 FMA's 16). Each C element is computed by one tile over the whole of K,
+// in order (no K blocking: the packed B panel stays in L2, A streams from L2 / L3), then
+// rounded once: results depend on the shapes only, never on the thread count.
 //
 // Napkin math, linear 4096 x 4096 at batch 256: 8.6 GFLOP per GEMM. At twice the float32 peak
 // measured on the reference machine (455 GFLOP/s on 2 cores: benchmarks/results) the floor is
@@ -204,28 +205,39 @@ PE_TARGET_AVX512_BF16 PE_INLINE void store_sums(__m512 x, int64_t i, int64_t jv,
   }
 }
 
-PE_TARGET_AVX512_BF16 void tile(int64_t P, const uint32_t* ap, const uint32_t* bp, int64_t i0,
-                                int64_t rows, int64_t j0, int64_t cols, const Epilogue& e) {
-  __m512 acc[kMR][4];
+// The first NV vectors of a panel (a narrow last one: its other columns would be padding). Each
+// column's sums are the same whatever NV.
+template <int NV>
+PE_TARGET_AVX512_BF16 PE_INLINE void tile_nv(int64_t P, const uint32_t* ap, const uint32_t* bp,
+                                             int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                                             const Epilogue& e) {
+  __m512 acc[kMR][NV];
   for (int r = 0; r < kMR; ++r)
-    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t p = 0; p < P; ++p) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + p * kNR);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + p * kNR + 16);
-    const __m512bh b2 = (__m512bh)_mm512_loadu_si512(bp + p * kNR + 32);
-    const __m512bh b3 = (__m512bh)_mm512_loadu_si512(bp + p * kNR + 48);
+    __m512bh b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(bp + p * kNR + 16 * v);
     const uint32_t* a = ap + p * kMR;
     for (int r = 0; r < kMR; ++r) {
       const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r]));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ar, b0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ar, b1);
-      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], ar, b2);
-      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], ar, b3);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, b[v]);
     }
   }
   for (int64_t r = 0; r < rows; ++r)
-    for (int v = 0; v < 4 && v * 16 < cols; ++v)
+    for (int v = 0; v < NV && v * 16 < cols; ++v)
       store_sums(acc[r][v], i0 + r, j0 + v * 16, std::min<int64_t>(16, cols - v * 16), e);
+}
+
+PE_TARGET_AVX512_BF16 void tile(int64_t P, const uint32_t* ap, const uint32_t* bp, int64_t i0,
+                                int64_t rows, int64_t j0, int64_t cols, const Epilogue& e) {
+  if (cols > 48)
+    tile_nv<4>(P, ap, bp, i0, rows, j0, cols, e);
+  else if (cols > 32)
+    tile_nv<3>(P, ap, bp, i0, rows, j0, cols, e);
+  else if (cols > 16)
+    tile_nv<2>(P, ap, bp, i0, rows, j0, cols, e);
+  else
+    tile_nv<1>(P, ap, bp, i0, rows, j0, cols, e);
 }
 
 #if PE_HAVE_AMX_BF16
@@ -398,15 +410,24 @@ void gemm_bf16_impl(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t 
   const int64_t P = (K + 1) / 2, row_tiles = (M + kMR - 1) / kMR;
   CachedBuffer<uint32_t> ap(static_cast<size_t>(row_tiles * P * kMR), false);  // all written
   pack_a(M, K, A, rsa, csa, ap.data());
-  const int64_t panels = (N + kNR - 1) / kNR;
-  at::parallel_for(0, panels, 1, [&](int64_t q0, int64_t q1) {
+  // C's columns in one range of whole vectors per thread, each range in panels of kNR from its
+  // start (its last one narrower): split by whole panels, 784 columns (linear 784 -> 256's
+  // grad_weight) went 7 panels to one thread and 5 and a quarter to the other, whose wait was
+  // most of libgomp's 14% of an MLP's bf16 training step (perf). Each C element's sums do not
+  // depend on the split.
+  const int64_t panels = (N + kNR - 1) / kNR, vectors = (N + 15) / 16;
+  const int64_t parts = std::min<int64_t>(panels, std::max(1, at::get_num_threads()));
+  at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
     CachedBuffer<uint32_t> bp(static_cast<size_t>(std::max<int64_t>(P, 1) * kNR), false);
     for (int64_t q = q0; q < q1; ++q) {
-      const int64_t j0 = q * kNR, cols = std::min(kNR, N - j0);
-      pack_b_panel(N, K, B, rsb, csb, j0, bp.data());
-      for (int64_t t = 0; t < row_tiles; ++t)
-        tile(P, ap.data() + t * P * kMR, bp.data(), t * kMR, std::min(kMR, M - t * kMR), j0,
-             cols, e);
+      const int64_t end = std::min(N, (q + 1) * vectors / parts * 16);
+      for (int64_t j0 = q * vectors / parts * 16; j0 < end; j0 += kNR) {
+        const int64_t cols = std::min(kNR, end - j0);
+        pack_b_panel(end, K, B, rsb, csb, j0, bp.data());  // (columns past `end`: zeros)
+        for (int64_t t = 0; t < row_tiles; ++t)
+          tile(P, ap.data() + t * P * kMR, bp.data(), t * kMR, std::min(kMR, M - t * kMR), j0,
+               cols, e);
+      }
     }
   });
 }
