@@ -50,12 +50,12 @@
 // 0.26 ms for the call on 2 cores (the float32 kernel 0.65, torch's bfloat16 1.3), the packing
 // and the NCHW stores being the rest.
 //
-// Where it runs (bf16_forward_fits): one group, 16+ output channels, and 16+ input channels or a
-// strip whose steps are at least half real (narrower layers would multiply mostly padding:
-// LeNet's conv1, 1 -> 6, keeps the float32 kernels). grad_input is the same kernel run on dY,
-// once per phase of the stride (backward_input_bf16, below), wherever the forward runs on tiles;
-// grad_weight has its own, tap by tap and in strips (below). Measured against torch and the
-// float32 path: README.md.
+// Where it runs (bf16_forward_fits): one group, 16+ output channels, and 16+ input channels or
+// (on tiles) a strip whose steps are at least half real (narrower layers would multiply mostly
+// padding: LeNet's conv1, 1 -> 6, keeps the float32 kernels). grad_input is the same kernel run
+// on dY, once per phase of the stride (backward_input_bf16, below), wherever the forward runs;
+// grad_weight has its own, tap by tap and (on tiles) in strips (below). Measured against torch
+// and the float32 path: README.md.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
