@@ -498,106 +498,137 @@ PE_TARGET_AMX_BF16 void multiply_quads(const Geometry& g, const Plan& p, const u
 // VDPBF16PS per row and 16 channels: per pair q, B's row q of each channel block (one 64-byte
 // vector, the tile's layout as it is) against the row's pair q broadcast (a 32-bit word). C
 // stays in registers for the whole reduction, 8 rows x 2 channel blocks at a time (16
-// accumulators; per pair 2 vector loads and 8 broadcasts for 16 dot products), so the C blocks
-// of the tile kernels are computed a chunk of 8 rows after another, each over every step. Each
-// result is summed over the same steps in the same order as on tiles, pair by pair; VDPBF16PS
-// rounds differently from TDPBF16PS, so the two levels' bits differ (as every level's do).
+// accumulators; per pair 2 vector loads and 8 broadcasts for 16 dot products; the forward
+// also 6 x 4: multiply_dp), so the C blocks of the tile kernels are computed a chunk of rows
+// after another, each over every step. Each result is summed over the same steps in the same
+// order as on tiles, pair by pair; VDPBF16PS rounds differently from TDPBF16PS, so the two
+// levels' bits differ (as every level's do).
 //
 // Napkin math, 3x3 64 -> 64 at 56 x 56, batch 8 (1.85 GFLOP): 2 VDPBF16PS a cycle (the FMA
 // pipes; 64 FLOP each) is ~1050 GFLOP/s on the reference machine's 2 cores: ~1.8 ms at peak,
 // against ~3.5 for float32 FMAs.
 constexpr int kDpRows = 8;
 
-// acc[r][j] += sum over pairs q < 16 of A[r][q] * Bj[q]: A's row r at a + r * a_stride (16 words
-// of pairs), Bj's row q at bj + 32 q (16 channels x 2).
-// Only the first `pairs` (the rest are zero rows of B: grad_weight's pairs past the output row).
-template <int R = kDpRows>
-PE_TARGET_AVX512_BF16 PE_INLINE void dp_step(__m512 (&acc)[kDpRows][2], const uint16_t* a,
-                                             int64_t a_stride, const uint16_t* b0,
-                                             const uint16_t* b1, int pairs = 16) {
-  static_assert(R == kDpRows || R == 4, "dp_step: 8 rows, or the first 4");
-  // The 8 rows' addresses from 3 base registers and the stride (row r at base + stride * 1, 2
-  // or 4): GCC otherwise kept a pointer per row on the stack and reloaded it for each of the
-  // 128 broadcasts (perf annotate: one extra load per dot product pair; the asm hides the
-  // bases' relation so that it cannot).
+// acc[r][j] += sum over pairs q < 16 of A[r][q] * Bj[q] for r < R: A's row r at a + r * a_stride
+// (16 words of pairs), Bj's row q at b[j] + 32 q (16 channels x 2). Only the first `pairs`
+// (the rest are zero rows of B: grad_weight's pairs past the output row).
+template <int ROWS, int NB, int R = ROWS>
+PE_TARGET_AVX512_BF16 PE_INLINE void dp_step(__m512 (&acc)[ROWS][NB], const uint16_t* a,
+                                             int64_t a_stride, const uint16_t* const (&b)[NB],
+                                             int pairs = 16) {
+  static_assert(R <= ROWS && ROWS <= 8, "dp_step: up to 8 rows");
+  // The rows' addresses from 3 base registers and the stride (row r at base + stride * 1, 2
+  // or 4): GCC otherwise kept a pointer per row on the stack and reloaded it for each
+  // broadcast (perf annotate: one extra load per dot product pair; the asm hides the bases'
+  // relation so that it cannot).
   const char* r0 = reinterpret_cast<const char*>(a);
   int64_t st = a_stride * int64_t(sizeof(uint16_t));
   const char* r3 = r0 + 3 * st;
   const char* r6 = r0 + 6 * st;
   asm("" : "+r"(r0), "+r"(r3), "+r"(r6), "+r"(st));
-  const char* rows[kDpRows] = {r0, r0 + st, r0 + 2 * st, r3, r0 + 4 * st, r3 + 2 * st, r6, r6 + st};
+  const char* rows[8] = {r0, r0 + st, r0 + 2 * st, r3, r0 + 4 * st, r3 + 2 * st, r6, r6 + st};
   #pragma GCC unroll 16
   for (int q = 0; q < 16; ++q) {
     if (q == pairs) break;
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(b0 + 32 * q);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(b1 + 32 * q);
+    __m512bh w[NB];
+    #pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) w[j] = (__m512bh)_mm512_loadu_si512(b[j] + 32 * q);
     #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       int32_t word;
       std::memcpy(&word, rows[r] + 4 * q, sizeof word);
       const __m512bh x = (__m512bh)_mm512_set1_epi32(word);
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);
+      #pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], x, w[j]);
     }
   }
 }
 
-PE_TARGET_AVX512_BF16 PE_INLINE void dp_zero(__m512 (&acc)[kDpRows][2]) {
-  for (int r = 0; r < kDpRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+// One segment's block of C (its `count` pixels x NB blocks of 16 output channels, the weight's
+// blocks at b) into buf's rows, ld floats apart: chunks of ROWS pixels (a last one of 4 or fewer
+// as a 4-row chunk), each summed over every (tap, channel block) step in order, C in registers.
+template <int ROWS, int NB>
+PE_TARGET_AVX512_BF16 PE_INLINE void segment_dp(const Geometry& g, const Plan& p,
+                                                const uint16_t* a, int64_t a_stride,
+                                                int64_t count, const uint16_t* const (&b)[NB],
+                                                float* buf, int64_t ld) {
+  const int64_t b_tile = kCb * kCoBlock;
+  for (int64_t r0 = 0; r0 < count; r0 += ROWS) {
+    __m512 acc[ROWS][NB];
+    for (int r = 0; r < ROWS; ++r)
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t kh = 0; kh < g.kernel_h; ++kh)
+      for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+        const int64_t shift = (kh * g.dilation_h * p.Wp + kw * g.dilation_w) * p.Cp;
+        const int64_t t = kh * g.kernel_w + kw;
+        for (int64_t cb = 0; cb < p.CB; ++cb) {
+          const int64_t bo = (t * p.CB + cb) * b_tile;
+          const uint16_t* ar = a + r0 * a_stride + shift + cb * kCb;
+          const uint16_t* bt[NB];
+          for (int j = 0; j < NB; ++j) bt[j] = b[j] + bo;
+          if (count - r0 > 4)
+            dp_step<ROWS, NB>(acc, ar, a_stride, bt);
+          else
+            dp_step<ROWS, NB, 4>(acc, ar, a_stride, bt);
+        }
+      }
+    for (int r = 0; r < ROWS; ++r)
+      for (int j = 0; j < NB; ++j) _mm512_store_ps(buf + (r0 + r) * ld + j * kCoBlock, acc[r][j]);
+  }
 }
 
-// multiply's segment pairs [s0, s1) x pairs of co blocks, on dot products: each segment's C
-// block (16 pixels x 32 channels) in chunks of 8 pixels (past the segment's real pixels: none),
-// into multiply's float32 buffer, stored by the same store_block.
+// multiply's segment pairs [s0, s1) x blocks of output channels, on dot products; each
+// segment's C block into a float32 buffer, stored by multiply's store_block. Chunks of 8 pixels
+// x 2 channel blocks (16 accumulators: per pair 2 vector loads, 8 broadcasts, 16 dot products),
+// or, where the output rows end in a segment of 9-12 pixels (28-wide rows: 16 + 12), 6 pixels x
+// 4 blocks (24: 4 loads, 6 broadcasts, 24 dot products) while 4 blocks are left: 8 x 2 ran such
+// a segment as 8 + 4 (the 4-row chunk: 8 dot products for 6 loads). 6 x 4 took 0.93-0.98x the
+// time of 8 x 2 on 28-wide outputs (3x3, 64 and 128 channels, stride 1 and 2) and 1.02-1.09x on
+// 56-wide ones (16 + 16 + 16 + 8: 8-row chunks with no tail), one build against the other,
+// in-process against torch. (A 12-row chunk for the 12-pixel segments instead ran 1.6x slower.)
 template <typename Y>
 PE_TARGET_AVX512_BF16 void multiply_dp(const Geometry& g, const Plan& p, const uint16_t* xp,
                                        const uint16_t* wp, const float* bias,
                                        const OutStrides& o, int64_t s0, int64_t s1, Y* y) {
-  alignas(64) float buf[2 * kSeg * 2 * kCoBlock];  // [pixel of the 2 segments][32 channels]
-  const int64_t a_stride = g.stride_w * p.Cp;      // elements between a segment's pixels
-  const int64_t b_tile = kCb * kCoBlock;
+  constexpr int64_t kLd = 4 * kCoBlock;
+  // [pixel of 2 segments][64 channels], + 2 rows: a 6-row chunk's rows past 16 (its results
+  // dropped; the second segment, computed after, overwrites the first's)
+  alignas(64) float buf[(2 * kSeg + 2) * kLd];
+  const int64_t a_stride = g.stride_w * p.Cp;  // elements between a segment's pixels
+  const int64_t b_block = p.taps * p.CB * kCb * kCoBlock;  // elements of one co block's tiles
+  const int64_t tail = g.out_w % kSeg;  // the last segment of each output row (0: whole)
+  const bool wide_chunks = tail > 8 && tail <= 12;
   constexpr int64_t kPairGroup = 8;  // (multiply's grouping: the B tiles stay in L1)
   for (int64_t sp0 = s0; sp0 < s1; sp0 += kPairGroup)
-    for (int64_t j = 0; j < p.co_blocks; j += 2)
+    for (int64_t j = 0; j < p.co_blocks;) {
+      const int64_t nb = wide_chunks && p.co_blocks - j >= 4 ? 4 : 2;  // (co_blocks is even)
       for (int64_t sp = sp0; sp < std::min(s1, sp0 + kPairGroup); ++sp) {
         const bool second = 2 * sp + 1 < p.segments;
         const Segment sg[2] = {segment(g, p, 2 * sp),
                                segment(g, p, std::min(2 * sp + 1, p.segments - 1))};
-        const uint16_t* b0 = wp + j * p.taps * p.CB * b_tile;
-        const uint16_t* b1 = b0 + p.taps * p.CB * b_tile;
         for (int k = 0; k < (second ? 2 : 1); ++k) {
           const uint16_t* a = xp + sg[k].n * p.image +
                               (sg[k].oh * g.stride_h * p.Wp + sg[k].ow0 * g.stride_w) * p.Cp;
-          for (int64_t r0 = 0; r0 < sg[k].count; r0 += kDpRows) {
-            __m512 acc[kDpRows][2];
-            dp_zero(acc);
-            for (int64_t kh = 0; kh < g.kernel_h; ++kh)
-              for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-                const int64_t shift = (kh * g.dilation_h * p.Wp + kw * g.dilation_w) * p.Cp;
-                const int64_t t = kh * g.kernel_w + kw;
-                for (int64_t cb = 0; cb < p.CB; ++cb) {
-                  const int64_t bo = (t * p.CB + cb) * b_tile;
-                  const uint16_t* ar = a + r0 * a_stride + shift + cb * kCb;
-                  if (sg[k].count - r0 > 4)
-                    dp_step(acc, ar, a_stride, b0 + bo, b1 + bo);
-                  else  // (the last 4 or fewer pixels: a 28-wide row's second segment)
-                    dp_step<4>(acc, ar, a_stride, b0 + bo, b1 + bo);
-                }
-              }
-            float* rows = buf + (k * kSeg + r0) * 2 * kCoBlock;
-            for (int r = 0; r < kDpRows; ++r) {
-              _mm512_store_ps(rows + r * 2 * kCoBlock, acc[r][0]);
-              _mm512_store_ps(rows + r * 2 * kCoBlock + kCoBlock, acc[r][1]);
-            }
-          }
-          for (int64_t jj = 0; jj < 2; ++jj) {
-            const int64_t co0 = (j + jj) * kCoBlock;
-            if (co0 >= g.out_channels) continue;
-            store_block(buf + k * kSeg * 32 + jj * kCoBlock, 32, sg[k], co0,
-                        std::min(kCoBlock, g.out_channels - co0), bias, o, y);
+          float* rows = buf + k * kSeg * kLd;
+          if (nb == 4) {
+            const uint16_t* const b[4] = {wp + j * b_block, wp + (j + 1) * b_block,
+                                          wp + (j + 2) * b_block, wp + (j + 3) * b_block};
+            segment_dp<6, 4>(g, p, a, a_stride, sg[k].count, b, rows, kLd);
+          } else {
+            const uint16_t* const b[2] = {wp + j * b_block, wp + (j + 1) * b_block};
+            segment_dp<8, 2>(g, p, a, a_stride, sg[k].count, b, rows, kLd);
           }
         }
+        for (int k = 0; k < (second ? 2 : 1); ++k)
+          for (int64_t jj = 0; jj < nb; ++jj) {
+            const int64_t co0 = (j + jj) * kCoBlock;
+            if (co0 >= g.out_channels) continue;
+            store_block(buf + k * kSeg * kLd + jj * kCoBlock, kLd, sg[k], co0,
+                        std::min(kCoBlock, g.out_channels - co0), bias, o, y);
+          }
       }
+      j += nb;
+    }
 }
 
 }  // namespace
@@ -1168,8 +1199,9 @@ PE_TARGET_AVX512_BF16 void weight_items_dp(const Geometry& g, const WeightPlan& 
           const uint16_t* b_row = b_base + oh * p.dy_row;
           for (int64_t kb = 0; kb < kbs; ++kb) {
             const uint16_t* b0 = b_row + kb * 16 * 32;
-            dp_step(acc, a_row + kb * 32, p.Wr, b0, b0 + p.NP * 32,
-                    static_cast<int>(std::min<int64_t>(16, (shift + g.out_w - kb * 32 + 1) / 2)));
+            const uint16_t* const b[2] = {b0, b0 + p.NP * 32};
+            const int64_t pairs = std::min<int64_t>(16, (shift + g.out_w - kb * 32 + 1) / 2);
+            dp_step<kDpRows, 2>(acc, a_row + kb * 32, p.Wr, b, static_cast<int>(pairs));
           }
         }
         for (int r = 0; r < kDpRows; ++r) {
