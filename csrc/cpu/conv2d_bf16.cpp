@@ -896,9 +896,10 @@ struct WeightPlan {
   int64_t Hp, Wph, Wr, Cp, Op, taps, x_image;
   // dY's packing: pairs of output columns, NP a row per block of 16 channels, P0 of them (all
   // zeros) before column 0; one copy per parity of the pairs' first column (parities: 2 where a
-  // tap's shift is odd; see weight_items).
+  // tap's shift is odd; see weight_items). On dot products (weight_items_dp), the pairs
+  // (0, 1), (2, 3), ... only: P0 0, one parity, NP the row's pairs.
   int64_t P0, NP, dy_row, parities;
-  explicit WeightPlan(const Geometry& g) {
+  WeightPlan(const Geometry& g, bool dot_products) {
     const int64_t s = g.stride_w, last_shift = (g.kernel_w - 1) * g.dilation_w / s;
     Hp = g.in_h + 2 * g.padding_h;
     // A phase's length: the padded row's columns, and what a row's blocks read (up to index
@@ -911,12 +912,12 @@ struct WeightPlan {
     Op = round_up(g.out_channels, 32);
     taps = g.kernel_h * g.kernel_w;
     x_image = Cp * Hp * Wr;
-    P0 = last_shift / 2;
-    NP = P0 + blocks(g, last_shift) * 16;
+    P0 = dot_products ? 0 : last_shift / 2;
+    NP = dot_products ? (g.out_w + 1) / 2 : P0 + blocks(g, last_shift) * 16;
     dy_row = (Op / kCoBlock) * NP * 32;  // elements of one output row of packed dY
     parities = 1;
     for (int64_t kw = 0; kw < g.kernel_w; ++kw)
-      if (kw * g.dilation_w / s % 2 == 1) parities = 2;
+      if (!dot_products && kw * g.dilation_w / s % 2 == 1) parities = 2;
   }
   // Blocks of 32 phase columns a tap of this shift reads: its output columns sit at phase
   // columns shift .. shift + out_w - 1.
@@ -1168,10 +1169,14 @@ PE_TARGET_AMX_BF16 void weight_items(const Geometry& g, const WeightPlan& p, con
 
 // weight_items on dot products (see multiply_dp): an item's 32 x 32 block of C (32 input
 // channels: A's rows, 2 blocks of 16 output channels) in chunks of 8 channels, each summed over
-// the image's output rows and blocks in weight_items' order, C kept in cacc between images. A
-// row's last block stops at its last pair that holds an output column: the pairs past it are
-// zero rows of B against finite x (packing checks it), which add nothing (at 56 columns, 3 of
-// the last block's 16 pairs; only a sum of -0 would become +0 with them).
+// the image's output rows and blocks in weight_items' order, C kept in cacc between images.
+// A's pair words are broadcast from any 4 bytes, so a tap shifted by s reads its row from phase
+// column s on, against dY's pairs (0, 1), (2, 3), ... of one parity (the plan's dot_products
+// layout): no second parity of dY, no pairs before column 0 or past the row's last, which the
+// tiles' aligned A loads need (for a 3x3 at stride 1 or 2, half of the packed dY's bytes: its
+// packing was 13% of a 64 -> 64 @56 channels_last grad_weight, perf, two threads). An odd row's
+// last pair reads one x value past the row (a padding zero, the next phase's or row's value, or
+// xq's zeroed tail: finite, packing checks x) against a zero of dY.
 PE_TARGET_AVX512_BF16 void weight_items_dp(const Geometry& g, const WeightPlan& p,
                                            const uint16_t* xq, const uint16_t* dyq, int64_t i0,
                                            int64_t i1, float* cacc) {
@@ -1182,10 +1187,10 @@ PE_TARGET_AVX512_BF16 void weight_items_dp(const Geometry& g, const WeightPlan& 
       const int64_t cib = (it / co_pairs) % ci_pairs, cob = it % co_pairs;
       const int64_t kh = t / g.kernel_w, kw = t % g.kernel_w;
       const int64_t col = kw * g.dilation_w, shift = col / g.stride_w;
-      const uint16_t* a_base = xq + n * p.x_image + cib * 32 * p.Wr + (col % g.stride_w) * p.Wph;
-      const uint16_t* b_base = dyq + (shift % 2) * g.batch * g.out_h * p.dy_row +
-                               n * g.out_h * p.dy_row + (cob * 2 * p.NP + p.P0 - shift / 2) * 32;
-      const int64_t kbs = WeightPlan::blocks(g, shift);
+      const uint16_t* a_base =
+          xq + n * p.x_image + cib * 32 * p.Wr + (col % g.stride_w) * p.Wph + shift;
+      const uint16_t* b_base = dyq + n * g.out_h * p.dy_row + cob * 2 * p.NP * 32;
+      const int64_t kbs = (p.NP + 15) / 16;
       for (int64_t r0 = 0; r0 < 32; r0 += kDpRows) {
         float* c = cacc + (it - i0) * 32 * 32 + r0 * 32;
         __m512 acc[kDpRows][2];
@@ -1200,7 +1205,7 @@ PE_TARGET_AVX512_BF16 void weight_items_dp(const Geometry& g, const WeightPlan& 
           for (int64_t kb = 0; kb < kbs; ++kb) {
             const uint16_t* b0 = b_row + kb * 16 * 32;
             const uint16_t* const b[2] = {b0, b0 + p.NP * 32};
-            const int64_t pairs = std::min<int64_t>(16, (shift + g.out_w - kb * 32 + 1) / 2);
+            const int64_t pairs = std::min<int64_t>(16, p.NP - kb * 16);
             dp_step<kDpRows, 2>(acc, a_row + kb * 32, p.Wr, b, static_cast<int>(pairs));
           }
         }
@@ -1566,7 +1571,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_bf16(const Geometry& g,
     if (!grad_weight.defined()) return {};
     return {grad_weight, bias ? bias_grad(g, dy, false, input.options()) : at::Tensor()};
   }
-  const WeightPlan p(g);
+  const WeightPlan p(g, unit() == Unit::DotProducts);
   // Channels-last x and dY are packed as they are (x: an even channel count and stride_w 1 or
   // 2, pack_x_planes_cl's); other layouts through contiguous copies.
   auto channels_last = [](const at::Tensor& t) {
