@@ -1056,13 +1056,25 @@ PE_TARGET_AVX512 bool pack_x_planes_cl(const Geometry& g, const WeightPlan& p, c
   return finite;
 }
 
+// grad_bias's sums ride on dY's packing, which reads every value of dY anyway (a pass of their
+// own, 2.7% of a 64 -> 64 @56 channels_last bf16 forward+backward, perf, read dY again from L3
+// or memory): per output row and block of 16 channels, the packed pair vectors of parity 0 in
+// order, each one's first column, then its second (zeros outside the row add nothing: a sum
+// from +0 is never -0), into row_sums[row][co] (float32; bias_from_rows sums the rows in
+// order). Both layouts' packings make the same vectors: the same sums, the same bits.
+PE_TARGET_AVX512 PE_INLINE __m512 add_pair_columns(__m512 acc, __m512i pair) {
+  acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)));
+  return _mm512_add_ps(
+      acc, _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(int32_t(0xffff0000u)))));
+}
+
 // dyq[parity][n][oh][co block][pair][co][2] from dY in NCHW ([n][co][oh][ow] contiguous): pair
 // i of parity e holds output columns (2 (i - P0) - e, + 1) of the block's 16 channels, zero
 // outside the row and past the channels; rows [r0, r1) of n * out_h. A pair of columns is one
 // 32-bit word of dY's row: 16 channels' rows of 16 words (the pairs of a tile), transposed into
-// the tile's [pair][channel] order.
+// the tile's [pair][channel] order. row_sums (null: no bias): see add_pair_columns.
 PE_TARGET_AVX512 void pack_dy_pairs(const Geometry& g, const WeightPlan& p, const uint16_t* dy,
-                                    int64_t r0, int64_t r1, uint16_t* dyq) {
+                                    int64_t r0, int64_t r1, uint16_t* dyq, float* row_sums) {
   const int64_t O = g.out_channels, OH = g.out_h, OW = g.out_w;
   const int64_t per_parity = g.batch * OH * p.dy_row;
   alignas(64) uint32_t words[16 * 16];
@@ -1070,15 +1082,16 @@ PE_TARGET_AVX512 void pack_dy_pairs(const Geometry& g, const WeightPlan& p, cons
     for (int64_t e = 0; e < p.parities; ++e) {
       const int64_t n = r / OH, oh = r % OH;
       uint16_t* dst = dyq + e * per_parity + r * p.dy_row;
-      for (int64_t i0 = 0; i0 < p.NP; i0 += 16) {
-        const int64_t pairs = std::min<int64_t>(16, p.NP - i0);
-        const int64_t ow0 = 2 * (i0 - p.P0) - e;  // the first pair's first column
-        // the columns ow0 + l (l < 2 * pairs) inside the row
-        const int64_t lo = std::clamp<int64_t>(-ow0, 0, 2 * pairs);
-        const int64_t hi = std::clamp<int64_t>(OW - ow0, lo, 2 * pairs);
-        const __mmask32 pm = static_cast<__mmask32>(
-            ((hi == 32 ? ~0u : (1u << hi) - 1u) >> lo) << lo);
-        for (int64_t j = 0; j < p.Op / kCoBlock; ++j) {
+      for (int64_t j = 0; j < p.Op / kCoBlock; ++j) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t i0 = 0; i0 < p.NP; i0 += 16) {
+          const int64_t pairs = std::min<int64_t>(16, p.NP - i0);
+          const int64_t ow0 = 2 * (i0 - p.P0) - e;  // the first pair's first column
+          // the columns ow0 + l (l < 2 * pairs) inside the row
+          const int64_t lo = std::clamp<int64_t>(-ow0, 0, 2 * pairs);
+          const int64_t hi = std::clamp<int64_t>(OW - ow0, lo, 2 * pairs);
+          const __mmask32 pm = static_cast<__mmask32>(
+              ((hi == 32 ? ~0u : (1u << hi) - 1u) >> lo) << lo);
           for (int64_t c = 0; c < kCoBlock; ++c) {
             const int64_t co = j * kCoBlock + c;
             _mm512_store_si512(
@@ -1087,9 +1100,14 @@ PE_TARGET_AVX512 void pack_dy_pairs(const Geometry& g, const WeightPlan& p, cons
                                    pm, dy + ((n * O + co) * OH + oh) * OW + ow0)
                              : _mm512_setzero_si512());
           }
+          uint16_t* packed = dst + (j * p.NP + i0) * 32;
           transpose16(reinterpret_cast<const float*>(words), 16, 16, pairs,
-                      reinterpret_cast<float*>(dst + (j * p.NP + i0) * 32), 16, nullptr);
+                      reinterpret_cast<float*>(packed), 16, nullptr);
+          if (row_sums && e == 0)
+            for (int64_t q = 0; q < pairs; ++q)
+              sum = add_pair_columns(sum, _mm512_loadu_si512(packed + q * 32));
         }
+        if (row_sums && e == 0) _mm512_storeu_ps(row_sums + r * p.Op + j * kCoBlock, sum);
       }
     }
 }
@@ -1098,7 +1116,7 @@ PE_TARGET_AVX512 void pack_dy_pairs(const Geometry& g, const WeightPlan& p, cons
 // channels are two 32-byte runs, interleaved into the tile's [co][2] words by one permute.
 PE_TARGET_AVX512 void pack_dy_pairs_cl(const Geometry& g, const WeightPlan& p,
                                        const uint16_t* dy, int64_t r0, int64_t r1,
-                                       uint16_t* dyq) {
+                                       uint16_t* dyq, float* row_sums) {
   const int64_t O = g.out_channels, OW = g.out_w;
   const int64_t per_parity = g.batch * g.out_h * p.dy_row;
   // element 2c: the first column's channel c; 2c + 1: the second column's
@@ -1112,6 +1130,7 @@ PE_TARGET_AVX512 void pack_dy_pairs_cl(const Geometry& g, const WeightPlan& p,
       for (int64_t j = 0; j < p.Op / kCoBlock; ++j) {
         const int64_t co0 = j * kCoBlock, nco = std::clamp<int64_t>(O - co0, 0, kCoBlock);
         const __mmask16 m = static_cast<__mmask16>((1u << nco) - 1u);
+        __m512 sum = _mm512_setzero_ps();
         for (int64_t i = 0; i < p.NP; ++i) {
           const int64_t ow = 2 * (i - p.P0) - e;
           const __m256i a = ow >= 0 && ow < OW ? _mm256_maskz_loadu_epi16(m, src + ow * O + co0)
@@ -1119,10 +1138,12 @@ PE_TARGET_AVX512 void pack_dy_pairs_cl(const Geometry& g, const WeightPlan& p,
           const __m256i b = ow + 1 >= 0 && ow + 1 < OW
                                 ? _mm256_maskz_loadu_epi16(m, src + (ow + 1) * O + co0)
                                 : _mm256_setzero_si256();
-          _mm512_storeu_si512(dst + (j * p.NP + i) * 32,
-                              _mm512_permutexvar_epi16(
-                                  idx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)));
+          const __m512i pair =
+              _mm512_permutexvar_epi16(idx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+          _mm512_storeu_si512(dst + (j * p.NP + i) * 32, pair);
+          if (row_sums && e == 0) sum = add_pair_columns(sum, pair);
         }
+        if (row_sums && e == 0) _mm512_storeu_ps(row_sums + r * p.Op + co0, sum);
       }
     }
 }
@@ -1217,10 +1238,10 @@ PE_TARGET_AVX512_BF16 void weight_items_dp(const Geometry& g, const WeightPlan& 
     }
 }
 
-// grad_bias[co] = sum over (n, oh, ow) of dY in 16 float32 lanes, pixel i of each image's plane
-// into lane i % 16, images and pixels in order, then the lanes summed in a fixed tree (lane l +
-// lane l + 8, then + 4, + 2, + 1); output channels [c0, c1). From dY in NCHW, a vector of lanes
-// per channel; channels-last, a vector of 16 channels per lane: the same sums, the same bits.
+// grad_bias[co] in strip mode = sum over (n, oh, ow) of dY (NCHW) in 16 float32 lanes, pixel i
+// of each image's plane into lane i % 16, images and pixels in order, then the lanes summed in a
+// fixed tree (lane l + lane l + 8, then + 4, + 2, + 1); output channels [c0, c1). (The blocks'
+// grad_weight sums as it packs dY: add_pair_columns, bias_from_rows.)
 template <typename V>
 PE_INLINE V lane_tree_sum(V* lanes) {
   for (int half = 8; half >= 1; half /= 2)
@@ -1248,50 +1269,41 @@ PE_TARGET_AVX512 void bias_sums(const Geometry& g, const uint16_t* dy, int64_t c
     db[co] = lane_tree_sum(lanes);
   }
 }
-// dY channels-last ([n][oh][ow][co]); blocks of 16 output channels [b0, b1), all in one pass
-// over the pixels (lanes in L1: 16 x the blocks' vectors). A pass per block read each of dY's
-// lines two to four times, from memory (4.7% of a 64 -> 64 @56 grad_weight, perf, one thread).
-PE_TARGET_AVX512 void bias_sums_cl(const Geometry& g, const uint16_t* dy, int64_t b0, int64_t b1,
-                                   float* db) {
-  const int64_t O = g.out_channels, plane = g.out_h * g.out_w, nb = b1 - b0;
-  std::vector<float> lanes(static_cast<size_t>(16 * nb * 16), 0.0f);  // [lane][block][16]
-  std::vector<__mmask16> masks(static_cast<size_t>(nb));
-  for (int64_t b = 0; b < nb; ++b)
-    masks[b] = static_cast<__mmask16>((1u << std::min<int64_t>(16, O - (b0 + b) * 16)) - 1u);
-  for (int64_t n = 0; n < g.batch; ++n)
-    for (int64_t i = 0; i < plane; ++i) {
-      const uint16_t* src = dy + (n * plane + i) * O + b0 * 16;
-      float* lane = lanes.data() + (i % 16) * nb * 16;
-      for (int64_t b = 0; b < nb; ++b)
-        _mm512_storeu_ps(lane + b * 16,
-                         _mm512_add_ps(_mm512_loadu_ps(lane + b * 16),
-                                       widen_bf16(_mm256_maskz_loadu_epi16(masks[b],
-                                                                           src + b * 16))));
-    }
-  for (int64_t b = 0; b < nb; ++b) {
-    __m512 block[16];
-    for (int l = 0; l < 16; ++l) block[l] = _mm512_loadu_ps(lanes.data() + (l * nb + b) * 16);
-    _mm512_mask_storeu_ps(db + (b0 + b) * 16, masks[b], lane_tree_sum(block));
-  }
-}
-
-// grad_bias in bfloat16 from dY (NCHW contiguous, or channels-last), by bias_sums.
-at::Tensor bias_grad(const Geometry& g, const uint16_t* dy, bool dy_channels_last,
-                     const at::TensorOptions& options) {
-  CachedBuffer<float> db(static_cast<size_t>(g.out_channels), false);
-  if (dy_channels_last) {
-    at::parallel_for(0, (g.out_channels + 15) / 16, 1, [&](int64_t b0, int64_t b1) {
-      bias_sums_cl(g, dy, b0, b1, db.data());
-    });
-  } else {
-    at::parallel_for(0, g.out_channels, 1, [&](int64_t c0, int64_t c1) {
-      bias_sums(g, dy, c0, c1, db.data());
-    });
-  }
+// grad_bias in bfloat16 from db (float32, out_channels values).
+at::Tensor bias_of(const Geometry& g, const float* db, const at::TensorOptions& options) {
   at::Tensor grad_bias = empty_of(at::IntArrayRef{g.out_channels}, options);
   at::BFloat16* b = grad_bias.mutable_data_ptr<at::BFloat16>();
   for (int64_t co = 0; co < g.out_channels; ++co) b[co] = at::BFloat16(db[co]);
   return grad_bias;
+}
+
+// grad_bias in bfloat16 from dY (NCHW contiguous), by bias_sums (strip mode).
+at::Tensor bias_grad(const Geometry& g, const uint16_t* dy, const at::TensorOptions& options) {
+  CachedBuffer<float> db(static_cast<size_t>(g.out_channels), false);
+  at::parallel_for(0, g.out_channels, 1, [&](int64_t c0, int64_t c1) {
+    bias_sums(g, dy, c0, c1, db.data());
+  });
+  return bias_of(g, db.data(), options);
+}
+
+// grad_bias in bfloat16 from the packing's row_sums ([rows][co], `ld` apart; see
+// add_pair_columns): the rows summed in order, float32, blocks of 16 channels in parallel.
+PE_TARGET_AVX512 void sum_rows(const float* row_sums, int64_t rows, int64_t ld, int64_t b0,
+                               int64_t b1, float* db) {
+  for (int64_t b = b0; b < b1; ++b) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r)
+      sum = _mm512_add_ps(sum, _mm512_loadu_ps(row_sums + r * ld + b * 16));
+    _mm512_storeu_ps(db + b * 16, sum);
+  }
+}
+at::Tensor bias_from_rows(const Geometry& g, const float* row_sums, int64_t ld,
+                          const at::TensorOptions& options) {
+  CachedBuffer<float> db(static_cast<size_t>(ld), false);
+  at::parallel_for(0, ld / 16, 1, [&](int64_t b0, int64_t b1) {
+    sum_rows(row_sums, g.batch * g.out_h, ld, b0, b1, db.data());
+  });
+  return bias_of(g, db.data(), options);
 }
 
 }  // namespace
@@ -1569,7 +1581,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_bf16(const Geometry& g,
         g, reinterpret_cast<const uint16_t*>(x4.const_data_ptr<at::BFloat16>()), dy,
         input.options());
     if (!grad_weight.defined()) return {};
-    return {grad_weight, bias ? bias_grad(g, dy, false, input.options()) : at::Tensor()};
+    return {grad_weight, bias ? bias_grad(g, dy, input.options()) : at::Tensor()};
   }
   const WeightPlan p(g, unit() == Unit::DotProducts);
   // Channels-last x and dY are packed as they are (x: an even channel count and stride_w 1 or
@@ -1595,8 +1607,10 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_bf16(const Geometry& g,
   });
   CachedBuffer<uint16_t> dyq(static_cast<size_t>(p.parities * g.batch * g.out_h * p.dy_row),
                             false);
+  CachedBuffer<float> row_sums(static_cast<size_t>(bias ? g.batch * g.out_h * p.Op : 0), false);
   at::parallel_for(0, g.batch * g.out_h, 8, [&](int64_t r0, int64_t r1) {
-    (dy_cl ? pack_dy_pairs_cl : pack_dy_pairs)(g, p, dy, r0, r1, dyq.data());
+    (dy_cl ? pack_dy_pairs_cl : pack_dy_pairs)(g, p, dy, r0, r1, dyq.data(),
+                                               bias ? row_sums.data() : nullptr);
   });
   if (!finite) return {};
 
@@ -1617,7 +1631,8 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_bf16(const Geometry& g,
   at::parallel_for(0, co_pairs, 1, [&](int64_t b0, int64_t b1) {
     store_weight(g, p, cacc.data(), b0, b1, dw);
   });
-  return {grad_weight, bias ? bias_grad(g, dy, dy_cl, input.options()) : at::Tensor()};
+  return {grad_weight,
+          bias ? bias_from_rows(g, row_sums.data(), p.Op, input.options()) : at::Tensor()};
 }
 
 #pragma GCC diagnostic pop
