@@ -435,7 +435,7 @@ CHANNELS_LAST_GRAD_WEIGHT = [(2, 64, 11, 56, 128, 2, 1), (1, 40, 9, 70, 24, 2, 1
 def test_bfloat16_conv2d_of_channels_last_is_the_contiguous_calls(case):
     """bfloat16 conv2d of channels_last x, weight and dY (on AMX tiles, read as they are:
     cpu/conv2d_bf16.cpp's pack_input, pack_weight through the weight's strides, pack_x_planes_cl,
-    pack_dy_pairs_cl, bias_sums_cl) gives the contiguous call's forward and gradients, bit for
+    pack_dy_pairs_cl, add_pair_columns) gives the contiguous call's forward and gradients, bit for
     bit, in any mix of layouts; an Inf in a channels_last x lands where it does in the
     contiguous call (the float32 kernels take it)."""
     n, c, h, w, co, s, p = case

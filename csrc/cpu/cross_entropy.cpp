@@ -409,17 +409,22 @@ PE_INLINE void column_exp_sum(const ColumnBlock<T>& b, const T* m_in, double* s_
   PE_LANES for (int64_t l = 0; l < L; ++l) s_out[l] = s[l];
 }
 
-// Per lane: m = max_j x_j (NaN skipped, as row_max), then column_exp_sum.
+// A lane's running max over the classes, NaN skipped (as row_max): from -inf, then
+// max_step(m, x_j) per class.
+template <typename T>
+PE_INLINE T max_step(T m, T x) {
+  return x > m ? x : m;
+}
+
+// Per lane: m = max_j x_j, then column_exp_sum.
 template <typename T, bool kFull, bool kStore>
 PE_INLINE void column_max_sum(const ColumnBlock<T>& b, T* m_out, double* s_out, T* out) {
   constexpr int64_t L = kColumnLanes<T>;
   const int64_t W = kFull ? L : b.width;
   T m[L];
   PE_LANES for (int64_t l = 0; l < L; ++l) m[l] = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < b.classes; ++j) {
-    const T* xj = b.x + j * b.stride;
-    PE_LANES for (int64_t l = 0; l < W; ++l) m[l] = xj[l] > m[l] ? xj[l] : m[l];
-  }
+  for (int64_t j = 0; j < b.classes; ++j)
+    PE_LANES for (int64_t l = 0; l < W; ++l) m[l] = max_step(m[l], b.x[j * b.stride + l]);
   PE_LANES for (int64_t l = 0; l < L; ++l) m_out[l] = m[l];
   column_exp_sum<T, kFull, kStore>(b, m, s_out, out);
 }
@@ -452,9 +457,8 @@ PE_INLINE void copy_block(const ColumnBlock<T>& b, T* e, T* m_out) {
                                                          uintptr_t(2 * L * sizeof(T) + c)),
                            0, 2);
     PE_LANES for (int64_t l = 0; l < W; ++l) {
-      const T v = xj[l];
-      ej[l] = v;
-      m[l] = v > m[l] ? v : m[l];
+      ej[l] = xj[l];
+      m[l] = max_step(m[l], xj[l]);
     }
   }
   PE_LANES for (int64_t l = 0; l < L; ++l) m_out[l] = m[l];
