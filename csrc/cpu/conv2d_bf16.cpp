@@ -73,6 +73,7 @@
 #include "cpu/allocator.h"
 #include "cpu/amx.h"
 #include "cpu/conv2d.h"
+#include "cpu/convert.h"
 #include "cpu/isa.h"
 #include "cpu/transpose.h"
 
@@ -1519,21 +1520,21 @@ at::Tensor backward_weight_strips(const Geometry& g, const uint16_t* x, const ui
 // grad_weight[co][ci][t] (bfloat16, OIHW contiguous) from cacc's items (t, ci block, co block),
 // each [ci % 32][co % 32] float32, for the co blocks [b0, b1): per (co block, ci block), each
 // output channel's run of (ci, t) values is contiguous in dW; its values are gathered 16 at a
-// time from the taps' items (3x3: 9 x 4 KB, in L1 across the block's 32 channels) and rounded as
-// float_to_bf16 does. (Element by element with dW's taps outermost, each store landed 1152 bytes
-// from the last: 12% of a 64 -> 128 stride-2 @56 grad_weight, perf, two threads.)
+// time from the taps' items (3x3: 9 x 4 KB, in L1 across the block's 32 channels) into a run
+// of float32, which narrow_range rounds into dW. (Element by element with dW's taps outermost,
+// each store landed 1152 bytes from the last: 12% of a 64 -> 128 stride-2 @56 grad_weight,
+// perf, two threads.)
 PE_TARGET_AVX512 void store_weight(const Geometry& g, const WeightPlan& p, const float* cacc,
                                    int64_t b0, int64_t b1, uint16_t* dw) {
   const int64_t ci_pairs = p.Cp / 32, co_pairs = p.Op / 32, C = g.in_channels;
   const int64_t item_step = ci_pairs * co_pairs * 32 * 32;  // floats between a block's taps
   // Value j = (ci % 32, t) of a run: its float's offset from the run's tap 0, row 0 (64-bit:
   // the offsets reach taps * item_step).
-  std::vector<int64_t> offsets(static_cast<size_t>(round_up(32 * p.taps, 16)), 0);
+  const int64_t most = round_up(32 * p.taps, 16);
+  std::vector<int64_t> offsets(static_cast<size_t>(most), 0);
   for (int64_t j = 0; j < 32 * p.taps; ++j)
     offsets[j] = (j % p.taps) * item_step + (j / p.taps) * 32;
-  const __m512i round = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
-  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
-  const __m512i quiet_nan = _mm512_set1_epi32(0x7fc0);
+  LineVector<float> values(static_cast<size_t>(most));
   for (int64_t cob = b0; cob < b1; ++cob)
     for (int64_t cib = 0; cib < ci_pairs; ++cib) {
       const int64_t ci0 = cib * 32, run = std::min<int64_t>(32, C - ci0) * p.taps;
@@ -1541,29 +1542,20 @@ PE_TARGET_AVX512 void store_weight(const Geometry& g, const WeightPlan& p, const
         const int64_t co = cob * 32 + k;
         if (co >= g.out_channels) break;
         const float* base = cacc + (cib * co_pairs + cob) * 32 * 32 + k;
-        uint16_t* dst = dw + (co * C + ci0) * p.taps;
         for (int64_t j = 0; j < run; j += 16) {
           const int64_t n = std::min<int64_t>(16, run - j);
           const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xffffu : (1u << n) - 1u);
-          const __m512i lo_idx = _mm512_loadu_si512(offsets.data() + j);
-          const __m512i hi_idx = _mm512_loadu_si512(offsets.data() + j + 8);
-          const __m256 lo = _mm512_mask_i64gather_ps(_mm256_setzero_ps(),
-                                                     static_cast<__mmask8>(m), lo_idx, base, 4);
+          const __m256 lo = _mm512_mask_i64gather_ps(
+              _mm256_setzero_ps(), static_cast<__mmask8>(m),
+              _mm512_loadu_si512(offsets.data() + j), base, 4);
           const __m256 hi = _mm512_mask_i64gather_ps(
-              _mm256_setzero_ps(), static_cast<__mmask8>(m >> 8), hi_idx, base, 4);
-          const __m512i u = _mm512_castps_si512(
-              _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1));
-          // float_to_bf16, 16 at a time: round to nearest even, NaNs to c10's quiet NaN
-          const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
-          __m512i h = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, round), lsb), 16);
-          h = _mm512_mask_mov_epi32(
-              h, _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, magnitude), inf), quiet_nan);
-          const __m256i v = _mm512_cvtepi32_epi16(h);
-          if (n == 16)
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), v);
-          else
-            _mm256_mask_storeu_epi16(dst + j, m, v);
+              _mm256_setzero_ps(), static_cast<__mmask8>(m >> 8),
+              _mm512_loadu_si512(offsets.data() + j + 8), base, 4);
+          _mm512_store_ps(values.data() + j,
+                          _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1));
         }
+        narrow_range(values.data(), reinterpret_cast<c10::BFloat16*>(dw + (co * C + ci0) * p.taps),
+                     run);
       }
     }
 }
@@ -1641,14 +1633,14 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_bf16(const Geometry& g,
 
 at::Tensor forward_bf16(const Geometry&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        bool, bool) {
-  TORCH_CHECK(false, "pyengine: conv2d's AMX kernel is not compiled in this build");
+  TORCH_CHECK(false, "pyengine: conv2d's bfloat16 kernels are not compiled in this build");
 }
 at::Tensor backward_input_bf16(const Geometry&, const at::Tensor&, const at::Tensor&, bool) {
-  TORCH_CHECK(false, "pyengine: conv2d's AMX kernel is not compiled in this build");
+  TORCH_CHECK(false, "pyengine: conv2d's bfloat16 kernels are not compiled in this build");
 }
 std::tuple<at::Tensor, at::Tensor> backward_weight_bf16(const Geometry&, const at::Tensor&,
                                                        const at::Tensor&, bool) {
-  TORCH_CHECK(false, "pyengine: conv2d's AMX kernel is not compiled in this build");
+  TORCH_CHECK(false, "pyengine: conv2d's bfloat16 kernels are not compiled in this build");
 }
 
 #endif  // PE_HAVE_AMX_BF16
