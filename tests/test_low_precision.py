@@ -508,6 +508,33 @@ def test_bfloat16_conv2d_with_non_finite_weights_places_inf_and_nan_as_float32()
         assert (~f32[0].isfinite()).any() and f32[0].isfinite().any(), which
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_bfloat16_conv2d_finds_a_non_finite_weight_anywhere(where, layout):
+    """The check that sends a non-finite weight to the float32 kernels (all_finite_bf16, 32
+    values a step, then a masked tail) sees every element: one Inf at the weight's first, a
+    middle or its last element (17 x 16 x 3 x 3 = 2448 values: a tail of 16), in either layout,
+    places the forward's and grad_input's Inf / NaN as float32 does."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 16, 5, 6, generator=gen).bfloat16()
+    w = torch.randn(17, 16, 3, 3, generator=gen).bfloat16()
+    index = {"first": (0, 0, 0, 0), "middle": (8, 7, 1, 2), "last": (16, 15, 2, 2)}[where]
+    w[index] = float("inf")
+    if layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 17, 5, 6, generator=gen).bfloat16()
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    y = torch.ops.pyengine.conv2d(x, w, None, *geometry)
+    y32 = torch.ops.pyengine.conv2d(x.float(), w.float(), None, *geometry)
+    gx = torch.ops.pyengine.conv2d_backward(g, x, w, *geometry, [True, False, False])[0]
+    gx32 = torch.ops.pyengine.conv2d_backward(g.float(), x.float(), w.float(), *geometry,
+                                              [True, False, False])[0]
+    for name, ours, f32 in (("forward", y, y32), ("grad_input", gx, gx32)):
+        assert torch.equal(ours.isnan(), f32.isnan()), name
+        assert torch.equal(ours.isinf(), f32.isinf()), name
+        assert (~f32.isfinite()).any() and f32.isfinite().any(), name  # the case bites
+
+
 @pytest.mark.parametrize("case", [(5, 6, 14, 14, 5, 1, 0), (3, 20, 9, 23, 3, 2, 1),
                                   (2, 16, 11, 13, 3, 1, 1)], ids=str)
 def test_bfloat16_conv2d_of_16_channels_or_fewer_sums_as_wider_layers(case):
