@@ -213,6 +213,21 @@ std::vector<T>& scratch() {
   return buf;
 }
 
+// The padding of a zero-padded channels-last copy of one image (run()'s pixel rows): the rows
+// above and below the input's, and each input row's columns left and right of it.
+template <typename T>
+void zero_pixel_row_padding(const Geometry& g, T* rows) {
+  const int64_t wp = g.in_w + 2 * g.padding_w, C = g.in_channels;
+  const int64_t row = wp * C, side = g.padding_w * C;
+  std::fill(rows, rows + g.padding_h * row, T(0));
+  std::fill(rows + (g.padding_h + g.in_h) * row, rows + (g.in_h + 2 * g.padding_h) * row, T(0));
+  for (int64_t ih = 0; ih < g.in_h; ++ih) {
+    T* r = rows + (ih + g.padding_h) * row;
+    std::fill(r, r + side, T(0));
+    std::fill(r + side + g.in_w * C, r + row, T(0));
+  }
+}
+
 // The shared body: y = conv(x, w) with w given as W^T per group (wt: groups x K rows of cout_g,
 // ldw apart: the GEMM's B rows, read in place), bias optional; x and y NCHW or channels-last.
 template <typename T>
@@ -259,8 +274,13 @@ void run(const Geometry& g, const T* x, const T* wt, int64_t ldw, const T* bias,
   }
   at::parallel_for(0, tasks, grain_for(work), [&](int64_t t0, int64_t t1) {
     std::vector<const T*> a_rows(static_cast<size_t>(K));
-    // Zeroed once: the fills write the same elements for every image, the padding never.
-    CachedBuffer<T> planes(static_cast<size_t>(pixel_rows ? hp * wp * C : p.image));
+    // Its padding zeroed once: the fills write the same elements for every image, the padding
+    // never. Pixel rows zero just their padding: the whole buffer (832 KB for a 64-channel 56 x
+    // 56 image) per thread and call was 0.3% of a stride-2 3x3 64->128 channels_last forward's
+    // samples (perf), 0.1% after.
+    CachedBuffer<T> planes(static_cast<size_t>(pixel_rows ? hp * wp * C : p.image),
+                           /*zero=*/!pixel_rows);
+    if (pixel_rows) zero_pixel_row_padding(g, planes.data());
     int64_t filled = -1;  // the image in `planes`
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t blk = t % blocks, grp = (t / blocks) % g.groups, n = t / (blocks * g.groups);
