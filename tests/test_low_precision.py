@@ -472,6 +472,20 @@ def test_bfloat16_conv2d_of_channels_last_is_the_contiguous_calls(case):
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
 
 
+def _assert_non_finite_placed_as_float32(x, w, g, geometry):
+    """The bfloat16 forward's and grad_input's Inf / NaN positions are those of the same calls
+    in float32, and the case has both finite and non-finite results."""
+    y = torch.ops.pyengine.conv2d(x, w, None, *geometry)
+    y32 = torch.ops.pyengine.conv2d(x.float(), w.float(), None, *geometry)
+    gx = torch.ops.pyengine.conv2d_backward(g, x, w, *geometry, [True, False, False])[0]
+    gx32 = torch.ops.pyengine.conv2d_backward(g.float(), x.float(), w.float(), *geometry,
+                                              [True, False, False])[0]
+    for name, ours, f32 in (("forward", y, y32), ("grad_input", gx, gx32)):
+        assert torch.equal(ours.isnan(), f32.isnan()), name
+        assert torch.equal(ours.isinf(), f32.isinf()), name
+        assert (~f32.isfinite()).any() and f32.isfinite().any(), name  # the case bites
+
+
 def test_bfloat16_conv2d_with_non_finite_weights_places_inf_and_nan_as_float32():
     """A non-finite weight times the zero padding: torch's convolution has no such term, a
     convolution over a zero-padded copy would make it NaN. bfloat16 calls with such weights take
@@ -484,15 +498,7 @@ def test_bfloat16_conv2d_with_non_finite_weights_places_inf_and_nan_as_float32()
     w[9, 2, 2, 1] = float("nan")
     g = torch.randn(2, 16, 6, 7, generator=gen).bfloat16()
     geometry = ([1, 1], [1, 1], [1, 1], 1)
-    y = torch.ops.pyengine.conv2d(x, w, None, *geometry)
-    y32 = torch.ops.pyengine.conv2d(x.float(), w.float(), None, *geometry)
-    gx = torch.ops.pyengine.conv2d_backward(g, x, w, *geometry, [True, False, False])[0]
-    gx32 = torch.ops.pyengine.conv2d_backward(g.float(), x.float(), w.float(), *geometry,
-                                              [True, False, False])[0]
-    for name, ours, f32 in (("forward", y, y32), ("grad_input", gx, gx32)):
-        assert torch.equal(ours.isnan(), f32.isnan()), name
-        assert torch.equal(ours.isinf(), f32.isinf()), name
-        assert (~f32.isfinite()).any() and f32.isfinite().any(), name  # the case bites
+    _assert_non_finite_placed_as_float32(x, w, g, geometry)
     # grad_weight and grad_bias read x over the padding and past the rows: an Inf in x or in
     # dY (finite weights) places its Inf / NaN as float32 does
     w = torch.randn(16, 16, 3, 3, generator=gen).bfloat16()
@@ -524,15 +530,7 @@ def test_bfloat16_conv2d_finds_a_non_finite_weight_anywhere(where, layout):
         w = w.contiguous(memory_format=torch.channels_last)
     g = torch.randn(2, 17, 5, 6, generator=gen).bfloat16()
     geometry = ([1, 1], [1, 1], [1, 1], 1)
-    y = torch.ops.pyengine.conv2d(x, w, None, *geometry)
-    y32 = torch.ops.pyengine.conv2d(x.float(), w.float(), None, *geometry)
-    gx = torch.ops.pyengine.conv2d_backward(g, x, w, *geometry, [True, False, False])[0]
-    gx32 = torch.ops.pyengine.conv2d_backward(g.float(), x.float(), w.float(), *geometry,
-                                              [True, False, False])[0]
-    for name, ours, f32 in (("forward", y, y32), ("grad_input", gx, gx32)):
-        assert torch.equal(ours.isnan(), f32.isnan()), name
-        assert torch.equal(ours.isinf(), f32.isinf()), name
-        assert (~f32.isfinite()).any() and f32.isfinite().any(), name  # the case bites
+    _assert_non_finite_placed_as_float32(x, w, g, geometry)
 
 
 @pytest.mark.parametrize("case", [(5, 6, 14, 14, 5, 1, 0), (3, 20, 9, 23, 3, 2, 1),
