@@ -198,14 +198,25 @@ def cross_entropy(out, input, target, weight, reduction, ignore_index, label_smo
     return Work(flops, _total(input, target, weight, out))
 
 
+def cross_entropy_with_log_sum_exp(outs, input, target, weight, reduction, ignore_index,
+                                   label_smoothing=0.0):
+    # cross_entropy's work, plus each row's log-sum-exp m + log s (an add per row, and its split
+    # into the (hi, lo) pair: 2 more) written out
+    loss, lse = outs
+    work = cross_entropy(loss, input, target, weight, reduction, ignore_index, label_smoothing)
+    return Work(work.flops + 3 * lse.numel() // 2, work.bytes + nbytes(lse))
+
+
 def cross_entropy_backward(grad_input, grad_output, input, target, weight, reduction,
-                           ignore_index, label_smoothing=0.0):
+                           ignore_index, label_smoothing=0.0, log_sum_exp=None):
     # the softmax recomputed (max, subtract, exp, sum, scale) times the upstream gradient: 6 per
-    # logit; minus one at the target: 1 per row
+    # logit; from the forward's log-sum-exp (class indices, no smoothing), exp(x - lse) times the
+    # gradient: 3 per logit; minus one at the target: 1 per row
     rows = input.shape[0] if input.dim() == 2 else 1
     smoothed, extra = _smoothed(input, target, label_smoothing)
-    return Work((6 + (extra if smoothed else 0)) * input.numel() + rows,
-                _total(grad_output, input, target, weight, grad_input))
+    per_logit = 3 if log_sum_exp is not None and not smoothed else 6 + (extra if smoothed else 0)
+    return Work(per_logit * input.numel() + rows,
+                _total(grad_output, input, target, weight, log_sum_exp, grad_input))
 
 
 FORMULAS: Dict[str, Callable[..., Work]] = {
@@ -240,6 +251,7 @@ FORMULAS: Dict[str, Callable[..., Work]] = {
     # but counted: the operator takes it)
     "binary_cross_entropy_target_backward": _pointwise_loss_backward(5),
     "cross_entropy": cross_entropy,
+    "cross_entropy_with_log_sum_exp": cross_entropy_with_log_sum_exp,
     "cross_entropy_backward": cross_entropy_backward,
 }
 

@@ -39,7 +39,8 @@ enum class Policy { lower_precision, float32, refuse };
   X(log_softmax, none, float32)                                \
   X(mse_loss, float32, float32)                                \
   X(binary_cross_entropy, float32, refuse)                     \
-  X(cross_entropy, float32, float32)
+  X(cross_entropy, float32, float32)                           \
+  X(cross_entropy_with_log_sum_exp, float32, float32)
 
 template <typename A>
 const A& cast(const A& a, at::ScalarType, c10::DeviceType) {

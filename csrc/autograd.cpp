@@ -1290,7 +1290,7 @@ Tensor ce_reduce(const Tensor& t, const CrossEntropyArgs& a) {
 Tensor ce_slope(const Tensor& loss_like, const Tensor& x, const Tensor& t, const OptTensor& w,
                 const CrossEntropyArgs& a) {
   return cross_entropy_backward_op().call(unit_grad(loss_like), x, t, w, a.reduction,
-                                          a.ignore_index, a.label_smoothing);
+                                          a.ignore_index, a.label_smoothing, std::nullopt);
 }
 
 // d/dx of <v, cross_entropy_backward(g, x, ...)>: g A softmax_backward(v, p) per row; softmax's
@@ -1327,6 +1327,8 @@ Tensor ce_target_jvp(const Tensor& g, const Tensor& x, const OptTensor& w,
   return factor * (da.sum(dim, true) * p - da);
 }
 
+// The log-sum-exps (saved 4th, where the forward computed them) go to the backward op, which
+// then skips its own max and sum passes.
 struct CrossEntropyNode : PyengineNode<CrossEntropyNode> {
   static constexpr const char* kName = "pyengine::cross_entropy_backward";
   CrossEntropyArgs args;
@@ -1334,10 +1336,10 @@ struct CrossEntropyNode : PyengineNode<CrossEntropyNode> {
     variable_list out(2);
     if (!grads[0].defined()) return out;
     const Tensor x = saved(0), t = saved(1);
-    const OptTensor w = saved_opt(2);
+    const OptTensor w = saved_opt(2), lse = saved_opt(3);
     if (wants(0)) {
       out[0] = cross_entropy_backward_op().call(grads[0], x, t, w, args.reduction,
-                                                args.ignore_index, args.label_smoothing);
+                                                args.ignore_index, args.label_smoothing, lse);
     }
     // Only a target of class probabilities (floating) can need a gradient.
     if (wants(1)) out[1] = cross_entropy_target_grad(grads[0], x, w, args);
@@ -1345,14 +1347,47 @@ struct CrossEntropyNode : PyengineNode<CrossEntropyNode> {
   }
 };
 
-Tensor cross_entropy_autograd(const Tensor& input, const Tensor& target, const OptTensor& weight,
-                              int64_t reduction, int64_t ignore_index, double label_smoothing) {
-  refuse_grad(weight, "cross_entropy", "weight");
+// The loss's tangent (both cross_entropy ops').
+void set_cross_entropy_tangent(const Tensor& loss, const Tensor& input, const Tensor& target,
+                               const OptTensor& weight, const CrossEntropyArgs& args) {
+  const Tensor x = primal(input), t = primal(target);
+  const Tensor dx = tangent(input), dt = tangent(target);
+  Tensor out;
+  if (dx.defined()) out = ce_reduce(ce_slope(loss, x, t, weight, args) * dx, args);
+  if (dt.defined()) {
+    out = add_maybe(out, ce_reduce(cross_entropy_target_grad(unit_grad(loss), x, weight,
+                                                             args) * dt, args));
+  }
+  set_tangent(loss, out);
+}
+
+// Where the backward kernel reads the forward's log-sum-exps (csrc/ops.cpp): the CPU's, for
+// float32 and float64 logits.
+bool backward_reads_log_sum_exp(const Tensor& input) {
+  return input.is_cpu() &&
+         (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
+}
+
+// Both cross_entropy ops: the loss differentiable, the log-sum-exps not (a saved statistic, as
+// torch's flash attention's logsumexp output; their gradient flows through input in the
+// backward op). When an input needs a gradient and the backward reads them, cross_entropy runs
+// the op with them and saves them for its backward.
+
+Tensor2 record_cross_entropy(const Tensor& input, const Tensor& target, const OptTensor& weight,
+                             int64_t reduction, int64_t ignore_index, double label_smoothing,
+                             bool with_lse, const char* op) {
+  refuse_grad(weight, op, "weight");
   const CrossEntropyArgs args{reduction, ignore_index, label_smoothing};
   const bool grad = any_needs_grad(input, target);
-  Tensor loss = below_autograd([&] {
-    return cross_entropy_op().call(input, target, weight, reduction, ignore_index,
-                                   label_smoothing);
+  Tensor loss, lse;
+  below_autograd([&] {
+    if ((grad && backward_reads_log_sum_exp(input)) || with_lse) {
+      std::tie(loss, lse) = cross_entropy_with_log_sum_exp_op().call(
+          input, target, weight, reduction, ignore_index, label_smoothing);
+    } else {
+      loss = cross_entropy_op().call(input, target, weight, reduction, ignore_index,
+                                     label_smoothing);
+    }
   });
   if (grad) {
     auto node = make_node<CrossEntropyNode>(input, target);
@@ -1360,20 +1395,24 @@ Tensor cross_entropy_autograd(const Tensor& input, const Tensor& target, const O
     node->save(input);
     node->save(target);
     node->save(weight);
+    node->save(lse);
     record(node, loss);
   }
-  if (any_tangent(input, target)) {
-    const Tensor x = primal(input), t = primal(target);
-    const Tensor dx = tangent(input), dt = tangent(target);
-    Tensor out;
-    if (dx.defined()) out = ce_reduce(ce_slope(loss, x, t, weight, args) * dx, args);
-    if (dt.defined()) {
-      out = add_maybe(out, ce_reduce(cross_entropy_target_grad(unit_grad(loss), x, weight,
-                                                               args) * dt, args));
-    }
-    set_tangent(loss, out);
-  }
-  return loss;
+  if (any_tangent(input, target)) set_cross_entropy_tangent(loss, input, target, weight, args);
+  return {loss, lse};
+}
+
+Tensor cross_entropy_autograd(const Tensor& input, const Tensor& target, const OptTensor& weight,
+                              int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  return std::get<0>(record_cross_entropy(input, target, weight, reduction, ignore_index,
+                                          label_smoothing, false, "cross_entropy"));
+}
+
+Tensor2 cross_entropy_with_log_sum_exp_autograd(const Tensor& input, const Tensor& target,
+                                                const OptTensor& weight, int64_t reduction,
+                                                int64_t ignore_index, double label_smoothing) {
+  return record_cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing,
+                              true, "cross_entropy_with_log_sum_exp");
 }
 
 // d/dg: the slope summed against ggi like the loss; d/dx: ce_input_term; d/dt (probabilities):
@@ -1394,15 +1433,18 @@ struct CrossEntropyBackwardNode : PyengineNode<CrossEntropyBackwardNode> {
   }
 };
 
+// log_sum_exp is a cache of a function of input, not an input of its own: the derivatives below
+// are the total ones through input, and log_sum_exp gets no gradient edge (one would count its
+// share twice).
 Tensor cross_entropy_backward_autograd(const Tensor& grad_output, const Tensor& input,
                                        const Tensor& target, const OptTensor& weight,
                                        int64_t reduction, int64_t ignore_index,
-                                       double label_smoothing) {
+                                       double label_smoothing, const OptTensor& log_sum_exp) {
   refuse_grad(weight, "cross_entropy_backward", "weight");
   const CrossEntropyArgs args{reduction, ignore_index, label_smoothing};
   Tensor grad_input = below_autograd([&] {
     return cross_entropy_backward_op().call(grad_output, input, target, weight, reduction,
-                                            ignore_index, label_smoothing);
+                                            ignore_index, label_smoothing, log_sum_exp);
   });
   if (any_needs_grad(grad_output, input, target)) {
     auto node = make_node<CrossEntropyBackwardNode>(grad_output, input, target);
@@ -1416,8 +1458,10 @@ Tensor cross_entropy_backward_autograd(const Tensor& grad_output, const Tensor& 
   if (any_tangent(grad_output, input, target)) {
     const Tensor g = primal(grad_output), x = primal(input), t = primal(target);
     const Tensor dg = tangent(grad_output), dx = tangent(input), dt = tangent(target);
+    const OptTensor lse = log_sum_exp.has_value() ? opt(primal(*log_sum_exp)) : std::nullopt;
     Tensor out = dg.defined() ? cross_entropy_backward_op().call(dg, x, t, weight, reduction,
-                                                                 ignore_index, label_smoothing)
+                                                                 ignore_index, label_smoothing,
+                                                                 lse)
                               : Tensor();
     if (dx.defined()) out = add_maybe(out, ce_input_term(g, x, t, weight, args, dx));
     if (dt.defined()) out = add_maybe(out, ce_target_jvp(g, x, weight, args, dt));

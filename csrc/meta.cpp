@@ -227,12 +227,20 @@ Tensor cross_entropy_meta(const Tensor& input, const Tensor& target, const OptTe
                                        label_smoothing);
   return empty_meta(reduction == 0 ? s.loss_sizes : std::vector<SymInt>{}, input);
 }
+std::tuple<Tensor, Tensor> cross_entropy_with_log_sum_exp_meta(
+    const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing) {
+  auto s = check_cross_entropy<SymInt>(input, target, weight, reduction, ignore_index,
+                                       label_smoothing);
+  return {empty_meta(reduction == 0 ? s.loss_sizes : std::vector<SymInt>{}, input),
+          empty_meta(log_sum_exp_sizes(s), input)};
+}
 Tensor cross_entropy_backward_meta(const Tensor& grad_output, const Tensor& input,
                                    const Tensor& target, const OptTensor& weight,
                                    int64_t reduction, int64_t ignore_index,
-                                   double label_smoothing) {
+                                   double label_smoothing, const OptTensor& log_sum_exp) {
   check_cross_entropy_backward<SymInt>(grad_output, input, target, weight, reduction,
-                                       ignore_index, label_smoothing);
+                                       ignore_index, label_smoothing, log_sum_exp);
   return empty_meta(input.sym_sizes(), input);
 }
 
@@ -266,6 +274,7 @@ TORCH_LIBRARY_IMPL(pyengine, Meta, m) {
   m.impl("binary_cross_entropy_backward", binary_cross_entropy_backward_meta);
   m.impl("binary_cross_entropy_target_backward", binary_cross_entropy_target_backward_meta);
   m.impl("cross_entropy", cross_entropy_meta);
+  m.impl("cross_entropy_with_log_sum_exp", cross_entropy_with_log_sum_exp_meta);
   m.impl("cross_entropy_backward", cross_entropy_backward_meta);
 }
 

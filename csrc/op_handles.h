@@ -59,7 +59,10 @@ using Mask3 = std::array<bool, 3>;
   X(binary_cross_entropy, Tensor(const Tensor& input, const Tensor& target,                   \
                                  const OptTensor& weight, int64_t reduction))                  \
   X(cross_entropy, Tensor(const Tensor& input, const Tensor& target, const OptTensor& weight,  \
-                          int64_t reduction, int64_t ignore_index, double label_smoothing))
+                          int64_t reduction, int64_t ignore_index, double label_smoothing))   \
+  X(cross_entropy_with_log_sum_exp,                                                           \
+    Tensor2(const Tensor& input, const Tensor& target, const OptTensor& weight,                \
+            int64_t reduction, int64_t ignore_index, double label_smoothing))
 
 #define PYENGINE_BACKWARD_OPS(X)                                                              \
   X(conv2d_backward, Tensor3(const Tensor& grad_output, const Tensor& input,                   \
@@ -97,7 +100,7 @@ using Mask3 = std::array<bool, 3>;
   X(cross_entropy_backward,                                                                   \
     Tensor(const Tensor& grad_output, const Tensor& input, const Tensor& target,               \
            const OptTensor& weight, int64_t reduction, int64_t ignore_index,                   \
-           double label_smoothing))
+           double label_smoothing, const OptTensor& log_sum_exp))
 
 // `name##_op()`: the operator's handle, looked up once.
 #define PYENGINE_DEFINE_HANDLE(name, signature)                                               \

@@ -135,6 +135,21 @@ TORCH_LIBRARY(pyengine, library) {
   // written without it keep working.
   m.def("cross_entropy(Tensor input, Tensor target, Tensor? weight, int reduction, "
         "int ignore_index, float label_smoothing=0.0) -> Tensor");
+  // The loss, and each row's log-sum-exp of the logits, lse = log(sum_c exp(input_c)), which
+  // cross_entropy's Autograd kernel saves for the backward (as torch saves log_softmax's
+  // output): given it, the backward reads each logit once, with no max and sum passes of its
+  // own. log_sum_exp is (N, d1, ..., 2) ((2) for unbatched input), input's dtype: per row the pair
+  // (hi, lo), hi = lse rounded to the dtype and lo = lse - hi rounded, so that exp(x - hi - lo)
+  // keeps the dtype's precision near the row's max however large the logits (a single float32
+  // lse is 2^-10 off at 1e4). Not differentiable (a saved statistic, as the logsumexp output of
+  // torch's flash attention): the loss is.
+  m.def("cross_entropy_with_log_sum_exp(Tensor input, Tensor target, Tensor? weight, "
+        "int reduction, int ignore_index, float label_smoothing=0.0) -> (Tensor, Tensor)");
+  // log_sum_exp: optional, that of cross_entropy_with_log_sum_exp for this input (a cache: the
+  // gradient flows through input). The CPU kernel uses it for float32 and float64 logits with
+  // class-index targets and no label smoothing; the smoothed forms, 16-bit logits and the CUDA
+  // kernel recompute the sums.
   m.def("cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, "
-        "Tensor? weight, int reduction, int ignore_index, float label_smoothing=0.0) -> Tensor");
+        "Tensor? weight, int reduction, int ignore_index, float label_smoothing=0.0, "
+        "Tensor? log_sum_exp=None) -> Tensor");
 }

@@ -374,33 +374,41 @@ def _per_sample_loop(op, batch, in_dims, args):
     and the operator takes one weight for all its rows."""
     outs = [op(*[a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)])
             for b in range(batch)]
+    if isinstance(outs[0], tuple):   # cross_entropy_with_log_sum_exp: (loss, log_sum_exp)
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
     return torch.stack(outs), 0
 
 
 def _cross_entropy_options(options):
     """(reduction, ignore_index, label_smoothing): label_smoothing has a default in the schema,
-    so a call may leave it out."""
+    so a call may leave it out (and cross_entropy_backward's log_sum_exp after it)."""
     reduction, ignore_index, *rest = options
     return reduction, ignore_index, rest[0] if rest else 0.0
 
 
 def _cross_entropy(op, batch, in_dims, args):
+    """cross_entropy, and cross_entropy_with_log_sum_exp (op returns (loss, log_sum_exp): the
+    folded call's log-sum-exps are the rows', which class weights do not change)."""
     reduction, ignore_index, label_smoothing = _cross_entropy_options(args[3:])
+    with_lse = op._schema.name.endswith("_with_log_sum_exp")
     wd = in_dims[2]
     f = _FoldedCrossEntropy(batch, in_dims, args)
-    if wd is None:
-        loss = op(f.x, f.t, f.w, _NONE, ignore_index, label_smoothing).view(f.loss_shape)
-    elif label_smoothing or f.t.is_floating_point():
+    if wd is not None and (label_smoothing or f.t.is_floating_point()):
         return _per_sample_loop(op, batch, in_dims, args)
-    else:   # per-sample class weights: the unweighted loss of each row times its class weight
-        loss = op(f.x, f.t, None, _NONE, ignore_index, label_smoothing).view(f.loss_shape)
+    # per-sample class weights: the unweighted loss of each row times its class weight
+    out = op(f.x, f.t, f.w if wd is None else None, _NONE, ignore_index, label_smoothing)
+    loss, lse = out if with_lse else (out, None)
+    loss = loss.view(f.loss_shape)
+    if wd is not None:
         loss = loss * _class_weights(f.w, wd, f.target_samples, ignore_index)
-    if reduction == _NONE:
-        return loss, 0
-    total = _per_sample_sum(loss)
-    if reduction == _MEAN:
-        total = total / f.mean_denominator(wd, ignore_index)
-    return total.to(f.x.dtype), 0
+    if reduction != _NONE:
+        loss = _per_sample_sum(loss)
+        if reduction == _MEAN:
+            loss = loss / f.mean_denominator(wd, ignore_index)
+        loss = loss.to(f.x.dtype)
+    if with_lse:   # a (hi, lo) pair per row
+        return (loss, lse.view(*f.loss_shape, 2)), (0, 0)
+    return loss, 0
 
 
 def _cross_entropy_backward(op, batch, in_dims, args):
@@ -420,8 +428,11 @@ def _cross_entropy_backward(op, batch, in_dims, args):
     if wd is not None:   # per-sample class weights scale each row's grad_output
         go = go * _class_weights(w, wd, f.target_samples, ignore_index)
         w = None
+    lse = args[7] if len(args) > 7 else None   # a (hi, lo) pair per row
+    if lse is not None:
+        lse = _first(lse, in_dims[7], batch).reshape(*f.folded_loss_shape, 2)
     return op(go.reshape(f.folded_loss_shape), f.x, f.t, w, _NONE, ignore_index,
-              label_smoothing).view(f.input_shape), 0
+              label_smoothing, lse).view(f.input_shape), 0
 
 
 _RULES = {
@@ -437,7 +448,8 @@ _RULES = {
     **{name: rule for base in _MEAN_OVER_WEIGHTS for name, rule in (
         (base, _pointwise_loss), (base + "_backward", _pointwise_loss_backward))},
     "binary_cross_entropy_target_backward": _pointwise_loss_backward,
-    "cross_entropy": _cross_entropy, "cross_entropy_backward": _cross_entropy_backward,
+    "cross_entropy": _cross_entropy, "cross_entropy_with_log_sum_exp": _cross_entropy,
+    "cross_entropy_backward": _cross_entropy_backward,
 }
 
 

@@ -508,6 +508,12 @@ class _RecordFunctionalOps(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _with_defaults(op, args):
+    """args with the schema's defaults after the last one given: a mode sees a call without its
+    trailing default arguments, and pyengine._C's fast paths take them all."""
+    return tuple(args) + tuple(a.default_value for a in op._schema.arguments[len(args):])
+
+
 def _leaf(value, requires_grad):
     if isinstance(value, torch.Tensor):
         return value.detach().requires_grad_(requires_grad and value.requires_grad)
@@ -518,19 +524,23 @@ def _leaf(value, requires_grad):
 
 def op_calls(case: Case, device="cpu") -> List[OpCall]:
     """The operator calls one sample makes on `device`: the forward op pyengine's function calls
-    (its tensors fresh leaves that require grad where the call's do), then the backward ops
-    autograd calls for a random grad_output (tensors detached: backward ops are not
-    differentiable). A call that must raise (Case.expect_error) makes none."""
+    (its tensors fresh leaves that require grad where the call's do), and the one its Autograd
+    kernel runs in its place where that is another (cross_entropy's
+    cross_entropy_with_log_sum_exp, when a gradient is wanted); then the backward ops autograd
+    calls for a random grad_output (tensors detached: backward ops are not differentiable). A
+    call that must raise (Case.expect_error) makes none."""
     if case.expect_error:
         return []
     gen = torch.Generator().manual_seed(case.seed)
     args, kwargs = materialize(case, gen, device)
 
-    with _RecordFunctionalOps() as recorder:
+    with _RecordFunctionalOps() as recorder, _RecordOps() as below:
         out = call(fuzz_configs.pyengine_function(case.op), args, kwargs)
     forward = recorder.calls
     assert len(forward) == 1, forward
     calls = [OpCall(forward[0].op, _leaf(forward[0].args, True))]
+    calls += [OpCall(c.op, _leaf(_with_defaults(c.op, c.args), True)) for c in below.calls
+              if c.name != forward[0].name]
     primary = out[0] if isinstance(out, tuple) else out
     if primary.requires_grad:
         g = torch.randn(primary.shape, generator=gen, dtype=primary.dtype).to(device)
@@ -538,6 +548,19 @@ def op_calls(case: Case, device="cpu") -> List[OpCall]:
             primary.backward(g)
         calls += [OpCall(c.op, _leaf(c.args, False)) for c in recorder.calls]
     return calls
+
+
+def with_own_log_sum_exp(name, args):
+    """A recorded call's arguments after a change of dtype: cross_entropy_backward's log_sum_exp
+    recomputed for its input in the new dtype (the forward's, cast, carries the old dtype's
+    rounding, and is not that input's log-sum-exp)."""
+    if name != "cross_entropy_backward" or len(args) < 8 or args[7] is None:
+        return args
+    _, x, t, w, reduction, ignore_index, smoothing = args[:7]
+    with torch.no_grad():
+        lse = torch.ops.pyengine.cross_entropy_with_log_sum_exp(x, t, w, reduction,
+                                                                 ignore_index, smoothing)[1]
+    return (*args[:7], lse)
 
 
 @functools.lru_cache(maxsize=None)

@@ -221,17 +221,27 @@ for dtype in (torch.float32, torch.float64):
         check(lambda y: P.binary_cross_entropy(pr.detach(), y, wt, red),
               lambda y: F.binary_cross_entropy(pr.detach(), y, wt, reduction=name),
               y.clone().requires_grad_(), dtype=dtype)
-        for (rows, classes) in [(37, 1003), (64, 10)]:
-            x = leaf(rows, classes, dtype=dtype, scale=3.0)
-            tg = torch.randint(0, classes, (rows,))
-            tg[::5] = -100
+        # rows (a long one, narrow ones) and (N, C, d1, d2): the column kernels, with a
+        # whole block and a narrower last one per image (65 pixels)
+        for shape in [(37, 1003), (64, 10), (3, 21, 5, 13)]:
+            classes = shape[1]
+            x = leaf(*shape, dtype=dtype, scale=3.0)
+            tg = torch.randint(0, classes, shape[:1] + shape[2:])
+            tg.view(-1)[::5] = -100
             wc = torch.rand(classes, dtype=dtype)
-            probs = torch.rand(rows, classes, dtype=dtype)
+            probs = torch.rand(shape, dtype=dtype)
             # class indices, label smoothing, class probabilities (smoothed)
             for target, eps in ((tg, 0.0), (tg, 0.2), (probs, 0.2)):
                 check(lambda x: P.cross_entropy(x, target, wc, red, -100, eps),
                       lambda x: F.cross_entropy(x, target, wc, reduction=name,
                                                 label_smoothing=eps), x, dtype=dtype)
+                # without a gradient to compute, cross_entropy itself runs (with one, its
+                # Autograd kernel runs cross_entropy_with_log_sum_exp)
+                with Record():
+                    helpers.assert_close(
+                        P.cross_entropy(x.detach(), target, wc, red, -100, eps),
+                        F.cross_entropy(x.detach(), target, wc, reduction=name,
+                                        label_smoothing=eps), dtype)
 registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
               if name.startswith("pyengine::")}
 assert registered and ran == registered, sorted(registered - ran)

@@ -352,6 +352,121 @@ def test_cross_entropy_float32_accuracy(device, scale):
     torch.testing.assert_close(grad.double(), xr.grad, rtol=1e-6, atol=3e-7)
 
 
+# ---- cross_entropy_with_log_sum_exp and the backward that reads it ----------------------------
+
+# (input shape, class dim): rows (the row kernels: a long row, narrow ones), unbatched, and
+# (N, C, d1, d2) with 65 pixels an image (the column kernels: two whole blocks, a narrower one).
+LSE_SHAPES = [((9, 1003), 1), ((40, 10), 1), ((7,), 0), ((3, 21, 5, 13), 1)]
+
+
+def _lse_case(shape, dim, dtype, device, offset=0.0, scale=3.0):
+    x = torch.randn(shape, dtype=dtype, device=device) * scale + offset
+    t = torch.randint(0, shape[dim], shape[:dim] + shape[dim + 1:], device=device)
+    if t.dim():
+        t.view(-1)[::4] = -100
+    return x, t
+
+
+@devices
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["centred", "offset1e4"])
+@pytest.mark.parametrize("shape,dim", LSE_SHAPES, ids=lambda v: str(v))
+def test_cross_entropy_with_log_sum_exp_outputs(device, dtype, offset, shape, dim):
+    # The loss is cross_entropy's; the pair per row is (hi, lo): hi the log-sum-exp rounded to
+    # the dtype, lo the remainder rounded, so hi + lo is the log-sum-exp to about twice the
+    # dtype's precision (float16 cannot hold 1e4 + log-sum-exp to its ulp: centred only).
+    if dtype == torch.float16 and offset:
+        pytest.skip("float16 logits near 1e4 are integers apart: covered centred")
+    x, t = _lse_case(shape, dim, dtype, device, offset)
+    w = torch.rand(shape[dim], dtype=dtype, device=device)
+    for reduction in (0, 1, 2):
+        loss, lse = P.cross_entropy_with_log_sum_exp(x, t, w, reduction, -100, 0.0)
+        helpers.assert_close(loss, P.cross_entropy(x, t, w, reduction, -100, 0.0), dtype)
+        assert lse.shape == t.shape + (2,) and lse.dtype == dtype
+        want = torch.logsumexp(x.double(), dim)
+        hi, lo = lse[..., 0], lse[..., 1]
+        # hi is the pair's value rounded to the dtype: lo is what rounding left
+        assert torch.equal(hi, (hi.double() + lo.double()).to(dtype))
+        # hi + lo holds the log-sum-exp to the pair's precision (eps^2 relative), computed to
+        # that of the arithmetic (float32's for 16-bit dtypes): a few of its ulps of log s (the
+        # max, m, is exact), whatever the offset
+        eps = torch.finfo(dtype).eps
+        arithmetic = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+        err = (hi.double() + lo.double() - want).abs()
+        bound = 16 * arithmetic * ((want - offset).abs() + 1) + eps * eps * want.abs()
+        assert (err <= bound).all(), (err - bound).max()
+
+
+@devices
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["centred", "offset1e4"])
+@pytest.mark.parametrize("shape,dim", LSE_SHAPES, ids=lambda v: str(v))
+def test_cross_entropy_backward_from_log_sum_exp(device, dtype, offset, shape, dim):
+    # Given the forward's log-sum-exps, the backward reads each logit once (CPU: class indices,
+    # no smoothing); its gradient is torch's in float64 to the dtype's precision, also for logits
+    # far from zero (a single float32 log-sum-exp is 2^-10 off at 1e4, which this fails), with
+    # weights, ignored rows and every reduction; and the smoothed forms, which recompute, ignore it.
+    x, t = _lse_case(shape, dim, dtype, device, offset)
+    w = torch.rand(shape[dim], dtype=dtype, device=device)
+    tol = dict(rtol=1e-6, atol=3e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    for reduction, name in enumerate(["none", "mean", "sum"]):
+        for weight, eps in ((None, 0.0), (w, 0.0), (w, 0.2)):
+            _, lse = P.cross_entropy_with_log_sum_exp(x, t, weight, reduction, -100, eps)
+            g = torch.randn(t.shape if reduction == 0 else (), dtype=dtype, device=device)
+            ours = P.cross_entropy_backward(g, x, t, weight, reduction, -100, eps, lse)
+            xr = x.detach().double().clone().requires_grad_()
+            F.cross_entropy(xr, t, None if weight is None else weight.double(),
+                            reduction=name, label_smoothing=eps).backward(g.double())
+            torch.testing.assert_close(ours.double(), xr.grad, **tol)
+            recomputed = P.cross_entropy_backward(g, x, t, weight, reduction, -100, eps)
+            torch.testing.assert_close(ours, recomputed, **tol)
+
+
+@devices
+def test_cross_entropy_saves_log_sum_exp_for_its_backward(device):
+    # With a gradient to compute, cross_entropy runs cross_entropy_with_log_sum_exp and hands its
+    # pairs to the backward op (what makes the backward one pass); the pairs are not
+    # differentiable (a saved statistic), the loss is.
+    import samples
+    x = torch.randn(4, 5, 6, device=device, requires_grad=True)
+    t = torch.randint(0, 5, (4, 6), device=device)
+    with samples._RecordOps() as forward:
+        loss = PF.cross_entropy(x, t)
+    assert [c.name for c in forward.calls] == ["cross_entropy_with_log_sum_exp"]
+    with samples._RecordOps() as backward:
+        loss.backward()
+    (call,) = backward.calls
+    assert call.name == "cross_entropy_backward" and call.args[7] is not None
+    assert call.args[7].shape == (4, 6, 2)
+    xr = x.detach().double().requires_grad_()
+    F.cross_entropy(xr, t).backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-6, atol=1e-8)
+    with samples._RecordOps() as inference, torch.no_grad():
+        PF.cross_entropy(x, t)
+    assert [c.name for c in inference.calls] == ["cross_entropy"]
+    loss, lse = P.cross_entropy_with_log_sum_exp(x, t, None, 1, -100, 0.0)
+    assert loss.requires_grad and not lse.requires_grad
+
+
+@devices
+def test_cross_entropy_backward_bad_log_sum_exp(device):
+    x = torch.randn(4, 5, device=device)
+    t = torch.randint(0, 5, (4,), device=device)
+    g = torch.ones((), device=device)
+    with pytest.raises(RuntimeError, match=r"expected log_sum_exp of shape \[4, 2\].*"
+                                           r"but got log_sum_exp of shape \[4\]"):
+        P.cross_entropy_backward(g, x, t, None, 1, -100, 0.0, torch.zeros(4, device=device))
+    with pytest.raises(RuntimeError, match=r"expected log_sum_exp to have the same dtype as "
+                                           r"input \(Float\), but got log_sum_exp of dtype Double"):
+        P.cross_entropy_backward(g, x, t, None, 1, -100, 0.0,
+                                 torch.zeros(4, 2, dtype=torch.float64, device=device))
+    # a 16-bit input's backward recomputes, but checks the pairs all the same
+    with pytest.raises(RuntimeError, match=r"expected log_sum_exp of shape \[4, 2\]"):
+        P.cross_entropy_backward(g.bfloat16(), x.bfloat16(), t, None, 1, -100, 0.0,
+                                 torch.zeros(4, 3, dtype=torch.bfloat16, device=device))
+
+
 @devices
 @dtypes
 @pytest.mark.parametrize("loss", ["mse", "bce", "ce"])

@@ -498,6 +498,14 @@ struct CrossEntropyShape {
   Int rows() const { return batch * inner; }  // the losses: one per (n, d1, ...)
 };
 
+// cross_entropy_with_log_sum_exp's second output: a (hi, lo) pair per row (csrc/ops.cpp).
+template <typename Int>
+std::vector<Int> log_sum_exp_sizes(const CrossEntropyShape<Int>& s) {
+  std::vector<Int> sizes = s.loss_sizes;
+  sizes.push_back(Int(2));
+  return sizes;
+}
+
 // cross_entropy takes what torch's takes: input (C), (N, C) or (N, C, d1, ..., dk) with the
 // classes in dim 1, and both kinds of target, told apart by the target's dtype (one operator, as
 // torch's one function): int64 class indices of the 'none' loss's shape ((N, d1, ...), or 0-d for
@@ -694,11 +702,24 @@ CrossEntropyShape<Int> check_cross_entropy_backward(const at::Tensor& grad_outpu
                                                     const at::Tensor& target,
                                                     const std::optional<at::Tensor>& weight,
                                                     int64_t reduction, int64_t ignore_index,
-                                                    double label_smoothing) {
+                                                    double label_smoothing,
+                                                    const std::optional<at::Tensor>& log_sum_exp) {
+  const char* op = "cross_entropy_backward";
   auto s = check_cross_entropy<Int>(input, target, weight, reduction, ignore_index,
                                     label_smoothing);
   check_grad_output<Int>(grad_output, reduction == 0 ? s.loss_sizes : std::vector<Int>{}, input,
-                         "cross_entropy_backward");
+                         op);
+  if (log_sum_exp.has_value() && log_sum_exp->defined()) {
+    // A (hi, lo) pair per row: the 'none' loss's shape, whatever the reduction, then 2.
+    check_like(*log_sum_exp, "log_sum_exp", input, "input", op);
+    const std::vector<Int> want = log_sum_exp_sizes(s);
+    auto got = sizes_of<Int>(*log_sum_exp);
+    bool same = got.size() == want.size();
+    for (size_t i = 0; same && i < got.size(); ++i) same = truth(got[i] == want[i]);
+    TORCH_CHECK(same, "pyengine.", op, ": expected log_sum_exp of shape ",
+                c10::ArrayRef<Int>(want), " (a pair per row of input, as "
+                "cross_entropy_with_log_sum_exp returns it), but got log_sum_exp of shape ", got);
+  }
   return s;
 }
 

@@ -168,12 +168,14 @@ PE_INLINE double row_exp_sum(const T* x, T m, int64_t classes, T* out) {
   return lane_total<L>(acc);
 }
 
-// log softmax(x)[t] of one row, in double.
+// log(sum_j exp(x_j)) of one row, as m + log(sum_j exp(x_j - m)) in double: the loss is
+// x[t] minus it, and it is what the backward's one-pass form reads (softmax_grad_from_lse).
+// -inf for no classes (an empty sum), as torch.logsumexp.
 template <typename T>
-PE_INLINE double log_prob_impl(const T* x, int64_t classes, int64_t t) {
+PE_INLINE double log_sum_exp_impl(const T* x, int64_t classes) {
+  if (classes == 0) return -std::numeric_limits<double>::infinity();
   const T m = row_max(x, classes);
-  const double s = row_exp_sum<T, false>(x, m, classes, nullptr);
-  return static_cast<double>(x[t]) - static_cast<double>(m) - std::log(s);
+  return static_cast<double>(m) + std::log(row_exp_sum<T, false>(x, m, classes, nullptr));
 }
 
 // grad = a * (softmax(x) - onehot(t)) for one row: the softmax numerators are written into grad,
@@ -184,6 +186,31 @@ PE_INLINE void softmax_grad_impl(const T* x, int64_t classes, int64_t t, double 
   const T scale = static_cast<T>(a / sum);
   for (int64_t j = 0; j < classes; ++j) grad[j] *= scale;
   grad[t] -= static_cast<T>(a);
+}
+
+// A log-sum-exp as cross_entropy_with_log_sum_exp's pair (csrc/ops.cpp): hi = lse rounded to T,
+// lo = the remainder rounded to T, 0 where hi is not finite (an empty row's -inf, a NaN row).
+// Branch-free, for the kernels' lane loops.
+template <typename T>
+PE_INLINE void log_sum_exp_pair(double lse, T& hi, T& lo) {
+  hi = static_cast<T>(lse);
+  const double rest = lse - static_cast<double>(hi);
+  lo = static_cast<T>(rest == rest && hi - hi == T(0) ? rest : 0.0);
+}
+
+// The same from the row's log-sum-exp (the forward's pair hi + lo, csrc/ops.cpp): softmax_j =
+// exp((x_j - hi) - lo), one pass over the row; x_j - hi is exact near the row's max (hi lies
+// within a rounding of it: Sterbenz), so the result keeps T's precision there whatever the
+// logits' magnitude. x_j - lse <= 0; a NaN or +inf logit made lse NaN, and so the whole row, as
+// above.
+template <typename T>
+PE_INLINE void softmax_grad_from_lse_impl(const T* x, int64_t classes, int64_t t, double a, T hi,
+                                          T lo, T* grad) {
+  const T scale = static_cast<T>(a);
+  PE_LANES for (int64_t j = 0; j < classes; ++j) {
+    grad[j] = fast_exp_nonpositive((x[j] - hi) - lo) * scale;
+  }
+  grad[t] -= scale;
 }
 
 // ---- The smoothed forms: label smoothing, probability targets --------------------------------
@@ -298,12 +325,14 @@ PE_INLINE void smoothed_grad_impl(const T* x, int64_t classes, RowCoefficients<T
 }
 
 #define PE_DEFINE_ROW_KERNELS(T)                                                             \
-  PE_ISA_FUNCTION(Family::CrossEntropy, double, log_prob,                                   \
-                  (const T* x, int64_t classes, int64_t t), (x, classes, t),                \
-                  log_prob_impl<T>)                                                          \
+  PE_ISA_FUNCTION(Family::CrossEntropy, double, log_sum_exp,                                \
+                  (const T* x, int64_t classes), (x, classes), log_sum_exp_impl<T>)         \
   PE_ISA_FUNCTION(Family::CrossEntropy, void, softmax_grad,                                 \
                   (const T* x, int64_t classes, int64_t t, double a, T* grad),              \
                   (x, classes, t, a, grad), softmax_grad_impl<T>)                           \
+  PE_ISA_FUNCTION(Family::CrossEntropy, void, softmax_grad_from_lse,                        \
+                  (const T* x, int64_t classes, int64_t t, double a, T hi, T lo, T* grad),  \
+                  (x, classes, t, a, hi, lo, grad), softmax_grad_from_lse_impl<T>)          \
   PE_ISA_FUNCTION(Family::CrossEntropy, SmoothedSums, smoothed_sums,                        \
                   (const T* x, int64_t classes, RowCoefficients<T> c), (x, classes, c),     \
                   smoothed_sums_impl<T>)                                                     \
@@ -555,16 +584,27 @@ struct ColumnLossArgs {
 
 // Lane l's loss and its share of the 'mean' denominator (as the row loop: w[t], 0 when ignored,
 // 1 per pixel of probabilities): into loss_out[l] for 'none', else their sums over the block's
-// lanes (a fixed tree) into sums_out[0] and [1].
+// lanes (a fixed tree) into sums_out[0] and [1]; and, when lse_out is not null, the lane's
+// log-sum-exp m + log s as its pair (log_sum_exp_pair) into lse_out[2l], lse_out[2l + 1].
 template <typename T, bool kFull, int VB>
 PE_INLINE void column_losses_body(const ColumnBlock<T>& b, const ColumnLossArgs<T>& a,
-                                  double* loss_out, double* sums_out) {
+                                  double* loss_out, double* sums_out, T* lse_out) {
   constexpr int64_t L = kColumnLanes<T>;
   const int64_t W = kFull ? L : b.width;
   T m[L], xt[L], wt[L];
   double s[L], log_sum[L], dot[L], total[L], loss[L] = {}, share[L] = {};
   column_max_sum<T, kFull, false>(b, m, s, nullptr);
   PE_LANES for (int64_t l = 0; l < L; ++l) log_sum[l] = log_at_least_one(l < W ? s[l] : 1.0);
+  if (lse_out != nullptr) {
+    T hi[L], lo[L];
+    PE_LANES for (int64_t l = 0; l < L; ++l) {
+      log_sum_exp_pair(static_cast<double>(m[l]) + log_sum[l], hi[l], lo[l]);
+    }
+    for (int64_t l = 0; l < W; ++l) {
+      lse_out[2 * l] = hi[l];
+      lse_out[2 * l + 1] = lo[l];
+    }
+  }
   const bool smoothed = b.t == nullptr || a.eps != 0;
   if (smoothed) {
     with_column_coefficients(b, a.w, a.keep, a.add, [&](const auto& u) {
@@ -605,11 +645,11 @@ PE_INLINE void column_losses_body(const ColumnBlock<T>& b, const ColumnLossArgs<
 // VB: the bytes of the level's vectors (64, 32 or 16), for column_pick_target.
 template <typename T, int VB>
 PE_INLINE void column_losses_impl(ColumnBlock<T> b, ColumnLossArgs<T> a, double* loss,
-                                  double* sums) {
+                                  double* sums, T* lse) {
   if (b.width == kColumnLanes<T>) {
-    column_losses_body<T, true, VB>(b, a, loss, sums);
+    column_losses_body<T, true, VB>(b, a, loss, sums, lse);
   } else {
-    column_losses_body<T, false, VB>(b, a, loss, sums);
+    column_losses_body<T, false, VB>(b, a, loss, sums, lse);
   }
 }
 
@@ -627,12 +667,57 @@ struct ColumnGradArgs {
   const T* g;     // the block's grad_output for 'none', else null
   double a_all;   // grad_output (/ the 'mean' denominator) otherwise
   T* grad;        // lane l's class j at grad[j * stride + l]
+  const T* lse;   // the block's log-sum-exp pairs (the forward's; lane l's at 2l), or null
 };
+
+// The block from the forward's log-sum-exps (class-index targets, no smoothing): g_j =
+// a w[t] (exp(x_j - lse) - [j == t]), exact zeros for an ignored pixel; each logit read once,
+// straight from its row, where the form below copies the block, takes its max, stores and sums
+// its exps, then rescales them (8 x 21 x 64 x 64 float32, two threads: see the README).
+template <typename T, bool kFull, int VB>
+PE_INLINE void column_grads_from_lse(const ColumnBlock<T>& b, const ColumnGradArgs<T>& a) {
+  constexpr int64_t L = kColumnLanes<T>;
+  const int64_t W = kFull ? L : b.width;
+  T hi[L], lo[L], xt[L], wt[L], scale[L], keep[L];
+  LaneIndex<T> target[L];
+  column_targets(b, a.ignore_index, target);
+  if (a.w != nullptr)
+    column_pick_target<T, kFull, VB>(b, target, a.w, xt, wt);
+  else
+    PE_LANES for (int64_t l = 0; l < L; ++l) wt[l] = T(1);
+  PE_LANES for (int64_t l = 0; l < L; ++l) {
+    const bool in = l < W;
+    const double g = a.g && in ? static_cast<double>(a.g[l]) : a.a_all;
+    scale[l] = in ? static_cast<T>(g * static_cast<double>(wt[l])) : T(0);
+    hi[l] = in ? a.lse[2 * l] : T(0);
+    lo[l] = in ? a.lse[2 * l + 1] : T(0);
+    keep[l] = in && target[l] >= 0 ? T(1) : T(0);
+  }
+  for (int64_t j = 0; j < b.classes; ++j) {
+    const T* xj = b.x + j * b.stride;
+    T* gj = a.grad + j * b.stride;
+    const auto j_lane = static_cast<LaneIndex<T>>(j);
+    if (kFull)  // (as copy_block: the many rows at one stride outnumber the hardware's streams)
+      for (int64_t c = 0; c < L * int64_t(sizeof(T)); c += 64)
+        __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(xj) +
+                                                         uintptr_t(2 * L * sizeof(T) + c)),
+                           0, 2);
+    PE_LANES for (int64_t l = 0; l < W; ++l) {
+      const T g = fast_exp_nonpositive((xj[l] - hi[l]) - lo[l]) * scale[l] -
+                  (target[l] == j_lane ? scale[l] : T(0));
+      gj[l] = keep[l] != T(0) ? g : T(0);
+    }
+  }
+}
 
 template <typename T, bool kFull, int VB>
 PE_INLINE void column_grads_body(const ColumnBlock<T>& b, const ColumnGradArgs<T>& a) {
   constexpr int64_t L = kColumnLanes<T>;
   const int64_t W = kFull ? L : b.width;
+  if (a.lse != nullptr && b.t != nullptr && a.eps == 0) {
+    column_grads_from_lse<T, kFull, VB>(b, a);
+    return;
+  }
   T m[L], xt[L], wt[L], scale[L], bias[L], gamma[L], keep[L];
   LaneIndex<T> target[L];
   double s[L], total[L];
@@ -725,8 +810,8 @@ PE_INLINE void column_grads_impl(ColumnBlock<T> b, ColumnGradArgs<T> a) {
 #define PE_DEFINE_COLUMN_KERNELS(T)                                                          \
   PE_ISA_FUNCTION_PER_LEVEL(Family::CrossEntropy, void, column_losses,                      \
                             (ColumnBlock<T> b, ColumnLossArgs<T> a, double* loss,           \
-                             double* sums),                                                 \
-                            (b, a, loss, sums), (column_losses_impl<T, 64>),                \
+                             double* sums, T* lse),                                         \
+                            (b, a, loss, sums, lse), (column_losses_impl<T, 64>),           \
                             (column_losses_impl<T, 32>), (column_losses_impl<T, 16>))       \
   PE_ISA_FUNCTION_PER_LEVEL(Family::CrossEntropy, void, column_grads,                       \
                             (ColumnBlock<T> b, ColumnGradArgs<T> a), (b, a),                \
@@ -814,8 +899,31 @@ RowCoefficients<T> coefficients(const T* w, const T* p, double label_smoothing, 
 // The smoothed forms add a pass of ~3 flops per logit over the row in L1 (and read the N x C
 // probabilities, for probability targets): still bound by the exps.
 // Achieved figures: the benchmark suite (python -m benchmarks).
-Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTensor& weight,
-                         int64_t reduction, int64_t ignore_index, double label_smoothing) {
+// float32 pairs (hi, lo) re-split for a 16-bit dtype L (PE_KERNEL's float32 copies of a 16-bit
+// call): hi + lo (float32's pair holds lse to ~2^-48) rounded to L, and the remainder, as the
+// values of L that float32 holds exactly.
+template <typename L>
+void resplit_pairs(float* pairs, int64_t rows) {
+  at::parallel_for(0, rows, kElementwiseGrain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const double lse = double(pairs[2 * i]) + double(pairs[2 * i + 1]);
+      const float hi = static_cast<float>(L(static_cast<float>(lse)));
+      const double rest = lse - double(hi);
+      pairs[2 * i] = hi;
+      pairs[2 * i + 1] =
+          rest == rest && hi - hi == 0.0f ? static_cast<float>(L(static_cast<float>(rest))) : 0.0f;
+    }
+  });
+}
+
+// with_lse: also each row's log-sum-exp (cross_entropy_with_log_sum_exp), as (hi, lo) pairs of
+// `pair_dtype` (the caller's input dtype: PE_KERNEL hands 16-bit calls over as float32 copies);
+// undefined otherwise.
+std::tuple<Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& input, const Tensor& target,
+                                                     const OptTensor& weight, int64_t reduction,
+                                                     int64_t ignore_index,
+                                                     double label_smoothing, bool with_lse,
+                                                     c10::ScalarType pair_dtype) {
   const auto s = check_cross_entropy<int64_t>(input, target, weight, reduction, ignore_index,
                                               label_smoothing);
   // n rows: one per sample, or per pixel (row i = n * inner + s) of (N, C, d1, ...) input, whose
@@ -832,31 +940,47 @@ Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTen
   if (!s.probabilities) check_targets(pt, n, classes, ignore_index, "cross_entropy");
   const double eps = label_smoothing;
   Tensor out;
+  const Tensor lse = with_lse ? empty_of(log_sum_exp_sizes(s), x.options()) : Tensor();
   dispatch_floating(x.scalar_type(), "cross_entropy", [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pw = wp ? w.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pp = s.probabilities ? t.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* plse = with_lse ? lse.mutable_data_ptr<scalar_t>() : nullptr;
     // (loss_i, denominator share_i) of row i: w[t_i], 0 for an ignored row; 1 per row of
-    // probabilities (0 without classes: torch's 'mean' over no element is NaN).
+    // probabilities (0 without classes: torch's 'mean' over no element is NaN). Writes the row's
+    // log-sum-exp to plse[i] when asked (-inf without classes: an empty sum).
     auto row = [&](int64_t i, double& share_i) -> double {
+      const scalar_t* xr = px + i * classes;
+      auto put_lse = [&](double v) {
+        if (plse) log_sum_exp_pair(v, plse[2 * i], plse[2 * i + 1]);
+      };
       if (s.probabilities) {
         share_i = classes > 0 ? 1.0 : 0.0;
-        if (classes == 0) return 0;  // an empty sum (D - U log s would be 0 * -inf)
-        const SmoothedSums r = smoothed_sums(px + i * classes, classes,
-                                             coefficients(pw, pp + i * classes, eps, classes));
+        if (classes == 0) {  // an empty sum (D - U log s would be 0 * -inf)
+          put_lse(-std::numeric_limits<double>::infinity());
+          return 0;
+        }
+        const SmoothedSums r =
+            smoothed_sums(xr, classes, coefficients(pw, pp + i * classes, eps, classes));
+        put_lse(r.shift + r.log_sum);
         return -(r.dot - r.total * r.log_sum);
       }
       const int64_t c = pt[i];
       if (c == ignore_index) {
         share_i = 0;
+        if (plse) put_lse(log_sum_exp(xr, classes));
         return 0;
       }
       share_i = pw ? static_cast<double>(pw[c]) : 1.0;
-      const scalar_t* xr = px + i * classes;
-      if (eps == 0) return -share_i * log_prob(xr, classes, c);
+      if (eps == 0) {
+        const double row_lse = log_sum_exp(xr, classes);
+        put_lse(row_lse);
+        return -share_i * (static_cast<double>(xr[c]) - row_lse);
+      }
       const SmoothedSums r =
           smoothed_sums(xr, classes, coefficients<scalar_t>(pw, nullptr, eps, classes));
+      put_lse(r.shift + r.log_sum);
       const double nll = -share_i * (static_cast<double>(xr[c]) - r.shift - r.log_sum);
       return (1 - eps) * nll + eps / static_cast<double>(classes) * -(r.dot - r.total * r.log_sum);
     };
@@ -876,7 +1000,8 @@ Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTen
           double loss[L], sums[2];
           column_losses(ColumnBlock<scalar_t>{xb, pp ? pb : nullptr, pt ? pt + i : nullptr,
                                               classes, L, width},
-                        column_args, want_losses ? loss : nullptr, sums);
+                        column_args, want_losses ? loss : nullptr, sums,
+                        plse ? plse + 2 * i : nullptr);
           on_block(i, width, loss, sums);
         }
         return;
@@ -886,7 +1011,8 @@ Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTen
         double loss[L], sums[2];
         column_losses(ColumnBlock<scalar_t>{px + offset, pp ? pp + offset : nullptr,
                                             pt ? pt + i : nullptr, classes, inner, width},
-                      column_args, want_losses ? loss : nullptr, sums);
+                      column_args, want_losses ? loss : nullptr, sums,
+                      plse ? plse + 2 * i : nullptr);
         on_block(i, width, loss, sums);
       });
     };
@@ -926,7 +1052,35 @@ Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTen
         });
     out = scalar_like(reduction == 1 ? sums[0] / sums[1] : sums[0], x);
   });
-  return out;
+  if (with_lse && lse.scalar_type() == at::kFloat && pair_dtype == at::kBFloat16)
+    resplit_pairs<c10::BFloat16>(lse.mutable_data_ptr<float>(), n);
+  if (with_lse && lse.scalar_type() == at::kFloat && pair_dtype == at::kHalf)
+    resplit_pairs<c10::Half>(lse.mutable_data_ptr<float>(), n);
+  return {out, lse};
+}
+
+Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTensor& weight,
+                         int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  return std::get<0>(cross_entropy_forward_cpu(input, target, weight, reduction, ignore_index,
+                                               label_smoothing, /*with_lse=*/false,
+                                               input.scalar_type()));
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_with_log_sum_exp_pairs(
+    const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, c10::ScalarType pair_dtype) {
+  return cross_entropy_forward_cpu(input, target, weight, reduction, ignore_index,
+                                   label_smoothing, /*with_lse=*/true, pair_dtype);
+}
+
+// Registered: the pairs rounded to the caller's dtype, through PE_KERNEL's float32 copies.
+std::tuple<Tensor, Tensor> cross_entropy_with_log_sum_exp_cpu(
+    const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing) {
+  using Kernel = low_precision::Float32Inside<decltype(cross_entropy_with_log_sum_exp_pairs),
+                                              &cross_entropy_with_log_sum_exp_pairs>;
+  return Kernel::call(input, target, weight, reduction, ignore_index, label_smoothing,
+                      input.scalar_type());
 }
 
 // Napkin math (backward): reads the logits, writes grad_input (8 B per float32 logit) plus N
@@ -935,9 +1089,10 @@ Tensor cross_entropy_cpu(const Tensor& input, const Tensor& target, const OptTen
 Tensor cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor& input,
                                   const Tensor& target, const OptTensor& weight,
                                   int64_t reduction, int64_t ignore_index,
-                                  double label_smoothing) {
+                                  double label_smoothing, const OptTensor& log_sum_exp) {
   const auto s = check_cross_entropy_backward<int64_t>(grad_output, input, target, weight,
-                                                       reduction, ignore_index, label_smoothing);
+                                                       reduction, ignore_index, label_smoothing,
+                                                       log_sum_exp);
   const int64_t n = s.rows(), classes = s.classes, inner = s.inner;  // as in the forward
   const bool columns = uses_columns(s, "cross_entropy_backward");
   const Tensor x = input.contiguous();
@@ -945,6 +1100,10 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor& input
   const Tensor* wp = weight_or_null(weight);
   const Tensor w = wp ? wp->contiguous() : Tensor();
   const Tensor go = grad_output.contiguous();
+  // The forward's log-sum-exps, where the one-pass forms take them (class indices, no smoothing).
+  const bool from_lse = log_sum_exp.has_value() && log_sum_exp->defined() &&
+                        !s.probabilities && label_smoothing == 0;
+  const Tensor lse = from_lse ? log_sum_exp->contiguous() : Tensor();
   const int64_t* pt = s.probabilities ? nullptr : t.const_data_ptr<int64_t>();
   if (!s.probabilities) check_targets(pt, n, classes, ignore_index, "cross_entropy_backward");
   const double eps = label_smoothing;
@@ -955,6 +1114,7 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor& input
     const scalar_t* pw = wp ? w.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pp = s.probabilities ? t.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pg = go.const_data_ptr<scalar_t>();
+    const scalar_t* plse = from_lse ? lse.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* pgi = grad_input.mutable_data_ptr<scalar_t>();
     // 'mean': the forward's denominator, the number of rows (probabilities) or sum(w[t_i]) over
     // rows not ignored.
@@ -991,7 +1151,8 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor& input
                                             pt ? pt + i0 : nullptr, classes, inner, width};
           column_grads(block, ColumnGradArgs<scalar_t>{pw, q.keep, q.add, eps, ignore_index,
                                                       reduction == 0 ? pg + i0 : nullptr,
-                                                      a_all, pgi + offset});
+                                                      a_all, pgi + offset,
+                                                      plse ? plse + 2 * i0 : nullptr});
         });
       });
       return;
@@ -1013,7 +1174,10 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor& input
         }
         const double wc = pw ? static_cast<double>(pw[c]) : 1.0;
         if (eps == 0) {  // d/dx_j = a * w[c] * (softmax_j - [j == c])
-          softmax_grad(xr, classes, c, a * wc, gr);
+          if (plse)
+            softmax_grad_from_lse(xr, classes, c, a * wc, plse[2 * i], plse[2 * i + 1], gr);
+          else
+            softmax_grad(xr, classes, c, a * wc, gr);
           continue;
         }
         // (1 - eps) times the above, plus eps / C * a * (softmax_j * U - w_j)
@@ -1026,11 +1190,29 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor& input
   return grad_input;
 }
 
+// The registered backward: cross_entropy_backward_cpu under PE_KERNEL. A 16-bit input's backward
+// checks log_sum_exp, then recomputes its sums in float32 without it (a 16-bit pair's hi can
+// overflow float16 where the logits do not, and its lo carries only 16-bit's bits).
+Tensor cross_entropy_backward_entry(const Tensor& grad_output, const Tensor& input,
+                                    const Tensor& target, const OptTensor& weight,
+                                    int64_t reduction, int64_t ignore_index,
+                                    double label_smoothing, const OptTensor& log_sum_exp) {
+  using Kernel = low_precision::Float32Inside<decltype(cross_entropy_backward_cpu),
+                                              &cross_entropy_backward_cpu>;
+  const bool low = low_precision::is_low(input.scalar_type());
+  if (low && log_sum_exp.has_value())
+    check_cross_entropy_backward<int64_t>(grad_output, input, target, weight, reduction,
+                                          ignore_index, label_smoothing, log_sum_exp);
+  return Kernel::call(grad_output, input, target, weight, reduction, ignore_index,
+                      label_smoothing, low ? std::nullopt : log_sum_exp);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
   m.impl("cross_entropy", PE_KERNEL(cross_entropy_cpu));
-  m.impl("cross_entropy_backward", PE_KERNEL(cross_entropy_backward_cpu));
+  m.impl("cross_entropy_with_log_sum_exp", cross_entropy_with_log_sum_exp_cpu);
+  m.impl("cross_entropy_backward", cross_entropy_backward_entry);
 }
 
 }  // namespace pyengine

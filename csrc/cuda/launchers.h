@@ -197,14 +197,15 @@ cudaError_t pointwise_loss_backward(PointwiseLoss loss, const T* grad, const T* 
 // ignore_index stops the kernel with a device-side assert. label_smoothing in [0, 1].
 // unbatched: one row given as a (classes) input and a 0-d target; its 'mean' without smoothing
 // is then 0 when the target is ignore_index, as torch's CUDA loss gives (its CPU loss, and
-// every batch, give 0 / 0 = NaN).
+// every batch, give 0 / 0 = NaN). lse: null, or 2 * rows slots for each row's log-sum-exp pair
+// (cross_entropy_with_log_sum_exp).
 int64_t cross_entropy_workspace(int64_t rows, int64_t reduction);
 int64_t cross_entropy_backward_workspace(int64_t rows, int64_t reduction, bool probabilities);
 template <typename T>
 cudaError_t cross_entropy_forward(const T* x, const int64_t* target, const T* probs, const T* w,
                                   int64_t rows, int64_t classes, int64_t reduction,
                                   int64_t ignore_index, double label_smoothing, bool unbatched,
-                                  T* out, double* workspace, cudaStream_t stream);
+                                  T* out, T* lse, double* workspace, cudaStream_t stream);
 template <typename T>
 cudaError_t cross_entropy_backward(const T* grad, const T* x, const int64_t* target,
                                    const T* probs, const T* w, int64_t rows, int64_t classes,

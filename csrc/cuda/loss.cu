@@ -341,7 +341,9 @@ __device__ __forceinline__ double coefficient_sums(const T* xr, compute_t<T> m, 
 // Per row: 'none' writes the loss to out[r]; otherwise (loss, share) go to row_pairs[2r, 2r+1],
 // the share being the row's part of the 'mean' denominator (w[t], or 0 when ignored; unused for
 // probability targets, whose 'mean' divides by the rows). A null target means probabilities
-// (probs, itself null when there are no classes).
+// (probs, itself null when there are no classes). lse, when not null, gets each row's
+// log-sum-exp m + log s (-inf without classes), ignored rows' too, as the pair (hi, lo) of T at
+// lse[2r] (csrc/ops.cpp: hi = lse rounded to T, lo = the remainder; 0 where hi is not finite).
 template <typename T>
 __global__ void cross_entropy_rows_kernel(const T* __restrict__ x,
                                           const int64_t* __restrict__ target,
@@ -349,7 +351,8 @@ __global__ void cross_entropy_rows_kernel(const T* __restrict__ x,
                                           const int64_t rows, const int64_t classes,
                                           const int64_t ignore_index, const double eps,
                                           const compute_t<T> keep, const compute_t<T> add,
-                                          T* __restrict__ out, double* __restrict__ row_pairs) {
+                                          T* __restrict__ out, double* __restrict__ row_pairs,
+                                          T* __restrict__ lse) {
   using std::log;
   using C = compute_t<T>;
   const int lane = threadIdx.x & 31;
@@ -358,10 +361,12 @@ __global__ void cross_entropy_rows_kernel(const T* __restrict__ x,
        r += warps) {
     const T* xr = x + r * classes;
     double loss = 0, share = 0;
+    double row_lse = -infinity<double>();  // (an empty row's)
     if (target == nullptr) {
       if (classes > 0) {  // an empty row's loss is 0 (D - U log s would be 0 * -inf)
         C m;
         const double log_sum = log(row_max_sum(xr, classes, lane, &m));
+        row_lse = static_cast<double>(m) + log_sum;
         const Coefficients<T> u{w, probs + r * classes, keep, add};
         double dot;
         const double total = coefficient_sums(xr, m, classes, lane, u, &dot);
@@ -369,10 +374,16 @@ __global__ void cross_entropy_rows_kernel(const T* __restrict__ x,
       }
     } else {
       const int64_t c = target[r];
+      if (c == ignore_index && lse != nullptr && classes > 0) {
+        C m;
+        const double log_sum = log(row_max_sum(xr, classes, lane, &m));
+        row_lse = static_cast<double>(m) + log_sum;
+      }
       if (c != ignore_index) {
         if (!target_ok(c, classes, ignore_index, r, false, lane == 0)) continue;
         C m;
         const double log_sum = log(row_max_sum(xr, classes, lane, &m));
+        row_lse = static_cast<double>(m) + log_sum;
         share = w != nullptr ? static_cast<double>(to_compute(w[c])) : 1.0;
         loss = -share * (static_cast<double>(to_compute(xr[c])) - static_cast<double>(m) - log_sum);
         if (eps > 0) {
@@ -384,6 +395,14 @@ __global__ void cross_entropy_rows_kernel(const T* __restrict__ x,
       }
     }
     if (lane == 0) {
+      if (lse != nullptr) {
+        const T hi = from_compute<T>(static_cast<C>(row_lse));
+        const double hi_value = static_cast<double>(to_compute(hi));
+        lse[2 * r] = hi;
+        // (hi - hi is 0 for finite hi, NaN for an infinite or NaN one)
+        const bool finite = hi_value - hi_value == 0.0;
+        lse[2 * r + 1] = from_compute<T>(static_cast<C>(finite ? row_lse - hi_value : 0.0));
+      }
       if (out != nullptr) {
         out[r] = from_compute<T>(static_cast<C>(loss));
       } else {
@@ -532,14 +551,14 @@ template <typename T>
 cudaError_t cross_entropy_forward(const T* x, const int64_t* target, const T* probs, const T* w,
                                   int64_t rows, int64_t classes, int64_t reduction,
                                   int64_t ignore_index, double label_smoothing, bool unbatched,
-                                  T* out, double* workspace, cudaStream_t stream) {
+                                  T* out, T* lse, double* workspace, cudaStream_t stream) {
   double* pairs = reduction == 0 ? nullptr : workspace;
   compute_t<T> keep, add;
   smoothing(label_smoothing, classes, &keep, &add);
   if (rows > 0) {
     cross_entropy_rows_kernel<T><<<grid_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
         x, target, probs, w, rows, classes, ignore_index, label_smoothing, keep, add,
-        reduction == 0 ? out : nullptr, pairs);
+        reduction == 0 ? out : nullptr, pairs, lse);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -587,7 +606,7 @@ cudaError_t cross_entropy_backward(const T* grad, const T* x, const int64_t* tar
                                                   double*, cudaStream_t);                       \
   template cudaError_t cross_entropy_forward<T>(const T*, const int64_t*, const T*, const T*,  \
                                                 int64_t, int64_t, int64_t, int64_t, double,     \
-                                                bool, T*, double*, cudaStream_t);               \
+                                                bool, T*, T*, double*, cudaStream_t);           \
   template cudaError_t cross_entropy_backward<T>(const T*, const T*, const int64_t*, const T*, \
                                                  const T*, int64_t, int64_t, int64_t, int64_t,  \
                                                  double, T*, double*, cudaStream_t);

@@ -146,8 +146,11 @@ Tensor as_rows(const Tensor& t, const CrossEntropyShape<int64_t>& s) {
   return t.movedim(1, -1).reshape({-1, s.classes}).contiguous();
 }
 
-Tensor cross_entropy_cuda(const Tensor& input, const Tensor& target, const OptTensor& weight,
-                          int64_t reduction, int64_t ignore_index, double label_smoothing) {
+// with_lse: also each row's log-sum-exp (cross_entropy_with_log_sum_exp); undefined otherwise.
+std::tuple<Tensor, Tensor> cross_entropy_forward_cuda(const Tensor& input, const Tensor& target,
+                                                      const OptTensor& weight, int64_t reduction,
+                                                      int64_t ignore_index,
+                                                      double label_smoothing, bool with_lse) {
   const auto s = check_cross_entropy<int64_t>(input, target, weight, reduction, ignore_index,
                                               label_smoothing);
   c10::cuda::CUDAGuard guard(input.device());
@@ -155,7 +158,8 @@ Tensor cross_entropy_cuda(const Tensor& input, const Tensor& target, const OptTe
   const Tensor t = as_rows(target, s);
   const Tensor w = contiguous_or_undefined(weight);
   Tensor out = at::empty(reduction == 0 ? s.loss_sizes : std::vector<int64_t>{}, x.options());
-  if (out.numel() == 0) return out;
+  Tensor lse = with_lse ? at::empty(log_sum_exp_sizes(s), x.options()) : Tensor();
+  if (out.numel() == 0) return {out, lse};
   const int64_t rows = s.rows();
   Tensor ws = workspace(cross_entropy_workspace(rows, reduction), at::kDouble, x);
   dispatch_floating_16bit(x.scalar_type(), "cross_entropy", [&](auto tag) {
@@ -164,17 +168,34 @@ Tensor cross_entropy_cuda(const Tensor& input, const Tensor& target, const OptTe
         cptr<T>(x), class_indices(t, s.probabilities),
         probabilities_or_null<T>(t, s.probabilities), ptr_or_null<T>(w), rows, s.classes,
         reduction, ignore_index, label_smoothing, /*unbatched=*/!s.batched, mptr<T>(out),
-        mutable_ptr_or_null<double>(ws), current_stream()));
+        with_lse && lse.numel() > 0 ? mptr<T>(lse) : nullptr, mutable_ptr_or_null<double>(ws),
+        current_stream()));
   });
-  return out;
+  return {out, lse};
 }
 
+Tensor cross_entropy_cuda(const Tensor& input, const Tensor& target, const OptTensor& weight,
+                          int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  return std::get<0>(cross_entropy_forward_cuda(input, target, weight, reduction, ignore_index,
+                                                label_smoothing, /*with_lse=*/false));
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_with_log_sum_exp_cuda(
+    const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing) {
+  return cross_entropy_forward_cuda(input, target, weight, reduction, ignore_index,
+                                    label_smoothing, /*with_lse=*/true);
+}
+
+// log_sum_exp is checked and not read: the kernel's max and sum run over the row it reads anyway
+// (one warp per row, memory-bound), where on the CPU they were passes of their own.
 Tensor cross_entropy_backward_cuda(const Tensor& grad_output, const Tensor& input,
                                    const Tensor& target, const OptTensor& weight,
                                    int64_t reduction, int64_t ignore_index,
-                                   double label_smoothing) {
+                                   double label_smoothing, const OptTensor& log_sum_exp) {
   const auto s = check_cross_entropy_backward<int64_t>(grad_output, input, target, weight,
-                                                       reduction, ignore_index, label_smoothing);
+                                                       reduction, ignore_index, label_smoothing,
+                                                       log_sum_exp);
   c10::cuda::CUDAGuard guard(input.device());
   const Tensor x = as_rows(input, s);
   const Tensor t = as_rows(target, s);
@@ -211,6 +232,8 @@ TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
   m.impl("binary_cross_entropy_target_backward",
          PE_KERNEL_NATIVE_16BIT(binary_cross_entropy_target_backward_cuda));
   m.impl("cross_entropy", PE_KERNEL_NATIVE_16BIT(cross_entropy_cuda));
+  m.impl("cross_entropy_with_log_sum_exp",
+         PE_KERNEL_NATIVE_16BIT(cross_entropy_with_log_sum_exp_cuda));
   m.impl("cross_entropy_backward", PE_KERNEL_NATIVE_16BIT(cross_entropy_backward_cuda));
 }
 

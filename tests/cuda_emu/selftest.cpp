@@ -541,7 +541,8 @@ int case_launchers() {
   std::vector<double> loss(rows);
   const cudaError_t e = pc::cross_entropy_forward<double>(x.data(), target.data(), nullptr,
                                                           nullptr, rows, cols, 0, -100, 0.0,
-                                                          false, loss.data(), nullptr, nullptr);
+                                                          false, loss.data(), nullptr, nullptr,
+                                                          nullptr);
   CHECK(e == cudaErrorAssert, "cross_entropy with target 99: got %s", cudaGetErrorName(e));
   CHECK(contains(pe_emu::last_error_message(), "loss.cu"), "%s",
         pe_emu::last_error_message().c_str());
