@@ -384,7 +384,8 @@ PE_DEFINE_ROW_KERNELS(double)
 // then exp) and 688K exps at ~1.5 vector instructions per logit; the log, the pick of the target
 // and the lanes' sums are per pixel. Backward adds a write of the gradient and a rescaling pass.
 // The block's 21 x 128 bytes would stay in L1 between the passes but for rows 16 KB apart (64 x
-// 64 planes), which share L1's sets: the backward copies its block (copy_block).
+// 64 planes), which share L1's sets: the backward copies its block (copy_block). From the
+// forward's log-sum-exps (column_grads_from_lse) it makes one pass, which needs no copy.
 
 // Pixels per block: two 64-byte vectors of T. One vector's worth left the fixed costs of a block
 // (the call, the log of each lane, the lanes' sums) at half of a 2-class forward's time.
@@ -1108,7 +1109,11 @@ std::tuple<Tensor, Tensor> cross_entropy_with_log_sum_exp_cpu(
 
 // Napkin math (backward): reads the logits, writes grad_input (8 B per float32 logit) plus N
 // targets; C exps per row, written once into grad_input and rescaled in place while the row is in
-// L1. Bound by the exps, like the forward: ~0.9 ms on one core for 4096 x 1000 float32.
+// L1. Bound by the exps, like the forward: ~0.9 ms on one core for 4096 x 1000 float32. Given
+// the forward's log-sum-exps (class indices, no smoothing) the max and the sum go: one exp and
+// two flops per logit, read and written once. Measured, 8 x 21 x 64 x 64 float32 on two threads
+// (the Zen 5 of the README): 0.15-0.16 ms for its 5.5 MB, ~35 GB/s, against 0.21-0.24
+// recomputing.
 Tensor cross_entropy_backward_cpu(const Tensor& grad_output, const Tensor& input,
                                   const Tensor& target, const OptTensor& weight,
                                   int64_t reduction, int64_t ignore_index,
