@@ -1372,7 +1372,6 @@ bool backward_reads_log_sum_exp(const Tensor& input) {
 // torch's flash attention's logsumexp output; their gradient flows through input in the
 // backward op). When an input needs a gradient and the backward reads them, cross_entropy runs
 // the op with them and saves them for its backward.
-
 Tensor2 record_cross_entropy(const Tensor& input, const Tensor& target, const OptTensor& weight,
                              int64_t reduction, int64_t ignore_index, double label_smoothing,
                              bool with_lse, const char* op) {

@@ -916,13 +916,6 @@ RowCoefficients<T> coefficients(const T* w, const T* p, double label_smoothing, 
           static_cast<T>(classes > 0 ? label_smoothing / static_cast<double>(classes) : 0.0)};
 }
 
-// Napkin math (forward; reference machine: csrc/cpu/README.md): reads the N x C logits once (a
-// row stays in L1 between its max, exp-sum and gather passes) plus N targets; C exps and one log
-// per row. For N = 4096, C = 1000 float32: 16 MB, ~0.5 ms from L3 at ~35 GB/s per core, and 4.1M
-// exps at ~25 vector ops per 16 (~2 ops per cycle): ~0.9 ms on one core, so bound by the exps.
-// The smoothed forms add a pass of ~3 flops per logit over the row in L1 (and read the N x C
-// probabilities, for probability targets): still bound by the exps.
-// Achieved figures: the benchmark suite (python -m benchmarks).
 // float32 pairs (hi, lo) re-split for a 16-bit dtype L (PE_KERNEL's float32 copies of a 16-bit
 // call): hi + lo (float32's pair holds lse to ~2^-48) rounded to L, and the remainder, as the
 // values of L that float32 holds exactly.
@@ -940,6 +933,14 @@ void resplit_pairs(float* pairs, int64_t rows) {
   });
 }
 
+// Napkin math (forward; reference machine: csrc/cpu/README.md): reads the N x C logits once (a
+// row stays in L1 between its max, exp-sum and gather passes) plus N targets; C exps and one log
+// per row. For N = 4096, C = 1000 float32: 16 MB, ~0.5 ms from L3 at ~35 GB/s per core, and 4.1M
+// exps at ~25 vector ops per 16 (~2 ops per cycle): ~0.9 ms on one core, so bound by the exps.
+// The smoothed forms add a pass of ~3 flops per logit over the row in L1 (and read the N x C
+// probabilities, for probability targets): still bound by the exps.
+// Achieved figures: the benchmark suite (python -m benchmarks).
+//
 // with_lse: also each row's log-sum-exp (cross_entropy_with_log_sum_exp), as (hi, lo) pairs of
 // `pair_dtype` (the caller's input dtype: PE_KERNEL hands 16-bit calls over as float32 copies);
 // undefined otherwise.
