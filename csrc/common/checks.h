@@ -39,6 +39,14 @@ inline c10::ArrayRef<c10::SymInt> sizes_of<c10::SymInt>(const at::Tensor& t) {
   return t.sym_sizes();
 }
 
+// Whether two shapes are the same (symbolic sizes guarded, as every check here).
+template <typename Int>
+inline bool same_sizes(c10::ArrayRef<Int> a, c10::ArrayRef<Int> b) {
+  bool same = a.size() == b.size();
+  for (size_t i = 0; same && i < a.size(); ++i) same = truth(a[i] == b[i]);
+  return same;
+}
+
 // ---- Checked size arithmetic --------------------------------------------------------------
 //
 // Sizes computed from user arguments (padding, stride, dilation, kernel and group counts may be
@@ -121,10 +129,8 @@ inline void check_same_shape(const at::Tensor& t, const char* arg, const at::Ten
                              const char* ref_arg, const char* op) {
   auto a = sizes_of<Int>(t);
   auto b = sizes_of<Int>(ref);
-  bool same = a.size() == b.size();
-  for (size_t i = 0; same && i < a.size(); ++i) same = truth(a[i] == b[i]);
-  TORCH_CHECK(same, "pyengine.", op, ": expected ", arg, " to have the same shape as ",
-              ref_arg, " ", b, ", but got ", arg, " of shape ", a);
+  TORCH_CHECK(same_sizes(a, b), "pyengine.", op, ": expected ", arg,
+              " to have the same shape as ", ref_arg, " ", b, ", but got ", arg, " of shape ", a);
 }
 
 // Wraps a possibly negative dim into [0, ndim), with torch's IndexError wording.
@@ -613,9 +619,8 @@ void check_grad_output(const at::Tensor& grad_output, const std::vector<Int>& ex
                        const at::Tensor& input, const char* op) {
   check_like(grad_output, "grad_output", input, "input", op);
   auto g = sizes_of<Int>(grad_output);
-  bool same = g.size() == expected.size();
-  for (size_t i = 0; same && i < g.size(); ++i) same = truth(g[i] == expected[i]);
-  TORCH_CHECK(same, "pyengine.", op, ": expected grad_output of shape ",
+  TORCH_CHECK(same_sizes(g, c10::ArrayRef<Int>(expected)), "pyengine.", op,
+              ": expected grad_output of shape ",
               c10::ArrayRef<Int>(expected), " (the forward output's), but got grad_output "
               "of shape ", g);
 }
@@ -645,9 +650,7 @@ Pool2dGeometry<Int> check_max_pool2d_backward(const at::Tensor& grad_output,
               "indices on ", input.device(), ", but got indices on ", indices.device());
   auto idx = sizes_of<Int>(indices);
   auto g = sizes_of<Int>(grad_output);
-  bool same = idx.size() == g.size();
-  for (size_t i = 0; same && i < g.size(); ++i) same = truth(idx[i] == g[i]);
-  TORCH_CHECK(same, "pyengine.max_pool2d_backward: expected indices of shape ", g,
+  TORCH_CHECK(same_sizes(idx, g), "pyengine.max_pool2d_backward: expected indices of shape ", g,
               " (grad_output's), but got indices of shape ", idx);
   return s;
 }
@@ -712,12 +715,10 @@ CrossEntropyShape<Int> check_cross_entropy_backward(const at::Tensor& grad_outpu
   if (log_sum_exp.has_value() && log_sum_exp->defined()) {
     // A (hi, lo) pair per row: the 'none' loss's shape, whatever the reduction, then 2.
     check_like(*log_sum_exp, "log_sum_exp", input, "input", op);
-    const std::vector<Int> want = log_sum_exp_sizes(s);
-    auto got = sizes_of<Int>(*log_sum_exp);
-    bool same = got.size() == want.size();
-    for (size_t i = 0; same && i < got.size(); ++i) same = truth(got[i] == want[i]);
-    TORCH_CHECK(same, "pyengine.", op, ": expected log_sum_exp of shape ",
-                c10::ArrayRef<Int>(want), " (a pair per row of input, as "
+    const std::vector<Int> want_sizes = log_sum_exp_sizes(s);
+    const c10::ArrayRef<Int> want(want_sizes), got = sizes_of<Int>(*log_sum_exp);
+    TORCH_CHECK(same_sizes(got, want), "pyengine.", op, ": expected log_sum_exp of shape ", want,
+                " (a pair per row of input, as "
                 "cross_entropy_with_log_sum_exp returns it), but got log_sum_exp of shape ", got);
   }
   return s;
