@@ -191,14 +191,18 @@ PE_INLINE double row_exp_sum(const T* x, T m, int64_t classes, T* out) {
   return lane_total<L>(acc);
 }
 
-// log(sum_j exp(x_j)) of one row, as m + log(sum_j exp(x_j - m)) in double: the loss is
-// x[t] minus it, and it is what the backward's one-pass form reads (softmax_grad_from_lse).
-// -inf for no classes (an empty sum), as torch.logsumexp.
+// log(sum_j exp(x_j)) of one row as its two terms m + log(sum_j exp(x_j - m)), in double: the
+// loss is x[t] - m - log s, and the backward's one-pass form reads their sum
+// (log_sum_exp_pair). m = -inf for no classes (an empty sum), as torch.logsumexp.
+struct RowLogSumExp {
+  double shift;    // m, the row's max
+  double log_sum;  // log(sum_j exp(x_j - m))
+};
 template <typename T>
-PE_INLINE double log_sum_exp_impl(const T* x, int64_t classes) {
-  if (classes == 0) return -std::numeric_limits<double>::infinity();
+PE_INLINE RowLogSumExp log_sum_exp_impl(const T* x, int64_t classes) {
+  if (classes == 0) return {-std::numeric_limits<double>::infinity(), 0.0};
   const T m = row_max(x, classes);
-  return static_cast<double>(m) + std::log(row_exp_sum<T, false>(x, m, classes, nullptr));
+  return {static_cast<double>(m), std::log(row_exp_sum<T, false>(x, m, classes, nullptr))};
 }
 
 // grad = a * (softmax(x) - onehot(t)) for one row: the softmax numerators are written into grad,
@@ -211,13 +215,18 @@ PE_INLINE void softmax_grad_impl(const T* x, int64_t classes, int64_t t, double 
   grad[t] -= static_cast<T>(a);
 }
 
-// A log-sum-exp as cross_entropy_with_log_sum_exp's pair (csrc/ops.cpp): hi = lse rounded to T,
-// lo = the remainder rounded to T, 0 where hi is not finite (an empty row's -inf, a NaN row).
-// Branch-free, for the kernels' lane loops.
+// The log-sum-exp m + log_sum as cross_entropy_with_log_sum_exp's pair (csrc/ops.cpp): hi = lse
+// rounded to T, lo = the remainder rounded to T, 0 where hi is not finite (an empty row's -inf, a
+// NaN row). The sum is taken exactly, as sum + err (TwoSum): rounded to double, m + log_sum at
+// logits of 1e4 loses 2^-39, which float64's pair would have carried into the gradient (1e-12
+// relative against torch's 1e-16). Branch-free, for the kernels' lane loops.
 template <typename T>
-PE_INLINE void log_sum_exp_pair(double lse, T& hi, T& lo) {
-  hi = static_cast<T>(lse);
-  const double rest = lse - static_cast<double>(hi);
+PE_INLINE void log_sum_exp_pair(double m, double log_sum, T& hi, T& lo) {
+  const double sum = m + log_sum;
+  const double log_part = sum - m;
+  const double err = (m - (sum - log_part)) + (log_sum - log_part);
+  hi = static_cast<T>(sum);
+  const double rest = (sum - static_cast<double>(hi)) + err;
   lo = static_cast<T>(rest == rest && hi - hi == T(0) ? rest : 0.0);
 }
 
@@ -348,7 +357,7 @@ PE_INLINE void smoothed_grad_impl(const T* x, int64_t classes, RowCoefficients<T
 }
 
 #define PE_DEFINE_ROW_KERNELS(T)                                                             \
-  PE_ISA_FUNCTION(Family::CrossEntropy, double, log_sum_exp,                                \
+  PE_ISA_FUNCTION(Family::CrossEntropy, RowLogSumExp, log_sum_exp,                          \
                   (const T* x, int64_t classes), (x, classes), log_sum_exp_impl<T>)         \
   PE_ISA_FUNCTION(Family::CrossEntropy, void, softmax_grad,                                 \
                   (const T* x, int64_t classes, int64_t t, double a, T* grad),              \
@@ -622,7 +631,7 @@ PE_INLINE void column_losses_body(const ColumnBlock<T>& b, const ColumnLossArgs<
   if (lse_out != nullptr) {
     T hi[L], lo[L];
     PE_LANES for (int64_t l = 0; l < L; ++l) {
-      log_sum_exp_pair(static_cast<double>(m[l]) + log_sum[l], hi[l], lo[l]);
+      log_sum_exp_pair(static_cast<double>(m[l]), log_sum[l], hi[l], lo[l]);
     }
     for (int64_t l = 0; l < W; ++l) {
       lse_out[2 * l] = hi[l];
@@ -977,35 +986,38 @@ std::tuple<Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& input, const 
     // log-sum-exp to plse[i] when asked (-inf without classes: an empty sum).
     auto row = [&](int64_t i, double& share_i) -> double {
       const scalar_t* xr = px + i * classes;
-      auto put_lse = [&](double v) {
-        if (plse) log_sum_exp_pair(v, plse[2 * i], plse[2 * i + 1]);
+      auto put_lse = [&](double shift, double log_sum) {
+        if (plse) log_sum_exp_pair(shift, log_sum, plse[2 * i], plse[2 * i + 1]);
       };
       if (s.probabilities) {
         share_i = classes > 0 ? 1.0 : 0.0;
         if (classes == 0) {  // an empty sum (D - U log s would be 0 * -inf)
-          put_lse(-std::numeric_limits<double>::infinity());
+          put_lse(-std::numeric_limits<double>::infinity(), 0.0);
           return 0;
         }
         const SmoothedSums r =
             smoothed_sums(xr, classes, coefficients(pw, pp + i * classes, eps, classes));
-        put_lse(r.shift + r.log_sum);
+        put_lse(r.shift, r.log_sum);
         return -(r.dot - r.total * r.log_sum);
       }
       const int64_t c = pt[i];
       if (c == ignore_index) {
         share_i = 0;
-        if (plse) put_lse(log_sum_exp(xr, classes));
+        if (plse) {
+          const RowLogSumExp r = log_sum_exp(xr, classes);
+          put_lse(r.shift, r.log_sum);
+        }
         return 0;
       }
       share_i = pw ? static_cast<double>(pw[c]) : 1.0;
       if (eps == 0) {
-        const double row_lse = log_sum_exp(xr, classes);
-        put_lse(row_lse);
-        return -share_i * (static_cast<double>(xr[c]) - row_lse);
+        const RowLogSumExp r = log_sum_exp(xr, classes);
+        put_lse(r.shift, r.log_sum);
+        return -share_i * (static_cast<double>(xr[c]) - r.shift - r.log_sum);
       }
       const SmoothedSums r =
           smoothed_sums(xr, classes, coefficients<scalar_t>(pw, nullptr, eps, classes));
-      put_lse(r.shift + r.log_sum);
+      put_lse(r.shift, r.log_sum);
       const double nll = -share_i * (static_cast<double>(xr[c]) - r.shift - r.log_sum);
       return (1 - eps) * nll + eps / static_cast<double>(classes) * -(r.dot - r.total * r.log_sum);
     };

@@ -361,12 +361,13 @@ __global__ void cross_entropy_rows_kernel(const T* __restrict__ x,
        r += warps) {
     const T* xr = x + r * classes;
     double loss = 0, share = 0;
-    double row_lse = -infinity<double>();  // (an empty row's)
+    // the row's log-sum-exp as its two terms m + log s (an empty row's: -inf)
+    double row_m = -infinity<double>(), row_log_sum = 0;
     if (target == nullptr) {
       if (classes > 0) {  // an empty row's loss is 0 (D - U log s would be 0 * -inf)
         C m;
         const double log_sum = log(row_max_sum(xr, classes, lane, &m));
-        row_lse = static_cast<double>(m) + log_sum;
+        row_m = static_cast<double>(m), row_log_sum = log_sum;
         const Coefficients<T> u{w, probs + r * classes, keep, add};
         double dot;
         const double total = coefficient_sums(xr, m, classes, lane, u, &dot);
@@ -374,34 +375,35 @@ __global__ void cross_entropy_rows_kernel(const T* __restrict__ x,
       }
     } else {
       const int64_t c = target[r];
-      if (c == ignore_index && lse != nullptr && classes > 0) {
+      const bool kept = c != ignore_index;
+      if (kept && !target_ok(c, classes, ignore_index, r, false, lane == 0)) continue;
+      if (kept || (lse != nullptr && classes > 0)) {  // an ignored row: only its log-sum-exp
         C m;
         const double log_sum = log(row_max_sum(xr, classes, lane, &m));
-        row_lse = static_cast<double>(m) + log_sum;
-      }
-      if (c != ignore_index) {
-        if (!target_ok(c, classes, ignore_index, r, false, lane == 0)) continue;
-        C m;
-        const double log_sum = log(row_max_sum(xr, classes, lane, &m));
-        row_lse = static_cast<double>(m) + log_sum;
-        share = w != nullptr ? static_cast<double>(to_compute(w[c])) : 1.0;
-        loss = -share * (static_cast<double>(to_compute(xr[c])) - static_cast<double>(m) - log_sum);
-        if (eps > 0) {
-          double dot;
-          const double total =
-              coefficient_sums(xr, m, classes, lane, Coefficients<T>{w, nullptr, keep, add}, &dot);
-          loss = (1 - eps) * loss + eps / static_cast<double>(classes) * -(dot - total * log_sum);
+        row_m = static_cast<double>(m), row_log_sum = log_sum;
+        if (kept) {
+          share = w != nullptr ? static_cast<double>(to_compute(w[c])) : 1.0;
+          loss = -share *
+                 (static_cast<double>(to_compute(xr[c])) - static_cast<double>(m) - log_sum);
+          if (eps > 0) {
+            double dot;
+            const double total = coefficient_sums(xr, m, classes, lane,
+                                                  Coefficients<T>{w, nullptr, keep, add}, &dot);
+            loss = (1 - eps) * loss + eps / static_cast<double>(classes) * -(dot - total * log_sum);
+          }
         }
       }
     }
     if (lane == 0) {
-      if (lse != nullptr) {
-        const T hi = from_compute<T>(static_cast<C>(row_lse));
+      if (lse != nullptr) {  // m + log s exactly as sum + err (TwoSum), as the CPU's pairs
+        const double sum = row_m + row_log_sum, log_part = sum - row_m;
+        const double err = (row_m - (sum - log_part)) + (row_log_sum - log_part);
+        const T hi = from_compute<T>(static_cast<C>(sum));
         const double hi_value = static_cast<double>(to_compute(hi));
         lse[2 * r] = hi;
         // (hi - hi is 0 for finite hi, NaN for an infinite or NaN one)
         const bool finite = hi_value - hi_value == 0.0;
-        lse[2 * r + 1] = from_compute<T>(static_cast<C>(finite ? row_lse - hi_value : 0.0));
+        lse[2 * r + 1] = from_compute<T>(static_cast<C>(finite ? (sum - hi_value) + err : 0.0));
       }
       if (out != nullptr) {
         out[r] = from_compute<T>(static_cast<C>(loss));
