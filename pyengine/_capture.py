@@ -17,7 +17,8 @@ step), then twice under a recording TorchDispatchMode, which sees every operator
 autograd: pyengine's forward and backward operators, the detaches and views autograd makes, the
 optimizer's in-place ATen ops. The two recordings must match call for call (else the step is not
 the same every time and cannot be captured); the second becomes a program that csrc/capture.cpp
-replays through the dispatcher. The replay runs the same kernels in the same order on the same
+replays through the dispatcher, less autograd's detaches (below autograd a detached tensor is
+its source: the replay passes the source). The replay runs the same kernels in the same order on the same
 values as the eager step: parameters, gradients (param.grad is set as after backward) and
 optimizer state come out bitwise the same.
 
@@ -179,11 +180,10 @@ def _record(step, inputs):
 class CapturedStep:
     """The replay of a captured step: call it with tensors of the captured shapes and dtypes."""
 
-    def __init__(self, program, specs, rebuild, operators):
+    def __init__(self, program, specs, rebuild):
         self._program = program
         self._specs = specs
         self._rebuild = rebuild
-        self.operators = operators  # the replayed calls' operator names, in order
 
     def __call__(self, *inputs):
         if len(inputs) != len(self._specs):
@@ -204,6 +204,11 @@ class CapturedStep:
     def calls(self) -> int:
         """Operator calls one replay makes."""
         return self._program.calls
+
+    @property
+    def operators(self) -> List[str]:
+        """The replayed calls' operator names, in order."""
+        return self._program.operators
 
 
 def capture_step(step: Callable, *example_inputs: torch.Tensor, warmup: int = 1) -> CapturedStep:
@@ -241,4 +246,4 @@ def capture_step(step: Callable, *example_inputs: torch.Tensor, warmup: int = 1)
     program.set_grads(grads)
     program.finalize(results)
     specs = [(t.shape, t.dtype, t.device) for t in example_inputs]
-    return CapturedStep(program, specs, rebuild, [c[0] for c in recording.calls])
+    return CapturedStep(program, specs, rebuild)

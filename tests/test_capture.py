@@ -100,19 +100,42 @@ def test_replay_bumps_the_parameters_versions():
 
 
 def test_replay_needs_no_python_between_calls():
-    """One replay is one C++ call: the program makes the recorded calls, no more."""
+    """One replay is one C++ call: the program makes the step's operator calls and no others,
+    not even autograd's detaches (below autograd a detached tensor is its source)."""
     _, _, step = _trainer(lambda: LeNet(), OPTIMIZERS["sgd"])
     x, y = torch.randn(1, 1, 32, 32), torch.randn(1, 10)
     captured = pyengine.capture_step(step, x, y)
-    assert 30 <= captured.calls <= 120 and captured.calls == len(captured.operators)
+    block, linear = "pyengine::conv2d_relu_max_pool2d", "pyengine::linear"
     # Recording must not change what the step does: autograd takes each gradient as the backward
-    # operator made it (a recorder holding references would make it copy them).
-    assert "aten::copy_" not in captured.operators
-    assert captured.operators.count("pyengine::conv2d_relu_max_pool2d_backward") == 2
+    # operator made it (a recorder holding references would make it copy them: aten::copy_).
+    assert captured.operators == (
+        [block, block, "aten::view"] + [linear, "pyengine::relu"] * 2 + [linear]
+        + ["pyengine::mse_loss", "aten::ones_like", "pyengine::mse_loss_backward"]
+        + [linear + "_backward", "pyengine::relu_backward"] * 2 + [linear + "_backward"]
+        + ["aten::view"] + [block + "_backward"] * 2 + ["aten::add_"] * 10)
+    assert captured.calls == len(captured.operators)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: pytest.fail("graph recorded"),
                                                   lambda t: t):
         loss = captured(x, y)
     assert loss.grad_fn is None and loss.shape == ()
+
+
+def test_keeps_a_detach_whose_tensor_is_changed_in_place():
+    """A detached tensor is a TensorImpl of its own: an in-place op that changes its metadata
+    (unsqueeze_) must not change its source's, so that detach stays a call of the replay."""
+    model, opt, train = _trainer(lambda: MLP(), OPTIMIZERS["sgd"])
+
+    def step(x, y):
+        loss = train(x, y)
+        flagged = loss.detach()
+        flagged.unsqueeze_(0)
+        return loss, flagged
+
+    x, y = torch.randn(3, 784), torch.randn(3, 10)
+    captured = pyengine.capture_step(step, x, y)
+    assert captured.operators.count("aten::detach") == 1
+    loss, flagged = captured(x, y)
+    assert loss.shape == () and flagged.shape == (1,) and torch.equal(loss, flagged[0])
 
 
 def test_bad_inputs_name_what_was_captured():
