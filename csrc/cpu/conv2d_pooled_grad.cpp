@@ -399,7 +399,7 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
                   const float* grad_output, const float* result, const int64_t* indices,
                   const float* x, const float* w, float* dx, float* dw, float* db) {
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
-  const int64_t kh = g.kernel_h, kw = g.kernel_w, khw = kh * kw;
+  const int64_t kh = g.kernel_h, kw = g.kernel_w;
   const PatchColumns pc(g);
   // grad_weight from kernel rows of the padded image where a group has one input channel and no
   // grad_input wants the columns (a first layer), else from the patch columns. Up to 5 rows the
@@ -420,20 +420,22 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
   CachedBuffer<float> sums(static_cast<size_t>(blocks * block_size), /*zero=*/false);
   // Each output pixel's patch, from its group's first: in the padded image (by_rows), in the
   // patch columns (else).
+  // (These setup loops and the final one run serially on every call; written with a division
+  // per element, they were 5% of the calling thread's samples in LeNet's step at batch 1.)
   std::vector<int32_t> patch_at(static_cast<size_t>(g.out_pixels()));
-  for (int64_t p = 0; p < g.out_pixels(); ++p) {
-    const int64_t oh = p / g.out_w, ow = p % g.out_w;
-    patch_at[p] = static_cast<int32_t>(by_rows ? oh * g.stride_h * pc.wp + ow * g.stride_w
-                                               : pc.patch_at(g, 0, oh, ow));
-  }
+  for (int64_t oh = 0, p = 0; oh < g.out_h; ++oh)
+    for (int64_t ow = 0; ow < g.out_w; ++ow, ++p)
+      patch_at[p] = static_cast<int32_t>(by_rows ? oh * g.stride_h * pc.wp + ow * g.stride_w
+                                                 : pc.patch_at(g, 0, oh, ow));
   // w in the same (ki, kj, ci) order, zero past the patch, for grad_input's scatter.
   std::vector<float> wk(dx ? static_cast<size_t>(g.out_channels * width) : 0, 0.f);
   if (dx)
     for (int64_t co = 0; co < g.out_channels; ++co)
       for (int64_t ci = 0; ci < cin_g; ++ci)
-        for (int64_t k = 0; k < khw; ++k)
-          wk[co * width + (k / kw) * pc.row + (k % kw) * cin_g + ci] =
-              w[(co * cin_g + ci) * khw + k];
+        for (int64_t ki = 0; ki < kh; ++ki)
+          for (int64_t kj = 0; kj < kw; ++kj)
+            wk[co * width + ki * pc.row + kj * cin_g + ci] =
+                w[((co * cin_g + ci) * kh + ki) * kw + kj];
   std::atomic<bool> ok{true};
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     // One image's patch columns and their gradient (+ the slack a last patch's vectors read
@@ -513,12 +515,15 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
       for (int64_t i = i0; i < i1; ++i) sums[i] += from[i];
     }
   });
-  if (dw)
+  if (dw) {
+    const int64_t row = by_rows ? 8 : pc.row;
     for (int64_t co = 0; co < g.out_channels; ++co)
       for (int64_t ci = 0; ci < cin_g; ++ci)
-        for (int64_t k = 0; k < khw; ++k)
-          dw[(co * cin_g + ci) * khw + k] =
-              sums[co * width + (k / kw) * (by_rows ? 8 : pc.row) + (k % kw) * cin_g + ci];
+        for (int64_t ki = 0; ki < kh; ++ki)
+          for (int64_t kj = 0; kj < kw; ++kj)
+            dw[((co * cin_g + ci) * kh + ki) * kw + kj] =
+                sums[co * width + ki * row + kj * cin_g + ci];
+  }
   if (db)
     for (int64_t co = 0; co < g.out_channels; ++co) {
       const float* lanes = sums.data() + sums_size + co * 16;
