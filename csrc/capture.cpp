@@ -215,11 +215,13 @@ class StepProgram {
   // value. The replay reads the detached tensor's source in its place and makes no call for it
   // (the classifier 5-8-4-1 step at batch 1: 12 of its 33 calls). A detach whose tensor or
   // source some call writes to stays a call: an in-place op that changes metadata (t_,
-  // resize_) would otherwise change the source too.
+  // resize_) would otherwise change the source too. So does one whose tensor or source the step
+  // returns: the caller holds two tensors there, as after the eager step.
   void drop_detaches() {
-    std::vector<bool> written(table_.size(), false);
+    std::vector<bool> written(table_.size(), false), returned(table_.size(), false);
     for (const Call& call : calls_)
       for (int64_t s : call.written) written[s] = true;
+    for (int64_t s : results_) returned[s] = true;
     std::vector<int64_t> source(table_.size());
     for (size_t s = 0; s < source.size(); ++s) source[s] = static_cast<int64_t>(s);
     auto resolve = [&](int64_t& s) {
@@ -235,7 +237,8 @@ class StepProgram {
                           call.op.schema().overload_name().empty() && call.args.size() == 1 &&
                           call.args[0].kind == Arg::kSlot && call.outputs.size() == 1 &&
                           call.outputs[0] >= inputs_;
-      if (detach && !written[call.args[0].slot] && !written[call.outputs[0]]) {
+      if (detach && !written[call.args[0].slot] && !written[call.outputs[0]] &&
+          !returned[call.args[0].slot] && !returned[call.outputs[0]]) {
         source[call.outputs[0]] = call.args[0].slot;
         continue;
       }

@@ -18,9 +18,9 @@ autograd: pyengine's forward and backward operators, the detaches and views auto
 optimizer's in-place ATen ops. The two recordings must match call for call (else the step is not
 the same every time and cannot be captured); the second becomes a program that csrc/capture.cpp
 replays through the dispatcher, less autograd's detaches (below autograd a detached tensor is
-its source: the replay passes the source). The replay runs the same kernels in the same order on the same
-values as the eager step: parameters, gradients (param.grad is set as after backward) and
-optimizer state come out bitwise the same.
+its source: the replay passes the source). The replay runs the same kernels in the same order on
+the same values as the eager step: parameters, gradients (param.grad is set as after backward)
+and optimizer state come out bitwise the same.
 
 What is frozen at capture (as in a CUDA graph): every Python value the step passes to an
 operator, such as the learning rate (capture again after changing it), and the shapes (inputs

@@ -138,6 +138,17 @@ def test_keeps_a_detach_whose_tensor_is_changed_in_place():
     assert loss.shape == () and flagged.shape == (1,) and torch.equal(loss, flagged[0])
 
 
+def test_keeps_a_detach_the_step_returns():
+    """The caller of a step returning (loss, loss.detach()) holds two tensors, as after the
+    eager step: reshaping one in place leaves the other as it was."""
+    _, _, train = _trainer(lambda: MLP(), OPTIMIZERS["sgd"])
+    x, y = torch.randn(3, 784), torch.randn(3, 10)
+    captured = pyengine.capture_step(lambda a, b: (lambda v: (v, v.detach()))(train(a, b)), x, y)
+    loss, detached = captured(x, y)
+    detached.unsqueeze_(0)
+    assert loss.shape == () and detached.shape == (1,)
+
+
 def test_bad_inputs_name_what_was_captured():
     _, _, step = _trainer(lambda: LeNet(), OPTIMIZERS["sgd"])
     x, y = torch.randn(2, 1, 32, 32), torch.randn(2, 10)

@@ -418,10 +418,10 @@ bool pooled_grads(const Conv2dGeometry<int64_t>& g, const Pool2dGeometry<int64_t
   const int64_t sums_size = g.out_channels * width, block_size = sums_size + g.out_channels * 16;
   // (Zeroed by each block's task: a serial fill of all blocks' sums showed in perf.)
   CachedBuffer<float> sums(static_cast<size_t>(blocks * block_size), /*zero=*/false);
-  // Each output pixel's patch, from its group's first: in the padded image (by_rows), in the
-  // patch columns (else).
   // (These setup loops and the final one run serially on every call; written with a division
   // per element, they were 5% of the calling thread's samples in LeNet's step at batch 1.)
+  // Each output pixel's patch, from its group's first: in the padded image (by_rows), in the
+  // patch columns (else).
   std::vector<int32_t> patch_at(static_cast<size_t>(g.out_pixels()));
   for (int64_t oh = 0, p = 0; oh < g.out_h; ++oh)
     for (int64_t ow = 0; ow < g.out_w; ++ow, ++p)
