@@ -109,9 +109,11 @@ void forward_batch_inner_pool2x2_relu(const Geometry& g, const S* x, const T* w,
 bool implicit_fits(const Geometry& g);
 bool implicit_fits_backward_input(const Geometry& g);
 bool implicit_fits_backward_weight(const Geometry& g);
+// w: contiguous NCHW, or dense channels-last where w_order says so (read as it lies).
 template <typename T>
 void forward_implicit(const Geometry& g, const T* x, const T* w, const T* bias, T* y,
-                      Order x_order = Order::Nchw, Order y_order = Order::Nchw);
+                      Order x_order = Order::Nchw, Order y_order = Order::Nchw,
+                      Order w_order = Order::Nchw);
 template <typename T>
 void backward_input_implicit(const Geometry& g, const T* dy, const T* w, T* dx,
                              Order dy_order = Order::Nchw, Order dx_order = Order::Nchw);

@@ -560,11 +560,26 @@ bool implicit_fits_backward_weight(const Geometry& g) {
 
 template <typename T>
 void forward_implicit(const Geometry& g, const T* x, const T* w, const T* bias, T* y,
-                      Order x_order, Order y_order) {
+                      Order x_order, Order y_order, Order w_order) {
   const int64_t K = g.taps_per_group(), cout_g = g.out_channels_per_group();
-  // W^T per group: wt[grp][k][co] = w[grp * cout_g + co][k].
+  // W^T per group: wt[grp][k][co] = w[grp * cout_g + co][k], k = (ci, ki, kj).
   const int64_t ldw = in_place_ld<T>(cout_g);
   CachedBuffer<T> wt(static_cast<size_t>(g.groups * K * ldw), /*zero=*/false);
+  if (w_order == Order::ChannelsLast) {
+    // w[co][ki][kj][ci]: per kernel position t = (ki, kj), its cout_g x cin_g slice (rows K
+    // apart) transposed into W^T rows k = ci * khw + t (khw rows apart), the k order of an NCHW
+    // weight (so both layouts give the same bits).
+    const int64_t cin_g = g.in_channels_per_group(), khw = g.kernel_pixels();
+    parallel_rows(g.groups * khw, cin_g * cout_g, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t grp = b / khw, t = b % khw;
+        transpose(cout_g, cin_g, w + grp * cout_g * K + t * cin_g, K,
+                  wt.data() + (grp * K + t) * ldw, khw * ldw, static_cast<const T*>(nullptr));
+      }
+    });
+    run<T>(g, x, wt.data(), ldw, bias, y, x_order, y_order);
+    return;
+  }
   // In blocks of 64 taps, so that one group's weight (2.4 MB at 256 -> 256, 3x3) is not
   // transposed by one thread while the other waits.
   constexpr int64_t kTaps = 64;
@@ -823,9 +838,9 @@ void backward_weight_implicit(const Geometry& g, const T* dy, const T* x, T* dw,
 }
 
 template void forward_implicit<float>(const Geometry&, const float*, const float*, const float*,
-                                      float*, Order, Order);
+                                      float*, Order, Order, Order);
 template void forward_implicit<double>(const Geometry&, const double*, const double*,
-                                       const double*, double*, Order, Order);
+                                       const double*, double*, Order, Order, Order);
 template void backward_input_implicit<float>(const Geometry&, const float*, const float*,
                                              float*, Order, Order);
 template void backward_input_implicit<double>(const Geometry&, const double*, const double*,
