@@ -102,6 +102,30 @@ def test_nan_and_inf(device, dtype, name):
                          OPS[name][3](g.cpu(), y.cpu(), 1, dtype))
 
 
+@names
+@helpers.devices
+@helpers.dtypes
+def test_backward_of_any_result(device, dtype, name):
+    # The backward ops take any `result`, not only the forward's: log_softmax's kernel takes a
+    # cheaper exp for rows whose results are all <= 0 (as log-probabilities are) or at least
+    # below exp's overflow; rows with larger, inf or NaN values must give torch's answer too,
+    # from the vector body (column 5) and from the tail (column 35).
+    nan, inf = float("nan"), float("inf")
+    y = -torch.rand(8, 37, dtype=torch.float64) * 30
+    y[1, 5] = 50.0      # exp finite
+    y[2, 5] = 100.0     # above float's overflow of exp (88.7), below double's
+    y[3, 35] = 100.0
+    y[4, 5] = 800.0     # above double's too
+    y[5, 35] = inf
+    y[6, 5] = nan
+    y[7, :] = 0.5
+    y = y.to(dtype=dtype, device=device)
+    g = torch.randn(y.shape, dtype=dtype, device=device)
+    bwd, ref_bwd = OPS[name][1], OPS[name][3]
+    for dim, (gd, yd) in ((1, (g, y)), (0, (g.t().contiguous(), y.t().contiguous()))):
+        helpers.assert_close(bwd(gd, yd, dim).cpu(), ref_bwd(gd.cpu(), yd.cpu(), dim, dtype))
+
+
 @helpers.devices
 @helpers.dtypes
 def test_stable_and_normalized(device, dtype):
