@@ -505,6 +505,14 @@ ROUND_BUDGET_S = 60.0
 # evicted, the thread pool's wake-up).
 ROUNDS = 5
 
+# A round's timed calls go on for at least this long (up to 10x its runs): a median of the 3
+# calls a round of `--runs 15` gives was too coarse for the ops of tens of microseconds, whose
+# calls after another contender's round vary by more than the gaps measured. leaky_relu's
+# backward over 300k floats read 0.96x and 1.19x torch's time in two such runs (the two ops
+# alternating in a loop: 0.90-0.93x); with rounds of at least 50 ms, 0.94x and 0.97x. Cases of
+# more than ~17 ms a call keep their runs (the whole suite at --runs 15: 4.7 minutes here).
+ROUND_MIN_S = 0.05
+
 
 def runs_per_round(runs: int) -> int:
     return max(3, runs // ROUNDS)
@@ -551,6 +559,7 @@ def run_cases(cases: List[Case], names: List[str], device: str, runs: int, peaks
                     per_round[contender].append(time_fn(fn, device,
                                                         warmup=5 if r == 0 else 2,
                                                         runs=runs_per_round(runs),
+                                                        min_time_s=ROUND_MIN_S,
                                                         budget_s=ROUND_BUDGET_S))
                 except Exception as exc:  # reported and dropped, never silently
                     log(f"  {case.name} {case.pass_} batch {case.batch}: {contender} failed "
