@@ -211,23 +211,36 @@ PE_INLINE void forward_block(const T* x, T* y, int64_t D, int64_t inner, int64_t
 
 // ---- Backward, dim last -------------------------------------------------------------------------
 
-// sum of g * y (softmax) or of g (kLog) over [0, n).
+// sum of g * y (softmax) or of g (kLog) over [0, n). softmax's products go into four vectors of
+// partial sums, folded in a fixed order: with one, each vector's FMA waited for the last (4
+// cycles of latency per 16 floats). 256 x 1000 float32, two threads, builds alternating in two
+// sets of 5 processes (the op alternating with torch's in each): 0.99-1.02x -> 0.97-1.01x
+// torch's time. log_softmax's plain adds measured 2% slower so (0.93-0.94x -> 0.95-0.97x, one
+// set) and keep one vector.
 template <typename T, bool kLog>
 PE_INLINE T grad_sum(const T* g, const T* y, int64_t n) {
   constexpr int64_t L = kLanes<T>;
-  T acc[L] = {};
   T tail = 0;
   int64_t i = 0;
-  if (!kLog) {
-    for (; i + L <= n; i += L)
-      PE_LANES for (int64_t l = 0; l < L; ++l) acc[l] += g[i + l] * y[i + l];
-    for (; i < n; ++i) tail += g[i] * y[i];
-  } else {
+  if constexpr (kLog) {
+    T acc[L] = {};
     for (; i + L <= n; i += L)
       PE_LANES for (int64_t l = 0; l < L; ++l) acc[l] += g[i + l];
     for (; i < n; ++i) tail += g[i];
+    return tree_sum(acc) + tail;
+  } else {
+    T acc[4][L] = {};
+    for (; i + 4 * L <= n; i += 4 * L)
+      for (int c = 0; c < 4; ++c)
+        PE_LANES for (int64_t l = 0; l < L; ++l)
+          acc[c][l] += g[i + c * L + l] * y[i + c * L + l];
+    for (; i + L <= n; i += L)
+      PE_LANES for (int64_t l = 0; l < L; ++l) acc[0][l] += g[i + l] * y[i + l];
+    for (; i < n; ++i) tail += g[i] * y[i];
+    PE_LANES for (int64_t l = 0; l < L; ++l)
+      acc[0][l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+    return tree_sum(acc[0]) + tail;
   }
-  return tree_sum(acc) + tail;
 }
 
 // gx = y * (g - sum(g * y))  or  gx = g - exp(y) * sum(g), given the row's sum.
