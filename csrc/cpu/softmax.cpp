@@ -250,17 +250,9 @@ PE_INLINE void finish_grad_row(const T* g, const T* y, T* gx, int64_t D, T sum) 
     for (int64_t j = 0; j < D; ++j) gx[j] = y[j] * (g[j] - sum);
   } else {
     // log_softmax's results are <= 0: exp without the overflow side (bitwise fast_exp's for
-    // arguments <= hi) where the whole row is (any other row takes fast_exp).
-    constexpr int64_t L = kLanes<T>;
-    T top[L];
-    for (int64_t l = 0; l < L; ++l) top[l] = -std::numeric_limits<T>::infinity();
-    int64_t j0 = 0;
-    for (; j0 + L <= D; j0 += L)
-      PE_LANES for (int64_t l = 0; l < L; ++l) top[l] = y[j0 + l] > top[l] ? y[j0 + l] : top[l];
-    T high = -std::numeric_limits<T>::infinity();
-    for (int64_t l = 0; l < L; ++l) high = top[l] > high ? top[l] : high;
-    for (; j0 < D; ++j0) high = y[j0] > high ? y[j0] : high;
-    if (!(high > ExpConst<T>::hi)) {  // (NaN: both exps pass it through)
+    // arguments <= hi) where the whole row is (any other row takes fast_exp; row_max skips
+    // NaNs, which both exps pass through).
+    if (!(row_max(y, D) > ExpConst<T>::hi)) {
       for (int64_t j = 0; j < D; ++j) gx[j] = g[j] - fast_exp_nonpositive(y[j]) * sum;
       return;
     }
