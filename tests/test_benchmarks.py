@@ -316,3 +316,29 @@ def test_suite_reports_the_runs_a_cut_contender_got(monkeypatch):
     assert runs == {"pyengine": 60, "torch": suite.ROUNDS}
     assert any(f"torch took 36 s a call: {suite.ROUNDS} timed runs, not 60" in line
                for line in logged)
+
+
+def test_cpu_rounds_time_short_calls_for_at_least_round_min_s(monkeypatch):
+    # A round of a fast call goes on past its runs / ROUNDS calls until it has run ROUND_MIN_S
+    # (at most 10x the calls); a call slower than ROUND_MIN_S / (runs / ROUNDS) keeps its runs.
+    clock = _SlowCalls(0.0)
+    real_time_fn = suite.time_fn
+    monkeypatch.setattr(suite, "time_fn",
+                        lambda fn, device, **kw: real_time_fn(fn, device, clock=clock.clock, **kw))
+
+    def contender(seconds):
+        def call():
+            clock.now += seconds
+        return call
+
+    per_call = {"pyengine": 0.001, "torch": suite.ROUND_MIN_S}
+    case = SimpleNamespace(name="fake", pass_="forward", batch=1, kind="op",
+                           make=lambda name, device: contender(per_call[name]))
+    monkeypatch.setattr(suite, "count_work", lambda case, device, log: None)
+    peaks = SimpleNamespace(gflops=100.0, gbps=10.0)
+    rows = suite.run_cases([case], ["pyengine", "torch"], "cpu", 15, peaks, log=lambda _: None)
+    runs = {r["contender"]: r["runs"] for r in rows}
+    per_round = suite.runs_per_round(15)
+    # 1 ms calls would need 50 a round to fill 50 ms: capped at 10x the round's 3 runs. Calls of
+    # ROUND_MIN_S fill it with their 3.
+    assert runs == {"pyengine": suite.ROUNDS * 10 * per_round, "torch": suite.ROUNDS * per_round}
