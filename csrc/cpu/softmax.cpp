@@ -13,11 +13,12 @@
 //   inner  > 1: a block of up to kBlock consecutive inner positions is processed together, so every
 //              loop runs over contiguous memory (vectorized over inner) and walks d with stride
 //              `inner`: no strided gathers.
-// Reductions keep a fixed number of partial sums (kLanes, fixed in the source), and work is split
-// over whole rows / blocks, so results are bitwise reproducible and independent of the thread
-// count. (The AVX2 / AVX-512 builds let the compiler contract a*b+c into FMAs, so two levels of
-// cpu/isa.h may differ in the last bit; one level never does.) Long rows stay accurate: a
-// partial sum takes at most kCarryTerms terms, then is carried into a double ("Long rows" below).
+// Reductions keep a fixed number of partial sums (kLanes, or four vectors of them for softmax's
+// backward sum; fixed in the source), and work is split over whole rows / blocks, so results
+// are bitwise reproducible and independent of the thread count. (The AVX2 / AVX-512 builds let
+// the compiler contract a*b+c into FMAs, so two levels of cpu/isa.h may differ in the last bit;
+// one level never does.) Long rows stay accurate: a partial sum takes at most kCarryTerms terms,
+// then is carried into a double ("Long rows" below).
 //
 // exp() is cpu/vec_math.h's fast_exp (fast_exp_nonpositive for x - max): branch-free, so the
 // compiler vectorizes it. log() is needed once per row and comes from libm.
