@@ -293,9 +293,10 @@ def test_time_fn_budget_leaves_normal_contenders_alone():
     assert unbounded.calls == 25
 
 
-def test_suite_reports_the_runs_a_cut_contender_got(monkeypatch):
+def _timed_runs_on_a_fake_clock(monkeypatch, seconds_per_call, runs, log=lambda _: None):
+    """suite.run_cases on one fake CPU case whose contenders' calls take seconds_per_call[name]
+    on a fake clock (no real waiting): the timed runs each contender got."""
     clock = _SlowCalls(0.0)
-    monkeypatch.setattr(suite, "ROUND_BUDGET_S", 60.0)
     real_time_fn = suite.time_fn
     monkeypatch.setattr(suite, "time_fn",
                         lambda fn, device, **kw: real_time_fn(fn, device, clock=clock.clock, **kw))
@@ -306,12 +307,18 @@ def test_suite_reports_the_runs_a_cut_contender_got(monkeypatch):
         return call
 
     case = SimpleNamespace(name="fake", pass_="forward", batch=1, kind="op",
-                           make=lambda name, device: contender(36.0 if name == "torch" else 0.01))
+                           make=lambda name, device: contender(seconds_per_call[name]))
     monkeypatch.setattr(suite, "count_work", lambda case, device, log: None)
     peaks = SimpleNamespace(gflops=100.0, gbps=10.0)
+    rows = suite.run_cases([case], list(seconds_per_call), "cpu", runs, peaks, log=log)
+    return {r["contender"]: r["runs"] for r in rows}
+
+
+def test_suite_reports_the_runs_a_cut_contender_got(monkeypatch):
+    monkeypatch.setattr(suite, "ROUND_BUDGET_S", 60.0)
     logged = []
-    rows = suite.run_cases([case], ["pyengine", "torch"], "cpu", 60, peaks, log=logged.append)
-    runs = {r["contender"]: r["runs"] for r in rows}
+    runs = _timed_runs_on_a_fake_clock(monkeypatch, {"pyengine": 0.01, "torch": 36.0}, 60,
+                                       log=logged.append)
     # torch: one timed call per round (its warm-up's first two calls use 72 s of the 60).
     assert runs == {"pyengine": 60, "torch": suite.ROUNDS}
     assert any(f"torch took 36 s a call: {suite.ROUNDS} timed runs, not 60" in line
@@ -321,23 +328,8 @@ def test_suite_reports_the_runs_a_cut_contender_got(monkeypatch):
 def test_cpu_rounds_time_short_calls_for_at_least_round_min_s(monkeypatch):
     # A round of a fast call goes on past its runs / ROUNDS calls until it has run ROUND_MIN_S
     # (at most 10x the calls); a call slower than ROUND_MIN_S / (runs / ROUNDS) keeps its runs.
-    clock = _SlowCalls(0.0)
-    real_time_fn = suite.time_fn
-    monkeypatch.setattr(suite, "time_fn",
-                        lambda fn, device, **kw: real_time_fn(fn, device, clock=clock.clock, **kw))
-
-    def contender(seconds):
-        def call():
-            clock.now += seconds
-        return call
-
-    per_call = {"pyengine": 0.001, "torch": suite.ROUND_MIN_S}
-    case = SimpleNamespace(name="fake", pass_="forward", batch=1, kind="op",
-                           make=lambda name, device: contender(per_call[name]))
-    monkeypatch.setattr(suite, "count_work", lambda case, device, log: None)
-    peaks = SimpleNamespace(gflops=100.0, gbps=10.0)
-    rows = suite.run_cases([case], ["pyengine", "torch"], "cpu", 15, peaks, log=lambda _: None)
-    runs = {r["contender"]: r["runs"] for r in rows}
+    runs = _timed_runs_on_a_fake_clock(
+        monkeypatch, {"pyengine": 0.001, "torch": suite.ROUND_MIN_S}, 15)
     per_round = suite.runs_per_round(15)
     # 1 ms calls would need 50 a round to fill 50 ms: capped at 10x the round's 3 runs. Calls of
     # ROUND_MIN_S fill it with their 3.
